@@ -37,3 +37,36 @@ class ImportedModel:
     outputs: list[TensorSpec]
     source: str = ""  # "pytorch", "onnx" or "relax"
     meta: dict = field(default_factory=dict)
+
+
+def _tensor_spec(name: str, ty) -> TensorSpec:
+    from tvmq.errors import TvmqError
+
+    if not isinstance(ty, tvm.relax.TensorType) or ty.shape is None:
+        raise TvmqError(f"{name}: tvmq needs tensors of static shape, got {ty}")
+    try:
+        shape = tuple(int(s) for s in ty.shape)
+    except (TypeError, ValueError):
+        raise TvmqError(
+            f"{name}: shape {ty.shape} is not static; give static input shapes when importing"
+        ) from None
+    return TensorSpec(name, shape, str(ty.dtype))
+
+
+def signature_of(
+    func: tvm.relax.Function,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of a Relax function with static shapes.
+
+    A tuple return type gives one output per field; names default to ``output0``, ...
+    """
+    params = list(func.params)
+    in_names = input_names or [p.name for p in params]
+    inputs = [_tensor_spec(n, p.ty) for n, p in zip(in_names, params, strict=True)]
+    ret = func.ret_ty
+    fields = list(ret.fields) if isinstance(ret, tvm.ir.TupleType) else [ret]
+    out_names = output_names or [f"output{i}" for i in range(len(fields))]
+    outputs = [_tensor_spec(n, t) for n, t in zip(out_names, fields, strict=True)]
+    return inputs, outputs
