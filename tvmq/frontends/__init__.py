@@ -1,0 +1,81 @@
+"""Frontends: PyTorch modules, ONNX files and Relax modules, all imported as ``ImportedModel``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tvmq.errors import TvmqError
+from tvmq.frontends.model import ImportedModel, TensorSpec, signature_of
+
+__all__ = ["ImportedModel", "TensorSpec", "import_model", "signature_of"]
+
+
+def import_model(
+    model,
+    *,
+    example_inputs=None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    input_names: Sequence[str] | None = None,
+) -> ImportedModel:
+    """Import any supported model form into Relax.
+
+    ``model`` may be a ``torch.nn.Module`` (needs ``example_inputs``), a
+    ``torch.export.ExportedProgram`` or a path to one saved with ``torch.export.save``
+    (``.pt2``), an ONNX file path or ``onnx.ModelProto`` (``input_shapes`` fixes dynamic
+    dimensions), a ``tvm.IRModule`` with a static-shaped ``main``, or an ``ImportedModel``.
+    """
+    import tvm
+
+    if isinstance(model, ImportedModel):
+        return model
+    if isinstance(model, tvm.IRModule):
+        if not any(gv.name_hint == "main" for gv in model.get_global_vars()):
+            raise TvmqError("the IRModule has no 'main' function to compile")
+        inputs, outputs = signature_of(model["main"], list(input_names) if input_names else None)
+        return ImportedModel(model, inputs, outputs, source="relax")
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise TvmqError(f"{path}: no such file")
+        if path.suffix == ".onnx":
+            from tvmq.frontends.onnx import from_onnx
+
+            return from_onnx(path, input_shapes)
+        if path.suffix == ".pt2":
+            import torch
+
+            from tvmq.frontends.pytorch import from_exported
+
+            try:
+                ep = torch.export.load(str(path))
+            except Exception as e:
+                raise TvmqError(f"{path}: not a torch.export program ({e})") from None
+            return from_exported(ep, input_names=input_names)
+        raise TvmqError(
+            f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx files and "
+            ".pt2 files saved with torch.export.save (or a torch.nn.Module from Python)"
+        )
+    try:
+        import onnx
+
+        if isinstance(model, onnx.ModelProto):
+            from tvmq.frontends.onnx import from_onnx
+
+            return from_onnx(model, input_shapes)
+    except ImportError:
+        pass
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        from tvmq.frontends.pytorch import from_exported
+
+        return from_exported(model, input_names=input_names)
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise TvmqError("a torch.nn.Module needs example_inputs to fix its input shapes")
+        from tvmq.frontends.pytorch import from_pytorch
+
+        return from_pytorch(model, example_inputs, input_names=input_names)
+    raise TvmqError(f"cannot import a {type(model).__name__}; see tvmq.import_model's docstring")

@@ -1,0 +1,289 @@
+"""The ``tvmq`` command line: compile, run, bench, targets, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  tvmq demo                                      train, compress and compile the MNIST MLP; print a table
+  tvmq targets                                   list hardware target presets
+  tvmq compile model.onnx -t host -o build/      compile an ONNX file for this machine
+  tvmq compile model.onnx --input-shape x:1x3x224x224 -t rasp4b -o build-pi/
+  tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
+  tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
+  tvmq bench build/                              median and p90 latency
+  tvmq inspect build/                            what a compiled directory holds
+"""
+
+
+def _parse_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME:DIMxDIM..., e.g. input:1x3x224x224")
+    try:
+        return name, [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: dimensions must be integers, e.g. 1x3x224x224"
+        ) from None
+
+
+def _load_arrays(path: str, specs) -> list:
+    """Inputs from .npz (keys = input names, or one array) or .npy (single-input models)."""
+    import numpy as np
+
+    from tvmq.errors import TvmqError
+
+    p = Path(path)
+    if not p.is_file():
+        raise TvmqError(f"{p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise TvmqError(f"{p}: not a .npy/.npz file ({e})") from None
+    if isinstance(data, np.ndarray):
+        arrays = {specs[0].name: data} if len(specs) == 1 else {}
+    else:
+        arrays = dict(data)
+        if len(arrays) == 1 and len(specs) == 1:
+            arrays = {specs[0].name: next(iter(arrays.values()))}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise TvmqError(f"{p}: no array for input(s) {missing}; it has {sorted(arrays)}")
+    return [arrays[s.name] for s in specs]
+
+
+def cmd_targets(args) -> int:
+    from tvmq.targets import list_targets
+
+    presets = list_targets()
+    width = max(len(t.name) for t in presets)
+    for t in presets:
+        print(f"{t.name:<{width}}  {t.description}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import dataclasses
+
+    import tvmq
+
+    scheme = None
+    if args.quantize:
+        from tvmq.quantization import get_scheme
+
+        scheme = get_scheme(args.quantize)
+        if args.observer:
+            scheme = dataclasses.replace(scheme, observer=args.observer)
+    art = tvmq.compile(
+        args.model,
+        args.target,
+        output_dir=args.output,
+        input_shapes=dict(args.input_shape) if args.input_shape else None,
+        quantize=scheme,
+        calibration_data=args.calib,
+        progress=not args.quiet,
+    )
+    lib = art.manifest.library
+    print(
+        f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    import tvmq
+
+    model = tvmq.load(args.model_dir)
+    arrays = _load_arrays(args.input, model.inputs)
+    outs = model(*arrays)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for spec, y in zip(model.outputs, outs, strict=True):
+        summary = f"{spec.name}: shape {y.shape} {y.dtype}"
+        if y.size:
+            summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
+            if y.ndim == 2:
+                summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
+        print(summary)
+    if args.output:
+        tmp = Path(str(args.output) + ".tmp.npz")
+        np.savez(tmp, **{s.name: y for s, y in zip(model.outputs, outs, strict=True)})
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import tvmq
+
+    model = tvmq.load(args.model_dir)
+    inputs = _load_arrays(args.input, model.inputs) if args.input else None
+    stats = model.benchmark(inputs, warmup=args.warmup, repeat=args.repeat)
+    name = model.manifest.target.get("name")
+    print(
+        f"{args.model_dir} on {name} ({model.device}): {stats.repeat} runs after {args.warmup} warm-up"
+    )
+    print(
+        f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tvmq.errors import TvmqError
+
+    path = Path(args.path)
+    if path.is_dir():
+        from tvmq.manifest import Manifest
+
+        print(json.dumps(Manifest.read(path).to_json(), indent=2))
+        return 0
+    if not path.exists():
+        raise TvmqError(f"{path}: no such file or directory")
+    from collections import Counter
+
+    from tvmq.frontends import import_model
+
+    m = import_model(path, input_shapes=dict(args.input_shape) if args.input_shape else None)
+    print(f"{path} ({m.source})")
+    for s in m.inputs:
+        print(f"  input  {s.name}: {list(s.shape)} {s.dtype}")
+    for s in m.outputs:
+        print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
+    ops = Counter(_relax_ops(m.mod))
+    print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    if args.ir:
+        print(m.mod.script(show_meta=False))
+    return 0
+
+
+def _relax_ops(mod) -> list[str]:
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    @relax.expr_functor.visitor
+    class _Ops(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.Op):
+                found.append(call.op.name.removeprefix("relax."))
+            super().visit_call_(call)
+
+    _Ops().visit_expr(mod["main"])
+    return found
+
+
+def cmd_demo(args) -> int:
+    from tvmq.demo import run_demo
+
+    run_demo(output_dir=args.output, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tvmq",
+        description="Compress neural networks (int8 quantization, pruning, weight sharing) "
+        "and compile them with Apache TVM into a deployable library for a hardware target.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "demo", help="the built-in job: MNIST MLP, compressed and compiled, as a table"
+    )
+    s.add_argument(
+        "-o", "--output", help="keep the compiled models here (default: a temporary dir)"
+    )
+    s.add_argument("--quick", action="store_true", help="fewer training epochs and timing runs")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("targets", help="list hardware target presets")
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("compile", help="compile a model (.onnx or torch.export .pt2) for a target")
+    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s.add_argument(
+        "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
+    )
+    s.add_argument("-o", "--output", required=True, help="output directory (model.so + model.json)")
+    s.add_argument(
+        "--input-shape",
+        action="append",
+        type=_parse_shape,
+        metavar="NAME:1x3x224x224",
+        help="static shape for an input with dynamic dimensions (repeatable)",
+    )
+    s.add_argument(
+        "--quantize", choices=["int8", "int8-dynamic", "w8", "w4"], help="quantization scheme"
+    )
+    s.add_argument(
+        "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
+    )
+    s.add_argument(
+        "--observer", help="calibration observer: minmax, moving_average, percentile, entropy, mse"
+    )
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", help="run a compiled model on inputs from a .npz/.npy file")
+    s.add_argument("model_dir", help="output directory of tvmq compile")
+    s.add_argument(
+        "-i", "--input", required=True, help=".npz with one array per input name (or a .npy)"
+    )
+    s.add_argument("-o", "--output", help="write outputs to this .npz")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench", help="measure latency of a compiled model (median, p90)")
+    s.add_argument("model_dir", help="output directory of tvmq compile")
+    s.add_argument("-i", "--input", help="inputs (.npz/.npy); default: random")
+    s.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    s.add_argument("--repeat", type=int, default=100, help="timed runs (default 100)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser(
+        "inspect", help="show a compiled directory's manifest, or a model's signature and ops"
+    )
+    s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")
+    s.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME:1x3x224x224")
+    s.add_argument("--ir", action="store_true", help="also print the Relax IR")
+    s.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tvmq.errors import TvmqError
+
+    try:
+        return args.func(args)
+    except TvmqError as e:
+        if args.debug:
+            raise
+        print(f"tvmq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvmq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"tvmq: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

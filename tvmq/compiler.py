@@ -1,0 +1,151 @@
+"""``tvmq.compile``: model -> Relax -> compression passes -> build -> deployable directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from tvmq.errors import TvmqError
+from tvmq.frontends import ImportedModel, import_model
+from tvmq.manifest import LIBRARY, MANIFEST, Manifest, sha256_of
+from tvmq.targets import TargetPreset, get_target
+
+
+@dataclass
+class CompiledArtifact:
+    """What ``compile`` produced: ordinary TVM objects plus the manifest."""
+
+    executable: tvm.relax.Executable
+    mod: tvm.IRModule  # the Relax module after tvmq's passes, before lowering
+    manifest: Manifest
+    output_dir: Path | None
+
+
+def versions() -> dict:
+    """tvmq and TVM versions, recorded in every manifest."""
+    from tvmq import __version__
+
+    return {"tvmq": __version__, "tvm": tvm.__version__}
+
+
+def _compress(model: ImportedModel, quantize, calibration_data, progress: bool):
+    """Apply the requested compression; returns the new model and what was applied."""
+    applied: dict = {}
+    notes: dict = {}
+    if quantize is not None:
+        from tvmq.quantization import quantize as run_quantize
+
+        result = run_quantize(model, calibration_data, quantize, progress=progress)
+        model = result.model
+        applied["quantize"] = result.describe()
+        notes["float_ops"] = list(result.float_ops)
+    return model, applied, notes
+
+
+def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.compile
+    model,
+    target: str | TargetPreset = "host",
+    *,
+    output_dir: os.PathLike | None = None,
+    example_inputs=None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    input_names: Sequence[str] | None = None,
+    quantize=None,
+    calibration_data=None,
+    overwrite: bool = True,
+    progress: bool = True,
+) -> CompiledArtifact:
+    """Compile a model for a hardware target, optionally compressing it first.
+
+    Parameters
+    ----------
+    model
+        A ``torch.nn.Module`` (with ``example_inputs``), an ONNX file or ``ModelProto``
+        (``input_shapes`` fixes dynamic dimensions), a ``.pt2`` file, a ``tvm.IRModule``
+        or an ``ImportedModel``.
+    target : str or TargetPreset
+        A preset name (``tvmq targets`` lists them), a path to a preset JSON file, or a preset.
+    output_dir : path, optional
+        Where to write ``model.so`` + ``model.json``. Written atomically: a failed build
+        leaves nothing behind, and an existing tvmq output there is replaced only on success.
+    quantize : str or scheme, optional
+        ``"int8"``, ``"int8-dynamic"``, ``"w8"``, ``"w4"`` or a scheme object from
+        ``tvmq.quantization``; static schemes need ``calibration_data``.
+
+    Returns
+    -------
+    CompiledArtifact
+        The ``tvm.relax.Executable``, the compressed Relax module and the manifest.
+    """
+    from tvmq.build import build
+
+    preset = get_target(target)
+    if output_dir is not None:
+        _check_output_dir(Path(output_dir), overwrite)
+    imported = import_model(
+        model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
+    )
+    compressed, applied, notes = _compress(imported, quantize, calibration_data, progress)
+    ex = build(compressed.mod, preset)
+    manifest = Manifest(
+        inputs=imported.inputs,
+        outputs=imported.outputs,
+        target={
+            "name": preset.name,
+            "kind": preset.kind,
+            "cross_compiled": preset.is_cross_compiled,
+            "description": preset.description,
+            "tvm_target": preset.target,
+            "host": preset.host,
+            "cc": preset.cc,
+        },
+        compression=applied,
+        source=imported.source,
+        versions=versions(),
+        notes=notes,
+    )
+    out = None
+    if output_dir is not None:
+        out = _write_atomically(Path(output_dir), ex, preset, manifest)
+    return CompiledArtifact(ex, compressed.mod, manifest, out)
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TvmqError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).exists():
+            raise TvmqError(f"{out}: not empty and not a tvmq output; choose another directory")
+        if not overwrite:
+            raise TvmqError(f"{out}: already holds a compiled model (pass overwrite=True)")
+
+
+def _write_atomically(out: Path, ex, preset: TargetPreset, manifest: Manifest) -> Path:
+    """Build in a sibling temp dir, then swap it into place: no half-written output."""
+    from tvmq.build import export_library
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lib = tmp / LIBRARY
+        export_library(ex, lib, preset)
+        manifest.library = {"file": LIBRARY, "bytes": lib.stat().st_size, "sha256": sha256_of(lib)}
+        manifest.write(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,151 @@
+"""Load a compiled tvmq directory and run it on numpy arrays; measure its latency."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq.errors import InputMismatchError, TvmqError
+from tvmq.frontends.model import TensorSpec
+from tvmq.manifest import Manifest, sha256_of
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model call, in milliseconds, over ``repeat`` timed runs."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    repeat: int
+
+    @classmethod
+    def from_seconds(cls, samples: list[float]) -> LatencyStats:
+        ms = sorted(s * 1e3 for s in samples)
+        p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+        return cls(statistics.median(ms), p90, statistics.fmean(ms), ms[0], len(ms))
+
+
+def random_inputs(specs: list[TensorSpec], seed: int = 0) -> list[np.ndarray]:
+    """Random arrays matching the specs (normal floats, small integers)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in specs:
+        if s.dtype.startswith("float"):
+            out.append(rng.standard_normal(s.shape).astype(s.dtype))
+        else:
+            out.append(rng.integers(0, 10, size=s.shape).astype(s.dtype))
+    return out
+
+
+class CompiledModel:
+    """A compiled model, callable on numpy arrays.
+
+    ``model(x)`` or ``model(input_name=x)`` returns one array when the model has one
+    output, else a tuple of arrays, in the manifest's output order.
+    """
+
+    def __init__(self, directory: os.PathLike, device: tvm.runtime.Device | None = None):
+        self.directory = Path(directory)
+        self.manifest = Manifest.read(self.directory)
+        lib_path = self.directory / self.manifest.library["file"]
+        if not lib_path.is_file():
+            raise TvmqError(f"{lib_path}: the compiled library is missing")
+        expected = self.manifest.library.get("sha256")
+        if expected and sha256_of(lib_path) != expected:
+            raise TvmqError(f"{lib_path}: sha256 differs from model.json; the library is damaged")
+        target = self.manifest.target
+        if target.get("cross_compiled"):
+            raise TvmqError(
+                f"{self.directory} was compiled for target '{target.get('name')}', which does "
+                "not run on this machine; run it on the board with --rpc HOST:PORT --key KEY"
+            )
+        self.device = device if device is not None else _device_for(self.manifest)
+        try:
+            self._lib = tvm.runtime.load_module(str(lib_path))
+            self._vm = relax.VirtualMachine(self._lib, self.device)
+        except Exception as e:
+            raise TvmqError(
+                f"{lib_path}: cannot load for target '{target.get('name')}' on {self.device}: {e}"
+            ) from e
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.manifest.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.manifest.outputs
+
+    def _to_device(self, args, kwargs) -> list:
+        specs = self.manifest.inputs
+        if args and kwargs:
+            raise InputMismatchError("pass inputs either by position or by name, not both")
+        if kwargs:
+            unknown = sorted(set(kwargs) - {s.name for s in specs})
+            missing = [s.name for s in specs if s.name not in kwargs]
+            if unknown or missing:
+                raise InputMismatchError(
+                    f"inputs {unknown or ''} unknown, {missing or ''} missing; "
+                    f"the model takes {[s.name for s in specs]}"
+                )
+            args = [kwargs[s.name] for s in specs]
+        if len(args) != len(specs):
+            raise InputMismatchError(
+                f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(args)}"
+            )
+        tensors = []
+        for spec, a in zip(specs, args, strict=True):
+            a = np.asarray(a)
+            if tuple(a.shape) != spec.shape:
+                raise InputMismatchError(
+                    f"input '{spec.name}': shape {tuple(a.shape)}, the model was compiled for {spec.shape}"
+                )
+            if str(a.dtype) != spec.dtype:
+                raise InputMismatchError(
+                    f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
+                )
+            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.device))
+        return tensors
+
+    def __call__(self, *args, **kwargs):
+        result = self._vm["main"](*self._to_device(args, kwargs))
+        outs = _flatten(result)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def benchmark(
+        self, inputs: list[np.ndarray] | None = None, *, warmup: int = 10, repeat: int = 100
+    ) -> LatencyStats:
+        """Time ``repeat`` calls after ``warmup`` calls (inputs already on the device)."""
+        tensors = self._to_device(inputs or random_inputs(self.manifest.inputs), {})
+        self._vm.set_input("main", *tensors)
+        for _ in range(max(warmup, 0)):
+            self._vm.invoke_stateful("main")
+        timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
+        return LatencyStats.from_seconds(list(timer("main").results))
+
+
+def _flatten(result) -> list[np.ndarray]:
+    if isinstance(result, tvm.runtime.Tensor):
+        return [result.numpy()]
+    out = []
+    for r in result:
+        out.extend(_flatten(r))
+    return out
+
+
+def _device_for(manifest: Manifest) -> tvm.runtime.Device:
+    kind = manifest.target.get("kind", "llvm")
+    return tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+
+
+def load(directory: os.PathLike, device: tvm.runtime.Device | None = None) -> CompiledModel:
+    """Load the output of ``tvmq compile`` for running on this machine."""
+    return CompiledModel(directory, device)
