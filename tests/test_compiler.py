@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+import tvmq.build
+
+import tvmq
+from tvmq.errors import TvmqError
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch, small_mlp):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("linker exploded")
+
+    monkeypatch.setattr(tvmq.build, "export_library", broken_export)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="linker exploded"):
+        tvmq.compile(small_mlp, "host", example_inputs=torch.zeros(1, 32), output_dir=out)
+    assert list(tmp_path.iterdir()) == []  # neither out/ nor a temp dir is left
+
+
+def test_failed_rebuild_keeps_previous_output(tmp_path, monkeypatch, small_mlp):
+    out = tmp_path / "out"
+    tvmq.compile(small_mlp, "host", example_inputs=torch.zeros(1, 32), output_dir=out)
+    before = (out / "model.json").read_text()
+    monkeypatch.setattr(tvmq.build, "export_library", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tvmq.compile(small_mlp, "host", example_inputs=torch.zeros(1, 32), output_dir=out)
+    assert (out / "model.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_refuses_to_clobber_foreign_directory(tmp_path, small_mlp):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(TvmqError, match="not empty and not a tvmq output"):
+        tvmq.compile(small_mlp, "host", example_inputs=torch.zeros(1, 32), output_dir=tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_without_output_dir_returns_tvm_objects(small_mlp, rng):
+    import tvm
+    from tvm import relax
+
+    art = tvmq.compile(small_mlp, "host", example_inputs=torch.zeros(4, 32))
+    assert art.output_dir is None
+    assert isinstance(art.mod, tvm.IRModule)
+    vm = relax.VirtualMachine(art.executable, tvm.cpu())
+    x = rng.standard_normal((4, 32)).astype("float32")
+    y = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(y, small_mlp(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_unknown_target_lists_presets(small_mlp):
+    with pytest.raises(TvmqError, match="host"):
+        tvmq.compile(small_mlp, "pdp-11", example_inputs=torch.zeros(1, 32))

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tvmq
+from tvmq.errors import InputMismatchError, TvmqError
+
+
+def test_round_trip_matches_pytorch(compiled_mlp_dir, small_mlp, rng):
+    m = tvmq.load(compiled_mlp_dir)
+    x = rng.standard_normal((2, 32)).astype("float32")
+    with torch.no_grad():
+        ref = small_mlp(torch.from_numpy(x)).numpy()
+    y = m(x)
+    assert y.shape == (2, 10) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(m(x=x), y)  # by name too
+
+
+def test_input_checks_name_the_problem(compiled_mlp_dir):
+    m = tvmq.load(compiled_mlp_dir)
+    with pytest.raises(
+        InputMismatchError, match=r"input 'x': shape \(3, 32\).*compiled for \(2, 32\)"
+    ):
+        m(np.zeros((3, 32), np.float32))
+    with pytest.raises(InputMismatchError, match="dtype float64, the model expects float32"):
+        m(np.zeros((2, 32)))
+    with pytest.raises(InputMismatchError, match=r"takes 1 input\(s\) \['x'\], got 2"):
+        m(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32))
+    with pytest.raises(InputMismatchError, match="unknown"):
+        m(y=np.zeros((2, 32), np.float32))
+
+
+def test_benchmark_reports_ordered_stats(compiled_mlp_dir):
+    stats = tvmq.load(compiled_mlp_dir).benchmark(warmup=2, repeat=20)
+    assert stats.repeat == 20
+    assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
+
+
+def test_damaged_library_is_detected(compiled_mlp_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled_mlp_dir, copy)
+    with open(copy / "model.so", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage")
+    with pytest.raises(TvmqError, match="sha256 differs"):
+        tvmq.load(copy)
+
+
+def test_not_a_build_dir(tmp_path):
+    with pytest.raises(TvmqError, match="no model.json"):
+        tvmq.load(tmp_path)
+    with pytest.raises(TvmqError, match="no such directory"):
+        tvmq.load(tmp_path / "nope")
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(TvmqError, match="damaged manifest"):
+        tvmq.load(tmp_path)
+
+
+def test_manifest_records_what_it_is(compiled_mlp_dir):
+    import hashlib
+
+    d = json.loads((compiled_mlp_dir / "model.json").read_text())
+    assert d["format"] == "tvmq-model/1"
+    assert d["inputs"] == [{"name": "x", "shape": [2, 32], "dtype": "float32"}]
+    assert d["outputs"] == [{"name": "output0", "shape": [2, 10], "dtype": "float32"}]
+    assert d["target"]["name"] == "host"
+    lib = (compiled_mlp_dir / "model.so").read_bytes()
+    assert d["library"] == {
+        "file": "model.so",
+        "bytes": len(lib),
+        "sha256": hashlib.sha256(lib).hexdigest(),
+    }
+    assert d["versions"]["tvmq"] == tvmq.__version__ and d["versions"]["tvm"]
+    assert d["compression"] == {}
