@@ -61,7 +61,9 @@ def test_unsupported_operator_names_op_and_node():
         def forward(self, x):
             return torch.special.bessel_j0(x) * 2
 
-    with pytest.raises(UnsupportedOperatorError, match=r"special_bessel_j0.*node 'special_bessel_j0'"):
+    with pytest.raises(
+        UnsupportedOperatorError, match=r"special_bessel_j0.*node 'special_bessel_j0'"
+    ):
         from_pytorch(Bessel(), torch.randn(2, 3))
 
 
