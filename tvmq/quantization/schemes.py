@@ -1,0 +1,309 @@
+"""Quantization schemes: small frozen dataclasses that say what to quantize and how.
+
+- :class:`Int8Static` -- int8 weights and activations; activation ranges from calibration.
+- :class:`Int8Dynamic` -- int8 weights; activation ranges computed at run time per batch
+  (the book chapter's TFLite "dynamic range" quantization).
+- :class:`WeightOnly` -- int8/int4 weights dequantized on the fly; float activations.
+
+Every scheme validates itself when built (raising :class:`~tvmq.errors.TvmqError`) and is
+hashable, so it can key caches and be recorded in ``model.json`` via :meth:`to_dict`.
+:func:`get_scheme` turns the CLI's names (``int8``, ``int8-dynamic``, ``w8``, ``w4``) into
+schemes.
+
+``skip`` entries name operators (``"relax.nn.conv2d"``) or layers, matched exactly or as
+``fnmatch`` patterns (``"classifier.*"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from tvmq.errors import TvmqError
+
+__all__ = [
+    "Int8Dynamic",
+    "Int8Static",
+    "Scheme",
+    "WeightOnly",
+    "get_scheme",
+    "list_schemes",
+]
+
+ACTIVATION_DTYPES = ("int8", "uint8")
+REQUANTIZE_MODES = ("float", "integer")
+WEIGHT_BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+
+
+def _check_bool(obj: Any, field: str) -> None:
+    value = getattr(obj, field)
+    if not isinstance(value, bool):
+        raise TvmqError(f"{type(obj).__name__}.{field} must be True or False, got {value!r}")
+
+
+def _normalize_skip(obj: Any) -> None:
+    """Store ``skip`` as a tuple of strings (a single string becomes a 1-tuple)."""
+    skip = obj.skip
+    if isinstance(skip, str):
+        skip = (skip,)
+    try:
+        skip = tuple(skip)
+    except TypeError:
+        raise TvmqError(
+            f"{type(obj).__name__}.skip must be a tuple of operator or layer names, got {skip!r}"
+        ) from None
+    bad = [s for s in skip if not isinstance(s, str) or not s]
+    if bad:
+        raise TvmqError(
+            f"{type(obj).__name__}.skip must hold non-empty names (like 'relax.nn.conv2d' or a "
+            f"layer name), got {bad!r}"
+        )
+    object.__setattr__(obj, "skip", skip)
+
+
+def _matches(patterns: tuple[str, ...], names: tuple[str | None, ...]) -> bool:
+    return any(n is not None and fnmatchcase(n, p) for p in patterns for n in names)
+
+
+class _SchemeMixin:
+    """Shared helpers of all schemes."""
+
+    skip: tuple[str, ...]
+
+    def is_skipped(self, *names: str | None) -> bool:
+        """Whether any of ``names`` (an operator name, a layer name...) matches ``skip``."""
+        return _matches(self.skip, names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, with ``"scheme"`` naming the class."""
+        out: dict[str, Any] = {"scheme": type(self).__name__}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "overrides":
+                value = [[name, o.to_dict()] for name, o in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Int8Static(_SchemeMixin):
+    """Static int8 quantization: weights and activations int8, activation ranges calibrated.
+
+    Parameters
+    ----------
+    activation_dtype : {"int8", "uint8"}
+        uint8 suits x86 VNNI (u8 x s8 dot products).
+    activation_symmetric : bool
+        Symmetric activation ranges (zero point 0, or 128 for uint8).
+    weight_per_channel : bool
+        One scale per output channel (else one per tensor).
+    weight_symmetric : bool
+        Must be True: weights are symmetric int8 in [-127, 127].
+    observer : str
+        Calibration observer name (see ``tvmq.calibration.list_observers``).
+    requantize : {"float", "integer"}
+        Requantize int32 accumulators with a float multiply, or integer-only
+        (fixed-point multiplier and shift, as on integer-only hardware).
+    skip : tuple of str
+        Operators or layers to leave in float.
+    overrides : tuple of (str, Int8Static) or mapping
+        Per-layer settings: the first pattern (fnmatch) matching a layer name wins.
+    num_calibration_batches : int, optional
+        Use at most this many calibration batches (all of them when None).
+    """
+
+    activation_dtype: str = "int8"
+    activation_symmetric: bool = False
+    weight_per_channel: bool = True
+    weight_symmetric: bool = True
+    observer: str = "minmax"
+    requantize: str = "float"
+    skip: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, Int8Static], ...] = ()
+    num_calibration_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise TvmqError(
+                f"Int8Static.activation_dtype must be one of {ACTIVATION_DTYPES}, "
+                f"got {self.activation_dtype!r}"
+            )
+        for field in ("activation_symmetric", "weight_per_channel", "weight_symmetric"):
+            _check_bool(self, field)
+        if not self.weight_symmetric:
+            raise TvmqError(
+                "Int8Static.weight_symmetric=False is not supported: weights are quantized "
+                "symmetrically (zero point 0) so integer kernels need no weight zero-point terms"
+            )
+        self._check_observer()
+        if self.requantize not in REQUANTIZE_MODES:
+            raise TvmqError(
+                f"Int8Static.requantize must be one of {REQUANTIZE_MODES}, got {self.requantize!r}"
+            )
+        _normalize_skip(self)
+        self._normalize_overrides()
+        n = self.num_calibration_batches
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise TvmqError(
+                f"Int8Static.num_calibration_batches must be a positive integer or None, got {n!r}"
+            )
+
+    def _check_observer(self) -> None:
+        # Imported here: tvmq.calibration imports tvmq.quantization.qmath.
+        from tvmq.calibration import list_observers
+
+        if not isinstance(self.observer, str):
+            raise TvmqError(
+                f"Int8Static.observer must be an observer name, got {type(self.observer).__name__}"
+            )
+        normalized = self.observer.strip().lower().replace("-", "_")
+        if normalized not in list_observers():
+            raise TvmqError(
+                f"Int8Static.observer {self.observer!r} is unknown; known observers: "
+                f"{', '.join(list_observers())}"
+            )
+        object.__setattr__(self, "observer", normalized)
+
+    def _normalize_overrides(self) -> None:
+        raw = self.overrides
+        items = list(raw.items()) if isinstance(raw, Mapping) else raw
+        try:
+            items = [tuple(item) for item in items]
+        except TypeError:
+            raise TvmqError(
+                "Int8Static.overrides must be a mapping or a tuple of (layer name, Int8Static) "
+                f"pairs, got {raw!r}"
+            ) from None
+        for item in items:
+            if (
+                len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], Int8Static)
+            ):
+                raise TvmqError(
+                    "Int8Static.overrides entries must be (layer name, Int8Static) pairs, "
+                    f"got {item!r}"
+                )
+            if item[1].overrides:
+                raise TvmqError(
+                    f"the override for {item[0]!r} has overrides of its own; they cannot be nested"
+                )
+        object.__setattr__(self, "overrides", tuple(items))
+
+    def for_layer(self, name: str | None) -> Int8Static:
+        """The settings for layer ``name``: the first matching override, else this scheme."""
+        if name is not None:
+            for pattern, override in self.overrides:
+                if fnmatchcase(name, pattern):
+                    return override
+        return self
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(_SchemeMixin):
+    """Dynamic int8 quantization: int8 weights, activation ranges computed at run time.
+
+    Parameters
+    ----------
+    weight_per_channel : bool
+        One scale per output channel (else one per tensor).
+    skip : tuple of str
+        Operators or layers to leave in float.
+    """
+
+    weight_per_channel: bool = True
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "weight_per_channel")
+        _normalize_skip(self)
+
+
+@dataclass(frozen=True)
+class WeightOnly(_SchemeMixin):
+    """Weight-only quantization: int8/int4 weights dequantized on the fly, float activations.
+
+    Parameters
+    ----------
+    bits : {8, 4}
+        Weight bits.
+    group_size : {None, 32, 64, 128}
+        Scales per group of this many input elements; None for one scale per output channel.
+    symmetric : bool
+        Symmetric weights (zero point 0); else asymmetric with a zero point per group.
+    skip : tuple of str
+        Operators or layers to leave in float.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.bits, bool)
+            or not isinstance(self.bits, int)
+            or self.bits not in WEIGHT_BITS
+        ):
+            raise TvmqError(f"WeightOnly.bits must be one of {WEIGHT_BITS}, got {self.bits!r}")
+        g = self.group_size
+        if g is not None and (
+            isinstance(g, bool) or not isinstance(g, int) or g not in GROUP_SIZES
+        ):
+            raise TvmqError(
+                f"WeightOnly.group_size must be None (per channel) or one of {GROUP_SIZES}, got {g!r}"
+            )
+        _check_bool(self, "symmetric")
+        _normalize_skip(self)
+
+    @property
+    def weight_dtype(self) -> str:
+        """``"int8"`` or ``"int4"``."""
+        return f"int{self.bits}"
+
+
+Scheme = Int8Static | Int8Dynamic | WeightOnly
+
+_NAMED: dict[str, Scheme] = {
+    "int8": Int8Static(),
+    "int8-dynamic": Int8Dynamic(),
+    "w8": WeightOnly(bits=8),
+    "w4": WeightOnly(bits=4, group_size=32),
+}
+
+
+def list_schemes() -> list[str]:
+    """Names :func:`get_scheme` accepts."""
+    return list(_NAMED)
+
+
+def get_scheme(spec: str | Scheme) -> Scheme:
+    """Return the scheme named ``spec`` (``int8``, ``int8-dynamic``, ``w8``, ``w4``), or ``spec``.
+
+    Parameters
+    ----------
+    spec : str or scheme
+        A name (case-insensitive; ``_`` works for ``-``) or a scheme object, returned as is.
+
+    Returns
+    -------
+    Int8Static, Int8Dynamic or WeightOnly
+    """
+    if isinstance(spec, Int8Static | Int8Dynamic | WeightOnly):
+        return spec
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace("_", "-")
+        if key in _NAMED:
+            return _NAMED[key]
+        raise TvmqError(f"unknown quantization scheme {spec!r}; known schemes: {', '.join(_NAMED)}")
+    raise TvmqError(
+        f"a quantization scheme must be a name ({', '.join(_NAMED)}) or an Int8Static, "
+        f"Int8Dynamic or WeightOnly object, not {type(spec).__name__}"
+    )
