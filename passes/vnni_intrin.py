@@ -1,0 +1,77 @@
+"""A VNNI ``vpdpbusd`` tensor intrinsic that verifies under TVM 0.27's LLVM 22.
+
+``C[16] += sum_k A[4] (uint8) * B[16, 4] (int8)`` in int32, one ``vpdpbusd`` on a
+512-bit register: lane ``i`` of ``C`` gets the dot product of the four bytes of ``A``
+with row ``i`` of ``B``. ``B`` must be one contiguous 64-byte tile, so a matmul weight
+is packed as ``[N/16, K/4, 16, 4]`` before tensorizing against it.
+
+Why not the upstream ``dot_16x4_vnni`` (``tvm.s_tir.tensor_intrin.x86``): its
+implementation passes the operands to ``llvm.x86.avx512.vpdpbusd.512`` as ``int32x16``,
+but LLVM 22 declares the intrinsic as ``(<16 x i32>, <64 x i8>, <64 x i8>)`` and the
+module fails to verify. Here the operands are ``uint8x64`` / ``int8x64``. Importing the
+upstream module also costs tens of seconds (it registers every CUDA intrinsic), so the
+description is declared here as well.
+
+Importing this module registers :data:`VNNI_DOT_16X4` once (re-import is a no-op).
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+VNNI_DOT_16X4 = "tvmq_dot_16x4_vnni"
+"""Name of the registered ``uint8 x int8 -> int32`` 16x4 VNNI tensor intrinsic."""
+
+LANES = 16
+"""Output lanes (int32) per intrinsic call: the N tile of the packed weight."""
+
+REDUCE = 4
+"""Bytes reduced per lane per call: the K tile of the packed weight."""
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # The four activation bytes as one int32, broadcast to all 16 lanes, seen as 64 bytes.
+        a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
+        a_u8x64 = T.reinterpret("uint8x64", T.broadcast(a_word, 16))
+        b_i8x64 = B.vload([0, 0], "int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            "int32x16",
+            "llvm.x86.avx512.vpdpbusd.512",
+            C.vload([0], "int32x16"),
+            a_u8x64,
+            b_i8x64,
+        )
+
+
+def register_vnni_intrin() -> str:
+    """Register :data:`VNNI_DOT_16X4` if it is not registered yet; return its name."""
+    if TensorIntrin.get(VNNI_DOT_16X4, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_DOT_16X4, _dot_16x4_desc, _dot_16x4_vnni_impl)
+    return VNNI_DOT_16X4
+
+
+register_vnni_intrin()

@@ -1,0 +1,169 @@
+"""PackInt8DenseX86: bit-exact VNNI int8 matmuls, vpdpbusd in the assembly, no-op elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86, target_has_vnni
+
+from tvmq.kernels import KERNEL_ATTR, choose_tiles, pack_weight_vnni
+
+CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+SKYLAKE = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
+
+
+def _matmul_module(x_shape, w: np.ndarray, x_dtype: str, n_matmuls: int = 1) -> tvm.IRModule:
+    """``main(x) = sum of n_matmuls copies of matmul(x, W, out_dtype=int32)``."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w, "int8"), out_dtype="int32"))
+            for _ in range(n_matmuls - 1):
+                other = bb.emit(relax.op.matmul(x, relax.const(w, "int8"), out_dtype="int32"))
+                y = bb.emit(relax.op.add(y, other))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _random(rng, shape, dtype):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray, target=CASCADELAKE):
+    ex = tvm.compile(mod, target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy(), ex
+
+
+def _kernel_funcs(mod: tvm.IRModule):
+    return [
+        f
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs
+    ]
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "n", "x_dtype"),
+    [
+        ((1, 784), 128, "uint8"),  # the demo's batch-1 first layer
+        ((1, 128), 10, "uint8"),  # N padded to 16
+        ((1, 784), 128, "int8"),
+        ((7, 30), 10, "int8"),  # ragged M, K % 4 != 0, N % 16 != 0
+        ((13, 16), 16, "uint8"),  # M with no tile divisor: padded to 16 rows
+        ((24, 64), 48, "int8"),  # mr = 8, nr = 3
+        ((2, 3, 13), 33, "int8"),  # leading dims flattened
+    ],
+)
+def test_bit_exact_on_random_inputs(rng, x_shape, n, x_dtype):
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module(x_shape, w, x_dtype))
+    assert len(_kernel_funcs(mod)) == 1
+    got, _ = _run(mod, x)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def test_extreme_values_do_not_overflow(rng):
+    k, n = 784, 20
+    w = np.full((k, n), -128, dtype=np.int8)
+    w[:, ::2] = 127
+    x = np.full((1, k), -128, dtype=np.int8)
+    x[0, rng.integers(0, k, 100)] = 127
+    got, _ = _run(PackInt8DenseX86(CASCADELAKE)(_matmul_module(x.shape, w, "int8")), x)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def test_assembly_has_vpdpbusd(rng):
+    w = _random(rng, (64, 32), np.int8)
+    ex = tvm.compile(
+        PackInt8DenseX86(CASCADELAKE)(_matmul_module((4, 64), w, "uint8")), CASCADELAKE
+    )
+    asm = "".join(m.inspect_source("asm") for m in ex.mod.imports if m.kind == "llvm")
+    assert "vpdpbusd" in asm
+
+
+def _is_tensor_const(e) -> bool:
+    return isinstance(e, tvm.ir.Constant) and isinstance(e.ty, relax.TensorType)
+
+
+def test_weight_is_packed_at_compile_time(rng):
+    w = _random(rng, (30, 20), np.int8)
+    mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module((1, 30), w, "uint8"))
+    consts = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: consts.append(e.value.numpy()) if _is_tensor_const(e) else None,
+    )
+    packed = [c for c in consts if c.ndim == 4]
+    assert len(packed) == 1
+    np.testing.assert_array_equal(packed[0], pack_weight_vnni(w))
+    assert packed[0].shape == (2, 8, 16, 4)
+    # packed[j, q, i, r] == w[4q + r, 16j + i], zero outside w
+    assert packed[0][1, 7, 3, 1] == w[29, 19] and packed[0][1, 7, 4, 2] == 0
+
+
+def test_same_shape_shares_one_kernel(rng):
+    w = _random(rng, (32, 16), np.int8)
+    mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module((2, 32), w, "uint8", n_matmuls=2))
+    assert len(_kernel_funcs(mod)) == 1
+    assert all(f.attrs["tirx.is_scheduled"] for f in _kernel_funcs(mod))
+
+
+def test_target_from_context(rng):
+    mod = _matmul_module((1, 16), _random(rng, (16, 16), np.int8), "uint8")
+    with CASCADELAKE:
+        assert len(_kernel_funcs(PackInt8DenseX86()(mod))) == 1
+    tvm.ir.assert_structural_equal(PackInt8DenseX86()(mod), mod)  # no target at all
+
+
+@pytest.mark.parametrize("target", [SKYLAKE, AARCH64, CUDA], ids=["skylake", "aarch64", "cuda"])
+def test_noop_without_vnni(rng, target):
+    mod = _matmul_module((1, 16), _random(rng, (16, 16), np.int8), "uint8")
+    assert not target_has_vnni(target)
+    tvm.ir.assert_structural_equal(PackInt8DenseX86(target)(mod), mod)
+
+
+def _float_module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16), "float32"))
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.matmul(x, relax.const(np.ones((16, 8), "float32"))))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _weight_param_module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16), "uint8"))
+    w = relax.Var("w", relax.TensorType((16, 8), "int8"))
+    with bb.function("main", [x, w]):
+        y = bb.emit(relax.op.matmul(x, w, out_dtype="int32"))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("make", [_float_module, _weight_param_module], ids=["float", "w_param"])
+def test_noop_when_nothing_matches(make):
+    mod = make()
+    tvm.ir.assert_structural_equal(PackInt8DenseX86(CASCADELAKE)(mod), mod)
+
+
+def test_idempotent(rng):
+    mod = _matmul_module((7, 30), _random(rng, (30, 10), np.int8), "int8")
+    once = PackInt8DenseX86(CASCADELAKE)(mod)
+    tvm.ir.assert_structural_equal(PackInt8DenseX86(CASCADELAKE)(once), once)
+
+
+@pytest.mark.parametrize(("m", "n"), [(1, 16), (7, 32), (12, 48), (13, 64), (128, 3072)])
+def test_tiles_fit_registers_and_divide(m, n):
+    t = choose_tiles(m, n)
+    assert t.m_padded % t.mr == 0 and t.m_padded >= m and (n // 16) % t.nr == 0
+    assert t.mr * t.nr <= 24

@@ -1,0 +1,167 @@
+"""x86 int8 dense kernels: ``uint8 (M, K) x packed int8 weight -> int32 (M, N)`` with VNNI.
+
+The weight is packed once at compile time by :func:`pack_weight_vnni` into
+``[N/16, K/4, 16, 4]`` so that every ``vpdpbusd`` reads one contiguous 64-byte tile
+(the upstream schedules that tensorize against a plain ``[N, K]`` weight give wrong
+answers). :func:`int8_dense_vnni` builds the scheduled TIR kernel:
+
+- the reduction is tensorized with :data:`tvmq.passes.vnni_intrin.VNNI_DOT_16X4`;
+- each parallel task owns an ``mr x (nr * 16)`` output tile kept in a small accumulator
+  (``mr * nr <= 24`` zmm registers, the rest left for weights and the broadcast) and
+  walks the whole K: the weight panel ``(nr * 16) x K`` streams once per task, the
+  activation rows are reused from cache across tiles;
+- tiles run ``parallel`` over (N tiles, M tiles), N outer, so tasks next to each other
+  share activation rows; tiny problems stay serial (thread start-up costs more).
+
+Shapes must already be padded: ``K % 4 == 0``, ``N % 16 == 0`` and ``M % mr == 0``
+(:func:`choose_tiles` picks ``mr`` dividing ``M``, or says how far to pad ``M``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+
+from tvmq.passes.vnni_intrin import LANES, REDUCE, VNNI_DOT_16X4
+
+KERNEL_ATTR = "tvmq.kernel"
+"""PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
+
+_MAX_ACCUMULATORS = 24
+# Below this many multiply-adds a parallel launch costs more than it saves.
+_PARALLEL_MIN_MACS = 1 << 20
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def padded_kn(k: int, n: int) -> tuple[int, int]:
+    """``(K, N)`` rounded up to the packed tile (multiples of 4 and 16)."""
+    return _round_up(k, REDUCE), _round_up(n, LANES)
+
+
+def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
+    """Pack an int8 ``(K, N)`` weight as ``[N/16, K/4, 16, 4]``, zero-padding K and N.
+
+    ``packed[j, q, i, r] == w[4 * q + r, 16 * j + i]`` (zero outside ``w``).
+    """
+    if w.ndim != 2 or w.dtype != np.int8:
+        raise ValueError(f"expected an int8 (K, N) weight, got {w.dtype} {w.shape}")
+    k, n = w.shape
+    kp, np_ = padded_kn(k, n)
+    padded = np.zeros((kp, np_), dtype=np.int8)
+    padded[:k, :n] = w
+    packed = padded.reshape(kp // REDUCE, REDUCE, np_ // LANES, LANES).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(packed)
+
+
+@dataclass(frozen=True)
+class DenseTiles:
+    """Register tile of the dense kernel: ``mr`` rows x ``nr`` 16-lane vectors."""
+
+    mr: int
+    nr: int
+    m_padded: int
+
+
+def choose_tiles(m: int, n_padded: int) -> DenseTiles:
+    """Pick the register tile for an ``(m, n_padded)`` output.
+
+    ``mr`` is ``m`` itself when ``m <= 8``, else the largest divisor of ``m`` in 4..8; when
+    there is none, ``m`` is padded up to a multiple of 8 (``m_padded``). ``nr`` divides
+    ``n_padded / 16`` and keeps ``mr * nr`` within the accumulator budget.
+    """
+    if m <= 8:
+        mr, m_padded = m, m
+    else:
+        mr = next((d for d in range(8, 3, -1) if m % d == 0), 8)
+        m_padded = _round_up(m, mr)
+    n_tiles = n_padded // LANES
+    prefs = (3, 4, 2, 1) if mr >= 6 else (4, 3, 2, 1)
+    nr = next(r for r in prefs if n_tiles % r == 0 and mr * r <= _MAX_ACCUMULATORS)
+    return DenseTiles(mr, nr, m_padded)
+
+
+def int8_dense_vnni(
+    m: int, k: int, n: int, *, with_offset: bool = False, tiles: DenseTiles | None = None
+) -> tvm.tirx.PrimFunc:
+    """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
+
+    Parameters
+    ----------
+    m, k, n : int
+        Padded sizes: ``k % 4 == 0``, ``n % 16 == 0``, ``m`` a multiple of ``tiles.mr``.
+    with_offset : bool
+        Add a per-column int32 ``offset`` (an extra ``(n,)`` argument) to the result.
+    tiles : DenseTiles, optional
+        Defaults to :func:`choose_tiles` ``(m, n)``.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``],
+        ``C (m, n) int32``. Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave
+        it alone) and :data:`KERNEL_ATTR`.
+    """
+    tiles = tiles or choose_tiles(m, n)
+    if k % REDUCE or n % LANES or m % tiles.mr or (n // LANES) % tiles.nr:
+        raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
+    x = te.placeholder((m, k), "uint8", name="X")
+    w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum(
+            x[i, r].astype("int32")
+            * w[j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
+            axis=r,
+        ),
+        name="acc",
+    )
+    args = [x, w]
+    if with_offset:
+        off = te.placeholder((n,), "int32", name="offset")
+        out = te.compute((m, n), lambda i, j: acc[i, j] + off[j], name="C")
+        args.append(off)
+    else:
+        out = te.compute((m, n), lambda i, j: acc[i, j], name="C")
+    func = te.create_prim_func([*args, out])
+    return _schedule(func, tiles, parallel=m * n * k >= _PARALLEL_MIN_MACS)
+
+
+def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm.tirx.PrimFunc:
+    """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`."""
+    sch = Schedule(func)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("C")
+    oi, oj = sch.get_loops(out)
+    mo, mi = sch.split(oi, [None, tiles.mr])
+    no, nj = sch.split(oj, [None, tiles.nr * LANES])
+    sch.reorder(no, mo, mi, nj)
+    # The accumulator shrinks to one mr x (nr * 16) tile per task.
+    sch.compute_at(acc, mo)
+    # compute_at drops unit loops: the row loop is there only when mr > 1.
+    *rows, aj, ak = sch.get_loops(acc)[2:]
+    ni, nv = sch.split(aj, [tiles.nr, LANES])
+    ko, kv = sch.split(ak, [None, REDUCE])
+    sch.reorder(ko, *rows, ni, nv, kv)
+    outer = sch.fuse(no, mo)
+    if parallel:
+        sch.parallel(outer)
+    init = sch.decompose_reduction(acc, ko)
+    sch.tensorize(nv, VNNI_DOT_16X4)
+    for loop in (*rows, ni):
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _, vj = sch.split(nj, [None, LANES])
+    sch.vectorize(vj)
+    return (
+        sch.mod["main"]
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, "int8_dense_vnni")
+        .without_attr("global_symbol")
+    )
