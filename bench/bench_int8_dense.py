@@ -18,6 +18,7 @@ import time
 import numpy as np
 import tvm
 from tvm import relax
+
 from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
 
 SHAPES = [(1, 784, 128), (1, 128, 10), (128, 768, 3072), (128, 3072, 768)]

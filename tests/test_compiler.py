@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-import tvmq.build
 
 import tvmq
+import tvmq.build
 from tvmq.errors import TvmqError
 
 

@@ -186,9 +186,10 @@ def _constant_bytes(mod) -> int:
 
     @relax.expr_functor.visitor
     class _Consts(relax.PyExprVisitor):
-        def visit_constant_(self, c):
+        def visit_generic_const_(self, c):
             nonlocal total
-            total += c.data.numpy().nbytes
+            if isinstance(c.ty, relax.TensorType):
+                total += c.value.numpy().nbytes
 
     for _, f in mod.functions_items():
         if isinstance(f, relax.Function):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86, target_has_vnni
 
 from tvmq.kernels import KERNEL_ATTR, choose_tiles, pack_weight_vnni
+from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86, target_has_vnni
 
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
 SKYLAKE = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})

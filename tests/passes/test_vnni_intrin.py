@@ -6,6 +6,7 @@ import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule, TensorIntrin
+
 from tvmq.passes import vnni_intrin
 
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})

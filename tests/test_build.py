@@ -1,0 +1,208 @@
+"""build + export_library: host round trip against PyTorch, aarch64 ELF, CUDA PTX."""
+
+import dataclasses
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.s_tir import dlight as dl
+
+from tvmq.build import _CPUDefaultSchedule, _debian_package, build, export_library
+from tvmq.errors import TvmqError
+from tvmq.targets import get_target, list_targets
+
+EM_X86_64, EM_AARCH64 = 62, 183
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed"
+)
+
+
+class SmallNet(torch.nn.Module):
+    """Conv + pool + MLP with odd sizes, so partial SIMD tiles are exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = torch.nn.Linear(8 * 6 * 6, 37)
+        self.fc2 = torch.nn.Linear(37, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    example = torch.randn(4, 3, 12, 12)
+    exported = torch.export.export(model, (example,))
+    return model, from_exported_program(exported, keep_params_as_input=False)
+
+
+def _elf_machine(path: Path) -> int:
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF"
+    assert header[4] == 2, "not a 64-bit ELF"
+    return struct.unpack_from("<H", header, 18)[0]
+
+
+def test_host_round_trip_matches_torch(small_net, tmp_path):
+    model, mod = small_net
+    preset = get_target("host")
+    ex = build(mod, preset)
+    path = tmp_path / "model.so"
+    export_library(ex, path, preset)
+    assert _elf_machine(path) == {"x86_64": EM_X86_64, "aarch64": EM_AARCH64}.get(
+        tvm.target.codegen.llvm_get_system_triple().split("-")[0]
+    )
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), preset.device())
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = rng.standard_normal((4, 3, 12, 12), dtype=np.float32)
+        out = vm["main"](tvm.runtime.tensor(x, preset.device()))[0].numpy()
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        assert np.abs(out - expected).max() < 1e-4
+
+
+def test_cpu_default_schedule_vectorizes_and_parallelizes():
+    x = relax.Var("x", relax.TensorType((16, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((64, 48), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        bb.emit_func_output(bb.emit(relax.op.nn.relu(relax.op.matmul(x, w))))
+    target = get_target("x86-avx2").tvm_target()
+    with target:
+        mod = relax.transform.LegalizeOps()(bb.get())
+        scheduled = dl.ApplyDefaultSchedule(_CPUDefaultSchedule())(mod)
+    text = scheduled.script()
+    assert "T.vectorized" in text and "T.parallel" in text
+
+    ex = relax.build(scheduled, target=get_target("host").tvm_target())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 64), dtype=np.float32)
+    b = rng.standard_normal((64, 48), dtype=np.float32)
+    out = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_allclose(out, np.maximum(a @ b, 0), rtol=1e-5, atol=1e-4)
+
+
+def test_dynamic_batch_and_int8_build_on_cpu():
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 32), "int8"))
+    w = relax.Var("w", relax.TensorType((32, 16), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, w, out_dtype="int32")))
+    vm = relax.VirtualMachine(build(bb.get(), "host"), tvm.cpu())
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (5, 32), dtype=np.int8)
+    b = rng.integers(-128, 128, (32, 16), dtype=np.int8)
+    out = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_array_equal(out, a.astype(np.int32) @ b.astype(np.int32))
+
+
+def test_build_failure_is_tvmq_error_with_target_name():
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        # ewise_fma has no legalization, so VM codegen rejects it.
+        bb.emit_func_output(bb.emit(relax.op.ewise_fma(x, x, x)))
+    with pytest.raises(TvmqError, match="'host'") as info:
+        build(bb.get(), "host")
+    assert "CodeGenVM" in str(info.value)  # TVM's own message is kept
+
+
+@pytest.mark.parametrize("name", ["rasp4b", "arm-a76"])
+def test_aarch64_export_is_aarch64_elf(small_net, tmp_path, name):
+    _, mod = small_net
+    preset = get_target(name)
+    path = tmp_path / f"{name}.so"
+    export_library(build(mod, preset), path, preset)
+    assert _elf_machine(path) == EM_AARCH64
+
+
+def test_missing_cross_compiler_names_apt_package(small_net, tmp_path):
+    _, mod = small_net
+    preset = dataclasses.replace(get_target("rasp4b"), cc="tvmqtest-linux-gnu-g++")
+    ex = build(mod, preset)
+    with pytest.raises(TvmqError, match=r"apt-get install g\+\+-tvmqtest-linux-gnu"):
+        export_library(ex, tmp_path / "m.so", preset)
+
+
+def test_ci_installs_every_preset_cross_compiler():
+    listed = Path(__file__).parents[1].joinpath(".ci", "apt-packages.txt").read_text().split()
+    for preset in list_targets():
+        if preset.cc is not None:
+            assert _debian_package(preset.cc) in listed, preset.name
+
+
+@needs_nvcc
+@pytest.mark.parametrize(
+    ("name", "arch", "machine"),
+    [
+        ("cuda-sm80", "sm_80", EM_X86_64),
+        ("cuda-sm90", "sm_90a", EM_X86_64),
+        ("jetson-orin-gpu", "sm_87", EM_AARCH64),
+    ],
+)
+def test_cuda_library_embeds_ptx(small_net, tmp_path, name, arch, machine):
+    _, mod = small_net
+    preset = get_target(name)
+    path = tmp_path / f"{name}.so"
+    export_library(build(mod, preset), path, preset)
+    assert _elf_machine(path) == machine
+    data = path.read_bytes()
+    assert re.findall(rb"\.target (sm_\w+)", data) == [arch.encode()]
+    assert b"__global__" not in data  # PTX replaced the CUDA source
+
+
+@needs_nvcc
+def test_cuda_library_loads_ptx_module(small_net, tmp_path):
+    """tvm-ffi's own loader parses the packed blob and hands over a PTX CUDA module."""
+    loader = "ffi.Module.load_from_bytes.cuda"
+    if tvm_ffi.get_global_func(loader, allow_missing=True) is not None:
+        pytest.skip("the real CUDA runtime is loaded; this test stands in for it")
+    _, mod = small_net
+    preset = get_target("cuda-sm80")
+    path = tmp_path / "gpu.so"
+    export_library(build(mod, preset), path, preset)
+
+    received = []
+
+    def fake_loader(payload):
+        received.append(bytes(payload))
+        raise RuntimeError("tvmq fake CUDA loader stops here")
+
+    tvm_ffi.register_global_func(loader, fake_loader)
+    try:
+        with pytest.raises(RuntimeError, match="tvmq fake CUDA loader"):
+            tvm.runtime.load_module(str(path))
+    finally:
+        tvm_ffi.remove_global_func(loader)
+    assert len(received) == 1
+    payload = received[0]
+    (fmt_len,) = struct.unpack_from("<Q", payload)
+    assert payload[8 : 8 + fmt_len] == b"ptx"
+    assert b".target sm_80" in payload and payload.endswith(b"\0")
+
+
+@needs_nvcc
+def test_cuda_int8_matmul_builds():
+    x = relax.Var("x", relax.TensorType((64, 128), "int8"))
+    w = relax.Var("w", relax.TensorType((128, 32), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, w, out_dtype="int32")))
+    # dlight's GPU Matmul rule crashes on int8 in TVM 0.27; tvmq routes it to other rules.
+    build(bb.get(), "cuda-sm80")
