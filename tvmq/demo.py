@@ -9,6 +9,7 @@ compiled artefact itself, not estimated.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -160,7 +161,7 @@ def _compiled_row(name: str, **compile_kwargs) -> Callable[[DemoContext], Row]:
     def run(ctx: DemoContext) -> Row:
         import tvmq
 
-        out = ctx.workdir / name.split(",")[0].replace(" ", "-")
+        out = ctx.workdir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         art = tvmq.compile(
             ctx.model,
             "host",

@@ -65,7 +65,8 @@ class CompiledModel:
         if target.get("cross_compiled"):
             raise TvmqError(
                 f"{self.directory} was compiled for target '{target.get('name')}', which does "
-                "not run on this machine; run it on the board with --rpc HOST:PORT --key KEY"
+                "not run on this machine; copy the directory to the board and load model.so there "
+                "with the TVM runtime (tvm.runtime.load_module + relax.VirtualMachine)"
             )
         self.device = device if device is not None else _device_for(self.manifest)
         try:
