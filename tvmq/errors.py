@@ -1,6 +1,13 @@
-"""Errors tvmq raises for bad input: one clear sentence, shown without a traceback by the CLI."""
+"""Errors tvmq raises for bad input: one clear sentence, shown without a traceback by the CLI.
+
+Each class is registered with TVM's FFI: an error raised inside a pass that TVM runs
+would otherwise come back out of C++ as a plain ``RuntimeError``.
+"""
+
+import tvm_ffi
 
 
+@tvm_ffi.register_error
 class TvmqError(Exception):
     """A user-facing error: what went wrong, where, and what to do.
 
@@ -9,9 +16,11 @@ class TvmqError(Exception):
     """
 
 
+@tvm_ffi.register_error
 class UnsupportedOperatorError(TvmqError):
     """A model uses an operator a frontend or pass cannot handle."""
 
 
+@tvm_ffi.register_error
 class InputMismatchError(TvmqError):
     """Inputs given at run time do not match the compiled model's manifest."""
