@@ -15,6 +15,8 @@ examples:
   tvmq compile model.onnx -t host -o build/      compile an ONNX file for this machine
   tvmq compile model.onnx --input-shape x:1x3x224x224 -t rasp4b -o build-pi/
   tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
+  tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
+  tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
   tvmq inspect build/                            what a compiled directory holds
@@ -68,10 +70,40 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def _compression_configs(args):
+    """--prune/--prune-kind/--cluster -> (PruneConfig | None, ClusterConfig | None)."""
+    from tvmq.compression import ClusterConfig, PruneConfig
+    from tvmq.errors import TvmqError
+
+    prune = None
+    kind = args.prune_kind
+    if kind in ("2:4", "4:8"):
+        n, m = (int(v) for v in kind.split(":"))
+        if args.prune is not None and abs(args.prune - (1 - n / m)) > 1e-9:
+            raise TvmqError(
+                f"--prune-kind {kind} prunes exactly {1 - n / m:g}; drop --prune {args.prune:g}"
+            )
+        prune = PruneConfig(method="n:m", n=n, m=m)
+    elif args.prune is not None:
+        if kind == "channel":
+            prune = PruneConfig(method="channels", ratio=args.prune)
+        else:
+            prune = PruneConfig(method="magnitude", sparsity=args.prune)
+    cluster = None
+    if args.cluster is not None:
+        bits = args.cluster.bit_length() - 1
+        if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
+            raise TvmqError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
+        cluster = ClusterConfig(bits=bits)
+    return prune, cluster
+
+
 def cmd_compile(args) -> int:
     import dataclasses
 
     import tvmq
+
+    prune, cluster = _compression_configs(args)
 
     scheme = None
     if args.quantize:
@@ -85,6 +117,8 @@ def cmd_compile(args) -> int:
         args.target,
         output_dir=args.output,
         input_shapes=dict(args.input_shape) if args.input_shape else None,
+        prune=prune,
+        cluster=cluster,
         quantize=scheme,
         calibration_data=args.calib,
         progress=not args.quiet,
@@ -224,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_shape,
         metavar="NAME:1x3x224x224",
         help="static shape for an input with dynamic dimensions (repeatable)",
+    )
+    s.add_argument(
+        "--prune",
+        type=float,
+        metavar="FRACTION",
+        help="prune this fraction of weights (or channels)",
+    )
+    s.add_argument(
+        "--prune-kind",
+        choices=["unstructured", "2:4", "4:8", "channel"],
+        default="unstructured",
+        help="magnitude pruning of single weights, N:M semi-structured, or whole output channels",
+    )
+    s.add_argument(
+        "--cluster", type=int, metavar="N", help="share weights: N values per tensor (k-means)"
     )
     s.add_argument(
         "--quantize", choices=["int8", "int8-dynamic", "w8", "w4"], help="quantization scheme"

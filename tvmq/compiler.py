@@ -34,10 +34,28 @@ def versions() -> dict:
     return {"tvmq": __version__, "tvm": tvm.__version__}
 
 
-def _compress(model: ImportedModel, quantize, calibration_data, progress: bool):
-    """Apply the requested compression; returns the new model and what was applied."""
+def _compress(model: ImportedModel, prune, cluster, quantize, calibration_data, progress: bool):
+    """Apply the requested compression in order: prune, cluster, quantize.
+
+    Returns the new model, what was applied (for the manifest) and notes.
+    """
     applied: dict = {}
     notes: dict = {}
+    if cluster is not None and quantize is not None:
+        raise TvmqError(
+            "weight clustering and quantization cannot be combined yet: clustered weights "
+            "are decoded at run time, so the quantizer finds no constant weights"
+        )
+    if prune is not None or cluster is not None:
+        from tvmq.compression import apply_compression
+
+        mod, report = apply_compression(model.mod, prune=prune, cluster=cluster)
+        model = ImportedModel(mod, model.inputs, model.outputs, model.source, model.meta)
+        if report["prune"]:
+            applied["prune"] = report["prune"]
+        if report["cluster"]:
+            applied["cluster"] = report["cluster"]
+        notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
     if quantize is not None:
         from tvmq.quantization import quantize as run_quantize
 
@@ -56,6 +74,8 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     example_inputs=None,
     input_shapes: dict[str, Sequence[int]] | None = None,
     input_names: Sequence[str] | None = None,
+    prune=None,
+    cluster=None,
     quantize=None,
     calibration_data=None,
     overwrite: bool = True,
@@ -74,6 +94,10 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     output_dir : path, optional
         Where to write ``model.so`` + ``model.json``. Written atomically: a failed build
         leaves nothing behind, and an existing tvmq output there is replaced only on success.
+    prune : PruneConfig or list of PruneConfig, optional
+        Magnitude, N:M or channel pruning (``tvmq.compression.PruneConfig``), applied first.
+    cluster : ClusterConfig, optional
+        Weight sharing into ``2**bits`` values per tensor (``tvmq.compression.ClusterConfig``).
     quantize : str or scheme, optional
         ``"int8"``, ``"int8-dynamic"``, ``"w8"``, ``"w4"`` or a scheme object from
         ``tvmq.quantization``; static schemes need ``calibration_data``.
@@ -91,7 +115,9 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
-    compressed, applied, notes = _compress(imported, quantize, calibration_data, progress)
+    compressed, applied, notes = _compress(
+        imported, prune, cluster, quantize, calibration_data, progress
+    )
     ex = build(compressed.mod, preset)
     manifest = Manifest(
         inputs=imported.inputs,
