@@ -1,0 +1,36 @@
+"""tvmq's IR passes (imported as ``tvmq.passes``): each a ``tvm.transform.Pass``, one per file.
+
+Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
+:class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
+registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+Target kernels: :class:`PackInt8DenseX86` (VNNI int8 dense, after ``LowerInt8``).
+Pruning and weight sharing, on float constant weights before quantization:
+:class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
+"""
+
+from .annotate_qdq import AnnotateQDQ
+from .cluster_weights import ClusterWeights
+from .fold_quant_scales import FoldQuantScales
+from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
+from .pack_int8_dense_x86 import PackInt8DenseX86
+from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
+from .prune_channels import PruneChannels
+from .prune_magnitude import PruneMagnitude, sparsity_report
+from .prune_n_m import PruneNM
+
+__all__ = [
+    "FLOAT_OPS_ATTR",
+    "PIPELINE_NAME",
+    "AnnotateQDQ",
+    "ClusterWeights",
+    "PackInt8DenseX86",
+    "PruneChannels",
+    "PruneMagnitude",
+    "PruneNM",
+    "sparsity_report",
+    "FoldQuantScales",
+    "LowerInt8",
+    "prepare_passes",
+    "static_int8_passes",
+    "tvmq_pipeline",
+]

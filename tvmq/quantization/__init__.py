@@ -1,6 +1,18 @@
 """Quantization: reference math (``qmath``) and schemes (``Int8Static``, ``WeightOnly``...)."""
 
 from tvmq.quantization import qmath
+from tvmq.quantization.collect import (
+    ActivationStats,
+    collect_activation_qparams,
+    collect_activation_stats,
+)
+from tvmq.quantization.quantize import (
+    LayerReport,
+    QuantizationReport,
+    QuantizedModel,
+    quantize,
+    static_int8_passes,
+)
 from tvmq.quantization.schemes import (
     Int8Dynamic,
     Int8Static,
@@ -11,6 +23,14 @@ from tvmq.quantization.schemes import (
 )
 
 __all__ = [
+    "ActivationStats",
+    "LayerReport",
+    "QuantizationReport",
+    "QuantizedModel",
+    "collect_activation_qparams",
+    "collect_activation_stats",
+    "quantize",
+    "static_int8_passes",
     "Int8Dynamic",
     "Int8Static",
     "Scheme",

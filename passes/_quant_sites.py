@@ -1,0 +1,271 @@
+"""Shared by the int8 passes and by calibration: quantizable sites and compile-time constants.
+
+A *site* is one matmul or conv2d whose weight is a compile-time constant. Sites are
+numbered in dataflow order and named ``<kind>_<index>`` (``conv2d_0``, ``matmul_3``;
+functions other than ``main`` prefix their name: ``encode/matmul_0``). Calibration
+(``tvmq.quantization.collect``) records activation statistics under these names and
+:class:`AnnotateQDQ` reads its scales back by the same names, so the two agree as long
+as both see the same module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import numpy as np
+import tvm
+from tvm import relax
+
+MATMUL = "relax.matmul"
+CONV2D = "relax.nn.conv2d"
+QUANTIZE = "relax.quantize"
+DEQUANTIZE = "relax.dequantize"
+
+#: Op kinds a site can have, with the op they come from.
+SITE_OPS = {MATMUL: "matmul", CONV2D: "conv2d"}
+
+# Names that select every site of a kind in a skip list, besides the site's own name.
+_KIND_NAMES = {
+    "matmul": ("relax.matmul", "matmul", "dense", "linear"),
+    "conv2d": ("relax.nn.conv2d", "conv2d"),
+}
+
+
+def is_skipped(name: str, kind: str, skip) -> bool:
+    """Whether a skip list (fnmatch patterns of site names or op names) selects a site.
+
+    ``"conv2d"`` / ``"relax.nn.conv2d"`` select every conv2d; ``"matmul"``, ``"dense"``,
+    ``"linear"`` / ``"relax.matmul"`` every matmul; ``"matmul_3"`` or ``"conv2d_*"`` by name.
+    """
+    names = (name, *_KIND_NAMES[kind])
+    return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantSite:
+    """One quantizable op: where it is, what it reads, and its float weight."""
+
+    index: int
+    name: str
+    kind: str  # "matmul" or "conv2d"
+    var: relax.Var  # the binding var holding the op's result
+    call: relax.Call
+    activation: relax.Expr  # the float input that calibration observes
+    weight: np.ndarray  # float weight in the layout the op reads ([K, N] or OIHW)
+    weight_axis: int  # output-channel axis of `weight`
+    output_axis: int  # output-channel axis of the op's result
+
+
+def op_name(expr: relax.Expr) -> str | None:
+    """The op name of a Call to a Relax op, else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def binding_map(func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    """Every var bound in `func` (all blocks) to its value."""
+    table: dict[relax.Var, relax.Expr] = {}
+    if isinstance(func.body, relax.SeqExpr):
+        for block in func.body.blocks:
+            for b in block.bindings:
+                table[b.var] = b.value
+    return table
+
+
+def ordered_bindings(func: relax.Function) -> list[relax.Binding]:
+    """The bindings of `func` in program order."""
+    if not isinstance(func.body, relax.SeqExpr):
+        return []
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def user_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """How many times each var is read (a var returned by the function counts once more)."""
+    counts: dict[relax.Var, int] = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    for b in ordered_bindings(func):
+        relax.analysis.post_order_visit(b.value, count)
+    if isinstance(func.body, relax.SeqExpr):
+        relax.analysis.post_order_visit(func.body.body, count)
+    return counts
+
+
+def is_tensor_const(expr: relax.Expr) -> bool:
+    """Whether `expr` is a constant tensor (``R.const`` / bound weights)."""
+    return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)
+
+
+def _dtype(expr: relax.Expr) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def float_dtype(expr: relax.Expr) -> bool:
+    """Whether `expr` is a float32 tensor (the only float type the int8 passes handle)."""
+    return _dtype(expr) == "float32"
+
+
+def resolve(expr: relax.Expr, bindings) -> relax.Expr:
+    """Follow var bindings (a dict or a lookup callable) to the bound value."""
+    lookup = bindings.get if isinstance(bindings, dict) else bindings
+    while isinstance(expr, relax.Var):
+        value = lookup(expr)
+        if value is None:
+            break
+        expr = value
+    return expr
+
+
+def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
+    """The value of `expr` if it is a constant seen through vars, permute_dims and reshape.
+
+    `bindings` maps vars to their values: a dict or a lookup callable.
+    """
+    expr = resolve(expr, bindings)
+    if is_tensor_const(expr):
+        return expr.value.numpy()
+    name = op_name(expr)
+    if name == "relax.permute_dims":
+        inner = const_value(expr.args[0], bindings)
+        if inner is None:
+            return None
+        axes = expr.attrs.axes
+        axes = None if axes is None else [int(a) for a in axes]
+        return np.transpose(inner, axes)
+    if name == "relax.reshape":
+        inner = const_value(expr.args[0], bindings)
+        ty = expr.ty
+        if inner is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return None
+        try:
+            return inner.reshape([int(s) for s in ty.shape])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _annotated_weight(expr: relax.Expr, bindings) -> bool:
+    """Whether a weight is already in QDQ form: ``dequantize`` of a constant or of its quantize."""
+    dq = resolve(expr, bindings)
+    if op_name(dq) != DEQUANTIZE:
+        return False
+    src = resolve(dq.args[0], bindings)
+    if op_name(src) == QUANTIZE:
+        src = src.args[0]
+    return const_value(src, bindings) is not None
+
+
+def _site_from_call(
+    call: relax.Call, bindings: dict[relax.Var, relax.Expr]
+) -> tuple[str, np.ndarray | None, int, int] | None:
+    """(kind, weight, weight_axis, output_axis) if `call` is a quantizable or annotated op.
+
+    ``weight`` is None for an op already in QDQ form (it still takes an index).
+    """
+    name = op_name(call)
+    if name not in SITE_OPS or len(call.args) != 2:
+        return None
+    act, w = call.args
+    if not (float_dtype(act) and float_dtype(w) and float_dtype(call)):
+        return None
+    if const_value(act, bindings) is not None:
+        return None
+    weight = const_value(w, bindings)
+    if weight is None and not _annotated_weight(w, bindings):
+        return None
+    ndim = w.ty.ndim
+    if name == MATMUL:
+        if ndim != 2 or act.ty.ndim < 1:
+            return None
+        return "matmul", weight, 1, call.ty.ndim - 1
+    attrs = call.attrs
+    if (
+        attrs.data_layout != "NCHW"
+        or attrs.kernel_layout != "OIHW"
+        or attrs.out_layout != "NCHW"
+        or ndim != 4
+    ):
+        return None
+    return "conv2d", weight, 0, 1
+
+
+def list_quant_sites(func: relax.Function, prefix: str = "") -> list[QuantSite]:
+    """The quantizable sites of `func`, in dataflow order.
+
+    A site is a float32 ``matmul(x, W)`` with a constant 2-D ``W`` (also ``W`` given as
+    ``permute_dims`` of a constant, as the PyTorch importer writes ``nn.Linear``), or a
+    float32 NCHW/OIHW ``conv2d(x, W)`` with a constant ``W``. Ops already in QDQ form
+    (weight ``dequantize`` of a constant, or activation a ``dequantize``) keep their index,
+    so names stay stable when a module is annotated in steps, but are not returned.
+    """
+    bindings = binding_map(func)
+    sites: list[QuantSite] = []
+    index = 0
+    for b in ordered_bindings(func):
+        if not isinstance(b, relax.VarBinding) or not isinstance(b.value, relax.Call):
+            continue
+        found = _site_from_call(b.value, bindings)
+        if found is None:
+            continue
+        kind, weight, waxis, oaxis = found
+        act = b.value.args[0]
+        name = f"{prefix}{kind}_{index}"
+        index += 1
+        if weight is None or op_name(bindings.get(act)) == DEQUANTIZE:
+            continue
+        sites.append(
+            QuantSite(
+                index=index - 1,
+                name=name,
+                kind=kind,
+                var=b.var,
+                call=b.value,
+                activation=act,
+                weight=weight,
+                weight_axis=waxis,
+                output_axis=oaxis,
+            )
+        )
+    return sites
+
+
+def relax_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
+    """The Relax functions of `mod` that passes should rewrite, ``main`` first, then by name."""
+    out = []
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        if func.attrs is not None and "Primitive" in func.attrs and int(func.attrs["Primitive"]):
+            continue
+        out.append((gv, func))
+    out.sort(key=lambda item: (item[0].name_hint != "main", item[0].name_hint))
+    return out
+
+
+def site_prefix(gv: tvm.ir.GlobalVar) -> str:
+    """Site-name prefix of a function: empty for ``main``."""
+    return "" if gv.name_hint == "main" else f"{gv.name_hint}/"
+
+
+def list_module_sites(mod: tvm.IRModule) -> list[QuantSite]:
+    """The quantizable sites of every Relax function of `mod` (see :func:`list_quant_sites`)."""
+    sites: list[QuantSite] = []
+    for gv, func in relax_functions(mod):
+        sites.extend(list_quant_sites(func, site_prefix(gv)))
+    return sites
+
+
+def const_f32(value) -> tvm.ir.Constant:
+    """A float32 constant (scalar or tensor)."""
+    return relax.const(np.asarray(value, dtype="float32"), "float32")
+
+
+def const_i32(value) -> tvm.ir.Constant:
+    """An int32 constant (scalar or tensor)."""
+    return relax.const(np.asarray(value, dtype="int32"), "int32")

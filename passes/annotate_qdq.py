@@ -1,0 +1,166 @@
+"""AnnotateQDQ: wrap the inputs of quantizable ops in ``quantize`` / ``dequantize`` pairs.
+
+Static int8, step 1 of 3 (then :class:`FoldQuantScales`, then :class:`LowerInt8`), on a
+float Relax module before ``LegalizeOps``. For every quantizable site (see
+``_quant_sites.list_quant_sites``: a float32 ``matmul(x, W)`` with a constant 2-D ``W`` or
+an NCHW/OIHW ``conv2d(x, W)`` with a constant ``W``) that has calibrated activation
+parameters and is not skipped, it rewrites::
+
+    y = op(x, W)
+    ==>
+    y = op(dequantize(quantize(x, s_x, z_x)), dequantize(quantize(W', s_w, 0, axis=c)))
+
+``s_x, z_x`` are the calibrated per-tensor parameters of the site, looked up by its name
+(``matmul_0``, ``conv2d_1``, ...). ``W'`` is the constant weight (a ``permute_dims`` of a
+constant is evaluated at compile time) and ``s_w`` its scale, per output channel ``c`` and
+symmetric by default. The result is still a float model (QDQ form, as in ONNX), runnable
+as is; the weight ``quantize`` is folded by :class:`FoldQuantScales` and integer compute
+appears only in :class:`LowerInt8`.
+
+Limits: per-tensor activations only; sites whose name has no entry in
+``activation_qparams`` stay float. An annotated op is no longer a site, so running the
+pass twice is the same as once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.quantization import qmath
+
+from ._quant_sites import (
+    QuantSite,
+    const_f32,
+    const_i32,
+    is_skipped,
+    list_quant_sites,
+    relax_functions,
+    site_prefix,
+)
+
+
+def _layer(scheme, name: str):
+    """The scheme's settings for one site (per-layer ``overrides``), or the scheme itself."""
+    return scheme.for_layer(name) if hasattr(scheme, "for_layer") else scheme
+
+
+def weight_qparams(site: QuantSite, scheme) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(scale, zero_point, axis) of a site's weight: per output channel and symmetric by default.
+
+    ``axis`` is None for per-tensor parameters.
+    """
+    scheme = _layer(scheme, site.name)
+    per_channel = getattr(scheme, "weight_per_channel", True)
+    symmetric = getattr(scheme, "weight_symmetric", True)
+    w = site.weight.astype(np.float64)
+    if per_channel:
+        other = tuple(i for i in range(w.ndim) if i != site.weight_axis)
+        lo, hi = w.min(axis=other), w.max(axis=other)
+        scale, zp = qmath.choose_qparams(lo, hi, "int8", symmetric, axis=site.weight_axis)
+        axis = site.weight_axis
+    else:
+        lo, hi = w.min(), w.max()
+        scale, zp = qmath.choose_qparams(lo, hi, "int8", symmetric)
+        axis = None
+    # An all-zero (pruned) channel quantizes to 0 with any scale; 1.0 instead of the
+    # epsilon floor keeps bias / (s_x * s_w) on the int32 accumulator grid.
+    scale = np.where((lo == 0) & (hi == 0), np.float32(1.0), scale).astype(np.float32)
+    return (scale if axis is not None else scale[()]), zp, axis
+
+
+@mutator
+class _Annotator(PyExprMutator):
+    """Rewrites the calls of the chosen sites; everything else is copied."""
+
+    def __init__(self, mod: tvm.IRModule, plans: dict[relax.Call, tuple]):
+        super().__init__(mod)
+        self.plans = plans
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        plan = self.plans.get(call)
+        if plan is None:
+            return super().visit_call_(call)
+        site, (s_x, z_x), act_dtype, (s_w, z_w, w_axis) = plan
+        x = self.visit_expr(site.activation)
+        sx, zx = const_f32(s_x), const_i32(z_x)
+        xq = self.builder_.emit(relax.op.quantize(x, sx, zx, axis=-1, out_dtype=act_dtype))
+        xdq = self.builder_.emit(relax.op.dequantize(xq, sx, zx, axis=-1, out_dtype="float32"))
+        axis = -1 if w_axis is None else w_axis
+        z_w = np.asarray(z_w)
+        # Symmetric weights have zero point 0 everywhere: keep it a scalar.
+        sw, zw = const_f32(s_w), const_i32(z_w.flat[0] if np.all(z_w == z_w.flat[0]) else z_w)
+        w = relax.const(site.weight.astype("float32"), "float32")
+        wq = self.builder_.emit(relax.op.quantize(w, sw, zw, axis=axis, out_dtype="int8"))
+        wdq = self.builder_.emit(relax.op.dequantize(wq, sw, zw, axis=axis, out_dtype="float32"))
+        return relax.Call(call.op, [xdq, wdq], call.attrs, call.ty_args, call.span)
+
+
+def _check_qparams(name: str, value) -> tuple[float, int]:
+    try:
+        scale, zp = value
+        scale, zp = float(scale), int(zp)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"activation_qparams[{name!r}] must be a (scale, zero_point) pair, got {value!r}"
+        ) from None
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"activation_qparams[{name!r}] has scale {scale}; it must be > 0")
+    return scale, zp
+
+
+@tvm.transform.module_pass(opt_level=0, name="AnnotateQDQ")
+class AnnotateQDQ:
+    """Insert QDQ pairs around the activation and constant weight of each quantizable op.
+
+    Parameters
+    ----------
+    activation_qparams : Mapping[str, tuple[float, int]]
+        Site name -> calibrated per-tensor ``(scale, zero_point)`` of its activation input,
+        for ``scheme.activation_dtype``.
+    scheme : object, optional
+        Reads ``activation_dtype`` ("int8" or "uint8", default "int8"),
+        ``weight_per_channel`` (default True), ``weight_symmetric`` (default True), each
+        per site through ``for_layer(site name)`` when the scheme has it, and ``skip``
+        (fnmatch patterns of site names, or op names such as "conv2d"/"relax.matmul"/"dense").
+    """
+
+    def __init__(self, activation_qparams: Mapping[str, tuple[float, int]], scheme=None):
+        self.activation_qparams = {
+            str(k): _check_qparams(str(k), v) for k, v in dict(activation_qparams).items()
+        }
+        self.scheme = scheme
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        skip = getattr(self.scheme, "skip", ())
+        updates = {}
+        for gv, func in relax_functions(mod):
+            plans = {}
+            for site in list_quant_sites(func, site_prefix(gv)):
+                qp = self.activation_qparams.get(site.name)
+                if qp is None or is_skipped(site.name, site.kind, skip):
+                    continue
+                dtype = getattr(_layer(self.scheme, site.name), "activation_dtype", "int8")
+                if dtype not in ("int8", "uint8"):
+                    raise ValueError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
+                lo, hi = qmath.qrange(dtype)
+                if not lo <= qp[1] <= hi:
+                    raise ValueError(
+                        f"{site.name}: zero point {qp[1]} is outside the {dtype} range "
+                        f"[{lo}, {hi}]; were the parameters chosen for another dtype?"
+                    )
+                plans[site.call] = (site, qp, dtype, weight_qparams(site, self.scheme))
+            if not plans:
+                continue
+            new_func = _Annotator(mod, plans).visit_expr(func)
+            updates[gv] = relax.analysis.remove_all_unused(new_func)
+        if not updates:
+            return mod
+        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions, mod.attrs)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod

@@ -1,0 +1,409 @@
+"""LowerInt8: turn QDQ matmul / conv2d regions into int8 x int8 -> int32 integer compute.
+
+Static int8, step 3 of 3: after :class:`AnnotateQDQ` and :class:`FoldQuantScales`, before
+``LegalizeOps``. It looks for regions::
+
+    x_f = dequantize(x_q, s_x, z_x)               # x_q int8 or uint8, per-tensor
+    w_f = dequantize(W_q, s_w, 0, axis=out_ch)    # W_q a constant int8 tensor, symmetric
+    y = matmul(x_f, w_f) | conv2d(x_f, w_f)       # matmul: W is [K, N]; conv2d: NCHW/OIHW
+    [y = add(y, bias)]                            # constant, per output channel
+    [y = relu(y)]
+    [y = quantize(y, s_y, z_y)]                   # the next layer's input, per-tensor
+
+(each optional step only when the previous value has no other reader) and rewrites them
+to integer compute::
+
+    acc = matmul(x_q, W_q, out_dtype="int32")     # or conv2d(pad(x_q, value=z_x), W_q, ...)
+    acc = acc + (round(bias / (s_x * s_w)) - z_x * sum_k W_q)   # one int32 constant per channel
+    acc = relu(acc)                               # in the integer domain
+    y = requantize(acc)  or  dequantize(acc, s_x * s_w, 0)      # the latter if not quantized
+
+Weights are symmetric, so ``z_w = 0`` and the zero-point correction is a compile-time
+constant. The accumulation is int32 (the operands stay int8/uint8). A quantized output is
+requantized with one merged multiplier per output channel, ``m = s_x * s_w / s_y``:
+
+- ``requantize="float"``: ``quantize(float32(acc) * m, 1.0, z_y)`` (round half to even);
+- ``requantize="integer"``: fixed-point ``m ~= M * 2**(shift - 31)`` with int64 intermediates,
+  bit-exact with ``tvmq.quantization.qmath.requantize_int`` (gemmlowp/TFLite).
+
+Anything else stays float: quantize/dequantize of the remaining float ops, and matmul /
+conv2d regions that do not fit (non-constant or asymmetric weight, per-channel activation
+parameters, other layouts). For every function it lowered, the pass records the matmul /
+conv2d ops that still compute in float in the function attribute ``"tvmq.float_ops"``
+(``"<op>:<var name>"``). Outputs do not match the pattern (their operands are not
+``dequantize``), so the rewrite terminates and running it twice is the same as once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.quantization import qmath
+
+from ._quant_sites import (
+    CONV2D,
+    DEQUANTIZE,
+    MATMUL,
+    QUANTIZE,
+    SITE_OPS,
+    binding_map,
+    const_f32,
+    const_i32,
+    const_value,
+    op_name,
+    ordered_bindings,
+    relax_functions,
+    resolve,
+)
+
+FLOAT_OPS_ATTR = "tvmq.float_ops"
+_ACT_DTYPES = ("int8", "uint8")
+# Ops that commute with a per-tensor requantize (monotone, or moving elements only):
+# between the accumulator and the next quantize they run on the int8 result instead.
+_PASSTHROUGH = ("relax.nn.max_pool2d", "relax.reshape")
+
+
+@dataclass
+class _Region:
+    """One matched region, everything computed at compile time except the activation."""
+
+    kind: str  # "matmul" or "conv2d"
+    call: relax.Call  # the float op
+    x_q: relax.Expr  # the quantized activation (original IR)
+    s_x: float
+    z_x: int
+    w_q: np.ndarray  # int8 weight, in the op's layout
+    s_w: np.ndarray  # [C] float32
+    bias: np.ndarray | None  # [C] float
+    relu: bool
+    out_q: tuple[float, int, str] | None  # (s_y, z_y, dtype) when the region ends in quantize
+    passthrough: tuple[relax.Call, ...] = ()  # ops moved after the requantize (on int8)
+
+
+def _scalar(expr, bindings) -> float | None:
+    v = const_value(expr, bindings)
+    return None if v is None or v.size != 1 else v.reshape(()).item()
+
+
+def _match_input(expr, bindings) -> tuple[relax.Expr, float, int] | None:
+    """(x_q, s_x, z_x) when `expr` is a per-tensor dequantize of int8/uint8, else None."""
+    dq = resolve(expr, bindings)
+    if op_name(dq) != DEQUANTIZE or str(dq.attrs.out_dtype) != "float32":
+        return None
+    x_q = dq.args[0]
+    if str(x_q.ty.dtype) not in _ACT_DTYPES or const_value(x_q, bindings) is not None:
+        return None
+    s, z = _scalar(dq.args[1], bindings), _scalar(dq.args[2], bindings)
+    if s is None or z is None or not s > 0:
+        return None
+    return x_q, float(s), int(z)
+
+
+def _match_weight(expr, bindings, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W_q int8, s_w [C]) for a symmetric dequantize of a constant int8 weight, else None."""
+    dq = resolve(expr, bindings)
+    if op_name(dq) != DEQUANTIZE or str(dq.attrs.out_dtype) != "float32":
+        return None
+    w = const_value(dq.args[0], bindings)
+    s = const_value(dq.args[1], bindings)
+    z = const_value(dq.args[2], bindings)
+    if w is None or s is None or z is None or w.dtype != np.int8 or np.any(z != 0):
+        return None
+    ch_axis = 1 if kind == "matmul" else 0
+    if w.ndim != (2 if kind == "matmul" else 4):
+        return None
+    channels = w.shape[ch_axis]
+    if s.size == 1:
+        s = np.full(channels, s.reshape(()), dtype=np.float32)
+    elif s.size != channels or int(dq.attrs.axis) % w.ndim != ch_axis:
+        return None
+    if not np.all(s.ravel() > 0):
+        return None
+    return w, s.ravel().astype(np.float32)
+
+
+def _bias_vector(value: np.ndarray | None, kind: str, channels: int, out_ndim: int):
+    """The per-channel bias as a [C] vector if `value` broadcasts only along the channel."""
+    if value is None:
+        return None
+    if kind == "matmul":
+        ok = value.ndim <= out_ndim and value.shape[-1:] == (channels,) and value.size == channels
+    else:
+        ok = value.shape in ((1, channels, 1, 1), (channels, 1, 1))
+    return value.reshape(-1).astype(np.float64) if ok else None
+
+
+class _Users:
+    """Which bindings read each var (and whether the function returns it)."""
+
+    def __init__(self, func: relax.Function):
+        self.readers: dict[relax.Var, list[relax.Var]] = {}
+        self.returned: set[relax.Var] = set()
+        for b in ordered_bindings(func):
+
+            def note(e, owner=b.var):
+                if isinstance(e, relax.Var):
+                    self.readers.setdefault(e, []).append(owner)
+
+            relax.analysis.post_order_visit(b.value, note)
+        relax.analysis.post_order_visit(
+            func.body.body, lambda e: self.returned.add(e) if isinstance(e, relax.Var) else None
+        )
+
+    def only_reader(self, var: relax.Var) -> relax.Var | None:
+        readers = self.readers.get(var, [])
+        if len(readers) == 1 and var not in self.returned:
+            return readers[0]
+        return None
+
+
+def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, _Region] | None:
+    """(tail var, region) for a lowerable matmul/conv2d binding, else None."""
+    kind = SITE_OPS.get(op_name(call))
+    if kind is None or len(call.args) != 2 or str(call.ty.dtype) != "float32":
+        return None
+    if kind == "conv2d":
+        a = call.attrs
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
+            return None
+    inp = _match_input(call.args[0], bindings)
+    wgt = _match_weight(call.args[1], bindings, kind)
+    if inp is None or wgt is None:
+        return None
+    x_q, s_x, z_x = inp
+    w_q, s_w = wgt
+    region = _Region(kind, call, x_q, s_x, z_x, w_q, s_w, None, False, None)
+    out_ndim = call.ty.ndim
+    tail = var
+
+    nxt = users.only_reader(tail)
+    value = bindings.get(nxt)
+    if op_name(value) == "relax.add":
+        lhs, rhs = value.args
+        other = rhs if lhs.same_as(tail) else lhs
+        bias = _bias_vector(const_value(other, bindings), kind, s_w.size, out_ndim)
+        if bias is not None and value.ty.ndim == out_ndim:
+            region.bias, tail = bias, nxt
+            nxt = users.only_reader(tail)
+            value = bindings.get(nxt)
+    if op_name(value) == "relax.nn.relu":
+        region.relu, tail = True, nxt
+        nxt = users.only_reader(tail)
+        value = bindings.get(nxt)
+    # Ops that commute with the requantize may sit between the accumulator and the quantize.
+    passthrough = []
+    cur = tail
+    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
+        passthrough.append(value)
+        cur = nxt
+        nxt = users.only_reader(cur)
+        value = bindings.get(nxt)
+    if op_name(value) == QUANTIZE and str(value.attrs.out_dtype) in _ACT_DTYPES:
+        s_y, z_y = _scalar(value.args[1], bindings), _scalar(value.args[2], bindings)
+        if s_y is not None and z_y is not None and s_y > 0:
+            region.out_q = (float(s_y), int(z_y), str(value.attrs.out_dtype))
+            region.passthrough = tuple(passthrough)
+            tail = nxt
+    # Without a quantize at the end, the passthrough ops stay float (not part of the region).
+    if not _fits_int32(region):
+        return None  # a bias far off the accumulator grid, or a huge K: stay float
+    return tail, region
+
+
+def _offset(r: _Region) -> np.ndarray:
+    """``round(bias / (s_x * s_w)) - z_x * sum_k W_q`` per output channel, in int64."""
+    axes = 0 if r.kind == "matmul" else (1, 2, 3)
+    offset = -np.int64(r.z_x) * r.w_q.astype(np.int64).sum(axis=axes)
+    if r.bias is not None:
+        acc_scale = np.float64(r.s_x) * r.s_w.astype(np.float64)
+        offset = offset + np.rint(r.bias / acc_scale).astype(np.int64)
+    return offset
+
+
+def _fits_int32(r: _Region) -> bool:
+    """Whether the int32 accumulator can hold the offset and any sum of products."""
+    k = r.w_q[0].size if r.kind == "conv2d" else r.w_q.shape[0]
+    # |x_q| <= 255 and |W_q| <= 128: the raw sum, then the offset added to it.
+    bound = k * 255 * 128 + np.abs(_offset(r)).max(initial=0)
+    return bool(bound < 2**31)
+
+
+def _channel_shape(kind: str, out_ndim: int, channels: int) -> tuple[int, ...]:
+    """Shape of a per-channel constant broadcasting against the op's result."""
+    return (channels,) if kind == "matmul" else (1, channels, 1, 1)
+
+
+def _i64(value) -> tvm.ir.Constant:
+    return relax.const(np.asarray(value, dtype="int64"), "int64")
+
+
+def requantize_int_expr(bb, acc, multiplier, shift, z_y: int, dtype: str, shape) -> relax.Expr:
+    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(acc, M, shift) + z_y``, clamped to `dtype`.
+
+    ``multiplier`` / ``shift`` are per-channel int arrays reshaped to `shape`. The
+    intermediates are int64; the result equals ``qmath.requantize_int`` bit for bit.
+    """
+    m = np.asarray(multiplier, dtype=np.int64).reshape(shape)
+    sh = np.asarray(shift, dtype=np.int64).reshape(shape)
+    left, right = np.maximum(sh, 0), np.maximum(-sh, 0)
+    a = bb.emit(relax.op.astype(acc, "int64"))
+    if np.any(left > 0):
+        a = bb.emit(relax.op.left_shift(a, _i64(left)))
+        a = bb.emit(relax.op.clip(a, -(2**31), 2**31 - 1))
+    # SaturatingRoundingDoublingHighMul for M >= 0: (a*M + 2^30) >> 31 with a floor shift
+    # equals gemmlowp's truncating form (a*M + nudge) / 2^31 in both signs.
+    ab = bb.emit(relax.op.multiply(a, _i64(m)))
+    high = bb.emit(relax.op.right_shift(relax.op.add(ab, _i64(1 << 30)), _i64(31)))
+    # RoundingDivideByPOT (half away from zero) as one floor shift with a sign-dependent nudge.
+    half = (np.int64(1) << right) >> 1
+    nudge_neg = np.maximum(half - 1, 0)
+    nudge = bb.emit(relax.op.where(relax.op.less(high, _i64(0)), _i64(nudge_neg), _i64(half)))
+    y = bb.emit(relax.op.right_shift(relax.op.add(high, nudge), _i64(right)))
+    qmin, qmax = qmath.qrange(dtype)
+    if z_y != 0:
+        y = bb.emit(relax.op.add(y, _i64(z_y)))
+    y = bb.emit(relax.op.clip(y, qmin, qmax))
+    return relax.op.astype(y, dtype)
+
+
+@mutator
+class _Lowerer(PyExprMutator):
+    """Emits the integer compute of each region at its tail binding."""
+
+    def __init__(self, mod: tvm.IRModule, regions: dict, requantize: str):
+        super().__init__(mod)
+        self.regions = regions
+        self.requantize = requantize
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        region = self.regions.get(binding.var)
+        if region is None:
+            super().visit_var_binding_(binding)
+            return
+        value = self.builder_.normalize(self._lower(region))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    def _lower(self, r: _Region) -> relax.Expr:
+        bb = self.builder_
+        x_q = self.visit_expr(r.x_q)
+        channels = r.s_w.size
+        shape = _channel_shape(r.kind, r.call.ty.ndim, channels)
+        w_q = relax.const(r.w_q, "int8")
+        if r.kind == "matmul":
+            acc = bb.emit(relax.op.matmul(x_q, w_q, out_dtype="int32"))
+        else:
+            a = r.call.attrs
+            padding = [int(p) for p in a.padding]
+            if r.z_x != 0 and any(padding):
+                # Pad with the zero point (the real 0), then convolve without padding.
+                top, left, bottom, right = padding
+                x_q = bb.emit(
+                    relax.op.nn.pad(
+                        x_q, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(r.z_x)
+                    )
+                )
+                padding = [0, 0, 0, 0]
+            acc = bb.emit(
+                relax.op.nn.conv2d(
+                    x_q,
+                    w_q,
+                    strides=a.strides,
+                    padding=padding,
+                    dilation=a.dilation,
+                    groups=a.groups,
+                    data_layout="NCHW",
+                    kernel_layout="OIHW",
+                    out_layout="NCHW",
+                    out_dtype="int32",
+                )
+            )
+        acc_scale = np.float64(r.s_x) * r.s_w.astype(np.float64)
+        offset = _offset(r)
+        if np.any(offset != 0):
+            acc = bb.emit(relax.op.add(acc, const_i32(offset.reshape(shape))))
+        if r.relu:
+            acc = bb.emit(relax.op.nn.relu(acc))
+        axis = r.call.ty.ndim - 1 if r.kind == "matmul" else 1
+        if r.out_q is None:
+            return relax.op.dequantize(
+                acc, const_f32(acc_scale), const_i32(0), axis=axis, out_dtype="float32"
+            )
+        s_y, z_y, dtype = r.out_q
+        multiplier = acc_scale / np.float64(s_y)
+        if self.requantize == "integer":
+            m, sh = qmath.quantize_multiplier(multiplier)
+            out = requantize_int_expr(bb, acc, m, sh, z_y, dtype, shape)
+        else:
+            scaled = bb.emit(
+                relax.op.multiply(
+                    relax.op.astype(acc, "float32"), const_f32(multiplier.reshape(shape))
+                )
+            )
+            out = relax.op.quantize(
+                scaled, const_f32(1.0), const_i32(z_y), axis=-1, out_dtype=dtype
+            )
+        for call in r.passthrough:
+            out = relax.Call(call.op, [bb.emit(out), *call.args[1:]], call.attrs)
+        return out
+
+
+def float_compute_ops(func: relax.Function) -> list[str]:
+    """``"<op>:<var>"`` for every matmul / conv2d that still computes in float."""
+    out = []
+    for b in ordered_bindings(func):
+        name = op_name(b.value)
+        if name in (MATMUL, CONV2D) and str(b.value.ty.dtype).startswith("float"):
+            out.append(f"{SITE_OPS[name]}:{b.var.name}")
+    return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerInt8")
+class LowerInt8:
+    """Lower QDQ matmul / conv2d regions to int8 x int8 -> int32 compute.
+
+    Parameters
+    ----------
+    scheme : object, optional
+        Reads ``requantize`` ("float" or "integer", default "float").
+    requantize : str, optional
+        Overrides ``scheme.requantize``.
+    """
+
+    def __init__(self, scheme=None, requantize: str | None = None):
+        mode = requantize or getattr(scheme, "requantize", None) or "float"
+        if mode not in ("float", "integer"):
+            raise ValueError(f"requantize must be 'float' or 'integer', got {mode!r}")
+        self.requantize = mode
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in relax_functions(mod):
+            bindings = binding_map(func)
+            users = _Users(func)
+            regions: dict[relax.Var, _Region] = {}
+            for b in ordered_bindings(func):
+                if isinstance(b, relax.VarBinding) and op_name(b.value) in SITE_OPS:
+                    found = _match_region(b.var, b.value, bindings, users)
+                    if found is not None:
+                        regions[found[0]] = found[1]
+            if not regions:
+                continue
+            new_func = _Lowerer(mod, regions, self.requantize).visit_expr(func)
+            new_func = relax.analysis.remove_all_unused(new_func)
+            floats = float_compute_ops(new_func)
+            old = func.attrs.get(FLOAT_OPS_ATTR, []) if func.attrs is not None else []
+            merged = list(dict.fromkeys([*map(str, old), *floats]))
+            if merged:
+                new_func = new_func.with_attr(FLOAT_OPS_ATTR, merged)
+            updates[gv] = new_func
+        if not updates:
+            return mod
+        mod = mod.clone()
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod

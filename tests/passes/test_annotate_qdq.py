@@ -1,0 +1,270 @@
+"""AnnotateQDQ: Before/Expected structure, skipping, idempotence, and QDQ numerics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from tvmq.passes import AnnotateQDQ
+from tvmq.passes._quant_sites import list_module_sites
+from tvmq.quantization import qmath
+from tvmq.quantization.schemes import Int8Static
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((4, 3)).astype("float32")
+W_CONV = RNG.standard_normal((2, 3, 3, 3)).astype("float32")
+
+
+def _bind(mod: tvm.IRModule, **params) -> tvm.IRModule:
+    return relax.transform.BindParams("main", params)(mod)
+
+
+def _sym_scale(w: np.ndarray, axis: int) -> np.ndarray:
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    return (np.abs(w).max(axis=other) / 127).astype("float32")
+
+
+@I.ir_module
+class MatmulBefore:
+    @R.function
+    def main(x: R.Tensor((2, 4), "float32"), w: R.Tensor((4, 3), "float32")) -> R.Tensor(
+        (2, 3), "float32"
+    ):
+        with R.dataflow():
+            y = R.matmul(x, w, out_dtype="float32")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class MatmulExpected:
+    @R.function
+    def main(
+        x: R.Tensor((2, 4), "float32"),
+        w: R.Tensor((4, 3), "float32"),
+        s_w: R.Tensor((3,), "float32"),
+    ) -> R.Tensor((2, 3), "float32"):
+        with R.dataflow():
+            xq = R.quantize(
+                x, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="int8"
+            )
+            xdq = R.dequantize(
+                xq, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="float32"
+            )
+            wq = R.quantize(w, s_w, R.const(0, "int32"), axis=1, out_dtype="int8")
+            wdq = R.dequantize(wq, s_w, R.const(0, "int32"), axis=1, out_dtype="float32")
+            y = R.matmul(xdq, wdq, out_dtype="float32")
+            R.output(y)
+        return y
+
+
+def test_matmul_before_expected():
+    after = AnnotateQDQ({"matmul_0": (0.5, 3)})(_bind(MatmulBefore, w=W))
+    expected = _bind(MatmulExpected, w=W, s_w=_sym_scale(W, 1))
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+@I.ir_module
+class LinearBefore:
+    """What the PyTorch importer writes for nn.Linear: permute_dims of the weight, bias first."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 4), "float32"),
+        wt: R.Tensor((3, 4), "float32"),
+        b: R.Tensor((3,), "float32"),
+    ) -> R.Tensor((2, 3), "float32"):
+        with R.dataflow():
+            w = R.permute_dims(wt, axes=[1, 0])
+            y = R.matmul(x, w, out_dtype="float32")
+            z = R.add(b, y)
+            R.output(z)
+        return z
+
+
+@I.ir_module
+class LinearExpected:
+    @R.function
+    def main(
+        x: R.Tensor((2, 4), "float32"),
+        w: R.Tensor((4, 3), "float32"),
+        s_w: R.Tensor((3,), "float32"),
+        b: R.Tensor((3,), "float32"),
+    ) -> R.Tensor((2, 3), "float32"):
+        with R.dataflow():
+            xq = R.quantize(
+                x, R.const(0.25, "float32"), R.const(128, "int32"), axis=-1, out_dtype="uint8"
+            )
+            xdq = R.dequantize(
+                xq, R.const(0.25, "float32"), R.const(128, "int32"), axis=-1, out_dtype="float32"
+            )
+            wq = R.quantize(w, s_w, R.const(0, "int32"), axis=1, out_dtype="int8")
+            wdq = R.dequantize(wq, s_w, R.const(0, "int32"), axis=1, out_dtype="float32")
+            y = R.matmul(xdq, wdq, out_dtype="float32")
+            z = R.add(b, y)
+            R.output(z)
+        return z
+
+
+def test_permuted_weight_is_folded_and_uint8_activations():
+    b = RNG.standard_normal(3).astype("float32")
+    before = _bind(LinearBefore, wt=W.T.copy(), b=b)
+    after = AnnotateQDQ({"matmul_0": (0.25, 128)}, Int8Static(activation_dtype="uint8"))(before)
+    expected = _bind(LinearExpected, w=W, s_w=_sym_scale(W, 1), b=b)
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+@I.ir_module
+class ConvBefore:
+    @R.function
+    def main(
+        x: R.Tensor((1, 3, 5, 5), "float32"), w: R.Tensor((2, 3, 3, 3), "float32")
+    ) -> R.Tensor((1, 2, 5, 5), "float32"):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], out_dtype="float32")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class ConvExpectedPerTensor:
+    @R.function
+    def main(
+        x: R.Tensor((1, 3, 5, 5), "float32"), w: R.Tensor((2, 3, 3, 3), "float32")
+    ) -> R.Tensor((1, 2, 5, 5), "float32"):
+        with R.dataflow():
+            xq = R.quantize(
+                x, R.const(0.125, "float32"), R.const(-5, "int32"), axis=-1, out_dtype="int8"
+            )
+            xdq = R.dequantize(
+                xq, R.const(0.125, "float32"), R.const(-5, "int32"), axis=-1, out_dtype="float32"
+            )
+            wq = R.quantize(
+                w,
+                R.const(float(np.abs(W_CONV).max() / 127), "float32"),
+                R.const(0, "int32"),
+                axis=-1,
+                out_dtype="int8",
+            )
+            wdq = R.dequantize(
+                wq,
+                R.const(float(np.abs(W_CONV).max() / 127), "float32"),
+                R.const(0, "int32"),
+                axis=-1,
+                out_dtype="float32",
+            )
+            y = R.nn.conv2d(xdq, wdq, padding=[1, 1, 1, 1], out_dtype="float32")
+            R.output(y)
+        return y
+
+
+def test_conv2d_per_tensor_weight():
+    scheme = Int8Static(weight_per_channel=False)
+    after = AnnotateQDQ({"conv2d_0": (0.125, -5)}, scheme)(_bind(ConvBefore, w=W_CONV))
+    tvm.ir.assert_structural_equal(after, _bind(ConvExpectedPerTensor, w=W_CONV))
+
+
+def test_conv2d_per_channel_axis_is_output_channel():
+    after = AnnotateQDQ({"conv2d_0": (0.125, -5)})(_bind(ConvBefore, w=W_CONV))
+    weight_q = [
+        b.value
+        for b in after["main"].body.blocks[0].bindings
+        if isinstance(b.value, relax.Call)
+        and b.value.op.name == "relax.quantize"
+        and b.value.ty.ndim == 4
+        and b.value.attrs.axis == 0
+    ]
+    assert len(weight_q) == 1
+    np.testing.assert_allclose(weight_q[0].args[1].value.numpy(), _sym_scale(W_CONV, 0))
+
+
+@pytest.mark.parametrize(
+    "qparams, scheme",
+    [
+        ({}, None),  # no calibrated site
+        ({"matmul_7": (0.5, 0)}, None),  # names another site
+        ({"matmul_0": (0.5, 0)}, Int8Static(skip=("matmul",))),
+        ({"matmul_0": (0.5, 0)}, Int8Static(skip=("dense",))),
+        ({"matmul_0": (0.5, 0)}, Int8Static(skip=("matmul_*",))),
+    ],
+)
+def test_nothing_to_annotate_leaves_module_unchanged(qparams, scheme):
+    before = _bind(MatmulBefore, w=W)
+    after = AnnotateQDQ(qparams, scheme)(before)
+    assert after.same_as(before)
+
+
+def test_non_constant_weight_is_not_a_site():
+    assert list_module_sites(MatmulBefore) == []
+    after = AnnotateQDQ({"matmul_0": (0.5, 0)})(MatmulBefore)
+    assert after.same_as(MatmulBefore)
+
+
+def test_idempotent():
+    once = AnnotateQDQ({"matmul_0": (0.5, 3)})(_bind(MatmulBefore, w=W))
+    twice = AnnotateQDQ({"matmul_0": (0.5, 3)})(once)
+    tvm.ir.assert_structural_equal(once, twice)
+
+
+def test_rejects_bad_qparams():
+    with pytest.raises(ValueError, match="scale"):
+        AnnotateQDQ({"matmul_0": (0.0, 0)})
+    with pytest.raises(ValueError, match="pair"):
+        AnnotateQDQ({"matmul_0": 0.5})
+    with pytest.raises(ValueError, match="outside the uint8 range"):
+        AnnotateQDQ({"matmul_0": (0.5, -3)}, Int8Static(activation_dtype="uint8"))(
+            _bind(MatmulBefore, w=W)
+        )
+
+
+def test_qdq_numerics_close_to_float():
+    """The annotated (still float) module matches float within int8 noise: SQNR > 30 dB."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 32)).astype("float32")
+    x = rng.standard_normal((16, 64)).astype("float32")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((16, 64), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(xv, relax.const(w), out_dtype="float32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    scale, zp = qmath.choose_qparams(x.min(), x.max(), "int8")
+    annotated = AnnotateQDQ({"matmul_0": (scale, zp)})(mod)
+    ex = tvm.compile(annotated, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert qmath.sqnr(x @ w, got) > 30
+
+
+def test_site_names_are_stable_when_annotating_in_steps():
+    """An annotated op keeps its index, so later passes name the remaining sites the same."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((4, 4)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.matmul(x, relax.const(w1), out_dtype="float32"))
+            y = bb.emit_output(relax.op.matmul(h, relax.const(W), out_dtype="float32"))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    qp = {"matmul_0": (0.5, 0), "matmul_1": (0.25, 1)}
+    at_once = AnnotateQDQ(qp)(mod)
+    second_first = AnnotateQDQ(qp)(AnnotateQDQ({"matmul_1": qp["matmul_1"]})(mod))
+    tvm.ir.assert_structural_equal(second_first, at_once)
+    assert [s.name for s in list_module_sites(AnnotateQDQ({"matmul_0": (0.5, 0)})(mod))] == [
+        "matmul_1"
+    ]
+
+
+def test_pruned_channel_gets_unit_scale():
+    w = W.copy()
+    w[:, 1] = 0.0  # a fully pruned output channel
+    after = AnnotateQDQ({"matmul_0": (0.5, 3)})(_bind(MatmulBefore, w=w))
+    scale = _sym_scale(w, 1)
+    scale[1] = 1.0
+    tvm.ir.assert_structural_equal(after, _bind(MatmulExpected, w=w, s_w=scale))
