@@ -107,9 +107,10 @@ def cmd_compile(args) -> int:
 
     scheme = None
     if args.quantize:
-        from tvmq.quantization import get_scheme
+        from tvmq.compiler import scheme_for_target
+        from tvmq.targets import get_target
 
-        scheme = get_scheme(args.quantize)
+        scheme = scheme_for_target(args.quantize, get_target(args.target))
         if args.observer:
             scheme = dataclasses.replace(scheme, observer=args.observer)
     art = tvmq.compile(

@@ -34,6 +34,28 @@ def versions() -> dict:
     return {"tvmq": __version__, "tvm": tvm.__version__}
 
 
+def scheme_for_target(quantize, preset: TargetPreset):
+    """The quantization scheme to use on ``preset`` for a scheme name or object.
+
+    A name gets the target's preferred form: x86 with VNNI multiplies u8 x s8, so
+    ``"int8"`` there means uint8 activations (no run-time sign flip before each kernel).
+    A scheme object is used as given.
+    """
+    import dataclasses
+
+    from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
+    from tvmq.quantization import Int8Static, get_scheme
+
+    scheme = get_scheme(quantize)
+    if (
+        isinstance(quantize, str)
+        and isinstance(scheme, Int8Static)
+        and target_has_vnni(preset.tvm_target())
+    ):
+        scheme = dataclasses.replace(scheme, activation_dtype="uint8")
+    return scheme
+
+
 def _compress(model: ImportedModel, prune, cluster, quantize, calibration_data, progress: bool):
     """Apply the requested compression in order: prune, cluster, quantize.
 
@@ -115,6 +137,13 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
+    if quantize is not None:
+        quantize = scheme_for_target(quantize, preset)
+        if calibration_data is None and getattr(quantize, "observer", None):
+            raise TvmqError(
+                "static int8 quantization needs calibration data: a few hundred typical "
+                "inputs (an array, a .npz file, or an iterable of batches)"
+            )
     compressed, applied, notes = _compress(
         imported, prune, cluster, quantize, calibration_data, progress
     )

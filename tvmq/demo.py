@@ -9,6 +9,7 @@ compiled artefact itself, not estimated.
 
 from __future__ import annotations
 
+import copy
 import re
 import tempfile
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 SEED = 0
+CALIBRATION_SAMPLES = 500  # training digits used to calibrate int8 activations
 
 
 @dataclass
@@ -114,14 +116,19 @@ def compiled_accuracy(compiled, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def torch_latency_ms(model: torch.nn.Module, x: np.ndarray, warmup: int, repeat: int) -> float:
+    """Median eager latency on one thread (batch 1 gains nothing from more, and idle
+    OpenMP workers spinning on a shared 2-core machine make multi-thread timings erratic)."""
     t = torch.from_numpy(x)
     times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.no_grad():
         for i in range(warmup + repeat):
             start = time.perf_counter()
             model(t)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
     return float(np.median(times) * 1e3)
 
 
@@ -145,6 +152,7 @@ class DemoContext:
     warmup: int
     repeat: int
     progress: bool
+    quick: bool = False
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -157,17 +165,28 @@ def _float_reference(ctx: DemoContext) -> Row:
     return Row("float32, PyTorch (reference)", acc, _weights_bytes(ctx.model), None, ms, "eager")
 
 
-def _compiled_row(name: str, **compile_kwargs) -> Callable[[DemoContext], Row]:
+def _compiled_row(
+    name: str, student: Callable[[DemoContext], torch.nn.Module] | None = None, **compile_kwargs
+) -> Callable[[DemoContext], Row]:
+    """A row measured on a model compiled by ``tvmq.compile`` for the host.
+
+    ``student`` makes the PyTorch model to compile (default: the trained MLP), e.g. a
+    pruned model fine-tuned by distillation; ``compile_kwargs`` choose the compression.
+    """
+
     def run(ctx: DemoContext) -> Row:
         import tvmq
 
+        model = student(ctx) if student else ctx.model
+        if compile_kwargs.get("quantize"):
+            compile_kwargs["calibration_data"] = ctx.data.x_train[:CALIBRATION_SAMPLES]
         out = ctx.workdir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         art = tvmq.compile(
-            ctx.model,
+            model,
             "host",
             example_inputs=(torch.from_numpy(ctx.data.x_test[:1]),),
             output_dir=out,
-            progress=ctx.progress,
+            progress=False,
             **compile_kwargs,
         )
         compiled = tvmq.load(out)
@@ -177,6 +196,23 @@ def _compiled_row(name: str, **compile_kwargs) -> Callable[[DemoContext], Row]:
         return Row(name, acc, weights, art.manifest.library["bytes"], stats.median_ms)
 
     return run
+
+
+def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Module]:
+    """Prune the trained MLP by magnitude in PyTorch, then distill it from the float model."""
+
+    def make(ctx: DemoContext) -> torch.nn.Module:
+        from tvmq.distill import distill
+        from tvmq.pruning import magnitude_mask, prunable_weights
+
+        student = copy.deepcopy(ctx.model)
+        with torch.no_grad():
+            for w in prunable_weights(student).values():
+                w.mul_(magnitude_mask(w, sparsity))
+        epochs = 2 if ctx.quick else 5
+        return distill(student, ctx.model, ctx.data, epochs=epochs, seed=SEED).eval()
+
+    return make
 
 
 def _constant_bytes(mod) -> int:
@@ -198,11 +234,30 @@ def _constant_bytes(mod) -> int:
     return total
 
 
-# Each row: (name, how to measure it). Later compression techniques append rows here.
-VARIANTS: list[tuple[str, Callable[[DemoContext], Row]]] = [
-    ("float32, PyTorch (reference)", _float_reference),
-    ("float32, tvmq host", _compiled_row("float32, tvmq host")),
-]
+def _variants() -> list[tuple[str, Callable[[DemoContext], Row]]]:
+    """Each row: (name, how to measure it). A new compression technique adds a row here."""
+    from tvmq.compression import ClusterConfig, PruneConfig
+
+    rows = [
+        ("float32, PyTorch (reference)", _float_reference),
+        ("float32, tvmq", {}),
+        ("int8 static, tvmq", {"quantize": "int8"}),
+        ("pruned 50%, tvmq", {"prune": PruneConfig("magnitude", sparsity=0.5)}),
+        (
+            "pruned 50% + int8, tvmq",
+            {"prune": PruneConfig("magnitude", sparsity=0.5), "quantize": "int8"},
+        ),
+        (
+            "pruned 80% + distilled, tvmq",
+            {"student": _distilled_sparse(0.8), "prune": PruneConfig("magnitude", sparsity=0.8)},
+        ),
+        (
+            "50% neurons removed + int8, tvmq",
+            {"prune": PruneConfig("channels", ratio=0.5), "quantize": "int8"},
+        ),
+        ("clustered 16 values, tvmq", {"cluster": ClusterConfig(bits=4)}),
+    ]
+    return [(n, m if callable(m) else _compiled_row(n, **m)) for n, m in rows]
 
 
 def format_table(rows: list[Row], reference: Row) -> str:
@@ -222,7 +277,6 @@ def format_table(rows: list[Row], reference: Row) -> str:
 def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> list[Row]:
     """Run the demo and print its table; returns the rows."""
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_mnist()
     epochs = 5 if quick else 15
     print(
@@ -239,16 +293,18 @@ def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> lis
             warmup=10 if quick else 50,
             repeat=50 if quick else 300,
             progress=progress,
+            quick=quick,
         )
         rows = []
-        for name, measure in VARIANTS:
+        for name, measure in _variants():
             print(f"  {name}...", flush=True)
             rows.append(measure(ctx))
     print()
     print(format_table(rows, rows[0]))
     print(
         f"\nlatency: median of {ctx.repeat} single-digit (batch 1) calls after {ctx.warmup} "
-        f"warm-up; weights: bytes of constants; library: model.so. "
+        f"warm-up (PyTorch eager on 1 thread; tvmq untuned, host preset); weights: bytes of "
+        f"constants; library: model.so; Δ acc in points against the reference. "
         f"Total {time.perf_counter() - t0:.0f} s."
     )
     if output_dir:

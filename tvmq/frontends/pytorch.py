@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,7 +75,9 @@ def from_pytorch(
     args = _as_tensors(example_inputs)
     module = module.eval()
     try:
-        with torch.no_grad():
+        # torch.export's pytree code emits FutureWarnings about its own internals.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(module, args)
     except Exception as e:  # torch's own message says what cannot be traced
         raise TvmqError(f"torch.export could not trace {type(module).__name__}: {e}") from e
