@@ -93,7 +93,9 @@ def from_exported(
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False)
+        with warnings.catch_warnings():  # decompositions re-trigger torch's own FutureWarnings
+            warnings.simplefilter("ignore", FutureWarning)
+            mod = from_exported_program(ep, keep_params_as_input=False)
     except AssertionError as e:
         raise UnsupportedOperatorError(_name_unsupported(ep, str(e))) from e
     inputs, outputs = signature_of(mod["main"], list(input_names) if input_names else None)
