@@ -19,6 +19,7 @@ examples:
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
+  tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
 """
 
@@ -131,14 +132,74 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _rpc_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write the RPC tracker's HOST:PORT, e.g. 127.0.0.1:9190"
+        )
+    return host, int(port)
+
+
+def _open_model(args):
+    """The compiled model, loaded here or (with --rpc) on a board; and the board session."""
+    import tvmq
+    from tvmq.errors import TvmqError
+
+    if not args.rpc:
+        if args.key:
+            raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+        return tvmq.load(args.model_dir), None
+    from tvmq.manifest import Manifest
+    from tvmq.rpc import RemoteModel, connect
+    from tvmq.targets import get_target
+
+    key = args.key
+    if key is None:
+        name = Manifest.read(args.model_dir).target.get("name")
+        try:
+            key = get_target(name).rpc_key
+        except TvmqError:
+            key = None
+        if not key:
+            raise TvmqError(f"target {name!r} has no rpc_key: give the boards' key with --key")
+    session = connect(*args.rpc, key, timeout=args.rpc_timeout)
+    try:
+        return RemoteModel(args.model_dir, session), session
+    except BaseException:
+        session.close()
+        raise
+
+
+def _add_rpc_options(s) -> None:
+    s.add_argument(
+        "--rpc",
+        type=_rpc_address,
+        metavar="HOST:PORT",
+        help="run on a board through this TVM RPC tracker instead of here",
+    )
+    s.add_argument(
+        "--key", help="the boards' key at the tracker (default: the target preset's rpc_key)"
+    )
+    s.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a free board (default 60)",
+    )
+
+
 def cmd_run(args) -> int:
     import numpy as np
 
-    import tvmq
-
-    model = tvmq.load(args.model_dir)
-    arrays = _load_arrays(args.input, model.inputs)
-    outs = model(*arrays)
+    model, session = _open_model(args)
+    try:
+        arrays = _load_arrays(args.input, model.inputs)
+        outs = model(*arrays)
+    finally:
+        if session is not None:
+            session.close()
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, y in zip(model.outputs, outs, strict=True):
         summary = f"{spec.name}: shape {y.shape} {y.dtype}"
@@ -156,15 +217,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import tvmq
-
-    model = tvmq.load(args.model_dir)
-    inputs = _load_arrays(args.input, model.inputs) if args.input else None
-    stats = model.benchmark(inputs, warmup=args.warmup, repeat=args.repeat)
+    model, session = _open_model(args)
+    try:
+        inputs = _load_arrays(args.input, model.inputs) if args.input else None
+        stats = model.benchmark(inputs, warmup=args.warmup, repeat=args.repeat)
+        where = session.describe() if session is not None else str(model.device)
+    finally:
+        if session is not None:
+            session.close()
     name = model.manifest.target.get("name")
-    print(
-        f"{args.model_dir} on {name} ({model.device}): {stats.repeat} runs after {args.warmup} warm-up"
-    )
+    print(f"{args.model_dir} on {name} ({where}): {stats.repeat} runs after {args.warmup} warm-up")
     print(
         f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
     )
@@ -292,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-i", "--input", required=True, help=".npz with one array per input name (or a .npy)"
     )
     s.add_argument("-o", "--output", help="write outputs to this .npz")
+    _add_rpc_options(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("bench", help="measure latency of a compiled model (median, p90)")
@@ -299,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-i", "--input", help="inputs (.npz/.npy); default: random")
     s.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     s.add_argument("--repeat", type=int, default=100, help="timed runs (default 100)")
+    _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser(

@@ -45,6 +45,56 @@ def random_inputs(specs: list[TensorSpec], seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
+    """Match positional or keyword inputs to the manifest's specs; contiguous arrays in order.
+
+    Raises
+    ------
+    InputMismatchError
+        For a wrong count, unknown or missing names, or a shape or dtype the model was not
+        compiled for.
+    """
+    if args and kwargs:
+        raise InputMismatchError("pass inputs either by position or by name, not both")
+    if kwargs:
+        unknown = sorted(set(kwargs) - {s.name for s in specs})
+        missing = [s.name for s in specs if s.name not in kwargs]
+        if unknown or missing:
+            raise InputMismatchError(
+                f"inputs {unknown or ''} unknown, {missing or ''} missing; "
+                f"the model takes {[s.name for s in specs]}"
+            )
+        args = [kwargs[s.name] for s in specs]
+    if len(args) != len(specs):
+        raise InputMismatchError(
+            f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(args)}"
+        )
+    arrays = []
+    for spec, a in zip(specs, args, strict=True):
+        a = np.asarray(a)
+        if tuple(a.shape) != spec.shape:
+            raise InputMismatchError(
+                f"input '{spec.name}': shape {tuple(a.shape)}, the model was compiled for {spec.shape}"
+            )
+        if str(a.dtype) != spec.dtype:
+            raise InputMismatchError(
+                f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
+            )
+        arrays.append(np.ascontiguousarray(a))
+    return arrays
+
+
+def verified_library(directory: Path, manifest: Manifest) -> Path:
+    """The path of the compiled library, checked to exist and to match the manifest's sha256."""
+    lib_path = directory / manifest.library["file"]
+    if not lib_path.is_file():
+        raise TvmqError(f"{lib_path}: the compiled library is missing")
+    expected = manifest.library.get("sha256")
+    if expected and sha256_of(lib_path) != expected:
+        raise TvmqError(f"{lib_path}: sha256 differs from model.json; the library is damaged")
+    return lib_path
+
+
 class CompiledModel:
     """A compiled model, callable on numpy arrays.
 
@@ -55,12 +105,7 @@ class CompiledModel:
     def __init__(self, directory: os.PathLike, device: tvm.runtime.Device | None = None):
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
-        lib_path = self.directory / self.manifest.library["file"]
-        if not lib_path.is_file():
-            raise TvmqError(f"{lib_path}: the compiled library is missing")
-        expected = self.manifest.library.get("sha256")
-        if expected and sha256_of(lib_path) != expected:
-            raise TvmqError(f"{lib_path}: sha256 differs from model.json; the library is damaged")
+        lib_path = verified_library(self.directory, self.manifest)
         target = self.manifest.target
         if target.get("cross_compiled"):
             raise TvmqError(
@@ -86,35 +131,8 @@ class CompiledModel:
         return self.manifest.outputs
 
     def _to_device(self, args, kwargs) -> list:
-        specs = self.manifest.inputs
-        if args and kwargs:
-            raise InputMismatchError("pass inputs either by position or by name, not both")
-        if kwargs:
-            unknown = sorted(set(kwargs) - {s.name for s in specs})
-            missing = [s.name for s in specs if s.name not in kwargs]
-            if unknown or missing:
-                raise InputMismatchError(
-                    f"inputs {unknown or ''} unknown, {missing or ''} missing; "
-                    f"the model takes {[s.name for s in specs]}"
-                )
-            args = [kwargs[s.name] for s in specs]
-        if len(args) != len(specs):
-            raise InputMismatchError(
-                f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(args)}"
-            )
-        tensors = []
-        for spec, a in zip(specs, args, strict=True):
-            a = np.asarray(a)
-            if tuple(a.shape) != spec.shape:
-                raise InputMismatchError(
-                    f"input '{spec.name}': shape {tuple(a.shape)}, the model was compiled for {spec.shape}"
-                )
-            if str(a.dtype) != spec.dtype:
-                raise InputMismatchError(
-                    f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
-                )
-            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.device))
-        return tensors
+        arrays = check_inputs(self.manifest.inputs, args, kwargs)
+        return [tvm.runtime.tensor(a, self.device) for a in arrays]
 
     def __call__(self, *args, **kwargs):
         result = self._vm["main"](*self._to_device(args, kwargs))
