@@ -1,5 +1,6 @@
 """tvmq's IR passes (imported as ``tvmq.passes``): each a ``tvm.transform.Pass``, one per file.
 
+Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
 :class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
 registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
@@ -9,6 +10,7 @@ Pruning and weight sharing, on float constant weights before quantization:
 """
 
 from .annotate_qdq import AnnotateQDQ
+from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
@@ -22,6 +24,8 @@ __all__ = [
     "FLOAT_OPS_ATTR",
     "PIPELINE_NAME",
     "AnnotateQDQ",
+    "CanonicalizeQDQ",
+    "has_qdq",
     "ClusterWeights",
     "PackInt8DenseX86",
     "PruneChannels",

@@ -61,8 +61,12 @@ def _compress(model: ImportedModel, prune, cluster, quantize, calibration_data, 
 
     Returns the new model, what was applied (for the manifest) and notes.
     """
+    from tvmq.passes.canonicalize_qdq import has_qdq
+
     applied: dict = {}
     notes: dict = {}
+    if has_qdq(model.mod):
+        return _lower_prequantized(model, prune, cluster, quantize)
     if cluster is not None and quantize is not None:
         raise TvmqError(
             "weight clustering and quantization cannot be combined yet: clustered weights "
@@ -86,6 +90,26 @@ def _compress(model: ImportedModel, prune, cluster, quantize, calibration_data, 
         applied["quantize"] = result.describe()
         notes["float_ops"] = list(result.float_ops)
     return model, applied, notes
+
+
+def _lower_prequantized(model: ImportedModel, prune, cluster, quantize):
+    """An already-quantized model (ONNX QDQ): lower its QDQ regions, no calibration."""
+    from tvmq.passes import CanonicalizeQDQ, static_int8_passes
+    from tvmq.passes.lower_int8 import float_compute_ops
+
+    if quantize is not None or prune is not None or cluster is not None:
+        raise TvmqError(
+            "the model is already quantized (it holds QuantizeLinear/DequantizeLinear); "
+            "compile it without --quantize, --prune or --cluster"
+        )
+    mod = static_int8_passes()(CanonicalizeQDQ()(model.mod))
+    float_ops = float_compute_ops(mod["main"])
+    model = ImportedModel(mod, model.inputs, model.outputs, model.source, model.meta)
+    return (
+        model,
+        {"quantize": {"scheme": "onnx-qdq", "float_ops": float_ops}},
+        {"float_ops": float_ops},
+    )
 
 
 def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.compile
