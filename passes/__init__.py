@@ -4,6 +4,7 @@ Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
 :class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
 registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels: :class:`PackInt8DenseX86` (VNNI int8 dense, after ``LowerInt8``).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
@@ -19,6 +20,8 @@ from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pi
 from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude, sparsity_report
 from .prune_n_m import PruneNM
+from .quantize_dynamic import QuantizeDynamic
+from .quantize_weight_only import QuantizeWeightOnly
 
 __all__ = [
     "FLOAT_OPS_ATTR",
@@ -31,6 +34,8 @@ __all__ = [
     "PruneChannels",
     "PruneMagnitude",
     "PruneNM",
+    "QuantizeDynamic",
+    "QuantizeWeightOnly",
     "sparsity_report",
     "FoldQuantScales",
     "LowerInt8",

@@ -1,6 +1,12 @@
 """Quantization: reference math (``qmath``) and schemes (``Int8Static``, ``WeightOnly``...)."""
 
 from tvmq.quantization import qmath
+from tvmq.quantization.accuracy import (
+    AccuracyControlResult,
+    layer_sensitivity,
+    quantize_with_accuracy_control,
+)
+from tvmq.quantization.bias_correction import correct_biases
 from tvmq.quantization.collect import (
     ActivationStats,
     collect_activation_qparams,
@@ -23,6 +29,10 @@ from tvmq.quantization.schemes import (
 )
 
 __all__ = [
+    "AccuracyControlResult",
+    "correct_biases",
+    "layer_sensitivity",
+    "quantize_with_accuracy_control",
     "ActivationStats",
     "LayerReport",
     "QuantizationReport",

@@ -1,9 +1,14 @@
-"""``quantize``: static int8 post-training quantization of an imported model.
+"""``quantize``: post-training quantization of an imported model, one verb for three schemes.
 
-calibrate (``collect``) -> ``AnnotateQDQ`` -> ``FoldQuantScales`` -> ``LowerInt8``; the
-result is an ordinary Relax module whose matmul / conv2d run as int8 x int8 -> int32,
-plus a :class:`QuantizationReport` saying which layers were quantized, which stayed float
-and how much signal each quantized tensor keeps (SQNR).
+- :class:`Int8Static`: calibrate (``collect``) -> [bias correction] -> ``AnnotateQDQ`` ->
+  ``FoldQuantScales`` -> ``LowerInt8``; matmul / conv2d run as int8 x int8 -> int32.
+- :class:`Int8Dynamic`: ``QuantizeDynamic``; int8 weights, activation ranges at run time.
+- :class:`WeightOnly`: ``QuantizeWeightOnly``; int8 / packed int4 weights, float compute.
+
+The result is an ordinary Relax module plus a :class:`QuantizationReport` saying which
+layers were quantized, which stayed float and how much signal each quantized tensor keeps
+(SQNR). Dynamic and weight-only quantization need no calibration data; when some is
+given, its first batch measures the SQNRs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tvmq.quantization.collect import (
     activation_qparams,
     collect_activation_stats,
 )
-from tvmq.quantization.schemes import Int8Static, get_scheme
+from tvmq.quantization.schemes import Int8Dynamic, Int8Static, Scheme, get_scheme
 
 __all__ = [
     "LayerReport",
@@ -61,6 +66,14 @@ class LayerReport:
         calibration batch.
     var_name : str
         The Relax var that holds the op's result (how ``float_ops`` entries name it).
+    weight_dtype : str or None
+        How the weight is stored when quantized: ``int8``, ``int4``, ``uint8``, ``uint4``.
+    group_size : int or None
+        Weight-only: reduction elements per scale (None: one scale per output channel).
+    output_sqnr_db : float or None
+        SQNR of the layer's output computed with quantized weight and input against the
+        float output, on the first calibration batch (matmul layers; None when unknown).
+        The per-layer sensitivity ``tvmq.quantization.accuracy`` ranks layers by.
     """
 
     name: str
@@ -74,6 +87,9 @@ class LayerReport:
     weight_sqnr_db: float | None = None
     activation_sqnr_db: float | None = None
     var_name: str = ""
+    weight_dtype: str | None = None
+    group_size: int | None = None
+    output_sqnr_db: float | None = None
 
 
 @dataclass
@@ -83,17 +99,21 @@ class QuantizationReport:
     Attributes
     ----------
     scheme : dict
-        The scheme, as ``Int8Static.to_dict()``.
+        The scheme, as ``scheme.to_dict()``.
     layers : list[LayerReport]
         Every quantizable layer in dataflow order.
     float_ops : list[str]
         matmul / conv2d ops of the result that still compute in float (``"<op>:<var>"``,
         the form of the ``"tvmq.float_ops"`` attribute ``LowerInt8`` sets).
     num_calibration_batches : int
-        Batches run during calibration (at the model's batch size).
+        Batches run during calibration (at the model's batch size); dynamic and
+        weight-only quantization run at most one, to measure SQNRs.
     output_sqnr_db : list[float] or None
-        Per model output: SQNR of the compiled int8 model against the float model on the
-        first calibration batch (None when not evaluated).
+        Per model output: SQNR of the compiled quantized model against the float model on
+        the first calibration batch (None when not evaluated).
+    bias_correction : dict or None
+        Static int8 with ``bias_correction=True``: layer name -> the per-channel
+        correction added to its bias.
     """
 
     scheme: dict
@@ -101,6 +121,7 @@ class QuantizationReport:
     float_ops: list[str] = field(default_factory=list)
     num_calibration_batches: int = 0
     output_sqnr_db: list[float] | None = None
+    bias_correction: dict[str, list[float]] | None = None
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -130,9 +151,7 @@ class QuantizationReport:
         def db(v):
             return "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")
 
-        lines = [
-            f"{'layer':<14} {'op':<7} {'int8':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"
-        ]
+        lines = [f"{'layer':<14} {'op':<7} {'q':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"]
         for r in self.layers:
             lines.append(
                 f"{r.name:<14} {r.op:<7} {'yes' if r.quantized else 'no':<5} "
@@ -257,7 +276,9 @@ def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams
             r.quantized = True
         s_w, z_w, axis = weight_qparams(site, layer)
         w_q = qmath.quantize(site.weight, s_w, z_w, "int8", axis)
-        r.weight_sqnr_db = qmath.sqnr(site.weight, qmath.dequantize(w_q, s_w, z_w, axis))
+        w_dq = qmath.dequantize(w_q, s_w, z_w, axis)
+        r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
+        r.weight_dtype = "int8"
         if site.name in qparams:
             scale, zp = qparams[site.name]
             r.activation_dtype = layer.activation_dtype
@@ -265,7 +286,11 @@ def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams
             sample = stats.samples.get(site.name)
             if sample is not None:
                 q = qmath.quantize(sample, scale, zp, layer.activation_dtype)
-                r.activation_sqnr_db = qmath.sqnr(sample, qmath.dequantize(q, scale, zp))
+                x_dq = qmath.dequantize(q, scale, zp)
+                r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
+                r.output_sqnr_db = _layer_output_sqnr(site, sample, w_dq, x_dq)
+        if r.output_sqnr_db is None:
+            r.output_sqnr_db = _combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
         reports.append(r)
     return reports
 
@@ -282,14 +307,15 @@ def _evaluate(mod: tvm.IRModule, stats: ActivationStats, names: list[str]) -> li
 
 def quantize(
     model: ImportedModel | tvm.IRModule,
-    calibration_data: Any,
-    scheme: Int8Static | str = "int8",
+    calibration_data: Any = None,
+    scheme: Scheme | str = "int8",
     *,
     input_names: list[str] | None = None,
     progress: bool = True,
     evaluate: bool = True,
+    bias_correction: bool = False,
 ) -> QuantizedModel:
-    """Quantize a float model to static int8 (int8 x int8 -> int32 matmul / conv2d).
+    """Quantize a float model: static int8, dynamic int8 or weight-only int8 / int4.
 
     Parameters
     ----------
@@ -299,15 +325,21 @@ def quantize(
         Representative inputs in any form ``tvmq.calibration.iter_calibration_batches``
         takes (array, dict, .npz path, list or iterable of batches, DataLoader). Batches
         may have any number of rows; they are split/padded to the model's batch size.
-    scheme : Int8Static or str
-        ``"int8"`` or an :class:`Int8Static` (activation dtype, observer, skip, requantize...).
+        Required for static int8; optional (None) for dynamic and weight-only schemes,
+        where only its first batch is used, to measure SQNRs.
+    scheme : Int8Static, Int8Dynamic, WeightOnly or str
+        ``"int8"``, ``"int8-dynamic"``, ``"w8"``, ``"w4"`` or a scheme object.
     input_names : list[str], optional
         Input names for a bare IRModule (default: ``main``'s parameter names).
     progress : bool
         Show calibration progress and print which layers stay float.
     evaluate : bool
         Compile the result for the host and measure output SQNR on the first calibration
-        batch (``report.output_sqnr_db``).
+        batch (``report.output_sqnr_db``; needs calibration data).
+    bias_correction : bool
+        Static int8 only: add to each layer's bias the expected quantization error of its
+        output on the calibration data (empirical bias correction, Nagel et al. 2019; see
+        ``tvmq.quantization.bias_correction``).
 
     Returns
     -------
@@ -317,31 +349,30 @@ def quantize(
     Raises
     ------
     TvmqError
-        Non-static scheme, NaN/inf weights, bad calibration data, NaN/inf activations.
+        Unknown scheme, static int8 without calibration data, NaN/inf weights, bad
+        calibration data, NaN/inf activations.
     """
-    from tvmq.passes import prepare_passes
-    from tvmq.passes import static_int8_passes as passes
-    from tvmq.passes.lower_int8 import float_compute_ops
-
-    scheme = _static_scheme(scheme)
+    scheme = get_scheme(scheme)
     mod, imported = _model_parts(model, input_names)
     _check_weights(mod)
-    prepared = prepare_passes()(mod)
-    stats = collect_activation_stats(
-        prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
-    )
-    qparams = activation_qparams(stats, scheme)
-    quantized = passes(qparams, scheme)(prepared)
-
-    float_ops = float_compute_ops(quantized["main"])
-    report = QuantizationReport(
-        scheme=scheme.to_dict(),
-        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops),
-        float_ops=float_ops,
-        num_calibration_batches=stats.num_batches,
-    )
-    if evaluate:
-        report.output_sqnr_db = _evaluate(quantized, stats, [s.name for s in imported.inputs])
+    if isinstance(scheme, Int8Static):
+        if calibration_data is None:
+            raise TvmqError(
+                "static int8 quantization needs calibration data: a few hundred typical "
+                "inputs (an array, a .npz file, or an iterable of batches)"
+            )
+        report, quantized = _quantize_static(
+            mod, imported, calibration_data, scheme, progress, evaluate, bias_correction
+        )
+    else:
+        if bias_correction:
+            raise TvmqError(
+                "bias_correction applies to static int8 (Int8Static) only: it needs the "
+                "calibrated activation quantization"
+            )
+        report, quantized = _quantize_weights(
+            mod, imported, calibration_data, scheme, progress, evaluate
+        )
     if progress and report.float_layers:
         print(
             f"tvmq: {len(report.float_layers)} of {len(report.layers)} layers stay float: "
@@ -358,3 +389,143 @@ def quantize(
         meta=meta,
         report=report,
     )
+
+
+def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate, correct):
+    """(report, module) of static int8 quantization."""
+    from tvmq.passes import prepare_passes
+    from tvmq.passes import static_int8_passes as passes
+    from tvmq.passes.lower_int8 import float_compute_ops
+
+    prepared = prepare_passes()(mod)
+    stats = collect_activation_stats(
+        prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
+    )
+    qparams = activation_qparams(stats, scheme)
+    corrections = None
+    if correct:
+        from tvmq.quantization.bias_correction import correct_biases
+
+        prepared, corrections = correct_biases(
+            prepared, calibration_data, scheme, qparams, inputs=imported.inputs
+        )
+    quantized = passes(qparams, scheme)(prepared)
+
+    float_ops = float_compute_ops(quantized["main"])
+    report = QuantizationReport(
+        scheme=scheme.to_dict(),
+        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops),
+        float_ops=float_ops,
+        num_calibration_batches=stats.num_batches,
+        bias_correction=corrections,
+    )
+    if evaluate:
+        report.output_sqnr_db = _evaluate(quantized, stats, [s.name for s in imported.inputs])
+    return report, quantized
+
+
+class _FirstBatches:
+    """A stand-in scheme for ``collect_activation_stats``: min/max observers, `n` batches."""
+
+    def __init__(self, n: int = 1):
+        self.num_calibration_batches = n
+
+
+def _combined_sqnr(*values: float | None) -> float | None:
+    """SQNR of a product whose factors carry independent noise of these SQNRs (dB)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    noise = sum(0.0 if math.isinf(v) else 10.0 ** (-v / 10.0) for v in vals)
+    return math.inf if noise == 0 else -10.0 * math.log10(noise)
+
+
+def _layer_output_sqnr(site, sample, w_dq, x_dq) -> float | None:
+    """SQNR of ``x_dq @ w_dq`` against ``x @ W`` (matmul sites with a sample)."""
+    if sample is None or site.kind != "matmul":
+        return None
+    ref = sample.astype(np.float64) @ site.weight.astype(np.float64)
+    return qmath.sqnr(ref, x_dq.astype(np.float64) @ w_dq.astype(np.float64))
+
+
+def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluate):
+    """(report, module) of dynamic int8 or weight-only quantization (no calibration)."""
+    from tvmq.passes import prepare_passes
+    from tvmq.passes._quant_sites import is_skipped, list_quant_sites
+    from tvmq.passes.lower_int8 import float_compute_ops
+    from tvmq.passes.quantize_dynamic import (
+        QuantizeDynamic,
+        activation_qparams_dynamic,
+        weight_qparams_int8,
+    )
+    from tvmq.passes.quantize_weight_only import (
+        QuantizeWeightOnly,
+        dequantize_weight,
+        quantize_weight,
+    )
+
+    prepared = prepare_passes()(mod)
+    dynamic = isinstance(scheme, Int8Dynamic)
+    qpass = QuantizeDynamic(scheme) if dynamic else QuantizeWeightOnly(scheme)
+    quantized = qpass(prepared)
+    stats = None
+    if calibration_data is not None:
+        stats = collect_activation_stats(
+            prepared, calibration_data, _FirstBatches(1), inputs=imported.inputs, progress=False
+        )
+
+    layers = []
+    for site in list_quant_sites(prepared["main"]):
+        r = LayerReport(
+            site.name,
+            site.kind,
+            False,
+            weight_shape=tuple(site.weight.shape),
+            var_name=site.var.name,
+        )
+        sample = stats.samples.get(site.name) if stats is not None else None
+        x_dq = sample
+        if dynamic:
+            r.reason = qpass.plan(site) or ""
+            r.weight_dtype = "int8"
+            w_q, s_w = weight_qparams_int8(site.weight, scheme.weight_per_channel)
+            axis = site.weight_axis if np.ndim(s_w) else None
+            w_dq = qmath.dequantize(w_q, s_w, 0, axis) if site.kind == "matmul" else None
+            if site.kind == "matmul":
+                r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
+                r.activation_dtype = "uint8"
+            if sample is not None and site.kind == "matmul":
+                s_x, z_x = activation_qparams_dynamic(sample)
+                x_dq = qmath.dequantize(qmath.quantize(sample, s_x, z_x, "uint8"), s_x, z_x)
+                r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
+        else:
+            r.reason = (
+                "skipped by the scheme" if is_skipped(site.name, site.kind, scheme.skip) else ""
+            )
+            q, s, z, g = quantize_weight(
+                site.weight, site.kind, scheme.bits, scheme.group_size, scheme.symmetric
+            )
+            w_dq = dequantize_weight(q, s, z, site.kind)
+            r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
+            r.weight_dtype = f"{'' if scheme.symmetric else 'u'}int{scheme.bits}"
+            r.group_size = g
+        r.quantized = not r.reason
+        if w_dq is not None:
+            r.output_sqnr_db = _layer_output_sqnr(site, sample, w_dq, x_dq)
+            if r.output_sqnr_db is None:
+                r.output_sqnr_db = _combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
+        layers.append(r)
+
+    if dynamic:
+        float_ops = float_compute_ops(quantized["main"])
+    else:  # compute is float by design: list the ops whose weights stay float
+        float_ops = [f"{s.kind}:{s.var.name}" for s in list_quant_sites(quantized["main"])]
+    report = QuantizationReport(
+        scheme=scheme.to_dict(),
+        layers=layers,
+        float_ops=float_ops,
+        num_calibration_batches=0 if stats is None else stats.num_batches,
+    )
+    if evaluate and stats is not None:
+        report.output_sqnr_db = _evaluate(quantized, stats, [s.name for s in imported.inputs])
+    return report, quantized

@@ -1,0 +1,199 @@
+"""QuantizeDynamic: int8 weights, activation ranges computed at run time (dynamic int8).
+
+Dynamic quantization (``tvmq.quantization.Int8Dynamic``; ONNX Runtime's
+``quantize_dynamic``, PyTorch's dynamic ``nn.Linear``), on a float Relax module before
+``LegalizeOps``; no calibration. Every float32 ``matmul(x, W)`` with a constant 2-D ``W``
+(also ``permute_dims`` of a constant, see ``_quant_sites.list_quant_sites``) that is not
+skipped becomes::
+
+    lo  = minimum(min(x), 0);  hi = maximum(max(x), 0)          # per tensor, every call
+    s_x = maximum((hi - lo) / 255, eps);  z_x = int32(clip(round(-lo / s_x), 0, 255))
+    x_q = quantize(x, s_x, z_x, out_dtype="uint8")
+    acc = matmul(x_q, W_q, out_dtype="int32")                    # W_q: int8 constant [K, N]
+    acc = acc - z_x * sum_k W_q                                  # zero-point compensation
+    y   = float32(acc) * (s_x * s_w)                             # s_w: [N] or scalar
+
+``W_q`` is symmetric int8 in ``[-127, 127]`` with one scale per output channel (or per
+tensor, ``weight_per_channel=False``), computed at compile time. Activations are
+asymmetric uint8 (u8 x s8 suits x86 VNNI), the range ``[min(x), max(x)]`` widened to
+contain 0 like ``qmath.choose_qparams``. The accumulator bound ``K * 255 * 127`` must fit
+in int32 (``K`` < 66,000); larger ops stay float.
+
+Limits: matmul only (conv2d stays float, recorded in the function attribute
+``"tvmq.float_ops"`` like ``LowerInt8`` does); per-tensor activation ranges. Quantized
+ops are recorded in ``"tvmq.dynamic_int8"`` on their function. A rewritten matmul reads
+uint8 x int8, so it is no longer a site: running the pass twice is the same as once, and
+the other sites keep the names of the float model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.quantization import qmath
+
+from ._quant_sites import (
+    MATMUL,
+    QuantSite,
+    const_f32,
+    const_i32,
+    const_value,
+    is_skipped,
+    op_name,
+    relax_functions,
+    site_prefix,
+)
+from .lower_int8 import FLOAT_OPS_ATTR, float_compute_ops
+from .quantize_weight_only import stable_sites
+
+ATTR = "tvmq.dynamic_int8"
+_ACT_DTYPE = "uint8"
+_QMAX = 255
+
+
+def weight_qparams_int8(w: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 ``W_q`` [K, N], float32 ``s_w`` [N] or scalar): symmetric, restricted range."""
+    w64 = w.astype(np.float64)
+    if per_channel:
+        lo, hi = w64.min(axis=0), w64.max(axis=0)
+        scale, zp = qmath.choose_qparams(lo, hi, "int8", True, axis=1)
+        # An all-zero (pruned) column quantizes to 0 with any scale.
+        scale = np.where((lo == 0) & (hi == 0), np.float32(1.0), scale).astype(np.float32)
+        return qmath.quantize(w, scale, zp, "int8", axis=1), scale
+    scale, zp = qmath.choose_qparams(w64.min(), w64.max(), "int8", True)
+    return qmath.quantize(w, scale, zp, "int8"), np.float32(scale)
+
+
+def activation_qparams_dynamic(x: np.ndarray) -> tuple[np.float32, np.int32]:
+    """The run-time ``(s_x, z_x)`` the pass computes, in numpy (float32 like the graph)."""
+    x = np.asarray(x, dtype=np.float32)
+    lo = np.minimum(x.min(), np.float32(0))
+    hi = np.maximum(x.max(), np.float32(0))
+    s = np.maximum((hi - lo) / np.float32(_QMAX), np.float32(qmath.SCALE_EPS)).astype(np.float32)
+    z = np.clip(np.rint(-lo / s), 0, _QMAX).astype(np.int32)
+    return s, z
+
+
+def dynamic_matmul_reference(x: np.ndarray, w: np.ndarray, per_channel: bool = True) -> np.ndarray:
+    """numpy reference of one rewritten ``matmul(x, W)`` (float32 result)."""
+    w_q, s_w = weight_qparams_int8(np.asarray(w, dtype=np.float32), per_channel)
+    s_x, z_x = activation_qparams_dynamic(x)
+    x_q = qmath.quantize(x, s_x, z_x, _ACT_DTYPE)
+    acc = x_q.astype(np.int64) @ w_q.astype(np.int64)
+    acc = acc - np.int64(z_x) * w_q.astype(np.int64).sum(axis=0)
+    return (acc.astype(np.float32) * (s_x * s_w).astype(np.float32)).astype(np.float32)
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    """Emits the dynamic int8 compute in place of each planned matmul."""
+
+    def __init__(self, mod: tvm.IRModule, plans: dict[relax.Call, tuple[np.ndarray, np.ndarray]]):
+        super().__init__(mod)
+        self.plans = plans
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        plan = self.plans.get(call)
+        if plan is None:
+            return super().visit_call_(call)
+        w_q, s_w = plan
+        emit = self.builder_.emit
+        x = self.visit_expr(call.args[0])
+        zero = const_f32(0.0)
+        lo = emit(relax.op.minimum(relax.op.min(x), zero))
+        hi = emit(relax.op.maximum(relax.op.max(x), zero))
+        s_x = emit(
+            relax.op.maximum(
+                relax.op.divide(relax.op.subtract(hi, lo), const_f32(float(_QMAX))),
+                const_f32(qmath.SCALE_EPS),
+            )
+        )
+        z_f = emit(
+            relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX)
+        )
+        z_x = emit(relax.op.astype(z_f, "int32"))
+        x_q = emit(relax.op.quantize(x, s_x, z_x, axis=-1, out_dtype=_ACT_DTYPE))
+        acc = emit(relax.op.matmul(x_q, relax.const(w_q, "int8"), out_dtype="int32"))
+        col_sum = w_q.astype(np.int64).sum(axis=0)
+        acc = emit(relax.op.subtract(acc, relax.op.multiply(z_x, const_i32(col_sum))))
+        scale = emit(relax.op.multiply(s_x, const_f32(s_w)))
+        return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
+
+
+def _is_dynamic_matmul(call: relax.Call, bindings) -> bool:
+    """Whether a matmul is one this pass wrote: uint8 x int8 constant -> int32."""
+    if op_name(call) != MATMUL or len(call.args) != 2:
+        return False
+    x, w = call.args
+    return (
+        str(x.ty.dtype) == _ACT_DTYPE
+        and str(call.ty.dtype) == "int32"
+        and const_value(w, bindings) is not None
+    )
+
+
+def _fits_int32(k: int) -> bool:
+    return k * _QMAX * 127 < 2**31
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeDynamic")
+class QuantizeDynamic:
+    """Dynamic int8 matmul: int8 weights at compile time, uint8 activation ranges at run time.
+
+    Parameters
+    ----------
+    scheme : Int8Dynamic, optional
+        ``weight_per_channel`` and ``skip`` (default ``Int8Dynamic()``). Keyword arguments
+        override the scheme's fields.
+    """
+
+    def __init__(self, scheme=None, **overrides):
+        from tvmq.quantization.schemes import Int8Dynamic, get_scheme
+
+        scheme = Int8Dynamic() if scheme is None else get_scheme(scheme)
+        if not isinstance(scheme, Int8Dynamic):
+            raise TypeError(f"QuantizeDynamic needs an Int8Dynamic scheme, got {scheme!r}")
+        self.scheme = dataclasses.replace(scheme, **overrides) if overrides else scheme
+
+    def plan(self, site: QuantSite) -> str | None:
+        """Why `site` stays float, or None when the pass quantizes it."""
+        if is_skipped(site.name, site.kind, self.scheme.skip):
+            return "skipped by the scheme"
+        if site.kind != "matmul":
+            return "dynamic int8 handles matmul only"
+        if not _fits_int32(site.weight.shape[0]):
+            return f"K={site.weight.shape[0]} overflows the int32 accumulator"
+        return None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in relax_functions(mod):
+            plans, names = {}, []
+            for site in stable_sites(func, site_prefix(gv), _is_dynamic_matmul):
+                if self.plan(site) is None:
+                    plans[site.call] = weight_qparams_int8(
+                        site.weight, self.scheme.weight_per_channel
+                    )
+                    names.append(site.name)
+            if not plans:
+                continue
+            new = relax.analysis.remove_all_unused(_Rewriter(mod, plans).visit_expr(func))
+            old = [str(n) for n in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
+            new = new.with_attr(ATTR, [*old, *names])
+            floats = float_compute_ops(new)
+            old_f = func.attrs.get(FLOAT_OPS_ATTR, []) if func.attrs is not None else []
+            merged = list(dict.fromkeys([*map(str, old_f), *floats]))
+            if merged:
+                new = new.with_attr(FLOAT_OPS_ATTR, merged)
+            updates[gv] = new
+        if not updates:
+            return mod
+        mod = mod.clone()
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod

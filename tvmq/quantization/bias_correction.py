@@ -1,0 +1,219 @@
+"""Empirical bias correction for static int8 (Nagel et al. 2019, "Data-Free Quantization").
+
+Quantization error is not zero-mean: rounding a layer's weights (and clipping/rounding its
+input) shifts the *expected* value of each output channel. For a linear layer
+``y = W x + b`` the shift is ``E[W x] - E[W_q x_q]``, and since both are linear in the
+input it only needs the per-channel means of the layer input and of its quantized version
+over the calibration data::
+
+    c = E[x] @ W - E[x_q] @ W_q                  # matmul, x: [..., K], W: [K, N]
+    c_o = sum_{i,kh,kw} W[o,i,kh,kw] E[x_i] - ...  # conv2d (borders ignored)
+
+Adding ``c`` to the bias makes the quantized layer's output unbiased on that data.
+:func:`correct_biases` does this on the *prepared float* module, before ``AnnotateQDQ``:
+the corrected bias then goes through the normal static int8 flow (``LowerInt8`` folds it
+into the int32 accumulator offset). Layers without a bias get one. ``W_q`` and ``x_q``
+use exactly the weight and activation parameters the static passes will use.
+
+Limits: each layer is corrected with *float* inputs (the quantization error of earlier
+layers is not propagated); grouped convolutions are not corrected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.quantization import qmath
+
+__all__ = ["activation_means", "correct_biases", "layer_corrections"]
+
+
+def activation_means(
+    prepared: tvm.IRModule,
+    calibration_data: Any,
+    sites,
+    qparams: dict[str, tuple[float, int]],
+    scheme,
+    inputs,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel ``(E[x], E[dequantize(quantize(x))])`` of each site's input activation.
+
+    Channels are the last axis for matmul and axis 1 for conv2d. Sites without
+    ``qparams`` are left out.
+    """
+    from tvmq.calibration import iter_calibration_batches
+    from tvmq.quantization.collect import (
+        _fit_batch,
+        _flatten,
+        _host_target,
+        _model_batch,
+        instrument,
+    )
+
+    wanted = [s for s in sites if s.name in qparams]
+    instrumented, names = instrument(prepared, wanted)
+    kinds = {s.name: s.kind for s in wanted}
+    ex = tvm.compile(instrumented, target=_host_target())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    batch_size = _model_batch(inputs)
+    input_names = [s.name for s in inputs]
+    sums: dict[str, list] = {}
+    for batch in iter_calibration_batches(
+        calibration_data,
+        input_names,
+        batch_size=batch_size,
+        max_batches=scheme.num_calibration_batches,
+    ):
+        feed, rows = _fit_batch(batch, inputs, batch_size)
+        result = vm["main"](*[tvm.runtime.tensor(feed[n]) for n in input_names])
+        n_out = len(_flatten(result[0]))
+        for name, act in zip(names, _flatten(result)[n_out:], strict=True):
+            if batch_size is not None and rows < batch_size and act.shape[:1] == (batch_size,):
+                act = act[:rows]
+            scale, zp = qparams[name]
+            dtype = scheme.for_layer(name).activation_dtype
+            x_dq = qmath.dequantize(qmath.quantize(act, scale, zp, dtype), scale, zp)
+            axis = act.ndim - 1 if kinds[name] == "matmul" else 1
+            other = tuple(i for i in range(act.ndim) if i != axis)
+            n = act.size // act.shape[axis]
+            acc = sums.setdefault(name, [0.0, 0.0, 0])
+            acc[0] = acc[0] + act.astype(np.float64).sum(axis=other)
+            acc[1] = acc[1] + x_dq.astype(np.float64).sum(axis=other)
+            acc[2] += n
+    return {name: (sx / n, sq / n) for name, (sx, sq, n) in sums.items()}
+
+
+def layer_corrections(site, mean_x: np.ndarray, mean_xq: np.ndarray, scheme) -> np.ndarray | None:
+    """``E[W x] - E[W_q x_q]`` per output channel of one site (None: not correctable)."""
+    from tvmq.passes.annotate_qdq import weight_qparams
+
+    s_w, z_w, axis = weight_qparams(site, scheme)
+    w = site.weight.astype(np.float64)
+    w_dq = qmath.dequantize(qmath.quantize(site.weight, s_w, z_w, "int8", axis), s_w, z_w, axis)
+    w_dq = w_dq.astype(np.float64)
+    if site.kind == "matmul":
+        return mean_x @ w - mean_xq @ w_dq
+    if int(site.call.attrs.groups) != 1 or w.shape[1] != mean_x.size:
+        return None
+    return np.einsum("oikl,i->o", w, mean_x) - np.einsum("oikl,i->o", w_dq, mean_xq)
+
+
+def _const_bias(expr, bindings, channels: int, kind: str) -> np.ndarray | None:
+    from tvmq.passes._quant_sites import const_value
+
+    value = const_value(expr, bindings)
+    if value is None or value.dtype != np.float32 or value.size != channels:
+        return None
+    ok = (
+        value.shape[-1:] == (channels,)
+        if kind == "matmul"
+        else value.shape
+        in (
+            (1, channels, 1, 1),
+            (channels, 1, 1),
+        )
+    )
+    return value if ok else None
+
+
+@mutator
+class _BiasUpdater(PyExprMutator):
+    """Adds each correction to the layer's bias constant, or adds a bias."""
+
+    def __init__(self, mod, new_bias: dict, add_after: dict):
+        super().__init__(mod)
+        self.new_bias = new_bias  # add binding var -> (index of the constant arg, new const)
+        self.add_after = add_after  # op binding var -> correction constant
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.new_bias:
+            index, const = self.new_bias[var]
+            args = [self.visit_expr(a) for a in binding.value.args]
+            args[index] = const
+            value = self.builder_.normalize(relax.op.add(*args))
+            self.builder_.emit_normalized(relax.VarBinding(var, value))
+        elif var in self.add_after:
+            out = self.builder_.emit(self.visit_expr(binding.value))
+            value = self.builder_.normalize(relax.op.add(out, self.add_after[var]))
+            self.builder_.emit_normalized(relax.VarBinding(var, value))
+        else:
+            super().visit_var_binding_(binding)
+
+
+def correct_biases(
+    prepared: tvm.IRModule,
+    calibration_data: Any,
+    scheme,
+    qparams: dict[str, tuple[float, int]],
+    *,
+    inputs,
+) -> tuple[tvm.IRModule, dict[str, list[float]]]:
+    """Add each quantized layer's expected output error to its bias (static int8).
+
+    Parameters
+    ----------
+    prepared : tvm.IRModule
+        The float module after ``prepare_passes`` (site names refer to it).
+    calibration_data
+        As for ``tvmq.quantization.quantize``.
+    scheme : Int8Static
+        Weight granularity and activation dtype, per layer.
+    qparams : dict
+        Calibrated activation ``(scale, zero_point)`` per site (``activation_qparams``).
+    inputs : list[TensorSpec]
+        The model's inputs.
+
+    Returns
+    -------
+    (tvm.IRModule, dict)
+        The module with corrected biases, and layer name -> correction per channel.
+    """
+    from tvmq.passes._quant_sites import binding_map, list_quant_sites, op_name, user_counts
+
+    func = prepared["main"]
+    sites = [s for s in list_quant_sites(func) if s.name in qparams]
+    if not sites:
+        return prepared, {}
+    means = activation_means(prepared, calibration_data, sites, qparams, scheme, inputs)
+    bindings = binding_map(func)
+    users = user_counts(func)
+    readers: dict = {}
+    for var, value in bindings.items():
+        if op_name(value) == "relax.add":
+            for arg in value.args:
+                if isinstance(arg, relax.Var):
+                    readers.setdefault(arg, []).append(var)
+    new_bias, add_after, record = {}, {}, {}
+    for site in sites:
+        if site.name not in means:
+            continue
+        c = layer_corrections(site, *means[site.name], scheme.for_layer(site.name))
+        if c is None or not np.any(c):
+            continue
+        channels = c.size
+        done = False
+        adds = readers.get(site.var, [])
+        if users.get(site.var, 0) == 1 and len(adds) == 1:
+            add = bindings[adds[0]]
+            other = 1 if add.args[0].same_as(site.var) else 0
+            bias = _const_bias(add.args[other], bindings, channels, site.kind)
+            if bias is not None:
+                fixed = (bias.astype(np.float64) + c.reshape(bias.shape)).astype(np.float32)
+                new_bias[adds[0]] = (other, relax.const(fixed, "float32"))
+                done = True
+        if not done:
+            shape = (channels,) if site.kind == "matmul" else (1, channels, 1, 1)
+            add_after[site.var] = relax.const(c.astype(np.float32).reshape(shape), "float32")
+        record[site.name] = [float(v) for v in c]
+    if not record:
+        return prepared, {}
+    new = _BiasUpdater(prepared, new_bias, add_after).visit_expr(func)
+    out = prepared.clone()
+    out["main"] = new
+    return out, record
