@@ -32,7 +32,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.errors import TvmqError
 
-from .prune_magnitude import is_tensor_const, module_weight_sites, relax_functions, update_functions
+from .prune_magnitude import is_tensor_const, module_weight_sites, relax_functions
+from .quantize_weight_only import DECODER_ATTR
 
 INITS = ("kmeans++", "linear", "density")
 ATTR = "tvmq.clustered"
@@ -146,9 +147,37 @@ def constant_bytes(mod: tvm.IRModule) -> int:
     return int(sum(seen.values()))
 
 
+def _decoder(codebook: np.ndarray, packed: np.ndarray, bits: int, shape) -> relax.Function:
+    """A private Relax function: packed indices -> codebook lookup -> the float weight.
+
+    Being a function call with parameters (not ops on constants), FoldConstant cannot
+    evaluate it at build time and store the decoded float weight instead.
+    """
+    size = int(np.prod(shape))
+    params = [
+        relax.Var("codebook", relax.TensorType(codebook.shape, "float32")),
+        relax.Var("indices", relax.TensorType(packed.shape, "uint8")),
+    ]
+    bb = relax.BlockBuilder()
+    with bb.function("decoder", params, {DECODER_ATTR: True}, private=True):
+        with bb.dataflow():
+            idx = params[1]
+            if bits <= 4:
+                lo = bb.emit(relax.op.bitwise_and(idx, relax.const(15, "uint8")))
+                hi = bb.emit(relax.op.right_shift(idx, relax.const(4, "uint8")))
+                idx = bb.emit(relax.op.concat([lo, hi], axis=0))
+                if 2 * packed.size != size:
+                    idx = bb.emit(relax.op.strided_slice(idx, axes=[0], begin=[0], end=[size]))
+            idx = bb.emit(relax.op.astype(idx, "int32"))
+            flat = bb.emit(relax.op.take(params[0], idx, axis=0))
+            out = bb.emit_output(relax.op.reshape(flat, shape))
+        bb.emit_func_output(out)
+    return bb.get()["decoder"]
+
+
 @mutator
 class _Decoder(PyExprMutator):
-    """Replaces each planned constant by a decoder emitted in front of its use."""
+    """Replaces each planned constant by a call to its decoder (added to the module)."""
 
     def __init__(self, mod, plans):
         super().__init__(mod)
@@ -158,21 +187,10 @@ class _Decoder(PyExprMutator):
         plan = self.plans.get(const)
         if plan is None:
             return const
-        codebook, packed, bits, shape = plan
-        size = int(np.prod(shape))
-        emit = self.builder_.emit
-        p = relax.const(packed, "uint8")
-        if bits <= 4:
-            lo = emit(relax.op.bitwise_and(p, relax.const(15, "uint8")))
-            hi = emit(relax.op.right_shift(p, relax.const(4, "uint8")))
-            idx = emit(relax.op.concat([lo, hi], axis=0))
-            if 2 * packed.size != size:
-                idx = emit(relax.op.strided_slice(idx, axes=[0], begin=[0], end=[size]))
-        else:
-            idx = p
-        idx = emit(relax.op.astype(idx, "int32"))
-        flat = emit(relax.op.take(relax.const(codebook, "float32"), idx, axis=0))
-        return emit(relax.op.reshape(flat, shape))
+        name, codebook, packed, bits, shape = plan
+        gv = self.builder_.add_func(_decoder(codebook, packed, bits, shape), name)
+        args = [relax.const(codebook, "float32"), relax.const(packed, "uint8")]
+        return self.builder_.emit(relax.Call(gv, args))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClusterWeights")
@@ -217,7 +235,8 @@ class ClusterWeights:
                 continue
             codebook, idx = cluster_tensor(w, self.bits, self.init, self.seed)
             packed = pack_indices(idx, self.bits)
-            plans[site.const] = (codebook, packed, self.bits, [int(s) for s in w.shape])
+            shape = [int(s) for s in w.shape]
+            plans[site.const] = (f"tvmq_cluster_{site.name}", codebook, packed, self.bits, shape)
             record[site.name] = {
                 "bits": self.bits,
                 "distinct": int(np.unique(codebook[idx]).size),
@@ -226,13 +245,17 @@ class ClusterWeights:
             }
         if not plans:
             return mod
+        decoder = _Decoder(mod, plans)
         updates = {}
         for gv, func in relax_functions(mod):
-            new = _Decoder(mod, plans).visit_expr(func)
+            new = decoder.visit_expr(func)
             if not new.same_as(func):
                 if gv.name_hint == "main":
                     old = dict(func.attrs[ATTR]) if func.attrs and ATTR in func.attrs else {}
                     old.update(record)
                     new = new.with_attr(ATTR, old)
                 updates[gv] = new
-        return update_functions(mod, updates)
+        out = decoder.builder_.get()  # the module plus the decoder functions added
+        for gv, func in updates.items():
+            out[gv] = func
+        return out
