@@ -5,9 +5,14 @@
 :func:`export_library` writes that executable as one shared library for the board, linked
 with the preset's (cross) compiler.
 
-Scheduling without tuning
-    Kernels that MetaSchedule tuned (``tirx.is_scheduled``) are left alone. The others get a
-    default schedule:
+Tuned and default schedules
+    :func:`build` runs in three phases: fuse the model into TIR kernels (:func:`fuse_to_tir`,
+    also what :func:`tvmq.tuning.tune` extracts its tasks from), give kernels with a
+    MetaSchedule tuning record their tuned schedule (``build_with_info``'s ``tuning_logs``;
+    :func:`tvmq.compile` reads ``./tuning_logs/<preset>/`` and the logs shipped with tvmq),
+    then schedule the rest and lower. Kernels already scheduled (``tirx.is_scheduled``: tuned,
+    or emitted scheduled by a tvmq pass such as the VNNI int8 dense) are left alone. The
+    others get a default schedule:
 
     * CUDA: the dlight GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback), as in
       TVM's own CUDA pipeline, except that Matmul is skipped for integer matmuls, on which it
@@ -38,8 +43,10 @@ import re
 import shutil
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import tvm
 import tvm_ffi
@@ -53,25 +60,38 @@ from tvm.target.codegen import llvm_get_vector_width
 from tvmq.errors import TvmqError
 from tvmq.targets import TargetPreset, get_target
 
-__all__ = ["build", "export_library"]
+if TYPE_CHECKING:
+    from tvm.s_tir.meta_schedule import Database
+
+__all__ = ["BuildInfo", "build", "build_with_info", "export_library", "fuse_to_tir"]
 
 _CUDA_COMPILE_HOOK = "tvm_callback_cuda_compile"
 _PTX_CACHE: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 _PTX_CACHE_SIZE = 16
+TuningLogs: TypeAlias = 'Literal["auto"] | str | os.PathLike | Database | Sequence | None'
+"""Where :func:`build_with_info` reads tuning records: see its ``tuning_logs``."""
 # Blocks with fewer iterations than this run on one thread: waking the pool costs more.
 _MIN_PARALLEL_WORK = 1 << 14
 
 
-def build(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.relax.VMExecutable:
+def build(
+    mod: tvm.IRModule,
+    target: TargetPreset | str,
+    *,
+    tuning_logs: TuningLogs = None,
+) -> tvm.relax.VMExecutable:
     """Compile a Relax module for a target preset.
 
     Parameters
     ----------
     mod : tvm.IRModule
         A Relax module, e.g. from ``tvm.relax.frontend.torch.from_exported_program``, possibly
-        already transformed (quantized, tuned) by other tvmq passes.
+        already transformed (quantized, pruned) by other tvmq passes.
     target : TargetPreset or str
         The preset, or anything :func:`tvmq.targets.get_target` accepts.
+    tuning_logs : "auto", path, Database or a sequence of them, optional
+        MetaSchedule records to schedule kernels with (see :func:`build_with_info`). The
+        default, None, uses none: every kernel gets the default schedule.
 
     Returns
     -------
@@ -85,14 +105,59 @@ def build(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.relax.VMExecutab
         When TVM fails to compile the model (the message keeps TVM's), or when ``nvcc`` is
         missing or rejects the generated CUDA code.
     """
+    return build_with_info(mod, target, tuning_logs=tuning_logs)[0]
+
+
+def build_with_info(
+    mod: tvm.IRModule,
+    target: TargetPreset | str,
+    *,
+    tuning_logs: TuningLogs = "auto",
+) -> tuple[tvm.relax.VMExecutable, BuildInfo]:
+    """:func:`build`, applying tuning records, and say which kernels were tuned.
+
+    Kernels with a record in ``tuning_logs`` (same workload, same target CPU or GPU) get the
+    best tuned schedule; the others get tvmq's default schedule, as in :func:`build`.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        As for :func:`build`.
+    target : TargetPreset or str
+        As for :func:`build`.
+    tuning_logs : "auto", path, Database or a sequence of them, optional
+        ``"auto"`` (the default) reads ``./tuning_logs/<preset>/`` (what
+        :func:`tvmq.tuning.tune` writes by default) and the logs shipped with tvmq for the
+        preset; a path is a folder with ``database_workload.json`` and
+        ``database_tuning_record.json``; None applies no records.
+
+    Returns
+    -------
+    (tvm.relax.VMExecutable, BuildInfo)
+        The executable, and which kernels were tuned and which got the default schedule.
+
+    Raises
+    ------
+    TvmqError
+        As for :func:`build`, and for a log folder that does not exist or cannot be read.
+    """
+    from tvmq import tuning
+
     preset = get_target(target)
     tvm_target = preset.tvm_target()
     is_cuda = preset.kind == "cuda"
-    pipeline = _cuda_pipeline(tvm_target) if is_cuda else _cpu_pipeline(tvm_target)
+    database, log_dirs = tuning.open_tuning_logs(tuning_logs, preset)
     hook = _nvcc_compiles_cuda(tvm_target) if is_cuda else contextlib.nullcontext()
     try:
         with hook, tvm_target:
-            ex = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
+            fused = fuse_to_tir(mod, preset)
+            prescheduled = _scheduled_kernels(fused)
+            if database is not None:
+                with database:
+                    fused = relax.transform.MetaScheduleApplyDatabase()(fused)
+            scheduled = _scheduled_kernels(fused)
+            tail = _cuda_tail(tvm_target) if is_cuda else _cpu_tail(tvm_target)
+            ex = relax.build(fused, target=tvm_target, relax_pipeline=tail)
     except TvmqError:
         raise
     except Exception as err:  # TVM raises many error types; a failed build is the user's to see
@@ -104,7 +169,59 @@ def build(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.relax.VMExecutab
         for module in _import_tree(ex.mod):
             if module.kind == "cuda" and _holds_cuda_source(module):
                 _compile_ptx(module.inspect_source("cuda"), tvm_target, preset.name)
-    return ex
+    kernels = _kernel_names(fused)
+    info = BuildInfo(
+        tuned=tuple(k for k in kernels if k in scheduled and k not in prescheduled),
+        default=tuple(k for k in kernels if k not in scheduled),
+        prescheduled=tuple(k for k in kernels if k in prescheduled),
+        tuning_logs=tuple(str(d) for d in log_dirs),
+    )
+    return ex, info
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the kernels (TIR functions) of a build were scheduled.
+
+    ``tuned``: from tuning records; ``default``: tvmq's default schedule (or TVM's plain
+    loops where it does not apply); ``prescheduled``: kernels tvmq's passes emit already
+    scheduled (e.g. the VNNI int8 dense), which tuning leaves alone; ``tuning_logs``: the
+    record folders consulted.
+    """
+
+    tuned: tuple[str, ...]
+    default: tuple[str, ...]
+    prescheduled: tuple[str, ...] = ()
+    tuning_logs: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""
+        text = f"{len(self.tuned)} tuned, {len(self.default)} default"
+        if self.prescheduled:
+            text += f", {len(self.prescheduled)} prescheduled"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data, for a manifest."""
+        return {
+            "tuned": list(self.tuned),
+            "default": list(self.default),
+            "prescheduled": list(self.prescheduled),
+            "tuning_logs": list(self.tuning_logs),
+        }
+
+
+def fuse_to_tir(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.IRModule:
+    """The first phase of :func:`build`: dispatch, legalize and fuse into TIR kernels.
+
+    Its output is what gets scheduled, so :func:`tvmq.tuning.tune` extracts its tasks from
+    it: the kernels tuned are exactly the kernels built. Call it under the TVM target.
+    """
+    preset = get_target(target)
+    tvm_target = preset.tvm_target()
+    passes = _cuda_fusion(tvm_target) if preset.kind == "cuda" else _cpu_fusion(tvm_target)
+    with tvm_target:
+        return tvm.transform.Sequential(passes, name="tvmq_fuse_to_tir")(mod)
 
 
 def export_library(
@@ -130,7 +247,9 @@ def export_library(
         package), or when compiling or linking fails.
     """
     preset = get_target(target)
-    kwargs = {}
+    # Link with -s: debug info and the symbol table are a third of a small model's library
+    # and nothing at run time needs them (TVM finds kernels through its own tables).
+    kwargs = {"options": ["-s"]}
     if preset.cc is not None:
         kwargs["cc"] = _find_compiler(preset.cc, preset.name)
     if preset.kind == "cuda":
@@ -151,14 +270,29 @@ def export_library(
 # Pipelines
 
 
-def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with tvmq's default schedule after fusion."""
+def _cpu_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's CPU pipeline up to scheduling (unlike ``relax.build``'s default, it fuses).
+
+    First, int8 dense layers become tvmq's pre-packed VNNI kernels where the CPU has
+    avx512vnni (a no-op elsewhere): TVM's default int8 lowering is slower than float.
+    """
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
+
+    return [
+        PackInt8DenseX86(target),
+        *cpu.library_dispatch_passes(target),
+        *cpu.legalize_passes(target),  # LegalizeOps, FoldConstant, FuseOps, FuseTIR
+    ]
+
+
+def _cpu_tail(target: tvm.target.Target) -> tvm.transform.Pass:
+    """tvmq's default schedule for kernels not yet scheduled, then TVM's CPU lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return tvm.transform.Sequential(
         [
-            *cpu.library_dispatch_passes(target),
-            *cpu.legalize_passes(target),  # LegalizeOps, FoldConstant, FuseOps, FuseTIR
             dl.ApplyDefaultSchedule(_CPUDefaultSchedule()),
             *cpu.dataflow_lower_passes(target),
             *cpu.finalize_passes(target),
@@ -167,19 +301,27 @@ def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     )
 
 
-def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CUDA pipeline, with the dlight Matmul rule kept off integer matmuls."""
+def _cuda_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's CUDA pipeline up to scheduling."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    return [
+        *cuda.library_dispatch_passes(target),
+        # The stock CUDA legalize phase, unrolled so the dlight rules can be swapped (below).
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def _cuda_tail(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The dlight GPU rules, with Matmul kept off integer matmuls, then TVM's CUDA lowering."""
     from tvm.relax.backend.cuda import pipeline as cuda
 
     return tvm.transform.Sequential(
         [
-            *cuda.library_dispatch_passes(target),
-            # The stock CUDA legalize phase, rebuilt only to swap in _FloatMatmul.
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
             dl.ApplyDefaultSchedule(
                 _FloatMatmul(),
                 dl.gpu.GEMV(),
@@ -192,6 +334,20 @@ def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         ],
         name="tvmq_cuda_build",
     )
+
+
+def _kernel_names(mod: tvm.IRModule) -> list[str]:
+    """Names of the TIR functions of a module, sorted."""
+    return sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def _scheduled_kernels(mod: tvm.IRModule) -> set[str]:
+    """Names of the TIR functions already marked ``tirx.is_scheduled``."""
+    return {
+        gv.name_hint
+        for gv, f in mod.functions_items()
+        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")
+    }
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ examples:
   tvmq compile model.onnx --input-shape x:1x3x224x224 -t rasp4b -o build-pi/
   tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
-  tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
+  tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
@@ -123,6 +123,7 @@ def cmd_compile(args) -> int:
         cluster=cluster,
         quantize=scheme,
         calibration_data=args.calib,
+        tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
         progress=not args.quiet,
     )
     lib = art.manifest.library
@@ -230,6 +231,39 @@ def cmd_bench(args) -> int:
     print(
         f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
     )
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tvmq.errors import TvmqError
+    from tvmq.frontends import import_model
+    from tvmq.targets import get_target
+    from tvmq.tuning import tune
+
+    model = import_model(
+        args.model, input_shapes=dict(args.input_shape) if args.input_shape else None
+    )
+    rpc = None
+    if args.rpc:
+        key = args.key or get_target(args.target).rpc_key
+        if not key:
+            raise TvmqError(
+                f"target {args.target!r} has no rpc_key: give the boards' key with --key"
+            )
+        rpc = (*args.rpc, key)
+    elif args.key:
+        raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+    report = tune(
+        model,
+        args.target,
+        work_dir=args.work_dir,
+        trials=args.trials,
+        trials_per_task=args.trials_per_task,
+        rpc=rpc,
+        progress=not args.quiet,
+        cost_model=args.cost_model,
+    )
+    print(report.summary())
     return 0
 
 
@@ -346,7 +380,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--observer", help="calibration observer: minmax, moving_average, percentile, entropy, mse"
     )
+    s.add_argument(
+        "--tuning-logs",
+        action="append",
+        metavar="DIR",
+        help="MetaSchedule record folder to apply (repeatable; default: ./tuning_logs/<target>/ "
+        "and the logs shipped with tvmq)",
+    )
+    s.add_argument(
+        "--no-tuning-logs", action="store_true", help="apply no tuning records (default schedules)"
+    )
     s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser(
+        "tune", help="tune a model's kernels with MetaSchedule (records in ./tuning_logs/<target>/)"
+    )
+    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s.add_argument("-t", "--target", default="host", help="target preset name or JSON file")
+    s.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME:1x3x224x224")
+    s.add_argument(
+        "--trials",
+        type=int,
+        default=512,
+        help="total candidates to measure, earlier records included (default 512); "
+        "interrupt any time and rerun to resume",
+    )
+    s.add_argument("--trials-per-task", type=int, metavar="N", help="most candidates per kernel")
+    s.add_argument("--work-dir", help="record folder (default: ./tuning_logs/<target>/)")
+    s.add_argument("--cost-model", choices=["xgb", "random"], default="xgb")
+    _add_rpc_options(s)
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("run", help="run a compiled model on inputs from a .npz/.npy file")
     s.add_argument("model_dir", help="output directory of tvmq compile")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     calibration_data=None,
     overwrite: bool = True,
     progress: bool = True,
+    tuning_logs="auto",
 ) -> CompiledArtifact:
     """Compile a model for a hardware target, optionally compressing it first.
 
@@ -147,13 +149,16 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     quantize : str or scheme, optional
         ``"int8"``, ``"int8-dynamic"``, ``"w8"``, ``"w4"`` or a scheme object from
         ``tvmq.quantization``; static schemes need ``calibration_data``.
+    tuning_logs : "auto", path, Database, list of them, or None
+        MetaSchedule records to apply. ``"auto"``: ``./tuning_logs/<target>/`` and the logs
+        shipped with tvmq; kernels without a record get tvmq's default schedule.
 
     Returns
     -------
     CompiledArtifact
         The ``tvm.relax.Executable``, the compressed Relax module and the manifest.
     """
-    from tvmq.build import build
+    from tvmq.build import build_with_info
 
     preset = get_target(target)
     if output_dir is not None:
@@ -171,7 +176,10 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     compressed, applied, notes = _compress(
         imported, prune, cluster, quantize, calibration_data, progress
     )
-    ex = build(compressed.mod, preset)
+    ex, build_info = build_with_info(compressed.mod, preset, tuning_logs=tuning_logs)
+    notes["kernels"] = build_info.to_json()
+    if progress:
+        print(f"tvmq: kernels {build_info.summary()}", file=sys.stderr)
     manifest = Manifest(
         inputs=imported.inputs,
         outputs=imported.outputs,
