@@ -145,27 +145,35 @@ def test_cnn_conv_bn_relu_pool(cnn):
     json.dumps(q.meta["quantization"])  # the report is JSON-ready
 
 
-class _CountingObserver(Observer):
-    """Counts the elements it is shown (checks that padded rows never reach an observer)."""
+@pytest.fixture
+def counting_observer():
+    """Registers an observer that counts the elements it is shown, and unregisters it after
+    (the registry is global: a leftover name would show up in other tests)."""
+    from tvmq.calibration import base
 
-    name = "tvmq_test_counting"
+    class _CountingObserver(Observer):
+        name = "tvmq_test_counting"
 
-    def _reset(self):
-        self.count, self.lo, self.hi = 0, np.inf, -np.inf
+        def _reset(self):
+            self.count, self.lo, self.hi = 0, np.inf, -np.inf
 
-    def _update(self, x):
-        self.count += x.size
-        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        def _update(self, x):
+            self.count += x.size
+            self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
 
-    def _compute_range(self, dtype, symmetric):
-        return self.lo, self.hi
+        def _compute_range(self, dtype, symmetric):
+            return self.lo, self.hi
+
+    yield _CountingObserver.name
+    base._REGISTRY.pop(_CountingObserver.name, None)
 
 
-def test_calibration_batches_of_another_size(mlp):
+def test_calibration_batches_of_another_size(mlp, counting_observer):
+    """Padded rows of a short last chunk never reach an observer."""
     model, imported = mlp
     rng = np.random.default_rng(2)
     calib = rng.standard_normal((13, 784)).astype("float32")  # model batch is 8: 8 + 5 padded
-    scheme = Int8Static(observer="tvmq_test_counting")
+    scheme = Int8Static(observer=counting_observer)
     stats = collect_activation_stats(imported.mod, calib, scheme, progress=False)
     assert stats.num_batches == 2
     first = stats.observers["matmul_0"]  # the model input itself
