@@ -278,3 +278,24 @@ class Histogram:
         if left > 0 or right > 0:
             self.counts = np.pad(self.counts, (max(left, 0), max(right, 0)))
             self.start = min(self.start, k_lo)
+
+
+class HistogramObserver(Observer):
+    """Base of the observers that search a histogram: keeps the running min/max and a
+    histogram (of ``bins`` bins) of :meth:`_histogram_values` of every batch."""
+
+    bins: int
+
+    def _reset(self) -> None:
+        self.histogram = Histogram(self.bins)
+        self.min_val = np.inf
+        self.max_val = -np.inf
+
+    def _update(self, x: np.ndarray) -> None:
+        self.min_val = min(self.min_val, float(x.min()))
+        self.max_val = max(self.max_val, float(x.max()))
+        self.histogram.add(self._histogram_values(x))
+
+    def _histogram_values(self, x: np.ndarray) -> np.ndarray:
+        """What goes into the histogram; the values themselves by default."""
+        return x

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvmq.calibration.base import Histogram, Observer
+from tvmq.calibration.base import HistogramObserver
 
 __all__ = ["EntropyObserver", "kl_divergences"]
 
@@ -93,7 +93,7 @@ def kl_divergences(
     return cand, np.maximum(kl, 0.0)
 
 
-class EntropyObserver(Observer):
+class EntropyObserver(HistogramObserver):
     """Threshold that minimizes the KL divergence between float and quantized histograms.
 
     Parameters
@@ -115,16 +115,10 @@ class EntropyObserver(Observer):
         self.smoothing = float(smoothing)
         super().__init__(label=label)
 
-    def _reset(self) -> None:
-        self.histogram = Histogram(self.bins)
-        self.min_val = np.inf
-        self.max_val = -np.inf
-
-    def _update(self, x: np.ndarray) -> None:
-        self.min_val = min(self.min_val, float(x.min()))
-        self.max_val = max(self.max_val, float(x.max()))
+    def _histogram_values(self, x: np.ndarray) -> np.ndarray:
+        """|x| without exact zeros (zero is always representable)."""
         a = np.abs(x.ravel())
-        self.histogram.add(a[a != 0])
+        return a[a != 0]
 
     def threshold(self, dtype: str = "int8", symmetric: bool = False) -> float:
         """The chosen clipping magnitude for ``dtype``; ``max |x|`` if no search is possible."""

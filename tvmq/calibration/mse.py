@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvmq.calibration.base import Histogram, Observer
+from tvmq.calibration.base import HistogramObserver
 from tvmq.errors import TvmqError
 
 __all__ = ["MSEObserver"]
 
 
-class MSEObserver(Observer):
+class MSEObserver(HistogramObserver):
     """Range minimizing the expected squared quantization error over the observed histogram.
 
     Parameters
@@ -44,16 +44,6 @@ class MSEObserver(Observer):
         self.bins = int(bins)
         self.steps = int(steps)
         super().__init__(label=label)
-
-    def _reset(self) -> None:
-        self.histogram = Histogram(self.bins)
-        self.min_val = np.inf
-        self.max_val = -np.inf
-
-    def _update(self, x: np.ndarray) -> None:
-        self.min_val = min(self.min_val, float(x.min()))
-        self.max_val = max(self.max_val, float(x.max()))
-        self.histogram.add(x)
 
     def expected_error(self, lo, hi, scale) -> np.ndarray:
         """Expected total squared error for candidate ranges (arrays of equal length)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvmq.calibration.base import Histogram, Observer
+from tvmq.calibration.base import HistogramObserver
 from tvmq.errors import TvmqError
 
 __all__ = ["PercentileObserver"]
 
 
-class PercentileObserver(Observer):
+class PercentileObserver(HistogramObserver):
     """Range from the ``(100 - p)``-th to the ``p``-th percentile of all observed values.
 
     Parameters
@@ -41,16 +41,6 @@ class PercentileObserver(Observer):
         self.percentile = float(percentile)
         self.bins = int(bins)
         super().__init__(label=label)
-
-    def _reset(self) -> None:
-        self.histogram = Histogram(self.bins)
-        self.min_val = np.inf
-        self.max_val = -np.inf
-
-    def _update(self, x: np.ndarray) -> None:
-        self.min_val = min(self.min_val, float(x.min()))
-        self.max_val = max(self.max_val, float(x.max()))
-        self.histogram.add(x)
 
     def _order_statistic(self, cdf: np.ndarray, k: int) -> float:
         """The ``k``-th smallest value (0-based), assuming values spread evenly in a bin."""
