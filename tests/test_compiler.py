@@ -53,3 +53,13 @@ def test_without_output_dir_returns_tvm_objects(small_mlp, rng):
 def test_unknown_target_lists_presets(small_mlp):
     with pytest.raises(TvmqError, match="host"):
         tvmq.compile(small_mlp, "pdp-11", example_inputs=torch.zeros(1, 32))
+
+
+def test_nan_weights_are_named(small_mlp):
+    import copy
+
+    bad = copy.deepcopy(small_mlp)
+    with torch.no_grad():
+        bad.fc2.weight[3, 1] = float("nan")
+    with pytest.raises(TvmqError, match=r"shape \(10, 16\).*1 NaN and 0 inf"):
+        tvmq.compile(bad, "host", example_inputs=torch.zeros(1, 32))

@@ -14,6 +14,7 @@ import tvm
 
 from tvmq.errors import TvmqError
 from tvmq.frontends import ImportedModel, import_model
+from tvmq.frontends.model import check_finite_weights
 from tvmq.manifest import LIBRARY, MANIFEST, Manifest, sha256_of
 from tvmq.targets import TargetPreset, get_target
 
@@ -166,6 +167,7 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
+    check_finite_weights(imported.mod)
     if quantize is not None:
         quantize = scheme_for_target(quantize, preset)
         if calibration_data is None and getattr(quantize, "observer", None):

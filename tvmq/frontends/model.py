@@ -70,3 +70,33 @@ def signature_of(
     out_names = output_names or [f"output{i}" for i in range(len(fields))]
     outputs = [_tensor_spec(n, t) for n, t in zip(out_names, fields, strict=True)]
     return inputs, outputs
+
+
+def check_finite_weights(mod: tvm.IRModule, when: str = "compiling") -> None:
+    """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
+    import numpy as np
+
+    from tvmq.errors import TvmqError
+    from tvmq.passes._quant_sites import is_tensor_const, ordered_bindings, relax_functions
+
+    for gv, func in relax_functions(mod):
+        for b in ordered_bindings(func):
+            bad = []
+
+            def visit(e, bad=bad):
+                if is_tensor_const(e) and str(e.ty.dtype).startswith("float"):
+                    data = e.value.numpy()
+                    if not np.isfinite(data).all():
+                        bad.append(data)
+
+            tvm.relax.analysis.post_order_visit(b.value, visit)
+            if bad:
+                data = bad[0]
+                value = b.value
+                op = value.op.name if isinstance(value, tvm.relax.Call) else type(value).__name__
+                raise TvmqError(
+                    f"a constant of shape {tuple(data.shape)} read by {op} (binding "
+                    f"'{b.var.name}' in {gv.name_hint}) has {int(np.isnan(data).sum())} NaN "
+                    f"and {int(np.isinf(data).sum())} inf values; fix the model's weights "
+                    f"before {when}"
+                )
