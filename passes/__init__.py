@@ -5,7 +5,8 @@ Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQ
 :class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
 registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
-Target kernels: :class:`PackInt8DenseX86` (VNNI int8 dense, after ``LowerInt8``).
+Target kernels, after ``LowerInt8`` (the build applies them per target):
+:class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`Int8DenseCUDA` (dp4a).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 """
@@ -14,6 +15,7 @@ from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
 from .fold_quant_scales import FoldQuantScales
+from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
 from .pack_int8_dense_x86 import PackInt8DenseX86
 from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
@@ -30,6 +32,7 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
+    "Int8DenseCUDA",
     "PackInt8DenseX86",
     "PruneChannels",
     "PruneMagnitude",

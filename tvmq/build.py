@@ -302,10 +302,17 @@ def _cpu_tail(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def _cuda_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CUDA pipeline up to scheduling."""
+    """TVM's CUDA pipeline up to scheduling.
+
+    First, int8 dense layers become tvmq's dp4a kernels (sm_61 and newer): dlight has no
+    working int8 matmul rule in TVM 0.27, and its Fallback rule is slow.
+    """
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from tvmq.passes.int8_dense_cuda import Int8DenseCUDA
+
     return [
+        Int8DenseCUDA(target),
         *cuda.library_dispatch_passes(target),
         # The stock CUDA legalize phase, unrolled so the dlight rules can be swapped (below).
         relax.transform.LegalizeOps(),

@@ -489,8 +489,35 @@ def _runner(rpc):
             session_timeout_sec=120,
         ),
         evaluator_config=evaluator,
+        f_alloc_argument=_alloc_arguments_on_board,
         max_workers=1,
     )
+
+
+def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> list:
+    """RPCRunner's argument allocation, with the random data made here and copied over.
+
+    MetaSchedule's default fills arguments with ``tvm.contrib.random.random_fill_for_measure``
+    on the board, which a board running the ``apache-tvm`` wheel's RPC server does not have
+    (every candidate then fails).
+    """
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(tensor) -> None:
+        dtype = np.dtype(str(tensor.dtype))
+        shape = tuple(int(d) for d in tensor.shape)
+        if dtype.kind == "f":
+            data = rng.uniform(-1.0, 1.0, shape).astype(dtype)
+        elif dtype.kind == "b":
+            data = rng.integers(0, 2, shape).astype(dtype)
+        else:  # small integers: valid as indices and in range for every integer type
+            data = rng.integers(0, 8, shape).astype(dtype)
+        tensor.copyfrom(data)
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
 def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> Any:
@@ -528,7 +555,7 @@ def _tuning_target(preset: TargetPreset, rpc) -> tvm.target.Target:
 def _register_intrinsics(preset: TargetPreset) -> None:
     """Register tvmq's tensor intrinsics the search space may tensorize with."""
     if "avx512vnni" in preset.features:
-        import tvmq.passes.vnni_intrin  # noqa: F401
+        import tvmq.kernels.vnni_intrin  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule, TensorIntrin
 
-from tvmq.passes import vnni_intrin
+from tvmq.kernels import vnni_intrin
 
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
 

@@ -5,7 +5,7 @@ The weight is packed once at compile time by :func:`pack_weight_vnni` into
 (the upstream schedules that tensorize against a plain ``[N, K]`` weight give wrong
 answers). :func:`int8_dense_vnni` builds the scheduled TIR kernel:
 
-- the reduction is tensorized with :data:`tvmq.passes.vnni_intrin.VNNI_DOT_16X4`;
+- the reduction is tensorized with :data:`tvmq.kernels.vnni_intrin.VNNI_DOT_16X4`;
 - each parallel task owns an ``mr x (nr * 16)`` output tile kept in a small accumulator
   (``mr * nr <= 24`` zmm registers, the rest left for weights and the broadcast) and
   walks the whole K: the weight panel ``(nr * 16) x K`` streams once per task, the
@@ -26,7 +26,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
-from tvmq.passes.vnni_intrin import LANES, REDUCE, VNNI_DOT_16X4
+from tvmq.kernels.vnni_intrin import LANES, REDUCE, VNNI_DOT_16X4
 
 KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
