@@ -4,6 +4,8 @@ Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
 :class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
 registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weights, after
+pruning, before quantization).
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`Int8DenseCUDA` (dp4a).
@@ -24,6 +26,7 @@ from .prune_magnitude import PruneMagnitude, sparsity_report
 from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weight_only import QuantizeWeightOnly
+from .sparse_dense import SPARSE_ATTR, SparseDense
 
 __all__ = [
     "FLOAT_OPS_ATTR",
@@ -38,6 +41,8 @@ __all__ = [
     "PruneMagnitude",
     "PruneNM",
     "QuantizeDynamic",
+    "SPARSE_ATTR",
+    "SparseDense",
     "QuantizeWeightOnly",
     "sparsity_report",
     "FoldQuantScales",

@@ -63,3 +63,30 @@ def test_nan_weights_are_named(small_mlp):
         bad.fc2.weight[3, 1] = float("nan")
     with pytest.raises(TvmqError, match=r"shape \(10, 16\).*1 NaN and 0 inf"):
         tvmq.compile(bad, "host", example_inputs=torch.zeros(1, 32))
+
+
+def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
+    """--prune 0.9 --sparse: the BSR build computes the pruned model, and says so."""
+    from tvmq.compiler import SparseConfig
+    from tvmq.compression import PruneConfig
+    from tvmq.demo import make_mlp
+    from tvmq.pruning import magnitude_mask, prunable_weights
+
+    torch.manual_seed(0)
+    model = make_mlp().eval()
+    art = tvmq.compile(
+        model,
+        "host",
+        example_inputs=torch.zeros(4, 784),
+        output_dir=tmp_path / "sp",
+        prune=PruneConfig("magnitude", sparsity=0.9, min_size=0),
+        sparse=SparseConfig(min_sparsity=0.7, block=(1, 1)),
+    )
+    layers = art.manifest.compression["sparse"]["layers"]
+    assert [d["chosen"] for d in layers] == [True, True]
+    with torch.no_grad():
+        for w in prunable_weights(model).values():
+            w.mul_(magnitude_mask(w, 0.9))
+        x = rng.standard_normal((4, 784)).astype("float32")
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tvmq.load(tmp_path / "sp")(x), ref, atol=1e-4)

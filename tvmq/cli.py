@@ -99,6 +99,21 @@ def _compression_configs(args):
     return prune, cluster
 
 
+def _sparse_config(args):
+    from tvmq.compiler import SparseConfig
+    from tvmq.errors import TvmqError
+
+    if args.sparse is None:
+        return None
+    try:
+        block = tuple(int(v) for v in args.sparse_block.lower().split("x"))
+    except ValueError:
+        block = ()
+    if len(block) != 2:
+        raise TvmqError(f"--sparse-block {args.sparse_block!r}: write ROWSxCOLS, e.g. 16x1")
+    return SparseConfig(min_sparsity=args.sparse, block=block)
+
+
 def cmd_compile(args) -> int:
     import dataclasses
 
@@ -121,6 +136,7 @@ def cmd_compile(args) -> int:
         input_shapes=dict(args.input_shape) if args.input_shape else None,
         prune=prune,
         cluster=cluster,
+        sparse=_sparse_config(args),
         quantize=scheme,
         calibration_data=args.calib,
         tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
@@ -367,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["unstructured", "2:4", "4:8", "channel"],
         default="unstructured",
         help="magnitude pruning of single weights, N:M semi-structured, or whole output channels",
+    )
+    s.add_argument(
+        "--sparse",
+        nargs="?",
+        const=0.7,
+        type=float,
+        metavar="MIN_SPARSITY",
+        help="run float layers whose weight is at least this block-sparse (default 0.7) on "
+        "block-sparse (BSR) kernels; use after --prune",
+    )
+    s.add_argument(
+        "--sparse-block",
+        default="16x1",
+        metavar="RxC",
+        help="BSR block of the [out, in] weight (default 16x1; 1x1 suits unstructured --prune)",
     )
     s.add_argument(
         "--cluster", type=int, metavar="N", help="share weights: N values per tensor (k-means)"
