@@ -6,6 +6,15 @@ functions other than ``main`` prefix their name: ``encode/matmul_0``). Calibrati
 (``tvmq.quantization.collect``) records activation statistics under these names and
 :class:`AnnotateQDQ` reads its scales back by the same names, so the two agree as long
 as both see the same module.
+
+A *tensor site* is an op with no weight whose inputs and output are quantized so that
+it can run on integers: a residual ``add`` of two activations (``add_0``) or a
+``concat`` (``concat_0``), numbered per kind, apart from the weight sites (whose names
+therefore do not change). It observes several tensors: ``add_0:0`` / ``add_0:1`` (the
+operands) and ``add_0`` (the result, after a following ``relu`` / ``clip``, which the
+integer add absorbs); a concat observes only its result ``concat_0``, and its inputs
+are quantized with the result's parameters (as TFLite does), so the concat itself is
+exact on integers.
 """
 
 from __future__ import annotations
@@ -15,12 +24,17 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 MATMUL = "relax.matmul"
 CONV2D = "relax.nn.conv2d"
 QUANTIZE = "relax.quantize"
 DEQUANTIZE = "relax.dequantize"
+ADD = "relax.add"
+CONCAT = "relax.concat"
+RELU = "relax.nn.relu"
+CLIP = "relax.clip"
 
 #: Op kinds a site can have, with the op they come from.
 SITE_OPS = {MATMUL: "matmul", CONV2D: "conv2d"}
@@ -29,6 +43,8 @@ SITE_OPS = {MATMUL: "matmul", CONV2D: "conv2d"}
 _KIND_NAMES = {
     "matmul": ("relax.matmul", "matmul", "dense", "linear"),
     "conv2d": ("relax.nn.conv2d", "conv2d"),
+    "add": ("relax.add", "add"),
+    "concat": ("relax.concat", "concat", "cat"),
 }
 
 
@@ -36,7 +52,8 @@ def is_skipped(name: str, kind: str, skip) -> bool:
     """Whether a skip list (fnmatch patterns of site names or op names) selects a site.
 
     ``"conv2d"`` / ``"relax.nn.conv2d"`` select every conv2d; ``"matmul"``, ``"dense"``,
-    ``"linear"`` / ``"relax.matmul"`` every matmul; ``"matmul_3"`` or ``"conv2d_*"`` by name.
+    ``"linear"`` / ``"relax.matmul"`` every matmul; ``"add"`` / ``"concat"`` every integer
+    add / concat; ``"matmul_3"`` or ``"conv2d_*"`` by name.
     """
     names = (name, *_KIND_NAMES[kind])
     return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
@@ -269,3 +286,145 @@ def const_f32(value) -> tvm.ir.Constant:
 def const_i32(value) -> tvm.ir.Constant:
     """An int32 constant (scalar or tensor)."""
     return relax.const(np.asarray(value, dtype="int32"), "int32")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSite:
+    """One weightless op (``add`` / ``concat``) whose inputs and output get quantized."""
+
+    index: int
+    name: str
+    kind: str  # "add" or "concat"
+    var: relax.Var  # the binding var of the op
+    call: relax.Call
+    inputs: tuple[relax.Expr, ...]  # the float operands, in order
+    input_names: tuple[str, ...]  # the calibration name whose parameters each input takes
+    output: relax.Var  # the float tensor that is quantized: `var`, or its relu / clip
+
+    @property
+    def observed(self) -> list[tuple[str, relax.Expr]]:
+        """(calibration name, tensor) of each tensor to observe, without repeats."""
+        out = dict(zip(self.input_names, self.inputs, strict=True))
+        out[self.name] = self.output
+        return list(out.items())
+
+
+@dataclass(frozen=True)
+class ObservedTensor:
+    """A tensor that calibration observes (``.activation``) under ``.name``."""
+
+    name: str
+    kind: str
+    activation: relax.Expr
+    index: int
+
+
+def clip_bounds(call: relax.Call) -> tuple[float, float] | None:
+    """(lo, hi) of ``relu`` (0, inf) or a ``clip`` with constant bounds, else None."""
+    name = op_name(call)
+    if name == RELU:
+        return 0.0, float("inf")
+    if name != CLIP or len(call.args) != 3:
+        return None
+    bounds = []
+    for arg in call.args[1:]:
+        # 0.27: the bounds are IntImm / FloatImm (tvm.ir.Constant subclasses), not PrimValue.
+        value = getattr(arg, "value", None)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        bounds.append(float(value))
+    return bounds[0], bounds[1]
+
+
+def _activation_operand(expr: relax.Expr, bindings) -> bool:
+    """A float32 tensor that is not a constant (a dequantize counts: it is annotated)."""
+    return (
+        isinstance(expr.ty, relax.TensorType)
+        and float_dtype(expr)
+        and const_value(expr, bindings) is None
+    )
+
+
+def _tuple_fields(expr: relax.Expr, bindings) -> list[relax.Expr] | None:
+    expr = resolve(expr, bindings)
+    return list(expr.fields) if isinstance(expr, relax.Tuple) else None
+
+
+def list_tensor_sites(func: relax.Function, prefix: str = "") -> list[TensorSite]:
+    """The ``add`` / ``concat`` tensor sites of `func`, in dataflow order.
+
+    An ``add`` qualifies when both operands are float32 activations (not constants: a
+    bias add belongs to its matmul / conv2d) of the result's shape; a ``concat`` when
+    all its inputs are float32 activations. Ops already in QDQ form (every input a
+    ``dequantize``) keep their index but are not returned, so annotating is idempotent.
+    """
+    bindings = binding_map(func)
+    users = user_counts(func)
+    readers: dict[relax.Var, list[relax.Expr]] = {}
+    for b in ordered_bindings(func):
+        if isinstance(b.value, relax.Call):
+            for arg in b.value.args[:1]:
+                if isinstance(arg, relax.Var):
+                    readers.setdefault(arg, []).append(b)
+    sites: list[TensorSite] = []
+    counters = {"add": 0, "concat": 0}
+    for b in ordered_bindings(func):
+        value = b.value
+        name = op_name(value)
+        if not isinstance(b, relax.VarBinding) or name not in (ADD, CONCAT):
+            continue
+        if not float_dtype(value):
+            continue
+        if name == ADD:
+            inputs = list(value.args)
+            out_shape = value.ty.shape
+            if not all(_activation_operand(a, bindings) for a in inputs):
+                continue
+            if out_shape is None or any(
+                a.ty.shape is None or not tvm_ffi.structural_equal(a.ty.shape, out_shape)
+                for a in inputs
+            ):
+                continue
+            kind = "add"
+        else:
+            inputs = _tuple_fields(value.args[0], bindings)
+            if not inputs or not all(_activation_operand(a, bindings) for a in inputs):
+                continue
+            kind = "concat"
+        site_name = f"{prefix}{kind}_{counters[kind]}"
+        counters[kind] += 1
+        if all(op_name(resolve(a, bindings)) == DEQUANTIZE for a in inputs):
+            continue  # already annotated
+        output = b.var
+        # A relu / clip right after an add is absorbed by the integer add (its clamp).
+        nxt = readers.get(b.var, [])
+        if kind == "add" and users.get(b.var, 0) == 1 and len(nxt) == 1:
+            act = nxt[0]
+            if clip_bounds(act.value) is not None and float_dtype(act.value):
+                output = act.var
+        if kind == "add":
+            input_names = tuple(f"{site_name}:{i}" for i in range(len(inputs)))
+        else:
+            input_names = (site_name,) * len(inputs)
+        sites.append(
+            TensorSite(
+                index=counters[kind] - 1,
+                name=site_name,
+                kind=kind,
+                var=b.var,
+                call=value,
+                inputs=tuple(inputs),
+                input_names=input_names,
+                output=output,
+            )
+        )
+    return sites
+
+
+def list_observed_tensors(func: relax.Function, prefix: str = "") -> list[ObservedTensor]:
+    """What calibration observes besides the weight sites' inputs: tensor sites' tensors."""
+    out = []
+    for site in list_tensor_sites(func, prefix):
+        for name, expr in site.observed:
+            out.append(ObservedTensor(name, site.kind, expr, site.index))
+    return out

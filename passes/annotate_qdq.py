@@ -17,6 +17,20 @@ symmetric by default. The result is still a float model (QDQ form, as in ONNX), 
 as is; the weight ``quantize`` is folded by :class:`FoldQuantScales` and integer compute
 appears only in :class:`LowerInt8`.
 
+Tensor sites (``_quant_sites.list_tensor_sites``): a residual ``add`` of two float32
+activations and a ``concat`` get their inputs wrapped the same way and their output
+(after an ``add``'s following ``relu`` / ``clip``) quantized and dequantized in place,
+so :class:`LowerInt8` can run them on integers::
+
+    y = relu(add(a, b))
+    ==>
+    y = dequantize(quantize(relu(add(dq(q(a, s_a, z_a)), dq(q(b, s_b, z_b)))), s_y, z_y))
+
+with ``s_a, z_a`` from ``activation_qparams["add_0:0"]``, ``s_b, z_b`` from ``"add_0:1"``
+and ``s_y, z_y`` from ``"add_0"``; a concat's inputs and output all take ``"concat_0"``.
+A tensor quantized twice with the same parameters (a block's output read by the next
+conv and by the residual add) is quantized once.
+
 Limits: per-tensor activations only; sites whose name has no entry in
 ``activation_qparams`` stay float. An annotated op is no longer a site, so running the
 pass twice is the same as once.
@@ -35,10 +49,12 @@ from tvmq.quantization import qmath
 
 from ._quant_sites import (
     QuantSite,
+    TensorSite,
     const_f32,
     const_i32,
     is_skipped,
     list_quant_sites,
+    list_tensor_sites,
     relax_functions,
     site_prefix,
 )
@@ -75,21 +91,76 @@ def weight_qparams(site: QuantSite, scheme) -> tuple[np.ndarray, np.ndarray, int
 
 @mutator
 class _Annotator(PyExprMutator):
-    """Rewrites the calls of the chosen sites; everything else is copied."""
+    """Rewrites the calls of the chosen sites; everything else is copied.
 
-    def __init__(self, mod: tvm.IRModule, plans: dict[relax.Call, tuple]):
+    ``plans``: weight-site call -> plan; ``tensor_plans``: tensor-site call -> per-input
+    (scale, zp, dtype); ``outputs``: var -> (scale, zp, dtype) quantized after its binding.
+    """
+
+    def __init__(self, mod: tvm.IRModule, plans: dict, tensor_plans: dict, outputs: dict):
         super().__init__(mod)
         self.plans = plans
+        self.tensor_plans = tensor_plans
+        self.outputs = outputs
+        self.cache: dict[tuple, relax.Var] = {}  # (var, scale, zp, dtype) -> its QDQ copy
+
+    # A cached QDQ var is only visible inside its block.
+    def visit_dataflow_block_(self, block):
+        self.cache = {}
+        return super().visit_dataflow_block_(block)
+
+    def visit_binding_block_(self, block):
+        self.cache = {}
+        return super().visit_binding_block_(block)
+
+    def _qdq(self, expr: relax.Expr, qparams, dtype: str) -> relax.Expr:
+        """``dequantize(quantize(expr))``, emitted once per (tensor, parameters)."""
+        s_x, z_x = qparams
+        key = (expr, float(s_x), int(z_x), dtype) if isinstance(expr, relax.Var) else None
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        x = self.visit_expr(expr)
+        sx, zx = const_f32(s_x), const_i32(z_x)
+        xq = self.builder_.emit(relax.op.quantize(x, sx, zx, axis=-1, out_dtype=dtype))
+        xdq = self.builder_.emit(relax.op.dequantize(xq, sx, zx, axis=-1, out_dtype="float32"))
+        if key is not None:
+            self.cache[key] = xdq
+        return xdq
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        out = self.outputs.get(binding.var)
+        if out is None:
+            super().visit_var_binding_(binding)
+            return
+        (s_y, z_y), dtype = out
+        bb = self.builder_
+        y = bb.emit(self.visit_expr(binding.value), name_hint=binding.var.name)
+        sy, zy = const_f32(s_y), const_i32(z_y)
+        yq = bb.emit(relax.op.quantize(y, sy, zy, axis=-1, out_dtype=dtype))
+        ydq = relax.op.dequantize(yq, sy, zy, axis=-1, out_dtype="float32")
+        # An output var of a dataflow block stays one (R.output).
+        dataflow_out = bb.current_block_is_dataflow() and not isinstance(
+            binding.var, relax.DataflowVar
+        )
+        ydq = bb.emit_output(ydq) if dataflow_out else bb.emit(ydq)
+        self.set_var_remap(binding.var, ydq)
+        self.cache[(binding.var, float(s_y), int(z_y), dtype)] = ydq
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        tplan = self.tensor_plans.get(call)
+        if tplan is not None:
+            site, params = tplan
+            args = [
+                self._qdq(x, qp, dtype) for x, (qp, dtype) in zip(site.inputs, params, strict=True)
+            ]
+            if site.kind == "concat":
+                args = [relax.Tuple(args)]
+            return relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
         plan = self.plans.get(call)
         if plan is None:
             return super().visit_call_(call)
         site, (s_x, z_x), act_dtype, (s_w, z_w, w_axis) = plan
-        x = self.visit_expr(site.activation)
-        sx, zx = const_f32(s_x), const_i32(z_x)
-        xq = self.builder_.emit(relax.op.quantize(x, sx, zx, axis=-1, out_dtype=act_dtype))
-        xdq = self.builder_.emit(relax.op.dequantize(xq, sx, zx, axis=-1, out_dtype="float32"))
+        xdq = self._qdq(site.activation, (s_x, z_x), act_dtype)
         axis = -1 if w_axis is None else w_axis
         z_w = np.asarray(z_w)
         # Symmetric weights have zero point 0 everywhere: keep it a scalar.
@@ -135,6 +206,31 @@ class AnnotateQDQ:
         }
         self.scheme = scheme
 
+    def _dtype(self, name: str, qp: tuple[float, int]) -> str:
+        """The activation dtype of tensor `name`, checked against its zero point."""
+        dtype = getattr(_layer(self.scheme, name), "activation_dtype", "int8")
+        if dtype not in ("int8", "uint8"):
+            raise ValueError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
+        lo, hi = qmath.qrange(dtype)
+        if not lo <= qp[1] <= hi:
+            raise ValueError(
+                f"{name}: zero point {qp[1]} is outside the {dtype} range "
+                f"[{lo}, {hi}]; were the parameters chosen for another dtype?"
+            )
+        return dtype
+
+    def _tensor_plan(self, site: TensorSite, skip) -> tuple[list, tuple] | None:
+        """(per-input (qparams, dtype), output (qparams, dtype)), or None to leave it float."""
+        if is_skipped(site.name, site.kind, skip):
+            return None
+        names = [*site.input_names, site.name]
+        if any(n not in self.activation_qparams for n in names):
+            return None
+        params = [
+            (self.activation_qparams[n], self._dtype(n, self.activation_qparams[n])) for n in names
+        ]
+        return params[:-1], params[-1]
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         skip = getattr(self.scheme, "skip", ())
         updates = {}
@@ -144,19 +240,17 @@ class AnnotateQDQ:
                 qp = self.activation_qparams.get(site.name)
                 if qp is None or is_skipped(site.name, site.kind, skip):
                     continue
-                dtype = getattr(_layer(self.scheme, site.name), "activation_dtype", "int8")
-                if dtype not in ("int8", "uint8"):
-                    raise ValueError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
-                lo, hi = qmath.qrange(dtype)
-                if not lo <= qp[1] <= hi:
-                    raise ValueError(
-                        f"{site.name}: zero point {qp[1]} is outside the {dtype} range "
-                        f"[{lo}, {hi}]; were the parameters chosen for another dtype?"
-                    )
+                dtype = self._dtype(site.name, qp)
                 plans[site.call] = (site, qp, dtype, weight_qparams(site, self.scheme))
-            if not plans:
+            tensor_plans, outputs = {}, {}
+            for site in list_tensor_sites(func, site_prefix(gv)):
+                found = self._tensor_plan(site, skip)
+                if found is not None:
+                    tensor_plans[site.call] = (site, found[0])
+                    outputs[site.output] = found[1]
+            if not plans and not tensor_plans:
                 continue
-            new_func = _Annotator(mod, plans).visit_expr(func)
+            new_func = _Annotator(mod, plans, tensor_plans, outputs).visit_expr(func)
             updates[gv] = relax.analysis.remove_all_unused(new_func)
         if not updates:
             return mod

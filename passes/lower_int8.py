@@ -26,6 +26,20 @@ requantized with one merged multiplier per output channel, ``m = s_x * s_w / s_y
 - ``requantize="integer"``: fixed-point ``m ~= M * 2**(shift - 31)`` with int64 intermediates,
   bit-exact with ``tvmq.quantization.qmath.requantize_int`` (gemmlowp/TFLite).
 
+A ``clip`` (``relu6``) between the accumulator and the quantize becomes a clamp of the
+requantized integers to ``z_y + round([lo, hi] / s_y)`` -- exact, since rounding is
+monotone. A matmul whose activation has more than two dims (``[B, S, K] @ [K, N]``) runs
+as the 2-D ``matmul(reshape(x_q, [-1, K]), W_q)`` and its int32 result is reshaped back.
+
+Weightless ops between quantized tensors (see ``AnnotateQDQ``'s tensor sites):
+
+- ``quantize([clip](add(dequantize(a_q, s_a, z_a), dequantize(b_q, s_b, z_b))), s_y, z_y)``
+  -> an integer add (TFLite ADD): both operands requantized to the output scale and
+  summed -- in float32 (``requantize="float"``) or with fixed-point multipliers and a
+  ``2**20`` headroom shift (``"integer"``) -- then clamped to the output dtype (and clip).
+- ``quantize(concat(dequantize(x_i, s_i, z_i)...), s_y, z_y)`` -> ``concat`` of the
+  integers; an input with other parameters than the output is requantized first.
+
 Anything else stays float: quantize/dequantize of the remaining float ops, and matmul /
 conv2d regions that do not fit (non-constant or asymmetric weight, per-channel activation
 parameters, other layouts). For every function it lowered, the pass records the matmul /
@@ -46,12 +60,15 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.quantization import qmath
 
 from ._quant_sites import (
+    ADD,
+    CONCAT,
     CONV2D,
     DEQUANTIZE,
     MATMUL,
     QUANTIZE,
     SITE_OPS,
     binding_map,
+    clip_bounds,
     const_f32,
     const_i32,
     const_value,
@@ -83,6 +100,35 @@ class _Region:
     relu: bool
     out_q: tuple[float, int, str] | None  # (s_y, z_y, dtype) when the region ends in quantize
     passthrough: tuple[relax.Call, ...] = ()  # ops moved after the requantize (on int8)
+    clip: tuple[float, float] | None = None  # clamps the requantized result (out_q only)
+
+
+@dataclass
+class _AddRegion:
+    """``quantize([relu|clip](add(dequantize(a_q), dequantize(b_q))))``."""
+
+    inputs: tuple[tuple[relax.Expr, float, int], ...]  # (x_q, s, z) per operand
+    out_q: tuple[float, int, str]
+    clip: tuple[float, float] | None
+
+
+@dataclass
+class _RequantRegion:
+    """``quantize(dequantize(x_q, s, z), s_y, z_y)`` with other parameters: integer requantize."""
+
+    x_q: relax.Expr
+    s: float
+    z: int
+    out_q: tuple[float, int, str]
+
+
+@dataclass
+class _ConcatRegion:
+    """``quantize(concat(dequantize(x_i)...))``."""
+
+    inputs: tuple[tuple[relax.Expr, float, int], ...]
+    axis: int
+    out_q: tuple[float, int, str]
 
 
 def _scalar(expr, bindings) -> float | None:
@@ -195,24 +241,103 @@ def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, _Regio
         region.relu, tail = True, nxt
         nxt = users.only_reader(tail)
         value = bindings.get(nxt)
+    # A clip (relu6) stays float unless the region ends in a quantize: then it clamps ints.
+    cur = tail
+    clip = clip_bounds(value) if op_name(value) == "relax.clip" else None
+    if clip is not None:
+        cur = nxt
+        nxt = users.only_reader(cur)
+        value = bindings.get(nxt)
     # Ops that commute with the requantize may sit between the accumulator and the quantize.
     passthrough = []
-    cur = tail
     while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
         passthrough.append(value)
         cur = nxt
         nxt = users.only_reader(cur)
         value = bindings.get(nxt)
-    if op_name(value) == QUANTIZE and str(value.attrs.out_dtype) in _ACT_DTYPES:
-        s_y, z_y = _scalar(value.args[1], bindings), _scalar(value.args[2], bindings)
-        if s_y is not None and z_y is not None and s_y > 0:
-            region.out_q = (float(s_y), int(z_y), str(value.attrs.out_dtype))
-            region.passthrough = tuple(passthrough)
-            tail = nxt
-    # Without a quantize at the end, the passthrough ops stay float (not part of the region).
+    out_q = _match_output(value, bindings)
+    if out_q is not None:
+        region.out_q, region.clip = out_q, clip
+        region.passthrough = tuple(passthrough)
+        tail = nxt
+    # Without a quantize at the end, clip and passthrough ops stay float (not in the region).
     if not _fits_int32(region):
         return None  # a bias far off the accumulator grid, or a huge K: stay float
     return tail, region
+
+
+def _match_output(value, bindings) -> tuple[float, int, str] | None:
+    """(s_y, z_y, dtype) of a per-tensor quantize to int8/uint8, else None."""
+    if op_name(value) != QUANTIZE or str(value.attrs.out_dtype) not in _ACT_DTYPES:
+        return None
+    s_y, z_y = _scalar(value.args[1], bindings), _scalar(value.args[2], bindings)
+    if s_y is None or z_y is None or not s_y > 0:
+        return None
+    return float(s_y), int(z_y), str(value.attrs.out_dtype)
+
+
+def _match_add(var, call, bindings, users: _Users) -> tuple[relax.Var, _AddRegion] | None:
+    """(tail var, region) for ``quantize([clip](add(dq(a), dq(b))))``, else None."""
+    if len(call.args) != 2 or str(call.ty.dtype) != "float32":
+        return None
+    inputs = tuple(_match_input(a, bindings) for a in call.args)
+    if any(i is None for i in inputs):
+        return None
+    cur, lo, hi = var, -np.inf, np.inf
+    nxt = users.only_reader(cur)
+    value = bindings.get(nxt)
+    while op_name(value) in ("relax.nn.relu", "relax.clip") and value.args[0].same_as(cur):
+        bounds = clip_bounds(value)
+        if bounds is None:
+            return None
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        cur = nxt
+        nxt = users.only_reader(cur)
+        value = bindings.get(nxt)
+    out_q = _match_output(value, bindings)
+    if out_q is None:
+        return None
+    clip = None if (lo, hi) == (-np.inf, np.inf) else (lo, hi)
+    return nxt, _AddRegion(inputs, out_q, clip)
+
+
+def _match_concat(var, call, bindings, users: _Users) -> tuple[relax.Var, _ConcatRegion] | None:
+    """(tail var, region) for ``quantize(concat(dq(x_0), dq(x_1), ...))``, else None."""
+    fields = resolve(call.args[0], bindings)
+    if not isinstance(fields, relax.Tuple) or str(call.ty.dtype) != "float32":
+        return None
+    inputs = tuple(_match_input(f, bindings) for f in fields.fields)
+    if not inputs or any(i is None for i in inputs):
+        return None
+    nxt = users.only_reader(var)
+    out_q = _match_output(bindings.get(nxt), bindings)
+    if out_q is None or call.attrs.axis is None:
+        return None
+    return nxt, _ConcatRegion(inputs, int(call.attrs.axis), out_q)
+
+
+def _match_requantize(var, call, bindings, _users) -> tuple[relax.Var, _RequantRegion] | None:
+    """(var, region) for ``quantize(dequantize(x_q))`` between two int8/uint8 params, else None."""
+    inp = _match_input(call.args[0], bindings)
+    out_q = _match_output(call, bindings)
+    if inp is None or out_q is None:
+        return None
+    return var, _RequantRegion(*inp, out_q)
+
+
+def _clamp_bounds(clip, s_y: float, z_y: int, dtype: str) -> tuple[int, int]:
+    """Integer output range of ``quantize(clip(y, lo, hi), s_y, z_y)`` (float32 rounding)."""
+    qmin, qmax = qmath.qrange(dtype)
+    if clip is None:
+        return qmin, qmax
+    lo, hi = clip
+
+    def q(v):
+        if not np.isfinite(v):
+            return qmin if v < 0 else qmax
+        return z_y + int(np.rint(np.float32(v) / np.float32(s_y)))
+
+    return max(qmin, min(qmax, q(lo))), max(qmin, min(qmax, q(hi)))
 
 
 def _offset(r: _Region) -> np.ndarray:
@@ -242,16 +367,14 @@ def _i64(value) -> tvm.ir.Constant:
     return relax.const(np.asarray(value, dtype="int64"), "int64")
 
 
-def requantize_int_expr(bb, acc, multiplier, shift, z_y: int, dtype: str, shape) -> relax.Expr:
-    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(acc, M, shift) + z_y``, clamped to `dtype`.
+def _multiply_by_quantized_multiplier(bb, a, multiplier, shift) -> relax.Expr:
+    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(a, M, shift)`` on int64 `a` (int32 values).
 
-    ``multiplier`` / ``shift`` are per-channel int arrays reshaped to `shape`. The
-    intermediates are int64; the result equals ``qmath.requantize_int`` bit for bit.
+    ``multiplier`` / ``shift`` are int arrays broadcasting against `a`; returns int64.
     """
-    m = np.asarray(multiplier, dtype=np.int64).reshape(shape)
-    sh = np.asarray(shift, dtype=np.int64).reshape(shape)
+    m = np.asarray(multiplier, dtype=np.int64)
+    sh = np.asarray(shift, dtype=np.int64)
     left, right = np.maximum(sh, 0), np.maximum(-sh, 0)
-    a = bb.emit(relax.op.astype(acc, "int64"))
     if np.any(left > 0):
         a = bb.emit(relax.op.left_shift(a, _i64(left)))
         a = bb.emit(relax.op.clip(a, -(2**31), 2**31 - 1))
@@ -263,12 +386,31 @@ def requantize_int_expr(bb, acc, multiplier, shift, z_y: int, dtype: str, shape)
     half = (np.int64(1) << right) >> 1
     nudge_neg = np.maximum(half - 1, 0)
     nudge = bb.emit(relax.op.where(relax.op.less(high, _i64(0)), _i64(nudge_neg), _i64(half)))
-    y = bb.emit(relax.op.right_shift(relax.op.add(high, nudge), _i64(right)))
-    qmin, qmax = qmath.qrange(dtype)
+    return bb.emit(relax.op.right_shift(relax.op.add(high, nudge), _i64(right)))
+
+
+def requantize_int_expr(
+    bb, acc, multiplier, shift, z_y: int, dtype: str, shape, bounds=None
+) -> relax.Expr:
+    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(acc, M, shift) + z_y``, clamped to `dtype`.
+
+    ``multiplier`` / ``shift`` are per-channel int arrays reshaped to `shape`. The
+    intermediates are int64; the result equals ``qmath.requantize_int`` bit for bit.
+    ``bounds`` (qmin, qmax) narrows the clamp (a fused relu6 / clip).
+    """
+    m = np.asarray(multiplier, dtype=np.int64).reshape(shape)
+    sh = np.asarray(shift, dtype=np.int64).reshape(shape)
+    a = acc if str(acc.ty.dtype) == "int64" else bb.emit(relax.op.astype(acc, "int64"))
+    y = _multiply_by_quantized_multiplier(bb, a, m, sh)
+    qmin, qmax = qmath.qrange(dtype) if bounds is None else bounds
     if z_y != 0:
         y = bb.emit(relax.op.add(y, _i64(z_y)))
     y = bb.emit(relax.op.clip(y, qmin, qmax))
     return relax.op.astype(y, dtype)
+
+
+# TFLite ADD: operands scaled by 2**20 before their (< 1) multipliers keep 20 bits of headroom.
+_ADD_LEFT_SHIFT = 20
 
 
 @mutator
@@ -285,8 +427,80 @@ class _Lowerer(PyExprMutator):
         if region is None:
             super().visit_var_binding_(binding)
             return
-        value = self.builder_.normalize(self._lower(region))
+        if isinstance(region, _AddRegion):
+            value = self._lower_add(region)
+        elif isinstance(region, _ConcatRegion):
+            value = self._lower_concat(region)
+        elif isinstance(region, _RequantRegion):
+            value = self._requantize(self.visit_expr(region.x_q), region.s, region.z, region.out_q)
+        else:
+            value = self._lower(region)
+        value = self.builder_.normalize(value)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    def _requantize(self, q, s_in: float, z_in: int, out_q, bounds=None) -> relax.Expr:
+        """`q` (per-tensor ``s_in, z_in``) requantized to ``out_q``, clamped to `bounds`."""
+        bb = self.builder_
+        s_y, z_y, dtype = out_q
+        multiplier = np.float64(s_in) / np.float64(s_y)
+        if self.requantize == "integer":
+            a = bb.emit(relax.op.astype(q, "int64"))
+            if z_in != 0:
+                a = bb.emit(relax.op.subtract(a, _i64(z_in)))
+            m, sh = qmath.quantize_multiplier(multiplier)
+            return requantize_int_expr(bb, a, m, sh, z_y, dtype, (), bounds)
+        x = bb.emit(relax.op.astype(q, "float32"))
+        if z_in != 0:
+            x = bb.emit(relax.op.subtract(x, const_f32(z_in)))
+        scaled = bb.emit(relax.op.multiply(x, const_f32(multiplier)))
+        return self._quantize_scaled(scaled, z_y, dtype, bounds)
+
+    def _quantize_scaled(self, scaled, z_y: int, dtype: str, bounds) -> relax.Expr:
+        """``quantize(scaled, 1, z_y)`` (float requantize), clamped to `bounds` when narrower."""
+        out = relax.op.quantize(scaled, const_f32(1.0), const_i32(z_y), axis=-1, out_dtype=dtype)
+        if bounds is not None and tuple(bounds) != qmath.qrange(dtype):
+            out = relax.op.clip(self.builder_.emit(out), int(bounds[0]), int(bounds[1]))
+        return out
+
+    def _lower_add(self, r: _AddRegion) -> relax.Expr:
+        bb = self.builder_
+        s_y, z_y, dtype = r.out_q
+        bounds = _clamp_bounds(r.clip, s_y, z_y, dtype)
+        (a_q, s_a, z_a), (b_q, s_b, z_b) = r.inputs
+        a_q, b_q = self.visit_expr(a_q), self.visit_expr(b_q)
+        if self.requantize == "integer":
+            # TFLite ADD: shift left by 20, scale each operand by s / (2 max(s_a, s_b)) (< 1),
+            # add, then scale the sum by 2 max(s_a, s_b) / (2**20 s_y) into the output.
+            twice_max = 2.0 * max(s_a, s_b)
+            terms = []
+            for q, s, z in ((a_q, s_a, z_a), (b_q, s_b, z_b)):
+                t = bb.emit(relax.op.astype(q, "int64"))
+                if z != 0:
+                    t = bb.emit(relax.op.subtract(t, _i64(z)))
+                t = bb.emit(relax.op.left_shift(t, _i64(_ADD_LEFT_SHIFT)))
+                m, sh = qmath.quantize_multiplier(np.float64(s) / twice_max)
+                terms.append(_multiply_by_quantized_multiplier(bb, t, m, sh))
+            total = bb.emit(relax.op.add(*terms))
+            m, sh = qmath.quantize_multiplier(twice_max / (2.0**_ADD_LEFT_SHIFT * s_y))
+            return requantize_int_expr(bb, total, m, sh, z_y, dtype, (), bounds)
+        terms = []
+        for q, s, z in ((a_q, s_a, z_a), (b_q, s_b, z_b)):
+            t = bb.emit(relax.op.astype(q, "float32"))
+            if z != 0:
+                t = bb.emit(relax.op.subtract(t, const_f32(z)))
+            terms.append(bb.emit(relax.op.multiply(t, const_f32(np.float64(s) / s_y))))
+        total = bb.emit(relax.op.add(*terms))
+        return self._quantize_scaled(total, z_y, dtype, bounds)
+
+    def _lower_concat(self, r: _ConcatRegion) -> relax.Expr:
+        s_y, z_y, dtype = r.out_q
+        fields = []
+        for q, s, z in r.inputs:
+            q = self.visit_expr(q)
+            if (np.float32(s), z, str(q.ty.dtype)) != (np.float32(s_y), z_y, dtype):
+                q = self.builder_.emit(self._requantize(q, s, z, r.out_q))
+            fields.append(q)
+        return relax.op.concat(fields, axis=r.axis)
 
     def _lower(self, r: _Region) -> relax.Expr:
         bb = self.builder_
@@ -295,7 +509,14 @@ class _Lowerer(PyExprMutator):
         shape = _channel_shape(r.kind, r.call.ty.ndim, channels)
         w_q = relax.const(r.w_q, "int8")
         if r.kind == "matmul":
-            acc = bb.emit(relax.op.matmul(x_q, w_q, out_dtype="int32"))
+            out_shape = r.call.ty.shape
+            if r.call.ty.ndim > 2 and out_shape is not None:
+                # [B, S, K] @ [K, N] as the 2-D int8 matmul the target kernels match.
+                x_q = bb.emit(relax.op.reshape(x_q, (-1, int(r.w_q.shape[0]))))
+                acc = bb.emit(relax.op.matmul(x_q, w_q, out_dtype="int32"))
+                acc = bb.emit(relax.op.reshape(acc, out_shape))
+            else:
+                acc = bb.emit(relax.op.matmul(x_q, w_q, out_dtype="int32"))
         else:
             a = r.call.attrs
             padding = [int(p) for p in a.padding]
@@ -334,22 +555,30 @@ class _Lowerer(PyExprMutator):
                 acc, const_f32(acc_scale), const_i32(0), axis=axis, out_dtype="float32"
             )
         s_y, z_y, dtype = r.out_q
+        bounds = None if r.clip is None else _clamp_bounds(r.clip, s_y, z_y, dtype)
         multiplier = acc_scale / np.float64(s_y)
         if self.requantize == "integer":
             m, sh = qmath.quantize_multiplier(multiplier)
-            out = requantize_int_expr(bb, acc, m, sh, z_y, dtype, shape)
+            out = requantize_int_expr(bb, acc, m, sh, z_y, dtype, shape, bounds)
         else:
             scaled = bb.emit(
                 relax.op.multiply(
                     relax.op.astype(acc, "float32"), const_f32(multiplier.reshape(shape))
                 )
             )
-            out = relax.op.quantize(
-                scaled, const_f32(1.0), const_i32(z_y), axis=-1, out_dtype=dtype
-            )
+            out = self._quantize_scaled(scaled, z_y, dtype, bounds)
         for call in r.passthrough:
             out = relax.Call(call.op, [bb.emit(out), *call.args[1:]], call.attrs)
         return out
+
+
+_MATCHERS = {
+    MATMUL: _match_region,
+    CONV2D: _match_region,
+    ADD: _match_add,
+    CONCAT: _match_concat,
+    QUANTIZE: _match_requantize,
+}
 
 
 def float_compute_ops(func: relax.Function) -> list[str]:
@@ -364,7 +593,8 @@ def float_compute_ops(func: relax.Function) -> list[str]:
 
 @tvm.transform.module_pass(opt_level=0, name="LowerInt8")
 class LowerInt8:
-    """Lower QDQ matmul / conv2d regions to int8 x int8 -> int32 compute.
+    """Lower QDQ matmul / conv2d regions to int8 x int8 -> int32 compute, and QDQ add /
+    concat / requantize between quantized tensors to integer ops.
 
     Parameters
     ----------
@@ -387,8 +617,11 @@ class LowerInt8:
             users = _Users(func)
             regions: dict[relax.Var, _Region] = {}
             for b in ordered_bindings(func):
-                if isinstance(b, relax.VarBinding) and op_name(b.value) in SITE_OPS:
-                    found = _match_region(b.var, b.value, bindings, users)
+                if not isinstance(b, relax.VarBinding):
+                    continue
+                match = _MATCHERS.get(op_name(b.value))
+                if match is not None:
+                    found = match(b.var, b.value, bindings, users)
                     if found is not None:
                         regions[found[0]] = found[1]
             if not regions:

@@ -8,7 +8,8 @@ Phases (each a ``tvm.transform.Pass``):
 2. annotate -- :class:`AnnotateQDQ` with calibrated activation parameters (skipped when
    none are given: the module is then expected to be in QDQ form already).
 3. fold -- :class:`FoldQuantScales`: int8 weight constants, batch_norm folding.
-4. lower -- :class:`LowerInt8`: int8 x int8 -> int32 matmul / conv2d.
+4. lower -- :class:`LowerInt8`: int8 x int8 -> int32 matmul / conv2d; integer residual
+   add, concat, relu6 / clip and requantize.
 5. build (pipeline only, optional) -- ``LegalizeOps`` + fusion (the stock ``"zero"``
    pipeline), then the stock ``"default_build"`` pipeline, so the result can be passed
    to ``tvm.compile(..., relax_pipeline=...)``.

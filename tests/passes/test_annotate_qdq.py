@@ -268,3 +268,142 @@ def test_pruned_channel_gets_unit_scale():
     scale = _sym_scale(w, 1)
     scale[1] = 1.0
     tvm.ir.assert_structural_equal(after, _bind(MatmulExpected, w=w, s_w=scale))
+
+
+# -- tensor sites: residual add and concat ----------------------------------------------------
+
+
+@I.ir_module
+class AddConcatBefore:
+    @R.function
+    def main(a: R.Tensor((2, 4), "float32"), b: R.Tensor((2, 4), "float32")):
+        with R.dataflow():
+            s = R.add(a, b)
+            r = R.nn.relu(s)
+            c = R.concat((r, a), axis=1)
+            R.output(c)
+        return c
+
+
+@I.ir_module
+class AddConcatExpected:
+    @R.function
+    def main(a: R.Tensor((2, 4), "float32"), b: R.Tensor((2, 4), "float32")):
+        with R.dataflow():
+            aq = R.quantize(
+                a, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="int8"
+            )
+            adq = R.dequantize(
+                aq, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="float32"
+            )
+            bq = R.quantize(
+                b, R.const(0.25, "float32"), R.const(-2, "int32"), axis=-1, out_dtype="int8"
+            )
+            bdq = R.dequantize(
+                bq, R.const(0.25, "float32"), R.const(-2, "int32"), axis=-1, out_dtype="float32"
+            )
+            s = R.add(adq, bdq)
+            r = R.nn.relu(s)
+            rq = R.quantize(
+                r, R.const(0.125, "float32"), R.const(-128, "int32"), axis=-1, out_dtype="int8"
+            )
+            rdq = R.dequantize(
+                rq, R.const(0.125, "float32"), R.const(-128, "int32"), axis=-1, out_dtype="float32"
+            )
+            # The concat's inputs take its output parameters; `a` already has them: reused.
+            rq2 = R.quantize(
+                rdq, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="int8"
+            )
+            rdq2 = R.dequantize(
+                rq2, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="float32"
+            )
+            c = R.concat((rdq2, adq), axis=1)
+            cq = R.quantize(
+                c, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="int8"
+            )
+            cdq = R.dequantize(
+                cq, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="float32"
+            )
+            R.output(cdq)
+        return cdq
+
+
+ADD_CONCAT_QP = {
+    "add_0:0": (0.5, 1),
+    "add_0:1": (0.25, -2),
+    "add_0": (0.125, -128),
+    "concat_0": (0.5, 1),
+}
+
+
+def test_add_and_concat_before_expected():
+    after = AnnotateQDQ(ADD_CONCAT_QP)(AddConcatBefore)
+    tvm.ir.assert_structural_equal(after, AddConcatExpected)
+
+
+def test_tensor_sites_and_what_calibration_observes():
+    from tvmq.passes._quant_sites import list_observed_tensors, list_tensor_sites
+
+    sites = list_tensor_sites(AddConcatBefore["main"])
+    assert [(s.name, s.kind) for s in sites] == [("add_0", "add"), ("concat_0", "concat")]
+    add = sites[0]
+    assert add.output.name == "r"  # the relu after the add is part of it
+    observed = list_observed_tensors(AddConcatBefore["main"])
+    assert [o.name for o in observed] == ["add_0:0", "add_0:1", "add_0", "concat_0"]
+    # Annotated: no site is left, but the indices are kept.
+    assert list_tensor_sites(AnnotateQDQ(ADD_CONCAT_QP)(AddConcatBefore)["main"]) == []
+
+
+def test_tensor_sites_idempotent_skip_and_missing_params():
+    once = AnnotateQDQ(ADD_CONCAT_QP)(AddConcatBefore)
+    assert AnnotateQDQ(ADD_CONCAT_QP)(once).same_as(once)
+    skipped = AnnotateQDQ(ADD_CONCAT_QP, Int8Static(skip=("add", "concat")))(AddConcatBefore)
+    assert skipped.same_as(AddConcatBefore)
+    partial = {k: v for k, v in ADD_CONCAT_QP.items() if k != "add_0:1"}
+    only_concat = AnnotateQDQ(partial)(AddConcatBefore)
+    ops = [
+        b.value.op.name
+        for b in only_concat["main"].body.blocks[0].bindings
+        if isinstance(b.value, relax.Call)
+    ]
+    assert ops.count("relax.quantize") == 3  # the concat's two inputs and its output
+
+
+@I.ir_module
+class BiasAdd:
+    """An add with a constant operand is a bias (its matmul's), not a tensor site."""
+
+    @R.function
+    def main(a: R.Tensor((2, 4), "float32")):
+        with R.dataflow():
+            y = R.add(a, R.const(np.ones((2, 4), "float32")))
+            z = R.add(a, R.const(np.ones((4,), "float32")))
+            R.output(y, z)
+        return (y, z)
+
+
+def test_constant_and_broadcast_adds_are_not_sites():
+    from tvmq.passes._quant_sites import list_tensor_sites
+
+    assert list_tensor_sites(BiasAdd["main"]) == []
+    assert AnnotateQDQ({"add_0": (0.5, 0)})(BiasAdd).same_as(BiasAdd)
+
+
+def test_tensor_read_by_conv_and_add_is_quantized_once():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 4)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="float32"))
+            y = bb.emit_output(relax.op.add(h, x))
+        bb.emit_func_output(y)
+    qp = {"matmul_0": (0.5, 0), "add_0:0": (0.25, 0), "add_0:1": (0.5, 0), "add_0": (1.0, 0)}
+    after = AnnotateQDQ(qp)(bb.get())
+    quantized = [
+        b.value.args[0]
+        for b in after["main"].body.blocks[0].bindings
+        if isinstance(b.value, relax.Call) and b.value.op.name == "relax.quantize"
+    ]
+    assert sum(1 for v in quantized if v.same_as(x)) == 1

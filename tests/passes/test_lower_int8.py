@@ -425,3 +425,291 @@ def test_accumulator_overflow_stays_float():
     """A bias far off the accumulator grid would overflow int32: the region is left alone."""
     before = _bind(MatmulFloatOut, wq=WQ, s_w=S_W, b=np.array([0.0, 1e8, 0.0], "float32"))
     assert LowerInt8()(before).same_as(before)
+
+
+# -- weightless ops: integer add, concat, requantize; relu6 / clip; 3-D matmul ---------------
+
+A_Q, B_Q = (0.05, 3, "int8"), (0.02, 130, "uint8")  # (scale, zero point, dtype) of operands
+
+
+def _dq(bb, x, s, z):
+    return bb.emit(relax.op.dequantize(x, relax.const(np.float32(s)), relax.const(np.int32(z))))
+
+
+def _q(y, s, z, dtype):
+    return relax.op.quantize(
+        y, relax.const(np.float32(s)), relax.const(np.int32(z)), out_dtype=dtype
+    )
+
+
+def _add_module(out_q, clip=None, shape=(4, 33)):
+    """dequantize(a), dequantize(b) -> add -> [clip] -> quantize."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType(shape, A_Q[2]))
+    b = relax.Var("b", relax.TensorType(shape, B_Q[2]))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(_dq(bb, a, *A_Q[:2]), _dq(bb, b, *B_Q[:2])))
+            if clip is not None:
+                y = bb.emit(relax.op.clip(y, *clip))
+            q = bb.emit_output(_q(y, *out_q))
+        bb.emit_func_output(q)
+    return bb.get()
+
+
+def _add_inputs(shape=(4, 33), seed=7):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(-128, 128, shape).astype("int8"),
+        rng.integers(0, 256, shape).astype("uint8"),
+    )
+
+
+def _ops(mod) -> list[str]:
+    return [
+        b.value.op.name
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
+    ]
+
+
+def _tflite_add(a, b, out_q):
+    """TFLite ADD in numpy, from qmath's gemmlowp helpers (int32 intermediates unclamped)."""
+    (s_a, z_a, _), (s_b, z_b, _), (s_y, z_y, dtype) = A_Q, B_Q, out_q
+    s_a, s_b, s_y = (float(np.float32(s)) for s in (s_a, s_b, s_y))  # as stored in the IR
+    twice_max = 2.0 * max(s_a, s_b)
+    terms = []
+    for x, s, z in ((a, s_a, z_a), (b, s_b, z_b)):
+        m, sh = qmath.quantize_multiplier(s / twice_max)
+        shifted = (x.astype(np.int64) - z) << 20
+        terms.append(qmath.requantize_int(shifted, m, sh, 0, "int32").astype(np.int64))
+    m, sh = qmath.quantize_multiplier(twice_max / (2.0**20 * s_y))
+    return qmath.requantize_int(terms[0] + terms[1], m, sh, z_y, dtype)
+
+
+@pytest.mark.parametrize("out_q", [(0.06, -5, "int8"), (0.04, 100, "uint8")])
+def test_integer_add_within_one_lsb_of_float_reference(out_q):
+    a, b = _add_inputs()
+    mod = _add_module(out_q)
+    s_y, z_y, dtype = out_q
+    real = np.float32(A_Q[0]) * (a.astype(np.float64) - A_Q[1]) + np.float32(B_Q[0]) * (
+        b.astype(np.float64) - B_Q[1]
+    )
+    ref = qmath.quantize(real, np.float32(s_y), z_y, dtype).astype(np.int64)
+    for mode in ("float", "integer"):
+        lowered = LowerInt8(requantize=mode)(mod)
+        ops = _ops(lowered)
+        assert "relax.dequantize" not in ops and "relax.add" in ops
+        got = _run(lowered, a, b)
+        assert got.dtype == dtype
+        diff = np.abs(got.astype(np.int64) - ref)
+        # Within 1 LSB; off-by-one only near ties (these round scales make many exact ties).
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.9, (mode, diff.max())
+        if mode == "integer":
+            assert not any(str(b.value.ty.dtype).startswith("float") for b in _bindings(lowered))
+            np.testing.assert_array_equal(got, _tflite_add(a, b, out_q))
+
+
+def _bindings(mod):
+    return [b for block in mod["main"].body.blocks for b in block.bindings]
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+@pytest.mark.parametrize("clip", [(0, 6), (-1, 2)], ids=["relu6", "clip"])
+def test_add_clip_is_an_exact_integer_clamp(mode, clip):
+    """clip(y, lo, hi) then quantize == clamp of the quantized y to z + round([lo, hi] / s)."""
+    out_q = (0.03, -10, "int8")
+    a, b = _add_inputs()
+    plain = _run(LowerInt8(requantize=mode)(_add_module(out_q)), a, b)
+    lowered = LowerInt8(requantize=mode)(_add_module(out_q, clip))
+    assert "relax.dequantize" not in _ops(lowered)
+    lo, hi = (out_q[1] + round(v / out_q[0]) for v in clip)
+    np.testing.assert_array_equal(_run(lowered, a, b), np.clip(plain, max(lo, -128), hi))
+
+
+def _matmul_clip_module(clip, x_shape=(8, 32), w_q=None, relu=False):
+    rng = np.random.default_rng(11)
+    k = x_shape[-1]
+    w_q = rng.integers(-127, 128, (k, 6)).astype("int8") if w_q is None else w_q
+    s_w = (rng.uniform(0.5, 2, 6) * 0.01).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            wdq = bb.emit(
+                relax.op.dequantize(
+                    relax.const(w_q), relax.const(s_w), relax.const(np.int32(0)), axis=1
+                )
+            )
+            y = bb.emit(relax.op.matmul(_dq(bb, x, 0.1, 2), wdq, out_dtype="float32"))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            if clip is not None:
+                y = bb.emit(relax.op.clip(y, *clip))
+            q = bb.emit_output(_q(y, 0.03, -100, "int8"))
+        bb.emit_func_output(q)
+    return bb.get()
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_matmul_relu6_clamps_requantized_integers(mode):
+    x = np.random.default_rng(12).integers(-128, 128, (8, 32)).astype("int8")
+    plain = _run(LowerInt8(requantize=mode)(_matmul_clip_module(None)), x)
+    lowered = LowerInt8(requantize=mode)(_matmul_clip_module((0, 6)))
+    ops = _ops(lowered)
+    assert "relax.dequantize" not in ops and ops.count("relax.matmul") == 1
+    hi = -100 + round(6 / 0.03)
+    expected = np.clip(plain, -100, hi)
+    assert (expected == hi).any() and (expected == -100).any()  # both bounds bite
+    np.testing.assert_array_equal(_run(lowered, x), expected)
+    # Same numbers as the float QDQ module, up to the float accumulation's rounding.
+    qdq = _run(_matmul_clip_module((0, 6)), x).astype(np.int64)
+    assert np.abs(qdq - _run(lowered, x)).max() <= 1
+
+
+def test_clip_without_quantize_stays_float():
+    """No quantize after the clip: the region ends at the accumulator, the clip stays float."""
+    mod = _matmul_clip_module((0, 6))
+    func = mod["main"]
+    body = func.body
+    # Return the clip's float result instead of its quantize.
+    clip_var = body.blocks[0].bindings[-2].var
+    blocks = [relax.DataflowBlock(list(body.blocks[0].bindings[:-1]))]
+    out = relax.Var("out", clip_var.ty)
+    blocks[0] = relax.DataflowBlock([*blocks[0].bindings, relax.VarBinding(out, clip_var)])
+    mod = tvm.IRModule(
+        {"main": relax.Function(func.params, relax.SeqExpr(blocks, out), clip_var.ty)}
+    )
+    lowered = LowerInt8()(mod)
+    ops = _ops(lowered)
+    assert ops.count("relax.clip") == 1 and "relax.dequantize" in ops
+    clip = [b.value for b in _bindings(lowered) if _ops_of(b) == "relax.clip"][0]
+    assert str(clip.ty.dtype) == "float32"
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_3d_activation_matmul_runs_as_2d_int8_matmul(mode):
+    mod = _matmul_clip_module(None, x_shape=(2, 5, 32))
+    lowered = LowerInt8(requantize=mode)(mod)
+    matmuls = [b.value for b in _bindings(lowered) if _ops_of(b) == "relax.matmul"]
+    assert len(matmuls) == 1
+    mm = matmuls[0]
+    assert [int(d) for d in mm.args[0].ty.shape] == [10, 32]
+    assert (str(mm.args[0].ty.dtype), str(mm.args[1].ty.dtype), str(mm.ty.dtype)) == (
+        "int8",
+        "int8",
+        "int32",
+    )
+    x = np.random.default_rng(13).integers(-128, 128, (2, 5, 32)).astype("int8")
+    got = _run(lowered, x)
+    assert got.shape == (2, 5, 6)
+    assert np.abs(got.astype(np.int64) - _run(mod, x)).max() <= 1
+
+
+def _ops_of(binding):
+    v = binding.value
+    return v.op.name if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) else None
+
+
+def _concat_module(params, out_q):
+    bb = relax.BlockBuilder()
+    xs = [relax.Var(f"x{i}", relax.TensorType((2, 3, 4), p[2])) for i, p in enumerate(params)]
+    with bb.function("main", xs):
+        with bb.dataflow():
+            dqs = [_dq(bb, x, s, z) for x, (s, z, _) in zip(xs, params, strict=True)]
+            y = bb.emit(relax.op.concat(dqs, axis=1))
+            q = bb.emit_output(_q(y, *out_q))
+        bb.emit_func_output(q)
+    return bb.get()
+
+
+def _concat_inputs(params, seed=14):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(*qmath.qrange(d), size=(2, 3, 4), endpoint=True).astype(d)
+        for _, _, d in params
+    ]
+
+
+def test_concat_with_shared_params_is_an_exact_integer_concat():
+    p = (0.1, -3, "int8")
+    mod = _concat_module([p, p], p)
+    lowered = LowerInt8()(mod)
+    assert _ops(lowered) == ["relax.concat"]
+    xs = _concat_inputs([p, p])
+    np.testing.assert_array_equal(_run(lowered, *xs), np.concatenate(xs, axis=1))
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_concat_requantizes_inputs_with_other_params(mode):
+    params = [(0.08, 0, "int8"), (0.05, 120, "uint8")]
+    out_q = (0.08, 0, "int8")
+    mod = _concat_module(params, out_q)
+    lowered = LowerInt8(requantize=mode)(mod)
+    ops = _ops(lowered)
+    assert "relax.dequantize" not in ops and ops[-1] == "relax.concat"
+    xs = _concat_inputs(params)
+    got = _run(lowered, *xs)
+    np.testing.assert_array_equal(got[:, :3], xs[0])  # same scale, zero point and dtype
+    assert np.abs(got.astype(np.int64) - _run(mod, *xs)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_standalone_requantize_is_integer(mode):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64,), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit_output(_q(_dq(bb, x, 0.1, 5), 0.07, -2, "uint8"))
+        bb.emit_func_output(q)
+    mod = bb.get()
+    lowered = LowerInt8(requantize=mode)(mod)
+    assert "relax.dequantize" not in _ops(lowered)
+    xs = np.arange(-128, 128, 4).astype("int8")
+    assert np.abs(_run(lowered, xs).astype(np.int64) - _run(mod, xs)).max() <= 1
+
+
+@I.ir_module
+class FloatAddConcat:
+    @R.function
+    def main(a: R.Tensor((2, 4), "float32"), b: R.Tensor((2, 4), "float32")):
+        with R.dataflow():
+            y = R.add(a, b)
+            c = R.concat((y, a), axis=1)
+            R.output(c)
+        return c
+
+
+@I.ir_module
+class AddWithoutQuantize:
+    """Dequantized operands but a float consumer: nothing to gain, left alone."""
+
+    @R.function
+    def main(a: R.Tensor((2, 4), "int8"), b: R.Tensor((2, 4), "int8")):
+        with R.dataflow():
+            da = R.dequantize(a, R.const(0.5, "float32"), R.const(0, "int32"), out_dtype="float32")
+            db = R.dequantize(b, R.const(0.5, "float32"), R.const(0, "int32"), out_dtype="float32")
+            y = R.add(da, db)
+            R.output(y)
+        return y
+
+
+@pytest.mark.parametrize("mod", [FloatAddConcat, AddWithoutQuantize])
+def test_weightless_ops_with_nothing_to_lower_are_unchanged(mod):
+    assert LowerInt8()(mod).same_as(mod)
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _add_module((0.06, -5, "int8"), clip=(0, 6)),
+        lambda: _concat_module([(0.1, -3, "int8"), (0.05, 120, "uint8")], (0.08, 0, "int8")),
+        lambda: _matmul_clip_module((0, 6), x_shape=(2, 5, 32)),
+    ],
+    ids=["add", "concat", "matmul3d"],
+)
+def test_weightless_lowering_is_idempotent(mode, build):
+    once = LowerInt8(requantize=mode)(build())
+    assert LowerInt8(requantize=mode)(once).same_as(once)

@@ -1,7 +1,8 @@
 """Activation statistics for static quantization: run the float model, observe every site.
 
 The model's ``main`` is instrumented to also return the input activation of each
-quantizable site (``tvmq.passes`` site names: ``conv2d_0``, ``matmul_1``, ...), compiled
+quantizable site (``tvmq.passes`` site names: ``conv2d_0``, ``matmul_1``, ...) and the
+tensors of each integer add / concat (``add_0:0``, ``add_0:1``, ``add_0``, ``concat_0``), compiled
 once for the host and run on every calibration batch; each activation feeds its own
 observer (``tvmq.calibration``). Sites are listed on the *prepared* module
 (``tvmq.passes.prepare_passes``), the same form the quantization passes annotate.
@@ -52,7 +53,7 @@ class ActivationStats:
     num_batches : int
         Calibration batches run (after splitting to the model's batch size).
     site_kinds : dict[str, str]
-        Site name -> "matmul" or "conv2d".
+        Site name -> "matmul", "conv2d", "add" or "concat".
     """
 
     observers: dict[str, Observer]
@@ -74,8 +75,8 @@ def instrument(mod: tvm.IRModule, sites: Sequence) -> tuple[tvm.IRModule, list[s
     ----------
     mod : tvm.IRModule
         The (prepared) module the sites were listed on.
-    sites : sequence of QuantSite
-        Sites of ``main``; their activations must be vars of ``main``.
+    sites : sequence of QuantSite or ObservedTensor
+        What to observe (``.name``, ``.activation``); activations must be vars of ``main``.
 
     Returns
     -------
@@ -94,7 +95,7 @@ def instrument(mod: tvm.IRModule, sites: Sequence) -> tuple[tvm.IRModule, list[s
         for s in wanted:
             act = s.activation
             if act in defined and isinstance(act, relax.DataflowVar):
-                var = relax.Var(f"tvmq_act_{s.index}", act.ty)
+                var = relax.Var(f"tvmq_act_{len(out_vars)}", act.ty)
                 extra.append(relax.VarBinding(var, act))
                 out_vars[s.name] = var
             elif act in defined or act in params:
@@ -195,13 +196,13 @@ def collect_activation_stats(
     from tqdm.auto import tqdm
 
     from tvmq.passes import prepare_passes
-    from tvmq.passes._quant_sites import list_quant_sites
+    from tvmq.passes._quant_sites import list_observed_tensors, list_quant_sites
 
     prepared = prepare_passes()(mod)
     if inputs is None:
         inputs, _ = signature_of(prepared["main"], list(input_names) if input_names else None)
     names = [s.name for s in inputs]
-    sites = list_quant_sites(prepared["main"])
+    sites = [*list_quant_sites(prepared["main"]), *list_observed_tensors(prepared["main"])]
     instrumented, site_names = instrument(prepared, sites)
     kinds = {s.name: s.kind for s in sites}
 
