@@ -212,29 +212,9 @@ def _static_scheme(scheme) -> Int8Static:
 
 def _check_weights(mod: tvm.IRModule) -> None:
     """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
-    from tvmq.passes._quant_sites import is_tensor_const, ordered_bindings, relax_functions
+    from tvmq.frontends.model import check_finite_weights
 
-    for gv, func in relax_functions(mod):
-        for b in ordered_bindings(func):
-            bad = []
-
-            def visit(e, bad=bad):
-                if is_tensor_const(e) and str(e.ty.dtype).startswith("float"):
-                    data = e.value.numpy()
-                    if not np.isfinite(data).all():
-                        bad.append(data)
-
-            relax.analysis.post_order_visit(b.value, visit)
-            if bad:
-                data = bad[0]
-                op = b.value.op.name if isinstance(b.value, relax.Call) else type(b.value).__name__
-                n_nan = int(np.isnan(data).sum())
-                n_inf = int(np.isinf(data).sum())
-                raise TvmqError(
-                    f"a constant of shape {tuple(data.shape)} read by {op} (binding "
-                    f"'{b.var.name}' in {gv.name_hint}) has {n_nan} NaN and {n_inf} inf "
-                    "values; fix the float model's weights before quantizing"
-                )
+    check_finite_weights(mod, when="quantizing")
 
 
 def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
