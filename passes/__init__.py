@@ -8,7 +8,8 @@ Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weigh
 pruning, before quantization).
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
-:class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`Int8DenseCUDA` (dp4a).
+:class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
+:class:`Int8DenseCUDA` (dp4a).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 """
@@ -19,6 +20,7 @@ from .cluster_weights import ClusterWeights
 from .fold_quant_scales import FoldQuantScales
 from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
+from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
 from .pack_int8_dense_x86 import PackInt8DenseX86
 from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
 from .prune_channels import PruneChannels
@@ -36,7 +38,9 @@ __all__ = [
     "has_qdq",
     "ClusterWeights",
     "Int8DenseCUDA",
+    "PackInt8DenseARM",
     "PackInt8DenseX86",
+    "arm_int8_instruction",
     "PruneChannels",
     "PruneMagnitude",
     "PruneNM",

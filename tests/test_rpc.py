@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tvm
+from tvm import relax
 
 import tvmq
 from tvmq.demo import make_cnn, make_mlp
@@ -195,6 +197,153 @@ def test_host_library_does_not_load_on_board(boards, compiled):
         pytest.raises(BoardError, match="target 'host'"),
     ):
         RemoteModel(compiled["mlp", "host"], session)
+
+
+# --------------------------------------------------------------------------------------
+# int8 on the boards: tvmq's AArch64 kernels, quantized models, tuning over RPC
+
+
+def _int8_dense_cases() -> list[tuple[tuple[int, ...], str, np.ndarray]]:
+    """(x shape, x dtype, weight): M=1, ragged K/N/M, 3-D input, uint8 activations."""
+    rng = np.random.default_rng(5)
+    shapes = [((1, 64), "int8", 32), ((13, 30), "uint8", 7), ((2, 5, 33), "int8", 10)]
+    shapes += [((24, 128), "uint8", 48)]
+    return [(x, dt, rng.integers(-128, 128, (x[-1], n), dtype=np.int8)) for x, dt, n in shapes]
+
+
+def _int8_dense_module(cases) -> tvm.IRModule:
+    """main(x0, x1, ...) = (matmul(x_i, W_i, out_dtype=int32), ...) as LowerInt8 emits them."""
+    xs = [relax.Var(f"x{i}", relax.TensorType(shape, dt)) for i, (shape, dt, _) in enumerate(cases)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", xs):
+        with bb.dataflow():
+            ys = [
+                bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+                for x, (_, _, w) in zip(xs, cases, strict=True)
+            ]
+            out = bb.emit_output(relax.Tuple(ys))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run_on_board(session, lib_path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Upload a library, run its main through the VM's stateful calls, fetch every output."""
+    from tvmq.rpc import _fetch_outputs
+
+    rpc = session.rpc
+    rpc.upload(str(lib_path), target=lib_path.name)
+    dev = session.device("cpu", 0)
+    vm = relax.VirtualMachine(rpc.load_module(lib_path.name), dev)
+    vm.set_input("main", *[tvm.runtime.tensor(x, dev) for x in inputs])
+    vm.invoke_stateful("main")
+    return _fetch_outputs(vm.module, ())
+
+
+@pytest.mark.parametrize(("target", "instruction"), [("arm-a76", "sdot"), ("rasp4b", "neon")])
+def test_arm_int8_dense_kernel_bit_exact_on_board(boards, tmp_path, target, instruction):
+    from tvmq.build import build, export_library
+    from tvmq.passes.pack_int8_dense_arm import PackInt8DenseARM
+    from tvmq.targets import get_target
+
+    cases = _int8_dense_cases()
+    mod = PackInt8DenseARM(get_target(target).tvm_target())(_int8_dense_module(cases))
+    kinds = {
+        f.attrs["tvmq.kernel"] for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert kinds == {f"int8_dense_{instruction}"}
+    lib = tmp_path / f"int8-dense-{target}.so"
+    export_library(build(mod, target), lib, target)
+    rng = np.random.default_rng(11)
+    xs = [
+        rng.integers(0 if dt == "uint8" else -128, 256 if dt == "uint8" else 128, shape).astype(dt)
+        for shape, dt, _ in cases
+    ]
+    with connect("127.0.0.1", boards.port, boards.key, timeout=ERROR_TIMEOUT_S) as session:
+        ys = _run_on_board(session, lib, xs)
+    for x, (_, _, w), y in zip(xs, cases, ys, strict=True):
+        np.testing.assert_array_equal(y, x.astype(np.int32) @ w.astype(np.int32))
+
+
+# Static int8 with the same scheme on every target (a scheme name would pick uint8 activations
+# on a VNNI host and int8 on ARM): the MLP with int8, the CNN with uint8 activations.
+QUANT_SCHEMES = {"mlp": "int8", "cnn": "uint8"}
+
+
+@pytest.fixture(scope="session")
+def compiled_int8(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """The demo MLP and CNN quantized to static int8, built for the host and both boards."""
+    from tvmq.quantization import Int8Static
+
+    root = tmp_path_factory.mktemp("rpc-int8-models")
+    rng = np.random.default_rng(3)
+    calibration = [rng.standard_normal((2, 784)).astype("float32") for _ in range(8)]
+    out = {}
+    for name, make in (("mlp", make_mlp), ("cnn", make_cnn)):
+        torch.manual_seed(0)
+        model = make().eval()
+        scheme = Int8Static(activation_dtype=QUANT_SCHEMES[name])
+        for target in ["host", *BOARD_TARGETS]:
+            out[name, target] = root / f"{name}-int8-{target}"
+            tvmq.compile(
+                model,
+                target,
+                example_inputs=(torch.zeros(2, 784),),
+                output_dir=out[name, target],
+                quantize=scheme,
+                calibration_data=calibration,
+                progress=False,
+            )
+    return out
+
+
+@pytest.mark.parametrize("target", BOARD_TARGETS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_quantized_board_output_equals_host(boards, compiled_int8, model, target):
+    """Integer kernels agree exactly; the float rescale after them may round differently."""
+    from tvmq.manifest import Manifest
+
+    prescheduled = Manifest.read(compiled_int8[model, target]).notes["kernels"]["prescheduled"]
+    kind = "sdot" if target == "arm-a76" else "neon"
+    assert any(f"tvmq_int8_dense_{kind}_" in k for k in prescheduled), prescheduled
+    x = _inputs(2)
+    expected = tvmq.load(compiled_int8[model, "host"])(x)
+    with connect("127.0.0.1", boards.port, boards.key, timeout=ERROR_TIMEOUT_S) as session:
+        y = RemoteModel(compiled_int8[model, target], session)(x)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    # The outputs are dequantized logits: allow float rounding, far below one int8 step
+    # (a step of the logits' range is ~1% of it).
+    step = (expected.max() - expected.min()) / 255
+    diff = np.abs(y - expected).max()
+    print(f"{model} on {target}: max |board - host| = {diff:.3g} (one step ~ {step:.3g})")
+    assert diff <= 1e-5 * max(1.0, np.abs(expected).max()) or diff <= step
+
+
+def test_tune_over_rpc_writes_records(boards, tmp_path):
+    """A short MetaSchedule tune for arm-a76 measured on the emulated boards."""
+    from tvmq.tuning import RECORD_FILE, WORKLOAD_FILE, tune
+
+    x = relax.Var("x", relax.TensorType((4, 32), "float32"))
+    w = np.random.default_rng(0).standard_normal((32, 16)).astype("float32")
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(w))))
+        bb.emit_func_output(out)
+    work_dir = tmp_path / "arm-a76"
+    report = tune(
+        bb.get(),
+        "arm-a76",
+        work_dir=work_dir,
+        trials=2,
+        trials_per_batch=2,
+        rpc=("127.0.0.1", boards.port, boards.key),
+        progress=False,
+        seed=0,
+    )
+    assert report.new_trials == 2
+    assert report.tuned == 1, report.summary()  # at least one candidate built and ran
+    assert (work_dir / WORKLOAD_FILE).is_file()
+    assert len((work_dir / RECORD_FILE).read_text().splitlines()) == 2
 
 
 def test_dead_board_mid_run_is_an_error(boards, compiled):

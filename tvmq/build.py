@@ -273,15 +273,18 @@ def export_library(
 def _cpu_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """TVM's CPU pipeline up to scheduling (unlike ``relax.build``'s default, it fuses).
 
-    First, int8 dense layers become tvmq's pre-packed VNNI kernels where the CPU has
-    avx512vnni (a no-op elsewhere): TVM's default int8 lowering is slower than float.
+    First, int8 dense layers become tvmq's pre-packed kernels: VNNI where the x86 CPU has
+    avx512vnni, sdot (or a NEON fallback) on aarch64; TVM's default int8 lowering is slower
+    than float.
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from tvmq.passes.pack_int8_dense_arm import PackInt8DenseARM
     from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
 
     return [
-        PackInt8DenseX86(target),
+        PackInt8DenseX86(target),  # each is a no-op on the other's targets
+        PackInt8DenseARM(target),
         *cpu.library_dispatch_passes(target),
         *cpu.legalize_passes(target),  # LegalizeOps, FoldConstant, FuseOps, FuseTIR
     ]
