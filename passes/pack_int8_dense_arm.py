@@ -30,12 +30,7 @@ so running the pass again changes nothing. int8 ``conv2d`` is not rewritten.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import tvm
-from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.kernels.arm_int8 import (
     Instruction,
@@ -45,8 +40,7 @@ from tvmq.kernels.arm_int8 import (
     padded_kn,
 )
 
-_MATMUL = tvm.ir.Op.get("relax.matmul")
-_ACT_DTYPES = ("uint8", "int8")
+from ._int8_dense import DenseKernel, rewrite_int8_dense
 
 
 def arm_int8_instruction(target: tvm.target.Target | None) -> Instruction | None:
@@ -62,90 +56,22 @@ def arm_int8_instruction(target: tvm.target.Target | None) -> Instruction | None
         return None
 
 
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
-
-
-def _match(call: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], np.ndarray] | None:
-    """(x, x shape, W as numpy) for a lowerable ``matmul(x, W_const, out_dtype=int32)``."""
-    if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
-        return None
-    x, w = call.args
-    if str(call.attrs.out_dtype) != "int32" or not isinstance(w, tvm.ir.Constant):
-        return None
-    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in _ACT_DTYPES:
-        return None
-    if str(w.ty.dtype) != "int8":
-        return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
-    if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
-        return None
-    if x_shape[-1] != w_shape[0] or 0 in x_shape or 0 in w_shape:
-        return None
-    return x, x_shape, w.value.numpy()
-
-
-@mutator
-class _DenseRewriter(PyExprMutator):
-    """Replaces each matched matmul by pad -> call_tir(kernel) -> slice."""
-
-    def __init__(self, mod: tvm.IRModule, instruction: Instruction):
-        super().__init__(mod)
-        self.instruction = instruction
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        found = _match(call)
-        if found is None:
-            return call
-        self.changed = True
-        return self._lower(*found)
-
-    def _kernel(self, m: int, k: int, n: int, with_offset: bool) -> tvm.ir.GlobalVar:
-        key = (m, k, n, with_offset)
-        if key not in self.kernels:
-            func = int8_dense_arm(m, k, n, instruction=self.instruction, with_offset=with_offset)
-            name = f"tvmq_int8_dense_{self.instruction}_{m}x{k}x{n}"
-            self.kernels[key] = self.builder_.add_func(
-                func, name + ("_offset" if with_offset else "")
-            )
-        return self.kernels[key]
-
-    def _lower(self, x: relax.Expr, x_shape: tuple[int, ...], w: np.ndarray) -> relax.Expr:
-        bb = self.builder_
-        k, n = w.shape
-        m = math.prod(x_shape[:-1])
+def _dense_kernel(instruction: Instruction) -> DenseKernel:
+    def plan(m: int, k: int, n: int):
         kp, np_ = padded_kn(k, n)
-        mp = choose_tiles(m, np_, self.instruction).m_padded
-        unsigned = str(x.ty.dtype) == "uint8"
-        if len(x_shape) != 2:
-            x = bb.emit(relax.op.reshape(x, (m, k)))
-        if unsigned:
-            # x - 128 as int8; the kernel adds 128 * colsum(W) back.
-            wide = bb.emit(relax.op.astype(x, "int16"))
-            x = bb.emit(relax.op.astype(relax.op.subtract(wide, relax.const(128, "int16")), "int8"))
-        if kp != k or mp != m:
-            x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
-        args = [x, relax.const(pack_weight_arm(w), "int8")]
-        if unsigned:
-            offset = np.zeros(np_, dtype=np.int32)
-            offset[:n] = 128 * w.astype(np.int32).sum(axis=0)
-            args.append(relax.const(offset, "int32"))
-        kernel = self._kernel(mp, kp, np_, unsigned)
-        y = bb.emit(relax.call_tir(kernel, args, out_ty=relax.TensorType((mp, np_), "int32")))
-        if mp != m or np_ != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
-        if len(x_shape) != 2:
-            return relax.op.reshape(y, (*x_shape[:-1], n))
-        return y
+        return choose_tiles(m, np_, instruction).m_padded, kp, np_, None
+
+    def build(m: int, k: int, n: int, _tiles, with_offset: bool):
+        # Looked up at call time, so tests can swap in an unscheduled kernel.
+        return int8_dense_arm(m, k, n, instruction=instruction, with_offset=with_offset)
+
+    return DenseKernel(
+        name=instruction,
+        operand_dtype="int8",  # sdot and smull multiply signed by signed bytes
+        plan=plan,
+        pack=lambda w, kp, np_: pack_weight_arm(w),
+        build=build,
+    )
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8DenseARM")
@@ -167,16 +93,4 @@ class PackInt8DenseARM:
         instruction = arm_int8_instruction(target)
         if instruction is None:
             return mod
-        rewriter = _DenseRewriter(mod, instruction)
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                new_func = rewriter.visit_expr(func)
-                if not new_func.same_as(func):
-                    updates[gv] = new_func
-        if not rewriter.changed:
-            return mod
-        new_mod = rewriter.builder_.get()
-        for gv, func in updates.items():
-            new_mod[gv] = func
-        return new_mod
+        return rewrite_int8_dense(mod, _dense_kernel(instruction))

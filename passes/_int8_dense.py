@@ -1,0 +1,154 @@
+"""The rewrite shared by tvmq's target int8 dense passes (x86 VNNI, AArch64, CUDA dp4a).
+
+Each pass matches what :class:`LowerInt8` emits for a dense layer::
+
+    y = R.matmul(x, W, out_dtype="int32")   # x: (..., K) uint8 or int8, static shape
+                                            # W: (K, N) int8 constant
+
+and supplies a :class:`DenseKernel` (its padding, weight packing and TIR kernel); this
+module does the rest::
+
+    [reshape x to 2-D] -> [shift x to the kernel's operand dtype] -> [pad M, K]
+    -> call_tir(kernel, x, packed W[, offset]) -> [slice off the padding] -> [reshape back]
+
+The kernels multiply one operand signedness (VNNI u8 x s8; sdot and dp4a s8 x s8): an
+``x`` of the other kind is shifted by 128, which changes ``x @ W`` by ``shift * colsum(W)``,
+a compile-time int32 per column that the kernel subtracts again (its ``offset`` input).
+The result is exact. Kernels with the same shapes are shared; after a rewrite no int8
+matmul is left, so the passes are idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_ACT_DTYPES = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class DenseKernel:
+    """One target's int8 dense kernel, as the shared rewrite needs it.
+
+    ``plan(m, k, n) -> (mp, kp, np, tiles)``: padded sizes and the kernel's tiling;
+    ``pack(w, kp, np)``: the packed int8 weight; ``build(mp, kp, np, tiles, with_offset)``:
+    the scheduled PrimFunc (``with_offset``: it adds an int32 ``offset[np]`` per column).
+    """
+
+    name: str  # in kernel names: tvmq_int8_dense_<name>_<M>x<K>x<N>
+    operand_dtype: str  # the activation dtype the kernel multiplies: "uint8" or "int8"
+    plan: Callable[[int, int, int], tuple[int, int, int, Any]]
+    pack: Callable[[np.ndarray, int, int], np.ndarray]
+    build: Callable[[int, int, int, Any, bool], tvm.tirx.PrimFunc]
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def match_int8_dense(call: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], np.ndarray] | None:
+    """(x, x shape, W as numpy) for a lowerable ``matmul(x, W_const, out_dtype=int32)``."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
+        return None
+    x, w = call.args
+    if str(call.attrs.out_dtype) != "int32" or not isinstance(w, tvm.ir.Constant):
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in _ACT_DTYPES:
+        return None
+    if str(w.ty.dtype) != "int8":
+        return None
+    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
+        return None
+    if x_shape[-1] != w_shape[0] or 0 in x_shape or 0 in w_shape:
+        return None
+    return x, x_shape, w.value.numpy()
+
+
+@mutator
+class _DenseRewriter(PyExprMutator):
+    """Replaces each matched matmul by pad -> call_tir(kernel) -> slice."""
+
+    def __init__(self, mod: tvm.IRModule, kernel: DenseKernel):
+        super().__init__(mod)
+        self.kernel = kernel
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        found = match_int8_dense(call)
+        if found is None:
+            return call
+        self.changed = True
+        return self._lower(*found)
+
+    def _kernel_var(self, mp: int, kp: int, np_: int, tiles, with_offset: bool):
+        key = (mp, kp, np_, tiles, with_offset)
+        if key not in self.kernels:
+            func = self.kernel.build(mp, kp, np_, tiles, with_offset)
+            name = f"tvmq_int8_dense_{self.kernel.name}_{mp}x{kp}x{np_}"
+            name += "_offset" if with_offset else ""
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def _lower(self, x: relax.Expr, x_shape: tuple[int, ...], w: np.ndarray) -> relax.Expr:
+        bb = self.builder_
+        k, n = w.shape
+        m = math.prod(x_shape[:-1])
+        mp, kp, np_, tiles = self.kernel.plan(m, k, n)
+        shift = 0
+        if str(x.ty.dtype) != self.kernel.operand_dtype:
+            shift = 128 if self.kernel.operand_dtype == "uint8" else -128
+        if len(x_shape) != 2:
+            x = bb.emit(relax.op.reshape(x, (m, k)))
+        if shift:
+            wide = bb.emit(relax.op.astype(x, "int16"))
+            by = relax.const(abs(shift), "int16")
+            shifted = relax.op.add(wide, by) if shift > 0 else relax.op.subtract(wide, by)
+            x = bb.emit(relax.op.astype(shifted, self.kernel.operand_dtype))
+        if kp != k or mp != m:
+            x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
+        args = [x, relax.const(self.kernel.pack(w, kp, np_), "int8")]
+        if shift:
+            offset = np.zeros(np_, dtype=np.int32)
+            offset[:n] = -shift * w.astype(np.int32).sum(axis=0)
+            args.append(relax.const(offset, "int32"))
+        kernel = self._kernel_var(mp, kp, np_, tiles, bool(shift))
+        y = bb.emit(relax.call_tir(kernel, args, out_ty=relax.TensorType((mp, np_), "int32")))
+        if mp != m or np_ != n:
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+        if len(x_shape) != 2:
+            return relax.op.reshape(y, (*x_shape[:-1], n))
+        return y
+
+
+def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
+    """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
+    rewriter = _DenseRewriter(mod, kernel)
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            new_func = rewriter.visit_expr(func)
+            if not new_func.same_as(func):
+                updates[gv] = new_func
+    if not rewriter.changed:
+        return mod
+    new_mod = rewriter.builder_.get()
+    for gv, func in updates.items():
+        new_mod[gv] = func
+    return new_mod
