@@ -77,3 +77,20 @@ def test_manifest_records_what_it_is(compiled_mlp_dir):
     }
     assert d["versions"]["tvmq"] == tvmq.__version__ and d["versions"]["tvm"]
     assert d["compression"] == {}
+
+
+def test_recompiling_into_the_same_directory_loads_the_new_model(tmp_path, rng):
+    """dlopen caches by path: a second build into one directory must not run the first."""
+    out = tmp_path / "m"
+    x = rng.standard_normal((1, 8)).astype("float32")
+    results = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(8, 3).eval()
+        tvmq.compile(model, "host", example_inputs=torch.zeros(1, 8), output_dir=out)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        y = tvmq.load(out)(x)
+        np.testing.assert_allclose(y, ref, atol=1e-5)
+        results.append(y)
+    assert not np.allclose(results[0], results[1])

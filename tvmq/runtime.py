@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +98,30 @@ def verified_library(directory: Path, manifest: Manifest) -> Path:
     return lib_path
 
 
+def _load_fresh(lib_path: Path) -> tvm.runtime.Module:
+    """``load_module`` that really loads a library rebuilt in place.
+
+    TVM dlopens the real path, and dlopen hands back an already-loaded library when that
+    name matches, even if the file was replaced since (a recompile into the same
+    directory in one process): the old model would run. Loading through a hard link of a
+    fresh name (a copy where links are not possible) makes every load see the file as it is.
+    """
+    fresh = lib_path.with_name(f".{lib_path.stem}-{uuid.uuid4().hex}{lib_path.suffix}")
+    tmp_dir = None
+    try:
+        os.link(lib_path, fresh)
+    except OSError:  # read-only directory, or a filesystem without hard links
+        tmp_dir = Path(tempfile.mkdtemp(prefix="tvmq-load-"))
+        fresh = tmp_dir / lib_path.name
+        shutil.copyfile(lib_path, fresh)
+    try:
+        return tvm.runtime.load_module(str(fresh))
+    finally:
+        fresh.unlink(missing_ok=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 class CompiledModel:
     """A compiled model, callable on numpy arrays.
 
@@ -115,7 +142,7 @@ class CompiledModel:
             )
         self.device = device if device is not None else _device_for(self.manifest)
         try:
-            self._lib = tvm.runtime.load_module(str(lib_path))
+            self._lib = _load_fresh(lib_path)
             self._vm = relax.VirtualMachine(self._lib, self.device)
         except Exception as e:
             raise TvmqError(
