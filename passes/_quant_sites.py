@@ -350,13 +350,67 @@ def _tuple_fields(expr: relax.Expr, bindings) -> list[relax.Expr] | None:
     return list(expr.fields) if isinstance(expr, relax.Tuple) else None
 
 
+# Ops that take a quantized tensor and stay integer (or are integer sites themselves).
+_INTEGER_CONSUMERS = frozenset(
+    {
+        "relax.matmul",
+        "relax.nn.conv2d",
+        ADD,
+        CONCAT,
+        "relax.nn.max_pool2d",
+        "relax.reshape",
+        "relax.nn.relu",
+        "relax.clip",
+    }
+)
+
+
+def _feeds_only_integer_ops(var: relax.Var, func: relax.Function) -> bool:
+    """Whether every reader of `var` (through tuples) is an op that runs on integers.
+
+    An integer add or concat only pays when its result stays integer: one that feeds a
+    float op (a LayerNorm after a transformer's residual add, the function's output)
+    is quantized and dequantized again, which adds error and saves no float work. On
+    all-MiniLM-L6-v2, quantizing those residual adds dropped the static-int8 embeddings'
+    minimum cosine to float from 0.99 to 0.72 (bench/bench_peers.py).
+    """
+    readers: dict[relax.Var, list] = {}
+    for b in ordered_bindings(func):
+        value = b.value
+        args = value.fields if isinstance(value, relax.Tuple) else getattr(value, "args", [])
+        for a in args:
+            if isinstance(a, relax.Var):
+                readers.setdefault(a, []).append(b)
+    body = func.body.body if isinstance(func.body, relax.SeqExpr) else func.body
+    returned: set = set()
+    relax.analysis.post_order_visit(
+        body, lambda e: returned.add(e) if isinstance(e, relax.Var) else None
+    )
+    todo, seen = [var], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in returned:
+            return False
+        for b in readers.get(v, []):
+            if isinstance(b.value, relax.Tuple):
+                todo.append(b.var)
+            elif op_name(b.value) not in _INTEGER_CONSUMERS:
+                return False
+    return True
+
+
 def list_tensor_sites(func: relax.Function, prefix: str = "") -> list[TensorSite]:
     """The ``add`` / ``concat`` tensor sites of `func`, in dataflow order.
 
     An ``add`` qualifies when both operands are float32 activations (not constants: a
     bias add belongs to its matmul / conv2d) of the result's shape; a ``concat`` when
-    all its inputs are float32 activations. Ops already in QDQ form (every input a
-    ``dequantize``) keep their index but are not returned, so annotating is idempotent.
+    all its inputs are float32 activations; either only when its result feeds nothing
+    but integer ops (:func:`_feeds_only_integer_ops`). Ops already in QDQ form (every
+    input a ``dequantize``) keep their index but are not returned, so annotating is
+    idempotent.
     """
     bindings = binding_map(func)
     users = user_counts(func)
@@ -402,6 +456,8 @@ def list_tensor_sites(func: relax.Function, prefix: str = "") -> list[TensorSite
             act = nxt[0]
             if clip_bounds(act.value) is not None and float_dtype(act.value):
                 output = act.var
+        if not _feeds_only_integer_ops(output, func):
+            continue
         if kind == "add":
             input_names = tuple(f"{site_name}:{i}" for i in range(len(inputs)))
         else:

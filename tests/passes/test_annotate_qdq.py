@@ -281,8 +281,9 @@ class AddConcatBefore:
             s = R.add(a, b)
             r = R.nn.relu(s)
             c = R.concat((r, a), axis=1)
-            R.output(c)
-        return c
+            d = R.nn.relu(c)  # an integer consumer: a concat feeding only float ops stays float
+            R.output(d)
+        return d
 
 
 @I.ir_module
@@ -324,8 +325,9 @@ class AddConcatExpected:
             cdq = R.dequantize(
                 cq, R.const(0.5, "float32"), R.const(1, "int32"), axis=-1, out_dtype="float32"
             )
-            R.output(cdq)
-        return cdq
+            d = R.nn.relu(cdq)
+            R.output(d)
+        return d
 
 
 ADD_CONCAT_QP = {
@@ -407,3 +409,23 @@ def test_tensor_read_by_conv_and_add_is_quantized_once():
         if isinstance(b.value, relax.Call) and b.value.op.name == "relax.quantize"
     ]
     assert sum(1 for v in quantized if v.same_as(x)) == 1
+
+
+def test_add_feeding_a_float_op_stays_float():
+    """A residual add read by a float op (softmax here; a LayerNorm in a transformer) or
+    returned is no integer site: quantizing it would only add error."""
+    from tvmq.passes._quant_sites import list_tensor_sites
+
+    @I.ir_module
+    class Residual:
+        @R.function
+        def main(a: R.Tensor((2, 4), "float32"), b: R.Tensor((2, 4), "float32")):
+            with R.dataflow():
+                s = R.add(a, b)
+                y = R.nn.softmax(s)
+                t = R.add(a, y)
+                R.output(t)
+            return t
+
+    assert list_tensor_sites(Residual["main"]) == []
+    assert AnnotateQDQ({"add_0": (0.1, 0), "add_1": (0.1, 0)})(Residual).same_as(Residual)
