@@ -37,6 +37,7 @@ from tvm import te
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
+from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
 QUAD = 4
@@ -122,10 +123,6 @@ def register_dp4a_intrins() -> tuple[str, str]:
 register_dp4a_intrins()
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 @dataclass(frozen=True)
 class CudaDenseTiles:
     """Tiling of the dp4a dense kernel.
@@ -185,7 +182,7 @@ def choose_cuda_tiles(m: int, k: int, n: int) -> CudaDenseTiles:
 
 def padded_mkn(m: int, k: int, n: int, tiles: CudaDenseTiles) -> tuple[int, int, int]:
     """``(M, K, N)`` rounded up to whole tiles."""
-    return _round_up(m, tiles.bm), _round_up(k, tiles.bk), _round_up(n, tiles.bn)
+    return round_up(m, tiles.bm), round_up(k, tiles.bk), round_up(n, tiles.bn)
 
 
 def pack_weight_dp4a(w: np.ndarray, k_padded: int, n_padded: int) -> np.ndarray:

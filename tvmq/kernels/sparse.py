@@ -32,14 +32,11 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
 # Below this many multiply-adds a parallel launch costs more than it saves.
 _PARALLEL_MIN_MACS = 1 << 16
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class BSRWeight:
     @property
     def padded_shape(self) -> tuple[int, int]:
         """``(N, K)`` rounded up to multiples of the block."""
-        return (_round_up(self.shape[0], self.block[0]), _round_up(self.shape[1], self.block[1]))
+        return (round_up(self.shape[0], self.block[0]), round_up(self.shape[1], self.block[1]))
 
     @property
     def nnzb(self) -> int:
@@ -82,7 +79,7 @@ def pack_bsr(w: np.ndarray, block: tuple[int, int] = (16, 1)) -> BSRWeight:
     if bs_r < 1 or bs_c < 1:
         raise ValueError(f"block sizes must be >= 1, got {block}")
     n, k = w.shape
-    n_pad, k_pad = _round_up(n, bs_r), _round_up(k, bs_c)
+    n_pad, k_pad = round_up(n, bs_r), round_up(k, bs_c)
     padded = np.zeros((n_pad, k_pad), dtype=w.dtype)
     padded[:n, :k] = w
     blocks = padded.reshape(n_pad // bs_r, bs_r, k_pad // bs_c, bs_c).transpose(0, 2, 1, 3)
@@ -108,7 +105,7 @@ def from_bsr(
     """The dense ``(N, K)`` weight back from BSR arrays (padding cut off)."""
     nnzb, bs_r, bs_c = data.shape
     n_blocks = indptr.shape[0] - 1
-    k_pad = _round_up(shape[1], bs_c)
+    k_pad = round_up(shape[1], bs_c)
     out = np.zeros((n_blocks * bs_r, max(k_pad, bs_c)), dtype=data.dtype)
     for i in range(n_blocks):
         for j in range(int(indptr[i]), int(indptr[i + 1])):
@@ -152,7 +149,7 @@ def choose_bsr_tiles(m: int, bs_r: int, lanes: int) -> BSRTiles:
     vectors = 4 if 2 <= bs_r <= 4 else 2
     vectors = max(1, min(vectors, -(-m // lanes)))
     mt = lanes * vectors
-    return BSRTiles(mt, _round_up(m, mt))
+    return BSRTiles(mt, round_up(m, mt))
 
 
 def _finish(func: tvm.tirx.PrimFunc, name: str) -> tvm.tirx.PrimFunc:

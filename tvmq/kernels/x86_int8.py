@@ -26,6 +26,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
+from tvmq.kernels._tiling import pack_int8_tiles, round_up
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, VNNI_DOT_16X4
 
 KERNEL_ATTR = "tvmq.kernel"
@@ -36,13 +37,9 @@ _MAX_ACCUMULATORS = 24
 _PARALLEL_MIN_MACS = 1 << 20
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def padded_kn(k: int, n: int) -> tuple[int, int]:
     """``(K, N)`` rounded up to the packed tile (multiples of 4 and 16)."""
-    return _round_up(k, REDUCE), _round_up(n, LANES)
+    return round_up(k, REDUCE), round_up(n, LANES)
 
 
 def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
@@ -50,14 +47,7 @@ def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
 
     ``packed[j, q, i, r] == w[4 * q + r, 16 * j + i]`` (zero outside ``w``).
     """
-    if w.ndim != 2 or w.dtype != np.int8:
-        raise ValueError(f"expected an int8 (K, N) weight, got {w.dtype} {w.shape}")
-    k, n = w.shape
-    kp, np_ = padded_kn(k, n)
-    padded = np.zeros((kp, np_), dtype=np.int8)
-    padded[:k, :n] = w
-    packed = padded.reshape(kp // REDUCE, REDUCE, np_ // LANES, LANES).transpose(2, 0, 3, 1)
-    return np.ascontiguousarray(packed)
+    return pack_int8_tiles(w, LANES, REDUCE)
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,7 @@ def choose_tiles(m: int, n_padded: int) -> DenseTiles:
         mr, m_padded = m, m
     else:
         mr = next((d for d in range(8, 3, -1) if m % d == 0), 8)
-        m_padded = _round_up(m, mr)
+        m_padded = round_up(m, mr)
     n_tiles = n_padded // LANES
     prefs = (3, 4, 2, 1) if mr >= 6 else (4, 3, 2, 1)
     nr = next(r for r in prefs if n_tiles % r == 0 and mr * r <= _MAX_ACCUMULATORS)

@@ -1,0 +1,27 @@
+"""Padding and weight-packing arithmetic shared by tvmq's kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is ``>= x``."""
+    return -(-x // m) * m
+
+
+def pack_int8_tiles(w: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+    """Pack an int8 ``(K, N)`` weight as ``[N/lanes, K/reduce, lanes, reduce]``.
+
+    K and N are zero-padded to multiples of ``reduce`` / ``lanes``;
+    ``packed[j, q, i, r] == w[reduce * q + r, lanes * j + i]`` (zero outside ``w``), so each
+    ``lanes x reduce`` tile a dot-product instruction reads is contiguous.
+    """
+    if w.ndim != 2 or w.dtype != np.int8:
+        raise ValueError(f"expected an int8 (K, N) weight, got {w.dtype} {w.shape}")
+    k, n = w.shape
+    kp, np_ = round_up(k, reduce), round_up(n, lanes)
+    padded = np.zeros((kp, np_), dtype=np.int8)
+    padded[:k, :n] = w
+    packed = padded.reshape(kp // reduce, reduce, np_ // lanes, lanes).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(packed)
