@@ -15,7 +15,8 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import dlight as dl
 
-from tvmq.build import _CPUDefaultSchedule, _debian_package, build, export_library
+from tvmq.build import _debian_package, build, export_library
+from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.errors import TvmqError
 from tvmq.targets import get_target, list_targets
 
@@ -84,7 +85,7 @@ def test_cpu_default_schedule_vectorizes_and_parallelizes():
     target = get_target("x86-avx2").tvm_target()
     with target:
         mod = relax.transform.LegalizeOps()(bb.get())
-        scheduled = dl.ApplyDefaultSchedule(_CPUDefaultSchedule())(mod)
+        scheduled = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(mod)
     text = scheduled.script()
     assert "T.vectorized" in text and "T.parallel" in text
 

@@ -11,7 +11,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 import tvmq.tuning
-from tvmq.build import BuildInfo, _CPUDefaultSchedule, build, build_with_info, fuse_to_tir
+from tvmq.build import BuildInfo, build, build_with_info, fuse_to_tir
+from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.errors import TvmqError
 from tvmq.targets import get_target
 from tvmq.tuning import RECORD_FILE, WORKLOAD_FILE, open_tuning_logs, tune
@@ -102,7 +103,7 @@ def test_records_change_the_kernel_and_results_stay_exact(tuned_dir):
     with target, database:
         tuned = relax.transform.MetaScheduleApplyDatabase()(fused)
     with target:
-        default = dl.ApplyDefaultSchedule(_CPUDefaultSchedule())(fused)
+        default = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(fused)
     assert tuned[name].attrs["tirx.is_scheduled"]
     assert not tvm_ffi.structural_equal(tuned[name], default[name])
 
