@@ -9,7 +9,8 @@ pruning, before quantization).
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
-:class:`Int8DenseCUDA` (dp4a).
+:class:`Int8DenseCUDA` (dp4a); :class:`FastMath` (vectorizable exp / erf / tanh, softmax and
+GELU on CPU targets).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 """
@@ -17,6 +18,7 @@ Pruning and weight sharing, on float constant weights before quantization:
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
+from .fast_math import FastMath
 from .fold_quant_scales import FoldQuantScales
 from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
@@ -37,6 +39,7 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
+    "FastMath",
     "Int8DenseCUDA",
     "PackInt8DenseARM",
     "PackInt8DenseX86",

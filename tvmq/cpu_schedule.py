@@ -24,30 +24,154 @@ _MIN_PARALLEL_WORK = 1 << 14
 class CPUDefaultSchedule(dl.ScheduleRule):
     """A cheap parallel + SIMD schedule for every static-shape CPU kernel.
 
-    For each block in loop order ``spatial..., reduction...``: when the innermost spatial axis
-    is unit-stride in every buffer it touches (true for NN matmul after FoldConstant
-    pre-transposes weights, NCHW conv2d, elementwise ops), split it by one or two SIMD
-    vectors, move the reduction loops outside it and vectorize it; for reductions, also keep
-    up to four rows of the next spatial axis in registers (unrolled). The outer spatial loops
-    are fused and run in parallel. Dynamic shapes, other layouts and anything the schedule
-    primitives reject keep TVM's plain loops.
+    1. Elementwise chains become one loop nest: injective blocks are inlined into injective
+       consumers (never into a reduction, which would recompute them per reduction step),
+       and trailing copies (reshape, broadcast) into their producer.
+    2. A reduction of a whole tensor to one value (the run-time range of a dynamically
+       quantized activation) keeps ``4 x SIMD`` partial results in vector registers
+       (``rfactor``) and combines them at the end.
+    3. Row-wise kernels — reductions and elementwise blocks sharing leading spatial axes
+       (softmax, layer norm) — run each row to the end before the next: the rows in
+       parallel, every block computed at the row, elementwise inner loops vectorized, and
+       each reduction over the innermost axis split into SIMD-wide partial results.
+    4. Anything else, block by block, in loop order ``spatial..., reduction...``: when the
+       innermost spatial axis is unit-stride in every buffer it touches (true for NN matmul
+       after FoldConstant pre-transposes weights, NCHW conv2d, elementwise ops), split it by
+       one or two SIMD vectors, move the reduction loops outside it and vectorize it; for
+       reductions, also keep up to four rows of the next spatial axis in registers
+       (unrolled). The outer spatial loops are fused and run in parallel.
+
+    Dynamic shapes, other layouts and anything the schedule primitives reject keep TVM's
+    plain loops (a step that fails falls back to the next).
     """
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        sch = s_tir.Schedule(func)
         vector_bits = llvm_get_vector_width(target)
         if vector_bits <= 0:
             vector_bits = 128
-        try:
-            infos = normalize_prim_func(sch)
-            if not infos:
-                return None
-            scheduled = [_schedule_cpu_block(sch, info, vector_bits) for info in infos]
-        except ScheduleError:
-            return None
-        return sch if any(scheduled) else None
+        lanes = vector_bits // 32
+        for whole_kernel in (True, False):
+            sch = s_tir.Schedule(func)
+            try:
+                if not normalize_prim_func(sch):
+                    return None
+                _inline_elementwise(sch)
+                infos = normalize_prim_func(sch)
+                if whole_kernel:
+                    if (len(infos) == 1 and _schedule_full_reduction(sch, infos[0], lanes)) or (
+                        _schedule_rowwise(sch, infos, lanes)
+                    ):
+                        return sch
+                    continue
+                scheduled = [_schedule_cpu_block(sch, info, vector_bits) for info in infos]
+            except ScheduleError:
+                continue
+            return sch if any(scheduled) else None
+        return None
+
+
+def _inline_elementwise(sch: s_tir.Schedule) -> None:
+    """Step 1 of :class:`CPUDefaultSchedule` (blocks that refuse stay as they are)."""
+
+    def first_inlined(candidates, primitive) -> bool:
+        for block in candidates:
+            try:
+                primitive(block)
+            except ScheduleError:
+                continue
+            return True
+        return False
+
+    def injective_producers():
+        infos = normalize_prim_func(sch) or []
+        injective = {sch.get(i.block_rv).name_hint for i in infos if i.is_injective()}
+        for info in infos[:-1]:
+            consumers = sch.get_consumers(info.block_rv)
+            if info.is_injective() and all(sch.get(c).name_hint in injective for c in consumers):
+                yield info.block_rv
+
+    while first_inlined(injective_producers(), sch.compute_inline):
+        pass
+    while first_inlined(
+        [i.block_rv for i in (normalize_prim_func(sch) or [])[1:] if i.is_injective()],
+        sch.reverse_compute_inline,
+    ):
+        pass
+
+
+def _leading_spatial(kinds: str) -> int:
+    return len(kinds) - len(kinds.lstrip("S"))
+
+
+def _schedule_full_reduction(sch: s_tir.Schedule, info, lanes: int) -> bool:
+    """Step 2 of :class:`CPUDefaultSchedule`; False (untouched) if ``info`` is not one."""
+    kinds, extents = info.dom_kind(), info.dom()
+    if "R" not in kinds or "O" in kinds or not all(isinstance(e, int) for e in extents):
+        return False
+    if any(kind == "S" and extent != 1 for kind, extent in zip(kinds, extents, strict=True)):
+        return False
+    loops = [loop for loop, kind in zip(info.get_loops(), kinds, strict=True) if kind == "R"]
+    width = 4 * lanes  # four vector accumulators hide the min / max / add latency
+    if math.prod(e for k, e in zip(kinds, extents, strict=True) if k == "R") % width:
+        return False
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _, partial = sch.split(fused, [None, width])
+    rf = sch.rfactor(partial, factor_axis=0)
+    rf_loops = sch.get_loops(rf)
+    sch.vectorize(rf_loops[-1])
+    sch.decompose_reduction(rf, rf_loops[-2])
+    return True
+
+
+def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
+    """Step 3 of :class:`CPUDefaultSchedule`; False (untouched) if the kernel is not one."""
+    if len(infos) < 2 or not infos[-1].is_injective() or all(i.is_injective() for i in infos):
+        return False
+    if any("O" in i.dom_kind() or not all(isinstance(e, int) for e in i.dom()) for i in infos):
+        return False
+    n_rows = min(_leading_spatial(i.dom_kind()) for i in infos)
+    rows = infos[-1].dom()[:n_rows]
+    # Every block walks the same rows, and the last one has an axis inside them to vectorize.
+    if n_rows == 0 or n_rows == len(infos[-1].dom()):
+        return False
+    if any(i.dom()[:n_rows] != rows for i in infos):
+        return False
+    # Reductions over the innermost axis: SIMD-wide partial results, contiguous per row.
+    partials = []
+    for info in infos:
+        kinds, extents = info.dom_kind(), info.dom()
+        if info.is_injective() or kinds.count("R") != 1 or not kinds.endswith("R"):
+            continue
+        if extents[-1] % lanes or extents[-1] < 2 * lanes:
+            continue
+        _, lane = sch.split(sch.get_loops(info.block_rv)[-1], [None, lanes])
+        out_ndim = len(sch.get(info.block_rv).writes[0].region)
+        partials.append(sch.rfactor(lane, factor_axis=out_ndim))
+    last = infos[-1].block_rv
+    row_loops = sch.get_loops(last)[:n_rows]
+    row = sch.fuse(*row_loops) if n_rows > 1 else row_loops[0]
+    if math.prod(infos[-1].dom()) >= _MIN_PARALLEL_WORK:
+        sch.parallel(row)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    partial_names = {sch.get(b).name_hint for b in partials}
+    injective_names = {sch.get(i.block_rv).name_hint for i in infos if i.is_injective()}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name, loops = sch.get(block).name_hint, sch.get_loops(block)
+        if name in partial_names:  # loops: row, lane, unit..., steps
+            sch.reorder(loops[-1], loops[1])
+            loops = sch.get_loops(block)
+            sch.vectorize(loops[-1])
+            sch.decompose_reduction(block, loops[1])
+        elif name in injective_names and len(loops) > 1:
+            extent = sch.get(loops[-1]).extent
+            if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+                _, vector = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vector)
+    return True
 
 
 def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:

@@ -1,0 +1,87 @@
+"""FastMath: which ops it rewrites, and its error against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmq.passes.fast_math import FastMath
+
+_ERF = np.vectorize(math.erf)
+
+
+def _module(op, dtype: str = "float32", shape=(4, 4096)) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op(x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    ex = tvm.compile(mod, target=tvm.target.Target.from_device(tvm.cpu()))
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _ops(mod: tvm.IRModule) -> set[str]:
+    return {
+        line.split("R.")[1].split("(")[0]
+        for line in mod["main"].script().splitlines()
+        if "= R." in line
+    }
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# name -> (relax op, float64 reference, input scale, max relative error, max absolute error)
+CASES = {
+    "exp": (relax.op.exp, np.exp, 15.0, 1e-6, 0.0),  # |x| < 88: no float32 overflow
+    "erf": (relax.op.erf, _ERF, 3.0, 0.0, 1e-6),
+    "tanh": (relax.op.tanh, np.tanh, 3.0, 0.0, 1e-6),
+    "gelu": (relax.op.nn.gelu, lambda x: 0.5 * x * (1 + _ERF(x / math.sqrt(2))), 4.0, 0.0, 2e-6),
+    "gelu_tanh": (
+        relax.op.nn.gelu_tanh,
+        lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        4.0,
+        0.0,
+        2e-6,
+    ),
+    # softmax: float32 sums over 4,096 values round to ~1e-6 relative, with or without FastMath
+    "softmax": (lambda x: relax.op.nn.softmax(x, axis=-1), _softmax, 8.0, 1e-5, 1e-7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rewrite_matches_float64_reference_on_random_inputs(name):
+    op, reference, scale, rtol, atol = CASES[name]
+    mod = _module(op)
+    fast = FastMath()(mod)
+    assert _ops(fast) == {"call_tir"}, fast["main"].script()
+    x = np.random.default_rng(0).standard_normal((4, 4096)).astype(np.float32) * scale
+    out = _run(fast, x).astype(np.float64)
+    expected = reference(x.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=rtol, atol=atol)
+
+
+def test_other_ops_and_dtypes_are_left_alone():
+    mods = [
+        _module(relax.op.sigmoid),
+        _module(relax.op.exp, "float16"),
+        _module(lambda x: relax.op.add(x, x)),
+    ]
+    for mod in mods:
+        tvm.ir.assert_structural_equal(FastMath()(mod), mod)
+
+
+def test_idempotent():
+    once = FastMath()(_module(relax.op.nn.gelu))
+    tvm.ir.assert_structural_equal(FastMath()(once), once)

@@ -1,0 +1,135 @@
+"""CPUDefaultSchedule: each step's loop structure, and numbers against numpy on random inputs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+
+from tvmq.build import build, fuse_to_tir
+from tvmq.cpu_schedule import CPUDefaultSchedule
+from tvmq.targets import get_target
+
+
+def _module(shape, body) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _scheduled_kernels(mod: tvm.IRModule) -> dict[str, str]:
+    """Name -> TVMScript of each TIR kernel after fusion and the default schedule (host)."""
+    target = get_target("host").tvm_target()
+    with target:
+        fused = fuse_to_tir(mod, "host")
+        scheduled = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(fused)
+    return {
+        gv.name_hint: f.script()
+        for gv, f in scheduled.functions_items()
+        if isinstance(f, tirx.PrimFunc)
+    }
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _layer_norm(x, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+ROWWISE = {
+    "softmax": (lambda x: relax.op.nn.softmax(x, axis=-1), _softmax),
+    "layer_norm": (
+        lambda x: relax.op.nn.layer_norm(
+            x,
+            relax.const(np.ones(256, np.float32)),
+            relax.const(np.zeros(256, np.float32)),
+            axes=[-1],
+        ),
+        _layer_norm,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROWWISE))
+def test_rowwise_kernels_keep_simd_partials_per_row(name):
+    op, reference = ROWWISE[name]
+    mod = _module((2, 48, 256), op)
+    (script,) = _scheduled_kernels(mod).values()
+    # Every block sits under one parallel row loop; reductions are split into 16-lane
+    # partial results ("_rf" buffers) with a vectorized inner loop.
+    assert len(re.findall(r"T\.parallel", script)) == 1
+    assert "_rf = T.sblock_alloc_buffer" in script and "T.vectorized" in script
+
+    x = np.random.default_rng(0).standard_normal((2, 48, 256), dtype=np.float32) * 4
+    np.testing.assert_allclose(_run(mod, x), reference(x), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduce", ["min", "max", "sum"])
+def test_whole_tensor_reduction_is_vectorized(reduce):
+    mod = _module((96, 384), getattr(relax.op, reduce))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "_rf = T.sblock_alloc_buffer((T.int64(64),))" in script
+    assert "T.vectorized" in script
+
+    x = np.random.default_rng(1).standard_normal((96, 384), dtype=np.float32)
+    out = _run(mod, x)
+    expected = getattr(np, reduce)(x.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_elementwise_chain_becomes_one_vectorized_loop_nest():
+    def chain(x):
+        y = relax.op.multiply(x, relax.const(np.float32(0.5)))
+        y = relax.op.add(y, relax.const(np.float32(1.0)))
+        y = relax.op.nn.gelu(y)
+        return relax.op.reshape(y, (64, 96))
+
+    mod = _module((2, 32, 96), chain)
+    (script,) = _scheduled_kernels(mod).values()
+    assert len(re.findall(r"^\s+with T\.sblock\(", script, re.M)) == 1, script
+    assert "T.vectorized" in script
+
+    x = np.random.default_rng(2).standard_normal((2, 32, 96), dtype=np.float32) * 3
+    y = x * 0.5 + 1.0
+    erf = np.vectorize(__import__("math").erf)
+    expected = (0.5 * y * (1 + erf(y / np.sqrt(2.0)))).reshape(64, 96)
+    np.testing.assert_allclose(_run(mod, x), expected, rtol=1e-5, atol=2e-6)
+
+
+def test_producer_read_by_a_reduction_is_not_inlined():
+    # exp feeds both the sum and the division of a softmax: inlining would recompute it.
+    mod = _module((8, 128), lambda x: relax.op.nn.softmax(x, axis=-1))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "T_fast_exp = T.sblock_alloc_buffer" in script
+
+
+def test_blocks_over_different_rows_are_not_scheduled_row_wise():
+    # pad (14x14) -> conv2d (12x12) -> relu: leading spatial axes differ between blocks.
+    w = np.random.default_rng(3).standard_normal((8, 3, 3, 3)).astype(np.float32)
+
+    def conv(x):
+        return relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+
+    mod = _module((2, 3, 12, 12), conv)
+    x = np.random.default_rng(4).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(pad, (3, 3), axis=(2, 3))
+    expected = np.maximum(np.einsum("ncyxij,fcij->nfyx", windows, w), 0)
+    np.testing.assert_allclose(_run(mod, x), expected, rtol=1e-5, atol=1e-5)
