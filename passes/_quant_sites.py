@@ -15,6 +15,13 @@ operands) and ``add_0`` (the result, after a following ``relu`` / ``clip``, whic
 integer add absorbs); a concat observes only its result ``concat_0``, and its inputs
 are quantized with the result's parameters (as TFLite does), so the concat itself is
 exact on integers.
+
+An *activation matmul* (``matmul_act_0``, a tensor site of kind ``"matmul_act"``) is a
+float32 ``matmul(a, b)`` of two non-constant operands of rank >= 2 -- attention's
+``Q @ K^T`` and ``P @ V``. It observes both operands (``matmul_act_0:0``,
+``matmul_act_0:1``), per tensor, and not its result: :class:`LowerInt8` runs it as an
+integer matmul with run-time zero-point terms and requantizes (or dequantizes) its
+int32 result like a weight site's.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ _KIND_NAMES = {
     "conv2d": ("relax.nn.conv2d", "conv2d"),
     "add": ("relax.add", "add"),
     "concat": ("relax.concat", "concat", "cat"),
+    "matmul_act": ("relax.matmul", "matmul_act"),
 }
 
 
@@ -52,7 +60,8 @@ def is_skipped(name: str, kind: str, skip) -> bool:
     """Whether a skip list (fnmatch patterns of site names or op names) selects a site.
 
     ``"conv2d"`` / ``"relax.nn.conv2d"`` select every conv2d; ``"matmul"``, ``"dense"``,
-    ``"linear"`` / ``"relax.matmul"`` every matmul; ``"add"`` / ``"concat"`` every integer
+    ``"linear"`` every matmul with a constant weight; ``"matmul_act"`` every matmul of two
+    activations (attention); ``"relax.matmul"`` both; ``"add"`` / ``"concat"`` every integer
     add / concat; ``"matmul_3"`` or ``"conv2d_*"`` by name.
     """
     names = (name, *_KIND_NAMES[kind])
@@ -178,6 +187,31 @@ def _annotated_weight(expr: relax.Expr, bindings) -> bool:
     return const_value(src, bindings) is not None
 
 
+def is_activation_matmul(call: relax.Expr, bindings) -> bool:
+    """Whether `call` is a float32 ``matmul`` of two non-constant operands of rank >= 2.
+
+    An operand in QDQ form (a ``dequantize`` of an activation) counts; a weight
+    (a constant, or a ``dequantize`` of one) does not.
+    """
+    if op_name(call) != MATMUL or len(call.args) != 2 or not float_dtype(call):
+        return False
+    for arg in call.args:
+        ty = arg.ty
+        if not isinstance(ty, relax.TensorType) or ty.ndim < 2 or not float_dtype(arg):
+            return False
+        if _weight_like(arg, bindings):
+            return False
+    return True
+
+
+def _weight_like(expr: relax.Expr, bindings) -> bool:
+    """A constant or a dequantized constant, seen through ``permute_dims`` / ``reshape``."""
+    expr = resolve(expr, bindings)
+    while op_name(expr) in ("relax.permute_dims", "relax.reshape"):
+        expr = resolve(expr.args[0], bindings)
+    return const_value(expr, bindings) is not None or _annotated_weight(expr, bindings)
+
+
 def _site_from_call(
     call: relax.Call, bindings: dict[relax.Var, relax.Expr]
 ) -> tuple[str, np.ndarray | None, int, int] | None:
@@ -290,22 +324,25 @@ def const_i32(value) -> tvm.ir.Constant:
 
 @dataclass(frozen=True, eq=False)
 class TensorSite:
-    """One weightless op (``add`` / ``concat``) whose inputs and output get quantized."""
+    """One weightless op (``add`` / ``concat`` / ``matmul_act``) whose inputs get quantized."""
 
     index: int
     name: str
-    kind: str  # "add" or "concat"
+    kind: str  # "add", "concat" or "matmul_act"
     var: relax.Var  # the binding var of the op
     call: relax.Call
     inputs: tuple[relax.Expr, ...]  # the float operands, in order
     input_names: tuple[str, ...]  # the calibration name whose parameters each input takes
-    output: relax.Var  # the float tensor that is quantized: `var`, or its relu / clip
+    # The float tensor that is quantized: `var`, or its relu / clip; None for a matmul_act,
+    # whose int32 result is requantized by whatever quantizes it next.
+    output: relax.Var | None
 
     @property
     def observed(self) -> list[tuple[str, relax.Expr]]:
         """(calibration name, tensor) of each tensor to observe, without repeats."""
         out = dict(zip(self.input_names, self.inputs, strict=True))
-        out[self.name] = self.output
+        if self.output is not None:
+            out[self.name] = self.output
         return list(out.items())
 
 
@@ -402,15 +439,38 @@ def _feeds_only_integer_ops(var: relax.Var, func: relax.Function) -> bool:
     return True
 
 
+def _matmul_act_site(b: relax.VarBinding, bindings, prefix: str, counters) -> TensorSite | None:
+    """The ``matmul_act`` site of binding `b` (numbered in `counters`), else None."""
+    if not is_activation_matmul(b.value, bindings):
+        return None
+    index = counters["matmul_act"]
+    counters["matmul_act"] += 1
+    inputs = tuple(b.value.args)
+    if all(op_name(resolve(a, bindings)) == DEQUANTIZE for a in inputs):
+        return None  # already annotated
+    name = f"{prefix}matmul_act_{index}"
+    return TensorSite(
+        index=index,
+        name=name,
+        kind="matmul_act",
+        var=b.var,
+        call=b.value,
+        inputs=inputs,
+        input_names=(f"{name}:0", f"{name}:1"),
+        output=None,
+    )
+
+
 def list_tensor_sites(func: relax.Function, prefix: str = "") -> list[TensorSite]:
-    """The ``add`` / ``concat`` tensor sites of `func`, in dataflow order.
+    """The ``add`` / ``concat`` / ``matmul_act`` tensor sites of `func`, in dataflow order.
 
     An ``add`` qualifies when both operands are float32 activations (not constants: a
     bias add belongs to its matmul / conv2d) of the result's shape; a ``concat`` when
     all its inputs are float32 activations; either only when its result feeds nothing
-    but integer ops (:func:`_feeds_only_integer_ops`). Ops already in QDQ form (every
-    input a ``dequantize``) keep their index but are not returned, so annotating is
-    idempotent.
+    but integer ops (:func:`_feeds_only_integer_ops`). A ``matmul`` qualifies when
+    :func:`is_activation_matmul` holds, wherever its result goes. Ops already in QDQ form
+    (every input a ``dequantize``) keep their index but are not returned, so annotating
+    is idempotent.
     """
     bindings = binding_map(func)
     users = user_counts(func)
@@ -421,13 +481,18 @@ def list_tensor_sites(func: relax.Function, prefix: str = "") -> list[TensorSite
                 if isinstance(arg, relax.Var):
                     readers.setdefault(arg, []).append(b)
     sites: list[TensorSite] = []
-    counters = {"add": 0, "concat": 0}
+    counters = {"add": 0, "concat": 0, "matmul_act": 0}
     for b in ordered_bindings(func):
         value = b.value
         name = op_name(value)
-        if not isinstance(b, relax.VarBinding) or name not in (ADD, CONCAT):
+        if not isinstance(b, relax.VarBinding) or name not in (ADD, CONCAT, MATMUL):
             continue
         if not float_dtype(value):
+            continue
+        if name == MATMUL:
+            site = _matmul_act_site(b, bindings, prefix, counters)
+            if site is not None:
+                sites.append(site)
             continue
         if name == ADD:
             inputs = list(value.args)

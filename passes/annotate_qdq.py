@@ -31,6 +31,14 @@ and ``s_y, z_y`` from ``"add_0"``; a concat's inputs and output all take ``"conc
 A tensor quantized twice with the same parameters (a block's output read by the next
 conv and by the residual add) is quantized once.
 
+Activation matmuls (``matmul_act`` sites: attention's ``Q @ K^T`` and ``P @ V``, both
+operands non-constant) get both operands wrapped, per tensor, with the parameters of
+``"matmul_act_0:0"`` / ``"matmul_act_0:1"``; their result is left as is::
+
+    y = matmul(a, b)  ==>  y = matmul(dq(q(a, s_a, z_a)), dq(q(b, s_b, z_b)))
+
+``skip=("matmul_act",)`` (or a site name such as ``"matmul_act_1"``) keeps them float.
+
 Limits: per-tensor activations only; sites whose name has no entry in
 ``activation_qparams`` stay float. An annotated op is no longer a site, so running the
 pass twice is the same as once.
@@ -219,16 +227,22 @@ class AnnotateQDQ:
             )
         return dtype
 
-    def _tensor_plan(self, site: TensorSite, skip) -> tuple[list, tuple] | None:
-        """(per-input (qparams, dtype), output (qparams, dtype)), or None to leave it float."""
+    def _tensor_plan(self, site: TensorSite, skip) -> tuple[list, tuple | None] | None:
+        """(per-input (qparams, dtype), output (qparams, dtype) or None), or None: stay float.
+
+        A ``matmul_act`` has no output parameters: its result is requantized by whatever
+        quantizes it next, or dequantized.
+        """
         if is_skipped(site.name, site.kind, skip):
             return None
-        names = [*site.input_names, site.name]
+        names = [*site.input_names] + ([site.name] if site.output is not None else [])
         if any(n not in self.activation_qparams for n in names):
             return None
         params = [
             (self.activation_qparams[n], self._dtype(n, self.activation_qparams[n])) for n in names
         ]
+        if site.output is None:
+            return params, None
         return params[:-1], params[-1]
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -247,7 +261,8 @@ class AnnotateQDQ:
                 found = self._tensor_plan(site, skip)
                 if found is not None:
                     tensor_plans[site.call] = (site, found[0])
-                    outputs[site.output] = found[1]
+                    if found[1] is not None:
+                        outputs[site.output] = found[1]
             if not plans and not tensor_plans:
                 continue
             new_func = _Annotator(mod, plans, tensor_plans, outputs).visit_expr(func)

@@ -31,6 +31,22 @@ requantized integers to ``z_y + round([lo, hi] / s_y)`` -- exact, since rounding
 monotone. A matmul whose activation has more than two dims (``[B, S, K] @ [K, N]``) runs
 as the 2-D ``matmul(reshape(x_q, [-1, K]), W_q)`` and its int32 result is reshaped back.
 
+Reshape, permute_dims and broadcast_to between the accumulator and the quantize (the
+heads split of a transformer's Q/K/V projections) move after the requantize too.
+
+A matmul of two activations (attention's ``Q @ K^T``, ``P @ V``; batched, any rank >= 2)::
+
+    y = matmul(dequantize(a_q, s_a, z_a), dequantize(b_q, s_b, z_b))   # per-tensor
+    [y = reshape | permute_dims | broadcast_to (y) ...]
+    [y = quantize(y, s_y, z_y)]
+
+becomes an integer matmul (int8/uint8 x int8/uint8 -> int32, mixed signs allowed) with
+the zero-point terms computed at run time (a term whose zero point is 0 is left out)::
+
+    acc = matmul(a_q, b_q, out_dtype="int32")
+    acc = acc - z_b * rowsum(a_q) - z_a * colsum(b_q) + K * z_a * z_b
+    y = requantize(acc, s_a * s_b / s_y)  or  dequantize(acc, s_a * s_b, 0)
+
 Weightless ops between quantized tensors (see ``AnnotateQDQ``'s tensor sites):
 
 - ``quantize([clip](add(dequantize(a_q, s_a, z_a), dequantize(b_q, s_b, z_b))), s_y, z_y)``
@@ -72,6 +88,7 @@ from ._quant_sites import (
     const_f32,
     const_i32,
     const_value,
+    is_activation_matmul,
     op_name,
     ordered_bindings,
     relax_functions,
@@ -82,7 +99,12 @@ FLOAT_OPS_ATTR = "tvmq.float_ops"
 _ACT_DTYPES = ("int8", "uint8")
 # Ops that commute with a per-tensor requantize (monotone, or moving elements only):
 # between the accumulator and the next quantize they run on the int8 result instead.
-_PASSTHROUGH = ("relax.nn.max_pool2d", "relax.reshape")
+_PASSTHROUGH = (
+    "relax.nn.max_pool2d",
+    "relax.reshape",
+    "relax.permute_dims",
+    "relax.broadcast_to",
+)
 
 
 @dataclass
@@ -101,6 +123,17 @@ class _Region:
     out_q: tuple[float, int, str] | None  # (s_y, z_y, dtype) when the region ends in quantize
     passthrough: tuple[relax.Call, ...] = ()  # ops moved after the requantize (on int8)
     clip: tuple[float, float] | None = None  # clamps the requantized result (out_q only)
+
+
+@dataclass
+class _ActMatmulRegion:
+    """``matmul(dequantize(a_q), dequantize(b_q))`` of two activations, [passthrough, quantize]."""
+
+    a: tuple[relax.Expr, float, int]  # (a_q, s_a, z_a)
+    b: tuple[relax.Expr, float, int]  # (b_q, s_b, z_b)
+    k: int  # the reduction length (a's last dim)
+    out_q: tuple[float, int, str] | None
+    passthrough: tuple[relax.Call, ...] = ()
 
 
 @dataclass
@@ -264,6 +297,53 @@ def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, _Regio
     if not _fits_int32(region):
         return None  # a bias far off the accumulator grid, or a huge K: stay float
     return tail, region
+
+
+def _match_passthrough_quantize(var, bindings, users: _Users):
+    """(tail var, passthrough calls, out_q) when `var` reaches a quantize through
+    passthrough ops only, else (var, (), None)."""
+    cur, passthrough = var, []
+    nxt = users.only_reader(cur)
+    value = bindings.get(nxt)
+    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
+        passthrough.append(value)
+        cur = nxt
+        nxt = users.only_reader(cur)
+        value = bindings.get(nxt)
+    out_q = _match_output(value, bindings)
+    if out_q is None:
+        return var, (), None
+    return nxt, tuple(passthrough), out_q
+
+
+def _act_matmul_fits_int32(k: int) -> bool:
+    """Whether ``sum ab``, the zero-point terms and every partial sum fit in int32.
+
+    Each of ``sum ab``, ``z_b * rowsum(a)``, ``z_a * colsum(b)``, ``K z_a z_b`` is at most
+    ``K * 255 * 255`` in magnitude.
+    """
+    return 4 * k * 255 * 255 < 2**31
+
+
+def _match_act_matmul(var, call, bindings, users: _Users):
+    """(tail var, region) for ``matmul(dq(a_q), dq(b_q))`` of two activations, else None."""
+    if len(call.args) != 2 or str(call.ty.dtype) != "float32":
+        return None
+    a, b = (_match_input(x, bindings) for x in call.args)
+    if a is None or b is None or min(a[0].ty.ndim, b[0].ty.ndim) < 2:
+        return None
+    shape = a[0].ty.shape
+    k = shape[-1] if shape is not None else None
+    if not isinstance(k, tvm.tirx.IntImm) or not _act_matmul_fits_int32(int(k)):
+        return None
+    tail, passthrough, out_q = _match_passthrough_quantize(var, bindings, users)
+    return tail, _ActMatmulRegion(a, b, int(k), out_q, passthrough)
+
+
+def _match_matmul(var, call, bindings, users: _Users):
+    """A weight region (:func:`_match_region`), else an activation matmul, else None."""
+    found = _match_region(var, call, bindings, users)
+    return found if found is not None else _match_act_matmul(var, call, bindings, users)
 
 
 def _match_output(value, bindings) -> tuple[float, int, str] | None:
@@ -431,6 +511,8 @@ class _Lowerer(PyExprMutator):
             value = self._lower_add(region)
         elif isinstance(region, _ConcatRegion):
             value = self._lower_concat(region)
+        elif isinstance(region, _ActMatmulRegion):
+            value = self._lower_act_matmul(region)
         elif isinstance(region, _RequantRegion):
             value = self._requantize(self.visit_expr(region.x_q), region.s, region.z, region.out_q)
         else:
@@ -501,6 +583,37 @@ class _Lowerer(PyExprMutator):
                 q = self.builder_.emit(self._requantize(q, s, z, r.out_q))
             fields.append(q)
         return relax.op.concat(fields, axis=r.axis)
+
+    def _zero_point_term(self, x_q, axis: int, z_other: int) -> relax.Expr:
+        """``z_other * sum(x_q, axis, keepdims)`` in int32: one zero-point correction."""
+        bb = self.builder_
+        x = bb.emit(relax.op.astype(x_q, "int32"))
+        total = bb.emit(relax.op.sum(x, axis=[axis], keepdims=True))
+        return bb.emit(relax.op.multiply(total, const_i32(z_other)))
+
+    def _lower_act_matmul(self, r: _ActMatmulRegion) -> relax.Expr:
+        """``sum (a - z_a)(b - z_b) = sum ab - z_b rowsum(a) - z_a colsum(b) + K z_a z_b``."""
+        bb = self.builder_
+        (a_q, s_a, z_a), (b_q, s_b, z_b) = r.a, r.b
+        a_q, b_q = self.visit_expr(a_q), self.visit_expr(b_q)
+        acc = bb.emit(relax.op.matmul(a_q, b_q, out_dtype="int32"))
+        if z_b != 0:
+            term = self._zero_point_term(a_q, a_q.ty.ndim - 1, z_b)
+            acc = bb.emit(relax.op.subtract(acc, term))
+        if z_a != 0:
+            term = self._zero_point_term(b_q, b_q.ty.ndim - 2, z_a)
+            acc = bb.emit(relax.op.subtract(acc, term))
+        if z_a != 0 and z_b != 0:
+            acc = bb.emit(relax.op.add(acc, const_i32(r.k * z_a * z_b)))
+        acc_scale = np.float64(s_a) * np.float64(s_b)
+        if r.out_q is None:
+            return relax.op.dequantize(
+                acc, const_f32(acc_scale), const_i32(0), axis=-1, out_dtype="float32"
+            )
+        out = self._requantize(acc, acc_scale, 0, r.out_q)
+        for call in r.passthrough:
+            out = relax.Call(call.op, [bb.emit(out), *call.args[1:]], call.attrs)
+        return out
 
     def _lower(self, r: _Region) -> relax.Expr:
         bb = self.builder_
@@ -573,7 +686,7 @@ class _Lowerer(PyExprMutator):
 
 
 _MATCHERS = {
-    MATMUL: _match_region,
+    MATMUL: _match_matmul,
     CONV2D: _match_region,
     ADD: _match_add,
     CONCAT: _match_concat,
@@ -582,19 +695,26 @@ _MATCHERS = {
 
 
 def float_compute_ops(func: relax.Function) -> list[str]:
-    """``"<op>:<var>"`` for every matmul / conv2d that still computes in float."""
+    """``"<op>:<var>"`` for every matmul / conv2d that still computes in float.
+
+    ``<op>`` is the site kind: ``matmul``, ``conv2d``, or ``matmul_act`` for a matmul of
+    two activations (``_quant_sites.is_activation_matmul``).
+    """
+    bindings = binding_map(func)
     out = []
     for b in ordered_bindings(func):
         name = op_name(b.value)
         if name in (MATMUL, CONV2D) and str(b.value.ty.dtype).startswith("float"):
-            out.append(f"{SITE_OPS[name]}:{b.var.name}")
+            kind = "matmul_act" if is_activation_matmul(b.value, bindings) else SITE_OPS[name]
+            out.append(f"{kind}:{b.var.name}")
     return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerInt8")
 class LowerInt8:
-    """Lower QDQ matmul / conv2d regions to int8 x int8 -> int32 compute, and QDQ add /
-    concat / requantize between quantized tensors to integer ops.
+    """Lower QDQ matmul / conv2d regions (constant weight, or two activations) to
+    int8 x int8 -> int32 compute, and QDQ add / concat / requantize between quantized
+    tensors to integer ops.
 
     Parameters
     ----------

@@ -429,3 +429,105 @@ def test_add_feeding_a_float_op_stays_float():
 
     assert list_tensor_sites(Residual["main"]) == []
     assert AnnotateQDQ({"add_0": (0.1, 0), "add_1": (0.1, 0)})(Residual).same_as(Residual)
+
+
+# -- activation matmuls (attention) -------------------------------------------------------------
+
+
+@I.ir_module
+class AttentionBefore:
+    """``softmax(q @ k^T) @ v`` plus a weight matmul (which keeps its name ``matmul_0``)."""
+
+    @R.function
+    def main(
+        q: R.Tensor((1, 2, 4, 8), "float32"),
+        k: R.Tensor((1, 2, 4, 8), "float32"),
+        v: R.Tensor((1, 2, 4, 8), "float32"),
+    ):
+        with R.dataflow():
+            kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+            s = R.matmul(q, kt, out_dtype="float32")
+            p = R.nn.softmax(s, axis=-1)
+            o = R.matmul(p, v, out_dtype="float32")
+            y = R.matmul(o, R.const(np.ones((8, 3), "float32")), out_dtype="float32")
+            R.output(y)
+        return y
+
+
+ATTENTION_QP = {
+    "matmul_act_0:0": (0.05, 3),
+    "matmul_act_0:1": (0.04, 7),
+    "matmul_act_1:0": (1 / 255, 0),
+    "matmul_act_1:1": (0.02, 1),
+}
+
+
+@I.ir_module
+class AttentionExpected:
+    @R.function
+    def main(
+        q: R.Tensor((1, 2, 4, 8), "float32"),
+        k: R.Tensor((1, 2, 4, 8), "float32"),
+        v: R.Tensor((1, 2, 4, 8), "float32"),
+    ):
+        with R.dataflow():
+            kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+            qq = R.quantize(q, R.const(0.05, "float32"), R.const(3, "int32"), out_dtype="uint8")
+            qdq = R.dequantize(qq, R.const(0.05, "float32"), R.const(3, "int32"))
+            kq = R.quantize(kt, R.const(0.04, "float32"), R.const(7, "int32"), out_dtype="uint8")
+            kdq = R.dequantize(kq, R.const(0.04, "float32"), R.const(7, "int32"))
+            s = R.matmul(qdq, kdq, out_dtype="float32")
+            p = R.nn.softmax(s, axis=-1)
+            pq = R.quantize(p, R.const(1 / 255, "float32"), R.const(0, "int32"), out_dtype="uint8")
+            pdq = R.dequantize(pq, R.const(1 / 255, "float32"), R.const(0, "int32"))
+            vq = R.quantize(v, R.const(0.02, "float32"), R.const(1, "int32"), out_dtype="uint8")
+            vdq = R.dequantize(vq, R.const(0.02, "float32"), R.const(1, "int32"))
+            o = R.matmul(pdq, vdq, out_dtype="float32")
+            y = R.matmul(o, R.const(np.ones((8, 3), "float32")), out_dtype="float32")
+            R.output(y)
+        return y
+
+
+def test_activation_matmul_sites_and_what_calibration_observes():
+    from tvmq.passes._quant_sites import list_observed_tensors, list_tensor_sites
+
+    func = AttentionBefore["main"]
+    sites = list_tensor_sites(func)
+    assert [(s.name, s.kind, s.output) for s in sites] == [
+        ("matmul_act_0", "matmul_act", None),
+        ("matmul_act_1", "matmul_act", None),
+    ]
+    assert [s.name for s in list_module_sites(AttentionBefore)] == ["matmul_0"]
+    observed = list_observed_tensors(func)
+    assert [(o.name, o.activation.name) for o in observed] == [
+        ("matmul_act_0:0", "q"),
+        ("matmul_act_0:1", "kt"),
+        ("matmul_act_1:0", "p"),
+        ("matmul_act_1:1", "v"),
+    ]
+
+
+def test_activation_matmul_before_expected():
+    after = AnnotateQDQ(ATTENTION_QP, Int8Static(activation_dtype="uint8"))(AttentionBefore)
+    tvm.ir.assert_structural_equal(after, AttentionExpected)
+
+
+@pytest.mark.parametrize("skip", [("matmul_act",), ("relax.matmul",), ("matmul_act_*",)])
+def test_activation_matmuls_skipped(skip):
+    after = AnnotateQDQ(ATTENTION_QP, Int8Static(skip=skip))(AttentionBefore)
+    assert after.same_as(AttentionBefore)
+
+
+def test_activation_matmul_skipped_by_name_and_idempotent():
+    one = AnnotateQDQ(ATTENTION_QP, Int8Static(skip=("matmul_act_1",)))(AttentionBefore)
+    quantized = [
+        b.value.args[0].name
+        for b in one["main"].body.blocks[0].bindings
+        if isinstance(b.value, relax.Call) and b.value.op.name == "relax.quantize"
+    ]
+    assert quantized == ["q", "kt"]
+    once = AnnotateQDQ(ATTENTION_QP)(AttentionBefore)
+    assert AnnotateQDQ(ATTENTION_QP)(once).same_as(once)
+    # "matmul" selects the weight matmuls only: the attention matmuls are still quantized.
+    weights_off = AnnotateQDQ({**ATTENTION_QP, "matmul_0": (0.1, 0)}, Int8Static(skip="matmul"))
+    tvm.ir.assert_structural_equal(weights_off(AttentionBefore), once)

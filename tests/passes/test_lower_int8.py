@@ -217,20 +217,22 @@ class FloatModel:
 
 
 @I.ir_module
-class DynamicWeightQDQ:
-    """A QDQ matmul whose weight is an input: not lowerable (zero-point terms unknown)."""
+class PerChannelActMatmulQDQ:
+    """A matmul of two activations, one with per-channel parameters: not lowerable."""
 
     @R.function
     def main(x: R.Tensor((2, 4), "int8"), w: R.Tensor((4, 3), "int8")):
         with R.dataflow():
             xdq = R.dequantize(x, R.const(0.5, "float32"), R.const(0, "int32"), out_dtype="float32")
-            wdq = R.dequantize(w, R.const(0.1, "float32"), R.const(0, "int32"), out_dtype="float32")
+            wdq = R.dequantize(
+                w, R.const(np.array([0.1, 0.2, 0.3], "float32")), R.const(0, "int32"), axis=1
+            )
             y = R.matmul(xdq, wdq, out_dtype="float32")
             R.output(y)
         return y
 
 
-@pytest.mark.parametrize("mod", [FloatModel, DynamicWeightQDQ])
+@pytest.mark.parametrize("mod", [FloatModel, PerChannelActMatmulQDQ])
 def test_nothing_to_lower_leaves_module_unchanged(mod):
     assert LowerInt8()(mod).same_as(mod)
 
@@ -260,8 +262,12 @@ class Mixed:
 
 
 def test_records_float_ops():
-    after = LowerInt8()(_bind(Mixed, wq=WQ, s_w=S_W))
+    w2 = np.ones((3, 3), "float32")
+    after = LowerInt8()(_bind(Mixed, wq=WQ, s_w=S_W, w2=w2))
     assert list(after["main"].attrs[FLOAT_OPS_ATTR]) == ["matmul:z"]
+    # With the weight an input, the float matmul is an activation matmul.
+    after = LowerInt8()(_bind(Mixed, wq=WQ, s_w=S_W))
+    assert list(after["main"].attrs[FLOAT_OPS_ATTR]) == ["matmul_act:z"]
 
 
 # -- numerics ---------------------------------------------------------------------------------
@@ -713,3 +719,199 @@ def test_weightless_ops_with_nothing_to_lower_are_unchanged(mod):
 def test_weightless_lowering_is_idempotent(mode, build):
     once = LowerInt8(requantize=mode)(build())
     assert LowerInt8(requantize=mode)(once).same_as(once)
+
+
+# -- activation x activation matmuls (attention) -------------------------------------------------
+
+
+@I.ir_module
+class ActMatmulQDQ:
+    """``P @ V`` style: uint8 x int8 with nonzero zero points, heads merged, then quantized."""
+
+    @R.function
+    def main(a: R.Tensor((1, 2, 3, 4), "uint8"), b: R.Tensor((1, 2, 4, 5), "int8")) -> R.Tensor(
+        (1, 3, 10), "int8"
+    ):
+        with R.dataflow():
+            adq = R.dequantize(a, R.const(0.5, "float32"), R.const(3, "int32"))
+            bdq = R.dequantize(b, R.const(0.25, "float32"), R.const(-5, "int32"))
+            y = R.matmul(adq, bdq, out_dtype="float32")
+            t = R.permute_dims(y, axes=[0, 2, 1, 3])
+            r = R.reshape(t, R.shape([1, 3, 10]))
+            q = R.quantize(r, R.const(0.125, "float32"), R.const(1, "int32"), out_dtype="int8")
+            R.output(q)
+        return q
+
+
+@I.ir_module
+class ActMatmulInt:
+    @R.function
+    def main(a: R.Tensor((1, 2, 3, 4), "uint8"), b: R.Tensor((1, 2, 4, 5), "int8")) -> R.Tensor(
+        (1, 3, 10), "int8"
+    ):
+        with R.dataflow():
+            acc = R.matmul(a, b, out_dtype="int32")
+            a32 = R.astype(a, "int32")
+            rowsum = R.sum(a32, axis=[3], keepdims=True)
+            term_b = R.multiply(rowsum, R.const(-5, "int32"))
+            acc1 = R.subtract(acc, term_b)
+            b32 = R.astype(b, "int32")
+            colsum = R.sum(b32, axis=[2], keepdims=True)
+            term_a = R.multiply(colsum, R.const(3, "int32"))
+            acc2 = R.subtract(acc1, term_a)
+            acc3 = R.add(acc2, R.const(4 * 3 * -5, "int32"))
+            accf = R.astype(acc3, "float32")
+            scaled = R.multiply(accf, R.const(0.5 * 0.25 / 0.125, "float32"))
+            yq = R.quantize(scaled, R.const(1.0, "float32"), R.const(1, "int32"), out_dtype="int8")
+            t = R.permute_dims(yq, axes=[0, 2, 1, 3])
+            q = R.reshape(t, R.shape([1, 3, 10]))
+            R.output(q)
+        return q
+
+
+def test_activation_matmul_before_expected():
+    after = LowerInt8()(ActMatmulQDQ)
+    tvm.ir.assert_structural_equal(after, ActMatmulInt)
+    assert FLOAT_OPS_ATTR not in (after["main"].attrs or {})
+
+
+@I.ir_module
+class ActMatmulZeroZpQDQ:
+    """Symmetric operands (zero points 0): no correction terms; float consumer: dequantize."""
+
+    @R.function
+    def main(x: R.Tensor((2, 4), "int8"), w: R.Tensor((4, 3), "int8")):
+        with R.dataflow():
+            xdq = R.dequantize(x, R.const(0.5, "float32"), R.const(0, "int32"), out_dtype="float32")
+            wdq = R.dequantize(w, R.const(0.1, "float32"), R.const(0, "int32"), out_dtype="float32")
+            y = R.matmul(xdq, wdq, out_dtype="float32")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class ActMatmulZeroZpInt:
+    @R.function
+    def main(x: R.Tensor((2, 4), "int8"), w: R.Tensor((4, 3), "int8")):
+        with R.dataflow():
+            acc = R.matmul(x, w, out_dtype="int32")
+            y = R.dequantize(acc, R.const(0.5 * 0.1, "float32"), R.const(0, "int32"))
+            R.output(y)
+        return y
+
+
+def test_activation_matmul_with_zero_zero_points_and_float_output():
+    tvm.ir.assert_structural_equal(LowerInt8()(ActMatmulZeroZpQDQ), ActMatmulZeroZpInt)
+
+
+@pytest.mark.parametrize("requantize", ["float", "integer"])
+def test_activation_matmul_lowering_is_idempotent(requantize):
+    once = LowerInt8(requantize=requantize)(ActMatmulQDQ)
+    assert LowerInt8(requantize=requantize)(once).same_as(once)
+
+
+def test_float_activation_matmul_is_reported_as_matmul_act():
+    from tvmq.passes.lower_int8 import float_compute_ops
+
+    @I.ir_module
+    class Attention:
+        @R.function
+        def main(q: R.Tensor((2, 3, 4), "float32"), k: R.Tensor((2, 4, 3), "float32")):
+            with R.dataflow():
+                s = R.matmul(q, k, out_dtype="float32")
+                y = R.matmul(s, R.const(np.ones((3, 2), "float32")), out_dtype="float32")
+                R.output(y)
+            return y
+
+    assert float_compute_ops(Attention["main"]) == ["matmul_act:s", "matmul:y"]
+
+
+def _attention_module(heads=2, seq=8, d=16):
+    """``softmax(q @ permute_dims(k) / sqrt(d)) @ v``, heads merged: (1, seq, heads * d)."""
+    bb = relax.BlockBuilder()
+    ty = relax.TensorType((1, heads, seq, d), "float32")
+    q, k, v = (relax.Var(n, ty) for n in "qkv")
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
+            s = bb.emit(relax.op.matmul(q, kt, out_dtype="float32"))
+            s = bb.emit(relax.op.multiply(s, relax.const(np.float32(d**-0.5))))
+            p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+            o = bb.emit(relax.op.matmul(p, v, out_dtype="float32"))
+            o = bb.emit(relax.op.permute_dims(o, [0, 2, 1, 3]))
+            o = bb.emit_output(relax.op.reshape(o, (1, seq, heads * d)))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def _attention_reference(q, k, v):
+    s = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v
+    return o, p
+
+
+@pytest.mark.parametrize(
+    "act_dtype, symmetric, requantize",
+    [("int8", False, "float"), ("uint8", False, "integer"), ("int8", True, "float")],
+)
+def test_attention_matmuls_match_float_reference(act_dtype, symmetric, requantize):
+    """Random (non-constant) 4-D q, k, v with offsets, so both operands of both matmuls
+    have nonzero zero points (asymmetric); the integer result equals the QDQ model's."""
+    from tvmq.passes import AnnotateQDQ, FoldQuantScales
+    from tvmq.passes.lower_int8 import float_compute_ops
+    from tvmq.quantization.schemes import Int8Static
+
+    rng = np.random.default_rng(21)
+    shape = (1, 2, 8, 16)
+    q, k, v = ((rng.standard_normal(shape) + off).astype("float32") for off in (0.7, -0.4, 0.3))
+    o_ref, p = _attention_reference(q, k, v)
+    observed = {
+        "matmul_act_0:0": q,
+        "matmul_act_0:1": k.transpose(0, 1, 3, 2),
+        "matmul_act_1:0": p,
+        "matmul_act_1:1": v,
+    }
+    qparams = {}
+    for name, x in observed.items():
+        scale, zp = qmath.choose_qparams(x.min(), x.max(), act_dtype, symmetric)
+        qparams[name] = (float(scale), int(zp))
+    if not symmetric:
+        assert all(zp != 0 for name, (_, zp) in qparams.items() if name != "matmul_act_1:0")
+    scheme = Int8Static(activation_dtype=act_dtype, activation_symmetric=symmetric)
+    qdq = AnnotateQDQ(qparams, scheme)(_attention_module())
+    lowered = LowerInt8(requantize=requantize)(FoldQuantScales()(qdq))
+    assert float_compute_ops(lowered["main"]) == []
+    got = _run(lowered, q, k, v)
+    ref = o_ref.transpose(0, 2, 1, 3).reshape(1, 8, 32)
+    # P in [0, 1]: asymmetric keeps all 8 bits (scale 1/255); symmetric int8 loses one.
+    assert qmath.sqnr(ref, got) > (30.0 if symmetric else 35.0)
+    np.testing.assert_allclose(got, _run(qdq, q, k, v), atol=1e-5)
+
+
+def test_mixed_sign_activation_matmul_builds_and_is_exact():
+    """uint8 x int8 and int8 x uint8 batched matmuls (broadcast batch) build for the host."""
+    rng = np.random.default_rng(22)
+    for a_dtype, b_dtype in (("uint8", "int8"), ("int8", "uint8")):
+        bb = relax.BlockBuilder()
+        a = relax.Var("a", relax.TensorType((2, 3, 5, 7), a_dtype))
+        b = relax.Var("b", relax.TensorType((3, 7, 4), b_dtype))
+        with bb.function("main", [a, b]):
+            with bb.dataflow():
+                z_a, z_b = (9 if a_dtype == "uint8" else -4), (130 if b_dtype == "uint8" else 6)
+                adq = bb.emit(
+                    relax.op.dequantize(a, relax.const(np.float32(0.5)), relax.const(np.int32(z_a)))
+                )
+                bdq = bb.emit(
+                    relax.op.dequantize(
+                        b, relax.const(np.float32(0.25)), relax.const(np.int32(z_b))
+                    )
+                )
+                y = bb.emit_output(relax.op.matmul(adq, bdq, out_dtype="float32"))
+            bb.emit_func_output(y)
+        lowered = LowerInt8()(bb.get())
+        xa = rng.integers(*qmath.qrange(a_dtype), (2, 3, 5, 7), endpoint=True).astype(a_dtype)
+        xb = rng.integers(*qmath.qrange(b_dtype), (3, 7, 4), endpoint=True).astype(b_dtype)
+        ref = (xa.astype(np.int64) - z_a) @ (xb.astype(np.int64) - z_b) * 0.125
+        np.testing.assert_array_equal(_run(lowered, xa, xb), ref.astype("float32"))

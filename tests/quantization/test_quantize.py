@@ -356,15 +356,63 @@ def test_transformer_block_linear_layers_are_int8():
     rng = np.random.default_rng(1)
     calib = [rng.standard_normal((1, 16, 32)).astype("float32") for _ in range(8)]
     q = quantize(imported, calib, "int8", progress=False)
-    assert q.report.quantized_layers == ["matmul_0", "matmul_1", "matmul_2", "matmul_3"]
+    assert q.report.quantized_layers == [
+        "matmul_0",
+        "matmul_act_0",
+        "matmul_act_1",
+        "matmul_1",
+        "matmul_2",
+        "matmul_3",
+    ]
+    acts = [r for r in q.report.layers if r.op == "matmul_act"]
+    assert [r.name for r in acts] == ["matmul_act_0", "matmul_act_1"]
+    for r in acts:  # both operands per tensor; the product keeps most of the signal
+        assert r.activation_sqnr_db > 30 and r.weight_sqnr_db > 30 and r.output_sqnr_db > 25
+    assert "matmul_act_0" in q.report.summary()
     int_matmuls = [c for c in _calls(q.mod, "relax.matmul") if str(c.ty.dtype) == "int32"]
-    assert len(int_matmuls) == 4
-    for c in int_matmuls:  # the 2-D form the target kernels match
+    assert len(int_matmuls) == 6 and q.report.float_ops == []
+    weight_matmuls = [c for c in int_matmuls if isinstance(c.args[1], tvm.ir.Constant)]
+    assert len(weight_matmuls) == 4
+    for c in weight_matmuls:  # the 2-D form the target kernels match
         assert c.args[0].ty.ndim == 2 and str(c.args[1].ty.dtype) == "int8"
-    # Attention's activation x activation matmuls stay float (QK^T and PV).
-    assert len(q.report.float_ops) == 2
     x = rng.standard_normal((1, 16, 32)).astype("float32")
     ref = model(torch.from_numpy(x)).detach().numpy()
     sqnr = qmath.sqnr(ref, _run(q.mod, x))
     print(f"transformer block: output SQNR {sqnr:.1f} dB")
     assert sqnr > BLOCK_MIN_SQNR_DB
+    # Opt out: the attention matmuls stay float and are named as such.
+    kept = quantize(imported, calib, Int8Static(skip=("matmul_act",)), progress=False)
+    assert kept.report.quantized_layers == ["matmul_0", "matmul_1", "matmul_2", "matmul_3"]
+    assert [op.split(":")[0] for op in kept.report.float_ops] == ["matmul_act"] * 2
+    assert kept.float_ops == [
+        "matmul_act_0 (skipped by the scheme)",
+        "matmul_act_1 (skipped by the scheme)",
+    ]
+
+
+def test_transformer_block_mixed_sign_attention_compiles_for_host(tmp_path):
+    """uint8 first operands x int8 second operands, built by tvmq.compile for "host"."""
+    import tvmq
+
+    torch.manual_seed(2)
+    model = TinyBlock().eval()
+    rng = np.random.default_rng(2)
+    calib = [rng.standard_normal((1, 16, 32)).astype("float32") for _ in range(4)]
+    scheme = Int8Static(activation_dtype="uint8", overrides=(("matmul_act_*:1", Int8Static()),))
+    art = tvmq.compile(
+        model,
+        "host",
+        example_inputs=(torch.zeros(1, 16, 32),),
+        quantize=scheme,
+        calibration_data=calib,
+        output_dir=tmp_path / "block",
+        progress=False,
+        tuning_logs=None,
+    )
+    assert art.manifest.notes.get("float_ops", []) == []
+    m = tvmq.load(tmp_path / "block")
+    x = rng.standard_normal((1, 16, 32)).astype("float32")
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    out = m(x)
+    out = out[0] if isinstance(out, list | tuple) else out
+    assert qmath.sqnr(ref, np.asarray(out)) > BLOCK_MIN_SQNR_DB

@@ -2,7 +2,8 @@
 
 The model's ``main`` is instrumented to also return the input activation of each
 quantizable site (``tvmq.passes`` site names: ``conv2d_0``, ``matmul_1``, ...) and the
-tensors of each integer add / concat (``add_0:0``, ``add_0:1``, ``add_0``, ``concat_0``), compiled
+tensors of each integer add / concat (``add_0:0``, ``add_0:1``, ``add_0``, ``concat_0``)
+and both operands of each activation matmul (``matmul_act_0:0``, ``matmul_act_0:1``), compiled
 once for the host and run on every calibration batch; each activation feeds its own
 observer (``tvmq.calibration``). Sites are listed on the *prepared* module
 (``tvmq.passes.prepare_passes``), the same form the quantization passes annotate.
@@ -53,7 +54,7 @@ class ActivationStats:
     num_batches : int
         Calibration batches run (after splitting to the model's batch size).
     site_kinds : dict[str, str]
-        Site name -> "matmul", "conv2d", "add" or "concat".
+        Site name -> "matmul", "conv2d", "add", "concat" or "matmul_act".
     """
 
     observers: dict[str, Observer]
@@ -176,7 +177,8 @@ def collect_activation_stats(
     calibration_data
         Anything ``tvmq.calibration.iter_calibration_batches`` accepts.
     scheme : Int8Static, optional
-        ``observer`` (per layer through ``for_layer``) and ``num_calibration_batches``.
+        ``observer`` (per tensor through ``observer_for``: per-layer overrides, and
+        ``matmul_act_observer`` for attention-matmul operands) and ``num_calibration_batches``.
     inputs : list[TensorSpec], optional
         The model's input specs (default: from ``main``'s signature, named by `input_names`).
     input_names : sequence of str, optional
@@ -206,13 +208,12 @@ def collect_activation_stats(
     instrumented, site_names = instrument(prepared, sites)
     kinds = {s.name: s.kind for s in sites}
 
-    def layer(name):
-        return scheme.for_layer(name) if hasattr(scheme, "for_layer") else scheme
+    def observer_name(name):
+        if hasattr(scheme, "observer_for"):
+            return scheme.observer_for(name, kinds[name])
+        return getattr(scheme, "observer", "minmax")
 
-    observers = {
-        n: get_observer(getattr(layer(n), "observer", "minmax"), label=f"the input of {n}")
-        for n in site_names
-    }
+    observers = {n: get_observer(observer_name(n), label=f"the input of {n}") for n in site_names}
     stats = ActivationStats(observers=observers, site_kinds=kinds)
 
     ex = tvm.compile(instrumented, target=_host_target())

@@ -50,7 +50,10 @@ class LayerReport:
     name : str
         Site name (``conv2d_0``, ``matmul_3``): what ``skip`` and ``overrides`` match.
     op : str
-        ``"matmul"`` or ``"conv2d"``.
+        ``"matmul"``, ``"conv2d"``, or ``"matmul_act"`` for a matmul of two activations
+        (attention's ``Q @ K^T``, ``P @ V``): its ``activation_*`` fields describe the
+        first operand, ``weight_shape`` / ``weight_dtype`` / ``weight_sqnr_db`` the
+        second (quantized per tensor like an activation).
     quantized : bool
         Whether the layer computes in int8 x int8 -> int32.
     reason : str
@@ -151,10 +154,10 @@ class QuantizationReport:
         def db(v):
             return "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")
 
-        lines = [f"{'layer':<14} {'op':<7} {'q':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"]
+        lines = [f"{'layer':<14} {'op':<10} {'q':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"]
         for r in self.layers:
             lines.append(
-                f"{r.name:<14} {r.op:<7} {'yes' if r.quantized else 'no':<5} "
+                f"{r.name:<14} {r.op:<10} {'yes' if r.quantized else 'no':<5} "
                 f"{r.activation_dtype or '-':<6} {db(r.weight_sqnr_db):>7} "
                 f"{db(r.activation_sqnr_db):>7}  {r.reason}"
             )
@@ -232,7 +235,7 @@ def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
 
 
 def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams, float_ops):
-    from tvmq.passes._quant_sites import is_skipped, list_quant_sites
+    from tvmq.passes._quant_sites import is_skipped, list_quant_sites, ordered_bindings
     from tvmq.passes.annotate_qdq import weight_qparams
 
     float_vars = {op.split(":", 1)[1] for op in float_ops}
@@ -271,6 +274,52 @@ def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams
                 r.output_sqnr_db = _layer_output_sqnr(site, sample, w_dq, x_dq)
         if r.output_sqnr_db is None:
             r.output_sqnr_db = _combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
+        reports.append(r)
+    reports += _matmul_act_reports(prepared, scheme, stats, qparams, float_vars)
+    order = {b.var.name: i for i, b in enumerate(ordered_bindings(prepared["main"]))}
+    return sorted(reports, key=lambda r: order.get(r.var_name, len(order)))
+
+
+def _operand_sqnr(sample, qp, dtype) -> tuple[np.ndarray | None, float | None]:
+    """(dequantized sample, its SQNR) of one per-tensor quantized operand."""
+    if sample is None:
+        return None, None
+    x_dq = qmath.dequantize(qmath.quantize(sample, qp[0], qp[1], dtype), qp[0], qp[1])
+    return x_dq, qmath.sqnr(sample, x_dq)
+
+
+def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars):
+    """A :class:`LayerReport` per activation matmul (``matmul_act`` site) of ``main``."""
+    from tvmq.passes._quant_sites import is_skipped, list_tensor_sites
+
+    reports = []
+    for site in list_tensor_sites(prepared["main"]):
+        if site.kind != "matmul_act":
+            continue
+        lhs, rhs = site.input_names
+        r = LayerReport(site.name, site.kind, False, var_name=site.var.name)
+        r.weight_shape = tuple(int(d) for d in site.inputs[1].ty.shape)
+        if is_skipped(site.name, site.kind, scheme.skip):
+            r.reason = "skipped by the scheme"
+        elif lhs not in qparams or rhs not in qparams:
+            r.reason = "no calibration statistics (an operand is not a variable of main)"
+        elif site.var.name in float_vars:
+            r.reason = "LowerInt8 could not lower it"
+        else:
+            r.quantized = True
+        if lhs in qparams and rhs in qparams:
+            a_dtype = scheme.for_layer(lhs).activation_dtype
+            r.activation_dtype, r.weight_dtype = a_dtype, scheme.for_layer(rhs).activation_dtype
+            r.activation_scale, r.activation_zero_point = map(float, qparams[lhs])
+            r.activation_zero_point = int(r.activation_zero_point)
+            a, b = stats.samples.get(lhs), stats.samples.get(rhs)
+            a_dq, r.activation_sqnr_db = _operand_sqnr(a, qparams[lhs], a_dtype)
+            b_dq, r.weight_sqnr_db = _operand_sqnr(b, qparams[rhs], r.weight_dtype)
+            if a_dq is not None and b_dq is not None:
+                ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+                r.output_sqnr_db = qmath.sqnr(ref, np.matmul(a_dq, b_dq).astype(np.float64))
+            else:
+                r.output_sqnr_db = _combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
         reports.append(r)
     return reports
 
