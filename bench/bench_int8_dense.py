@@ -7,7 +7,8 @@ Columns, each the median of repeated runs (ms):
 - ``tvm fp32``: TVM's default lowering of the float32 matmul;
 - ``numpy fp32``: ``x @ w`` in numpy (its BLAS).
 
-Run: ``python bench/bench_int8_dense.py [--target-mcpu cascadelake]``.
+Run: ``python bench/bench_int8_dense.py [--quick] [--target-mcpu cascadelake]`` (``--quick``:
+small shapes and short timing budgets, a smoke run for CI).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tvm import relax
 from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
 
 SHAPES = [(1, 784, 128), (1, 128, 10), (128, 768, 3072), (128, 3072, 768)]
+QUICK_SHAPES = [(1, 784, 128), (1, 128, 10), (32, 256, 512)]
 
 
 def _module(m: int, k: int, n: int, w: np.ndarray, x_dtype: str) -> tvm.IRModule:
@@ -62,7 +64,9 @@ def _time_numpy(x: np.ndarray, w: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-mcpu", default=None, help="default: the host CPU")
+    parser.add_argument("--quick", action="store_true", help="small shapes only (CI smoke run)")
     args = parser.parse_args()
+    budget_s = 0.2 if args.quick else 1.0
     if args.target_mcpu:
         target = tvm.target.Target({"kind": "llvm", "mcpu": args.target_mcpu})
     else:
@@ -72,14 +76,14 @@ def main() -> None:
     header = f"{'M x K x N':>18} | {'tvmq int8':>10} | {'tvm int8':>10} | {'tvm fp32':>10} | {'numpy fp32':>10} | {'speedup vs tvm fp32':>19}"
     print(header)
     print("-" * len(header))
-    for m, k, n in SHAPES:
+    for m, k, n in QUICK_SHAPES if args.quick else SHAPES:
         w8 = rng.integers(-128, 128, (k, n), dtype=np.int8)
         x8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
         wf, xf = w8.astype(np.float32), x8.astype(np.float32)
         int8_mod = _module(m, k, n, w8, "uint8")
-        t_tvmq = _time_vm(PackInt8DenseX86(target)(int8_mod), x8, target)
-        t_int8 = _time_vm(int8_mod, x8, target)
-        t_fp32 = _time_vm(_module(m, k, n, wf, "float32"), xf, target)
+        t_tvmq = _time_vm(PackInt8DenseX86(target)(int8_mod), x8, target, budget_s)
+        t_int8 = _time_vm(int8_mod, x8, target, budget_s)
+        t_fp32 = _time_vm(_module(m, k, n, wf, "float32"), xf, target, budget_s)
         t_np = _time_numpy(xf, wf)
         print(
             f"{f'{m}x{k}x{n}':>18} | {t_tvmq:10.4f} | {t_int8:10.4f} | {t_fp32:10.4f} | "
