@@ -6,9 +6,9 @@ Dynamic quantization (``tvmq.quantization.Int8Dynamic``; ONNX Runtime's
 (also ``permute_dims`` of a constant, see ``_quant_sites.list_quant_sites``) that is not
 skipped becomes::
 
-    lo  = minimum(min(x), 0);  hi = maximum(max(x), 0)          # per tensor, every call
+    lo  = minimum(min(x, -1), 0);  hi = maximum(max(x, -1), 0)  # per row, every call
     s_x = maximum((hi - lo) / 255, eps);  z_x = int32(clip(round(-lo / s_x), 0, 255))
-    x_q = quantize(x, s_x, z_x, out_dtype="uint8")
+    x_q = uint8(clip(round(x / s_x) + z_x, 0, 255))
     acc = matmul(x_q, W_q, out_dtype="int32")                    # W_q: int8 constant [K, N]
     acc = acc - z_x * sum_k W_q                                  # zero-point compensation
     y   = float32(acc) * (s_x * s_w)                             # s_w: [N] or scalar
@@ -19,8 +19,12 @@ asymmetric uint8 (u8 x s8 suits x86 VNNI), the range ``[min(x), max(x)]`` widene
 contain 0 like ``qmath.choose_qparams``. The accumulator bound ``K * 255 * 127`` must fit
 in int32 (``K`` < 66,000); larger ops stay float.
 
+The ranges are per row of ``x`` (reduced over the last axis, kept as ``[..., M, 1]``;
+``Int8Dynamic.activation_per_row``) or per tensor (``activation_per_row=False``: whole-tensor
+``min``/``max`` and ``relax.quantize``, as ONNX Runtime and PyTorch do).
+
 Limits: matmul only (conv2d stays float, recorded in the function attribute
-``"tvmq.float_ops"`` like ``LowerInt8`` does); per-tensor activation ranges. Quantized
+``"tvmq.float_ops"`` like ``LowerInt8`` does). Quantized
 ops are recorded in ``"tvmq.dynamic_int8"`` on their function. A rewritten matmul reads
 uint8 x int8, so it is no longer a site: running the pass twice is the same as once, and
 the other sites keep the names of the float model.
@@ -69,23 +73,29 @@ def weight_qparams_int8(w: np.ndarray, per_channel: bool = True) -> tuple[np.nda
     return qmath.quantize(w, scale, zp, "int8"), np.float32(scale)
 
 
-def activation_qparams_dynamic(x: np.ndarray) -> tuple[np.float32, np.int32]:
-    """The run-time ``(s_x, z_x)`` the pass computes, in numpy (float32 like the graph)."""
+def activation_qparams_dynamic(
+    x: np.ndarray, per_row: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The run-time ``(s_x, z_x)`` the pass computes, in numpy (float32 like the graph):
+    ``[..., M, 1]`` arrays per row, else scalars."""
     x = np.asarray(x, dtype=np.float32)
-    lo = np.minimum(x.min(), np.float32(0))
-    hi = np.maximum(x.max(), np.float32(0))
+    kw = {"axis": -1, "keepdims": True} if per_row else {}
+    lo = np.minimum(x.min(**kw), np.float32(0))
+    hi = np.maximum(x.max(**kw), np.float32(0))
     s = np.maximum((hi - lo) / np.float32(_QMAX), np.float32(qmath.SCALE_EPS)).astype(np.float32)
     z = np.clip(np.rint(-lo / s), 0, _QMAX).astype(np.int32)
     return s, z
 
 
-def dynamic_matmul_reference(x: np.ndarray, w: np.ndarray, per_channel: bool = True) -> np.ndarray:
+def dynamic_matmul_reference(
+    x: np.ndarray, w: np.ndarray, per_channel: bool = True, per_row: bool = True
+) -> np.ndarray:
     """numpy reference of one rewritten ``matmul(x, W)`` (float32 result)."""
     w_q, s_w = weight_qparams_int8(np.asarray(w, dtype=np.float32), per_channel)
-    s_x, z_x = activation_qparams_dynamic(x)
-    x_q = qmath.quantize(x, s_x, z_x, _ACT_DTYPE)
+    s_x, z_x = activation_qparams_dynamic(x, per_row)
+    x_q = np.clip(np.rint(x / s_x) + z_x, 0, _QMAX).astype(_ACT_DTYPE)
     acc = x_q.astype(np.int64) @ w_q.astype(np.int64)
-    acc = acc - np.int64(z_x) * w_q.astype(np.int64).sum(axis=0)
+    acc = acc - z_x.astype(np.int64) * w_q.astype(np.int64).sum(axis=0)
     return (acc.astype(np.float32) * (s_x * s_w).astype(np.float32)).astype(np.float32)
 
 
@@ -93,9 +103,12 @@ def dynamic_matmul_reference(x: np.ndarray, w: np.ndarray, per_channel: bool = T
 class _Rewriter(PyExprMutator):
     """Emits the dynamic int8 compute in place of each planned matmul."""
 
-    def __init__(self, mod: tvm.IRModule, plans: dict[relax.Call, tuple[np.ndarray, np.ndarray]]):
+    def __init__(
+        self, mod: tvm.IRModule, plans: dict[relax.Call, tuple[np.ndarray, np.ndarray]], per_row
+    ):
         super().__init__(mod)
         self.plans = plans
+        self.per_row = per_row
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         plan = self.plans.get(call)
@@ -105,8 +118,9 @@ class _Rewriter(PyExprMutator):
         emit = self.builder_.emit
         x = self.visit_expr(call.args[0])
         zero = const_f32(0.0)
-        lo = emit(relax.op.minimum(relax.op.min(x), zero))
-        hi = emit(relax.op.maximum(relax.op.max(x), zero))
+        rows = {"axis": -1, "keepdims": True} if self.per_row else {}
+        lo = emit(relax.op.minimum(relax.op.min(x, **rows), zero))
+        hi = emit(relax.op.maximum(relax.op.max(x, **rows), zero))
         s_x = emit(
             relax.op.maximum(
                 relax.op.divide(relax.op.subtract(hi, lo), const_f32(float(_QMAX))),
@@ -117,7 +131,11 @@ class _Rewriter(PyExprMutator):
             relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX)
         )
         z_x = emit(relax.op.astype(z_f, "int32"))
-        x_q = emit(relax.op.quantize(x, s_x, z_x, axis=-1, out_dtype=_ACT_DTYPE))
+        if self.per_row:  # relax.quantize takes one scale per tensor or per axis entry
+            q = relax.op.add(relax.op.round(relax.op.divide(x, s_x)), z_f)
+            x_q = emit(relax.op.astype(relax.op.clip(q, 0, _QMAX), _ACT_DTYPE))
+        else:
+            x_q = emit(relax.op.quantize(x, s_x, z_x, axis=-1, out_dtype=_ACT_DTYPE))
         acc = emit(relax.op.matmul(x_q, relax.const(w_q, "int8"), out_dtype="int32"))
         col_sum = w_q.astype(np.int64).sum(axis=0)
         acc = emit(relax.op.subtract(acc, relax.op.multiply(z_x, const_i32(col_sum))))
@@ -182,7 +200,8 @@ class QuantizeDynamic:
                     names.append(site.name)
             if not plans:
                 continue
-            new = relax.analysis.remove_all_unused(_Rewriter(mod, plans).visit_expr(func))
+            rewriter = _Rewriter(mod, plans, self.scheme.activation_per_row)
+            new = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             old = [str(n) for n in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
             new = new.with_attr(ATTR, [*old, *names])
             floats = float_compute_ops(new)

@@ -50,11 +50,11 @@ def mlp():
     return model, from_pytorch(model, (torch.zeros(4, 256),))
 
 
-def _reference(model, x, per_channel=True):
+def _reference(model, x, per_channel=True, per_row=True):
     w1, b1 = model[0].weight.detach().numpy().T, model[0].bias.detach().numpy()
     w2, b2 = model[2].weight.detach().numpy().T, model[2].bias.detach().numpy()
-    h = np.maximum(dynamic_matmul_reference(x, w1, per_channel) + b1, 0)
-    return dynamic_matmul_reference(h, w2, per_channel) + b2
+    h = np.maximum(dynamic_matmul_reference(x, w1, per_channel, per_row) + b1, 0)
+    return dynamic_matmul_reference(h, w2, per_channel, per_row) + b2
 
 
 def test_structure(mlp):
@@ -66,9 +66,14 @@ def test_structure(mlp):
         assert str(call.args[0].ty.dtype) == "uint8"
         assert str(call.args[1].ty.dtype) == "int8" and isinstance(call.args[1], tvm.ir.Constant)
         assert str(call.ty.dtype) == "int32"
-    # the activation range is computed in the graph, per call
-    assert len(_calls(mod, "relax.min")) == 2 and len(_calls(mod, "relax.max")) == 2
-    quantizes = _calls(mod, "relax.quantize")
+    # the activation range is computed in the graph, per call and per row (kept as [M, 1])
+    for reduce in ("relax.min", "relax.max"):
+        calls = _calls(mod, reduce)
+        assert len(calls) == 2
+        assert all([int(d) for d in c.ty.shape] == [4, 1] for c in calls)
+    per_tensor = QuantizeDynamic(activation_per_row=False)(imported.mod)
+    assert all(c.ty.ndim == 0 for c in _calls(per_tensor, "relax.min"))
+    quantizes = _calls(per_tensor, "relax.quantize")
     assert len(quantizes) == 2 and all(isinstance(q.args[1], relax.Var) for q in quantizes)
     assert [str(n) for n in mod["main"].attrs[ATTR]] == ["matmul_0", "matmul_1"]
     assert FLOAT_OPS_ATTR not in mod["main"].attrs
@@ -84,15 +89,18 @@ def test_structure(mlp):
         assert [str(p.dtype) for p in f.params] == ["uint8", "int8", "int32"]
 
 
+@pytest.mark.parametrize("per_row", [True, False], ids=["act-per-row", "act-per-tensor"])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
-def test_exact_vs_numpy_and_sqnr(mlp, per_channel):
+def test_exact_vs_numpy_and_sqnr(mlp, per_channel, per_row):
     model, imported = mlp
-    mod = QuantizeDynamic(Int8Dynamic(weight_per_channel=per_channel))(imported.mod)
+    scheme = Int8Dynamic(weight_per_channel=per_channel, activation_per_row=per_row)
+    mod = QuantizeDynamic(scheme)(imported.mod)
     rng = np.random.default_rng(0)
     for scale in (1.0, 30.0):  # no calibration: the ranges follow each input
         x = (scale * rng.standard_normal((4, 256))).astype("float32")
         got = _run(mod, x)
-        np.testing.assert_allclose(got, _reference(model, x, per_channel), rtol=1e-5, atol=1e-5)
+        expected = _reference(model, x, per_channel, per_row)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         ref = model(torch.from_numpy(x)).detach().numpy()
         assert qmath.sqnr(ref, got) > MIN_SQNR_DB
 
@@ -106,6 +114,21 @@ def test_three_d_input_and_positive_activations():
     got = _run(mod, x)
     np.testing.assert_allclose(got, dynamic_matmul_reference(x, w), rtol=1e-5, atol=1e-5)
     assert qmath.sqnr(x @ w, got) > MIN_SQNR_DB
+
+
+def test_per_row_ranges_isolate_an_outlier_row():
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 32, bias=False).eval()
+    imported = from_pytorch(lin, (torch.zeros(8, 64),))
+    x = np.random.default_rng(2).standard_normal((8, 64)).astype("float32")
+    x[3] *= 200.0  # one token with outlying values
+    w = lin.weight.detach().numpy().T
+    rows = [i for i in range(8) if i != 3]
+    sqnr = {}
+    for per_row in (True, False):
+        mod = QuantizeDynamic(activation_per_row=per_row)(imported.mod)
+        sqnr[per_row] = qmath.sqnr((x @ w)[rows], _run(mod, x)[rows])
+    assert sqnr[True] > MIN_SQNR_DB and sqnr[True] > sqnr[False] + 20
 
 
 def test_weight_qparams_are_symmetric_int8():

@@ -524,8 +524,9 @@ def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluat
                 r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
                 r.activation_dtype = "uint8"
             if sample is not None and site.kind == "matmul":
-                s_x, z_x = activation_qparams_dynamic(sample)
-                x_dq = qmath.dequantize(qmath.quantize(sample, s_x, z_x, "uint8"), s_x, z_x)
+                s_x, z_x = activation_qparams_dynamic(sample, scheme.activation_per_row)
+                x_q = np.clip(np.rint(sample / s_x) + z_x, 0, 255)
+                x_dq = ((x_q - z_x) * s_x).astype(np.float32)
                 r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
         else:
             r.reason = (

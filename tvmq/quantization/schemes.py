@@ -233,15 +233,23 @@ class Int8Dynamic(_SchemeMixin):
     ----------
     weight_per_channel : bool
         One scale per output channel (else one per tensor).
+    activation_per_row : bool
+        One activation range per row of the matmul input (per token in a transformer), else
+        one per tensor (ONNX Runtime's and PyTorch's dynamic quantization). Per row keeps a
+        token with outlying values from coarsening every other token's scale: on
+        all-MiniLM-L6-v2 (31 sentences, sequence 128) the minimum embedding cosine to float
+        went from 0.968 per tensor to 0.993 per row (mean 0.9927 -> 0.9987).
     skip : tuple of str
         Operators or layers to leave in float.
     """
 
     weight_per_channel: bool = True
+    activation_per_row: bool = True
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_bool(self, "weight_per_channel")
+        _check_bool(self, "activation_per_row")
         _normalize_skip(self)
 
 
