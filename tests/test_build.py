@@ -133,6 +133,36 @@ def test_aarch64_export_is_aarch64_elf(small_net, tmp_path, name):
     assert _elf_machine(path) == EM_AARCH64
 
 
+def _load_segments(path: Path) -> tuple[list[tuple[int, int]], set[int]]:
+    """(offset, file size) of each PT_LOAD segment, and the set of all segment types."""
+    data = path.read_bytes()
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, types = [], set()
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize
+        )
+        types.add(p_type)
+        if p_type == 1:  # PT_LOAD
+            loads.append((p_offset, p_filesz))
+    return sorted(loads), types
+
+
+@pytest.mark.parametrize("name", ["host", "rasp4b"])
+def test_library_has_no_page_padding(small_net, tmp_path, name):
+    """The linker packs the segments back to back: no 4/64 KiB page padding between them."""
+    _, mod = small_net
+    preset = get_target(name)
+    path = tmp_path / "model.so"
+    export_library(build(mod, preset), path, preset)
+    loads, types = _load_segments(path)
+    assert len(loads) == 2  # read-only + code, then the small writable segment
+    assert 0x6474E552 not in types  # PT_GNU_RELRO, whose page alignment pads the file
+    (off0, size0), (off1, _) = loads
+    assert off0 == 0 and off1 - size0 < 64, loads
+
+
 def test_missing_cross_compiler_names_apt_package(small_net, tmp_path):
     _, mod = small_net
     preset = dataclasses.replace(get_target("rasp4b"), cc="tvmqtest-linux-gnu-g++")
