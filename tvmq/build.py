@@ -152,7 +152,8 @@ def build_with_info(
                     fused = relax.transform.MetaScheduleApplyDatabase()(fused)
             scheduled = _scheduled_kernels(fused)
             tail = _cuda_tail(tvm_target) if is_cuda else _cpu_tail(tvm_target)
-            ex = relax.build(fused, target=tvm_target, relax_pipeline=tail)
+            with _without_kernel_asserts():
+                ex = relax.build(fused, target=tvm_target, relax_pipeline=tail)
     except TvmqError:
         raise
     except Exception as err:  # TVM raises many error types; a failed build is the user's to see
@@ -354,6 +355,22 @@ def _cuda_tail(target: tvm.target.Target) -> tvm.transform.Pass:
         ],
         name="tvmq_cuda_build",
     )
+
+
+@contextlib.contextmanager
+def _without_kernel_asserts() -> Iterator[None]:
+    """Build kernels without TVM's argument checks (``tirx.disable_assert``).
+
+    Every TIR kernel gets a wrapper that checks each argument's type, rank, dtype, device,
+    shape and strides: 1.6 to 3 KB of code per kernel, most of a small model's code (the int8
+    MLP's six kernels: 14 of 18 KB). Only the virtual machine calls the kernels, with tensors
+    it allocated from the shapes it checked itself: the model's inputs are still checked by
+    the VM (``check_tensor_info`` / ``match_shape``) and by :func:`tvmq.load`.
+    """
+    current = tvm.transform.PassContext.current()
+    config = {**dict(current.config), "tirx.disable_assert": True}
+    with tvm.transform.PassContext(opt_level=current.opt_level, config=config):
+        yield
 
 
 def _kernel_names(mod: tvm.IRModule) -> list[str]:
