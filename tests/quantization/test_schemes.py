@@ -89,9 +89,12 @@ def test_int8_dynamic():
     assert Int8Dynamic(weight_per_channel=False, skip="relax.matmul").skip == ("relax.matmul",)
     with pytest.raises(TvmqError, match="weight_per_channel"):
         Int8Dynamic(weight_per_channel=None)
+    with pytest.raises(TvmqError, match="activation_per_row"):
+        Int8Dynamic(activation_per_row="yes")
     assert Int8Dynamic().to_dict() == {
         "scheme": "Int8Dynamic",
         "weight_per_channel": True,
+        "activation_per_row": True,
         "skip": [],
     }
 
