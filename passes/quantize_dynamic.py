@@ -87,13 +87,18 @@ def activation_qparams_dynamic(
     return s, z
 
 
+def quantize_activation(x: np.ndarray, s_x: np.ndarray, z_x: np.ndarray) -> np.ndarray:
+    """``uint8(clip(round(x / s_x) + z_x, 0, 255))`` as the graph computes it (numpy)."""
+    return np.clip(np.rint(x / s_x) + z_x, 0, _QMAX).astype(_ACT_DTYPE)
+
+
 def dynamic_matmul_reference(
     x: np.ndarray, w: np.ndarray, per_channel: bool = True, per_row: bool = True
 ) -> np.ndarray:
     """numpy reference of one rewritten ``matmul(x, W)`` (float32 result)."""
     w_q, s_w = weight_qparams_int8(np.asarray(w, dtype=np.float32), per_channel)
     s_x, z_x = activation_qparams_dynamic(x, per_row)
-    x_q = np.clip(np.rint(x / s_x) + z_x, 0, _QMAX).astype(_ACT_DTYPE)
+    x_q = quantize_activation(x, s_x, z_x)
     acc = x_q.astype(np.int64) @ w_q.astype(np.int64)
     acc = acc - z_x.astype(np.int64) * w_q.astype(np.int64).sum(axis=0)
     return (acc.astype(np.float32) * (s_x * s_w).astype(np.float32)).astype(np.float32)

@@ -177,7 +177,7 @@ def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
 def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
     """Apply CPUDefaultSchedule to one block; False if it does not fit."""
     kinds, extents = info.dom_kind(), info.dom()
-    n_spatial = len(kinds) - len(kinds.lstrip("S"))
+    n_spatial = _leading_spatial(kinds)
     if "O" in kinds or "S" in kinds[n_spatial:] or n_spatial == 0:
         return False
     if not all(isinstance(extent, int) for extent in extents):

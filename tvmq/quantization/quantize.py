@@ -485,6 +485,7 @@ def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluat
     from tvmq.passes.quantize_dynamic import (
         QuantizeDynamic,
         activation_qparams_dynamic,
+        quantize_activation,
         weight_qparams_int8,
     )
     from tvmq.passes.quantize_weight_only import (
@@ -525,7 +526,7 @@ def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluat
                 r.activation_dtype = "uint8"
             if sample is not None and site.kind == "matmul":
                 s_x, z_x = activation_qparams_dynamic(sample, scheme.activation_per_row)
-                x_q = np.clip(np.rint(sample / s_x) + z_x, 0, 255)
+                x_q = quantize_activation(sample, s_x, z_x).astype(np.int32)
                 x_dq = ((x_q - z_x) * s_x).astype(np.float32)
                 r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
         else:
