@@ -133,3 +133,28 @@ def test_blocks_over_different_rows_are_not_scheduled_row_wise():
     windows = np.lib.stride_tricks.sliding_window_view(pad, (3, 3), axis=(2, 3))
     expected = np.maximum(np.einsum("ncyxij,fcij->nfyx", windows, w), 0)
     np.testing.assert_allclose(_run(mod, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", ["min", "max"])
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_row_reduction_keeps_simd_partials_per_row(reduce, keepdims):
+    # The per-row range of a dynamically quantized activation: one reduction block alone.
+    mod = _module((128, 384), lambda x: getattr(relax.op, reduce)(x, axis=-1, keepdims=keepdims))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "_rf = T.sblock_alloc_buffer" in script and "T.vectorized" in script
+    assert len(re.findall(r"T\.parallel", script)) == 1
+
+    x = np.random.default_rng(5).standard_normal((128, 384), dtype=np.float32)
+    expected = getattr(np, reduce)(x, axis=-1, keepdims=keepdims)
+    np.testing.assert_array_equal(_run(mod, x), expected)
+
+
+def test_batch_matmul_is_not_a_row_reduction():
+    # One reduction block over the innermost axis, but reading two tensors: step 4 applies.
+    w = np.random.default_rng(6).standard_normal((4, 32, 64)).astype(np.float32)
+    mod = _module((4, 64, 32), lambda x: relax.op.matmul(x, relax.const(w)))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "_rf" not in script and "T.vectorized" in script
+
+    x = np.random.default_rng(7).standard_normal((4, 64, 32), dtype=np.float32)
+    np.testing.assert_allclose(_run(mod, x), x @ w, rtol=1e-5, atol=1e-4)

@@ -31,7 +31,8 @@ class CPUDefaultSchedule(dl.ScheduleRule):
        quantized activation) keeps ``4 x SIMD`` partial results in vector registers
        (``rfactor``) and combines them at the end.
     3. Row-wise kernels — reductions and elementwise blocks sharing leading spatial axes
-       (softmax, layer norm) — run each row to the end before the next: the rows in
+       (softmax, layer norm), or a lone reduction over the innermost axis (per-row min / max
+       of a dynamically quantized activation) — run each row to the end before the next: the rows in
        parallel, every block computed at the row, elementwise inner loops vectorized, and
        each reduction over the innermost axis split into SIMD-wide partial results.
     4. Anything else, block by block, in loop order ``spatial..., reduction...``: when the
@@ -127,7 +128,15 @@ def _schedule_full_reduction(sch: s_tir.Schedule, info, lanes: int) -> bool:
 
 def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
     """Step 3 of :class:`CPUDefaultSchedule`; False (untouched) if the kernel is not one."""
-    if len(infos) < 2 or not infos[-1].is_injective() or all(i.is_injective() for i in infos):
+    if all(i.is_injective() for i in infos):
+        return False
+    # Several blocks end in an elementwise one (softmax, layer norm); or one row reduction
+    # (the per-row range of a dynamically quantized activation).
+    if not infos[-1].is_injective() and (
+        len(infos) > 1
+        or not infos[0].dom_kind().endswith("R")
+        or len(sch.get(infos[0].block_rv).reads) != 1  # a matmul is no row reduction
+    ):
         return False
     if any("O" in i.dom_kind() or not all(isinstance(e, int) for e in i.dom()) for i in infos):
         return False
