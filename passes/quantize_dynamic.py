@@ -36,9 +36,11 @@ import dataclasses
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvmq.kernels.dynamic_quant import row_qparams_u8
 from tvmq.quantization import qmath
 
 from ._quant_sites import (
@@ -114,6 +116,7 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.plans = plans
         self.per_row = per_row
+        self.quantized: list[tuple[relax.Expr, tuple]] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         plan = self.plans.get(call)
@@ -122,30 +125,80 @@ class _Rewriter(PyExprMutator):
         w_q, s_w = plan
         emit = self.builder_.emit
         x = self.visit_expr(call.args[0])
-        zero = const_f32(0.0)
-        rows = {"axis": -1, "keepdims": True} if self.per_row else {}
-        lo = emit(relax.op.minimum(relax.op.min(x, **rows), zero))
-        hi = emit(relax.op.maximum(relax.op.max(x, **rows), zero))
-        s_x = emit(
-            relax.op.maximum(
-                relax.op.divide(relax.op.subtract(hi, lo), const_f32(float(_QMAX))),
-                const_f32(qmath.SCALE_EPS),
+        key = self._source(x)
+        quantized = next((q for k, q in self.quantized if _same_key(k, key)), None)
+        if quantized is None:
+            quantized = self._quantize(x)
+            self.quantized.append((key, quantized))
+        x_q, s_x, z_x = quantized
+        acc = emit(relax.op.matmul(x_q, relax.const(w_q, "int8"), out_dtype="int32"))
+        col_sum = w_q.astype(np.int64).sum(axis=0)
+        acc = emit(relax.op.subtract(acc, relax.op.multiply(z_x, const_i32(col_sum))))
+        scale = emit(relax.op.multiply(s_x, const_f32(s_w)))
+        return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
+
+    def visit_binding_block_(self, block):
+        self.quantized = []  # an activation quantized in one block is reused there only
+        return super().visit_binding_block_(block)
+
+    def visit_dataflow_block_(self, block):
+        self.quantized = []
+        return super().visit_dataflow_block_(block)
+
+    def _source(self, x: relax.Expr) -> tuple[relax.Expr, tuple]:
+        """``(tensor, shape)``: ``x`` seen through reshapes (each torch Linear reshapes its
+        input on its own), so that matmuls of one activation share its quantization."""
+        shape = tuple(x.ty.shape.values) if isinstance(x.ty.shape, relax.ShapeExpr) else None
+        src = x
+        while isinstance(src, relax.Var):
+            value = self.lookup_binding(src)
+            if not (isinstance(value, relax.Call) and op_name(value) == "relax.reshape"):
+                break
+            src = value.args[0]
+        return src, shape
+
+    def _quantize(self, x: relax.Expr) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
+        """``(x_q, s_x, z_x)`` for activation ``x``, emitted once per block and reused."""
+        emit = self.builder_.emit
+        shape = x.ty.shape if isinstance(x.ty, relax.TensorType) else None
+        if self.per_row and isinstance(shape, relax.ShapeExpr):  # one kernel for the ranges
+            kernel = self.builder_.add_func(
+                row_qparams_u8(list(shape.values), qmath.SCALE_EPS), "row_qparams_u8"
             )
-        )
-        z_f = emit(
-            relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX)
-        )
+            params_ty = relax.TensorType([*shape.values[:-1], 2], "float32")
+            params = emit(relax.call_tir(kernel, [x], out_ty=params_ty))
+            axis = [len(shape.values) - 1]
+            s_x = emit(relax.op.strided_slice(params, axis, [0], [1]))
+            z_f = emit(relax.op.strided_slice(params, axis, [1], [2]))
+        else:
+            zero = const_f32(0.0)
+            rows = {"axis": -1, "keepdims": True} if self.per_row else {}
+            lo = emit(relax.op.minimum(relax.op.min(x, **rows), zero))
+            hi = emit(relax.op.maximum(relax.op.max(x, **rows), zero))
+            s_x = emit(
+                relax.op.maximum(
+                    relax.op.divide(relax.op.subtract(hi, lo), const_f32(float(_QMAX))),
+                    const_f32(qmath.SCALE_EPS),
+                )
+            )
+            z_f = emit(
+                relax.op.clip(
+                    relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX
+                )
+            )
         z_x = emit(relax.op.astype(z_f, "int32"))
         if self.per_row:  # relax.quantize takes one scale per tensor or per axis entry
             q = relax.op.add(relax.op.round(relax.op.divide(x, s_x)), z_f)
             x_q = emit(relax.op.astype(relax.op.clip(q, 0, _QMAX), _ACT_DTYPE))
         else:
             x_q = emit(relax.op.quantize(x, s_x, z_x, axis=-1, out_dtype=_ACT_DTYPE))
-        acc = emit(relax.op.matmul(x_q, relax.const(w_q, "int8"), out_dtype="int32"))
-        col_sum = w_q.astype(np.int64).sum(axis=0)
-        acc = emit(relax.op.subtract(acc, relax.op.multiply(z_x, const_i32(col_sum))))
-        scale = emit(relax.op.multiply(s_x, const_f32(s_w)))
-        return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
+        return x_q, s_x, z_x
+
+
+def _same_key(a: tuple[relax.Expr, tuple], b: tuple[relax.Expr, tuple]) -> bool:
+    if not a[0].same_as(b[0]) or a[1] is None or b[1] is None or len(a[1]) != len(b[1]):
+        return False
+    return all(tvm_ffi.structural_equal(p, q) for p, q in zip(a[1], b[1], strict=True))
 
 
 def _is_dynamic_matmul(call: relax.Call, bindings) -> bool:
@@ -195,6 +248,7 @@ class QuantizeDynamic:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
+        rewriter = None  # one for the module: the kernels it adds get unique names
         for gv, func in relax_functions(mod):
             plans, names = {}, []
             for site in stable_sites(func, site_prefix(gv), _is_dynamic_matmul):
@@ -205,7 +259,8 @@ class QuantizeDynamic:
                     names.append(site.name)
             if not plans:
                 continue
-            rewriter = _Rewriter(mod, plans, self.scheme.activation_per_row)
+            rewriter = rewriter or _Rewriter(mod, {}, self.scheme.activation_per_row)
+            rewriter.plans = plans
             new = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             old = [str(n) for n in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
             new = new.with_attr(ATTR, [*old, *names])
@@ -217,7 +272,10 @@ class QuantizeDynamic:
             updates[gv] = new
         if not updates:
             return mod
-        mod = mod.clone()
+        new_mod = mod.clone()
+        for gv, func in rewriter.builder_.get().functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and gv not in mod:
+                new_mod[gv] = func  # the activation quantize kernels
         for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+            new_mod[gv] = func
+        return new_mod

@@ -161,7 +161,7 @@ def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
     last = infos[-1].block_rv
     row_loops = sch.get_loops(last)[:n_rows]
     row = sch.fuse(*row_loops) if n_rows > 1 else row_loops[0]
-    if math.prod(infos[-1].dom()) >= _MIN_PARALLEL_WORK:
+    if max(math.prod(i.dom()) for i in infos) >= _MIN_PARALLEL_WORK:
         sch.parallel(row)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     for block in reversed(blocks[:-1]):

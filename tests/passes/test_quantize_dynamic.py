@@ -57,6 +57,14 @@ def _reference(model, x, per_channel=True, per_row=True):
     return dynamic_matmul_reference(h, w2, per_channel, per_row) + b2
 
 
+def _qparams_kernels(mod):
+    return [
+        c
+        for c in _calls(mod, "relax.call_tir")
+        if c.args[0].name_hint.startswith("row_qparams_u8")
+    ]
+
+
 def test_structure(mlp):
     _, imported = mlp
     mod = QuantizeDynamic()(imported.mod)
@@ -66,11 +74,11 @@ def test_structure(mlp):
         assert str(call.args[0].ty.dtype) == "uint8"
         assert str(call.args[1].ty.dtype) == "int8" and isinstance(call.args[1], tvm.ir.Constant)
         assert str(call.ty.dtype) == "int32"
-    # the activation range is computed in the graph, per call and per row (kept as [M, 1])
-    for reduce in ("relax.min", "relax.max"):
-        calls = _calls(mod, reduce)
-        assert len(calls) == 2
-        assert all([int(d) for d in c.ty.shape] == [4, 1] for c in calls)
+    # the activation range is computed in the graph, per call and per row, by one kernel
+    # per activation: scale and zero point of each row ([M, 2])
+    kernels = _qparams_kernels(mod)
+    assert len(kernels) == 2
+    assert all([int(d) for d in c.ty.shape] == [4, 2] for c in kernels)
     per_tensor = QuantizeDynamic(activation_per_row=False)(imported.mod)
     assert all(c.ty.ndim == 0 for c in _calls(per_tensor, "relax.min"))
     quantizes = _calls(per_tensor, "relax.quantize")
@@ -165,3 +173,26 @@ def test_tvmq_build_runs_it(mlp):
     x = np.random.default_rng(3).standard_normal((4, 256)).astype("float32")
     out = relax.VirtualMachine(build(mod, "host"), tvm.cpu())["main"](tvm.runtime.tensor(x))
     np.testing.assert_allclose(out[0].numpy(), _reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_matmuls_of_one_activation_share_its_quantization():
+    # Attention's query / key / value projections read the same hidden states.
+    class QKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x)
+
+    torch.manual_seed(3)
+    model = QKV().eval()
+    mod = QuantizeDynamic()(from_pytorch(model, (torch.zeros(2, 8, 64),)).mod)
+    assert len(_calls(mod, "relax.matmul")) == 3 and len(_qparams_kernels(mod)) == 1
+
+    x = np.random.default_rng(3).standard_normal((2, 8, 64)).astype("float32")
+    w = {n: getattr(model, n).weight.detach().numpy().T for n in "qkv"}
+    b = {n: getattr(model, n).bias.detach().numpy() for n in "qkv"}
+    y = {n: dynamic_matmul_reference(x, w[n]) + b[n] for n in "qkv"}
+    expected = y["q"] + y["k"] * y["v"]
+    np.testing.assert_allclose(_run(mod, x), expected, rtol=1e-5, atol=1e-5)
