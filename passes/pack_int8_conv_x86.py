@@ -1,0 +1,173 @@
+"""PackInt8ConvX86: int8 conv2d with a constant weight -> im2col + the VNNI dense kernel.
+
+Rewrites, when the target has ``avx512vnni``, what :class:`LowerInt8` emits for a conv::
+
+    y = R.nn.conv2d(x, W, strides, padding, dilation, groups=1,
+                    data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
+    # x: (N, C, H, W) uint8 or int8, static shape (LowerInt8 pads it with its zero point
+    #    first when that is not 0; the conv's own padding is then 0)
+    # W: (O, C, KH, KW) int8 relax.Constant
+
+into::
+
+    x_t = permute_dims(x, [0, 2, 3, 1])  # NHWC (a reshape when C == 1)
+    cols = call_tir(im2col, x_t)         # (M, K) uint8, M = N*OH*OW pixels, K = KH*KW*C
+    acc = call_tir(int8_dense_vnni, cols, W packed[, offset])   # (M, O) int32
+    y = permute_dims(reshape(acc, (N, OH, OW, O)), [0, 3, 1, 2])
+
+The im2col kernel (:func:`tvmq.kernels.x86_int8_conv.int8_im2col`) also does the conv's
+padding, the int8 -> uint8 shift and the padding of M and K to the dense kernel's tiles;
+the weight is ``W.transpose(0, 2, 3, 1).reshape(O, K).T``, packed at compile time like a
+dense weight (:func:`tvmq.kernels.pack_weight_vnni`). An int8 ``x`` is shifted by +128
+(the padding zeros too), and the dense kernel adds ``-128 * colsum`` per output channel
+back: the result is the exact integer convolution. A ``strided_slice`` drops the padded
+rows and channels when there are any; the slice, reshape and transpose fuse with the
+elementwise ops that follow (bias, relu, requantize), the NHWC transpose of ``x`` with its
+elementwise producer. The kernels are marked ``tirx.is_scheduled`` and opaque to FuseOps.
+
+Everything else is left alone: float convs, other layouts, ``groups != 1``, non-constant
+or non-int8 weights, symbolic shapes, other out dtypes. Where it belongs: next to
+:class:`PackInt8DenseX86`, after ``LowerInt8`` and before ``LegalizeOps``. Without
+avx512vnni in the target the module is returned unchanged; after a rewrite no int8 conv2d
+is left, so running the pass again changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
+from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
+
+from ._int8_dense import _static_shape
+from .pack_int8_dense_x86 import target_has_vnni
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
+
+
+def match_int8_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
+    """(x, geometry, W as numpy OIHW) for a lowerable int8 NCHW conv2d, else None."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+        return None
+    x, w = call.args
+    a = call.attrs
+    if str(a.out_dtype) != "int32" or int(a.groups) != 1 or not isinstance(w, tvm.ir.Constant):
+        return None
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in ("uint8", "int8"):
+        return None
+    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    if str(w.ty.dtype) != "int8" or x_shape is None or w_shape is None:
+        return None
+    if len(x_shape) != 4 or len(w_shape) != 4 or x_shape[1] != w_shape[1] or 0 in x_shape:
+        return None
+    geo = Conv2DGeometry(
+        x_shape,
+        (w_shape[2], w_shape[3]),
+        tuple(int(s) for s in a.strides),
+        tuple(int(p) for p in a.padding),
+        tuple(int(d) for d in a.dilation),
+    )
+    if min(geo.out_hw) < 1 or 0 in w_shape:
+        return None
+    return x, geo, w.value.numpy()
+
+
+@mutator
+class _ConvRewriter(PyExprMutator):
+    """Replaces each matched conv2d by im2col -> VNNI dense -> NCHW."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        found = match_int8_conv2d(call)
+        if found is None:
+            return call
+        self.changed = True
+        return self._lower(*found)
+
+    def _kernel_var(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(build(), name)
+        return self.kernels[key]
+
+    def _lower(self, x: relax.Expr, geo: Conv2DGeometry, w: np.ndarray) -> relax.Expr:
+        bb = self.builder_
+        o = w.shape[0]
+        m, k = geo.m, geo.k
+        kp, np_ = padded_kn(k, o)
+        mp = choose_tiles(m, np_).m_padded
+        x_dtype = str(x.ty.dtype)
+        cols_fn = self._kernel_var(
+            ("im2col", geo, x_dtype, mp, kp),
+            f"tvmq_int8_im2col_{mp}x{kp}",
+            lambda: int8_im2col(geo, x_dtype, mp, kp),
+        )
+        n, c, h, wd = geo.x_shape
+        if c == 1:
+            x = bb.emit(relax.op.reshape(x, (n, h, wd, c)))
+        else:
+            x = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+        cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=relax.TensorType((mp, kp), "uint8")))
+        w2 = w.transpose(0, 2, 3, 1).reshape(o, k).T  # (K, O), K in cols' (ky, kx, c) order
+        args = [cols, relax.const(pack_weight_vnni(np.ascontiguousarray(w2)), "int8")]
+        shift = _SHIFT if x_dtype == "int8" else 0
+        if shift:
+            offset = np.zeros(np_, dtype=np.int32)
+            offset[:o] = -shift * w2.astype(np.int32).sum(axis=0)
+            args.append(relax.const(offset, "int32"))
+        dense_fn = self._kernel_var(
+            ("dense", mp, kp, np_, bool(shift)),
+            f"tvmq_int8_dense_vnni_{mp}x{kp}x{np_}" + ("_offset" if shift else ""),
+            lambda: int8_dense_vnni(mp, kp, np_, with_offset=bool(shift)).with_attr(
+                "op_pattern", OPAQUE
+            ),
+        )
+        y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), "int32")))
+        if mp != m or np_ != o:
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, o]))
+        oh, ow = geo.out_hw
+        y = bb.emit(relax.op.reshape(y, (geo.x_shape[0], oh, ow, o)))
+        return relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackInt8ConvX86")
+class PackInt8ConvX86:
+    """Lower ``conv2d(int8/uint8 x, const int8 W, out_dtype=int32)`` to im2col + VNNI dense.
+
+    Parameters
+    ----------
+    target : tvm.target.Target or dict or str, optional
+        The build target. Defaults to ``tvm.target.Target.current()`` when the pass runs;
+        with neither, or without ``avx512vnni``, the pass is a no-op.
+    """
+
+    def __init__(self, target: tvm.target.Target | dict | str | None = None):
+        self.target = tvm.target.Target(target) if target is not None else None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = self.target or tvm.target.Target.current(allow_none=True)
+        if not target_has_vnni(target):
+            return mod
+        rewriter = _ConvRewriter(mod)
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                new_func = rewriter.visit_expr(func)
+                if not new_func.same_as(func):
+                    updates[gv] = new_func
+        if not rewriter.changed:
+            return mod
+        new_mod = rewriter.builder_.get()
+        for gv, func in updates.items():
+            new_mod[gv] = func
+        return new_mod

@@ -1,0 +1,269 @@
+"""PackInt8ConvX86: int8 conv2d as im2col + the VNNI dense kernel, bit-exact, no-op elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from tvmq.kernels import KERNEL_ATTR
+from tvmq.passes import pack_int8_conv_x86
+from tvmq.passes.pack_int8_conv_x86 import PackInt8ConvX86
+from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
+
+CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+SKYLAKE = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+HOST_HAS_VNNI = target_has_vnni(tvm.target.Target.from_device(tvm.cpu()))
+
+
+def _conv_module(x_shape, w, x_dtype, *, strides=1, padding=0, dilation=1, groups=1, pad_z=None):
+    """``main(x) = conv2d([pad(x, pad_z)], W, out_dtype=int32)``, as LowerInt8 emits it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            data = x
+            if pad_z is not None:  # LowerInt8: pad with the zero point, conv without padding
+                p = padding
+                data = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, p, p, p, p], pad_value=pad_z))
+                padding = 0
+            y = bb.emit(
+                relax.op.nn.conv2d(
+                    data,
+                    relax.const(w, "int8"),
+                    strides=strides,
+                    padding=padding,
+                    dilation=dilation,
+                    groups=groups,
+                    out_dtype="int32",
+                )
+            )
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _reference(x, w, strides, padding, dilation, pad_value=0):
+    """Plain int64 numpy NCHW x OIHW convolution (groups 1), then int32."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(
+        x.astype(np.int64),
+        ((0, 0), (0, 0), (padding, padding), (padding, padding)),
+        constant_values=pad_value,
+    )
+    oh = (h + 2 * padding - dilation * (kh - 1) - 1) // strides + 1
+    ow = (wd + 2 * padding - dilation * (kw - 1) - 1) // strides + 1
+    out = np.zeros((n, o, oh, ow), dtype=np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            y0, x0 = ky * dilation, kx * dilation
+            patch = xp[:, :, y0 : y0 + strides * oh : strides, x0 : x0 + strides * ow : strides]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx].astype(np.int64))
+    return out.astype(np.int32)
+
+
+def _random(rng, shape, dtype):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+
+
+def _run(mod, x, target=CASCADELAKE):
+    ex = tvm.compile(mod, target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _kernels(mod):
+    return sorted(
+        f.attrs[KERNEL_ATTR]
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs
+    )
+
+
+def _has_conv2d(mod):
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: (
+            found.append(e)
+            if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.nn.conv2d"))
+            else None
+        ),
+    )
+    return bool(found)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "o", "k", "strides", "padding", "dilation", "x_dtype"),
+    [
+        ((1, 1, 28, 28), 16, 3, 1, 1, 1, "uint8"),  # the demo CNN's first conv (K = 9 -> 12)
+        ((1, 16, 14, 14), 32, 3, 1, 1, 1, "uint8"),  # its second
+        ((2, 5, 9, 11), 7, 3, 2, 1, 1, "int8"),  # batch 2, stride 2, ragged C and O
+        ((1, 3, 10, 10), 20, 1, 1, 0, 1, "uint8"),  # 1x1, O padded to 32
+        ((2, 6, 8, 7), 13, 1, 2, 0, 1, "int8"),  # 1x1 stride 2
+        ((1, 4, 12, 12), 8, 3, 1, 2, 2, "int8"),  # dilation 2
+        ((1, 3, 7, 7), 5, 5, 2, 2, 1, "uint8"),  # 5x5, M = 16 rows
+        ((1, 2, 5, 5), 3, 3, 1, 0, 1, "uint8"),  # M = 9: padded to 16 rows
+    ],
+)
+def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
+    w = _random(rng, (o, x_shape[1], k, k), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = _conv_module(x_shape, w, x_dtype, strides=strides, padding=padding, dilation=dilation)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert not _has_conv2d(packed)
+    assert _kernels(packed) == ["int8_dense_vnni", "int8_im2col"]
+    got = _run(packed, x)
+    np.testing.assert_array_equal(got, _reference(x, w, strides, padding, dilation))
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(("x_dtype", "z"), [("uint8", 131), ("int8", -7)])
+def test_zero_point_pad_from_lower_int8(rng, x_dtype, z):
+    """A conv on ``pad(x, value=z)`` (LowerInt8 with a non-zero zero point) stays exact."""
+    x_shape = (2, 6, 9, 9)
+    w = _random(rng, (10, 6, 3, 3), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = _conv_module(x_shape, w, x_dtype, strides=2, padding=1, pad_z=float(z))
+    got = _run(PackInt8ConvX86(CASCADELAKE)(mod), x)
+    np.testing.assert_array_equal(got, _reference(x, w, 2, 1, 1, pad_value=z))
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+def test_extreme_values_do_not_overflow():
+    w = np.full((16, 32, 3, 3), -128, dtype=np.int8)
+    w[::2] = 127
+    x = np.full((1, 32, 6, 6), -128, dtype=np.int8)
+    x[:, ::3] = 127
+    got = _run(PackInt8ConvX86(CASCADELAKE)(_conv_module(x.shape, w, "int8", padding=1)), x)
+    np.testing.assert_array_equal(got, _reference(x, w, 1, 1, 1))
+
+
+def test_same_shape_shares_kernels(rng):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            ys = [
+                bb.emit(
+                    relax.op.nn.conv2d(
+                        x, relax.const(_random(rng, (8, 8, 3, 3), np.int8)), out_dtype="int32"
+                    )
+                )
+                for _ in range(2)
+            ]
+            out = bb.emit_output(relax.op.add(*ys))
+        bb.emit_func_output(out)
+    mod = PackInt8ConvX86(CASCADELAKE)(bb.get())
+    assert _kernels(mod) == ["int8_dense_vnni", "int8_im2col"]
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert all(f.attrs["tirx.is_scheduled"] and int(f.attrs["op_pattern"]) == 8 for f in funcs)
+    # Idempotent: nothing left to rewrite.
+    tvm.ir.assert_structural_equal(PackInt8ConvX86(CASCADELAKE)(mod), mod)
+
+
+@pytest.mark.parametrize("target", [SKYLAKE, AARCH64, None], ids=["skylake", "aarch64", "none"])
+def test_noop_without_vnni(rng, target):
+    mod = _conv_module((1, 4, 6, 6), _random(rng, (8, 4, 3, 3), np.int8), "uint8", padding=1)
+    tvm.ir.assert_structural_equal(PackInt8ConvX86(target)(mod), mod)
+
+
+def _float_conv_module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "float32"))
+    with bb.function("main", [x]):
+        w = relax.const(np.ones((8, 4, 3, 3), "float32"))
+        bb.emit_func_output(bb.emit(relax.op.nn.conv2d(x, w)))
+    return bb.get()
+
+
+def _grouped_conv_module(rng):
+    return _conv_module((1, 4, 6, 6), _random(rng, (8, 2, 3, 3), np.int8), "uint8", groups=2)
+
+
+def _weight_param_module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "uint8"))
+    w = relax.Var("w", relax.TensorType((8, 4, 3, 3), "int8"))
+    with bb.function("main", [x, w]):
+        bb.emit_func_output(bb.emit(relax.op.nn.conv2d(x, w, out_dtype="int32")))
+    return bb.get()
+
+
+def _nhwc_module(rng):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 6, 6, 4), "uint8"))
+    with bb.function("main", [x]):
+        w = relax.const(_random(rng, (8, 4, 3, 3), np.int8))
+        y = relax.op.nn.conv2d(x, w, data_layout="NHWC", out_layout="NHWC", out_dtype="int32")
+        bb.emit_func_output(bb.emit(y))
+    return bb.get()
+
+
+@pytest.mark.parametrize("case", ["float", "groups", "weight_param", "nhwc"])
+def test_leaves_other_convs_alone(rng, case):
+    mod = {
+        "float": _float_conv_module,
+        "groups": lambda: _grouped_conv_module(rng),
+        "weight_param": _weight_param_module,
+        "nhwc": lambda: _nhwc_module(rng),
+    }[case]()
+    tvm.ir.assert_structural_equal(PackInt8ConvX86(CASCADELAKE)(mod), mod)
+
+
+class _SmallCNN(torch.nn.Module):
+    """conv 3x3 (C = 3) -> relu -> conv 3x3 stride 2 -> relu -> conv 1x1 -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv2d(12, 20, 1)
+        self.fc = torch.nn.Linear(20 * 6 * 6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.flatten(self.c3(x), 1))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+def test_quantized_cnn_for_host_runs_convs_on_vnni(rng, monkeypatch):
+    """tvmq.compile(int8) for "host": same outputs with and without the pass, convs on VNNI."""
+    import tvmq
+
+    torch.manual_seed(0)
+    model = _SmallCNN().eval()
+    calib = rng.standard_normal((32, 3, 12, 12)).astype(np.float32)  # zero point != 0
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+
+    def compile_and_run():
+        art = tvmq.compile(
+            model,
+            "host",
+            example_inputs=(torch.from_numpy(x),),
+            quantize="int8",
+            calibration_data=calib,
+            progress=False,
+            tuning_logs=None,
+        )
+        vm = relax.VirtualMachine(art.executable, tvm.cpu())
+        (out,) = vm["main"](tvm.runtime.tensor(x))  # the model's one output, as a tuple
+        return out.numpy(), art.manifest.notes["kernels"]["prescheduled"]
+
+    got, kernels = compile_and_run()
+    assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 3
+    assert sum(k.startswith("tvmq_int8_dense_vnni") for k in kernels) == 4  # 3 convs + fc
+    monkeypatch.setattr(pack_int8_conv_x86, "target_has_vnni", lambda _target: False)
+    want, kernels = compile_and_run()
+    assert not any(k.startswith("tvmq_int8_im2col") for k in kernels)
+    np.testing.assert_array_equal(got, want)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, atol=0.1 * np.abs(ref).max())
