@@ -58,7 +58,15 @@ def tuned_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tvmq.tuning._Progress, "update", interrupt_after_first_batch)
         with pytest.raises(KeyboardInterrupt):
-            tune(mod, "host", work_dir=work_dir, trials=TRIALS, trials_per_batch=BATCH, seed=0)
+            tune(
+                mod,
+                "host",
+                work_dir=work_dir,
+                trials=TRIALS,
+                trials_per_batch=BATCH,
+                seed=0,
+                measure_default=False,  # only searched schedules: they must change the kernel
+            )
     after_interrupt = _record_lines(work_dir)
     report = tune(
         mod, "host", work_dir=work_dir, trials=TRIALS, trials_per_batch=BATCH, progress=False
@@ -85,6 +93,26 @@ def test_interrupted_tune_keeps_its_records_and_resumes(tuned_dir):
     again = tune(_tiny_model(), "host", work_dir=work_dir, trials=TRIALS, progress=False)
     assert again.new_trials == 0 and again.tasks[0].skipped
     assert _record_lines(work_dir) == lines
+
+
+@pytest.mark.slow
+@pytest.mark.tuning
+def test_default_schedule_is_the_first_record(tmp_path):
+    # A kernel's first candidate is tvmq's default schedule: with one trial it is the only
+    # record, and building with the log gives exactly the untuned kernel, never a worse one.
+    work_dir = tmp_path / "host"
+    report = tune(_tiny_model(), "host", work_dir=work_dir, trials=1, progress=False)
+    [task] = report.tasks
+    assert task.trials == task.new_trials == 1 and task.best_ms is not None
+    preset = get_target("host")
+    database, _ = open_tuning_logs(work_dir, preset)
+    fused = fuse_to_tir(_tiny_model(), preset)
+    with preset.tvm_target(), database:
+        tuned = relax.transform.MetaScheduleApplyDatabase()(fused)
+    with preset.tvm_target():
+        default = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(fused)
+    [name] = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert tvm_ffi.structural_equal(tuned[name].body, default[name].body)
 
 
 @pytest.mark.slow

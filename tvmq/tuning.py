@@ -127,6 +127,7 @@ def tune(
     cost_model: Literal["xgb", "random"] | CostModel = "xgb",
     trials_per_batch: int = 16,
     seed: int | None = None,
+    measure_default: bool = True,
 ) -> TuneReport:
     """Tune a model's kernels for a target with MetaSchedule and log the results.
 
@@ -157,6 +158,10 @@ def tune(
         Candidates built and measured together; an interrupt loses at most one batch.
     seed : int, optional
         Seed of the search, for repeatable runs.
+    measure_default : bool
+        On CPU targets, measure tvmq's default schedule of each kernel as its first candidate
+        (when the kernel has no record yet), so that the best record is never slower than
+        the schedule the kernel gets without tuning; it counts as one of the kernel's trials.
 
     Returns
     -------
@@ -223,6 +228,12 @@ def tune(
                 if todo == 0:
                     continue
                 tracker.current = index
+                if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
+                    default = _default_schedule_context(task, num_threads)
+                    _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
+                    todo -= 1
+                    if todo == 0:
+                        continue
                 context = ms.TuneContext(
                     mod=task.dispatched[0],
                     target=task.target,
@@ -362,6 +373,32 @@ def _run_one(context, trials, per_batch, builder, runner, database, cost_model, 
         if "KeyboardInterrupt" in f"{type(err).__name__}: {err}" or tracker.interrupted:
             raise KeyboardInterrupt from err
         raise
+
+
+def _default_schedule_context(task, num_threads: int):
+    """A TuneContext whose only candidate is tvmq's default CPU schedule of ``task``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmq.cpu_schedule import CPUDefaultSchedule
+
+    rule, target = CPUDefaultSchedule(), task.target
+
+    def default_space(sch):
+        scheduled = rule.apply(sch.mod["main"], target, False)
+        return [scheduled if scheduled is not None else sch]  # its trace replays on the task
+
+    space = ms.space_generator.ScheduleFn(
+        default_space, sch_rules=[], postprocs=[], mutator_probs={}
+    )
+    return ms.TuneContext(
+        mod=task.dispatched[0],
+        target=target,
+        space_generator=space,
+        search_strategy="replay-trace",
+        task_name=task.task_name,
+        logger=_MS_LOGGER,
+        num_threads=num_threads,
+    ).clone()
 
 
 class _Progress:
