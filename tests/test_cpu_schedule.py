@@ -158,3 +158,63 @@ def test_batch_matmul_is_not_a_row_reduction():
 
     x = np.random.default_rng(7).standard_normal((4, 64, 32), dtype=np.float32)
     np.testing.assert_allclose(_run(mod, x), x @ w, rtol=1e-5, atol=1e-4)
+
+
+def _typed_module(shape, dtype, body) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("channels", [16, 32])
+def test_nhwc_max_pool_vectorizes_channels_with_window_loops_outside(channels):
+    # uint8, channels last (what PackInt8ConvX86 leaves between convs): 16 or 32 channels are
+    # narrower than one 64-byte vector, so step 4 takes the widest vector that divides them.
+    shape = (1, 14, 14, channels)
+    mod = _typed_module(
+        shape, "uint8", lambda x: relax.op.nn.max_pool2d(x, 2, 2, layout="NHWC", out_layout="NHWC")
+    )
+    (script,) = _scheduled_kernels(mod).values()
+    assert f"T.vectorized(T.int64({channels}))" in script, script
+    # The 2x2 window loops sit outside the vectorized channel loop.
+    window = script.index("T.grid(T.int64(2), T.int64(2))")
+    assert window < script.rindex("T.vectorized")
+    assert "T.parallel" not in script  # 6272 outputs: one thread
+
+    x = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
+    expected = x.reshape(1, 7, 2, 7, 2, channels).max(axis=(2, 4))
+    np.testing.assert_array_equal(_run(mod, x), expected)
+
+
+def test_nhwc_requantize_epilogue_vectorizes_16_channels():
+    # bias + relu + per-channel scale + round to uint8, channels last (16 of them).
+    rng = np.random.default_rng(7)
+    bias = rng.integers(-500, 500, (1, 1, 1, 16), dtype=np.int32)
+    scale = (rng.random((1, 1, 1, 16)) * 0.05).astype(np.float32)
+
+    def epilogue(x):
+        y = relax.op.nn.relu(relax.op.add(x, relax.const(bias)))
+        y = relax.op.multiply(relax.op.astype(y, "float32"), relax.const(scale))
+        zero = relax.const(0, "int32")
+        return relax.op.quantize(y, relax.const(np.float32(1.0)), zero, out_dtype="uint8")
+
+    mod = _typed_module((1, 28, 28, 16), "int32", epilogue)
+    (script,) = _scheduled_kernels(mod).values()
+    assert "T.vectorized(T.int64(16))" in script, script
+
+    x = rng.integers(-3000, 6000, (1, 28, 28, 16), dtype=np.int32)
+    y = np.maximum(x + bias, 0).astype(np.float32) * scale
+    expected = np.clip(np.round(y), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(_run(mod, x), expected)
+
+
+def test_narrow_vectors_stop_at_128_bits():
+    # 8 float32 = 256 bits: vectorized; 8 uint8 = 64 bits: left to LLVM.
+    for dtype, vectorized in [("float32", True), ("uint8", False)]:
+        mod = _typed_module((64, 8), dtype, lambda x: relax.op.maximum(x, x))
+        (script,) = _scheduled_kernels(mod).values()
+        assert ("T.vectorized" in script) == vectorized, (dtype, script)

@@ -19,6 +19,8 @@ __all__ = ["CPUDefaultSchedule"]
 
 # Blocks with fewer iterations than this run on one thread: waking the pool costs more.
 _MIN_PARALLEL_WORK = 1 << 14
+# Narrowest vector step 4 uses when the full SIMD width does not divide the innermost axis.
+_MIN_VECTOR_BITS = 128
 
 
 class CPUDefaultSchedule(dl.ScheduleRule):
@@ -31,16 +33,19 @@ class CPUDefaultSchedule(dl.ScheduleRule):
        quantized activation) keeps ``4 x SIMD`` partial results in vector registers
        (``rfactor``) and combines them at the end.
     3. Row-wise kernels — reductions and elementwise blocks sharing leading spatial axes
-       (softmax, layer norm), or a lone reduction over the innermost axis (per-row min / max
-       of a dynamically quantized activation) — run each row to the end before the next: the rows in
-       parallel, every block computed at the row, elementwise inner loops vectorized, and
-       each reduction over the innermost axis split into SIMD-wide partial results.
+       (softmax, layer norm), or a lone reduction over the innermost axis (the per-row range
+       of a dynamically quantized activation) — run each row to the end before the next: the
+       rows in parallel, every block computed at the row, elementwise inner loops
+       vectorized, and each reduction over the innermost axis split into SIMD-wide partial
+       results.
     4. Anything else, block by block, in loop order ``spatial..., reduction...``: when the
        innermost spatial axis is unit-stride in every buffer it touches (true for NN matmul
-       after FoldConstant pre-transposes weights, NCHW conv2d, elementwise ops), split it by
-       one or two SIMD vectors, move the reduction loops outside it and vectorize it; for
-       reductions, also keep up to four rows of the next spatial axis in registers
-       (unrolled). The outer spatial loops are fused and run in parallel.
+       after FoldConstant pre-transposes weights, NCHW conv2d, elementwise ops, NHWC pooling
+       and NHWC elementwise epilogues), split it by one or two SIMD vectors (or the widest
+       power-of-two vector of at least 128 bits that divides it: 16 channels of uint8), move
+       the reduction loops outside it and vectorize it; for reductions, also keep up to four
+       rows of the next spatial axis in registers (unrolled). The outer spatial loops are
+       fused and run in parallel.
 
     Dynamic shapes, other layouts and anything the schedule primitives reject keep TVM's
     plain loops (a step that fails falls back to the next).
@@ -133,9 +138,7 @@ def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
     # Several blocks end in an elementwise one (softmax, layer norm); or one row reduction
     # (the per-row range of a dynamically quantized activation).
     if not infos[-1].is_injective() and (
-        len(infos) > 1
-        or not infos[0].dom_kind().endswith("R")
-        or len(sch.get(infos[0].block_rv).reads) != 1  # a matmul is no row reduction
+        len(infos) > 1 or not _is_row_reduction(sch.get(infos[0].block_rv), infos[0].dom_kind())
     ):
         return False
     if any("O" in i.dom_kind() or not all(isinstance(e, int) for e in i.dom()) for i in infos):
@@ -183,6 +186,20 @@ def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:
     return True
 
 
+def _is_row_reduction(block: s_tir.SBlock, kinds: str) -> bool:
+    """One read, reduced over one axis that is its innermost, unit-stride one.
+
+    Not a matmul (two reads), nor a pooling window (several reduction axes, or one walking
+    the rows of an NHWC image): those go to step 4, which vectorizes their spatial axis.
+    """
+    if len(block.reads) != 1 or kinds.count("R") != 1 or not kinds.endswith("R"):
+        return False
+    reduced = block.iter_vars[len(kinds) - 1].var
+    ranges = block.reads[0].region
+    coeffs = detect_linear_equation(ranges[-1].min, [reduced])
+    return len(coeffs) == 2 and isinstance(coeffs[0], tirx.IntImm) and int(coeffs[0]) == 1
+
+
 def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
     """Apply CPUDefaultSchedule to one block; False if it does not fit."""
     kinds, extents = info.dom_kind(), info.dom()
@@ -197,10 +214,15 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
     loops = info.get_loops()
     spatial, reduction = list(loops[:n_spatial]), list(loops[n_spatial:])
 
-    lanes = vector_bits // max(block.writes[0].source.dtype.bits, 8)
+    bits = max(block.writes[0].source.dtype.bits, 8)
+    lanes = vector_bits // bits
     inner_extent = extents[n_spatial - 1]
     if reduction and inner_extent % (2 * lanes) == 0:
         lanes *= 2  # two vector accumulators per row hide FMA latency
+    while lanes > 1 and inner_extent % lanes:
+        lanes //= 2  # a narrower vector (e.g. 16 or 32 channels of uint8 in NHWC)
+    if lanes * bits < _MIN_VECTOR_BITS:
+        lanes = 1
     vector = None
     inner_var = block.iter_vars[n_spatial - 1].var
     if lanes > 1 and inner_extent % lanes == 0 and _is_unit_stride(block, inner_var):

@@ -110,6 +110,7 @@ def _has_conv2d(mod):
         ((1, 4, 12, 12), 8, 3, 1, 2, 2, "int8"),  # dilation 2
         ((1, 3, 7, 7), 5, 5, 2, 2, 1, "uint8"),  # 5x5, M = 16 rows
         ((1, 2, 5, 5), 3, 3, 1, 0, 1, "uint8"),  # M = 9: padded to 16 rows
+        ((1, 16, 40, 40), 8, 3, 1, 1, 2, "int8"),  # cols 225 KiB: im2col rows in parallel
     ],
 )
 def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
@@ -267,3 +268,75 @@ def test_quantized_cnn_for_host_runs_convs_on_vnni(rng, monkeypatch):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, atol=0.1 * np.abs(ref).max())
+
+
+def _conv_chain_module(rng, x_shape=(1, 3, 12, 12), o1=16, o2=24):
+    """conv -> bias, relu, requantize (per-channel) -> max_pool -> conv -> per-channel dequantize,
+    the two results returned NCHW: the second conv's directly, the first's through a reshape."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    w1 = _random(rng, (o1, x_shape[1], 3, 3), np.int8)
+    w2 = _random(rng, (o2, o1, 3, 3), np.int8)
+    bias = rng.integers(-3000, 3000, (1, o1, 1, 1), dtype=np.int32)
+    scale = (rng.random((o1, 1, 1)) * 0.02).astype(np.float32)  # 3-D: broadcast from the right
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = lambda d, w, pad: relax.op.nn.conv2d(  # noqa: E731
+                d, relax.const(w), padding=pad, out_dtype="int32"
+            )
+            y = bb.emit(conv(x, w1, 1))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(bias))))
+            y = bb.emit(relax.op.multiply(relax.op.astype(y, "float32"), relax.const(scale)))
+            q = relax.const(np.float32(1.0))
+            y = bb.emit(relax.op.quantize(y, q, relax.const(0, "int32"), out_dtype="uint8"))
+            p = bb.emit(relax.op.nn.max_pool2d(y, 2, 2))
+            z = bb.emit(conv(p, w2, 0))
+            s2 = relax.const((rng.random(o2) * 0.01).astype(np.float32))
+            z = bb.emit(relax.op.dequantize(z, s2, relax.const(np.zeros(o2, np.int32)), axis=1))
+            flat = bb.emit(relax.op.reshape(p, (x_shape[0], -1)))
+            out = bb.emit_output(relax.Tuple([z, flat]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _ops_named(mod, name):
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: (
+            found.append(e)
+            if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get(name))
+            else None
+        ),
+    )
+    return found
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+def test_results_stay_nhwc_between_convs(rng):
+    """The epilogue, max_pool and the next im2col run channels last; NCHW only where read."""
+    mod = _conv_chain_module(rng)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    (pool,) = _ops_named(packed, "relax.nn.max_pool2d")
+    assert (pool.attrs.layout, pool.attrs.out_layout) == ("NHWC", "NHWC")
+    (q,) = _ops_named(packed, "relax.quantize")
+    (dq,) = _ops_named(packed, "relax.dequantize")
+    assert int(dq.attrs.axis) == 3  # the per-channel axis moved with the channels
+    assert [int(d) for d in q.args[0].ty.shape] == [1, 12, 12, 16]
+    # The input to NHWC once; to NCHW only the second conv's result and the pool output the
+    # reshape reads. None before the second conv (its im2col reads the NHWC pool output).
+    permutes = _ops_named(packed, "relax.permute_dims")
+    axes = sorted(tuple(int(a) for a in p.attrs.axes) for p in permutes)
+    assert axes == [(0, 2, 3, 1), (0, 3, 1, 2), (0, 3, 1, 2)]
+    for x_shape in [(1, 3, 12, 12), (2, 3, 12, 12)]:
+        mod = _conv_chain_module(np.random.default_rng(7), x_shape)
+        packed = PackInt8ConvX86(CASCADELAKE)(mod)
+        x = _random(rng, x_shape, np.uint8)
+        got = relax.VirtualMachine(tvm.compile(packed, target=CASCADELAKE), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)
+        )
+        want = relax.VirtualMachine(tvm.compile(mod, target=CASCADELAKE), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)
+        )
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.numpy(), w.numpy())
