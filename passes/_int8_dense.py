@@ -100,7 +100,8 @@ class _DenseRewriter(PyExprMutator):
     def _kernel_var(self, mp: int, kp: int, np_: int, tiles, with_offset: bool):
         key = (mp, kp, np_, tiles, with_offset)
         if key not in self.kernels:
-            func = self.kernel.build(mp, kp, np_, tiles, with_offset)
+            # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
+            func = self.kernel.build(mp, kp, np_, tiles, with_offset).with_attr("op_pattern", 8)
             name = f"tvmq_int8_dense_{self.kernel.name}_{mp}x{kp}x{np_}"
             name += "_offset" if with_offset else ""
             self.kernels[key] = self.builder_.add_func(func, name)

@@ -55,15 +55,16 @@ def _dot_16x4_vnni_impl(
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
         # The four activation bytes as one int32, broadcast to all 16 lanes, seen as 64 bytes.
-        a_word = T.reinterpret("int32", A.vload([0], "uint8x4"))
-        a_u8x64 = T.reinterpret("uint8x64", T.broadcast(a_word, 16))
-        b_i8x64 = B.vload([0, 0], "int8x64")
+        # One expression: let-bound values inside a parallel loop become a heap-allocated
+        # workspace per task (TVMBackendAllocWorkspace), which short-K kernels feel.
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             "int32x16",
             "llvm.x86.avx512.vpdpbusd.512",
             C.vload([0], "int32x16"),
-            a_u8x64,
-            b_i8x64,
+            T.reinterpret(
+                "uint8x64", T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 16)
+            ),
+            B.vload([0, 0], "int8x64"),
         )
 
 

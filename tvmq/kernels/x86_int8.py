@@ -124,22 +124,54 @@ def int8_dense_vnni(
     return _schedule(func, tiles, parallel=m * n * k >= _PARALLEL_MIN_MACS)
 
 
+def int8_batch_matmul_vnni(
+    batch: int, m: int, k: int, n: int, *, tiles: DenseTiles | None = None
+) -> tvm.tirx.PrimFunc:
+    """:func:`int8_dense_vnni` for ``batch`` independent products with run-time operands.
+
+    ``C[b, m, n] = sum_k int32(X[b, m, k]) * int32(W[b, k, n])``, ``W`` packed per batch
+    entry as ``(batch, n/16, k/4, 16, 4)`` int8 (attention's ``Q @ K^T`` and ``P @ V``,
+    where both operands are activations and the packing runs at run time). Same padding
+    rules and attributes as :func:`int8_dense_vnni`; the batch entries and output tiles
+    run in parallel.
+    """
+    tiles = tiles or choose_tiles(m, n)
+    if k % REDUCE or n % LANES or m % tiles.mr or (n // LANES) % tiles.nr:
+        raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
+    x = te.placeholder((batch, m, k), "uint8", name="X")
+    w = te.placeholder((batch, n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (batch, m, n),
+        lambda b, i, j: te.sum(
+            x[b, i, r].astype("int32")
+            * w[b, j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
+            axis=r,
+        ),
+        name="acc",
+    )
+    out = te.compute((batch, m, n), lambda b, i, j: acc[b, i, j], name="C")
+    func = te.create_prim_func([x, w, out])
+    return _schedule(func, tiles, parallel=batch * m * n * k >= _PARALLEL_MIN_MACS)
+
+
 def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm.tirx.PrimFunc:
-    """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`."""
+    """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
+    (or its batched form: the batch loop joins the parallel tile loop)."""
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("C")
-    oi, oj = sch.get_loops(out)
+    *batch, oi, oj = sch.get_loops(out)
     mo, mi = sch.split(oi, [None, tiles.mr])
     no, nj = sch.split(oj, [None, tiles.nr * LANES])
-    sch.reorder(no, mo, mi, nj)
+    sch.reorder(*batch, no, mo, mi, nj)
     # The accumulator shrinks to one mr x (nr * 16) tile per task.
     sch.compute_at(acc, mo)
     # compute_at drops unit loops: the row loop is there only when mr > 1.
-    *rows, aj, ak = sch.get_loops(acc)[2:]
+    *rows, aj, ak = sch.get_loops(acc)[len(batch) + 2 :]
     ni, nv = sch.split(aj, [tiles.nr, LANES])
     ko, kv = sch.split(ak, [None, REDUCE])
     sch.reorder(ko, *rows, ni, nv, kv)
-    outer = sch.fuse(no, mo)
+    outer = sch.fuse(*batch, no, mo)
     if parallel:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, ko)
