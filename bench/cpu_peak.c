@@ -1,16 +1,29 @@
 /* Measured per-core peak of this CPU for bench_peers' "% peak" column.
  *
- * Register-only loops of 24 independent accumulators (enough to hide each instruction's
- * latency), 512-bit: vfmadd231ps (fp32: 16 lanes x 2 ops) and vpdpbusd (int8 VNNI: 64
- * multiply-adds x 2 ops). Prints "fp32 <GOP/s> int8 <GOP/s>", the best of 5 runs.
- * Built by bench_peers.py with: cc -O2 -mavx512f -mavx512vnni cpu_peak.c
+ * Register-only loops (inline assembly, so no compiler can spill or shuffle registers) of
+ * 24 independent 512-bit instructions: vfmadd231ps (fp32: 16 lanes x 2 ops) and vpdpbusd
+ * (int8 VNNI: 64 multiply-adds x 2 ops). Prints "fp32 <GOP/s> int8 <GOP/s>", best of 5.
+ * Built by bench_peers.py with: cc -O2 cpu_peak.c  (x86-64 with AVX-512 VNNI only)
  */
-#include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
 
-#define ACC 24
-#define ITERS 4000000L
+#define ITERS 20000000L
+#define R24(op)                                                                          \
+    op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15) op(16) \
+        op(17) op(18) op(19) op(20) op(21) op(22) op(23) op(24) op(25) op(26) op(27)
+#define DPBUSD(i) "vpdpbusd %%zmm1, %%zmm2, %%zmm" #i "\n\t"
+#define FMA(i) "vfmadd231ps %%zmm1, %%zmm2, %%zmm" #i "\n\t"
+#define LOOP(body)                                                              \
+    __asm__ volatile("vpxord %%zmm1, %%zmm1, %%zmm1\n\t"                        \
+                     "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"                        \
+                     "mov %0, %%rcx\n"                                          \
+                     "1:\n\t" R24(body) "dec %%rcx\n\t"                         \
+                     "jnz 1b\n\t"                                               \
+                     :                                                          \
+                     : "r"(ITERS)                                               \
+                     : "rcx", "xmm1", "xmm2", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", \
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory")
 
 static double now(void) {
     struct timespec t;
@@ -19,35 +32,15 @@ static double now(void) {
 }
 
 static double fp32_gops(void) {
-    __m512 acc[ACC], a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(-0.0001f);
-    for (int i = 0; i < ACC; i++) acc[i] = _mm512_set1_ps((float)i);
     double t = now();
-    for (long it = 0; it < ITERS; it++) {
-#pragma GCC unroll 24
-        for (int i = 0; i < ACC; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-        __asm__ volatile("" : "+v"(a)); /* keep the loop */
-    }
-    t = now() - t;
-    float sink = 0;
-    for (int i = 0; i < ACC; i++) sink += _mm512_reduce_add_ps(acc[i]);
-    if (sink == 1234.5f) puts("");
-    return (double)ITERS * ACC * 16 * 2 / t / 1e9;
+    LOOP(FMA);
+    return (double)ITERS * 24 * 16 * 2 / (now() - t) / 1e9;
 }
 
 static double int8_gops(void) {
-    __m512i acc[ACC], a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01ff01ff);
-    for (int i = 0; i < ACC; i++) acc[i] = _mm512_set1_epi32(i);
     double t = now();
-    for (long it = 0; it < ITERS; it++) {
-#pragma GCC unroll 24
-        for (int i = 0; i < ACC; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-        __asm__ volatile("" : "+v"(a));
-    }
-    t = now() - t;
-    int sink = 0;
-    for (int i = 0; i < ACC; i++) sink += _mm512_reduce_add_epi32(acc[i]);
-    if (sink == 1234567) puts("");
-    return (double)ITERS * ACC * 64 * 2 / t / 1e9;
+    LOOP(DPBUSD);
+    return (double)ITERS * 24 * 64 * 2 / (now() - t) / 1e9;
 }
 
 int main(void) {
