@@ -289,6 +289,7 @@ def _cpu_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from tvmq.passes.fast_math import FastMath
+    from tvmq.passes.pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
     from tvmq.passes.pack_int8_conv_x86 import PackInt8ConvX86
     from tvmq.passes.pack_int8_dense_arm import PackInt8DenseARM
     from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
@@ -296,6 +297,7 @@ def _cpu_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return [
         PackInt8DenseX86(target),  # each is a no-op on the other's targets
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
+        PackInt8BatchMatmulX86(target),  # int8 activation x activation (attention)
         PackInt8DenseARM(target),
         FastMath(),
         *cpu.library_dispatch_passes(target),

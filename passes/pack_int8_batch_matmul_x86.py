@@ -1,0 +1,153 @@
+"""PackInt8BatchMatmulX86: int8 matmuls of two activations -> the batched VNNI kernel.
+
+Static int8 quantizes attention's ``Q @ K^T`` and ``P @ V`` (``LowerInt8``'s activation
+matmuls) into ``R.matmul(a, b, out_dtype="int32")`` with both operands int8 or uint8 and
+computed at run time. TVM's default lowering of that integer matmul is slower than the
+float one; when the target has ``avx512vnni`` this pass rewrites it into::
+
+    a_u = a (uint8)  or  a + 128 (int8 a)                  # vpdpbusd: unsigned x signed
+    b_s = b (int8)   or  b - 128 (uint8 b)
+    packed = permute_dims(reshape(pad(b_s), [B, K/4, 4, N/16, 16]), [0, 3, 1, 4, 2])
+    acc = call_tir(int8_batch_matmul_vnni, [reshape(pad(a_u), [B, M, K]), packed])
+    a @ b = acc + s_b * rowsum(a_u) - s_a * colsum(b_s) - s_a * s_b * K
+
+(``s_a``, ``s_b``: the shifts, 0 or 128; terms with a zero shift are left out). The
+packing is plain Relax (one injective kernel after fusion, usually merged with the
+transpose that produced ``b``); batch dimensions are flattened, ``K`` padded to a
+multiple of 4 and ``N`` of 16 with zeros, ``M`` to the register tile, and the padding
+sliced off the result. Only matmuls whose operands have the same static batch dimensions
+(no broadcasting) and a non-constant second operand are rewritten (a constant one is
+:class:`PackInt8DenseX86`'s); without avx512vnni the module is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.kernels.vnni_intrin import LANES, REDUCE
+from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_kn
+
+from ._int8_dense import _static_shape
+from .pack_int8_dense_x86 import target_has_vnni
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_INT8 = ("int8", "uint8")
+_OPAQUE = 8  # FuseOps' kOpaque: the scheduled kernel is never fused with its neighbours
+_SHIFT = 128
+
+
+def match_int8_batch_matmul(call: relax.Expr):
+    """``(a, b, batch dims, M, K, N)`` for a rewritable activation matmul, else None."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
+        return None
+    a, b = call.args
+    if str(call.attrs.out_dtype) != "int32" or isinstance(b, tvm.ir.Constant):
+        return None
+    if any(not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in _INT8 for x in (a, b)):
+        return None
+    a_shape, b_shape = _static_shape(a), _static_shape(b)
+    if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
+        return None
+    (*batch, m, k), (*b_batch, k2, n) = a_shape, b_shape
+    if batch != b_batch or k != k2 or 0 in a_shape or 0 in b_shape:
+        return None
+    return a, b, tuple(batch), m, k, n
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        found = match_int8_batch_matmul(call)
+        if found is None:
+            return call
+        self.changed = True
+        return self._lower(*found)
+
+    def _kernel(self, batch: int, mp: int, kp: int, np_: int) -> tvm.ir.GlobalVar:
+        key = (batch, mp, kp, np_)
+        if key not in self.kernels:
+            func = int8_batch_matmul_vnni(batch, mp, kp, np_).with_attr("op_pattern", _OPAQUE)
+            name = f"tvmq_int8_batch_matmul_vnni_{batch}x{mp}x{kp}x{np_}"
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def _shift(self, x: relax.Expr, dtype: str, by: int) -> relax.Expr:
+        wide = relax.op.astype(x, "int16")
+        step = relax.const(abs(by), "int16")
+        moved = relax.op.add(wide, step) if by > 0 else relax.op.subtract(wide, step)
+        return self.builder_.emit(relax.op.astype(moved, dtype))
+
+    def _lower(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
+        bb = self.builder_
+        s_a = _SHIFT if str(a.ty.dtype) == "int8" else 0
+        s_b = _SHIFT if str(b.ty.dtype) == "uint8" else 0
+        a_u = self._shift(a, "uint8", _SHIFT) if s_a else a
+        b_s = self._shift(b, "int8", -_SHIFT) if s_b else b
+        kp, np_ = padded_kn(k, n)
+        mp = choose_tiles(m, np_).m_padded
+        nb = math.prod(batch)
+        x = bb.emit(relax.op.reshape(a_u, (nb, m, k)))
+        if (mp, kp) != (m, k):
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, mp - m, 0, kp - k]))
+        w = bb.emit(relax.op.reshape(b_s, (nb, k, n)))
+        if (kp, np_) != (k, n):
+            w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
+        w = bb.emit(relax.op.reshape(w, (nb, kp // REDUCE, REDUCE, np_ // LANES, LANES)))
+        w = bb.emit(relax.op.permute_dims(w, [0, 3, 1, 4, 2]))
+        out_ty = relax.TensorType((nb, mp, np_), "int32")
+        y = bb.emit(relax.call_tir(self._kernel(nb, mp, kp, np_), [x, w], out_ty=out_ty))
+        if (mp, np_) != (m, n):
+            y = bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n]))
+        y = bb.emit(relax.op.reshape(y, (*batch, m, n)))
+        if s_b:  # b = b_s + s_b
+            rows = relax.op.sum(relax.op.astype(a_u, "int32"), axis=[-1], keepdims=True)
+            y = bb.emit(relax.op.add(y, relax.op.multiply(rows, relax.const(s_b, "int32"))))
+        if s_a:  # a = a_u - s_a
+            cols = relax.op.sum(relax.op.astype(b_s, "int32"), axis=[-2], keepdims=True)
+            y = bb.emit(relax.op.subtract(y, relax.op.multiply(cols, relax.const(s_a, "int32"))))
+        if s_a and s_b:
+            y = bb.emit(relax.op.subtract(y, relax.const(s_a * s_b * k, "int32")))
+        return y
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackInt8BatchMatmulX86")
+class PackInt8BatchMatmulX86:
+    """Lower ``matmul(int8/uint8 a, int8/uint8 b, out_dtype=int32)`` of two activations to
+    the batched VNNI kernel (see the module docstring).
+
+    Parameters
+    ----------
+    target : tvm.target.Target or dict or str, optional
+        The build target. Defaults to ``tvm.target.Target.current()`` when the pass runs;
+        with neither, or without ``avx512vnni``, the pass is a no-op.
+    """
+
+    def __init__(self, target: tvm.target.Target | dict | str | None = None):
+        self.target = tvm.target.Target(target) if target is not None else None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = self.target or tvm.target.Target.current(allow_none=True)
+        if not target_has_vnni(target):
+            return mod
+        rewriter = _Rewriter(mod)
+        updates = {
+            gv: rewriter.visit_expr(func)
+            for gv, func in mod.functions_items()
+            if isinstance(func, relax.Function)
+        }
+        if not rewriter.changed:
+            return mod
+        new_mod = rewriter.builder_.get()
+        for gv, func in updates.items():
+            new_mod[gv] = func
+        return new_mod
