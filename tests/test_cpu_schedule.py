@@ -218,3 +218,39 @@ def test_narrow_vectors_stop_at_128_bits():
         mod = _typed_module((64, 8), dtype, lambda x: relax.op.maximum(x, x))
         (script,) = _scheduled_kernels(mod).values()
         assert ("T.vectorized" in script) == vectorized, (dtype, script)
+
+
+def test_cast_is_inlined_into_the_row_sum_that_reads_it_once():
+    def row_sum(x):
+        return relax.op.sum(relax.op.astype(x, "int32"), axis=[-1], keepdims=True)
+
+    x = relax.Var("x", relax.TensorType((1, 12, 64, 128), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(row_sum(x))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    (script,) = _scheduled_kernels(mod).values()
+    assert "compute_intermediate" not in script  # no int32 copy of the input
+    assert "_rf = T.sblock_alloc_buffer" in script and "T.vectorized" in script
+
+    data = np.random.default_rng(8).integers(0, 256, (1, 12, 64, 128), dtype=np.uint8)
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_array_equal(got, data.astype(np.int64).sum(-1, keepdims=True))
+
+
+def test_producer_of_a_matmul_operand_is_not_inlined():
+    # Inlining the cast into the matmul would recompute it once per output column.
+    from tvm import te
+
+    a = te.placeholder((32, 64), "uint8", name="A")
+    w = te.placeholder((64, 48), "int32", name="W")
+    cast = te.compute((32, 64), lambda i, k: a[i, k].astype("int32"), name="cast")
+    r = te.reduce_axis((0, 64), name="r")
+    c = te.compute((32, 48), lambda i, j: te.sum(cast[i, r] * w[r, j], axis=r), name="C")
+    func = te.create_prim_func([a, w, c])
+    with get_target("host").tvm_target() as target:
+        sch = CPUDefaultSchedule().apply(func, target, False)
+    assert "cast = T.sblock_alloc_buffer" in sch.mod["main"].script()

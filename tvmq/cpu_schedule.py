@@ -27,8 +27,9 @@ class CPUDefaultSchedule(dl.ScheduleRule):
     """A cheap parallel + SIMD schedule for every static-shape CPU kernel.
 
     1. Elementwise chains become one loop nest: injective blocks are inlined into injective
-       consumers (never into a reduction, which would recompute them per reduction step),
-       and trailing copies (reshape, broadcast) into their producer.
+       consumers, or into a lone reduction that reads each of their elements once (the
+       cast before a row sum; never into a matmul, which would recompute them per output
+       column), and trailing copies (reshape, broadcast) into their producer.
     2. A reduction of a whole tensor to one value (the run-time range of a dynamically
        quantized activation) keeps ``4 x SIMD`` partial results in vector registers
        (``rfactor``) and combines them at the end.
@@ -95,7 +96,11 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
         injective = {sch.get(i.block_rv).name_hint for i in infos if i.is_injective()}
         for info in infos[:-1]:
             consumers = sch.get_consumers(info.block_rv)
-            if info.is_injective() and all(sch.get(c).name_hint in injective for c in consumers):
+            if not info.is_injective():
+                continue
+            if all(sch.get(c).name_hint in injective for c in consumers) or (
+                len(consumers) == 1 and _reads_each_once(sch, consumers[0], info.block_rv)
+            ):
                 yield info.block_rv
 
     while first_inlined(injective_producers(), sch.compute_inline):
@@ -105,6 +110,29 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
         sch.reverse_compute_inline,
     ):
         pass
+
+
+def _reads_each_once(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """Whether ``consumer`` reads each element ``producer`` writes once: every index of the
+    read uses a different one of its iteration variables, and all of them are used (a row
+    sum of a cast, not a matmul, which reads each input element once per output column)."""
+    block = sch.get(consumer)
+    written = sch.get(producer).writes[0].source
+    reads = [r for r in block.reads if r.source.same_as(written)]
+    if len(reads) != 1:
+        return False
+    used = []
+    for dim in reads[0].region:
+        if not isinstance(dim.extent, tirx.IntImm) or int(dim.extent) != 1:
+            return False
+        if isinstance(dim.min, tirx.IntImm):  # a unit axis
+            continue
+        hits = [v.var for v in block.iter_vars if v.var.same_as(dim.min)]
+        if len(hits) != 1:
+            return False
+        used.append(hits[0])
+    distinct = all(not a.same_as(b) for i, a in enumerate(used) for b in used[i + 1 :])
+    return distinct and len(used) == len(block.iter_vars)
 
 
 def _leading_spatial(kinds: str) -> int:
