@@ -6,6 +6,7 @@ Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQ
 registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
 Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
+SmoothQuant before static int8 calibration: :class:`SmoothQuant`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
@@ -30,6 +31,7 @@ from .prune_magnitude import PruneMagnitude, sparsity_report
 from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weight_only import QuantizeWeightOnly
+from .smooth_quant import SmoothQuant
 from .sparse_dense import SPARSE_ATTR, SparseDense
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "SPARSE_ATTR",
     "SparseDense",
     "QuantizeWeightOnly",
+    "SmoothQuant",
     "sparsity_report",
     "FoldQuantScales",
     "LowerInt8",

@@ -68,6 +68,83 @@ def is_skipped(name: str, kind: str, skip) -> bool:
     return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
 
 
+#: Selector prefix for the sites whose activation input an op produces: ``after:gelu``.
+AFTER = "after:"
+# Ops a producer is seen through when resolving ``after:<op>``.
+_LOOK_THROUGH = ("relax.reshape", "relax.permute_dims")
+
+
+def _resolve_op(short: str) -> str | None:
+    """The registered Relax op ``short`` names (``gelu``, ``nn.gelu``, ``relax.nn.gelu``)."""
+    for name in (short, f"relax.{short}", f"relax.nn.{short}"):
+        if not name.startswith("relax."):
+            continue
+        try:
+            tvm.ir.Op.get(name)
+        except Exception:  # 0.27 raises AttributeError for an unregistered op
+            continue
+        return name
+    return None
+
+
+def check_site_selector(selector, what: str = "site selector") -> str:
+    """Return `selector` when it is a valid site selector, else raise one ``TvmqError``.
+
+    A selector is what a skip list holds (a site name, an fnmatch pattern of site names, an
+    op kind: see :func:`is_skipped`) or ``after:<op>``: the matmul / conv2d sites whose
+    activation input ``<op>`` produces (``after:layer_norm``, ``after:gelu``; seen through
+    ``reshape`` / ``permute_dims``). Any other ``<prefix>:`` form is an error.
+    """
+    from tvmq.errors import TvmqError
+
+    if not isinstance(selector, str) or not selector.strip():
+        raise TvmqError(f"{what} must be a non-empty string, got {selector!r}")
+    if selector.startswith(AFTER):
+        op = selector[len(AFTER) :]
+        if _resolve_op(op) is None:
+            raise TvmqError(
+                f"{what} {selector!r}: {op!r} is not a Relax op (write e.g. 'after:gelu', "
+                "'after:layer_norm' or 'after:relax.nn.gelu')"
+            )
+        return selector
+    if ":" in selector:
+        raise TvmqError(
+            f"{what} {selector!r} has an unknown form: use a site name or fnmatch pattern "
+            "('matmul_3', 'conv2d_*'), an op kind ('matmul', 'conv2d', 'matmul_act') or "
+            "'after:<op>' ('after:gelu')"
+        )
+    return selector
+
+
+def site_producer(site: QuantSite, bindings) -> str | None:
+    """The op that produces `site`'s activation, seen through reshapes / permutes."""
+    expr = resolve(site.activation, bindings)
+    while op_name(expr) in _LOOK_THROUGH:
+        expr = resolve(expr.args[0], bindings)
+    return op_name(expr)
+
+
+def selects(site: QuantSite, selectors, bindings) -> bool:
+    """Whether any of `selectors` (see :func:`check_site_selector`) selects `site`."""
+    producer = None
+    for sel in selectors or ():
+        if sel.startswith(AFTER):
+            producer = producer or site_producer(site, bindings) or ""
+            if producer == _resolve_op(sel[len(AFTER) :]):
+                return True
+        elif is_skipped(site.name, site.kind, (sel,)):
+            return True
+    return False
+
+
+def select_sites(func: relax.Function, selectors, prefix: str = "") -> list[QuantSite]:
+    """The sites of `func` (:func:`list_quant_sites`) that `selectors` select."""
+    if not selectors:
+        return []
+    bindings = binding_map(func)
+    return [s for s in list_quant_sites(func, prefix) if selects(s, selectors, bindings)]
+
+
 @dataclass(frozen=True, eq=False)
 class QuantSite:
     """One quantizable op: where it is, what it reads, and its float weight."""

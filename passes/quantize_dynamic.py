@@ -182,9 +182,7 @@ class _Rewriter(PyExprMutator):
                 )
             )
             z_f = emit(
-                relax.op.clip(
-                    relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX
-                )
+                relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), s_x)), 0, _QMAX)
             )
         z_x = emit(relax.op.astype(z_f, "int32"))
         if self.per_row:  # relax.quantize takes one scale per tensor or per axis entry

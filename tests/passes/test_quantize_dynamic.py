@@ -59,9 +59,7 @@ def _reference(model, x, per_channel=True, per_row=True):
 
 def _qparams_kernels(mod):
     return [
-        c
-        for c in _calls(mod, "relax.call_tir")
-        if c.args[0].name_hint.startswith("row_qparams_u8")
+        c for c in _calls(mod, "relax.call_tir") if c.args[0].name_hint.startswith("row_qparams_u8")
     ]
 
 

@@ -32,6 +32,7 @@ from tvmq.frontends.model import TensorSpec, signature_of
 __all__ = [
     "ActivationStats",
     "collect_activation_qparams",
+    "collect_channel_absmax",
     "collect_activation_stats",
     "instrument",
 ]
@@ -195,17 +196,13 @@ def collect_activation_stats(
     TvmqError
         Bad calibration data (shapes, empty), or NaN/inf in an activation.
     """
-    from tqdm.auto import tqdm
-
     from tvmq.passes import prepare_passes
     from tvmq.passes._quant_sites import list_observed_tensors, list_quant_sites
 
     prepared = prepare_passes()(mod)
     if inputs is None:
         inputs, _ = signature_of(prepared["main"], list(input_names) if input_names else None)
-    names = [s.name for s in inputs]
     sites = [*list_quant_sites(prepared["main"]), *list_observed_tensors(prepared["main"])]
-    instrumented, site_names = instrument(prepared, sites)
     kinds = {s.name: s.kind for s in sites}
 
     def observer_name(name):
@@ -213,9 +210,39 @@ def collect_activation_stats(
             return scheme.observer_for(name, kinds[name])
         return getattr(scheme, "observer", "minmax")
 
-    observers = {n: get_observer(observer_name(n), label=f"the input of {n}") for n in site_names}
+    observers: dict[str, Observer] = {}
     stats = ActivationStats(observers=observers, site_kinds=kinds)
 
+    def on_batch(i, feed, outputs, acts):
+        for name, act in acts.items():
+            if name not in observers:
+                observers[name] = get_observer(observer_name(name), label=f"the input of {name}")
+            observers[name].update(act)
+            if i == 0:
+                stats.samples[name] = act
+        if i == 0:
+            stats.first_inputs = feed
+            stats.first_outputs = outputs
+        stats.num_batches = i + 1
+
+    site_names = _run_calibration(
+        prepared, sites, calibration_data, inputs, scheme, progress, on_batch
+    )
+    for name in site_names:  # no batch at all: still one (empty) observer per site
+        if name not in observers:
+            observers[name] = get_observer(observer_name(name), label=f"the input of {name}")
+    stats.observers = {n: observers[n] for n in site_names}
+    return stats
+
+
+def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch):
+    """Run the float `prepared` module on every calibration batch, instrumented to return
+    the activations of `sites`; ``on_batch(i, feed, outputs, {site name: activation})``
+    per batch (padded rows dropped, NaN/inf rejected). Returns the observed site names."""
+    from tqdm.auto import tqdm
+
+    names = [s.name for s in inputs]
+    instrumented, site_names = instrument(prepared, sites)
     ex = tvm.compile(instrumented, target=_host_target())
     device = tvm.cpu()
     vm = relax.VirtualMachine(ex, device)
@@ -233,6 +260,7 @@ def collect_activation_stats(
         n_out = len(_flatten(result[0]))
         flat = _flatten(result)
         outputs, acts = flat[:n_out], flat[n_out:]
+        observed = {}
         for name, act in zip(site_names, acts, strict=True):
             if batch_size is not None and rows < batch_size and act.shape[:1] == (batch_size,):
                 act = act[:rows]
@@ -241,14 +269,45 @@ def collect_activation_stats(
                     f"the float model produced NaN or inf at the input of {name} on calibration "
                     f"batch {i + 1}; check the calibration data and the model's weights"
                 )
-            observers[name].update(act)
-            if i == 0:
-                stats.samples[name] = act
-        if i == 0:
-            stats.first_inputs = feed
-            stats.first_outputs = outputs
-        stats.num_batches = i + 1
-    return stats
+            observed[name] = act
+        on_batch(i, feed, outputs, observed)
+    return site_names
+
+
+def collect_channel_absmax(
+    mod: tvm.IRModule,
+    calibration_data: Any,
+    site_names: Sequence[str],
+    scheme=None,
+    *,
+    inputs: list[TensorSpec] | None = None,
+    input_names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """``max |x|`` per channel (last axis) of the input activation of each named matmul site,
+    over the calibration data (what ``tvmq.passes.SmoothQuant`` takes).
+
+    Arguments as :func:`collect_activation_stats` (``scheme`` only for
+    ``num_calibration_batches``); only the named sites are observed.
+    """
+    from tvmq.passes import prepare_passes
+    from tvmq.passes._quant_sites import list_quant_sites
+
+    prepared = prepare_passes()(mod)
+    if inputs is None:
+        inputs, _ = signature_of(prepared["main"], list(input_names) if input_names else None)
+    wanted = set(site_names)
+    sites = [s for s in list_quant_sites(prepared["main"]) if s.name in wanted]
+    out: dict[str, np.ndarray] = {}
+
+    def on_batch(_i, _feed, _outputs, acts):
+        for name, act in acts.items():
+            m = np.abs(act).reshape(-1, act.shape[-1]).max(axis=0)
+            out[name] = m if name not in out else np.maximum(out[name], m)
+
+    if sites:
+        _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch)
+    return out
 
 
 def collect_activation_qparams(

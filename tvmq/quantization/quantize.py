@@ -234,7 +234,9 @@ def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
     )
 
 
-def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams, float_ops):
+def _layer_reports(
+    prepared, scheme: Int8Static, stats: ActivationStats, qparams, float_ops, dynamic=()
+):
     from tvmq.passes._quant_sites import is_skipped, list_quant_sites, ordered_bindings
     from tvmq.passes.annotate_qdq import weight_qparams
 
@@ -249,6 +251,10 @@ def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams
             weight_shape=tuple(site.weight.shape),
             var_name=site.var.name,
         )
+        if site.name in dynamic:
+            _dynamic_layer_report(r, site, stats, float_vars)
+            reports.append(r)
+            continue
         if is_skipped(site.name, site.kind, scheme.skip):
             r.reason = "skipped by the scheme"
         elif site.name not in qparams:
@@ -278,6 +284,32 @@ def _layer_reports(prepared, scheme: Int8Static, stats: ActivationStats, qparams
     reports += _matmul_act_reports(prepared, scheme, stats, qparams, float_vars)
     order = {b.var.name: i for i, b in enumerate(ordered_bindings(prepared["main"]))}
     return sorted(reports, key=lambda r: order.get(r.var_name, len(order)))
+
+
+def _dynamic_layer_report(r: LayerReport, site, stats: ActivationStats, float_vars) -> None:
+    """Fill `r` for a site quantized dynamically (per-row run-time uint8 activation ranges)."""
+    from tvmq.passes.quantize_dynamic import (
+        activation_qparams_dynamic,
+        quantize_activation,
+        weight_qparams_int8,
+    )
+
+    r.quantized = site.var.name not in float_vars
+    r.reason = "" if r.quantized else "QuantizeDynamic could not lower it"
+    w_q, s_w = weight_qparams_int8(site.weight, True)
+    w_dq = qmath.dequantize(w_q, s_w, 0, site.weight_axis)
+    r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
+    r.weight_dtype = "int8"
+    r.activation_dtype = "uint8"  # per row at run time: no calibrated scale
+    sample = stats.samples.get(site.name)
+    if sample is not None:
+        s_x, z_x = activation_qparams_dynamic(sample, True)
+        x_q = quantize_activation(sample, s_x, z_x).astype(np.int32)
+        x_dq = ((x_q - z_x) * s_x).astype(np.float32)
+        r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
+        r.output_sqnr_db = _layer_output_sqnr(site, sample, w_dq, x_dq)
+    if r.output_sqnr_db is None:
+        r.output_sqnr_db = _combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
 
 
 def _operand_sqnr(sample, qp, dtype) -> tuple[np.ndarray | None, float | None]:
@@ -421,29 +453,61 @@ def quantize(
 
 
 def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate, correct):
-    """(report, module) of static int8 quantization."""
+    """(report, module) of static int8 quantization.
+
+    prepare -> [SmoothQuant on ``scheme.smooth`` sites, from per-channel ranges of a first
+    calibration run] -> calibrate -> [bias correction] -> static passes (``scheme.dynamic``
+    sites skipped) -> [QuantizeDynamic on exactly the ``scheme.dynamic`` sites].
+    """
+    import dataclasses
+
     from tvmq.passes import prepare_passes
     from tvmq.passes import static_int8_passes as passes
-    from tvmq.passes.lower_int8 import float_compute_ops
+    from tvmq.passes.lower_int8 import FLOAT_OPS_ATTR, float_compute_ops
 
     prepared = prepare_passes()(mod)
+    dynamic = _dynamic_sites(prepared["main"], scheme)
+    smoothed = _smooth_site_names(prepared["main"], scheme, dynamic)
+    if smoothed:
+        from tvmq.passes.smooth_quant import SmoothQuant
+        from tvmq.quantization.collect import collect_channel_absmax
+
+        if _one_shot(calibration_data):  # read twice: for smoothing, then calibration
+            calibration_data = list(calibration_data)
+        absmax = collect_channel_absmax(
+            prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
+            progress=progress,
+        )  # fmt: skip
+        prepared = SmoothQuant(absmax, scheme.smooth)(prepared)
+    static = scheme
+    if dynamic:
+        static = dataclasses.replace(scheme, skip=(*scheme.skip, *dynamic))
     stats = collect_activation_stats(
         prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
     )
-    qparams = activation_qparams(stats, scheme)
+    qparams = activation_qparams(stats, static)
     corrections = None
     if correct:
         from tvmq.quantization.bias_correction import correct_biases
 
         prepared, corrections = correct_biases(
-            prepared, calibration_data, scheme, qparams, inputs=imported.inputs
+            prepared, calibration_data, static, qparams, inputs=imported.inputs
         )
-    quantized = passes(qparams, scheme)(prepared)
+    quantized = passes(qparams, static)(prepared)
+    if dynamic:
+        quantized = _quantize_dynamic_sites(quantized, prepared, dynamic, scheme)
+        main = quantized["main"]
+        floats = float_compute_ops(main)  # QuantizeDynamic keeps LowerInt8's stale list
+        main = (
+            main.with_attr(FLOAT_OPS_ATTR, floats) if floats else main.without_attr(FLOAT_OPS_ATTR)
+        )
+        quantized = quantized.clone()
+        quantized["main"] = main
 
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
         scheme=scheme.to_dict(),
-        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops),
+        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops, dynamic),
         float_ops=float_ops,
         num_calibration_batches=stats.num_batches,
         bias_correction=corrections,
@@ -451,6 +515,75 @@ def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate
     if evaluate:
         report.output_sqnr_db = _evaluate(quantized, stats, [s.name for s in imported.inputs])
     return report, quantized
+
+
+def _one_shot(data) -> bool:
+    """Whether `data` is an iterator (a generator...) that a second pass would find empty."""
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False
+
+
+def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
+    """Names of the matmul sites of ``main`` that ``scheme.dynamic`` selects (not skipped,
+    and with an accumulator that fits int32)."""
+    from tvmq.passes._quant_sites import is_skipped, select_sites
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic
+
+    if not scheme.dynamic:
+        return ()
+    plan = QuantizeDynamic(Int8Dynamic(weight_per_channel=scheme.weight_per_channel)).plan
+    return tuple(
+        s.name
+        for s in select_sites(func, scheme.dynamic)
+        if not is_skipped(s.name, s.kind, scheme.skip) and plan(s) is None
+    )
+
+
+def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
+    """Names of the matmul sites to smooth: selected by ``scheme.smooth``, static, not skipped."""
+    from tvmq.passes._quant_sites import is_skipped
+    from tvmq.passes.smooth_quant import smooth_sites
+
+    if not scheme.smooth:
+        return []
+    kinds = {s.name: s.kind for s in _sites(func)}
+    return [
+        n
+        for n in smooth_sites(func, scheme.smooth)
+        if n not in dynamic and not is_skipped(n, kinds[n], scheme.skip)
+    ]
+
+
+def _sites(func):
+    from tvmq.passes._quant_sites import list_quant_sites
+
+    return list_quant_sites(func)
+
+
+def _quantize_dynamic_sites(quantized, prepared, dynamic, scheme: Int8Static):
+    """Run ``QuantizeDynamic`` on the static result, on exactly the ``dynamic`` sites.
+
+    The static passes left them float; ``QuantizeDynamic`` names sites counting only its
+    own integer matmuls, so after ``LowerInt8`` its names can differ from the float
+    model's: the sites are matched by their binding var instead, and every other float
+    site goes to its ``skip`` list.
+    """
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic, _is_dynamic_matmul
+    from tvmq.passes.quantize_weight_only import stable_sites
+
+    wanted = {s.var.name for s in _sites(prepared["main"]) if s.name in set(dynamic)}
+    sites = stable_sites(quantized["main"], "", _is_dynamic_matmul)
+    chosen = [s for s in sites if s.var.name in wanted]
+    if len(chosen) != len(wanted) or len(wanted) != len(dynamic):
+        raise TvmqError(
+            f"internal error: could not find the dynamic sites {list(dynamic)} after static "
+            "quantization (their binding vars changed)"
+        )
+    others = tuple(s.name for s in sites if s not in chosen)
+    dyn_scheme = Int8Dynamic(weight_per_channel=scheme.weight_per_channel, skip=others)
+    return QuantizeDynamic(dyn_scheme)(quantized)
 
 
 class _FirstBatches:
