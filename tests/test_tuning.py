@@ -186,3 +186,15 @@ def test_plain_build_reports_default_kernels():
 def test_bad_budget_is_an_error(tmp_path):
     with pytest.raises(TvmqError, match="positive"):
         tune(_tiny_model(), "host", work_dir=tmp_path, trials=0)
+
+
+def test_a_kernel_metaschedule_cannot_tune_is_reported_and_skipped(tmp_path, monkeypatch):
+    # e.g. TVM 0.27's flop estimator has no rule for some vector expressions.
+    def fail(context, *args):
+        raise RuntimeError("InternalError: Do not have a default for prim.Broadcast")
+
+    monkeypatch.setattr(tvmq.tuning, "_run_one", fail)
+    report = tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, progress=False)
+    [task] = report.tasks
+    assert task.best_ms is None and "prim.Broadcast" in task.error
+    assert "not tuned: RuntimeError" in report.summary()

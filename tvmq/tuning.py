@@ -75,6 +75,7 @@ class TaskReport:
     new_trials: int
     best_ms: float | None
     skipped: bool = False
+    error: str | None = None  # why MetaSchedule could not tune it (the kernel keeps its default)
 
 
 @dataclass
@@ -102,7 +103,8 @@ class TuneReport:
         lines = [f"{'kernel':<{width}}  trials  new  best ms"]
         for t in self.tasks:
             best = "-" if t.best_ms is None else f"{t.best_ms:.4g}"
-            lines.append(f"{t.name:<{width}}  {t.trials:>6}  {t.new_trials:>3}  {best:>7}")
+            note = f"  not tuned: {t.error}" if t.error else ""
+            lines.append(f"{t.name:<{width}}  {t.trials:>6}  {t.new_trials:>3}  {best:>7}{note}")
         lines.append(
             f"{self.tuned}/{len(self.tasks)} kernels tuned for {self.target!r}, "
             f"{self.new_trials} new trials in {self.seconds:.0f} s; records in {self.work_dir}"
@@ -228,25 +230,33 @@ def tune(
                 if todo == 0:
                     continue
                 tracker.current = index
-                if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
-                    default = _default_schedule_context(task, num_threads)
-                    _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
-                    todo -= 1
-                    if todo == 0:
-                        continue
-                context = ms.TuneContext(
-                    mod=task.dispatched[0],
-                    target=task.target,
-                    space_generator="post-order-apply",
-                    search_strategy="evolutionary",
-                    task_name=task.task_name,
-                    logger=_MS_LOGGER,
-                    rand_state=-1 if seed is None else seed + index,
-                    num_threads=num_threads,
-                ).clone()
-                _run_one(
-                    context, todo, trials_per_batch, builder, runner, database, cost_model, tracker
-                )
+                try:
+                    if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
+                        default = _default_schedule_context(task, num_threads)
+                        _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
+                        todo -= 1
+                        if todo == 0:
+                            continue
+                    context = ms.TuneContext(
+                        mod=task.dispatched[0],
+                        target=task.target,
+                        space_generator="post-order-apply",
+                        search_strategy="evolutionary",
+                        task_name=task.task_name,
+                        logger=_MS_LOGGER,
+                        rand_state=-1 if seed is None else seed + index,
+                        num_threads=num_threads,
+                    ).clone()
+                    _run_one(
+                        context, todo, trials_per_batch, builder, runner, database, cost_model,
+                        tracker,
+                    )  # fmt: skip
+                except KeyboardInterrupt:
+                    raise
+                except Exception as err:  # one kernel MetaSchedule cannot handle: go on
+                    message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+                    reports[index].error = f"{type(err).__name__}: {message}"
+                    _log.warning("kernel %s not tuned: %s", task.task_name, reports[index].error)
     except KeyboardInterrupt:
         bar.close()
         _log.warning(
