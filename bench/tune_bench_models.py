@@ -86,23 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--list", action="store_true", help="print the kernels to tune and stop")
     args = p.parse_args(argv)
 
-    from tvm.s_tir import meta_schedule as ms
-
     from tvmq.build import fuse_to_tir
     from tvmq.targets import get_target
-    from tvmq.tuning import tune
+    from tvmq.tuning import tunable_tasks, tune
 
     work_dir = Path(__file__).resolve().parent.parent / "tuning_logs"
     for name in args.models:
         t = time.perf_counter()
         model = build_model(name)
         preset = get_target(args.target)
-        fused = fuse_to_tir(model.mod, preset)
-        tasks = [
-            task
-            for task in ms.relax_integration.extract_tasks(fused, preset.tvm_target())
-            if not task.mod.attrs.get("tirx.is_scheduled", False)
-        ]
+        tasks = tunable_tasks(fuse_to_tir(model.mod, preset), preset.tvm_target())
         print(f"{name}: {len(tasks)} kernels to tune", flush=True)
         if args.list or not tasks:
             continue

@@ -198,3 +198,23 @@ def test_a_kernel_metaschedule_cannot_tune_is_reported_and_skipped(tmp_path, mon
     [task] = report.tasks
     assert task.best_ms is None and "prim.Broadcast" in task.error
     assert "not tuned: RuntimeError" in report.summary()
+
+
+def test_hand_scheduled_kernels_are_not_tasks():
+    # An int8 matmul becomes tvmq's VNNI kernel (tirx.is_scheduled): nothing to tune there.
+    x = relax.Var("x", relax.TensorType((8, 64), "uint8"))
+    w = np.random.default_rng(5).integers(-127, 128, (64, 48), dtype=np.int8)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+            out = bb.emit_output(relax.op.nn.relu(relax.op.astype(acc, "float32")))
+        bb.emit_func_output(out)
+    preset = get_target("host")
+    fused = fuse_to_tir(bb.get(), preset)
+    kernels = [
+        gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    ]
+    assert any(k.startswith("tvmq_int8_dense_vnni") for k in kernels)
+    names = [t.task_name for t in tvmq.tuning.tunable_tasks(fused, preset.tvm_target())]
+    assert names and not any("vnni" in n for n in names)

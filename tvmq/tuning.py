@@ -48,7 +48,14 @@ if TYPE_CHECKING:
 
     from tvmq.frontends import ImportedModel
 
-__all__ = ["TaskReport", "TuneReport", "default_work_dir", "open_tuning_logs", "tune"]
+__all__ = [
+    "TaskReport",
+    "TuneReport",
+    "default_work_dir",
+    "open_tuning_logs",
+    "tunable_tasks",
+    "tune",
+]
 
 LOG_FOLDER = "tuning_logs"
 """The folder (in the current directory) where :func:`tune` writes records by default."""
@@ -110,6 +117,23 @@ class TuneReport:
             f"{self.new_trials} new trials in {self.seconds:.0f} s; records in {self.work_dir}"
         )
         return "\n".join(lines)
+
+
+def tunable_tasks(fused: tvm.IRModule, target: tvm.target.Target) -> list:
+    """MetaSchedule's tasks of a fused module, less the kernels a tvmq pass already
+    scheduled by hand (``tirx.is_scheduled`` on the PrimFunc, e.g. the VNNI int8 kernels)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    def prescheduled(task) -> bool:
+        funcs = task.dispatched[0].functions.values()
+        return any(
+            isinstance(f, tvm.tirx.PrimFunc)
+            and f.attrs is not None
+            and bool(f.attrs.get("tirx.is_scheduled", False))
+            for f in funcs
+        )
+
+    return [t for t in ms.relax_integration.extract_tasks(fused, target) if not prescheduled(t)]
 
 
 def default_work_dir(target: str | TargetPreset) -> Path:
@@ -193,11 +217,7 @@ def tune(
 
     _register_intrinsics(preset)
     fused = fuse_to_tir(mod, preset)
-    tasks = [
-        t
-        for t in ms.relax_integration.extract_tasks(fused, tvm_target)
-        if not t.mod.attrs.get("tirx.is_scheduled", False)
-    ]
+    tasks = tunable_tasks(fused, tvm_target)
     if not tasks:
         raise TvmqError(f"the model has no kernel to tune for target {preset.name!r}")
     per_task = trials_per_task if trials_per_task is not None else math.ceil(trials / len(tasks))
