@@ -1,6 +1,8 @@
 """Tune the benchmark models' kernels into the shipped logs (``tuning_logs/<preset>/``).
 
     python bench/tune_bench_models.py                          # all models, 32 per kernel
+    python bench/tune_bench_models.py --models minilm-b1-dyn gemm-int8 --trials-per-task 16
+                                                               # what tuning_logs/host ships
     python bench/tune_bench_models.py --models minilm-b1-dyn --trials-per-task 16
     python bench/tune_bench_models.py --list                   # kernels per model, no tuning
 
