@@ -138,9 +138,11 @@ class _DenseRewriter(PyExprMutator):
         return y
 
 
-def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
-    """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
-    rewriter = _DenseRewriter(mod, kernel)
+def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
+    """Every Relax function of ``mod`` through ``rewriter`` (a PyExprMutator built on ``mod``
+    with a ``changed`` flag): ``mod`` itself when nothing matched, else the module of its
+    builder (with the kernels it added) holding the rewritten functions, each passed through
+    ``finish`` when given."""
     updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -151,5 +153,10 @@ def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
         return mod
     new_mod = rewriter.builder_.get()
     for gv, func in updates.items():
-        new_mod[gv] = func
+        new_mod[gv] = finish(func) if finish is not None else func
     return new_mod
+
+
+def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
+    """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
+    return rewrite_functions(mod, _DenseRewriter(mod, kernel))

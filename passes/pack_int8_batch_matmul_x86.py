@@ -31,8 +31,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.kernels.vnni_intrin import LANES, REDUCE
 from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_kn
 
-from ._int8_dense import _static_shape
-from .pack_int8_dense_x86 import target_has_vnni
+from ._int8_dense import _static_shape, rewrite_functions
+from .pack_int8_dense_x86 import VNNIPass
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _INT8 = ("int8", "uint8")
@@ -121,33 +121,9 @@ class _Rewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8BatchMatmulX86")
-class PackInt8BatchMatmulX86:
+class PackInt8BatchMatmulX86(VNNIPass):
     """Lower ``matmul(int8/uint8 a, int8/uint8 b, out_dtype=int32)`` of two activations to
-    the batched VNNI kernel (see the module docstring).
+    the batched VNNI kernel (see the module docstring; ``target``: see :class:`VNNIPass`)."""
 
-    Parameters
-    ----------
-    target : tvm.target.Target or dict or str, optional
-        The build target. Defaults to ``tvm.target.Target.current()`` when the pass runs;
-        with neither, or without ``avx512vnni``, the pass is a no-op.
-    """
-
-    def __init__(self, target: tvm.target.Target | dict | str | None = None):
-        self.target = tvm.target.Target(target) if target is not None else None
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_vnni(target):
-            return mod
-        rewriter = _Rewriter(mod)
-        updates = {
-            gv: rewriter.visit_expr(func)
-            for gv, func in mod.functions_items()
-            if isinstance(func, relax.Function)
-        }
-        if not rewriter.changed:
-            return mod
-        new_mod = rewriter.builder_.get()
-        for gv, func in updates.items():
-            new_mod[gv] = func
-        return new_mod
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        return rewrite_functions(mod, _Rewriter(mod))

@@ -53,8 +53,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
-from ._int8_dense import _static_shape
-from .pack_int8_dense_x86 import target_has_vnni
+from ._int8_dense import _static_shape, rewrite_functions
+from .pack_int8_dense_x86 import VNNIPass
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
@@ -310,34 +310,10 @@ class _ConvRewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8ConvX86")
-class PackInt8ConvX86:
-    """Lower ``conv2d(int8/uint8 x, const int8 W, out_dtype=int32)`` to im2col + VNNI dense.
+class PackInt8ConvX86(VNNIPass):
+    """Lower ``conv2d(int8/uint8 x, const int8 W, out_dtype=int32)`` to im2col + VNNI dense
+    (``target``: see :class:`VNNIPass`)."""
 
-    Parameters
-    ----------
-    target : tvm.target.Target or dict or str, optional
-        The build target. Defaults to ``tvm.target.Target.current()`` when the pass runs;
-        with neither, or without ``avx512vnni``, the pass is a no-op.
-    """
-
-    def __init__(self, target: tvm.target.Target | dict | str | None = None):
-        self.target = tvm.target.Target(target) if target is not None else None
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_vnni(target):
-            return mod
-        rewriter = _ConvRewriter(mod)
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                new_func = rewriter.visit_expr(func)
-                if not new_func.same_as(func):
-                    updates[gv] = new_func
-        if not rewriter.changed:
-            return mod
-        new_mod = rewriter.builder_.get()
-        for gv, func in updates.items():
-            # Drop the NCHW transposes nothing reads (see _ConvRewriter).
-            new_mod[gv] = relax.analysis.remove_all_unused(func)
-        return new_mod
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        # Drop the NCHW transposes nothing reads (see _ConvRewriter).
+        return rewrite_functions(mod, _ConvRewriter(mod), relax.analysis.remove_all_unused)

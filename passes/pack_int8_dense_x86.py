@@ -58,9 +58,9 @@ _VNNI = DenseKernel(
 )
 
 
-@tvm.transform.module_pass(opt_level=0, name="PackInt8DenseX86")
-class PackInt8DenseX86:
-    """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to a VNNI kernel.
+class VNNIPass:
+    """Base of the x86 VNNI passes: a no-op unless the target has avx512vnni, else
+    ``self.rewrite(mod)``.
 
     Parameters
     ----------
@@ -76,4 +76,16 @@ class PackInt8DenseX86:
         target = self.target or tvm.target.Target.current(allow_none=True)
         if not target_has_vnni(target):
             return mod
+        return self.rewrite(mod)
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        raise NotImplementedError
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackInt8DenseX86")
+class PackInt8DenseX86(VNNIPass):
+    """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to a VNNI kernel
+    (``target``: see :class:`VNNIPass`)."""
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_int8_dense(mod, _VNNI)
