@@ -15,8 +15,8 @@ from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.targets import get_target
 
 
-def _module(shape, body) -> tvm.IRModule:
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
+def _module(shape, body, dtype: str = "float32") -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(shape, dtype))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -224,13 +224,7 @@ def test_cast_is_inlined_into_the_row_sum_that_reads_it_once():
     def row_sum(x):
         return relax.op.sum(relax.op.astype(x, "int32"), axis=[-1], keepdims=True)
 
-    x = relax.Var("x", relax.TensorType((1, 12, 64, 128), "uint8"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(row_sum(x))
-        bb.emit_func_output(out)
-    mod = bb.get()
+    mod = _module((1, 12, 64, 128), row_sum, "uint8")
     (script,) = _scheduled_kernels(mod).values()
     assert "compute_intermediate" not in script  # no int32 copy of the input
     assert "_rf = T.sblock_alloc_buffer" in script and "T.vectorized" in script
