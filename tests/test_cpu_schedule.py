@@ -160,23 +160,13 @@ def test_batch_matmul_is_not_a_row_reduction():
     np.testing.assert_allclose(_run(mod, x), x @ w, rtol=1e-5, atol=1e-4)
 
 
-def _typed_module(shape, dtype, body) -> tvm.IRModule:
-    x = relax.Var("x", relax.TensorType(shape, dtype))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(x))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 @pytest.mark.parametrize("channels", [16, 32])
 def test_nhwc_max_pool_vectorizes_channels_with_window_loops_outside(channels):
     # uint8, channels last (what PackInt8ConvX86 leaves between convs): 16 or 32 channels are
     # narrower than one 64-byte vector, so step 4 takes the widest vector that divides them.
     shape = (1, 14, 14, channels)
-    mod = _typed_module(
-        shape, "uint8", lambda x: relax.op.nn.max_pool2d(x, 2, 2, layout="NHWC", out_layout="NHWC")
+    mod = _module(
+        shape, lambda x: relax.op.nn.max_pool2d(x, 2, 2, layout="NHWC", out_layout="NHWC"), "uint8"
     )
     (script,) = _scheduled_kernels(mod).values()
     assert f"T.vectorized(T.int64({channels}))" in script, script
@@ -202,7 +192,7 @@ def test_nhwc_requantize_epilogue_vectorizes_16_channels():
         zero = relax.const(0, "int32")
         return relax.op.quantize(y, relax.const(np.float32(1.0)), zero, out_dtype="uint8")
 
-    mod = _typed_module((1, 28, 28, 16), "int32", epilogue)
+    mod = _module((1, 28, 28, 16), epilogue, "int32")
     (script,) = _scheduled_kernels(mod).values()
     assert "T.vectorized(T.int64(16))" in script, script
 
@@ -215,7 +205,7 @@ def test_nhwc_requantize_epilogue_vectorizes_16_channels():
 def test_narrow_vectors_stop_at_128_bits():
     # 8 float32 = 256 bits: vectorized; 8 uint8 = 64 bits: left to LLVM.
     for dtype, vectorized in [("float32", True), ("uint8", False)]:
-        mod = _typed_module((64, 8), dtype, lambda x: relax.op.maximum(x, x))
+        mod = _module((64, 8), lambda x: relax.op.maximum(x, x), dtype)
         (script,) = _scheduled_kernels(mod).values()
         assert ("T.vectorized" in script) == vectorized, (dtype, script)
 
