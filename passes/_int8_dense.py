@@ -60,6 +60,14 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims)
 
 
+def shift_bytes(x: relax.Expr, by: int, dtype: str) -> relax.Expr:
+    """``dtype(int16(x) + by)``: int8 <-> uint8 by +/-128 (vpdpbusd wants unsigned x signed)."""
+    step = relax.const(abs(by), "int16")
+    wide = relax.op.astype(x, "int16")
+    moved = relax.op.add(wide, step) if by > 0 else relax.op.subtract(wide, step)
+    return relax.op.astype(moved, dtype)
+
+
 def match_int8_dense(call: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], np.ndarray] | None:
     """(x, x shape, W as numpy) for a lowerable ``matmul(x, W_const, out_dtype=int32)``."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
@@ -118,10 +126,7 @@ class _DenseRewriter(PyExprMutator):
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
         if shift:
-            wide = bb.emit(relax.op.astype(x, "int16"))
-            by = relax.const(abs(shift), "int16")
-            shifted = relax.op.add(wide, by) if shift > 0 else relax.op.subtract(wide, by)
-            x = bb.emit(relax.op.astype(shifted, self.kernel.operand_dtype))
+            x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
         args = [x, relax.const(self.kernel.pack(w, kp, np_), "int8")]

@@ -31,7 +31,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.kernels.vnni_intrin import LANES, REDUCE
 from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_kn
 
-from ._int8_dense import _static_shape, rewrite_functions
+from ._int8_dense import _static_shape, rewrite_functions, shift_bytes
 from .pack_int8_dense_x86 import VNNIPass
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -81,18 +81,12 @@ class _Rewriter(PyExprMutator):
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
-    def _shift(self, x: relax.Expr, dtype: str, by: int) -> relax.Expr:
-        wide = relax.op.astype(x, "int16")
-        step = relax.const(abs(by), "int16")
-        moved = relax.op.add(wide, step) if by > 0 else relax.op.subtract(wide, step)
-        return self.builder_.emit(relax.op.astype(moved, dtype))
-
     def _lower(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
         bb = self.builder_
         s_a = _SHIFT if str(a.ty.dtype) == "int8" else 0
         s_b = _SHIFT if str(b.ty.dtype) == "uint8" else 0
-        a_u = self._shift(a, "uint8", _SHIFT) if s_a else a
-        b_s = self._shift(b, "int8", -_SHIFT) if s_b else b
+        a_u = bb.emit(shift_bytes(a, _SHIFT, "uint8")) if s_a else a
+        b_s = bb.emit(shift_bytes(b, -_SHIFT, "int8")) if s_b else b
         kp, np_ = padded_kn(k, n)
         mp = choose_tiles(m, np_).m_padded
         nb = math.prod(batch)
