@@ -694,6 +694,13 @@ _MATCHERS = {
 }
 
 
+def with_float_ops(func: relax.Function) -> relax.Function:
+    """``func`` with :data:`FLOAT_OPS_ATTR` listing what still computes in float now
+    (recomputed, so ops an earlier pass listed and a later one lowered drop out)."""
+    floats = float_compute_ops(func)
+    return func.with_attr(FLOAT_OPS_ATTR, floats) if floats else func.without_attr(FLOAT_OPS_ATTR)
+
+
 def float_compute_ops(func: relax.Function) -> list[str]:
     """``"<op>:<var>"`` for every matmul / conv2d that still computes in float.
 
@@ -748,12 +755,7 @@ class LowerInt8:
                 continue
             new_func = _Lowerer(mod, regions, self.requantize).visit_expr(func)
             new_func = relax.analysis.remove_all_unused(new_func)
-            floats = float_compute_ops(new_func)
-            old = func.attrs.get(FLOAT_OPS_ATTR, []) if func.attrs is not None else []
-            merged = list(dict.fromkeys([*map(str, old), *floats]))
-            if merged:
-                new_func = new_func.with_attr(FLOAT_OPS_ATTR, merged)
-            updates[gv] = new_func
+            updates[gv] = with_float_ops(new_func)
         if not updates:
             return mod
         mod = mod.clone()

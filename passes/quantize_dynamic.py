@@ -54,7 +54,7 @@ from ._quant_sites import (
     relax_functions,
     site_prefix,
 )
-from .lower_int8 import FLOAT_OPS_ATTR, float_compute_ops
+from .lower_int8 import with_float_ops
 from .quantize_weight_only import stable_sites
 
 ATTR = "tvmq.dynamic_int8"
@@ -262,11 +262,7 @@ class QuantizeDynamic:
             new = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             old = [str(n) for n in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
             new = new.with_attr(ATTR, [*old, *names])
-            floats = float_compute_ops(new)
-            old_f = func.attrs.get(FLOAT_OPS_ATTR, []) if func.attrs is not None else []
-            merged = list(dict.fromkeys([*map(str, old_f), *floats]))
-            if merged:
-                new = new.with_attr(FLOAT_OPS_ATTR, merged)
+            new = with_float_ops(new)
             updates[gv] = new
         if not updates:
             return mod

@@ -156,6 +156,7 @@ def test_idempotent_skip_conv_and_nothing_to_match(mlp):
     # the remaining float op keeps its name (matmul_0) although matmul_1 changed
     twice = QuantizeDynamic()(once)
     assert [str(n) for n in twice["main"].attrs[ATTR]] == ["matmul_1", "matmul_0"]
+    assert FLOAT_OPS_ATTR not in twice["main"].attrs  # nothing is float any more
     assert QuantizeDynamic()(twice).same_as(twice)
 
     conv = torch.nn.Conv2d(3, 4, 3).eval()

@@ -463,7 +463,7 @@ def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate
 
     from tvmq.passes import prepare_passes
     from tvmq.passes import static_int8_passes as passes
-    from tvmq.passes.lower_int8 import FLOAT_OPS_ATTR, float_compute_ops
+    from tvmq.passes.lower_int8 import float_compute_ops
 
     prepared = prepare_passes()(mod)
     dynamic = _dynamic_sites(prepared["main"], scheme)
@@ -496,13 +496,6 @@ def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate
     quantized = passes(qparams, static)(prepared)
     if dynamic:
         quantized = _quantize_dynamic_sites(quantized, prepared, dynamic, scheme)
-        main = quantized["main"]
-        floats = float_compute_ops(main)  # QuantizeDynamic keeps LowerInt8's stale list
-        main = (
-            main.with_attr(FLOAT_OPS_ATTR, floats) if floats else main.without_attr(FLOAT_OPS_ATTR)
-        )
-        quantized = quantized.clone()
-        quantized["main"] = main
 
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
