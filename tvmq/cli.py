@@ -335,8 +335,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with tvmq's error contract: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"tvmq: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tvmq",
         description="Compress neural networks (int8 quantization, pruning, weight sharing) "
         "and compile them with Apache TVM into a deployable library for a hardware target.",
