@@ -21,7 +21,7 @@ from tvm import relax
 
 from tvmq import demo
 from tvmq.compression import ClusterConfig, PruneConfig, apply_compression, model_stats
-from tvmq.distill import distill
+from tvmq.distillation import distill
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.pruning import magnitude_mask, prunable_weights
 

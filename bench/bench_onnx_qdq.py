@@ -40,8 +40,8 @@ from tvmq import demo
 from tvmq.build import build
 from tvmq.frontends.onnx import from_onnx
 from tvmq.passes import PackInt8DenseX86, prepare_passes, static_int8_passes
+from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.canonicalize_qdq import CanonicalizeQDQ
-from tvmq.passes.lower_int8 import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.targets import get_target
 

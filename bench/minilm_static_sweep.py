@@ -305,7 +305,7 @@ class Workbench:
         import tvmq
         from tvmq.frontends import ImportedModel
         from tvmq.passes import static_int8_passes
-        from tvmq.passes.lower_int8 import float_compute_ops
+        from tvmq.passes.analysis import float_compute_ops
         from tvmq.quantization.quantize import _dynamic_sites, _quantize_dynamic_sites
 
         out = self.cache / cfg.name

@@ -14,20 +14,31 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 GELU on CPU targets).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
+Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
+
+Shared by the passes and public: :mod:`~tvmq.passes.sites` (the one site model: which
+matmul / conv2d layers the passes work on and their names), :mod:`~tvmq.passes.relax_utils`
+(bindings, constants, op names) and :mod:`~tvmq.passes.analysis` (read-only measures:
+:func:`~tvmq.passes.analysis.float_compute_ops`, ``count_macs``, ``constant_bytes``,
+``sparsity_report``). This package imports only ``tvmq``'s core layer (``tvmq.core``,
+``tvmq.errors``, ``tvmq.kernels``), never the driver (``tests/test_layers.py``).
 """
 
+from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
 from .fast_math import FastMath
 from .fold_quant_scales import FoldQuantScales
 from .int8_dense_cuda import Int8DenseCUDA
-from .lower_int8 import FLOAT_OPS_ATTR, LowerInt8
+from .lower_int8 import LowerInt8
+from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
+from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
 from .pack_int8_dense_x86 import PackInt8DenseX86
 from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
 from .prune_channels import PruneChannels
-from .prune_magnitude import PruneMagnitude, sparsity_report
+from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weight_only import QuantizeWeightOnly
@@ -43,6 +54,8 @@ __all__ = [
     "ClusterWeights",
     "FastMath",
     "Int8DenseCUDA",
+    "PackInt8BatchMatmulX86",
+    "PackInt8ConvX86",
     "PackInt8DenseARM",
     "PackInt8DenseX86",
     "arm_int8_instruction",

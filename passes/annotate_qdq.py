@@ -2,7 +2,7 @@
 
 Static int8, step 1 of 3 (then :class:`FoldQuantScales`, then :class:`LowerInt8`), on a
 float Relax module before ``LegalizeOps``. For every quantizable site (see
-``_quant_sites.list_quant_sites``: a float32 ``matmul(x, W)`` with a constant 2-D ``W`` or
+``tvmq.passes.sites.list_weight_sites``: a float32 ``matmul(x, W)`` with a constant 2-D ``W`` or
 an NCHW/OIHW ``conv2d(x, W)`` with a constant ``W``) that has calibrated activation
 parameters and is not skipped, it rewrites::
 
@@ -17,7 +17,7 @@ symmetric by default. The result is still a float model (QDQ form, as in ONNX), 
 as is; the weight ``quantize`` is folded by :class:`FoldQuantScales` and integer compute
 appears only in :class:`LowerInt8`.
 
-Tensor sites (``_quant_sites.list_tensor_sites``): a residual ``add`` of two float32
+Tensor sites (``tvmq.passes.sites.list_tensor_sites``): a residual ``add`` of two float32
 activations and a ``concat`` get their inputs wrapped the same way and their output
 (after an ``add``'s following ``relu`` / ``clip``) quantized and dequantized in place,
 so :class:`LowerInt8` can run them on integers::
@@ -53,19 +53,12 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
+from tvmq.core.selectors import is_skipped
+from tvmq.errors import TvmqError
 
-from ._quant_sites import (
-    QuantSite,
-    TensorSite,
-    const_f32,
-    const_i32,
-    is_skipped,
-    list_quant_sites,
-    list_tensor_sites,
-    relax_functions,
-    site_prefix,
-)
+from .relax_utils import const_f32, const_i32, relax_functions, site_prefix
+from .sites import TensorSite, WeightSite, list_tensor_sites, list_weight_sites
 
 
 def _layer(scheme, name: str):
@@ -73,7 +66,7 @@ def _layer(scheme, name: str):
     return scheme.for_layer(name) if hasattr(scheme, "for_layer") else scheme
 
 
-def weight_qparams(site: QuantSite, scheme) -> tuple[np.ndarray, np.ndarray, int | None]:
+def weight_qparams(site: WeightSite, scheme) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(scale, zero_point, axis) of a site's weight: per output channel and symmetric by default.
 
     ``axis`` is None for per-tensor parameters.
@@ -184,11 +177,11 @@ def _check_qparams(name: str, value) -> tuple[float, int]:
         scale, zp = value
         scale, zp = float(scale), int(zp)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise TvmqError(
             f"activation_qparams[{name!r}] must be a (scale, zero_point) pair, got {value!r}"
         ) from None
     if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"activation_qparams[{name!r}] has scale {scale}; it must be > 0")
+        raise TvmqError(f"activation_qparams[{name!r}] has scale {scale}; it must be > 0")
     return scale, zp
 
 
@@ -218,10 +211,10 @@ class AnnotateQDQ:
         """The activation dtype of tensor `name`, checked against its zero point."""
         dtype = getattr(_layer(self.scheme, name), "activation_dtype", "int8")
         if dtype not in ("int8", "uint8"):
-            raise ValueError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
+            raise TvmqError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
         lo, hi = qmath.qrange(dtype)
         if not lo <= qp[1] <= hi:
-            raise ValueError(
+            raise TvmqError(
                 f"{name}: zero point {qp[1]} is outside the {dtype} range "
                 f"[{lo}, {hi}]; were the parameters chosen for another dtype?"
             )
@@ -250,7 +243,7 @@ class AnnotateQDQ:
         updates = {}
         for gv, func in relax_functions(mod):
             plans = {}
-            for site in list_quant_sites(func, site_prefix(gv)):
+            for site in list_weight_sites(func, site_prefix(gv)):
                 qp = self.activation_qparams.get(site.name)
                 if qp is None or is_skipped(site.name, site.kind, skip):
                     continue

@@ -42,9 +42,9 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
 
-from ._quant_sites import (
+from .relax_utils import (
     DEQUANTIZE,
     QUANTIZE,
     binding_map,

@@ -32,8 +32,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.errors import TvmqError
 
-from .prune_magnitude import is_tensor_const, module_weight_sites, relax_functions
 from .quantize_weight_only import DECODER_ATTR
+from .relax_utils import relax_functions
+from .sites import module_weight_sites
 
 INITS = ("kmeans++", "linear", "density")
 ATTR = "tvmq.clustered"
@@ -132,19 +133,6 @@ def unpack_indices(packed: np.ndarray, bits: int, size: int) -> np.ndarray:
     if bits > 4:
         return packed[:size]
     return np.concatenate([packed & 15, packed >> 4])[:size]
-
-
-def constant_bytes(mod: tvm.IRModule) -> int:
-    """Bytes of the distinct constant tensors in the Relax functions of `mod`."""
-    seen: dict = {}
-
-    def visit(expr):
-        if is_tensor_const(expr):
-            seen[expr] = expr.value.numpy().nbytes
-
-    for _, func in relax_functions(mod):
-        relax.analysis.post_order_visit(func, visit)
-    return int(sum(seen.values()))
 
 
 def _decoder(codebook: np.ndarray, packed: np.ndarray, bits: int, shape) -> relax.Function:

@@ -4,7 +4,7 @@ Static int8, step 2 of 3: after :class:`AnnotateQDQ`, before :class:`LowerInt8` 
 ``LegalizeOps``. It rewrites, everywhere in every Relax function:
 
 1. ``quantize(W)`` of a constant ``W`` (seen through ``permute_dims`` / ``reshape``) into
-   the quantized constant, computed with ``tvmq.quantization.qmath.quantize`` (the same
+   the quantized constant, computed with ``tvmq.core.qmath.quantize`` (the same
    numbers ``R.quantize`` would compute at run time), so weights ship as int8.
 2. ``batch_norm`` (inference, result item 0) after an NCHW/OIHW ``conv2d`` -- with or
    without a constant bias ``add`` in between -- into the conv's weight and one bias
@@ -28,9 +28,9 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
 
-from ._quant_sites import (
+from .relax_utils import (
     CONV2D,
     DEQUANTIZE,
     QUANTIZE,

@@ -24,7 +24,7 @@ requantized with one merged multiplier per output channel, ``m = s_x * s_w / s_y
 
 - ``requantize="float"``: ``quantize(float32(acc) * m, 1.0, z_y)`` (round half to even);
 - ``requantize="integer"``: fixed-point ``m ~= M * 2**(shift - 31)`` with int64 intermediates,
-  bit-exact with ``tvmq.quantization.qmath.requantize_int`` (gemmlowp/TFLite).
+  bit-exact with ``tvmq.core.qmath.requantize_int`` (gemmlowp/TFLite).
 
 A ``clip`` (``relu6``) between the accumulator and the quantize becomes a clamp of the
 requantized integers to ``z_y + round([lo, hi] / s_y)`` -- exact, since rounding is
@@ -73,29 +73,29 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
+from tvmq.errors import TvmqError
 
-from ._quant_sites import (
+from .analysis import with_float_ops
+from .relax_utils import (
     ADD,
     CONCAT,
     CONV2D,
     DEQUANTIZE,
     MATMUL,
     QUANTIZE,
-    SITE_OPS,
     binding_map,
     clip_bounds,
     const_f32,
     const_i32,
     const_value,
-    is_activation_matmul,
     op_name,
     ordered_bindings,
     relax_functions,
     resolve,
 )
+from .sites import SITE_OPS
 
-FLOAT_OPS_ATTR = "tvmq.float_ops"
 _ACT_DTYPES = ("int8", "uint8")
 # Ops that commute with a per-tensor requantize (monotone, or moving elements only):
 # between the accumulator and the next quantize they run on the int8 result instead.
@@ -694,29 +694,6 @@ _MATCHERS = {
 }
 
 
-def with_float_ops(func: relax.Function) -> relax.Function:
-    """``func`` with :data:`FLOAT_OPS_ATTR` listing what still computes in float now
-    (recomputed, so ops an earlier pass listed and a later one lowered drop out)."""
-    floats = float_compute_ops(func)
-    return func.with_attr(FLOAT_OPS_ATTR, floats) if floats else func.without_attr(FLOAT_OPS_ATTR)
-
-
-def float_compute_ops(func: relax.Function) -> list[str]:
-    """``"<op>:<var>"`` for every matmul / conv2d that still computes in float.
-
-    ``<op>`` is the site kind: ``matmul``, ``conv2d``, or ``matmul_act`` for a matmul of
-    two activations (``_quant_sites.is_activation_matmul``).
-    """
-    bindings = binding_map(func)
-    out = []
-    for b in ordered_bindings(func):
-        name = op_name(b.value)
-        if name in (MATMUL, CONV2D) and str(b.value.ty.dtype).startswith("float"):
-            kind = "matmul_act" if is_activation_matmul(b.value, bindings) else SITE_OPS[name]
-            out.append(f"{kind}:{b.var.name}")
-    return out
-
-
 @tvm.transform.module_pass(opt_level=0, name="LowerInt8")
 class LowerInt8:
     """Lower QDQ matmul / conv2d regions (constant weight, or two activations) to
@@ -734,7 +711,7 @@ class LowerInt8:
     def __init__(self, scheme=None, requantize: str | None = None):
         mode = requantize or getattr(scheme, "requantize", None) or "float"
         if mode not in ("float", "integer"):
-            raise ValueError(f"requantize must be 'float' or 'integer', got {mode!r}")
+            raise TvmqError(f"requantize must be 'float' or 'integer', got {mode!r}")
         self.requantize = mode
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

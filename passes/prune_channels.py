@@ -40,8 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.errors import TvmqError
 
-from .prune_magnitude import (
-    WeightSite,
+from .relax_utils import (
     binding_map,
     is_tensor_const,
     op_name,
@@ -49,8 +48,8 @@ from .prune_magnitude import (
     relax_functions,
     site_prefix,
     update_functions,
-    weight_sites,
 )
+from .sites import WeightSite, list_weight_sites
 
 ATTR = "tvmq.pruned_channels"
 
@@ -124,8 +123,8 @@ def _shape(expr) -> list[int]:
 
 def channel_norms(site: WeightSite, norm: str) -> np.ndarray:
     """L1 or L2 norm of each output channel's weights."""
-    w = np.moveaxis(site.op_weight, site.output_axis, 0).reshape(
-        site.op_weight.shape[site.output_axis], -1
+    w = np.moveaxis(site.op_weight, site.weight_axis, 0).reshape(
+        site.op_weight.shape[site.weight_axis], -1
     )
     w = w.astype(np.float64)
     return np.abs(w).sum(1) if norm == "l1" else np.sqrt((w * w).sum(1))
@@ -168,8 +167,8 @@ class _Graph:
 
 def _follow(graph: _Graph, sites: dict, site: WeightSite, keep: np.ndarray, edits: _Edits):
     """Walk from a producer to its consumers, collecting the slices; raise if impossible."""
-    channels = site.op_weight.shape[site.output_axis]
-    edits.slice_const(site.const, site.perm[site.output_axis], keep)
+    channels = site.op_weight.shape[site.weight_axis]
+    edits.slice_const(site.const, site.perm[site.weight_axis], keep)
     out_ndim = len(_shape(site.var))
     states = {site.var: _Chan(out_ndim - 1 if site.kind == "matmul" else 1, 1)}
 
@@ -246,6 +245,8 @@ def _step(graph, sites, b, tracked, states, channels, expand, edits):
         raise _CannotFollow(f"reshape {src} -> {dst} mixes channels")
     site = sites.get(b.var)
     if site is not None and site.call.args[0].same_as(var) and not site.call.args[1].same_as(var):
+        if site.perm is None:
+            raise _CannotFollow(f"{site.name}'s weight is a reshaped constant")
         if site.kind == "matmul" and axis == len(_shape(var)) - 1:
             edits.slice_const(site.const, site.perm[0], expand(block))
             return None
@@ -320,7 +321,7 @@ class _Slicer(PyExprMutator):
 
 def _prune_function(mod, func, prefix, ratio, norm):
     graph = _Graph(func)
-    sites_list = weight_sites(func, prefix)
+    sites_list = list_weight_sites(func, prefix)
     sites = {s.var: s for s in sites_list}
     edits = _Edits()
     pruned, skipped = {}, {}
@@ -330,6 +331,9 @@ def _prune_function(mod, func, prefix, ratio, norm):
             continue
         if graph.const_uses.get(site.const) != 1:
             skipped[site.name] = "its weight is shared"
+            continue
+        if site.perm is None:
+            skipped[site.name] = "its weight is a reshaped constant"
             continue
         norms = channel_norms(site, norm)
         keep = kept_channels(norms, ratio)
@@ -395,31 +399,3 @@ class PruneChannels:
         if main is not None:
             mod[main] = mod[main].with_attr(ATTR, {"pruned": records, "skipped": skipped})
         return mod
-
-
-def count_params(mod: tvm.IRModule) -> int:
-    """Elements of the distinct constant tensors in the Relax functions of `mod`."""
-    seen: dict = {}
-
-    def visit(e):
-        if is_tensor_const(e):
-            seen[e] = int(np.prod(e.value.shape))
-
-    for _, func in relax_functions(mod):
-        relax.analysis.post_order_visit(func, visit)
-    return int(sum(seen.values()))
-
-
-def count_macs(mod: tvm.IRModule) -> int:
-    """Multiply-accumulates of every matmul and conv2d with static shapes in `mod`."""
-    total = 0
-    for _, func in relax_functions(mod):
-        for b in ordered_bindings(func):
-            name = op_name(b.value)
-            if name == "relax.matmul":
-                k = _shape(b.value.args[0])[-1]
-                total += int(np.prod(_shape(b.var))) * k
-            elif name == "relax.nn.conv2d":
-                w = _shape(b.value.args[1])
-                total += int(np.prod(_shape(b.var))) * int(np.prod(w[1:]))
-    return total

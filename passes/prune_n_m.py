@@ -21,7 +21,8 @@ import tvm
 
 from tvmq.errors import TvmqError
 
-from .prune_magnitude import WeightSite, module_weight_sites, replace_constants
+from .relax_utils import replace_constants
+from .sites import WeightSite, module_weight_sites
 
 
 def reduction_matrix(site: WeightSite) -> np.ndarray:

@@ -3,7 +3,7 @@
 Dynamic quantization (``tvmq.quantization.Int8Dynamic``; ONNX Runtime's
 ``quantize_dynamic``, PyTorch's dynamic ``nn.Linear``), on a float Relax module before
 ``LegalizeOps``; no calibration. Every float32 ``matmul(x, W)`` with a constant 2-D ``W``
-(also ``permute_dims`` of a constant, see ``_quant_sites.list_quant_sites``) that is not
+(also ``permute_dims`` of a constant, see ``tvmq.passes.sites.list_weight_sites``) that is not
 skipped becomes::
 
     lo  = minimum(min(x, -1), 0);  hi = maximum(max(x, -1), 0)  # per row, every call
@@ -40,22 +40,24 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Dynamic, get_scheme
+from tvmq.core.selectors import is_skipped
+from tvmq.errors import TvmqError
 from tvmq.kernels.dynamic_quant import row_qparams_u8
-from tvmq.quantization import qmath
 
-from ._quant_sites import (
+from .analysis import with_float_ops
+from .quantize_weight_only import stable_sites
+from .relax_utils import (
     MATMUL,
-    QuantSite,
     const_f32,
     const_i32,
     const_value,
-    is_skipped,
     op_name,
     relax_functions,
     site_prefix,
 )
-from .lower_int8 import with_float_ops
-from .quantize_weight_only import stable_sites
+from .sites import WeightSite
 
 ATTR = "tvmq.dynamic_int8"
 _ACT_DTYPE = "uint8"
@@ -227,14 +229,12 @@ class QuantizeDynamic:
     """
 
     def __init__(self, scheme=None, **overrides):
-        from tvmq.quantization.schemes import Int8Dynamic, get_scheme
-
         scheme = Int8Dynamic() if scheme is None else get_scheme(scheme)
         if not isinstance(scheme, Int8Dynamic):
-            raise TypeError(f"QuantizeDynamic needs an Int8Dynamic scheme, got {scheme!r}")
+            raise TvmqError(f"QuantizeDynamic needs an Int8Dynamic scheme, got {scheme!r}")
         self.scheme = dataclasses.replace(scheme, **overrides) if overrides else scheme
 
-    def plan(self, site: QuantSite) -> str | None:
+    def plan(self, site: WeightSite) -> str | None:
         """Why `site` stays float, or None when the pass quantizes it."""
         if is_skipped(site.name, site.kind, self.scheme.skip):
             return "skipped by the scheme"

@@ -1,7 +1,7 @@
 """QuantizeWeightOnly: int8 / int4 weights, dequantized to float in the graph (float compute).
 
 Weight-only quantization (``tvmq.quantization.WeightOnly``), on a float Relax module before
-``LegalizeOps``. Every quantizable site (see ``_quant_sites.list_quant_sites``: a float32
+``LegalizeOps``. Every quantizable site (see ``tvmq.passes.sites.list_weight_sites``: a float32
 ``matmul(x, W)`` with a constant 2-D ``W``, or an NCHW/OIHW ``conv2d``) that is not skipped
 has its weight replaced by a call to a small private *decoder* function::
 
@@ -16,7 +16,7 @@ and ``i + ceil(R/2)`` in the low and high nibble). Scales are per output channel
 (``group_size=None``) or per group of ``group_size`` consecutive reduction elements
 (``K`` for matmul, ``I*kh*kw`` for conv2d); a weight whose reduction length is not a
 multiple of ``group_size`` falls back to per-channel scales. The decoder computes
-``(float(q) - z) * s``, exactly :func:`tvmq.quantization.qmath.dequantize` per group.
+``(float(q) - z) * s``, exactly :func:`tvmq.core.qmath.dequantize` per group.
 
 Why a function: ``FoldConstant`` (in tvmq's CPU and CUDA builds, after ``LegalizeOps``)
 evaluates any ``call_tir`` whose arguments are all constants, so a dequantize written
@@ -41,21 +41,20 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
+from tvmq.core.schemes import WeightOnly, get_scheme
+from tvmq.core.selectors import is_skipped
+from tvmq.errors import TvmqError
 
-from ._quant_sites import (
-    SITE_OPS,
-    QuantSite,
-    _site_from_call,
+from .relax_utils import (
     binding_map,
-    is_skipped,
-    list_quant_sites,
     op_name,
     ordered_bindings,
     relax_functions,
     resolve,
     site_prefix,
 )
+from .sites import SITE_OPS, WeightSite, list_weight_sites, site_of_call
 
 ATTR = "tvmq.weight_only"
 DECODER_ATTR = "tvmq.weight_decoder"
@@ -194,21 +193,21 @@ def is_decoded_weight(expr: relax.Expr, bindings, mod: tvm.IRModule) -> bool:
     return func is not None and func.attrs is not None and DECODER_ATTR in func.attrs
 
 
-def stable_sites(func: relax.Function, prefix: str, is_done) -> list[QuantSite]:
-    """``list_quant_sites`` with names counting ops already rewritten (``is_done(call, bindings)``).
+def stable_sites(func: relax.Function, prefix: str, is_done) -> list[WeightSite]:
+    """``list_weight_sites`` with names counting ops already rewritten (``is_done(call, bindings)``).
 
     A quantization pass that rewrites a site makes it stop being one; counting the
     rewritten ops keeps the other sites' names (``matmul_1``) those of the float model.
     """
     bindings = binding_map(func)
-    by_call = {s.call: s for s in list_quant_sites(func, prefix)}
+    by_call = {s.call: s for s in list_weight_sites(func, prefix)}
     out, index = [], 0
     for b in ordered_bindings(func):
         value = b.value
         kind = SITE_OPS.get(op_name(value))
         if kind is None:
             continue
-        if _site_from_call(value, bindings) is None and not is_done(value, bindings):
+        if site_of_call(value, bindings) is None and not is_done(value, bindings):
             continue
         site = by_call.get(value)
         if site is not None:
@@ -223,7 +222,7 @@ def stable_sites(func: relax.Function, prefix: str, is_done) -> list[QuantSite]:
 
 @dataclasses.dataclass
 class _Plan:
-    site: QuantSite
+    site: WeightSite
     decoder: relax.Function
     args: list[relax.Expr]
     record: dict
@@ -314,11 +313,9 @@ class QuantizeWeightOnly:
     """
 
     def __init__(self, scheme=None, **overrides):
-        from tvmq.quantization.schemes import WeightOnly, get_scheme
-
         scheme = WeightOnly() if scheme is None else get_scheme(scheme)
         if not isinstance(scheme, WeightOnly):
-            raise TypeError(f"QuantizeWeightOnly needs a WeightOnly scheme, got {scheme!r}")
+            raise TvmqError(f"QuantizeWeightOnly needs a WeightOnly scheme, got {scheme!r}")
         self.scheme = dataclasses.replace(scheme, **overrides) if overrides else scheme
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -29,17 +29,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq.core.selectors import check_site_selector
 from tvmq.errors import TvmqError
 
-from ._quant_sites import (
-    binding_map,
-    check_site_selector,
-    const_f32,
-    list_quant_sites,
-    relax_functions,
-    selects,
-    site_prefix,
-)
+from .relax_utils import binding_map, const_f32, relax_functions, site_prefix
+from .sites import list_weight_sites, selects
 
 ATTR = "tvmq.smoothed"
 _S_MIN, _S_MAX, _EPS = 1e-5, 1e5, 1e-5
@@ -107,7 +101,7 @@ class SmoothQuant:
     def _smooth(self, func: relax.Function, prefix: str) -> relax.Function | None:
         bindings = binding_map(func)
         plans = {}
-        for site in list_quant_sites(func, prefix):
+        for site in list_weight_sites(func, prefix):
             if site.kind != "matmul" or site.name not in self.absmax:
                 continue
             alpha = self.alpha_for(site, bindings)
@@ -158,6 +152,6 @@ def smooth_sites(func: relax.Function, selectors: Sequence[tuple[str, float]]) -
     bindings = binding_map(func)
     return [
         s.name
-        for s in list_quant_sites(func)
+        for s in list_weight_sites(func)
         if s.kind == "matmul" and any(selects(s, (sel,), bindings) for sel, _ in pairs)
     ]

@@ -20,7 +20,7 @@ A weight is rewritten only when its *block* sparsity (the fraction of all-zero
 schedule on AVX-512): see the class docstring. Every weight site's decision is recorded
 as the function attribute ``"tvmq.sparse"``: a list of ``{"layer", "shape", "block",
 "sparsity", "chosen", "reason"}`` (``layer`` is the site name ``matmul_0``... of
-:func:`tvmq.passes.prune_magnitude.weight_sites`).
+:func:`tvmq.passes.sites.list_weight_sites`).
 
 Where it belongs: after pruning (:class:`PruneMagnitude` with 1x1 blocks, or a block /
 structured pruning for larger blocks), instead of quantization for those layers, and
@@ -49,7 +49,9 @@ from tvmq.kernels.sparse import (
     pack_bsr,
     simd_lanes,
 )
-from tvmq.passes.prune_magnitude import relax_functions, site_prefix, weight_sites
+
+from .relax_utils import relax_functions, site_prefix
+from .sites import list_weight_sites
 
 SPARSE_ATTR = "tvmq.sparse"
 """Relax function attribute listing :class:`SparseDense`'s decision for every weight site."""
@@ -179,7 +181,7 @@ class SparseDense:
         for gv, func in relax_functions(mod):
             if func.attrs is not None and SPARSE_ATTR in func.attrs:
                 continue
-            sites = [s for s in weight_sites(func, site_prefix(gv)) if s.kind == "matmul"]
+            sites = [s for s in list_weight_sites(func, site_prefix(gv)) if s.kind == "matmul"]
             if sites:
                 records[gv] = [self._decide(s, rewriter) for s in sites]
         if not records:

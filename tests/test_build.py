@@ -15,10 +15,11 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import dlight as dl
 
-from tvmq.build import _debian_package, build, export_library
+from tvmq.build import build, export_library
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.errors import TvmqError
 from tvmq.targets import get_target, list_targets
+from tvmq.toolchain import debian_package
 
 EM_X86_64, EM_AARCH64 = 62, 183
 needs_nvcc = pytest.mark.skipif(
@@ -176,7 +177,7 @@ def test_ci_installs_every_preset_cross_compiler():
     listed = Path(__file__).parents[1].joinpath(".ci", "apt-packages.txt").read_text().split()
     for preset in list_targets():
         if preset.cc is not None:
-            assert _debian_package(preset.cc) in listed, preset.name
+            assert debian_package(preset.cc) in listed, preset.name
 
 
 @needs_nvcc

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tvmq import demo
-from tvmq.distill import distill, distillation_loss
+from tvmq.distillation import distill, distillation_loss
 from tvmq.errors import TvmqError
 from tvmq.pruning import magnitude_mask, prunable_weights
 

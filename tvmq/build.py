@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import struct
 from collections import OrderedDict
@@ -49,13 +48,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import tvm
 import tvm_ffi
-from tvm import relax, s_tir, tirx
-from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm import relax, tirx
 
-from tvmq.cpu_schedule import CPUDefaultSchedule
+from tvmq import tuning
 from tvmq.errors import TvmqError
+from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.targets import TargetPreset, get_target
+from tvmq.toolchain import find_compiler
 
 if TYPE_CHECKING:
     from tvm.s_tir.meta_schedule import Database
@@ -136,8 +135,6 @@ def build_with_info(
     TvmqError
         As for :func:`build`, and for a log folder that does not exist or cannot be read.
     """
-    from tvmq import tuning
-
     preset = get_target(target)
     tvm_target = preset.tvm_target()
     is_cuda = preset.kind == "cuda"
@@ -151,9 +148,10 @@ def build_with_info(
                 with database:
                     fused = relax.transform.MetaScheduleApplyDatabase()(fused)
             scheduled = _scheduled_kernels(fused)
-            tail = _cuda_tail(tvm_target) if is_cuda else _cpu_tail(tvm_target)
             with _without_kernel_asserts():
-                ex = relax.build(fused, target=tvm_target, relax_pipeline=tail)
+                ex = relax.build(
+                    fused, target=tvm_target, relax_pipeline=schedule_and_lower(tvm_target)
+                )
     except TvmqError:
         raise
     except Exception as err:  # TVM raises many error types; a failed build is the user's to see
@@ -207,19 +205,6 @@ class BuildInfo:
         }
 
 
-def fuse_to_tir(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.IRModule:
-    """The first phase of :func:`build`: dispatch, legalize and fuse into TIR kernels.
-
-    Its output is what gets scheduled, so :func:`tvmq.tuning.tune` extracts its tasks from
-    it: the kernels tuned are exactly the kernels built. Call it under the TVM target.
-    """
-    preset = get_target(target)
-    tvm_target = preset.tvm_target()
-    passes = _cuda_fusion(tvm_target) if preset.kind == "cuda" else _cpu_fusion(tvm_target)
-    with tvm_target:
-        return tvm.transform.Sequential(passes, name="tvmq_fuse_to_tir")(mod)
-
-
 # Linker options for every exported library (GNU ld and lld both take them):
 # * -s: debug info and the symbol table are a third of a small model's library and nothing
 #   at run time needs them (TVM finds kernels through the dynamic symbols, kept by -s).
@@ -260,7 +245,7 @@ def export_library(
     preset = get_target(target)
     kwargs = {"options": list(_LINK_OPTIONS)}
     if preset.cc is not None:
-        kwargs["cc"] = _find_compiler(preset.cc, preset.name)
+        kwargs["cc"] = find_compiler(preset.cc, preset.name)
     if preset.kind == "cuda":
         kwargs["fpack_imports"] = _PTXImportPacker(preset)
     path = Path(path)
@@ -277,88 +262,6 @@ def export_library(
 
 # --------------------------------------------------------------------------------------
 # Pipelines
-
-
-def _cpu_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CPU pipeline up to scheduling (unlike ``relax.build``'s default, it fuses).
-
-    First, int8 dense layers become tvmq's pre-packed kernels: VNNI where the x86 CPU has
-    avx512vnni, sdot (or a NEON fallback) on aarch64; TVM's default int8 lowering is slower
-    than float.
-    """
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from tvmq.passes.fast_math import FastMath
-    from tvmq.passes.pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
-    from tvmq.passes.pack_int8_conv_x86 import PackInt8ConvX86
-    from tvmq.passes.pack_int8_dense_arm import PackInt8DenseARM
-    from tvmq.passes.pack_int8_dense_x86 import PackInt8DenseX86
-
-    return [
-        PackInt8DenseX86(target),  # each is a no-op on the other's targets
-        PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
-        PackInt8BatchMatmulX86(target),  # int8 activation x activation (attention)
-        PackInt8DenseARM(target),
-        FastMath(),
-        *cpu.library_dispatch_passes(target),
-        *cpu.legalize_passes(target),  # LegalizeOps, FoldConstant, FuseOps, FuseTIR
-    ]
-
-
-def _cpu_tail(target: tvm.target.Target) -> tvm.transform.Pass:
-    """tvmq's default schedule for kernels not yet scheduled, then TVM's CPU lowering."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    return tvm.transform.Sequential(
-        [
-            dl.ApplyDefaultSchedule(CPUDefaultSchedule()),
-            *cpu.dataflow_lower_passes(target),
-            *cpu.finalize_passes(target),
-        ],
-        name="tvmq_cpu_build",
-    )
-
-
-def _cuda_fusion(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CUDA pipeline up to scheduling.
-
-    First, int8 dense layers become tvmq's dp4a kernels (sm_61 and newer): dlight has no
-    working int8 matmul rule in TVM 0.27, and its Fallback rule is slow.
-    """
-    from tvm.relax.backend.cuda import pipeline as cuda
-
-    from tvmq.passes.int8_dense_cuda import Int8DenseCUDA
-
-    return [
-        Int8DenseCUDA(target),
-        *cuda.library_dispatch_passes(target),
-        # The stock CUDA legalize phase, unrolled so the dlight rules can be swapped (below).
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-
-
-def _cuda_tail(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The dlight GPU rules, with Matmul kept off integer matmuls, then TVM's CUDA lowering."""
-    from tvm.relax.backend.cuda import pipeline as cuda
-
-    return tvm.transform.Sequential(
-        [
-            dl.ApplyDefaultSchedule(
-                _FloatMatmul(),
-                dl.gpu.GEMV(),
-                dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(),
-                dl.gpu.Fallback(),
-            ),
-            *cuda.dataflow_lower_passes(target),
-            *cuda.finalize_passes(target),
-        ],
-        name="tvmq_cuda_build",
-    )
 
 
 @contextlib.contextmanager
@@ -389,31 +292,6 @@ def _scheduled_kernels(mod: tvm.IRModule) -> set[str]:
         for gv, f in mod.functions_items()
         if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")
     }
-
-
-# --------------------------------------------------------------------------------------
-# Schedule rules
-
-
-class _FloatMatmul(dl.ScheduleRule):
-    """dlight's GPU Matmul rule, declined for matmuls that accumulate in an integer type.
-
-    TVM 0.27's rule crashes on int8 x int8 -> int32 (InternalError in
-    inject_software_pipeline / GetWmmaFragmentSize); declining lets the next rule schedule it.
-    """
-
-    def __init__(self) -> None:
-        self._matmul = dl.gpu.Matmul()
-
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = s_tir.Schedule(func)
-        for info in normalize_prim_func(sch) or []:
-            written = sch.get(info.block_rv).writes
-            if info.is_reduction() and written and "int" in str(written[0].source.dtype):
-                return None
-        return self._matmul.apply(func, target, tunable)
 
 
 # --------------------------------------------------------------------------------------
@@ -603,33 +481,3 @@ def _import_tree(mod: tvm.runtime.Module) -> list[tvm.runtime.Module]:
 def _holds_cuda_source(module: tvm.runtime.Module) -> bool:
     """Whether a CUDA module still holds CUDA C++ rather than PTX/cubin."""
     return bool(module.inspect_source("cuda")) and not module.inspect_source("ptx")
-
-
-# --------------------------------------------------------------------------------------
-# Cross compilers
-
-_TRIPLE_COMPILER = re.compile(r"^(?P<triple>[\w.]+-[\w.]+-[\w.]+)-(?P<tool>g\+\+|gcc|c\+\+|cc)$")
-
-
-def _find_compiler(cc: str, preset_name: str) -> str:
-    """The full path of ``cc``, or a TvmqError saying which Debian package provides it."""
-    found = shutil.which(cc)
-    if found is not None:
-        return found
-    package = _debian_package(cc)
-    if package is not None:
-        hint = f"install it with `apt-get install {package}` (Debian/Ubuntu)"
-    else:
-        hint = "install it or change the preset's cc"
-    raise TvmqError(
-        f"target {preset_name!r} links with the cross compiler {cc!r}, which is not on PATH: {hint}"
-    )
-
-
-def _debian_package(cc: str) -> str | None:
-    """The Debian package of a ``<triple>-g++``/``-gcc`` cross compiler (``g++-<triple>``)."""
-    match = _TRIPLE_COMPILER.match(os.path.basename(cc))
-    if match is None:
-        return None
-    tool = {"c++": "g++", "cc": "gcc"}.get(match["tool"], match["tool"])
-    return f"{tool}-{match['triple'].replace('_', '-')}"

@@ -159,7 +159,7 @@ def _plain(value):
 def _lower_prequantized(model: ImportedModel, prune, cluster, quantize):
     """An already-quantized model (ONNX QDQ): lower its QDQ regions, no calibration."""
     from tvmq.passes import CanonicalizeQDQ, static_int8_passes
-    from tvmq.passes.lower_int8 import float_compute_ops
+    from tvmq.passes.analysis import float_compute_ops
 
     if quantize is not None or prune is not None or cluster is not None:
         raise TvmqError(

@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tvmq.compression import ClusterConfig, PruneConfig
+from tvmq.distillation import distill
+from tvmq.pruning import magnitude_mask, prunable_weights
+
 SEED = 0
 CALIBRATION_SAMPLES = 500  # training digits used to calibrate int8 activations
 
@@ -202,9 +206,6 @@ def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Modul
     """Prune the trained MLP by magnitude in PyTorch, then distill it from the float model."""
 
     def make(ctx: DemoContext) -> torch.nn.Module:
-        from tvmq.distill import distill
-        from tvmq.pruning import magnitude_mask, prunable_weights
-
         student = copy.deepcopy(ctx.model)
         with torch.no_grad():
             for w in prunable_weights(student).values():
@@ -236,8 +237,6 @@ def _constant_bytes(mod) -> int:
 
 def _variants() -> list[tuple[str, Callable[[DemoContext], Row]]]:
     """Each row: (name, how to measure it). A new compression technique adds a row here."""
-    from tvmq.compression import ClusterConfig, PruneConfig
-
     prune_half = PruneConfig("magnitude", sparsity=0.5, scope="global")
     rows = [
         ("float32, PyTorch (reference)", _float_reference),

@@ -202,7 +202,7 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmq.build import fuse_to_tir
+    from tvmq.lowering import fuse_to_tir
 
     started = time.perf_counter()
     preset = get_target(target)
@@ -525,7 +525,7 @@ def _builder(preset: TargetPreset, rpc):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmq.build import _find_compiler
+    from tvmq.toolchain import find_compiler as _find_compiler
 
     cc = None
     if preset.cc is not None:

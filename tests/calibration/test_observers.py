@@ -17,8 +17,8 @@ from tvmq.calibration import (
     list_observers,
 )
 from tvmq.calibration.entropy import kl_divergences
+from tvmq.core.qmath import choose_qparams, dequantize, quantize, sqnr
 from tvmq.errors import TvmqError
-from tvmq.quantization.qmath import choose_qparams, dequantize, quantize, sqnr
 
 ALL = ["entropy", "minmax", "moving_average", "mse", "percentile"]
 

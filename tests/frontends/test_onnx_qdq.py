@@ -38,8 +38,8 @@ from tvmq import demo  # noqa: E402
 from tvmq.build import build  # noqa: E402
 from tvmq.frontends.onnx import from_onnx  # noqa: E402
 from tvmq.passes import prepare_passes, static_int8_passes  # noqa: E402
-from tvmq.passes._quant_sites import ordered_bindings  # noqa: E402
 from tvmq.passes.canonicalize_qdq import CanonicalizeQDQ  # noqa: E402
+from tvmq.passes.relax_utils import ordered_bindings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

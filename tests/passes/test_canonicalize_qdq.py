@@ -8,10 +8,10 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from tvmq.core import qmath
 from tvmq.passes import LowerInt8, prepare_passes, static_int8_passes
+from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.canonicalize_qdq import CanonicalizeQDQ, has_qdq
-from tvmq.passes.lower_int8 import float_compute_ops
-from tvmq.quantization import qmath
 
 RNG = np.random.default_rng(0)
 HOST = tvm.target.Target({"kind": "llvm"})

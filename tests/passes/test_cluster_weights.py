@@ -10,15 +10,16 @@ from tvm import relax
 
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
+from tvmq.passes.analysis import constant_bytes
 from tvmq.passes.cluster_weights import (
     ATTR,
     ClusterWeights,
     cluster_tensor,
-    constant_bytes,
     pack_indices,
     unpack_indices,
 )
-from tvmq.passes.prune_magnitude import PruneMagnitude, module_weight_sites
+from tvmq.passes.prune_magnitude import PruneMagnitude
+from tvmq.passes.sites import module_weight_sites
 
 
 def _run(mod, x):

@@ -9,8 +9,8 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from tvmq.core import qmath
 from tvmq.passes import FoldQuantScales
-from tvmq.quantization import qmath
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((4, 3)).astype("float32")

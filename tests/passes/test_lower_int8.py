@@ -9,9 +9,9 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from tvmq.core import qmath
 from tvmq.passes import FLOAT_OPS_ATTR, LowerInt8
 from tvmq.passes.lower_int8 import requantize_int_expr
-from tvmq.quantization import qmath
 
 RNG = np.random.default_rng(0)
 WQ = RNG.integers(-127, 128, (4, 3)).astype("int8")
@@ -811,7 +811,7 @@ def test_activation_matmul_lowering_is_idempotent(requantize):
 
 
 def test_float_activation_matmul_is_reported_as_matmul_act():
-    from tvmq.passes.lower_int8 import float_compute_ops
+    from tvmq.passes.analysis import float_compute_ops
 
     @I.ir_module
     class Attention:
@@ -859,9 +859,9 @@ def _attention_reference(q, k, v):
 def test_attention_matmuls_match_float_reference(act_dtype, symmetric, requantize):
     """Random (non-constant) 4-D q, k, v with offsets, so both operands of both matmuls
     have nonzero zero points (asymmetric); the integer result equals the QDQ model's."""
+    from tvmq.core.schemes import Int8Static
     from tvmq.passes import AnnotateQDQ, FoldQuantScales
-    from tvmq.passes.lower_int8 import float_compute_ops
-    from tvmq.quantization.schemes import Int8Static
+    from tvmq.passes.analysis import float_compute_ops
 
     rng = np.random.default_rng(21)
     shape = (1, 2, 8, 16)

@@ -7,6 +7,8 @@ import pytest
 import tvm
 from tvm import relax
 
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Static
 from tvmq.passes import (
     AnnotateQDQ,
     FoldQuantScales,
@@ -14,8 +16,6 @@ from tvmq.passes import (
     prepare_passes,
     static_int8_passes,
 )
-from tvmq.quantization import qmath
-from tvmq.quantization.schemes import Int8Static
 
 HOST = tvm.target.Target({"kind": "llvm"})
 

@@ -13,7 +13,8 @@ from tvm import relax
 from tvmq.demo import make_cnn, make_mlp
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes.prune_channels import ATTR, PruneChannels, count_macs, count_params
+from tvmq.passes.analysis import count_macs, count_params
+from tvmq.passes.prune_channels import ATTR, PruneChannels
 
 
 def _run(mod, x):

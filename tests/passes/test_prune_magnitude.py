@@ -10,12 +10,9 @@ from tvm import relax
 
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes.prune_magnitude import (
-    PruneMagnitude,
-    count_to_prune,
-    module_weight_sites,
-    sparsity_report,
-)
+from tvmq.passes.analysis import sparsity_report
+from tvmq.passes.prune_magnitude import PruneMagnitude, count_to_prune
+from tvmq.passes.sites import module_weight_sites
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:

@@ -10,8 +10,8 @@ from tvm import relax
 
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes.prune_magnitude import module_weight_sites
 from tvmq.passes.prune_n_m import PruneNM, satisfies_n_m
+from tvmq.passes.sites import module_weight_sites
 
 
 class _Net(torch.nn.Module):

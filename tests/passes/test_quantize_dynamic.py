@@ -8,16 +8,16 @@ import torch
 import tvm
 from tvm import relax
 
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Dynamic
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes.lower_int8 import FLOAT_OPS_ATTR
+from tvmq.passes.analysis import FLOAT_OPS_ATTR
 from tvmq.passes.quantize_dynamic import (
     ATTR,
     QuantizeDynamic,
     dynamic_matmul_reference,
     weight_qparams_int8,
 )
-from tvmq.quantization import qmath
-from tvmq.quantization.schemes import Int8Dynamic
 
 HOST = tvm.target.Target({"kind": "llvm"})
 # Measured on the seeded MLP below with random normal inputs: 41.4 dB (per-channel

@@ -8,9 +8,10 @@ import torch
 import tvm
 from tvm import relax
 
+from tvmq.core import qmath
+from tvmq.core.schemes import WeightOnly
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes._quant_sites import is_tensor_const
-from tvmq.passes.cluster_weights import constant_bytes
+from tvmq.passes.analysis import constant_bytes
 from tvmq.passes.quantize_weight_only import (
     ATTR,
     DECODER_ATTR,
@@ -20,8 +21,7 @@ from tvmq.passes.quantize_weight_only import (
     quantize_weight,
     unpack_int4,
 )
-from tvmq.quantization import qmath
-from tvmq.quantization.schemes import WeightOnly
+from tvmq.passes.relax_utils import is_tensor_const
 
 HOST = tvm.target.Target({"kind": "llvm"})
 # Measured (seeded MLP 256-128-10, random normal inputs): w8 per channel 46.3 dB,

@@ -8,10 +8,11 @@ import torch
 import tvm
 from tvm import relax
 
+from tvmq.core.selectors import check_site_selector
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.passes import SmoothQuant, prepare_passes
-from tvmq.passes._quant_sites import check_site_selector, list_quant_sites, select_sites
+from tvmq.passes.sites import list_weight_sites, select_sites
 from tvmq.passes.smooth_quant import ATTR, smoothing_factors
 
 HOST = tvm.target.Target({"kind": "llvm"})
@@ -52,7 +53,7 @@ def _random_absmax(mod, seed=0):
     rng = np.random.default_rng(seed)
     return {
         s.name: rng.uniform(0.01, 30.0, s.weight.shape[0]).astype("float32")
-        for s in list_quant_sites(mod["main"])
+        for s in list_weight_sites(mod["main"])
     }
 
 
@@ -70,8 +71,8 @@ def test_weights_and_names(block):
     _, mod = block
     absmax = _random_absmax(mod)
     smoothed = SmoothQuant(absmax, (("after:layer_norm", 0.5),))(mod)
-    before = {s.name: s for s in list_quant_sites(mod["main"])}
-    after = {s.name: s for s in list_quant_sites(smoothed["main"])}
+    before = {s.name: s for s in list_weight_sites(mod["main"])}
+    after = {s.name: s for s in list_weight_sites(smoothed["main"])}
     assert list(after) == list(before)  # site names are stable
     assert [str(n) for n in smoothed["main"].attrs[ATTR]] == ["matmul_1"]
     s = smoothing_factors(absmax["matmul_1"], before["matmul_1"].weight, 0.5)

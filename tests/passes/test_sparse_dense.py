@@ -20,7 +20,7 @@ from tvmq.kernels.sparse import (
     simd_lanes,
     to_bsr,
 )
-from tvmq.passes.prune_magnitude import is_tensor_const
+from tvmq.passes.relax_utils import is_tensor_const
 from tvmq.passes.sparse_dense import SPARSE_ATTR, SparseDense
 
 HOST = tvm.target.Target.from_device(tvm.cpu())

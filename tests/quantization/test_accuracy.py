@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tvmq.core.schemes import Int8Dynamic, Int8Static, WeightOnly
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.quantization.accuracy import (
     compile_for_host,
@@ -13,7 +14,6 @@ from tvmq.quantization.accuracy import (
     quantize_with_accuracy_control,
 )
 from tvmq.quantization.quantize import quantize
-from tvmq.quantization.schemes import Int8Dynamic, Int8Static, WeightOnly
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvmq.errors import TvmqError
-from tvmq.quantization.qmath import (
+from tvmq.core.qmath import (
     SCALE_EPS,
     choose_qparams,
     dequantize,
@@ -22,6 +21,7 @@ from tvmq.quantization.qmath import (
     sqnr,
     storage_dtype,
 )
+from tvmq.errors import TvmqError
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)

@@ -11,12 +11,12 @@ import tvm
 from tvm import relax
 
 from tvmq.calibration import Observer
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Dynamic, Int8Static, WeightOnly
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.quantization import qmath
 from tvmq.quantization.collect import collect_activation_stats
 from tvmq.quantization.quantize import QuantizedModel, quantize, static_int8_passes
-from tvmq.quantization.schemes import Int8Dynamic, Int8Static, WeightOnly
 
 HOST = tvm.target.Target({"kind": "llvm"})
 # Measured on random calibration data (seeded): MLP ~39.7 dB, CNN ~40.5 dB on held-out

@@ -9,12 +9,12 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Static
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
-from tvmq.passes._quant_sites import op_name
-from tvmq.quantization import qmath
+from tvmq.passes.relax_utils import op_name
 from tvmq.quantization.quantize import quantize
-from tvmq.quantization.schemes import Int8Static
 
 HOST = tvm.target.Target({"kind": "llvm"})
 PLAIN = Int8Static(smooth=(), dynamic=())

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tvmq.core.observers import register_observer_name
+from tvmq.core.qmath import choose_qparams
 from tvmq.errors import TvmqError
 
 __all__ = ["Observer", "get_observer", "list_observers"]
@@ -44,6 +46,7 @@ class Observer(ABC):
             if name in _REGISTRY and _REGISTRY[name] is not cls:
                 raise TypeError(f"observer name {name!r} is already registered")
             _REGISTRY[name] = cls
+            register_observer_name(name)
 
     def __init__(self, *, label: str | None = None) -> None:
         self.label = label
@@ -93,8 +96,6 @@ class Observer(ABC):
 
         Observers that search for a range (entropy, mse) search for this dtype and symmetry.
         """
-        from tvmq.quantization.qmath import choose_qparams
-
         lo, hi = self._cached_range(dtype, symmetric)
         scale, zp = choose_qparams(lo, hi, dtype=dtype, symmetric=symmetric)
         return float(scale), int(zp)

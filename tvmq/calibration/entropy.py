@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from tvmq.calibration.base import HistogramObserver
+from tvmq.core.qmath import qrange
 
 __all__ = ["EntropyObserver", "kl_divergences"]
 
@@ -122,7 +123,6 @@ class EntropyObserver(HistogramObserver):
 
     def threshold(self, dtype: str = "int8", symmetric: bool = False) -> float:
         """The chosen clipping magnitude for ``dtype``; ``max |x|`` if no search is possible."""
-        from tvmq.quantization.qmath import qrange
 
         amax = max(-self.min_val, self.max_val, 0.0)
         h = self.histogram

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from tvmq.calibration.base import HistogramObserver
+from tvmq.core.qmath import SCALE_EPS, qrange
 from tvmq.errors import TvmqError
 
 __all__ = ["MSEObserver"]
@@ -59,7 +60,6 @@ class MSEObserver(HistogramObserver):
         return per_value @ h.counts
 
     def _compute_range(self, dtype: str, symmetric: bool) -> tuple[float, float]:
-        from tvmq.quantization.qmath import SCALE_EPS, qrange
 
         if self.histogram.width == 0.0:
             return self.min_val, self.max_val

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import tvm
 
+from tvmq.errors import TvmqError
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -40,8 +42,6 @@ class ImportedModel:
 
 
 def _tensor_spec(name: str, ty) -> TensorSpec:
-    from tvmq.errors import TvmqError
-
     if not isinstance(ty, tvm.relax.TensorType) or ty.shape is None:
         raise TvmqError(f"{name}: tvmq needs tensors of static shape, got {ty}")
     try:
@@ -76,8 +76,9 @@ def check_finite_weights(mod: tvm.IRModule, when: str = "compiling") -> None:
     """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
     import numpy as np
 
-    from tvmq.errors import TvmqError
-    from tvmq.passes._quant_sites import is_tensor_const, ordered_bindings, relax_functions
+    # Imported here: tvmq.passes loads every pass and kernel (seconds), and this module is
+    # also what tvmq.load / the manifest import for TensorSpec.
+    from tvmq.passes.relax_utils import is_tensor_const, ordered_bindings, relax_functions
 
     for gv, func in relax_functions(mod):
         for b in ordered_bindings(func):

@@ -1,6 +1,14 @@
 """Quantization: reference math (``qmath``) and schemes (``Int8Static``, ``WeightOnly``...)."""
 
-from tvmq.quantization import qmath
+from tvmq.core import qmath
+from tvmq.core.schemes import (
+    Int8Dynamic,
+    Int8Static,
+    Scheme,
+    WeightOnly,
+    get_scheme,
+    list_schemes,
+)
 from tvmq.quantization.accuracy import (
     AccuracyControlResult,
     layer_sensitivity,
@@ -18,14 +26,6 @@ from tvmq.quantization.quantize import (
     QuantizedModel,
     quantize,
     static_int8_passes,
-)
-from tvmq.quantization.schemes import (
-    Int8Dynamic,
-    Int8Static,
-    Scheme,
-    WeightOnly,
-    get_scheme,
-    list_schemes,
 )
 
 __all__ = [

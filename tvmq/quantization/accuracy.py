@@ -28,10 +28,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel
+from tvmq.quantization.collect import _flatten, _host_target
 from tvmq.quantization.quantize import QuantizedModel, _model_parts, quantize
-from tvmq.quantization.schemes import Scheme, get_scheme
 
 __all__ = [
     "AccuracyControlResult",
@@ -45,8 +46,6 @@ EvalFn = Callable[[Callable[..., Any]], float]
 
 def compile_for_host(model: ImportedModel | tvm.IRModule) -> Callable[..., Any]:
     """Compile a model for the host: ``run(*inputs)`` -> one array, or a list for several."""
-    from tvmq.quantization.collect import _flatten, _host_target
-
     mod = model.mod if isinstance(model, ImportedModel) else model
     vm = relax.VirtualMachine(tvm.compile(mod, target=_host_target()), tvm.cpu())
 

@@ -28,7 +28,12 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.quantization import qmath
+from tvmq.calibration import iter_calibration_batches
+from tvmq.core import qmath
+from tvmq.passes.annotate_qdq import weight_qparams
+from tvmq.passes.relax_utils import binding_map, const_value, op_name, user_counts
+from tvmq.passes.sites import list_weight_sites
+from tvmq.quantization.collect import _fit_batch, _flatten, _host_target, _model_batch, instrument
 
 __all__ = ["activation_means", "correct_biases", "layer_corrections"]
 
@@ -46,15 +51,6 @@ def activation_means(
     Channels are the last axis for matmul and axis 1 for conv2d. Sites without
     ``qparams`` are left out.
     """
-    from tvmq.calibration import iter_calibration_batches
-    from tvmq.quantization.collect import (
-        _fit_batch,
-        _flatten,
-        _host_target,
-        _model_batch,
-        instrument,
-    )
-
     wanted = [s for s in sites if s.name in qparams]
     instrumented, names = instrument(prepared, wanted)
     kinds = {s.name: s.kind for s in wanted}
@@ -90,8 +86,6 @@ def activation_means(
 
 def layer_corrections(site, mean_x: np.ndarray, mean_xq: np.ndarray, scheme) -> np.ndarray | None:
     """``E[W x] - E[W_q x_q]`` per output channel of one site (None: not correctable)."""
-    from tvmq.passes.annotate_qdq import weight_qparams
-
     s_w, z_w, axis = weight_qparams(site, scheme)
     w = site.weight.astype(np.float64)
     w_dq = qmath.dequantize(qmath.quantize(site.weight, s_w, z_w, "int8", axis), s_w, z_w, axis)
@@ -104,8 +98,6 @@ def layer_corrections(site, mean_x: np.ndarray, mean_xq: np.ndarray, scheme) -> 
 
 
 def _const_bias(expr, bindings, channels: int, kind: str) -> np.ndarray | None:
-    from tvmq.passes._quant_sites import const_value
-
     value = const_value(expr, bindings)
     if value is None or value.dtype != np.float32 or value.size != channels:
         return None
@@ -174,10 +166,8 @@ def correct_biases(
     (tvm.IRModule, dict)
         The module with corrected biases, and layer name -> correction per channel.
     """
-    from tvmq.passes._quant_sites import binding_map, list_quant_sites, op_name, user_counts
-
     func = prepared["main"]
-    sites = [s for s in list_quant_sites(func) if s.name in qparams]
+    sites = [s for s in list_weight_sites(func) if s.name in qparams]
     if not sites:
         return prepared, {}
     means = activation_means(prepared, calibration_data, sites, qparams, scheme, inputs)

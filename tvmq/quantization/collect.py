@@ -26,8 +26,12 @@ from tvm import relax
 
 from tvmq.calibration import count_batches, get_observer, iter_calibration_batches
 from tvmq.calibration.base import Observer
+from tvmq.core.schemes import get_scheme
+from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import TensorSpec, signature_of
+from tvmq.passes import prepare_passes
+from tvmq.passes.sites import list_observed_tensors, list_weight_sites
 
 __all__ = [
     "ActivationStats",
@@ -77,7 +81,7 @@ def instrument(mod: tvm.IRModule, sites: Sequence) -> tuple[tvm.IRModule, list[s
     ----------
     mod : tvm.IRModule
         The (prepared) module the sites were listed on.
-    sites : sequence of QuantSite or ObservedTensor
+    sites : sequence of WeightSite or ObservedTensor
         What to observe (``.name``, ``.activation``); activations must be vars of ``main``.
 
     Returns
@@ -196,13 +200,10 @@ def collect_activation_stats(
     TvmqError
         Bad calibration data (shapes, empty), or NaN/inf in an activation.
     """
-    from tvmq.passes import prepare_passes
-    from tvmq.passes._quant_sites import list_observed_tensors, list_quant_sites
-
     prepared = prepare_passes()(mod)
     if inputs is None:
         inputs, _ = signature_of(prepared["main"], list(input_names) if input_names else None)
-    sites = [*list_quant_sites(prepared["main"]), *list_observed_tensors(prepared["main"])]
+    sites = [*list_weight_sites(prepared["main"]), *list_observed_tensors(prepared["main"])]
     kinds = {s.name: s.kind for s in sites}
 
     def observer_name(name):
@@ -290,14 +291,11 @@ def collect_channel_absmax(
     Arguments as :func:`collect_activation_stats` (``scheme`` only for
     ``num_calibration_batches``); only the named sites are observed.
     """
-    from tvmq.passes import prepare_passes
-    from tvmq.passes._quant_sites import list_quant_sites
-
     prepared = prepare_passes()(mod)
     if inputs is None:
         inputs, _ = signature_of(prepared["main"], list(input_names) if input_names else None)
     wanted = set(site_names)
-    sites = [s for s in list_quant_sites(prepared["main"]) if s.name in wanted]
+    sites = [s for s in list_weight_sites(prepared["main"]) if s.name in wanted]
     out: dict[str, np.ndarray] = {}
 
     def on_batch(_i, _feed, _outputs, acts):
@@ -321,8 +319,6 @@ def collect_activation_qparams(
     Takes the arguments of :func:`collect_activation_stats`; uses the scheme's (per-layer)
     ``activation_dtype`` and ``activation_symmetric`` and leaves out skipped sites.
     """
-    from tvmq.quantization.schemes import get_scheme
-
     scheme = get_scheme(scheme if scheme is not None else "int8")
     stats = collect_activation_stats(mod, calibration_data, scheme, **kwargs)
     return activation_qparams(stats, scheme)
@@ -331,7 +327,6 @@ def collect_activation_qparams(
 def activation_qparams(stats: ActivationStats, scheme) -> dict[str, tuple[float, int]]:
     """``(scale, zero_point)`` per observed, non-skipped site."""
     out = {}
-    from tvmq.passes._quant_sites import is_skipped
 
     for name, obs in stats.observers.items():
         if is_skipped(name, stats.site_kinds[name], scheme.skip):

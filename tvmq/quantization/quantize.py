@@ -22,15 +22,40 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Dynamic, Int8Static, Scheme, get_scheme
+from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
-from tvmq.frontends.model import ImportedModel, signature_of
-from tvmq.quantization import qmath
+from tvmq.frontends.model import ImportedModel, check_finite_weights, signature_of
+from tvmq.passes import pipeline as pass_pipeline
+from tvmq.passes import prepare_passes
+from tvmq.passes.analysis import float_compute_ops
+from tvmq.passes.annotate_qdq import weight_qparams
+from tvmq.passes.quantize_dynamic import (
+    QuantizeDynamic,
+    _is_dynamic_matmul,
+    activation_qparams_dynamic,
+    quantize_activation,
+    weight_qparams_int8,
+)
+from tvmq.passes.quantize_weight_only import (
+    QuantizeWeightOnly,
+    dequantize_weight,
+    quantize_weight,
+    stable_sites,
+)
+from tvmq.passes.relax_utils import ordered_bindings
+from tvmq.passes.sites import list_tensor_sites, list_weight_sites, select_sites
+from tvmq.passes.smooth_quant import SmoothQuant, smooth_sites
+from tvmq.quantization.bias_correction import correct_biases
 from tvmq.quantization.collect import (
     ActivationStats,
+    _flatten,
+    _host_target,
     activation_qparams,
     collect_activation_stats,
+    collect_channel_absmax,
 )
-from tvmq.quantization.schemes import Int8Dynamic, Int8Static, Scheme, get_scheme
 
 __all__ = [
     "LayerReport",
@@ -198,9 +223,7 @@ def static_int8_passes(activation_qparams=None, scheme: Int8Static | str = "int8
     ``tvmq.passes.static_int8_passes`` with the scheme resolved; ``activation_qparams``
     comes from ``tvmq.quantization.collect.collect_activation_qparams``.
     """
-    from tvmq.passes import static_int8_passes as passes
-
-    return passes(activation_qparams, _static_scheme(scheme))
+    return pass_pipeline.static_int8_passes(activation_qparams, _static_scheme(scheme))
 
 
 def _static_scheme(scheme) -> Int8Static:
@@ -215,8 +238,6 @@ def _static_scheme(scheme) -> Int8Static:
 
 def _check_weights(mod: tvm.IRModule) -> None:
     """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
-    from tvmq.frontends.model import check_finite_weights
-
     check_finite_weights(mod, when="quantizing")
 
 
@@ -237,12 +258,9 @@ def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
 def _layer_reports(
     prepared, scheme: Int8Static, stats: ActivationStats, qparams, float_ops, dynamic=()
 ):
-    from tvmq.passes._quant_sites import is_skipped, list_quant_sites, ordered_bindings
-    from tvmq.passes.annotate_qdq import weight_qparams
-
     float_vars = {op.split(":", 1)[1] for op in float_ops}
     reports = []
-    for site in list_quant_sites(prepared["main"]):
+    for site in list_weight_sites(prepared["main"]):
         layer = scheme.for_layer(site.name)
         r = LayerReport(
             site.name,
@@ -288,12 +306,6 @@ def _layer_reports(
 
 def _dynamic_layer_report(r: LayerReport, site, stats: ActivationStats, float_vars) -> None:
     """Fill `r` for a site quantized dynamically (per-row run-time uint8 activation ranges)."""
-    from tvmq.passes.quantize_dynamic import (
-        activation_qparams_dynamic,
-        quantize_activation,
-        weight_qparams_int8,
-    )
-
     r.quantized = site.var.name not in float_vars
     r.reason = "" if r.quantized else "QuantizeDynamic could not lower it"
     w_q, s_w = weight_qparams_int8(site.weight, True)
@@ -322,8 +334,6 @@ def _operand_sqnr(sample, qp, dtype) -> tuple[np.ndarray | None, float | None]:
 
 def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars):
     """A :class:`LayerReport` per activation matmul (``matmul_act`` site) of ``main``."""
-    from tvmq.passes._quant_sites import is_skipped, list_tensor_sites
-
     reports = []
     for site in list_tensor_sites(prepared["main"]):
         if site.kind != "matmul_act":
@@ -357,8 +367,6 @@ def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars
 
 
 def _evaluate(mod: tvm.IRModule, stats: ActivationStats, names: list[str]) -> list[float]:
-    from tvmq.quantization.collect import _flatten, _host_target
-
     ex = tvm.compile(mod, target=_host_target())
     vm = relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(stats.first_inputs[n]) for n in names])
@@ -461,17 +469,10 @@ def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate
     """
     import dataclasses
 
-    from tvmq.passes import prepare_passes
-    from tvmq.passes import static_int8_passes as passes
-    from tvmq.passes.lower_int8 import float_compute_ops
-
     prepared = prepare_passes()(mod)
     dynamic = _dynamic_sites(prepared["main"], scheme)
     smoothed = _smooth_site_names(prepared["main"], scheme, dynamic)
     if smoothed:
-        from tvmq.passes.smooth_quant import SmoothQuant
-        from tvmq.quantization.collect import collect_channel_absmax
-
         if _one_shot(calibration_data):  # read twice: for smoothing, then calibration
             calibration_data = list(calibration_data)
         absmax = collect_channel_absmax(
@@ -488,12 +489,10 @@ def _quantize_static(mod, imported, calibration_data, scheme, progress, evaluate
     qparams = activation_qparams(stats, static)
     corrections = None
     if correct:
-        from tvmq.quantization.bias_correction import correct_biases
-
         prepared, corrections = correct_biases(
             prepared, calibration_data, static, qparams, inputs=imported.inputs
         )
-    quantized = passes(qparams, static)(prepared)
+    quantized = pass_pipeline.static_int8_passes(qparams, static)(prepared)
     if dynamic:
         quantized = _quantize_dynamic_sites(quantized, prepared, dynamic, scheme)
 
@@ -521,9 +520,6 @@ def _one_shot(data) -> bool:
 def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
     """Names of the matmul sites of ``main`` that ``scheme.dynamic`` selects (not skipped,
     and with an accumulator that fits int32)."""
-    from tvmq.passes._quant_sites import is_skipped, select_sites
-    from tvmq.passes.quantize_dynamic import QuantizeDynamic
-
     if not scheme.dynamic:
         return ()
     plan = QuantizeDynamic(Int8Dynamic(weight_per_channel=scheme.weight_per_channel)).plan
@@ -536,9 +532,6 @@ def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
 
 def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
     """Names of the matmul sites to smooth: selected by ``scheme.smooth``, static, not skipped."""
-    from tvmq.passes._quant_sites import is_skipped
-    from tvmq.passes.smooth_quant import smooth_sites
-
     if not scheme.smooth:
         return []
     kinds = {s.name: s.kind for s in _sites(func)}
@@ -550,9 +543,7 @@ def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
 
 
 def _sites(func):
-    from tvmq.passes._quant_sites import list_quant_sites
-
-    return list_quant_sites(func)
+    return list_weight_sites(func)
 
 
 def _quantize_dynamic_sites(quantized, prepared, dynamic, scheme: Int8Static):
@@ -563,9 +554,6 @@ def _quantize_dynamic_sites(quantized, prepared, dynamic, scheme: Int8Static):
     model's: the sites are matched by their binding var instead, and every other float
     site goes to its ``skip`` list.
     """
-    from tvmq.passes.quantize_dynamic import QuantizeDynamic, _is_dynamic_matmul
-    from tvmq.passes.quantize_weight_only import stable_sites
-
     wanted = {s.var.name for s in _sites(prepared["main"]) if s.name in set(dynamic)}
     sites = stable_sites(quantized["main"], "", _is_dynamic_matmul)
     chosen = [s for s in sites if s.var.name in wanted]
@@ -605,21 +593,6 @@ def _layer_output_sqnr(site, sample, w_dq, x_dq) -> float | None:
 
 def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluate):
     """(report, module) of dynamic int8 or weight-only quantization (no calibration)."""
-    from tvmq.passes import prepare_passes
-    from tvmq.passes._quant_sites import is_skipped, list_quant_sites
-    from tvmq.passes.lower_int8 import float_compute_ops
-    from tvmq.passes.quantize_dynamic import (
-        QuantizeDynamic,
-        activation_qparams_dynamic,
-        quantize_activation,
-        weight_qparams_int8,
-    )
-    from tvmq.passes.quantize_weight_only import (
-        QuantizeWeightOnly,
-        dequantize_weight,
-        quantize_weight,
-    )
-
     prepared = prepare_passes()(mod)
     dynamic = isinstance(scheme, Int8Dynamic)
     qpass = QuantizeDynamic(scheme) if dynamic else QuantizeWeightOnly(scheme)
@@ -631,7 +604,7 @@ def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluat
         )
 
     layers = []
-    for site in list_quant_sites(prepared["main"]):
+    for site in list_weight_sites(prepared["main"]):
         r = LayerReport(
             site.name,
             site.kind,
@@ -676,7 +649,7 @@ def _quantize_weights(mod, imported, calibration_data, scheme, progress, evaluat
     if dynamic:
         float_ops = float_compute_ops(quantized["main"])
     else:  # compute is float by design: list the ops whose weights stay float
-        float_ops = [f"{s.kind}:{s.var.name}" for s in list_quant_sites(quantized["main"])]
+        float_ops = [f"{s.kind}:{s.var.name}" for s in list_weight_sites(quantized["main"])]
     report = QuantizationReport(
         scheme=scheme.to_dict(),
         layers=layers,

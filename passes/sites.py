@@ -1,11 +1,14 @@
-"""Shared by the int8 passes and by calibration: quantizable sites and compile-time constants.
+"""tvmq's one site model: the layers that compression and quantization work on, and their names.
 
-A *site* is one matmul or conv2d whose weight is a compile-time constant. Sites are
-numbered in dataflow order and named ``<kind>_<index>`` (``conv2d_0``, ``matmul_3``;
-functions other than ``main`` prefix their name: ``encode/matmul_0``). Calibration
-(``tvmq.quantization.collect``) records activation statistics under these names and
-:class:`AnnotateQDQ` reads its scales back by the same names, so the two agree as long
-as both see the same module.
+A *weight site* (:class:`WeightSite`, :func:`list_weight_sites`) is one matmul or conv2d
+whose weight is a compile-time constant. Sites are numbered in dataflow order and named
+``<kind>_<index>`` (``conv2d_0``, ``matmul_3``; functions other than ``main`` prefix their
+name: ``encode/matmul_0``). Pruning, weight sharing, sparse kernels, quantization and
+calibration all take their sites from here, so ``PruneConfig(skip=("matmul_1",))`` and
+``Int8Static(skip=("matmul_1",))`` name the same layer, and calibration
+(``tvmq.quantization.collect``) records activation statistics under the names that
+:class:`AnnotateQDQ` reads back. The selector syntax of skip lists is
+:mod:`tvmq.core.selectors`.
 
 A *tensor site* is an op with no weight whose inputs and output are quantized so that
 it can run on integers: a residual ``add`` of two activations (``add_0``) or a
@@ -27,96 +30,43 @@ int32 result like a weight site's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
 
-MATMUL = "relax.matmul"
-CONV2D = "relax.nn.conv2d"
-QUANTIZE = "relax.quantize"
-DEQUANTIZE = "relax.dequantize"
-ADD = "relax.add"
-CONCAT = "relax.concat"
-RELU = "relax.nn.relu"
-CLIP = "relax.clip"
+from tvmq.core.selectors import AFTER, is_skipped, resolve_op
+
+from .relax_utils import (
+    ADD,
+    CONCAT,
+    CONV2D,
+    DEQUANTIZE,
+    MATMUL,
+    QUANTIZE,
+    apply_layout,
+    binding_map,
+    clip_bounds,
+    const_source,
+    const_value,
+    float_dtype,
+    op_name,
+    ordered_bindings,
+    relax_functions,
+    resolve,
+    site_prefix,
+    undo_layout,
+    user_counts,
+)
 
 #: Op kinds a site can have, with the op they come from.
 SITE_OPS = {MATMUL: "matmul", CONV2D: "conv2d"}
-
-# Names that select every site of a kind in a skip list, besides the site's own name.
-_KIND_NAMES = {
-    "matmul": ("relax.matmul", "matmul", "dense", "linear"),
-    "conv2d": ("relax.nn.conv2d", "conv2d"),
-    "add": ("relax.add", "add"),
-    "concat": ("relax.concat", "concat", "cat"),
-    "matmul_act": ("relax.matmul", "matmul_act"),
-}
-
-
-def is_skipped(name: str, kind: str, skip) -> bool:
-    """Whether a skip list (fnmatch patterns of site names or op names) selects a site.
-
-    ``"conv2d"`` / ``"relax.nn.conv2d"`` select every conv2d; ``"matmul"``, ``"dense"``,
-    ``"linear"`` every matmul with a constant weight; ``"matmul_act"`` every matmul of two
-    activations (attention); ``"relax.matmul"`` both; ``"add"`` / ``"concat"`` every integer
-    add / concat; ``"matmul_3"`` or ``"conv2d_*"`` by name.
-    """
-    names = (name, *_KIND_NAMES[kind])
-    return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
-
-
-#: Selector prefix for the sites whose activation input an op produces: ``after:gelu``.
-AFTER = "after:"
 # Ops a producer is seen through when resolving ``after:<op>``.
 _LOOK_THROUGH = ("relax.reshape", "relax.permute_dims")
 
 
-def _resolve_op(short: str) -> str | None:
-    """The registered Relax op ``short`` names (``gelu``, ``nn.gelu``, ``relax.nn.gelu``)."""
-    for name in (short, f"relax.{short}", f"relax.nn.{short}"):
-        if not name.startswith("relax."):
-            continue
-        try:
-            tvm.ir.Op.get(name)
-        except Exception:  # 0.27 raises AttributeError for an unregistered op
-            continue
-        return name
-    return None
-
-
-def check_site_selector(selector, what: str = "site selector") -> str:
-    """Return `selector` when it is a valid site selector, else raise one ``TvmqError``.
-
-    A selector is what a skip list holds (a site name, an fnmatch pattern of site names, an
-    op kind: see :func:`is_skipped`) or ``after:<op>``: the matmul / conv2d sites whose
-    activation input ``<op>`` produces (``after:layer_norm``, ``after:gelu``; seen through
-    ``reshape`` / ``permute_dims``). Any other ``<prefix>:`` form is an error.
-    """
-    from tvmq.errors import TvmqError
-
-    if not isinstance(selector, str) or not selector.strip():
-        raise TvmqError(f"{what} must be a non-empty string, got {selector!r}")
-    if selector.startswith(AFTER):
-        op = selector[len(AFTER) :]
-        if _resolve_op(op) is None:
-            raise TvmqError(
-                f"{what} {selector!r}: {op!r} is not a Relax op (write e.g. 'after:gelu', "
-                "'after:layer_norm' or 'after:relax.nn.gelu')"
-            )
-        return selector
-    if ":" in selector:
-        raise TvmqError(
-            f"{what} {selector!r} has an unknown form: use a site name or fnmatch pattern "
-            "('matmul_3', 'conv2d_*'), an op kind ('matmul', 'conv2d', 'matmul_act') or "
-            "'after:<op>' ('after:gelu')"
-        )
-    return selector
-
-
-def site_producer(site: QuantSite, bindings) -> str | None:
+def site_producer(site: WeightSite, bindings) -> str | None:
     """The op that produces `site`'s activation, seen through reshapes / permutes."""
     expr = resolve(site.activation, bindings)
     while op_name(expr) in _LOOK_THROUGH:
@@ -124,30 +74,35 @@ def site_producer(site: QuantSite, bindings) -> str | None:
     return op_name(expr)
 
 
-def selects(site: QuantSite, selectors, bindings) -> bool:
+def selects(site: WeightSite, selectors, bindings) -> bool:
     """Whether any of `selectors` (see :func:`check_site_selector`) selects `site`."""
     producer = None
     for sel in selectors or ():
         if sel.startswith(AFTER):
             producer = producer or site_producer(site, bindings) or ""
-            if producer == _resolve_op(sel[len(AFTER) :]):
+            if producer == resolve_op(sel[len(AFTER) :]):
                 return True
         elif is_skipped(site.name, site.kind, (sel,)):
             return True
     return False
 
 
-def select_sites(func: relax.Function, selectors, prefix: str = "") -> list[QuantSite]:
-    """The sites of `func` (:func:`list_quant_sites`) that `selectors` select."""
+def select_sites(func: relax.Function, selectors, prefix: str = "") -> list[WeightSite]:
+    """The sites of `func` (:func:`list_weight_sites`) that `selectors` select."""
     if not selectors:
         return []
     bindings = binding_map(func)
-    return [s for s in list_quant_sites(func, prefix) if selects(s, selectors, bindings)]
+    return [s for s in list_weight_sites(func, prefix) if selects(s, selectors, bindings)]
 
 
 @dataclass(frozen=True, eq=False)
-class QuantSite:
-    """One quantizable op: where it is, what it reads, and its float weight."""
+class WeightSite:
+    """One matmul / conv2d whose weight is a constant: where it is, what it reads, its weight.
+
+    Every pass that works per layer (pruning, weight sharing, sparse kernels, quantization)
+    and calibration take their sites from :func:`list_weight_sites`, so a name like
+    ``matmul_3`` means the same layer to all of them.
+    """
 
     index: int
     name: str
@@ -158,99 +113,35 @@ class QuantSite:
     weight: np.ndarray  # float weight in the layout the op reads ([K, N] or OIHW)
     weight_axis: int  # output-channel axis of `weight`
     output_axis: int  # output-channel axis of the op's result
+    const: tvm.ir.Constant  # the constant in the IR that `weight` is a view of
+    layout: tuple = ()  # const -> weight: ("permute", axes) / ("reshape", shape) steps
 
+    @property
+    def op_weight(self) -> np.ndarray:
+        """The weight as the op reads it: [K, N] for matmul, OIHW for conv2d."""
+        return self.weight
 
-def op_name(expr: relax.Expr) -> str | None:
-    """The op name of a Call to a Relax op, else None."""
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+    @property
+    def reduction_axes(self) -> tuple[int, ...]:
+        """Axes of :attr:`op_weight` summed over (K, or I, H, W)."""
+        return (0,) if self.kind == "matmul" else (1, 2, 3)
 
+    @property
+    def perm(self) -> tuple[int, ...] | None:
+        """op-layout weight = ``const.transpose(perm)``; None when a reshape is involved."""
+        ndim = len(self.const.value.shape)
+        perm = tuple(range(ndim))
+        for kind, arg in self.layout:
+            if kind != "permute":
+                return None
+            perm = tuple(perm[a] for a in arg)
+        return perm
 
-def binding_map(func: relax.Function) -> dict[relax.Var, relax.Expr]:
-    """Every var bound in `func` (all blocks) to its value."""
-    table: dict[relax.Var, relax.Expr] = {}
-    if isinstance(func.body, relax.SeqExpr):
-        for block in func.body.blocks:
-            for b in block.bindings:
-                table[b.var] = b.value
-    return table
-
-
-def ordered_bindings(func: relax.Function) -> list[relax.Binding]:
-    """The bindings of `func` in program order."""
-    if not isinstance(func.body, relax.SeqExpr):
-        return []
-    return [b for block in func.body.blocks for b in block.bindings]
-
-
-def user_counts(func: relax.Function) -> dict[relax.Var, int]:
-    """How many times each var is read (a var returned by the function counts once more)."""
-    counts: dict[relax.Var, int] = {}
-
-    def count(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-
-    for b in ordered_bindings(func):
-        relax.analysis.post_order_visit(b.value, count)
-    if isinstance(func.body, relax.SeqExpr):
-        relax.analysis.post_order_visit(func.body.body, count)
-    return counts
-
-
-def is_tensor_const(expr: relax.Expr) -> bool:
-    """Whether `expr` is a constant tensor (``R.const`` / bound weights)."""
-    return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)
-
-
-def _dtype(expr: relax.Expr) -> str | None:
-    ty = expr.ty
-    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
-def float_dtype(expr: relax.Expr) -> bool:
-    """Whether `expr` is a float32 tensor (the only float type the int8 passes handle)."""
-    return _dtype(expr) == "float32"
-
-
-def resolve(expr: relax.Expr, bindings) -> relax.Expr:
-    """Follow var bindings (a dict or a lookup callable) to the bound value."""
-    lookup = bindings.get if isinstance(bindings, dict) else bindings
-    while isinstance(expr, relax.Var):
-        value = lookup(expr)
-        if value is None:
-            break
-        expr = value
-    return expr
-
-
-def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
-    """The value of `expr` if it is a constant seen through vars, permute_dims and reshape.
-
-    `bindings` maps vars to their values: a dict or a lookup callable.
-    """
-    expr = resolve(expr, bindings)
-    if is_tensor_const(expr):
-        return expr.value.numpy()
-    name = op_name(expr)
-    if name == "relax.permute_dims":
-        inner = const_value(expr.args[0], bindings)
-        if inner is None:
-            return None
-        axes = expr.attrs.axes
-        axes = None if axes is None else [int(a) for a in axes]
-        return np.transpose(inner, axes)
-    if name == "relax.reshape":
-        inner = const_value(expr.args[0], bindings)
-        ty = expr.ty
-        if inner is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
-            return None
-        try:
-            return inner.reshape([int(s) for s in ty.shape])
-        except (TypeError, ValueError):
-            return None
-    return None
+    def const_from_op_layout(self, w: np.ndarray) -> tvm.ir.Constant:
+        """A new constant holding op-layout `w`, in the original constant's layout."""
+        dtype = str(self.const.value.dtype)
+        data = undo_layout(np.asarray(w), self.layout, self.const.value.shape)
+        return relax.const(np.ascontiguousarray(data).astype(dtype), dtype)
 
 
 def _annotated_weight(expr: relax.Expr, bindings) -> bool:
@@ -289,12 +180,11 @@ def _weight_like(expr: relax.Expr, bindings) -> bool:
     return const_value(expr, bindings) is not None or _annotated_weight(expr, bindings)
 
 
-def _site_from_call(
-    call: relax.Call, bindings: dict[relax.Var, relax.Expr]
-) -> tuple[str, np.ndarray | None, int, int] | None:
-    """(kind, weight, weight_axis, output_axis) if `call` is a quantizable or annotated op.
+def site_of_call(call: relax.Call, bindings) -> tuple | None:
+    """(kind, source, weight_axis, output_axis) if `call` is a weight site or an annotated one.
 
-    ``weight`` is None for an op already in QDQ form (it still takes an index).
+    ``source`` is :func:`~tvmq.passes.relax_utils.const_source`'s ``(constant, steps)``, or
+    None for an op already in QDQ form (it still takes an index).
     """
     name = op_name(call)
     if name not in SITE_OPS or len(call.args) != 2:
@@ -304,14 +194,14 @@ def _site_from_call(
         return None
     if const_value(act, bindings) is not None:
         return None
-    weight = const_value(w, bindings)
-    if weight is None and not _annotated_weight(w, bindings):
+    source = const_source(w, bindings)
+    if source is None and not _annotated_weight(w, bindings):
         return None
     ndim = w.ty.ndim
     if name == MATMUL:
         if ndim != 2 or act.ty.ndim < 1:
             return None
-        return "matmul", weight, 1, call.ty.ndim - 1
+        return "matmul", source, 1, call.ty.ndim - 1
     attrs = call.attrs
     if (
         attrs.data_layout != "NCHW"
@@ -320,83 +210,59 @@ def _site_from_call(
         or ndim != 4
     ):
         return None
-    return "conv2d", weight, 0, 1
+    return "conv2d", source, 0, 1
 
 
-def list_quant_sites(func: relax.Function, prefix: str = "") -> list[QuantSite]:
-    """The quantizable sites of `func`, in dataflow order.
+def list_weight_sites(func: relax.Function, prefix: str = "") -> list[WeightSite]:
+    """The weight sites of `func`, in dataflow order.
 
     A site is a float32 ``matmul(x, W)`` with a constant 2-D ``W`` (also ``W`` given as
-    ``permute_dims`` of a constant, as the PyTorch importer writes ``nn.Linear``), or a
-    float32 NCHW/OIHW ``conv2d(x, W)`` with a constant ``W``. Ops already in QDQ form
+    ``permute_dims`` / ``reshape`` of a constant, as the PyTorch importer writes
+    ``nn.Linear``), or a float32 NCHW/OIHW ``conv2d(x, W)`` with a constant ``W``; ``x`` is
+    a float32 activation, not a constant. Ops already in QDQ form
     (weight ``dequantize`` of a constant, or activation a ``dequantize``) keep their index,
     so names stay stable when a module is annotated in steps, but are not returned.
     """
     bindings = binding_map(func)
-    sites: list[QuantSite] = []
+    sites: list[WeightSite] = []
     index = 0
     for b in ordered_bindings(func):
         if not isinstance(b, relax.VarBinding) or not isinstance(b.value, relax.Call):
             continue
-        found = _site_from_call(b.value, bindings)
+        found = site_of_call(b.value, bindings)
         if found is None:
             continue
-        kind, weight, waxis, oaxis = found
+        kind, source, waxis, oaxis = found
         act = b.value.args[0]
         name = f"{prefix}{kind}_{index}"
         index += 1
-        if weight is None or op_name(bindings.get(act)) == DEQUANTIZE:
+        if source is None or op_name(bindings.get(act)) == DEQUANTIZE:
             continue
+        const, layout = source
         sites.append(
-            QuantSite(
+            WeightSite(
                 index=index - 1,
                 name=name,
                 kind=kind,
                 var=b.var,
                 call=b.value,
                 activation=act,
-                weight=weight,
+                weight=apply_layout(const.value.numpy(), layout),
                 weight_axis=waxis,
                 output_axis=oaxis,
+                const=const,
+                layout=layout,
             )
         )
     return sites
 
 
-def relax_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
-    """The Relax functions of `mod` that passes should rewrite, ``main`` first, then by name."""
-    out = []
-    for gv, func in mod.functions.items():
-        if not isinstance(func, relax.Function):
-            continue
-        if func.attrs is not None and "Primitive" in func.attrs and int(func.attrs["Primitive"]):
-            continue
-        out.append((gv, func))
-    out.sort(key=lambda item: (item[0].name_hint != "main", item[0].name_hint))
-    return out
-
-
-def site_prefix(gv: tvm.ir.GlobalVar) -> str:
-    """Site-name prefix of a function: empty for ``main``."""
-    return "" if gv.name_hint == "main" else f"{gv.name_hint}/"
-
-
-def list_module_sites(mod: tvm.IRModule) -> list[QuantSite]:
-    """The quantizable sites of every Relax function of `mod` (see :func:`list_quant_sites`)."""
-    sites: list[QuantSite] = []
+def module_weight_sites(mod: tvm.IRModule) -> list[WeightSite]:
+    """The weight sites of every Relax function of `mod` (see :func:`list_weight_sites`)."""
+    sites: list[WeightSite] = []
     for gv, func in relax_functions(mod):
-        sites.extend(list_quant_sites(func, site_prefix(gv)))
+        sites.extend(list_weight_sites(func, site_prefix(gv)))
     return sites
-
-
-def const_f32(value) -> tvm.ir.Constant:
-    """A float32 constant (scalar or tensor)."""
-    return relax.const(np.asarray(value, dtype="float32"), "float32")
-
-
-def const_i32(value) -> tvm.ir.Constant:
-    """An int32 constant (scalar or tensor)."""
-    return relax.const(np.asarray(value, dtype="int32"), "int32")
 
 
 @dataclass(frozen=True, eq=False)
@@ -431,23 +297,6 @@ class ObservedTensor:
     kind: str
     activation: relax.Expr
     index: int
-
-
-def clip_bounds(call: relax.Call) -> tuple[float, float] | None:
-    """(lo, hi) of ``relu`` (0, inf) or a ``clip`` with constant bounds, else None."""
-    name = op_name(call)
-    if name == RELU:
-        return 0.0, float("inf")
-    if name != CLIP or len(call.args) != 3:
-        return None
-    bounds = []
-    for arg in call.args[1:]:
-        # 0.27: the bounds are IntImm / FloatImm (tvm.ir.Constant subclasses), not PrimValue.
-        value = getattr(arg, "value", None)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return None
-        bounds.append(float(value))
-    return bounds[0], bounds[1]
 
 
 def _activation_operand(expr: relax.Expr, bindings) -> bool:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from tvmq.core.observers import normalize_observer_name, observer_names
+from tvmq.core.selectors import check_site_selector
 from tvmq.errors import TvmqError
 
 __all__ = [
@@ -181,9 +183,6 @@ class Int8Static(_SchemeMixin):
             )
 
     def _check_observer(self) -> None:
-        # Imported here: tvmq.calibration imports tvmq.quantization.qmath.
-        from tvmq.calibration import list_observers
-
         for field in ("observer", "matmul_act_observer"):
             value = getattr(self, field)
             if value is None and field == "matmul_act_observer":
@@ -192,11 +191,11 @@ class Int8Static(_SchemeMixin):
                 raise TvmqError(
                     f"Int8Static.{field} must be an observer name, got {type(value).__name__}"
                 )
-            normalized = value.strip().lower().replace("-", "_")
-            if normalized not in list_observers():
+            normalized = normalize_observer_name(value)
+            if normalized not in observer_names():
                 raise TvmqError(
                     f"Int8Static.{field} {value!r} is unknown; known observers: "
-                    f"{', '.join(list_observers())}"
+                    f"{', '.join(observer_names())}"
                 )
             object.__setattr__(self, field, normalized)
 
@@ -209,8 +208,6 @@ class Int8Static(_SchemeMixin):
         return layer.observer
 
     def _normalize_smooth_dynamic(self) -> None:
-        from tvmq.passes._quant_sites import check_site_selector
-
         dynamic = (self.dynamic,) if isinstance(self.dynamic, str) else self.dynamic
         try:
             dynamic = tuple(dynamic)

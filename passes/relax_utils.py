@@ -1,0 +1,234 @@
+"""Shared Relax helpers of tvmq's passes: bindings, constants, op names, functions to rewrite.
+
+Nothing here rewrites a module by itself; the passes (and the driver's analyses) build on it.
+What a *site* is (the matmul / conv2d ops that compression and quantization work on) is
+:mod:`tvmq.passes.sites`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+MATMUL = "relax.matmul"
+CONV2D = "relax.nn.conv2d"
+QUANTIZE = "relax.quantize"
+DEQUANTIZE = "relax.dequantize"
+ADD = "relax.add"
+CONCAT = "relax.concat"
+RELU = "relax.nn.relu"
+CLIP = "relax.clip"
+PERMUTE_DIMS = "relax.permute_dims"
+RESHAPE = "relax.reshape"
+
+
+def op_name(expr: relax.Expr) -> str | None:
+    """The op name of a Call to a Relax op, else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def binding_map(func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    """Every var bound in `func` (all blocks) to its value."""
+    table: dict[relax.Var, relax.Expr] = {}
+    if isinstance(func.body, relax.SeqExpr):
+        for block in func.body.blocks:
+            for b in block.bindings:
+                table[b.var] = b.value
+    return table
+
+
+def ordered_bindings(func: relax.Function) -> list[relax.Binding]:
+    """The bindings of `func` in program order."""
+    if not isinstance(func.body, relax.SeqExpr):
+        return []
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def user_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """How many times each var is read (a var returned by the function counts once more)."""
+    counts: dict[relax.Var, int] = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    for b in ordered_bindings(func):
+        relax.analysis.post_order_visit(b.value, count)
+    if isinstance(func.body, relax.SeqExpr):
+        relax.analysis.post_order_visit(func.body.body, count)
+    return counts
+
+
+def is_tensor_const(expr: relax.Expr) -> bool:
+    """Whether `expr` is a constant tensor (``R.const`` / bound weights)."""
+    return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)
+
+
+def _dtype(expr: relax.Expr) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def float_dtype(expr: relax.Expr) -> bool:
+    """Whether `expr` is a float32 tensor (the only float type the int8 passes handle)."""
+    return _dtype(expr) == "float32"
+
+
+def resolve(expr: relax.Expr, bindings) -> relax.Expr:
+    """Follow var bindings (a dict or a lookup callable) to the bound value."""
+    lookup = bindings.get if isinstance(bindings, dict) else bindings
+    while isinstance(expr, relax.Var):
+        value = lookup(expr)
+        if value is None:
+            break
+        expr = value
+    return expr
+
+
+def const_source(expr: relax.Expr, bindings) -> tuple[tvm.ir.Constant, tuple] | None:
+    """The constant `expr` reads, seen through vars, ``permute_dims`` and ``reshape``.
+
+    Returns ``(constant, steps)``: the value of `expr` is the constant's with ``steps`` applied
+    in order, each ``("permute", axes)`` or ``("reshape", shape)`` (see :func:`apply_layout`),
+    or None when `expr` is not such a view of one constant. `bindings` maps vars to their
+    values: a dict or a lookup callable.
+    """
+    expr = resolve(expr, bindings)
+    if is_tensor_const(expr):
+        return expr, ()
+    name = op_name(expr)
+    if name not in (PERMUTE_DIMS, RESHAPE):
+        return None
+    inner = const_source(expr.args[0], bindings)
+    if inner is None:
+        return None
+    const, steps = inner
+    if name == PERMUTE_DIMS:
+        axes = expr.attrs.axes
+        ndim = expr.args[0].ty.ndim
+        axes = tuple(reversed(range(ndim))) if axes is None else tuple(int(a) for a in axes)
+        return const, (*steps, ("permute", axes))
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in ty.shape)
+    except TypeError:
+        return None
+    return const, (*steps, ("reshape", shape))
+
+
+def apply_layout(value: np.ndarray, steps) -> np.ndarray:
+    """`value` with the ``permute`` / ``reshape`` steps of :func:`const_source` applied."""
+    for kind, arg in steps:
+        value = np.transpose(value, arg) if kind == "permute" else value.reshape(arg)
+    return value
+
+
+def undo_layout(value: np.ndarray, steps, source_shape) -> np.ndarray:
+    """The inverse of :func:`apply_layout` for a constant of `source_shape`."""
+    shapes = [tuple(source_shape)]
+    for kind, arg in steps:
+        shape = shapes[-1]
+        shapes.append(tuple(shape[a] for a in arg) if kind == "permute" else tuple(arg))
+    for (kind, arg), before in zip(reversed(steps), reversed(shapes[:-1]), strict=True):
+        value = np.transpose(value, np.argsort(arg)) if kind == "permute" else value.reshape(before)
+    return value
+
+
+def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
+    """The value of `expr` if it is a constant seen through vars, permute_dims and reshape.
+
+    `bindings` maps vars to their values: a dict or a lookup callable.
+    """
+    found = const_source(expr, bindings)
+    if found is None:
+        return None
+    const, steps = found
+    try:
+        return apply_layout(const.value.numpy(), steps)
+    except ValueError:
+        return None
+
+
+def relax_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
+    """The Relax functions of `mod` that passes should rewrite, ``main`` first, then by name."""
+    out = []
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        if func.attrs is not None and "Primitive" in func.attrs and int(func.attrs["Primitive"]):
+            continue
+        out.append((gv, func))
+    out.sort(key=lambda item: (item[0].name_hint != "main", item[0].name_hint))
+    return out
+
+
+def site_prefix(gv: tvm.ir.GlobalVar) -> str:
+    """Site-name prefix of a function: empty for ``main``."""
+    return "" if gv.name_hint == "main" else f"{gv.name_hint}/"
+
+
+def const_f32(value) -> tvm.ir.Constant:
+    """A float32 constant (scalar or tensor)."""
+    return relax.const(np.asarray(value, dtype="float32"), "float32")
+
+
+def const_i32(value) -> tvm.ir.Constant:
+    """An int32 constant (scalar or tensor)."""
+    return relax.const(np.asarray(value, dtype="int32"), "int32")
+
+
+def clip_bounds(call: relax.Call) -> tuple[float, float] | None:
+    """(lo, hi) of ``relu`` (0, inf) or a ``clip`` with constant bounds, else None."""
+    name = op_name(call)
+    if name == RELU:
+        return 0.0, float("inf")
+    if name != CLIP or len(call.args) != 3:
+        return None
+    bounds = []
+    for arg in call.args[1:]:
+        # 0.27: the bounds are IntImm / FloatImm (tvm.ir.Constant subclasses), not PrimValue.
+        value = getattr(arg, "value", None)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        bounds.append(float(value))
+    return bounds[0], bounds[1]
+
+
+@mutator
+class _ConstantReplacer(PyExprMutator):
+    """Swaps constants by identity; everything else is copied."""
+
+    def __init__(self, mod, mapping):
+        super().__init__(mod)
+        self.mapping = mapping
+
+    def visit_generic_const_(self, const):
+        return self.mapping.get(const, const)
+
+
+def replace_constants(mod: tvm.IRModule, mapping: dict) -> tvm.IRModule:
+    """`mod` with each constant in `mapping` (old -> new expr) replaced; same shapes expected."""
+    if not mapping:
+        return mod
+    updates = {}
+    for gv, func in relax_functions(mod):
+        new = _ConstantReplacer(mod, mapping).visit_expr(func)
+        if not new.same_as(func):
+            updates[gv] = new
+    return update_functions(mod, updates)
+
+
+def update_functions(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
+    """A copy of `mod` with some functions replaced."""
+    if not updates:
+        return mod
+    out = tvm.IRModule(dict(mod.functions.items()), mod.attrs)
+    for gv, func in updates.items():
+        out[gv] = func
+    return out
