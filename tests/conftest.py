@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+
+def host_has_vnni() -> bool:
+    """Whether this CPU executes AVX-512 VNNI (``vpdpbusd``), from /proc/cpuinfo's flags.
+
+    Read from the kernel, not from TVM's target detection: a test that runs VNNI code on a
+    CPU without it dies with SIGILL, taking the whole pytest run with it.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_vnni", "avx512vnni"})
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "vnni: runs AVX-512 VNNI code on this CPU (skipped where it has none)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if host_has_vnni():
+        return
+    skip = pytest.mark.skip(reason="this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo)")
+    for item in items:
+        if "vnni" in item.keywords:
+            item.add_marker(skip)
 
 
 class TwoLayer(torch.nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule, TensorIntrin
@@ -39,6 +40,7 @@ def _tensorized_gemv(k: int) -> tvm.IRModule:
     return sch.mod
 
 
+@pytest.mark.vnni
 def test_tensorized_gemv_is_exact_and_uses_vpdpbusd():
     k = 64
     lib = tvm.compile(_tensorized_gemv(k), target=CASCADELAKE)

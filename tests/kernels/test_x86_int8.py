@@ -24,6 +24,7 @@ def _workspace_allocs(lib) -> int:
     return _llvm(lib, "ll").count("load ptr, ptr @__TVMBackendAllocWorkspace")
 
 
+@pytest.mark.vnni
 @pytest.mark.parametrize("m,k,n", [(8, 64, 48), (128, 384, 384), (24, 32, 128), (384, 64, 96)])
 def test_dense_is_exact_with_one_scratch_buffer(m, k, n):
     lib = _compile(int8_dense_vnni(m, k, n))
@@ -38,6 +39,7 @@ def test_dense_is_exact_with_one_scratch_buffer(m, k, n):
     assert "vpdpbusd" in _llvm(lib, "asm") and _workspace_allocs(lib) <= 1
 
 
+@pytest.mark.vnni
 @pytest.mark.parametrize(
     "batch,m,k,n", [(12, 128, 32, 128), (3, 16, 128, 32), (2, 8, 4, 16), (2, 256, 8, 32)]
 )

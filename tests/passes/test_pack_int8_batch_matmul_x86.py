@@ -38,6 +38,7 @@ CASES = [
 ]
 
 
+@pytest.mark.vnni
 @pytest.mark.parametrize("a_shape,a_dtype,b_shape,b_dtype", CASES)
 def test_exact_vs_numpy_on_the_vnni_kernel(a_shape, a_dtype, b_shape, b_dtype):
     mod = _module(a_shape, a_dtype, b_shape, b_dtype)

@@ -50,6 +50,7 @@ def _kernel_funcs(mod: tvm.IRModule):
     ]
 
 
+@pytest.mark.vnni
 @pytest.mark.parametrize(
     ("x_shape", "n", "x_dtype"),
     [
@@ -71,6 +72,7 @@ def test_bit_exact_on_random_inputs(rng, x_shape, n, x_dtype):
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
 
 
+@pytest.mark.vnni
 def test_extreme_values_do_not_overflow(rng):
     k, n = 784, 20
     w = np.full((k, n), -128, dtype=np.int8)
