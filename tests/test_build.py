@@ -231,11 +231,25 @@ def test_cuda_library_loads_ptx_module(small_net, tmp_path):
 
 
 @needs_nvcc
-def test_cuda_int8_matmul_builds():
+@pytest.mark.parametrize("weight", ["activation", "constant"])
+def test_cuda_int8_matmul_builds(tmp_path, weight):
     x = relax.Var("x", relax.TensorType((64, 128), "int8"))
+    w_np = np.random.default_rng(0).integers(-128, 128, (128, 32), dtype=np.int8)
     w = relax.Var("w", relax.TensorType((128, 32), "int8"))
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, w]):
-        bb.emit_func_output(bb.emit(relax.op.matmul(x, w, out_dtype="int32")))
-    # dlight's GPU Matmul rule crashes on int8 in TVM 0.27; tvmq routes it to other rules.
-    build(bb.get(), "cuda-sm80")
+    params = [x, w] if weight == "activation" else [x]
+    with bb.function("main", params):
+        rhs = w if weight == "activation" else relax.const(w_np, "int8")
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, rhs, out_dtype="int32")))
+    # dlight's GPU Matmul rule crashes on int8 in TVM 0.27: tvmq routes a matmul of two
+    # activations to its other rules, and one with a constant weight to its dp4a kernel.
+    preset = get_target("cuda-sm80")
+    path = tmp_path / "int8.so"
+    export_library(build(bb.get(), preset), path, preset)
+    ptx = path.read_bytes()
+    assert b".target sm_80" in ptx
+    entries = re.findall(rb"\.entry (\w+)", ptx)
+    assert entries, "no CUDA kernel in the library"
+    # Four int8 products per instruction: nvcc turns the int8 -> int32 multiply-accumulate
+    # of either kernel into dp4a.
+    assert b"dp4a.s32.s32" in ptx
