@@ -95,9 +95,9 @@ def upward_imports(sources: dict[str, tuple[str, str]]) -> list[str]:
             for loaded in _loaded(target):
                 if RANK[layer(loaded)] > RANK[layer(module)]:
                     where = "in a function" if local else "at the top"
-                    bad.append(
-                        f"{name}:{line} ({layer(module)}) imports {loaded} ({layer(loaded)}) {where}"
-                    )
+                    msg = f"{name}:{line} ({layer(module)}) imports {loaded} ({layer(loaded)}) {where}"
+                    if msg not in bad:  # `from a import b, c` is one import
+                        bad.append(msg)
     return bad
 
 
