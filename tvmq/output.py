@@ -70,8 +70,11 @@ def build_files(folder: Path) -> list[str] | None:
 
 def _is_plain_name(name) -> bool:
     """A file name without any directory part."""
-    return isinstance(name, str) and name not in ("", ".", "..") and os.sep not in name and (
-        os.altsep is None or os.altsep not in name
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and os.sep not in name
+        and (os.altsep is None or os.altsep not in name)
     )
 
 
