@@ -288,6 +288,7 @@ def test_file_write_is_atomic_and_leaves_no_temp(tmp_path):
         f.write(b"half")
         raise OSError(28, "No space left on device")
 
+    (tmp_path / f".y.npz.tmp-{DEAD_PID}-0123abcd").write_bytes(b"killed mid-write")
     with pytest.raises(TvmqError, match="No space left"):
         write_file_atomically(target, fail)
     assert target.read_bytes() == b"PK\x03\x04new"

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import re
@@ -114,6 +115,8 @@ def inspect_folder(folder: Path) -> FolderState:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (one of another user's counts)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate it on Windows: never judge there
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -378,6 +381,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+@functools.cache
 def _renameat2():
     """libc's ``renameat2``, or None (not Linux, or glibc older than 2.28)."""
     try:
@@ -429,9 +433,14 @@ def _is_npz(path: Path) -> bool:
 def write_file_atomically(path: os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through a unique temp file in its folder, then ``os.replace`` it.
 
-    Either the whole new file is at ``path`` or nothing changed; no temp file is left.
+    Either the whole new file is at ``path`` or nothing changed; no temp file is left
+    (one of a killed run is removed by the next write to the same path).
     """
     path = check_output_file(path)
+    dead = re.compile(rf"\.{re.escape(path.name)}\.(?P<kind>tmp)-(?P<pid>\d+)(-[0-9a-f]+)?")
+    for stale, _ in _leftovers(path.parent, dead):  # from runs that were killed
+        with contextlib.suppress(OSError):
+            stale.unlink()
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         # O_EXCL: never follow or reuse someone's file; mode 0o666 lets umask decide
