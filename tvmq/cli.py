@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -210,6 +209,10 @@ def _add_rpc_options(s) -> None:
 def cmd_run(args) -> int:
     import numpy as np
 
+    from tvmq.output import check_output_file, write_file_atomically
+
+    if args.output:
+        check_output_file(args.output)  # before running: a bad -o fails fast
     model, session = _open_model(args)
     try:
         arrays = _load_arrays(args.input, model.inputs)
@@ -226,9 +229,8 @@ def cmd_run(args) -> int:
                 summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
         print(summary)
     if args.output:
-        tmp = Path(str(args.output) + ".tmp.npz")
-        np.savez(tmp, **{s.name: y for s, y in zip(model.outputs, outs, strict=True)})
-        os.replace(tmp, args.output)
+        arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
+        write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
         print(f"wrote {args.output}")
     return 0
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,8 @@ import tvm
 from tvmq.errors import TvmqError
 from tvmq.frontends import ImportedModel, import_model
 from tvmq.frontends.model import check_finite_weights
-from tvmq.manifest import LIBRARY, MANIFEST, Manifest, sha256_of
+from tvmq.manifest import LIBRARY, Manifest, sha256_of
+from tvmq.output import OutputFolder
 from tvmq.targets import TargetPreset, get_target
 
 
@@ -206,6 +205,10 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     output_dir : path, optional
         Where to write ``model.so`` + ``model.json``. Written atomically: a failed build
         leaves nothing behind, and an existing tvmq output there is replaced only on success.
+        Only files tvmq wrote are ever replaced: a folder holding a tvmq build keeps the
+        user's other files; a non-empty folder without one is refused.
+    overwrite : bool
+        Whether a tvmq build already in ``output_dir`` may be replaced.
     prune : PruneConfig or list of PruneConfig, optional
         Magnitude, N:M or channel pruning (``tvmq.compression.PruneConfig``), applied first.
     cluster : ClusterConfig, optional
@@ -228,8 +231,8 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     from tvmq.build import build_with_info
 
     preset = get_target(target)
-    if output_dir is not None:
-        _check_output_dir(Path(output_dir), overwrite)
+    # checked before the long build: a folder that is not ours fails fast
+    folder = OutputFolder.open(output_dir, overwrite) if output_dir is not None else None
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
@@ -273,42 +276,19 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
         versions=versions(),
         notes=notes,
     )
-    out = None
-    if output_dir is not None:
-        out = _write_atomically(Path(output_dir), ex, preset, manifest)
+    out = _write_build(folder, ex, preset, manifest) if folder is not None else None
     return CompiledArtifact(ex, compressed.mod, manifest, out)
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise TvmqError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise TvmqError(f"{out}: not empty and not a tvmq output; choose another directory")
-        if not overwrite:
-            raise TvmqError(f"{out}: already holds a compiled model (pass overwrite=True)")
-
-
-def _write_atomically(out: Path, ex, preset: TargetPreset, manifest: Manifest) -> Path:
-    """Build in a sibling temp dir, then swap it into place: no half-written output."""
+def _write_build(folder: OutputFolder, ex, preset: TargetPreset, manifest: Manifest) -> Path:
+    """Export the library and manifest into a staging folder, then commit it atomically."""
     from tvmq.build import export_library
 
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        lib = tmp / LIBRARY
+    with folder.stage() as stage:
+        lib = stage / LIBRARY
         export_library(ex, lib, preset)
         manifest.library = {"file": LIBRARY, "bytes": lib.stat().st_size, "sha256": sha256_of(lib)}
-        manifest.write(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        # whatever the exporter left in the staging folder is tvmq's to replace next time
+        manifest.files = sorted(p.name for p in stage.iterdir())
+        manifest.write(stage)  # last: a staged folder with a manifest is complete
+    return folder.path

@@ -184,7 +184,7 @@ def _compiled_row(
         model = student(ctx) if student else ctx.model
         if compile_kwargs.get("quantize"):
             compile_kwargs["calibration_data"] = ctx.data.x_train[:CALIBRATION_SAMPLES]
-        out = ctx.workdir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        out = ctx.workdir / _folder_name(name)
         art = tvmq.compile(
             model,
             "host",
@@ -199,7 +199,31 @@ def _compiled_row(
         weights = _constant_bytes(art.mod)
         return Row(name, acc, weights, art.manifest.library["bytes"], stats.median_ms)
 
+    run.output_folder = _folder_name(name)  # for the check before training
     return run
+
+
+def _folder_name(row: str) -> str:
+    """The subfolder of ``-o`` a row's build goes to, e.g. ``int8-static-tvmq``."""
+    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+
+
+def check_output(output_dir) -> None:
+    """Refuse a bad ``-o`` before training: each row's subfolder must be new or a tvmq build.
+
+    ``-o`` itself may hold anything else of the user's: the demo writes only its own
+    subfolders, and within them only the files ``tvmq.compile`` wrote.
+    """
+    from tvmq.errors import TvmqError
+    from tvmq.output import OutputFolder
+
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise TvmqError(f"{root}: exists and is not a directory")
+    for _, measure in _variants():
+        sub = getattr(measure, "output_folder", None)
+        if sub is not None:
+            OutputFolder.open(root / sub)
 
 
 def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Module]:
@@ -277,6 +301,8 @@ def format_table(rows: list[Row], reference: Row) -> str:
 def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> list[Row]:
     """Run the demo and print its table; returns the rows."""
     t0 = time.perf_counter()
+    if output_dir:
+        check_output(output_dir)
     data = load_mnist()
     epochs = 5 if quick else 15
     print(

@@ -39,6 +39,9 @@ class Manifest:
     versions: dict = field(default_factory=dict)  # {"tvmq", "tvm"}
     created: str = ""
     notes: dict = field(default_factory=dict)  # free-form facts: float ops left, tuning...
+    # Every file tvmq wrote into the folder, model.json included: a rebuild replaces these
+    # and nothing else. Manifests from before this field mean model.json + the library.
+    files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +55,7 @@ class Manifest:
             "library": self.library,
             "versions": self.versions,
             "notes": self.notes,
+            "files": sorted(set(self.files) | {MANIFEST}),
         }
 
     def write(self, directory: os.PathLike) -> Path:
@@ -80,6 +84,7 @@ class Manifest:
                 versions=d.get("versions", {}),
                 created=d.get("created", ""),
                 notes=d.get("notes", {}),
+                files=d.get("files") or [MANIFEST, d["library"].get("file", LIBRARY)],
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise TvmqError(f"{path}: damaged manifest ({type(e).__name__}: {e})") from None
