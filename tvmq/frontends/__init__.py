@@ -39,20 +39,21 @@ def import_model(
         path = Path(model)
         if not path.exists():
             raise TvmqError(f"{path}: no such file")
+        if path.is_dir():
+            raise TvmqError(
+                f"{path}: is a directory, not a model file (.onnx, or .pt2 saved with "
+                "torch.export.save); a tvmq compile output is read by run, bench and inspect"
+            )
         if path.suffix == ".onnx":
             from tvmq.frontends.onnx import from_onnx
 
             return from_onnx(path, input_shapes)
         if path.suffix == ".pt2":
-            import torch
-
+            from tvmq.frontends.pt2 import load_exported_program
             from tvmq.frontends.pytorch import from_exported
 
-            try:
-                ep = torch.export.load(str(path))
-            except Exception as e:
-                raise TvmqError(f"{path}: not a torch.export program ({e})") from None
-            return from_exported(ep, input_names=input_names)
+            # Never torch.export.load directly: it unpickles (see tvmq.frontends.pt2).
+            return from_exported(load_exported_program(path), input_names=input_names)
         raise TvmqError(
             f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx files and "
             ".pt2 files saved with torch.export.save (or a torch.nn.Module from Python)"
