@@ -166,7 +166,9 @@ def _check_quantize_options(args) -> None:
     """
     from tvmq.errors import TvmqError
 
-    given = [opt for opt, value in (("--calib", args.calib), ("--observer", args.observer)) if value]
+    given = [
+        opt for opt, value in (("--calib", args.calib), ("--observer", args.observer)) if value
+    ]
     if not args.quantize:
         if given:
             raise TvmqError(
@@ -493,9 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--cluster", type=int, metavar="N", help="share weights: N values per tensor (k-means)"
     )
-    s.add_argument(
-        "--quantize", choices=list(QUANTIZE_SCHEMES), help="quantization scheme"
-    )
+    s.add_argument("--quantize", choices=list(QUANTIZE_SCHEMES), help="quantization scheme")
     s.add_argument(
         "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
     )
@@ -548,9 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--warmup", type=_int_at_least(0), default=10, help="untimed runs first (default 10)"
     )
-    s.add_argument(
-        "--repeat", type=_int_at_least(1), default=100, help="timed runs (default 100)"
-    )
+    s.add_argument("--repeat", type=_int_at_least(1), default=100, help="timed runs (default 100)")
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
 

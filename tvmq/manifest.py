@@ -113,7 +113,9 @@ def _check_fields(d: dict) -> None:
     # A bare file name: the library is always the one inside the compiled directory.
     if not isinstance(file, str) or not file or file in (".", "..") or re.search(r"[/\\]", file):
         raise ValueError(f"field 'library.file' must be a file name in the directory, got {file!r}")
-    if "sha256" in lib and not (isinstance(lib["sha256"], str) and _SHA256.fullmatch(lib["sha256"])):
+    if "sha256" in lib and not (
+        isinstance(lib["sha256"], str) and _SHA256.fullmatch(lib["sha256"])
+    ):
         raise ValueError(f"field 'library.sha256' is not a sha256 hex digest: {lib['sha256']!r}")
     if not isinstance(d["target"].get("name", ""), str):
         raise ValueError("field 'target.name' must be a string")

@@ -56,7 +56,10 @@ def _onnx_mlp(op: str | None = None, domain: str = "") -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype("float32"), "W")
     b = numpy_helper.from_array(np.zeros(4, "float32"), "b")
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["z"]),
+    ]
     last = "z"
     if op is not None:
         nodes.append(helper.make_node(op, ["z"], ["y"], name="the_odd_one", domain=domain))
@@ -158,7 +161,10 @@ def _code_in_shape(src, dst, marker):
     def change(d):
         tv = d["graph_module"]["graph"]["tensor_values"]["x"]
         tv["sizes"][0] = {
-            "as_expr": {"expr_str": f"s0 + len(open('{marker}', 'w').name) * 0", "hint": {"as_int": 2}}
+            "as_expr": {
+                "expr_str": f"s0 + len(open('{marker}', 'w').name) * 0",
+                "hint": {"as_int": 2},
+            }
         }
 
     return _rewrite(src, dst, _edit_json("models/model.json", change))
@@ -195,7 +201,9 @@ def _aoti_library(src, dst, marker):
 
 
 def _legacy_weights(src, dst, marker):
-    return _rewrite(src, dst, lambda n, d: d, {"data/weights/model.pt": pickle.dumps(_Marker(marker))})
+    return _rewrite(
+        src, dst, lambda n, d: d, {"data/weights/model.pt": pickle.dumps(_Marker(marker))}
+    )
 
 
 UNSAFE_PT2 = {
@@ -318,7 +326,11 @@ DAMAGED = {
     "empty-pt2": ("m.pt2", _bytes(b""), "empty file"),
     "empty-onnx": ("m.onnx", _bytes(b""), "not a valid ONNX"),
     "truncated-pt2": ("m.pt2", lambda pt2, onnx_, dst: _truncated(pt2, dst), "zip"),
-    "truncated-onnx": ("m.onnx", lambda pt2, onnx_, dst: _truncated(onnx_, dst), "not a valid ONNX"),
+    "truncated-onnx": (
+        "m.onnx",
+        lambda pt2, onnx_, dst: _truncated(onnx_, dst),
+        "not a valid ONNX",
+    ),
     "text-as-pt2": ("m.pt2", _bytes(b"hello"), "zip"),
     "text-as-onnx": ("m.onnx", _bytes(b"hello\n"), "not a valid ONNX"),
     "onnx-named-pt2": ("m.pt2", _copy_of("onnx"), "zip"),
@@ -328,7 +340,11 @@ DAMAGED = {
     "unknown-suffix": ("m.h5", _bytes(b"\x89HDF\r\n"), "unknown model format"),
     "no-suffix": ("model", _bytes(b"x"), "unknown model format"),
     # inspect reads directories (compiled outputs): there the message is about that.
-    "directory-onnx": ("m.onnx", _directory, {"compile": "is a directory", "inspect": "model.json"}),
+    "directory-onnx": (
+        "m.onnx",
+        _directory,
+        {"compile": "is a directory", "inspect": "model.json"},
+    ),
     "directory-pt2": ("m.pt2", _directory, {"compile": "is a directory", "inspect": "model.json"}),
     "missing": ("nope.pt2", lambda pt2, onnx_, dst: dst, "no such file"),
 }

@@ -38,14 +38,26 @@ def nothing_heavy_runs(monkeypatch):
 C = "{calib}"
 # case: (options after `tvmq compile MODEL -o OUT`, message part)
 COMPILE_CASES = {
-    "int8-dynamic-with-observer": (["--quantize", "int8-dynamic", "--observer", "minmax"], "takes no calibration"),
-    "int8-dynamic-with-calib": (["--quantize", "int8-dynamic", "--calib", C], "takes no calibration"),
+    "int8-dynamic-with-observer": (
+        ["--quantize", "int8-dynamic", "--observer", "minmax"],
+        "takes no calibration",
+    ),
+    "int8-dynamic-with-calib": (
+        ["--quantize", "int8-dynamic", "--calib", C],
+        "takes no calibration",
+    ),
     "w8-with-calib": (["--quantize", "w8", "--calib", C], "takes no calibration"),
-    "w4-with-observer-and-calib": (["--quantize", "w4", "--observer", "mse", "--calib", C], "--calib and --observer"),
+    "w4-with-observer-and-calib": (
+        ["--quantize", "w4", "--observer", "mse", "--calib", C],
+        "--calib and --observer",
+    ),
     "observer-without-quantize": (["--observer", "percentile"], "without --quantize"),
     "calib-without-quantize": (["--calib", C], "without --quantize"),
     "int8-without-calib": (["--quantize", "int8"], "needs --calib"),
-    "unknown-observer": (["--quantize", "int8", "--calib", C, "--observer", "median"], "unknown observer"),
+    "unknown-observer": (
+        ["--quantize", "int8", "--calib", C, "--observer", "median"],
+        "unknown observer",
+    ),
     "unknown-quantize": (["--quantize", "int3"], "invalid choice"),
     "zero-dim-shape": (["--input-shape", "x:0x8"], "at least 1"),
     "zero-sized-shape": (["--input-shape", "x:0"], "at least 1"),

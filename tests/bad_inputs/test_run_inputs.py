@@ -185,14 +185,20 @@ BUILD_CASES = {
     "inputs-empty": (_set("inputs", []), "'inputs'"),
     "input-shape-text": (_set("inputs", 0, "shape", ["two", 32]), "inputs[0].shape"),
     "input-shape-negative": (_set("inputs", 0, "shape", [-2, 32]), "inputs[0].shape"),
-    "input-dtype-missing": (_manifest_edit(lambda d: d["inputs"][0].pop("dtype")), "inputs[0].dtype"),
+    "input-dtype-missing": (
+        _manifest_edit(lambda d: d["inputs"][0].pop("dtype")),
+        "inputs[0].dtype",
+    ),
     "outputs-missing": (_drop("outputs"), "'outputs'"),
     "target-not-object": (_set("target", ["host"]), "'target'"),
     "notes-not-object": (_set("notes", "fast"), "'notes'"),
     "format-unknown": (_set("format", "tvmq-model/99"), "format"),
     "manifest-a-list": (_write_manifest("[1, 2]"), "damaged manifest"),
     "manifest-truncated": (_write_manifest('{"format": "tvmq-model/1", "inp'), "damaged manifest"),
-    "manifest-not-utf8": (lambda b: (b / "model.json").write_bytes(b"\xff\xfe{}"), "damaged manifest"),
+    "manifest-not-utf8": (
+        lambda b: (b / "model.json").write_bytes(b"\xff\xfe{}"),
+        "damaged manifest",
+    ),
     "manifest-missing": (lambda b: (b / "model.json").unlink(), "no model.json"),
 }
 

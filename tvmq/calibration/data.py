@@ -167,7 +167,10 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from an open .npy stream's header (numpy's own parser, no data read)."""
     version = np.lib.format.read_magic(f)
-    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    read = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
     if version not in read:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
     shape, _fortran, dtype = read[version](f)
@@ -187,7 +190,6 @@ def _check_values(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
 
 def _brief(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
 
 
 def _check_names(input_names: Sequence[str]) -> list[str]:

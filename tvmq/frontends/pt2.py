@@ -67,10 +67,16 @@ _EXPR_NUMBER = re.compile(r"\b\d+\.\d+(e[+-]?\d+)?\b|\b\d+\b")
 _EXPR_NAME = re.compile(r"[A-Za-z_]\w*")
 _EXPR_SYMBOL = re.compile(r"[a-z]{1,3}\d+")
 _EXPR_FUNCTIONS = frozenset(
-    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv "
-    "LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv TruncToFloat TruncToInt "
-    "RoundToInt RoundDecimal ToFloat Identity IsNonOverlappingAndDenseIndicator Max Min Abs "
-    "Eq Ne Lt Le Gt Ge And Or Not True False oo int_oo".split()
+    {
+        # torch.utils._sympy.functions, as the deserializer names them
+        *("FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt"),
+        *("FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow"),
+        *("FloatTrueDiv", "IntTrueDiv", "TruncToFloat", "TruncToInt", "RoundToInt"),
+        *("RoundDecimal", "ToFloat", "Identity", "IsNonOverlappingAndDenseIndicator"),
+        # sympy's own
+        *("Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not"),
+        *("True", "False", "oo", "int_oo"),
+    }
 )
 
 
