@@ -202,9 +202,9 @@ def cmd_compile(args) -> int:
 
     import tvmq
 
-    prune, cluster = _compression_configs(args)
     _check_quantize_options(args)
     input_shapes = _input_shapes(args)
+    prune, cluster = _compression_configs(args)
 
     scheme = None
     if args.quantize:

@@ -98,8 +98,8 @@ def _check_fields(d: dict) -> None:
     """
     for key in ("inputs", "outputs"):
         specs = d.get(key)
-        if not isinstance(specs, list) or not specs:
-            raise ValueError(f"field {key!r} must be a non-empty list of tensors")
+        if not isinstance(specs, list):
+            raise ValueError(f"field {key!r} must be a list of tensors")
         for i, spec in enumerate(specs):
             _check_spec(spec, f"{key}[{i}]")
     for key in ("target", "library"):

@@ -266,6 +266,21 @@ def test_torch_load_is_held_to_weights_only_while_loading(good_pt2, tmp_path, mo
     assert torch.load.__module__ == "torch.serialization"  # the real one is back
 
 
+@pytest.mark.parametrize(
+    "shape, says",
+    [("x:4x8", "exported with shape [2, 8]"), ("y:2x8", "'y', which is not an input")],
+    ids=["other-shape", "not-an-input"],
+)
+def test_input_shape_cannot_reshape_a_pt2(shape, says, good_pt2, tmp_path, expect_user_error):
+    argv = ["inspect", good_pt2, "--input-shape", shape]
+    expect_user_error(argv, watch=[good_pt2], contains=says)
+
+
+def test_input_shape_may_restate_a_pt2_shape(good_pt2, cli):
+    status, out, err = cli(["inspect", good_pt2, "--input-shape", "x:2x8"])
+    assert status == 0, err
+
+
 def test_a_clean_pt2_still_loads(good_pt2, cli):
     status, out, err = cli(["inspect", good_pt2])
     assert status == 0, err

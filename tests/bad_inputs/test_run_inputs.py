@@ -182,7 +182,7 @@ BUILD_CASES = {
     "library-not-object": (_set("library", "model.so"), "'library'"),
     "library-sha256-garbled": (_set("library", "sha256", "not-a-digest"), "library.sha256"),
     "inputs-not-list": (_set("inputs", "x"), "'inputs'"),
-    "inputs-empty": (_set("inputs", []), "'inputs'"),
+    "input-not-object": (_set("inputs", ["x"]), "inputs[0]"),
     "input-shape-text": (_set("inputs", 0, "shape", ["two", 32]), "inputs[0].shape"),
     "input-shape-negative": (_set("inputs", 0, "shape", [-2, 32]), "inputs[0].shape"),
     "input-dtype-missing": (

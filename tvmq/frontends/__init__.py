@@ -53,7 +53,9 @@ def import_model(
             from tvmq.frontends.pytorch import from_exported
 
             # Never torch.export.load directly: it unpickles (see tvmq.frontends.pt2).
-            return from_exported(load_exported_program(path), input_names=input_names)
+            model = from_exported(load_exported_program(path), input_names=input_names)
+            _check_fixed_shapes(path, model, input_shapes)
+            return model
         raise TvmqError(
             f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx files and "
             ".pt2 files saved with torch.export.save (or a torch.nn.Module from Python)"
@@ -80,3 +82,21 @@ def import_model(
 
         return from_pytorch(model, example_inputs, input_names=input_names)
     raise TvmqError(f"cannot import a {type(model).__name__}; see tvmq.import_model's docstring")
+
+
+def _check_fixed_shapes(
+    path: Path, model: ImportedModel, input_shapes: dict[str, Sequence[int]] | None
+) -> None:
+    """A .pt2 program's shapes were fixed at export: input_shapes may only restate them."""
+    specs = {s.name: s.shape for s in model.inputs}
+    for name, shape in (input_shapes or {}).items():
+        if name not in specs:
+            raise TvmqError(
+                f"{path}: a shape is given for {name!r}, which is not an input; "
+                f"the inputs are {sorted(specs)}"
+            )
+        if tuple(shape) != specs[name]:
+            raise TvmqError(
+                f"{path}: input {name!r} was exported with shape {list(specs[name])}; a .pt2 "
+                f"program's shapes are fixed at export, so it cannot take {list(shape)}"
+            )
