@@ -309,6 +309,19 @@ def _flipped_weight_byte(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _without(suffix: str):
+    """The archive less one entry: torch.export.load itself fails (and logs a traceback)."""
+
+    def make(pt2: Path, onnx_: Path, dst: Path) -> Path:
+        with zipfile.ZipFile(pt2) as zin, zipfile.ZipFile(dst, "w") as zout:
+            for info in zin.infolist():
+                if not info.filename.endswith(suffix):
+                    zout.writestr(info, zin.read(info.filename))
+        return dst
+
+    return make
+
+
 def _bad_json(src: Path, dst: Path) -> Path:
     return _rewrite(src, dst, lambda n, d: b"{oops" if n.endswith("models/model.json") else d)
 
@@ -351,6 +364,8 @@ DAMAGED = {
     "onnx-named-pt2": ("m.pt2", _copy_of("onnx"), "zip"),
     "pt2-named-onnx": ("m.onnx", _copy_of("pt2"), "not a valid ONNX"),
     "flipped-weight-byte": ("m.pt2", lambda pt2, onnx_, dst: _flipped_weight_byte(pt2, dst), "CRC"),
+    "sample-inputs-missing": ("m.pt2", _without("sample_inputs/model.pt"), "not a loadable"),
+    "weights-config-missing": ("m.pt2", _without("weights_config.json"), "not a loadable"),
     "program-not-json": ("m.pt2", lambda pt2, onnx_, dst: _bad_json(pt2, dst), "not JSON"),
     "unknown-suffix": ("m.h5", _bytes(b"\x89HDF\r\n"), "unknown model format"),
     "no-suffix": ("model", _bytes(b"x"), "unknown model format"),

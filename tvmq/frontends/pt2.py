@@ -105,7 +105,8 @@ def load_exported_program(path: Path):
 def check_pt2_archive(path: Path) -> None:
     """Refuse a ``.pt2`` archive that is damaged or whose loading could run code.
 
-    Reads only zip metadata, JSON and (for the sample inputs) a weights-only unpickle.
+    Reads every entry once (CRC check), parses the JSON entries and unpickles the sample
+    inputs weights-only; nothing from the file is executed or evaluated.
     """
     with _open_zip(path) as archive:
         root, entries = _archive_entries(path, archive)
