@@ -28,11 +28,45 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"{text!r}: write NAME:DIMxDIM..., e.g. input:1x3x224x224")
     try:
-        return name, [int(d) for d in dims.lower().split("x")]
+        shape = [int(d) for d in dims.lower().split("x")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: dimensions must be integers, e.g. 1x3x224x224"
         ) from None
+    if any(d < 1 for d in shape):  # a 0 dim makes an empty tensor: nothing to compute
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: every dimension must be at least 1, e.g. 1x3x224x224"
+        )
+    return name, shape
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (checked while parsing, before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _input_shapes(args) -> dict[str, list[int]] | None:
+    """--input-shape options as a dict; naming one input twice is a mistake, not an override."""
+    from tvmq.errors import TvmqError
+
+    if not args.input_shape:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for name, shape in args.input_shape:
+        if name in shapes:
+            raise TvmqError(f"--input-shape gives input {name!r} twice; give each input once")
+        shapes[name] = shape
+    return shapes
 
 
 def _load_arrays(path: str, specs) -> list:
@@ -46,18 +80,23 @@ def _load_arrays(path: str, specs) -> list:
         raise TvmqError(f"{p}: no such file")
     try:
         data = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise TvmqError(f"{p}: not a .npy/.npz file ({e})") from None
-    if isinstance(data, np.ndarray):
-        arrays = {specs[0].name: data} if len(specs) == 1 else {}
-    else:
-        arrays = dict(data)
-        if len(arrays) == 1 and len(specs) == 1:
-            arrays = {specs[0].name: next(iter(arrays.values()))}
-    missing = [s.name for s in specs if s.name not in arrays]
+        if isinstance(data, np.ndarray):
+            arrays = {specs[0].name: data} if len(specs) == 1 else {}
+        else:
+            with data:  # a .npz reads (and may fail on) each array only here
+                arrays = {key: data[key] for key in data.files}
+    except Exception as e:  # damaged, truncated, pickled (object) arrays, not numpy at all
+        raise TvmqError(f"{p}: not a readable .npy/.npz file ({e})") from None
+    if len(arrays) == 1 and len(specs) == 1:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
     if missing:
         raise TvmqError(f"{p}: no array for input(s) {missing}; it has {sorted(arrays)}")
-    return [arrays[s.name] for s in specs]
+    extra = sorted(set(arrays) - set(names))
+    if extra:  # a misspelt or stale input would otherwise be ignored without a word
+        raise TvmqError(f"{p}: array(s) {extra} are not inputs of the model; it takes {names}")
+    return [arrays[n] for n in names]
 
 
 def cmd_targets(args) -> int:
@@ -113,11 +152,57 @@ def _sparse_config(args):
     return SparseConfig(min_sparsity=args.sparse, block=block)
 
 
+# --quantize choices -> whether the scheme is calibrated (takes --calib/--observer). Kept here
+# so a wrong combination is refused without importing tvmq.quantization (and TVM);
+# tests/bad_inputs/test_options.py checks it against tvmq.quantization.get_scheme.
+QUANTIZE_SCHEMES = {"int8": True, "int8-dynamic": False, "w8": False, "w4": False}
+
+
+def _check_quantize_options(args) -> None:
+    """--quantize/--calib/--observer agree, and the calibration file is usable (headers only).
+
+    Runs before the model is imported, so a mistake here costs no import or compile time.
+    """
+    from tvmq.errors import TvmqError
+
+    given = [
+        opt for opt, value in (("--calib", args.calib), ("--observer", args.observer)) if value
+    ]
+    if not args.quantize:
+        if given:
+            raise TvmqError(
+                f"{' and '.join(given)} without --quantize: calibration is for --quantize int8; "
+                f"add it or drop {' and '.join(given)}"
+            )
+        return
+    calibrated = QUANTIZE_SCHEMES[args.quantize]
+    if given and not calibrated:
+        raise TvmqError(
+            f"--quantize {args.quantize} takes no calibration; drop {' and '.join(given)} "
+            "(or use --quantize int8)"
+        )
+    if calibrated and not args.calib:
+        raise TvmqError(
+            f"--quantize {args.quantize} needs --calib: a .npz of a few hundred typical inputs "
+            "(keys = input names)"
+        )
+    if args.observer:
+        from tvmq.calibration import get_observer
+
+        get_observer(args.observer)  # an unknown name: one line listing the known ones
+    if args.calib:
+        from tvmq.calibration import check_calibration_file
+
+        check_calibration_file(args.calib)
+
+
 def cmd_compile(args) -> int:
     import dataclasses
 
     import tvmq
 
+    _check_quantize_options(args)
+    input_shapes = _input_shapes(args)
     prune, cluster = _compression_configs(args)
 
     scheme = None
@@ -132,7 +217,7 @@ def cmd_compile(args) -> int:
         args.model,
         args.target,
         output_dir=args.output,
-        input_shapes=dict(args.input_shape) if args.input_shape else None,
+        input_shapes=input_shapes,
         prune=prune,
         cluster=cluster,
         sparse=_sparse_config(args),
@@ -258,9 +343,7 @@ def cmd_tune(args) -> int:
     from tvmq.targets import get_target
     from tvmq.tuning import tune
 
-    model = import_model(
-        args.model, input_shapes=dict(args.input_shape) if args.input_shape else None
-    )
+    model = import_model(args.model, input_shapes=_input_shapes(args))
     rpc = None
     if args.rpc:
         key = args.key or get_target(args.target).rpc_key
@@ -291,8 +374,11 @@ def cmd_inspect(args) -> int:
     path = Path(args.path)
     if path.is_dir():
         from tvmq.manifest import Manifest
+        from tvmq.runtime import verified_library
 
-        print(json.dumps(Manifest.read(path).to_json(), indent=2))
+        manifest = Manifest.read(path)
+        verified_library(path, manifest)  # a swapped or damaged model.so is news, not a detail
+        print(json.dumps(manifest.to_json(), indent=2))
         return 0
     if not path.exists():
         raise TvmqError(f"{path}: no such file or directory")
@@ -300,7 +386,7 @@ def cmd_inspect(args) -> int:
 
     from tvmq.frontends import import_model
 
-    m = import_model(path, input_shapes=dict(args.input_shape) if args.input_shape else None)
+    m = import_model(path, input_shapes=_input_shapes(args))
     print(f"{path} ({m.source})")
     for s in m.inputs:
         print(f"  input  {s.name}: {list(s.shape)} {s.dtype}")
@@ -411,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--cluster", type=int, metavar="N", help="share weights: N values per tensor (k-means)"
     )
-    s.add_argument(
-        "--quantize", choices=["int8", "int8-dynamic", "w8", "w4"], help="quantization scheme"
-    )
+    s.add_argument("--quantize", choices=list(QUANTIZE_SCHEMES), help="quantization scheme")
     s.add_argument(
         "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
     )
@@ -463,8 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measure latency of a compiled model (median, p90)")
     s.add_argument("model_dir", help="output directory of tvmq compile")
     s.add_argument("-i", "--input", help="inputs (.npz/.npy); default: random")
-    s.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    s.add_argument("--repeat", type=int, default=100, help="timed runs (default 100)")
+    s.add_argument(
+        "--warmup", type=_int_at_least(0), default=10, help="untimed runs first (default 10)"
+    )
+    s.add_argument("--repeat", type=_int_at_least(1), default=100, help="timed runs (default 100)")
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
 
@@ -487,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     except TvmqError as e:
         if args.debug:
             raise
-        print(f"tvmq: error: {e}", file=sys.stderr)
+        # One line, whatever the message quotes (a library's multi-line error text).
+        print(f"tvmq: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvmq: interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from tvmq.frontends.model import TensorSpec
 FORMAT = "tvmq-model/1"
 MANIFEST = "model.json"
 LIBRARY = "model.so"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_of(path: os.PathLike) -> str:
@@ -72,8 +74,11 @@ class Manifest:
             raise TvmqError(f"{directory}: no {MANIFEST} here; is this a tvmq compile output?")
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, not an object")
             if d.get("format") != FORMAT:
                 raise TvmqError(f"{path}: format {d.get('format')!r}, this tvmq reads {FORMAT!r}")
+            _check_fields(d)
             return cls(
                 inputs=[TensorSpec.from_json(s) for s in d["inputs"]],
                 outputs=[TensorSpec.from_json(s) for s in d["outputs"]],
@@ -86,5 +91,56 @@ class Manifest:
                 notes=d.get("notes", {}),
                 files=d.get("files") or [MANIFEST, d["library"].get("file", LIBRARY)],
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+        ) as e:
             raise TvmqError(f"{path}: damaged manifest ({type(e).__name__}: {e})") from None
+
+
+def _check_fields(d: dict) -> None:
+    """Raise ValueError naming the first field of ``model.json`` that is not what tvmq wrote.
+
+    Every later use (loading the library, matching inputs) trusts these types; a hand-edited
+    or truncated manifest is refused here in one line instead of failing somewhere inside.
+    """
+    for key in ("inputs", "outputs"):
+        specs = d.get(key)
+        if not isinstance(specs, list):
+            raise ValueError(f"field {key!r} must be a list of tensors")
+        for i, spec in enumerate(specs):
+            _check_spec(spec, f"{key}[{i}]")
+    for key in ("target", "library"):
+        if not isinstance(d.get(key), dict):
+            raise ValueError(f"field {key!r} must be an object")
+    for key in ("compression", "versions", "notes"):
+        if not isinstance(d.get(key, {}), dict):
+            raise ValueError(f"field {key!r} must be an object")
+    lib = d["library"]
+    file = lib.get("file")
+    # A bare file name: the library is always the one inside the compiled directory.
+    if not isinstance(file, str) or not file or file in (".", "..") or re.search(r"[/\\]", file):
+        raise ValueError(f"field 'library.file' must be a file name in the directory, got {file!r}")
+    if "sha256" in lib and not (
+        isinstance(lib["sha256"], str) and _SHA256.fullmatch(lib["sha256"])
+    ):
+        raise ValueError(f"field 'library.sha256' is not a sha256 hex digest: {lib['sha256']!r}")
+    if not isinstance(d["target"].get("name", ""), str):
+        raise ValueError("field 'target.name' must be a string")
+    files = d.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise ValueError("field 'files' must be a list of file names")
+
+
+def _check_spec(spec, where: str) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"field {where!r} must be an object with a string 'name'")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"field '{where}.shape' must be a list of non-negative integers")
+    if not isinstance(spec.get("dtype"), str) or not spec["dtype"]:
+        raise ValueError(f"field '{where}.dtype' must be a dtype name")

@@ -54,8 +54,8 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
     Raises
     ------
     InputMismatchError
-        For a wrong count, unknown or missing names, or a shape or dtype the model was not
-        compiled for.
+        For a wrong count, unknown or missing names, non-numeric data (strings, objects),
+        or a shape or dtype the model was not compiled for.
     """
     if args and kwargs:
         raise InputMismatchError("pass inputs either by position or by name, not both")
@@ -75,6 +75,11 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
     arrays = []
     for spec, a in zip(specs, args, strict=True):
         a = np.asarray(a)
+        if a.dtype.kind not in "biufc":  # strings or objects: say so, not "wrong dtype"
+            raise InputMismatchError(
+                f"input '{spec.name}': dtype {a.dtype} is not numeric (the model expects "
+                f"{spec.dtype} numbers)"
+            )
         if tuple(a.shape) != spec.shape:
             raise InputMismatchError(
                 f"input '{spec.name}': shape {tuple(a.shape)}, the model was compiled for {spec.shape}"

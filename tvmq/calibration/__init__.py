@@ -6,7 +6,7 @@ calibration data into ``{input name: array}`` batches.
 """
 
 from tvmq.calibration.base import Histogram, Observer, get_observer, list_observers
-from tvmq.calibration.data import count_batches, iter_calibration_batches
+from tvmq.calibration.data import check_calibration_file, count_batches, iter_calibration_batches
 from tvmq.calibration.entropy import EntropyObserver
 from tvmq.calibration.minmax import MinMaxObserver
 from tvmq.calibration.moving_average import MovingAverageMinMaxObserver
@@ -21,6 +21,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "PercentileObserver",
+    "check_calibration_file",
     "count_batches",
     "get_observer",
     "iter_calibration_batches",

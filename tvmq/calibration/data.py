@@ -13,13 +13,16 @@ Accepted forms of ``data``:
   ignored, and a batch of the form ``((x1, x2), y)`` gives its first item to a multi-input model.
 
 Dict keys beyond the input names (``"label"``) are ignored; a missing name is an error.
-Arrays keep their dtype; tensors are detached and moved to the CPU.
+Arrays keep their dtype; tensors are detached and moved to the CPU. Every array must be
+numeric (bool, integer or float) and hold at least one value. Files are read with
+``allow_pickle=False``: an object array in a file is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
@@ -29,7 +32,11 @@ import numpy as np
 
 from tvmq.errors import TvmqError
 
-__all__ = ["count_batches", "iter_calibration_batches"]
+__all__ = ["check_calibration_file", "count_batches", "iter_calibration_batches"]
+
+# Errors numpy and zipfile raise for a damaged, truncated or pickled .npy/.npz.
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+_NUMERIC_KINDS = "biuf"
 
 _FORMS = (
     "a numpy array, a dict {input name: array}, a .npz/.npy path, a list of batches, "
@@ -104,7 +111,85 @@ def count_batches(
     return n
 
 
+def check_calibration_file(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Check a ``.npz``/``.npy`` calibration file from its array headers, without its data.
+
+    For command-line checks before any heavy work: reads each array's header only (shape
+    and dtype), so it takes milliseconds whatever the file's size, and never unpickles.
+
+    Returns
+    -------
+    dict[str, tuple[tuple[int, ...], str]]
+        Array name (``""`` for a ``.npy``) -> (shape, dtype name).
+
+    Raises
+    ------
+    TvmqError
+        The file is missing, not a .npz/.npy, damaged, empty, or holds an array that is
+        not numeric (strings, objects) or has no values.
+    """
+    path = Path(path)
+    label = f"calibration file {str(path)!r}"
+    if not path.is_file():
+        raise TvmqError(f"{label} does not exist")
+    if path.suffix.lower() not in (".npz", ".npy"):
+        raise TvmqError(f"{label} must be a .npz or .npy file")
+    try:
+        headers = _npz_headers(path) if path.suffix.lower() == ".npz" else {"": _npy_header(path)}
+    except _READ_ERRORS as err:
+        raise TvmqError(f"cannot read {label}: {_brief(err)}") from None
+    if not headers:
+        raise TvmqError(f"{label} holds no arrays")
+    for name, (shape, dtype) in headers.items():
+        where = f"{label}, array {name!r}" if name else label
+        _check_values(shape, dtype, where)
+    return {n: (shape, dtype.name) for n, (shape, dtype) in headers.items()}
+
+
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with open(path, "rb") as f:
+        return _read_header(f)
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    with zipfile.ZipFile(path) as archive:
+        headers = {}
+        for member in archive.namelist():
+            if member.endswith(".npy"):
+                with archive.open(member) as f:
+                    headers[member[: -len(".npy")]] = _read_header(f)
+        return headers
+
+
+def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an open .npy stream's header (numpy's own parser, no data read)."""
+    version = np.lib.format.read_magic(f)
+    read = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    if version not in read:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    shape, _fortran, dtype = read[version](f)
+    return tuple(shape), dtype
+
+
+def _check_values(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+    """Calibration arrays are numeric and hold values: strings or objects cannot be inputs."""
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise TvmqError(
+            f"{where} has dtype {dtype} ({'objects' if dtype.kind == 'O' else 'not numbers'}); "
+            "calibration data must be bool, integer or float arrays"
+        )
+    if math.prod(shape) == 0:
+        raise TvmqError(f"{where} is empty (shape {tuple(shape)}); give at least one sample")
+
+
+def _brief(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _check_names(input_names: Sequence[str]) -> list[str]:
@@ -128,7 +213,9 @@ def _to_numpy(x: Any, where: str) -> np.ndarray:
         x = x.detach().cpu()
     if not _is_tensor(x):
         raise TvmqError(f"{where} is a {type(x).__name__}; expected a numpy array or a tensor")
-    return np.asarray(x)
+    array = np.asarray(x)
+    _check_values(array.shape, array.dtype, where)
+    return array
 
 
 def _is_input_tuple(data: Any, names: list[str]) -> bool:
@@ -167,12 +254,12 @@ def _load_file(path: Path, names: list[str]) -> Any:
         raise TvmqError(f"calibration file {str(path)!r} must be a .npz or .npy file")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise TvmqError(f"cannot read calibration file {str(path)!r}: {err}") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        arrays = {key: loaded[key] for key in loaded.files}
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:  # a .npz reads (and may fail on) each array only here
+            arrays = {key: loaded[key] for key in loaded.files}
+    except _READ_ERRORS as err:
+        raise TvmqError(f"cannot read calibration file {str(path)!r}: {_brief(err)}") from None
     if len(names) == 1 and len(arrays) == 1:
         return next(iter(arrays.values()))
     missing = [n for n in names if n not in arrays]
@@ -266,12 +353,12 @@ def _count(data: Any, input_names: Sequence[str] | None, batch_size: int | None)
             return None
         try:
             loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
+            if isinstance(loaded, np.ndarray):
+                return chunks(rows(loaded))
+            with loaded:
+                return chunks(rows(loaded[loaded.files[0]])) if loaded.files else None
+        except _READ_ERRORS:  # reading the batches says what is wrong with the file
             return None
-        if isinstance(loaded, np.ndarray):
-            return chunks(rows(loaded))
-        with loaded:
-            return chunks(rows(loaded[loaded.files[0]])) if loaded.files else None
     if _is_tensor(data) or hasattr(data, "detach") or isinstance(data, Mapping):
         return chunks(rows(data))
     if names is not None and _is_input_tuple(data, names):

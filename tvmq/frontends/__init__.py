@@ -39,20 +39,23 @@ def import_model(
         path = Path(model)
         if not path.exists():
             raise TvmqError(f"{path}: no such file")
+        if path.is_dir():
+            raise TvmqError(
+                f"{path}: is a directory, not a model file (.onnx, or .pt2 saved with "
+                "torch.export.save); a tvmq compile output is read by run, bench and inspect"
+            )
         if path.suffix == ".onnx":
             from tvmq.frontends.onnx import from_onnx
 
             return from_onnx(path, input_shapes)
         if path.suffix == ".pt2":
-            import torch
-
+            from tvmq.frontends.pt2 import load_exported_program
             from tvmq.frontends.pytorch import from_exported
 
-            try:
-                ep = torch.export.load(str(path))
-            except Exception as e:
-                raise TvmqError(f"{path}: not a torch.export program ({e})") from None
-            return from_exported(ep, input_names=input_names)
+            # Never torch.export.load directly: it unpickles (see tvmq.frontends.pt2).
+            model = from_exported(load_exported_program(path), input_names=input_names)
+            _check_fixed_shapes(path, model, input_shapes)
+            return model
         raise TvmqError(
             f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx files and "
             ".pt2 files saved with torch.export.save (or a torch.nn.Module from Python)"
@@ -79,3 +82,21 @@ def import_model(
 
         return from_pytorch(model, example_inputs, input_names=input_names)
     raise TvmqError(f"cannot import a {type(model).__name__}; see tvmq.import_model's docstring")
+
+
+def _check_fixed_shapes(
+    path: Path, model: ImportedModel, input_shapes: dict[str, Sequence[int]] | None
+) -> None:
+    """A .pt2 program's shapes were fixed at export: input_shapes may only restate them."""
+    specs = {s.name: s.shape for s in model.inputs}
+    for name, shape in (input_shapes or {}).items():
+        if name not in specs:
+            raise TvmqError(
+                f"{path}: a shape is given for {name!r}, which is not an input; "
+                f"the inputs are {sorted(specs)}"
+            )
+        if tuple(shape) != specs[name]:
+            raise TvmqError(
+                f"{path}: input {name!r} was exported with shape {list(specs[name])}; a .pt2 "
+                f"program's shapes are fixed at export, so it cannot take {list(shape)}"
+            )

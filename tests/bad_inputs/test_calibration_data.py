@@ -1,0 +1,177 @@
+"""Bad calibration data (``--calib``): one line, exit 2, before the model is even imported.
+
+Arrays in a calibration file must be numeric (bool, integer, float) and hold values; the
+file is read with ``allow_pickle=False`` (an object array is refused, never unpickled).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+class _Marker:
+    """Creates ``path`` when unpickled: an object array holding it must never be loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="session")
+def calib_model(tmp_path_factory) -> Path:
+    """x[2,8] @ W + b: one float input named ``x``."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((8, 4)).astype("float32"), "W"),
+            numpy_helper.from_array(np.zeros(4, "float32"), "b"),
+        ],
+    )
+    path = tmp_path_factory.mktemp("calib-model") / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _objects(marker: Path) -> np.ndarray:
+    a = np.empty(2, dtype=object)
+    a[0], a[1] = _Marker(str(marker)), None
+    return a
+
+
+def _npz(**arrays):
+    def make(path: Path, marker: Path) -> Path:
+        np.savez(path, **{k: (v(marker) if callable(v) else v) for k, v in arrays.items()})
+        return path
+
+    return make
+
+
+def _npy(array):
+    def make(path: Path, marker: Path) -> Path:
+        np.save(path.with_suffix(".npy"), array(marker) if callable(array) else array)
+        return path.with_suffix(".npy")
+
+    return make
+
+
+def _raw(data: bytes, suffix: str = ".npz"):
+    def make(path: Path, marker: Path) -> Path:
+        path = path.with_suffix(suffix)
+        path.write_bytes(data)
+        return path
+
+    return make
+
+
+def _truncated_npz(path: Path, marker: Path) -> Path:
+    np.savez(path, x=np.ones((64, 8), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _directory(path: Path, marker: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+X = np.ones((4, 8), np.float32)
+
+# case: (make the --calib file, message part, refused before the model is imported)
+CASES = {
+    "strings": (_npz(x=np.full((4, 8), "a")), "not numbers", True),
+    "bytes": (_npz(x=np.full((4, 8), b"a")), "not numbers", True),
+    "objects": (_npz(x=_objects), "objects", True),
+    "objects-npy": (_npy(_objects), "objects", True),
+    "datetimes": (_npz(x=np.zeros((4, 8), "datetime64[s]")), "not numbers", True),
+    "complex": (_npz(x=np.zeros((4, 8), np.complex64)), "not numbers", True),
+    "records": (_npz(x=np.zeros(4, [("a", "f4"), ("b", "i4")])), "not numbers", True),
+    "zero-rows": (_npz(x=np.zeros((0, 8), np.float32)), "empty", True),
+    "zero-rows-npy": (_npy(np.zeros((0, 8), np.float32)), "empty", True),
+    "string-label-beside-x": (_npz(x=X, label=np.array(["cat"] * 4)), "'label'", True),
+    "no-arrays": (_npz(), "no arrays", True),
+    "truncated": (_truncated_npz, "cannot read", True),
+    "not-numpy": (_raw(b"x,y\n1,2\n"), "cannot read", True),
+    "empty-file": (_raw(b""), "cannot read", True),
+    "pickle-as-npy": (_raw(pickle.dumps([1, 2, 3]), ".npy"), "cannot read", True),
+    "csv-suffix": (_raw(b"1,2,3\n", ".csv"), ".npz or .npy", True),
+    "directory": (_directory, "does not exist", True),
+    "missing": (lambda path, marker: path, "does not exist", True),
+    "wrong-names": (_npz(a=X, b=X), "missing: ['x']", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_calibration_file_is_one_line(
+    case, calib_model, tmp_path, expect_user_error, monkeypatch
+):
+    import tvmq
+
+    make, says, early = CASES[case]
+    marker = tmp_path / "marker"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    calib = make(data_dir / "calib.npz", marker)
+    if early:  # refused up front: importing or compiling the model is already too late
+
+        def too_late(*args, **kwargs):
+            pytest.fail(f"{case}: tvmq.compile ran before the calibration data was refused")
+
+        monkeypatch.setattr(tvmq, "compile", too_late)
+    argv = ["compile", calib_model, "--quantize", "int8", "--calib", calib, "-o", tmp_path / "out"]
+    line = expect_user_error(argv, watch=[tmp_path, calib_model], contains=says)
+    assert calib.name in line
+    assert not marker.exists(), "an object array was unpickled"
+
+
+def test_good_calibration_file_passes_the_check(tmp_path):
+    from tvmq.calibration import check_calibration_file
+
+    np.savez(tmp_path / "c.npz", x=X, label=np.arange(4))
+    assert check_calibration_file(tmp_path / "c.npz") == {
+        "x": ((4, 8), "float32"),
+        "label": ((4,), "int64"),
+    }
+
+
+# The same rules through the Python API (arrays and dicts, not files).
+API_CASES = {
+    "strings": (np.full((4, 8), "a"), "not numbers"),
+    "objects": (np.array([object(), None], dtype=object), "objects"),
+    "zero-rows": (np.zeros((0, 8), np.float32), "empty"),
+    "dict-with-strings": ({"x": np.full((4, 8), "a")}, "not numbers"),
+    "list-of-batches-one-empty": ([X, np.zeros((0, 8), np.float32)], "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_bad_calibration_arrays_raise_tvmq_error(case):
+    from tvmq.calibration import iter_calibration_batches
+    from tvmq.errors import TvmqError
+
+    data, says = API_CASES[case]
+    with pytest.raises(TvmqError, match=says):
+        list(iter_calibration_batches(data, ["x"]))
+
+
+def test_object_array_file_through_the_api_is_refused_not_unpickled(tmp_path):
+    from tvmq.calibration import iter_calibration_batches
+    from tvmq.errors import TvmqError
+
+    marker = tmp_path / "marker"
+    np.savez(tmp_path / "c.npz", x=_objects(marker))
+    with pytest.raises(TvmqError, match="cannot read calibration file"):
+        list(iter_calibration_batches(tmp_path / "c.npz", ["x"]))
+    assert not marker.exists()
