@@ -1,5 +1,6 @@
 """MetaSchedule tuning: tune, resume after an interrupt, apply the records at build time."""
 
+import base64
 import json
 import shutil
 
@@ -15,7 +16,14 @@ from tvmq.build import BuildInfo, build, build_with_info, fuse_to_tir
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.errors import TvmqError
 from tvmq.targets import get_target
-from tvmq.tuning import RECORD_FILE, WORKLOAD_FILE, open_tuning_logs, tune
+from tvmq.tuning import (
+    RECORD_FILE,
+    WORKLOAD_FILE,
+    TuningFailed,
+    open_tuning_logs,
+    repair,
+    tune,
+)
 
 TRIALS = 6
 BATCH = 3
@@ -194,10 +202,15 @@ def test_a_kernel_metaschedule_cannot_tune_is_reported_and_skipped(tmp_path, mon
         raise RuntimeError("InternalError: Do not have a default for prim.Broadcast")
 
     monkeypatch.setattr(tvmq.tuning, "_run_one", fail)
-    report = tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, progress=False)
+    # The only kernel failed: the run tuned nothing, which is an error, not a report.
+    with pytest.raises(TuningFailed, match="all 1 kernel.* failed.*prim.Broadcast") as failed:
+        tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, progress=False)
+    report = failed.value.report
     [task] = report.tasks
     assert task.best_ms is None and "prim.Broadcast" in task.error
     assert "not tuned: RuntimeError" in report.summary()
+    assert report.tuned == 0 and "kernels tuned" not in report.summary()
+    assert "no kernel tuned" in report.summary()
 
 
 def test_hand_scheduled_kernels_are_not_tasks():
@@ -218,3 +231,139 @@ def test_hand_scheduled_kernels_are_not_tasks():
     assert any(k.startswith("tvmq_int8_dense_vnni") for k in kernels)
     names = [t.task_name for t in tvmq.tuning.tunable_tasks(fused, preset.tvm_target())]
     assert names and not any("vnni" in n for n in names)
+
+
+# --------------------------------------------------------------------------------------
+# Damaged record folders, up-front failures, honest reports
+
+
+def _copy(folder, tmp_path):
+    copy = tmp_path / "records"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".tvmq-tune.lock"))
+    return copy
+
+
+def _tear_last_line(folder) -> None:
+    """What a crash or a full disk leaves: half of a last record line, no newline."""
+    path = folder / RECORD_FILE
+    last = path.read_text().splitlines()[-1]
+    with open(path, "a") as f:
+        f.write(last[: len(last) // 2])
+
+
+@pytest.mark.slow
+@pytest.mark.tuning
+def test_a_torn_line_is_skipped_at_build_refused_by_tune_and_repaired(tuned_dir, tmp_path, caplog):
+    folder = _copy(tuned_dir[0], tmp_path)
+    _tear_last_line(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    with caplog.at_level("WARNING", logger="tvmq"):
+        database, _ = open_tuning_logs(folder, "host")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(folder) in warning and "1 damaged" in warning
+    assert f"tvmq tune --repair --work-dir {folder}" in warning
+    assert len(database.get_all_tuning_records()) == 1  # the kernel's fastest record
+
+    with pytest.raises(TvmqError, match="1 damaged line.*tvmq tune --repair"):
+        tune(_tiny_model(), "host", work_dir=folder, trials=TRIALS + 2, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing appended
+
+    report = repair(folder)
+    assert (report.records_kept, report.records_dropped) == (TRIALS, 1)
+    assert report.rewritten and "dropped 1 records" in report.summary()
+    assert (folder / (RECORD_FILE + ".bak")).read_bytes() == before[RECORD_FILE]
+    assert _record_lines(folder) == _record_lines(tuned_dir[0])  # the good lines, unchanged
+    # MetaSchedule's own reader accepts it again, and a resumed tune finds its budget spent.
+    from tvm.s_tir import meta_schedule as ms
+
+    assert len(ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)) == TRIALS
+    again = tune(_tiny_model(), "host", work_dir=folder, trials=TRIALS, progress=False)
+    assert again.tasks[0].skipped and again.tasks[0].trials == TRIALS
+    assert repair(folder).rewritten is False
+
+
+@pytest.mark.slow
+@pytest.mark.tuning
+def test_records_on_a_missing_or_wrong_kernel_are_dropped(tuned_dir, tmp_path, caplog):
+    folder = _copy(tuned_dir[0], tmp_path)
+    record = _record_lines(folder)[0]
+    assert record.startswith("[0,")
+    # A kernel of another model (from the logs shipped with tvmq) and a record of ours
+    # pointing at it (as two writers on one folder made), and one at a kernel not there.
+    shipped = tvmq.tuning._shipped_dir("x86-avx512-vnni")
+    # A kernel with no matmul block, so that our matmul's trace cannot replay on it.
+    foreign = next(
+        line
+        for line in (shipped / WORKLOAD_FILE).read_text().splitlines()
+        if b'"matmul"' not in base64.b64decode(json.loads(line)[1])
+    )
+    with open(folder / WORKLOAD_FILE, "a") as f:
+        f.write(foreign + "\n")
+    with open(folder / RECORD_FILE, "a") as f:
+        f.write("[1," + record[3:] + "\n")
+        f.write("[7," + record[3:] + "\n")
+
+    with caplog.at_level("WARNING", logger="tvmq"):
+        database, _ = open_tuning_logs(folder, "host")
+    # Index 7 points nowhere; the record on kernel 1 does not replay on it.
+    assert database is not None and f"{folder}: skipped 2 damaged" in caplog.text
+    with pytest.raises(TvmqError, match="damaged"):
+        tune(_tiny_model(), "host", work_dir=folder, trials=TRIALS + 2, progress=False)
+
+    report = repair(folder)
+    assert (report.records_kept, report.records_dropped) == (TRIALS, 2)
+    assert (report.workloads_kept, report.workloads_dropped) == (1, 1)
+    assert _record_lines(folder) == _record_lines(tuned_dir[0])
+    assert (folder / WORKLOAD_FILE).read_text() == (tuned_dir[0] / WORKLOAD_FILE).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.tuning
+def test_the_build_reader_picks_the_record_metaschedule_would(tuned_dir):
+    from tvm.s_tir import meta_schedule as ms
+
+    folder = tuned_dir[0]
+    database, _ = open_tuning_logs(folder, "host")
+    [ours] = database.get_all_tuning_records()
+    theirs = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
+    [workload] = {r.workload for r in theirs.get_all_tuning_records()}
+    [best] = theirs.get_top_k(workload, 1)
+    assert json.dumps(ours.as_json()) == json.dumps(best.as_json())
+
+
+def test_a_missing_cost_model_package_fails_before_anything(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost raises ImportError
+    with pytest.raises(TvmqError, match="xgboost.*--cost-model random"):
+        tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, cost_model="xgb")
+    assert not (tmp_path / "host").exists()
+
+
+def test_a_builder_that_cannot_build_fails_before_anything(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("cannot find the linker")
+
+    monkeypatch.setattr(tvmq.tuning, "_build_candidate", broken)
+    with pytest.raises(TvmqError, match="cannot build kernels.*cannot find the linker"):
+        tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, cost_model="random")
+    assert not (tmp_path / "host").exists()
+
+
+def test_a_kernel_whose_candidates_all_failed_is_not_counted_as_tuned():
+    from pathlib import Path
+
+    from tvmq.tuning import TaskReport, TuneReport
+
+    failed = TaskReport("fused_matmul", 2, 2, None, failed_trials=2, failure="LLVM ERROR: x")
+    ok = TaskReport("fused_add", 3, 3, 0.5, failed_trials=1)
+    report = TuneReport("host", Path("d"), [failed, ok], planned_trials=5)
+    assert failed.failed and not ok.failed and report.tuned == 1
+    summary = report.summary()
+    assert "1/2 kernels tuned" in summary and "5 new trials (3 failed)" in summary
+    assert "not tuned: every candidate failed: LLVM ERROR: x" in summary
+    assert "1 kernel(s) failed" in summary
+    report.tasks = [failed]
+    assert "no kernel tuned" in report.summary() and "kernels tuned" not in report.summary()
+    assert "fused_matmul" in str(TuningFailed(report))

@@ -16,6 +16,7 @@ examples:
   tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
   tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
+  tvmq tune --repair --work-dir tuning_logs/host  drop damaged records from a record folder
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
@@ -339,11 +340,20 @@ def cmd_bench(args) -> int:
 
 def cmd_tune(args) -> int:
     from tvmq.errors import TvmqError
-    from tvmq.frontends import import_model
     from tvmq.targets import get_target
-    from tvmq.tuning import tune
+    from tvmq.tuning import TuningFailed, default_work_dir, repair, tune
+    from tvmq.tuning_records import check_work_dir
 
-    model = import_model(args.model, input_shapes=_input_shapes(args))
+    if args.repair:
+        if args.model is not None:
+            raise TvmqError("--repair takes no model: give the folder with --work-dir")
+        work_dir = args.work_dir or default_work_dir(args.target)
+        print(repair(work_dir).summary())
+        return 0
+    if args.model is None:
+        raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
+    if args.work_dir is not None:  # before the model import: a typo should fail in a second
+        check_work_dir(Path(args.work_dir))
     rpc = None
     if args.rpc:
         key = args.key or get_target(args.target).rpc_key
@@ -354,16 +364,23 @@ def cmd_tune(args) -> int:
         rpc = (*args.rpc, key)
     elif args.key:
         raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
-    report = tune(
-        model,
-        args.target,
-        work_dir=args.work_dir,
-        trials=args.trials,
-        trials_per_task=args.trials_per_task,
-        rpc=rpc,
-        progress=not args.quiet,
-        cost_model=args.cost_model,
-    )
+    from tvmq.frontends import import_model
+
+    model = import_model(args.model, input_shapes=_input_shapes(args))
+    try:
+        report = tune(
+            model,
+            args.target,
+            work_dir=args.work_dir,
+            trials=args.trials,
+            trials_per_task=args.trials_per_task,
+            rpc=rpc,
+            progress=not args.quiet,
+            cost_model=args.cost_model,
+        )
+    except TuningFailed as failed:
+        print(failed.report.summary())  # the table on stdout; the one-line error on stderr
+        raise
     print(report.summary())
     return 0
 
@@ -519,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "tune", help="tune a model's kernels with MetaSchedule (records in ./tuning_logs/<target>/)"
     )
-    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s.add_argument(
+        "model", nargs="?", help="model file: .onnx, or .pt2 saved with torch.export.save"
+    )
     s.add_argument("-t", "--target", default="host", help="target preset name or JSON file")
     s.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME:1x3x224x224")
     s.add_argument(
@@ -532,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials-per-task", type=int, metavar="N", help="most candidates per kernel")
     s.add_argument("--work-dir", help="record folder (default: ./tuning_logs/<target>/)")
     s.add_argument("--cost-model", choices=["xgb", "random"], default="xgb")
+    s.add_argument(
+        "--repair",
+        action="store_true",
+        help="instead of tuning, rewrite the record folder (--work-dir) keeping only records "
+        "that replay on their kernel; the originals are kept as *.bak",
+    )
     _add_rpc_options(s)
     s.set_defaults(func=cmd_tune)
 

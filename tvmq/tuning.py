@@ -17,6 +17,12 @@ Resuming
     rerun counts the records each task already has against its budget: tasks with enough are
     skipped, the others continue from their best schedules so far.
 
+Damaged folders and concurrent runs
+    One process at a time tunes in a folder (a lock file, ``.tvmq-tune.lock``); a second
+    one is refused. A torn line (a crash or full disk) or a record pointing at a missing
+    kernel is skipped with a warning when a build reads the folder, refused by :func:`tune`,
+    and removed by :func:`repair` (``tvmq tune --repair --work-dir DIR``).
+
 Records and targets
     A record belongs to a kernel (its TIR, compared structurally, so it is independent of the
     weights' values) and a target. :func:`open_tuning_logs` only applies records whose target
@@ -40,8 +46,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import tvm
 
+from tvmq import tuning_records
 from tvmq.errors import TvmqError
 from tvmq.targets import TargetPreset, get_target
+from tvmq.tuning_records import RECORD_FILE, WORKLOAD_FILE, RepairReport, repair
 
 if TYPE_CHECKING:
     from tvm.s_tir.meta_schedule import CostModel, Database
@@ -49,18 +57,19 @@ if TYPE_CHECKING:
     from tvmq.frontends import ImportedModel
 
 __all__ = [
+    "RepairReport",
     "TaskReport",
+    "TuningFailed",
     "TuneReport",
     "default_work_dir",
     "open_tuning_logs",
+    "repair",
     "tunable_tasks",
     "tune",
 ]
 
 LOG_FOLDER = "tuning_logs"
 """The folder (in the current directory) where :func:`tune` writes records by default."""
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
 
 _log = logging.getLogger(__name__)
 # MetaSchedule logs every batch at INFO; tvmq's progress bar says the same more briefly.
@@ -73,8 +82,10 @@ class TaskReport:
     """What tuning one kernel produced.
 
     ``trials`` counts all records of the kernel in the database (earlier runs included),
-    ``new_trials`` those measured by this run; ``best_ms`` is the fastest measured schedule
-    (None when no candidate built and ran); ``skipped`` says the kernel already had its budget.
+    ``new_trials`` those measured by this run, ``failed_trials`` those of them that did not
+    build or run (``failure`` says why the first did); ``best_ms`` is the fastest working
+    schedule on record (None when none built and ran); ``skipped`` says the kernel already
+    had its budget; ``error`` why MetaSchedule could not tune it (it keeps its default).
     """
 
     name: str
@@ -82,17 +93,38 @@ class TaskReport:
     new_trials: int
     best_ms: float | None
     skipped: bool = False
-    error: str | None = None  # why MetaSchedule could not tune it (the kernel keeps its default)
+    error: str | None = None
+    failed_trials: int = 0
+    failure: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether this run got nothing from the kernel: an error, or only failed candidates."""
+        return self.error is not None or (
+            self.new_trials > 0 and self.failed_trials == self.new_trials
+        )
+
+    @property
+    def reason(self) -> str | None:
+        """Why the kernel failed this run (None when it did not)."""
+        if not self.failed:
+            return None
+        return self.error or f"every candidate failed: {self.failure or 'no error message'}"
 
 
 @dataclass
 class TuneReport:
-    """The result of :func:`tune`: the record folder and one :class:`TaskReport` per kernel."""
+    """The result of :func:`tune`: the record folder and one :class:`TaskReport` per kernel.
+
+    ``planned_trials`` is what this run set out to measure (0 when every kernel already had
+    its budget).
+    """
 
     target: str
     work_dir: Path
     tasks: list[TaskReport] = field(default_factory=list)
     seconds: float = 0.0
+    planned_trials: int = 0
 
     @property
     def new_trials(self) -> int:
@@ -104,19 +136,42 @@ class TuneReport:
         """Kernels with at least one working tuned schedule in the database."""
         return sum(t.best_ms is not None for t in self.tasks)
 
+    @property
+    def failed(self) -> list[TaskReport]:
+        """Kernels this run tried to tune and got nothing from."""
+        return [t for t in self.tasks if t.failed]
+
     def summary(self) -> str:
-        """A small table, one kernel a line."""
+        """A small table, one kernel a line, and a last line that counts only what worked."""
         width = max([len(t.name) for t in self.tasks] + [6])
         lines = [f"{'kernel':<{width}}  trials  new  best ms"]
         for t in self.tasks:
             best = "-" if t.best_ms is None else f"{t.best_ms:.4g}"
-            note = f"  not tuned: {t.error}" if t.error else ""
+            note = f"  not tuned: {t.reason}" if t.failed else ""
             lines.append(f"{t.name:<{width}}  {t.trials:>6}  {t.new_trials:>3}  {best:>7}{note}")
-        lines.append(
-            f"{self.tuned}/{len(self.tasks)} kernels tuned for {self.target!r}, "
-            f"{self.new_trials} new trials in {self.seconds:.0f} s; records in {self.work_dir}"
+        tuned = f"{self.tuned}/{len(self.tasks)} kernels tuned" if self.tuned else "no kernel tuned"
+        failed_trials = sum(t.failed_trials for t in self.tasks)
+        bad = f" ({failed_trials} failed)" if failed_trials else ""
+        last = (
+            f"{tuned} for {self.target!r}, {self.new_trials} new trials{bad} in "
+            f"{self.seconds:.0f} s; records in {self.work_dir}"
         )
+        if self.failed:
+            last += f"; {len(self.failed)} kernel(s) failed, first: {self.failed[0].reason}"
+        lines.append(last)
         return "\n".join(lines)
+
+
+class TuningFailed(TvmqError):
+    """Every kernel :func:`tune` set out to tune failed; ``report`` says how."""
+
+    def __init__(self, report: TuneReport) -> None:
+        self.report = report
+        first = report.failed[0]
+        super().__init__(
+            f"tuning failed: all {len(report.failed)} kernel(s) to tune failed, no new "
+            f"working schedule in {report.work_dir} (first, {first.name}: {first.reason})"
+        )
 
 
 def tunable_tasks(fused: tvm.IRModule, target: tvm.target.Target) -> list:
@@ -195,12 +250,19 @@ def tune(
 
     Raises
     ------
+    TuningFailed
+        When every kernel to tune failed (an error, or no candidate built and ran); its
+        ``report`` has the details. A run that tuned some kernels returns its report.
     TvmqError
-        When the model has no kernel to tune, or arguments are invalid.
+        Before anything is measured: when the model has no kernel to tune, arguments are
+        invalid, the cost model or the builder cannot work, ``work_dir`` is a file or not
+        writable, another process is tuning in it (one writer at a time, see
+        :func:`tvmq.tuning_records.writer_lock`), or its records are damaged. A damaged
+        folder is refused, not repaired on the fly: repairing drops records, which
+        :func:`repair` (``tvmq tune --repair``) does on request and with a backup.
     KeyboardInterrupt
         On Ctrl-C, after the records measured so far are safely in ``work_dir``.
     """
-    from tvm.s_tir import meta_schedule as ms
 
     from tvmq.lowering import fuse_to_tir
 
@@ -212,8 +274,11 @@ def tune(
         raise TvmqError("trials_per_batch must be positive")
     mod = model if isinstance(model, tvm.IRModule) else model.mod
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(preset)
-    work_dir.mkdir(parents=True, exist_ok=True)
     tvm_target = _tuning_target(preset, rpc)
+    num_threads = _usable_cpus()
+    # Everything that can fail without measuring fails here, before minutes of work.
+    _check_folder(work_dir)
+    cost_model = _make_cost_model(cost_model, num_threads)
 
     _register_intrinsics(preset)
     fused = fuse_to_tir(mod, preset)
@@ -221,74 +286,185 @@ def tune(
     if not tasks:
         raise TvmqError(f"the model has no kernel to tune for target {preset.name!r}")
     per_task = trials_per_task if trials_per_task is not None else math.ceil(trials / len(tasks))
+    builder = _builder(preset, rpc)
+    _check_builder(tasks[0], preset, rpc)
+    _make_folder(work_dir)
+    with tuning_records.writer_lock(work_dir):
+        database = _open_database(work_dir)
+        earlier = [_task_records(database, t.dispatched[0], tvm_target) for t in tasks]
+        plan = _plan([len(records) for records in earlier], trials, per_task)
+        reports = [
+            TaskReport(t.task_name, len(records), 0, _best_ms(records), skipped=(todo == 0))
+            for t, records, todo in zip(tasks, earlier, plan, strict=True)
+        ]
+        report = TuneReport(preset.name, work_dir, reports, planned_trials=sum(plan))
+        if sum(plan):
+            _tune_tasks(
+                tasks, plan, [len(r) for r in earlier], report, database, builder,
+                _runner(rpc), cost_model, progress, seed, measure_default, num_threads,
+                trials_per_batch,
+            )  # fmt: skip
+        for task, task_report in zip(tasks, reports, strict=True):
+            records = _task_records(database, task.dispatched[0], tvm_target)
+            task_report.trials, task_report.best_ms = len(records), _best_ms(records)
+    report.seconds = time.perf_counter() - started
+    if report.planned_trials and all(t.failed for t in report.tasks if not t.skipped):
+        raise TuningFailed(report)
+    return report
 
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    earlier = [_task_records(database, t.dispatched[0], tvm_target) for t in tasks]
-    done = [len(records) for records in earlier]
+
+def _plan(done: list[int], trials: int, per_task: int) -> list[int]:
+    """Trials to measure per task: up to ``per_task`` each, ``trials`` in all."""
     budget_left = max(trials - sum(done), 0)
     plan = []
     for count in done:
         n = min(max(per_task - count, 0), budget_left)
         budget_left -= n
         plan.append(n)
-    reports = [
-        TaskReport(t.task_name, len(records), 0, _best_ms(records), skipped=(todo == 0))
-        for t, records, todo in zip(tasks, earlier, plan, strict=True)
-    ]
-    report = TuneReport(preset.name, work_dir, reports)
+    return plan
 
-    num_threads = _usable_cpus()
-    bar = _progress_bar(sum(plan), preset.name, progress)
+
+def _tune_tasks(
+    tasks, plan, done, report, database, builder, runner, cost_model, progress, seed,
+    measure_default, num_threads, per_batch,
+) -> None:  # fmt: skip
+    """Tune each task for its planned trials; a kernel MetaSchedule cannot handle is skipped."""
+    from tvm.s_tir import meta_schedule as ms
+
+    reports = report.tasks
+    bar = _progress_bar(sum(plan), report.target, progress)
     tracker = _Progress(bar, reports)
     try:
-        if sum(plan):
-            builder = _builder(preset, rpc)
-            runner = _runner(rpc)
-            if not isinstance(cost_model, ms.CostModel):
-                cost_model = ms.CostModel.create(cost_model, num_tuning_cores=num_threads)
-            for index, (task, todo) in enumerate(zip(tasks, plan, strict=True)):
-                if todo == 0:
-                    continue
-                tracker.current = index
-                try:
-                    if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
-                        default = _default_schedule_context(task, num_threads)
-                        _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
-                        todo -= 1
-                        if todo == 0:
-                            continue
-                    context = ms.TuneContext(
-                        mod=task.dispatched[0],
-                        target=task.target,
-                        space_generator="post-order-apply",
-                        search_strategy="evolutionary",
-                        task_name=task.task_name,
-                        logger=_MS_LOGGER,
-                        rand_state=-1 if seed is None else seed + index,
-                        num_threads=num_threads,
-                    ).clone()
-                    _run_one(
-                        context, todo, trials_per_batch, builder, runner, database, cost_model,
-                        tracker,
-                    )  # fmt: skip
-                except KeyboardInterrupt:
-                    raise
-                except Exception as err:  # one kernel MetaSchedule cannot handle: go on
-                    message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-                    reports[index].error = f"{type(err).__name__}: {message}"
-                    _log.warning("kernel %s not tuned: %s", task.task_name, reports[index].error)
+        for index, (task, todo) in enumerate(zip(tasks, plan, strict=True)):
+            if todo == 0:
+                continue
+            tracker.current = index
+            try:
+                if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
+                    default = _default_schedule_context(task, num_threads)
+                    _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
+                    todo -= 1
+                    if todo == 0:
+                        continue
+                context = ms.TuneContext(
+                    mod=task.dispatched[0],
+                    target=task.target,
+                    space_generator="post-order-apply",
+                    search_strategy="evolutionary",
+                    task_name=task.task_name,
+                    logger=_MS_LOGGER,
+                    rand_state=-1 if seed is None else seed + index,
+                    num_threads=num_threads,
+                ).clone()
+                _run_one(
+                    context, todo, per_batch, builder, runner, database,
+                    cost_model, tracker,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one kernel MetaSchedule cannot handle: go on
+                reports[index].error = _one_line(err)
+                # The summary lists it; a warning per kernel would break the one-line errors.
+                _log.info("kernel %s not tuned: %s", task.task_name, reports[index].error)
     except KeyboardInterrupt:
         bar.close()
         _log.warning(
-            "tuning interrupted: the records measured so far are in %s; rerun to resume", work_dir
+            "tuning interrupted: the records measured so far are in %s; rerun to resume",
+            report.work_dir,
         )
         raise
     bar.close()
-    for task, task_report in zip(tasks, reports, strict=True):
-        records = _task_records(database, task.dispatched[0], tvm_target)
-        task_report.trials, task_report.best_ms = len(records), _best_ms(records)
-    report.seconds = time.perf_counter() - started
-    return report
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: last line of the message``: TVM errors carry pages of context above it."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------------------
+# Checks before tuning
+
+
+def _check_folder(work_dir: Path) -> None:
+    """Refuse a work dir that is a file, unwritable, being tuned, or damaged."""
+    tuning_records.check_work_dir(work_dir)
+    tuning_records.check_not_locked(work_dir)
+    tuning_records.check_for_tuning(work_dir)
+
+
+def _make_folder(work_dir: Path) -> None:
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TvmqError(f"--work-dir {work_dir}: cannot create it ({err.strerror})") from err
+
+
+def _open_database(work_dir: Path) -> Database:
+    """MetaSchedule's JSONDatabase of the folder, which tuning appends to.
+
+    Parsing was checked before (``tuning_records.check_for_tuning``); MetaSchedule also
+    replays every record's trace, so a record pointing at the wrong kernel fails here.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+    except Exception as err:  # TVM raises several types for a damaged log
+        _log.debug("JSONDatabase(%s) failed: %s", work_dir, err)
+        raise tuning_records.damaged_error(
+            work_dir, tuning_records.count_damaged(work_dir)
+        ) from None
+
+
+def _make_cost_model(cost_model, num_threads: int):
+    """The cost model, created now so that one that cannot work fails before any task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if isinstance(cost_model, ms.CostModel):
+        return cost_model
+    if cost_model == "xgb":
+        try:
+            import xgboost  # noqa: F401 - MetaSchedule imports it only when a task starts
+        except ImportError as err:
+            raise TvmqError(
+                f"the 'xgb' cost model needs xgboost, which does not import ({err}): "
+                "pip install xgboost-cpu, or use --cost-model random"
+            ) from err
+    try:
+        return ms.CostModel.create(cost_model, num_tuning_cores=num_threads)
+    except Exception as err:
+        raise TvmqError(f"cannot create the {cost_model!r} cost model: {_one_line(err)}") from err
+
+
+def _check_builder(task, preset: TargetPreset, rpc) -> None:
+    """Build and link one candidate here, so that a builder that cannot work fails now.
+
+    MetaSchedule turns a failed build into a failed candidate, so a broken builder
+    (missing compiler, missing worker packages) would otherwise measure nothing, slowly.
+    Only CPU kernels are tried: an unscheduled GPU kernel does not build by design.
+    """
+    import importlib
+    import shutil
+
+    for name in ("psutil", "cloudpickle"):  # the builder's and runner's worker pools
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise TvmqError(f"tuning needs the {name} package: pip install {name}") from err
+    if task.target.kind.name != "llvm":
+        return
+    try:
+        built = _build_candidate(task.dispatched[0], task.target, None)
+        path = _export_candidate(built, _candidate_cc(preset, rpc))
+    except TvmqError:
+        raise
+    except Exception as err:
+        raise TvmqError(
+            f"cannot build kernels for target {preset.name!r}, so nothing can be tuned: "
+            f"{_one_line(err)}"
+        ) from err
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def open_tuning_logs(logs: Any, target: str | TargetPreset) -> tuple[Database | None, list[Path]]:
@@ -308,6 +484,14 @@ def open_tuning_logs(logs: Any, target: str | TargetPreset) -> tuple[Database | 
     -------
     (Database or None, list of Path)
         The database (None when there are no records) and the folders read.
+
+    Notes
+    -----
+    A folder is read by tvmq (:func:`tvmq.tuning_records.read_for_build`), not by
+    MetaSchedule's ``JSONDatabase``: records for other targets are dropped before any is
+    decoded, only each kernel's fastest record is decoded (the one a build applies), and
+    damaged lines (a torn last line after a crash, records pointing at a missing kernel)
+    are skipped with one warning naming the folder instead of failing the build.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -341,17 +525,14 @@ def open_tuning_logs(logs: Any, target: str | TargetPreset) -> tuple[Database | 
             raise TvmqError(
                 f"{folder}: not a tuning log folder (needs {WORKLOAD_FILE} and {RECORD_FILE})"
             )
-        try:
-            db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
-            kept = [r for r in db.get_all_tuning_records() if _target_key(r.target) == want]
-        except Exception as err:  # TVM raises several types for a damaged log
-            raise TvmqError(f"{folder}: cannot read the tuning records: {err}") from err
-        if len(kept) < len(db):
+        kept, other_target, damaged = tuning_records.read_for_build(folder, want)
+        if damaged:
+            tuning_records.warn_damaged(folder, damaged)
+        if other_target:
             _log.info(
-                "%s: %d of %d records are for another target than %r and are not used",
+                "%s: %d records are for another target than %r and are not used",
                 folder,
-                len(db) - len(kept),
-                len(db),
+                other_target,
                 preset.name,
             )
         folders.append(folder)
@@ -440,10 +621,17 @@ class _Progress:
         self.current = 0
         self.interrupted = False
 
+    def note_failures(self, errors: Sequence[str | None]) -> None:
+        """Keep the current task's first failed candidate's message (for the summary)."""
+        report = self.reports[self.current]
+        if report.failure is None:
+            report.failure = next((e for e in errors if e), None)
+
     def update(self, run_secs: list[float | None]) -> None:
         """Count one measured batch of the current task; None marks a failed candidate."""
         report = self.reports[self.current]
         report.new_trials += len(run_secs)
+        report.failed_trials += sum(secs is None for secs in run_secs)
         for secs in run_secs:
             if secs is not None and (report.best_ms is None or secs * 1e3 < report.best_ms):
                 report.best_ms = secs * 1e3
@@ -469,11 +657,14 @@ def _make_progress_callback():
             self.tracker = tracker
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, results):
-            secs = []
-            for result in results:
+            secs, errors = [], []
+            for built, result in zip(builder_results, results, strict=False):
                 values = [float(s) for s in result.run_secs or []]
                 ok = result.error_msg is None and values and max(values) < _FAILED_RUN_SECS
                 secs.append(sum(values) / len(values) if ok else None)
+                if not ok:
+                    errors.append(_error_line(built.error_msg or result.error_msg))
+            self.tracker.note_failures(errors)
             try:
                 self.tracker.update(secs)
             except KeyboardInterrupt:
@@ -481,6 +672,15 @@ def _make_progress_callback():
                 raise
 
     return ProgressCallback
+
+
+def _error_line(message: str | None) -> str | None:
+    """The last non-empty line of a builder's or runner's error message: they are
+    tracebacks, whose last line is the exception."""
+    for line in reversed((message or "").splitlines()):
+        if line.strip():
+            return line.strip()[:300]
+    return None
 
 
 def _ProgressCallback(tracker: _Progress):  # noqa: N802 - stands for the lazily made class
@@ -525,19 +725,23 @@ def _builder(preset: TargetPreset, rpc):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmq.toolchain import find_compiler as _find_compiler
-
-    cc = None
-    if preset.cc is not None:
-        cc = _find_compiler(preset.cc, preset.name)
-    elif rpc is not None and preset.is_cross_compiled:
-        raise TvmqError(f"target {preset.name!r} is cross-compiled but its preset has no cc")
     return ms.builder.LocalBuilder(
         f_build=_build_candidate,
-        f_export=functools.partial(_export_candidate, cc=cc),
+        f_export=functools.partial(_export_candidate, cc=_candidate_cc(preset, rpc)),
         timeout_sec=120,
         max_workers=_usable_cpus(),
     )
+
+
+def _candidate_cc(preset: TargetPreset, rpc) -> str | None:
+    """The compiler that links candidates: the preset's ``cc``, or TVM's default."""
+    from tvmq.toolchain import find_compiler as _find_compiler
+
+    if preset.cc is not None:
+        return _find_compiler(preset.cc, preset.name)
+    if rpc is not None and preset.is_cross_compiled:
+        raise TvmqError(f"target {preset.name!r} is cross-compiled but its preset has no cc")
+    return None
 
 
 def _runner(rpc):
@@ -655,15 +859,7 @@ def _best_ms(records: list) -> float | None:
 
 def _target_key(target: tvm.target.Target) -> tuple:
     """What a record's target must share with the build's: kind, arch, CPU, attributes."""
-    attrs = target.attrs
-    triple = str(attrs.get("mtriple", "") or "")
-    return (
-        target.kind.name,
-        triple.split("-", 1)[0],
-        str(attrs.get("mcpu", "") or ""),
-        str(attrs.get("arch", "") or ""),
-        tuple(sorted(str(a) for a in attrs.get("mattr", []) or [])),
-    )
+    return tuning_records.target_key(target)
 
 
 def _shipped_dir(name: str) -> Path | None:
