@@ -172,9 +172,10 @@ def tune(
     trials_per_task : int, optional
         The most candidates per kernel, earlier records included. Default: ``trials``
         shared evenly among the kernels.
-    rpc : (host, port, key), optional
+    rpc : (host, port, key) or (host, port, key, timeout), optional
         Measure on a board through the TVM RPC tracker at ``host:port``, on a device
         registered under ``key``; candidates are linked with the preset's ``cc``.
+        ``timeout`` (default 60 s) bounds each wait for the tracker and a free board.
         Default: measure here.
     progress : bool
         Show a progress bar over the trials, with each kernel's best latency so far.
@@ -197,12 +198,16 @@ def tune(
     ------
     TvmqError
         When the model has no kernel to tune, or arguments are invalid.
+    tvmq.rpc.BoardError
+        Over RPC, when the tracker or the boards fail, or no board is left to measure on;
+        the records measured so far stay in ``work_dir``.
     KeyboardInterrupt
         On Ctrl-C, after the records measured so far are safely in ``work_dir``.
     """
     from tvm.s_tir import meta_schedule as ms
 
     from tvmq.build import fuse_to_tir
+    from tvmq.rpc import BoardError
 
     started = time.perf_counter()
     preset = get_target(target)
@@ -273,6 +278,11 @@ def tune(
                     )  # fmt: skip
                 except KeyboardInterrupt:
                     raise
+                except BoardError as err:  # no board left to measure on: stop, keep records
+                    raise BoardError(
+                        f"{err}; tuning stopped, the records measured so far are in "
+                        f"{work_dir} (rerun to resume)"
+                    ) from None
                 except Exception as err:  # one kernel MetaSchedule cannot handle: go on
                     message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
                     reports[index].error = f"{type(err).__name__}: {message}"
@@ -541,14 +551,22 @@ def _builder(preset: TargetPreset, rpc):
 
 
 def _runner(rpc):
-    """A LocalRunner, or an RPCRunner for ``(host, port, key)``."""
+    """A LocalRunner, or an RPCRunner for ``(host, port, key[, timeout])``.
+
+    Over RPC, a candidate that cannot get a board within ``timeout`` (tracker gone, no
+    board left) ends the tune with a :class:`~tvmq.rpc.BoardError`
+    (:func:`tvmq.rpc.tuning_runner`) instead of waiting forever.
+    """
     from tvm.s_tir import meta_schedule as ms
+
+    from tvmq import rpc as board_rpc
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
-    host, port, key = rpc
-    return ms.runner.RPCRunner(
+    host, port, key, *rest = rpc
+    timeout = float(rest[0]) if rest else board_rpc.DEFAULT_TIMEOUT_S
+    runner = ms.runner.RPCRunner(
         rpc_config=ms.runner.RPCConfig(
             tracker_host=host,
             tracker_port=int(port),
@@ -556,9 +574,11 @@ def _runner(rpc):
             session_timeout_sec=120,
         ),
         evaluator_config=evaluator,
+        f_create_session=functools.partial(board_rpc.tuning_session, timeout=timeout),
         f_alloc_argument=_alloc_arguments_on_board,
         max_workers=1,
     )
+    return board_rpc.tuning_runner(runner)
 
 
 def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> list:
