@@ -133,10 +133,10 @@ def connect(
     """Get a session with a free board registered under ``key`` at the tracker ``host:port``.
 
     tvmq speaks the tracker's small JSON protocol (``tvm.rpc.base``) over its own socket
-    rather than through ``tvm.rpc.connect_tracker``: TVM's client sets no socket timeout (a
-    tracker that accepts the connection and never answers hangs it forever, and the tracker
-    cannot be given one before the handshake, which its constructor does), retries refused
-    connections for 60 s, and turns every fault into the same ``RuntimeError``. Here every
+    rather than through ``tvm.rpc.connect_tracker``: TVM's client sets no socket timeout,
+    and its constructor does the handshake before a caller could set one, so a tracker that
+    accepts the connection and never answers hangs it forever; it also retries a refused
+    connection for 60 s and turns every fault into the same ``RuntimeError``. Here every
     read and write is bounded by ``timeout``, and each fault gets its own message.
 
     Parameters
@@ -230,10 +230,10 @@ def tuning_runner(inner):
 
     @derived_object
     class _Future(PyRunnerFuture):
-        def __init__(self, future, batch: list) -> None:
+        def __init__(self, future, artifacts: list[str]) -> None:
             super().__init__()
-            self.future = future
-            self.batch = batch
+            self.future = future  # MetaSchedule's RunnerFuture (a TVM object)
+            self.artifacts = artifacts
 
         def done(self) -> bool:
             return self.future.done()
@@ -243,26 +243,29 @@ def tuning_runner(inner):
             message = str(result.error_msg or "")
             if NO_SESSION_MARK not in message:
                 return result
-            _abandon_batch(inner, self.batch)
+            _abandon_batch(inner, self.artifacts)
             reason = message.split(NO_SESSION_MARK, 1)[1].strip().splitlines()[0]
             raise BoardError(f"no board to measure on: {reason}")
 
     @derived_object
     class _Runner(PyRunner):
         def run(self, runner_inputs: list) -> list:
-            futures = inner.run(runner_inputs)
-            batch = [(f.future, str(i.artifact_path)) for f, i in zip(futures, runner_inputs)]
-            return [_Future(f, batch) for f in futures]
+            artifacts = [str(i.artifact_path) for i in runner_inputs]
+            return [_Future(f, artifacts) for f in inner.run(runner_inputs)]
 
     return _Runner()
 
 
-def _abandon_batch(inner, batch: list) -> None:
-    """Cancel a batch's measurements, stop the runner's worker, remove the built candidates."""
-    for future, _ in batch:
-        future.cancel()  # only those not started; the running one dies with the worker
-    inner.pool.shutdown(wait=False)
-    for _, artifact in batch:
+def _abandon_batch(inner, artifacts: list[str]) -> None:
+    """Drop the runner's queued measurements, stop its worker, remove the built candidates."""
+    # PopenPoolExecutor.shutdown() cannot cancel what is queued, and each queued candidate
+    # would wait ``timeout`` for a board in a fresh worker: cancel them in its thread pool
+    # (a private attribute of TVM 0.27's PopenPoolExecutor, hence the getattr).
+    threadpool = getattr(inner.pool, "_threadpool", None)
+    if threadpool is not None:
+        threadpool.shutdown(wait=False, cancel_futures=True)
+    inner.pool.shutdown(wait=False)  # kills the worker, and any board session it holds
+    for artifact in artifacts:
         folder = Path(artifact).parent
         # Only the folders tvmq's builder made (tuning._export_candidate), never anything else.
         if folder.name.startswith("tvmq-tune-"):
