@@ -423,7 +423,8 @@ def test_board_killed_mid_tune_ends_with_one_line(
     assert f"the records measured so far are in {work_dir}" in line
     assert batches == [1]  # the default schedule, measured before the board died
     assert len(_records(work_dir)) == 1
-    assert time.monotonic() - start < 240
+    # Without tvmq's runner the tune waited for a board forever; 2 loaded cores need minutes.
+    assert time.monotonic() - start < 600
 
 
 @pytest.mark.board
