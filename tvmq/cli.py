@@ -288,7 +288,7 @@ def _add_rpc_options(s) -> None:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="how long to wait for a free board (default 60)",
+        help="how long to wait for the tracker and a free board (default 60)",
     )
 
 
@@ -361,7 +361,11 @@ def cmd_tune(args) -> int:
             raise TvmqError(
                 f"target {args.target!r} has no rpc_key: give the boards' key with --key"
             )
-        rpc = (*args.rpc, key)
+        rpc = (*args.rpc, key, args.rpc_timeout)
+        from tvmq.rpc import connect
+
+        # Check the tracker and a board before anything is imported or written.
+        connect(*args.rpc, key, timeout=args.rpc_timeout).close()
     elif args.key:
         raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     from tvmq.frontends import import_model

@@ -227,9 +227,10 @@ def tune(
     trials_per_task : int, optional
         The most candidates per kernel, earlier records included. Default: ``trials``
         shared evenly among the kernels.
-    rpc : (host, port, key), optional
+    rpc : (host, port, key) or (host, port, key, timeout), optional
         Measure on a board through the TVM RPC tracker at ``host:port``, on a device
         registered under ``key``; candidates are linked with the preset's ``cc``.
+        ``timeout`` (default 60 s) bounds each wait for the tracker and a free board.
         Default: measure here.
     progress : bool
         Show a progress bar over the trials, with each kernel's best latency so far.
@@ -260,6 +261,9 @@ def tune(
         :func:`tvmq.tuning_records.writer_lock`), or its records are damaged. A damaged
         folder is refused, not repaired on the fly: repairing drops records, which
         :func:`repair` (``tvmq tune --repair``) does on request and with a backup.
+    tvmq.rpc.BoardError
+        Over RPC, when the tracker or the boards fail, or no board is left to measure on;
+        the records measured so far stay in ``work_dir``.
     KeyboardInterrupt
         On Ctrl-C, after the records measured so far are safely in ``work_dir``.
     """
@@ -331,6 +335,8 @@ def _tune_tasks(
     """Tune each task for its planned trials; a kernel MetaSchedule cannot handle is skipped."""
     from tvm.s_tir import meta_schedule as ms
 
+    from tvmq.rpc import BoardError
+
     reports = report.tasks
     bar = _progress_bar(sum(plan), report.target, progress)
     tracker = _Progress(bar, reports)
@@ -362,6 +368,11 @@ def _tune_tasks(
                 )  # fmt: skip
             except KeyboardInterrupt:
                 raise
+            except BoardError as err:  # no board left to measure on: stop, keep records
+                raise BoardError(
+                    f"{err}; tuning stopped, the records measured so far are in "
+                    f"{report.work_dir} (rerun to resume)"
+                ) from None
             except Exception as err:  # one kernel MetaSchedule cannot handle: go on
                 reports[index].error = _one_line(err)
                 # The summary lists it; a warning per kernel would break the one-line errors.
@@ -745,14 +756,22 @@ def _candidate_cc(preset: TargetPreset, rpc) -> str | None:
 
 
 def _runner(rpc):
-    """A LocalRunner, or an RPCRunner for ``(host, port, key)``."""
+    """A LocalRunner, or an RPCRunner for ``(host, port, key[, timeout])``.
+
+    Over RPC, a candidate that cannot get a board within ``timeout`` (tracker gone, no
+    board left) ends the tune with a :class:`~tvmq.rpc.BoardError`
+    (:func:`tvmq.rpc.tuning_runner`) instead of waiting forever.
+    """
     from tvm.s_tir import meta_schedule as ms
+
+    from tvmq import rpc as board_rpc
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
-    host, port, key = rpc
-    return ms.runner.RPCRunner(
+    host, port, key, *rest = rpc
+    timeout = float(rest[0]) if rest else board_rpc.DEFAULT_TIMEOUT_S
+    runner = ms.runner.RPCRunner(
         rpc_config=ms.runner.RPCConfig(
             tracker_host=host,
             tracker_port=int(port),
@@ -760,9 +779,11 @@ def _runner(rpc):
             session_timeout_sec=120,
         ),
         evaluator_config=evaluator,
+        f_create_session=functools.partial(board_rpc.tuning_session, timeout=timeout),
         f_alloc_argument=_alloc_arguments_on_board,
         max_workers=1,
     )
+    return board_rpc.tuning_runner(runner)
 
 
 def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> list:

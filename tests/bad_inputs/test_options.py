@@ -101,8 +101,8 @@ def test_bad_run_time_options_are_refused_first(
 def test_quantize_choices_match_the_schemes():
     """The CLI's table of calibrated schemes is what tvmq.quantization says."""
     from tvmq.cli import QUANTIZE_SCHEMES
-    from tvmq.quantization import get_scheme
     from tvmq.core.schemes import list_schemes
+    from tvmq.quantization import get_scheme
 
     assert sorted(QUANTIZE_SCHEMES) == sorted(list_schemes())
     for name, calibrated in QUANTIZE_SCHEMES.items():
