@@ -55,6 +55,7 @@ from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
 from ._int8_dense import _static_shape, rewrite_functions
 from .pack_int8_dense_x86 import VNNIPass
+from .relax_utils import is_tensor_const
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
@@ -241,7 +242,7 @@ class _ConvRewriter(PyExprMutator):
             if arg in self.nhwc and _shape_of(arg) == out_shape:
                 args.append(self.nhwc[arg])
                 any_twin = True
-            elif isinstance(arg, tvm.ir.Constant):
+            elif is_tensor_const(arg):  # IntImm / FloatImm bounds (clip) are scalars below
                 c = _nhwc_constant(arg)
                 if c is None:
                     return None

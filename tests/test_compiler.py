@@ -109,3 +109,39 @@ def test_int8_mlp_library_is_at_most_30_percent_of_float(tmp_path):
                      tuning_logs=None, **kwargs)  # fmt: skip
         sizes[quantize] = (out / "model.so").stat().st_size
     assert sizes["int8"] <= 0.30 * sizes[None], sizes
+
+
+def test_inf_weights_are_named(small_mlp):
+    import copy
+
+    bad = copy.deepcopy(small_mlp)
+    with torch.no_grad():
+        bad.fc1.weight[0, 0] = float("-inf")
+    with pytest.raises(TvmqError, match=r"shape \(16, 32\).*0 NaN and 1 inf"):
+        tvmq.compile(bad, "host", example_inputs=torch.zeros(1, 32))
+
+
+class _MaskedAttention(torch.nn.Module):
+    """A causal mask of -inf: a legitimate non-finite constant that is not a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.register_buffer("mask", torch.triu(torch.full((8, 8), float("-inf")), diagonal=1))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-1, -2) / 4.0 + self.mask
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def test_an_inf_mask_is_not_a_bad_weight(rng):
+    torch.manual_seed(0)
+    model = _MaskedAttention().eval()
+    x = rng.standard_normal((1, 8, 16)).astype("float32")
+    art = tvmq.compile(model, "host", example_inputs=torch.from_numpy(x), progress=False)
+    import tvm
+
+    vm = tvm.relax.VirtualMachine(art.executable, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)

@@ -341,3 +341,52 @@ def test_results_stay_nhwc_between_convs(rng):
         )
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+class _HardswishCNN(torch.nn.Module):
+    """conv -> hardswish -> conv -> ReLU6 -> pool: clips whose bounds are scalars (IntImm /
+    FloatImm), which once crashed the NHWC rewrite (MobileNetV3-style blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.hardswish(self.c1(x))
+        x = torch.nn.functional.relu6(self.c2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("target", ["x86-avx512-vnni", "host"])
+def test_clip_bounds_after_int8_convs_compile(rng, target):
+    """Hardswish / ReLU6 after int8 convs build for a VNNI preset; on a VNNI host they also
+    run, close to float (SQNR), with the convs on the VNNI kernel."""
+    import tvmq
+
+    if target == "host" and not HOST_HAS_VNNI:
+        pytest.skip("the host CPU has no avx512vnni")
+    torch.manual_seed(0)
+    model = _HardswishCNN().eval()
+    calib = rng.standard_normal((32, 3, 12, 12)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    art = tvmq.compile(
+        model,
+        target,
+        example_inputs=(torch.from_numpy(x),),
+        quantize="int8",
+        calibration_data=calib,
+        progress=False,
+        tuning_logs=None,
+    )
+    kernels = art.manifest.notes["kernels"]["prescheduled"]
+    assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 2
+    if target != "host":
+        return
+    (out,) = relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = out.numpy()
+    sqnr = 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - got))
+    assert sqnr > 20, sqnr

@@ -72,8 +72,14 @@ def signature_of(
     return inputs, outputs
 
 
+# Ops whose constant operands are weights: an infinite weight is always a broken model.
+# Elsewhere -inf is a legitimate constant (attention masks, ONNX Clip's open bounds as
+# `where(isnan(c), -inf, c)`), so only NaN is refused there.
+_WEIGHT_OPS = {"relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv2d_transpose"}
+
+
 def check_finite_weights(mod: tvm.IRModule, when: str = "compiling") -> None:
-    """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
+    """Raise TvmqError naming the first float constant with NaN (or, for a weight, inf)."""
     import numpy as np
 
     # Imported here: tvmq.passes loads every pass and kernel (seconds), and this module is
@@ -81,20 +87,29 @@ def check_finite_weights(mod: tvm.IRModule, when: str = "compiling") -> None:
     from tvmq.passes.relax_utils import is_tensor_const, ordered_bindings, relax_functions
 
     for gv, func in relax_functions(mod):
-        for b in ordered_bindings(func):
+        bindings = ordered_bindings(func)
+        # Weights often reach the matmul through a permute_dims / reshape binding.
+        weight_vars = {
+            arg
+            for b in bindings
+            if isinstance(b.value, tvm.relax.Call) and str(b.value.op.name) in _WEIGHT_OPS
+            for arg in b.value.args[1:]
+        }
+        for b in bindings:
+            value = b.value
+            op = value.op.name if isinstance(value, tvm.relax.Call) else type(value).__name__
+            weights = op in _WEIGHT_OPS or b.var in weight_vars
             bad = []
 
-            def visit(e, bad=bad):
+            def visit(e, bad=bad, weights=weights):
                 if is_tensor_const(e) and str(e.ty.dtype).startswith("float"):
                     data = e.value.numpy()
-                    if not np.isfinite(data).all():
+                    if np.isnan(data).any() or (weights and not np.isfinite(data).all()):
                         bad.append(data)
 
-            tvm.relax.analysis.post_order_visit(b.value, visit)
+            tvm.relax.analysis.post_order_visit(value, visit)
             if bad:
                 data = bad[0]
-                value = b.value
-                op = value.op.name if isinstance(value, tvm.relax.Call) else type(value).__name__
                 raise TvmqError(
                     f"a constant of shape {tuple(data.shape)} read by {op} (binding "
                     f"'{b.var.name}' in {gv.name_hint}) has {int(np.isnan(data).sum())} NaN "
