@@ -12,17 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from array_files import Marker, npy, npz, raw, truncated_npz
 from onnx import TensorProto, helper, numpy_helper
-
-
-class _Marker:
-    """Creates ``path`` when unpickled: an object array holding it must never be loaded."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="session")
@@ -46,40 +37,8 @@ def calib_model(tmp_path_factory) -> Path:
 
 def _objects(marker: Path) -> np.ndarray:
     a = np.empty(2, dtype=object)
-    a[0], a[1] = _Marker(str(marker)), None
+    a[0], a[1] = Marker(str(marker)), None
     return a
-
-
-def _npz(**arrays):
-    def make(path: Path, marker: Path) -> Path:
-        np.savez(path, **{k: (v(marker) if callable(v) else v) for k, v in arrays.items()})
-        return path
-
-    return make
-
-
-def _npy(array):
-    def make(path: Path, marker: Path) -> Path:
-        np.save(path.with_suffix(".npy"), array(marker) if callable(array) else array)
-        return path.with_suffix(".npy")
-
-    return make
-
-
-def _raw(data: bytes, suffix: str = ".npz"):
-    def make(path: Path, marker: Path) -> Path:
-        path = path.with_suffix(suffix)
-        path.write_bytes(data)
-        return path
-
-    return make
-
-
-def _truncated_npz(path: Path, marker: Path) -> Path:
-    np.savez(path, x=np.ones((64, 8), np.float32))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
 
 
 def _directory(path: Path, marker: Path) -> Path:
@@ -91,25 +50,25 @@ X = np.ones((4, 8), np.float32)
 
 # case: (make the --calib file, message part, refused before the model is imported)
 CASES = {
-    "strings": (_npz(x=np.full((4, 8), "a")), "not numbers", True),
-    "bytes": (_npz(x=np.full((4, 8), b"a")), "not numbers", True),
-    "objects": (_npz(x=_objects), "objects", True),
-    "objects-npy": (_npy(_objects), "objects", True),
-    "datetimes": (_npz(x=np.zeros((4, 8), "datetime64[s]")), "not numbers", True),
-    "complex": (_npz(x=np.zeros((4, 8), np.complex64)), "not numbers", True),
-    "records": (_npz(x=np.zeros(4, [("a", "f4"), ("b", "i4")])), "not numbers", True),
-    "zero-rows": (_npz(x=np.zeros((0, 8), np.float32)), "empty", True),
-    "zero-rows-npy": (_npy(np.zeros((0, 8), np.float32)), "empty", True),
-    "string-label-beside-x": (_npz(x=X, label=np.array(["cat"] * 4)), "'label'", True),
-    "no-arrays": (_npz(), "no arrays", True),
-    "truncated": (_truncated_npz, "cannot read", True),
-    "not-numpy": (_raw(b"x,y\n1,2\n"), "cannot read", True),
-    "empty-file": (_raw(b""), "cannot read", True),
-    "pickle-as-npy": (_raw(pickle.dumps([1, 2, 3]), ".npy"), "cannot read", True),
-    "csv-suffix": (_raw(b"1,2,3\n", ".csv"), ".npz or .npy", True),
+    "strings": (npz(x=np.full((4, 8), "a")), "not numbers", True),
+    "bytes": (npz(x=np.full((4, 8), b"a")), "not numbers", True),
+    "objects": (npz(x=_objects), "objects", True),
+    "objects-npy": (npy(_objects), "objects", True),
+    "datetimes": (npz(x=np.zeros((4, 8), "datetime64[s]")), "not numbers", True),
+    "complex": (npz(x=np.zeros((4, 8), np.complex64)), "not numbers", True),
+    "records": (npz(x=np.zeros(4, [("a", "f4"), ("b", "i4")])), "not numbers", True),
+    "zero-rows": (npz(x=np.zeros((0, 8), np.float32)), "empty", True),
+    "zero-rows-npy": (npy(np.zeros((0, 8), np.float32)), "empty", True),
+    "string-label-beside-x": (npz(x=X, label=np.array(["cat"] * 4)), "'label'", True),
+    "no-arrays": (npz(), "no arrays", True),
+    "truncated": (truncated_npz((64, 8)), "cannot read", True),
+    "not-numpy": (raw(b"x,y\n1,2\n"), "cannot read", True),
+    "empty-file": (raw(b""), "cannot read", True),
+    "pickle-as-npy": (raw(pickle.dumps([1, 2, 3]), ".npy"), "cannot read", True),
+    "csv-suffix": (raw(b"1,2,3\n", ".csv"), ".npz or .npy", True),
     "directory": (_directory, "does not exist", True),
     "missing": (lambda path, marker: path, "does not exist", True),
-    "wrong-names": (_npz(a=X, b=X), "missing: ['x']", False),
+    "wrong-names": (npz(a=X, b=X), "missing: ['x']", False),
 }
 
 

@@ -13,77 +13,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from array_files import Marker, npy, npz, raw, truncated_npz
 
 X = np.ones((2, 32), np.float32)
 
 
-class _Marker:
-    """Creates ``path`` when unpickled: an object array holding it must never be loaded."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def _objects(marker: Path) -> np.ndarray:
     a = np.empty((2, 32), dtype=object)
-    a[0, 0] = _Marker(str(marker))
+    a[0, 0] = Marker(str(marker))
     return a
-
-
-def _npz(**arrays):
-    def make(path: Path, marker: Path) -> Path:
-        np.savez(path, **{k: (v(marker) if callable(v) else v) for k, v in arrays.items()})
-        return path
-
-    return make
-
-
-def _npy(array):
-    def make(path: Path, marker: Path) -> Path:
-        path = path.with_suffix(".npy")
-        np.save(path, array(marker) if callable(array) else array)
-        return path
-
-    return make
-
-
-def _raw(data: bytes, suffix: str = ".npz"):
-    def make(path: Path, marker: Path) -> Path:
-        path = path.with_suffix(suffix)
-        path.write_bytes(data)
-        return path
-
-    return make
-
-
-def _truncated(path: Path, marker: Path) -> Path:
-    np.savez(path, x=np.ones((64, 32), np.float32))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
 
 
 # case: (make the -i file, message part)
 INPUT_CASES = {
-    "strings": (_npz(x=np.full((2, 32), "a")), "not numeric"),
-    "bytes": (_npz(x=np.full((2, 32), b"a")), "not numeric"),
-    "objects": (_npz(x=_objects), "not a readable"),
-    "objects-npy": (_npy(_objects), "not a readable"),
-    "zero-rows": (_npz(x=np.zeros((0, 32), np.float32)), "shape (0, 32)"),
-    "zero-rows-npy": (_npy(np.zeros((0, 32), np.float32)), "shape (0, 32)"),
-    "scalar-npy": (_npy(np.float32(1.0)), "shape ()"),
-    "wrong-shape": (_npz(x=np.ones((5, 32), np.float32)), "shape (5, 32)"),
-    "wrong-dtype": (_npz(x=np.ones((2, 32), np.float64)), "dtype float64"),
-    "extra-input": (_npz(x=X, y=X), "['y'] are not inputs"),
-    "misspelt-input": (_npz(X=X, y=X), "no array for input(s) ['x']"),
-    "no-arrays": (_npz(), "no array for input(s) ['x']"),
-    "truncated": (_truncated, "not a readable"),
-    "not-numpy": (_raw(b"x\n1\n"), "not a readable"),
-    "empty-file": (_raw(b""), "not a readable"),
-    "plain-pickle-npy": (_raw(pickle.dumps([1.0] * 64), ".npy"), "not a readable"),
+    "strings": (npz(x=np.full((2, 32), "a")), "not numeric"),
+    "bytes": (npz(x=np.full((2, 32), b"a")), "not numeric"),
+    "objects": (npz(x=_objects), "not a readable"),
+    "objects-npy": (npy(_objects), "not a readable"),
+    "zero-rows": (npz(x=np.zeros((0, 32), np.float32)), "shape (0, 32)"),
+    "zero-rows-npy": (npy(np.zeros((0, 32), np.float32)), "shape (0, 32)"),
+    "scalar-npy": (npy(np.float32(1.0)), "shape ()"),
+    "wrong-shape": (npz(x=np.ones((5, 32), np.float32)), "shape (5, 32)"),
+    "wrong-dtype": (npz(x=np.ones((2, 32), np.float64)), "dtype float64"),
+    "extra-input": (npz(x=X, y=X), "['y'] are not inputs"),
+    "misspelt-input": (npz(X=X, y=X), "no array for input(s) ['x']"),
+    "no-arrays": (npz(), "no array for input(s) ['x']"),
+    "truncated": (truncated_npz((64, 32)), "not a readable"),
+    "not-numpy": (raw(b"x\n1\n"), "not a readable"),
+    "empty-file": (raw(b""), "not a readable"),
+    "plain-pickle-npy": (raw(pickle.dumps([1.0] * 64), ".npy"), "not a readable"),
     "missing": (lambda path, marker: path, "no such file"),
 }
 
