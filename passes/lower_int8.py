@@ -62,11 +62,12 @@ parameters, other layouts). For every function it lowered, the pass records the 
 conv2d ops that still compute in float in the function attribute ``"tvmq.float_ops"``
 (``"<op>:<var name>"``). Outputs do not match the pattern (their operands are not
 ``dequantize``), so the rewrite terminates and running it twice is the same as once.
+
+The regions are recognised by ``int8_regions.find_regions``; the fixed-point requantize
+ops come from ``requantize_int``. This module emits the integer compute.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -77,332 +78,17 @@ from tvmq.core import qmath
 from tvmq.errors import TvmqError
 
 from .analysis import with_float_ops
-from .relax_utils import (
-    ADD,
-    CONCAT,
-    CONV2D,
-    DEQUANTIZE,
-    MATMUL,
-    QUANTIZE,
-    binding_map,
-    clip_bounds,
-    const_f32,
-    const_i32,
-    const_value,
-    op_name,
-    ordered_bindings,
-    relax_functions,
-    resolve,
+from .int8_regions import (
+    ActMatmulRegion,
+    AddRegion,
+    ConcatRegion,
+    RequantRegion,
+    WeightRegion,
+    find_regions,
+    weight_offset,
 )
-from .sites import SITE_OPS
-
-_ACT_DTYPES = ("int8", "uint8")
-# Ops that commute with a per-tensor requantize (monotone, or moving elements only):
-# between the accumulator and the next quantize they run on the int8 result instead.
-_PASSTHROUGH = (
-    "relax.nn.max_pool2d",
-    "relax.reshape",
-    "relax.permute_dims",
-    "relax.broadcast_to",
-)
-
-
-@dataclass
-class _Region:
-    """One matched region, everything computed at compile time except the activation."""
-
-    kind: str  # "matmul" or "conv2d"
-    call: relax.Call  # the float op
-    x_q: relax.Expr  # the quantized activation (original IR)
-    s_x: float
-    z_x: int
-    w_q: np.ndarray  # int8 weight, in the op's layout
-    s_w: np.ndarray  # [C] float32
-    bias: np.ndarray | None  # [C] float
-    relu: bool
-    out_q: tuple[float, int, str] | None  # (s_y, z_y, dtype) when the region ends in quantize
-    passthrough: tuple[relax.Call, ...] = ()  # ops moved after the requantize (on int8)
-    clip: tuple[float, float] | None = None  # clamps the requantized result (out_q only)
-
-
-@dataclass
-class _ActMatmulRegion:
-    """``matmul(dequantize(a_q), dequantize(b_q))`` of two activations, [passthrough, quantize]."""
-
-    a: tuple[relax.Expr, float, int]  # (a_q, s_a, z_a)
-    b: tuple[relax.Expr, float, int]  # (b_q, s_b, z_b)
-    k: int  # the reduction length (a's last dim)
-    out_q: tuple[float, int, str] | None
-    passthrough: tuple[relax.Call, ...] = ()
-
-
-@dataclass
-class _AddRegion:
-    """``quantize([relu|clip](add(dequantize(a_q), dequantize(b_q))))``."""
-
-    inputs: tuple[tuple[relax.Expr, float, int], ...]  # (x_q, s, z) per operand
-    out_q: tuple[float, int, str]
-    clip: tuple[float, float] | None
-
-
-@dataclass
-class _RequantRegion:
-    """``quantize(dequantize(x_q, s, z), s_y, z_y)`` with other parameters: integer requantize."""
-
-    x_q: relax.Expr
-    s: float
-    z: int
-    out_q: tuple[float, int, str]
-
-
-@dataclass
-class _ConcatRegion:
-    """``quantize(concat(dequantize(x_i)...))``."""
-
-    inputs: tuple[tuple[relax.Expr, float, int], ...]
-    axis: int
-    out_q: tuple[float, int, str]
-
-
-def _scalar(expr, bindings) -> float | None:
-    v = const_value(expr, bindings)
-    return None if v is None or v.size != 1 else v.reshape(()).item()
-
-
-def _match_input(expr, bindings) -> tuple[relax.Expr, float, int] | None:
-    """(x_q, s_x, z_x) when `expr` is a per-tensor dequantize of int8/uint8, else None."""
-    dq = resolve(expr, bindings)
-    if op_name(dq) != DEQUANTIZE or str(dq.attrs.out_dtype) != "float32":
-        return None
-    x_q = dq.args[0]
-    if str(x_q.ty.dtype) not in _ACT_DTYPES or const_value(x_q, bindings) is not None:
-        return None
-    s, z = _scalar(dq.args[1], bindings), _scalar(dq.args[2], bindings)
-    if s is None or z is None or not s > 0:
-        return None
-    return x_q, float(s), int(z)
-
-
-def _match_weight(expr, bindings, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(W_q int8, s_w [C]) for a symmetric dequantize of a constant int8 weight, else None."""
-    dq = resolve(expr, bindings)
-    if op_name(dq) != DEQUANTIZE or str(dq.attrs.out_dtype) != "float32":
-        return None
-    w = const_value(dq.args[0], bindings)
-    s = const_value(dq.args[1], bindings)
-    z = const_value(dq.args[2], bindings)
-    if w is None or s is None or z is None or w.dtype != np.int8 or np.any(z != 0):
-        return None
-    ch_axis = 1 if kind == "matmul" else 0
-    if w.ndim != (2 if kind == "matmul" else 4):
-        return None
-    channels = w.shape[ch_axis]
-    if s.size == 1:
-        s = np.full(channels, s.reshape(()), dtype=np.float32)
-    elif s.size != channels or int(dq.attrs.axis) % w.ndim != ch_axis:
-        return None
-    if not np.all(s.ravel() > 0):
-        return None
-    return w, s.ravel().astype(np.float32)
-
-
-def _bias_vector(value: np.ndarray | None, kind: str, channels: int, out_ndim: int):
-    """The per-channel bias as a [C] vector if `value` broadcasts only along the channel."""
-    if value is None:
-        return None
-    if kind == "matmul":
-        ok = value.ndim <= out_ndim and value.shape[-1:] == (channels,) and value.size == channels
-    else:
-        ok = value.shape in ((1, channels, 1, 1), (channels, 1, 1))
-    return value.reshape(-1).astype(np.float64) if ok else None
-
-
-class _Users:
-    """Which bindings read each var (and whether the function returns it)."""
-
-    def __init__(self, func: relax.Function):
-        self.readers: dict[relax.Var, list[relax.Var]] = {}
-        self.returned: set[relax.Var] = set()
-        for b in ordered_bindings(func):
-
-            def note(e, owner=b.var):
-                if isinstance(e, relax.Var):
-                    self.readers.setdefault(e, []).append(owner)
-
-            relax.analysis.post_order_visit(b.value, note)
-        relax.analysis.post_order_visit(
-            func.body.body, lambda e: self.returned.add(e) if isinstance(e, relax.Var) else None
-        )
-
-    def only_reader(self, var: relax.Var) -> relax.Var | None:
-        readers = self.readers.get(var, [])
-        if len(readers) == 1 and var not in self.returned:
-            return readers[0]
-        return None
-
-
-def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, _Region] | None:
-    """(tail var, region) for a lowerable matmul/conv2d binding, else None."""
-    kind = SITE_OPS.get(op_name(call))
-    if kind is None or len(call.args) != 2 or str(call.ty.dtype) != "float32":
-        return None
-    if kind == "conv2d":
-        a = call.attrs
-        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
-            return None
-    inp = _match_input(call.args[0], bindings)
-    wgt = _match_weight(call.args[1], bindings, kind)
-    if inp is None or wgt is None:
-        return None
-    x_q, s_x, z_x = inp
-    w_q, s_w = wgt
-    region = _Region(kind, call, x_q, s_x, z_x, w_q, s_w, None, False, None)
-    out_ndim = call.ty.ndim
-    tail = var
-
-    nxt = users.only_reader(tail)
-    value = bindings.get(nxt)
-    if op_name(value) == "relax.add":
-        lhs, rhs = value.args
-        other = rhs if lhs.same_as(tail) else lhs
-        bias = _bias_vector(const_value(other, bindings), kind, s_w.size, out_ndim)
-        if bias is not None and value.ty.ndim == out_ndim:
-            region.bias, tail = bias, nxt
-            nxt = users.only_reader(tail)
-            value = bindings.get(nxt)
-    if op_name(value) == "relax.nn.relu":
-        region.relu, tail = True, nxt
-        nxt = users.only_reader(tail)
-        value = bindings.get(nxt)
-    # A clip (relu6) stays float unless the region ends in a quantize: then it clamps ints.
-    cur = tail
-    clip = clip_bounds(value) if op_name(value) == "relax.clip" else None
-    if clip is not None:
-        cur = nxt
-        nxt = users.only_reader(cur)
-        value = bindings.get(nxt)
-    # Ops that commute with the requantize may sit between the accumulator and the quantize.
-    passthrough = []
-    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
-        passthrough.append(value)
-        cur = nxt
-        nxt = users.only_reader(cur)
-        value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
-    if out_q is not None:
-        region.out_q, region.clip = out_q, clip
-        region.passthrough = tuple(passthrough)
-        tail = nxt
-    # Without a quantize at the end, clip and passthrough ops stay float (not in the region).
-    if not _fits_int32(region):
-        return None  # a bias far off the accumulator grid, or a huge K: stay float
-    return tail, region
-
-
-def _match_passthrough_quantize(var, bindings, users: _Users):
-    """(tail var, passthrough calls, out_q) when `var` reaches a quantize through
-    passthrough ops only, else (var, (), None)."""
-    cur, passthrough = var, []
-    nxt = users.only_reader(cur)
-    value = bindings.get(nxt)
-    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
-        passthrough.append(value)
-        cur = nxt
-        nxt = users.only_reader(cur)
-        value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
-    if out_q is None:
-        return var, (), None
-    return nxt, tuple(passthrough), out_q
-
-
-def _act_matmul_fits_int32(k: int) -> bool:
-    """Whether ``sum ab``, the zero-point terms and every partial sum fit in int32.
-
-    Each of ``sum ab``, ``z_b * rowsum(a)``, ``z_a * colsum(b)``, ``K z_a z_b`` is at most
-    ``K * 255 * 255`` in magnitude.
-    """
-    return 4 * k * 255 * 255 < 2**31
-
-
-def _match_act_matmul(var, call, bindings, users: _Users):
-    """(tail var, region) for ``matmul(dq(a_q), dq(b_q))`` of two activations, else None."""
-    if len(call.args) != 2 or str(call.ty.dtype) != "float32":
-        return None
-    a, b = (_match_input(x, bindings) for x in call.args)
-    if a is None or b is None or min(a[0].ty.ndim, b[0].ty.ndim) < 2:
-        return None
-    shape = a[0].ty.shape
-    k = shape[-1] if shape is not None else None
-    if not isinstance(k, tvm.tirx.IntImm) or not _act_matmul_fits_int32(int(k)):
-        return None
-    tail, passthrough, out_q = _match_passthrough_quantize(var, bindings, users)
-    return tail, _ActMatmulRegion(a, b, int(k), out_q, passthrough)
-
-
-def _match_matmul(var, call, bindings, users: _Users):
-    """A weight region (:func:`_match_region`), else an activation matmul, else None."""
-    found = _match_region(var, call, bindings, users)
-    return found if found is not None else _match_act_matmul(var, call, bindings, users)
-
-
-def _match_output(value, bindings) -> tuple[float, int, str] | None:
-    """(s_y, z_y, dtype) of a per-tensor quantize to int8/uint8, else None."""
-    if op_name(value) != QUANTIZE or str(value.attrs.out_dtype) not in _ACT_DTYPES:
-        return None
-    s_y, z_y = _scalar(value.args[1], bindings), _scalar(value.args[2], bindings)
-    if s_y is None or z_y is None or not s_y > 0:
-        return None
-    return float(s_y), int(z_y), str(value.attrs.out_dtype)
-
-
-def _match_add(var, call, bindings, users: _Users) -> tuple[relax.Var, _AddRegion] | None:
-    """(tail var, region) for ``quantize([clip](add(dq(a), dq(b))))``, else None."""
-    if len(call.args) != 2 or str(call.ty.dtype) != "float32":
-        return None
-    inputs = tuple(_match_input(a, bindings) for a in call.args)
-    if any(i is None for i in inputs):
-        return None
-    cur, lo, hi = var, -np.inf, np.inf
-    nxt = users.only_reader(cur)
-    value = bindings.get(nxt)
-    while op_name(value) in ("relax.nn.relu", "relax.clip") and value.args[0].same_as(cur):
-        bounds = clip_bounds(value)
-        if bounds is None:
-            return None
-        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
-        cur = nxt
-        nxt = users.only_reader(cur)
-        value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
-    if out_q is None:
-        return None
-    clip = None if (lo, hi) == (-np.inf, np.inf) else (lo, hi)
-    return nxt, _AddRegion(inputs, out_q, clip)
-
-
-def _match_concat(var, call, bindings, users: _Users) -> tuple[relax.Var, _ConcatRegion] | None:
-    """(tail var, region) for ``quantize(concat(dq(x_0), dq(x_1), ...))``, else None."""
-    fields = resolve(call.args[0], bindings)
-    if not isinstance(fields, relax.Tuple) or str(call.ty.dtype) != "float32":
-        return None
-    inputs = tuple(_match_input(f, bindings) for f in fields.fields)
-    if not inputs or any(i is None for i in inputs):
-        return None
-    nxt = users.only_reader(var)
-    out_q = _match_output(bindings.get(nxt), bindings)
-    if out_q is None or call.attrs.axis is None:
-        return None
-    return nxt, _ConcatRegion(inputs, int(call.attrs.axis), out_q)
-
-
-def _match_requantize(var, call, bindings, _users) -> tuple[relax.Var, _RequantRegion] | None:
-    """(var, region) for ``quantize(dequantize(x_q))`` between two int8/uint8 params, else None."""
-    inp = _match_input(call.args[0], bindings)
-    out_q = _match_output(call, bindings)
-    if inp is None or out_q is None:
-        return None
-    return var, _RequantRegion(*inp, out_q)
+from .relax_utils import const_f32, const_i32, const_i64, relax_functions
+from .requantize_int import multiply_by_quantized_multiplier, requantize_int_expr
 
 
 def _clamp_bounds(clip, s_y: float, z_y: int, dtype: str) -> tuple[int, int]:
@@ -420,76 +106,11 @@ def _clamp_bounds(clip, s_y: float, z_y: int, dtype: str) -> tuple[int, int]:
     return max(qmin, min(qmax, q(lo))), max(qmin, min(qmax, q(hi)))
 
 
-def _offset(r: _Region) -> np.ndarray:
-    """``round(bias / (s_x * s_w)) - z_x * sum_k W_q`` per output channel, in int64."""
-    axes = 0 if r.kind == "matmul" else (1, 2, 3)
-    offset = -np.int64(r.z_x) * r.w_q.astype(np.int64).sum(axis=axes)
-    if r.bias is not None:
-        acc_scale = np.float64(r.s_x) * r.s_w.astype(np.float64)
-        offset = offset + np.rint(r.bias / acc_scale).astype(np.int64)
-    return offset
-
-
-def _fits_int32(r: _Region) -> bool:
-    """Whether the int32 accumulator can hold the offset and any sum of products."""
-    k = r.w_q[0].size if r.kind == "conv2d" else r.w_q.shape[0]
-    # |x_q| <= 255 and |W_q| <= 128: the raw sum, then the offset added to it.
-    bound = k * 255 * 128 + np.abs(_offset(r)).max(initial=0)
-    return bool(bound < 2**31)
-
-
 def _channel_shape(kind: str, out_ndim: int, channels: int) -> tuple[int, ...]:
     """Shape of a per-channel constant broadcasting against the op's result."""
     return (channels,) if kind == "matmul" else (1, channels, 1, 1)
 
 
-def _i64(value) -> tvm.ir.Constant:
-    return relax.const(np.asarray(value, dtype="int64"), "int64")
-
-
-def _multiply_by_quantized_multiplier(bb, a, multiplier, shift) -> relax.Expr:
-    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(a, M, shift)`` on int64 `a` (int32 values).
-
-    ``multiplier`` / ``shift`` are int arrays broadcasting against `a`; returns int64.
-    """
-    m = np.asarray(multiplier, dtype=np.int64)
-    sh = np.asarray(shift, dtype=np.int64)
-    left, right = np.maximum(sh, 0), np.maximum(-sh, 0)
-    if np.any(left > 0):
-        a = bb.emit(relax.op.left_shift(a, _i64(left)))
-        a = bb.emit(relax.op.clip(a, -(2**31), 2**31 - 1))
-    # SaturatingRoundingDoublingHighMul for M >= 0: (a*M + 2^30) >> 31 with a floor shift
-    # equals gemmlowp's truncating form (a*M + nudge) / 2^31 in both signs.
-    ab = bb.emit(relax.op.multiply(a, _i64(m)))
-    high = bb.emit(relax.op.right_shift(relax.op.add(ab, _i64(1 << 30)), _i64(31)))
-    # RoundingDivideByPOT (half away from zero) as one floor shift with a sign-dependent nudge.
-    half = (np.int64(1) << right) >> 1
-    nudge_neg = np.maximum(half - 1, 0)
-    nudge = bb.emit(relax.op.where(relax.op.less(high, _i64(0)), _i64(nudge_neg), _i64(half)))
-    return bb.emit(relax.op.right_shift(relax.op.add(high, nudge), _i64(right)))
-
-
-def requantize_int_expr(
-    bb, acc, multiplier, shift, z_y: int, dtype: str, shape, bounds=None
-) -> relax.Expr:
-    """Emit gemmlowp ``MultiplyByQuantizedMultiplier(acc, M, shift) + z_y``, clamped to `dtype`.
-
-    ``multiplier`` / ``shift`` are per-channel int arrays reshaped to `shape`. The
-    intermediates are int64; the result equals ``qmath.requantize_int`` bit for bit.
-    ``bounds`` (qmin, qmax) narrows the clamp (a fused relu6 / clip).
-    """
-    m = np.asarray(multiplier, dtype=np.int64).reshape(shape)
-    sh = np.asarray(shift, dtype=np.int64).reshape(shape)
-    a = acc if str(acc.ty.dtype) == "int64" else bb.emit(relax.op.astype(acc, "int64"))
-    y = _multiply_by_quantized_multiplier(bb, a, m, sh)
-    qmin, qmax = qmath.qrange(dtype) if bounds is None else bounds
-    if z_y != 0:
-        y = bb.emit(relax.op.add(y, _i64(z_y)))
-    y = bb.emit(relax.op.clip(y, qmin, qmax))
-    return relax.op.astype(y, dtype)
-
-
-# TFLite ADD: operands scaled by 2**20 before their (< 1) multipliers keep 20 bits of headroom.
 _ADD_LEFT_SHIFT = 20
 
 
@@ -507,13 +128,13 @@ class _Lowerer(PyExprMutator):
         if region is None:
             super().visit_var_binding_(binding)
             return
-        if isinstance(region, _AddRegion):
+        if isinstance(region, AddRegion):
             value = self._lower_add(region)
-        elif isinstance(region, _ConcatRegion):
+        elif isinstance(region, ConcatRegion):
             value = self._lower_concat(region)
-        elif isinstance(region, _ActMatmulRegion):
+        elif isinstance(region, ActMatmulRegion):
             value = self._lower_act_matmul(region)
-        elif isinstance(region, _RequantRegion):
+        elif isinstance(region, RequantRegion):
             value = self._requantize(self.visit_expr(region.x_q), region.s, region.z, region.out_q)
         else:
             value = self._lower(region)
@@ -528,7 +149,7 @@ class _Lowerer(PyExprMutator):
         if self.requantize == "integer":
             a = bb.emit(relax.op.astype(q, "int64"))
             if z_in != 0:
-                a = bb.emit(relax.op.subtract(a, _i64(z_in)))
+                a = bb.emit(relax.op.subtract(a, const_i64(z_in)))
             m, sh = qmath.quantize_multiplier(multiplier)
             return requantize_int_expr(bb, a, m, sh, z_y, dtype, (), bounds)
         x = bb.emit(relax.op.astype(q, "float32"))
@@ -544,7 +165,7 @@ class _Lowerer(PyExprMutator):
             out = relax.op.clip(self.builder_.emit(out), int(bounds[0]), int(bounds[1]))
         return out
 
-    def _lower_add(self, r: _AddRegion) -> relax.Expr:
+    def _lower_add(self, r: AddRegion) -> relax.Expr:
         bb = self.builder_
         s_y, z_y, dtype = r.out_q
         bounds = _clamp_bounds(r.clip, s_y, z_y, dtype)
@@ -558,10 +179,10 @@ class _Lowerer(PyExprMutator):
             for q, s, z in ((a_q, s_a, z_a), (b_q, s_b, z_b)):
                 t = bb.emit(relax.op.astype(q, "int64"))
                 if z != 0:
-                    t = bb.emit(relax.op.subtract(t, _i64(z)))
-                t = bb.emit(relax.op.left_shift(t, _i64(_ADD_LEFT_SHIFT)))
+                    t = bb.emit(relax.op.subtract(t, const_i64(z)))
+                t = bb.emit(relax.op.left_shift(t, const_i64(_ADD_LEFT_SHIFT)))
                 m, sh = qmath.quantize_multiplier(np.float64(s) / twice_max)
-                terms.append(_multiply_by_quantized_multiplier(bb, t, m, sh))
+                terms.append(multiply_by_quantized_multiplier(bb, t, m, sh))
             total = bb.emit(relax.op.add(*terms))
             m, sh = qmath.quantize_multiplier(twice_max / (2.0**_ADD_LEFT_SHIFT * s_y))
             return requantize_int_expr(bb, total, m, sh, z_y, dtype, (), bounds)
@@ -574,7 +195,7 @@ class _Lowerer(PyExprMutator):
         total = bb.emit(relax.op.add(*terms))
         return self._quantize_scaled(total, z_y, dtype, bounds)
 
-    def _lower_concat(self, r: _ConcatRegion) -> relax.Expr:
+    def _lower_concat(self, r: ConcatRegion) -> relax.Expr:
         s_y, z_y, dtype = r.out_q
         fields = []
         for q, s, z in r.inputs:
@@ -591,7 +212,7 @@ class _Lowerer(PyExprMutator):
         total = bb.emit(relax.op.sum(x, axis=[axis], keepdims=True))
         return bb.emit(relax.op.multiply(total, const_i32(z_other)))
 
-    def _lower_act_matmul(self, r: _ActMatmulRegion) -> relax.Expr:
+    def _lower_act_matmul(self, r: ActMatmulRegion) -> relax.Expr:
         """``sum (a - z_a)(b - z_b) = sum ab - z_b rowsum(a) - z_a colsum(b) + K z_a z_b``."""
         bb = self.builder_
         (a_q, s_a, z_a), (b_q, s_b, z_b) = r.a, r.b
@@ -615,7 +236,7 @@ class _Lowerer(PyExprMutator):
             out = relax.Call(call.op, [bb.emit(out), *call.args[1:]], call.attrs)
         return out
 
-    def _lower(self, r: _Region) -> relax.Expr:
+    def _lower(self, r: WeightRegion) -> relax.Expr:
         bb = self.builder_
         x_q = self.visit_expr(r.x_q)
         channels = r.s_w.size
@@ -657,7 +278,7 @@ class _Lowerer(PyExprMutator):
                 )
             )
         acc_scale = np.float64(r.s_x) * r.s_w.astype(np.float64)
-        offset = _offset(r)
+        offset = weight_offset(r)
         if np.any(offset != 0):
             acc = bb.emit(relax.op.add(acc, const_i32(offset.reshape(shape))))
         if r.relu:
@@ -685,15 +306,6 @@ class _Lowerer(PyExprMutator):
         return out
 
 
-_MATCHERS = {
-    MATMUL: _match_matmul,
-    CONV2D: _match_region,
-    ADD: _match_add,
-    CONCAT: _match_concat,
-    QUANTIZE: _match_requantize,
-}
-
-
 @tvm.transform.module_pass(opt_level=0, name="LowerInt8")
 class LowerInt8:
     """Lower QDQ matmul / conv2d regions (constant weight, or two activations) to
@@ -717,17 +329,7 @@ class LowerInt8:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
         for gv, func in relax_functions(mod):
-            bindings = binding_map(func)
-            users = _Users(func)
-            regions: dict[relax.Var, _Region] = {}
-            for b in ordered_bindings(func):
-                if not isinstance(b, relax.VarBinding):
-                    continue
-                match = _MATCHERS.get(op_name(b.value))
-                if match is not None:
-                    found = match(b.var, b.value, bindings, users)
-                    if found is not None:
-                        regions[found[0]] = found[1]
+            regions = find_regions(func)
             if not regions:
                 continue
             new_func = _Lowerer(mod, regions, self.requantize).visit_expr(func)

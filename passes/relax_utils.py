@@ -183,6 +183,11 @@ def const_i32(value) -> tvm.ir.Constant:
     return relax.const(np.asarray(value, dtype="int32"), "int32")
 
 
+def const_i64(value) -> tvm.ir.Constant:
+    """An int64 constant (scalar or tensor)."""
+    return relax.const(np.asarray(value, dtype="int64"), "int64")
+
+
 def clip_bounds(call: relax.Call) -> tuple[float, float] | None:
     """(lo, hi) of ``relu`` (0, inf) or a ``clip`` with constant bounds, else None."""
     name = op_name(call)

@@ -11,7 +11,7 @@ from tvm.script import relax as R
 
 from tvmq.core import qmath
 from tvmq.passes import FLOAT_OPS_ATTR, LowerInt8
-from tvmq.passes.lower_int8 import requantize_int_expr
+from tvmq.passes.requantize_int import requantize_int_expr
 
 RNG = np.random.default_rng(0)
 WQ = RNG.integers(-127, 128, (4, 3)).astype("int8")
