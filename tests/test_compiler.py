@@ -67,8 +67,7 @@ def test_nan_weights_are_named(small_mlp):
 
 def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
     """--prune 0.9 --sparse: the BSR build computes the pruned model, and says so."""
-    from tvmq.compiler import SparseConfig
-    from tvmq.compression import PruneConfig
+    from tvmq.compression import PruneConfig, SparseConfig
     from tvmq.demo import make_mlp
     from tvmq.pruning import magnitude_mask, prunable_weights
 

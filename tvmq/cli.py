@@ -139,7 +139,7 @@ def _compression_configs(args):
 
 
 def _sparse_config(args):
-    from tvmq.compiler import SparseConfig
+    from tvmq.core.compression import SparseConfig
     from tvmq.errors import TvmqError
 
     if args.sparse is None:

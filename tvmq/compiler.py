@@ -10,42 +10,13 @@ from pathlib import Path
 
 import tvm
 
+from tvmq.core.compression import SparseConfig
 from tvmq.errors import TvmqError
 from tvmq.frontends import ImportedModel, import_model
 from tvmq.frontends.model import check_finite_weights
 from tvmq.manifest import LIBRARY, Manifest, sha256_of
 from tvmq.output import OutputFolder
 from tvmq.targets import TargetPreset, get_target
-
-
-@dataclass(frozen=True)
-class SparseConfig:
-    """Block-sparse execution: layers with at least ``min_sparsity`` zero blocks of
-    ``block`` (rows x cols of the [out, in] weight) run on BSR kernels. 0.7 is where
-    ``bench/bench_sparse.py`` measured BSR winning for every block size (it already won
-    at 50% against tvmq's default dense schedule)."""
-
-    min_sparsity: float = 0.7
-    block: tuple[int, int] = (16, 1)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_sparsity < 1.0:
-            raise TvmqError(f"sparse min_sparsity must be in [0, 1), got {self.min_sparsity}")
-        if len(self.block) != 2 or min(self.block) < 1:
-            raise TvmqError(
-                f"sparse block must be two positive ints (rows, cols), got {self.block}"
-            )
-
-    @classmethod
-    def of(cls, spec) -> SparseConfig | None:
-        """None/False -> None; True -> defaults; a float -> that threshold; a config as is."""
-        if spec is None or spec is False:
-            return None
-        if spec is True:
-            return cls()
-        if isinstance(spec, cls):
-            return spec
-        return cls(min_sparsity=float(spec))
 
 
 @dataclass

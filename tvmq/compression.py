@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import tvm
 
-from tvmq.core.compression import ClusterConfig, PruneConfig
+from tvmq.core.compression import ClusterConfig, PruneConfig, SparseConfig
 from tvmq.errors import TvmqError
 from tvmq.passes import ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
 from tvmq.passes.analysis import constant_bytes, count_macs, count_params, sparsity_report
@@ -31,6 +31,7 @@ from tvmq.passes.prune_channels import ATTR as CHANNELS_ATTR
 __all__ = [
     "ClusterConfig",
     "PruneConfig",
+    "SparseConfig",
     "apply_compression",
     "cluster_pass",
     "compression_pipeline",

@@ -1,6 +1,8 @@
-"""Pruning and weight-sharing configs: small frozen dataclasses that validate themselves.
+"""Pruning, weight-sharing and block-sparse configs: small frozen dataclasses that validate
+themselves.
 
-``tvmq.compression`` (driver) turns them into passes; ``skip`` entries name weight sites
+``tvmq.compression`` (driver) turns ``PruneConfig`` / ``ClusterConfig`` into passes and
+``tvmq.compile`` turns ``SparseConfig`` into BSR kernels. ``skip`` entries name weight sites
 (``"matmul_0"``, ``"conv2d_*"``; see :mod:`tvmq.core.selectors`), the same names a
 quantization scheme's ``skip`` uses.
 """
@@ -117,3 +119,33 @@ class ClusterConfig:
         d = asdict(self)
         d["skip"] = list(d["skip"])
         return d
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Block-sparse execution: layers with at least ``min_sparsity`` zero blocks of
+    ``block`` (rows x cols of the [out, in] weight) run on BSR kernels. 0.7 is where
+    ``bench/bench_sparse.py`` measured BSR winning for every block size (it already won
+    at 50% against tvmq's default dense schedule)."""
+
+    min_sparsity: float = 0.7
+    block: tuple[int, int] = (16, 1)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_sparsity < 1.0:
+            raise TvmqError(f"sparse min_sparsity must be in [0, 1), got {self.min_sparsity}")
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise TvmqError(
+                f"sparse block must be two positive ints (rows, cols), got {self.block}"
+            )
+
+    @classmethod
+    def of(cls, spec) -> SparseConfig | None:
+        """None/False -> None; True -> defaults; a float -> that threshold; a config as is."""
+        if spec is None or spec is False:
+            return None
+        if spec is True:
+            return cls()
+        if isinstance(spec, cls):
+            return spec
+        return cls(min_sparsity=float(spec))
