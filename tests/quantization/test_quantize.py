@@ -16,7 +16,8 @@ from tvmq.core.schemes import Int8Dynamic, Int8Static, WeightOnly
 from tvmq.errors import TvmqError
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.quantization.collect import collect_activation_stats
-from tvmq.quantization.quantize import QuantizedModel, quantize, static_int8_passes
+from tvmq.quantization.quantize import QuantizedModel, quantize
+from tvmq.quantization.static import static_int8_passes
 
 HOST = tvm.target.Target({"kind": "llvm"})
 # Measured on random calibration data (seeded): MLP ~39.7 dB, CNN ~40.5 dB on held-out
@@ -253,6 +254,39 @@ def test_dynamic_and_weight_only_need_no_calibration(mlp, scheme, floor, weight_
     q = quantize(imported, x, scheme, progress=False)
     assert q.report.num_calibration_batches == 1 and q.report.output_sqnr_db[0] > floor
     assert all(r.output_sqnr_db is not None for r in q.report.layers)
+
+
+def test_handlers_are_registered_by_scheme_type(mlp):
+    """quantize() calls the handler registered for the scheme's class, else its base's."""
+    from tvmq.quantization.quantize import _HANDLERS, register_handler
+    from tvmq.quantization.static import quantize_static
+    from tvmq.quantization.weight_only import quantize_weight_only
+
+    _, imported = mlp
+    assert _HANDLERS[Int8Static] == (quantize_static, True)
+
+    class Traced(WeightOnly):
+        pass
+
+    class Plain(WeightOnly):
+        pass
+
+    seen = []
+
+    def traced(mod, imported, data, scheme, **options):
+        seen.append(type(scheme).__name__)
+        return quantize_weight_only(mod, imported, data, scheme, **options)
+
+    register_handler(Traced)(traced)
+    try:
+        q = quantize(imported, None, Traced(bits=8), progress=False, evaluate=False)
+        assert seen == ["Traced"] and q.report.quantized_layers == ["matmul_0", "matmul_1"]
+        quantize(imported, None, Plain(bits=8), progress=False, evaluate=False)
+        assert seen == ["Traced"]  # Plain has no handler of its own: WeightOnly's
+        with pytest.raises(TvmqError, match="bias_correction applies to static int8"):
+            quantize(imported, None, Traced(bits=8), progress=False, bias_correction=True)
+    finally:
+        del _HANDLERS[Traced]
 
 
 def test_weight_only_skip_and_dynamic_matmul(mlp):

@@ -9,6 +9,9 @@ from tvmq.core.schemes import (
     get_scheme,
     list_schemes,
 )
+
+# One module per scheme; importing it registers its quantize() handler.
+from tvmq.quantization import dynamic, weight_only  # noqa: F401
 from tvmq.quantization.accuracy import (
     AccuracyControlResult,
     layer_sensitivity,
@@ -25,8 +28,9 @@ from tvmq.quantization.quantize import (
     QuantizationReport,
     QuantizedModel,
     quantize,
-    static_int8_passes,
+    register_handler,
 )
+from tvmq.quantization.static import static_int8_passes
 
 __all__ = [
     "AccuracyControlResult",
@@ -40,6 +44,7 @@ __all__ = [
     "collect_activation_qparams",
     "collect_activation_stats",
     "quantize",
+    "register_handler",
     "static_int8_passes",
     "Int8Dynamic",
     "Int8Static",

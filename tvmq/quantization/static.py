@@ -1,0 +1,281 @@
+"""Static int8 quantization (:class:`Int8Static`), the handler of ``quantize(..., "int8")``.
+
+prepare -> [SmoothQuant] -> calibrate (``collect``) -> [bias correction] -> ``AnnotateQDQ``
+-> ``FoldQuantScales`` -> ``LowerInt8`` -> [``QuantizeDynamic`` on ``scheme.dynamic``
+sites]; matmul / conv2d run as int8 x int8 -> int32. The report compares each layer's
+quantized weight, input and output with the float ones on the first calibration batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+
+from tvmq.core import qmath
+from tvmq.core.schemes import Int8Dynamic, Int8Static, get_scheme
+from tvmq.core.selectors import is_skipped
+from tvmq.errors import TvmqError
+from tvmq.passes import pipeline as pass_pipeline
+from tvmq.passes import prepare_passes
+from tvmq.passes.analysis import float_compute_ops
+from tvmq.passes.annotate_qdq import weight_qparams
+from tvmq.passes.quantize_dynamic import QuantizeDynamic, _is_dynamic_matmul
+from tvmq.passes.quantize_weight_only import stable_sites
+from tvmq.passes.relax_utils import ordered_bindings
+from tvmq.passes.sites import list_tensor_sites, list_weight_sites, select_sites
+from tvmq.passes.smooth_quant import SmoothQuant, smooth_sites
+from tvmq.quantization.bias_correction import correct_biases
+from tvmq.quantization.collect import (
+    ActivationStats,
+    activation_qparams,
+    collect_activation_stats,
+    collect_channel_absmax,
+)
+from tvmq.quantization.dynamic import fill_dynamic_matmul_report
+from tvmq.quantization.quantize import register_handler
+from tvmq.quantization.report import (
+    LayerReport,
+    QuantizationReport,
+    combined_sqnr,
+    layer_output_sqnr,
+    output_sqnr,
+)
+
+__all__ = ["quantize_static", "static_int8_passes"]
+
+
+def static_int8_passes(
+    activation_qparams=None, scheme: Int8Static | str = "int8"
+) -> tvm.transform.Pass:
+    """The pass ``Sequential`` :func:`quantize` runs after calibration (for compiler engineers).
+
+    ``tvmq.passes.static_int8_passes`` with the scheme resolved; ``activation_qparams``
+    comes from ``tvmq.quantization.collect.collect_activation_qparams``.
+    """
+    return pass_pipeline.static_int8_passes(activation_qparams, _static_scheme(scheme))
+
+
+def _static_scheme(scheme) -> Int8Static:
+    scheme = get_scheme(scheme)
+    if not isinstance(scheme, Int8Static):
+        raise TvmqError(
+            f"quantize() does static int8 quantization and needs an Int8Static scheme "
+            f"(e.g. 'int8'), got {type(scheme).__name__}"
+        )
+    return scheme
+
+
+@register_handler(Int8Static, bias_correction=True)
+def quantize_static(
+    mod,
+    imported,
+    calibration_data,
+    scheme: Int8Static,
+    *,
+    progress,
+    evaluate,
+    bias_correction=False,
+):
+    """(report, module) of static int8 quantization.
+
+    prepare -> [SmoothQuant on ``scheme.smooth`` sites, from per-channel ranges of a first
+    calibration run] -> calibrate -> [bias correction] -> static passes (``scheme.dynamic``
+    sites skipped) -> [QuantizeDynamic on exactly the ``scheme.dynamic`` sites].
+    """
+    if calibration_data is None:
+        raise TvmqError(
+            "static int8 quantization needs calibration data: a few hundred typical "
+            "inputs (an array, a .npz file, or an iterable of batches)"
+        )
+    prepared = prepare_passes()(mod)
+    dynamic = _dynamic_sites(prepared["main"], scheme)
+    smoothed = _smooth_site_names(prepared["main"], scheme, dynamic)
+    if smoothed:
+        if _one_shot(calibration_data):  # read twice: for smoothing, then calibration
+            calibration_data = list(calibration_data)
+        absmax = collect_channel_absmax(
+            prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
+            progress=progress,
+        )  # fmt: skip
+        prepared = SmoothQuant(absmax, scheme.smooth)(prepared)
+    static = scheme
+    if dynamic:
+        static = dataclasses.replace(scheme, skip=(*scheme.skip, *dynamic))
+    stats = collect_activation_stats(
+        prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
+    )
+    qparams = activation_qparams(stats, static)
+    corrections = None
+    if bias_correction:
+        prepared, corrections = correct_biases(
+            prepared, calibration_data, static, qparams, inputs=imported.inputs
+        )
+    quantized = pass_pipeline.static_int8_passes(qparams, static)(prepared)
+    if dynamic:
+        quantized = _quantize_dynamic_sites(quantized, prepared, dynamic, scheme)
+
+    float_ops = float_compute_ops(quantized["main"])
+    report = QuantizationReport(
+        scheme=scheme.to_dict(),
+        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops, dynamic),
+        float_ops=float_ops,
+        num_calibration_batches=stats.num_batches,
+        bias_correction=corrections,
+    )
+    if evaluate:
+        report.output_sqnr_db = output_sqnr(quantized, stats, [s.name for s in imported.inputs])
+    return report, quantized
+
+
+def _layer_reports(
+    prepared, scheme: Int8Static, stats: ActivationStats, qparams, float_ops, dynamic=()
+):
+    float_vars = {op.split(":", 1)[1] for op in float_ops}
+    reports = []
+    for site in list_weight_sites(prepared["main"]):
+        layer = scheme.for_layer(site.name)
+        r = LayerReport(
+            site.name,
+            site.kind,
+            False,
+            weight_shape=tuple(site.weight.shape),
+            var_name=site.var.name,
+        )
+        if site.name in dynamic:
+            _dynamic_layer_report(r, site, stats, float_vars)
+            reports.append(r)
+            continue
+        if is_skipped(site.name, site.kind, scheme.skip):
+            r.reason = "skipped by the scheme"
+        elif site.name not in qparams:
+            r.reason = "no calibration statistics (activation is not a variable of main)"
+        elif site.var.name in float_vars:
+            r.reason = "LowerInt8 could not lower it"
+        else:
+            r.quantized = True
+        s_w, z_w, axis = weight_qparams(site, layer)
+        w_q = qmath.quantize(site.weight, s_w, z_w, "int8", axis)
+        w_dq = qmath.dequantize(w_q, s_w, z_w, axis)
+        r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
+        r.weight_dtype = "int8"
+        if site.name in qparams:
+            scale, zp = qparams[site.name]
+            r.activation_dtype = layer.activation_dtype
+            r.activation_scale, r.activation_zero_point = float(scale), int(zp)
+            sample = stats.samples.get(site.name)
+            if sample is not None:
+                q = qmath.quantize(sample, scale, zp, layer.activation_dtype)
+                x_dq = qmath.dequantize(q, scale, zp)
+                r.activation_sqnr_db = qmath.sqnr(sample, x_dq)
+                r.output_sqnr_db = layer_output_sqnr(site, sample, w_dq, x_dq)
+        if r.output_sqnr_db is None:
+            r.output_sqnr_db = combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
+        reports.append(r)
+    reports += _matmul_act_reports(prepared, scheme, stats, qparams, float_vars)
+    order = {b.var.name: i for i, b in enumerate(ordered_bindings(prepared["main"]))}
+    return sorted(reports, key=lambda r: order.get(r.var_name, len(order)))
+
+
+def _dynamic_layer_report(r: LayerReport, site, stats: ActivationStats, float_vars) -> None:
+    """Fill `r` for a site quantized dynamically (per-row run-time uint8 activation ranges)."""
+    r.quantized = site.var.name not in float_vars
+    r.reason = "" if r.quantized else "QuantizeDynamic could not lower it"
+    fill_dynamic_matmul_report(r, site, stats.samples.get(site.name), True, True)
+
+
+def _operand_sqnr(sample, qp, dtype) -> tuple[np.ndarray | None, float | None]:
+    """(dequantized sample, its SQNR) of one per-tensor quantized operand."""
+    if sample is None:
+        return None, None
+    x_dq = qmath.dequantize(qmath.quantize(sample, qp[0], qp[1], dtype), qp[0], qp[1])
+    return x_dq, qmath.sqnr(sample, x_dq)
+
+
+def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars):
+    """A :class:`LayerReport` per activation matmul (``matmul_act`` site) of ``main``."""
+    reports = []
+    for site in list_tensor_sites(prepared["main"]):
+        if site.kind != "matmul_act":
+            continue
+        lhs, rhs = site.input_names
+        r = LayerReport(site.name, site.kind, False, var_name=site.var.name)
+        r.weight_shape = tuple(int(d) for d in site.inputs[1].ty.shape)
+        if is_skipped(site.name, site.kind, scheme.skip):
+            r.reason = "skipped by the scheme"
+        elif lhs not in qparams or rhs not in qparams:
+            r.reason = "no calibration statistics (an operand is not a variable of main)"
+        elif site.var.name in float_vars:
+            r.reason = "LowerInt8 could not lower it"
+        else:
+            r.quantized = True
+        if lhs in qparams and rhs in qparams:
+            a_dtype = scheme.for_layer(lhs).activation_dtype
+            r.activation_dtype, r.weight_dtype = a_dtype, scheme.for_layer(rhs).activation_dtype
+            r.activation_scale, r.activation_zero_point = map(float, qparams[lhs])
+            r.activation_zero_point = int(r.activation_zero_point)
+            a, b = stats.samples.get(lhs), stats.samples.get(rhs)
+            a_dq, r.activation_sqnr_db = _operand_sqnr(a, qparams[lhs], a_dtype)
+            b_dq, r.weight_sqnr_db = _operand_sqnr(b, qparams[rhs], r.weight_dtype)
+            if a_dq is not None and b_dq is not None:
+                ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+                r.output_sqnr_db = qmath.sqnr(ref, np.matmul(a_dq, b_dq).astype(np.float64))
+            else:
+                r.output_sqnr_db = combined_sqnr(r.weight_sqnr_db, r.activation_sqnr_db)
+        reports.append(r)
+    return reports
+
+
+def _one_shot(data) -> bool:
+    """Whether `data` is an iterator (a generator...) that a second pass would find empty."""
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False
+
+
+def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
+    """Names of the matmul sites of ``main`` that ``scheme.dynamic`` selects (not skipped,
+    and with an accumulator that fits int32)."""
+    if not scheme.dynamic:
+        return ()
+    plan = QuantizeDynamic(Int8Dynamic(weight_per_channel=scheme.weight_per_channel)).plan
+    return tuple(
+        s.name
+        for s in select_sites(func, scheme.dynamic)
+        if not is_skipped(s.name, s.kind, scheme.skip) and plan(s) is None
+    )
+
+
+def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
+    """Names of the matmul sites to smooth: selected by ``scheme.smooth``, static, not skipped."""
+    if not scheme.smooth:
+        return []
+    kinds = {s.name: s.kind for s in list_weight_sites(func)}
+    return [
+        n
+        for n in smooth_sites(func, scheme.smooth)
+        if n not in dynamic and not is_skipped(n, kinds[n], scheme.skip)
+    ]
+
+
+def _quantize_dynamic_sites(quantized, prepared, dynamic, scheme: Int8Static):
+    """Run ``QuantizeDynamic`` on the static result, on exactly the ``dynamic`` sites.
+
+    The static passes left them float; ``QuantizeDynamic`` names sites counting only its
+    own integer matmuls, so after ``LowerInt8`` its names can differ from the float
+    model's: the sites are matched by their binding var instead, and every other float
+    site goes to its ``skip`` list.
+    """
+    wanted = {s.var.name for s in list_weight_sites(prepared["main"]) if s.name in set(dynamic)}
+    sites = stable_sites(quantized["main"], "", _is_dynamic_matmul)
+    chosen = [s for s in sites if s.var.name in wanted]
+    if len(chosen) != len(wanted) or len(wanted) != len(dynamic):
+        raise TvmqError(
+            f"internal error: could not find the dynamic sites {list(dynamic)} after static "
+            "quantization (their binding vars changed)"
+        )
+    others = tuple(s.name for s in sites if s not in chosen)
+    dyn_scheme = Int8Dynamic(weight_per_channel=scheme.weight_per_channel, skip=others)
+    return QuantizeDynamic(dyn_scheme)(quantized)
