@@ -267,7 +267,7 @@ def _abandon_batch(inner, artifacts: list[str]) -> None:
     inner.pool.shutdown(wait=False)  # kills the worker, and any board session it holds
     for artifact in artifacts:
         folder = Path(artifact).parent
-        # Only the folders tvmq's builder made (tuning._export_candidate), never anything else.
+        # Only the folders tvmq's builder made (tuning_measure.export_candidate), nothing else.
         if folder.name.startswith("tvmq-tune-"):
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -384,9 +384,9 @@ def _tune_model(folder: Path) -> Path:
 
 def _kill_after_first_batch(monkeypatch, kill: Callable[[], None]) -> list[int]:
     """Kill a board once the first batch (the default schedule) has been measured."""
-    from tvmq import tuning
+    from tvmq import tuning_measure
 
-    update = tuning._Progress.update
+    update = tuning_measure.Progress.update
     batches: list[int] = []
 
     def update_then_kill(self, run_secs):
@@ -396,7 +396,7 @@ def _kill_after_first_batch(monkeypatch, kill: Callable[[], None]) -> list[int]:
             kill()
             time.sleep(1.0)  # let the tracker see the board's connection close
 
-    monkeypatch.setattr(tuning._Progress, "update", update_then_kill)
+    monkeypatch.setattr(tuning_measure.Progress, "update", update_then_kill)
     return batches
 
 
