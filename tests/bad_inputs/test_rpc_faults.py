@@ -245,9 +245,9 @@ def test_board_refuses(expect_user_error, run_argv, tmp_path, monkeypatch, comma
 
 
 def test_board_never_answers(expect_user_error, run_argv, monkeypatch):
-    import tvmq.rpc
+    import tvmq.rpc_session
 
-    monkeypatch.setattr(tvmq.rpc, "_MIN_SESSION_S", 0.5)  # the emulated boards' grace time
+    monkeypatch.setattr(tvmq.rpc_session, "_MIN_SESSION_S", 0.5)  # the emulated boards' grace time
     with silent_board() as board, fake_tracker(protocol_tracker({"k": board})) as port:
         argv, watch = run_argv("run", port)
         _expect_fast_error(expect_user_error, argv, watch, "did not start a session")
