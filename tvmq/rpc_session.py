@@ -20,7 +20,7 @@ import tvm.rpc
 import tvm_ffi
 from tvm.rpc import base as rpc_base
 
-from tvmq.errors import TvmqError
+from tvmq.errors import TvmqError, first_line
 
 __all__ = ["BoardError", "BoardSession", "connect"]
 
@@ -309,15 +309,10 @@ def _open_session(
     if not result:
         raise BoardError(f"{where} accepted the connection but did not start a session")
     if isinstance(result[0], Exception):
-        raise BoardError(f"{where} refused the session: {_first_line(result[0])}")
+        raise BoardError(f"{where} refused the session: {first_line(result[0])}")
     return result[0]
 
 
 def _listen_host(host: str) -> str:
     """The address to suggest a tracker listen on: never every interface by default."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::", "localhost") else host
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
