@@ -12,6 +12,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 import tvmq.tuning
+import tvmq.tuning_database
+import tvmq.tuning_measure
 from tvmq.build import BuildInfo, build, build_with_info, fuse_to_tir
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.errors import TvmqError
@@ -57,14 +59,14 @@ def tuned_dir(tmp_path_factory):
     """
     work_dir = tmp_path_factory.mktemp("tuning") / "host"
     mod = _tiny_model()
-    original = tvmq.tuning._Progress.update
+    original = tvmq.tuning_measure.Progress.update
 
     def interrupt_after_first_batch(self, run_secs):
         original(self, run_secs)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tvmq.tuning._Progress, "update", interrupt_after_first_batch)
+        mp.setattr(tvmq.tuning_measure.Progress, "update", interrupt_after_first_batch)
         with pytest.raises(KeyboardInterrupt):
             tune(
                 mod,
@@ -201,7 +203,7 @@ def test_a_kernel_metaschedule_cannot_tune_is_reported_and_skipped(tmp_path, mon
     def fail(context, *args):
         raise RuntimeError("InternalError: Do not have a default for prim.Broadcast")
 
-    monkeypatch.setattr(tvmq.tuning, "_run_one", fail)
+    monkeypatch.setattr(tvmq.tuning_measure, "run_one", fail)
     # The only kernel failed: the run tuned nothing, which is an error, not a report.
     with pytest.raises(TuningFailed, match="all 1 kernel.* failed.*prim.Broadcast") as failed:
         tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, progress=False)
@@ -291,7 +293,7 @@ def test_records_on_a_missing_or_wrong_kernel_are_dropped(tuned_dir, tmp_path, c
     assert record.startswith("[0,")
     # A kernel of another model (from the logs shipped with tvmq) and a record of ours
     # pointing at it (as two writers on one folder made), and one at a kernel not there.
-    shipped = tvmq.tuning._shipped_dir("x86-avx512-vnni")
+    shipped = tvmq.tuning_database.shipped_dir("x86-avx512-vnni")
     # A kernel with no matmul block, so that our matmul's trace cannot replay on it.
     foreign = next(
         line
@@ -345,7 +347,7 @@ def test_a_builder_that_cannot_build_fails_before_anything(tmp_path, monkeypatch
     def broken(*args):
         raise RuntimeError("cannot find the linker")
 
-    monkeypatch.setattr(tvmq.tuning, "_build_candidate", broken)
+    monkeypatch.setattr(tvmq.tuning_measure, "build_candidate", broken)
     with pytest.raises(TvmqError, match="cannot build kernels.*cannot find the linker"):
         tune(_tiny_model(), "host", work_dir=tmp_path / "host", trials=2, cost_model="random")
     assert not (tmp_path / "host").exists()

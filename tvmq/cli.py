@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+
+from tvmq.cli_commands import (
+    cmd_bench,
+    cmd_compile,
+    cmd_demo,
+    cmd_inspect,
+    cmd_run,
+    cmd_targets,
+    cmd_tune,
+)
+from tvmq.cli_options import QUANTIZE_SCHEMES, int_at_least, parse_shape, rpc_address
+
+__all__ = ["QUANTIZE_SCHEMES", "build_parser", "main"]
 
 EPILOG = """\
 examples:
@@ -24,259 +35,10 @@ examples:
 """
 
 
-def _parse_shape(text: str) -> tuple[str, list[int]]:
-    name, sep, dims = text.rpartition(":")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: write NAME:DIMxDIM..., e.g. input:1x3x224x224")
-    try:
-        shape = [int(d) for d in dims.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: dimensions must be integers, e.g. 1x3x224x224"
-        ) from None
-    if any(d < 1 for d in shape):  # a 0 dim makes an empty tensor: nothing to compute
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: every dimension must be at least 1, e.g. 1x3x224x224"
-        )
-    return name, shape
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (checked while parsing, before any work)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _input_shapes(args) -> dict[str, list[int]] | None:
-    """--input-shape options as a dict; naming one input twice is a mistake, not an override."""
-    from tvmq.errors import TvmqError
-
-    if not args.input_shape:
-        return None
-    shapes: dict[str, list[int]] = {}
-    for name, shape in args.input_shape:
-        if name in shapes:
-            raise TvmqError(f"--input-shape gives input {name!r} twice; give each input once")
-        shapes[name] = shape
-    return shapes
-
-
-def _load_arrays(path: str, specs) -> list:
-    """Inputs from .npz (keys = input names, or one array) or .npy (single-input models)."""
-    import numpy as np
-
-    from tvmq.errors import TvmqError
-
-    p = Path(path)
-    if not p.is_file():
-        raise TvmqError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-        if isinstance(data, np.ndarray):
-            arrays = {specs[0].name: data} if len(specs) == 1 else {}
-        else:
-            with data:  # a .npz reads (and may fail on) each array only here
-                arrays = {key: data[key] for key in data.files}
-    except Exception as e:  # damaged, truncated, pickled (object) arrays, not numpy at all
-        raise TvmqError(f"{p}: not a readable .npy/.npz file ({e})") from None
-    if len(arrays) == 1 and len(specs) == 1:
-        arrays = {specs[0].name: next(iter(arrays.values()))}
-    names = [s.name for s in specs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise TvmqError(f"{p}: no array for input(s) {missing}; it has {sorted(arrays)}")
-    extra = sorted(set(arrays) - set(names))
-    if extra:  # a misspelt or stale input would otherwise be ignored without a word
-        raise TvmqError(f"{p}: array(s) {extra} are not inputs of the model; it takes {names}")
-    return [arrays[n] for n in names]
-
-
-def cmd_targets(args) -> int:
-    from tvmq.targets import list_targets
-
-    presets = list_targets()
-    width = max(len(t.name) for t in presets)
-    for t in presets:
-        print(f"{t.name:<{width}}  {t.description}")
-    return 0
-
-
-def _compression_configs(args):
-    """--prune/--prune-kind/--cluster -> (PruneConfig | None, ClusterConfig | None)."""
-    from tvmq.compression import ClusterConfig, PruneConfig
-    from tvmq.errors import TvmqError
-
-    prune = None
-    kind = args.prune_kind
-    if kind in ("2:4", "4:8"):
-        n, m = (int(v) for v in kind.split(":"))
-        if args.prune is not None and abs(args.prune - (1 - n / m)) > 1e-9:
-            raise TvmqError(
-                f"--prune-kind {kind} prunes exactly {1 - n / m:g}; drop --prune {args.prune:g}"
-            )
-        prune = PruneConfig(method="n:m", n=n, m=m)
-    elif args.prune is not None:
-        if kind == "channel":
-            prune = PruneConfig(method="channels", ratio=args.prune)
-        else:
-            prune = PruneConfig(method="magnitude", sparsity=args.prune)
-    cluster = None
-    if args.cluster is not None:
-        bits = args.cluster.bit_length() - 1
-        if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
-            raise TvmqError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
-        cluster = ClusterConfig(bits=bits)
-    return prune, cluster
-
-
-def _sparse_config(args):
-    from tvmq.core.compression import SparseConfig
-    from tvmq.errors import TvmqError
-
-    if args.sparse is None:
-        return None
-    try:
-        block = tuple(int(v) for v in args.sparse_block.lower().split("x"))
-    except ValueError:
-        block = ()
-    if len(block) != 2:
-        raise TvmqError(f"--sparse-block {args.sparse_block!r}: write ROWSxCOLS, e.g. 16x1")
-    return SparseConfig(min_sparsity=args.sparse, block=block)
-
-
-# --quantize choices -> whether the scheme is calibrated (takes --calib/--observer). Kept here
-# so a wrong combination is refused without importing tvmq.quantization (and TVM);
-# tests/bad_inputs/test_options.py checks it against tvmq.quantization.get_scheme.
-QUANTIZE_SCHEMES = {"int8": True, "int8-dynamic": False, "w8": False, "w4": False}
-
-
-def _check_quantize_options(args) -> None:
-    """--quantize/--calib/--observer agree, and the calibration file is usable (headers only).
-
-    Runs before the model is imported, so a mistake here costs no import or compile time.
-    """
-    from tvmq.errors import TvmqError
-
-    given = [
-        opt for opt, value in (("--calib", args.calib), ("--observer", args.observer)) if value
-    ]
-    if not args.quantize:
-        if given:
-            raise TvmqError(
-                f"{' and '.join(given)} without --quantize: calibration is for --quantize int8; "
-                f"add it or drop {' and '.join(given)}"
-            )
-        return
-    calibrated = QUANTIZE_SCHEMES[args.quantize]
-    if given and not calibrated:
-        raise TvmqError(
-            f"--quantize {args.quantize} takes no calibration; drop {' and '.join(given)} "
-            "(or use --quantize int8)"
-        )
-    if calibrated and not args.calib:
-        raise TvmqError(
-            f"--quantize {args.quantize} needs --calib: a .npz of a few hundred typical inputs "
-            "(keys = input names)"
-        )
-    if args.observer:
-        from tvmq.calibration import get_observer
-
-        get_observer(args.observer)  # an unknown name: one line listing the known ones
-    if args.calib:
-        from tvmq.calibration import check_calibration_file
-
-        check_calibration_file(args.calib)
-
-
-def cmd_compile(args) -> int:
-    import dataclasses
-
-    import tvmq
-
-    _check_quantize_options(args)
-    input_shapes = _input_shapes(args)
-    prune, cluster = _compression_configs(args)
-
-    scheme = None
-    if args.quantize:
-        from tvmq.compiler import scheme_for_target
-        from tvmq.targets import get_target
-
-        scheme = scheme_for_target(args.quantize, get_target(args.target))
-        if args.observer:
-            scheme = dataclasses.replace(scheme, observer=args.observer)
-    art = tvmq.compile(
-        args.model,
-        args.target,
-        output_dir=args.output,
-        input_shapes=input_shapes,
-        prune=prune,
-        cluster=cluster,
-        sparse=_sparse_config(args),
-        quantize=scheme,
-        calibration_data=args.calib,
-        tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
-        progress=not args.quiet,
-    )
-    lib = art.manifest.library
-    print(
-        f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
-    )
-    return 0
-
-
-def _rpc_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write the RPC tracker's HOST:PORT, e.g. 127.0.0.1:9190"
-        )
-    return host, int(port)
-
-
-def _open_model(args):
-    """The compiled model, loaded here or (with --rpc) on a board; and the board session."""
-    import tvmq
-    from tvmq.errors import TvmqError
-
-    if not args.rpc:
-        if args.key:
-            raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
-        return tvmq.load(args.model_dir), None
-    from tvmq.manifest import Manifest
-    from tvmq.rpc import RemoteModel, connect
-    from tvmq.targets import get_target
-
-    key = args.key
-    if key is None:
-        name = Manifest.read(args.model_dir).target.get("name")
-        try:
-            key = get_target(name).rpc_key
-        except TvmqError:
-            key = None
-        if not key:
-            raise TvmqError(f"target {name!r} has no rpc_key: give the boards' key with --key")
-    session = connect(*args.rpc, key, timeout=args.rpc_timeout)
-    try:
-        return RemoteModel(args.model_dir, session), session
-    except BaseException:
-        session.close()
-        raise
-
-
 def _add_rpc_options(s) -> None:
     s.add_argument(
         "--rpc",
-        type=_rpc_address,
+        type=rpc_address,
         metavar="HOST:PORT",
         help="run on a board through this TVM RPC tracker instead of here",
     )
@@ -290,158 +52,6 @@ def _add_rpc_options(s) -> None:
         metavar="SECONDS",
         help="how long to wait for the tracker and a free board (default 60)",
     )
-
-
-def cmd_run(args) -> int:
-    import numpy as np
-
-    from tvmq.output import check_output_file, write_file_atomically
-
-    if args.output:
-        check_output_file(args.output)  # before running: a bad -o fails fast
-    model, session = _open_model(args)
-    try:
-        arrays = _load_arrays(args.input, model.inputs)
-        outs = model(*arrays)
-    finally:
-        if session is not None:
-            session.close()
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    for spec, y in zip(model.outputs, outs, strict=True):
-        summary = f"{spec.name}: shape {y.shape} {y.dtype}"
-        if y.size:
-            summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
-            if y.ndim == 2:
-                summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
-        print(summary)
-    if args.output:
-        arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
-        write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
-        print(f"wrote {args.output}")
-    return 0
-
-
-def cmd_bench(args) -> int:
-    model, session = _open_model(args)
-    try:
-        inputs = _load_arrays(args.input, model.inputs) if args.input else None
-        stats = model.benchmark(inputs, warmup=args.warmup, repeat=args.repeat)
-        where = session.describe() if session is not None else str(model.device)
-    finally:
-        if session is not None:
-            session.close()
-    name = model.manifest.target.get("name")
-    print(f"{args.model_dir} on {name} ({where}): {stats.repeat} runs after {args.warmup} warm-up")
-    print(
-        f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
-    )
-    return 0
-
-
-def cmd_tune(args) -> int:
-    from tvmq.errors import TvmqError
-    from tvmq.targets import get_target
-    from tvmq.tuning import TuningFailed, default_work_dir, repair, tune
-    from tvmq.tuning_records import check_work_dir
-
-    if args.repair:
-        if args.model is not None:
-            raise TvmqError("--repair takes no model: give the folder with --work-dir")
-        work_dir = args.work_dir or default_work_dir(args.target)
-        print(repair(work_dir).summary())
-        return 0
-    if args.model is None:
-        raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
-    if args.work_dir is not None:  # before the model import: a typo should fail in a second
-        check_work_dir(Path(args.work_dir))
-    rpc = None
-    if args.rpc:
-        key = args.key or get_target(args.target).rpc_key
-        if not key:
-            raise TvmqError(
-                f"target {args.target!r} has no rpc_key: give the boards' key with --key"
-            )
-        rpc = (*args.rpc, key, args.rpc_timeout)
-        from tvmq.rpc import connect
-
-        # Check the tracker and a board before anything is imported or written.
-        connect(*args.rpc, key, timeout=args.rpc_timeout).close()
-    elif args.key:
-        raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
-    from tvmq.frontends import import_model
-
-    model = import_model(args.model, input_shapes=_input_shapes(args))
-    try:
-        report = tune(
-            model,
-            args.target,
-            work_dir=args.work_dir,
-            trials=args.trials,
-            trials_per_task=args.trials_per_task,
-            rpc=rpc,
-            progress=not args.quiet,
-            cost_model=args.cost_model,
-        )
-    except TuningFailed as failed:
-        print(failed.report.summary())  # the table on stdout; the one-line error on stderr
-        raise
-    print(report.summary())
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from tvmq.errors import TvmqError
-
-    path = Path(args.path)
-    if path.is_dir():
-        from tvmq.manifest import Manifest
-        from tvmq.runtime import verified_library
-
-        manifest = Manifest.read(path)
-        verified_library(path, manifest)  # a swapped or damaged model.so is news, not a detail
-        print(json.dumps(manifest.to_json(), indent=2))
-        return 0
-    if not path.exists():
-        raise TvmqError(f"{path}: no such file or directory")
-    from collections import Counter
-
-    from tvmq.frontends import import_model
-
-    m = import_model(path, input_shapes=_input_shapes(args))
-    print(f"{path} ({m.source})")
-    for s in m.inputs:
-        print(f"  input  {s.name}: {list(s.shape)} {s.dtype}")
-    for s in m.outputs:
-        print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
-    ops = Counter(_relax_ops(m.mod))
-    print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
-    if args.ir:
-        print(m.mod.script(show_meta=False))
-    return 0
-
-
-def _relax_ops(mod) -> list[str]:
-    import tvm
-    from tvm import relax
-
-    found = []
-
-    @relax.expr_functor.visitor
-    class _Ops(relax.PyExprVisitor):
-        def visit_call_(self, call):
-            if isinstance(call.op, tvm.ir.Op):
-                found.append(call.op.name.removeprefix("relax."))
-            super().visit_call_(call)
-
-    _Ops().visit_expr(mod["main"])
-    return found
-
-
-def cmd_demo(args) -> int:
-    from tvmq.demo import run_demo
-
-    run_demo(output_dir=args.output, quick=args.quick, progress=not args.quiet)
-    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -484,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--input-shape",
         action="append",
-        type=_parse_shape,
+        type=parse_shape,
         metavar="NAME:1x3x224x224",
         help="static shape for an input with dynamic dimensions (repeatable)",
     )
@@ -544,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", help="model file: .onnx, or .pt2 saved with torch.export.save"
     )
     s.add_argument("-t", "--target", default="host", help="target preset name or JSON file")
-    s.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME:1x3x224x224")
+    s.add_argument("--input-shape", action="append", type=parse_shape, metavar="NAME:1x3x224x224")
     s.add_argument(
         "--trials",
         type=int,
@@ -577,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir", help="output directory of tvmq compile")
     s.add_argument("-i", "--input", help="inputs (.npz/.npy); default: random")
     s.add_argument(
-        "--warmup", type=_int_at_least(0), default=10, help="untimed runs first (default 10)"
+        "--warmup", type=int_at_least(0), default=10, help="untimed runs first (default 10)"
     )
-    s.add_argument("--repeat", type=_int_at_least(1), default=100, help="timed runs (default 100)")
+    s.add_argument("--repeat", type=int_at_least(1), default=100, help="timed runs (default 100)")
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
 
@@ -587,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="show a compiled directory's manifest, or a model's signature and ops"
     )
     s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")
-    s.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME:1x3x224x224")
+    s.add_argument("--input-shape", action="append", type=parse_shape, metavar="NAME:1x3x224x224")
     s.add_argument("--ir", action="store_true", help="also print the Relax IR")
     s.set_defaults(func=cmd_inspect)
     return p

@@ -24,3 +24,9 @@ class UnsupportedOperatorError(TvmqError):
 @tvm_ffi.register_error
 class InputMismatchError(TvmqError):
     """Inputs given at run time do not match the compiled model's manifest."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

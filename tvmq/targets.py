@@ -45,7 +45,7 @@ import tvm
 from tvm.target import Target
 from tvm.target import codegen as _llvm
 
-from tvmq.errors import TvmqError
+from tvmq.errors import TvmqError, first_line
 
 __all__ = ["TargetPreset", "get_target", "list_targets"]
 
@@ -266,7 +266,7 @@ def _parse(text: str, source: str, expected_name: str | None) -> TargetPreset:
         try:
             tvm_targets[name] = Target(value)
         except Exception as err:  # TVM raises several error types for a bad target dict
-            raise bad(name, f"is rejected by TVM: {_first_line(err)}") from err
+            raise bad(name, f"is rejected by TVM: {first_line(err)}") from err
     if features == _DETECT:
         features = _detect_features(tvm_targets["target"])
     else:
@@ -361,9 +361,3 @@ def _this_machine() -> str:
     """This machine's architecture, spelled like an LLVM triple's first part."""
     machine = platform.machine().lower()
     return _MACHINE_ALIASES.get(machine, machine)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -32,31 +32,37 @@ Records and targets
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import tvm
 
+from tvmq import tuning_measure as measure
 from tvmq import tuning_records
 from tvmq.errors import TvmqError
 from tvmq.targets import TargetPreset, get_target
+from tvmq.tuning_database import (
+    best_ms,
+    default_work_dir,
+    open_database,
+    open_tuning_logs,
+    task_records,
+)
 from tvmq.tuning_records import RECORD_FILE, WORKLOAD_FILE, RepairReport, repair
 
 if TYPE_CHECKING:
-    from tvm.s_tir.meta_schedule import CostModel, Database
+    from tvm.s_tir.meta_schedule import CostModel
 
     from tvmq.frontends import ImportedModel
 
 __all__ = [
+    "RECORD_FILE",
+    "WORKLOAD_FILE",
     "RepairReport",
     "TaskReport",
     "TuningFailed",
@@ -68,13 +74,7 @@ __all__ = [
     "tune",
 ]
 
-LOG_FOLDER = "tuning_logs"
-"""The folder (in the current directory) where :func:`tune` writes records by default."""
-
 _log = logging.getLogger(__name__)
-# MetaSchedule logs every batch at INFO; tvmq's progress bar says the same more briefly.
-_MS_LOGGER = logging.getLogger("tvmq.tuning.metaschedule")
-_FAILED_RUN_SECS = 1e9  # MetaSchedule records a failed build or run as 1e10 s
 
 
 @dataclass
@@ -191,11 +191,6 @@ def tunable_tasks(fused: tvm.IRModule, target: tvm.target.Target) -> list:
     return [t for t in ms.relax_integration.extract_tasks(fused, target) if not prescheduled(t)]
 
 
-def default_work_dir(target: str | TargetPreset) -> Path:
-    """``./tuning_logs/<preset name>``: where :func:`tune` writes and ``compile`` looks."""
-    return Path.cwd() / LOG_FOLDER / get_target(target).name
-
-
 def tune(
     model: ImportedModel | tvm.IRModule,
     target: str | TargetPreset = "host",
@@ -278,39 +273,39 @@ def tune(
         raise TvmqError("trials_per_batch must be positive")
     mod = model if isinstance(model, tvm.IRModule) else model.mod
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(preset)
-    tvm_target = _tuning_target(preset, rpc)
-    num_threads = _usable_cpus()
+    tvm_target = measure.tuning_target(preset, rpc)
+    num_threads = measure.usable_cpus()
     # Everything that can fail without measuring fails here, before minutes of work.
     _check_folder(work_dir)
-    cost_model = _make_cost_model(cost_model, num_threads)
+    cost_model = measure.make_cost_model(cost_model, num_threads)
 
-    _register_intrinsics(preset)
+    measure.register_intrinsics(preset)
     fused = fuse_to_tir(mod, preset)
     tasks = tunable_tasks(fused, tvm_target)
     if not tasks:
         raise TvmqError(f"the model has no kernel to tune for target {preset.name!r}")
     per_task = trials_per_task if trials_per_task is not None else math.ceil(trials / len(tasks))
-    builder = _builder(preset, rpc)
-    _check_builder(tasks[0], preset, rpc)
+    builder = measure.make_builder(preset, rpc)
+    measure.check_builder(tasks[0], preset, rpc)
     _make_folder(work_dir)
     with tuning_records.writer_lock(work_dir):
-        database = _open_database(work_dir)
-        earlier = [_task_records(database, t.dispatched[0], tvm_target) for t in tasks]
+        database = open_database(work_dir)
+        earlier = [task_records(database, t.dispatched[0], tvm_target) for t in tasks]
         plan = _plan([len(records) for records in earlier], trials, per_task)
         reports = [
-            TaskReport(t.task_name, len(records), 0, _best_ms(records), skipped=(todo == 0))
+            TaskReport(t.task_name, len(records), 0, best_ms(records), skipped=(todo == 0))
             for t, records, todo in zip(tasks, earlier, plan, strict=True)
         ]
         report = TuneReport(preset.name, work_dir, reports, planned_trials=sum(plan))
         if sum(plan):
             _tune_tasks(
                 tasks, plan, [len(r) for r in earlier], report, database, builder,
-                _runner(rpc), cost_model, progress, seed, measure_default, num_threads,
-                trials_per_batch,
+                measure.make_runner(rpc), cost_model, progress, seed, measure_default,
+                num_threads, trials_per_batch,
             )  # fmt: skip
         for task, task_report in zip(tasks, reports, strict=True):
-            records = _task_records(database, task.dispatched[0], tvm_target)
-            task_report.trials, task_report.best_ms = len(records), _best_ms(records)
+            records = task_records(database, task.dispatched[0], tvm_target)
+            task_report.trials, task_report.best_ms = len(records), best_ms(records)
     report.seconds = time.perf_counter() - started
     if report.planned_trials and all(t.failed for t in report.tasks if not t.skipped):
         raise TuningFailed(report)
@@ -338,8 +333,8 @@ def _tune_tasks(
     from tvmq.rpc import BoardError
 
     reports = report.tasks
-    bar = _progress_bar(sum(plan), report.target, progress)
-    tracker = _Progress(bar, reports)
+    bar = measure.progress_bar(sum(plan), report.target, progress)
+    tracker = measure.Progress(bar, reports)
     try:
         for index, (task, todo) in enumerate(zip(tasks, plan, strict=True)):
             if todo == 0:
@@ -347,8 +342,8 @@ def _tune_tasks(
             tracker.current = index
             try:
                 if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
-                    default = _default_schedule_context(task, num_threads)
-                    _run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
+                    default = measure.default_schedule_context(task, num_threads)
+                    measure.run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
                     todo -= 1
                     if todo == 0:
                         continue
@@ -358,11 +353,11 @@ def _tune_tasks(
                     space_generator="post-order-apply",
                     search_strategy="evolutionary",
                     task_name=task.task_name,
-                    logger=_MS_LOGGER,
+                    logger=measure.MS_LOGGER,
                     rand_state=-1 if seed is None else seed + index,
                     num_threads=num_threads,
                 ).clone()
-                _run_one(
+                measure.run_one(
                     context, todo, per_batch, builder, runner, database,
                     cost_model, tracker,
                 )  # fmt: skip
@@ -374,7 +369,7 @@ def _tune_tasks(
                     f"{report.work_dir} (rerun to resume)"
                 ) from None
             except Exception as err:  # one kernel MetaSchedule cannot handle: go on
-                reports[index].error = _one_line(err)
+                reports[index].error = measure.one_line(err)
                 # The summary lists it; a warning per kernel would break the one-line errors.
                 _log.info("kernel %s not tuned: %s", task.task_name, reports[index].error)
     except KeyboardInterrupt:
@@ -385,12 +380,6 @@ def _tune_tasks(
         )
         raise
     bar.close()
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: last line of the message``: TVM errors carry pages of context above it."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------------------
@@ -409,492 +398,3 @@ def _make_folder(work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TvmqError(f"--work-dir {work_dir}: cannot create it ({err.strerror})") from err
-
-
-def _open_database(work_dir: Path) -> Database:
-    """MetaSchedule's JSONDatabase of the folder, which tuning appends to.
-
-    Parsing was checked before (``tuning_records.check_for_tuning``); MetaSchedule also
-    replays every record's trace, so a record pointing at the wrong kernel fails here.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        return ms.database.JSONDatabase(work_dir=str(work_dir))
-    except Exception as err:  # TVM raises several types for a damaged log
-        _log.debug("JSONDatabase(%s) failed: %s", work_dir, err)
-        raise tuning_records.damaged_error(
-            work_dir, tuning_records.count_damaged(work_dir)
-        ) from None
-
-
-def _make_cost_model(cost_model, num_threads: int):
-    """The cost model, created now so that one that cannot work fails before any task."""
-    from tvm.s_tir import meta_schedule as ms
-
-    if isinstance(cost_model, ms.CostModel):
-        return cost_model
-    if cost_model == "xgb":
-        try:
-            import xgboost  # noqa: F401 - MetaSchedule imports it only when a task starts
-        except ImportError as err:
-            raise TvmqError(
-                f"the 'xgb' cost model needs xgboost, which does not import ({err}): "
-                "pip install xgboost-cpu, or use --cost-model random"
-            ) from err
-    try:
-        return ms.CostModel.create(cost_model, num_tuning_cores=num_threads)
-    except Exception as err:
-        raise TvmqError(f"cannot create the {cost_model!r} cost model: {_one_line(err)}") from err
-
-
-def _check_builder(task, preset: TargetPreset, rpc) -> None:
-    """Build and link one candidate here, so that a builder that cannot work fails now.
-
-    MetaSchedule turns a failed build into a failed candidate, so a broken builder
-    (missing compiler, missing worker packages) would otherwise measure nothing, slowly.
-    Only CPU kernels are tried: an unscheduled GPU kernel does not build by design.
-    """
-    import importlib
-    import shutil
-
-    for name in ("psutil", "cloudpickle"):  # the builder's and runner's worker pools
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise TvmqError(f"tuning needs the {name} package: pip install {name}") from err
-    if task.target.kind.name != "llvm":
-        return
-    try:
-        built = _build_candidate(task.dispatched[0], task.target, None)
-        path = _export_candidate(built, _candidate_cc(preset, rpc))
-    except TvmqError:
-        raise
-    except Exception as err:
-        raise TvmqError(
-            f"cannot build kernels for target {preset.name!r}, so nothing can be tuned: "
-            f"{_one_line(err)}"
-        ) from err
-    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-
-
-def open_tuning_logs(logs: Any, target: str | TargetPreset) -> tuple[Database | None, list[Path]]:
-    """Open tuning records for a build: one in-memory database of the records for the target.
-
-    Parameters
-    ----------
-    logs : "auto", path, Database, a sequence of them, or None
-        ``"auto"``: ``./tuning_logs/<preset>/`` and the logs shipped with tvmq
-        (``tvmq._tuning_logs/<preset>/``), those that exist. A path: a record folder, which
-        must hold ``database_workload.json`` and ``database_tuning_record.json``. A
-        MetaSchedule Database is used as it is (no target filter). None: no records.
-    target : str or TargetPreset
-        Records for other targets (see the module docstring) are left out.
-
-    Returns
-    -------
-    (Database or None, list of Path)
-        The database (None when there are no records) and the folders read.
-
-    Notes
-    -----
-    A folder is read by tvmq (:func:`tvmq.tuning_records.read_for_build`), not by
-    MetaSchedule's ``JSONDatabase``: records for other targets are dropped before any is
-    decoded, only each kernel's fastest record is decoded (the one a build applies), and
-    damaged lines (a torn last line after a crash, records pointing at a missing kernel)
-    are skipped with one warning naming the folder instead of failing the build.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    if logs is None:
-        return None, []
-    preset = get_target(target)
-    if isinstance(logs, str) and logs == "auto":
-        candidates = [default_work_dir(preset), _shipped_dir(preset.name)]
-        folders = []
-        for folder in candidates:
-            if folder is None or not (folder / RECORD_FILE).is_file():
-                continue
-            if all(folder.resolve() != seen.resolve() for seen in folders):
-                folders.append(folder)
-        sources: list = folders
-    elif isinstance(logs, str | os.PathLike | ms.Database):
-        sources = [logs]
-    elif isinstance(logs, Sequence):
-        sources = list(logs)
-    else:
-        raise TvmqError(f"tuning_logs must be 'auto', a folder or a database, not {logs!r}")
-
-    databases, folders, records = [], [], []
-    want = _target_key(preset.tvm_target())
-    for source in sources:
-        if isinstance(source, ms.Database):
-            databases.append(source)
-            continue
-        folder = Path(source)
-        if not (folder / WORKLOAD_FILE).is_file() or not (folder / RECORD_FILE).is_file():
-            raise TvmqError(
-                f"{folder}: not a tuning log folder (needs {WORKLOAD_FILE} and {RECORD_FILE})"
-            )
-        kept, other_target, damaged = tuning_records.read_for_build(folder, want)
-        if damaged:
-            tuning_records.warn_damaged(folder, damaged)
-        if other_target:
-            _log.info(
-                "%s: %d records are for another target than %r and are not used",
-                folder,
-                other_target,
-                preset.name,
-            )
-        folders.append(folder)
-        records.extend(kept)
-    if records:
-        memory = ms.database.MemoryDatabase()
-        for record in records:
-            workload = memory.commit_workload(record.workload.mod)
-            memory.commit_tuning_record(
-                ms.database.TuningRecord(
-                    record.trace, workload, record.run_secs, record.target, record.args_info
-                )
-            )
-        databases.insert(0, memory)
-    if not databases:
-        return None, folders
-    if len(databases) == 1:
-        return databases[0], folders
-    return ms.database.UnionDatabase(*databases), folders
-
-
-# --------------------------------------------------------------------------------------
-# Tuning one task
-
-
-def _run_one(context, trials, per_batch, builder, runner, database, cost_model, tracker) -> None:
-    """Tune one task for ``trials`` candidates, sharing builder, runner and cost model."""
-    from tvm.s_tir import meta_schedule as ms
-
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(tracker)]
-    scheduler = ms.task_scheduler.RoundRobin()
-    try:
-        scheduler.tune(
-            tasks=[context],
-            task_weights=[1.0],
-            max_trials_global=trials,
-            max_trials_per_task=trials,
-            num_trials_per_iter=min(per_batch, trials),
-            builder=builder,
-            runner=runner,
-            measure_callbacks=callbacks,
-            database=database,
-            cost_model=cost_model,
-        )
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:
-        # A Ctrl-C inside a callback crosses TVM's C++ and comes back as another error type.
-        if "KeyboardInterrupt" in f"{type(err).__name__}: {err}" or tracker.interrupted:
-            raise KeyboardInterrupt from err
-        raise
-
-
-def _default_schedule_context(task, num_threads: int):
-    """A TuneContext whose only candidate is tvmq's default CPU schedule of ``task``."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from tvmq.cpu_schedule import CPUDefaultSchedule
-
-    rule, target = CPUDefaultSchedule(), task.target
-
-    def default_space(sch):
-        scheduled = rule.apply(sch.mod["main"], target, False)
-        return [scheduled if scheduled is not None else sch]  # its trace replays on the task
-
-    space = ms.space_generator.ScheduleFn(
-        default_space, sch_rules=[], postprocs=[], mutator_probs={}
-    )
-    return ms.TuneContext(
-        mod=task.dispatched[0],
-        target=target,
-        space_generator=space,
-        search_strategy="replay-trace",
-        task_name=task.task_name,
-        logger=_MS_LOGGER,
-        num_threads=num_threads,
-    ).clone()
-
-
-class _Progress:
-    """The tqdm bar's state: trials done and each task's best latency."""
-
-    def __init__(self, bar, reports: list[TaskReport]) -> None:
-        self.bar = bar
-        self.reports = reports
-        self.current = 0
-        self.interrupted = False
-
-    def note_failures(self, errors: Sequence[str | None]) -> None:
-        """Keep the current task's first failed candidate's message (for the summary)."""
-        report = self.reports[self.current]
-        if report.failure is None:
-            report.failure = next((e for e in errors if e), None)
-
-    def update(self, run_secs: list[float | None]) -> None:
-        """Count one measured batch of the current task; None marks a failed candidate."""
-        report = self.reports[self.current]
-        report.new_trials += len(run_secs)
-        report.failed_trials += sum(secs is None for secs in run_secs)
-        for secs in run_secs:
-            if secs is not None and (report.best_ms is None or secs * 1e3 < report.best_ms):
-                report.best_ms = secs * 1e3
-        self.bar.update(len(run_secs))
-        self.bar.set_postfix_str(
-            "  ".join(
-                f"{_short(r.name)} {_ms(r.best_ms)}" for r in self.reports if r.best_ms is not None
-            ),
-            refresh=False,
-        )
-
-
-def _make_progress_callback():
-    """The MeasureCallback class (defined lazily: importing MetaSchedule is slow)."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    @derived_object
-    class ProgressCallback(PyMeasureCallback):
-        """Feeds each measured batch to a :class:`_Progress` (after AddToDatabase saved it)."""
-
-        def __init__(self, tracker: _Progress) -> None:
-            self.tracker = tracker
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, results):
-            secs, errors = [], []
-            for built, result in zip(builder_results, results, strict=False):
-                values = [float(s) for s in result.run_secs or []]
-                ok = result.error_msg is None and values and max(values) < _FAILED_RUN_SECS
-                secs.append(sum(values) / len(values) if ok else None)
-                if not ok:
-                    errors.append(_error_line(built.error_msg or result.error_msg))
-            self.tracker.note_failures(errors)
-            try:
-                self.tracker.update(secs)
-            except KeyboardInterrupt:
-                self.tracker.interrupted = True
-                raise
-
-    return ProgressCallback
-
-
-def _error_line(message: str | None) -> str | None:
-    """The last non-empty line of a builder's or runner's error message: they are
-    tracebacks, whose last line is the exception."""
-    for line in reversed((message or "").splitlines()):
-        if line.strip():
-            return line.strip()[:300]
-    return None
-
-
-def _ProgressCallback(tracker: _Progress):  # noqa: N802 - stands for the lazily made class
-    """A MeasureCallback updating ``tracker``."""
-    global _PROGRESS_CALLBACK_CLASS
-    if _PROGRESS_CALLBACK_CLASS is None:
-        _PROGRESS_CALLBACK_CLASS = _make_progress_callback()
-    return _PROGRESS_CALLBACK_CLASS(tracker)
-
-
-_PROGRESS_CALLBACK_CLASS = None
-
-
-def _progress_bar(total: int, name: str, enabled: bool):
-    """A tqdm bar over trials (a silent one when disabled)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"tuning for {name}", unit="trial", disable=not enabled)
-
-
-def _ms(value: float) -> str:
-    """A latency for the progress bar: ms, or µs below 0.1 ms."""
-    return f"{value:.3g}ms" if value >= 0.1 else f"{value * 1e3:.3g}µs"
-
-
-def _short(name: str) -> str:
-    """A task name shortened for the progress bar."""
-    name = name.removeprefix("fused_")
-    return name if len(name) <= 20 else name[:19] + "…"
-
-
-# --------------------------------------------------------------------------------------
-# Builder and runner
-
-
-def _builder(preset: TargetPreset, rpc):
-    """A LocalBuilder that does not import TVM's tensor intrinsics in each worker.
-
-    MetaSchedule's default build function imports ``tvm.s_tir.tensor_intrin`` (about 35 s,
-    mostly CUDA intrinsics) in every worker, so with its 30 s timeout every build can fail.
-    Candidates are scheduled before they are built, so the worker needs no intrinsics.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    return ms.builder.LocalBuilder(
-        f_build=_build_candidate,
-        f_export=functools.partial(_export_candidate, cc=_candidate_cc(preset, rpc)),
-        timeout_sec=120,
-        max_workers=_usable_cpus(),
-    )
-
-
-def _candidate_cc(preset: TargetPreset, rpc) -> str | None:
-    """The compiler that links candidates: the preset's ``cc``, or TVM's default."""
-    from tvmq.toolchain import find_compiler as _find_compiler
-
-    if preset.cc is not None:
-        return _find_compiler(preset.cc, preset.name)
-    if rpc is not None and preset.is_cross_compiled:
-        raise TvmqError(f"target {preset.name!r} is cross-compiled but its preset has no cc")
-    return None
-
-
-def _runner(rpc):
-    """A LocalRunner, or an RPCRunner for ``(host, port, key[, timeout])``.
-
-    Over RPC, a candidate that cannot get a board within ``timeout`` (tracker gone, no
-    board left) ends the tune with a :class:`~tvmq.rpc.BoardError`
-    (:func:`tvmq.rpc.tuning_runner`) instead of waiting forever.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    from tvmq import rpc as board_rpc
-
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
-    if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
-    host, port, key, *rest = rpc
-    timeout = float(rest[0]) if rest else board_rpc.DEFAULT_TIMEOUT_S
-    runner = ms.runner.RPCRunner(
-        rpc_config=ms.runner.RPCConfig(
-            tracker_host=host,
-            tracker_port=int(port),
-            tracker_key=key,
-            session_timeout_sec=120,
-        ),
-        evaluator_config=evaluator,
-        f_create_session=functools.partial(board_rpc.tuning_session, timeout=timeout),
-        f_alloc_argument=_alloc_arguments_on_board,
-        max_workers=1,
-    )
-    return board_rpc.tuning_runner(runner)
-
-
-def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> list:
-    """RPCRunner's argument allocation, with the random data made here and copied over.
-
-    MetaSchedule's default fills arguments with ``tvm.contrib.random.random_fill_for_measure``
-    on the board, which a board running the ``apache-tvm`` wheel's RPC server does not have
-    (every candidate then fails).
-    """
-    import numpy as np
-    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
-
-    rng = np.random.default_rng(0)
-
-    def fill(tensor) -> None:
-        dtype = np.dtype(str(tensor.dtype))
-        shape = tuple(int(d) for d in tensor.shape)
-        if dtype.kind == "f":
-            data = rng.uniform(-1.0, 1.0, shape).astype(dtype)
-        elif dtype.kind == "b":
-            data = rng.integers(0, 2, shape).astype(dtype)
-        else:  # small integers: valid as indices and in range for every integer type
-            data = rng.integers(0, 8, shape).astype(dtype)
-        tensor.copyfrom(data)
-
-    return alloc_argument_common(fill, device, args_info, alloc_repeat)
-
-
-def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> Any:
-    """Build one scheduled candidate (runs in a builder worker)."""
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.compile(mod, target=target)
-
-
-def _export_candidate(mod, cc: str | None) -> str:
-    """Link a built candidate as a ``.so`` with ``cc`` (runs in a builder worker)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="tvmq-tune-"), "candidate.so")
-    if cc is None:
-        mod.export_library(path)
-    else:
-        mod.export_library(path, cc=cc)
-    return path
-
-
-def _tuning_target(preset: TargetPreset, rpc) -> tvm.target.Target:
-    """The preset's target, with the ``num-cores`` MetaSchedule requires of CPU targets."""
-    target = preset.tvm_target()
-    if target.kind.name != "llvm" or "num-cores" in target.attrs:
-        return target
-    if rpc is not None:
-        raise TvmqError(
-            f'target {preset.name!r} has no "num-cores", which MetaSchedule needs: add the '
-            "board's core count to the preset's target"
-        )
-    # Measured here, so tuned for this machine's cores; records match any core count.
-    return tvm.target.Target({**target.export(), "num-cores": _usable_cpus()})
-
-
-def _register_intrinsics(preset: TargetPreset) -> None:
-    """Register tvmq's tensor intrinsics the search space may tensorize with."""
-    if "avx512vnni" in preset.features:
-        import tvmq.kernels.vnni_intrin  # noqa: F401
-
-
-# --------------------------------------------------------------------------------------
-# Records
-
-
-def _task_records(database: Database, mod: tvm.IRModule, target: tvm.target.Target) -> list:
-    """The records of one workload for the target (see _target_key), failed ones included."""
-    if not database.has_workload(mod):
-        return []
-    workload = database.commit_workload(mod)  # the stored one: its records share it
-    key = _target_key(target)
-    return [
-        r
-        for r in database.get_all_tuning_records()
-        if r.workload.same_as(workload) and _target_key(r.target) == key
-    ]
-
-
-def _best_ms(records: list) -> float | None:
-    """The fastest latency among records, in ms (None if none built and ran)."""
-    best = None
-    for record in records:
-        secs = [float(s) for s in record.run_secs or []]
-        if secs and max(secs) < _FAILED_RUN_SECS:
-            ms = sum(secs) / len(secs) * 1e3
-            best = ms if best is None else min(best, ms)
-    return best
-
-
-def _target_key(target: tvm.target.Target) -> tuple:
-    """What a record's target must share with the build's: kind, arch, CPU, attributes."""
-    return tuning_records.target_key(target)
-
-
-def _shipped_dir(name: str) -> Path | None:
-    """The folder of the logs shipped with tvmq for a preset, if any."""
-    try:
-        folder = files("tvmq._tuning_logs") / name
-    except ModuleNotFoundError:
-        return None
-    return Path(str(folder)) if folder.is_dir() else None
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -245,9 +245,9 @@ def test_board_refuses(expect_user_error, run_argv, tmp_path, monkeypatch, comma
 
 
 def test_board_never_answers(expect_user_error, run_argv, monkeypatch):
-    import tvmq.rpc
+    import tvmq.rpc_session
 
-    monkeypatch.setattr(tvmq.rpc, "_MIN_SESSION_S", 0.5)  # the emulated boards' grace time
+    monkeypatch.setattr(tvmq.rpc_session, "_MIN_SESSION_S", 0.5)  # the emulated boards' grace time
     with silent_board() as board, fake_tracker(protocol_tracker({"k": board})) as port:
         argv, watch = run_argv("run", port)
         _expect_fast_error(expect_user_error, argv, watch, "did not start a session")
@@ -384,9 +384,9 @@ def _tune_model(folder: Path) -> Path:
 
 def _kill_after_first_batch(monkeypatch, kill: Callable[[], None]) -> list[int]:
     """Kill a board once the first batch (the default schedule) has been measured."""
-    from tvmq import tuning
+    from tvmq import tuning_measure
 
-    update = tuning._Progress.update
+    update = tuning_measure.Progress.update
     batches: list[int] = []
 
     def update_then_kill(self, run_secs):
@@ -396,7 +396,7 @@ def _kill_after_first_batch(monkeypatch, kill: Callable[[], None]) -> list[int]:
             kill()
             time.sleep(1.0)  # let the tracker see the board's connection close
 
-    monkeypatch.setattr(tuning._Progress, "update", update_then_kill)
+    monkeypatch.setattr(tuning_measure.Progress, "update", update_then_kill)
     return batches
 
 

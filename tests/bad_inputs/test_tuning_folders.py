@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import tvmq.tuning
+import tvmq.tuning_database
+import tvmq.tuning_measure
 from tvmq.tuning import RECORD_FILE, WORKLOAD_FILE
 from tvmq.tuning_records import LOCK_FILE, writer_lock
 
@@ -37,7 +39,7 @@ def model_file(tmp_path_factory):
 def records(tmp_path):
     """A writable copy of a real record folder."""
     folder = tmp_path / "records"
-    shutil.copytree(tvmq.tuning._shipped_dir(TARGET), folder)
+    shutil.copytree(tvmq.tuning_database.shipped_dir(TARGET), folder)
     return folder
 
 
@@ -188,7 +190,7 @@ def test_a_tune_that_tuned_nothing_exits_2(cli, model_file, tmp_path, monkeypatc
     def fail(context, *args):
         raise RuntimeError("InternalError: Do not have a default for prim.Broadcast")
 
-    monkeypatch.setattr(tvmq.tuning, "_run_one", fail)
+    monkeypatch.setattr(tvmq.tuning_measure, "run_one", fail)
     work_dir = tmp_path / "host"
     status, out, err = cli(["tune", model_file, "--work-dir", work_dir, "--trials", "2"])
     [line] = [line for line in err.splitlines() if line.strip()]

@@ -1,0 +1,246 @@
+"""The ``tvmq`` subcommands: each ``cmd_*`` takes the parsed arguments, returns the exit status.
+
+Everything heavy (TVM, the frontends, numpy) is imported inside the command that needs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tvmq.cli_options import (
+    check_quantize_options,
+    compression_configs,
+    input_shape_options,
+    load_arrays,
+    sparse_config,
+)
+
+
+def cmd_targets(args) -> int:
+    from tvmq.targets import list_targets
+
+    presets = list_targets()
+    width = max(len(t.name) for t in presets)
+    for t in presets:
+        print(f"{t.name:<{width}}  {t.description}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import dataclasses
+
+    import tvmq
+
+    check_quantize_options(args)
+    input_shapes = input_shape_options(args)
+    prune, cluster = compression_configs(args)
+
+    scheme = None
+    if args.quantize:
+        from tvmq.compiler import scheme_for_target
+        from tvmq.targets import get_target
+
+        scheme = scheme_for_target(args.quantize, get_target(args.target))
+        if args.observer:
+            scheme = dataclasses.replace(scheme, observer=args.observer)
+    art = tvmq.compile(
+        args.model,
+        args.target,
+        output_dir=args.output,
+        input_shapes=input_shapes,
+        prune=prune,
+        cluster=cluster,
+        sparse=sparse_config(args),
+        quantize=scheme,
+        calibration_data=args.calib,
+        tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
+        progress=not args.quiet,
+    )
+    lib = art.manifest.library
+    print(
+        f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
+    )
+    return 0
+
+
+def _open_model(args):
+    """The compiled model, loaded here or (with --rpc) on a board; and the board session."""
+    import tvmq
+    from tvmq.errors import TvmqError
+
+    if not args.rpc:
+        if args.key:
+            raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+        return tvmq.load(args.model_dir), None
+    from tvmq.manifest import Manifest
+    from tvmq.rpc import RemoteModel, connect
+    from tvmq.targets import get_target
+
+    key = args.key
+    if key is None:
+        name = Manifest.read(args.model_dir).target.get("name")
+        try:
+            key = get_target(name).rpc_key
+        except TvmqError:
+            key = None
+        if not key:
+            raise TvmqError(f"target {name!r} has no rpc_key: give the boards' key with --key")
+    session = connect(*args.rpc, key, timeout=args.rpc_timeout)
+    try:
+        return RemoteModel(args.model_dir, session), session
+    except BaseException:
+        session.close()
+        raise
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from tvmq.output import check_output_file, write_file_atomically
+
+    if args.output:
+        check_output_file(args.output)  # before running: a bad -o fails fast
+    model, session = _open_model(args)
+    try:
+        arrays = load_arrays(args.input, model.inputs)
+        outs = model(*arrays)
+    finally:
+        if session is not None:
+            session.close()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for spec, y in zip(model.outputs, outs, strict=True):
+        summary = f"{spec.name}: shape {y.shape} {y.dtype}"
+        if y.size:
+            summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
+            if y.ndim == 2:
+                summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
+        print(summary)
+    if args.output:
+        arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
+        write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    model, session = _open_model(args)
+    try:
+        inputs = load_arrays(args.input, model.inputs) if args.input else None
+        stats = model.benchmark(inputs, warmup=args.warmup, repeat=args.repeat)
+        where = session.describe() if session is not None else str(model.device)
+    finally:
+        if session is not None:
+            session.close()
+    name = model.manifest.target.get("name")
+    print(f"{args.model_dir} on {name} ({where}): {stats.repeat} runs after {args.warmup} warm-up")
+    print(
+        f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
+    )
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tvmq.errors import TvmqError
+    from tvmq.targets import get_target
+    from tvmq.tuning import TuningFailed, default_work_dir, repair, tune
+    from tvmq.tuning_records import check_work_dir
+
+    if args.repair:
+        if args.model is not None:
+            raise TvmqError("--repair takes no model: give the folder with --work-dir")
+        work_dir = args.work_dir or default_work_dir(args.target)
+        print(repair(work_dir).summary())
+        return 0
+    if args.model is None:
+        raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
+    if args.work_dir is not None:  # before the model import: a typo should fail in a second
+        check_work_dir(Path(args.work_dir))
+    rpc = None
+    if args.rpc:
+        key = args.key or get_target(args.target).rpc_key
+        if not key:
+            raise TvmqError(
+                f"target {args.target!r} has no rpc_key: give the boards' key with --key"
+            )
+        rpc = (*args.rpc, key, args.rpc_timeout)
+        from tvmq.rpc import connect
+
+        # Check the tracker and a board before anything is imported or written.
+        connect(*args.rpc, key, timeout=args.rpc_timeout).close()
+    elif args.key:
+        raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+    from tvmq.frontends import import_model
+
+    model = import_model(args.model, input_shapes=input_shape_options(args))
+    try:
+        report = tune(
+            model,
+            args.target,
+            work_dir=args.work_dir,
+            trials=args.trials,
+            trials_per_task=args.trials_per_task,
+            rpc=rpc,
+            progress=not args.quiet,
+            cost_model=args.cost_model,
+        )
+    except TuningFailed as failed:
+        print(failed.report.summary())  # the table on stdout; the one-line error on stderr
+        raise
+    print(report.summary())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tvmq.errors import TvmqError
+
+    path = Path(args.path)
+    if path.is_dir():
+        from tvmq.manifest import Manifest
+        from tvmq.runtime import verified_library
+
+        manifest = Manifest.read(path)
+        verified_library(path, manifest)  # a swapped or damaged model.so is news, not a detail
+        print(json.dumps(manifest.to_json(), indent=2))
+        return 0
+    if not path.exists():
+        raise TvmqError(f"{path}: no such file or directory")
+    from collections import Counter
+
+    from tvmq.frontends import import_model
+
+    m = import_model(path, input_shapes=input_shape_options(args))
+    print(f"{path} ({m.source})")
+    for s in m.inputs:
+        print(f"  input  {s.name}: {list(s.shape)} {s.dtype}")
+    for s in m.outputs:
+        print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
+    ops = Counter(_relax_ops(m.mod))
+    print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    if args.ir:
+        print(m.mod.script(show_meta=False))
+    return 0
+
+
+def _relax_ops(mod) -> list[str]:
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    @relax.expr_functor.visitor
+    class _Ops(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.Op):
+                found.append(call.op.name.removeprefix("relax."))
+            super().visit_call_(call)
+
+    _Ops().visit_expr(mod["main"])
+    return found
+
+
+def cmd_demo(args) -> int:
+    from tvmq.demo import run_demo
+
+    run_demo(output_dir=args.output, quick=args.quick, progress=not args.quiet)
+    return 0
