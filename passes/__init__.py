@@ -29,9 +29,11 @@ from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
 from .fast_math import FastMath
+from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import LowerInt8
+from .pack_float_conv import PackFloatConv
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
@@ -54,6 +56,7 @@ __all__ = [
     "ClusterWeights",
     "FastMath",
     "Int8DenseCUDA",
+    "PackFloatConv",
     "PackInt8BatchMatmulX86",
     "PackInt8ConvX86",
     "PackInt8DenseARM",
@@ -68,6 +71,7 @@ __all__ = [
     "QuantizeWeightOnly",
     "SmoothQuant",
     "sparsity_report",
+    "FoldBatchNorm",
     "FoldQuantScales",
     "LowerInt8",
     "prepare_passes",

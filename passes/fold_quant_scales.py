@@ -234,6 +234,40 @@ class _Folder(PyExprMutator):
         return relax.op.add(conv, bias)
 
 
+def fold_module(mod: tvm.IRModule, *, quantization: bool = True) -> tvm.IRModule:
+    """``mod`` with its batch_norms folded into the convs before them and, with
+    ``quantization``, its constant quantization folded (rewrites 1-3 of the module
+    docstring); ``mod`` itself when nothing changed."""
+    updates = {}
+    for gv, func in relax_functions(mod):
+        bindings = binding_map(func)
+        users = user_counts(func)
+        bn_plans, replace = {}, {}
+        for var, value in bindings.items():
+            if isinstance(value, relax.TupleGetItem):
+                plan = _plan_bn_fold(value, bindings, users)
+                if plan is not None:
+                    bn_plans[value] = plan
+            elif quantization and op_name(value) == QUANTIZE:
+                found = _fold_quantize(value, bindings)
+                if found is None:
+                    found = _redundant_requantize(value, bindings)
+                if found is not None:
+                    replace[var] = found
+        if not bn_plans and not replace:
+            continue
+        new_func = _Folder(mod, replace, bn_plans).visit_expr(func)
+        new_func = relax.analysis.remove_all_unused(new_func)
+        if not tvm_ffi.structural_equal(new_func, func):
+            updates[gv] = new_func
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="FoldQuantScales")
 class FoldQuantScales:
     """Fold constant weight quantization, batch_norm and redundant requantization.
@@ -242,31 +276,4 @@ class FoldQuantScales:
     """
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in relax_functions(mod):
-            bindings = binding_map(func)
-            users = user_counts(func)
-            bn_plans, replace = {}, {}
-            for var, value in bindings.items():
-                if isinstance(value, relax.TupleGetItem):
-                    plan = _plan_bn_fold(value, bindings, users)
-                    if plan is not None:
-                        bn_plans[value] = plan
-                elif op_name(value) == QUANTIZE:
-                    found = _fold_quantize(value, bindings)
-                    if found is None:
-                        found = _redundant_requantize(value, bindings)
-                    if found is not None:
-                        replace[var] = found
-            if not bn_plans and not replace:
-                continue
-            new_func = _Folder(mod, replace, bn_plans).visit_expr(func)
-            new_func = relax.analysis.remove_all_unused(new_func)
-            if not tvm_ffi.structural_equal(new_func, func):
-                updates[gv] = new_func
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return fold_module(mod)

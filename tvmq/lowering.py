@@ -30,7 +30,9 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     FastMath,
+    FoldBatchNorm,
     Int8DenseCUDA,
+    PackFloatConv,
     PackInt8BatchMatmulX86,
     PackInt8ConvX86,
     PackInt8DenseARM,
@@ -64,6 +66,8 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
         PackInt8BatchMatmulX86(target),  # int8 activation x activation (attention)
         PackInt8DenseARM(target),  # sdot, or a NEON fallback, on aarch64
+        FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
+        PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         FastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 

@@ -262,7 +262,7 @@ def test_quantized_cnn_for_host_runs_convs_on_vnni(rng, monkeypatch):
     assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 3
     assert sum(k.startswith("tvmq_int8_dense_vnni") for k in kernels) == 4  # 3 convs + fc
     # The same build without the conv pass (its rewrite returns the module unchanged).
-    monkeypatch.setattr(pack_int8_conv_x86, "rewrite_functions", lambda mod, *_args: mod)
+    monkeypatch.setattr(pack_int8_conv_x86, "rewrite_channels_last", lambda mod, *_args: mod)
     want, kernels = compile_and_run()
     assert not any(k.startswith("tvmq_int8_im2col") for k in kernels)
     np.testing.assert_array_equal(got, want)

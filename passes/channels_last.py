@@ -1,0 +1,266 @@
+"""Channels last between convolutions: the NHWC "twins" of NCHW values.
+
+tvmq's CPU conv kernels (:class:`PackInt8ConvX86`, :class:`PackFloatConv`) compute in NHWC;
+the model is NCHW. :class:`ChannelsLastRewriter` rewrites each matched conv2d through a
+``lower`` callback and keeps its result channels last (NHWC) as long as it can: each
+elementwise op that follows (bias, relu, requantize: unary ops, binary ops whose other
+operand is a constant, a scalar, a ``(N, C, 1, 1)`` tensor or also NHWC; ``quantize`` /
+``dequantize``), ``nn.pad``, ``max_pool2d`` / ``avg_pool2d`` and a ``mean`` over H and W
+(global average pooling) are computed on the NHWC tensor (constants transposed at compile
+time, ``(N, C, 1, 1)`` tensors reshaped), and a following conv takes it as its input
+directly. The transpose to NCHW is emitted after each of these ops but is dead code unless
+something else (a reshape before a dense layer, the model's output) reads the NCHW value:
+there it runs once, on the smallest tensor. Channels last, the epilogue and pooling loops
+are contiguous (SIMD over channels). Every value is computed exactly as before, only stored
+in another order.
+
+Several passes can use it one after the other: an NCHW value that is a ``permute_dims`` of
+an NHWC value is taken for its twin, so a float conv's output feeds an int8 conv (and back)
+without a transpose pair in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ._int8_dense import rewrite_functions
+from .relax_utils import is_tensor_const
+
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+TO_NCHW = (0, 3, 1, 2)  # permute_dims axes: NHWC -> NCHW
+_TO_NHWC = (0, 2, 3, 1)
+_NHWC_POS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> its position in NHWC
+
+
+def _ops(names: str) -> frozenset:
+    """The relax ops named (space-separated, without ``relax.``) that this TVM has."""
+    found = []
+    for name in names.split():
+        try:
+            found.append(tvm.ir.Op.get("relax." + name))
+        except Exception:  # an op this TVM build lacks
+            continue
+    return frozenset(found)
+
+
+# Elementwise ops whose attributes do not depend on the layout (rebuilt as they are).
+_ELEMENTWISE = _ops(
+    "abs ceil clip cos erf exp floor log negative round rsqrt sigmoid sign sin sqrt square "
+    "tanh astype nn.relu nn.gelu nn.gelu_tanh nn.silu nn.leakyrelu logical_not bitwise_not "
+    "add subtract multiply divide floor_divide floor_mod maximum minimum power "
+    "left_shift right_shift bitwise_and bitwise_or bitwise_xor"
+)
+_QDQ = _ops("quantize dequantize")
+_POOLS = {
+    tvm.ir.Op.get("relax.nn.max_pool2d"): relax.op.nn.max_pool2d,
+    tvm.ir.Op.get("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d,
+}
+_PAD = tvm.ir.Op.get("relax.nn.pad")
+_MEAN = tvm.ir.Op.get("relax.mean")
+_QDQ_Q = tvm.ir.Op.get("relax.quantize")
+
+
+def _permute_axes(expr: relax.Expr) -> tuple[int, ...] | None:
+    if not isinstance(expr, relax.Call) or not expr.op.same_as(_PERMUTE):
+        return None
+    if expr.attrs.axes is None:
+        return None
+    return tuple(int(a) for a in expr.attrs.axes)
+
+
+def _shape_of(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _is_per_channel(arg: relax.Expr, out_shape: tuple[int, ...]) -> bool:
+    """Whether ``arg`` is an ``(N, C, 1, 1)`` tensor broadcast over an NCHW ``out_shape``."""
+    shape = _shape_of(arg) if isinstance(arg.ty, relax.TensorType) else None
+    return (
+        shape is not None
+        and len(shape) == 4
+        and shape[2:] == (1, 1)
+        and (shape[:2] == out_shape[:2])
+    )
+
+
+def _nhwc_constant(c: tvm.ir.Constant) -> tvm.ir.Constant | None:
+    """The constant an NHWC twin of a broadcast NCHW op needs (None: not broadcastable)."""
+    value = c.value.numpy()
+    if value.ndim == 0:
+        return c
+    if value.ndim > 4:
+        return None
+    value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(_TO_NHWC)
+    return relax.const(np.ascontiguousarray(value), str(c.ty.dtype))
+
+
+Lowering = Callable[["ChannelsLastRewriter", relax.Call], "relax.Expr | None"]
+"""``lower(rewriter, call)``: the NCHW value of ``call`` computed by a tvmq kernel (a
+``permute_dims`` to NCHW of its NHWC result), or None when ``call`` is not for this pass."""
+
+
+@mutator
+class ChannelsLastRewriter(PyExprMutator):
+    """Replaces each conv2d ``lower`` accepts, keeping NHWC results NHWC.
+
+    ``self.nhwc`` maps a (rewritten) 4-D NCHW var to its NHWC twin: ``var`` is
+    ``permute_dims(twin, [0, 3, 1, 2])``. Ops over a var with a twin are emitted over the
+    twin (see the module docstring); their NCHW value becomes a permute of the new twin,
+    which :func:`relax.analysis.remove_all_unused` drops where nothing reads it.
+    """
+
+    def __init__(self, mod: tvm.IRModule, lower: Lowering):
+        super().__init__(mod)
+        self.lower = lower
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+        self.nhwc: dict[relax.Var, relax.Var] = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        bb = self.builder_
+        var = binding.var
+        value = self.visit_expr(binding.value)
+        twin = None
+        axes = _permute_axes(value)
+        if axes == _TO_NHWC and value.args[0] in self.nhwc:
+            value = self.nhwc[value.args[0]]  # NHWC -> NCHW -> NHWC: the twin itself
+        elif axes == TO_NCHW and isinstance(value.args[0], relax.Var):
+            twin = value.args[0]
+        elif self.changed:  # only once a conv is rewritten (no twin before)
+            nhwc_value = self._nhwc_op(value)
+            if nhwc_value is not None:
+                twin = bb.emit(nhwc_value, var.name + "_nhwc")
+                value = relax.op.permute_dims(twin, TO_NCHW)
+        if value.same_as(binding.value):
+            bb.emit_normalized(binding)
+            new_var = var
+        else:
+            if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
+                new_var = bb.emit(value, var.name)
+            else:
+                new_var = bb.emit_output(value, var.name)
+            self.set_var_remap(var, new_var)
+        twin_shape = _shape_of(twin) if twin is not None else None
+        if twin_shape is not None and len(twin_shape) == 4:
+            self.nhwc[new_var] = twin
+
+    def _nhwc_op(self, call: relax.Expr) -> relax.Expr | None:
+        """``call`` computed over the NHWC twins of its arguments, or None."""
+        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+            return None
+        out_shape = _shape_of(call)
+        if out_shape is None or len(out_shape) != 4 or not call.args:
+            return None
+        x = call.args[0]
+        if call.op.same_as(_MEAN):
+            return self._nhwc_mean(call)
+        if call.op in _POOLS or call.op.same_as(_PAD) or call.op in _QDQ:
+            if x not in self.nhwc:
+                return None
+            t = self.nhwc[x]
+            a = call.attrs
+            if call.op in _POOLS:
+                if (str(a.layout), str(a.out_layout)) != ("NCHW", "NCHW"):
+                    return None
+                return _POOLS[call.op](
+                    t,
+                    a.pool_size,
+                    a.strides,
+                    a.padding,
+                    a.dilation,
+                    bool(a.ceil_mode),
+                    bool(a.count_include_pad),
+                    "NHWC",
+                    "NHWC",
+                )
+            if call.op.same_as(_PAD):
+                w = [int(p) for p in a.pad_width]
+                if len(w) != 8:
+                    return None
+                nhwc_w = [v for d in _TO_NHWC for v in w[2 * d : 2 * d + 2]]
+                return relax.op.nn.pad(t, nhwc_w, str(a.pad_mode), float(a.pad_value))
+            # quantize / dequantize: per-tensor, or per-channel along a moved axis.
+            if any(not isinstance(p, tvm.ir.Constant) for p in call.args[1:]):
+                return None
+            axis = int(a.axis) % 4
+            fn = relax.op.quantize if call.op.same_as(_QDQ_Q) else relax.op.dequantize
+            return fn(t, call.args[1], call.args[2], _NHWC_POS[axis], str(a.out_dtype))
+        if call.op not in _ELEMENTWISE:
+            return None
+        if not any(arg in self.nhwc and _shape_of(arg) == out_shape for arg in call.args):
+            return None
+        args = []
+        for arg in call.args:
+            if arg in self.nhwc and _shape_of(arg) == out_shape:
+                args.append(self.nhwc[arg])
+            elif is_tensor_const(arg):  # IntImm / FloatImm bounds (clip) are scalars below
+                c = _nhwc_constant(arg)
+                if c is None:
+                    return None
+                args.append(c)
+            elif _is_per_channel(arg, out_shape):  # (N, C, 1, 1): squeeze-excite scales
+                n, c = _shape_of(arg)[:2]
+                args.append(self.builder_.emit(relax.op.reshape(arg, (n, 1, 1, c))))
+            elif isinstance(arg, relax.Var) and _shape_of(arg) == out_shape:
+                args.append(self.nhwc_input(arg))  # e.g. a residual from the model's input
+            elif isinstance(arg.ty, relax.TensorType) and arg.ty.ndim != 0:
+                return None  # another non-constant tensor in NCHW: leave the op alone
+            else:
+                args.append(arg)  # scalars, PrimValues
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+    def _nhwc_mean(self, call: relax.Call) -> relax.Expr | None:
+        """``mean(x, axis=[2, 3] (any order / negative), keepdims=True)`` over the twin."""
+        x, a = call.args[0], call.attrs
+        if x not in self.nhwc or a.axis is None or not bool(a.keepdims):
+            return None
+        if sorted(int(d) % 4 for d in a.axis) != [2, 3]:
+            return None
+        return relax.op.mean(self.nhwc[x], axis=[1, 2], keepdims=True)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        lowered = self.lower(self, call)
+        if lowered is None:
+            return call
+        self.changed = True
+        return lowered
+
+    def kernel_var(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
+        """The global of the kernel ``build()`` makes, added to the module once per ``key``."""
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(build(), name)
+        return self.kernels[key]
+
+    def nhwc_input(self, x: relax.Expr) -> relax.Expr:
+        """``x`` (N, C, H, W) channels last: its twin when it has one, else a transpose (which
+        becomes its twin: each value is transposed once however many convs read it)."""
+        if x in self.nhwc:
+            return self.nhwc[x]
+        n, c, h, w = _shape_of(x)
+        if c == 1 or h * w == 1:
+            twin = self.builder_.emit(relax.op.reshape(x, (n, h, w, c)))
+        else:
+            twin = self.builder_.emit(relax.op.permute_dims(x, list(_TO_NHWC)))
+        if isinstance(x, relax.Var):
+            self.nhwc[x] = twin
+        return twin
+
+
+def rewrite_channels_last(mod: tvm.IRModule, lower: Lowering) -> tvm.IRModule:
+    """Every Relax function of ``mod`` with the convs ``lower`` takes rewritten, channels
+    last between them; ``mod`` itself when ``lower`` took none."""
+    return rewrite_functions(
+        mod, ChannelsLastRewriter(mod, lower), relax.analysis.remove_all_unused
+    )

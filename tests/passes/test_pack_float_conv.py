@@ -1,0 +1,216 @@
+"""PackFloatConv: float conv2d on tvmq's NHWC kernel, vs PyTorch, channels last between convs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from tvmq.build import build
+from tvmq.kernels import KERNEL_ATTR
+from tvmq.kernels.cpu_float_conv import choose_conv_tiles, pack_conv_weight
+from tvmq.passes import FoldBatchNorm, PackFloatConv
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+FLAGS = _cpu_flags()
+needs_avx2 = pytest.mark.skipif("avx2" not in FLAGS or "fma" not in FLAGS, reason="no AVX2+FMA")
+needs_vnni = pytest.mark.vnni  # the x86-avx512-vnni preset's code runs here
+
+
+def _conv_module(x_shape, w, b=None, *, strides=1, padding=0, dilation=1, groups=1):
+    """``main(x) = relu(conv2d(x, W) [+ b])``, float32 NCHW."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(
+                relax.op.nn.conv2d(
+                    x,
+                    relax.const(w, "float32"),
+                    strides=strides,
+                    padding=padding,
+                    dilation=dilation,
+                    groups=groups,
+                )
+            )
+            if b is not None:
+                y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1), "float32")))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _build_and_run(mod, preset: str, x):
+    vm = relax.VirtualMachine(build(mod, preset), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _kernel_names(mod) -> list[str]:
+    return [
+        str(f.attrs[KERNEL_ATTR])
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and KERNEL_ATTR in f.attrs
+    ]
+
+
+def _torch_conv(x, w, b, strides, padding, dilation, groups=1):
+    y = torch.nn.functional.conv2d(
+        torch.from_numpy(x),
+        torch.from_numpy(w),
+        None if b is None else torch.from_numpy(b),
+        stride=strides,
+        padding=padding if isinstance(padding, int) else 0,
+        dilation=dilation,
+        groups=groups,
+    )
+    return torch.relu(y).numpy()
+
+
+# (C, O, H, W, kernel, stride, padding, dilation): ResNet stem and stages, a 1x1 projection,
+# odd widths (the output width gets padded to the register tile), channel counts that are
+# not a multiple of the SIMD width, one input channel, dilation.
+GEOMETRIES = [
+    (3, 16, 20, 20, 7, 2, 3, 1),
+    (16, 32, 14, 14, 3, 1, 1, 1),
+    (16, 24, 13, 13, 3, 2, 1, 1),
+    (32, 40, 9, 11, 1, 1, 0, 1),
+    (1, 8, 12, 17, 3, 1, 0, 1),
+    (8, 16, 12, 12, 3, 1, 2, 2),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_matches_torch_avx512(rng, geometry):
+    c, o, h, w_, k, s, p, d = geometry
+    x = rng.standard_normal((2, c, h, w_)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    mod = _conv_module(x.shape, w, b, strides=s, padding=p, dilation=d)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    assert _kernel_names(lowered) == ["float_conv2d_nhwc"]
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    want = _torch_conv(x, w, b, s, p, d)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_avx2
+def test_matches_torch_avx2(rng):
+    """AVX2: 8 lanes and 16 registers give another tile; the numbers stay the same."""
+    x = rng.standard_normal((1, 16, 15, 15)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    mod = _conv_module(x.shape, w, strides=1, padding=1)
+    got = _build_and_run(mod, "x86-avx2", x)
+    want = _torch_conv(x, w, None, 1, 1, 1)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_tiles_fit_the_registers():
+    for ow in (1, 3, 7, 13, 14, 28, 56, 112, 150):
+        for o, lanes, regs in ((64, 16, 32), (24, 16, 32), (512, 16, 32), (40, 8, 16), (64, 4, 32)):
+            t = choose_conv_tiles(ow, o, lanes, regs)
+            assert t.mr * t.nr <= regs - 4
+            assert t.ow_padded % t.mr == 0 and t.ow_padded >= ow
+            assert t.o_padded % (t.nr * lanes) == 0 and 0 <= t.o_padded - o < lanes
+            assert t.mr >= min(4, ow)  # never a one-pixel tile on a wide output
+
+
+def test_pack_conv_weight_layout(rng):
+    w = rng.standard_normal((20, 3, 2, 5)).astype(np.float32)
+    packed = pack_conv_weight(w, 8, 24)
+    assert packed.shape == (3, 2, 5, 3, 8)
+    j, ky, kx, c, i = 1, 1, 3, 2, 4
+    assert packed[j, ky, kx, c, i] == w[j * 8 + i, c, ky, kx]
+    assert not packed[2, :, :, :, 4:].any()  # channels 20..23 are padding
+
+
+def test_channels_last_between_convs():
+    """A ResNet basic block transposes only the model's input and output."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.pool = torch.nn.MaxPool2d(2)
+
+        def forward(self, x):
+            y = self.c2(torch.relu(self.c1(x))) + x
+            return self.pool(torch.relu(y)).mean((2, 3), keepdim=True)
+
+    from tvmq.frontends import import_model
+
+    mod = import_model(Block().eval(), example_inputs=(torch.zeros(1, 16, 8, 8),)).mod
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    permutes = []
+    relax.analysis.post_order_visit(
+        lowered["main"],
+        lambda e: (
+            permutes.append(e)
+            if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.permute_dims"))
+            else None
+        ),
+    )
+    assert len(permutes) == 2
+    assert _kernel_names(lowered).count("float_conv2d_nhwc") == 1  # one kernel, used twice
+
+
+def test_no_op_where_it_does_not_apply(rng):
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    dw = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    mod = _conv_module((1, 4, 8, 8), w)
+    depthwise = _conv_module((1, 4, 8, 8), dw, groups=4)
+    assert PackFloatConv(CUDA)(mod).same_as(mod)
+    assert PackFloatConv()(mod).same_as(mod)  # no target at all
+    assert PackFloatConv(AVX512)(depthwise).same_as(depthwise)
+    once = PackFloatConv(AVX512)(mod)
+    assert PackFloatConv(AVX512)(once).same_as(once)  # idempotent
+
+
+def test_neon_target_lowers():
+    """aarch64: 4 lanes; the rewrite happens (built, not run, on this x86 host)."""
+    w = np.ones((8, 4, 3, 3), np.float32)
+    lowered = PackFloatConv(NEON)(_conv_module((1, 4, 8, 8), w, padding=1))
+    packed = [c for c in lowered["main"].body.blocks[0].bindings if "call_tir" in str(c.value)]
+    assert packed and _kernel_names(lowered) == ["float_conv2d_nhwc"]
+
+
+def test_fold_batch_norm_matches_torch(rng):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=True), torch.nn.BatchNorm2d(8))
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    model.eval()
+    from tvmq.frontends import import_model
+
+    x = rng.standard_normal((1, 3, 10, 10)).astype(np.float32)
+    mod = import_model(model, example_inputs=(torch.from_numpy(x),)).mod
+    folded = FoldBatchNorm()(mod)
+    assert "batch_norm" not in folded.script() and "batch_norm" in mod.script()
+    assert FoldBatchNorm()(folded).same_as(folded)
+    vm = relax.VirtualMachine(build(folded, "host"), tvm.cpu())
+    (got,) = vm["main"](tvm.runtime.tensor(x))
+    want = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()

@@ -1,0 +1,197 @@
+"""CPU float32 conv2d: NHWC activations x packed weights, a register-blocked direct convolution.
+
+A conv2d (``groups`` 1) over a zero-padded NHWC image ``P`` and an OIHW weight ``W``::
+
+    Y[b, y, x, o] = sum_{ky, kx, c} P[b, y * sh + ky * dh, x * sw + kx * dw, c] * W[o, c, ky, kx]
+
+The weight is packed once at compile time by :func:`pack_conv_weight` into
+``[O/L, KH, KW, C, L]`` (``L`` float lanes of the target's SIMD registers: 16 with AVX-512,
+8 with AVX2, 4 with NEON), so the ``L`` output channels one vector register holds are
+contiguous for every ``(ky, kx, c)``. :func:`float_conv2d_nhwc` builds the scheduled TIR:
+
+- each task owns an ``mr x (nr * L)`` output tile: ``mr`` neighbouring pixels of one output
+  row times ``nr`` channel vectors, ``mr * nr`` accumulators kept in registers (at most 28
+  of AVX-512's 32 zmm registers, 12 of AVX2's 16 ymm); it walks the whole ``(ky, kx, c)``
+  reduction, each step one broadcast input value per pixel and ``nr`` weight vectors feeding
+  ``mr * nr`` fused multiply-adds;
+- tasks run ``parallel`` over (channel tiles, images, rows, pixel tiles), channel tiles
+  outermost so that neighbouring tasks share the weight panel in cache;
+- no im2col: the patch is read in place from ``P`` (the caller pads the image first,
+  including the extra columns a padded output width reads).
+
+A dense layer is the 1x1 case (``P`` of shape ``(1, 1, M, K)``). Shapes must be padded:
+``O % (nr * L) == 0`` and ``OW % mr == 0`` (:func:`choose_conv_tiles` says how far).
+The kernel is marked ``tirx.is_scheduled`` and :data:`KERNEL_ATTR` ``"float_conv2d_nhwc"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+
+from tvmq.kernels._tiling import round_up
+from tvmq.kernels.x86_int8 import KERNEL_ATTR
+
+# Below this many multiply-adds a parallel launch costs more than it saves.
+_PARALLEL_MIN_MACS = 1 << 20
+_MAX_CHANNEL_VECTORS = 4
+
+
+@dataclass(frozen=True)
+class ConvTiles:
+    """Register tile: ``mr`` output pixels x ``nr`` vectors of ``lanes`` output channels."""
+
+    mr: int
+    nr: int
+    lanes: int
+    ow_padded: int
+    o_padded: int
+
+
+def simd_lanes_and_registers(target: tvm.target.Target) -> tuple[int, int] | None:
+    """``(float32 lanes, vector registers)`` of an LLVM CPU target; None when it has no
+    SIMD unit worth a kernel (or is not an LLVM target)."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    from tvm.target.codegen import llvm_get_vector_width, target_has_features
+
+    bits = llvm_get_vector_width(target)
+    if bits < 128:
+        return None
+    try:
+        is_x86 = bool(target_has_features("sse2", target))
+    except tvm.error.TVMError:
+        is_x86 = False
+    lanes = bits // 32
+    # x86: 32 zmm with AVX-512, 16 xmm/ymm before it; aarch64 NEON / SVE: 32.
+    registers = 32 if (not is_x86 or bits >= 512) else 16
+    return lanes, registers
+
+
+def choose_conv_tiles(ow: int, o: int, lanes: int, registers: int) -> ConvTiles:
+    """The register tile for an output ``ow`` pixels wide with ``o`` channels.
+
+    For each ``nr`` (channel vectors, 4..1, dividing the padded channel count) the pixel
+    count ``mr`` is the largest divisor of ``ow`` within the accumulator budget
+    (``registers - 4``), or, when that divisor is small (below 4 while ``ow`` is not), the
+    largest ``mr`` that fits with ``ow`` padded up to a multiple of it. The tile with the
+    most useful accumulators (``mr * nr`` times the unpadded share of ``ow``) wins; ties go
+    to more channel vectors (fewer broadcasts per multiply-add).
+    """
+    o_padded = round_up(o, lanes)
+    vectors = o_padded // lanes
+    budget = registers - 4
+    best = None
+    for nr in range(min(_MAX_CHANNEL_VECTORS, budget), 0, -1):
+        if vectors % nr:
+            continue
+        cap = max(1, budget // nr)
+        mr = next(d for d in range(min(cap, ow), 0, -1) if ow % d == 0)
+        ow_padded = ow
+        if mr < min(4, ow):
+            mr = min(cap, ow)
+            ow_padded = round_up(ow, mr)
+        score = mr * nr * ow / ow_padded
+        if best is None or score > best[0]:
+            best = (score, ConvTiles(mr, nr, lanes, ow_padded, o_padded))
+    return best[1]
+
+
+def pack_conv_weight(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
+    """An OIHW float32 weight as ``[O/L, KH, KW, C, L]``, zero-padded to ``o_padded``.
+
+    ``packed[j, ky, kx, c, i] == w[j * L + i, c, ky, kx]`` (zero for padded channels).
+    """
+    if w.ndim != 4 or o_padded % lanes or o_padded < w.shape[0]:
+        raise ValueError(f"cannot pack an OIHW weight {w.shape} into {o_padded} channels")
+    o, c, kh, kw = w.shape
+    padded = np.zeros((o_padded, c, kh, kw), dtype=np.float32)
+    padded[:o] = w
+    packed = padded.reshape(o_padded // lanes, lanes, c, kh, kw).transpose(0, 3, 4, 2, 1)
+    return np.ascontiguousarray(packed)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """The shapes of :func:`float_conv2d_nhwc`: padded image, kernel window and output."""
+
+    n: int
+    hp: int  # padded image height and width
+    wp: int
+    c: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    oh: int
+
+
+def float_conv2d_nhwc(shape: ConvShape, tiles: ConvTiles) -> tvm.tirx.PrimFunc:
+    """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
+
+    ``OW`` and ``O`` are ``tiles.ow_padded`` / ``tiles.o_padded``; ``P`` must be wide
+    enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
+    """
+    n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
+    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
+    ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
+    if ow % tiles.mr or o % (tiles.nr * lanes):
+        raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
+    if (ow - 1) * sw + (kw - 1) * dw + 1 > wp or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
+        raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
+    if kh * kw * c < 2:
+        raise ValueError("a reduction of one element is a scale, not a convolution")
+    p = te.placeholder((n, hp, wp, c), "float32", name="P")
+    w = te.placeholder((o // lanes, kh, kw, c, lanes), "float32", name="W")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, c), name="rc")
+    acc = te.compute(
+        (n, oh, ow, o),
+        lambda b, y, x, j: te.sum(
+            p[b, y * sh + ry * dh, x * sw + rx * dw, rc] * w[j // lanes, ry, rx, rc, j % lanes],
+            axis=[ry, rx, rc],
+        ),
+        name="acc",
+    )
+    out = te.compute((n, oh, ow, o), lambda b, y, x, j: acc[b, y, x, j], name="Y")
+    func = te.create_prim_func([p, w, out])
+    macs = n * oh * ow * o * kh * kw * c
+    return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS)
+
+
+def _schedule(func: tvm.tirx.PrimFunc, tiles: ConvTiles, parallel: bool) -> tvm.tirx.PrimFunc:
+    sch = Schedule(func)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("Y")
+    b, y, x, j = sch.get_loops(out)
+    xo, xi = sch.split(x, [None, tiles.mr])
+    jo, ji = sch.split(j, [None, tiles.nr * tiles.lanes])
+    sch.reorder(jo, b, y, xo, xi, ji)
+    # The accumulator shrinks to one mr x (nr * L) tile per task.
+    sch.compute_at(acc, xo)
+    # compute_at drops unit loops: the pixel loop is there only when mr > 1, and a 1x1
+    # kernel has no ky / kx loops.
+    loops = sch.get_loops(acc)[4:]
+    rows = loops[:1] if tiles.mr > 1 else []
+    channels, reduction = loops[len(rows)], loops[len(rows) + 1 :]
+    ni, nv = sch.split(channels, [tiles.nr, tiles.lanes])
+    sch.reorder(*reduction, *rows, ni, nv)
+    outer = sch.fuse(jo, b, y, xo)
+    if parallel:
+        sch.parallel(outer)
+    sch.vectorize(nv)
+    init = sch.decompose_reduction(acc, reduction[0])
+    for loop in (*rows, ni):
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _, vj = sch.split(ji, [None, tiles.lanes])
+    sch.vectorize(vj)
+    return (
+        sch.mod["main"]
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, "float_conv2d_nhwc")
+        .without_attr("global_symbol")
+    )
