@@ -22,7 +22,9 @@ per AVX-512 core. Results stay channels last between convs, pooling and elementw
 (:mod:`tvmq.passes.channels_last`). The kernel is marked ``tirx.is_scheduled`` and opaque
 to FuseOps (fusing the pad into it would recompute the pad ``KH * KW * O`` times).
 
-Left alone: grouped / depthwise convs (the default schedule vectorizes those well), other
+Depthwise convs (``groups == C``, one filter per channel) get their own NHWC kernel
+(:func:`~tvmq.kernels.cpu_float_conv.float_depthwise_nhwc`, vectorized over channels),
+so MobileNet-style blocks stay channels last too. Left alone: other grouped convs, other
 layouts and dtypes, non-constant weights, symbolic shapes, a one-element reduction
 (1x1 kernel over one channel). Where it belongs: with the other target kernels, after
 quantization and before ``LegalizeOps``; a no-op on non-LLVM targets. After a rewrite no
@@ -38,7 +40,9 @@ from tvm import relax
 from tvmq.kernels.cpu_float_conv import (
     ConvShape,
     choose_conv_tiles,
+    choose_depthwise_tiles,
     float_conv2d_nhwc,
+    float_depthwise_nhwc,
     pack_conv_weight,
     simd_lanes_and_registers,
 )
@@ -57,7 +61,7 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
         return None
     x, w = call.args
     a = call.attrs
-    if int(a.groups) != 1 or not isinstance(w, tvm.ir.Constant):
+    if not isinstance(w, tvm.ir.Constant):
         return None
     if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return None
@@ -68,10 +72,14 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
     x_shape, w_shape = _static_shape(x), _static_shape(w)
     if str(w.ty.dtype) != "float32" or x_shape is None or w_shape is None:
         return None
-    if len(x_shape) != 4 or len(w_shape) != 4 or x_shape[1] != w_shape[1] or 0 in x_shape:
+    if len(x_shape) != 4 or len(w_shape) != 4 or 0 in x_shape or 0 in w_shape:
         return None
-    if 0 in w_shape or w_shape[1] * w_shape[2] * w_shape[3] < 2:
-        return None
+    groups, c = int(a.groups), x_shape[1]
+    if groups == 1:
+        if w_shape[1] != c or w_shape[1] * w_shape[2] * w_shape[3] < 2:
+            return None
+    elif groups != c or w_shape[:2] != (c, 1) or w_shape[2] * w_shape[3] < 2:
+        return None  # grouped convs other than depthwise (one filter per channel)
     geo = Conv2DGeometry(
         x_shape,
         (w_shape[2], w_shape[3]),
@@ -95,13 +103,22 @@ class _Lowering:
         if found is None:
             return None
         x, geo, w = found
-        bb = rw.builder_
         n, c, h, wd = geo.x_shape
         o = w.shape[0]
+        oh, ow = geo.out_hw
+        if int(call.attrs.groups) == 1:
+            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
+            o_padded, kernel, name = tiles.o_padded, float_conv2d_nhwc, "conv2d"
+            packed = pack_conv_weight(w, self.lanes, o_padded)
+        else:
+            tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
+            if tiles is None:
+                return None
+            o_padded, kernel, name = o, float_depthwise_nhwc, "depthwise"
+            packed = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))  # (KH, KW, C)
+        bb = rw.builder_
         kh, kw = geo.kernel
         sw, dw = geo.strides[1], geo.dilation[1]
-        oh, ow = geo.out_hw
-        tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
         top, left, bottom, right = geo.padding
         # A padded output width reads columns past the image: pad them with zeros too.
         right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
@@ -112,14 +129,13 @@ class _Lowering:
             n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
         )
         fn = rw.kernel_var(
-            ("float_conv", shape, tiles),
-            f"tvmq_float_conv2d_nhwc_{kh}x{kw}_{c}x{o}",
-            lambda: float_conv2d_nhwc(shape, tiles).with_attr("op_pattern", OPAQUE),
+            (name, shape, tiles),
+            f"tvmq_float_{name}_nhwc_{kh}x{kw}_{c}x{o}",
+            lambda: kernel(shape, tiles).with_attr("op_pattern", OPAQUE),
         )
-        packed = relax.const(pack_conv_weight(w, self.lanes, tiles.o_padded), "float32")
-        out_ty = relax.TensorType((n, oh, tiles.ow_padded, tiles.o_padded), "float32")
-        y = bb.emit(relax.call_tir(fn, [x, packed], out_ty=out_ty))
-        if tiles.ow_padded != ow or tiles.o_padded != o:
+        out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), "float32")
+        y = bb.emit(relax.call_tir(fn, [x, relax.const(packed, "float32")], out_ty=out_ty))
+        if tiles.ow_padded != ow or o_padded != o:
             y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
         return relax.op.permute_dims(y, TO_NCHW)
 

@@ -112,6 +112,25 @@ def test_matches_torch_avx512(rng, geometry):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+# (C, H, W, kernel, stride, padding): MobileNet's depthwise convs, 24 channels (8-lane
+# vectors on AVX-512), an odd output width, a 5x5 window.
+DEPTHWISE = [(32, 16, 16, 3, 1, 1), (48, 15, 15, 3, 2, 1), (24, 9, 13, 5, 1, 2)]
+
+
+@needs_vnni
+@pytest.mark.parametrize("geometry", DEPTHWISE, ids=lambda g: "x".join(map(str, g)))
+def test_depthwise_matches_torch(rng, geometry):
+    c, h, w_, k, s, p = geometry
+    x = rng.standard_normal((1, c, h, w_)).astype(np.float32)
+    w = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    mod = _conv_module(x.shape, w, strides=s, padding=p, groups=c)
+    with AVX512:
+        assert _kernel_names(PackFloatConv()(mod)) == ["float_depthwise_nhwc"]
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    want = _torch_conv(x, w, None, s, p, 1, groups=c)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 @needs_avx2
 def test_matches_torch_avx2(rng):
     """AVX2: 8 lanes and 16 registers give another tile; the numbers stay the same."""
@@ -176,12 +195,16 @@ def test_channels_last_between_convs():
 
 def test_no_op_where_it_does_not_apply(rng):
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    dw = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    grouped = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    odd = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
     mod = _conv_module((1, 4, 8, 8), w)
-    depthwise = _conv_module((1, 4, 8, 8), dw, groups=4)
     assert PackFloatConv(CUDA)(mod).same_as(mod)
     assert PackFloatConv()(mod).same_as(mod)  # no target at all
-    assert PackFloatConv(AVX512)(depthwise).same_as(depthwise)
+    for other in (  # groups 2; a depthwise conv over 3 channels (no 4-lane vector divides 3)
+        _conv_module((1, 4, 8, 8), grouped, groups=2),
+        _conv_module((1, 3, 8, 8), odd, groups=3),
+    ):
+        assert PackFloatConv(AVX512)(other).same_as(other)
     once = PackFloatConv(AVX512)(mod)
     assert PackFloatConv(AVX512)(once).same_as(once)  # idempotent
 

@@ -78,9 +78,11 @@ def choose_conv_tiles(ow: int, o: int, lanes: int, registers: int) -> ConvTiles:
     For each ``nr`` (channel vectors, 4..1, dividing the padded channel count) the pixel
     count ``mr`` is the largest divisor of ``ow`` within the accumulator budget
     (``registers - 4``), or, when that divisor is small (below 4 while ``ow`` is not), the
-    largest ``mr`` that fits with ``ow`` padded up to a multiple of it. The tile with the
-    most useful accumulators (``mr * nr`` times the unpadded share of ``ow``) wins; ties go
-    to more channel vectors (fewer broadcasts per multiply-add).
+    largest ``mr`` that fits with ``ow`` padded up to a multiple of it. Each reduction step
+    issues ``mr * nr`` multiply-adds (two a cycle) and ``mr + nr`` loads (about 1.5 a
+    cycle with broadcasts); the tile whose multiply-adds are least held up by its loads and
+    least wasted on padded pixels wins, then the one with more accumulators, then more
+    channel vectors (fewer broadcasts).
     """
     o_padded = round_up(o, lanes)
     vectors = o_padded // lanes
@@ -95,7 +97,9 @@ def choose_conv_tiles(ow: int, o: int, lanes: int, registers: int) -> ConvTiles:
         if mr < min(4, ow):
             mr = min(cap, ow)
             ow_padded = round_up(ow, mr)
-        score = mr * nr * ow / ow_padded
+        fma_cycles = mr * nr / 2
+        busy = fma_cycles / max(fma_cycles, (mr + nr) / 1.5) * ow / ow_padded
+        score = (round(busy, 3), mr * nr, nr)
         if best is None or score > best[0]:
             best = (score, ConvTiles(mr, nr, lanes, ow_padded, o_padded))
     return best[1]
@@ -160,10 +164,12 @@ def float_conv2d_nhwc(shape: ConvShape, tiles: ConvTiles) -> tvm.tirx.PrimFunc:
     out = te.compute((n, oh, ow, o), lambda b, y, x, j: acc[b, y, x, j], name="Y")
     func = te.create_prim_func([p, w, out])
     macs = n * oh * ow * o * kh * kw * c
-    return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS)
+    return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_conv2d_nhwc")
 
 
-def _schedule(func: tvm.tirx.PrimFunc, tiles: ConvTiles, parallel: bool) -> tvm.tirx.PrimFunc:
+def _schedule(
+    func: tvm.tirx.PrimFunc, tiles: ConvTiles, parallel: bool, name: str
+) -> tvm.tirx.PrimFunc:
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("Y")
     b, y, x, j = sch.get_loops(out)
@@ -192,6 +198,70 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: ConvTiles, parallel: bool) -> tvm.
     return (
         sch.mod["main"]
         .with_attr("tirx.is_scheduled", True)
-        .with_attr(KERNEL_ATTR, "float_conv2d_nhwc")
+        .with_attr(KERNEL_ATTR, name)
         .without_attr("global_symbol")
+    )
+
+
+@dataclass(frozen=True)
+class DepthwiseTiles:
+    """Register tile of the depthwise kernel: ``mr`` pixels x ``nr`` vectors of ``lanes``."""
+
+    mr: int
+    nr: int
+    lanes: int
+    ow_padded: int
+
+
+def choose_depthwise_tiles(ow: int, c: int, lanes: int, registers: int) -> DepthwiseTiles | None:
+    """The tile for a depthwise conv ``ow`` pixels wide over ``c`` channels, or None when no
+    vector of at least 4 lanes divides ``c``. Each pixel of the tile needs one input vector
+    per channel vector besides its accumulator, so the budget is half that of a conv."""
+    while lanes >= 4 and c % lanes:
+        lanes //= 2
+    if lanes < 4:
+        return None
+    vectors = c // lanes
+    budget = (registers - 4) // 2
+    nr = next(r for r in (2, 1) if vectors % r == 0)
+    cap = max(1, budget // nr)
+    mr = next(d for d in range(min(cap, ow), 0, -1) if ow % d == 0)
+    ow_padded = ow
+    if mr < min(4, ow):
+        mr = min(cap, ow)
+        ow_padded = round_up(ow, mr)
+    return DepthwiseTiles(mr, nr, lanes, ow_padded)
+
+
+def float_depthwise_nhwc(shape: ConvShape, tiles: DepthwiseTiles) -> tvm.tirx.PrimFunc:
+    """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
+    depthwise conv (one filter per channel) over a padded NHWC image, ``OW`` =
+    ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
+    of accumulators per task."""
+    n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
+    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
+    ow, lanes = tiles.ow_padded, tiles.lanes
+    if ow % tiles.mr or c % (tiles.nr * lanes):
+        raise ValueError(f"unpadded output {ow}x{c} for tiles {tiles}")
+    if (ow - 1) * sw + (kw - 1) * dw + 1 > wp or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
+        raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
+    if kh * kw < 2:
+        raise ValueError("a 1x1 depthwise conv is a per-channel scale, not a convolution")
+    p = te.placeholder((n, hp, wp, c), "float32", name="P")
+    w = te.placeholder((kh, kw, c), "float32", name="W")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc = te.compute(
+        (n, oh, ow, c),
+        lambda b, y, x, j: te.sum(
+            p[b, y * sh + ry * dh, x * sw + rx * dw, j] * w[ry, rx, j], axis=[ry, rx]
+        ),
+        name="acc",
+    )
+    out = te.compute((n, oh, ow, c), lambda b, y, x, j: acc[b, y, x, j], name="Y")
+    func = te.create_prim_func([p, w, out])
+    macs = n * oh * ow * c * kh * kw
+    sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
+    return _schedule(
+        func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_depthwise_nhwc"
     )
