@@ -34,6 +34,7 @@ from .fold_quant_scales import FoldQuantScales
 from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import LowerInt8
 from .pack_float_conv import PackFloatConv
+from .pack_float_dense import PackFloatDense
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
@@ -57,6 +58,7 @@ __all__ = [
     "FastMath",
     "Int8DenseCUDA",
     "PackFloatConv",
+    "PackFloatDense",
     "PackInt8BatchMatmulX86",
     "PackInt8ConvX86",
     "PackInt8DenseARM",

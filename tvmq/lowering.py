@@ -33,6 +33,7 @@ from tvmq.passes import (
     FoldBatchNorm,
     Int8DenseCUDA,
     PackFloatConv,
+    PackFloatDense,
     PackInt8BatchMatmulX86,
     PackInt8ConvX86,
     PackInt8DenseARM,
@@ -68,6 +69,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         PackInt8DenseARM(target),  # sdot, or a NEON fallback, on aarch64
         FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
+        PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
         FastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 

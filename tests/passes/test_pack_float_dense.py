@@ -1,0 +1,70 @@
+"""PackFloatDense: float matmuls with a constant weight on the packed kernel, vs numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmq.build import build
+from tvmq.kernels import KERNEL_ATTR
+from tvmq.passes import PackFloatDense
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+
+
+def _linear(x_shape, w, *, transposed=True):
+    """``main(x) = x @ W`` with W stored as torch's Linear does ((N, K), permuted)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if transposed:
+                wt = bb.emit(relax.op.permute_dims(relax.const(np.ascontiguousarray(w.T))))
+            else:
+                wt = relax.const(w)
+            out = bb.emit_output(relax.op.matmul(x, wt))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _kernels(mod):
+    return [
+        str(f.attrs[KERNEL_ATTR])
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and KERNEL_ATTR in f.attrs
+    ]
+
+
+@pytest.mark.parametrize(
+    "x_shape,n", [((2, 50, 96), 200), ((97, 130), 100)], ids=["3d", "odd-rows-and-columns"]
+)
+def test_matches_numpy(rng, x_shape, n):
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((x_shape[-1], n)).astype(np.float32)
+    mod = _linear(x_shape, w)
+    with AVX512:
+        assert _kernels(PackFloatDense()(mod)) == ["float_conv2d_nhwc"]
+    vm = relax.VirtualMachine(build(mod, "host", tuning_logs=None), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = x @ w
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_small_matmuls_stay_tunable(rng):
+    """Below 2**20 multiply-adds the default schedule (and MetaSchedule) keep the matmul."""
+    mod = _linear((8, 64), rng.standard_normal((64, 32)).astype(np.float32))
+    assert PackFloatDense(AVX512)(mod).same_as(mod)
+
+
+def test_no_op_where_it_does_not_apply(rng):
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    mod = _linear((64, 256), w, transposed=False)
+    assert PackFloatDense(CUDA)(mod).same_as(mod)
+    assert PackFloatDense()(mod).same_as(mod)  # no target
+    once = PackFloatDense(AVX512)(mod)
+    assert not once.same_as(mod)
+    assert PackFloatDense(AVX512)(once).same_as(once)
