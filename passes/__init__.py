@@ -2,8 +2,10 @@
 
 Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
-:class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
-registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+:class:`LowerInt8`; ``pipeline.py`` chains them (with :class:`SmoothQuant` and the dynamic
+sites' :class:`QuantizeDynamic`) in the phases ``tvmq compile`` runs, and importing this package
+registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
 Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
 SmoothQuant before static int8 calibration: :class:`SmoothQuant`.

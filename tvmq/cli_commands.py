@@ -38,7 +38,7 @@ def cmd_compile(args) -> int:
 
     scheme = None
     if args.quantize:
-        from tvmq.compiler import scheme_for_target
+        from tvmq.pipeline import scheme_for_target
         from tvmq.targets import get_target
 
         scheme = scheme_for_target(args.quantize, get_target(args.target))
