@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tvm
 
-from tvmq.build import BuildInfo, build_with_info
+from tvmq.build import BuildInfo, build_with_info, export_library
 from tvmq.compression import apply_compression
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
@@ -170,7 +172,12 @@ def run(
     quantized = done.quantized
     if on_host and quantized is not None and quantized.first_batch is not None:
         names = [s.name for s in model.inputs]
-        quantized.report.output_sqnr_db = output_sqnr(ex, quantized.first_batch, names)
+        with tempfile.TemporaryDirectory(prefix="tvmq-sqnr-") as tmp:
+            # A VM that loads `ex` itself changes what `ex` exports later: run a linked copy.
+            lib = Path(tmp) / "model.so"
+            export_library(ex, lib, preset)
+            sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
+        quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = quantized.describe()
     return Built(**vars(done), executable=ex, build_info=info)
 

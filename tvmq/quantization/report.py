@@ -185,8 +185,11 @@ class FirstBatch:
         return cls(dict(stats.first_inputs), list(stats.first_outputs))
 
 
-def output_sqnr(ex: tvm.relax.Executable, batch: FirstBatch, names: list[str]) -> list[float]:
-    """Per output: SQNR of a host executable's outputs on `batch` against the float ones."""
+def output_sqnr(
+    ex: tvm.relax.Executable | tvm.runtime.Module, batch: FirstBatch, names: list[str]
+) -> list[float]:
+    """Per output: SQNR of a host executable's (or loaded library's) outputs on `batch`
+    against the float ones."""
     vm = relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(batch.inputs[n]) for n in names])
     got = _flatten(out)
