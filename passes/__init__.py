@@ -6,13 +6,13 @@ Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQ
 sites' :class:`QuantizeDynamic`) in the phases ``tvmq compile`` runs, and importing this package
 registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
 Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
-Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weights, after
+Sparse execution: :class:`SparsifyDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
 SmoothQuant before static int8 calibration: :class:`SmoothQuant`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
-:class:`Int8DenseCUDA` (dp4a); :class:`FastMath` (vectorizable exp / erf / tanh, softmax and
+:class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
@@ -30,13 +30,12 @@ from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
-from .fast_math import FastMath
 from .fold_quant_scales import FoldQuantScales
-from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import LowerInt8
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
+from .pack_int8_dense_cuda import PackInt8DenseCUDA
 from .pack_int8_dense_x86 import PackInt8DenseX86
 from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
 from .prune_channels import PruneChannels
@@ -45,7 +44,8 @@ from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weight_only import QuantizeWeightOnly
 from .smooth_quant import SmoothQuant
-from .sparse_dense import SPARSE_ATTR, SparseDense
+from .sparsify_dense import SPARSE_ATTR, SparsifyDense
+from .use_fast_math import UseFastMath
 
 __all__ = [
     "FLOAT_OPS_ATTR",
@@ -54,8 +54,8 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
-    "FastMath",
-    "Int8DenseCUDA",
+    "UseFastMath",
+    "PackInt8DenseCUDA",
     "PackInt8BatchMatmulX86",
     "PackInt8ConvX86",
     "PackInt8DenseARM",
@@ -66,7 +66,7 @@ __all__ = [
     "PruneNM",
     "QuantizeDynamic",
     "SPARSE_ATTR",
-    "SparseDense",
+    "SparsifyDense",
     "QuantizeWeightOnly",
     "SmoothQuant",
     "sparsity_report",

@@ -39,7 +39,7 @@ from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel
-from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparseDense, has_qdq, static_int8_passes
+from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.quantization import quantize as run_quantize
@@ -126,7 +126,7 @@ def compress(
         notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
     if sparse is not None:
         # Before quantization: BSR layers stay float32, the quantizer takes the dense rest.
-        mod = SparseDense(sparse.min_sparsity, sparse.block, preset.tvm_target())(model.mod)
+        mod = SparsifyDense(sparse.min_sparsity, sparse.block, preset.tvm_target())(model.mod)
         model = _with_mod(model, mod)
         decisions = mod["main"].attrs.get(SPARSE_ATTR, []) if mod["main"].attrs else []
         applied["sparse"] = {
