@@ -19,7 +19,8 @@ Pruning and weight sharing, on float constant weights before quantization:
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
 
 Shared by the passes and public: :mod:`~tvmq.passes.sites` (the one site model: which
-matmul / conv2d layers the passes work on and their names), :mod:`~tvmq.passes.relax_utils`
+matmul / conv2d layers the passes work on and their names; weightless add / concat /
+attention matmuls in :mod:`~tvmq.passes.tensor_sites`), :mod:`~tvmq.passes.relax_utils`
 (bindings, constants, op names) and :mod:`~tvmq.passes.analysis` (read-only measures:
 :func:`~tvmq.passes.analysis.float_compute_ops`, ``count_macs``, ``constant_bytes``,
 ``sparsity_report``). This package imports only ``tvmq``'s core layer (``tvmq.core``,

@@ -17,7 +17,7 @@ symmetric by default. The result is still a float model (QDQ form, as in ONNX), 
 as is; the weight ``quantize`` is folded by :class:`FoldQuantScales` and integer compute
 appears only in :class:`LowerInt8`.
 
-Tensor sites (``tvmq.passes.sites.list_tensor_sites``): a residual ``add`` of two float32
+Tensor sites (``tvmq.passes.tensor_sites.list_tensor_sites``): a residual ``add`` of two float32
 activations and a ``concat`` get their inputs wrapped the same way and their output
 (after an ``add``'s following ``relu`` / ``clip``) quantized and dequantized in place,
 so :class:`LowerInt8` can run them on integers::
@@ -58,7 +58,8 @@ from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
 from .relax_utils import const_f32, const_i32, relax_functions, site_prefix
-from .sites import TensorSite, WeightSite, list_tensor_sites, list_weight_sites
+from .sites import WeightSite, list_weight_sites
+from .tensor_sites import TensorSite, list_tensor_sites
 
 
 def _per_name(value, name: str, default):

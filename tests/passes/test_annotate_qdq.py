@@ -343,7 +343,7 @@ def test_add_and_concat_before_expected():
 
 
 def test_tensor_sites_and_what_calibration_observes():
-    from tvmq.passes.sites import list_observed_tensors, list_tensor_sites
+    from tvmq.passes.tensor_sites import list_observed_tensors, list_tensor_sites
 
     sites = list_tensor_sites(AddConcatBefore["main"])
     assert [(s.name, s.kind) for s in sites] == [("add_0", "add"), ("concat_0", "concat")]
@@ -384,7 +384,7 @@ class BiasAdd:
 
 
 def test_constant_and_broadcast_adds_are_not_sites():
-    from tvmq.passes.sites import list_tensor_sites
+    from tvmq.passes.tensor_sites import list_tensor_sites
 
     assert list_tensor_sites(BiasAdd["main"]) == []
     assert AnnotateQDQ({"add_0": (0.5, 0)})(BiasAdd).same_as(BiasAdd)
@@ -413,7 +413,7 @@ def test_tensor_read_by_conv_and_add_is_quantized_once():
 def test_add_feeding_a_float_op_stays_float():
     """A residual add read by a float op (softmax here; a LayerNorm in a transformer) or
     returned is no integer site: quantizing it would only add error."""
-    from tvmq.passes.sites import list_tensor_sites
+    from tvmq.passes.tensor_sites import list_tensor_sites
 
     @I.ir_module
     class Residual:
@@ -488,7 +488,7 @@ class AttentionExpected:
 
 
 def test_activation_matmul_sites_and_what_calibration_observes():
-    from tvmq.passes.sites import list_observed_tensors, list_tensor_sites
+    from tvmq.passes.tensor_sites import list_observed_tensors, list_tensor_sites
 
     func = AttentionBefore["main"]
     sites = list_tensor_sites(func)

@@ -24,8 +24,9 @@ from tvmq.passes.annotate_qdq import weight_qparams
 from tvmq.passes.quantize_dynamic import ATTR as DYNAMIC_ATTR
 from tvmq.passes.quantize_dynamic import QuantizeDynamic
 from tvmq.passes.relax_utils import ordered_bindings
-from tvmq.passes.sites import list_tensor_sites, list_weight_sites, select_sites
+from tvmq.passes.sites import list_weight_sites, select_sites
 from tvmq.passes.smooth_quant import smooth_sites
+from tvmq.passes.tensor_sites import list_tensor_sites
 from tvmq.quantization.bias_correction import correct_biases
 from tvmq.quantization.collect import (
     ActivationStats,
