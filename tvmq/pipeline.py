@@ -19,7 +19,7 @@ Phases 3 and 4 run inside :func:`tvmq.build.build_with_info`, whose fusion step
 extracts exactly the kernels a build schedules. For static int8, the IR part of phases 2
 and 3 is the registered Relax pipeline ``"tvmq"``: ``relax.get_pipeline("tvmq",
 **compressed.pipeline_params, target_kernels=target_kernel_passes(target), build=False)``
-on the float module gives the IR this pipeline builds (``tests/test_pipeline.py``).
+on the float module gives the IR this pipeline builds (``tests/test_compile_pipeline.py``).
 """
 
 from __future__ import annotations
