@@ -7,7 +7,7 @@ in one run and on the same input:
   default CPU schedule, untuned);
 - ``numpy``: ``x @ W`` in numpy (its BLAS), for reference only;
 - ``bsr BxC @ s%``: the same module with ``W`` pruned to sparsity ``s`` in random
-  ``BxC`` tiles and rewritten by ``SparseDense(min_sparsity=0)`` (so including the
+  ``BxC`` tiles and rewritten by ``SparsifyDense(min_sparsity=0)`` (so including the
   transpose of ``x`` the pass emits), built the same way.
 
 Every cell is the median of ``time_evaluator`` measurements (ms) and the median speedup
@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from tvmq.build import build
-from tvmq.passes.sparse_dense import SparseDense
+from tvmq.passes.sparsify_dense import SparsifyDense
 
 SHAPES = [(128, 768, 3072), (128, 3072, 768)]
 BLOCKS = [(1, 1), (4, 1), (16, 1)]
@@ -116,7 +116,7 @@ def main() -> None:
             cells, crossover = [], None
             for sparsity in SPARSITIES:
                 w = _block_sparse(rng, k, n, block, sparsity)
-                mod = SparseDense(min_sparsity=0.0, block=block, target=target)(_module(m, k, w))
+                mod = SparsifyDense(min_sparsity=0.0, block=block, target=target)(_module(m, k, w))
                 sparse = _Timed(mod, x)
                 err = float(np.abs(sparse.out - x @ w).max())
                 if err > 1e-2:

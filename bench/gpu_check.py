@@ -5,7 +5,7 @@ Run on a machine with an NVIDIA GPU (and nvcc)::
     python bench/gpu_check.py --out gpu_check_logs --trials 32
 
 For the demo MLP (batch 4), the demo CNN (batch 4) and a 128x768x3072 GEMM it builds the fp32
-model and the static-int8 model (``Int8DenseCUDA`` applied: dp4a kernels for int8 dense
+model and the static-int8 model (``PackInt8DenseCUDA`` applied: dp4a kernels for int8 dense
 layers; int8 conv2d still takes TVM's default lowering) for the GPU's own arch, checks:
 
 - GEMM: int8 result == numpy, bit-exact; fp32 vs numpy (max relative error);
@@ -49,7 +49,7 @@ def main() -> int:
     from tvmq.build import build_with_info
     from tvmq.demo import make_cnn, make_mlp
     from tvmq.frontends import import_model
-    from tvmq.passes.int8_dense_cuda import Int8DenseCUDA
+    from tvmq.passes.pack_int8_dense_cuda import PackInt8DenseCUDA
     from tvmq.quantization import quantize
     from tvmq.targets import get_target
 
@@ -88,7 +88,7 @@ def main() -> int:
         imported = import_model(model, example_inputs=(torch.zeros(*shape),))
         calib = rng.random((64, shape[1]), dtype=np.float32)
         q = quantize(imported, calib, "int8", progress=False, evaluate=False).mod
-        q_cuda = Int8DenseCUDA(preset.tvm_target())(q)
+        q_cuda = PackInt8DenseCUDA(preset.tvm_target())(q)
         if name == "mlp":
             int8_mlp = q_cuda
         x = rng.random(shape, dtype=np.float32)
@@ -130,7 +130,7 @@ def main() -> int:
             bb.emit_func_output(bb.emit(y))
         mods[dtype] = bb.get()
     expected = a.astype(np.int32) @ w.astype(np.int32)
-    vm8, info = gpu_vm(Int8DenseCUDA(preset.tvm_target())(mods["int8"]))
+    vm8, info = gpu_vm(PackInt8DenseCUDA(preset.tvm_target())(mods["int8"]))
     a8 = tvm.runtime.tensor(a, dev)
     ok8 = np.array_equal(vm8["main"](a8).numpy(), expected)
     vm32, _ = gpu_vm(mods["float32"])

@@ -2,22 +2,25 @@
 
 Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
-:class:`LowerInt8`; :func:`static_int8_passes` chains them and importing this package
-registers the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
-Sparse execution: :class:`SparseDense` (BSR kernels for block-sparse float weights, after
+:class:`LowerInt8`; ``pipeline.py`` chains them (with :class:`SmoothQuant` and the dynamic
+sites' :class:`QuantizeDynamic`) in the phases ``tvmq compile`` runs, and importing this package
+registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
+Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
+Sparse execution: :class:`SparsifyDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
 SmoothQuant before static int8 calibration: :class:`SmoothQuant`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
-:class:`Int8DenseCUDA` (dp4a); :class:`FastMath` (vectorizable exp / erf / tanh, softmax and
+:class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
 
 Shared by the passes and public: :mod:`~tvmq.passes.sites` (the one site model: which
-matmul / conv2d layers the passes work on and their names), :mod:`~tvmq.passes.relax_utils`
+matmul / conv2d layers the passes work on and their names; weightless add / concat /
+attention matmuls in :mod:`~tvmq.passes.tensor_sites`), :mod:`~tvmq.passes.relax_utils`
 (bindings, constants, op names) and :mod:`~tvmq.passes.analysis` (read-only measures:
 :func:`~tvmq.passes.analysis.float_compute_ops`, ``count_macs``, ``constant_bytes``,
 ``sparsity_report``). This package imports only ``tvmq``'s core layer (``tvmq.core``,
@@ -28,16 +31,15 @@ from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
-from .fast_math import FastMath
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
-from .int8_dense_cuda import Int8DenseCUDA
 from .lower_int8 import LowerInt8
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
+from .pack_int8_dense_cuda import PackInt8DenseCUDA
 from .pack_int8_dense_x86 import PackInt8DenseX86
 from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
 from .prune_channels import PruneChannels
@@ -46,7 +48,8 @@ from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_weight_only import QuantizeWeightOnly
 from .smooth_quant import SmoothQuant
-from .sparse_dense import SPARSE_ATTR, SparseDense
+from .sparsify_dense import SPARSE_ATTR, SparsifyDense
+from .use_fast_math import UseFastMath
 
 __all__ = [
     "FLOAT_OPS_ATTR",
@@ -55,10 +58,10 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
-    "FastMath",
-    "Int8DenseCUDA",
     "PackFloatConv",
     "PackFloatDense",
+    "UseFastMath",
+    "PackInt8DenseCUDA",
     "PackInt8BatchMatmulX86",
     "PackInt8ConvX86",
     "PackInt8DenseARM",
@@ -69,7 +72,7 @@ __all__ = [
     "PruneNM",
     "QuantizeDynamic",
     "SPARSE_ATTR",
-    "SparseDense",
+    "SparsifyDense",
     "QuantizeWeightOnly",
     "SmoothQuant",
     "sparsity_report",

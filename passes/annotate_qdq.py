@@ -17,7 +17,7 @@ symmetric by default. The result is still a float model (QDQ form, as in ONNX), 
 as is; the weight ``quantize`` is folded by :class:`FoldQuantScales` and integer compute
 appears only in :class:`LowerInt8`.
 
-Tensor sites (``tvmq.passes.sites.list_tensor_sites``): a residual ``add`` of two float32
+Tensor sites (``tvmq.passes.tensor_sites.list_tensor_sites``): a residual ``add`` of two float32
 activations and a ``concat`` get their inputs wrapped the same way and their output
 (after an ``add``'s following ``relu`` / ``clip``) quantized and dequantized in place,
 so :class:`LowerInt8` can run them on integers::
@@ -46,7 +46,7 @@ pass twice is the same as once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -58,22 +58,24 @@ from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
 from .relax_utils import const_f32, const_i32, relax_functions, site_prefix
-from .sites import TensorSite, WeightSite, list_tensor_sites, list_weight_sites
+from .sites import WeightSite, list_weight_sites
+from .tensor_sites import TensorSite, list_tensor_sites
 
 
-def _layer(scheme, name: str):
-    """The scheme's settings for one site (per-layer ``overrides``), or the scheme itself."""
-    return scheme.for_layer(name) if hasattr(scheme, "for_layer") else scheme
+def _per_name(value, name: str, default):
+    """``value`` itself, or its entry for ``name`` when it is a per-name mapping."""
+    return value.get(name, default) if isinstance(value, Mapping) else value
 
 
-def weight_qparams(site: WeightSite, scheme) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(scale, zero_point, axis) of a site's weight: per output channel and symmetric by default.
+def weight_qparams(
+    site: WeightSite, per_channel: bool = True
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(scale, zero_point, axis) of a site's weight: symmetric int8, per output channel
+    (``per_channel``) or per tensor.
 
     ``axis`` is None for per-tensor parameters.
     """
-    scheme = _layer(scheme, site.name)
-    per_channel = getattr(scheme, "weight_per_channel", True)
-    symmetric = getattr(scheme, "weight_symmetric", True)
+    symmetric = True  # integer kernels need no weight zero-point terms
     w = site.weight.astype(np.float64)
     if per_channel:
         other = tuple(i for i in range(w.ndim) if i != site.weight_axis)
@@ -194,22 +196,35 @@ class AnnotateQDQ:
     activation_qparams : Mapping[str, tuple[float, int]]
         Site name -> calibrated per-tensor ``(scale, zero_point)`` of its activation input,
         for ``scheme.activation_dtype``.
-    scheme : object, optional
-        Reads ``activation_dtype`` ("int8" or "uint8", default "int8"),
-        ``weight_per_channel`` (default True), ``weight_symmetric`` (default True), each
-        per site through ``for_layer(site name)`` when the scheme has it, and ``skip``
-        (fnmatch patterns of site names, or op names such as "conv2d"/"relax.matmul"/"dense").
+    activation_dtype : str or Mapping[str, str]
+        "int8" or "uint8" for every tensor, or per tensor name (the keys of
+        ``activation_qparams``; names not in the mapping are "int8").
+    weight_per_channel : bool or Mapping[str, bool]
+        Weight scales per output channel (else per tensor), for every site or per site name
+        (names not in the mapping are per channel). Weights are always symmetric.
+    skip : sequence of str
+        Sites to leave float: fnmatch patterns of site names, or op names such as
+        "conv2d" / "relax.matmul" / "dense" (``tvmq.core.selectors``).
     """
 
-    def __init__(self, activation_qparams: Mapping[str, tuple[float, int]], scheme=None):
+    def __init__(
+        self,
+        activation_qparams: Mapping[str, tuple[float, int]],
+        *,
+        activation_dtype: str | Mapping[str, str] = "int8",
+        weight_per_channel: bool | Mapping[str, bool] = True,
+        skip: Sequence[str] = (),
+    ):
         self.activation_qparams = {
             str(k): _check_qparams(str(k), v) for k, v in dict(activation_qparams).items()
         }
-        self.scheme = scheme
+        self.activation_dtype = activation_dtype
+        self.weight_per_channel = weight_per_channel
+        self.skip = (skip,) if isinstance(skip, str) else tuple(skip)
 
     def _dtype(self, name: str, qp: tuple[float, int]) -> str:
         """The activation dtype of tensor `name`, checked against its zero point."""
-        dtype = getattr(_layer(self.scheme, name), "activation_dtype", "int8")
+        dtype = _per_name(self.activation_dtype, name, "int8")
         if dtype not in ("int8", "uint8"):
             raise TvmqError(f"activation_dtype must be 'int8' or 'uint8', got {dtype!r}")
         lo, hi = qmath.qrange(dtype)
@@ -219,6 +234,9 @@ class AnnotateQDQ:
                 f"[{lo}, {hi}]; were the parameters chosen for another dtype?"
             )
         return dtype
+
+    def _per_channel(self, name: str) -> bool:
+        return bool(_per_name(self.weight_per_channel, name, True))
 
     def _tensor_plan(self, site: TensorSite, skip) -> tuple[list, tuple | None] | None:
         """(per-input (qparams, dtype), output (qparams, dtype) or None), or None: stay float.
@@ -239,7 +257,7 @@ class AnnotateQDQ:
         return params[:-1], params[-1]
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        skip = getattr(self.scheme, "skip", ())
+        skip = self.skip
         updates = {}
         for gv, func in relax_functions(mod):
             plans = {}
@@ -248,7 +266,12 @@ class AnnotateQDQ:
                 if qp is None or is_skipped(site.name, site.kind, skip):
                     continue
                 dtype = self._dtype(site.name, qp)
-                plans[site.call] = (site, qp, dtype, weight_qparams(site, self.scheme))
+                plans[site.call] = (
+                    site,
+                    qp,
+                    dtype,
+                    weight_qparams(site, self._per_channel(site.name)),
+                )
             tensor_plans, outputs = {}, {}
             for site in list_tensor_sites(func, site_prefix(gv)):
                 found = self._tensor_plan(site, skip)

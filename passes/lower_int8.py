@@ -314,17 +314,15 @@ class LowerInt8:
 
     Parameters
     ----------
-    scheme : object, optional
-        Reads ``requantize`` ("float" or "integer", default "float").
-    requantize : str, optional
-        Overrides ``scheme.requantize``.
+    requantize : {"float", "integer"}
+        Requantize int32 accumulators with a float multiply, or with a fixed-point
+        multiplier and shift (integer-only).
     """
 
-    def __init__(self, scheme=None, requantize: str | None = None):
-        mode = requantize or getattr(scheme, "requantize", None) or "float"
-        if mode not in ("float", "integer"):
-            raise TvmqError(f"requantize must be 'float' or 'integer', got {mode!r}")
-        self.requantize = mode
+    def __init__(self, requantize: str = "float"):
+        if requantize not in ("float", "integer"):
+            raise TvmqError(f"requantize must be 'float' or 'integer', got {requantize!r}")
+        self.requantize = requantize
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}

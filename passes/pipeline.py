@@ -1,39 +1,46 @@
-"""The static int8 flow as a pass ``Sequential`` and as the Relax pipeline ``"tvmq"``.
+"""The int8 pass lists of ``tvmq compile --quantize int8``, and the Relax pipeline ``"tvmq"``.
 
-Phases (each a ``tvm.transform.Pass``):
+One builder per phase, each returning a ``tvm.transform.Pass`` that takes plain parameters
+(the driver, ``tvmq.quantization.static``, turns an ``Int8Static`` config and its
+calibration into them); ``tvmq compile`` runs these very builders, so the Relax pipeline
+is exactly the IR part of a compile for the same parameters::
 
-1. prepare -- ``CanonicalizeBindings`` + ``DeadCodeElimination``: drops the importers'
-   no-op bindings (``max_pool2d``'s unused index tuple) so quantizable sites and the ops
-   between them are stable. Calibration lists sites on the prepared module too.
-2. annotate -- :class:`AnnotateQDQ` with calibrated activation parameters (skipped when
-   none are given: the module is then expected to be in QDQ form already).
-3. fold -- :class:`FoldQuantScales`: int8 weight constants, batch_norm folding.
-4. lower -- :class:`LowerInt8`: int8 x int8 -> int32 matmul / conv2d; integer residual
-   add, concat, relu6 / clip and requantize.
-5. build (pipeline only, optional) -- ``LegalizeOps`` + fusion (the stock ``"zero"``
-   pipeline), then the stock ``"default_build"`` pipeline, so the result can be passed
-   to ``tvm.compile(..., relax_pipeline=...)``.
+    # Phase 1, prepare: CanonicalizeBindings + DeadCodeElimination -- drops the importers'
+    #   no-op bindings (max_pool2d's unused index tuple); site names are defined on this form.
+    # Phase 2, smooth: SmoothQuant on the sites of `smooth_absmax` (calibration, which
+    #   needs phases 1-2 to observe the model it quantizes, runs after this phase).
+    # Phase 3, quantize: AnnotateQDQ (calibrated activation parameters) -> FoldQuantScales
+    #   (int8 weight constants, batch_norm folding) -> LowerInt8 (int8 x int8 -> int32,
+    #   integer add / concat / requantize) -> QuantizeDynamic on the `dynamic_vars`
+    #   matmuls (run-time per-row activation ranges: the scheme's `dynamic` sites).
+    # Phase 4, target kernels: the passes of `tvmq.lowering.target_kernel_passes(target)`,
+    #   handed in as `target_kernels` (the driver chooses them per target).
+    # Phase 5, build (pipeline only, optional): the stock "zero" pipeline (legalize, fuse)
+    #   and "default_build", so the result can go to tvm.compile(relax_pipeline=...).
 
 ``relax.get_pipeline("tvmq")`` (no arguments; also ``tvm.compile(mod, target,
 relax_pipeline="tvmq")``) lowers a module already in QDQ form and builds it;
-``relax.get_pipeline("tvmq", activation_qparams=..., scheme=...)`` quantizes a float
-module with calibrated parameters first (``tvmq.quantization.collect.collect_activation_qparams``
-computes them).
+``relax.get_pipeline("tvmq", **params)`` with the parameters a compile used
+(``tvmq.quantization.QuantizedModel.pipeline_params``) quantizes the float module the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from .annotate_qdq import AnnotateQDQ
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
+from .quantize_dynamic import QuantizeDynamic
+from .smooth_quant import SmoothQuant
 
 PIPELINE_NAME = "tvmq"
+_NOTHING = tvm.transform.Sequential([])
 
 
 def prepare_passes() -> tvm.transform.Pass:
@@ -44,45 +51,99 @@ def prepare_passes() -> tvm.transform.Pass:
     )
 
 
-def static_int8_passes(
-    activation_qparams: Mapping[str, tuple[float, int]] | None = None, scheme=None
+def smooth_passes(
+    smooth_absmax: Mapping[str, np.ndarray] | None = None,
+    smooth: Sequence[tuple[str, float]] = (),
 ) -> tvm.transform.Pass:
-    """The static int8 passes, prepare to lower, as one ``Sequential`` (no build phase).
+    """Phases 1-2: prepare, then SmoothQuant the sites of ``smooth_absmax``.
+
+    Parameters
+    ----------
+    smooth_absmax : Mapping[str, numpy.ndarray], optional
+        Site name -> ``max |x|`` per input channel over the calibration data; only these
+        sites are smoothed.
+    smooth : sequence of (selector, alpha)
+        Migration strength per site selector (``Int8Static.smooth``).
+    """
+    smoothing = SmoothQuant(smooth_absmax, smooth) if smooth_absmax else _NOTHING
+    return tvm.transform.Sequential([prepare_passes(), smoothing], name="tvmq.smooth")
+
+
+def static_int8_passes(
+    activation_qparams: Mapping[str, tuple[float, int]] | None = None,
+    *,
+    activation_dtype: str | Mapping[str, str] = "int8",
+    weight_per_channel: bool | Mapping[str, bool] = True,
+    skip: Sequence[str] = (),
+    requantize: str = "float",
+    dynamic_vars: Collection[str] = (),
+    dynamic_weight_per_channel: bool = True,
+) -> tvm.transform.Pass:
+    """Phases 1 and 3: prepare, then quantize (no smoothing, no build).
 
     Parameters
     ----------
     activation_qparams : Mapping[str, tuple[float, int]], optional
         Site name -> calibrated ``(scale, zero_point)``; None for a module already in QDQ form.
-    scheme : Int8Static, optional
-        Activation dtype, weight granularity, skip list and requantize mode.
+    activation_dtype, weight_per_channel, skip
+        As for :class:`AnnotateQDQ`.
+    requantize : {"float", "integer"}
+        As for :class:`LowerInt8`.
+    dynamic_vars : collection of str
+        Binding names of the matmuls to quantize with run-time activation ranges
+        (:class:`QuantizeDynamic`) after the static passes, which must leave them float.
+    dynamic_weight_per_channel : bool
+        Weight scales of those matmuls per output channel.
     """
     passes = [prepare_passes()]
     if activation_qparams is not None:
-        passes.append(AnnotateQDQ(activation_qparams, scheme))
-    passes += [FoldQuantScales(), LowerInt8(scheme)]
+        passes.append(
+            AnnotateQDQ(
+                activation_qparams,
+                activation_dtype=activation_dtype,
+                weight_per_channel=weight_per_channel,
+                skip=skip,
+            )
+        )
+    passes += [FoldQuantScales(), LowerInt8(requantize)]
+    if dynamic_vars:
+        passes.append(
+            QuantizeDynamic(weight_per_channel=dynamic_weight_per_channel, only_vars=dynamic_vars)
+        )
     return tvm.transform.Sequential(passes, name="tvmq.static_int8")
 
 
 def tvmq_pipeline(
     activation_qparams: Mapping[str, tuple[float, int]] | None = None,
-    scheme=None,
     *,
+    smooth_absmax: Mapping[str, np.ndarray] | None = None,
+    smooth: Sequence[tuple[str, float]] = (),
+    target_kernels: Sequence[tvm.transform.Pass] = (),
     build: bool = True,
     fuse: bool = True,
+    **quantize_params,
 ) -> tvm.transform.Pass:
-    """The ``"tvmq"`` Relax pipeline: :func:`static_int8_passes`, then the stock lowering.
+    """The ``"tvmq"`` Relax pipeline: phases 1 to 4, then optionally the stock build.
 
     Parameters
     ----------
-    activation_qparams, scheme
+    activation_qparams, **quantize_params
         As in :func:`static_int8_passes`.
+    smooth_absmax, smooth
+        As in :func:`smooth_passes`.
+    target_kernels : sequence of tvm.transform.Pass
+        Phase 4, e.g. ``tvmq.lowering.target_kernel_passes(target)``.
     build : bool
         Append the stock ``"default_build"`` pipeline (what ``tvm.compile`` runs by default).
     fuse : bool
         Legalize and fuse (the stock ``"zero"`` pipeline) before building, so the
         elementwise requantize ops become one kernel with their producer.
     """
-    passes = [static_int8_passes(activation_qparams, scheme)]
+    passes = [
+        smooth_passes(smooth_absmax, smooth),
+        static_int8_passes(activation_qparams, **quantize_params),
+        *target_kernels,
+    ]
     if build:
         if fuse:
             passes.append(relax.get_pipeline("zero"))

@@ -32,7 +32,7 @@ the other sites keep the names of the float model.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import tvm
@@ -41,9 +41,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
-from tvmq.core.schemes import Int8Dynamic, get_scheme
 from tvmq.core.selectors import is_skipped
-from tvmq.errors import TvmqError
 from tvmq.kernels.dynamic_quant import row_qparams_u8
 
 from .analysis import with_float_ops
@@ -223,21 +221,36 @@ class QuantizeDynamic:
 
     Parameters
     ----------
-    scheme : Int8Dynamic, optional
-        ``weight_per_channel`` and ``skip`` (default ``Int8Dynamic()``). Keyword arguments
-        override the scheme's fields.
+    weight_per_channel : bool
+        Weight scales per output channel (else per tensor).
+    activation_per_row : bool
+        Activation ranges per row of the matmul input (else per tensor).
+    skip : sequence of str
+        Sites to leave float (site names, fnmatch patterns or op kinds).
+    only_vars : collection of str, optional
+        Quantize only the matmuls bound to these variable names (how static int8 hands its
+        ``dynamic`` sites over after ``LowerInt8``, which renumbers the sites).
     """
 
-    def __init__(self, scheme=None, **overrides):
-        scheme = Int8Dynamic() if scheme is None else get_scheme(scheme)
-        if not isinstance(scheme, Int8Dynamic):
-            raise TvmqError(f"QuantizeDynamic needs an Int8Dynamic scheme, got {scheme!r}")
-        self.scheme = dataclasses.replace(scheme, **overrides) if overrides else scheme
+    def __init__(
+        self,
+        *,
+        weight_per_channel: bool = True,
+        activation_per_row: bool = True,
+        skip: Sequence[str] = (),
+        only_vars: Collection[str] | None = None,
+    ):
+        self.weight_per_channel = bool(weight_per_channel)
+        self.activation_per_row = bool(activation_per_row)
+        self.skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        self.only_vars = None if only_vars is None else frozenset(only_vars)
 
     def plan(self, site: WeightSite) -> str | None:
         """Why `site` stays float, or None when the pass quantizes it."""
-        if is_skipped(site.name, site.kind, self.scheme.skip):
+        if is_skipped(site.name, site.kind, self.skip):
             return "skipped by the scheme"
+        if self.only_vars is not None and site.var.name not in self.only_vars:
+            return "not selected for dynamic quantization"
         if site.kind != "matmul":
             return "dynamic int8 handles matmul only"
         if not _fits_int32(site.weight.shape[0]):
@@ -251,13 +264,11 @@ class QuantizeDynamic:
             plans, names = {}, []
             for site in stable_sites(func, site_prefix(gv), _is_dynamic_matmul):
                 if self.plan(site) is None:
-                    plans[site.call] = weight_qparams_int8(
-                        site.weight, self.scheme.weight_per_channel
-                    )
+                    plans[site.call] = weight_qparams_int8(site.weight, self.weight_per_channel)
                     names.append(site.name)
             if not plans:
                 continue
-            rewriter = rewriter or _Rewriter(mod, {}, self.scheme.activation_per_row)
+            rewriter = rewriter or _Rewriter(mod, {}, self.activation_per_row)
             rewriter.plans = plans
             new = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             old = [str(n) for n in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []

@@ -35,6 +35,7 @@ longer a site, so a second run changes nothing; site names stay those of the flo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import tvm
@@ -42,7 +43,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
-from tvmq.core.schemes import WeightOnly, get_scheme
+from tvmq.core.schemes import GROUP_SIZES, WEIGHT_BITS
 from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
@@ -307,19 +308,37 @@ class QuantizeWeightOnly:
 
     Parameters
     ----------
-    scheme : WeightOnly, optional
-        ``bits``, ``group_size``, ``symmetric`` and ``skip`` (default ``WeightOnly()``: int8
-        per channel, symmetric). Keyword arguments override the scheme's fields.
+    bits : {8, 4}
+        Weight bits.
+    group_size : {None, 32, 64, 128}
+        One scale per group of this many reduction elements; None: per output channel.
+    symmetric : bool
+        Zero point 0; else asymmetric with a zero point per group or channel.
+    skip : sequence of str
+        Sites to leave float (site names, fnmatch patterns or op kinds).
     """
 
-    def __init__(self, scheme=None, **overrides):
-        scheme = WeightOnly() if scheme is None else get_scheme(scheme)
-        if not isinstance(scheme, WeightOnly):
-            raise TvmqError(f"QuantizeWeightOnly needs a WeightOnly scheme, got {scheme!r}")
-        self.scheme = dataclasses.replace(scheme, **overrides) if overrides else scheme
+    def __init__(
+        self,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        skip: Sequence[str] = (),
+    ):
+        if bits not in WEIGHT_BITS or isinstance(bits, bool):
+            raise TvmqError(f"QuantizeWeightOnly bits must be one of {WEIGHT_BITS}, got {bits!r}")
+        if group_size is not None and (
+            group_size not in GROUP_SIZES or isinstance(group_size, bool)
+        ):
+            raise TvmqError(
+                f"QuantizeWeightOnly group_size must be None or one of {GROUP_SIZES}, "
+                f"got {group_size!r}"
+            )
+        self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
+        self.skip = (skip,) if isinstance(skip, str) else tuple(skip)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        sc = self.scheme
+        sc = self
         taken = {gv.name_hint for gv in mod.get_global_vars()}
         work: dict = {}
         for gv, func in relax_functions(mod):

@@ -1,4 +1,4 @@
-"""Int8DenseCUDA + the dp4a kernel: PTX for sm_75..sm_90, and the math checked on the CPU twin."""
+"""PackInt8DenseCUDA + the dp4a kernel: PTX for sm_75..sm_90, and the math checked on the CPU twin."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tvmq.kernels.cuda_int8 import (
     padded_mkn,
 )
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
-from tvmq.passes.int8_dense_cuda import Int8DenseCUDA, target_has_dp4a
+from tvmq.passes.pack_int8_dense_cuda import PackInt8DenseCUDA, target_has_dp4a
 from tvmq.targets import get_target
 
 needs_nvcc = pytest.mark.skipif(
@@ -140,7 +140,7 @@ def test_choose_cuda_tiles_fit(m, k, n):
 
 def test_pass_is_noop_off_cuda(rng):
     mod, _ = _dense_module((4,), 32, 16, "int8", rng)
-    assert Int8DenseCUDA(get_target("host").tvm_target())(mod).same_as(mod)
+    assert PackInt8DenseCUDA(get_target("host").tvm_target())(mod).same_as(mod)
     assert not target_has_dp4a(tvm.target.Target({"kind": "cuda", "arch": "sm_52"}))
     assert target_has_dp4a(_preset("cuda-sm80").tvm_target())
 
@@ -151,7 +151,7 @@ def test_pass_is_noop_off_cuda(rng):
 )
 def test_rewritten_module_matches_numpy_on_cpu(rng, m_shape, k, n, x_dtype):
     mod, w = _dense_module(m_shape, k, n, x_dtype, rng)
-    lowered = Int8DenseCUDA(_preset("cuda-sm80").tvm_target())(mod)
+    lowered = PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(mod)
     kernels = [
         f
         for _, f in lowered.functions_items()
@@ -164,11 +164,11 @@ def test_rewritten_module_matches_numpy_on_cpu(rng, m_shape, k, n, x_dtype):
     expected = x.astype(np.int32) @ w.astype(np.int32)
     np.testing.assert_array_equal(_run_on_cpu(lowered, x), expected)
     # A second run finds nothing left to rewrite.
-    assert Int8DenseCUDA(_preset("cuda-sm80").tvm_target())(lowered).same_as(lowered)
+    assert PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(lowered).same_as(lowered)
 
 
 def test_quantized_mlp_rewritten_matches_unrewritten_on_cpu(quantized_mlp, rng):
-    lowered = Int8DenseCUDA(_preset("cuda-sm80").tvm_target())(quantized_mlp)
+    lowered = PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(quantized_mlp)
     assert "relax.matmul" not in lowered["main"].script()
     x = rng.random((4, 784), dtype=np.float32)
     ex = relax.build(quantized_mlp, target=get_target("host").tvm_target())
@@ -187,7 +187,7 @@ def test_quantized_mlp_rewritten_matches_unrewritten_on_cpu(quantized_mlp, rng):
 @pytest.mark.parametrize(("name", "arch"), CUDA_TARGETS, ids=[a for _, a in CUDA_TARGETS])
 def test_quantized_mlp_ptx_uses_dp4a(quantized_mlp, tmp_path, name, arch):
     preset = _preset(name)
-    lowered = Int8DenseCUDA(preset.tvm_target())(quantized_mlp)
+    lowered = PackInt8DenseCUDA(preset.tvm_target())(quantized_mlp)
     ex, info = build_with_info(lowered, preset, tuning_logs=None)
     dp4a_kernels = [k for k in info.prescheduled if k.startswith("tvmq_int8_dense_dp4a")]
     assert len(dp4a_kernels) == 2  # both layers, kept off dlight's Fallback rule
@@ -225,7 +225,9 @@ def test_gpu_mlp_and_gemm_match_numpy(quantized_mlp, rng):
     x = rng.random((4, 784), dtype=np.float32)
     ex = relax.build(quantized_mlp, target=get_target("host").tvm_target())
     ref = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
-    vm = relax.VirtualMachine(build(Int8DenseCUDA(preset.tvm_target())(quantized_mlp), preset), dev)
+    vm = relax.VirtualMachine(
+        build(PackInt8DenseCUDA(preset.tvm_target())(quantized_mlp), preset), dev
+    )
     out = vm["main"](tvm.runtime.tensor(x, dev))[0].numpy()
     np.testing.assert_array_equal(out, ref)
 
@@ -233,7 +235,7 @@ def test_gpu_mlp_and_gemm_match_numpy(quantized_mlp, rng):
     m, k, n = 128, 768, 3072
     mod, w = _dense_module((m,), k, n, "int8", rng)
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    vm8 = relax.VirtualMachine(build(Int8DenseCUDA(preset.tvm_target())(mod), preset), dev)
+    vm8 = relax.VirtualMachine(build(PackInt8DenseCUDA(preset.tvm_target())(mod), preset), dev)
     a_dev = tvm.runtime.tensor(a, dev)
     np.testing.assert_array_equal(
         vm8["main"](a_dev).numpy(), a.astype(np.int32) @ w.astype(np.int32)

@@ -21,12 +21,11 @@ from tvmq.manifest import FORMAT
 from tvmq.output import (
     OutputFolder,
     build_files,
-    check_output_file,
     inspect_folder,
     recover,
     swap_dirs,
-    write_file_atomically,
 )
+from tvmq.output_file import check_output_file, write_file_atomically
 
 DEAD_PID = 99999999  # above Linux's pid_max: never a live process
 

@@ -24,33 +24,24 @@ Tuned and default schedules
       are not used.
 
 CUDA device code
-    TVM 0.27 generates CUDA C++ and compiles it through the ``tvm_callback_cuda_compile``
-    hook: with NVRTC (the ``cuda-python`` package) by default, and only where the CUDA
-    runtime library loads, i.e. on a machine with an NVIDIA driver. Elsewhere the module
-    keeps the CUDA *source*, and whoever loads the ``.so`` must compile it. tvmq instead
-    always embeds PTX compiled by ``nvcc`` for the preset's ``arch``: during :func:`build` it
-    routes the hook to nvcc, and on a machine without the driver :func:`export_library`
-    compiles the kept source and writes PTX into the library in its place.
+    Always PTX compiled by ``nvcc`` for the preset's ``arch``, embedded in the library
+    (:mod:`tvmq.cuda_ptx`), so the board needs no CUDA compiler.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
-import struct
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import tvm
-import tvm_ffi
 from tvm import relax, tirx
 
 from tvmq import tuning
+from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.targets import TargetPreset, get_target
@@ -61,9 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BuildInfo", "build", "build_with_info", "export_library", "fuse_to_tir"]
 
-_CUDA_COMPILE_HOOK = "tvm_callback_cuda_compile"
-_PTX_CACHE: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-_PTX_CACHE_SIZE = 16
 TuningLogs: TypeAlias = 'Literal["auto"] | str | os.PathLike | Database | Sequence | None'
 """Where :func:`build_with_info` reads tuning records: see its ``tuning_logs``."""
 
@@ -139,7 +127,7 @@ def build_with_info(
     tvm_target = preset.tvm_target()
     is_cuda = preset.kind == "cuda"
     database, log_dirs = tuning.open_tuning_logs(tuning_logs, preset)
-    hook = _nvcc_compiles_cuda(tvm_target) if is_cuda else contextlib.nullcontext()
+    hook = nvcc_compiles_cuda(tvm_target) if is_cuda else contextlib.nullcontext()
     try:
         with hook, tvm_target:
             fused = fuse_to_tir(mod, preset)
@@ -160,9 +148,7 @@ def build_with_info(
         ) from err
     if is_cuda:
         # Compile any CUDA source left in the executable now, so nvcc errors surface here.
-        for module in _import_tree(ex.mod):
-            if module.kind == "cuda" and _holds_cuda_source(module):
-                _compile_ptx(module.inspect_source("cuda"), tvm_target, preset.name)
+        compile_cuda_sources(ex.mod, tvm_target, preset.name)
     kernels = _kernel_names(fused)
     info = BuildInfo(
         tuned=tuple(k for k in kernels if k in scheduled and k not in prescheduled),
@@ -247,7 +233,7 @@ def export_library(
     if preset.cc is not None:
         kwargs["cc"] = find_compiler(preset.cc, preset.name)
     if preset.kind == "cuda":
-        kwargs["fpack_imports"] = _PTXImportPacker(preset)
+        kwargs["fpack_imports"] = PTXImportPacker(preset)
     path = Path(path)
     try:
         ex.mod.export_library(str(path), **kwargs)
@@ -292,192 +278,3 @@ def _scheduled_kernels(mod: tvm.IRModule) -> set[str]:
         for gv, f in mod.functions_items()
         if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")
     }
-
-
-# --------------------------------------------------------------------------------------
-# CUDA: PTX compiled by nvcc
-
-
-@contextlib.contextmanager
-def _nvcc_compiles_cuda(target: tvm.target.Target) -> Iterator[None]:
-    """Route TVM's CUDA compile hook to nvcc -> PTX while building (used where the CUDA
-    runtime loads; elsewhere TVM keeps the source and _PTXImportPacker compiles it)."""
-    previous = tvm_ffi.get_global_func(_CUDA_COMPILE_HOOK, allow_missing=True)
-    tvm_ffi.register_global_func(
-        _CUDA_COMPILE_HOOK, lambda code: _compile_ptx(code, target, None), override=True
-    )
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(_CUDA_COMPILE_HOOK, previous, override=True)
-        else:
-            tvm_ffi.remove_global_func(_CUDA_COMPILE_HOOK)
-
-
-def _compile_ptx(source: str, target: tvm.target.Target, preset_name: str | None) -> bytes:
-    """PTX (NUL-terminated, as cuModuleLoadData wants) for CUDA source; cached per source."""
-    from tvm.support import nvcc as tvm_nvcc
-
-    arch = str(target.attrs["arch"])
-    key = (hashlib.sha256(source.encode()).hexdigest(), arch)
-    if key in _PTX_CACHE:
-        _PTX_CACHE.move_to_end(key)
-        return _PTX_CACHE[key]
-    where = f" for target {preset_name!r}" if preset_name else ""
-    if shutil.which("nvcc") is None:
-        raise TvmqError(
-            f"compiling CUDA kernels{where} needs nvcc, which is not on PATH: install the "
-            "CUDA toolkit (tvmq embeds PTX compiled by nvcc in the library)"
-        )
-    try:
-        with target:
-            ptx = tvm_nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")
-    except RuntimeError as err:
-        # TVM's message is the whole CUDA source followed by nvcc's output: keep the output.
-        log = str(err).rsplit("Compilation error:", 1)[-1].strip()
-        raise TvmqError(f"nvcc failed to compile the CUDA kernels{where}: {log}") from err
-    ptx = bytes(ptx).rstrip(b"\0") + b"\0"
-    _PTX_CACHE[key] = ptx
-    if len(_PTX_CACHE) > _PTX_CACHE_SIZE:
-        _PTX_CACHE.popitem(last=False)
-    return ptx
-
-
-class _PTXImportPacker:
-    """``fpack_imports`` for ``Module.export_library`` that embeds PTX for CUDA source.
-
-    It packs the import tree as TVM does (``runtime.ModulePackImportsToTensor``), swaps each
-    CUDA module saved as source (fmt ``"cuda"``) for PTX, and writes the blob as a C array
-    named ``<prefix>__tvm_ffi__library_bin``, the symbol tvm-ffi reads when loading a
-    library. Blob layout (tvm-ffi ``ProcessLibraryBin``): ``<nbytes: u64> <indptr: vec<u64>>
-    <children: vec<u64>>`` then per module ``<kind: str> [<bytes>]`` (no bytes for
-    ``"_lib"``); a CUDA module's bytes are ``<fmt: str> <function table> <code: bytes>``.
-    """
-
-    def __init__(self, preset: TargetPreset) -> None:
-        self._preset = preset
-
-    def __call__(
-        self, mod: tvm.runtime.Module, is_system_lib: bool, prefix: str, workspace_dir: str
-    ) -> str:
-        if is_system_lib:
-            raise TvmqError("tvmq does not export CUDA models as system libraries")
-        pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
-        blob = pack(mod).numpy().tobytes()
-        sources = [
-            m.inspect_source("cuda").encode()
-            for m in _import_tree(mod)
-            if m.kind == "cuda" and _holds_cuda_source(m)
-        ]
-        if sources:
-            blob = self._with_ptx(blob, sources)
-        path = os.path.join(workspace_dir, f"{prefix}devc.c")
-        with open(path, "w", encoding="ascii") as out:
-            out.write(_c_array(f"{prefix}__tvm_ffi__library_bin", blob))
-        return path
-
-    def _with_ptx(self, blob: bytes, sources: list[bytes]) -> bytes:
-        """Return the blob with every CUDA-source module replaced by its PTX."""
-        reader = _BlobReader(blob)
-        reader.u64()  # nbytes, recomputed below
-        indptr = reader.u64_vector()
-        children = reader.u64_vector()
-        out = [struct.pack("<Q", len(indptr)), *(struct.pack("<Q", v) for v in indptr)]
-        out += [struct.pack("<Q", len(children)), *(struct.pack("<Q", v) for v in children)]
-        for _ in range(len(indptr) - 1):
-            kind = reader.string()
-            out.append(_pack_bytes(kind))
-            if kind == b"_lib":
-                continue
-            payload = reader.string()
-            if kind == b"cuda":
-                payload = self._cuda_payload_with_ptx(payload, sources)
-            out.append(_pack_bytes(payload))
-        if not reader.at_end():
-            raise TvmqError("unexpected data after the last module in TVM's packed library blob")
-        body = b"".join(out)
-        return struct.pack("<Q", len(body)) + body
-
-    def _cuda_payload_with_ptx(self, payload: bytes, sources: list[bytes]) -> bytes:
-        """Swap a CUDA module's source for PTX; modules already holding PTX/cubin pass."""
-        fmt = _BlobReader(payload).string()
-        if fmt != b"cuda":
-            return payload
-        for source in sources:
-            tail = _pack_bytes(source)
-            if payload.endswith(tail):
-                head = payload[: len(payload) - len(tail)]
-                function_table = head[len(_pack_bytes(fmt)) :]
-                ptx = _compile_ptx(source.decode(), self._preset.tvm_target(), self._preset.name)
-                return _pack_bytes(b"ptx") + function_table + _pack_bytes(ptx)
-        raise TvmqError(
-            "a CUDA module in the library holds source tvmq cannot match; "
-            "it would need a CUDA compiler when loaded"
-        )
-
-
-class _BlobReader:
-    """Little-endian reader for TVM's packed library blob."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def u64(self) -> int:
-        if self._pos + 8 > len(self._data):
-            raise TvmqError("TVM's packed library blob ends early")
-        (value,) = struct.unpack_from("<Q", self._data, self._pos)
-        self._pos += 8
-        return value
-
-    def u64_vector(self) -> list[int]:
-        return [self.u64() for _ in range(self.u64())]
-
-    def string(self) -> bytes:
-        size = self.u64()
-        if self._pos + size > len(self._data):
-            raise TvmqError("TVM's packed library blob ends early")
-        value = self._data[self._pos : self._pos + size]
-        self._pos += size
-        return value
-
-    def at_end(self) -> bool:
-        return self._pos == len(self._data)
-
-
-def _pack_bytes(data: bytes) -> bytes:
-    """Length-prefixed bytes, as TVM's binary streams write strings."""
-    return struct.pack("<Q", len(data)) + data
-
-
-def _c_array(symbol: str, data: bytes) -> str:
-    """C source defining an exported ``const unsigned char symbol[]`` holding ``data``."""
-    rows = (",".join(str(b) for b in data[i : i + 40]) for i in range(0, len(data), 40))
-    return (
-        "#ifdef __cplusplus\n"
-        'extern "C" {\n'
-        "#endif\n"
-        f"extern const unsigned char {symbol}[];\n"  # external linkage even in C++
-        f"const unsigned char {symbol}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
-        "#ifdef __cplusplus\n"
-        "}\n"
-        "#endif\n"
-    )
-
-
-def _import_tree(mod: tvm.runtime.Module) -> list[tvm.runtime.Module]:
-    """The module and everything it imports, each once."""
-    seen, stack, found = set(), [mod], []
-    while stack:
-        module = stack.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        found.append(module)
-        stack.extend(module.imports)
-    return found
-
-
-def _holds_cuda_source(module: tvm.runtime.Module) -> bool:
-    """Whether a CUDA module still holds CUDA C++ rather than PTX/cubin."""
-    return bool(module.inspect_source("cuda")) and not module.inspect_source("ptx")

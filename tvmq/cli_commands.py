@@ -38,7 +38,7 @@ def cmd_compile(args) -> int:
 
     scheme = None
     if args.quantize:
-        from tvmq.compiler import scheme_for_target
+        from tvmq.pipeline import scheme_for_target
         from tvmq.targets import get_target
 
         scheme = scheme_for_target(args.quantize, get_target(args.target))
@@ -97,7 +97,7 @@ def _open_model(args):
 def cmd_run(args) -> int:
     import numpy as np
 
-    from tvmq.output import check_output_file, write_file_atomically
+    from tvmq.output_file import check_output_file, write_file_atomically
 
     if args.output:
         check_output_file(args.output)  # before running: a bad -o fails fast

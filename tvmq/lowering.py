@@ -4,8 +4,8 @@ Phases, in order (:func:`tvmq.build.build_with_info` runs them; :func:`tvmq.tuni
 extracts its tasks from phase 2's output, so what is tuned is what is built):
 
 1. Target kernels (:func:`target_kernel_passes`): int8 dense / conv2d / attention layers
-   become tvmq's hand-scheduled kernels (``tvmq.passes.PackInt8*``, ``Int8DenseCUDA``),
-   and float exp / erf / tanh vectorizable polynomials (``FastMath``). Each pass is a no-op
+   become tvmq's hand-scheduled kernels (``tvmq.passes.PackInt8*``: VNNI, sdot, dp4a),
+   and float exp / erf / tanh vectorizable polynomials (``UseFastMath``). Each pass is a no-op
    on targets it does not serve.
 2. Fuse (:func:`fuse_to_tir`): TVM's library dispatch, ``LegalizeOps``, ``FoldConstant``,
    ``FuseOps``, ``FuseTIR`` -> one TIR kernel per fused group.
@@ -15,7 +15,7 @@ extracts its tasks from phase 2's output, so what is tuned is what is built):
    then TVM's dataflow lowering and finalization.
 
 The Relax -> Relax half (compression, quantization) runs before phase 1: see
-``tvmq.compression`` and ``tvmq.passes.pipeline``.
+``tvmq.pipeline``, which runs the whole sequence.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
-    FastMath,
     FoldBatchNorm,
-    Int8DenseCUDA,
     PackFloatConv,
     PackFloatDense,
     PackInt8BatchMatmulX86,
     PackInt8ConvX86,
     PackInt8DenseARM,
+    PackInt8DenseCUDA,
     PackInt8DenseX86,
+    UseFastMath,
 )
 from tvmq.targets import TargetPreset, get_target
 
@@ -61,7 +61,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Phase 1: tvmq's hand-scheduled kernels for `target` (each pass a no-op elsewhere)."""
     if target.kind.name == "cuda":
         # dp4a kernels (sm_61 and newer): dlight has no working int8 matmul rule in TVM 0.27.
-        return [Int8DenseCUDA(target)]
+        return [PackInt8DenseCUDA(target)]
     return [
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
@@ -70,7 +70,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
-        FastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
+        UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 
 

@@ -29,10 +29,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from tvmq.errors import TvmqError
 from tvmq.manifest import FORMAT, LIBRARY, MANIFEST
@@ -128,7 +127,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _leftovers(parent: Path, pattern: re.Pattern) -> list[tuple[Path, str]]:
+def leftovers(parent: Path, pattern: re.Pattern) -> list[tuple[Path, str]]:
     """(path, kind) of entries of ``parent`` matching ``pattern`` whose process is dead."""
     found = []
     with contextlib.suppress(OSError):
@@ -154,14 +153,14 @@ def recover(out: Path) -> None:
     ``out`` never keeps a library that does not match its manifest. Leftovers of live
     processes (a concurrent compile) are left alone.
     """
-    siblings = _leftovers(out.parent, _sibling_pattern(out.name))
+    siblings = leftovers(out.parent, _sibling_pattern(out.name))
     olds = sorted((p for p, kind in siblings if kind == "old"), key=_mtime, reverse=True)
     if olds and not out.exists():
         with contextlib.suppress(OSError):
             olds[0].rename(out)
     stages = [p for p, kind in siblings if kind == "tmp"]
     if out.is_dir():
-        stages += [p for p, _ in _leftovers(out, _INSIDE_PATTERN)]
+        stages += [p for p, _ in leftovers(out, _INSIDE_PATTERN)]
     for stage in stages:
         if _commit_was_cut_short(stage, out):
             with contextlib.suppress(OSError, TvmqError):
@@ -392,68 +391,3 @@ def _renameat2():
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
-
-
-# --------------------------------------------------------------------------------------
-# Single output files (tvmq run -o)
-
-
-def check_output_file(path: os.PathLike) -> Path:
-    """Check before any work that ``path`` can take a new ``.npz`` file.
-
-    Raises
-    ------
-    TvmqError
-        ``path`` is a folder, an existing file that is not an ``.npz`` archive, or its
-        folder is missing or not writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise TvmqError(f"{path}: is a directory; give a file name, e.g. {path / 'outputs.npz'}")
-    parent = path.parent
-    if not parent.is_dir():
-        raise TvmqError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TvmqError(f"{path}: cannot write to {parent} (permission denied)")
-    if path.exists() and not _is_npz(path):
-        raise TvmqError(f"{path}: exists and is not a .npz file; tvmq will not overwrite it")
-    return path
-
-
-def _is_npz(path: Path) -> bool:
-    """An ``.npz`` is a zip archive (or empty, e.g. made by ``touch``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head in (b"", b"PK\x03\x04", b"PK\x05\x06")
-
-
-def write_file_atomically(path: os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through a unique temp file in its folder, then ``os.replace`` it.
-
-    Either the whole new file is at ``path`` or nothing changed; no temp file is left
-    (one of a killed run is removed by the next write to the same path).
-    """
-    path = check_output_file(path)
-    dead = re.compile(rf"\.{re.escape(path.name)}\.(?P<kind>tmp)-(?P<pid>\d+)(-[0-9a-f]+)?")
-    for stale, _ in _leftovers(path.parent, dead):  # from runs that were killed
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        # O_EXCL: never follow or reuse someone's file; mode 0o666 lets umask decide
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise TvmqError(f"{path}: writing failed ({e.strerror or e})") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return path

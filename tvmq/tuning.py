@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Literal
 
 import tvm
 
+from tvmq import tuning_lock, tuning_records
 from tvmq import tuning_measure as measure
-from tvmq import tuning_records
 from tvmq.errors import TvmqError
 from tvmq.targets import TargetPreset, get_target
 from tvmq.tuning_database import (
@@ -253,7 +253,7 @@ def tune(
         Before anything is measured: when the model has no kernel to tune, arguments are
         invalid, the cost model or the builder cannot work, ``work_dir`` is a file or not
         writable, another process is tuning in it (one writer at a time, see
-        :func:`tvmq.tuning_records.writer_lock`), or its records are damaged. A damaged
+        :func:`tvmq.tuning_lock.writer_lock`), or its records are damaged. A damaged
         folder is refused, not repaired on the fly: repairing drops records, which
         :func:`repair` (``tvmq tune --repair``) does on request and with a backup.
     tvmq.rpc.BoardError
@@ -288,7 +288,7 @@ def tune(
     builder = measure.make_builder(preset, rpc)
     measure.check_builder(tasks[0], preset, rpc)
     _make_folder(work_dir)
-    with tuning_records.writer_lock(work_dir):
+    with tuning_lock.writer_lock(work_dir):
         database = open_database(work_dir)
         earlier = [task_records(database, t.dispatched[0], tvm_target) for t in tasks]
         plan = _plan([len(records) for records in earlier], trials, per_task)
@@ -389,7 +389,7 @@ def _tune_tasks(
 def _check_folder(work_dir: Path) -> None:
     """Refuse a work dir that is a file, unwritable, being tuned, or damaged."""
     tuning_records.check_work_dir(work_dir)
-    tuning_records.check_not_locked(work_dir)
+    tuning_lock.check_not_locked(work_dir)
     tuning_records.check_for_tuning(work_dir)
 
 

@@ -12,33 +12,30 @@ disk tears the last line). tvmq therefore reads the files itself with Python's `
 * :func:`check_for_tuning` refuses a damaged folder before :func:`tvmq.tuning.tune` appends
   to it (appending after a torn line would glue the next record onto it);
 * :func:`repair` rewrites a folder keeping only records that replay on their kernel;
-* :func:`writer_lock` lets one process at a time write a folder (two writers number their
-  kernels independently, so their records point at each other's kernels).
+* :func:`tvmq.tuning_lock.writer_lock` lets one process at a time write a folder (two
+  writers number their kernels independently, so their records point at each other's kernels).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tvmq.errors import TvmqError
+from tvmq.tuning_lock import is_locked, writer_lock
 
 if TYPE_CHECKING:
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
 
-__all__ = ["RepairReport", "check_for_tuning", "read_for_build", "repair", "writer_lock"]
+__all__ = ["RepairReport", "check_for_tuning", "read_for_build", "repair"]
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
-LOCK_FILE = ".tvmq-tune.lock"
 """Held (``flock``) by the process writing a folder; holds its pid, for the message only."""
 FAILED_RUN_SECS = 1e9  # MetaSchedule records a failed build or run as 1e10 s
 
@@ -305,64 +302,6 @@ def count_damaged(folder: Path) -> int:
     scan = _scan(folder)
     decoder = _Decoder(scan)
     return scan.bad + sum(decoder.record(i, r) is None for _line, i, r in scan.records)
-
-
-@contextlib.contextmanager
-def writer_lock(folder: Path) -> Iterator[None]:
-    """Hold the folder's write lock (``flock`` on :data:`LOCK_FILE`) for the block.
-
-    The lock is the kernel's: it goes away with the process, so a killed tune leaves no
-    stale lock. The pid written in the file is only for the message to a second writer.
-    """
-    path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise TvmqError(f"{folder}: cannot create the lock file ({err.strerror})") from err
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy_error(folder, fd) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def check_not_locked(folder: Path) -> None:
-    """Fail now if another process holds the folder's lock (creates nothing)."""
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return  # no lock file: nobody is tuning there
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy_error(folder, fd) from None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def is_locked(folder: Path) -> bool:
-    """Whether a process is tuning in the folder now."""
-    try:
-        check_not_locked(folder)
-    except TvmqError:
-        return True
-    return False
-
-
-def _busy_error(folder: Path, fd: int) -> TvmqError:
-    os.lseek(fd, 0, os.SEEK_SET)
-    pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-    return TvmqError(
-        f"{folder} is being tuned by another tvmq process (pid {pid}); wait or use another "
-        "--work-dir"
-    )
 
 
 # --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import tvmq.tuning
 import tvmq.tuning_database
 import tvmq.tuning_measure
 from tvmq.tuning import RECORD_FILE, WORKLOAD_FILE
-from tvmq.tuning_records import LOCK_FILE, writer_lock
+from tvmq.tuning_lock import LOCK_FILE, writer_lock
 
 TARGET = "x86-avx512-vnni"  # a fixed CPU: the shipped records apply on any machine
 

@@ -859,7 +859,6 @@ def _attention_reference(q, k, v):
 def test_attention_matmuls_match_float_reference(act_dtype, symmetric, requantize):
     """Random (non-constant) 4-D q, k, v with offsets, so both operands of both matmuls
     have nonzero zero points (asymmetric); the integer result equals the QDQ model's."""
-    from tvmq.core.schemes import Int8Static
     from tvmq.passes import AnnotateQDQ, FoldQuantScales
     from tvmq.passes.analysis import float_compute_ops
 
@@ -879,8 +878,7 @@ def test_attention_matmuls_match_float_reference(act_dtype, symmetric, requantiz
         qparams[name] = (float(scale), int(zp))
     if not symmetric:
         assert all(zp != 0 for name, (_, zp) in qparams.items() if name != "matmul_act_1:0")
-    scheme = Int8Static(activation_dtype=act_dtype, activation_symmetric=symmetric)
-    qdq = AnnotateQDQ(qparams, scheme)(_attention_module())
+    qdq = AnnotateQDQ(qparams, activation_dtype=act_dtype)(_attention_module())
     lowered = LowerInt8(requantize=requantize)(FoldQuantScales()(qdq))
     assert float_compute_ops(lowered["main"]) == []
     got = _run(lowered, q, k, v)

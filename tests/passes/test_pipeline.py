@@ -8,7 +8,6 @@ import tvm
 from tvm import relax
 
 from tvmq.core import qmath
-from tvmq.core.schemes import Int8Static
 from tvmq.passes import (
     AnnotateQDQ,
     FoldQuantScales,
@@ -52,7 +51,7 @@ def _run(ex, x):
 
 def test_pipeline_is_registered_with_arguments():
     assert isinstance(relax.get_pipeline("tvmq"), tvm.transform.Pass)
-    p = relax.get_pipeline("tvmq", activation_qparams={}, scheme=Int8Static(), build=False)
+    p = relax.get_pipeline("tvmq", activation_qparams={}, requantize="integer", build=False)
     assert isinstance(p, tvm.transform.Pass)
 
 
@@ -68,22 +67,20 @@ def test_sequential_equals_passes_run_one_by_one():
     tvm.ir.assert_structural_equal(no_build(mod), by_hand)
 
 
-@pytest.mark.parametrize(
-    "scheme", [Int8Static(), Int8Static(activation_dtype="uint8", requantize="integer")]
-)
-def test_compile_with_pipeline(scheme):
+@pytest.mark.parametrize("params", [{}, {"activation_dtype": "uint8", "requantize": "integer"}])
+def test_compile_with_pipeline(params):
     rng = np.random.default_rng(1)
     mod, (w1, b1, w2) = _mlp(rng)
     x = rng.standard_normal((4, 32)).astype("float32")
     qp = _qparams(x, w1, b1)
-    if scheme.activation_dtype == "uint8":
+    if params.get("activation_dtype") == "uint8":
         h = np.maximum(x @ w1.T + b1, 0)
         qp = {
             "matmul_0": qmath.choose_qparams(x.min(), x.max(), "uint8"),
             "matmul_1": qmath.choose_qparams(h.min(), h.max(), "uint8"),
         }
     ref = np.maximum(x @ w1.T + b1, 0) @ w2.T
-    pipeline = relax.get_pipeline("tvmq", activation_qparams=qp, scheme=scheme)
+    pipeline = relax.get_pipeline("tvmq", activation_qparams=qp, **params)
     got = _run(tvm.compile(mod, target=HOST, relax_pipeline=pipeline), x)
     assert qmath.sqnr(ref, got) > 30
 

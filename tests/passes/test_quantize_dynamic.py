@@ -9,7 +9,6 @@ import tvm
 from tvm import relax
 
 from tvmq.core import qmath
-from tvmq.core.schemes import Int8Dynamic
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.passes.analysis import FLOAT_OPS_ATTR
 from tvmq.passes.quantize_dynamic import (
@@ -99,8 +98,7 @@ def test_structure(mlp):
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
 def test_exact_vs_numpy_and_sqnr(mlp, per_channel, per_row):
     model, imported = mlp
-    scheme = Int8Dynamic(weight_per_channel=per_channel, activation_per_row=per_row)
-    mod = QuantizeDynamic(scheme)(imported.mod)
+    mod = QuantizeDynamic(weight_per_channel=per_channel, activation_per_row=per_row)(imported.mod)
     rng = np.random.default_rng(0)
     for scale in (1.0, 30.0):  # no calibration: the ranges follow each input
         x = (scale * rng.standard_normal((4, 256))).astype("float32")
@@ -148,11 +146,11 @@ def test_weight_qparams_are_symmetric_int8():
 
 def test_idempotent_skip_conv_and_nothing_to_match(mlp):
     _, imported = mlp
-    once = QuantizeDynamic(Int8Dynamic(skip=("matmul_0",)))(imported.mod)
+    once = QuantizeDynamic(skip=("matmul_0",))(imported.mod)
     assert [str(n) for n in once["main"].attrs[ATTR]] == ["matmul_1"]
     assert [str(c.ty.dtype) for c in _calls(once, "relax.matmul")] == ["float32", "int32"]
     assert len(once["main"].attrs[FLOAT_OPS_ATTR]) == 1
-    assert QuantizeDynamic(Int8Dynamic(skip=("matmul_0",)))(once).same_as(once)
+    assert QuantizeDynamic(skip=("matmul_0",))(once).same_as(once)
     # the remaining float op keeps its name (matmul_0) although matmul_1 changed
     twice = QuantizeDynamic()(once)
     assert [str(n) for n in twice["main"].attrs[ATTR]] == ["matmul_1", "matmul_0"]

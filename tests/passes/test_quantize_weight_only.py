@@ -36,6 +36,10 @@ SCHEMES = [
 IDS = ["w8", "w8-g64-asym", "w4-g32", "w4-asym"]
 
 
+def _params(scheme: WeightOnly) -> tuple:
+    return scheme.bits, scheme.group_size, scheme.symmetric, scheme.skip
+
+
 def _run(mod, x):
     out = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())["main"](
         tvm.runtime.tensor(x)
@@ -85,7 +89,7 @@ def test_graph_decoder_is_exact(scheme):
     """With x = identity, the matmul returns the decoded weight itself: compare bit for bit."""
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 24, bias=False).eval()
-    mod = QuantizeWeightOnly(scheme)(from_pytorch(lin, (torch.zeros(96, 96),)).mod)
+    mod = QuantizeWeightOnly(*_params(scheme))(from_pytorch(lin, (torch.zeros(96, 96),)).mod)
     w = lin.weight.detach().numpy().T  # [K, N] as the matmul reads it
     q, s, z, _ = quantize_weight(w, "matmul", scheme.bits, scheme.group_size, scheme.symmetric)
     np.testing.assert_array_equal(
@@ -97,7 +101,7 @@ def test_graph_decoder_is_exact(scheme):
 def test_mlp_structure_sqnr_and_bytes(mlp, scheme):
     model, imported = mlp
     before = constant_bytes(imported.mod)
-    mod = QuantizeWeightOnly(scheme)(imported.mod)
+    mod = QuantizeWeightOnly(*_params(scheme))(imported.mod)
     decoders = [
         gv.name_hint for gv, f in mod.functions.items() if f.attrs and DECODER_ATTR in f.attrs
     ]
@@ -133,13 +137,13 @@ def _constants(mod):
 
 def test_idempotent_skip_and_stable_names(mlp):
     _, imported = mlp
-    once = QuantizeWeightOnly(WeightOnly(8, skip=("matmul_0",)))(imported.mod)
+    once = QuantizeWeightOnly(8, skip=("matmul_0",))(imported.mod)
     assert set(once["main"].attrs[ATTR].keys()) == {"matmul_1"}
-    assert QuantizeWeightOnly(WeightOnly(8, skip=("matmul_0",)))(once).same_as(once)
+    assert QuantizeWeightOnly(8, skip=("matmul_0",))(once).same_as(once)
     # matmul_1 is rewritten, yet the other op keeps its name matmul_0
-    twice = QuantizeWeightOnly(WeightOnly(8))(once)
+    twice = QuantizeWeightOnly(8)(once)
     assert set(twice["main"].attrs[ATTR].keys()) == {"matmul_0", "matmul_1"}
-    assert QuantizeWeightOnly("w8")(twice).same_as(twice)
+    assert QuantizeWeightOnly(8)(twice).same_as(twice)
 
 
 def test_nothing_to_match_is_unchanged():
@@ -151,7 +155,7 @@ def test_nothing_to_match_is_unchanged():
             out = bb.emit_output(relax.op.matmul(a, b))
         bb.emit_func_output(out)
     mod = bb.get()
-    assert QuantizeWeightOnly(WeightOnly(4, 32))(mod).same_as(mod)
+    assert QuantizeWeightOnly(4, 32)(mod).same_as(mod)
 
 
 def test_conv2d():
@@ -164,7 +168,7 @@ def test_conv2d():
     ref = model(torch.from_numpy(x)).detach().numpy()
     # measured: w8 ~45 dB, w4 g32 19.3 dB (conv2d_0 has only 27 weights per channel)
     for scheme, floor in [(WeightOnly(8), 35.0), (WeightOnly(4, 32), 16.0)]:
-        mod = QuantizeWeightOnly(scheme)(imported.mod)
+        mod = QuantizeWeightOnly(*_params(scheme))(imported.mod)
         record = mod["main"].attrs[ATTR]
         assert set(record.keys()) == {"conv2d_0", "conv2d_1"}
         # conv2d_0 reduces over 3*3*3 = 27 (per channel); conv2d_1 over 32*3*3 = 288 (groups)
@@ -185,7 +189,7 @@ def test_build_keeps_weights_quantized(tmp_path):
     ref = model(torch.from_numpy(x)).detach().numpy()
     sizes = {}
     for name, scheme in [("float", None), ("w8", WeightOnly(8)), ("w4", WeightOnly(4, 32))]:
-        mod = imported.mod if scheme is None else QuantizeWeightOnly(scheme)(imported.mod)
+        mod = imported.mod if scheme is None else QuantizeWeightOnly(*_params(scheme))(imported.mod)
         path = tmp_path / f"{name}.so"
         export_library(build(mod, "host"), path, "host")
         sizes[name] = path.stat().st_size

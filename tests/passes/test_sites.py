@@ -6,7 +6,6 @@ import tvm
 from tvm import relax
 
 from tvmq.core.compression import PruneConfig
-from tvmq.core.schemes import Int8Static, WeightOnly
 from tvmq.passes import AnnotateQDQ, ClusterWeights, PruneMagnitude, QuantizeWeightOnly
 from tvmq.passes.relax_utils import binding_map, op_name, ordered_bindings, resolve
 from tvmq.passes.sites import module_weight_sites
@@ -74,10 +73,10 @@ def test_prune_and_quantize_skip_the_same_layer(name):
     assert [lay for lay in LAYERS.values() if _weight_is(pruned, lay, _dense)] == [layer]
 
     qparams = {site: (0.05, 0) for site in LAYERS}
-    annotated = AnnotateQDQ(qparams, Int8Static(skip=(name,)))(mod)
+    annotated = AnnotateQDQ(qparams, skip=(name,))(mod)
     assert [lay for lay in LAYERS.values() if _weight_is(annotated, lay, _float_weight)] == [layer]
 
-    decoded = QuantizeWeightOnly(WeightOnly(skip=(name,)))(mod)
+    decoded = QuantizeWeightOnly(skip=(name,))(mod)
     clustered = ClusterWeights(bits=2, min_size=0, skip=(name,))(mod)
     for after in (decoded, clustered):
         kept = [s.var.name for s in module_weight_sites(after)]

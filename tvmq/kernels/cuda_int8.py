@@ -327,7 +327,7 @@ def kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     """Return ``mod`` with every CUDA :func:`int8_dense_dp4a` kernel rebuilt with ``device="cpu"``.
 
     The CPU twin has the same arguments, tiles and loop nest, so a module rewritten by
-    :class:`~tvmq.passes.Int8DenseCUDA` can be built for ``llvm`` and checked against numpy
+    :class:`~tvmq.passes.PackInt8DenseCUDA` can be built for ``llvm`` and checked against numpy
     where there is no GPU (the packing, padding and compensation around the kernel included).
     """
     out = mod

@@ -86,7 +86,7 @@ def activation_means(
 
 def layer_corrections(site, mean_x: np.ndarray, mean_xq: np.ndarray, scheme) -> np.ndarray | None:
     """``E[W x] - E[W_q x_q]`` per output channel of one site (None: not correctable)."""
-    s_w, z_w, axis = weight_qparams(site, scheme)
+    s_w, z_w, axis = weight_qparams(site, scheme.for_layer(site.name).weight_per_channel)
     w = site.weight.astype(np.float64)
     w_dq = qmath.dequantize(qmath.quantize(site.weight, s_w, z_w, "int8", axis), s_w, z_w, axis)
     w_dq = w_dq.astype(np.float64)

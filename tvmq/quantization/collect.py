@@ -31,7 +31,8 @@ from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import TensorSpec, signature_of
 from tvmq.passes import prepare_passes
-from tvmq.passes.sites import list_observed_tensors, list_weight_sites
+from tvmq.passes.sites import list_weight_sites
+from tvmq.passes.tensor_sites import list_observed_tensors
 
 __all__ = [
     "ActivationStats",

@@ -21,24 +21,28 @@ from tvmq.passes.quantize_dynamic import (
     weight_qparams_int8,
 )
 from tvmq.passes.sites import list_weight_sites
-from tvmq.quantization.quantize import register_handler
+from tvmq.quantization.quantize import HandlerResult, register_handler
 from tvmq.quantization.report import (
+    FirstBatch,
     LayerReport,
     QuantizationReport,
     combined_sqnr,
     first_batch_stats,
     layer_output_sqnr,
-    output_sqnr,
 )
 
 __all__ = ["fill_dynamic_matmul_report", "quantize_dynamic"]
 
 
 @register_handler(Int8Dynamic)
-def quantize_dynamic(mod, imported, calibration_data, scheme: Int8Dynamic, *, progress, evaluate):
-    """(report, module) of dynamic int8 quantization (no calibration)."""
+def quantize_dynamic(mod, imported, calibration_data, scheme: Int8Dynamic, *, progress):
+    """Dynamic int8 quantization (no calibration): the scheme's fields are the pass's."""
     prepared = prepare_passes()(mod)
-    qpass = QuantizeDynamic(scheme)
+    qpass = QuantizeDynamic(
+        weight_per_channel=scheme.weight_per_channel,
+        activation_per_row=scheme.activation_per_row,
+        skip=scheme.skip,
+    )
     quantized = qpass(prepared)
     stats = first_batch_stats(prepared, calibration_data, imported.inputs)
     layers = []
@@ -65,9 +69,7 @@ def quantize_dynamic(mod, imported, calibration_data, scheme: Int8Dynamic, *, pr
         float_ops=float_compute_ops(quantized["main"]),
         num_calibration_batches=0 if stats is None else stats.num_batches,
     )
-    if evaluate and stats is not None:
-        report.output_sqnr_db = output_sqnr(quantized, stats, [s.name for s in imported.inputs])
-    return report, quantized
+    return HandlerResult(report, quantized, FirstBatch.of(stats))
 
 
 def fill_dynamic_matmul_report(

@@ -28,9 +28,15 @@ import tvm
 from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights, signature_of
-from tvmq.quantization.report import LayerReport, QuantizationReport
+from tvmq.quantization.report import (
+    FirstBatch,
+    LayerReport,
+    QuantizationReport,
+    host_output_sqnr,
+)
 
 __all__ = [
+    "HandlerResult",
     "LayerReport",
     "QuantizationReport",
     "QuantizedModel",
@@ -38,9 +44,26 @@ __all__ = [
     "register_handler",
 ]
 
-# handler(mod, imported, calibration_data, scheme, *, progress, evaluate[, bias_correction])
-#   -> (QuantizationReport, quantized IRModule); `mod` is `imported.mod` with finite weights.
-Handler = Callable[..., tuple[QuantizationReport, tvm.IRModule]]
+
+@dataclass
+class HandlerResult:
+    """What a scheme handler returns.
+
+    ``first_batch``: the first calibration batch and the float outputs on it, for the output
+    SQNRs (None without calibration data); ``pipeline_params``: the keyword arguments of the
+    Relax pipeline ``"tvmq"`` that turn the float module into ``mod`` (None when no pass
+    pipeline reproduces it: other schemes, bias correction).
+    """
+
+    report: QuantizationReport
+    mod: tvm.IRModule
+    first_batch: FirstBatch | None = None
+    pipeline_params: dict[str, Any] | None = None
+
+
+# handler(mod, imported, calibration_data, scheme, *, progress[, bias_correction])
+#   -> HandlerResult; `mod` is `imported.mod` with finite weights.
+Handler = Callable[..., HandlerResult]
 _HANDLERS: dict[type, tuple[Handler, bool]] = {}
 
 
@@ -76,9 +99,14 @@ def _handler(scheme) -> tuple[Handler, bool]:
 
 @dataclass
 class QuantizedModel(ImportedModel):
-    """An :class:`ImportedModel` whose ``mod`` is quantized, with the :class:`QuantizationReport`."""
+    """An :class:`ImportedModel` whose ``mod`` is quantized, with the :class:`QuantizationReport`.
+
+    ``first_batch`` and ``pipeline_params`` as in :class:`HandlerResult`.
+    """
 
     report: QuantizationReport | None = None
+    first_batch: FirstBatch | None = None
+    pipeline_params: dict[str, Any] | None = None
 
     @property
     def model(self) -> QuantizedModel:
@@ -149,7 +177,8 @@ def quantize(
         Show calibration progress and print which layers stay float.
     evaluate : bool
         Compile the result for the host and measure output SQNR on the first calibration
-        batch (``report.output_sqnr_db``; needs calibration data).
+        batch (``report.output_sqnr_db``; needs calibration data). ``tvmq.compile`` passes
+        False and measures it on the executable it builds when the target is the host.
     bias_correction : bool
         Static int8 only: add to each layer's bias the expected quantization error of its
         output on the calibration data (empirical bias correction, Nagel et al. 2019; see
@@ -176,9 +205,11 @@ def quantize(
             f"{type(scheme).__name__}: it needs the calibrated activation quantization"
         )
     options = {"bias_correction": True} if bias_correction else {}
-    report, quantized = handler(
-        mod, imported, calibration_data, scheme, progress=progress, evaluate=evaluate, **options
-    )
+    result = handler(mod, imported, calibration_data, scheme, progress=progress, **options)
+    report = result.report
+    if evaluate and result.first_batch is not None:
+        names = [s.name for s in imported.inputs]
+        report.output_sqnr_db = host_output_sqnr(result.mod, result.first_batch, names)
     if progress and report.float_layers:
         print(
             f"tvmq: {len(report.float_layers)} of {len(report.layers)} layers stay float: "
@@ -188,10 +219,12 @@ def quantize(
     meta = dict(imported.meta)
     meta["quantization"] = report.to_dict()
     return QuantizedModel(
-        mod=quantized,
+        mod=result.mod,
         inputs=list(imported.inputs),
         outputs=list(imported.outputs),
         source=imported.source,
         meta=meta,
         report=report,
+        first_batch=result.first_batch,
+        pipeline_params=result.pipeline_params,
     )

@@ -24,7 +24,7 @@ from tvmq.quantization.collect import (
     collect_activation_stats,
 )
 
-__all__ = ["LayerReport", "QuantizationReport"]
+__all__ = ["FirstBatch", "LayerReport", "QuantizationReport", "output_sqnr"]
 
 
 @dataclass
@@ -169,13 +169,36 @@ def layer_output_sqnr(site, sample, w_dq, x_dq) -> float | None:
     return qmath.sqnr(ref, x_dq.astype(np.float64) @ w_dq.astype(np.float64))
 
 
-def output_sqnr(mod: tvm.IRModule, stats: ActivationStats, names: list[str]) -> list[float]:
-    """Per output: SQNR of the compiled `mod` (host) against the float outputs in `stats`."""
-    ex = tvm.compile(mod, target=_host_target())
+@dataclass(frozen=True)
+class FirstBatch:
+    """The first calibration batch as fed to the model, and the float model's outputs on it:
+    what the output SQNRs of a report are measured on."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+    @classmethod
+    def of(cls, stats: ActivationStats | None) -> FirstBatch | None:
+        """The first batch of calibration statistics (None without them)."""
+        if stats is None or not stats.first_inputs:
+            return None
+        return cls(dict(stats.first_inputs), list(stats.first_outputs))
+
+
+def output_sqnr(
+    ex: tvm.relax.Executable | tvm.runtime.Module, batch: FirstBatch, names: list[str]
+) -> list[float]:
+    """Per output: SQNR of a host executable's (or loaded library's) outputs on `batch`
+    against the float ones."""
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(stats.first_inputs[n]) for n in names])
+    out = vm["main"](*[tvm.runtime.tensor(batch.inputs[n]) for n in names])
     got = _flatten(out)
-    return [qmath.sqnr(ref, q) for ref, q in zip(stats.first_outputs, got, strict=True)]
+    return [qmath.sqnr(ref, q) for ref, q in zip(batch.outputs, got, strict=True)]
+
+
+def host_output_sqnr(mod: tvm.IRModule, batch: FirstBatch, names: list[str]) -> list[float]:
+    """:func:`output_sqnr` of `mod` built for the host (TVM's stock pipeline)."""
+    return output_sqnr(tvm.compile(mod, target=_host_target()), batch, names)
 
 
 class _FirstBatches:

@@ -14,18 +14,19 @@ import numpy as np
 import tvm
 
 from tvmq.core import qmath
-from tvmq.core.schemes import Int8Dynamic, Int8Static, get_scheme
+from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 from tvmq.passes import pipeline as pass_pipeline
 from tvmq.passes import prepare_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.annotate_qdq import weight_qparams
-from tvmq.passes.quantize_dynamic import QuantizeDynamic, _is_dynamic_matmul
-from tvmq.passes.quantize_weight_only import stable_sites
+from tvmq.passes.quantize_dynamic import ATTR as DYNAMIC_ATTR
+from tvmq.passes.quantize_dynamic import QuantizeDynamic
 from tvmq.passes.relax_utils import ordered_bindings
-from tvmq.passes.sites import list_tensor_sites, list_weight_sites, select_sites
-from tvmq.passes.smooth_quant import SmoothQuant, smooth_sites
+from tvmq.passes.sites import list_weight_sites, select_sites
+from tvmq.passes.smooth_quant import smooth_sites
+from tvmq.passes.tensor_sites import list_tensor_sites
 from tvmq.quantization.bias_correction import correct_biases
 from tvmq.quantization.collect import (
     ActivationStats,
@@ -34,16 +35,16 @@ from tvmq.quantization.collect import (
     collect_channel_absmax,
 )
 from tvmq.quantization.dynamic import fill_dynamic_matmul_report
-from tvmq.quantization.quantize import register_handler
+from tvmq.quantization.quantize import HandlerResult, register_handler
 from tvmq.quantization.report import (
+    FirstBatch,
     LayerReport,
     QuantizationReport,
     combined_sqnr,
     layer_output_sqnr,
-    output_sqnr,
 )
 
-__all__ = ["quantize_static", "static_int8_passes"]
+__all__ = ["quantize_params", "quantize_static", "static_int8_passes"]
 
 
 def static_int8_passes(
@@ -51,10 +52,29 @@ def static_int8_passes(
 ) -> tvm.transform.Pass:
     """The pass ``Sequential`` :func:`quantize` runs after calibration (for compiler engineers).
 
-    ``tvmq.passes.static_int8_passes`` with the scheme resolved; ``activation_qparams``
-    comes from ``tvmq.quantization.collect.collect_activation_qparams``.
+    ``tvmq.passes.static_int8_passes`` with the scheme turned into its parameters;
+    ``activation_qparams`` comes from ``tvmq.quantization.collect.collect_activation_qparams``.
     """
-    return pass_pipeline.static_int8_passes(activation_qparams, _static_scheme(scheme))
+    scheme = _static_scheme(scheme)
+    return pass_pipeline.static_int8_passes(
+        activation_qparams, **quantize_params(scheme, activation_qparams or {})
+    )
+
+
+def quantize_params(scheme: Int8Static, activation_qparams) -> dict:
+    """The parameters of ``tvmq.passes.static_int8_passes`` for `scheme`.
+
+    Per-layer ``overrides`` become per-name mappings over the calibrated tensors.
+    """
+    params = {"skip": scheme.skip, "requantize": scheme.requantize}
+    if not scheme.overrides:
+        params["activation_dtype"] = scheme.activation_dtype
+        params["weight_per_channel"] = scheme.weight_per_channel
+    else:
+        names = sorted(activation_qparams)
+        params["activation_dtype"] = {n: scheme.for_layer(n).activation_dtype for n in names}
+        params["weight_per_channel"] = {n: scheme.for_layer(n).weight_per_channel for n in names}
+    return params
 
 
 def _static_scheme(scheme) -> Int8Static:
@@ -75,10 +95,10 @@ def quantize_static(
     scheme: Int8Static,
     *,
     progress,
-    evaluate,
     bias_correction=False,
 ):
-    """(report, module) of static int8 quantization.
+    """Static int8 quantization: the config and calibration become the parameters of
+    ``tvmq.passes.pipeline``'s phases, which are then run.
 
     prepare -> [SmoothQuant on ``scheme.smooth`` sites, from per-channel ranges of a first
     calibration run] -> calibrate -> [bias correction] -> static passes (``scheme.dynamic``
@@ -92,14 +112,15 @@ def quantize_static(
     prepared = prepare_passes()(mod)
     dynamic = _dynamic_sites(prepared["main"], scheme)
     smoothed = _smooth_site_names(prepared["main"], scheme, dynamic)
+    smooth = {"smooth_absmax": {}, "smooth": scheme.smooth}
     if smoothed:
         if _one_shot(calibration_data):  # read twice: for smoothing, then calibration
             calibration_data = list(calibration_data)
-        absmax = collect_channel_absmax(
+        smooth["smooth_absmax"] = collect_channel_absmax(
             prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
             progress=progress,
         )  # fmt: skip
-        prepared = SmoothQuant(absmax, scheme.smooth)(prepared)
+        prepared = pass_pipeline.smooth_passes(**smooth)(mod)
     static = scheme
     if dynamic:
         static = dataclasses.replace(scheme, skip=(*scheme.skip, *dynamic))
@@ -112,9 +133,14 @@ def quantize_static(
         prepared, corrections = correct_biases(
             prepared, calibration_data, static, qparams, inputs=imported.inputs
         )
-    quantized = pass_pipeline.static_int8_passes(qparams, static)(prepared)
-    if dynamic:
-        quantized = _quantize_dynamic_sites(quantized, prepared, dynamic, scheme)
+    params = {
+        "activation_qparams": qparams,
+        **quantize_params(static, qparams),
+        "dynamic_vars": _site_vars(prepared["main"], dynamic),
+        "dynamic_weight_per_channel": scheme.weight_per_channel,
+    }
+    quantized = pass_pipeline.static_int8_passes(**params)(prepared)
+    _check_dynamic_sites(quantized, dynamic)
 
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
@@ -124,9 +150,9 @@ def quantize_static(
         num_calibration_batches=stats.num_batches,
         bias_correction=corrections,
     )
-    if evaluate:
-        report.output_sqnr_db = output_sqnr(quantized, stats, [s.name for s in imported.inputs])
-    return report, quantized
+    # with bias correction the float module was changed outside the pass pipeline
+    pipeline_params = None if bias_correction else {**smooth, **params}
+    return HandlerResult(report, quantized, FirstBatch.of(stats), pipeline_params)
 
 
 def _layer_reports(
@@ -155,7 +181,7 @@ def _layer_reports(
             r.reason = "LowerInt8 could not lower it"
         else:
             r.quantized = True
-        s_w, z_w, axis = weight_qparams(site, layer)
+        s_w, z_w, axis = weight_qparams(site, layer.weight_per_channel)
         w_q = qmath.quantize(site.weight, s_w, z_w, "int8", axis)
         w_dq = qmath.dequantize(w_q, s_w, z_w, axis)
         r.weight_sqnr_db = qmath.sqnr(site.weight, w_dq)
@@ -240,7 +266,7 @@ def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
     and with an accumulator that fits int32)."""
     if not scheme.dynamic:
         return ()
-    plan = QuantizeDynamic(Int8Dynamic(weight_per_channel=scheme.weight_per_channel)).plan
+    plan = QuantizeDynamic(weight_per_channel=scheme.weight_per_channel).plan
     return tuple(
         s.name
         for s in select_sites(func, scheme.dynamic)
@@ -260,22 +286,20 @@ def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
     ]
 
 
-def _quantize_dynamic_sites(quantized, prepared, dynamic, scheme: Int8Static):
-    """Run ``QuantizeDynamic`` on the static result, on exactly the ``dynamic`` sites.
+def _site_vars(func, names) -> tuple[str, ...]:
+    """Binding names of the weight sites called `names`.
 
-    The static passes left them float; ``QuantizeDynamic`` names sites counting only its
-    own integer matmuls, so after ``LowerInt8`` its names can differ from the float
-    model's: the sites are matched by their binding var instead, and every other float
-    site goes to its ``skip`` list.
+    ``LowerInt8`` renumbers the sites it leaves float, so ``QuantizeDynamic`` finds the
+    dynamic sites after it by their binding var, which the static passes keep.
     """
-    wanted = {s.var.name for s in list_weight_sites(prepared["main"]) if s.name in set(dynamic)}
-    sites = stable_sites(quantized["main"], "", _is_dynamic_matmul)
-    chosen = [s for s in sites if s.var.name in wanted]
-    if len(chosen) != len(wanted) or len(wanted) != len(dynamic):
+    wanted = set(names)
+    return tuple(s.var.name for s in list_weight_sites(func) if s.name in wanted)
+
+
+def _check_dynamic_sites(quantized, dynamic) -> None:
+    done = quantized["main"].attrs.get(DYNAMIC_ATTR, []) if quantized["main"].attrs else []
+    if len(done) != len(dynamic):
         raise TvmqError(
             f"internal error: could not find the dynamic sites {list(dynamic)} after static "
             "quantization (their binding vars changed)"
         )
-    others = tuple(s.name for s in sites if s not in chosen)
-    dyn_scheme = Int8Dynamic(weight_per_channel=scheme.weight_per_channel, skip=others)
-    return QuantizeDynamic(dyn_scheme)(quantized)

@@ -17,26 +17,25 @@ from tvmq.passes.quantize_weight_only import (
     quantize_weight,
 )
 from tvmq.passes.sites import list_weight_sites
-from tvmq.quantization.quantize import register_handler
+from tvmq.quantization.quantize import HandlerResult, register_handler
 from tvmq.quantization.report import (
+    FirstBatch,
     LayerReport,
     QuantizationReport,
     combined_sqnr,
     first_batch_stats,
     layer_output_sqnr,
-    output_sqnr,
 )
 
 __all__ = ["quantize_weight_only"]
 
 
 @register_handler(WeightOnly)
-def quantize_weight_only(
-    mod, imported, calibration_data, scheme: WeightOnly, *, progress, evaluate
-):
-    """(report, module) of weight-only quantization (no calibration)."""
+def quantize_weight_only(mod, imported, calibration_data, scheme: WeightOnly, *, progress):
+    """Weight-only quantization (no calibration): the scheme's fields are the pass's."""
     prepared = prepare_passes()(mod)
-    quantized = QuantizeWeightOnly(scheme)(prepared)
+    qpass = QuantizeWeightOnly(scheme.bits, scheme.group_size, scheme.symmetric, scheme.skip)
+    quantized = qpass(prepared)
     stats = first_batch_stats(prepared, calibration_data, imported.inputs)
     layers = []
     for site in list_weight_sites(prepared["main"]):
@@ -69,6 +68,4 @@ def quantize_weight_only(
         float_ops=[f"{s.kind}:{s.var.name}" for s in list_weight_sites(quantized["main"])],
         num_calibration_batches=0 if stats is None else stats.num_batches,
     )
-    if evaluate and stats is not None:
-        report.output_sqnr_db = output_sqnr(quantized, stats, [s.name for s in imported.inputs])
-    return report, quantized
+    return HandlerResult(report, quantized, FirstBatch.of(stats))

@@ -1,11 +1,11 @@
-"""FastMath: float32 exp / erf / tanh (and softmax, GELU built on them) as SIMD polynomials.
+"""UseFastMath: float32 exp / erf / tanh (and softmax, GELU built on them) as SIMD polynomials.
 
 LLVM has no vector ``exp`` or ``erf``: TVM's default lowering of ``relax.exp``, softmax and
 GELU calls the scalar C library once per element, which made softmax and GELU the slowest
 kernels of a transformer on x86 (all-MiniLM-L6-v2: 22 of 45 ms). This pass replaces them,
 before ``LegalizeOps``, by TOPI's polynomial forms (``topi.fast_exp``, ``fast_erf``,
 ``fast_tanh``, ``topi.nn.fast_softmax``), which vectorize. Their error on float32, measured
-over the whole range against float64 references (``tests/passes/test_fast_math.py``):
+over the whole range against float64 references (``tests/passes/test_use_fast_math.py``):
 below 3e-7 relative for exp and tanh, below 4e-7 absolute for erf, i.e. a few ulp.
 
 Rewritten (float32 only; other dtypes are left alone): ``relax.exp``, ``relax.erf``,
@@ -22,7 +22,7 @@ import tvm
 from tvm import relax, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["FastMath"]
+__all__ = ["UseFastMath"]
 
 
 def _gelu(x):
@@ -44,7 +44,7 @@ _ELEMENTWISE = {
 
 
 @mutator
-class _FastMathRewriter(PyExprMutator):
+class _UseFastMathRewriter(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         op = call.op
@@ -62,12 +62,12 @@ def _is_float32(call: relax.Call) -> bool:
     return isinstance(ty, relax.TensorType) and ty.dtype == "float32"
 
 
-@tvm.transform.module_pass(opt_level=0, name="FastMath")
-class FastMath:
+@tvm.transform.module_pass(opt_level=0, name="UseFastMath")
+class UseFastMath:
     """Replace float32 exp / erf / tanh / softmax / GELU by vectorizable polynomial forms."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _FastMathRewriter(mod)
+        rewriter = _UseFastMathRewriter(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

@@ -1,4 +1,4 @@
-"""FastMath: which ops it rewrites, and its error against float64 references."""
+"""UseFastMath: which ops it rewrites, and its error against float64 references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvmq.passes.fast_math import FastMath
+from tvmq.passes.use_fast_math import UseFastMath
 
 _ERF = np.vectorize(math.erf)
 
@@ -55,7 +55,7 @@ CASES = {
         0.0,
         2e-6,
     ),
-    # softmax: float32 sums over 4,096 values round to ~1e-6 relative, with or without FastMath
+    # softmax: float32 sums over 4,096 values round to ~1e-6 relative, with or without UseFastMath
     "softmax": (lambda x: relax.op.nn.softmax(x, axis=-1), _softmax, 8.0, 1e-5, 1e-7),
 }
 
@@ -64,7 +64,7 @@ CASES = {
 def test_rewrite_matches_float64_reference_on_random_inputs(name):
     op, reference, scale, rtol, atol = CASES[name]
     mod = _module(op)
-    fast = FastMath()(mod)
+    fast = UseFastMath()(mod)
     assert _ops(fast) == {"call_tir"}, fast["main"].script()
     x = np.random.default_rng(0).standard_normal((4, 4096)).astype(np.float32) * scale
     out = _run(fast, x).astype(np.float64)
@@ -79,9 +79,9 @@ def test_other_ops_and_dtypes_are_left_alone():
         _module(lambda x: relax.op.add(x, x)),
     ]
     for mod in mods:
-        tvm.ir.assert_structural_equal(FastMath()(mod), mod)
+        tvm.ir.assert_structural_equal(UseFastMath()(mod), mod)
 
 
 def test_idempotent():
-    once = FastMath()(_module(relax.op.nn.gelu))
-    tvm.ir.assert_structural_equal(FastMath()(once), once)
+    once = UseFastMath()(_module(relax.op.nn.gelu))
+    tvm.ir.assert_structural_equal(UseFastMath()(once), once)

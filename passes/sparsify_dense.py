@@ -1,4 +1,4 @@
-"""SparseDense: float32 matmuls with a block-sparse constant weight -> a BSR kernel.
+"""SparsifyDense: float32 matmuls with a block-sparse constant weight -> a BSR kernel.
 
 Rewrites, on an LLVM (CPU) target::
 
@@ -54,7 +54,7 @@ from .relax_utils import relax_functions, site_prefix
 from .sites import list_weight_sites
 
 SPARSE_ATTR = "tvmq.sparse"
-"""Relax function attribute listing :class:`SparseDense`'s decision for every weight site."""
+"""Relax function attribute listing :class:`SparsifyDense`'s decision for every weight site."""
 
 _DEFAULT_LANES = 8  # no target known: AVX2 / two NEON registers
 
@@ -134,8 +134,8 @@ class _SparseRewriter(PyExprMutator):
         return y
 
 
-@tvm.transform.module_pass(opt_level=0, name="SparseDense")
-class SparseDense:
+@tvm.transform.module_pass(opt_level=0, name="SparsifyDense")
+class SparsifyDense:
     """Run float32 matmuls whose constant weight is block-sparse enough on a BSR kernel.
 
     Parameters

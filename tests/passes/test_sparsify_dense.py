@@ -1,4 +1,4 @@
-"""SparseDense + BSR kernels: exact packing, kernels equal dense numpy, pass structure and numerics."""
+"""SparsifyDense + BSR kernels: exact packing, kernels equal dense numpy, pass structure and numerics."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tvmq.kernels.sparse import (
     to_bsr,
 )
 from tvmq.passes.relax_utils import is_tensor_const
-from tvmq.passes.sparse_dense import SPARSE_ATTR, SparseDense
+from tvmq.passes.sparsify_dense import SPARSE_ATTR, SparsifyDense
 
 HOST = tvm.target.Target.from_device(tvm.cpu())
 LANES = simd_lanes(HOST)
@@ -186,7 +186,7 @@ def _run(mod, x, preset="host"):
 def test_pass_rewrites_sparse_weight(rng, x_shape, transposed_const):
     w = _block_sparse(rng, 40, 48, (16, 1), 0.9)
     mod = _matmul_module(x_shape, w, transposed_const)
-    out = SparseDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
+    out = SparsifyDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
     assert len(_call_tirs(out["main"])) == 1
     [record] = _records(out)
     assert record["layer"] == "matmul_0" and bool(record["chosen"])
@@ -205,28 +205,28 @@ def test_pass_rewrites_sparse_weight(rng, x_shape, transposed_const):
 def test_pass_keeps_dense_weight_below_threshold(rng):
     w = _unstructured(rng, 64, 48, 0.9)  # 16x1 tiles of an unstructured 90% weight: few empty
     mod = _matmul_module((4, 48), w)
-    out = SparseDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
+    out = SparsifyDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
     assert not _call_tirs(out["main"])
     [record] = _records(out)
     assert not bool(record["chosen"]) and "< min_sparsity" in str(record["reason"])
     # ...and the same weight qualifies with 1x1 blocks.
-    out = SparseDense(min_sparsity=0.8, block=(1, 1), target=HOST)(mod)
+    out = SparsifyDense(min_sparsity=0.8, block=(1, 1), target=HOST)(mod)
     assert len(_call_tirs(out["main"])) == 1
 
 
 def test_pass_is_idempotent_and_noop_without_sites(rng):
     mod = _matmul_module((8, 48), _block_sparse(rng, 40, 48, (16, 1), 0.9))
-    once = SparseDense(target=HOST)(mod)
-    tvm.ir.assert_structural_equal(SparseDense(target=HOST)(once), once)
+    once = SparsifyDense(target=HOST)(mod)
+    tvm.ir.assert_structural_equal(SparsifyDense(target=HOST)(once), once)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 8), "float32"))
     with bb.function("main", [x]):
         y = bb.emit(relax.op.add(x, x))
         bb.emit_func_output(y)
     plain = bb.get()
-    assert SparseDense(target=HOST)(plain).same_as(plain)
+    assert SparsifyDense(target=HOST)(plain).same_as(plain)
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
-    assert SparseDense(target=cuda)(mod).same_as(mod)
+    assert SparsifyDense(target=cuda)(mod).same_as(mod)
 
 
 class _MLP(torch.nn.Module):
@@ -252,7 +252,7 @@ def test_mlp_matches_torch(rng, batch):
             fc.weight.copy_(torch.from_numpy(w * (_block_sparse(rng, *w.shape, (16, 1), 0.9) != 0)))
     x = rng.standard_normal((batch, 64)).astype("float32")
     mod = tvmq.import_model(model, example_inputs=(torch.from_numpy(x),)).mod
-    out = SparseDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
+    out = SparsifyDense(min_sparsity=0.8, block=(16, 1), target=HOST)(mod)
     records = {str(r["layer"]): bool(r["chosen"]) for r in _records(out)}
     assert records == {"matmul_0": True, "matmul_1": True, "matmul_2": False}
     assert len(_call_tirs(out["main"])) == 2
@@ -271,7 +271,7 @@ def test_builds_for_rasp4b_aarch64(tmp_path, rng):
     from tvmq.targets import get_target
 
     target = get_target("rasp4b").tvm_target()
-    out = SparseDense(min_sparsity=0.8, block=(4, 1), target=target)(mod)
+    out = SparsifyDense(min_sparsity=0.8, block=(4, 1), target=target)(mod)
     assert len(_call_tirs(out["main"])) == 1
     path = tmp_path / "sparse.so"
     export_library(build(out, "rasp4b"), path, "rasp4b")

@@ -1,4 +1,4 @@
-"""Int8DenseCUDA: int8 matmuls with a constant weight -> a dp4a CUDA kernel on a packed weight.
+"""PackInt8DenseCUDA: int8 matmuls with a constant weight -> a dp4a CUDA kernel on a packed weight.
 
 Rewrites, on a CUDA target with ``dp4a`` (sm_61 or later)::
 
@@ -73,8 +73,8 @@ _DP4A = DenseKernel(
 )
 
 
-@tvm.transform.module_pass(opt_level=0, name="Int8DenseCUDA")
-class Int8DenseCUDA:
+@tvm.transform.module_pass(opt_level=0, name="PackInt8DenseCUDA")
+class PackInt8DenseCUDA:
     """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to a dp4a CUDA kernel.
 
     Parameters

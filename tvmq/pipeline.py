@@ -1,0 +1,212 @@
+"""tvmq's pipeline: what ``tvmq compile`` does to an imported model, phase by phase.
+
+:func:`run` runs the phases in this order::
+
+    # Phase 1, compress: prune channels, then zero weights, then share weights
+    #   (tvmq.compression: configs -> PruneChannels / PruneMagnitude / PruneNM /
+    #   ClusterWeights); float matmuls with a block-sparse weight -> BSR kernels (SparsifyDense).
+    # Phase 2, quantize: the scheme's handler (tvmq.quantization: static.py, dynamic.py,
+    #   weight_only.py) calibrates on the prepared model and turns the config and the
+    #   statistics into plain pass parameters; the passes come from tvmq.passes.pipeline
+    #   (static int8: prepare -> SmoothQuant -> AnnotateQDQ -> FoldQuantScales -> LowerInt8
+    #   -> QuantizeDynamic). An ONNX QDQ model skips calibration (CanonicalizeQDQ).
+    # Phase 3, target kernels: tvmq.lowering.target_kernel_passes(target) (VNNI / sdot /
+    #   dp4a int8 kernels, fast exp / erf / tanh).
+    # Phase 4, build: fuse, tuning records, default schedules, lower, link (tvmq.build).
+
+Phases 3 and 4 run inside :func:`tvmq.build.build_with_info`, whose fusion step
+(:func:`tvmq.lowering.fuse_to_tir`) starts with the target kernels so that ``tvmq tune``
+extracts exactly the kernels a build schedules. For static int8, the IR part of phases 2
+and 3 is the registered Relax pipeline ``"tvmq"``: ``relax.get_pipeline("tvmq",
+**compressed.pipeline_params, target_kernels=target_kernel_passes(target), build=False)``
+on the float module gives the IR this pipeline builds (``tests/test_compile_pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from tvmq.build import BuildInfo, build_with_info, export_library
+from tvmq.compression import apply_compression
+from tvmq.core.compression import SparseConfig
+from tvmq.core.schemes import Int8Static, get_scheme
+from tvmq.errors import TvmqError
+from tvmq.frontends.model import ImportedModel
+from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
+from tvmq.passes.analysis import float_compute_ops
+from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
+from tvmq.quantization import quantize as run_quantize
+from tvmq.quantization.report import output_sqnr
+from tvmq.targets import TargetPreset
+
+__all__ = ["Compressed", "Built", "compress", "run", "scheme_for_target"]
+
+
+@dataclass
+class Compressed:
+    """The model after phases 1-2, what was applied (for ``model.json``) and notes.
+
+    ``pipeline_params``: keyword arguments of the Relax pipeline ``"tvmq"`` reproducing
+    phase 2 (static int8 only, else None); ``quantized``: the quantizer's result, if any.
+    """
+
+    model: ImportedModel
+    applied: dict[str, Any]
+    notes: dict[str, Any]
+    pipeline_params: dict[str, Any] | None = None
+    quantized: Any = None
+
+
+@dataclass
+class Built(Compressed):
+    """:class:`Compressed`, then built (phases 3-4)."""
+
+    executable: tvm.relax.Executable | None = None
+    build_info: BuildInfo | None = None
+
+
+def scheme_for_target(quantize, preset: TargetPreset):
+    """The quantization scheme to use on ``preset`` for a scheme name or object.
+
+    A name gets the target's preferred form: x86 with VNNI multiplies u8 x s8, so
+    ``"int8"`` there means uint8 activations (no run-time sign flip before each kernel).
+    A scheme object is used as given.
+    """
+    scheme = get_scheme(quantize)
+    if (
+        isinstance(quantize, str)
+        and isinstance(scheme, Int8Static)
+        and target_has_vnni(preset.tvm_target())
+    ):
+        scheme = dataclasses.replace(scheme, activation_dtype="uint8")
+    return scheme
+
+
+def compress(
+    model: ImportedModel,
+    preset: TargetPreset,
+    *,
+    prune=None,
+    cluster=None,
+    sparse: SparseConfig | None = None,
+    quantize=None,
+    calibration_data=None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> Compressed:
+    """Phases 1-2: prune, cluster, sparse kernels, then quantize.
+
+    ``quantize`` is a scheme (see :func:`scheme_for_target`); ``evaluate=False`` leaves the
+    quantizer's output SQNRs to be measured later (:func:`run` measures them on the build).
+    """
+    if has_qdq(model.mod):
+        return _lower_prequantized(model, prune, cluster, quantize)
+    if cluster is not None and quantize is not None:
+        raise TvmqError(
+            "weight clustering and quantization cannot be combined yet: clustered weights "
+            "are decoded at run time, so the quantizer finds no constant weights"
+        )
+    applied: dict = {}
+    notes: dict = {}
+    # Phase 1: compress.
+    if prune is not None or cluster is not None:
+        mod, report = apply_compression(model.mod, prune=prune, cluster=cluster)
+        model = _with_mod(model, mod)
+        if report["prune"]:
+            applied["prune"] = report["prune"]
+        if report["cluster"]:
+            applied["cluster"] = report["cluster"]
+        notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
+    if sparse is not None:
+        # Before quantization: BSR layers stay float32, the quantizer takes the dense rest.
+        mod = SparsifyDense(sparse.min_sparsity, sparse.block, preset.tvm_target())(model.mod)
+        model = _with_mod(model, mod)
+        decisions = mod["main"].attrs.get(SPARSE_ATTR, []) if mod["main"].attrs else []
+        applied["sparse"] = {
+            "min_sparsity": sparse.min_sparsity,
+            "block": list(sparse.block),
+            "layers": [{str(k): _plain(v) for k, v in d.items()} for d in decisions],
+        }
+    if quantize is None:
+        return Compressed(model, applied, notes)
+    # Phase 2: quantize.
+    if calibration_data is None and getattr(quantize, "observer", None):
+        raise TvmqError(
+            "static int8 quantization needs calibration data: a few hundred typical "
+            "inputs (an array, a .npz file, or an iterable of batches)"
+        )
+    result = run_quantize(model, calibration_data, quantize, progress=progress, evaluate=evaluate)
+    applied["quantize"] = result.describe()
+    notes["float_ops"] = list(result.float_ops)
+    return Compressed(result, applied, notes, result.pipeline_params, result)
+
+
+def run(
+    model: ImportedModel,
+    preset: TargetPreset,
+    *,
+    tuning_logs="auto",
+    progress: bool = True,
+    **compression,
+) -> Built:
+    """Phases 1 to 4: :func:`compress`, then build for ``preset``.
+
+    ``compression``: the keyword arguments of :func:`compress`. On the host the quantizer's
+    output SQNRs are measured on the executable built here rather than on a second,
+    report-only build.
+    """
+    on_host = preset.name == "host"
+    done = compress(model, preset, progress=progress, evaluate=not on_host, **compression)
+    # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
+    ex, info = build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
+    done.notes["kernels"] = info.to_json()
+    if progress:
+        print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
+    quantized = done.quantized
+    if on_host and quantized is not None and quantized.first_batch is not None:
+        names = [s.name for s in model.inputs]
+        with tempfile.TemporaryDirectory(prefix="tvmq-sqnr-") as tmp:
+            # A VM that loads `ex` itself changes what `ex` exports later: run a linked copy.
+            lib = Path(tmp) / "model.so"
+            export_library(ex, lib, preset)
+            sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
+        quantized.report.output_sqnr_db = sqnr
+        done.applied["quantize"] = quantized.describe()
+    return Built(**vars(done), executable=ex, build_info=info)
+
+
+def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:
+    return ImportedModel(mod, model.inputs, model.outputs, model.source, model.meta)
+
+
+def _plain(value):
+    """TVM FFI containers and strings as plain JSON values."""
+    if isinstance(value, str | bool | int | float) or value is None:
+        return value if not isinstance(value, str) else str(value)
+    try:
+        return [_plain(v) for v in value]
+    except TypeError:
+        return str(value)
+
+
+def _lower_prequantized(model: ImportedModel, prune, cluster, quantize) -> Compressed:
+    """An already-quantized model (ONNX QDQ): lower its QDQ regions, no calibration."""
+    if quantize is not None or prune is not None or cluster is not None:
+        raise TvmqError(
+            "the model is already quantized (it holds QuantizeLinear/DequantizeLinear); "
+            "compile it without --quantize, --prune or --cluster"
+        )
+    mod = static_int8_passes()(CanonicalizeQDQ()(model.mod))
+    float_ops = float_compute_ops(mod["main"])
+    return Compressed(
+        _with_mod(model, mod),
+        {"quantize": {"scheme": "onnx-qdq", "float_ops": float_ops}},
+        {"float_ops": float_ops},
+    )
