@@ -103,41 +103,61 @@ class _Lowering:
         if found is None:
             return None
         x, geo, w = found
-        n, c, h, wd = geo.x_shape
-        o = w.shape[0]
-        oh, ow = geo.out_hw
-        if int(call.attrs.groups) == 1:
-            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
-            o_padded, kernel, name = tiles.o_padded, float_conv2d_nhwc, "conv2d"
-            packed = pack_conv_weight(w, self.lanes, o_padded)
-        else:
+        c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
+        if int(call.attrs.groups) != 1:
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
             if tiles is None:
                 return None
-            o_padded, kernel, name = o, float_depthwise_nhwc, "depthwise"
-            packed = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))  # (KH, KW, C)
-        bb = rw.builder_
-        kh, kw = geo.kernel
-        sw, dw = geo.strides[1], geo.dilation[1]
-        top, left, bottom, right = geo.padding
-        # A padded output width reads columns past the image: pad them with zeros too.
-        right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
-        x = rw.nhwc_input(x)
-        if top or left or bottom or right:
-            x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
-        shape = ConvShape(
-            n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
+            w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+            return lower_depthwise(rw, x, geo, w_hwc, tiles)
+        tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
+        packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
+        return _emit(
+            rw, x, geo, packed, tiles, tiles.o_padded, o, float_conv2d_nhwc, "float_conv2d"
         )
-        fn = rw.kernel_var(
-            (name, shape, tiles),
-            f"tvmq_float_{name}_nhwc_{kh}x{kw}_{c}x{o}",
-            lambda: kernel(shape, tiles).with_attr("op_pattern", OPAQUE),
-        )
-        out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), "float32")
-        y = bb.emit(relax.call_tir(fn, [x, relax.const(packed, "float32")], out_ty=out_ty))
-        if tiles.ow_padded != ow or o_padded != o:
-            y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
-        return relax.op.permute_dims(y, TO_NCHW)
+
+
+def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles) -> relax.Expr:
+    """Emit the NHWC depthwise kernel for ``x`` (float32, uint8 or int8; ``w_hwc`` (KH, KW,
+    C) of float32 or int8) and return its NCHW value."""
+    x_dtype = str(x.ty.dtype)
+    c = geo.x_shape[1]
+
+    def kernel(shape, t):
+        return float_depthwise_nhwc(shape, t, x_dtype)
+
+    name = "float_depthwise" if x_dtype == "float32" else "int8_depthwise"
+    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name)
+
+
+def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name) -> relax.Expr:
+    """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights."""
+    bb = rw.builder_
+    n, c, h, wd = geo.x_shape
+    oh, ow = geo.out_hw
+    kh, kw = geo.kernel
+    sw, dw = geo.strides[1], geo.dilation[1]
+    top, left, bottom, right = geo.padding
+    # A padded output width reads columns past the image: pad them with zeros too.
+    right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
+    x = rw.nhwc_input(x)
+    if top or left or bottom or right:
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+    shape = ConvShape(
+        n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
+    )
+    out_dtype = "float32" if packed.dtype == np.float32 else "int32"
+    fn = rw.kernel_var(
+        (name, shape, tiles, str(x.ty.dtype)),
+        f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}",
+        lambda: kernel(shape, tiles).with_attr("op_pattern", OPAQUE),
+    )
+    out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), out_dtype)
+    weight = relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")
+    y = bb.emit(relax.call_tir(fn, [x, weight], out_ty=out_ty))
+    if tiles.ow_padded != ow or o_padded != o:
+        y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
+    return relax.op.permute_dims(y, TO_NCHW)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackFloatConv")

@@ -29,7 +29,11 @@ The conv's result stays channels last (NHWC) as long as it can, so the epilogue,
 and the next conv's im2col read it without a transpose (see
 :mod:`tvmq.passes.channels_last`): results are bit-identical.
 
-Everything else is left alone: float convs, other layouts, ``groups != 1``, non-constant
+A depthwise int8 conv (``groups == C``) runs on the NHWC depthwise kernel instead
+(:func:`tvmq.kernels.cpu_float_conv.float_depthwise_nhwc` with uint8 / int8 data: exact
+int32 sums, vectorized over channels), so MobileNet-style blocks stay channels last.
+
+Everything else is left alone: float convs, other layouts, other grouped convs, non-constant
 or non-int8 weights, symbolic shapes, other out dtypes. Where it belongs: next to
 :class:`PackInt8DenseX86`, after ``LowerInt8`` and before ``LegalizeOps``. Without
 avx512vnni in the target the module is returned unchanged; after a rewrite no int8 conv2d
@@ -42,11 +46,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
 from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
 from ._int8_dense import _static_shape
 from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
+from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -82,11 +88,56 @@ def match_int8_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.
     return x, geo, w.value.numpy()
 
 
-def _lower(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
-    """im2col -> VNNI dense for a matched int8 conv (see the module docstring), else None."""
-    found = match_int8_conv2d(call)
+def match_int8_depthwise(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
+    """(x, geometry, W as numpy (C, 1, KH, KW)) for an int8 NCHW depthwise conv2d (one
+    filter per channel, ``groups == C``) with a static shape, else None."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+        return None
+    x, w = call.args
+    a = call.attrs
+    if str(a.out_dtype) != "int32" or not isinstance(w, tvm.ir.Constant):
+        return None
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in ("uint8", "int8"):
+        return None
+    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    if str(w.ty.dtype) != "int8" or x_shape is None or w_shape is None or 0 in x_shape:
+        return None
+    c = x_shape[1]
+    if len(x_shape) != 4 or int(a.groups) != c or c == 1 or w_shape[:2] != (c, 1):
+        return None
+    if w_shape[2] * w_shape[3] < 2:
+        return None
+    geo = Conv2DGeometry(
+        x_shape,
+        (w_shape[2], w_shape[3]),
+        tuple(int(s) for s in a.strides),
+        tuple(int(p) for p in a.padding),
+        tuple(int(d) for d in a.dilation),
+    )
+    return (x, geo, w.value.numpy()) if min(geo.out_hw) >= 1 else None
+
+
+def _lower_depthwise(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
+    """A depthwise int8 conv on the NHWC depthwise kernel (vectorized over channels)."""
+    found = match_int8_depthwise(call)
     if found is None:
         return None
+    x, geo, w = found
+    # This pass runs only on AVX-512 VNNI targets: 16 int32 lanes, 32 vector registers.
+    tiles = choose_depthwise_tiles(geo.out_hw[1], geo.x_shape[1], 16, 32)
+    if tiles is None:
+        return None
+    return lower_depthwise(rw, x, geo, np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)), tiles)
+
+
+def _lower(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
+    """im2col -> VNNI dense for a matched int8 conv (see the module docstring), the depthwise
+    kernel for a depthwise one, else None."""
+    found = match_int8_conv2d(call)
+    if found is None:
+        return _lower_depthwise(rw, call)
     x, geo, w = found
     bb = rw.builder_
     o = w.shape[0]

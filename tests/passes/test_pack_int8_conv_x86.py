@@ -390,3 +390,31 @@ def test_clip_bounds_after_int8_convs_compile(rng, target):
     got = out.numpy()
     sqnr = 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - got))
     assert sqnr > 20, sqnr
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "k", "strides", "padding", "x_dtype"),
+    [
+        ((1, 32, 14, 14), 3, 1, 1, "uint8"),  # MobileNet's depthwise conv
+        ((2, 24, 9, 13), 3, 2, 1, "int8"),  # 8-lane vectors, stride 2, odd width
+        ((1, 16, 10, 10), 5, 1, 2, "uint8"),  # 5x5 (MobileNetV3 / EfficientNet)
+    ],
+)
+def test_depthwise_is_exact_and_channels_last(rng, x_shape, k, strides, padding, x_dtype):
+    c = x_shape[1]
+    w = _random(rng, (c, 1, k, k), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = _conv_module(x_shape, w, x_dtype, strides=strides, padding=padding, groups=c)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert not _has_conv2d(packed)
+    assert _kernels(packed) == ["int8_depthwise_nhwc"]
+    got = _run(packed, x)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x.astype(np.float64)),
+        torch.from_numpy(w.astype(np.float64)),
+        stride=strides,
+        padding=padding,
+        groups=c,
+    )  # integer sums below 2**53: exact in float64
+    np.testing.assert_array_equal(got, want.numpy().astype(np.int32))

@@ -233,9 +233,12 @@ def choose_depthwise_tiles(ow: int, c: int, lanes: int, registers: int) -> Depth
     return DepthwiseTiles(mr, nr, lanes, ow_padded)
 
 
-def float_depthwise_nhwc(shape: ConvShape, tiles: DepthwiseTiles) -> tvm.tirx.PrimFunc:
+def float_depthwise_nhwc(
+    shape: ConvShape, tiles: DepthwiseTiles, x_dtype: str = "float32"
+) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
-    depthwise conv (one filter per channel) over a padded NHWC image, ``OW`` =
+    depthwise conv (one filter per channel) over a padded NHWC image (float32; or uint8 /
+    int8 data with int8 weights and an exact int32 result), ``OW`` =
     ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
     of accumulators per task."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
@@ -247,14 +250,22 @@ def float_depthwise_nhwc(shape: ConvShape, tiles: DepthwiseTiles) -> tvm.tirx.Pr
         raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
     if kh * kw < 2:
         raise ValueError("a 1x1 depthwise conv is a per-channel scale, not a convolution")
-    p = te.placeholder((n, hp, wp, c), "float32", name="P")
-    w = te.placeholder((kh, kw, c), "float32", name="W")
+    if x_dtype == "float32":
+        w_dtype, acc_dtype, name = "float32", "float32", "float_depthwise_nhwc"
+    elif x_dtype in ("uint8", "int8"):
+        w_dtype, acc_dtype, name = "int8", "int32", "int8_depthwise_nhwc"
+    else:
+        raise ValueError(f"depthwise kernel for float32, uint8 or int8 data, not {x_dtype}")
+    p = te.placeholder((n, hp, wp, c), x_dtype, name="P")
+    w = te.placeholder((kh, kw, c), w_dtype, name="W")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     acc = te.compute(
         (n, oh, ow, c),
         lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, x * sw + rx * dw, j] * w[ry, rx, j], axis=[ry, rx]
+            p[b, y * sh + ry * dh, x * sw + rx * dw, j].astype(acc_dtype)
+            * w[ry, rx, j].astype(acc_dtype),
+            axis=[ry, rx],
         ),
         name="acc",
     )
@@ -262,6 +273,4 @@ def float_depthwise_nhwc(shape: ConvShape, tiles: DepthwiseTiles) -> tvm.tirx.Pr
     func = te.create_prim_func([p, w, out])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
-    return _schedule(
-        func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_depthwise_nhwc"
-    )
+    return _schedule(func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name=name)
