@@ -230,6 +230,15 @@ def _prepare_model(name: str, size: str, d: Path, peers: dict[str, bool]) -> dic
         if transformer:
             src = d / "fp32-opt.onnx"
             note = _ort_optimize(name, model, fp32, src)
+            try:  # the fused graph of some exports does not load in ORT itself
+                import onnxruntime as ort
+
+                ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+            except Exception as err:
+                src, note = (
+                    fp32,
+                    f"unfused: the optimizer's graph fails to load ({_first_line(err)[:80]})",
+                )
         add("ORT fp32", "ort", src, note)
         for label, path in _ort_quantize(src, d, calib, transformer).items():
             add(label, "ort", path, note)
