@@ -93,3 +93,27 @@ def test_bench_int8_dense_quick():
     for ln in rows:
         cells = [c.strip() for c in ln.split("|")[1:5]]
         assert all(math.isfinite(float(c)) for c in cells), ln
+
+
+def test_bench_zoo_small_one_model(tmp_path):
+    """bench_zoo.py end to end on one small CNN: every installed engine gets a row with a
+    finite latency, the float rows agree with PyTorch and int8 stays close."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed (pip install -e '.[bench]')")
+    json_path = tmp_path / "rows.json"
+    stdout = _run("bench_zoo.py", "--small", "--models", "mobilenet_v3_small", "--threads", "1",
+                  "--rounds", "1", "--json", str(json_path), timeout=900)  # fmt: skip
+    rows = [r for r in json.loads(json_path.read_text())["rows"] if r["engine"]]
+    engines = {r["engine"] for r in rows}
+    expected = {"PT fp32", "ORT fp32", "ORT int8", "tvmq fp32", "tvmq int8"}
+    if importlib.util.find_spec("openvino") is not None:
+        expected |= {"OV fp32", "OV int8"}
+    assert expected <= engines, expected - engines
+    for r in rows:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0, r
+        if "fp32" in r["engine"]:
+            assert r["cosine"] > 0.99999, r  # float engines compute the same function
+        else:
+            assert r["cosine"] > 0.9, r
+    table = [ln for ln in stdout.splitlines() if ln.startswith("mobilenet_v3_small ")]
+    assert len([ln for ln in table if "note:" not in ln]) == len(rows)

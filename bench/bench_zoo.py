@@ -1,0 +1,507 @@
+"""The model zoo (bench/zoo.py) on every engine, float and int8, 1 and 2 threads: one table.
+
+::
+
+    python bench/bench_zoo.py                                   # full sizes, every model (long)
+    python bench/bench_zoo.py --small                           # small sizes (minutes)
+    python bench/bench_zoo.py --models resnet18,mobilenet_v2 --threads 1
+
+Engines (rows), batch 1
+    ``PT fp32``        the PyTorch module, ``torch.set_num_threads``;
+    ``ORT fp32``       ONNX Runtime on the legacy-exported ONNX file (opset 17); transformers
+                       first through ``onnxruntime.transformers.optimizer.optimize_model``
+                       (attention / LayerNorm / GELU fusion), as ORT's docs recommend;
+    ``ORT int8``       ``quantize_static`` in QDQ form (per-channel int8 weights, uint8
+                       activations, min-max calibration on the calibration inputs);
+    ``ORT int8-dyn``   ``quantize_dynamic`` (transformers; per-channel int8 weights);
+    ``OV fp32``        OpenVINO on the fp32 ONNX file; both OV rows with ``INFERENCE_PRECISION_HINT
+                       =f32`` (on CPUs with AMX / AVX512-BF16 OpenVINO otherwise runs its float
+                       parts in bf16), latency hint, one stream;
+    ``OV int8``        ``nncf.quantize`` of the OpenVINO model on the calibration inputs
+                       (``ModelType.TRANSFORMER`` for transformers); without nncf, OpenVINO
+                       reading ORT's QDQ file (OpenVINO runs QDQ models as int8);
+    ``tvmq fp32``      ``tvmq.compile`` of the PyTorch module, no tuning records;
+    ``tvmq int8``      static int8 (default scheme), the same calibration inputs;
+    ``tvmq int8-dyn``  ``quantize="int8-dynamic"`` (transformers).
+A peer that is not installed, or an engine that fails on a model, gets a note, not a row.
+
+Method
+    Models, exports, quantizations and builds are made once in this process; each thread count
+    then runs in a subprocess (TVM reads ``TVM_NUM_THREADS`` once per process; PyTorch gets
+    ``torch.set_num_threads``, ORT ``intra_op_num_threads``, OpenVINO
+    ``INFERENCE_NUM_THREADS``; no spinning between calls: ``OMP_WAIT_POLICY=PASSIVE``,
+    ORT ``allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``). The engines of a model are
+    timed in interleaved rounds; a row's latency is the median over rounds of each round's
+    median. Accuracy: on 4 natural-looking inputs not used for calibration (smooth images /
+    random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
+    GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
+    divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
+    times the threads, int8 rows against the int8 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo  # noqa: E402
+
+N_CALIB, N_TEST = 8, 4
+# onnxruntime.transformers.optimizer model types.
+ORT_MODEL_TYPE = {"bert_base": "bert", "minilm": "bert", "distilbert": "bert", "gpt2": "gpt2",
+                  "vit_tiny": "vit"}  # fmt: skip
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160] if text else ''}"
+
+
+# --------------------------------------------------------------------------------------
+# Preparation (parent process)
+
+
+def _feeds(names, batches) -> list[dict[str, np.ndarray]]:
+    return [dict(zip(names, zoo.as_numpy(b), strict=True)) for b in batches]
+
+
+def _heads_hidden(model) -> tuple[int, int]:
+    cfg = next(m.config for m in model.modules() if hasattr(m, "config"))
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
+    return int(heads or cfg.n_head), int(hidden or cfg.n_embd)
+
+
+def _ort_optimize(name: str, model, src: Path, dst: Path) -> str:
+    """ORT's transformer fusion optimizer; returns the fused-operator counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = _heads_hidden(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optimize_model(str(src), model_type=ORT_MODEL_TYPE[name], num_heads=heads,
+                             hidden_size=hidden)  # fmt: skip
+    opt.save_model_to_file(str(dst))
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    return "fused " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items()))
+
+
+class _Reader:
+    """An ORT CalibrationDataReader over feeds (built lazily: onnxruntime may be missing)."""
+
+    def __new__(cls, feeds):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        return Reader()
+
+
+def _ort_quantize(src: Path, d: Path, feeds, transformer: bool) -> dict[str, Path]:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    logging.getLogger().setLevel(logging.ERROR)
+    pre = d / "ort-pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_optimization=transformer)
+    out = {"ORT int8": d / "ort-int8.onnx"}
+    quantize_static(str(pre), str(out["ORT int8"]), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    if transformer:
+        out["ORT int8-dyn"] = d / "ort-int8-dyn.onnx"
+        quantize_dynamic(str(pre), str(out["ORT int8-dyn"]), per_channel=True,
+                         weight_type=QuantType.QInt8)  # fmt: skip
+    return out
+
+
+def _ov_int8(fp32: Path, dst: Path, feeds, transformer: bool) -> None:
+    import nncf
+    import openvino as ov
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    core = ov.Core()
+    model = core.read_model(str(fp32))
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), **kw)
+    ov.save_model(q, str(dst))
+
+
+def _count_ops(model, example) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example)
+    return int(counter.get_total_flops())
+
+
+def prepare(names: list[str], size: str, workdir: Path) -> dict:
+    """Export, quantize and compile every engine of every model; the plan the workers time."""
+    plan: dict = {"size": size, "models": [], "notes": []}
+    peers = {m: _has(m) for m in ("onnxruntime", "openvino", "nncf")}
+    if not peers["onnxruntime"]:
+        plan["notes"].append("onnxruntime not installed: no ORT rows (pip install onnxruntime)")
+    if not peers["openvino"]:
+        plan["notes"].append("openvino not installed: no OV rows (pip install openvino)")
+    elif not peers["nncf"]:
+        plan["notes"].append("nncf not installed: OV int8 runs ORT's QDQ file")
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            plan["models"].append(_prepare_model(name, size, workdir / name, peers))
+        except ImportError as err:  # e.g. transformers missing: the model cannot be built
+            plan["notes"].append(f"{name} skipped: {_first_line(err)}")
+            continue
+        _log(f"{name}: prepared in {time.perf_counter() - t0:.0f} s")
+    return plan
+
+
+def _prepare_model(name: str, size: str, d: Path, peers: dict[str, bool]) -> dict:
+    """Every engine of one model, built into ``d``; engines that fail become notes."""
+    import tvmq
+
+    d.mkdir(parents=True, exist_ok=True)
+    model, example, kind = zoo.build(name, size)
+    inames = zoo.input_names(example, kind)
+    transformer = kind == "transformer"
+    calib = _feeds(inames, zoo.natural_inputs(model, example, N_CALIB, seed=1))
+    tests = _feeds(inames, zoo.natural_inputs(model, example, N_TEST, seed=2))
+    np.savez(d / "example.npz", **_feeds(inames, [example])[0])
+    np.savez(d / "tests.npz", **{f"{i}:{k}": v for i, f in enumerate(tests) for k, v in f.items()})
+    entry = {"name": name, "kind": kind, "inputs": inames, "dir": str(d),
+             "ops": _count_ops(model, example), "engines": [], "notes": []}  # fmt: skip
+
+    def add(label, engine_kind, path, note=""):
+        row = {"label": label, "kind": engine_kind, "path": str(path), "note": note}
+        entry["engines"].append(row)
+
+    def attempt(label, fn):
+        t = time.perf_counter()
+        try:
+            fn()
+            _log(f"{name}: {label} ready in {time.perf_counter() - t:.0f} s")
+        except Exception as err:  # one engine failing must not end the benchmark
+            entry["notes"].append(f"{label} failed: {_first_line(err)}")
+            _log(f"{name}: {label} failed: {traceback.format_exc(limit=3)}")
+
+    add("PT fp32", "torch", "")
+    fp32 = d / "fp32.onnx"
+    attempt("ONNX export", lambda: zoo.export_onnx(model, example, fp32, names=inames))
+
+    def ort_rows():
+        src, note = fp32, ""
+        if transformer:
+            src = d / "fp32-opt.onnx"
+            note = _ort_optimize(name, model, fp32, src)
+            try:  # the fused graph of some exports does not load in ORT itself
+                import onnxruntime as ort
+
+                ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+            except Exception as err:
+                src, note = (
+                    fp32,
+                    f"unfused: the optimizer's graph fails to load ({_first_line(err)[:80]})",
+                )
+        add("ORT fp32", "ort", src, note)
+        for label, path in _ort_quantize(src, d, calib, transformer).items():
+            add(label, "ort", path, note)
+
+    def ov_int8():
+        _ov_int8(fp32, d / "ov-int8.xml", calib, transformer)
+        add("OV int8", "ov", d / "ov-int8.xml", "nncf")
+
+    if peers["onnxruntime"] and fp32.exists():
+        attempt("ORT", ort_rows)
+    if peers["openvino"] and fp32.exists():
+        add("OV fp32", "ov", fp32)
+        if peers["nncf"]:
+            attempt("OV int8", ov_int8)
+        elif (d / "ort-int8.onnx").exists():
+            add("OV int8", "ov", d / "ort-int8.onnx", "ORT QDQ file")
+    variants = [("tvmq fp32", None), ("tvmq int8", "int8")]
+    if transformer:
+        variants.append(("tvmq int8-dyn", "int8-dynamic"))
+    for label, quantize in variants:
+
+        def build(label=label, quantize=quantize):
+            out = d / label.replace(" ", "_")
+            kw = {"calibration_data": calib} if quantize == "int8" else {}
+            with torch.no_grad():
+                tvmq.compile(model, "host", example_inputs=example, output_dir=out,
+                             quantize=quantize, progress=False, tuning_logs=None, **kw)  # fmt: skip
+            add(label, "tvmq", out)
+
+        attempt(label, build)
+    return entry
+
+
+# --------------------------------------------------------------------------------------
+# Timing (a worker process per thread count)
+
+
+class _Runner:
+    """One engine on one model: ``__call__(feed) -> array`` and ``time(feed, n)`` in ms."""
+
+    def __init__(self, engine: dict, model_entry: dict, threads: int, size: str):
+        self.kind = engine["kind"]
+        self.names = model_entry["inputs"]
+        if self.kind == "torch":
+            self.model = zoo.build(model_entry["name"], size)[0]
+        elif self.kind == "ort":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.sess = ort.InferenceSession(engine["path"], so, providers=["CPUExecutionProvider"])
+        elif self.kind == "ov":
+            import openvino as ov
+
+            config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}  # fmt: skip
+            compiled = ov.Core().compile_model(engine["path"], "CPU", config)
+            self.request = compiled.create_infer_request()
+        elif self.kind == "tvmq":
+            import tvmq
+
+            self.model = tvmq.load(engine["path"])
+        else:
+            raise ValueError(self.kind)
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if self.kind == "ort":
+            return self.sess.run(None, feed)[0]
+        if self.kind == "ov":
+            return np.array(self.request.infer([feed[n] for n in self.names])[0])
+        args = [feed[n] for n in self.names]
+        if self.kind == "tvmq":
+            return np.asarray(self.model(*args))
+        with torch.no_grad():
+            return self.model(*[torch.from_numpy(a) for a in args]).numpy()
+
+    def time(self, feed: dict[str, np.ndarray], repeat: int) -> float:
+        args = [feed[n] for n in self.names]
+        if self.kind == "tvmq":
+            return self.model.benchmark(args, warmup=1, repeat=repeat).median_ms
+        if self.kind == "torch":
+            targs = [torch.from_numpy(a) for a in args]
+
+            def call():
+                with torch.no_grad():
+                    self.model(*targs)
+
+        elif self.kind == "ov":
+
+            def call():
+                self.request.infer(args)
+
+        else:
+
+            def call():
+                self.sess.run(None, feed)
+
+        call()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+
+def _accuracy(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    y, ref = y.ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    cos = float(y @ ref / (np.linalg.norm(y) * np.linalg.norm(ref)))
+    err = np.linalg.norm(y - ref)
+    sqnr = float("inf") if err == 0 else float(20 * np.log10(np.linalg.norm(ref) / err))
+    return cos, sqnr
+
+
+def worker(plan_path: Path, threads: int, rounds: int, budget_s: float) -> list[dict]:
+    torch.set_num_threads(threads)
+    import tvm
+
+    tvm_threads = tvm.runtime.num_threads()
+    plan = json.loads(plan_path.read_text())
+    rows = []
+    for m in plan["models"]:
+        d = Path(m["dir"])
+        ex = np.load(d / "example.npz")
+        feed = {k: ex[k] for k in m["inputs"]}
+        tz = np.load(d / "tests.npz")
+        tests = [{k: tz[f"{i}:{k}"] for k in m["inputs"]} for i in range(N_TEST)]
+        runners, labels, failed = [], [], []
+        for e in m["engines"]:
+            try:
+                runners.append(_Runner(e, m, threads, plan["size"]))
+                labels.append(e)
+            except Exception as err:
+                failed.append(f"{e['label']} failed to load: {_first_line(err)}")
+        outs = [[r(t) for t in tests] for r in runners]
+        ref = outs[0]  # PT fp32 comes first
+        acc = [
+            (min(_accuracy(y, r)[0] for y, r in zip(o, ref, strict=True)),
+             min(_accuracy(y, r)[1] for y, r in zip(o, ref, strict=True)))
+            for o in outs
+        ]  # fmt: skip
+        repeats = []
+        for r in runners:
+            r(feed)
+            start = time.perf_counter()
+            r(feed)
+            once = time.perf_counter() - start
+            repeats.append(max(3, min(500, int(budget_s / max(once, 1e-6)))))
+        samples = [[] for _ in runners]
+        for _ in range(rounds):
+            for i, r in enumerate(runners):
+                samples[i].append(r.time(feed, repeats[i]))
+        for e, s, rep, (cos, sqnr) in zip(labels, samples, repeats, acc, strict=True):
+            rows.append({"model": m["name"], "kind": m["kind"], "engine": e["label"],
+                         "threads": threads, "tvm_threads": tvm_threads,
+                         "ms": statistics.median(s), "repeat": rep, "rounds": rounds,
+                         "ops": m["ops"], "cosine": cos, "sqnr": sqnr, "note": e["note"]})  # fmt: skip
+        rows.append({"model": m["name"], "threads": threads, "engine": None,
+                     "notes": m["notes"] + failed})  # fmt: skip
+        _log(f"threads={threads}: {m['name']} timed")
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Table
+
+
+def format_table(rows: list[dict], peak: dict) -> str:
+    timed = [r for r in rows if r["engine"]]
+    base = {(r["model"], r["threads"]): r["ms"] for r in timed if r["engine"] == "PT fp32"}
+    single = {(r["model"], r["engine"]): r["ms"] for r in timed if r["threads"] == 1}
+    head = (f"{'model':<19} {'engine':<14} {'thr':>3} {'median ms':>10} {'vs PT':>7} "
+            f"{'x 1thr':>6} {'GOP/s':>7} {'%peak':>6} {'cos':>7} {'SQNR dB':>7}  notes")  # fmt: skip
+    lines = [head, "-" * (len(head) + 20)]
+    last = None
+    for r in rows:
+        key = (r["model"], r["threads"])
+        if last is not None and key != last:
+            lines.append("")
+        last = key
+        if not r["engine"]:
+            lines += [f"{r['model']:<19} {'':<14} {r['threads']:>3}  note: {n}" for n in r["notes"]]
+            continue
+        gops = r["ops"] / (r["ms"] * 1e6)
+        pk = (peak["int8"] if "int8" in r["engine"] else peak["fp32"]) * r["threads"]
+        one = single.get((r["model"], r["engine"]))
+        scale = f"{one / r['ms']:>5.2f}x" if one and r["threads"] > 1 else f"{'':>6}"
+        sq = "  exact" if r["sqnr"] == float("inf") else f"{r['sqnr']:>7.1f}"
+        lines.append(
+            f"{r['model']:<19} {r['engine']:<14} {r['threads']:>3} {r['ms']:>10.3f} "
+            f"{base.get(key, float('nan')) / r['ms']:>6.2f}x {scale} {gops:>7.1f} "
+            f"{100 * gops / pk:>5.1f}% {r['cosine']:>7.4f} {sq}  {r['note']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="the zoo's small sizes")
+    p.add_argument("--models", help=f"comma-separated subset of: {','.join(zoo.ZOO)}")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--workdir", type=Path, help="keep the built models here (default: temp)")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    budget_s = 0.2 if args.small else 0.5
+
+    if args.worker is not None:
+        rows = worker(args.worker, args.threads[0], args.rounds, budget_s)
+        print("ROWS " + json.dumps(rows))
+        return
+
+    names = args.models.split(",") if args.models else list(zoo.ZOO)
+    unknown = [n for n in names if n not in zoo.ZOO]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(zoo.ZOO)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    size = "small" if args.small else "full"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_zoo-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        plan = prepare(names, size, workdir)
+        plan_path = workdir / "plan.json"
+        plan_path.write_text(json.dumps(plan))
+        t_prep = time.perf_counter() - t0
+        rows = []
+        for n in args.threads:
+            env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n),
+                       OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")  # fmt: skip
+            cmd = [sys.executable, __file__, "--worker", str(plan_path), "--threads", str(n),
+                   "--rounds", str(args.rounds)] + (["--small"] if args.small else [])  # fmt: skip
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr[-5000:])
+                raise SystemExit(f"worker for {n} threads failed (exit {out.returncode})")
+            rows += json.loads(
+                next(x for x in out.stdout.splitlines() if x.startswith("ROWS "))[5:]
+            )
+            if any(r.get("tvm_threads") not in (None, n) for r in rows if r["threads"] == n):
+                _log(f"warning: TVM did not run {n} threads")
+    order = {m["name"]: i for i, m in enumerate(plan["models"])}
+    rows.sort(key=lambda r: (order[r["model"]], r["threads"], r["engine"] is None))
+    from bench_peers import cpu_peak_gops
+
+    peak = cpu_peak_gops()
+    print(format_table(rows, peak))
+    print(
+        f"\nzoo size '{size}', batch 1; median over {args.rounds} interleaved rounds; 'vs PT': "
+        f"PyTorch fp32 ms / row ms; 'x 1thr': the row's 1-thread ms / its ms; cos / SQNR: "
+        f"worst over {N_TEST} natural-looking inputs vs PyTorch fp32; int8 calibrated on "
+        f"{N_CALIB} others. No tuning records for tvmq.\n"
+        + "".join(f"{n}\n" for n in plan["notes"])
+        + f"{peak['how']}.\nprepare {t_prep:.0f} s, total {time.perf_counter() - t0:.0f} s."
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "peak": peak}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
