@@ -59,13 +59,6 @@ TRANSFORMER_COSINE = 0.99
 ORT_MARGIN_DB = 1.0
 
 # --- known failures (tvmq bugs), with the error they raise --------------------------------
-GPT2_CAT = (
-    "tvmq's PyTorch import fails on GPT-2 (transformers' default use_cache=True): the KV cache "
-    "concatenates a legacy empty 1-D tensor (shape [0]) with the [1, 2, 32, 32] keys "
-    "(aten.cat.default), which torch allows and TVM's from_exported_program rejects: "
-    "'ValueError: Concat expects all input tensors to have same ndim. However, the input "
-    "contains tensors with ndim 1 and 4'"
-)
 # Not a tvmq bug, but the zoo's threshold not being met: static int8 of these random-weight
 # CNNs reaches 12-24 dB with ONNX Runtime's quantize_static too (same data; min-max, entropy
 # and percentile calibration all within 1.5 dB): the 30 dB of issue 13 is out of reach of
@@ -86,10 +79,6 @@ def _xfail(reason: str, raises):
 
 
 KNOWN = {
-    ("float", "gpt2", "torch"): (GPT2_CAT, ValueError),
-    ("int8", "gpt2", "torch"): (GPT2_CAT, ValueError),
-    ("int8-ort", "gpt2", "torch"): (GPT2_CAT, ValueError),
-    ("int8-dynamic", "gpt2", "torch"): (GPT2_CAT, ValueError),
     ("int8", "vit_tiny", "torch"): (VIT_STATIC, AssertionError),
     **{("int8", n, "torch"): (CNN_SQNR, AssertionError) for n in CNNS},
 }

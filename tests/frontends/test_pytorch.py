@@ -92,3 +92,15 @@ def test_import_model_errors(tmp_path):
         import_model(tmp_path / "m.tflite")
     with pytest.raises(TvmqError, match="needs example_inputs"):
         import_model(torch.nn.Linear(2, 2))
+
+
+def test_legacy_empty_cat_operand_is_dropped(rng):
+    """A KV cache that starts empty (shape [0], GPT-2 with use_cache): torch skips it in cat."""
+
+    class Cache(torch.nn.Module):
+        def forward(self, k):
+            return torch.cat([k.new_zeros(0), k * 2.0], dim=-2)
+
+    k = rng.standard_normal((1, 2, 5, 4)).astype("float32")
+    m = from_pytorch(Cache(), (torch.from_numpy(k),))
+    np.testing.assert_allclose(_run_host(m.mod, k), 2.0 * k, rtol=1e-6)

@@ -86,12 +86,40 @@ def from_pytorch(
     return from_exported(ep, input_names=input_names)
 
 
+def _drop_legacy_empty_cat_operands(ep: torch.export.ExportedProgram) -> None:
+    """Remove the empty 1-D operands of ``aten.cat`` (in place).
+
+    torch skips a legacy empty tensor (shape ``[0]``) among the operands of ``cat`` whatever
+    their rank; transformers' KV caches start from one (GPT-2 with ``use_cache``), and TVM's
+    importer rejects the mixed ranks ("Concat expects all input tensors to have same ndim").
+    Dropping them changes nothing torch computes.
+    """
+    graph = ep.graph_module.graph
+    changed = False
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        operands = node.args[0]
+
+        def legacy_empty(arg) -> bool:
+            val = getattr(arg, "meta", {}).get("val")
+            return isinstance(val, torch.Tensor) and val.dim() == 1 and val.numel() == 0
+
+        kept = [a for a in operands if not legacy_empty(a)]
+        if kept and len(kept) < len(operands):
+            node.args = (kept, *node.args[1:])
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
 def from_exported(
     ep: torch.export.ExportedProgram, *, input_names: Sequence[str] | None = None
 ) -> ImportedModel:
     """Import a ``torch.export`` program (e.g. one loaded from a ``.pt2`` file)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    _drop_legacy_empty_cat_operands(ep)
     try:
         with warnings.catch_warnings():  # decompositions re-trigger torch's own FutureWarnings
             warnings.simplefilter("ignore", FutureWarning)
