@@ -28,7 +28,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._int8_dense import rewrite_functions
+from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+from ._int8_dense import _static_shape, rewrite_functions
 from .relax_utils import is_tensor_const
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -60,6 +62,7 @@ _POOLS = {
     tvm.ir.Op.get("relax.nn.max_pool2d"): relax.op.nn.max_pool2d,
     tvm.ir.Op.get("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d,
 }
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PAD = tvm.ir.Op.get("relax.nn.pad")
 _MEAN = tvm.ir.Op.get("relax.mean")
 _QDQ_Q = tvm.ir.Op.get("relax.quantize")
@@ -264,3 +267,45 @@ def rewrite_channels_last(mod: tvm.IRModule, lower: Lowering) -> tvm.IRModule:
     return rewrite_functions(
         mod, ChannelsLastRewriter(mod, lower), relax.analysis.remove_all_unused
     )
+
+
+def match_nchw_conv2d(
+    call: relax.Expr, data_dtypes: tuple[str, ...], weight_dtype: str, out_dtype: str
+) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray, int] | None:
+    """``(x, geometry, W as numpy OIHW, groups)`` of an NCHW x OIHW conv2d with a constant
+    ``weight_dtype`` weight, data of one of ``data_dtypes``, an ``out_dtype`` result and
+    static, non-empty shapes; else None. The callers decide which ``groups`` they take."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+        return None
+    x, w = call.args
+    a = call.attrs
+    if not isinstance(w, tvm.ir.Constant) or str(w.ty.dtype) != weight_dtype:
+        return None
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if not isinstance(call.ty, relax.TensorType) or str(call.ty.dtype) != out_dtype:
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in data_dtypes:
+        return None
+    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
+        return None
+    if 0 in x_shape or 0 in w_shape:
+        return None
+    geo = Conv2DGeometry(
+        x_shape,
+        (w_shape[2], w_shape[3]),
+        tuple(int(s) for s in a.strides),
+        tuple(int(p) for p in a.padding),
+        tuple(int(d) for d in a.dilation),
+    )
+    if min(geo.out_hw) < 1:
+        return None
+    return x, geo, w.value.numpy(), int(a.groups)
+
+
+def is_depthwise(geo: Conv2DGeometry, w: np.ndarray, groups: int) -> bool:
+    """One filter per channel (``groups == C``, weight ``(C, 1, KH, KW)``), over a window
+    of more than one element (a 1x1 depthwise conv is a per-channel scale)."""
+    c = geo.x_shape[1]
+    return groups == c > 1 and w.shape[:2] == (c, 1) and w.shape[2] * w.shape[3] >= 2

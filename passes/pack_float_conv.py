@@ -48,48 +48,27 @@ from tvmq.kernels.cpu_float_conv import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
-from ._int8_dense import _static_shape
-from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
-from .relax_utils import CONV2D
-
-_CONV2D = tvm.ir.Op.get(CONV2D)
+from .channels_last import (
+    TO_NCHW,
+    ChannelsLastRewriter,
+    is_depthwise,
+    match_nchw_conv2d,
+    rewrite_channels_last,
+)
 
 
 def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
-    """(x, geometry, W as numpy OIHW) for a float32 NCHW conv2d this pass lowers, else None."""
-    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+    """(x, geometry, W as numpy OIHW) for a float32 NCHW conv2d this pass lowers (``groups``
+    1, or depthwise), else None."""
+    found = match_nchw_conv2d(call, ("float32",), "float32", "float32")
+    if found is None:
         return None
-    x, w = call.args
-    a = call.attrs
-    if not isinstance(w, tvm.ir.Constant):
-        return None
-    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-        return None
-    if not isinstance(call.ty, relax.TensorType) or str(call.ty.dtype) != "float32":
-        return None
-    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) != "float32":
-        return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
-    if str(w.ty.dtype) != "float32" or x_shape is None or w_shape is None:
-        return None
-    if len(x_shape) != 4 or len(w_shape) != 4 or 0 in x_shape or 0 in w_shape:
-        return None
-    groups, c = int(a.groups), x_shape[1]
+    x, geo, w, groups = found
     if groups == 1:
-        if w_shape[1] != c or w_shape[1] * w_shape[2] * w_shape[3] < 2:
-            return None
-    elif groups != c or w_shape[:2] != (c, 1) or w_shape[2] * w_shape[3] < 2:
-        return None  # grouped convs other than depthwise (one filter per channel)
-    geo = Conv2DGeometry(
-        x_shape,
-        (w_shape[2], w_shape[3]),
-        tuple(int(s) for s in a.strides),
-        tuple(int(p) for p in a.padding),
-        tuple(int(d) for d in a.dilation),
-    )
-    if min(geo.out_hw) < 1:
-        return None
-    return x, geo, w.value.numpy()
+        ok = w.shape[1] == geo.x_shape[1] and w.shape[1] * w.shape[2] * w.shape[3] >= 2
+    else:
+        ok = is_depthwise(geo, w, groups)  # other grouped convs are left alone
+    return (x, geo, w) if ok else None
 
 
 class _Lowering:

@@ -50,73 +50,36 @@ from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
 from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
-from ._int8_dense import _static_shape
-from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
+from .channels_last import (
+    TO_NCHW,
+    ChannelsLastRewriter,
+    is_depthwise,
+    match_nchw_conv2d,
+    rewrite_channels_last,
+)
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
 
-_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
 
 
 def match_int8_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
     """(x, geometry, W as numpy OIHW) for a lowerable int8 NCHW conv2d, else None."""
-    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+    found = match_nchw_conv2d(call, ("uint8", "int8"), "int8", "int32")
+    if found is None:
         return None
-    x, w = call.args
-    a = call.attrs
-    if str(a.out_dtype) != "int32" or int(a.groups) != 1 or not isinstance(w, tvm.ir.Constant):
-        return None
-    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-        return None
-    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in ("uint8", "int8"):
-        return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
-    if str(w.ty.dtype) != "int8" or x_shape is None or w_shape is None:
-        return None
-    if len(x_shape) != 4 or len(w_shape) != 4 or x_shape[1] != w_shape[1] or 0 in x_shape:
-        return None
-    geo = Conv2DGeometry(
-        x_shape,
-        (w_shape[2], w_shape[3]),
-        tuple(int(s) for s in a.strides),
-        tuple(int(p) for p in a.padding),
-        tuple(int(d) for d in a.dilation),
-    )
-    if min(geo.out_hw) < 1 or 0 in w_shape:
-        return None
-    return x, geo, w.value.numpy()
+    x, geo, w, groups = found
+    return (x, geo, w) if groups == 1 and w.shape[1] == geo.x_shape[1] else None
 
 
 def match_int8_depthwise(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
     """(x, geometry, W as numpy (C, 1, KH, KW)) for an int8 NCHW depthwise conv2d (one
     filter per channel, ``groups == C``) with a static shape, else None."""
-    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
+    found = match_nchw_conv2d(call, ("uint8", "int8"), "int8", "int32")
+    if found is None:
         return None
-    x, w = call.args
-    a = call.attrs
-    if str(a.out_dtype) != "int32" or not isinstance(w, tvm.ir.Constant):
-        return None
-    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-        return None
-    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in ("uint8", "int8"):
-        return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
-    if str(w.ty.dtype) != "int8" or x_shape is None or w_shape is None or 0 in x_shape:
-        return None
-    c = x_shape[1]
-    if len(x_shape) != 4 or int(a.groups) != c or c == 1 or w_shape[:2] != (c, 1):
-        return None
-    if w_shape[2] * w_shape[3] < 2:
-        return None
-    geo = Conv2DGeometry(
-        x_shape,
-        (w_shape[2], w_shape[3]),
-        tuple(int(s) for s in a.strides),
-        tuple(int(p) for p in a.padding),
-        tuple(int(d) for d in a.dilation),
-    )
-    return (x, geo, w.value.numpy()) if min(geo.out_hw) >= 1 else None
+    x, geo, w, groups = found
+    return (x, geo, w) if is_depthwise(geo, w, groups) else None
 
 
 def _lower_depthwise(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
