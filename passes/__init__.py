@@ -8,7 +8,8 @@ registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ..
 Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
 Sparse execution: :class:`SparsifyDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
-SmoothQuant before static int8 calibration: :class:`SmoothQuant`.
+SmoothQuant before static int8 calibration: :class:`SmoothQuant`; empirical bias correction
+after it: :class:`CorrectBias`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
@@ -31,6 +32,7 @@ from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
+from .correct_bias import CorrectBias
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
@@ -58,6 +60,7 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
+    "CorrectBias",
     "PackFloatConv",
     "PackFloatDense",
     "UseFastMath",

@@ -17,7 +17,7 @@ from tvmq.quantization.accuracy import (
     layer_sensitivity,
     quantize_with_accuracy_control,
 )
-from tvmq.quantization.bias_correction import correct_biases
+from tvmq.quantization.bias_correction import bias_corrections
 from tvmq.quantization.collect import (
     ActivationStats,
     collect_activation_qparams,
@@ -34,7 +34,7 @@ from tvmq.quantization.static import static_int8_passes
 
 __all__ = [
     "AccuracyControlResult",
-    "correct_biases",
+    "bias_corrections",
     "layer_sensitivity",
     "quantize_with_accuracy_control",
     "ActivationStats",
