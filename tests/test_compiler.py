@@ -65,6 +65,30 @@ def test_nan_weights_are_named(small_mlp):
         tvmq.compile(bad, "host", example_inputs=torch.zeros(1, 32))
 
 
+def test_quantized_compile_checks_weights_once(small_mlp, monkeypatch, rng):
+    import sys
+
+    import tvmq.frontends.model
+    import tvmq.pipeline
+
+    quantize_module = sys.modules["tvmq.quantization.quantize"]  # the package exports quantize()
+    calls = []
+    check = tvmq.frontends.model.check_finite_weights
+
+    def counting(mod, *args, **kwargs):
+        calls.append(mod)
+        return check(mod, *args, **kwargs)
+
+    monkeypatch.setattr(tvmq.pipeline, "check_finite_weights", counting)
+    monkeypatch.setattr(quantize_module, "check_finite_weights", counting)
+    calib = rng.standard_normal((8, 32)).astype("float32")
+    tvmq.compile(
+        small_mlp, "host", example_inputs=torch.zeros(1, 32), quantize="int8",
+        calibration_data=calib, progress=False, tuning_logs=None,
+    )  # fmt: skip
+    assert len(calls) == 1
+
+
 def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
     """--prune 0.9 --sparse: the BSR build computes the pruned model, and says so."""
     from tvmq.compression import PruneConfig, SparseConfig

@@ -17,7 +17,6 @@ import tvm
 from tvmq import build, pipeline
 from tvmq.core.compression import SparseConfig
 from tvmq.frontends import import_model
-from tvmq.frontends.model import check_finite_weights
 from tvmq.manifest import LIBRARY, Manifest, sha256_of
 from tvmq.output import OutputFolder
 from tvmq.pipeline import scheme_for_target
@@ -100,7 +99,6 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
-    check_finite_weights(imported.mod)
     built = pipeline.run(
         imported,
         preset,

@@ -38,11 +38,11 @@ from tvmq.compression import apply_compression
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
-from tvmq.frontends.model import ImportedModel
+from tvmq.frontends.model import ImportedModel, check_finite_weights
 from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
-from tvmq.quantization import quantize as run_quantize
+from tvmq.quantization.quantize import quantize_checked
 from tvmq.quantization.report import output_sqnr
 from tvmq.targets import TargetPreset
 
@@ -105,7 +105,9 @@ def compress(
 
     ``quantize`` is a scheme (see :func:`scheme_for_target`); ``evaluate=False`` leaves the
     quantizer's output SQNRs to be measured later (:func:`run` measures them on the build).
+    The weights are checked for NaN / inf here, once (the quantizer does not check again).
     """
+    check_finite_weights(model.mod)
     if has_qdq(model.mod):
         return _lower_prequantized(model, prune, cluster, quantize)
     if cluster is not None and quantize is not None:
@@ -142,7 +144,9 @@ def compress(
             "static int8 quantization needs calibration data: a few hundred typical "
             "inputs (an array, a .npz file, or an iterable of batches)"
         )
-    result = run_quantize(model, calibration_data, quantize, progress=progress, evaluate=evaluate)
+    result = quantize_checked(
+        model, calibration_data, quantize, progress=progress, evaluate=evaluate
+    )
     applied["quantize"] = result.describe()
     notes["float_ops"] = list(result.float_ops)
     return Compressed(result, applied, notes, result.pipeline_params, result)

@@ -128,11 +128,6 @@ class QuantizedModel(ImportedModel):
         return self.report.to_dict() if self.report is not None else {}
 
 
-def _check_weights(mod: tvm.IRModule) -> None:
-    """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
-    check_finite_weights(mod, when="quantizing")
-
-
 def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
     if isinstance(model, ImportedModel):
         return model.mod, model
@@ -195,9 +190,34 @@ def quantize(
         Unknown scheme, static int8 without calibration data, NaN/inf weights, bad
         calibration data, NaN/inf activations.
     """
-    scheme = get_scheme(scheme)
     mod, imported = _model_parts(model, input_names)
-    _check_weights(mod)
+    check_finite_weights(mod, when="quantizing")
+    return quantize_checked(
+        imported,
+        calibration_data,
+        scheme,
+        progress=progress,
+        evaluate=evaluate,
+        bias_correction=bias_correction,
+    )
+
+
+def quantize_checked(
+    imported: ImportedModel,
+    calibration_data: Any = None,
+    scheme: Scheme | str = "int8",
+    *,
+    progress: bool = True,
+    evaluate: bool = True,
+    bias_correction: bool = False,
+) -> QuantizedModel:
+    """:func:`quantize` for a model whose weights are known to be finite.
+
+    ``tvmq.pipeline.compress`` checks the weights once (``check_finite_weights``), then
+    quantizes through here; the parameters are :func:`quantize`'s.
+    """
+    scheme = get_scheme(scheme)
+    mod = imported.mod
     handler, takes_bias_correction = _handler(scheme)
     if bias_correction and not takes_bias_correction:
         raise TvmqError(
