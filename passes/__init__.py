@@ -14,7 +14,8 @@ Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`Quanti
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
-GELU on CPU targets).
+GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
+:class:`PackDecodedDense` (w8 / w4 / clustered matmul weights decoded inside the kernel).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
@@ -36,6 +37,7 @@ from .correct_bias import CorrectBias
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
+from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
@@ -61,6 +63,7 @@ __all__ = [
     "has_qdq",
     "ClusterWeights",
     "CorrectBias",
+    "PackDecodedDense",
     "PackFloatConv",
     "PackFloatDense",
     "UseFastMath",

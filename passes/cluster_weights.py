@@ -19,7 +19,8 @@ decoded weight equals the clustered float weight bit for bit (``take`` only copi
 Where it belongs: last of the weight rewrites, and after any ``FoldConstant``: folding
 would evaluate the decoder at compile time and store float weights again. TVM's default
 ``tvm.compile`` pipeline for llvm does not fold constants. The decoder runs on every call
-(a gather of ``size`` floats per weight); fusing it into the consumer needs a custom kernel.
+(a gather of ``size`` floats per weight) unless :class:`PackDecodedDense` (SIMD CPUs) decodes
+a matmul's weight inside its kernel.
 What was clustered is recorded on ``main`` as the attribute ``"tvmq.clustered"``.
 """
 

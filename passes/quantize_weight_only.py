@@ -28,7 +28,8 @@ before it or not at all. Each decoder carries the attribute ``"tvmq.weight_decod
 and ``main`` records what was quantized in ``"tvmq.weight_only"``.
 
 Limits: float32 weights only; the decoder runs on every call (it materialises the float
-weight; a fused dequantize-matmul kernel needs a custom schedule). A rewritten op is no
+weight) unless a target kernel pass replaces it: on SIMD CPUs :class:`PackDecodedDense`
+decodes matmul weights inside its matmul kernel. A rewritten op is no
 longer a site, so a second run changes nothing; site names stay those of the float model.
 """
 

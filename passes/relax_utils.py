@@ -97,21 +97,27 @@ def const_source(expr: relax.Expr, bindings) -> tuple[tvm.ir.Constant, tuple] | 
     or None when `expr` is not such a view of one constant. `bindings` maps vars to their
     values: a dict or a lookup callable.
     """
+    return view_source(expr, bindings, is_tensor_const)
+
+
+def view_source(expr: relax.Expr, bindings, is_root) -> tuple[relax.Expr, tuple] | None:
+    """:func:`const_source` for any root: the expression ``is_root`` accepts that `expr` is
+    a ``permute_dims`` / ``reshape`` view of, and the steps; None when there is none."""
     expr = resolve(expr, bindings)
-    if is_tensor_const(expr):
+    if is_root(expr):
         return expr, ()
     name = op_name(expr)
     if name not in (PERMUTE_DIMS, RESHAPE):
         return None
-    inner = const_source(expr.args[0], bindings)
+    inner = view_source(expr.args[0], bindings, is_root)
     if inner is None:
         return None
-    const, steps = inner
+    root, steps = inner
     if name == PERMUTE_DIMS:
         axes = expr.attrs.axes
         ndim = expr.args[0].ty.ndim
         axes = tuple(reversed(range(ndim))) if axes is None else tuple(int(a) for a in axes)
-        return const, (*steps, ("permute", axes))
+        return root, (*steps, ("permute", axes))
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
@@ -119,7 +125,7 @@ def const_source(expr: relax.Expr, bindings) -> tuple[tvm.ir.Constant, tuple] | 
         shape = tuple(int(s) for s in ty.shape)
     except TypeError:
         return None
-    return const, (*steps, ("reshape", shape))
+    return root, (*steps, ("reshape", shape))
 
 
 def apply_layout(value: np.ndarray, steps) -> np.ndarray:
