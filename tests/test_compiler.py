@@ -115,6 +115,26 @@ def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
     np.testing.assert_allclose(tvmq.load(tmp_path / "sp")(x), ref, atol=1e-4)
 
 
+def test_compression_that_cannot_pay_says_so(small_mlp, caplog):
+    """2:4 pruning without a sparse kernel, and --sparse that selects nothing, warn once each."""
+    from tvmq.compression import PruneConfig, SparseConfig
+
+    example = (torch.zeros(1, 32),)
+    with caplog.at_level("WARNING", logger="tvmq"):
+        tvmq.compile(small_mlp, "host", example_inputs=example, progress=False,
+                     prune=PruneConfig("n:m", n=2, m=4))  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if "N:M" in r.getMessage()] != []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tvmq"):
+        art = tvmq.compile(small_mlp, "host", example_inputs=example, progress=False,
+                           sparse=SparseConfig(min_sparsity=0.7, block=(16, 1)))  # fmt: skip
+    assert art.manifest.compression["sparse"]["layers"] == [] or not any(
+        d["chosen"] for d in art.manifest.compression["sparse"]["layers"]
+    )
+    warned = [r.getMessage() for r in caplog.records if "--sparse" in r.getMessage()]
+    assert len(warned) == 1 and "70% block-sparse in 16x1 blocks" in warned[0]
+
+
 def test_int8_mlp_library_is_at_most_30_percent_of_float(tmp_path):
     # Issue 3's size bar, on the demo's MLP shape (784-128-10): int8 weights are a quarter of
     # the float ones; the code around them must not eat the rest of the budget.

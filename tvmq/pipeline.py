@@ -25,6 +25,7 @@ on the float module gives the IR this pipeline builds (``tests/test_compile_pipe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from tvmq.quantization.report import output_sqnr
 from tvmq.targets import TargetPreset
 
 __all__ = ["Compressed", "Built", "compress", "run", "scheme_for_target"]
+
+_log = logging.getLogger("tvmq")
 
 
 @dataclass
@@ -126,6 +129,13 @@ def compress(
         if report["cluster"]:
             applied["cluster"] = report["cluster"]
         notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
+        if sparse is None and any(p.method == "n:m" for p in _as_list(prune)):
+            _log.warning(
+                "N:M pruning zeroes weights, but no %s kernel skips them: the library's size "
+                "and speed are unchanged (add --sparse --sparse-block 1x1 or --quantize, or "
+                "remove whole channels with --prune-kind channel)",
+                preset.name,
+            )
     if sparse is not None:
         # Before quantization: BSR layers stay float32, the quantizer takes the dense rest.
         mod = SparsifyDense(sparse.min_sparsity, sparse.block, preset.tvm_target())(model.mod)
@@ -136,6 +146,14 @@ def compress(
             "block": list(sparse.block),
             "layers": [{str(k): _plain(v) for k, v in d.items()} for d in decisions],
         }
+        if not any(d.get("chosen") for d in applied["sparse"]["layers"]):
+            _log.warning(
+                "--sparse: no float matmul weight is %.0f%% block-sparse in %dx%d blocks, so "
+                "none runs on a sparse kernel (after unstructured --prune, use "
+                "--sparse-block 1x1)",
+                100 * sparse.min_sparsity,
+                *sparse.block,
+            )
     if quantize is None:
         return Compressed(model, applied, notes)
     # Phase 2: quantize.
@@ -184,6 +202,10 @@ def run(
         quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = quantized.describe()
     return Built(**vars(done), executable=ex, build_info=info)
+
+
+def _as_list(prune) -> list:
+    return [] if prune is None else list(prune) if isinstance(prune, list | tuple) else [prune]
 
 
 def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:
