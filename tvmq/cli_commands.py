@@ -6,13 +6,18 @@ Everything heavy (TVM, the frontends, numpy) is imported inside the command that
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from tvmq.cli_dump import dump_files, write_dumps
 from tvmq.cli_options import (
-    check_quantize_options,
+    UsageError,
+    check_calibration_headers,
+    check_compile_args,
     compression_configs,
     input_shape_options,
     load_arrays,
+    make_scheme,
     sparse_config,
 )
 
@@ -28,40 +33,77 @@ def cmd_targets(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    import dataclasses
-
     import tvmq
 
-    check_quantize_options(args)
+    check_compile_args(args)  # standard library only: a bad option costs no import
     input_shapes = input_shape_options(args)
-    prune, cluster = compression_configs(args)
+    dump = dump_files(args)
+    from tvmq.progress import collapsed_native_warnings, phase, phases
 
-    scheme = None
-    if args.quantize:
-        from tvmq.pipeline import scheme_for_target
+    model, accuracy = args.model, None
+    with phases(not args.quiet), collapsed_native_warnings():
+        check_calibration_headers(args)
         from tvmq.targets import get_target
 
-        scheme = scheme_for_target(args.quantize, get_target(args.target))
-        if args.observer:
-            scheme = dataclasses.replace(scheme, observer=args.observer)
-    art = tvmq.compile(
-        args.model,
-        args.target,
-        output_dir=args.output,
-        input_shapes=input_shapes,
-        prune=prune,
-        cluster=cluster,
-        sparse=sparse_config(args),
-        quantize=scheme,
-        calibration_data=args.calib,
-        tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
-        progress=not args.quiet,
-    )
+        preset = get_target(args.target)
+        prune, cluster = compression_configs(args)
+        if args.accuracy_drop is not None:  # the eval data is checked against the model
+            from tvmq.evaluation import load_top1_eval
+            from tvmq.frontends import import_model
+            from tvmq.quantization import AccuracyControl
+
+            phase("import", not args.quiet)
+            model = import_model(args.model, input_shapes=input_shapes)
+            eval_fn = load_top1_eval(args.eval, model.inputs, model.outputs)
+            accuracy = AccuracyControl(eval_fn=eval_fn, max_drop=args.accuracy_drop)
+        art = tvmq.compile(
+            model,
+            preset,
+            output_dir=args.output,
+            input_shapes=input_shapes,
+            prune=prune,
+            cluster=cluster,
+            sparse=sparse_config(args),
+            quantize=make_scheme(args, preset),
+            calibration_data=args.calib,
+            bias_correction=args.bias_correction,
+            accuracy_control=accuracy,
+            tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
+            progress=not args.quiet,
+        )
     lib = art.manifest.library
     print(
         f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
     )
+    _warn_if_low_sqnr(art.manifest.compression.get("quantize", {}))
+    for path in write_dumps(art, dump):
+        print(f"wrote {path}")
     return 0
+
+
+def _warn_if_low_sqnr(quantized: dict) -> None:
+    """One warning line when static int8's output SQNR is below LOW_SQNR_DB, naming the
+    worst layers and the remedies: no silent garbage."""
+    from tvmq.quantization.report import LOW_SQNR_DB
+
+    sqnr = [v for v in quantized.get("output_sqnr_db") or [] if v is not None]
+    scheme = quantized.get("scheme") or {}
+    if not sqnr or min(sqnr) >= LOW_SQNR_DB or scheme.get("scheme") != "Int8Static":
+        return
+    scored = sorted(
+        (layer["output_sqnr_db"], layer["name"])
+        for layer in quantized.get("layers", [])
+        if layer.get("quantized") and layer.get("output_sqnr_db") is not None
+    )[:3]
+    worst = ", ".join(f"{name} ({db:.1f} dB)" for db, name in scored) or "not measured"
+    skip = " ".join(f"--skip {name}" for _, name in scored) or "--skip LAYER"
+    other = "" if scheme.get("observer") == "auto" else "another observer (--observer auto), "
+    print(
+        f"tvmq: warning: int8 output SQNR {min(sqnr):.1f} dB < {LOW_SQNR_DB:g} dB, the outputs "
+        f"are far from float's; worst layers: {worst}. Try {other}keeping them float ({skip}), "
+        "or accuracy control (--accuracy-drop X --eval data.npz)",
+        file=sys.stderr,
+    )
 
 
 def _open_model(args):
@@ -99,6 +141,8 @@ def cmd_run(args) -> int:
 
     from tvmq.output_file import check_output_file, write_file_atomically
 
+    if args.profile and args.rpc:
+        raise UsageError("--profile times kernels here; it cannot be combined with --rpc yet")
     if args.output:
         check_output_file(args.output)  # before running: a bad -o fails fast
     model, session = _open_model(args)
@@ -108,6 +152,10 @@ def cmd_run(args) -> int:
     finally:
         if session is not None:
             session.close()
+    if args.profile:
+        from tvmq.profiling import format_profile
+
+        print(format_profile(model.profile(arrays), args.profile))
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, y in zip(model.outputs, outs, strict=True):
         summary = f"{spec.name}: shape {y.shape} {y.dtype}"

@@ -27,6 +27,8 @@ from tvmq.passes.relax_utils import ordered_bindings
 from tvmq.passes.sites import list_weight_sites, select_sites
 from tvmq.passes.smooth_quant import smooth_sites
 from tvmq.passes.tensor_sites import list_tensor_sites
+from tvmq.progress import phase
+from tvmq.quantization.auto_observer import choose_auto_observers
 from tvmq.quantization.bias_correction import correct_biases
 from tvmq.quantization.collect import (
     ActivationStats,
@@ -118,7 +120,7 @@ def quantize_static(
             calibration_data = list(calibration_data)
         smooth["smooth_absmax"] = collect_channel_absmax(
             prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
-            progress=progress,
+            progress=progress, label="tvmq calibrate (SmoothQuant channel ranges)",
         )  # fmt: skip
         prepared = pass_pipeline.smooth_passes(**smooth)(mod)
     static = scheme
@@ -127,28 +129,44 @@ def quantize_static(
     stats = collect_activation_stats(
         prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
     )
-    qparams = activation_qparams(stats, static)
+
+    def passes_params(module):
+        qparams = activation_qparams(stats, static)
+        return {
+            "activation_qparams": qparams,
+            **quantize_params(static, qparams),
+            "dynamic_vars": _site_vars(module["main"], dynamic),
+            "dynamic_weight_per_channel": scheme.weight_per_channel,
+        }
+
+    phase("quantize", progress)
+    observer_choice = choose_auto_observers(
+        stats,
+        lambda: pass_pipeline.static_int8_passes(**passes_params(prepared))(prepared),
+        [s.name for s in imported.inputs],
+        progress=progress,
+    )
+    params = passes_params(prepared)
     corrections = None
     if bias_correction:
         prepared, corrections = correct_biases(
-            prepared, calibration_data, static, qparams, inputs=imported.inputs
-        )
-    params = {
-        "activation_qparams": qparams,
-        **quantize_params(static, qparams),
-        "dynamic_vars": _site_vars(prepared["main"], dynamic),
-        "dynamic_weight_per_channel": scheme.weight_per_channel,
-    }
+            prepared, calibration_data, static, params["activation_qparams"],
+            inputs=imported.inputs,
+        )  # fmt: skip
+        params = passes_params(prepared)
     quantized = pass_pipeline.static_int8_passes(**params)(prepared)
     _check_dynamic_sites(quantized, dynamic)
 
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
         scheme=scheme.to_dict(),
-        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops, dynamic),
+        layers=_layer_reports(
+            prepared, scheme, stats, params["activation_qparams"], float_ops, dynamic
+        ),
         float_ops=float_ops,
         num_calibration_batches=stats.num_batches,
         bias_correction=corrections,
+        observer_choice=observer_choice,
     )
     # with bias correction the float module was changed outside the pass pipeline
     pipeline_params = None if bias_correction else {**smooth, **params}
