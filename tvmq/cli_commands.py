@@ -147,15 +147,11 @@ def cmd_run(args) -> int:
         check_output_file(args.output)  # before running: a bad -o fails fast
     model, session = _open_model(args)
     try:
-        arrays = load_arrays(args.input, model.inputs)
-        outs = model(*arrays)
+        inputs = load_arrays(args.input, model.inputs)
+        outs = model(*inputs)
     finally:
         if session is not None:
             session.close()
-    if args.profile:
-        from tvmq.profiling import format_profile
-
-        print(format_profile(model.profile(arrays), args.profile))
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, y in zip(model.outputs, outs, strict=True):
         summary = f"{spec.name}: shape {y.shape} {y.dtype}"
@@ -168,6 +164,11 @@ def cmd_run(args) -> int:
         arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
         write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
         print(f"wrote {args.output}")
+    if args.profile:
+        from tvmq.profiling import format_profile
+
+        print(f"kernel times (mean of 10 runs, {model.device}):")
+        print(format_profile(model.profile(inputs), args.profile))
     return 0
 
 

@@ -211,7 +211,7 @@ def run(
             export_library(ex, lib, preset)
             sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
         quantized.report.output_sqnr_db = sqnr
-        done.applied["quantize"] = quantized.describe()
+        done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
 
 

@@ -53,17 +53,24 @@ def profile_kernels(vm, device, tensors, *, repeat: int = 10, warmup: int = 1) -
 
 
 def format_profile(times: list[KernelTime], top: int) -> str:
-    """A table of the ``top`` slowest functions with their share of the summed time."""
+    """A table of the ``top`` slowest kernels with their share of the summed time; the VM's
+    own builtins (allocation, shape checks) summed on one line."""
     total = sum(k.ms for k in times) or 1.0
-    width = max([len(k.name) for k in times[:top]] + [6])
+    kernels = [k for k in times if not k.name.startswith("vm.builtin.")]
+    builtins = [k for k in times if k.name.startswith("vm.builtin.")]
+    width = max([len(k.name) for k in kernels[:top]] + [24])
     lines = [f"{'kernel':<{width}}  {'calls':>5}  {'ms/run':>9}  {'share':>6}"]
-    for k in times[:top]:
-        lines.append(f"{k.name:<{width}}  {k.calls:>5}  {k.ms:>9.4f}  {100 * k.ms / total:>5.1f}%")
-    rest = times[top:]
+
+    def row(name, calls, ms):
+        return f"{name:<{width}}  {calls:>5}  {ms:>9.4f}  {100 * ms / total:>5.1f}%"
+
+    for k in kernels[:top]:
+        lines.append(row(k.name, k.calls, k.ms))
+    rest = kernels[top:]
     if rest:
-        ms = sum(k.ms for k in rest)
-        lines.append(
-            f"{f'({len(rest)} more)':<{width}}  {'':>5}  {ms:>9.4f}  {100 * ms / total:>5.1f}%"
-        )
-    lines.append(f"{'total':<{width}}  {'':>5}  {total:>9.4f}  100.0%")
+        lines.append(row(f"({len(rest)} more kernels)", "", sum(k.ms for k in rest)))
+    if builtins:
+        calls = sum(k.calls for k in builtins)
+        lines.append(row("(VM builtins)", calls, sum(k.ms for k in builtins)))
+    lines.append(row("total", "", total))
     return "\n".join(lines)
