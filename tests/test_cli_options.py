@@ -89,6 +89,20 @@ FAST_CASES = [
 ]
 
 
+# Other commands: (argv after `tvmq`, message part); {model}: an existing file.
+OTHER_FAST_CASES = [
+    (["tune", "{model}", "--trials", "0"], "--trials: must be at least 1"),
+    (["tune", "{model}", "--key", "rasp4b"], "--key selects boards"),
+    (["tune", "{model}", "--repair"], "--repair takes no model"),
+    (["tune"], "give the model file"),
+    (["tune", "{model}.missing"], "no such file"),
+    (["run", "build", "-i", "x.npz", "--profile", "0"], "--profile: must be at least 1"),
+    (["run", "build", "-i", "x.npz", "--profile", "--rpc", "h:1"], "cannot be combined with --rpc"),
+    (["run", "build", "-i", "x.npz", "--key", "k"], "--key selects boards"),
+    (["bench", "build", "--key", "k"], "--key selects boards"),
+]
+
+
 def test_bad_options_fail_fast_without_importing_tvm(tmp_path):
     """All cases in one fresh interpreter: each is exit 2 with one `tvmq: error:` line, and
     afterwards neither TVM, torch nor numpy has been imported."""
@@ -100,7 +114,8 @@ def test_bad_options_fail_fast_without_importing_tvm(tmp_path):
         ["compile", str(model), "-o", str(tmp_path / "out")]
         + [o.format(model=model, calib=calib) for o in options]
         for options, _ in FAST_CASES
-    ]
+    ] + [[a.format(model=model) for a in argv] for argv, _ in OTHER_FAST_CASES]
+    expected = [says for _, says in FAST_CASES] + [says for _, says in OTHER_FAST_CASES]
     script = (
         "import contextlib, io, json, sys, time\n"
         "from tvmq.cli import main\n"
@@ -125,9 +140,26 @@ def test_bad_options_fail_fast_without_importing_tvm(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["heavy"] == [], f"option checks imported {report['heavy']}"
-    for (options, says), (code, err, seconds) in zip(FAST_CASES, report["results"], strict=True):
-        assert code == 2, (options, err)
-        assert err.startswith("tvmq: error:") and err.count("\n") == 1, (options, err)
-        assert says in err, (options, err)
-        assert seconds < 0.5, (options, seconds)
+    for argv, says, (code, err, seconds) in zip(cases, expected, report["results"], strict=True):
+        assert code == 2, (argv, err)
+        assert err.startswith("tvmq: error:") and err.count("\n") == 1, (argv, err)
+        assert says in err, (argv, err)
+        assert seconds < 0.5, (argv, seconds)
     assert wall < 10, f"{len(cases)} refusals took {wall:.1f} s"
+
+
+def test_scheme_options_become_the_scheme():
+    from tvmq.cli_options import make_scheme
+    from tvmq.targets import get_target
+
+    def scheme(*options):
+        args = build_parser().parse_args(["compile", "m.onnx", "-o", "o", *options])
+        return make_scheme(args, get_target("host"))
+
+    assert scheme() is None
+    s = scheme("--quantize", "int8", "--calib", "c.npz", "--smooth", "0.8", "--per-tensor")
+    assert s.smooth == (("after:layer_norm", 0.8),) and s.weight_per_channel is False
+    s = scheme("--quantize", "int8", "--calib", "c.npz", "--observer", "auto", "--requantize",
+               "integer")  # fmt: skip
+    assert s.observer == "auto" and s.requantize == "integer" and s.smooth  # smooth stays on
+    assert scheme("--quantize", "int8-dynamic", "--per-tensor").weight_per_channel is False

@@ -32,11 +32,14 @@ examples:
   tvmq compile model.onnx -t host -o build/      compile an ONNX file for this machine
   tvmq compile model.onnx --input-shape x:1x3x224x224 -t rasp4b -o build-pi/
   tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
+  tvmq compile model.onnx --quantize int8 --calib calib.npz --observer auto -o build-int8/
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
+  tvmq compile model.onnx -o build/ --dump ir,asm dump/   also write the Relax IR and assembly
   tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
   tvmq tune --repair --work-dir tuning_logs/host  drop damaged records from a record folder
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
+  tvmq run build/ -i x.npz --profile             the 10 slowest kernels
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
 """

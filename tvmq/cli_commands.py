@@ -108,12 +108,12 @@ def _warn_if_low_sqnr(quantized: dict) -> None:
 
 def _open_model(args):
     """The compiled model, loaded here or (with --rpc) on a board; and the board session."""
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     import tvmq
     from tvmq.errors import TvmqError
 
     if not args.rpc:
-        if args.key:
-            raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
         return tvmq.load(args.model_dir), None
     from tvmq.manifest import Manifest
     from tvmq.rpc import RemoteModel, connect
@@ -137,12 +137,14 @@ def _open_model(args):
 
 
 def cmd_run(args) -> int:
+    if args.profile and args.rpc:
+        raise UsageError("--profile times kernels here; it cannot be combined with --rpc yet")
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     import numpy as np
 
     from tvmq.output_file import check_output_file, write_file_atomically
 
-    if args.profile and args.rpc:
-        raise UsageError("--profile times kernels here; it cannot be combined with --rpc yet")
     if args.output:
         check_output_file(args.output)  # before running: a bad -o fails fast
     model, session = _open_model(args)
@@ -189,20 +191,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def check_tune_args(args) -> None:
+    """The option combinations of ``tvmq tune``, before any import (standard library only)."""
+    if args.repair:
+        if args.model is not None:
+            raise UsageError("--repair takes no model: give the folder with --work-dir")
+        if args.rpc or args.key:
+            raise UsageError("--repair rewrites a local record folder; drop --rpc / --key")
+        return
+    if args.model is None:
+        raise UsageError("give the model file to tune (or --repair to fix a record folder)")
+    if not Path(args.model).exists():
+        raise UsageError(f"{args.model}: no such file")
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+
+
 def cmd_tune(args) -> int:
+    check_tune_args(args)
     from tvmq.errors import TvmqError
     from tvmq.targets import get_target
     from tvmq.tuning import TuningFailed, default_work_dir, repair, tune
     from tvmq.tuning_records import check_work_dir
 
     if args.repair:
-        if args.model is not None:
-            raise TvmqError("--repair takes no model: give the folder with --work-dir")
         work_dir = args.work_dir or default_work_dir(args.target)
         print(repair(work_dir).summary())
         return 0
-    if args.model is None:
-        raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
     if args.work_dir is not None:  # before the model import: a typo should fail in a second
         check_work_dir(Path(args.work_dir))
     rpc = None
@@ -217,8 +232,6 @@ def cmd_tune(args) -> int:
 
         # Check the tracker and a board before anything is imported or written.
         connect(*args.rpc, key, timeout=args.rpc_timeout).close()
-    elif args.key:
-        raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     from tvmq.frontends import import_model
 
     model = import_model(args.model, input_shapes=input_shape_options(args))
