@@ -12,6 +12,7 @@ import torch
 from tvmq.cli import main
 
 PHASES = [
+    "] load TVM",
     "] import",
     "] calibrate",
     "] quantize",

@@ -86,6 +86,8 @@ FAST_CASES = [
     (["--dump", "bin", "d"], "--dump bin"),
     (["--dump", "ir", "{model}"], "is a file"),
     (["--input-shape", "x:2x8", "--input-shape", "x:4x8"], "twice"),
+    (["-t", "pdp-11"], "unknown target 'pdp-11'; known targets: arm-a76"),
+    (["-t", "{model}.json"], "-t/--target"),
 ]
 
 
@@ -96,6 +98,7 @@ OTHER_FAST_CASES = [
     (["tune", "{model}", "--repair"], "--repair takes no model"),
     (["tune"], "give the model file"),
     (["tune", "{model}.missing"], "no such file"),
+    (["tune", "{model}", "-t", "vax"], "unknown target 'vax'"),
     (["run", "build", "-i", "x.npz", "--profile", "0"], "--profile: must be at least 1"),
     (["run", "build", "-i", "x.npz", "--profile", "--rpc", "h:1"], "cannot be combined with --rpc"),
     (["run", "build", "-i", "x.npz", "--key", "k"], "--key selects boards"),

@@ -14,6 +14,7 @@ from tvmq.cli_options import (
     UsageError,
     check_calibration_headers,
     check_compile_args,
+    check_target_name,
     compression_configs,
     input_shape_options,
     load_arrays,
@@ -43,6 +44,7 @@ def cmd_compile(args) -> int:
     model, accuracy = args.model, None
     with phases(not args.quiet), collapsed_native_warnings():
         check_calibration_headers(args)
+        phase("load TVM", not args.quiet)
         from tvmq.targets import get_target
 
         preset = get_target(args.target)
@@ -203,6 +205,7 @@ def check_tune_args(args) -> None:
         raise UsageError("give the model file to tune (or --repair to fix a record folder)")
     if not Path(args.model).exists():
         raise UsageError(f"{args.model}: no such file")
+    check_target_name(args.target)
     if args.key and not args.rpc:
         raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
 

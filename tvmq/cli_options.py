@@ -149,6 +149,27 @@ def _given_scheme_options(args) -> list[str]:
     return [flag for flag, on in given.items() if on]
 
 
+def check_target_name(target: str) -> None:
+    """-t/--target names a shipped preset or an existing JSON file (standard library only;
+    the preset itself is parsed later by ``tvmq.targets.get_target``)."""
+    import os
+    from importlib.resources import files
+
+    if target.endswith(".json") or os.sep in target:
+        _existing_file("-t/--target", target)
+        return
+    names = sorted(
+        e.name[: -len(".json")]
+        for e in files("tvmq._targets").iterdir()
+        if e.name.endswith(".json")
+    )
+    if target not in names:
+        raise UsageError(
+            f"unknown target {target!r}; known targets: {', '.join(names)} "
+            "(or give the path of a preset JSON file; `tvmq targets` lists them)"
+        )
+
+
 def check_compile_args(args) -> None:
     """Every ``tvmq compile`` option on its own and against the others; standard library only.
 
@@ -158,6 +179,7 @@ def check_compile_args(args) -> None:
 
     if not Path(args.model).exists():
         raise UsageError(f"{args.model}: no such file")
+    check_target_name(args.target)
     kind = args.prune_kind
     if kind in ("2:4", "4:8"):
         n, m = (int(v) for v in kind.split(":"))
