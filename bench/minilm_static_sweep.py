@@ -186,7 +186,7 @@ class _FanOut(Observer):
     name = "sweep_fanout"
 
     def _reset(self) -> None:
-        self.subs = {n: get_observer(n) for n in list_observers() if n != self.name}
+        self.subs = {n: get_observer(n) for n in list_observers() if n not in (self.name, "auto")}
         self.channel_absmax = None  # max |x| per channel (last axis), for smoothing
 
     def _update(self, x: np.ndarray) -> None:

@@ -43,6 +43,8 @@ from tvmq.frontends.model import ImportedModel, check_finite_weights
 from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
+from tvmq.progress import phase
+from tvmq.quantization import quantize_with_accuracy_control
 from tvmq.quantization.quantize import quantize_checked
 from tvmq.quantization.report import output_sqnr
 from tvmq.targets import TargetPreset
@@ -101,6 +103,8 @@ def compress(
     sparse: SparseConfig | None = None,
     quantize=None,
     calibration_data=None,
+    bias_correction: bool = False,
+    accuracy_control=None,
     progress: bool = True,
     evaluate: bool = True,
 ) -> Compressed:
@@ -108,6 +112,9 @@ def compress(
 
     ``quantize`` is a scheme (see :func:`scheme_for_target`); ``evaluate=False`` leaves the
     quantizer's output SQNRs to be measured later (:func:`run` measures them on the build).
+    ``bias_correction`` as for :func:`tvmq.quantization.quantize`; ``accuracy_control``
+    (``tvmq.quantization.AccuracyControl``) quantizes through
+    :func:`~tvmq.quantization.quantize_with_accuracy_control` instead.
     The weights are checked for NaN / inf here, once (the quantizer does not check again).
     """
     check_finite_weights(model.mod)
@@ -121,6 +128,8 @@ def compress(
     applied: dict = {}
     notes: dict = {}
     # Phase 1: compress.
+    if prune is not None or cluster is not None or sparse is not None:
+        phase("compress", progress)
     if prune is not None or cluster is not None:
         mod, report = apply_compression(model.mod, prune=prune, cluster=cluster)
         model = _with_mod(model, mod)
@@ -162,10 +171,31 @@ def compress(
             "static int8 quantization needs calibration data: a few hundred typical "
             "inputs (an array, a .npz file, or an iterable of batches)"
         )
-    result = quantize_checked(
-        model, calibration_data, quantize, progress=progress, evaluate=evaluate
-    )
-    applied["quantize"] = result.describe()
+    # a calibrated scheme's handler announces "quantize" itself once calibration is done
+    phase("calibrate" if getattr(quantize, "observer", None) else "quantize", progress)
+    if accuracy_control is None:
+        result = quantize_checked(
+            model, calibration_data, quantize, progress=progress, evaluate=evaluate,
+            bias_correction=bias_correction,
+        )  # fmt: skip
+        applied["quantize"] = result.describe()
+    else:
+        if bias_correction:
+            raise TvmqError("bias correction and accuracy control cannot be combined yet")
+        control = quantize_with_accuracy_control(
+            model, calibration_data, quantize, accuracy_control.eval_fn,
+            accuracy_control.max_drop, ranking=accuracy_control.ranking,
+            max_float_layers=accuracy_control.max_float_layers, progress=progress,
+        )  # fmt: skip
+        result = control.model
+        applied["quantize"] = result.describe()
+        applied["quantize"]["accuracy_control"] = {
+            "max_drop": accuracy_control.max_drop,
+            "float_metric": control.float_metric,
+            "metric": control.metric,
+            "met": control.met,
+            "float_layers": control.float_layers,
+        }
     notes["float_ops"] = list(result.float_ops)
     return Compressed(result, applied, notes, result.pipeline_params, result)
 
@@ -187,6 +217,7 @@ def run(
     on_host = preset.name == "host"
     done = compress(model, preset, progress=progress, evaluate=not on_host, **compression)
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
+    phase(f"build for {preset.name}", progress)
     ex, info = build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
     done.notes["kernels"] = info.to_json()
     if progress:
@@ -200,7 +231,7 @@ def run(
             export_library(ex, lib, preset)
             sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
         quantized.report.output_sqnr_db = sqnr
-        done.applied["quantize"] = quantized.describe()
+        done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
 
 

@@ -13,6 +13,7 @@ from tvmq.core.schemes import (
 # One module per scheme; importing it registers its quantize() handler.
 from tvmq.quantization import dynamic, weight_only  # noqa: F401
 from tvmq.quantization.accuracy import (
+    AccuracyControl,
     AccuracyControlResult,
     layer_sensitivity,
     quantize_with_accuracy_control,
@@ -33,6 +34,7 @@ from tvmq.quantization.quantize import (
 from tvmq.quantization.static import static_int8_passes
 
 __all__ = [
+    "AccuracyControl",
     "AccuracyControlResult",
     "bias_corrections",
     "layer_sensitivity",

@@ -228,7 +228,7 @@ def collect_activation_stats(
         stats.num_batches = i + 1
 
     site_names = _run_calibration(
-        prepared, sites, calibration_data, inputs, scheme, progress, on_batch
+        prepared, sites, calibration_data, inputs, scheme, progress, on_batch, "tvmq calibrate"
     )
     for name in site_names:  # no batch at all: still one (empty) observer per site
         if name not in observers:
@@ -237,10 +237,11 @@ def collect_activation_stats(
     return stats
 
 
-def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch):
+def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch, label):
     """Run the float `prepared` module on every calibration batch, instrumented to return
     the activations of `sites`; ``on_batch(i, feed, outputs, {site name: activation})``
-    per batch (padded rows dropped, NaN/inf rejected). Returns the observed site names."""
+    per batch (padded rows dropped, NaN/inf rejected); `label` names the progress bar.
+    Returns the observed site names."""
     from tqdm.auto import tqdm
 
     names = [s.name for s in inputs]
@@ -255,7 +256,7 @@ def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress
         calibration_data, names, batch_size=batch_size, max_batches=max_batches
     )
     for i, batch in enumerate(
-        tqdm(batches, total=total, desc="tvmq calibrate", unit="batch", disable=not progress)
+        tqdm(batches, total=total, desc=label, unit="batch", disable=not progress)
     ):
         feed, rows = _fit_batch(batch, inputs, batch_size)
         result = vm["main"](*[tvm.runtime.tensor(feed[n], device) for n in names])
@@ -285,6 +286,7 @@ def collect_channel_absmax(
     inputs: list[TensorSpec] | None = None,
     input_names: Sequence[str] | None = None,
     progress: bool = True,
+    label: str = "tvmq calibrate (channel ranges)",
 ) -> dict[str, np.ndarray]:
     """``max |x|`` per channel (last axis) of the input activation of each named matmul site,
     over the calibration data (what ``tvmq.passes.SmoothQuant`` takes).
@@ -305,7 +307,9 @@ def collect_channel_absmax(
             out[name] = m if name not in out else np.maximum(out[name], m)
 
     if sites:
-        _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch)
+        _run_calibration(
+            prepared, sites, calibration_data, inputs, scheme, progress, on_batch, label
+        )
     return out
 
 

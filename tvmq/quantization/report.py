@@ -103,6 +103,9 @@ class QuantizationReport:
     bias_correction : dict or None
         Static int8 with ``bias_correction=True``: layer name -> the per-channel
         correction added to its bias.
+    observer_choice : dict or None
+        Static int8 with ``observer="auto"``: ``{"chosen": observer, "output_sqnr_db":
+        {candidate: [dB per output]}}`` (``tvmq.quantization.auto_observer``).
     """
 
     scheme: dict
@@ -111,6 +114,7 @@ class QuantizationReport:
     num_calibration_batches: int = 0
     output_sqnr_db: list[float] | None = None
     bias_correction: dict[str, list[float]] | None = None
+    observer_choice: dict | None = None
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -215,3 +219,16 @@ def first_batch_stats(prepared: tvm.IRModule, calibration_data, inputs) -> Activ
     return collect_activation_stats(
         prepared, calibration_data, _FirstBatches(1), inputs=inputs, progress=False
     )
+
+
+LOW_SQNR_DB = 20.0  # below this output SQNR the CLI warns (outputs far from float's)
+
+
+def worst_layers(report: QuantizationReport, n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` quantized layers with the lowest (finite) output SQNR: ``(name, dB)``."""
+    scored = [
+        (r.output_sqnr_db, r.name)
+        for r in report.layers
+        if r.quantized and r.output_sqnr_db is not None and math.isfinite(r.output_sqnr_db)
+    ]
+    return [(name, db) for db, name in sorted(scored)[:n]]

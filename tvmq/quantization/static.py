@@ -27,6 +27,8 @@ from tvmq.passes.relax_utils import ordered_bindings
 from tvmq.passes.sites import list_weight_sites, select_sites
 from tvmq.passes.smooth_quant import smooth_sites
 from tvmq.passes.tensor_sites import list_tensor_sites
+from tvmq.progress import phase
+from tvmq.quantization.auto_observer import choose_auto_observers
 from tvmq.quantization.bias_correction import bias_corrections
 from tvmq.quantization.collect import (
     ActivationStats,
@@ -125,12 +127,21 @@ def quantize_static(
             calibration_data = list(calibration_data)
         smooth["smooth_absmax"] = collect_channel_absmax(
             prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
-            progress=progress,
+            progress=progress, label="tvmq calibrate (SmoothQuant channel ranges)",
         )  # fmt: skip
         prepared = pass_pipeline.smooth_passes(**smooth)(mod)
     static = _skipping(scheme, dynamic)
     stats = collect_activation_stats(
         prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
+    )
+    phase("quantize", progress)
+
+    def quantized_module() -> tvm.IRModule:  # with the observers' current choice
+        params = static_pipeline_params(prepared, scheme, activation_qparams(stats, static))
+        return pass_pipeline.static_int8_passes(**params)(prepared)
+
+    observer_choice = choose_auto_observers(
+        stats, quantized_module, [s.name for s in imported.inputs], progress=progress
     )
     qparams = activation_qparams(stats, static)
     corrections = {}
@@ -145,12 +156,15 @@ def quantize_static(
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
         scheme=scheme.to_dict(),
-        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops, dynamic),
+        layers=_layer_reports(
+            prepared, scheme, stats, params["activation_qparams"], float_ops, dynamic
+        ),
         float_ops=float_ops,
         num_calibration_batches=stats.num_batches,
         bias_correction={k: [float(x) for x in v] for k, v in corrections.items()}
         if bias_correction
         else None,
+        observer_choice=observer_choice,
     )
     return HandlerResult(report, quantized, FirstBatch.of(stats), {**smooth, **params})
 
