@@ -34,7 +34,8 @@ from typing import Any
 
 import tvm
 
-from tvmq.build import BuildInfo, build_with_info, export_library
+from tvmq import build
+from tvmq.build import BuildInfo
 from tvmq.compression import apply_compression
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
@@ -218,7 +219,7 @@ def run(
     done = compress(model, preset, progress=progress, evaluate=not on_host, **compression)
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)
-    ex, info = build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
+    ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
     done.notes["kernels"] = info.to_json()
     if progress:
         print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
@@ -228,7 +229,7 @@ def run(
         with tempfile.TemporaryDirectory(prefix="tvmq-sqnr-") as tmp:
             # A VM that loads `ex` itself changes what `ex` exports later: run a linked copy.
             lib = Path(tmp) / "model.so"
-            export_library(ex, lib, preset)
+            build.export_library(ex, lib, preset)
             sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
         quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
