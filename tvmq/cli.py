@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quantize", choices=list(QUANTIZE_SCHEMES), help="quantization scheme")
     s.add_argument(
+        "--skip",
+        action="append",
+        metavar="GLOB",
+        help="leave matching layers out of --quantize, --prune and --cluster (repeatable): "
+        "a layer name such as matmul_3, the model's own name (PyTorch module path "
+        "encoder.0.fc, ONNX node name) or an fnmatch pattern of either ('classifier*'); "
+        "`tvmq inspect MODEL` lists the layers",
+    )
+    s.add_argument(
         "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
     )
     s.add_argument(

@@ -35,6 +35,16 @@ def cmd_compile(args) -> int:
     check_quantize_options(args)
     input_shapes = input_shape_options(args)
     prune, cluster = compression_configs(args)
+    skip = tuple(args.skip or ())
+    if skip:
+        if not (args.quantize or prune or cluster):
+            from tvmq.errors import TvmqError
+
+            raise TvmqError(
+                "--skip leaves layers out of --quantize, --prune or --cluster: give one"
+            )
+        prune = prune and dataclasses.replace(prune, skip=skip)
+        cluster = cluster and dataclasses.replace(cluster, skip=skip)
 
     scheme = None
     if args.quantize:
@@ -44,6 +54,8 @@ def cmd_compile(args) -> int:
         scheme = scheme_for_target(args.quantize, get_target(args.target))
         if args.observer:
             scheme = dataclasses.replace(scheme, observer=args.observer)
+        if skip:
+            scheme = dataclasses.replace(scheme, skip=(*scheme.skip, *skip))
     art = tvmq.compile(
         args.model,
         args.target,
@@ -217,9 +229,25 @@ def cmd_inspect(args) -> int:
         print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
     ops = Counter(_relax_ops(m.mod))
     print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    _print_layers(m.mod)
     if args.ir:
         print(m.mod.script(show_meta=False))
     return 0
+
+
+def _print_layers(mod) -> None:
+    """The weight layers with the names --skip matches: tvmq's, then the model's own."""
+    from tvmq.passes.site_names import layer_table
+
+    rows = layer_table(mod)
+    if not rows:
+        return
+    print("  layers (--skip takes either name, or a pattern):")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        shape = "x".join(str(d) for d in r["weight_shape"])
+        own = ", ".join(r["layer_names"]) or "-"
+        print(f"    {r['name']:<{width}}  {own}  ({r['kind']}, weight {shape})")
 
 
 def _relax_ops(mod) -> list[str]:
