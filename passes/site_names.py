@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import tvm
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.core.selectors import is_kind_name
+from tvmq.core.selectors import KIND_NAMES, is_kind_name
 from tvmq.errors import TvmqError
 
 from .relax_utils import layer_span, relax_functions, site_prefix, update_functions, with_span
@@ -83,7 +83,8 @@ def check_skip(mod: tvm.IRModule, skip, what: str = "skip") -> None:
         )
         raise TvmqError(
             f"{what} pattern {pattern!r} matches no layer of the model; its layers: "
-            f"{shown or 'none'} (`tvmq inspect MODEL` lists them all)"
+            f"{shown or 'none'} (`tvmq inspect MODEL` lists them all; op kinds: "
+            f"{', '.join(KIND_NAMES)})"
         )
 
 

@@ -41,6 +41,10 @@ def is_skipped(name: str, kind: str, skip, layer_names=()) -> bool:
     return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
 
 
+#: The op kinds a skip list may name (each stands for all its aliases in ``_KIND_NAMES``).
+KIND_NAMES = ("linear", "conv2d", "matmul_act", "add", "concat")
+
+
 def is_kind_name(pattern: str) -> bool:
     """Whether `pattern` is an op-kind name of :func:`is_skipped` (``"linear"``, ``"conv2d"``)."""
     return any(pattern in names for names in _KIND_NAMES.values())
