@@ -242,7 +242,7 @@ def _print_layers(mod) -> None:
     rows = layer_table(mod)
     if not rows:
         return
-    print("  layers (--skip takes either name, or a pattern):")
+    print("  layers (--skip takes any of these names, or a pattern):")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         shape = "x".join(str(d) for d in r["weight_shape"])
