@@ -81,26 +81,18 @@ def torch_layer_names(ep) -> dict[str, str]:
     return out
 
 
-def _weight_source(expr, bindings):
-    """What a weight operand reads, seen through vars, permute_dims and reshape."""
-    while True:
-        while isinstance(expr, relax.Var) and expr in bindings:
-            expr = bindings[expr]
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in _LOOK_THROUGH:
-            expr = expr.args[0]
-            continue
-        return expr
-
-
 def _weight_calls(func: relax.Function):
-    """(call, weight source) of every matmul / conv2d binding of `func`."""
-    from tvmq.passes.relax_utils import binding_map, op_name, ordered_bindings
+    """(call, what its weight reads, seen through permute_dims / reshape) per matmul / conv2d."""
+    from tvmq.passes.relax_utils import binding_map, op_name, ordered_bindings, resolve
     from tvmq.passes.sites import SITE_OPS
 
     bindings = binding_map(func)
     for b in ordered_bindings(func):
         if op_name(b.value) in SITE_OPS and len(b.value.args) == 2:
-            yield b.value, _weight_source(b.value.args[1], bindings)
+            src = resolve(b.value.args[1], bindings)
+            while op_name(src) in _LOOK_THROUGH:
+                src = resolve(src.args[0], bindings)
+            yield b.value, src
 
 
 def name_and_bind_torch_params(mod: tvm.IRModule, ep) -> tvm.IRModule:
