@@ -45,7 +45,6 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
 from tvmq.core.schemes import GROUP_SIZES, WEIGHT_BITS
-from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
 from .relax_utils import (
@@ -56,7 +55,7 @@ from .relax_utils import (
     resolve,
     site_prefix,
 )
-from .sites import SITE_OPS, WeightSite, list_weight_sites, site_of_call
+from .sites import SITE_OPS, WeightSite, list_weight_sites, site_of_call, site_skipped
 
 ATTR = "tvmq.weight_only"
 DECODER_ATTR = "tvmq.weight_decoder"
@@ -351,7 +350,7 @@ class QuantizeWeightOnly:
                 return is_decoded_weight(call.args[1], bindings, mod)
 
             for site in stable_sites(func, site_prefix(gv), done):
-                if is_skipped(site.name, site.kind, sc.skip):
+                if site_skipped(site, sc.skip):
                     continue
                 q, scale, zp, g = quantize_weight(
                     site.weight, site.kind, sc.bits, sc.group_size, sc.symmetric

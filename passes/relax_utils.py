@@ -243,3 +243,28 @@ def update_functions(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
     for gv, func in updates.items():
         out[gv] = func
     return out
+
+
+# A weight-bearing call's names in the source model (PyTorch module path, ONNX node name) ride
+# on its span: C++ mutators, the block builder and tvmq's passes copy a call's span when they
+# rebuild it, so the names survive compression and quantization preparation untouched.
+_LAYER_SPAN = "tvmq.layer:"
+
+
+def layer_span(names) -> tvm.ir.Span:
+    """A span carrying a layer's source-model names (see :func:`layer_names`)."""
+    return tvm.ir.Span(tvm.ir.SourceName(_LAYER_SPAN + "\n".join(names)), 0, 0, 0, 0)
+
+
+def layer_names(call: relax.Expr) -> tuple[str, ...]:
+    """The source-model names a frontend recorded on `call` (empty when none)."""
+    span = getattr(call, "span", None)
+    text = str(span.source_name.name) if span is not None else ""
+    if not text.startswith(_LAYER_SPAN):
+        return ()
+    return tuple(n for n in text[len(_LAYER_SPAN) :].split("\n") if n)
+
+
+def with_span(call: relax.Call, span) -> relax.Call:
+    """`call` rebuilt with `span` (the names of the call it replaces)."""
+    return relax.Call(call.op, call.args, call.attrs, call.ty_args, span)

@@ -34,6 +34,8 @@ def cmd_targets(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    import dataclasses
+
     import tvmq
 
     check_compile_args(args)  # standard library only: a bad option costs no import
@@ -49,6 +51,9 @@ def cmd_compile(args) -> int:
 
         preset = get_target(args.target)
         prune, cluster = compression_configs(args)
+        if args.skip:  # and the scheme's skip (make_scheme)
+            prune = prune and dataclasses.replace(prune, skip=tuple(args.skip))
+            cluster = cluster and dataclasses.replace(cluster, skip=tuple(args.skip))
         if args.accuracy_drop is not None:  # the eval data is checked against the model
             from tvmq.evaluation import load_top1_eval
             from tvmq.frontends import import_model
@@ -282,9 +287,25 @@ def cmd_inspect(args) -> int:
         print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
     ops = Counter(_relax_ops(m.mod))
     print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    _print_layers(m.mod)
     if args.ir:
         print(m.mod.script(show_meta=False))
     return 0
+
+
+def _print_layers(mod) -> None:
+    """The weight layers with the names --skip matches: tvmq's, then the model's own."""
+    from tvmq.passes.site_names import layer_table
+
+    rows = layer_table(mod)
+    if not rows:
+        return
+    print("  layers (--skip takes any of these names, or a pattern):")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        shape = "x".join(str(d) for d in r["weight_shape"])
+        own = ", ".join(r["layer_names"]) or "-"
+        print(f"    {r['name']:<{width}}  {own}  ({r['kind']}, weight {shape})")
 
 
 def _relax_ops(mod) -> list[str]:

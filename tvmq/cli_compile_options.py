@@ -91,6 +91,15 @@ def _quantize_options(g) -> None:
         "weights, activation ranges at run time; w8 / w4: int8 / int4 weights, float compute",
     )
     g.add_argument(
+        "--skip",
+        action="append",
+        metavar="GLOB",
+        help="leave matching layers out of --quantize, --prune and --cluster (repeatable): "
+        "a layer name such as matmul_3, the model's own name (PyTorch module path "
+        "encoder.0.fc, ONNX node name) or an fnmatch pattern of either ('classifier*'); "
+        "`tvmq inspect MODEL` lists the layers",
+    )
+    g.add_argument(
         "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
     )
     g.add_argument(

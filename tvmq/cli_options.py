@@ -192,6 +192,8 @@ def check_compile_args(args) -> None:
         bits = args.cluster.bit_length() - 1
         if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
             raise UsageError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
+    if args.skip and not (args.quantize or args.prune is not None or args.cluster is not None):
+        raise UsageError("--skip leaves layers out of --quantize, --prune or --cluster: give one")
     if args.sparse is None and args.sparse_block is not None:
         raise UsageError("--sparse-block applies to --sparse: add --sparse or drop it")
     _fraction("--sparse", args.sparse)
@@ -301,6 +303,8 @@ def make_scheme(args, preset):
     changes = {}
     if args.observer:
         changes["observer"] = args.observer
+    if args.skip:
+        changes["skip"] = (*scheme.skip, *args.skip)
     if args.per_tensor:
         changes["weight_per_channel"] = False
     if args.requantize:

@@ -61,6 +61,8 @@ class ActivationStats:
         Calibration batches run (after splitting to the model's batch size).
     site_kinds : dict[str, str]
         Site name -> "matmul", "conv2d", "add", "concat" or "matmul_act".
+    site_layer_names : dict[str, tuple[str, ...]]
+        Site name -> its names in the source model (weight sites the frontend named).
     """
 
     observers: dict[str, Observer]
@@ -69,6 +71,7 @@ class ActivationStats:
     first_outputs: list[np.ndarray] = field(default_factory=list)
     num_batches: int = 0
     site_kinds: dict[str, str] = field(default_factory=dict)
+    site_layer_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _host_target() -> tvm.target.Target:
@@ -213,7 +216,8 @@ def collect_activation_stats(
         return getattr(scheme, "observer", "minmax")
 
     observers: dict[str, Observer] = {}
-    stats = ActivationStats(observers=observers, site_kinds=kinds)
+    layer_names = {s.name: s.layer_names for s in sites if getattr(s, "layer_names", ())}
+    stats = ActivationStats(observers=observers, site_kinds=kinds, site_layer_names=layer_names)
 
     def on_batch(i, feed, outputs, acts):
         for name, act in acts.items():
@@ -334,7 +338,8 @@ def activation_qparams(stats: ActivationStats, scheme) -> dict[str, tuple[float,
     out = {}
 
     for name, obs in stats.observers.items():
-        if is_skipped(name, stats.site_kinds[name], scheme.skip):
+        aliases = stats.site_layer_names.get(name, ())
+        if is_skipped(name, stats.site_kinds[name], scheme.skip, aliases):
             continue
         layer = scheme.for_layer(name)
         out[name] = obs.qparams(layer.activation_dtype, layer.activation_symmetric)

@@ -28,6 +28,8 @@ import tvm
 from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights, signature_of
+from tvmq.passes import prepare_passes
+from tvmq.passes.site_names import check_skip
 from tvmq.quantization.report import (
     FirstBatch,
     LayerReport,
@@ -118,7 +120,7 @@ class QuantizedModel(ImportedModel):
         """Layers left in float, with the reason, then other float matmul / conv2d ops."""
         if self.report is None:
             return []
-        layers = [f"{r.name} ({r.reason})" for r in self.report.layers if not r.quantized]
+        layers = [f"{r.label} ({r.reason})" for r in self.report.layers if not r.quantized]
         float_vars = {r.var_name for r in self.report.layers if not r.quantized}
         others = [op for op in self.report.float_ops if op.split(":", 1)[1] not in float_vars]
         return layers + others
@@ -218,6 +220,8 @@ def quantize_checked(
     """
     scheme = get_scheme(scheme)
     mod = imported.mod
+    # Site names are defined on the prepared form, which every handler quantizes.
+    check_skip(prepare_passes()(mod), getattr(scheme, "skip", ()))
     handler, takes_bias_correction = _handler(scheme)
     if bias_correction and not takes_bias_correction:
         raise TvmqError(
@@ -233,7 +237,7 @@ def quantize_checked(
     if progress and report.float_layers:
         print(
             f"tvmq: {len(report.float_layers)} of {len(report.layers)} layers stay float: "
-            + ", ".join(f"{r.name} ({r.reason})" for r in report.layers if not r.quantized),
+            + ", ".join(f"{r.label} ({r.reason})" for r in report.layers if not r.quantized),
             file=sys.stderr,
         )
     meta = dict(imported.meta)

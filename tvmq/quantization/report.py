@@ -35,6 +35,9 @@ class LayerReport:
     ----------
     name : str
         Site name (``conv2d_0``, ``matmul_3``): what ``skip`` and ``overrides`` match.
+    source : str
+        The layer's name in the source model (PyTorch module path ``encoder.0.fc``, ONNX
+        node name), "" when the frontend recorded none; ``skip`` matches it too.
     op : str
         ``"matmul"``, ``"conv2d"``, or ``"matmul_act"`` for a matmul of two activations
         (attention's ``Q @ K^T``, ``P @ V``): its ``activation_*`` fields describe the
@@ -79,6 +82,12 @@ class LayerReport:
     weight_dtype: str | None = None
     group_size: int | None = None
     output_sqnr_db: float | None = None
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        """``matmul_2`` or ``matmul_2 [classifier]``: the name with the source-model name."""
+        return f"{self.name} [{self.source}]" if self.source else self.name
 
 
 @dataclass
@@ -144,10 +153,15 @@ class QuantizationReport:
         def db(v):
             return "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")
 
-        lines = [f"{'layer':<14} {'op':<10} {'q':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"]
+        width = max([14, *(len(r.source) + 1 for r in self.layers)])
+        lines = [
+            f"{'layer':<14} {'source':<{width}} {'op':<10} {'q':<5} {'act':<6} {'w SQNR':>7} "
+            f"{'x SQNR':>7}  note"
+        ]
         for r in self.layers:
             lines.append(
-                f"{r.name:<14} {r.op:<10} {'yes' if r.quantized else 'no':<5} "
+                f"{r.name:<14} {r.source or '-':<{width}} {r.op:<10} "
+                f"{'yes' if r.quantized else 'no':<5} "
                 f"{r.activation_dtype or '-':<6} {db(r.weight_sqnr_db):>7} "
                 f"{db(r.activation_sqnr_db):>7}  {r.reason}"
             )

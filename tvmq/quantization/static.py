@@ -15,7 +15,6 @@ import tvm
 
 from tvmq.core import qmath
 from tvmq.core.schemes import Int8Static, get_scheme
-from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 from tvmq.passes import pipeline as pass_pipeline
 from tvmq.passes import prepare_passes
@@ -24,7 +23,7 @@ from tvmq.passes.annotate_qdq import weight_qparams
 from tvmq.passes.quantize_dynamic import ATTR as DYNAMIC_ATTR
 from tvmq.passes.quantize_dynamic import QuantizeDynamic
 from tvmq.passes.relax_utils import ordered_bindings
-from tvmq.passes.sites import list_weight_sites, select_sites
+from tvmq.passes.sites import list_weight_sites, select_sites, site_skipped
 from tvmq.passes.smooth_quant import smooth_sites
 from tvmq.passes.tensor_sites import list_tensor_sites
 from tvmq.progress import phase
@@ -211,12 +210,13 @@ def _layer_reports(
             False,
             weight_shape=tuple(site.weight.shape),
             var_name=site.var.name,
+            source=site.source,
         )
         if site.name in dynamic:
             _dynamic_layer_report(r, site, stats, float_vars)
             reports.append(r)
             continue
-        if is_skipped(site.name, site.kind, scheme.skip):
+        if site_skipped(site, scheme.skip):
             r.reason = "skipped by the scheme"
         elif site.name not in qparams:
             r.reason = "no calibration statistics (activation is not a variable of main)"
@@ -271,7 +271,7 @@ def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars
         lhs, rhs = site.input_names
         r = LayerReport(site.name, site.kind, False, var_name=site.var.name)
         r.weight_shape = tuple(int(d) for d in site.inputs[1].ty.shape)
-        if is_skipped(site.name, site.kind, scheme.skip):
+        if site_skipped(site, scheme.skip):
             r.reason = "skipped by the scheme"
         elif lhs not in qparams or rhs not in qparams:
             r.reason = "no calibration statistics (an operand is not a variable of main)"
@@ -313,7 +313,7 @@ def dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
     return tuple(
         s.name
         for s in select_sites(func, scheme.dynamic)
-        if not is_skipped(s.name, s.kind, scheme.skip) and plan(s) is None
+        if not site_skipped(s, scheme.skip) and plan(s) is None
     )
 
 
@@ -321,11 +321,11 @@ def smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
     """Names of the matmul sites to smooth: selected by ``scheme.smooth``, static, not skipped."""
     if not scheme.smooth:
         return []
-    kinds = {s.name: s.kind for s in list_weight_sites(func)}
+    sites = {s.name: s for s in list_weight_sites(func)}
     return [
         n
         for n in smooth_sites(func, scheme.smooth)
-        if n not in dynamic and not is_skipped(n, kinds[n], scheme.skip)
+        if n not in dynamic and not site_skipped(sites[n], scheme.skip)
     ]
 
 
