@@ -61,6 +61,10 @@ def cmd_compile(args) -> int:
     print(
         f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
     )
+    if args.report:
+        from tvmq.report import write_report
+
+        print(f"wrote {write_report(art.output_dir)} (+ .json, .csv)")
     return 0
 
 
@@ -237,6 +241,20 @@ def _relax_ops(mod) -> list[str]:
 
     _Ops().visit_expr(mod["main"])
     return found
+
+
+def cmd_report(args) -> int:
+    from tvmq.report import write_report
+
+    path = write_report(
+        args.model_dir,
+        args.output,
+        eval_data=args.eval,
+        profile=not args.no_profile,
+        repeat=args.repeat,
+    )
+    print(f"wrote {path} (+ .json, .csv)")
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -242,21 +242,9 @@ def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Modul
 
 def _constant_bytes(mod) -> int:
     """Bytes of all constants (weights) left in a Relax module."""
-    from tvm import relax
+    from tvmq.sizes import constant_bytes_by_dtype
 
-    total = 0
-
-    @relax.expr_functor.visitor
-    class _Consts(relax.PyExprVisitor):
-        def visit_generic_const_(self, c):
-            nonlocal total
-            if isinstance(c.ty, relax.TensorType):
-                total += c.value.numpy().nbytes
-
-    for _, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            _Consts().visit_expr(f)
-    return total
+    return sum(constant_bytes_by_dtype(mod).values())
 
 
 def _variants() -> list[tuple[str, Callable[[DemoContext], Row]]]:

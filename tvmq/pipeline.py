@@ -171,6 +171,7 @@ def run(
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     ex, info = build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
     done.notes["kernels"] = info.to_json()
+    done.notes["weights"] = dict(info.weights)  # dtype -> bytes of constants in the library
     if progress:
         print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
     quantized = done.quantized
