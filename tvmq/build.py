@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -177,7 +177,7 @@ class BuildInfo:
     default: tuple[str, ...]
     prescheduled: tuple[str, ...] = ()
     tuning_logs: tuple[str, ...] = ()
-    weights: tuple[tuple[str, int], ...] = ()
+    weights: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""

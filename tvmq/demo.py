@@ -313,6 +313,7 @@ def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> lis
         for name, measure in _variants():
             print(f"  {name}...", flush=True)
             rows.append(measure(ctx))
+        report = _int8_report(ctx, keep=bool(output_dir))
     print()
     print(format_table(rows, rows[0]))
     print(
@@ -322,6 +323,29 @@ def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> lis
         f"constants; library: model.so; Δ acc in points against the reference. "
         f"Total {time.perf_counter() - t0:.0f} s."
     )
+    print(f"report of the int8 model (SQNR per layer, kernel times, size, accuracy): {report}")
     if output_dir:
         print(f"compiled models kept in {output_dir}/")
     return rows
+
+
+def _int8_report(ctx: DemoContext, keep: bool) -> Path:
+    """``tvmq report`` of the int8 row's build, with its accuracy against the float model.
+
+    Written into the build folder when the builds are kept (``-o``), else into a folder of
+    its own under the system's temp dir, which outlives the demo's builds.
+    """
+    import tvmq
+    from tvmq.report import write_report
+
+    build = ctx.workdir / _folder_name("int8 static, tvmq")
+    manifest = tvmq.load(build).manifest
+    with torch.no_grad():
+        ref = ctx.model(torch.from_numpy(ctx.data.x_test)).numpy()
+    eval_data = {
+        manifest.inputs[0].name: ctx.data.x_test,
+        "labels": ctx.data.y_test,
+        f"ref_{manifest.outputs[0].name}": ref,
+    }
+    out = None if keep else Path(tempfile.mkdtemp(prefix="tvmq-demo-report-")) / "report.html"
+    return write_report(build, out, eval_data=eval_data, repeat=5 if ctx.quick else 10)

@@ -109,7 +109,9 @@ def add_files(directory: os.PathLike, names: list[str]) -> None:
     path = Path(directory) / MANIFEST
     Manifest.read(directory)  # a damaged or foreign manifest is refused, never rewritten
     d = json.loads(path.read_text())
-    d["files"] = sorted(set(d.get("files") or [MANIFEST, d["library"].get("file", LIBRARY)]) | set(names))
+    d["files"] = sorted(
+        set(d.get("files") or [MANIFEST, d["library"].get("file", LIBRARY)]) | set(names)
+    )
     tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(d, indent=2) + "\n")

@@ -272,7 +272,9 @@ def write_report(
         text.getvalue().encode(),
     ]
     for p, content in zip(paths, contents, strict=True):
-        write_file_atomically(p, lambda f, c=content: f.write(c), replaceable=_is_ours, kind="tvmq report")
+        write_file_atomically(
+            p, lambda f, c=content: f.write(c), replaceable=_is_ours, kind="tvmq report"
+        )
     folder = paths[0].parent
     if build_files(folder) is not None:
         add_files(folder, [p.name for p in paths])

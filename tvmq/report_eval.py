@@ -85,7 +85,9 @@ def _batches(arrays: dict[str, np.ndarray], manifest, where: str) -> tuple[int, 
                 f"{tuple(spec.shape)}: give N x {tuple(spec.shape[1:])} with N a multiple of {b}"
             )
         if str(a.dtype) != spec.dtype:
-            raise TvmqError(f"{where}: input '{spec.name}' is {a.dtype}, the model takes {spec.dtype}")
+            raise TvmqError(
+                f"{where}: input '{spec.name}' is {a.dtype}, the model takes {spec.dtype}"
+            )
         if n is not None and a.shape[0] != n:
             raise TvmqError(f"{where}: the inputs hold different numbers of samples")
         n, batch = a.shape[0], b

@@ -26,8 +26,8 @@ h1{font-size:24px;margin:8px 0 2px}h2{font-size:18px;margin:0 0 10px}
 .sub{color:#666;font-size:13px;margin-bottom:16px;word-break:break-all}
 section{background:#fff;border:1px solid #dde;border-radius:8px;padding:16px 20px;margin:14px 0}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}
-.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:10px 14px;min-width:140px;flex:1}
-.card b{display:block;font-size:20px;margin-top:2px}.card span{color:#666;font-size:12px}
+.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:10px 14px;min-width:110px;flex:1 1 0}
+.card b{display:block;font-size:20px;margin:2px 0}.card span{color:#666;font-size:12px;white-space:nowrap}
 table{border-collapse:collapse;font-size:13px;margin-top:8px;width:100%}
 th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#fafafa}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
@@ -89,21 +89,28 @@ def _time(s: float) -> str:
 
 def _cards(data: dict) -> str:
     q, k, acc = data.get("quantization"), data.get("kernels") or {}, data.get("accuracy")
-    cards = [("library", _bytes(data["size"]["library_bytes"]))]
-    weights = {p: n for p, n in data["size"]["library"].items() if p.startswith("weights")}
+    size = data["size"]
+    cards = [("library", _bytes(size["library_bytes"]), "model.so")]
+    weights = {p: n for p, n in size["library"].items() if p.startswith("weights")}
     if weights:
-        cards.append(("weights", _bytes(sum(weights.values()))))
+        dtypes = sorted(weights, key=weights.get, reverse=True)
+        cards.append(("weights", _bytes(sum(weights.values())), dtypes[0].split()[-1] + " mostly"))
     if "total_seconds" in k:
-        cards.append((f"one call on {k['device']}", _time(k["total_seconds"])))
-    cards.append(("quantization", q["scheme"] if q else "none (float)"))
+        cards.append(("one call", _time(k["total_seconds"]), f"on {k['device']}"))
+    scheme = q["scheme"] if q else "none"
+    layers = q["layers"] if q else []
+    n_q = sum(bool(r["quantized"]) for r in layers)
+    cards.append(("quantization", scheme, f"{n_q} of {len(layers)} layers" if q else "float"))
     if q and q.get("output_sqnr_db"):
-        cards.append(("output SQNR", " / ".join(f"{_db(v)} dB" for v in q["output_sqnr_db"])))
+        sqnr = " / ".join(f"{_db(v)} dB" for v in q["output_sqnr_db"])
+        cards.append(("output SQNR", sqnr, "vs float, calibration data"))
     if acc and "accuracy" in acc:
-        text = f"{100 * acc['accuracy']:.2f}%"
-        if "float_accuracy" in acc:
-            text += f" (float {100 * acc['float_accuracy']:.2f}%)"
-        cards.append(("accuracy", text))
-    items = "".join(f'<div class="card"><span>{_e(a)}</span><b>{_e(b)}</b></div>' for a, b in cards)
+        sub = f"float {100 * acc['float_accuracy']:.2f}%" if "float_accuracy" in acc else ""
+        cards.append(("accuracy", f"{100 * acc['accuracy']:.2f}%", sub))
+    items = "".join(
+        f'<div class="card"><span>{_e(a)}</span><b>{_e(b)}</b><span>{_e(c)}</span></div>'
+        for a, b, c in cards
+    )
     return f'<div class="cards">{items}</div>'
 
 
@@ -128,7 +135,7 @@ def _quantization_section(data: dict) -> str:
     if outs:
         low = any(v is not None and v < _LOW_SQNR_DB for v in outs)
         out_line = (
-            f'<p{" class=bad" if low else ""}>Model output SQNR against the float model on the '
+            f"<p{' class=bad' if low else ''}>Model output SQNR against the float model on the "
             f"first calibration batch: {', '.join(_db(v) + ' dB' for v in outs)}</p>"
         )
     n_float = sum(not r["quantized"] for r in layers)
@@ -165,7 +172,9 @@ def _kernel_section(data: dict) -> str:
         f"<i>{_e(VM_ROW)}</i> is the rest of the call.</p>"
         + _img(_kernel_figure(k["rows"]))
         + "<table><tr><th>kernel</th><th>schedule</th><th class=n>calls</th>"
-        "<th class=n>time in one model call</th><th class=n>share</th></tr>" + rows + "</table></section>"
+        "<th class=n>time in one model call</th><th class=n>share</th></tr>"
+        + rows
+        + "</table></section>"
     )
 
 
@@ -298,7 +307,9 @@ def _sqnr_figure(layers: list[dict]) -> bytes:
             ax.text(top * 0.02, yy, f"float: {r['reason'] or 'kept in float'}", va="center",
                     fontsize=8, color="#8a1f1f")  # fmt: skip
     ax.axvline(_LOW_SQNR_DB, color="#b03030", linestyle="--", linewidth=1)
-    ax.text(_LOW_SQNR_DB, -0.75, f" {_LOW_SQNR_DB:.0f} dB", color="#b03030", fontsize=8, va="center")
+    ax.text(
+        _LOW_SQNR_DB, -0.75, f" {_LOW_SQNR_DB:.0f} dB", color="#b03030", fontsize=8, va="center"
+    )
     ax.set_yticks(y, [r["name"] + ("  (float)" if not r["quantized"] else "") for r in layers])
     for tick, r in zip(ax.get_yticklabels(), layers, strict=True):
         if not r["quantized"]:
