@@ -103,7 +103,7 @@ def _cards(data: dict) -> str:
     cards.append(("quantization", scheme, f"{n_q} of {len(layers)} layers" if q else "float"))
     if q and q.get("output_sqnr_db"):
         sqnr = " / ".join(f"{_db(v)} dB" for v in q["output_sqnr_db"])
-        cards.append(("output SQNR", sqnr, "vs float, calibration data"))
+        cards.append(("output SQNR", sqnr, "vs the float model"))
     if acc and "accuracy" in acc:
         sub = f"float {100 * acc['float_accuracy']:.2f}%" if "float_accuracy" in acc else ""
         cards.append(("accuracy", f"{100 * acc['accuracy']:.2f}%", sub))
