@@ -335,11 +335,11 @@ def _int8_report(ctx: DemoContext, keep: bool) -> Path:
     Written into the build folder when the builds are kept (``-o``), else into a folder of
     its own under the system's temp dir, which outlives the demo's builds.
     """
-    import tvmq
+    from tvmq.manifest import Manifest
     from tvmq.report import write_report
 
     build = ctx.workdir / _folder_name("int8 static, tvmq")
-    manifest = tvmq.load(build).manifest
+    manifest = Manifest.read(build)
     with torch.no_grad():
         ref = ctx.model(torch.from_numpy(ctx.data.x_test)).numpy()
     eval_data = {
