@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tvmq.demo import load_mnist, run_demo
@@ -37,3 +39,10 @@ def test_quick_demo_prints_measured_table(capsys, tmp_path):
     assert shrunk.weights_bytes < 0.6 * int8.weights_bytes
     assert "test acc" in out and "int8 static, tvmq" in out
     assert (tmp_path / "float32-tvmq" / "model.so").is_file()
+    # the int8 row's report: its accuracy is the table's, measured the same way
+    report = tmp_path / "int8-static-tvmq" / "report.html"
+    assert report.is_file() and str(report) in out
+    acc = json.loads(report.with_suffix(".json").read_text())["accuracy"]
+    assert acc["samples"] == 1000
+    assert acc["accuracy"] == pytest.approx(int8.accuracy, abs=1e-12)
+    assert acc["float_accuracy"] == pytest.approx(ref.accuracy, abs=1e-12)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -44,6 +44,7 @@ from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
+from tvmq.sizes import constant_bytes_by_dtype
 from tvmq.targets import TargetPreset, get_target
 from tvmq.toolchain import find_compiler
 
@@ -155,6 +156,8 @@ def build_with_info(
         default=tuple(k for k in kernels if k not in scheduled),
         prescheduled=tuple(k for k in kernels if k in prescheduled),
         tuning_logs=tuple(str(d) for d in log_dirs),
+        # after FoldConstant: the constants the executable embeds (decoded ones included)
+        weights=tuple(constant_bytes_by_dtype(fused).items()),
     )
     return ex, info
 
@@ -166,13 +169,15 @@ class BuildInfo:
     ``tuned``: from tuning records; ``default``: tvmq's default schedule (or TVM's plain
     loops where it does not apply); ``prescheduled``: kernels tvmq's passes emit already
     scheduled (e.g. the VNNI int8 dense), which tuning leaves alone; ``tuning_logs``: the
-    record folders consulted.
+    record folders consulted. ``weights``: (dtype, bytes) of the constants the executable
+    embeds (not part of :meth:`to_json`; ``model.json`` keeps them in ``notes["weights"]``).
     """
 
     tuned: tuple[str, ...]
     default: tuple[str, ...]
     prescheduled: tuple[str, ...] = ()
     tuning_logs: tuple[str, ...] = ()
+    weights: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""

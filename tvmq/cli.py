@@ -10,6 +10,7 @@ from tvmq.cli_commands import (
     cmd_compile,
     cmd_demo,
     cmd_inspect,
+    cmd_report,
     cmd_run,
     cmd_targets,
     cmd_tune,
@@ -42,6 +43,7 @@ examples:
   tvmq run build/ -i x.npz --profile             the 10 slowest kernels
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
+  tvmq report build/ --eval data.npz             HTML report: SQNR, kernel times, size, accuracy
 """
 
 
@@ -228,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ir", action="store_true", help="also print the Relax IR")
     s.set_defaults(func=cmd_inspect)
+
+    s = command(
+        "report",
+        "an HTML report of a compiled directory: per-layer SQNR, kernel times, size, accuracy",
+    )
+    s.add_argument("model_dir", help="output directory of tvmq compile")
+    s.add_argument(
+        "-o",
+        "--output",
+        metavar="REPORT.html",
+        help="the HTML file; .json and .csv of the same name go beside it "
+        "(default: MODEL_DIR/report.html)",
+    )
+    s.add_argument(
+        "--eval",
+        metavar="DATA.npz",
+        help="measure accuracy on this .npz: the inputs (N samples), 'labels' and/or the float "
+        "model's outputs as 'ref_<output name>'",
+    )
+    s.add_argument(
+        "--repeat", type=int_at_least(1), default=10, help="timed runs per kernel (default 10)"
+    )
+    s.add_argument("--no-profile", action="store_true", help="do not time the kernels")
+    s.set_defaults(func=cmd_report)
     return p
 
 

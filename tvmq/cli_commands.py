@@ -85,6 +85,10 @@ def cmd_compile(args) -> int:
     _warn_if_low_sqnr(art.manifest.compression.get("quantize", {}))
     for path in write_dumps(art, dump):
         print(f"wrote {path}")
+    if args.report:
+        from tvmq.report import write_report
+
+        print(f"wrote {write_report(art.output_dir)} (+ .json, .csv)")
     return 0
 
 
@@ -176,7 +180,7 @@ def cmd_run(args) -> int:
     if args.profile:
         from tvmq.profiling import format_profile
 
-        print(f"kernel times (mean of 10 runs, {model.device}):")
+        print(f"kernel times (medians of 10 timed runs of each kernel alone, {model.device}):")
         print(format_profile(model.profile(inputs), args.profile))
     return 0
 
@@ -323,6 +327,20 @@ def _relax_ops(mod) -> list[str]:
 
     _Ops().visit_expr(mod["main"])
     return found
+
+
+def cmd_report(args) -> int:
+    from tvmq.report import write_report
+
+    path = write_report(
+        args.model_dir,
+        args.output,
+        eval_data=args.eval,
+        profile=not args.no_profile,
+        repeat=args.repeat,
+    )
+    print(f"wrote {path} (+ .json, .csv)")
+    return 0
 
 
 def cmd_demo(args) -> int:

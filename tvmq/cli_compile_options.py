@@ -45,6 +45,11 @@ def add_compile_options(s: argparse.ArgumentParser) -> None:
         "Relax IR after tvmq's passes (model.relax.py), ll = LLVM IR, asm = assembly "
         "(llvm targets)",
     )
+    g.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.html (+ .json, .csv) into the output directory (see tvmq report)",
+    )
 
 
 def _compression_options(g) -> None:

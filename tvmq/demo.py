@@ -242,21 +242,9 @@ def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Modul
 
 def _constant_bytes(mod) -> int:
     """Bytes of all constants (weights) left in a Relax module."""
-    from tvm import relax
+    from tvmq.sizes import constant_bytes_by_dtype
 
-    total = 0
-
-    @relax.expr_functor.visitor
-    class _Consts(relax.PyExprVisitor):
-        def visit_generic_const_(self, c):
-            nonlocal total
-            if isinstance(c.ty, relax.TensorType):
-                total += c.value.numpy().nbytes
-
-    for _, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            _Consts().visit_expr(f)
-    return total
+    return sum(constant_bytes_by_dtype(mod).values())
 
 
 def _variants() -> list[tuple[str, Callable[[DemoContext], Row]]]:
@@ -325,6 +313,7 @@ def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> lis
         for name, measure in _variants():
             print(f"  {name}...", flush=True)
             rows.append(measure(ctx))
+        report = _int8_report(ctx, keep=bool(output_dir))
     print()
     print(format_table(rows, rows[0]))
     print(
@@ -334,6 +323,29 @@ def run_demo(output_dir=None, quick: bool = False, progress: bool = True) -> lis
         f"constants; library: model.so; Δ acc in points against the reference. "
         f"Total {time.perf_counter() - t0:.0f} s."
     )
+    print(f"report of the int8 model (SQNR per layer, kernel times, size, accuracy): {report}")
     if output_dir:
         print(f"compiled models kept in {output_dir}/")
     return rows
+
+
+def _int8_report(ctx: DemoContext, keep: bool) -> Path:
+    """``tvmq report`` of the int8 row's build, with its accuracy against the float model.
+
+    Written into the build folder when the builds are kept (``-o``), else into a folder of
+    its own under the system's temp dir, which outlives the demo's builds.
+    """
+    from tvmq.manifest import Manifest
+    from tvmq.report import write_report
+
+    build = ctx.workdir / _folder_name("int8 static, tvmq")
+    manifest = Manifest.read(build)
+    with torch.no_grad():
+        ref = ctx.model(torch.from_numpy(ctx.data.x_test)).numpy()
+    eval_data = {
+        manifest.inputs[0].name: ctx.data.x_test,
+        "labels": ctx.data.y_test,
+        f"ref_{manifest.outputs[0].name}": ref,
+    }
+    out = None if keep else Path(tempfile.mkdtemp(prefix="tvmq-demo-report-")) / "report.html"
+    return write_report(build, out, eval_data=eval_data, repeat=5 if ctx.quick else 10)

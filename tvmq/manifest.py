@@ -102,6 +102,25 @@ class Manifest:
             raise TvmqError(f"{path}: damaged manifest ({type(e).__name__}: {e})") from None
 
 
+def add_files(directory: os.PathLike, names: list[str]) -> None:
+    """List more files in a build's ``model.json`` (``"files"``): tvmq then owns them, and the
+    next build into the folder replaces or removes them. Rewritten atomically, every other
+    field as it was."""
+    path = Path(directory) / MANIFEST
+    Manifest.read(directory)  # a damaged or foreign manifest is refused, never rewritten
+    d = json.loads(path.read_text())
+    d["files"] = sorted(
+        set(d.get("files") or [MANIFEST, d["library"].get("file", LIBRARY)]) | set(names)
+    )
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(d, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TvmqError(f"{path}: cannot update ({e.strerror or e})") from None
+
+
 def _check_fields(d: dict) -> None:
     """Raise ValueError naming the first field of ``model.json`` that is not what tvmq wrote.
 

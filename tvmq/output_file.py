@@ -1,6 +1,8 @@
-"""Single output files (``tvmq run -o outputs.npz``): checked before any work, written atomically.
+"""Single output files (``tvmq run -o outputs.npz``, ``tvmq report -o``): checked before any
+work, written atomically.
 
-Only a missing file or an ``.npz`` archive is ever replaced. The new file is written to a
+Only a missing file or one tvmq could have written is ever replaced (by default an ``.npz``
+archive; a caller names what else it recognises as its own, e.g. a tvmq report). The new file is written to a
 hidden temp file beside it (``.NAME.tmp-PID-*``) and moved into place with ``os.replace``;
 temp files of killed runs are removed by the next write to the same path, as output
 folders' leftovers are (:mod:`tvmq.output`).
@@ -22,13 +24,21 @@ from tvmq.output import leftovers
 __all__ = ["check_output_file", "write_file_atomically"]
 
 
-def check_output_file(path: os.PathLike) -> Path:
+def check_output_file(
+    path: os.PathLike,
+    *,
+    replaceable: Callable[[Path], bool] | None = None,
+    kind: str = ".npz file",
+) -> Path:
     """Check before any work that ``path`` can take a new ``.npz`` file.
+
+    ``replaceable`` says whether an existing file may be replaced (default: it is an
+    ``.npz`` archive); ``kind`` names such files in the error.
 
     Raises
     ------
     TvmqError
-        ``path`` is a folder, an existing file that is not an ``.npz`` archive, or its
+        ``path`` is a folder, an existing file that is not replaceable, or its
         folder is missing or not writable.
     """
     path = Path(path)
@@ -39,8 +49,8 @@ def check_output_file(path: os.PathLike) -> Path:
         raise TvmqError(f"{path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TvmqError(f"{path}: cannot write to {parent} (permission denied)")
-    if path.exists() and not _is_npz(path):
-        raise TvmqError(f"{path}: exists and is not a .npz file; tvmq will not overwrite it")
+    if path.exists() and not (replaceable or _is_npz)(path):
+        raise TvmqError(f"{path}: exists and is not a {kind}; tvmq will not overwrite it")
     return path
 
 
@@ -54,13 +64,20 @@ def _is_npz(path: Path) -> bool:
     return head in (b"", b"PK\x03\x04", b"PK\x05\x06")
 
 
-def write_file_atomically(path: os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def write_file_atomically(
+    path: os.PathLike,
+    write: Callable[[BinaryIO], None],
+    *,
+    replaceable: Callable[[Path], bool] | None = None,
+    kind: str = ".npz file",
+) -> Path:
     """Write a file through a unique temp file in its folder, then ``os.replace`` it.
 
     Either the whole new file is at ``path`` or nothing changed; no temp file is left
-    (one of a killed run is removed by the next write to the same path).
+    (one of a killed run is removed by the next write to the same path). ``replaceable``
+    and ``kind``: as for :func:`check_output_file`.
     """
-    path = check_output_file(path)
+    path = check_output_file(path, replaceable=replaceable, kind=kind)
     dead = re.compile(rf"\.{re.escape(path.name)}\.(?P<kind>tmp)-(?P<pid>\d+)(-[0-9a-f]+)?")
     for stale, _ in leftovers(path.parent, dead):  # from runs that were killed
         with contextlib.suppress(OSError):

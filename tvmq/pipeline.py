@@ -221,6 +221,7 @@ def run(
     phase(f"build for {preset.name}", progress)
     ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
     done.notes["kernels"] = info.to_json()
+    done.notes["weights"] = dict(info.weights)  # dtype -> bytes of constants in the library
     if progress:
         print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
     quantized = done.quantized

@@ -1,76 +1,166 @@
-"""Per-kernel time of a compiled model, from the Relax VM's instrumentation hook.
+"""Where a compiled model's time goes: per-kernel times of one call.
 
-TVM 0.27's Relax VM has no profiler mode: :func:`profile_kernels` installs
-``VirtualMachine.set_instrument`` with a callback that times every call instruction
-(kernels and VM builtins) between its before/after events, synchronising the device, and
-sums the times by function symbol over ``repeat`` runs after ``warmup`` untimed ones.
-The callback itself costs a few microseconds per call, so tiny kernels read high.
+TVM 0.27's Relax VM has no profiling mode (``VirtualMachine(..., profile=True)`` is gone);
+it can only be *instrumented*: ``vm.set_instrument(f)`` calls ``f`` before and after every
+call the VM makes. :func:`profile_kernels` uses that once, to record which kernels one
+model call runs and on which tensors; then it times each kernel call alone, on those same
+tensors, with TVM's ``time_evaluator`` (a timer in C++: no Python callback inside the
+measured interval, whose overhead of about a microsecond per call would swamp the
+microsecond kernels of a small model). What the whole call takes beyond its kernels
+(allocation, shape checks, dispatch) is the row :data:`VM_ROW`.
+
+Usable from any front end (``tvmq report``, ``tvmq run --profile``)::
+
+    for name, calls, seconds, percent in profile_kernels("build/"):
+        print(f"{percent:5.1f}%  {seconds * 1e6:8.1f} us  x{calls}  {name}")
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import os
+import statistics
+from typing import NamedTuple
 
-__all__ = ["KernelTime", "format_profile", "profile_kernels"]
+import tvm
+
+from tvmq.errors import TvmqError
+from tvmq.runtime import CompiledModel, random_inputs
+
+__all__ = ["VM_ROW", "KernelTime", "format_profile", "profile_kernels"]
+
+VM_ROW = "(VM: allocation, checks, dispatch)"
+"""The name of the row that holds the rest of a call's time, beyond its kernels."""
 
 
-@dataclass(frozen=True)
-class KernelTime:
-    """One function the VM called: calls per run and mean time per run (ms)."""
+class KernelTime(NamedTuple):
+    """One kernel (TIR function) of a model call.
+
+    ``calls``: how often one model call runs it; ``seconds``: its time in one model call
+    (all its calls together); ``percent``: of the model call's time.
+    """
 
     name: str
     calls: int
-    ms: float
+    seconds: float
+    percent: float
 
 
-def profile_kernels(vm, device, tensors, *, repeat: int = 10, warmup: int = 1) -> list[KernelTime]:
-    """Time each function ``vm["main"](*tensors)`` calls; slowest first."""
-    for _ in range(warmup):
-        vm["main"](*tensors)
-    totals: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    started: list[float] = []
+def profile_kernels(
+    model: CompiledModel | str | os.PathLike,
+    inputs=None,
+    *,
+    repeat: int = 10,
+    min_repeat_ms: int = 2,
+    warmup: int = 3,
+) -> list[KernelTime]:
+    """Per-kernel times of one call of a compiled model, slowest first.
 
-    def instrument(func, name, before_run, ret, *args):
-        device.sync()
-        if before_run:
-            started.append(time.perf_counter())
-        else:
-            name = str(name)
-            totals[name] = totals.get(name, 0.0) + time.perf_counter() - started.pop()
-            calls[name] = calls.get(name, 0) + 1
-        return 0  # VMInstrumentReturnKind.kNoOp: run the call as usual
+    Parameters
+    ----------
+    model : CompiledModel or path
+        A model loaded with :func:`tvmq.load`, or the folder ``tvmq compile`` wrote.
+    inputs : list or dict of arrays, optional
+        The call's inputs, as for ``model(...)``; default: random ones of the right shapes.
+    repeat : int
+        Timed repetitions of the whole model and of each kernel; medians are reported.
+    min_repeat_ms : int
+        Each kernel repetition runs the kernel as often as it takes to last this long.
+    warmup : int
+        Untimed model calls first.
 
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(repeat):
-            vm["main"](*tensors)
-    finally:
-        vm.set_instrument(None)
-    times = [KernelTime(n, calls[n] // repeat, 1e3 * t / repeat) for n, t in totals.items()]
-    return sorted(times, key=lambda k: -k.ms)
+    Returns
+    -------
+    list[KernelTime]
+        One row per kernel, plus :data:`VM_ROW` (the model call's median time minus its
+        kernels', never negative), sorted by time. ``percent`` is of the larger of the
+        model call's median time and the kernels' sum, so the rows add up to 100.
+
+    Raises
+    ------
+    TvmqError
+        For a bad ``repeat``, inputs that do not fit the model, or a build for another
+        machine (cross-compiled).
+    """
+    if not isinstance(repeat, int) or repeat < 1:
+        raise TvmqError(f"repeat must be a positive integer, got {repeat!r}")
+    if not isinstance(model, CompiledModel):
+        model = CompiledModel(model)
+    if inputs is None:
+        inputs = random_inputs(model.inputs)
+    args, kwargs = (inputs, {}) if not isinstance(inputs, dict) else ((), inputs)
+    tensors = model._to_device(list(args), kwargs)
+    lib, vm = model._lib, model._vm
+    calls = _record_calls(vm, lib, tensors)
+    whole = model.benchmark([t.numpy() for t in tensors], warmup=warmup, repeat=repeat)
+    per_kernel: dict[str, list[float]] = {}
+    for owner, name, call_args in calls:
+        timer = owner.time_evaluator(
+            name, model.device, number=1, repeat=repeat, min_repeat_ms=int(min_repeat_ms)
+        )
+        seconds = statistics.median(timer(*call_args).results)
+        per_kernel.setdefault(name, []).append(seconds)
+    rows = [(name, len(ts), sum(ts)) for name, ts in per_kernel.items()]
+    kernels_s = sum(s for _, _, s in rows)
+    total = max(whole.median_ms / 1e3, kernels_s)
+    rows.append((VM_ROW, 0, total - kernels_s))
+    rows.sort(key=lambda r: -r[2])
+    return [KernelTime(n, c, s, 100.0 * s / total if total > 0 else 0.0) for n, c, s in rows]
 
 
 def format_profile(times: list[KernelTime], top: int) -> str:
-    """A table of the ``top`` slowest kernels with their share of the summed time; the VM's
-    own builtins (allocation, shape checks) summed on one line."""
-    total = sum(k.ms for k in times) or 1.0
-    kernels = [k for k in times if not k.name.startswith("vm.builtin.")]
-    builtins = [k for k in times if k.name.startswith("vm.builtin.")]
-    width = max([len(k.name) for k in kernels[:top]] + [24])
+    """A table of the ``top`` slowest kernels of :func:`profile_kernels`' rows, the rest of the
+    kernels on one line, then the VM's own share and the total (``tvmq run --profile``)."""
+    kernels = [k for k in times if k.name != VM_ROW]
+    vm = [k for k in times if k.name == VM_ROW]
+    width = max([len(k.name) for k in kernels[:top]] + [len(VM_ROW)])
     lines = [f"{'kernel':<{width}}  {'calls':>5}  {'ms/run':>9}  {'share':>6}"]
 
-    def row(name, calls, ms):
-        return f"{name:<{width}}  {calls:>5}  {ms:>9.4f}  {100 * ms / total:>5.1f}%"
+    def row(name, calls, seconds, percent):
+        return f"{name:<{width}}  {calls:>5}  {1e3 * seconds:>9.4f}  {percent:>5.1f}%"
 
     for k in kernels[:top]:
-        lines.append(row(k.name, k.calls, k.ms))
+        lines.append(row(k.name, k.calls, k.seconds, k.percent))
     rest = kernels[top:]
     if rest:
-        lines.append(row(f"({len(rest)} more kernels)", "", sum(k.ms for k in rest)))
-    if builtins:
-        calls = sum(k.calls for k in builtins)
-        lines.append(row("(VM builtins)", calls, sum(k.ms for k in builtins)))
-    lines.append(row("total", "", total))
+        seconds, percent = sum(k.seconds for k in rest), sum(k.percent for k in rest)
+        lines.append(row(f"({len(rest)} more kernels)", "", seconds, percent))
+    lines += [row(k.name, "", k.seconds, k.percent) for k in vm]
+    lines.append(row("total", "", sum(k.seconds for k in times), sum(k.percent for k in times)))
     return "\n".join(lines)
+
+
+def _record_calls(vm, lib: tvm.runtime.Module, tensors) -> list[tuple]:
+    """(module, kernel name, arguments) of each kernel call of one ``main`` call, in order.
+
+    A kernel is a function of the library's compiled modules; the VM's own builtins
+    (``vm.builtin.alloc_tensor``...) and nested Relax functions are not kernels.
+    """
+    owners: dict[str, tvm.runtime.Module | None] = {}
+    calls = []
+
+    def instrument(func, name, before_run, ret, *args):
+        name = str(name)
+        if before_run:
+            if name not in owners:
+                owners[name] = _owner(lib, name)
+            if owners[name] is not None:
+                calls.append((owners[name], name, args))
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+    vm.set_instrument(instrument)
+    try:
+        vm["main"](*tensors)
+    finally:
+        vm.set_instrument(None)
+    return calls
+
+
+def _owner(lib: tvm.runtime.Module, name: str) -> tvm.runtime.Module | None:
+    """The compiled (non-VM) module of ``lib``'s import tree that defines ``name``."""
+    todo = list(lib.imports)
+    while todo:
+        mod = todo.pop()
+        if mod.implements_function(name):
+            return mod
+        todo.extend(mod.imports)
+    return None

@@ -183,11 +183,10 @@ class CompiledModel:
         return LatencyStats.from_seconds(list(timer("main").results))
 
     def profile(self, inputs: list[np.ndarray] | None = None, *, repeat: int = 10):
-        """Per-kernel time over ``repeat`` runs (``tvmq.profiling.profile_kernels``)."""
+        """Per-kernel times of one call (``tvmq.profiling.profile_kernels``), slowest first."""
         from tvmq.profiling import profile_kernels
 
-        tensors = self._to_device(inputs or random_inputs(self.manifest.inputs), {})
-        return profile_kernels(self._vm, self.device, tensors, repeat=repeat)
+        return profile_kernels(self, inputs, repeat=repeat)
 
 
 def _flatten(result) -> list[np.ndarray]:
