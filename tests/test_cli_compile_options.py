@@ -161,7 +161,7 @@ def test_run_profile_lists_the_slowest_kernels(capsys, tmp_path, compiled_mlp_di
     )
     assert code == 0, err
     table = out[out.index("kernel times") :].splitlines()[1:]
-    assert table[0].split() == ["kernel", "calls", "ms/run", "share"]
+    assert table[0].split() == ["kernel", "calls", "us/run", "share"]
     assert table[-1].startswith("total") and table[-1].endswith("100.0%")
     rows = [line.split() for line in table[1:-1] if not line.startswith("(")]
     assert len(rows) == 2  # the MLP's two fused kernels, named

@@ -113,10 +113,10 @@ def format_profile(times: list[KernelTime], top: int) -> str:
     kernels = [k for k in times if k.name != VM_ROW]
     vm = [k for k in times if k.name == VM_ROW]
     width = max([len(k.name) for k in kernels[:top]] + [len(VM_ROW)])
-    lines = [f"{'kernel':<{width}}  {'calls':>5}  {'ms/run':>9}  {'share':>6}"]
+    lines = [f"{'kernel':<{width}}  {'calls':>5}  {'us/run':>9}  {'share':>6}"]
 
     def row(name, calls, seconds, percent):
-        return f"{name:<{width}}  {calls:>5}  {1e3 * seconds:>9.4f}  {percent:>5.1f}%"
+        return f"{name:<{width}}  {calls:>5}  {1e6 * seconds:>9.2f}  {percent:>5.1f}%"
 
     for k in kernels[:top]:
         lines.append(row(k.name, k.calls, k.seconds, k.percent))
