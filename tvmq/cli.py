@@ -1,4 +1,4 @@
-"""The ``tvmq`` command line: compile, run, bench, targets, inspect, demo."""
+"""The ``tvmq`` command line: compile, run, bench, bundle, targets, inspect, demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from tvmq.cli_commands import (
     cmd_bench,
+    cmd_bundle,
     cmd_compile,
     cmd_demo,
     cmd_inspect,
@@ -32,6 +33,7 @@ examples:
   tvmq bench build/                              median and p90 latency
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
+  tvmq bundle build/ -o bundle/ --python 3.12    a folder that runs build/ with the TVM runtime only
 """
 
 
@@ -192,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int_at_least(1), default=100, help="timed runs (default 100)")
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser(
+        "bundle",
+        help="write a deploy folder that runs a compiled model with TVM's runtime only "
+        "(python BUNDLE/run.py; no compiler, no tvmq install)",
+    )
+    s.add_argument("model_dir", help="output directory of tvmq compile")
+    s.add_argument("-o", "--output", required=True, help="the bundle folder to write")
+    s.add_argument(
+        "--python",
+        metavar="3.N",
+        help="the Python version on the machine that runs the bundle (default: this one's)",
+    )
+    s.set_defaults(func=cmd_bundle)
 
     s = sub.add_parser(
         "inspect", help="show a compiled directory's manifest, or a model's signature and ops"

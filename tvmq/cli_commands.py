@@ -98,6 +98,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from tvmq.output_file import check_output_file, write_file_atomically
+    from tvmq.runtime import output_summary
 
     if args.output:
         check_output_file(args.output)  # before running: a bad -o fails fast
@@ -110,12 +111,7 @@ def cmd_run(args) -> int:
             session.close()
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, y in zip(model.outputs, outs, strict=True):
-        summary = f"{spec.name}: shape {y.shape} {y.dtype}"
-        if y.size:
-            summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
-            if y.ndim == 2:
-                summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
-        print(summary)
+        print(output_summary(spec, y))
     if args.output:
         arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
         write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
@@ -188,6 +184,13 @@ def cmd_tune(args) -> int:
         print(failed.report.summary())  # the table on stdout; the one-line error on stderr
         raise
     print(report.summary())
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from tvmq.bundle import make_bundle
+
+    print(make_bundle(args.model_dir, args.output, python=args.python).summary())
     return 0
 
 
