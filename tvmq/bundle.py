@@ -20,6 +20,8 @@ loaded, so the bundle holds exactly what ``import tvm`` reads without the compil
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import re
@@ -100,9 +102,17 @@ def parse_python(text: str | None) -> str:
 
 
 def make_bundle(
-    build_dir: os.PathLike, output_dir: os.PathLike, python: str | None = None
+    build_dir: os.PathLike,
+    output_dir: os.PathLike,
+    python: str | None = None,
+    tvm_runtime: os.PathLike | None = None,
 ) -> Bundle:
     """Write a runtime-only bundle of the tvmq build in ``build_dir`` to ``output_dir``.
+
+    ``python`` is the board's Python version (default: this one's). TVM's runtime libraries
+    come from ``tvm_runtime`` when given (a folder with ``libtvm_runtime.so`` built for the
+    board's CPU), else from this TVM when the build's CPU is this machine's, else from the
+    apache-tvm wheel for the build's CPU (downloaded, 100 MB).
 
     Raises
     ------
@@ -122,6 +132,8 @@ def make_bundle(
             f"{build}: compiled for CPU '{arch}'; bundles are made for {sorted(_PLATFORMS)}"
         )
     platform = _PLATFORMS[arch]
+    if tvm_runtime is not None and not Path(tvm_runtime).is_dir():
+        raise TvmqError(f"--tvm-runtime {tvm_runtime}: no such directory")
     out = Path(output_dir).resolve()
     if out == build.resolve() or out in build.resolve().parents:
         raise TvmqError(f"{out}: is the build folder or holds it; give a new folder for the bundle")
@@ -132,7 +144,7 @@ def make_bundle(
         raise TvmqError(f"{out}: cannot write here ({e.strerror})") from None
     stage = _make_unique_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-")
     try:
-        parts = _write(stage, build, manifest, arch, python, platform)
+        parts = _write(stage, build, manifest, arch, python, platform, tvm_runtime)
         _commit(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -195,7 +207,13 @@ def _commit(stage: Path, out: Path) -> None:
 
 
 def _write(
-    stage: Path, build: Path, manifest: Manifest, arch: str, python: str, platform: str
+    stage: Path,
+    build: Path,
+    manifest: Manifest,
+    arch: str,
+    python: str,
+    platform: str,
+    tvm_runtime: os.PathLike | None,
 ) -> dict:
     """Fill the staging folder; return the bytes of its parts."""
     model = stage / "model"
@@ -210,7 +228,7 @@ def _write(
     libs = ["libtvm_runtime.so"] + (
         ["libtvm_runtime_cuda.so"] if manifest.target.get("kind") == "cuda" else []
     )
-    _copy_runtime_libs(libs, arch, py / "tvm" / "lib")
+    _copy_runtime_libs(libs, arch, py / "tvm" / "lib", tvm_runtime)
     wheel = _download_ffi_wheel(python, platform, stage / "wheels")
     shutil.copyfile(_RUNNER, stage / "run.py")
     versions = {
@@ -245,6 +263,7 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+@functools.cache
 def _runtime_python_files() -> list[tuple[str, str]]:
     """(source, path in python/) of every file a runtime-only ``import tvm`` and tvmq's loader read."""
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
@@ -256,39 +275,60 @@ def _runtime_python_files() -> list[tuple[str, str]]:
     return [tuple(pair) for pair in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-def _copy_runtime_libs(names: list[str], arch: str, dest: Path) -> None:
-    """TVM's runtime libraries for ``arch``: this install's, or from the apache-tvm wheel."""
+def _copy_runtime_libs(names: list[str], arch: str, dest: Path, source: os.PathLike | None) -> None:
+    """TVM's runtime libraries for ``arch`` into ``dest``, each checked to be code for it."""
     dest.mkdir(parents=True, exist_ok=True)
-    if arch == this_machine():
+    if source is None and arch == this_machine():
         import tvm.base
 
-        lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        source = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    if source is not None:
         for name in names:
-            if not (lib_dir / name).is_file():
-                raise TvmqError(f"{lib_dir / name}: missing from the installed TVM")
-            shutil.copy2(lib_dir / name, dest / name)
-        return
-    # Another CPU: the apache-tvm wheel for it (100 MB; pip's cache keeps it for next time).
-    with tempfile.TemporaryDirectory(prefix="tvmq-bundle-") as tmp:
-        wheel = _pip_download(
-            f"apache-tvm=={metadata.version('apache-tvm')}", None, _PLATFORMS[arch], Path(tmp)
-        )
+            if not (Path(source) / name).is_file():
+                raise TvmqError(f"{Path(source) / name}: no such file (TVM's runtime library)")
+            shutil.copy2(Path(source) / name, dest / name)
+    else:  # another CPU: the apache-tvm wheel for it (pip's cache may keep it for next time)
+        wheel = _downloaded(f"apache-tvm=={metadata.version('apache-tvm')}", None, _PLATFORMS[arch])
         with zipfile.ZipFile(wheel) as z:
             for name in names:
                 try:
-                    data = z.read(f"tvm/lib/{name}")
+                    (dest / name).write_bytes(z.read(f"tvm/lib/{name}"))
                 except KeyError:
                     raise TvmqError(f"{wheel.name}: has no tvm/lib/{name}") from None
-                (dest / name).write_bytes(data)
                 (dest / name).chmod(0o755)
+    for name in names:
+        found = _elf_arch(dest / name)
+        if found != arch:
+            where = source or "the apache-tvm wheel"
+            raise TvmqError(f"{name} from {where} is code for {found}, the build is for {arch}")
+
+
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv"}
+
+
+def _elf_arch(path: Path) -> str:
+    """The CPU a shared library's code is for (ELF ``e_machine``), or "not an ELF file"."""
+    head = path.read_bytes()[:20]
+    if head[:4] != b"\x7fELF":
+        return "not an ELF file"
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"ELF machine {machine}")
 
 
 def _download_ffi_wheel(python: str, platform: str, dest: Path) -> Path:
     """The apache-tvm-ffi wheel of this install's version for ``python`` on ``platform``."""
     dest.mkdir()
-    return _pip_download(
-        f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}", python, platform, dest
-    )
+    wheel = _downloaded(f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}", python, platform)
+    shutil.copyfile(wheel, dest / wheel.name)
+    return dest / wheel.name
+
+
+@functools.cache
+def _downloaded(requirement: str, python: str | None, platform: str) -> Path:
+    """A wheel downloaded once per process (into a folder removed when the process ends)."""
+    tmp = Path(tempfile.mkdtemp(prefix="tvmq-wheels-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return _pip_download(requirement, python, platform, tmp)
 
 
 def _pip_download(requirement: str, python: str | None, platform: str, dest: Path) -> Path:

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(HERE / "python")] + ([str(ffi)] if ffi else [])
 
     import numpy as np
+    import tvm
 
     import tvmq
     from tvmq.cli_options import load_arrays
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             inputs = random_inputs(model.inputs)
         outs = model(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        print(f"{info['target']} model on {model.device} (TVM {info['versions']['tvm']} runtime)")
+        tvm_dir = Path(tvm.__file__).parent
+        print(
+            f"{info['target']} model on {model.device}, TVM {tvm.__version__} runtime from {tvm_dir}"
+        )
         for spec, y in zip(model.outputs, outs, strict=True):
             print(output_summary(spec, y))
         if args.repeat > 0:

@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="3.N",
         help="the Python version on the machine that runs the bundle (default: this one's)",
     )
+    s.add_argument(
+        "--tvm-runtime",
+        metavar="DIR",
+        help="take TVM's runtime libraries (libtvm_runtime.so...) from this folder, built for "
+        "the build's CPU (default: this TVM's, or the apache-tvm wheel for another CPU)",
+    )
     s.set_defaults(func=cmd_bundle)
 
     s = sub.add_parser(

@@ -190,7 +190,10 @@ def cmd_tune(args) -> int:
 def cmd_bundle(args) -> int:
     from tvmq.bundle import make_bundle
 
-    print(make_bundle(args.model_dir, args.output, python=args.python).summary())
+    bundle = make_bundle(
+        args.model_dir, args.output, python=args.python, tvm_runtime=args.tvm_runtime
+    )
+    print(bundle.summary())
     return 0
 
 
