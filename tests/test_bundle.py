@@ -98,6 +98,14 @@ def test_bundle_runs_in_a_fresh_venv_without_tvm(bundle_dir, compiled_mlp_dir, s
     _run([*run, "-o", str(tmp_path / "y2.npz")], cwd=tmp_path)
     np.testing.assert_array_equal(np.load(tmp_path / "y2.npz")["output0"], ref)
     assert not (bundle_dir / "_deps").exists()
+    # tvmq.load from the bundle's python/ in that venv (no tvmq installed there either).
+    code = (
+        f"import sys; sys.path.insert(0, {str(bundle_dir / 'python')!r}); import numpy, tvmq; "
+        f"m = tvmq.load({str(bundle_dir / 'model')!r}); "
+        f"numpy.save({str(tmp_path / 'y3.npy')!r}, m(numpy.load({str(tmp_path / 'x.npz')!r})['x']))"
+    )
+    _run([py, "-c", code], cwd=tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / "y3.npy"), ref)
 
     # A bad input file: one line from run.py, exit 2.
     (tmp_path / "bad.npz").write_text("not numpy")
