@@ -55,7 +55,7 @@ import json, sys
 from pathlib import Path
 import tvm, tvm.base
 from tvm.runtime import vm
-import tvmq.runtime, tvmq.cli_options, tvmq.output_file, typing_extensions
+import tvmq.runtime, tvmq.cli_options, tvmq.output_file, tvmq.tuning_offline, typing_extensions
 assert tvm.base._RUNTIME_ONLY and "tvm.relax" not in sys.modules, "the compiler was loaded"
 roots = {n: Path(sys.modules[n].__file__).resolve().parent for n in ("tvm", "tvmq")}
 roots["typing_extensions"] = Path(typing_extensions.__file__).resolve()

@@ -4,6 +4,7 @@
     python run.py                          random inputs; prints the outputs and the latency
     python run.py -i inputs.npz -o outputs.npz
     python run.py --repeat 0               run once, no timing
+    python run.py measure CANDIDATES/      time the kernels of a tvmq tune --offline round
 
 Needs the Python the bundle was made for (bundle.json's "python") and numpy. TVM's runtime
 and tvmq's loader are in python/; apache-tvm-ffi is taken from the Python's packages when
@@ -81,8 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _measure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py measure",
+        description="time each candidate kernel of a tvmq tune --offline folder on this "
+        "machine; writes FOLDER/timings.json for tvmq tune --import",
+    )
+    p.add_argument("folder", help="the folder tvmq tune --offline wrote")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    measuring = bool(argv) and argv[0] == "measure"
+    args = (_measure_parser() if measuring else _parser()).parse_args(argv[measuring:])
     try:
         info = json.loads((HERE / "bundle.json").read_text())
     except (OSError, ValueError) as e:
@@ -100,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     from tvmq.output_file import check_output_file, write_file_atomically
     from tvmq.runtime import output_summary, random_inputs
 
+    if measuring:
+        from tvmq.tuning_offline import FAILED, measure_candidates
+
+        try:
+            timings = measure_candidates(args.folder)["timings"]
+        except TvmqError as e:
+            _fail(str(e))
+        failed = sum(isinstance(t, dict) and FAILED in t for t in timings.values())
+        print(f"timed {len(timings) - failed} candidates ({failed} failed) in {args.folder}")
+        return 0
     try:
         if args.output:
             check_output_file(args.output)

@@ -29,6 +29,8 @@ examples:
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
   tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
   tvmq tune --repair --work-dir tuning_logs/host  drop damaged records from a record folder
+  tvmq tune model.onnx --trials 64 --offline cands/   candidates to time elsewhere (run.py measure)
+  tvmq tune --import cands/                      their timings -> records for tvmq compile
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
@@ -172,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of tuning, rewrite the record folder (--work-dir) keeping only records "
         "that replay on their kernel; the originals are kept as *.bak",
+    )
+    s.add_argument(
+        "--offline",
+        metavar="DIR",
+        help="measure nothing: build the candidates into this new folder, to be timed on a "
+        "device this machine cannot reach (python BUNDLE/run.py measure DIR)",
+    )
+    s.add_argument(
+        "--import",
+        dest="import_dir",
+        metavar="DIR",
+        help="instead of tuning, add the timings of an offline round (DIR/timings.json) to "
+        "the record folder (--work-dir, default: ./tuning_logs/<the round's target>/)",
     )
     _add_rpc_options(s)
     s.set_defaults(func=cmd_tune)

@@ -148,8 +148,17 @@ def cmd_tune(args) -> int:
         work_dir = args.work_dir or default_work_dir(args.target)
         print(repair(work_dir).summary())
         return 0
+    if args.import_dir is not None:
+        if args.model is not None or args.offline or args.rpc:
+            raise TvmqError("--import takes only the round's folder (and --work-dir)")
+        from tvmq.tuning_offline import import_timings
+
+        print(import_timings(args.import_dir, args.work_dir).summary())
+        return 0
     if args.model is None:
         raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
+    if args.offline and args.rpc:
+        raise TvmqError("--offline measures nothing, so it takes no --rpc tracker")
     if args.work_dir is not None:  # before the model import: a typo should fail in a second
         check_work_dir(Path(args.work_dir))
     rpc = None
@@ -179,6 +188,7 @@ def cmd_tune(args) -> int:
             rpc=rpc,
             progress=not args.quiet,
             cost_model=args.cost_model,
+            offline=args.offline,
         )
     except TuningFailed as failed:
         print(failed.report.summary())  # the table on stdout; the one-line error on stderr

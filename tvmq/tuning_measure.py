@@ -86,11 +86,23 @@ def check_builder(task, preset: TargetPreset, rpc) -> None:
 # Tuning one task
 
 
-def run_one(context, trials, per_batch, builder, runner, database, cost_model, tracker) -> None:
-    """Tune one task for ``trials`` candidates, sharing builder, runner and cost model."""
+def run_one(
+    context, trials, per_batch, builder, runner, database, cost_model, tracker, callbacks_for=None
+) -> None:
+    """Tune one task for ``trials`` candidates, sharing builder, runner and cost model.
+
+    ``callbacks_for(context, tracker)`` replaces the measure callbacks (database, cost model,
+    progress): an offline round keeps the built candidates instead.
+    """
     from tvm.s_tir import meta_schedule as ms
 
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(tracker)]
+    if callbacks_for is not None:
+        callbacks = callbacks_for(context, tracker)
+    else:
+        callbacks = [
+            *ms.measure_callback.MeasureCallback.create("default"),
+            _ProgressCallback(tracker),
+        ]
     scheduler = ms.task_scheduler.RoundRobin()
     try:
         scheduler.tune(
