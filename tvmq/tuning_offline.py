@@ -47,8 +47,9 @@ class OfflineRound:
     workloads: dict = field(default_factory=dict)  # workload JSON (str) -> index
 
     def __post_init__(self) -> None:
-        from tvmq.output import _make_unique_dir
+        from tvmq.output import _make_unique_dir, recover
 
+        recover(Path(self.folder).resolve())  # staging folders of killed rounds
         self.folder = check_new_folder(self.folder)
         try:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
