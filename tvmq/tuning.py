@@ -161,7 +161,7 @@ class TuneReport:
             last = (
                 f"{self.new_trials} candidates{bad} written to {self.offline} in "
                 f"{self.seconds:.0f} s: time them on the device with python BUNDLE/run.py "
-                f"measure {self.offline.name}, then tvmq tune --import {self.offline.name}"
+                f"measure {self.offline}, then tvmq tune --import {self.offline}"
             )
         if self.failed:
             last += f"; {len(self.failed)} kernel(s) failed, first: {self.failed[0].reason}"
