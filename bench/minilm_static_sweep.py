@@ -37,8 +37,8 @@ How it stays cheap: every calibration set (and smoothing) runs the float model o
 one observer per tensor that feeds all the registered observers at once (``_FanOut``); its
 statistics are pickled in ``--cache`` (default build/minilm-static-sweep). A configuration
 then only picks its observers' ranges and runs the steps of
-``tvmq.quantization.quantize`` (calibrated qparams -> [bias correction] ->
-``static_int8_passes``), and ``tvmq.compile`` builds the result into ``<cache>/<config>``;
+``tvmq.quantization.quantize`` (calibrated qparams -> ``static_pipeline_params`` [with bias
+corrections] -> ``static_int8_passes``), and ``tvmq.compile`` builds the result into ``<cache>/<config>``;
 a build whose configuration is unchanged is reused, with its accuracy. The ``public-*``
 rows are built by ``tvmq.compile(quantize=...)`` itself (``public-int8-held32`` matches
 ``smooth-ln+dyn-ffn2-held32``: same scheme and calibration).
@@ -105,7 +105,7 @@ GROUPS = {
 def _s(**kw) -> Int8Static:
     """The host's static int8 scheme (uint8 activations on VNNI) without SmoothQuant and
     dynamic sites (tvmq's static int8 before those options), with ``kw`` changed."""
-    from tvmq.compiler import scheme_for_target
+    from tvmq.pipeline import scheme_for_target
     from tvmq.targets import get_target
 
     kw = {"smooth": (), "dynamic": (), **kw}
@@ -186,7 +186,7 @@ class _FanOut(Observer):
     name = "sweep_fanout"
 
     def _reset(self) -> None:
-        self.subs = {n: get_observer(n) for n in list_observers() if n != self.name}
+        self.subs = {n: get_observer(n) for n in list_observers() if n not in (self.name, "auto")}
         self.channel_absmax = None  # max |x| per channel (last axis), for smoothing
 
     def _update(self, x: np.ndarray) -> None:
@@ -254,14 +254,14 @@ class Workbench:
         """The prepared float module ``cfg`` quantizes (smoothed when it asks for it), as
         ``tvmq.quantization.quantize`` smooths it (statistics from the unsmoothed run)."""
         from tvmq.passes import SmoothQuant
-        from tvmq.quantization.quantize import _dynamic_sites, _smooth_site_names
+        from tvmq.quantization.static import dynamic_sites, smooth_site_names
 
         scheme = cfg.scheme
         if not scheme.smooth:
             return self.prepared
         stats = self.stats(dataclasses.replace(cfg, scheme=_s(smooth=())))
         func = self.prepared["main"]
-        names = set(_smooth_site_names(func, scheme, _dynamic_sites(func, scheme)))
+        names = set(smooth_site_names(func, scheme, dynamic_sites(func, scheme)))
         absmax = {n: f.channel_absmax for n, f in stats.observers.items() if n in names}
         return SmoothQuant(absmax, scheme.smooth)(self.prepared)
 
@@ -306,7 +306,8 @@ class Workbench:
         from tvmq.frontends import ImportedModel
         from tvmq.passes import static_int8_passes
         from tvmq.passes.analysis import float_compute_ops
-        from tvmq.quantization.quantize import _dynamic_sites, _quantize_dynamic_sites
+        from tvmq.quantization.bias_correction import bias_corrections
+        from tvmq.quantization.static import static_pipeline_params
 
         out = self.cache / cfg.name
         facts_path = out / "sweep.json"
@@ -329,21 +330,14 @@ class Workbench:
             return facts
         qparams = self.qparams(cfg)
         prepared = self.module(cfg)
+        # the parameters tvmq.quantization.quantize builds (dynamic sites left to QuantizeDynamic)
+        params = static_pipeline_params(prepared, cfg.scheme, qparams)
         if cfg.bias_correction:
-            from tvmq.quantization.bias_correction import correct_biases
-
-            prepared, _ = correct_biases(
-                prepared, calibration_batches(cfg.calib), cfg.scheme, qparams,
-                inputs=self.imported.inputs,
+            params["bias_corrections"] = bias_corrections(
+                prepared, calibration_batches(cfg.calib), cfg.scheme,
+                params["activation_qparams"], inputs=self.imported.inputs,
             )  # fmt: skip
-        scheme = cfg.scheme
-        dyn = _dynamic_sites(self.prepared["main"], scheme)
-        if dyn:
-            scheme = dataclasses.replace(scheme, skip=scheme.skip + dyn)
-            qparams = {k: v for k, v in qparams.items() if k.split(":")[0] not in dyn}
-        quantized = static_int8_passes(qparams, scheme)(prepared)
-        if dyn:  # exactly the dynamic sites, as tvmq.quantization.quantize does
-            quantized = _quantize_dynamic_sites(quantized, prepared, dyn, cfg.scheme)
+        quantized = static_int8_passes(**params)(prepared)
         float_ops = float_compute_ops(quantized["main"])
         model = ImportedModel(
             quantized, self.imported.inputs, self.imported.outputs, self.imported.source

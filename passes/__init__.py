@@ -8,12 +8,14 @@ registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ..
 Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
 Sparse execution: :class:`SparsifyDense` (BSR kernels for block-sparse float weights, after
 pruning, before quantization).
-SmoothQuant before static int8 calibration: :class:`SmoothQuant`.
+SmoothQuant before static int8 calibration: :class:`SmoothQuant`; empirical bias correction
+after it: :class:`CorrectBias`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
-GELU on CPU targets).
+GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
+:class:`PackDecodedDense` (w8 / w4 / clustered matmul weights decoded inside the kernel).
 Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
@@ -31,9 +33,11 @@ from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_weights import ClusterWeights
+from .correct_bias import CorrectBias
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
+from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
@@ -58,6 +62,8 @@ __all__ = [
     "CanonicalizeQDQ",
     "has_qdq",
     "ClusterWeights",
+    "CorrectBias",
+    "PackDecodedDense",
     "PackFloatConv",
     "PackFloatDense",
     "UseFastMath",

@@ -97,7 +97,7 @@ def constant_bytes(mod: tvm.IRModule) -> int:
 def sparsity_report(mod: tvm.IRModule) -> dict:
     """Zeros per weight site, read from the IR.
 
-    Returns ``{"sites": {name: {"kind", "shape", "size", "zeros", "sparsity"}}, "size",
+    Returns ``{"sites": {name: {"kind", "shape", "size", "zeros", "sparsity"[, "source"]}}, "size",
     "zeros", "sparsity"}``; the totals cover every constant matmul/conv2d weight.
     """
     sites = {}
@@ -112,6 +112,8 @@ def sparsity_report(mod: tvm.IRModule) -> dict:
             "zeros": z,
             "sparsity": z / w.size if w.size else 0.0,
         }
+        if s.source:
+            sites[s.name]["source"] = s.source
         size += int(w.size)
         zeros += z
     return {"sites": sites, "size": size, "zeros": zeros, "sparsity": zeros / size if size else 0.0}

@@ -54,11 +54,10 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
-from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
 from .relax_utils import const_f32, const_i32, relax_functions, site_prefix
-from .sites import WeightSite, list_weight_sites
+from .sites import WeightSite, list_weight_sites, site_skipped
 from .tensor_sites import TensorSite, list_tensor_sites
 
 
@@ -244,7 +243,7 @@ class AnnotateQDQ:
         A ``matmul_act`` has no output parameters: its result is requantized by whatever
         quantizes it next, or dequantized.
         """
-        if is_skipped(site.name, site.kind, skip):
+        if site_skipped(site, skip):
             return None
         names = [*site.input_names] + ([site.name] if site.output is not None else [])
         if any(n not in self.activation_qparams for n in names):
@@ -263,7 +262,7 @@ class AnnotateQDQ:
             plans = {}
             for site in list_weight_sites(func, site_prefix(gv)):
                 qp = self.activation_qparams.get(site.name)
-                if qp is None or is_skipped(site.name, site.kind, skip):
+                if qp is None or site_skipped(site, skip):
                     continue
                 dtype = self._dtype(site.name, qp)
                 plans[site.call] = (

@@ -19,7 +19,8 @@ decoded weight equals the clustered float weight bit for bit (``take`` only copi
 Where it belongs: last of the weight rewrites, and after any ``FoldConstant``: folding
 would evaluate the decoder at compile time and store float weights again. TVM's default
 ``tvm.compile`` pipeline for llvm does not fold constants. The decoder runs on every call
-(a gather of ``size`` floats per weight); fusing it into the consumer needs a custom kernel.
+(a gather of ``size`` floats per weight) unless :class:`PackDecodedDense` (SIMD CPUs) decodes
+a matmul's weight inside its kernel.
 What was clustered is recorded on ``main`` as the attribute ``"tvmq.clustered"``.
 """
 
@@ -34,7 +35,7 @@ from tvmq.errors import TvmqError
 
 from .quantize_weight_only import DECODER_ATTR
 from .relax_utils import relax_functions
-from .sites import module_weight_sites
+from .sites import module_weight_sites, site_skipped
 
 INITS = ("kmeans++", "linear", "density")
 ATTR = "tvmq.clustered"
@@ -198,7 +199,8 @@ class ClusterWeights:
     seed : int
         Seed of the k-means++ sampling.
     skip : sequence of str
-        Site names to leave float.
+        Site names (``"matmul_1"``), source-model layer names (``"classifier"``) or fnmatch
+        patterns of either (``"encoder.*"``), or op kinds (``"conv2d"``) to leave float.
     """
 
     def __init__(
@@ -212,14 +214,14 @@ class ClusterWeights:
         self.init = init
         self.min_size = int(min_size)
         self.seed = int(seed)
-        self.skip = frozenset(str(s) for s in skip)
+        self.skip = tuple(str(s) for s in skip)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         plans: dict = {}
         record: dict = {}
         for site in module_weight_sites(mod):
             w = site.const.value.numpy()
-            if site.name in self.skip or site.const in plans or w.size < self.min_size:
+            if site_skipped(site, self.skip) or site.const in plans or w.size < self.min_size:
                 continue
             codebook, idx = cluster_tensor(w, self.bits, self.init, self.seed)
             packed = pack_indices(idx, self.bits)

@@ -154,8 +154,7 @@ class PackFloatConv:
         self.target = tvm.target.Target(target) if target is not None else None
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        simd = simd_lanes_and_registers(target)
+        simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
         return rewrite_channels_last(mod, _Lowering(*simd))

@@ -9,7 +9,8 @@ is exactly the IR part of a compile for the same parameters::
     #   no-op bindings (max_pool2d's unused index tuple); site names are defined on this form.
     # Phase 2, smooth: SmoothQuant on the sites of `smooth_absmax` (calibration, which
     #   needs phases 1-2 to observe the model it quantizes, runs after this phase).
-    # Phase 3, quantize: AnnotateQDQ (calibrated activation parameters) -> FoldQuantScales
+    # Phase 3, quantize: [CorrectBias (empirical bias correction, computed by the driver from
+    #   calibration)] -> AnnotateQDQ (calibrated activation parameters) -> FoldQuantScales
     #   (int8 weight constants, batch_norm folding) -> LowerInt8 (int8 x int8 -> int32,
     #   integer add / concat / requantize) -> QuantizeDynamic on the `dynamic_vars`
     #   matmuls (run-time per-row activation ranges: the scheme's `dynamic` sites).
@@ -34,6 +35,7 @@ import tvm
 from tvm import relax
 
 from .annotate_qdq import AnnotateQDQ
+from .correct_bias import CorrectBias
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
 from .quantize_dynamic import QuantizeDynamic
@@ -78,6 +80,7 @@ def static_int8_passes(
     requantize: str = "float",
     dynamic_vars: Collection[str] = (),
     dynamic_weight_per_channel: bool = True,
+    bias_corrections: Mapping[str, np.ndarray] | None = None,
 ) -> tvm.transform.Pass:
     """Phases 1 and 3: prepare, then quantize (no smoothing, no build).
 
@@ -94,8 +97,13 @@ def static_int8_passes(
         (:class:`QuantizeDynamic`) after the static passes, which must leave them float.
     dynamic_weight_per_channel : bool
         Weight scales of those matmuls per output channel.
+    bias_corrections : Mapping[str, numpy.ndarray], optional
+        Site name -> per-output-channel correction added to its bias (:class:`CorrectBias`)
+        before quantizing.
     """
     passes = [prepare_passes()]
+    if bias_corrections:
+        passes.append(CorrectBias(bias_corrections))
     if activation_qparams is not None:
         passes.append(
             AnnotateQDQ(

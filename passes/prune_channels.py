@@ -49,7 +49,7 @@ from .relax_utils import (
     site_prefix,
     update_functions,
 )
-from .sites import WeightSite, list_weight_sites
+from .sites import WeightSite, list_weight_sites, site_skipped
 
 ATTR = "tvmq.pruned_channels"
 
@@ -319,13 +319,16 @@ class _Slicer(PyExprMutator):
         return relax.op.reshape(self.visit_expr(call.args[0]), shape)
 
 
-def _prune_function(mod, func, prefix, ratio, norm):
+def _prune_function(mod, func, prefix, ratio, norm, skip=()):
     graph = _Graph(func)
     sites_list = list_weight_sites(func, prefix)
     sites = {s.var: s for s in sites_list}
     edits = _Edits()
     pruned, skipped = {}, {}
     for site in sites_list:
+        if site_skipped(site, skip):
+            skipped[site.name] = "skipped by the config"
+            continue
         if site.kind == "conv2d" and int(site.call.attrs.groups) != 1:
             skipped[site.name] = "grouped convolution"
             continue
@@ -372,20 +375,26 @@ class PruneChannels:
         Fraction of each prunable layer's output channels to remove, in [0, 1).
     norm : {"l1", "l2"}
         Channel importance: the L1 or L2 norm of its weights.
+    skip : sequence of str
+        Layers whose output channels stay (site or source-model names, patterns, op kinds);
+        their inputs still shrink when the layer before them is pruned.
     """
 
-    def __init__(self, ratio: float, norm: str = "l1") -> None:
+    def __init__(self, ratio: float, norm: str = "l1", skip=()) -> None:
         if not 0.0 <= float(ratio) < 1.0:
             raise TvmqError(f"ratio must be in [0, 1), got {ratio}")
         if norm not in ("l1", "l2"):
             raise TvmqError(f"norm must be 'l1' or 'l2', got {norm!r}")
         self.ratio = float(ratio)
         self.norm = norm
+        self.skip = tuple(str(s) for s in skip)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates, records = {}, {}
         for gv, func in relax_functions(mod):
-            new, record = _prune_function(mod, func, site_prefix(gv), self.ratio, self.norm)
+            new, record = _prune_function(
+                mod, func, site_prefix(gv), self.ratio, self.norm, self.skip
+            )
             if new is not None:
                 updates[gv] = new
                 records.update(record["pruned"])

@@ -27,7 +27,7 @@ from tvm import relax
 from tvmq.errors import TvmqError
 
 from .relax_utils import replace_constants
-from .sites import module_weight_sites
+from .sites import module_weight_sites, site_skipped
 
 
 def count_to_prune(sparsity: float, size: int) -> int:
@@ -58,7 +58,8 @@ class PruneMagnitude:
     min_size : int
         Weights with fewer elements are left dense (first/last tiny layers hurt most).
     skip : sequence of str
-        Site names (``"matmul_1"``) to leave dense.
+        Site names (``"matmul_1"``), source-model layer names (``"classifier"``) or fnmatch
+        patterns of either (``"encoder.*"``), or op kinds (``"conv2d"``) to leave dense.
     """
 
     def __init__(self, sparsity: float, scope: str = "layer", min_size: int = 256, skip=()) -> None:
@@ -71,13 +72,13 @@ class PruneMagnitude:
         self.sparsity = float(sparsity)
         self.scope = scope
         self.min_size = int(min_size)
-        self.skip = frozenset(str(s) for s in skip)
+        self.skip = tuple(str(s) for s in skip)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         sites = [
             s
             for s in module_weight_sites(mod)
-            if s.name not in self.skip and s.const.value.numpy().size >= self.min_size
+            if not site_skipped(s, self.skip) and s.const.value.numpy().size >= self.min_size
         ]
         # A constant shared by two ops is pruned once.
         unique: dict = {}

@@ -22,7 +22,7 @@ import tvm
 from tvmq.errors import TvmqError
 
 from .relax_utils import replace_constants
-from .sites import WeightSite, module_weight_sites
+from .sites import WeightSite, module_weight_sites, site_skipped
 
 
 def reduction_matrix(site: WeightSite) -> np.ndarray:
@@ -62,7 +62,8 @@ class PruneNM:
         Raise on a site whose reduction length is not a multiple of `m` (default); with
         False such sites stay dense.
     skip : sequence of str
-        Site names (``"conv2d_0"``) to leave dense.
+        Site names (``"matmul_1"``), source-model layer names (``"classifier"``) or fnmatch
+        patterns of either (``"encoder.*"``), or op kinds (``"conv2d"``) to leave dense.
     """
 
     def __init__(self, n: int = 2, m: int = 4, strict: bool = True, skip=()) -> None:
@@ -70,12 +71,12 @@ class PruneNM:
             raise TvmqError(f"N:M pruning needs 0 < n <= m, got n={n}, m={m}")
         self.n, self.m = int(n), int(m)
         self.strict = bool(strict)
-        self.skip = frozenset(str(s) for s in skip)
+        self.skip = tuple(str(s) for s in skip)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mapping = {}
         for site in module_weight_sites(mod):
-            if site.name in self.skip or site.const in mapping or self.n == self.m:
+            if site_skipped(site, self.skip) or site.const in mapping or self.n == self.m:
                 continue
             rows = reduction_matrix(site)
             if rows.shape[1] % self.m:

@@ -41,7 +41,6 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
-from tvmq.core.selectors import is_skipped
 from tvmq.kernels.dynamic_quant import row_qparams_u8
 
 from .analysis import with_float_ops
@@ -55,7 +54,7 @@ from .relax_utils import (
     relax_functions,
     site_prefix,
 )
-from .sites import WeightSite
+from .sites import WeightSite, site_skipped
 
 ATTR = "tvmq.dynamic_int8"
 _ACT_DTYPE = "uint8"
@@ -247,7 +246,7 @@ class QuantizeDynamic:
 
     def plan(self, site: WeightSite) -> str | None:
         """Why `site` stays float, or None when the pass quantizes it."""
-        if is_skipped(site.name, site.kind, self.skip):
+        if site_skipped(site, self.skip):
             return "skipped by the scheme"
         if self.only_vars is not None and site.var.name not in self.only_vars:
             return "not selected for dynamic quantization"

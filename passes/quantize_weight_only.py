@@ -28,7 +28,8 @@ before it or not at all. Each decoder carries the attribute ``"tvmq.weight_decod
 and ``main`` records what was quantized in ``"tvmq.weight_only"``.
 
 Limits: float32 weights only; the decoder runs on every call (it materialises the float
-weight; a fused dequantize-matmul kernel needs a custom schedule). A rewritten op is no
+weight) unless a target kernel pass replaces it: on SIMD CPUs :class:`PackDecodedDense`
+decodes matmul weights inside its matmul kernel. A rewritten op is no
 longer a site, so a second run changes nothing; site names stay those of the float model.
 """
 
@@ -44,7 +45,6 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.core import qmath
 from tvmq.core.schemes import GROUP_SIZES, WEIGHT_BITS
-from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 
 from .relax_utils import (
@@ -55,7 +55,7 @@ from .relax_utils import (
     resolve,
     site_prefix,
 )
-from .sites import SITE_OPS, WeightSite, list_weight_sites, site_of_call
+from .sites import SITE_OPS, WeightSite, list_weight_sites, site_of_call, site_skipped
 
 ATTR = "tvmq.weight_only"
 DECODER_ATTR = "tvmq.weight_decoder"
@@ -350,7 +350,7 @@ class QuantizeWeightOnly:
                 return is_decoded_weight(call.args[1], bindings, mod)
 
             for site in stable_sites(func, site_prefix(gv), done):
-                if is_skipped(site.name, site.kind, sc.skip):
+                if site_skipped(site, sc.skip):
                     continue
                 q, scale, zp, g = quantize_weight(
                     site.weight, site.kind, sc.bits, sc.group_size, sc.symmetric

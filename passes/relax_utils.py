@@ -97,21 +97,27 @@ def const_source(expr: relax.Expr, bindings) -> tuple[tvm.ir.Constant, tuple] | 
     or None when `expr` is not such a view of one constant. `bindings` maps vars to their
     values: a dict or a lookup callable.
     """
+    return view_source(expr, bindings, is_tensor_const)
+
+
+def view_source(expr: relax.Expr, bindings, is_root) -> tuple[relax.Expr, tuple] | None:
+    """:func:`const_source` for any root: the expression ``is_root`` accepts that `expr` is
+    a ``permute_dims`` / ``reshape`` view of, and the steps; None when there is none."""
     expr = resolve(expr, bindings)
-    if is_tensor_const(expr):
+    if is_root(expr):
         return expr, ()
     name = op_name(expr)
     if name not in (PERMUTE_DIMS, RESHAPE):
         return None
-    inner = const_source(expr.args[0], bindings)
+    inner = view_source(expr.args[0], bindings, is_root)
     if inner is None:
         return None
-    const, steps = inner
+    root, steps = inner
     if name == PERMUTE_DIMS:
         axes = expr.attrs.axes
         ndim = expr.args[0].ty.ndim
         axes = tuple(reversed(range(ndim))) if axes is None else tuple(int(a) for a in axes)
-        return const, (*steps, ("permute", axes))
+        return root, (*steps, ("permute", axes))
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
@@ -119,7 +125,7 @@ def const_source(expr: relax.Expr, bindings) -> tuple[tvm.ir.Constant, tuple] | 
         shape = tuple(int(s) for s in ty.shape)
     except TypeError:
         return None
-    return const, (*steps, ("reshape", shape))
+    return root, (*steps, ("reshape", shape))
 
 
 def apply_layout(value: np.ndarray, steps) -> np.ndarray:
@@ -237,3 +243,28 @@ def update_functions(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
     for gv, func in updates.items():
         out[gv] = func
     return out
+
+
+# A weight-bearing call's names in the source model (PyTorch module path, ONNX node name) ride
+# on its span: C++ mutators, the block builder and tvmq's passes copy a call's span when they
+# rebuild it, so the names survive compression and quantization preparation untouched.
+_LAYER_SPAN = "tvmq.layer:"
+
+
+def layer_span(names) -> tvm.ir.Span:
+    """A span carrying a layer's source-model names (see :func:`layer_names`)."""
+    return tvm.ir.Span(tvm.ir.SourceName(_LAYER_SPAN + "\n".join(names)), 0, 0, 0, 0)
+
+
+def layer_names(call: relax.Expr) -> tuple[str, ...]:
+    """The source-model names a frontend recorded on `call` (empty when none)."""
+    span = getattr(call, "span", None)
+    text = str(span.source_name.name) if span is not None else ""
+    if not text.startswith(_LAYER_SPAN):
+        return ()
+    return tuple(n for n in text[len(_LAYER_SPAN) :].split("\n") if n)
+
+
+def with_span(call: relax.Call, span) -> relax.Call:
+    """`call` rebuilt with `span` (the names of the call it replaces)."""
+    return relax.Call(call.op, call.args, call.attrs, call.ty_args, span)

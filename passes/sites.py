@@ -10,6 +10,11 @@ calibration all take their sites from here, so ``PruneConfig(skip=("matmul_1",))
 :class:`AnnotateQDQ` reads back. The selector syntax of skip lists is
 :mod:`tvmq.core.selectors`.
 
+A site also carries the names its layer has in the source model (:attr:`WeightSite.layer_names`:
+a PyTorch module path such as ``encoder.0.fc``, an ONNX node name), which the frontends
+record on the op's span (``relax_utils.layer_span``; :mod:`.site_names` tags them); skip lists
+match those too (``skip=("classifier*",)``).
+
 Ops without a weight that static int8 still runs on integers (a residual ``add``, a
 ``concat``, attention's activation matmuls) are *tensor sites*: :mod:`.tensor_sites`.
 """
@@ -34,6 +39,7 @@ from .relax_utils import (
     const_source,
     const_value,
     float_dtype,
+    layer_names,
     op_name,
     ordered_bindings,
     relax_functions,
@@ -64,9 +70,20 @@ def selects(site: WeightSite, selectors, bindings) -> bool:
             producer = producer or site_producer(site, bindings) or ""
             if producer == resolve_op(sel[len(AFTER) :]):
                 return True
-        elif is_skipped(site.name, site.kind, (sel,)):
+        elif site_skipped(site, (sel,)):
             return True
     return False
+
+
+def site_skipped(site, skip) -> bool:
+    """Whether a skip list selects `site` (a weight or tensor site) by name, layer name or kind."""
+    return is_skipped(site.name, site.kind, skip, getattr(site, "layer_names", ()))
+
+
+def site_label(site) -> str:
+    """``matmul_2`` or, with a source-model name, ``matmul_2 [classifier]`` (for messages)."""
+    names = getattr(site, "layer_names", ())
+    return f"{site.name} [{names[0]}]" if names else site.name
 
 
 def select_sites(func: relax.Function, selectors, prefix: str = "") -> list[WeightSite]:
@@ -97,6 +114,14 @@ class WeightSite:
     output_axis: int  # output-channel axis of the op's result
     const: tvm.ir.Constant  # the constant in the IR that `weight` is a view of
     layout: tuple = ()  # const -> weight: ("permute", axes) / ("reshape", shape) steps
+    # Names in the source model, the frontend's choice first (PyTorch module path; ONNX
+    # node name, then the module path / weight name it found); empty when unknown.
+    layer_names: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The layer's name in the source model ("" when the frontend recorded none)."""
+        return self.layer_names[0] if self.layer_names else ""
 
     @property
     def op_weight(self) -> np.ndarray:
@@ -234,6 +259,7 @@ def list_weight_sites(func: relax.Function, prefix: str = "") -> list[WeightSite
                 output_axis=oaxis,
                 const=const,
                 layout=layout,
+                layer_names=layer_names(b.value),
             )
         )
     return sites

@@ -32,7 +32,7 @@ from tvm import relax
 from tvmq.core.selectors import check_site_selector
 from tvmq.errors import TvmqError
 
-from .relax_utils import binding_map, const_f32, relax_functions, site_prefix
+from .relax_utils import binding_map, const_f32, relax_functions, site_prefix, with_span
 from .sites import list_weight_sites, selects
 
 ATTR = "tvmq.smoothed"
@@ -130,7 +130,8 @@ class SmoothQuant:
                 x = bb.normalize(relax.op.multiply(site.activation, const_f32(1.0 / s)))
                 x_var = var_cls(f"{b.var.name}_smoothed", x.ty)
                 w = (site.weight.astype(np.float64) * s[:, None]).astype("float32")
-                mm = bb.normalize(relax.op.matmul(x_var, relax.const(w), "float32"))
+                mm = relax.op.matmul(x_var, relax.const(w), "float32")
+                mm = bb.normalize(with_span(mm, site.call.span))  # keeps its layer names
                 out += [relax.VarBinding(x_var, x), relax.VarBinding(b.var, mm)]
             blocks.append(type(block)(out))
         names = [site.name for site, _ in plans.values()]

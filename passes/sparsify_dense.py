@@ -18,9 +18,9 @@ A weight is rewritten only when its *block* sparsity (the fraction of all-zero
 ``block``-sized tiles of ``W^T``) is at least ``min_sparsity``; the defaults come from
 ``bench/bench_sparse.py`` (BERT FFN GEMMs, 128 rows, against tvmq's default dense
 schedule on AVX-512): see the class docstring. Every weight site's decision is recorded
-as the function attribute ``"tvmq.sparse"``: a list of ``{"layer", "shape", "block",
-"sparsity", "chosen", "reason"}`` (``layer`` is the site name ``matmul_0``... of
-:func:`tvmq.passes.sites.list_weight_sites`).
+as the function attribute ``"tvmq.sparse"``: a list of ``{"layer", "source", "shape",
+"block", "sparsity", "chosen", "reason"}`` (``layer`` is the site name ``matmul_0``... of
+:func:`tvmq.passes.sites.list_weight_sites`, ``source`` its name in the source model or "").
 
 Where it belongs: after pruning (:class:`PruneMagnitude` with 1x1 blocks, or a block /
 structured pruning for larger blocks), instead of quantization for those layers, and
@@ -206,6 +206,7 @@ class SparsifyDense:
         bs_r, bs_c = self.block
         record = {
             "layer": site.name,
+            "source": site.source,
             "shape": [int(d) for d in w_nk.shape],
             "block": f"{bs_r}x{bs_c}",
         }

@@ -1,4 +1,4 @@
-"""UseFastMath: float32 exp / erf / tanh (and softmax, GELU built on them) as SIMD polynomials.
+"""UseFastMath: float32 exp / erf / tanh (and softmax, GELU, sigmoid built on them) as SIMD polynomials.
 
 LLVM has no vector ``exp`` or ``erf``: TVM's default lowering of ``relax.exp``, softmax and
 GELU calls the scalar C library once per element, which made softmax and GELU the slowest
@@ -10,8 +10,10 @@ below 3e-7 relative for exp and tanh, below 4e-7 absolute for erf, i.e. a few ul
 
 Rewritten (float32 only; other dtypes are left alone): ``relax.exp``, ``relax.erf``,
 ``relax.tanh``, ``relax.nn.softmax``, ``relax.nn.gelu`` (``x/2 * (1 + erf(x/sqrt 2))``)
-and ``relax.nn.gelu_tanh`` (``x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``). The
-build runs it on CPU targets; it is also usable alone in a ``Sequential``.
+``relax.nn.gelu_tanh`` (``x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``), ``relax.sigmoid``
+(``1 / (1 + exp(-x))``) and ``relax.nn.silu`` (``x * sigmoid(x)``: EfficientNet's activation,
+whose scalar ``exp`` took a third of its float time). The build runs it on CPU targets; it is
+also usable alone in a ``Sequential``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def _gelu(x):
     return x * 0.5 * (1.0 + topi.fast_erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def _sigmoid(x):
+    # fast_exp clamps its input to float32's finite range: sigmoid saturates to 0 / 1
+    return 1.0 / (1.0 + topi.fast_exp(-x))
+
+
+def _silu(x):
+    return x * _sigmoid(x)
+
+
 def _gelu_tanh(x):
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
     return x * 0.5 * (1.0 + topi.fast_tanh(inner))
@@ -40,6 +51,8 @@ _ELEMENTWISE = {
     "relax.tanh": topi.fast_tanh,
     "relax.nn.gelu": _gelu,
     "relax.nn.gelu_tanh": _gelu_tanh,
+    "relax.sigmoid": _sigmoid,
+    "relax.nn.silu": _silu,
 }
 
 

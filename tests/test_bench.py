@@ -95,6 +95,22 @@ def test_bench_int8_dense_quick():
         assert all(math.isfinite(float(c)) for c in cells), ln
 
 
+def test_bench_weight_only_quick():
+    stdout = _run("bench_weight_only.py", "--quick", timeout=900)
+    rows = re.findall(
+        r"^(float32|w8|w4 \(group 32\)|clustered 16)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+) KiB\s+(\S+)$",
+        stdout,
+        re.M,
+    )
+    assert len(rows) == 8, stdout  # 4 variants x (FFN, demo MLP)
+    for name, ms, _ratio, kib, sqnr in rows:
+        assert float(ms) > 0 and int(kib) > 0, name
+        if name != "float32":
+            assert float(sqnr) > 15, name  # random weights: w4 / 16 values give ~20 dB
+    sizes = [int(r[3]) for r in rows[:4]]
+    assert sizes[1] < sizes[0] / 3 and sizes[2] < sizes[1]  # the libraries shrink
+
+
 def test_bench_zoo_small_one_model(tmp_path):
     """bench_zoo.py end to end on one small CNN: every installed engine gets a row with a
     finite latency, the float rows agree with PyTorch and int8 stays close."""

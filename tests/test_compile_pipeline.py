@@ -52,3 +52,17 @@ def test_relax_pipeline_is_the_ir_part_of_compile():
     sqnr = built.quantized.report.output_sqnr_db
     assert sqnr is not None and sqnr[0] > 20
     assert built.applied["quantize"]["output_sqnr_db"] == sqnr
+
+
+def test_relax_pipeline_reproduces_bias_correction():
+    """Bias correction is a pipeline parameter (CorrectBias), not an edit outside it."""
+    from tvmq.quantization import quantize
+
+    imported = import_model(_ffn(), example_inputs=(torch.zeros(4, 32),))
+    calib = np.random.default_rng(1).standard_normal((16, 32)).astype("float32")
+    q = quantize(imported, calib, "int8", progress=False, evaluate=False, bias_correction=True)
+    params = q.pipeline_params
+    assert set(params["bias_corrections"]) == set(q.report.bias_correction) != set()
+    tvm.ir.assert_structural_equal(
+        relax.get_pipeline("tvmq", **params, build=False)(imported.mod), q.mod
+    )

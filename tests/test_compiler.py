@@ -65,6 +65,30 @@ def test_nan_weights_are_named(small_mlp):
         tvmq.compile(bad, "host", example_inputs=torch.zeros(1, 32))
 
 
+def test_quantized_compile_checks_weights_once(small_mlp, monkeypatch, rng):
+    import sys
+
+    import tvmq.frontends.model
+    import tvmq.pipeline
+
+    quantize_module = sys.modules["tvmq.quantization.quantize"]  # the package exports quantize()
+    calls = []
+    check = tvmq.frontends.model.check_finite_weights
+
+    def counting(mod, *args, **kwargs):
+        calls.append(mod)
+        return check(mod, *args, **kwargs)
+
+    monkeypatch.setattr(tvmq.pipeline, "check_finite_weights", counting)
+    monkeypatch.setattr(quantize_module, "check_finite_weights", counting)
+    calib = rng.standard_normal((8, 32)).astype("float32")
+    tvmq.compile(
+        small_mlp, "host", example_inputs=torch.zeros(1, 32), quantize="int8",
+        calibration_data=calib, progress=False, tuning_logs=None,
+    )  # fmt: skip
+    assert len(calls) == 1
+
+
 def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
     """--prune 0.9 --sparse: the BSR build computes the pruned model, and says so."""
     from tvmq.compression import PruneConfig, SparseConfig
@@ -89,6 +113,26 @@ def test_prune_then_sparse_kernels_match_pruned_torch(tmp_path, rng):
         x = rng.standard_normal((4, 784)).astype("float32")
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(tvmq.load(tmp_path / "sp")(x), ref, atol=1e-4)
+
+
+def test_compression_that_cannot_pay_says_so(small_mlp, caplog):
+    """2:4 pruning without a sparse kernel, and --sparse that selects nothing, warn once each."""
+    from tvmq.compression import PruneConfig, SparseConfig
+
+    example = (torch.zeros(1, 32),)
+    with caplog.at_level("WARNING", logger="tvmq"):
+        tvmq.compile(small_mlp, "host", example_inputs=example, progress=False,
+                     prune=PruneConfig("n:m", n=2, m=4))  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if "N:M" in r.getMessage()] != []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tvmq"):
+        art = tvmq.compile(small_mlp, "host", example_inputs=example, progress=False,
+                           sparse=SparseConfig(min_sparsity=0.7, block=(16, 1)))  # fmt: skip
+    assert art.manifest.compression["sparse"]["layers"] == [] or not any(
+        d["chosen"] for d in art.manifest.compression["sparse"]["layers"]
+    )
+    warned = [r.getMessage() for r in caplog.records if "--sparse" in r.getMessage()]
+    assert len(warned) == 1 and "70% block-sparse in 16x1 blocks" in warned[0]
 
 
 def test_int8_mlp_library_is_at_most_30_percent_of_float(tmp_path):

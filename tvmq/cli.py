@@ -15,7 +15,14 @@ from tvmq.cli_commands import (
     cmd_targets,
     cmd_tune,
 )
-from tvmq.cli_options import QUANTIZE_SCHEMES, int_at_least, parse_shape, rpc_address
+from tvmq.cli_compile_options import add_compile_options
+from tvmq.cli_options import (
+    QUANTIZE_SCHEMES,
+    UsageError,
+    int_at_least,
+    parse_shape,
+    rpc_address,
+)
 
 __all__ = ["QUANTIZE_SCHEMES", "build_parser", "main"]
 
@@ -26,13 +33,16 @@ examples:
   tvmq compile model.onnx -t host -o build/      compile an ONNX file for this machine
   tvmq compile model.onnx --input-shape x:1x3x224x224 -t rasp4b -o build-pi/
   tvmq compile model.onnx --quantize int8 --calib calib.npz -o build-int8/
+  tvmq compile model.onnx --quantize int8 --calib calib.npz --observer auto -o build-int8/
   tvmq compile model.onnx --prune 0.5 --prune-kind channel -o build-small/
+  tvmq compile model.onnx -o build/ --dump ir,asm dump/   also write the Relax IR and assembly
   tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
   tvmq tune --repair --work-dir tuning_logs/host  drop damaged records from a record folder
   tvmq tune model.onnx --trials 64 --offline cands/   candidates to time elsewhere (run.py measure)
   tvmq tune --import cands/                      their timings -> records for tvmq compile
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
+  tvmq run build/ -i x.npz --profile             the 10 slowest kernels
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
   tvmq bundle build/ -o bundle/ --python 3.12    a folder that runs build/ with the TVM runtime only
@@ -65,6 +75,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tvmq: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: tvmq's and TVM's versions, read from package metadata (no TVM import)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from tvmq import __version__
+
+        found = []
+        for dist in ("apache-tvm", "apache-tvm-ffi"):
+            try:
+                found.append(f"{dist} {version(dist)}")
+            except PackageNotFoundError:
+                found.append(f"{dist} not installed")
+        print(f"tvmq {__version__} ({', '.join(found)})")
+        parser.exit(0)
+
+
+def _global_options(parser, default) -> None:
+    """--debug and -q: on the main parser (defaults) and on every subcommand (SUPPRESS, so
+    a flag given before the subcommand is not reset by the subcommand's parser)."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show full tracebacks on errors (accepted before or after the command)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars or phase lines; warnings still show (before or after the command)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tvmq",
@@ -73,28 +122,40 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    s = sub.add_parser(
-        "demo", help="the built-in job: MNIST MLP, compressed and compiled, as a table"
+    p.add_argument("--version", action=_Version, help="print tvmq's and TVM's versions and exit")
+    _global_options(p, False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = p.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="what to do (tvmq COMMAND --help)"
     )
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    s = command("demo", "the built-in job: MNIST MLP, compressed and compiled, as a table")
     s.add_argument(
         "-o", "--output", help="keep the compiled models here (default: a temporary dir)"
     )
     s.add_argument("--quick", action="store_true", help="fewer training epochs and timing runs")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("targets", help="list hardware target presets")
+    s = command("targets", "list hardware target presets")
     s.set_defaults(func=cmd_targets)
 
-    s = sub.add_parser("compile", help="compile a model (.onnx or torch.export .pt2) for a target")
-    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s = command("compile", "compile a model (.onnx or torch.export .pt2) for a target")
+    add_compile_options(s)
+    s.set_defaults(func=cmd_compile)
+
+    s = command(
+        "tune", "tune a model's kernels with MetaSchedule (records in ./tuning_logs/<target>/)"
+    )
+    s.add_argument(
+        "model", nargs="?", help="model file: .onnx, or .pt2 saved with torch.export.save"
+    )
     s.add_argument(
         "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
     )
-    s.add_argument("-o", "--output", required=True, help="output directory (model.so + model.json)")
     s.add_argument(
         "--input-shape",
         action="append",
@@ -103,72 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="static shape for an input with dynamic dimensions (repeatable)",
     )
     s.add_argument(
-        "--prune",
-        type=float,
-        metavar="FRACTION",
-        help="prune this fraction of weights (or channels)",
-    )
-    s.add_argument(
-        "--prune-kind",
-        choices=["unstructured", "2:4", "4:8", "channel"],
-        default="unstructured",
-        help="magnitude pruning of single weights, N:M semi-structured, or whole output channels",
-    )
-    s.add_argument(
-        "--sparse",
-        nargs="?",
-        const=0.7,
-        type=float,
-        metavar="MIN_SPARSITY",
-        help="run float layers whose weight is at least this block-sparse (default 0.7) on "
-        "block-sparse (BSR) kernels; use after --prune",
-    )
-    s.add_argument(
-        "--sparse-block",
-        default="16x1",
-        metavar="RxC",
-        help="BSR block of the [out, in] weight (default 16x1; 1x1 suits unstructured --prune)",
-    )
-    s.add_argument(
-        "--cluster", type=int, metavar="N", help="share weights: N values per tensor (k-means)"
-    )
-    s.add_argument("--quantize", choices=list(QUANTIZE_SCHEMES), help="quantization scheme")
-    s.add_argument(
-        "--calib", help="calibration data (.npz, keys = input names) for --quantize int8"
-    )
-    s.add_argument(
-        "--observer", help="calibration observer: minmax, moving_average, percentile, entropy, mse"
-    )
-    s.add_argument(
-        "--tuning-logs",
-        action="append",
-        metavar="DIR",
-        help="MetaSchedule record folder to apply (repeatable; default: ./tuning_logs/<target>/ "
-        "and the logs shipped with tvmq)",
-    )
-    s.add_argument(
-        "--no-tuning-logs", action="store_true", help="apply no tuning records (default schedules)"
-    )
-    s.set_defaults(func=cmd_compile)
-
-    s = sub.add_parser(
-        "tune", help="tune a model's kernels with MetaSchedule (records in ./tuning_logs/<target>/)"
-    )
-    s.add_argument(
-        "model", nargs="?", help="model file: .onnx, or .pt2 saved with torch.export.save"
-    )
-    s.add_argument("-t", "--target", default="host", help="target preset name or JSON file")
-    s.add_argument("--input-shape", action="append", type=parse_shape, metavar="NAME:1x3x224x224")
-    s.add_argument(
         "--trials",
-        type=int,
+        type=int_at_least(1),
         default=512,
         help="total candidates to measure, earlier records included (default 512); "
         "interrupt any time and rerun to resume",
     )
-    s.add_argument("--trials-per-task", type=int, metavar="N", help="most candidates per kernel")
+    s.add_argument(
+        "--trials-per-task",
+        type=int_at_least(1),
+        metavar="N",
+        help="most candidates per kernel (default: no limit)",
+    )
     s.add_argument("--work-dir", help="record folder (default: ./tuning_logs/<target>/)")
-    s.add_argument("--cost-model", choices=["xgb", "random"], default="xgb")
+    s.add_argument(
+        "--cost-model",
+        choices=["xgb", "random"],
+        default="xgb",
+        help="MetaSchedule's cost model: xgb (XGBoost, learns from measurements; default) "
+        "or random (no model: candidates in random order)",
+    )
     s.add_argument(
         "--repair",
         action="store_true",
@@ -191,16 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rpc_options(s)
     s.set_defaults(func=cmd_tune)
 
-    s = sub.add_parser("run", help="run a compiled model on inputs from a .npz/.npy file")
+    s = command("run", "run a compiled model on inputs from a .npz/.npy file")
     s.add_argument("model_dir", help="output directory of tvmq compile")
     s.add_argument(
         "-i", "--input", required=True, help=".npz with one array per input name (or a .npy)"
     )
     s.add_argument("-o", "--output", help="write outputs to this .npz")
+    s.add_argument(
+        "--profile",
+        nargs="?",
+        const=10,
+        type=int_at_least(1),
+        metavar="N",
+        help="also time every kernel (Relax VM instrumentation, 10 runs after one warm-up) "
+        "and print the N slowest (default 10) with their share of the total",
+    )
     _add_rpc_options(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("bench", help="measure latency of a compiled model (median, p90)")
+    s = command("bench", "measure latency of a compiled model (median, p90)")
     s.add_argument("model_dir", help="output directory of tvmq compile")
     s.add_argument("-i", "--input", help="inputs (.npz/.npy); default: random")
     s.add_argument(
@@ -210,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser(
+    s = command(
         "bundle",
-        help="write a deploy folder that runs a compiled model with TVM's runtime only "
+        "write a deploy folder that runs a compiled model with TVM's runtime only "
         "(python BUNDLE/run.py; no compiler, no tvmq install)",
     )
     s.add_argument("model_dir", help="output directory of tvmq compile")
@@ -230,11 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_bundle)
 
-    s = sub.add_parser(
-        "inspect", help="show a compiled directory's manifest, or a model's signature and ops"
-    )
+    s = command("inspect", "show a compiled directory's manifest, or a model's signature and ops")
     s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")
-    s.add_argument("--input-shape", action="append", type=parse_shape, metavar="NAME:1x3x224x224")
+    s.add_argument(
+        "--input-shape",
+        action="append",
+        type=parse_shape,
+        metavar="NAME:1x3x224x224",
+        help="static shape for an input with dynamic dimensions (repeatable)",
+    )
     s.add_argument("--ir", action="store_true", help="also print the Relax IR")
     s.set_defaults(func=cmd_inspect)
     return p
@@ -242,22 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tvmq.errors import TvmqError
-
     try:
         return args.func(args)
-    except TvmqError as e:
-        if args.debug:
-            raise
-        # One line, whatever the message quotes (a library's multi-line error text).
-        print(f"tvmq: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except UsageError as e:  # option checks: no TVM import needed to report them
+        print(f"tvmq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvmq: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        errors = sys.modules.get("tvmq.errors")  # a TvmqError needs tvmq.errors imported
         if args.debug:
             raise
+        if errors is not None and isinstance(e, errors.TvmqError):
+            # One line, whatever the message quotes (a library's multi-line error text).
+            print(f"tvmq: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         print(
             f"tvmq: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
             file=sys.stderr,

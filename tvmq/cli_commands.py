@@ -6,13 +6,19 @@ Everything heavy (TVM, the frontends, numpy) is imported inside the command that
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from tvmq.cli_dump import dump_files, write_dumps
 from tvmq.cli_options import (
-    check_quantize_options,
+    UsageError,
+    check_calibration_headers,
+    check_compile_args,
+    check_target_name,
     compression_configs,
     input_shape_options,
     load_arrays,
+    make_scheme,
     sparse_config,
 )
 
@@ -32,46 +38,89 @@ def cmd_compile(args) -> int:
 
     import tvmq
 
-    check_quantize_options(args)
+    check_compile_args(args)  # standard library only: a bad option costs no import
     input_shapes = input_shape_options(args)
-    prune, cluster = compression_configs(args)
+    dump = dump_files(args)
+    from tvmq.progress import collapsed_native_warnings, phase, phases
 
-    scheme = None
-    if args.quantize:
-        from tvmq.pipeline import scheme_for_target
+    model, accuracy = args.model, None
+    with phases(not args.quiet), collapsed_native_warnings():
+        check_calibration_headers(args)
+        phase("load TVM", not args.quiet)
         from tvmq.targets import get_target
 
-        scheme = scheme_for_target(args.quantize, get_target(args.target))
-        if args.observer:
-            scheme = dataclasses.replace(scheme, observer=args.observer)
-    art = tvmq.compile(
-        args.model,
-        args.target,
-        output_dir=args.output,
-        input_shapes=input_shapes,
-        prune=prune,
-        cluster=cluster,
-        sparse=sparse_config(args),
-        quantize=scheme,
-        calibration_data=args.calib,
-        tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
-        progress=not args.quiet,
-    )
+        preset = get_target(args.target)
+        prune, cluster = compression_configs(args)
+        if args.skip:  # and the scheme's skip (make_scheme)
+            prune = prune and dataclasses.replace(prune, skip=tuple(args.skip))
+            cluster = cluster and dataclasses.replace(cluster, skip=tuple(args.skip))
+        if args.accuracy_drop is not None:  # the eval data is checked against the model
+            from tvmq.evaluation import load_top1_eval
+            from tvmq.frontends import import_model
+            from tvmq.quantization import AccuracyControl
+
+            phase("import", not args.quiet)
+            model = import_model(args.model, input_shapes=input_shapes)
+            eval_fn = load_top1_eval(args.eval, model.inputs, model.outputs)
+            accuracy = AccuracyControl(eval_fn=eval_fn, max_drop=args.accuracy_drop)
+        art = tvmq.compile(
+            model,
+            preset,
+            output_dir=args.output,
+            input_shapes=input_shapes,
+            prune=prune,
+            cluster=cluster,
+            sparse=sparse_config(args),
+            quantize=make_scheme(args, preset),
+            calibration_data=args.calib,
+            bias_correction=args.bias_correction,
+            accuracy_control=accuracy,
+            tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
+            progress=not args.quiet,
+        )
     lib = art.manifest.library
     print(
         f"wrote {art.output_dir} ({lib['file']}: {lib['bytes'] / 1024:.1f} KiB, target {args.target})"
     )
+    _warn_if_low_sqnr(art.manifest.compression.get("quantize", {}))
+    for path in write_dumps(art, dump):
+        print(f"wrote {path}")
     return 0
+
+
+def _warn_if_low_sqnr(quantized: dict) -> None:
+    """One warning line when static int8's output SQNR is below LOW_SQNR_DB, naming the
+    worst layers and the remedies: no silent garbage."""
+    from tvmq.quantization.report import LOW_SQNR_DB
+
+    sqnr = [v for v in quantized.get("output_sqnr_db") or [] if v is not None]
+    scheme = quantized.get("scheme") or {}
+    if not sqnr or min(sqnr) >= LOW_SQNR_DB or scheme.get("scheme") != "Int8Static":
+        return
+    scored = sorted(
+        (layer["output_sqnr_db"], layer["name"])
+        for layer in quantized.get("layers", [])
+        if layer.get("quantized") and layer.get("output_sqnr_db") is not None
+    )[:3]
+    worst = ", ".join(f"{name} ({db:.1f} dB)" for db, name in scored) or "not measured"
+    skip = " ".join(f"--skip {name}" for _, name in scored) or "--skip LAYER"
+    other = "" if scheme.get("observer") == "auto" else "another observer (--observer auto), "
+    print(
+        f"tvmq: warning: int8 output SQNR {min(sqnr):.1f} dB < {LOW_SQNR_DB:g} dB, the outputs "
+        f"are far from float's; worst layers: {worst}. Try {other}keeping them float ({skip}), "
+        "or accuracy control (--accuracy-drop X --eval data.npz)",
+        file=sys.stderr,
+    )
 
 
 def _open_model(args):
     """The compiled model, loaded here or (with --rpc) on a board; and the board session."""
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     import tvmq
     from tvmq.errors import TvmqError
 
     if not args.rpc:
-        if args.key:
-            raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
         return tvmq.load(args.model_dir), None
     from tvmq.manifest import Manifest
     from tvmq.rpc import RemoteModel, connect
@@ -95,6 +144,10 @@ def _open_model(args):
 
 
 def cmd_run(args) -> int:
+    if args.profile and args.rpc:
+        raise UsageError("--profile times kernels here; it cannot be combined with --rpc yet")
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     import numpy as np
 
     from tvmq.output_file import check_output_file, write_file_atomically
@@ -104,8 +157,8 @@ def cmd_run(args) -> int:
         check_output_file(args.output)  # before running: a bad -o fails fast
     model, session = _open_model(args)
     try:
-        arrays = load_arrays(args.input, model.inputs)
-        outs = model(*arrays)
+        inputs = load_arrays(args.input, model.inputs)
+        outs = model(*inputs)
     finally:
         if session is not None:
             session.close()
@@ -116,6 +169,11 @@ def cmd_run(args) -> int:
         arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
         write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
         print(f"wrote {args.output}")
+    if args.profile:
+        from tvmq.profiling import format_profile
+
+        print(f"kernel times (mean of 10 runs, {model.device}):")
+        print(format_profile(model.profile(inputs), args.profile))
     return 0
 
 
@@ -136,29 +194,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def check_tune_args(args) -> None:
+    """The option combinations of ``tvmq tune``, before any import (standard library only)."""
+    if args.import_dir is not None:
+        if args.model is not None or args.offline or args.rpc or args.repair:
+            raise UsageError("--import takes only the offline round's folder (and --work-dir)")
+        return
+    if args.repair:
+        if args.model is not None:
+            raise UsageError("--repair takes no model: give the folder with --work-dir")
+        if args.rpc or args.key:
+            raise UsageError("--repair rewrites a local record folder; drop --rpc / --key")
+        return
+    if args.model is None:
+        raise UsageError("give the model file to tune (or --repair to fix a record folder)")
+    if not Path(args.model).exists():
+        raise UsageError(f"{args.model}: no such file")
+    check_target_name(args.target)
+    if args.key and not args.rpc:
+        raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+    if args.offline and args.rpc:
+        raise UsageError("--offline measures nothing, so it takes no --rpc tracker")
+
+
 def cmd_tune(args) -> int:
+    check_tune_args(args)
     from tvmq.errors import TvmqError
     from tvmq.targets import get_target
     from tvmq.tuning import TuningFailed, default_work_dir, repair, tune
     from tvmq.tuning_records import check_work_dir
 
     if args.repair:
-        if args.model is not None:
-            raise TvmqError("--repair takes no model: give the folder with --work-dir")
         work_dir = args.work_dir or default_work_dir(args.target)
         print(repair(work_dir).summary())
         return 0
     if args.import_dir is not None:
-        if args.model is not None or args.offline or args.rpc:
-            raise TvmqError("--import takes only the round's folder (and --work-dir)")
         from tvmq.tuning_offline import import_timings
 
         print(import_timings(args.import_dir, args.work_dir).summary())
         return 0
-    if args.model is None:
-        raise TvmqError("give the model file to tune (or --repair to fix a record folder)")
-    if args.offline and args.rpc:
-        raise TvmqError("--offline measures nothing, so it takes no --rpc tracker")
     if args.work_dir is not None:  # before the model import: a typo should fail in a second
         check_work_dir(Path(args.work_dir))
     rpc = None
@@ -173,8 +247,6 @@ def cmd_tune(args) -> int:
 
         # Check the tracker and a board before anything is imported or written.
         connect(*args.rpc, key, timeout=args.rpc_timeout).close()
-    elif args.key:
-        raise TvmqError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     from tvmq.frontends import import_model
 
     model = import_model(args.model, input_shapes=input_shape_options(args))
@@ -233,9 +305,25 @@ def cmd_inspect(args) -> int:
         print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
     ops = Counter(_relax_ops(m.mod))
     print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    _print_layers(m.mod)
     if args.ir:
         print(m.mod.script(show_meta=False))
     return 0
+
+
+def _print_layers(mod) -> None:
+    """The weight layers with the names --skip matches: tvmq's, then the model's own."""
+    from tvmq.passes.site_names import layer_table
+
+    rows = layer_table(mod)
+    if not rows:
+        return
+    print("  layers (--skip takes any of these names, or a pattern):")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        shape = "x".join(str(d) for d in r["weight_shape"])
+        own = ", ".join(r["layer_names"]) or "-"
+        print(f"    {r['name']:<{width}}  {own}  ({r['kind']}, weight {shape})")
 
 
 def _relax_ops(mod) -> list[str]:

@@ -44,14 +44,12 @@ def int_at_least(minimum: int):
 
 def input_shape_options(args) -> dict[str, list[int]] | None:
     """--input-shape options as a dict; naming one input twice is a mistake, not an override."""
-    from tvmq.errors import TvmqError
-
     if not args.input_shape:
         return None
     shapes: dict[str, list[int]] = {}
     for name, shape in args.input_shape:
         if name in shapes:
-            raise TvmqError(f"--input-shape gives input {name!r} twice; give each input once")
+            raise UsageError(f"--input-shape gives input {name!r} twice; give each input once")
         shapes[name] = shape
     return shapes
 
@@ -95,19 +93,184 @@ def rpc_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class UsageError(Exception):
+    """A mistake in the command line itself: ``tvmq: error: <message>``, exit status 2.
+
+    Raised by the checks below, which use the standard library only (no TVM, torch or
+    numpy import), so a wrong option is reported in a fraction of a second.
+    """
+
+
+def _fraction(flag: str, value: float | None, *, low_open: bool = False) -> None:
+    if value is None:
+        return
+    if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise UsageError(f"{flag} takes a fraction in {interval}, e.g. 0.5; got {value:g}")
+
+
+def _existing_file(flag: str, path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+
+
+def _block(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise UsageError(
+            f"--sparse-block {text!r}: write ROWSxCOLS of positive integers, e.g. 16x1"
+        )
+    return int(parts[0]), int(parts[1])
+
+
+# --quantize choices -> whether the scheme is calibrated (takes --calib/--observer). Kept here
+# so a wrong combination is refused without importing tvmq.quantization (and TVM);
+# tests/bad_inputs/test_options.py checks it against tvmq.quantization.get_scheme.
+QUANTIZE_SCHEMES = {"int8": True, "int8-dynamic": False, "w8": False, "w4": False}
+# scheme options -> the --quantize choices they apply to
+SCHEME_OPTIONS = {
+    "--per-tensor": ("int8", "int8-dynamic"),
+    "--requantize": ("int8",),
+    "--smooth": ("int8",),
+    "--no-smooth": ("int8",),
+    "--bias-correction": ("int8",),
+}
+DUMP_KINDS = ("ir", "ll", "asm")
+
+
+def _given_scheme_options(args) -> list[str]:
+    given = {
+        "--per-tensor": args.per_tensor,
+        "--requantize": args.requantize is not None,
+        "--smooth": args.smooth is not None,
+        "--no-smooth": args.no_smooth,
+        "--bias-correction": args.bias_correction,
+    }
+    return [flag for flag, on in given.items() if on]
+
+
+def check_target_name(target: str) -> None:
+    """-t/--target names a shipped preset or an existing JSON file (standard library only;
+    the preset itself is parsed later by ``tvmq.targets.get_target``)."""
+    import os
+    from importlib.resources import files
+
+    if target.endswith(".json") or os.sep in target:
+        _existing_file("-t/--target", target)
+        return
+    names = sorted(
+        e.name[: -len(".json")]
+        for e in files("tvmq._targets").iterdir()
+        if e.name.endswith(".json")
+    )
+    if target not in names:
+        raise UsageError(
+            f"unknown target {target!r}; known targets: {', '.join(names)} "
+            "(or give the path of a preset JSON file; `tvmq targets` lists them)"
+        )
+
+
+def check_compile_args(args) -> None:
+    """Every ``tvmq compile`` option on its own and against the others; standard library only.
+
+    Raises :class:`UsageError` (one line naming the flags) before any model is read.
+    """
+    from tvmq.core.observers import normalize_observer_name, observer_names
+
+    if not Path(args.model).exists():
+        raise UsageError(f"{args.model}: no such file")
+    check_target_name(args.target)
+    kind = args.prune_kind
+    if kind in ("2:4", "4:8"):
+        n, m = (int(v) for v in kind.split(":"))
+        if args.prune is not None and abs(args.prune - (1 - n / m)) > 1e-9:
+            raise UsageError(
+                f"--prune-kind {kind} prunes exactly {1 - n / m:g}; drop --prune {args.prune:g}"
+            )
+    _fraction("--prune", args.prune, low_open=True)
+    if args.cluster is not None:
+        bits = args.cluster.bit_length() - 1
+        if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
+            raise UsageError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
+    if args.skip and not (args.quantize or args.prune is not None or args.cluster is not None):
+        raise UsageError("--skip leaves layers out of --quantize, --prune or --cluster: give one")
+    if args.sparse is None and args.sparse_block is not None:
+        raise UsageError("--sparse-block applies to --sparse: add --sparse or drop it")
+    _fraction("--sparse", args.sparse)
+    if args.sparse_block is not None:
+        _block(args.sparse_block)
+    if args.tuning_logs and args.no_tuning_logs:
+        raise UsageError("--tuning-logs and --no-tuning-logs contradict each other; drop one")
+    given = [o for o, v in (("--calib", args.calib), ("--observer", args.observer)) if v]
+    scheme_options = _given_scheme_options(args)
+    accuracy = [
+        o
+        for o, v in (("--accuracy-drop", args.accuracy_drop), ("--eval", args.eval))
+        if v is not None
+    ]
+    if not args.quantize:
+        extra = given + scheme_options + accuracy
+        if extra:
+            raise UsageError(
+                f"{' and '.join(extra)} without --quantize: add --quantize (e.g. int8) "
+                f"or drop {' and '.join(extra)}"
+            )
+    else:
+        calibrated = QUANTIZE_SCHEMES[args.quantize]
+        if given and not calibrated:
+            raise UsageError(
+                f"--quantize {args.quantize} takes no calibration; drop {' and '.join(given)} "
+                "(or use --quantize int8)"
+            )
+        if calibrated and not args.calib:
+            raise UsageError(
+                f"--quantize {args.quantize} needs --calib: a .npz of a few hundred typical "
+                "inputs (keys = input names)"
+            )
+        for flag in scheme_options:
+            if args.quantize not in SCHEME_OPTIONS[flag]:
+                raise UsageError(
+                    f"{flag} applies to --quantize {' / '.join(SCHEME_OPTIONS[flag])}, "
+                    f"not {args.quantize}"
+                )
+    if args.observer and normalize_observer_name(args.observer) not in observer_names():
+        raise UsageError(
+            f"--observer {args.observer}: unknown observer; choose one of "
+            f"{', '.join(observer_names())}"
+        )
+    if args.smooth is not None and not 0.0 <= args.smooth <= 1.0:
+        raise UsageError(f"--smooth takes an alpha in [0, 1], e.g. 0.5; got {args.smooth:g}")
+    if accuracy and len(accuracy) != 2:
+        missing = "--eval data.npz" if args.eval is None else "--accuracy-drop X"
+        raise UsageError(f"{accuracy[0]} needs {missing} (accuracy control takes both)")
+    if args.bias_correction and args.accuracy_drop is not None:
+        raise UsageError("--bias-correction and --accuracy-drop cannot be combined yet; drop one")
+    if args.accuracy_drop is not None and not 0.0 <= args.accuracy_drop <= 100.0:
+        raise UsageError(
+            f"--accuracy-drop takes percentage points in [0, 100], e.g. 1; got {args.accuracy_drop:g}"
+        )
+    _existing_file("--calib", args.calib)
+    _existing_file("--eval", args.eval)
+    if args.dump is not None:
+        kinds, _folder = args.dump
+        bad = [k for k in kinds.split(",") if k not in DUMP_KINDS]
+        if bad or not kinds:
+            raise UsageError(
+                f"--dump {kinds}: choose from {', '.join(DUMP_KINDS)} (comma-separated), e.g. "
+                "--dump ir,asm dump/"
+            )
+
+
 def compression_configs(args):
-    """--prune/--prune-kind/--cluster -> (PruneConfig | None, ClusterConfig | None)."""
+    """--prune/--prune-kind/--cluster -> (PruneConfig | None, ClusterConfig | None).
+
+    The values were checked by :func:`check_compile_args`."""
     from tvmq.compression import ClusterConfig, PruneConfig
-    from tvmq.errors import TvmqError
 
     prune = None
     kind = args.prune_kind
     if kind in ("2:4", "4:8"):
         n, m = (int(v) for v in kind.split(":"))
-        if args.prune is not None and abs(args.prune - (1 - n / m)) > 1e-9:
-            raise TvmqError(
-                f"--prune-kind {kind} prunes exactly {1 - n / m:g}; drop --prune {args.prune:g}"
-            )
         prune = PruneConfig(method="n:m", n=n, m=m)
     elif args.prune is not None:
         if kind == "channel":
@@ -116,66 +279,47 @@ def compression_configs(args):
             prune = PruneConfig(method="magnitude", sparsity=args.prune)
     cluster = None
     if args.cluster is not None:
-        bits = args.cluster.bit_length() - 1
-        if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
-            raise TvmqError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
-        cluster = ClusterConfig(bits=bits)
+        cluster = ClusterConfig(bits=args.cluster.bit_length() - 1)
     return prune, cluster
 
 
 def sparse_config(args):
     from tvmq.core.compression import SparseConfig
-    from tvmq.errors import TvmqError
 
     if args.sparse is None:
         return None
-    try:
-        block = tuple(int(v) for v in args.sparse_block.lower().split("x"))
-    except ValueError:
-        block = ()
-    if len(block) != 2:
-        raise TvmqError(f"--sparse-block {args.sparse_block!r}: write ROWSxCOLS, e.g. 16x1")
-    return SparseConfig(min_sparsity=args.sparse, block=block)
+    return SparseConfig(min_sparsity=args.sparse, block=_block(args.sparse_block or "16x1"))
 
 
-# --quantize choices -> whether the scheme is calibrated (takes --calib/--observer). Kept here
-# so a wrong combination is refused without importing tvmq.quantization (and TVM);
-# tests/bad_inputs/test_options.py checks it against tvmq.quantization.get_scheme.
-QUANTIZE_SCHEMES = {"int8": True, "int8-dynamic": False, "w8": False, "w4": False}
+def make_scheme(args, preset):
+    """The quantization scheme the options ask for on ``preset`` (None without --quantize)."""
+    import dataclasses
 
+    from tvmq.pipeline import scheme_for_target
 
-def check_quantize_options(args) -> None:
-    """--quantize/--calib/--observer agree, and the calibration file is usable (headers only).
-
-    Runs before the model is imported, so a mistake here costs no import or compile time.
-    """
-    from tvmq.errors import TvmqError
-
-    given = [
-        opt for opt, value in (("--calib", args.calib), ("--observer", args.observer)) if value
-    ]
     if not args.quantize:
-        if given:
-            raise TvmqError(
-                f"{' and '.join(given)} without --quantize: calibration is for --quantize int8; "
-                f"add it or drop {' and '.join(given)}"
-            )
-        return
-    calibrated = QUANTIZE_SCHEMES[args.quantize]
-    if given and not calibrated:
-        raise TvmqError(
-            f"--quantize {args.quantize} takes no calibration; drop {' and '.join(given)} "
-            "(or use --quantize int8)"
-        )
-    if calibrated and not args.calib:
-        raise TvmqError(
-            f"--quantize {args.quantize} needs --calib: a .npz of a few hundred typical inputs "
-            "(keys = input names)"
-        )
+        return None
+    scheme = scheme_for_target(args.quantize, preset)
+    changes = {}
     if args.observer:
-        from tvmq.calibration import get_observer
+        changes["observer"] = args.observer
+    if args.skip:
+        changes["skip"] = (*scheme.skip, *args.skip)
+    if args.per_tensor:
+        changes["weight_per_channel"] = False
+    if args.requantize:
+        changes["requantize"] = args.requantize
+    if args.no_smooth:
+        changes["smooth"] = ()
+    elif args.smooth is not None:
+        changes["smooth"] = tuple((sel, args.smooth) for sel, _ in scheme.smooth) or (
+            ("after:layer_norm", args.smooth),
+        )
+    return dataclasses.replace(scheme, **changes) if changes else scheme
 
-        get_observer(args.observer)  # an unknown name: one line listing the known ones
+
+def check_calibration_headers(args) -> None:
+    """The calibration file is usable (array headers only; imports numpy and tvmq.errors)."""
     if args.calib:
         from tvmq.calibration import check_calibration_file
 

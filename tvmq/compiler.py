@@ -17,10 +17,11 @@ import tvm
 from tvmq import build, pipeline
 from tvmq.core.compression import SparseConfig
 from tvmq.frontends import import_model
-from tvmq.frontends.model import check_finite_weights
+from tvmq.frontends.model import ImportedModel
 from tvmq.manifest import LIBRARY, Manifest, sha256_of
 from tvmq.output import OutputFolder
 from tvmq.pipeline import scheme_for_target
+from tvmq.progress import phase, phases
 from tvmq.targets import TargetPreset, get_target
 
 
@@ -54,6 +55,8 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     sparse=None,
     quantize=None,
     calibration_data=None,
+    bias_correction: bool = False,
+    accuracy_control=None,
     overwrite: bool = True,
     progress: bool = True,
     tuning_logs="auto",
@@ -85,6 +88,11 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     quantize : str or scheme, optional
         ``"int8"``, ``"int8-dynamic"``, ``"w8"``, ``"w4"`` or a scheme object from
         ``tvmq.quantization``; static schemes need ``calibration_data``.
+    bias_correction : bool
+        Static int8: empirical bias correction (see ``tvmq.quantization.quantize``).
+    accuracy_control : AccuracyControl, optional
+        Return the most sensitive layers to float until a metric drop fits
+        (``tvmq.quantization.AccuracyControl``, ``quantize_with_accuracy_control``).
     tuning_logs : "auto", path, Database, list of them, or None
         MetaSchedule records to apply. ``"auto"``: ``./tuning_logs/<target>/`` and the logs
         shipped with tvmq; kernels without a record get tvmq's default schedule.
@@ -94,13 +102,28 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     CompiledArtifact
         The ``tvm.relax.Executable``, the compressed Relax module and the manifest.
     """
+    with phases(progress):
+        return _compile(
+            model, target, output_dir, example_inputs, input_shapes, input_names, overwrite,
+            progress, tuning_logs, prune=prune, cluster=cluster, sparse=sparse,
+            quantize=quantize, calibration_data=calibration_data,
+            bias_correction=bias_correction, accuracy_control=accuracy_control,
+        )  # fmt: skip
+
+
+def _compile(
+    model, target, output_dir, example_inputs, input_shapes, input_names, overwrite, progress,
+    tuning_logs, *, prune, cluster, sparse, quantize, calibration_data, bias_correction,
+    accuracy_control,
+) -> CompiledArtifact:  # fmt: skip
     preset = get_target(target)
     # checked before the long build: a folder that is not ours fails fast
     folder = OutputFolder.open(output_dir, overwrite) if output_dir is not None else None
+    if not isinstance(model, ImportedModel):
+        phase("import", progress)
     imported = import_model(
         model, example_inputs=example_inputs, input_shapes=input_shapes, input_names=input_names
     )
-    check_finite_weights(imported.mod)
     built = pipeline.run(
         imported,
         preset,
@@ -111,6 +134,8 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
         sparse=SparseConfig.of(sparse),
         quantize=None if quantize is None else scheme_for_target(quantize, preset),
         calibration_data=calibration_data,
+        bias_correction=bias_correction,
+        accuracy_control=accuracy_control,
     )
     ex, applied, notes = built.executable, built.applied, built.notes
     manifest = Manifest(
@@ -131,7 +156,11 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
         versions=versions(),
         notes=notes,
     )
-    out = _write_build(folder, ex, preset, manifest) if folder is not None else None
+    out = None
+    if folder is not None:
+        phase("link and export", progress)
+        out = _write_build(folder, ex, preset, manifest)
+    phase("done", progress)
     return CompiledArtifact(ex, built.model.mod, manifest, out)
 
 

@@ -27,6 +27,7 @@ from tvmq.passes import ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
 from tvmq.passes.analysis import constant_bytes, count_macs, count_params, sparsity_report
 from tvmq.passes.cluster_weights import ATTR as CLUSTER_ATTR
 from tvmq.passes.prune_channels import ATTR as CHANNELS_ATTR
+from tvmq.passes.site_names import check_skip
 
 __all__ = [
     "ClusterConfig",
@@ -46,7 +47,7 @@ def prune_pass(config: PruneConfig) -> tvm.transform.Pass:
         return PruneMagnitude(config.sparsity, config.scope, config.min_size, config.skip)
     if config.method == "n:m":
         return PruneNM(config.n, config.m, config.strict, config.skip)
-    return PruneChannels(config.ratio, config.norm)
+    return PruneChannels(config.ratio, config.norm, config.skip)
 
 
 def cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
@@ -140,6 +141,8 @@ def apply_compression(
 
     steps = _as_prune_list(prune)
     compression_pipeline(steps, cluster)  # validates
+    for config in [*steps, *([cluster] if cluster is not None else [])]:
+        check_skip(mod, config.skip)
     before = model_stats(mod)
     # Zeros are read between the phases: clustering turns weights into codebook lookups.
     out = compression_pipeline(steps, None)(mod)

@@ -30,6 +30,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     FoldBatchNorm,
+    PackDecodedDense,
     PackFloatConv,
     PackFloatDense,
     PackInt8BatchMatmulX86,
@@ -70,6 +71,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
+        PackDecodedDense(target),  # w8 / w4 / clustered matmul weights, decoded in the kernel
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 

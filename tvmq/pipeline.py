@@ -25,6 +25,7 @@ on the float module gives the IR this pipeline builds (``tests/test_compile_pipe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -33,20 +34,25 @@ from typing import Any
 
 import tvm
 
-from tvmq.build import BuildInfo, build_with_info, export_library
+from tvmq import build
+from tvmq.build import BuildInfo
 from tvmq.compression import apply_compression
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
-from tvmq.frontends.model import ImportedModel
+from tvmq.frontends.model import ImportedModel, check_finite_weights
 from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
-from tvmq.quantization import quantize as run_quantize
+from tvmq.progress import phase
+from tvmq.quantization import quantize_with_accuracy_control
+from tvmq.quantization.quantize import quantize_checked
 from tvmq.quantization.report import output_sqnr
 from tvmq.targets import TargetPreset
 
 __all__ = ["Compressed", "Built", "compress", "run", "scheme_for_target"]
+
+_log = logging.getLogger("tvmq")
 
 
 @dataclass
@@ -98,6 +104,8 @@ def compress(
     sparse: SparseConfig | None = None,
     quantize=None,
     calibration_data=None,
+    bias_correction: bool = False,
+    accuracy_control=None,
     progress: bool = True,
     evaluate: bool = True,
 ) -> Compressed:
@@ -105,7 +113,12 @@ def compress(
 
     ``quantize`` is a scheme (see :func:`scheme_for_target`); ``evaluate=False`` leaves the
     quantizer's output SQNRs to be measured later (:func:`run` measures them on the build).
+    ``bias_correction`` as for :func:`tvmq.quantization.quantize`; ``accuracy_control``
+    (``tvmq.quantization.AccuracyControl``) quantizes through
+    :func:`~tvmq.quantization.quantize_with_accuracy_control` instead.
+    The weights are checked for NaN / inf here, once (the quantizer does not check again).
     """
+    check_finite_weights(model.mod)
     if has_qdq(model.mod):
         return _lower_prequantized(model, prune, cluster, quantize)
     if cluster is not None and quantize is not None:
@@ -116,6 +129,8 @@ def compress(
     applied: dict = {}
     notes: dict = {}
     # Phase 1: compress.
+    if prune is not None or cluster is not None or sparse is not None:
+        phase("compress", progress)
     if prune is not None or cluster is not None:
         mod, report = apply_compression(model.mod, prune=prune, cluster=cluster)
         model = _with_mod(model, mod)
@@ -124,6 +139,13 @@ def compress(
         if report["cluster"]:
             applied["cluster"] = report["cluster"]
         notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
+        if sparse is None and any(p.method == "n:m" for p in _as_list(prune)):
+            _log.warning(
+                "N:M pruning zeroes weights, but no %s kernel skips them: the library's size "
+                "and speed are unchanged (add --sparse --sparse-block 1x1 or --quantize, or "
+                "remove whole channels with --prune-kind channel)",
+                preset.name,
+            )
     if sparse is not None:
         # Before quantization: BSR layers stay float32, the quantizer takes the dense rest.
         mod = SparsifyDense(sparse.min_sparsity, sparse.block, preset.tvm_target())(model.mod)
@@ -134,6 +156,14 @@ def compress(
             "block": list(sparse.block),
             "layers": [{str(k): _plain(v) for k, v in d.items()} for d in decisions],
         }
+        if not any(d.get("chosen") for d in applied["sparse"]["layers"]):
+            _log.warning(
+                "--sparse: no float matmul weight is %.0f%% block-sparse in %dx%d blocks, so "
+                "none runs on a sparse kernel (after unstructured --prune, use "
+                "--sparse-block 1x1)",
+                100 * sparse.min_sparsity,
+                *sparse.block,
+            )
     if quantize is None:
         return Compressed(model, applied, notes)
     # Phase 2: quantize.
@@ -142,8 +172,31 @@ def compress(
             "static int8 quantization needs calibration data: a few hundred typical "
             "inputs (an array, a .npz file, or an iterable of batches)"
         )
-    result = run_quantize(model, calibration_data, quantize, progress=progress, evaluate=evaluate)
-    applied["quantize"] = result.describe()
+    # a calibrated scheme's handler announces "quantize" itself once calibration is done
+    phase("calibrate" if getattr(quantize, "observer", None) else "quantize", progress)
+    if accuracy_control is None:
+        result = quantize_checked(
+            model, calibration_data, quantize, progress=progress, evaluate=evaluate,
+            bias_correction=bias_correction,
+        )  # fmt: skip
+        applied["quantize"] = result.describe()
+    else:
+        if bias_correction:
+            raise TvmqError("bias correction and accuracy control cannot be combined yet")
+        control = quantize_with_accuracy_control(
+            model, calibration_data, quantize, accuracy_control.eval_fn,
+            accuracy_control.max_drop, ranking=accuracy_control.ranking,
+            max_float_layers=accuracy_control.max_float_layers, progress=progress,
+        )  # fmt: skip
+        result = control.model
+        applied["quantize"] = result.describe()
+        applied["quantize"]["accuracy_control"] = {
+            "max_drop": accuracy_control.max_drop,
+            "float_metric": control.float_metric,
+            "metric": control.metric,
+            "met": control.met,
+            "float_layers": control.float_layers,
+        }
     notes["float_ops"] = list(result.float_ops)
     return Compressed(result, applied, notes, result.pipeline_params, result)
 
@@ -165,7 +218,8 @@ def run(
     on_host = preset.name == "host"
     done = compress(model, preset, progress=progress, evaluate=not on_host, **compression)
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
-    ex, info = build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
+    phase(f"build for {preset.name}", progress)
+    ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
     done.notes["kernels"] = info.to_json()
     if progress:
         print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
@@ -175,11 +229,15 @@ def run(
         with tempfile.TemporaryDirectory(prefix="tvmq-sqnr-") as tmp:
             # A VM that loads `ex` itself changes what `ex` exports later: run a linked copy.
             lib = Path(tmp) / "model.so"
-            export_library(ex, lib, preset)
+            build.export_library(ex, lib, preset)
             sqnr = output_sqnr(tvm.runtime.load_module(str(lib)), quantized.first_batch, names)
         quantized.report.output_sqnr_db = sqnr
-        done.applied["quantize"] = quantized.describe()
+        done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
+
+
+def _as_list(prune) -> list:
+    return [] if prune is None else list(prune) if isinstance(prune, list | tuple) else [prune]
 
 
 def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:

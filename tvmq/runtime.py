@@ -188,6 +188,13 @@ class CompiledModel:
         timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
         return LatencyStats.from_seconds(list(timer("main").results))
 
+    def profile(self, inputs: list[np.ndarray] | None = None, *, repeat: int = 10):
+        """Per-kernel time over ``repeat`` runs (``tvmq.profiling.profile_kernels``)."""
+        from tvmq.profiling import profile_kernels
+
+        tensors = self._to_device(inputs or random_inputs(self.manifest.inputs), {})
+        return profile_kernels(self._vm, self.device, tensors, repeat=repeat)
+
 
 def _flatten(result) -> list[np.ndarray]:
     if isinstance(result, tvm.runtime.Tensor):

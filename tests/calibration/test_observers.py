@@ -20,7 +20,7 @@ from tvmq.calibration.entropy import kl_divergences
 from tvmq.core.qmath import choose_qparams, dequantize, quantize, sqnr
 from tvmq.errors import TvmqError
 
-ALL = ["entropy", "minmax", "moving_average", "mse", "percentile"]
+ALL = ["auto", "entropy", "minmax", "moving_average", "mse", "percentile"]
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +308,23 @@ def test_range_is_cached_until_update():
     assert obs.range() is first
     obs.update(np.array([5.0]))
     assert obs.range() != first and math.isclose(obs.range()[1], 5.0, rel_tol=0.05)
+
+
+def test_auto_holds_every_candidate_and_uses_the_chosen_one(rng):
+    from tvmq.calibration.auto import CANDIDATES
+
+    obs = get_observer("auto")
+    x = rng.standard_normal(4096).astype(np.float32)
+    x[7] = 200.0  # an outlier: the candidates disagree
+    obs.update(x)
+    ranges = {}
+    for name in CANDIDATES:
+        alone = get_observer(name)
+        alone.update(x)
+        obs.choose(name)
+        assert obs.range() == alone.range(), name
+        assert obs.qparams("uint8") == alone.qparams("uint8"), name
+        ranges[name] = alone.range()
+    assert ranges["minmax"][1] == 200.0 and ranges["entropy"][1] < 50  # they do differ
+    with pytest.raises(TvmqError, match="not an auto candidate"):
+        obs.choose("moving_average")

@@ -55,6 +55,8 @@ CASES = {
         0.0,
         2e-6,
     ),
+    "sigmoid": (relax.op.sigmoid, lambda x: 1 / (1 + np.exp(-x)), 20.0, 0.0, 1e-6),
+    "silu": (relax.op.nn.silu, lambda x: x / (1 + np.exp(-x)), 8.0, 1e-6, 1e-6),
     # softmax: float32 sums over 4,096 values round to ~1e-6 relative, with or without UseFastMath
     "softmax": (lambda x: relax.op.nn.softmax(x, axis=-1), _softmax, 8.0, 1e-5, 1e-7),
 }
@@ -74,7 +76,7 @@ def test_rewrite_matches_float64_reference_on_random_inputs(name):
 
 def test_other_ops_and_dtypes_are_left_alone():
     mods = [
-        _module(relax.op.sigmoid),
+        _module(relax.op.sigmoid, "float16"),
         _module(relax.op.exp, "float16"),
         _module(lambda x: relax.op.add(x, x)),
     ]

@@ -192,7 +192,7 @@ def test_skip_keeps_layer_float(mlp):
     assert q.report.quantized_layers == ["matmul_0"]
     assert q.report.layers[1].reason == "skipped by the scheme"
     assert len(q.report.float_ops) == 1 and q.report.float_ops[0].startswith("matmul:")
-    assert q.float_ops == ["matmul_1 (skipped by the scheme)"]  # what tvmq.compile prints
+    assert q.float_ops == ["matmul_1 [2] (skipped by the scheme)"]  # what tvmq.compile prints
     assert q.model is q and q.describe()["layers"][1]["quantized"] is False
     assert [str(c.ty.dtype) for c in _calls(q.mod, "relax.matmul")] == ["int32", "float32"]
 
@@ -292,7 +292,7 @@ def test_handlers_are_registered_by_scheme_type(mlp):
 def test_weight_only_skip_and_dynamic_matmul(mlp):
     _, imported = mlp
     q = quantize(imported, None, WeightOnly(8, skip=("matmul_1",)), progress=False)
-    assert q.float_ops == ["matmul_1 (skipped by the scheme)"]
+    assert q.float_ops == ["matmul_1 [2] (skipped by the scheme)"]
     assert q.describe()["layers"][1]["quantized"] is False
     q = quantize(imported, None, "int8-dynamic", progress=False)
     assert [str(c.ty.dtype) for c in _calls(q.mod, "relax.matmul")] == ["int32", "int32"]

@@ -67,7 +67,7 @@ def test_overrides_skip_and_layer_lookup():
         ({"activation_symmetric": "yes"}, "activation_symmetric must be True or False"),
         ({"weight_per_channel": 1}, "weight_per_channel must be True or False"),
         ({"weight_symmetric": False}, "weight_symmetric=False is not supported"),
-        ({"observer": "kl"}, "observer 'kl' is unknown; known observers: entropy"),
+        ({"observer": "kl"}, "observer 'kl' is unknown; known observers: auto, entropy"),
         ({"observer": 3}, "observer name"),
         ({"requantize": "fixed"}, "requantize must be one of"),
         ({"skip": [""]}, "non-empty names"),

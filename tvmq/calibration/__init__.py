@@ -1,10 +1,12 @@
 """Calibration: observers that turn activation statistics into quantization ranges.
 
 ``get_observer("minmax" | "moving_average" | "percentile" | "entropy" | "mse", **options)``
-returns a fresh observer; ``iter_calibration_batches`` turns any supported form of
-calibration data into ``{input name: array}`` batches.
+returns a fresh observer (``"auto"``: one of each kind, for the quantizer to choose from);
+``iter_calibration_batches`` turns any supported form of calibration data into
+``{input name: array}`` batches.
 """
 
+from tvmq.calibration.auto import AutoObserver
 from tvmq.calibration.base import Histogram, Observer, get_observer, list_observers
 from tvmq.calibration.data import check_calibration_file, count_batches, iter_calibration_batches
 from tvmq.calibration.entropy import EntropyObserver
@@ -14,6 +16,7 @@ from tvmq.calibration.mse import MSEObserver
 from tvmq.calibration.percentile import PercentileObserver
 
 __all__ = [
+    "AutoObserver",
     "EntropyObserver",
     "Histogram",
     "MSEObserver",

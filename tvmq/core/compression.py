@@ -38,7 +38,9 @@ class PruneConfig:
     min_size : int
         ``"magnitude"``: weights with fewer elements stay dense.
     skip : tuple of str
-        ``"magnitude"``/``"n:m"``: weight sites (``"matmul_0"``) left dense.
+        Layers left alone: site names (``"matmul_0"``), source-model layer names
+        (``"classifier"``), fnmatch patterns of either (``"encoder.*"``) or op kinds
+        (``"conv2d"``). ``"channels"``: their output channels stay.
     strict : bool
         ``"n:m"``: raise when a reduction length is not a multiple of `m` (else skip it).
     """
@@ -76,7 +78,7 @@ class PruneConfig:
         keys = {
             "magnitude": ("sparsity", "scope", "min_size", "skip"),
             "n:m": ("n", "m", "strict", "skip"),
-            "channels": ("ratio", "norm"),
+            "channels": ("ratio", "norm", "skip"),
         }[self.method]
         d = asdict(self)
         return {"method": self.method, **{k: list(d[k]) if k == "skip" else d[k] for k in keys}}
@@ -97,7 +99,7 @@ class ClusterConfig:
     seed : int
         Seed of k-means++.
     skip : tuple of str
-        Weight sites left float.
+        Layers left float (names or patterns, as ``PruneConfig.skip``).
     """
 
     bits: int = 4

@@ -7,7 +7,7 @@ The built-in names are listed too, so a scheme validates without importing calib
 
 from __future__ import annotations
 
-BUILTIN_OBSERVERS = ("entropy", "minmax", "moving_average", "mse", "percentile")
+BUILTIN_OBSERVERS = ("auto", "entropy", "minmax", "moving_average", "mse", "percentile")
 
 _names: set[str] = set(BUILTIN_OBSERVERS)
 

@@ -110,7 +110,10 @@ class Int8Static(_SchemeMixin):
     weight_symmetric : bool
         Must be True: weights are symmetric int8 in [-127, 127].
     observer : str
-        Calibration observer name (see ``tvmq.calibration.list_observers``).
+        Calibration observer name (see ``tvmq.calibration.list_observers``). ``"auto"``
+        calibrates with minmax, percentile, entropy and mse at once and keeps the one whose
+        quantized model has the best output SQNR on the first calibration batch (one host
+        build per candidate; ``tvmq.quantization.auto_observer``).
     matmul_act_observer : str or None
         Observer of the operands of activation x activation matmuls (``matmul_act`` sites:
         attention's ``Q @ K^T`` and ``P @ V``) that no override names; None uses

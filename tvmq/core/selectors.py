@@ -1,9 +1,11 @@
 """The site-selector syntax of ``skip`` lists and of ``Int8Static``'s ``smooth`` / ``dynamic``.
 
 A *site* is one matmul / conv2d with a constant weight, or one weightless integer op, named
-``<kind>_<index>`` in dataflow order (``tvmq.passes.sites`` finds them). A selector names
-sites by that name or an fnmatch pattern of it (``"matmul_3"``, ``"conv2d_*"``,
-``"encode/matmul_*"``), by kind (``"linear"``, ``"conv2d"``, ``"matmul_act"``, see
+``<kind>_<index>`` in dataflow order (``tvmq.passes.sites`` finds them). A weight site also
+has the names the source model gave it, where the frontend knew them (``layer names``: the
+PyTorch module path ``encoder.0.fc``, the ONNX node name ``/encoder/encoder.0/fc/Gemm``). A
+selector names sites by any of those names or an fnmatch pattern of one (``"matmul_3"``,
+``"conv2d_*"``, ``"encode/matmul_*"``, ``"classifier*"``), by kind (``"linear"``, ``"conv2d"``, ``"matmul_act"``, see
 :func:`is_skipped`), or, in ``smooth`` / ``dynamic``, by what produces the activation
 (``"after:gelu"``, resolved on the IR by ``tvmq.passes.sites.selects``).
 """
@@ -26,16 +28,26 @@ _KIND_NAMES = {
 }
 
 
-def is_skipped(name: str, kind: str, skip) -> bool:
+def is_skipped(name: str, kind: str, skip, layer_names=()) -> bool:
     """Whether a skip list (fnmatch patterns of site names or op names) selects a site.
 
     ``"conv2d"`` / ``"relax.nn.conv2d"`` select every conv2d; ``"matmul"``, ``"dense"``,
     ``"linear"`` every matmul with a constant weight; ``"matmul_act"`` every matmul of two
     activations (attention); ``"relax.matmul"`` both; ``"add"`` / ``"concat"`` every integer
-    add / concat; ``"matmul_3"`` or ``"conv2d_*"`` by name.
+    add / concat; ``"matmul_3"`` or ``"conv2d_*"`` by name; ``"classifier*"`` by one of the
+    site's `layer_names` (its names in the source model).
     """
-    names = (name, *_KIND_NAMES[kind])
+    names = (name, *layer_names, *_KIND_NAMES[kind])
     return any(fnmatchcase(n, str(p)) for p in (skip or ()) for n in names)
+
+
+#: The op kinds a skip list may name (each stands for all its aliases in ``_KIND_NAMES``).
+KIND_NAMES = ("linear", "conv2d", "matmul_act", "add", "concat")
+
+
+def is_kind_name(pattern: str) -> bool:
+    """Whether `pattern` is an op-kind name of :func:`is_skipped` (``"linear"``, ``"conv2d"``)."""
+    return any(pattern in names for names in _KIND_NAMES.values())
 
 
 #: Selector prefix for the sites whose activation input an op produces: ``after:gelu``.

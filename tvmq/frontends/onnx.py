@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import onnx
 
 from tvmq.errors import TvmqError, UnsupportedOperatorError
+from tvmq.frontends.layer_names import onnx_layer_names
 from tvmq.frontends.model import ImportedModel, signature_of
 from tvmq.frontends.onnx_inputs import (
     DEFAULT_DOMAINS,
@@ -96,6 +97,7 @@ def from_onnx(
     folded = fold_static_shapes(proto, shapes)
     _check_supported(folded, label)
     mod = _convert(folded, shapes, opset, label)
+    mod = onnx_layer_names(folded, mod)  # node names on the weight ops, for skip lists
 
     input_names = [vi.name for vi in graph_inputs(folded.graph)]
     output_names = [vi.name for vi in folded.graph.output]

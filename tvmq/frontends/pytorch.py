@@ -116,15 +116,23 @@ def _drop_legacy_empty_cat_operands(ep: torch.export.ExportedProgram) -> None:
 def from_exported(
     ep: torch.export.ExportedProgram, *, input_names: Sequence[str] | None = None
 ) -> ImportedModel:
-    """Import a ``torch.export`` program (e.g. one loaded from a ``.pt2`` file)."""
+    """Import a ``torch.export`` program (e.g. one loaded from a ``.pt2`` file).
+
+    Each matmul / conv2d carries its layer's module path (``encoder.0.fc``; see
+    :mod:`tvmq.frontends.layer_names`), which skip lists and reports use.
+    """
     from tvm.relax.frontend.torch import from_exported_program
+
+    from tvmq.frontends.layer_names import name_and_bind_torch_params
 
     _drop_legacy_empty_cat_operands(ep)
     try:
         with warnings.catch_warnings():  # decompositions re-trigger torch's own FutureWarnings
             warnings.simplefilter("ignore", FutureWarning)
-            mod = from_exported_program(ep, keep_params_as_input=False)
+            # Parameters stay inputs until named: each weight op then says which it reads.
+            mod = from_exported_program(ep, keep_params_as_input=True)
     except AssertionError as e:
         raise UnsupportedOperatorError(_name_unsupported(ep, str(e))) from e
+    mod = name_and_bind_torch_params(mod, ep)
     inputs, outputs = signature_of(mod["main"], list(input_names) if input_names else None)
     return ImportedModel(mod, inputs, outputs, source="pytorch")

@@ -52,9 +52,11 @@ class ConvTiles:
     o_padded: int
 
 
-def simd_lanes_and_registers(target: tvm.target.Target) -> tuple[int, int] | None:
-    """``(float32 lanes, vector registers)`` of an LLVM CPU target; None when it has no
-    SIMD unit worth a kernel (or is not an LLVM target)."""
+def simd_lanes_and_registers(target: tvm.target.Target | None) -> tuple[int, int] | None:
+    """``(float32 lanes, vector registers)`` of an LLVM CPU target (None: the current
+    target); None when it has no SIMD unit worth a kernel (or is not an LLVM target)."""
+    if target is None:
+        target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return None
     from tvm.target.codegen import llvm_get_vector_width, target_has_features

@@ -13,11 +13,12 @@ from tvmq.core.schemes import (
 # One module per scheme; importing it registers its quantize() handler.
 from tvmq.quantization import dynamic, weight_only  # noqa: F401
 from tvmq.quantization.accuracy import (
+    AccuracyControl,
     AccuracyControlResult,
     layer_sensitivity,
     quantize_with_accuracy_control,
 )
-from tvmq.quantization.bias_correction import correct_biases
+from tvmq.quantization.bias_correction import bias_corrections
 from tvmq.quantization.collect import (
     ActivationStats,
     collect_activation_qparams,
@@ -33,8 +34,9 @@ from tvmq.quantization.quantize import (
 from tvmq.quantization.static import static_int8_passes
 
 __all__ = [
+    "AccuracyControl",
     "AccuracyControlResult",
-    "correct_biases",
+    "bias_corrections",
     "layer_sensitivity",
     "quantize_with_accuracy_control",
     "ActivationStats",

@@ -35,6 +35,7 @@ from tvmq.quantization.collect import _flatten, _host_target
 from tvmq.quantization.quantize import QuantizedModel, _model_parts, quantize
 
 __all__ = [
+    "AccuracyControl",
     "AccuracyControlResult",
     "compile_for_host",
     "layer_sensitivity",
@@ -42,6 +43,23 @@ __all__ = [
 ]
 
 EvalFn = Callable[[Callable[..., Any]], float]
+
+
+@dataclass(frozen=True)
+class AccuracyControl:
+    """Accuracy control for ``tvmq.compile(..., accuracy_control=)``: the arguments of
+    :func:`quantize_with_accuracy_control` other than the model, data and scheme."""
+
+    eval_fn: EvalFn
+    max_drop: float
+    ranking: str = "sqnr"
+    max_float_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.eval_fn):
+            raise TvmqError("AccuracyControl.eval_fn must be callable: eval_fn(run) -> metric")
+        if not self.max_drop >= 0:
+            raise TvmqError(f"AccuracyControl.max_drop must be >= 0, got {self.max_drop!r}")
 
 
 def compile_for_host(model: ImportedModel | tvm.IRModule) -> Callable[..., Any]:

@@ -10,9 +10,10 @@ over the calibration data::
     c_o = sum_{i,kh,kw} W[o,i,kh,kw] E[x_i] - ...  # conv2d (borders ignored)
 
 Adding ``c`` to the bias makes the quantized layer's output unbiased on that data.
-:func:`correct_biases` does this on the *prepared float* module, before ``AnnotateQDQ``:
-the corrected bias then goes through the normal static int8 flow (``LowerInt8`` folds it
-into the int32 accumulator offset). Layers without a bias get one. ``W_q`` and ``x_q``
+:func:`bias_corrections` computes ``c`` on the *prepared float* module; the pass
+``tvmq.passes.CorrectBias`` adds it to the bias before ``AnnotateQDQ`` (a parameter of the
+Relax pipeline ``"tvmq"``), and the corrected bias goes through the normal static int8 flow
+(``LowerInt8`` folds it into the int32 accumulator offset). Layers without a bias get one. ``W_q`` and ``x_q``
 use exactly the weight and activation parameters the static passes will use.
 
 Limits: each layer is corrected with *float* inputs (the quantization error of earlier
@@ -26,16 +27,14 @@ from typing import Any
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvmq.calibration import iter_calibration_batches
 from tvmq.core import qmath
 from tvmq.passes.annotate_qdq import weight_qparams
-from tvmq.passes.relax_utils import binding_map, const_value, op_name, user_counts
 from tvmq.passes.sites import list_weight_sites
 from tvmq.quantization.collect import _fit_batch, _flatten, _host_target, _model_batch, instrument
 
-__all__ = ["activation_means", "correct_biases", "layer_corrections"]
+__all__ = ["activation_means", "bias_corrections", "layer_corrections"]
 
 
 def activation_means(
@@ -97,56 +96,18 @@ def layer_corrections(site, mean_x: np.ndarray, mean_xq: np.ndarray, scheme) -> 
     return np.einsum("oikl,i->o", w, mean_x) - np.einsum("oikl,i->o", w_dq, mean_xq)
 
 
-def _const_bias(expr, bindings, channels: int, kind: str) -> np.ndarray | None:
-    value = const_value(expr, bindings)
-    if value is None or value.dtype != np.float32 or value.size != channels:
-        return None
-    ok = (
-        value.shape[-1:] == (channels,)
-        if kind == "matmul"
-        else value.shape
-        in (
-            (1, channels, 1, 1),
-            (channels, 1, 1),
-        )
-    )
-    return value if ok else None
-
-
-@mutator
-class _BiasUpdater(PyExprMutator):
-    """Adds each correction to the layer's bias constant, or adds a bias."""
-
-    def __init__(self, mod, new_bias: dict, add_after: dict):
-        super().__init__(mod)
-        self.new_bias = new_bias  # add binding var -> (index of the constant arg, new const)
-        self.add_after = add_after  # op binding var -> correction constant
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        var = binding.var
-        if var in self.new_bias:
-            index, const = self.new_bias[var]
-            args = [self.visit_expr(a) for a in binding.value.args]
-            args[index] = const
-            value = self.builder_.normalize(relax.op.add(*args))
-            self.builder_.emit_normalized(relax.VarBinding(var, value))
-        elif var in self.add_after:
-            out = self.builder_.emit(self.visit_expr(binding.value))
-            value = self.builder_.normalize(relax.op.add(out, self.add_after[var]))
-            self.builder_.emit_normalized(relax.VarBinding(var, value))
-        else:
-            super().visit_var_binding_(binding)
-
-
-def correct_biases(
+def bias_corrections(
     prepared: tvm.IRModule,
     calibration_data: Any,
     scheme,
     qparams: dict[str, tuple[float, int]],
     *,
     inputs,
-) -> tuple[tvm.IRModule, dict[str, list[float]]]:
-    """Add each quantized layer's expected output error to its bias (static int8).
+) -> dict[str, np.ndarray]:
+    """Each quantized layer's expected output error per channel (static int8).
+
+    ``tvmq.passes.CorrectBias`` adds them to the biases (the ``bias_corrections`` parameter
+    of ``tvmq.passes.static_int8_passes``).
 
     Parameters
     ----------
@@ -163,47 +124,18 @@ def correct_biases(
 
     Returns
     -------
-    (tvm.IRModule, dict)
-        The module with corrected biases, and layer name -> correction per channel.
+    dict
+        Site name -> correction per output channel (float32), for the sites that need one.
     """
-    func = prepared["main"]
-    sites = [s for s in list_weight_sites(func) if s.name in qparams]
+    sites = [s for s in list_weight_sites(prepared["main"]) if s.name in qparams]
     if not sites:
-        return prepared, {}
+        return {}
     means = activation_means(prepared, calibration_data, sites, qparams, scheme, inputs)
-    bindings = binding_map(func)
-    users = user_counts(func)
-    readers: dict = {}
-    for var, value in bindings.items():
-        if op_name(value) == "relax.add":
-            for arg in value.args:
-                if isinstance(arg, relax.Var):
-                    readers.setdefault(arg, []).append(var)
-    new_bias, add_after, record = {}, {}, {}
+    out = {}
     for site in sites:
         if site.name not in means:
             continue
         c = layer_corrections(site, *means[site.name], scheme.for_layer(site.name))
-        if c is None or not np.any(c):
-            continue
-        channels = c.size
-        done = False
-        adds = readers.get(site.var, [])
-        if users.get(site.var, 0) == 1 and len(adds) == 1:
-            add = bindings[adds[0]]
-            other = 1 if add.args[0].same_as(site.var) else 0
-            bias = _const_bias(add.args[other], bindings, channels, site.kind)
-            if bias is not None:
-                fixed = (bias.astype(np.float64) + c.reshape(bias.shape)).astype(np.float32)
-                new_bias[adds[0]] = (other, relax.const(fixed, "float32"))
-                done = True
-        if not done:
-            shape = (channels,) if site.kind == "matmul" else (1, channels, 1, 1)
-            add_after[site.var] = relax.const(c.astype(np.float32).reshape(shape), "float32")
-        record[site.name] = [float(v) for v in c]
-    if not record:
-        return prepared, {}
-    new = _BiasUpdater(prepared, new_bias, add_after).visit_expr(func)
-    out = prepared.clone()
-    out["main"] = new
-    return out, record
+        if c is not None and np.any(c):
+            out[site.name] = c.astype(np.float32)
+    return out

@@ -61,6 +61,8 @@ class ActivationStats:
         Calibration batches run (after splitting to the model's batch size).
     site_kinds : dict[str, str]
         Site name -> "matmul", "conv2d", "add", "concat" or "matmul_act".
+    site_layer_names : dict[str, tuple[str, ...]]
+        Site name -> its names in the source model (weight sites the frontend named).
     """
 
     observers: dict[str, Observer]
@@ -69,6 +71,7 @@ class ActivationStats:
     first_outputs: list[np.ndarray] = field(default_factory=list)
     num_batches: int = 0
     site_kinds: dict[str, str] = field(default_factory=dict)
+    site_layer_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _host_target() -> tvm.target.Target:
@@ -213,7 +216,8 @@ def collect_activation_stats(
         return getattr(scheme, "observer", "minmax")
 
     observers: dict[str, Observer] = {}
-    stats = ActivationStats(observers=observers, site_kinds=kinds)
+    layer_names = {s.name: s.layer_names for s in sites if getattr(s, "layer_names", ())}
+    stats = ActivationStats(observers=observers, site_kinds=kinds, site_layer_names=layer_names)
 
     def on_batch(i, feed, outputs, acts):
         for name, act in acts.items():
@@ -228,7 +232,7 @@ def collect_activation_stats(
         stats.num_batches = i + 1
 
     site_names = _run_calibration(
-        prepared, sites, calibration_data, inputs, scheme, progress, on_batch
+        prepared, sites, calibration_data, inputs, scheme, progress, on_batch, "tvmq calibrate"
     )
     for name in site_names:  # no batch at all: still one (empty) observer per site
         if name not in observers:
@@ -237,10 +241,11 @@ def collect_activation_stats(
     return stats
 
 
-def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch):
+def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch, label):
     """Run the float `prepared` module on every calibration batch, instrumented to return
     the activations of `sites`; ``on_batch(i, feed, outputs, {site name: activation})``
-    per batch (padded rows dropped, NaN/inf rejected). Returns the observed site names."""
+    per batch (padded rows dropped, NaN/inf rejected); `label` names the progress bar.
+    Returns the observed site names."""
     from tqdm.auto import tqdm
 
     names = [s.name for s in inputs]
@@ -255,7 +260,7 @@ def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress
         calibration_data, names, batch_size=batch_size, max_batches=max_batches
     )
     for i, batch in enumerate(
-        tqdm(batches, total=total, desc="tvmq calibrate", unit="batch", disable=not progress)
+        tqdm(batches, total=total, desc=label, unit="batch", disable=not progress)
     ):
         feed, rows = _fit_batch(batch, inputs, batch_size)
         result = vm["main"](*[tvm.runtime.tensor(feed[n], device) for n in names])
@@ -285,6 +290,7 @@ def collect_channel_absmax(
     inputs: list[TensorSpec] | None = None,
     input_names: Sequence[str] | None = None,
     progress: bool = True,
+    label: str = "tvmq calibrate (channel ranges)",
 ) -> dict[str, np.ndarray]:
     """``max |x|`` per channel (last axis) of the input activation of each named matmul site,
     over the calibration data (what ``tvmq.passes.SmoothQuant`` takes).
@@ -305,7 +311,9 @@ def collect_channel_absmax(
             out[name] = m if name not in out else np.maximum(out[name], m)
 
     if sites:
-        _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress, on_batch)
+        _run_calibration(
+            prepared, sites, calibration_data, inputs, scheme, progress, on_batch, label
+        )
     return out
 
 
@@ -330,7 +338,8 @@ def activation_qparams(stats: ActivationStats, scheme) -> dict[str, tuple[float,
     out = {}
 
     for name, obs in stats.observers.items():
-        if is_skipped(name, stats.site_kinds[name], scheme.skip):
+        aliases = stats.site_layer_names.get(name, ())
+        if is_skipped(name, stats.site_kinds[name], scheme.skip, aliases):
             continue
         layer = scheme.for_layer(name)
         out[name] = obs.qparams(layer.activation_dtype, layer.activation_symmetric)

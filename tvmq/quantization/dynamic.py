@@ -53,6 +53,7 @@ def quantize_dynamic(mod, imported, calibration_data, scheme: Int8Dynamic, *, pr
             False,
             weight_shape=tuple(site.weight.shape),
             var_name=site.var.name,
+            source=site.source,
         )
         r.reason = qpass.plan(site) or ""
         r.quantized = not r.reason

@@ -28,6 +28,8 @@ import tvm
 from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights, signature_of
+from tvmq.passes import prepare_passes
+from tvmq.passes.site_names import check_skip
 from tvmq.quantization.report import (
     FirstBatch,
     LayerReport,
@@ -118,7 +120,7 @@ class QuantizedModel(ImportedModel):
         """Layers left in float, with the reason, then other float matmul / conv2d ops."""
         if self.report is None:
             return []
-        layers = [f"{r.name} ({r.reason})" for r in self.report.layers if not r.quantized]
+        layers = [f"{r.label} ({r.reason})" for r in self.report.layers if not r.quantized]
         float_vars = {r.var_name for r in self.report.layers if not r.quantized}
         others = [op for op in self.report.float_ops if op.split(":", 1)[1] not in float_vars]
         return layers + others
@@ -126,11 +128,6 @@ class QuantizedModel(ImportedModel):
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for ``model.json``: the report as a dict."""
         return self.report.to_dict() if self.report is not None else {}
-
-
-def _check_weights(mod: tvm.IRModule) -> None:
-    """Raise TvmqError naming the first float constant with NaN/inf and the op reading it."""
-    check_finite_weights(mod, when="quantizing")
 
 
 def _model_parts(model, input_names) -> tuple[tvm.IRModule, ImportedModel]:
@@ -195,9 +192,36 @@ def quantize(
         Unknown scheme, static int8 without calibration data, NaN/inf weights, bad
         calibration data, NaN/inf activations.
     """
-    scheme = get_scheme(scheme)
     mod, imported = _model_parts(model, input_names)
-    _check_weights(mod)
+    check_finite_weights(mod, when="quantizing")
+    return quantize_checked(
+        imported,
+        calibration_data,
+        scheme,
+        progress=progress,
+        evaluate=evaluate,
+        bias_correction=bias_correction,
+    )
+
+
+def quantize_checked(
+    imported: ImportedModel,
+    calibration_data: Any = None,
+    scheme: Scheme | str = "int8",
+    *,
+    progress: bool = True,
+    evaluate: bool = True,
+    bias_correction: bool = False,
+) -> QuantizedModel:
+    """:func:`quantize` for a model whose weights are known to be finite.
+
+    ``tvmq.pipeline.compress`` checks the weights once (``check_finite_weights``), then
+    quantizes through here; the parameters are :func:`quantize`'s.
+    """
+    scheme = get_scheme(scheme)
+    mod = imported.mod
+    # Site names are defined on the prepared form, which every handler quantizes.
+    check_skip(prepare_passes()(mod), getattr(scheme, "skip", ()))
     handler, takes_bias_correction = _handler(scheme)
     if bias_correction and not takes_bias_correction:
         raise TvmqError(
@@ -213,7 +237,7 @@ def quantize(
     if progress and report.float_layers:
         print(
             f"tvmq: {len(report.float_layers)} of {len(report.layers)} layers stay float: "
-            + ", ".join(f"{r.name} ({r.reason})" for r in report.layers if not r.quantized),
+            + ", ".join(f"{r.label} ({r.reason})" for r in report.layers if not r.quantized),
             file=sys.stderr,
         )
     meta = dict(imported.meta)

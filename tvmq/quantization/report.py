@@ -35,6 +35,9 @@ class LayerReport:
     ----------
     name : str
         Site name (``conv2d_0``, ``matmul_3``): what ``skip`` and ``overrides`` match.
+    source : str
+        The layer's name in the source model (PyTorch module path ``encoder.0.fc``, ONNX
+        node name), "" when the frontend recorded none; ``skip`` matches it too.
     op : str
         ``"matmul"``, ``"conv2d"``, or ``"matmul_act"`` for a matmul of two activations
         (attention's ``Q @ K^T``, ``P @ V``): its ``activation_*`` fields describe the
@@ -79,6 +82,12 @@ class LayerReport:
     weight_dtype: str | None = None
     group_size: int | None = None
     output_sqnr_db: float | None = None
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        """``matmul_2`` or ``matmul_2 [classifier]``: the name with the source-model name."""
+        return f"{self.name} [{self.source}]" if self.source else self.name
 
 
 @dataclass
@@ -103,6 +112,9 @@ class QuantizationReport:
     bias_correction : dict or None
         Static int8 with ``bias_correction=True``: layer name -> the per-channel
         correction added to its bias.
+    observer_choice : dict or None
+        Static int8 with ``observer="auto"``: ``{"chosen": observer, "output_sqnr_db":
+        {candidate: [dB per output]}}`` (``tvmq.quantization.auto_observer``).
     """
 
     scheme: dict
@@ -111,6 +123,7 @@ class QuantizationReport:
     num_calibration_batches: int = 0
     output_sqnr_db: list[float] | None = None
     bias_correction: dict[str, list[float]] | None = None
+    observer_choice: dict | None = None
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -140,10 +153,15 @@ class QuantizationReport:
         def db(v):
             return "-" if v is None else ("inf" if math.isinf(v) else f"{v:.1f}")
 
-        lines = [f"{'layer':<14} {'op':<10} {'q':<5} {'act':<6} {'w SQNR':>7} {'x SQNR':>7}  note"]
+        width = max([14, *(len(r.source) + 1 for r in self.layers)])
+        lines = [
+            f"{'layer':<14} {'source':<{width}} {'op':<10} {'q':<5} {'act':<6} {'w SQNR':>7} "
+            f"{'x SQNR':>7}  note"
+        ]
         for r in self.layers:
             lines.append(
-                f"{r.name:<14} {r.op:<10} {'yes' if r.quantized else 'no':<5} "
+                f"{r.name:<14} {r.source or '-':<{width}} {r.op:<10} "
+                f"{'yes' if r.quantized else 'no':<5} "
                 f"{r.activation_dtype or '-':<6} {db(r.weight_sqnr_db):>7} "
                 f"{db(r.activation_sqnr_db):>7}  {r.reason}"
             )
@@ -215,3 +233,16 @@ def first_batch_stats(prepared: tvm.IRModule, calibration_data, inputs) -> Activ
     return collect_activation_stats(
         prepared, calibration_data, _FirstBatches(1), inputs=inputs, progress=False
     )
+
+
+LOW_SQNR_DB = 20.0  # below this output SQNR the CLI warns (outputs far from float's)
+
+
+def worst_layers(report: QuantizationReport, n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` quantized layers with the lowest (finite) output SQNR: ``(name, dB)``."""
+    scored = [
+        (r.output_sqnr_db, r.name)
+        for r in report.layers
+        if r.quantized and r.output_sqnr_db is not None and math.isfinite(r.output_sqnr_db)
+    ]
+    return [(name, db) for db, name in sorted(scored)[:n]]

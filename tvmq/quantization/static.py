@@ -15,7 +15,6 @@ import tvm
 
 from tvmq.core import qmath
 from tvmq.core.schemes import Int8Static, get_scheme
-from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
 from tvmq.passes import pipeline as pass_pipeline
 from tvmq.passes import prepare_passes
@@ -24,10 +23,12 @@ from tvmq.passes.annotate_qdq import weight_qparams
 from tvmq.passes.quantize_dynamic import ATTR as DYNAMIC_ATTR
 from tvmq.passes.quantize_dynamic import QuantizeDynamic
 from tvmq.passes.relax_utils import ordered_bindings
-from tvmq.passes.sites import list_weight_sites, select_sites
+from tvmq.passes.sites import list_weight_sites, select_sites, site_skipped
 from tvmq.passes.smooth_quant import smooth_sites
 from tvmq.passes.tensor_sites import list_tensor_sites
-from tvmq.quantization.bias_correction import correct_biases
+from tvmq.progress import phase
+from tvmq.quantization.auto_observer import choose_auto_observers
+from tvmq.quantization.bias_correction import bias_corrections
 from tvmq.quantization.collect import (
     ActivationStats,
     activation_qparams,
@@ -44,7 +45,14 @@ from tvmq.quantization.report import (
     layer_output_sqnr,
 )
 
-__all__ = ["quantize_params", "quantize_static", "static_int8_passes"]
+__all__ = [
+    "dynamic_sites",
+    "quantize_params",
+    "quantize_static",
+    "smooth_site_names",
+    "static_int8_passes",
+    "static_pipeline_params",
+]
 
 
 def static_int8_passes(
@@ -110,49 +118,83 @@ def quantize_static(
             "inputs (an array, a .npz file, or an iterable of batches)"
         )
     prepared = prepare_passes()(mod)
-    dynamic = _dynamic_sites(prepared["main"], scheme)
-    smoothed = _smooth_site_names(prepared["main"], scheme, dynamic)
+    dynamic = dynamic_sites(prepared["main"], scheme)
+    smoothed = smooth_site_names(prepared["main"], scheme, dynamic)
     smooth = {"smooth_absmax": {}, "smooth": scheme.smooth}
     if smoothed:
         if _one_shot(calibration_data):  # read twice: for smoothing, then calibration
             calibration_data = list(calibration_data)
         smooth["smooth_absmax"] = collect_channel_absmax(
             prepared, calibration_data, smoothed, scheme, inputs=imported.inputs,
-            progress=progress,
+            progress=progress, label="tvmq calibrate (SmoothQuant channel ranges)",
         )  # fmt: skip
         prepared = pass_pipeline.smooth_passes(**smooth)(mod)
-    static = scheme
-    if dynamic:
-        static = dataclasses.replace(scheme, skip=(*scheme.skip, *dynamic))
+    static = _skipping(scheme, dynamic)
     stats = collect_activation_stats(
         prepared, calibration_data, scheme, inputs=imported.inputs, progress=progress
     )
+    phase("quantize", progress)
+
+    def quantized_module() -> tvm.IRModule:  # with the observers' current choice
+        params = static_pipeline_params(prepared, scheme, activation_qparams(stats, static))
+        return pass_pipeline.static_int8_passes(**params)(prepared)
+
+    observer_choice = choose_auto_observers(
+        stats, quantized_module, [s.name for s in imported.inputs], progress=progress
+    )
     qparams = activation_qparams(stats, static)
-    corrections = None
+    corrections = {}
     if bias_correction:
-        prepared, corrections = correct_biases(
+        corrections = bias_corrections(
             prepared, calibration_data, static, qparams, inputs=imported.inputs
         )
-    params = {
-        "activation_qparams": qparams,
-        **quantize_params(static, qparams),
-        "dynamic_vars": _site_vars(prepared["main"], dynamic),
-        "dynamic_weight_per_channel": scheme.weight_per_channel,
-    }
+    params = static_pipeline_params(prepared, scheme, qparams, corrections)
     quantized = pass_pipeline.static_int8_passes(**params)(prepared)
     _check_dynamic_sites(quantized, dynamic)
 
     float_ops = float_compute_ops(quantized["main"])
     report = QuantizationReport(
         scheme=scheme.to_dict(),
-        layers=_layer_reports(prepared, scheme, stats, qparams, float_ops, dynamic),
+        layers=_layer_reports(
+            prepared, scheme, stats, params["activation_qparams"], float_ops, dynamic
+        ),
         float_ops=float_ops,
         num_calibration_batches=stats.num_batches,
-        bias_correction=corrections,
+        bias_correction={k: [float(x) for x in v] for k, v in corrections.items()}
+        if bias_correction
+        else None,
+        observer_choice=observer_choice,
     )
-    # with bias correction the float module was changed outside the pass pipeline
-    pipeline_params = None if bias_correction else {**smooth, **params}
-    return HandlerResult(report, quantized, FirstBatch.of(stats), pipeline_params)
+    return HandlerResult(report, quantized, FirstBatch.of(stats), {**smooth, **params})
+
+
+def static_pipeline_params(
+    prepared: tvm.IRModule,
+    scheme: Int8Static,
+    qparams: dict[str, tuple[float, int]],
+    bias_corrections: dict | None = None,
+) -> dict:
+    """The parameters of ``tvmq.passes.static_int8_passes`` for `scheme` on `prepared`.
+
+    ``qparams``: calibrated activation parameters (``activation_qparams``); the scheme's
+    ``dynamic`` sites are left to ``QuantizeDynamic``; ``bias_corrections``: from
+    ``tvmq.quantization.bias_correction.bias_corrections``. ``tvmq.quantization.quantize``
+    builds its parameters here, and so can a script that calibrates on its own.
+    """
+    dynamic = dynamic_sites(prepared["main"], scheme)
+    qparams = {k: v for k, v in qparams.items() if k.split(":")[0] not in dynamic}
+    return {
+        "activation_qparams": qparams,
+        **quantize_params(_skipping(scheme, dynamic), qparams),
+        "dynamic_vars": _site_vars(prepared["main"], dynamic),
+        "dynamic_weight_per_channel": scheme.weight_per_channel,
+        "bias_corrections": dict(bias_corrections or {}),
+    }
+
+
+def _skipping(scheme: Int8Static, sites) -> Int8Static:
+    """`scheme` with `sites` skipped as well."""
+    return dataclasses.replace(scheme, skip=(*scheme.skip, *sites)) if sites else scheme
 
 
 def _layer_reports(
@@ -168,12 +210,13 @@ def _layer_reports(
             False,
             weight_shape=tuple(site.weight.shape),
             var_name=site.var.name,
+            source=site.source,
         )
         if site.name in dynamic:
             _dynamic_layer_report(r, site, stats, float_vars)
             reports.append(r)
             continue
-        if is_skipped(site.name, site.kind, scheme.skip):
+        if site_skipped(site, scheme.skip):
             r.reason = "skipped by the scheme"
         elif site.name not in qparams:
             r.reason = "no calibration statistics (activation is not a variable of main)"
@@ -228,7 +271,7 @@ def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars
         lhs, rhs = site.input_names
         r = LayerReport(site.name, site.kind, False, var_name=site.var.name)
         r.weight_shape = tuple(int(d) for d in site.inputs[1].ty.shape)
-        if is_skipped(site.name, site.kind, scheme.skip):
+        if site_skipped(site, scheme.skip):
             r.reason = "skipped by the scheme"
         elif lhs not in qparams or rhs not in qparams:
             r.reason = "no calibration statistics (an operand is not a variable of main)"
@@ -261,7 +304,7 @@ def _one_shot(data) -> bool:
         return False
 
 
-def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
+def dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
     """Names of the matmul sites of ``main`` that ``scheme.dynamic`` selects (not skipped,
     and with an accumulator that fits int32)."""
     if not scheme.dynamic:
@@ -270,19 +313,19 @@ def _dynamic_sites(func, scheme: Int8Static) -> tuple[str, ...]:
     return tuple(
         s.name
         for s in select_sites(func, scheme.dynamic)
-        if not is_skipped(s.name, s.kind, scheme.skip) and plan(s) is None
+        if not site_skipped(s, scheme.skip) and plan(s) is None
     )
 
 
-def _smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
+def smooth_site_names(func, scheme: Int8Static, dynamic) -> list[str]:
     """Names of the matmul sites to smooth: selected by ``scheme.smooth``, static, not skipped."""
     if not scheme.smooth:
         return []
-    kinds = {s.name: s.kind for s in list_weight_sites(func)}
+    sites = {s.name: s for s in list_weight_sites(func)}
     return [
         n
         for n in smooth_sites(func, scheme.smooth)
-        if n not in dynamic and not is_skipped(n, kinds[n], scheme.skip)
+        if n not in dynamic and not site_skipped(sites[n], scheme.skip)
     ]
 
 

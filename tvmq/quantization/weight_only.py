@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from tvmq.core import qmath
 from tvmq.core.schemes import WeightOnly
-from tvmq.core.selectors import is_skipped
 from tvmq.passes import prepare_passes
 from tvmq.passes.quantize_weight_only import (
     QuantizeWeightOnly,
     dequantize_weight,
     quantize_weight,
 )
-from tvmq.passes.sites import list_weight_sites
+from tvmq.passes.sites import list_weight_sites, site_skipped
 from tvmq.quantization.quantize import HandlerResult, register_handler
 from tvmq.quantization.report import (
     FirstBatch,
@@ -45,8 +44,9 @@ def quantize_weight_only(mod, imported, calibration_data, scheme: WeightOnly, *,
             False,
             weight_shape=tuple(site.weight.shape),
             var_name=site.var.name,
+            source=site.source,
         )
-        skipped = is_skipped(site.name, site.kind, scheme.skip)
+        skipped = site_skipped(site, scheme.skip)
         r.reason = "skipped by the scheme" if skipped else ""
         r.quantized = not r.reason
         q, s, z, g = quantize_weight(
