@@ -255,16 +255,18 @@ def _plain(value):
 
 
 def _lower_prequantized(model: ImportedModel, prune, cluster, quantize) -> Compressed:
-    """An already-quantized model (ONNX QDQ): lower its QDQ regions, no calibration."""
+    """An already-quantized model (ONNX QDQ, PyTorch PT2E): lower its QDQ regions, no calibration."""
+    pt2e = model.source == "pytorch"
     if quantize is not None or prune is not None or cluster is not None:
+        ops = "quantize/dequantize ops of PT2E" if pt2e else "QuantizeLinear/DequantizeLinear"
         raise TvmqError(
-            "the model is already quantized (it holds QuantizeLinear/DequantizeLinear); "
+            f"the model is already quantized (it holds {ops}); "
             "compile it without --quantize, --prune or --cluster"
         )
     mod = static_int8_passes()(CanonicalizeQDQ()(model.mod))
     float_ops = float_compute_ops(mod["main"])
     return Compressed(
         _with_mod(model, mod),
-        {"quantize": {"scheme": "onnx-qdq", "float_ops": float_ops}},
+        {"quantize": {"scheme": "pt2e" if pt2e else "onnx-qdq", "float_ops": float_ops}},
         {"float_ops": float_ops},
     )

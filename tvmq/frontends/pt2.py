@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tvmq.errors import TvmqError
+from tvmq.frontends import pt2e
 
 __all__ = ["check_pt2_archive", "load_exported_program"]
 
@@ -52,14 +53,17 @@ _ALLOWED_ENTRIES = (
 )
 _PAYLOAD_FILE = {"weights": re.compile(r"weight_\d+"), "constants": re.compile(r"tensor_\d+")}
 
-# Node targets that resolve to torch operators (or plain arithmetic) and nothing else.
+# Node targets that resolve to torch operators (or plain arithmetic) and nothing else; of
+# torch's quantized_decomposed library only the PT2E ops tvmq imports (tvmq.frontends.pt2e).
 _SAFE_TARGET = re.compile(
-    r"torch\.ops\.(aten|prims|higher_order|quantized_decomposed)\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?"
+    r"torch\.ops\.(aten|prims|higher_order)\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?"
+    r"|torch\.ops\.quantized_decomposed\.(" + "|".join(re.escape(op) for op in pt2e.SUPPORTED) + ")"
     r"|torch\._?sym_[a-z_]+"
     r"|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|pow|neg|pos|abs|eq|ne|lt|le|gt|ge"
     r"|and_|or_|xor|not_|invert|lshift|rshift)"
     r"|math\.[a-z][a-z0-9_]*"
 )
+_QUANTIZED_OP = re.compile(rf"torch\.ops\.{pt2e.NAMESPACE}\.[a-z]\w{{0,60}}(\.[a-z]\w{{0,20}})?")
 # Symbolic shape expressions: sympy parses them with eval, so only symbol names (s0, u1),
 # integer/float literals, arithmetic and the shape functions torch itself prints.
 _EXPR_CHARS = re.compile(r"[\w\s+\-*/%(),<>=!&|~^]*")
@@ -92,6 +96,7 @@ def load_exported_program(path: Path):
     import torch
 
     check_pt2_archive(path)
+    pt2e.register_ops()  # a PT2E program's quantize / dequantize ops
     try:
         with _weights_only_torch_load(path), _quiet_torch_export_log(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's version-skew warnings: the error says more
@@ -233,6 +238,11 @@ def _check_program(path: Path, name: str, program: Any) -> None:
     for key, value in _walk(program):
         if key in ("target", "as_operator"):  # the schema's only two operator fields
             if not isinstance(value, str) or not _SAFE_TARGET.fullmatch(value) or "__" in value:
+                if isinstance(value, str) and _QUANTIZED_OP.fullmatch(value):
+                    raise TvmqError(
+                        f"{path}: quantized op {value[len('torch.ops.') :]} is not supported; "
+                        f"tvmq imports PT2E static quantization ({', '.join(pt2e.SUPPORTED)})"
+                    )
                 raise TvmqError(
                     f"{path}: a node calls {str(value)[:80]!r}, which is not a torch operator; "
                     "tvmq loads graphs of torch operators only"

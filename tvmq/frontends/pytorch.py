@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tvmq.errors import TvmqError, UnsupportedOperatorError
+from tvmq.frontends import pt2e
 from tvmq.frontends.model import ImportedModel, signature_of
 
 _MISSING_OPS = re.compile(r"Unsupported function types \[(.*)\]")
@@ -113,6 +114,19 @@ def _drop_legacy_empty_cat_operands(ep: torch.export.ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
+def _pt2e_options(ep: torch.export.ExportedProgram) -> dict:
+    """Importer options for a PT2E program (quantize / dequantize ops); none for others."""
+    if not any(pt2e.is_quantized_op(n) for n in ep.graph.nodes):
+        return {}
+    # Decomposed here, not by the importer: the converters read this very program's buffers.
+    ep = ep.run_decompositions()
+    return {
+        "exported_program": ep,
+        "custom_convert_map": pt2e.convert_map(ep),
+        "run_ep_decomposition": False,
+    }
+
+
 def from_exported(
     ep: torch.export.ExportedProgram, *, input_names: Sequence[str] | None = None
 ) -> ImportedModel:
@@ -126,13 +140,15 @@ def from_exported(
     from tvmq.frontends.layer_names import name_and_bind_torch_params
 
     _drop_legacy_empty_cat_operands(ep)
+    pt2e.check_supported(ep)
     try:
         with warnings.catch_warnings():  # decompositions re-trigger torch's own FutureWarnings
             warnings.simplefilter("ignore", FutureWarning)
             # Parameters stay inputs until named: each weight op then says which it reads.
-            mod = from_exported_program(ep, keep_params_as_input=True)
+            options = {"exported_program": ep, **_pt2e_options(ep)}
+            mod = from_exported_program(keep_params_as_input=True, **options)
     except AssertionError as e:
         raise UnsupportedOperatorError(_name_unsupported(ep, str(e))) from e
-    mod = name_and_bind_torch_params(mod, ep)
+    mod = name_and_bind_torch_params(mod, options["exported_program"])
     inputs, outputs = signature_of(mod["main"], list(input_names) if input_names else None)
     return ImportedModel(mod, inputs, outputs, source="pytorch")
