@@ -325,18 +325,13 @@ def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> 
     import numpy as np
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
+    from tvmq.tuning_offline import random_argument
+
     rng = np.random.default_rng(0)
 
     def fill(tensor) -> None:
-        dtype = np.dtype(str(tensor.dtype))
         shape = tuple(int(d) for d in tensor.shape)
-        if dtype.kind == "f":
-            data = rng.uniform(-1.0, 1.0, shape).astype(dtype)
-        elif dtype.kind == "b":
-            data = rng.integers(0, 2, shape).astype(dtype)
-        else:  # small integers: valid as indices and in range for every integer type
-            data = rng.integers(0, 8, shape).astype(dtype)
-        tensor.copyfrom(data)
+        tensor.copyfrom(random_argument(str(tensor.dtype), shape, rng))
 
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 

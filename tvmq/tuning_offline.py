@@ -203,20 +203,27 @@ def measure_candidates(folder: os.PathLike, *, number: int = 3, min_repeat_ms: i
     return out
 
 
-def _random_tensor(arg_info, rng, dev):
-    """A tensor for one ``["TENSOR", dtype, shape]`` argument: floats in [-1, 1], small ints."""
+def random_argument(dtype: str, shape, rng):
+    """Measurement data for one kernel argument: floats in [-1, 1], small integers (valid as
+    indices and in range for every integer type), booleans."""
     import numpy as np
+
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return rng.uniform(-1.0, 1.0, shape).astype(dt)
+    if dt.kind == "b":
+        return rng.integers(0, 2, shape).astype(dt)
+    return rng.integers(0, 8, shape).astype(dt)
+
+
+def _random_tensor(arg_info, rng, dev):
+    """A device tensor for one ``["TENSOR", dtype, shape]`` argument."""
     import tvm
 
     kind, dtype, shape = arg_info
     if kind != "TENSOR":
         raise TvmqError(f"argument kind {kind!r} cannot be measured offline")
-    dt = np.dtype(dtype)
-    if dt.kind == "f":
-        data = rng.uniform(-1.0, 1.0, shape).astype(dt)
-    else:
-        data = rng.integers(0, 8, shape).astype(dt)
-    return tvm.runtime.tensor(data, dev)
+    return tvm.runtime.tensor(random_argument(dtype, shape, rng), dev)
 
 
 # --------------------------------------------------------------------------------------
