@@ -1,4 +1,4 @@
-"""The ``tvmq`` command line: compile, run, bench, targets, inspect, demo."""
+"""The ``tvmq`` command line: compile, run, bench, bundle, targets, inspect, demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from tvmq.cli_commands import (
     cmd_bench,
+    cmd_bundle,
     cmd_compile,
     cmd_demo,
     cmd_inspect,
@@ -38,12 +39,15 @@ examples:
   tvmq compile model.onnx -o build/ --dump ir,asm dump/   also write the Relax IR and assembly
   tvmq tune model.onnx -t host --trials 500       tune kernels; compile then applies the records
   tvmq tune --repair --work-dir tuning_logs/host  drop damaged records from a record folder
+  tvmq tune model.onnx --trials 64 --offline cands/   candidates to time elsewhere (run.py measure)
+  tvmq tune --import cands/                      their timings -> records for tvmq compile
   tvmq run build/ --input x.npz -o y.npz         run a compiled model on saved inputs
   tvmq bench build/                              median and p90 latency
   tvmq run build/ -i x.npz --profile             the 10 slowest kernels
   tvmq run build-pi/ -i x.npz --rpc 127.0.0.1:9190 --key rasp4b   run on a board via a TVM RPC tracker
   tvmq inspect build/                            what a compiled directory holds
   tvmq report build/ --eval data.npz             HTML report: SQNR, kernel times, size, accuracy
+  tvmq bundle build/ -o bundle/ --python 3.12    a folder that runs build/ with the TVM runtime only
 """
 
 
@@ -188,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of tuning, rewrite the record folder (--work-dir) keeping only records "
         "that replay on their kernel; the originals are kept as *.bak",
     )
+    s.add_argument(
+        "--offline",
+        metavar="DIR",
+        help="measure nothing: build the candidates into this new folder, to be timed on a "
+        "device this machine cannot reach (python BUNDLE/run.py measure DIR)",
+    )
+    s.add_argument(
+        "--import",
+        dest="import_dir",
+        metavar="DIR",
+        help="instead of tuning, add the timings of an offline round (DIR/timings.json) to "
+        "the record folder (--work-dir, default: ./tuning_logs/<the round's target>/)",
+    )
     _add_rpc_options(s)
     s.set_defaults(func=cmd_tune)
 
@@ -218,6 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int_at_least(1), default=100, help="timed runs (default 100)")
     _add_rpc_options(s)
     s.set_defaults(func=cmd_bench)
+
+    s = command(
+        "bundle",
+        "write a deploy folder that runs a compiled model with TVM's runtime only "
+        "(python BUNDLE/run.py; no compiler, no tvmq install)",
+    )
+    s.add_argument("model_dir", help="output directory of tvmq compile")
+    s.add_argument("-o", "--output", required=True, help="the bundle folder to write")
+    s.add_argument(
+        "--python",
+        metavar="3.N",
+        help="the Python version on the machine that runs the bundle (default: this one's)",
+    )
+    s.add_argument(
+        "--tvm-runtime",
+        metavar="DIR",
+        help="take TVM's runtime libraries (libtvm_runtime.so...) from this folder, built for "
+        "the build's CPU (default: this TVM's, or the apache-tvm wheel for another CPU)",
+    )
+    s.set_defaults(func=cmd_bundle)
 
     s = command("inspect", "show a compiled directory's manifest, or a model's signature and ops")
     s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")

@@ -155,6 +155,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from tvmq.output_file import check_output_file, write_file_atomically
+    from tvmq.runtime import output_summary
 
     if args.output:
         check_output_file(args.output)  # before running: a bad -o fails fast
@@ -167,12 +168,7 @@ def cmd_run(args) -> int:
             session.close()
     outs = outs if isinstance(outs, tuple) else (outs,)
     for spec, y in zip(model.outputs, outs, strict=True):
-        summary = f"{spec.name}: shape {y.shape} {y.dtype}"
-        if y.size:
-            summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
-            if y.ndim == 2:
-                summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
-        print(summary)
+        print(output_summary(spec, y))
     if args.output:
         arrays = {s.name: y for s, y in zip(model.outputs, outs, strict=True)}
         write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
@@ -204,6 +200,10 @@ def cmd_bench(args) -> int:
 
 def check_tune_args(args) -> None:
     """The option combinations of ``tvmq tune``, before any import (standard library only)."""
+    if args.import_dir is not None:
+        if args.model is not None or args.offline or args.rpc or args.repair:
+            raise UsageError("--import takes only the offline round's folder (and --work-dir)")
+        return
     if args.repair:
         if args.model is not None:
             raise UsageError("--repair takes no model: give the folder with --work-dir")
@@ -217,6 +217,8 @@ def check_tune_args(args) -> None:
     check_target_name(args.target)
     if args.key and not args.rpc:
         raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
+    if args.offline and args.rpc:
+        raise UsageError("--offline measures nothing, so it takes no --rpc tracker")
 
 
 def cmd_tune(args) -> int:
@@ -229,6 +231,11 @@ def cmd_tune(args) -> int:
     if args.repair:
         work_dir = args.work_dir or default_work_dir(args.target)
         print(repair(work_dir).summary())
+        return 0
+    if args.import_dir is not None:
+        from tvmq.tuning_offline import import_timings
+
+        print(import_timings(args.import_dir, args.work_dir).summary())
         return 0
     if args.work_dir is not None:  # before the model import: a typo should fail in a second
         check_work_dir(Path(args.work_dir))
@@ -257,11 +264,22 @@ def cmd_tune(args) -> int:
             rpc=rpc,
             progress=not args.quiet,
             cost_model=args.cost_model,
+            offline=args.offline,
         )
     except TuningFailed as failed:
         print(failed.report.summary())  # the table on stdout; the one-line error on stderr
         raise
     print(report.summary())
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from tvmq.bundle import make_bundle
+
+    bundle = make_bundle(
+        args.model_dir, args.output, python=args.python, tvm_runtime=args.tvm_runtime
+    )
+    print(bundle.summary())
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Load a compiled tvmq directory and run it on numpy arrays; measure its latency."""
+"""Load a compiled tvmq directory and run it on numpy arrays; measure its latency.
+
+Needs only TVM's runtime: a deploy bundle (:mod:`tvmq.bundle`) ships this module with
+``libtvm_runtime.so`` and no compiler, so nothing here may import ``tvm.relax``.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
 from tvmq.errors import InputMismatchError, TvmqError
 from tvmq.frontends.model import TensorSpec
+from tvmq.machine import library_arch, this_machine
 from tvmq.manifest import Manifest, sha256_of
 
 
@@ -139,16 +144,17 @@ class CompiledModel:
         self.manifest = Manifest.read(self.directory)
         lib_path = verified_library(self.directory, self.manifest)
         target = self.manifest.target
-        if target.get("cross_compiled"):
+        if library_arch(target) != this_machine():
             raise TvmqError(
                 f"{self.directory} was compiled for target '{target.get('name')}', which does "
-                "not run on this machine; copy the directory to the board and load model.so there "
-                "with the TVM runtime (tvm.runtime.load_module + relax.VirtualMachine)"
+                "not run on this machine; run it on the board (tvmq bundle makes a folder that "
+                "runs there with the TVM runtime only)"
             )
         self.device = device if device is not None else _device_for(self.manifest)
         try:
+            load_device_runtime(self.device)
             self._lib = _load_fresh(lib_path)
-            self._vm = relax.VirtualMachine(self._lib, self.device)
+            self._vm = VirtualMachine(self._lib, self.device)
         except Exception as e:
             raise TvmqError(
                 f"{lib_path}: cannot load for target '{target.get('name')}' on {self.device}: {e}"
@@ -196,6 +202,43 @@ def _flatten(result) -> list[np.ndarray]:
     for r in result:
         out.extend(_flatten(r))
     return out
+
+
+def load_device_runtime(device: tvm.runtime.Device) -> None:
+    """Load TVM's CUDA runtime library where ``import tvm`` did not (runtime-only TVM).
+
+    A full TVM loads ``libtvm_runtime_cuda.so`` with its backends; with the runtime only
+    (``TVM_USE_RUNTIME_LIB=1``, or no compiler library, as in a bundle) nothing does, and a
+    CUDA model would find no CUDA device API. A CPU device needs nothing.
+    """
+    from tvm import base
+
+    if device.dlpack_device_type() != tvm.cuda(0).dlpack_device_type():
+        return
+    if "tvm_runtime_cuda" in base._LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    lib_dir = Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[lib_dir]
+        )
+    except (OSError, RuntimeError) as e:
+        raise TvmqError(
+            f"cannot load TVM's CUDA runtime from {lib_dir} ({e}); it needs the CUDA 13 "
+            "runtime (libcudart.so.13) and an NVIDIA driver"
+        ) from None
+
+
+def output_summary(spec: TensorSpec, y: np.ndarray) -> str:
+    """One line about an output: shape, dtype, mean, max (and the argmax of 2-D scores)."""
+    summary = f"{spec.name}: shape {y.shape} {y.dtype}"
+    if y.size:
+        summary += f", mean {float(y.mean()):.6g}, max {float(y.max()):.6g}"
+        if y.ndim == 2:
+            summary += f", argmax {y.argmax(axis=1)[:8].tolist()}"
+    return summary
 
 
 def _device_for(manifest: Manifest) -> tvm.runtime.Device:

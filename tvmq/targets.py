@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -46,6 +45,7 @@ from tvm.target import Target
 from tvm.target import codegen as _llvm
 
 from tvmq.errors import TvmqError, first_line
+from tvmq.machine import this_machine, triple_arch
 
 __all__ = ["TargetPreset", "get_target", "list_targets"]
 
@@ -76,7 +76,6 @@ _CUDA_FEATURE_MIN_ARCH = {
     "bf16": (8, 0),
     "fp8": (8, 9),
 }
-_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class TargetPreset:
         if self.cc is not None:
             return True
         triple = self.cpu_triple
-        return triple is not None and _triple_arch(triple) != _this_machine()
+        return triple is not None and triple_arch(triple) != this_machine()
 
 
 def list_targets() -> list[TargetPreset]:
@@ -349,15 +348,3 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return value
-
-
-def _triple_arch(triple: str) -> str:
-    """The architecture part of an LLVM triple, normalised."""
-    arch = triple.split("-", 1)[0].lower()
-    return _MACHINE_ALIASES.get(arch, arch)
-
-
-def _this_machine() -> str:
-    """This machine's architecture, spelled like an LLVM triple's first part."""
-    machine = platform.machine().lower()
-    return _MACHINE_ALIASES.get(machine, machine)

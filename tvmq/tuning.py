@@ -125,6 +125,7 @@ class TuneReport:
     tasks: list[TaskReport] = field(default_factory=list)
     seconds: float = 0.0
     planned_trials: int = 0
+    offline: Path | None = None  # where an offline round wrote its candidates
 
     @property
     def new_trials(self) -> int:
@@ -156,6 +157,12 @@ class TuneReport:
             f"{tuned} for {self.target!r}, {self.new_trials} new trials{bad} in "
             f"{self.seconds:.0f} s; records in {self.work_dir}"
         )
+        if self.offline is not None:
+            last = (
+                f"{self.new_trials} candidates{bad} written to {self.offline} in "
+                f"{self.seconds:.0f} s: time them on the device with python BUNDLE/run.py "
+                f"measure {self.offline}, then tvmq tune --import {self.offline}"
+            )
         if self.failed:
             last += f"; {len(self.failed)} kernel(s) failed, first: {self.failed[0].reason}"
         lines.append(last)
@@ -204,6 +211,7 @@ def tune(
     trials_per_batch: int = 16,
     seed: int | None = None,
     measure_default: bool = True,
+    offline: str | os.PathLike | None = None,
 ) -> TuneReport:
     """Tune a model's kernels for a target with MetaSchedule and log the results.
 
@@ -239,6 +247,10 @@ def tune(
         On CPU targets, measure tvmq's default schedule of each kernel as its first candidate
         (when the kernel has no record yet), so that the best record is never slower than
         the schedule the kernel gets without tuning; it counts as one of the kernel's trials.
+    offline : path, optional
+        Measure nothing: build the candidates into this new folder for a device this
+        machine cannot reach (:mod:`tvmq.tuning_offline`); the search starts from the
+        records in ``work_dir``, which ``tvmq tune --import`` adds the timings to.
 
     Returns
     -------
@@ -277,6 +289,12 @@ def tune(
     num_threads = measure.usable_cpus()
     # Everything that can fail without measuring fails here, before minutes of work.
     _check_folder(work_dir)
+    if offline is not None:
+        from tvmq.tuning_offline import OfflineRound, check_new_folder
+
+        if rpc is not None:
+            raise TvmqError("an offline round measures nothing: drop the RPC tracker")
+        check_new_folder(Path(offline))
     cost_model = measure.make_cost_model(cost_model, num_threads)
 
     measure.register_intrinsics(preset)
@@ -288,6 +306,31 @@ def tune(
     builder = measure.make_builder(preset, rpc)
     measure.check_builder(tasks[0], preset, rpc)
     _make_folder(work_dir)
+    offline_round = None
+    if offline is not None:
+        offline_round = OfflineRound(Path(offline), preset.name, preset.kind)
+    try:
+        report = _tune_and_report(
+            tasks, trials, per_task, work_dir, preset, tvm_target, builder, rpc, cost_model,
+            progress, seed, measure_default, num_threads, trials_per_batch, offline_round,
+        )  # fmt: skip
+        if offline_round is not None:
+            offline_round.commit()
+            report.offline = offline_round.folder
+    finally:
+        if offline_round is not None:
+            offline_round.discard()
+    report.seconds = time.perf_counter() - started
+    if report.planned_trials and all(t.failed for t in report.tasks if not t.skipped):
+        raise TuningFailed(report)
+    return report
+
+
+def _tune_and_report(
+    tasks, trials, per_task, work_dir, preset, tvm_target, builder, rpc, cost_model, progress,
+    seed, measure_default, num_threads, trials_per_batch, offline_round,
+) -> TuneReport:  # fmt: skip
+    """Plan the trials from the records in ``work_dir``, tune, and report each kernel."""
     with tuning_lock.writer_lock(work_dir):
         database = open_database(work_dir)
         earlier = [task_records(database, t.dispatched[0], tvm_target) for t in tasks]
@@ -298,17 +341,15 @@ def tune(
         ]
         report = TuneReport(preset.name, work_dir, reports, planned_trials=sum(plan))
         if sum(plan):
+            runner = offline_round.runner() if offline_round else measure.make_runner(rpc)
             _tune_tasks(
                 tasks, plan, [len(r) for r in earlier], report, database, builder,
-                measure.make_runner(rpc), cost_model, progress, seed, measure_default,
-                num_threads, trials_per_batch,
+                runner, cost_model, progress, seed, measure_default,
+                num_threads, trials_per_batch, offline_round and offline_round.callbacks,
             )  # fmt: skip
         for task, task_report in zip(tasks, reports, strict=True):
             records = task_records(database, task.dispatched[0], tvm_target)
             task_report.trials, task_report.best_ms = len(records), best_ms(records)
-    report.seconds = time.perf_counter() - started
-    if report.planned_trials and all(t.failed for t in report.tasks if not t.skipped):
-        raise TuningFailed(report)
     return report
 
 
@@ -325,7 +366,7 @@ def _plan(done: list[int], trials: int, per_task: int) -> list[int]:
 
 def _tune_tasks(
     tasks, plan, done, report, database, builder, runner, cost_model, progress, seed,
-    measure_default, num_threads, per_batch,
+    measure_default, num_threads, per_batch, callbacks_for=None,
 ) -> None:  # fmt: skip
     """Tune each task for its planned trials; a kernel MetaSchedule cannot handle is skipped."""
     from tvm.s_tir import meta_schedule as ms
@@ -343,7 +384,10 @@ def _tune_tasks(
             try:
                 if measure_default and done[index] == 0 and task.target.kind.name == "llvm":
                     default = measure.default_schedule_context(task, num_threads)
-                    measure.run_one(default, 1, 1, builder, runner, database, cost_model, tracker)
+                    measure.run_one(
+                        default, 1, 1, builder, runner, database, cost_model, tracker,
+                        callbacks_for,
+                    )  # fmt: skip
                     todo -= 1
                     if todo == 0:
                         continue
@@ -359,7 +403,7 @@ def _tune_tasks(
                 ).clone()
                 measure.run_one(
                     context, todo, per_batch, builder, runner, database,
-                    cost_model, tracker,
+                    cost_model, tracker, callbacks_for,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 raise

@@ -86,11 +86,23 @@ def check_builder(task, preset: TargetPreset, rpc) -> None:
 # Tuning one task
 
 
-def run_one(context, trials, per_batch, builder, runner, database, cost_model, tracker) -> None:
-    """Tune one task for ``trials`` candidates, sharing builder, runner and cost model."""
+def run_one(
+    context, trials, per_batch, builder, runner, database, cost_model, tracker, callbacks_for=None
+) -> None:
+    """Tune one task for ``trials`` candidates, sharing builder, runner and cost model.
+
+    ``callbacks_for(context, tracker)`` replaces the measure callbacks (database, cost model,
+    progress): an offline round keeps the built candidates instead.
+    """
     from tvm.s_tir import meta_schedule as ms
 
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(tracker)]
+    if callbacks_for is not None:
+        callbacks = callbacks_for(context, tracker)
+    else:
+        callbacks = [
+            *ms.measure_callback.MeasureCallback.create("default"),
+            _ProgressCallback(tracker),
+        ]
     scheduler = ms.task_scheduler.RoundRobin()
     try:
         scheduler.tune(
@@ -313,18 +325,13 @@ def _alloc_arguments_on_board(session, device, args_info, alloc_repeat: int) -> 
     import numpy as np
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
+    from tvmq.tuning_offline import random_argument
+
     rng = np.random.default_rng(0)
 
     def fill(tensor) -> None:
-        dtype = np.dtype(str(tensor.dtype))
         shape = tuple(int(d) for d in tensor.shape)
-        if dtype.kind == "f":
-            data = rng.uniform(-1.0, 1.0, shape).astype(dtype)
-        elif dtype.kind == "b":
-            data = rng.integers(0, 2, shape).astype(dtype)
-        else:  # small integers: valid as indices and in range for every integer type
-            data = rng.integers(0, 8, shape).astype(dtype)
-        tensor.copyfrom(data)
+        tensor.copyfrom(random_argument(str(tensor.dtype), shape, rng))
 
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
