@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tvm
 
-from tvmq import build, pipeline
+from tvmq import __version__, build, pipeline
 from tvmq.core.compression import SparseConfig
 from tvmq.frontends import import_model
 from tvmq.frontends.model import ImportedModel
@@ -37,8 +37,6 @@ class CompiledArtifact:
 
 def versions() -> dict:
     """tvmq and TVM versions, recorded in every manifest."""
-    from tvmq import __version__
-
     return {"tvmq": __version__, "tvm": tvm.__version__}
 
 

@@ -20,9 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import tvmq
 from tvmq.compression import ClusterConfig, PruneConfig
 from tvmq.distillation import distill
+from tvmq.errors import TvmqError
+from tvmq.manifest import Manifest
+from tvmq.output import OutputFolder
 from tvmq.pruning import magnitude_mask, prunable_weights
+from tvmq.report import write_report
+from tvmq.sizes import constant_bytes_by_dtype
 
 SEED = 0
 CALIBRATION_SAMPLES = 500  # training digits used to calibrate int8 activations
@@ -179,8 +185,6 @@ def _compiled_row(
     """
 
     def run(ctx: DemoContext) -> Row:
-        import tvmq
-
         model = student(ctx) if student else ctx.model
         if compile_kwargs.get("quantize"):
             compile_kwargs["calibration_data"] = ctx.data.x_train[:CALIBRATION_SAMPLES]
@@ -214,9 +218,6 @@ def check_output(output_dir) -> None:
     ``-o`` itself may hold anything else of the user's: the demo writes only its own
     subfolders, and within them only the files ``tvmq.compile`` wrote.
     """
-    from tvmq.errors import TvmqError
-    from tvmq.output import OutputFolder
-
     root = Path(output_dir)
     if root.exists() and not root.is_dir():
         raise TvmqError(f"{root}: exists and is not a directory")
@@ -242,8 +243,6 @@ def _distilled_sparse(sparsity: float) -> Callable[[DemoContext], torch.nn.Modul
 
 def _constant_bytes(mod) -> int:
     """Bytes of all constants (weights) left in a Relax module."""
-    from tvmq.sizes import constant_bytes_by_dtype
-
     return sum(constant_bytes_by_dtype(mod).values())
 
 
@@ -335,9 +334,6 @@ def _int8_report(ctx: DemoContext, keep: bool) -> Path:
     Written into the build folder when the builds are kept (``-o``), else into a folder of
     its own under the system's temp dir, which outlives the demo's builds.
     """
-    from tvmq.manifest import Manifest
-    from tvmq.report import write_report
-
     build = ctx.workdir / _folder_name("int8 static, tvmq")
     manifest = Manifest.read(build)
     with torch.no_grad():

@@ -45,6 +45,8 @@ import tvm
 from tvmq import tuning_lock, tuning_records
 from tvmq import tuning_measure as measure
 from tvmq.errors import TvmqError
+from tvmq.lowering import fuse_to_tir
+from tvmq.rpc_session import BoardError
 from tvmq.targets import TargetPreset, get_target
 from tvmq.tuning_database import (
     best_ms,
@@ -53,6 +55,7 @@ from tvmq.tuning_database import (
     open_tuning_logs,
     task_records,
 )
+from tvmq.tuning_offline import OfflineRound, check_new_folder
 from tvmq.tuning_records import RECORD_FILE, WORKLOAD_FILE, RepairReport, repair
 
 if TYPE_CHECKING:
@@ -274,9 +277,6 @@ def tune(
     KeyboardInterrupt
         On Ctrl-C, after the records measured so far are safely in ``work_dir``.
     """
-
-    from tvmq.lowering import fuse_to_tir
-
     started = time.perf_counter()
     preset = get_target(target)
     if trials < 1 or (trials_per_task is not None and trials_per_task < 1):
@@ -290,8 +290,6 @@ def tune(
     # Everything that can fail without measuring fails here, before minutes of work.
     _check_folder(work_dir)
     if offline is not None:
-        from tvmq.tuning_offline import OfflineRound, check_new_folder
-
         if rpc is not None:
             raise TvmqError("an offline round measures nothing: drop the RPC tracker")
         check_new_folder(Path(offline))
@@ -370,8 +368,6 @@ def _tune_tasks(
 ) -> None:  # fmt: skip
     """Tune each task for its planned trials; a kernel MetaSchedule cannot handle is skipped."""
     from tvm.s_tir import meta_schedule as ms
-
-    from tvmq.rpc import BoardError
 
     reports = report.tasks
     bar = measure.progress_bar(sum(plan), report.target, progress)
