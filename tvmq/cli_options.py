@@ -110,8 +110,10 @@ def _fraction(flag: str, value: float | None, *, low_open: bool = False) -> None
 
 
 def _existing_file(flag: str, path: str | None) -> None:
+    if path is not None and Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a directory, not a file")
     if path is not None and not Path(path).is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path} does not exist")
 
 
 def _block(text: str) -> tuple[int, int]:

@@ -66,7 +66,7 @@ CASES = {
     "empty-file": (raw(b""), "cannot read", True),
     "pickle-as-npy": (raw(pickle.dumps([1, 2, 3]), ".npy"), "cannot read", True),
     "csv-suffix": (raw(b"1,2,3\n", ".csv"), ".npz or .npy", True),
-    "directory": (_directory, "does not exist", True),
+    "directory": (_directory, "is a directory", True),
     "missing": (lambda path, marker: path, "does not exist", True),
     "wrong-names": (npz(a=X, b=X), "missing: ['x']", False),
 }
