@@ -174,10 +174,10 @@ def cmd_run(args) -> int:
         write_file_atomically(args.output, lambda f: np.savez(f, **arrays))
         print(f"wrote {args.output}")
     if args.profile:
-        from tvmq.profiling import format_profile
+        from tvmq.profiling import format_profile, profile_kernels
 
         print(f"kernel times (medians of 10 timed runs of each kernel alone, {model.device}):")
-        print(format_profile(model.profile(inputs), args.profile))
+        print(format_profile(profile_kernels(model, inputs), args.profile))
     return 0
 
 

@@ -188,12 +188,6 @@ class CompiledModel:
         timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
         return LatencyStats.from_seconds(list(timer("main").results))
 
-    def profile(self, inputs: list[np.ndarray] | None = None, *, repeat: int = 10):
-        """Per-kernel times of one call (``tvmq.profiling.profile_kernels``), slowest first."""
-        from tvmq.profiling import profile_kernels
-
-        return profile_kernels(self, inputs, repeat=repeat)
-
 
 def _flatten(result) -> list[np.ndarray]:
     if isinstance(result, tvm.runtime.Tensor):
