@@ -50,6 +50,7 @@ from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
+from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
@@ -77,6 +78,7 @@ __all__ = [
     "PruneMagnitude",
     "PruneNM",
     "QuantizeDynamic",
+    "QuantizeEmbedding",
     "SPARSE_ATTR",
     "SparsifyDense",
     "QuantizeWeightOnly",

@@ -39,6 +39,7 @@ from .correct_bias import CorrectBias
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
 from .quantize_dynamic import QuantizeDynamic
+from .quantize_embedding import QuantizeEmbedding
 from .smooth_quant import SmoothQuant
 
 PIPELINE_NAME = "tvmq"
@@ -81,6 +82,7 @@ def static_int8_passes(
     dynamic_vars: Collection[str] = (),
     dynamic_weight_per_channel: bool = True,
     bias_corrections: Mapping[str, np.ndarray] | None = None,
+    int8_embeddings: bool = False,
 ) -> tvm.transform.Pass:
     """Phases 1 and 3: prepare, then quantize (no smoothing, no build).
 
@@ -100,6 +102,8 @@ def static_int8_passes(
     bias_corrections : Mapping[str, numpy.ndarray], optional
         Site name -> per-output-channel correction added to its bias (:class:`CorrectBias`)
         before quantizing.
+    int8_embeddings : bool
+        Store embedding tables read by ``take`` as int8 rows (:class:`QuantizeEmbedding`).
     """
     passes = [prepare_passes()]
     if bias_corrections:
@@ -118,6 +122,8 @@ def static_int8_passes(
         passes.append(
             QuantizeDynamic(weight_per_channel=dynamic_weight_per_channel, only_vars=dynamic_vars)
         )
+    if int8_embeddings:
+        passes.append(QuantizeEmbedding())
     return tvm.transform.Sequential(passes, name="tvmq.static_int8")
 
 

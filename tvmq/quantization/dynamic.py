@@ -12,7 +12,7 @@ import numpy as np
 
 from tvmq.core import qmath
 from tvmq.core.schemes import Int8Dynamic
-from tvmq.passes import prepare_passes
+from tvmq.passes import QuantizeEmbedding, prepare_passes
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.quantize_dynamic import (
     QuantizeDynamic,
@@ -43,7 +43,7 @@ def quantize_dynamic(mod, imported, calibration_data, scheme: Int8Dynamic, *, pr
         activation_per_row=scheme.activation_per_row,
         skip=scheme.skip,
     )
-    quantized = qpass(prepared)
+    quantized = QuantizeEmbedding()(qpass(prepared))
     stats = first_batch_stats(prepared, calibration_data, imported.inputs)
     layers = []
     for site in list_weight_sites(prepared["main"]):

@@ -189,6 +189,7 @@ def static_pipeline_params(
         "dynamic_vars": _site_vars(prepared["main"], dynamic),
         "dynamic_weight_per_channel": scheme.weight_per_channel,
         "bias_corrections": dict(bias_corrections or {}),
+        "int8_embeddings": True,
     }
 
 

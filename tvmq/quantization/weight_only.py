@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvmq.core import qmath
 from tvmq.core.schemes import WeightOnly
-from tvmq.passes import prepare_passes
+from tvmq.passes import QuantizeEmbedding, prepare_passes
 from tvmq.passes.quantize_weight_only import (
     QuantizeWeightOnly,
     dequantize_weight,
@@ -34,7 +34,7 @@ def quantize_weight_only(mod, imported, calibration_data, scheme: WeightOnly, *,
     """Weight-only quantization (no calibration): the scheme's fields are the pass's."""
     prepared = prepare_passes()(mod)
     qpass = QuantizeWeightOnly(scheme.bits, scheme.group_size, scheme.symmetric, scheme.skip)
-    quantized = qpass(prepared)
+    quantized = QuantizeEmbedding()(qpass(prepared))
     stats = first_batch_stats(prepared, calibration_data, imported.inputs)
     layers = []
     for site in list_weight_sites(prepared["main"]):
