@@ -16,12 +16,11 @@ from tvmq.cli_commands import (
     cmd_targets,
     cmd_tune,
 )
-from tvmq.cli_compile_options import add_compile_options
+from tvmq.cli_compile_options import add_compile_options, add_input_shape_option
 from tvmq.cli_options import (
     QUANTIZE_SCHEMES,
     UsageError,
     int_at_least,
-    parse_shape,
     rpc_address,
 )
 
@@ -158,13 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
     )
-    s.add_argument(
-        "--input-shape",
-        action="append",
-        type=parse_shape,
-        metavar="NAME:1x3x224x224",
-        help="static shape for an input with dynamic dimensions (repeatable)",
-    )
+    add_input_shape_option(s)
     s.add_argument(
         "--trials",
         type=int_at_least(1),
@@ -258,13 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("inspect", "show a compiled directory's manifest, or a model's signature and ops")
     s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")
-    s.add_argument(
-        "--input-shape",
-        action="append",
-        type=parse_shape,
-        metavar="NAME:1x3x224x224",
-        help="static shape for an input with dynamic dimensions (repeatable)",
-    )
+    add_input_shape_option(s)
     s.add_argument("--ir", action="store_true", help="also print the Relax IR")
     s.set_defaults(func=cmd_inspect)
 

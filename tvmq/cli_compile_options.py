@@ -10,12 +10,8 @@ from tvmq.cli_options import DUMP_KINDS, QUANTIZE_SCHEMES, parse_shape
 __all__ = ["add_compile_options"]
 
 
-def add_compile_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
-    s.add_argument(
-        "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
-    )
-    s.add_argument("-o", "--output", required=True, help="output directory (model.so + model.json)")
+def add_input_shape_option(s: argparse.ArgumentParser) -> None:
+    """``--input-shape NAME:1x3x224x224`` (compile, tune, inspect)."""
     s.add_argument(
         "--input-shape",
         action="append",
@@ -23,6 +19,15 @@ def add_compile_options(s: argparse.ArgumentParser) -> None:
         metavar="NAME:1x3x224x224",
         help="static shape for an input with dynamic dimensions (repeatable)",
     )
+
+
+def add_compile_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s.add_argument(
+        "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
+    )
+    s.add_argument("-o", "--output", required=True, help="output directory (model.so + model.json)")
+    add_input_shape_option(s)
     _compression_options(s.add_argument_group("compression"))
     _quantize_options(s.add_argument_group("quantization"))
     g = s.add_argument_group("build")
