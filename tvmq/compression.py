@@ -55,7 +55,8 @@ def cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
     return ClusterWeights(config.bits, config.init, config.min_size, config.seed, config.skip)
 
 
-def _as_prune_list(prune) -> list[PruneConfig]:
+def as_prune_list(prune) -> list[PruneConfig]:
+    """`prune` (None, a PruneConfig or a list of them) as a list; TvmqError otherwise."""
     if prune is None:
         return []
     if isinstance(prune, PruneConfig):
@@ -69,7 +70,7 @@ def _as_prune_list(prune) -> list[PruneConfig]:
 
 def compression_pipeline(prune=None, cluster: ClusterConfig | None = None) -> tvm.transform.Pass:
     """The ``Sequential`` of compression passes: channels, then zeros, then clustering."""
-    steps = _as_prune_list(prune)
+    steps = as_prune_list(prune)
     if cluster is not None and not isinstance(cluster, ClusterConfig):
         raise TvmqError(f"cluster must be a ClusterConfig, got {cluster!r}")
     structured = [prune_pass(p) for p in steps if p.method == "channels"]
@@ -139,7 +140,7 @@ def apply_compression(
         (stats: params, constant_bytes, macs; see :func:`model_stats`).
     """
 
-    steps = _as_prune_list(prune)
+    steps = as_prune_list(prune)
     compression_pipeline(steps, cluster)  # validates
     for config in [*steps, *([cluster] if cluster is not None else [])]:
         check_skip(mod, config.skip)

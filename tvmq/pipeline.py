@@ -36,7 +36,7 @@ import tvm
 
 from tvmq import build
 from tvmq.build import BuildInfo
-from tvmq.compression import apply_compression
+from tvmq.compression import apply_compression, as_prune_list
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
@@ -139,7 +139,7 @@ def compress(
         if report["cluster"]:
             applied["cluster"] = report["cluster"]
         notes["compression"] = {k: report[k] for k in ("before", "after", "sparsity")}
-        if sparse is None and any(p.method == "n:m" for p in _as_list(prune)):
+        if sparse is None and any(p.method == "n:m" for p in as_prune_list(prune)):
             _log.warning(
                 "N:M pruning zeroes weights, but no %s kernel skips them: the library's size "
                 "and speed are unchanged (add --sparse --sparse-block 1x1 or --quantize, or "
@@ -235,10 +235,6 @@ def run(
         quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
-
-
-def _as_list(prune) -> list:
-    return [] if prune is None else list(prune) if isinstance(prune, list | tuple) else [prune]
 
 
 def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:
