@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_utils import const_f32, const_value, op_name, relax_functions, update_functions
+from .relax_utils import const_f32, const_value, map_functions, op_name
 
 ATTR = "tvmq.int8_embeddings"
 _TAKE = "relax.take"
@@ -78,15 +78,12 @@ class QuantizeEmbedding:
         self.min_size = int(min_size)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in relax_functions(mod):
+        def rewrite(_gv, func: relax.Function) -> relax.Function:
             rewriter = _Rewriter(mod, self.min_size)
             new = rewriter.visit_expr(func)
-            if rewriter.shapes:
-                old = (
-                    [list(s) for s in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
-                )
-                updates[gv] = relax.analysis.remove_all_unused(new).with_attr(
-                    ATTR, old + rewriter.shapes
-                )
-        return update_functions(mod, updates)
+            if not rewriter.shapes:
+                return func
+            old = [list(s) for s in func.attrs[ATTR]] if func.attrs and ATTR in func.attrs else []
+            return relax.analysis.remove_all_unused(new).with_attr(ATTR, old + rewriter.shapes)
+
+        return map_functions(mod, rewrite)

@@ -227,9 +227,15 @@ def replace_constants(mod: tvm.IRModule, mapping: dict) -> tvm.IRModule:
     """`mod` with each constant in `mapping` (old -> new expr) replaced; same shapes expected."""
     if not mapping:
         return mod
+    return map_functions(mod, lambda _gv, func: _ConstantReplacer(mod, mapping).visit_expr(func))
+
+
+def map_functions(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
+    """`mod` with each of its :func:`relax_functions` replaced by ``rewrite(gv, func)``;
+    `mod` itself when every result is the same function."""
     updates = {}
     for gv, func in relax_functions(mod):
-        new = _ConstantReplacer(mod, mapping).visit_expr(func)
+        new = rewrite(gv, func)
         if not new.same_as(func):
             updates[gv] = new
     return update_functions(mod, updates)

@@ -18,7 +18,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.core.selectors import KIND_NAMES, is_kind_name
 from tvmq.errors import TvmqError
 
-from .relax_utils import layer_span, relax_functions, site_prefix, update_functions, with_span
+from .relax_utils import layer_span, map_functions, relax_functions, site_prefix, with_span
 from .sites import list_weight_sites, site_label, site_skipped
 from .tensor_sites import list_tensor_sites
 
@@ -46,12 +46,7 @@ def tag_layer_names(mod: tvm.IRModule, names: Mapping) -> tvm.IRModule:
     names = {call: ns for call, ns in names.items() if ns}
     if not names:
         return mod
-    updates = {}
-    for gv, func in relax_functions(mod):
-        new = _Tagger(mod, names).visit_expr(func)
-        if not new.same_as(func):
-            updates[gv] = new
-    return update_functions(mod, updates)
+    return map_functions(mod, lambda _gv, func: _Tagger(mod, names).visit_expr(func))
 
 
 def _all_sites(mod: tvm.IRModule) -> list:
