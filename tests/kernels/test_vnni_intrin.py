@@ -15,6 +15,7 @@ CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
 
 def test_registered_once_under_tvmq_name():
     assert vnni_intrin.VNNI_DOT_16X4 == "tvmq_dot_16x4_vnni"
+    assert vnni_intrin.register_vnni_intrin() == vnni_intrin.VNNI_DOT_16X4
     first = TensorIntrin.get(vnni_intrin.VNNI_DOT_16X4)
     assert vnni_intrin.register_vnni_intrin() == vnni_intrin.VNNI_DOT_16X4
     assert TensorIntrin.get(vnni_intrin.VNNI_DOT_16X4).same_as(first)
@@ -36,7 +37,7 @@ def _tensorized_gemv(k: int) -> tvm.IRModule:
     ko, ki = sch.split(kk, [None, 4])
     sch.reorder(ko, i, ki)
     sch.decompose_reduction(block, ko)
-    sch.tensorize(i, vnni_intrin.VNNI_DOT_16X4)
+    sch.tensorize(i, vnni_intrin.register_vnni_intrin())
     return sch.mod
 
 

@@ -27,7 +27,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels._tiling import pack_int8_tiles, round_up
-from tvmq.kernels.arm_dot_intrin import LANES, NEON_4X4, REDUCE, SDOT_4X4
+from tvmq.kernels.arm_dot_intrin import LANES, NEON_4X4, REDUCE, SDOT_4X4, register_arm_intrins
 
 KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_sdot"``...)."""
@@ -162,6 +162,7 @@ def _schedule(
     if parallel:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, ko)
+    register_arm_intrins()
     sch.tensorize(nv, intrinsic)
     for loop in (*rows, ni):
         sch.unroll(loop)

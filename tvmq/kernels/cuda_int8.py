@@ -78,49 +78,54 @@ def _dp4a_desc(operand_scope: str, acc_scope: str):
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _dp4a_cuda_impl(
-    A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-    B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-    C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        # The accumulator goes into dp4a itself (upstream's adds it after a dp4a with 0).
-        C[0] = T.call_pure_extern(
-            "int32", "__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), C[0]
-        )
+def _dp4a_impls():
+    """The ``__dp4a`` and scalar implementations (TVMScript, parsed on first use)."""
 
+    @T.prim_func(s_tir=True)
+    def _dp4a_cuda_impl(
+        A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+        B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+        C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            # The accumulator goes into dp4a itself (upstream's adds it after a dp4a with 0).
+            C[0] = T.call_pure_extern(
+                "int32", "__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), C[0]
+            )
 
-@T.prim_func(s_tir=True)
-def _dp4a_emulated_impl(
-    A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="global"),
-    B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="global"),
-    C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="global"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0], A[0:4], B[0:4])
-        T.writes(C[0])
-        C[0] = (
-            C[0]
-            + T.Cast("int32", A[0]) * T.Cast("int32", B[0])
-            + T.Cast("int32", A[1]) * T.Cast("int32", B[1])
-            + T.Cast("int32", A[2]) * T.Cast("int32", B[2])
-            + T.Cast("int32", A[3]) * T.Cast("int32", B[3])
-        )
+    @T.prim_func(s_tir=True)
+    def _dp4a_emulated_impl(
+        A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="global"),
+        B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="global"),
+        C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="global"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = (
+                C[0]
+                + T.Cast("int32", A[0]) * T.Cast("int32", B[0])
+                + T.Cast("int32", A[1]) * T.Cast("int32", B[1])
+                + T.Cast("int32", A[2]) * T.Cast("int32", B[2])
+                + T.Cast("int32", A[3]) * T.Cast("int32", B[3])
+            )
+
+    return _dp4a_cuda_impl, _dp4a_emulated_impl
 
 
 def register_dp4a_intrins() -> tuple[str, str]:
     """Register :data:`DP4A_CUDA` and :data:`DP4A_EMULATED` once; return their names."""
-    if TensorIntrin.get(DP4A_CUDA, allow_missing=True) is None:
-        TensorIntrin.register(DP4A_CUDA, _dp4a_desc("shared", "local"), _dp4a_cuda_impl)
-    if TensorIntrin.get(DP4A_EMULATED, allow_missing=True) is None:
-        TensorIntrin.register(DP4A_EMULATED, _dp4a_desc("global", "global"), _dp4a_emulated_impl)
+    missing = [
+        n for n in (DP4A_CUDA, DP4A_EMULATED) if TensorIntrin.get(n, allow_missing=True) is None
+    ]
+    if missing:
+        impls = dict(zip((DP4A_CUDA, DP4A_EMULATED), _dp4a_impls(), strict=True))
+        scopes = {DP4A_CUDA: ("shared", "local"), DP4A_EMULATED: ("global", "global")}
+        for name in missing:
+            TensorIntrin.register(name, _dp4a_desc(*scopes[name]), impls[name])
     return DP4A_CUDA, DP4A_EMULATED
-
-
-register_dp4a_intrins()
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: CudaDenseTiles, device: str) -> Sc
         sch.vectorize(v)
 
     sch.decompose_reduction(acc, ko)
-    sch.tensorize(kr, DP4A_CUDA if on_gpu else DP4A_EMULATED)
+    sch.tensorize(kr, register_dp4a_intrins()[0 if on_gpu else 1])
     sch.unroll(ai)
     sch.unroll(aj)
     sch.unroll(ki)

@@ -12,7 +12,9 @@ module fails to verify. Here the operands are ``uint8x64`` / ``int8x64``. Import
 upstream module also costs tens of seconds (it registers every CUDA intrinsic), so the
 description is declared here as well.
 
-Importing this module registers :data:`VNNI_DOT_16X4` once (re-import is a no-op).
+Kernels call :func:`register_vnni_intrin` when they tensorize: parsing TVMScript costs about a
+second per function once torch is loaded (the parser walks the call stack), too much to pay
+on every ``import tvmq.passes``.
 """
 
 from __future__ import annotations
@@ -30,49 +32,50 @@ REDUCE = 4
 """Bytes reduced per lane per call: the K tile of the packed weight."""
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i, k in T.grid(16, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+def _vnni_funcs():
+    """The description and implementation (TVMScript, parsed on first registration)."""
 
+    @T.prim_func(s_tir=True)
+    def _dot_16x4_desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_vnni_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        # The four activation bytes as one int32, broadcast to all 16 lanes, seen as 64 bytes.
-        # One expression: let-bound values inside a parallel loop become a heap-allocated
-        # workspace per task (TVMBackendAllocWorkspace), which short-K kernels feel.
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            "int32x16",
-            "llvm.x86.avx512.vpdpbusd.512",
-            C.vload([0], "int32x16"),
-            T.reinterpret(
-                "uint8x64", T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 16)
-            ),
-            B.vload([0, 0], "int8x64"),
-        )
+    @T.prim_func(s_tir=True)
+    def _dot_16x4_vnni_impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            # The four activation bytes as one int32, broadcast to all 16 lanes, seen as 64 bytes.
+            # One expression: let-bound values inside a parallel loop become a heap-allocated
+            # workspace per task (TVMBackendAllocWorkspace), which short-K kernels feel.
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                "int32x16",
+                "llvm.x86.avx512.vpdpbusd.512",
+                C.vload([0], "int32x16"),
+                T.reinterpret(
+                    "uint8x64", T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 16)
+                ),
+                B.vload([0, 0], "int8x64"),
+            )
+
+    return _dot_16x4_desc, _dot_16x4_vnni_impl
 
 
 def register_vnni_intrin() -> str:
     """Register :data:`VNNI_DOT_16X4` if it is not registered yet; return its name."""
     if TensorIntrin.get(VNNI_DOT_16X4, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_DOT_16X4, _dot_16x4_desc, _dot_16x4_vnni_impl)
+        TensorIntrin.register(VNNI_DOT_16X4, *_vnni_funcs())
     return VNNI_DOT_16X4
-
-
-register_vnni_intrin()

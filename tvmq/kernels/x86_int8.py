@@ -27,7 +27,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels._tiling import pack_int8_tiles, round_up
-from tvmq.kernels.vnni_intrin import LANES, REDUCE, VNNI_DOT_16X4
+from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
 
 KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
@@ -175,7 +175,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm
     if parallel:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, ko)
-    sch.tensorize(nv, VNNI_DOT_16X4)
+    sch.tensorize(nv, register_vnni_intrin())
     for loop in (*rows, ni):
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
