@@ -31,7 +31,7 @@ from tvm import relax
 from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel
-from tvmq.quantization.collect import _flatten, _host_target
+from tvmq.quantization.collect import _flatten, host_executable
 from tvmq.quantization.quantize import QuantizedModel, _model_parts, quantize
 
 __all__ = [
@@ -65,7 +65,7 @@ class AccuracyControl:
 def compile_for_host(model: ImportedModel | tvm.IRModule) -> Callable[..., Any]:
     """Compile a model for the host: ``run(*inputs)`` -> one array, or a list for several."""
     mod = model.mod if isinstance(model, ImportedModel) else model
-    vm = relax.VirtualMachine(tvm.compile(mod, target=_host_target()), tvm.cpu())
+    vm = relax.VirtualMachine(host_executable(mod), tvm.cpu())
 
     def run(*inputs):
         out = _flatten(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]))

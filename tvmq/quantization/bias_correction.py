@@ -32,7 +32,13 @@ from tvmq.calibration import iter_calibration_batches
 from tvmq.core import qmath
 from tvmq.passes.annotate_qdq import weight_qparams
 from tvmq.passes.sites import list_weight_sites
-from tvmq.quantization.collect import _fit_batch, _flatten, _host_target, _model_batch, instrument
+from tvmq.quantization.collect import (
+    _fit_batch,
+    _flatten,
+    _model_batch,
+    host_executable,
+    instrument,
+)
 
 __all__ = ["activation_means", "bias_corrections", "layer_corrections"]
 
@@ -53,7 +59,7 @@ def activation_means(
     wanted = [s for s in sites if s.name in qparams]
     instrumented, names = instrument(prepared, wanted)
     kinds = {s.name: s.kind for s in wanted}
-    ex = tvm.compile(instrumented, target=_host_target())
+    ex = host_executable(instrumented)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     batch_size = _model_batch(inputs)
     input_names = [s.name for s in inputs]

@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq.build import build
 from tvmq.calibration import count_batches, get_observer, iter_calibration_batches
 from tvmq.calibration.base import Observer
 from tvmq.core.schemes import get_scheme
@@ -74,8 +75,15 @@ class ActivationStats:
     site_layer_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _host_target() -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm"})
+def host_executable(mod: tvm.IRModule) -> relax.VMExecutable:
+    """`mod` built for this machine with tvmq's kernels and no tuning records.
+
+    Calibration, bias correction, accuracy control and the report run float (or quantized)
+    models many times: TVM's default lowering of a float matmul is about 30x slower than
+    tvmq's kernels (MiniLM: 4.8 s -> 0.16 s a calibration batch), and this way the numbers
+    are those of the kernels the compiled model will run.
+    """
+    return build(mod, "host")
 
 
 def instrument(mod: tvm.IRModule, sites: Sequence) -> tuple[tvm.IRModule, list[str]]:
@@ -250,7 +258,7 @@ def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress
 
     names = [s.name for s in inputs]
     instrumented, site_names = instrument(prepared, sites)
-    ex = tvm.compile(instrumented, target=_host_target())
+    ex = host_executable(instrumented)
     device = tvm.cpu()
     vm = relax.VirtualMachine(ex, device)
     batch_size = _model_batch(inputs)

@@ -20,8 +20,8 @@ from tvmq.core import qmath
 from tvmq.quantization.collect import (
     ActivationStats,
     _flatten,
-    _host_target,
     collect_activation_stats,
+    host_executable,
 )
 
 __all__ = ["FirstBatch", "LayerReport", "QuantizationReport", "output_sqnr"]
@@ -215,8 +215,8 @@ def output_sqnr(
 
 
 def host_output_sqnr(mod: tvm.IRModule, batch: FirstBatch, names: list[str]) -> list[float]:
-    """:func:`output_sqnr` of `mod` built for the host (TVM's stock pipeline)."""
-    return output_sqnr(tvm.compile(mod, target=_host_target()), batch, names)
+    """:func:`output_sqnr` of `mod` built for the host with tvmq's kernels."""
+    return output_sqnr(host_executable(mod), batch, names)
 
 
 class _FirstBatches:
