@@ -129,10 +129,24 @@ class ChannelsLastRewriter(PyExprMutator):
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.changed = False
         self.nhwc: dict[relax.Var, relax.Var] = {}
+        self.current_var: relax.Var | None = None  # the binding being rewritten
+        # var -> an earlier var whose rewritten value already is var's value (a kernel with
+        # a fused epilogue computes the ops after it: they become that kernel's result).
+        self.aliases: dict[relax.Var, relax.Var] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         bb = self.builder_
         var = binding.var
+        if var in self.aliases:
+            new_var = self.visit_expr(self.aliases[var])
+            twin = self.nhwc.get(new_var)
+            if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
+                new_var = bb.emit_output(new_var, var.name)
+                if twin is not None:
+                    self.nhwc[new_var] = twin
+            self.set_var_remap(var, new_var)
+            return
+        self.current_var = var
         value = self.visit_expr(binding.value)
         twin = None
         axes = _permute_axes(value)

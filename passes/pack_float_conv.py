@@ -38,6 +38,7 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import (
+    ConvEpilogue,
     ConvShape,
     choose_conv_tiles,
     choose_depthwise_tiles,
@@ -55,6 +56,10 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
+from .relax_utils import ADD, clip_bounds, is_tensor_const, op_name
+
+# conv var -> (the vars its fused epilogue computes, bias (O,), epilogue)
+Epilogues = dict[relax.Var, tuple[tuple[relax.Var, ...], np.ndarray, ConvEpilogue]]
 
 
 def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
@@ -71,11 +76,65 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
     return (x, geo, w) if ok else None
 
 
+def find_epilogues(mod: tvm.IRModule) -> Epilogues:
+    """The float convs whose result only feeds ``add(conv, constant bias)``, and that sum
+    only a ``relu`` / ``clip`` (the folded batch norm and activation of a CNN block): the
+    kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`)."""
+    found: Epilogues = {}
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            if not isinstance(block, relax.DataflowBlock):
+                continue
+            users = relax.analysis.udchain(block)
+            values = {b.var: b.value for b in block.bindings}
+            for b in block.bindings:
+                found_conv = match_float_conv2d(b.value)
+                nxt = _only_user(b.var, users, values) if found_conv is not None else None
+                bias = _bias(nxt[1], b.var, found_conv[2].shape[0]) if nxt else None
+                if bias is None:
+                    continue
+                chain, epilogue = (nxt[0],), ConvEpilogue()
+                act = _only_user(nxt[0], users, values)
+                bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
+                if bounds is not None and act[1].args[0].same_as(nxt[0]):
+                    chain, epilogue = (nxt[0], act[0]), ConvEpilogue(*bounds)
+                found[b.var] = (chain, bias, epilogue)
+    return found
+
+
+def _only_user(var, users, values) -> tuple[relax.Var, relax.Expr] | None:
+    """(user, its value) of a dataflow var read by exactly one binding, else None."""
+    used = users.get(var, [])
+    if not isinstance(var, relax.DataflowVar) or len(used) != 1:
+        return None
+    return used[0], values.get(used[0])
+
+
+def _bias(call, conv: relax.Var, channels: int) -> np.ndarray | None:
+    """The ``(O,)`` float32 bias of ``add(conv, c)`` / ``add(c, conv)`` with ``c`` a
+    constant broadcast along the channel axis only, else None."""
+    if not isinstance(call, relax.Call) or op_name(call) != ADD or len(call.args) != 2:
+        return None
+    a, b = call.args
+    c = b if a.same_as(conv) else a if b.same_as(conv) else None
+    if c is None or not is_tensor_const(c) or str(c.ty.dtype) != "float32":
+        return None
+    value = c.value.numpy()
+    if value.ndim > 4 or value.size != channels:
+        return None
+    full = value.reshape((1,) * (4 - value.ndim) + value.shape)
+    if full.shape != (1, channels, 1, 1):
+        return None
+    return np.ascontiguousarray(full.reshape(channels), dtype=np.float32)
+
+
 class _Lowering:
     """The ``lower`` callback of :class:`ChannelsLastRewriter` for one target's SIMD width."""
 
-    def __init__(self, lanes: int, registers: int):
-        self.lanes, self.registers = lanes, registers
+    def __init__(self, lanes: int, registers: int, epilogues: Epilogues):
+        self.lanes, self.registers, self.epilogues = lanes, registers, epilogues
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_float_conv2d(call)
@@ -83,34 +142,42 @@ class _Lowering:
             return None
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
+        chain, bias, epilogue = self.epilogues.get(rw.current_var, ((), None, None))
         if int(call.attrs.groups) != 1:
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
             if tiles is None:
                 return None
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
-            return lower_depthwise(rw, x, geo, w_hwc, tiles)
-        tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
-        packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
-        return _emit(
-            rw, x, geo, packed, tiles, tiles.o_padded, o, float_conv2d_nhwc, "float_conv2d"
-        )
+            lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue)
+        else:
+            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
+            packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
+            kernel = lambda shape, t, e: float_conv2d_nhwc(shape, t, e)  # noqa: E731
+            lowered = _emit(
+                rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, "float_conv2d", bias, epilogue
+            )
+        for var in chain:  # the bias add and activation are this kernel's result now
+            rw.aliases[var] = rw.current_var
+        return lowered
 
 
-def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles) -> relax.Expr:
+def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None) -> relax.Expr:
     """Emit the NHWC depthwise kernel for ``x`` (float32, uint8 or int8; ``w_hwc`` (KH, KW,
-    C) of float32 or int8) and return its NCHW value."""
+    C) of float32 or int8) and return its NCHW value; float32 may take a ``bias`` (C,) and
+    an epilogue."""
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
-    def kernel(shape, t):
-        return float_depthwise_nhwc(shape, t, x_dtype)
+    def kernel(shape, t, e):
+        return float_depthwise_nhwc(shape, t, x_dtype, e)
 
     name = "float_depthwise" if x_dtype == "float32" else "int8_depthwise"
-    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name)
+    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue)
 
 
-def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name) -> relax.Expr:
-    """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights."""
+def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) -> relax.Expr:
+    """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
+    (and, with an ``epilogue``, its ``bias`` added and activation applied in the kernel)."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
@@ -126,14 +193,17 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name) -> relax.Expr:
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
     )
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
+    suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
     fn = rw.kernel_var(
-        (name, shape, tiles, str(x.ty.dtype)),
-        f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}",
-        lambda: kernel(shape, tiles).with_attr("op_pattern", OPAQUE),
+        (name, shape, tiles, str(x.ty.dtype), epilogue),
+        f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}{suffix}",
+        lambda: kernel(shape, tiles, epilogue).with_attr("op_pattern", OPAQUE),
     )
     out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), out_dtype)
-    weight = relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")
-    y = bb.emit(relax.call_tir(fn, [x, weight], out_ty=out_ty))
+    args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]
+    if epilogue is not None:
+        args.append(relax.const(np.pad(bias, (0, o_padded - o)).astype(np.float32), "float32"))
+    y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
     if tiles.ow_padded != ow or o_padded != o:
         y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
     return relax.op.permute_dims(y, TO_NCHW)
@@ -157,4 +227,4 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        return rewrite_channels_last(mod, _Lowering(*simd))
+        return rewrite_channels_last(mod, _Lowering(*simd, find_epilogues(mod)))

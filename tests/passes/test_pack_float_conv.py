@@ -237,3 +237,73 @@ def test_fold_batch_norm_matches_torch(rng):
     (got,) = vm["main"](tvm.runtime.tensor(x))
     want = model(torch.from_numpy(x)).detach().numpy()
     assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _kernel_globals(mod) -> list[str]:
+    return sorted(
+        gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    )
+
+
+@needs_vnni
+@pytest.mark.parametrize("depthwise", [False, True], ids=["conv", "depthwise"])
+def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
+    """conv -> + bias -> clip(0, 6) (a MobileNet block after FoldBatchNorm) is one kernel
+    that adds the bias and clamps before storing; the numbers are PyTorch's."""
+    c, o = (24, 24) if depthwise else (16, 40)
+    groups = c if depthwise else 1
+    x = rng.standard_normal((1, c, 13, 13)).astype(np.float32) * 3
+    w = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=groups))
+            y = bb.emit(relax.op.add(relax.const(b.reshape(1, -1, 1, 1)), y))  # bias first
+            out = bb.emit_output(relax.op.clip(y, 0.0, 6.0))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    kind = "float_depthwise" if depthwise else "float_conv2d"
+    assert _kernel_globals(lowered) == [f"tvmq_{kind}_nhwc_3x3_{c}x{o}_bias_act"]
+    ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
+    assert not ops & {"relax.add", "relax.clip"}  # computed in the kernel
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1, groups=groups
+    ).clamp(0, 6)
+    assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
+
+
+@needs_vnni
+def test_conv_read_twice_keeps_its_bias_add_outside(rng):
+    """A conv result that something else reads too (here: the residual) is stored before
+    the bias: the kernel has no epilogue, the add stays an op, the numbers are unchanged."""
+    x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
+            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(relax.op.multiply(z, y))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX512:
+        assert _kernel_globals(PackFloatConv()(mod)) == ["tvmq_float_conv2d_nhwc_3x3_8x8"]
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)
+    want = ((conv + torch.from_numpy(b).reshape(1, -1, 1, 1)) * conv).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def _calls(func) -> list[relax.Call]:
+    found = []
+    relax.analysis.post_order_visit(
+        func, lambda e: found.append(e) if isinstance(e, relax.Call) else None
+    )
+    return found

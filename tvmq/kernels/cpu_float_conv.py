@@ -135,11 +135,41 @@ class ConvShape:
     oh: int
 
 
-def float_conv2d_nhwc(shape: ConvShape, tiles: ConvTiles) -> tvm.tirx.PrimFunc:
+@dataclass(frozen=True)
+class ConvEpilogue:
+    """What a float conv kernel applies to each output before storing it:
+    ``min(max(acc + bias[o], lo), hi)`` (``bias`` an extra ``(O,)`` argument; ReLU is
+    ``lo=0``, ReLU6 ``lo=0, hi=6``). Fusing it saves a pass over the output in memory."""
+
+    lo: float = float("-inf")
+    hi: float = float("inf")
+
+
+def _with_epilogue(acc: te.Tensor, epilogue: ConvEpilogue | None) -> tuple[list, te.Tensor]:
+    """(extra placeholders, the stored output ``Y``) for the accumulator ``acc`` (NHWC)."""
+    if epilogue is None:
+        return [], te.compute(acc.shape, lambda *i: acc[i], name="Y")
+    bias = te.placeholder((acc.shape[-1],), "float32", name="bias")
+
+    def value(*i):
+        v = acc[i] + bias[i[-1]]
+        if epilogue.lo != float("-inf"):
+            v = te.max(v, tvm.tirx.const(epilogue.lo, "float32"))
+        if epilogue.hi != float("inf"):
+            v = te.min(v, tvm.tirx.const(epilogue.hi, "float32"))
+        return v
+
+    return [bias], te.compute(acc.shape, value, name="Y")
+
+
+def float_conv2d_nhwc(
+    shape: ConvShape, tiles: ConvTiles, epilogue: ConvEpilogue | None = None
+) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
 
     ``OW`` and ``O`` are ``tiles.ow_padded`` / ``tiles.o_padded``; ``P`` must be wide
     enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
+    With an `epilogue`, a ``bias (O,)`` argument follows ``W``.
     """
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
@@ -163,8 +193,8 @@ def float_conv2d_nhwc(shape: ConvShape, tiles: ConvTiles) -> tvm.tirx.PrimFunc:
         ),
         name="acc",
     )
-    out = te.compute((n, oh, ow, o), lambda b, y, x, j: acc[b, y, x, j], name="Y")
-    func = te.create_prim_func([p, w, out])
+    extra, out = _with_epilogue(acc, epilogue)
+    func = te.create_prim_func([p, w, *extra, out])
     macs = n * oh * ow * o * kh * kw * c
     return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_conv2d_nhwc")
 
@@ -236,13 +266,16 @@ def choose_depthwise_tiles(ow: int, c: int, lanes: int, registers: int) -> Depth
 
 
 def float_depthwise_nhwc(
-    shape: ConvShape, tiles: DepthwiseTiles, x_dtype: str = "float32"
+    shape: ConvShape,
+    tiles: DepthwiseTiles,
+    x_dtype: str = "float32",
+    epilogue: ConvEpilogue | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
     depthwise conv (one filter per channel) over a padded NHWC image (float32; or uint8 /
     int8 data with int8 weights and an exact int32 result), ``OW`` =
     ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
-    of accumulators per task."""
+    of accumulators per task. With an `epilogue` (float32 only), ``bias (c,)`` follows ``W``."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, lanes = tiles.ow_padded, tiles.lanes
@@ -271,8 +304,10 @@ def float_depthwise_nhwc(
         ),
         name="acc",
     )
-    out = te.compute((n, oh, ow, c), lambda b, y, x, j: acc[b, y, x, j], name="Y")
-    func = te.create_prim_func([p, w, out])
+    if epilogue is not None and x_dtype != "float32":
+        raise ValueError("only the float32 depthwise kernel takes an epilogue")
+    extra, out = _with_epilogue(acc, epilogue)
+    func = te.create_prim_func([p, w, *extra, out])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
     return _schedule(func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name=name)
