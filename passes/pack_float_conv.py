@@ -22,6 +22,11 @@ per AVX-512 core. Results stay channels last between convs, pooling and elementw
 (:mod:`tvmq.passes.channels_last`). The kernel is marked ``tirx.is_scheduled`` and opaque
 to FuseOps (fusing the pad into it would recompute the pad ``KH * KW * O`` times).
 
+A conv whose result is read only by ``add(conv, per-channel constant)`` (a bias, or a folded
+batch norm), itself read only by a ``relu`` / ``clip``, gets a kernel that adds the bias and
+clamps before storing (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`): the add and the
+activation are not separate passes over the output any more.
+
 Depthwise convs (``groups == C``, one filter per channel) get their own NHWC kernel
 (:func:`~tvmq.kernels.cpu_float_conv.float_depthwise_nhwc`, vectorized over channels),
 so MobileNet-style blocks stay channels last too. Left alone: other grouped convs, other
