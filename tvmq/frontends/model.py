@@ -48,7 +48,7 @@ def bind_symbols(specs: list[TensorSpec], shapes: list[tuple[int, ...]]) -> dict
     values: dict[str, int] = {}
     for spec, shape in zip(specs, shapes, strict=True):
         shape = tuple(int(d) for d in shape)
-        expected = f"the model takes {format_shape(spec.shape)}"
+        expected = f"the model was compiled for {format_shape(spec.shape)}"
         if len(shape) != len(spec.shape):
             raise ValueError(f"input '{spec.name}': shape {shape} has rank {len(shape)}, {expected}")
         for axis, (want, have) in enumerate(zip(spec.shape, shape, strict=True)):
