@@ -119,6 +119,8 @@ def int8_dense_vnni(
     static_m = isinstance(m, int)
     if k % REDUCE or n % LANES or (static_m and m % tiles.mr) or (n // LANES) % tiles.nr:
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
+    if not static_m:  # every loop int64 like the symbolic rows, or the fused loops mix dtypes
+        k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
     x = te.placeholder((m, k), "uint8", name="X")
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
     r = te.reduce_axis((0, k), name="k")
