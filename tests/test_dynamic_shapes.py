@@ -5,8 +5,9 @@ dynamic ``batch`` / ``seq`` axes and compiled once per scheme (float, int8-dynam
 int8 calibrated on batches of two other shapes) with both dims symbolic. At several
 (batch, seq) pairs its output is checked against ONNX Runtime on the same file (float:
 max abs error < 1e-4; int8: SQNR >= 25 dB) and, at one pair, against a static build of the
-same scheme pinned to that shape (float: < 1e-5; int8: the same integer kernels and
-calibration, so < 1e-4). The manifest records the symbolic dims, ``tvmq.load`` accepts any
+same scheme pinned to that shape (float: < 1e-5 relative; int8, same calibration: SQNR
+>= 40 dB, as float kernels that differ in summation order may move a value across a
+rounding step). The manifest records the symbolic dims, ``tvmq.load`` accepts any
 size for them and refuses a wrong rank or static dim, and the VNNI int8 dense kernel (where
 the CPU has it) is the one for a symbolic row count, not TVM's default matmul.
 """
@@ -60,7 +61,8 @@ def _sqnr_db(y, ref) -> float:
     return float(20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(y - ref)))
 
 
-CALIB = [_feed(4, 24, seed=1), _feed(2, 40, seed=2)]  # other shapes than any checked
+# Batches of other shapes than any checked; the static build (2, 12) takes them too (any rows).
+CALIB = [_feed(4, 12, seed=1), _feed(3, 12, seed=2)]
 SCHEMES = {
     "float": {},
     "int8-dynamic": {"quantize": "int8-dynamic"},
@@ -103,8 +105,11 @@ def test_one_library_matches_onnxruntime_and_static_builds(scheme, onnx_path, bu
     static = tvmq.load(builds(scheme, static=True))
     assert [s.shape for s in static.inputs] == [STATIC_PAIR] * 2
     f = _feed(*STATIC_PAIR, seed=5)
-    tol = 1e-5 if scheme == "float" else 1e-4
-    assert np.abs(dyn(**f) - static(**f)).max() < tol * max(1.0, np.abs(static(**f)).max())
+    y, ref = dyn(**f), static(**f)
+    if scheme == "float":
+        assert np.abs(y - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+    else:  # same integer kernels and ranges; float parts may round a value to the next step
+        assert _sqnr_db(y, ref) >= 40.0, _sqnr_db(y, ref)
 
 
 @pytest.mark.vnni

@@ -402,3 +402,26 @@ def test_converter_failure_names_the_node():
     model = _model([node], [x, shape], [_open_output("y", 2)])
     with pytest.raises(UnsupportedOperatorError, match=r"'runtime_reshape'.*'Reshape'"):
         from_onnx(model)
+
+
+def test_range_over_a_symbolic_dim_is_that_dim():
+    """Range(0, shape(x)[0]) imports as arange(N), not a data-dependent length (ResolveShapeVars):
+    the output keeps the input's symbol, and one build runs every N."""
+    import tvm
+    from tvm import relax
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "rf"], ["y"]),
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    imported = from_onnx(_model(nodes, [x], [y], [_i64("zero", 0), _i64("one", 1)]))
+    assert imported.outputs[0].shape == ("N",)
+    vm = relax.VirtualMachine(tvm.compile(imported.mod, target="llvm"), tvm.cpu())
+    for n in (1, 6):
+        xv = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xv)).numpy(), xv + np.arange(n))
