@@ -49,10 +49,10 @@ from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pi
 from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
-from .resolve_shape_vars import ResolveShapeVars
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
+from .resolve_shape_vars import ResolveShapeVars
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
 from .use_fast_math import UseFastMath

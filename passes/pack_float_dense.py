@@ -46,7 +46,7 @@ from tvmq.kernels.cpu_float_conv import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import is_symbolic, rows_shape, rewrite_functions
+from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
 from .relax_utils import const_value
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")

@@ -129,7 +129,9 @@ def test_inputs_are_checked_against_static_dims_and_symbols(builds):
 
 
 def test_calibration_of_the_wrong_rank_is_one_line(onnx_path, tmp_path):
-    bad = [{"input_ids": np.ones((2, 3, 4), np.int64), "attention_mask": np.ones((2, 3, 4), np.int64)}]
+    bad = [
+        {"input_ids": np.ones((2, 3, 4), np.int64), "attention_mask": np.ones((2, 3, 4), np.int64)}
+    ]
     with pytest.raises(TvmqError, match=r"calibration data: input 'input_ids'.*rank 3") as err:
         tvmq.compile(onnx_path, output_dir=tmp_path / "x", quantize="int8",
                      calibration_data=bad, progress=False)  # fmt: skip
@@ -145,3 +147,17 @@ def test_pinned_and_named_dims(onnx_path):
     proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 16
     with pytest.raises(TvmqError, match=r"input 'input_ids' is declared \[batch, 16\].*static"):
         from_onnx(proto, {"input_ids": [1, "S"]})
+
+
+def test_cli_inspect_and_run_show_symbolic_dims(onnx_path, builds, tmp_path, capsys):
+    from tvmq.cli import main
+
+    assert main(["inspect", str(onnx_path), "--input-shape", "input_ids:Bx16",
+                 "--input-shape", "attention_mask:Bx16"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "input  input_ids: [B, 16] int64" in out and "output output: [B, 16, 32]" in out
+    np.savez(tmp_path / "in.npz", **_feed(2, 7))
+    assert main(["run", str(builds("float")), "-i", str(tmp_path / "in.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "input_ids: compiled for (batch, seq), ran (2, 7)" in out
+    assert "output: shape (2, 7, 32) float32" in out

@@ -156,9 +156,7 @@ def build_with_info(
         default=tuple(k for k in kernels if k not in scheduled),
         prescheduled=tuple(k for k in kernels if k in prescheduled),
         tuning_logs=tuple(str(d) for d in log_dirs),
-        symbolic_default=tuple(
-            k for k in _symbolic_matmul_kernels(fused) if k not in scheduled
-        ),
+        symbolic_default=tuple(k for k in _symbolic_matmul_kernels(fused) if k not in scheduled),
         # after FoldConstant: the constants the executable embeds (decoded ones included)
         weights=tuple(constant_bytes_by_dtype(fused).items()),
     )

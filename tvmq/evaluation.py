@@ -59,7 +59,8 @@ def load_top1_eval(path, inputs, outputs) -> Callable[[Callable], float]:
     feeds = [arrays[s.name].astype(s.dtype, copy=False) for s in inputs]
     for s, x in zip(inputs, feeds, strict=True):
         if len(x.shape) != len(s.shape) or any(
-            not isinstance(d, str) and d != g for d, g in zip(s.shape[1:], x.shape[1:])
+            not isinstance(d, str) and d != g
+            for d, g in zip(s.shape[1:], x.shape[1:], strict=False)
         ):  # a symbolic dim (str) takes any size
             raise TvmqError(
                 f"evaluation file {str(path)!r}: input {s.name!r} has rows of shape "

@@ -166,9 +166,7 @@ def _check_spec(spec, where: str) -> None:
         raise ValueError(
             f"field '{where}.shape' must be a list of non-negative integers and dim names"
         )
-    if where.startswith("inputs") and not all(
-        type(n) is int or n.isidentifier() for n in shape
-    ):
+    if where.startswith("inputs") and not all(type(n) is int or n.isidentifier() for n in shape):
         raise ValueError(f"field '{where}.shape' has a symbolic dim that is not a name")
     if not isinstance(spec.get("dtype"), str) or not spec["dtype"]:
         raise ValueError(f"field '{where}.dtype' must be a dtype name")

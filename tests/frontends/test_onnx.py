@@ -342,13 +342,20 @@ def test_dynamic_input_without_shapes_stays_symbolic():
 
 def test_dynamic_dim_pinned_or_renamed():
     assert from_onnx(_flatten_chain_model(), {"x": [2, 3, 4, 4]}).inputs[0].shape == (2, 3, 4, 4)
-    assert from_onnx(_flatten_chain_model(), {"x": ["B", 3, 4, 4]}).inputs[0].shape == ("B", 3, 4, 4)
+    assert from_onnx(_flatten_chain_model(), {"x": ["B", 3, 4, 4]}).inputs[0].shape == (
+        "B",
+        3,
+        4,
+        4,
+    )
 
 
 def test_unknown_rank_needs_a_shape():
     model = _flatten_chain_model()
     model.graph.input[0].type.tensor_type.ClearField("shape")
-    with pytest.raises(TvmqError, match=r"'x' has unknown rank; give its shape, e.g. --input-shape x:"):
+    with pytest.raises(
+        TvmqError, match=r"'x' has unknown rank; give its shape, e.g. --input-shape x:"
+    ):
         from_onnx(model)
 
 

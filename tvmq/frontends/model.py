@@ -31,7 +31,9 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], tuple(s if isinstance(s, str) else int(s) for s in d["shape"]), d["dtype"])
+        return cls(
+            d["name"], tuple(s if isinstance(s, str) else int(s) for s in d["shape"]), d["dtype"]
+        )
 
 
 def format_shape(shape) -> str:
@@ -50,7 +52,9 @@ def bind_symbols(specs: list[TensorSpec], shapes: list[tuple[int, ...]]) -> dict
         shape = tuple(int(d) for d in shape)
         expected = f"the model was compiled for {format_shape(spec.shape)}"
         if len(shape) != len(spec.shape):
-            raise ValueError(f"input '{spec.name}': shape {shape} has rank {len(shape)}, {expected}")
+            raise ValueError(
+                f"input '{spec.name}': shape {shape} has rank {len(shape)}, {expected}"
+            )
         for axis, (want, have) in enumerate(zip(spec.shape, shape, strict=True)):
             if isinstance(want, str):
                 seen = values.setdefault(want, have)

@@ -126,7 +126,11 @@ def _resolve_shape_vars(mod):
 
     from tvmq.passes import ResolveShapeVars
 
-    seq = [ResolveShapeVars(), relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+    seq = [
+        ResolveShapeVars(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ]
     return tvm.transform.Sequential(seq)(mod)
 
 

@@ -91,7 +91,9 @@ def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.ti
     costs only that padding.
     """
     mo = tvm.tirx.Var("mo", "int64")
-    return int8_dense_vnni(mo * 8, k, n, with_offset=with_offset, tiles=symbolic_rows_tiles(n), extra=[mo])
+    return int8_dense_vnni(
+        mo * 8, k, n, with_offset=with_offset, tiles=symbolic_rows_tiles(n), extra=[mo]
+    )
 
 
 def int8_dense_vnni(
