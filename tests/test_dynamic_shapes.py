@@ -33,6 +33,8 @@ import tvmq  # noqa: E402
 from tvmq.errors import InputMismatchError, TvmqError  # noqa: E402
 from tvmq.frontends.onnx import from_onnx  # noqa: E402
 
+pytestmark = pytest.mark.slow  # six small compiles: about 3 min on 2 cores
+
 NAMES = ["input_ids", "attention_mask"]
 PAIRS = [(1, 5), (3, 16), (2, 33)]
 STATIC_PAIR = (2, 12)
