@@ -131,6 +131,21 @@ class _DenseRewriter(PyExprMutator):
             return self._lower_rows(*found)
         return self._lower(*found)
 
+    def _shift(self, x: relax.Expr) -> int:
+        """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
+        if str(x.ty.dtype) == self.kernel.operand_dtype:
+            return 0
+        return 128 if self.kernel.operand_dtype == "uint8" else -128
+
+    def _weight_args(self, w: np.ndarray, kp: int, np_: int, shift: int) -> list:
+        """The packed weight, and with a shift the int32 column offset that undoes it."""
+        args = [relax.const(self.kernel.pack(w, kp, np_), "int8")]
+        if shift:
+            offset = np.zeros(np_, dtype=np.int32)
+            offset[: w.shape[1]] = -shift * w.astype(np.int32).sum(axis=0)
+            args.append(relax.const(offset, "int32"))
+        return args
+
     def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
         """The kernel for a symbolic row count M: rows padded (at run time) to a multiple
         of ``kernel.rows``, the kernel told how many row tiles, the padding sliced off."""
@@ -140,9 +155,7 @@ class _DenseRewriter(PyExprMutator):
         m = math.prod(x_shape[:-1])  # a PrimExpr
         tiles = tvm.tirx.floordiv(m + self.kernel.rows - 1, self.kernel.rows)
         mp = tiles * self.kernel.rows
-        shift = 0
-        if str(x.ty.dtype) != self.kernel.operand_dtype:
-            shift = 128 if self.kernel.operand_dtype == "uint8" else -128
+        shift = self._shift(x)
         x = bb.emit(relax.op.reshape(x, (m, k)))
         if shift:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
@@ -150,24 +163,14 @@ class _DenseRewriter(PyExprMutator):
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
         pad = relax.op.zeros(relax.ShapeExpr([mp - m, kp]), self.kernel.operand_dtype)
         x = bb.emit(relax.op.concat([x, bb.emit(pad)], axis=0))
-        args = [x, relax.const(self.kernel.pack(w, kp, np_), "int8")]
-        if shift:
-            offset = np.zeros(np_, dtype=np.int32)
-            offset[:n] = -shift * w.astype(np.int32).sum(axis=0)
-            args.append(relax.const(offset, "int32"))
-        args.append(relax.prim_value(tiles))
+        args = [x, *self._weight_args(w, kp, np_, shift), relax.prim_value(tiles)]
         key = ("rows", kp, np_, bool(shift))
         if key not in self.kernels:
             func = self.kernel.build_rows(kp, np_, bool(shift)).with_attr("op_pattern", 8)
             name = f"tvmq_int8_dense_{self.kernel.name}_Mx{kp}x{np_}"
             self.kernels[key] = self.builder_.add_func(func, name + ("_offset" if shift else ""))
-        y = bb.emit(
-            relax.call_tir(
-                self.kernels[key],
-                args,
-                out_ty=relax.TensorType((mp, np_), "int32"),
-            )
-        )
+        out_ty = relax.TensorType((mp, np_), "int32")
+        y = bb.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
         y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
         return relax.op.reshape(y, (*x_shape[:-1], n))
 
@@ -186,20 +189,14 @@ class _DenseRewriter(PyExprMutator):
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         mp, kp, np_, tiles = self.kernel.plan(m, k, n)
-        shift = 0
-        if str(x.ty.dtype) != self.kernel.operand_dtype:
-            shift = 128 if self.kernel.operand_dtype == "uint8" else -128
+        shift = self._shift(x)
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
         if shift:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
-        args = [x, relax.const(self.kernel.pack(w, kp, np_), "int8")]
-        if shift:
-            offset = np.zeros(np_, dtype=np.int32)
-            offset[:n] = -shift * w.astype(np.int32).sum(axis=0)
-            args.append(relax.const(offset, "int32"))
+        args = [x, *self._weight_args(w, kp, np_, shift)]
         kernel = self._kernel_var(mp, kp, np_, tiles, bool(shift))
         y = bb.emit(relax.call_tir(kernel, args, out_ty=relax.TensorType((mp, np_), "int32")))
         if mp != m or np_ != n:
