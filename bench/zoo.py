@@ -620,16 +620,23 @@ def export_onnx(
     *,
     exporter: str = "legacy",
     names: list[str] | None = None,
+    dynamic_axes: dict[int, str] | None = None,
 ) -> Path:
     """Write ``model`` as ONNX to ``path`` with the ``"legacy"`` (TorchScript, opset 17) or
-    ``"dynamo"`` (torch.export, opset 18) exporter; static shapes, weights inside the file."""
+    ``"dynamo"`` (torch.export, opset 18) exporter; weights inside the file. Static shapes,
+    unless ``dynamic_axes`` (legacy only) names dynamic input axes, e.g. ``{0: "batch",
+    1: "seq"}`` for every input (the output's leading axis follows the first)."""
     path = Path(path)
     names = names or [f"input_{i}" for i in range(len(example_inputs))]
+    axes = None
+    if dynamic_axes:
+        axes = {n: dict(dynamic_axes) for n in names} | {"output": {0: dynamic_axes[0]}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             torch.onnx.export(model, example_inputs, str(path), input_names=names,
-                              output_names=["output"], opset_version=17, dynamo=False)  # fmt: skip
+                              output_names=["output"], opset_version=17, dynamo=False,
+                              dynamic_axes=axes)  # fmt: skip
         elif exporter == "dynamo":
             import contextlib
             import io

@@ -52,6 +52,7 @@ from .prune_n_m import PruneNM
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
+from .resolve_shape_vars import ResolveShapeVars
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
 from .use_fast_math import UseFastMath
@@ -77,6 +78,7 @@ __all__ = [
     "PruneChannels",
     "PruneMagnitude",
     "PruneNM",
+    "ResolveShapeVars",
     "QuantizeDynamic",
     "QuantizeEmbedding",
     "SPARSE_ATTR",

@@ -48,6 +48,10 @@ class DenseKernel:
     plan: Callable[[int, int, int], tuple[int, int, int, Any]]
     pack: Callable[[np.ndarray, int, int], np.ndarray]
     build: Callable[[int, int, int, Any, bool], tvm.tirx.PrimFunc]
+    # For a symbolic row count M (dynamic batch / sequence): ``build_rows(kp, np, with_offset)``
+    # takes ``M = rows * mo`` rows, ``mo`` its last input (a scalar); None: static M only.
+    build_rows: Callable[[int, int, bool], tvm.tirx.PrimFunc] | None = None
+    rows: int = 8
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -60,6 +64,22 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims)
 
 
+def rows_shape(expr: relax.Expr) -> tuple | None:
+    """The shape of a tensor whose last dim is static and leading dims may be symbolic
+    (ints where static, ``PrimExpr`` elsewhere), else None."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if not dims or not isinstance(dims[-1], tvm.tirx.IntImm):
+        return None
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in dims)
+
+
+def is_symbolic(shape) -> bool:
+    return any(not isinstance(d, int) for d in shape)
+
+
 def shift_bytes(x: relax.Expr, by: int, dtype: str) -> relax.Expr:
     """``dtype(int16(x) + by)``: int8 <-> uint8 by +/-128 (vpdpbusd wants unsigned x signed)."""
     step = relax.const(abs(by), "int16")
@@ -68,8 +88,11 @@ def shift_bytes(x: relax.Expr, by: int, dtype: str) -> relax.Expr:
     return relax.op.astype(moved, dtype)
 
 
-def match_int8_dense(call: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], np.ndarray] | None:
-    """(x, x shape, W as numpy) for a lowerable ``matmul(x, W_const, out_dtype=int32)``."""
+def match_int8_dense(
+    call: relax.Expr, symbolic_rows: bool = False
+) -> tuple[relax.Expr, tuple, np.ndarray] | None:
+    """(x, x shape, W as numpy) for a lowerable ``matmul(x, W_const, out_dtype=int32)``;
+    with ``symbolic_rows`` the leading dims of ``x`` may be symbolic (``PrimExpr`` in the shape)."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
         return None
     x, w = call.args
@@ -79,7 +102,8 @@ def match_int8_dense(call: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], np.
         return None
     if str(w.ty.dtype) != "int8":
         return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    x_shape = rows_shape(x) if symbolic_rows else _static_shape(x)
+    w_shape = _static_shape(w)
     if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
         return None
     if x_shape[-1] != w_shape[0] or 0 in x_shape or 0 in w_shape:
@@ -99,11 +123,56 @@ class _DenseRewriter(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        found = match_int8_dense(call)
+        found = match_int8_dense(call, symbolic_rows=self.kernel.build_rows is not None)
         if found is None:
             return call
         self.changed = True
+        if is_symbolic(found[1]):
+            return self._lower_rows(*found)
         return self._lower(*found)
+
+    def _shift(self, x: relax.Expr) -> int:
+        """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
+        if str(x.ty.dtype) == self.kernel.operand_dtype:
+            return 0
+        return 128 if self.kernel.operand_dtype == "uint8" else -128
+
+    def _weight_args(self, w: np.ndarray, kp: int, np_: int, shift: int) -> list:
+        """The packed weight, and with a shift the int32 column offset that undoes it."""
+        args = [relax.const(self.kernel.pack(w, kp, np_), "int8")]
+        if shift:
+            offset = np.zeros(np_, dtype=np.int32)
+            offset[: w.shape[1]] = -shift * w.astype(np.int32).sum(axis=0)
+            args.append(relax.const(offset, "int32"))
+        return args
+
+    def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
+        """The kernel for a symbolic row count M: rows padded (at run time) to a multiple
+        of ``kernel.rows``, the kernel told how many row tiles, the padding sliced off."""
+        bb = self.builder_
+        k, n = w.shape
+        kp, np_ = self.kernel.plan(self.kernel.rows, k, n)[1:3]
+        m = math.prod(x_shape[:-1])  # a PrimExpr
+        tiles = tvm.tirx.floordiv(m + self.kernel.rows - 1, self.kernel.rows)
+        mp = tiles * self.kernel.rows
+        shift = self._shift(x)
+        x = bb.emit(relax.op.reshape(x, (m, k)))
+        if shift:
+            x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
+        if kp != k:
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
+        pad = relax.op.zeros(relax.ShapeExpr([mp - m, kp]), self.kernel.operand_dtype)
+        x = bb.emit(relax.op.concat([x, bb.emit(pad)], axis=0))
+        args = [x, *self._weight_args(w, kp, np_, shift), relax.prim_value(tiles)]
+        key = ("rows", kp, np_, bool(shift))
+        if key not in self.kernels:
+            func = self.kernel.build_rows(kp, np_, bool(shift)).with_attr("op_pattern", 8)
+            name = f"tvmq_int8_dense_{self.kernel.name}_Mx{kp}x{np_}"
+            self.kernels[key] = self.builder_.add_func(func, name + ("_offset" if shift else ""))
+        out_ty = relax.TensorType((mp, np_), "int32")
+        y = bb.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+        return relax.op.reshape(y, (*x_shape[:-1], n))
 
     def _kernel_var(self, mp: int, kp: int, np_: int, tiles, with_offset: bool):
         key = (mp, kp, np_, tiles, with_offset)
@@ -120,20 +189,14 @@ class _DenseRewriter(PyExprMutator):
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         mp, kp, np_, tiles = self.kernel.plan(m, k, n)
-        shift = 0
-        if str(x.ty.dtype) != self.kernel.operand_dtype:
-            shift = 128 if self.kernel.operand_dtype == "uint8" else -128
+        shift = self._shift(x)
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
         if shift:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
-        args = [x, relax.const(self.kernel.pack(w, kp, np_), "int8")]
-        if shift:
-            offset = np.zeros(np_, dtype=np.int32)
-            offset[:n] = -shift * w.astype(np.int32).sum(axis=0)
-            args.append(relax.const(offset, "int32"))
+        args = [x, *self._weight_args(w, kp, np_, shift)]
         kernel = self._kernel_var(mp, kp, np_, tiles, bool(shift))
         y = bb.emit(relax.call_tir(kernel, args, out_ty=relax.TensorType((mp, np_), "int32")))
         if mp != m or np_ != n:

@@ -2,7 +2,7 @@
 
 Rewrites, on LLVM CPU targets with SIMD::
 
-    y = R.matmul(x, W)     # x: (..., K) float32, static shape; W: (K, N) float32 constant
+    y = R.matmul(x, W)     # x: (..., K) float32; W: (K, N) float32 constant
                            # (seen through permute_dims / reshape: torch's Linear is x @ W.T)
 
 into the 1x1 case of :func:`tvmq.kernels.cpu_float_conv.float_conv2d_nhwc`::
@@ -18,7 +18,10 @@ the same run; TVM's default schedule without tuning records took 91-148 ms.
 
 Only matmuls of at least ``2**20`` multiply-adds are rewritten: below that the default
 schedule is as fast (the call dominates), and it stays a kernel that ``tvmq tune`` can tune.
-Left alone: batched or non-constant weights, other dtypes, symbolic shapes. Where it
+A symbolic ``M`` (dynamic batch / sequence) gets the same kernel with a run-time row count
+(:func:`~tvmq.kernels.cpu_float_conv.float_dense_rows`; rows padded to its tile by a
+``concat`` of zeros). Left alone: batched or non-constant weights, other dtypes, a symbolic
+``K``. Where it
 belongs: with the other target kernels, after quantization and before ``LegalizeOps``; a
 no-op on non-LLVM targets; idempotent (no float matmul with a constant weight is left).
 """
@@ -36,12 +39,14 @@ from tvmq.kernels.cpu_float_conv import (
     ConvShape,
     choose_conv_tiles,
     float_conv2d_nhwc,
+    float_dense_rows,
     pack_conv_weight,
+    rows_tiles,
     simd_lanes_and_registers,
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import _static_shape, rewrite_functions
+from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
 from .relax_utils import const_value
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -63,6 +68,8 @@ class _DenseRewriter(PyExprMutator):
         if found is None:
             return call
         self.changed = True
+        if is_symbolic(found[1]):
+            return self._lower_rows(*found)
         return self._lower(*found)
 
     def _match(self, call: relax.Expr):
@@ -73,16 +80,40 @@ class _DenseRewriter(PyExprMutator):
             return None
         if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) != "float32":
             return None
-        x_shape = _static_shape(x)
+        x_shape = rows_shape(x)  # static, or symbolic leading dims
         if x_shape is None or len(x_shape) < 2 or 0 in x_shape:
             return None
         w = const_value(w_expr, self.lookup_binding)
         if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[0] != x_shape[-1]:
             return None
-        m = math.prod(x_shape[:-1])
+        # a symbolic M counts as large: the sizes the library runs are not known here
+        m = 1 << 10 if is_symbolic(x_shape) else math.prod(x_shape[:-1])
         if m * w.shape[0] * w.shape[1] < MIN_MACS or w.shape[0] < 2:
             return None
         return x, x_shape, w
+
+    def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
+        """The kernel for a symbolic row count: rows padded to ``mr`` at run time."""
+        bb = self.builder_
+        k, n = w.shape
+        tiles = rows_tiles(n, self.lanes, self.registers)
+        m = math.prod(x_shape[:-1])  # a PrimExpr
+        mo = tvm.tirx.floordiv(m + tiles.mr - 1, tiles.mr)
+        x = bb.emit(relax.op.reshape(x, (m, k)))
+        pad = bb.emit(relax.op.zeros(relax.ShapeExpr([mo * tiles.mr - m, k]), "float32"))
+        x = bb.emit(relax.op.reshape(relax.op.concat([x, pad], axis=0), (1, 1, mo * tiles.mr, k)))
+        key = ("rows", k, tiles)
+        if key not in self.kernels:
+            func = float_dense_rows(k, tiles).with_attr("op_pattern", OPAQUE)
+            self.kernels[key] = bb.add_func(func, f"tvmq_float_dense_Mx{k}x{tiles.o_padded}")
+        packed = pack_conv_weight(
+            np.ascontiguousarray(w.T).reshape(n, k, 1, 1), self.lanes, tiles.o_padded
+        )
+        args = [x, relax.const(packed, "float32"), relax.prim_value(mo)]
+        out_ty = relax.TensorType((1, 1, mo * tiles.mr, tiles.o_padded), "float32")
+        y = bb.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
+        y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[m, n]))
+        return relax.op.reshape(y, (*x_shape[:-1], n))
 
     def _lower(self, x: relax.Expr, x_shape: tuple[int, ...], w: np.ndarray) -> relax.Expr:
         bb = self.builder_

@@ -2,7 +2,7 @@
 
 Rewrites, when the target has ``avx512vnni``::
 
-    y = R.matmul(x, W, out_dtype="int32")   # x: (..., K) uint8 or int8, static shape
+    y = R.matmul(x, W, out_dtype="int32")   # x: (..., K) uint8 or int8
                                             # W: (K, N) int8 relax.Constant
 
 into a ``call_tir`` to :func:`tvmq.kernels.int8_dense_vnni` with ``W`` packed at compile
@@ -10,12 +10,15 @@ time as ``[N/16, K/4, 16, 4]`` (zero-padded to multiples of 4 / 16). Around the 
 leading dimensions of ``x`` are flattened (``reshape``); ``K`` is padded with a
 ``nn.pad`` (any value works, the padded weight rows are 0); ``M`` is padded when the
 register tile does not divide it; a ``strided_slice`` drops the padding of the result.
+A symbolic ``M`` (dynamic batch / sequence) gets the same kernel with a run-time row count
+(:func:`tvmq.kernels.x86_int8.int8_dense_vnni_rows`): rows padded to a multiple of 8 by a
+``concat`` of zeros, the number of 8-row tiles passed as a scalar.
 
 Signed activations: ``vpdpbusd`` multiplies *unsigned* by signed bytes, so an int8 ``x``
 is shifted to uint8 (``x + 128``) before the kernel and the kernel adds the constant
 compensation ``-128 * colsum(W)`` (an int32 per column) to the result; the answer is the
 exact int8 x int8 product. Everything else (float matmuls, non-constant or non-int8
-weights, batched weights, symbolic shapes, other out dtypes) is left alone.
+weights, batched weights, a symbolic K, other out dtypes) is left alone.
 
 Where it belongs: after :class:`LowerInt8` and before ``LegalizeOps`` (it emits Relax
 ops such as ``pad`` / ``strided_slice`` that still need legalizing, and ``LegalizeOps``
@@ -29,7 +32,13 @@ from __future__ import annotations
 
 import tvm
 
-from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
+from tvmq.kernels.x86_int8 import (
+    choose_tiles,
+    int8_dense_vnni,
+    int8_dense_vnni_rows,
+    pack_weight_vnni,
+    padded_kn,
+)
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
 
@@ -55,6 +64,7 @@ _VNNI = DenseKernel(
     plan=_plan,
     pack=lambda w, kp, np_: pack_weight_vnni(w),
     build=lambda m, k, n, _tiles, with_offset: int8_dense_vnni(m, k, n, with_offset=with_offset),
+    build_rows=lambda k, n, with_offset: int8_dense_vnni_rows(k, n, with_offset=with_offset),
 )
 
 

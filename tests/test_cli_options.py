@@ -86,6 +86,9 @@ FAST_CASES = [
     (["--dump", "bin", "d"], "--dump bin"),
     (["--dump", "ir", "{model}"], "is a file"),
     (["--input-shape", "x:2x8", "--input-shape", "x:4x8"], "twice"),
+    (["--input-shape", "x:Bx?"], "a name for a dynamic dimension"),
+    (["--input-shape", "x:B-1x8"], "got 'B-1'"),
+    (["--input-shape", "x:0xS"], "at least 1"),
     (["-t", "pdp-11"], "unknown target 'pdp-11'; known targets: arm-a76"),
     (["-t", "{model}.json"], "-t/--target"),
 ]

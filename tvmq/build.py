@@ -156,6 +156,7 @@ def build_with_info(
         default=tuple(k for k in kernels if k not in scheduled),
         prescheduled=tuple(k for k in kernels if k in prescheduled),
         tuning_logs=tuple(str(d) for d in log_dirs),
+        symbolic_default=tuple(k for k in _symbolic_matmul_kernels(fused) if k not in scheduled),
         # after FoldConstant: the constants the executable embeds (decoded ones included)
         weights=tuple(constant_bytes_by_dtype(fused).items()),
     )
@@ -178,6 +179,9 @@ class BuildInfo:
     prescheduled: tuple[str, ...] = ()
     tuning_logs: tuple[str, ...] = ()
     weights: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    # matmul / conv kernels with symbolic (dynamic) shapes that no tvmq kernel pass took:
+    # they run on TVM's default lowering (tvmq's default schedule where it applies)
+    symbolic_default: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""
@@ -193,7 +197,23 @@ class BuildInfo:
             "default": list(self.default),
             "prescheduled": list(self.prescheduled),
             "tuning_logs": list(self.tuning_logs),
+            **({"symbolic_default": list(self.symbolic_default)} if self.symbolic_default else {}),
         }
+
+
+def _symbolic_matmul_kernels(mod: tvm.IRModule) -> list[str]:
+    """Kernels named after a matmul / conv whose buffers have a symbolic dim."""
+    names = []
+    for gv, func in mod.functions_items():
+        name = gv.name_hint
+        if not isinstance(func, tvm.tirx.PrimFunc) or not any(
+            op in name for op in ("matmul", "conv", "dense")
+        ):
+            continue
+        shapes = [p.ty.shape for p in func.params if isinstance(p.ty, tvm.tirx.BufferType)]
+        if any(not isinstance(d, tvm.tirx.IntImm) for shape in shapes for d in shape):
+            names.append(name)
+    return sorted(names)
 
 
 # Linker options for every exported library (GNU ld and lld both take them):

@@ -154,6 +154,7 @@ def cmd_run(args) -> int:
         raise UsageError("--key selects boards at an RPC tracker: give --rpc HOST:PORT too")
     import numpy as np
 
+    from tvmq.frontends.model import format_shape
     from tvmq.output_file import check_output_file, write_file_atomically
     from tvmq.runtime import output_summary
 
@@ -167,6 +168,9 @@ def cmd_run(args) -> int:
         if session is not None:
             session.close()
     outs = outs if isinstance(outs, tuple) else (outs,)
+    for spec, x in zip(model.inputs, inputs, strict=True):
+        if spec.symbols:  # a dynamic input: the compiled shape and this run's
+            print(f"{spec.name}: compiled for {format_shape(spec.shape)}, ran {np.shape(x)}")
     for spec, y in zip(model.outputs, outs, strict=True):
         print(output_summary(spec, y))
     if args.output:
@@ -192,6 +196,9 @@ def cmd_bench(args) -> int:
             session.close()
     name = model.manifest.target.get("name")
     print(f"{args.model_dir} on {name} ({where}): {stats.repeat} runs after {args.warmup} warm-up")
+    dims = sorted({d for s in model.inputs for d in s.symbols})
+    if dims and not args.input:
+        print(f"  symbolic dims {', '.join(dims)} set to 1 (give -i inputs.npz for other sizes)")
     print(
         f"  median {stats.median_ms:.4f} ms   p90 {stats.p90_ms:.4f} ms   min {stats.min_ms:.4f} ms"
     )
@@ -303,10 +310,10 @@ def cmd_inspect(args) -> int:
 
     m = import_model(path, input_shapes=input_shape_options(args))
     print(f"{path} ({m.source})")
-    for s in m.inputs:
-        print(f"  input  {s.name}: {list(s.shape)} {s.dtype}")
+    for s in m.inputs:  # symbolic dims by name: [batch, 128]
+        print(f"  input  {s.name}: [{', '.join(map(str, s.shape))}] {s.dtype}")
     for s in m.outputs:
-        print(f"  output {s.name}: {list(s.shape)} {s.dtype}")
+        print(f"  output {s.name}: [{', '.join(map(str, s.shape))}] {s.dtype}")
     ops = Counter(_relax_ops(m.mod))
     print("  operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
     _print_layers(m.mod)

@@ -17,7 +17,10 @@ def add_input_shape_option(s: argparse.ArgumentParser) -> None:
         action="append",
         type=parse_shape,
         metavar="NAME:1x3x224x224",
-        help="static shape for an input with dynamic dimensions (repeatable)",
+        help="shape of an input whose dimensions the model leaves dynamic (repeatable): a "
+        "number pins a dimension, a name makes it symbolic, e.g. input_ids:Bx128 (one library "
+        "for any batch B; the same name in two inputs is one size). Dynamic dimensions not "
+        "given stay symbolic",
     )
 
 

@@ -7,23 +7,33 @@ Only the standard library is imported at the top, so ``tvmq --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 
-def parse_shape(text: str) -> tuple[str, list[int]]:
+def parse_shape(text: str) -> tuple[str, list[int | str]]:
+    """``NAME:1x3x224x224``; a dim that is a name (``input_ids:Bx128``) is symbolic: the
+    compiled model takes any size there, and one name in several inputs is one size."""
     name, sep, dims = text.rpartition(":")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: write NAME:DIMxDIM..., e.g. input:1x3x224x224")
-    try:
-        shape = [int(d) for d in dims.lower().split("x")]
-    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: dimensions must be integers, e.g. 1x3x224x224"
-        ) from None
-    if any(d < 1 for d in shape):  # a 0 dim makes an empty tensor: nothing to compute
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: every dimension must be at least 1, e.g. 1x3x224x224"
+            f"{text!r}: write NAME:DIMxDIM..., e.g. input:1x3x224x224 or input_ids:Bx128"
         )
+    shape: list[int | str] = []
+    for d in re.split("[xX]", dims):
+        if d.isascii() and d.isdigit():
+            if int(d) < 1:  # a 0 dim makes an empty tensor: nothing to compute
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: every dimension must be at least 1, e.g. 1x3x224x224"
+                )
+            shape.append(int(d))
+        elif d.isascii() and d.isidentifier():
+            shape.append(d)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: each dimension is an integer or a name for a dynamic dimension "
+                f"(letters, digits and _, no x), e.g. 1x3x224x224 or Bx128, got {d!r}"
+            )
     return name, shape
 
 
@@ -42,11 +52,11 @@ def int_at_least(minimum: int):
     return parse
 
 
-def input_shape_options(args) -> dict[str, list[int]] | None:
+def input_shape_options(args) -> dict[str, list[int | str]] | None:
     """--input-shape options as a dict; naming one input twice is a mistake, not an override."""
     if not args.input_shape:
         return None
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, list[int | str]] = {}
     for name, shape in args.input_shape:
         if name in shapes:
             raise UsageError(f"--input-shape gives input {name!r} twice; give each input once")

@@ -58,7 +58,10 @@ def load_top1_eval(path, inputs, outputs) -> Callable[[Callable], float]:
     n = rows.pop()
     feeds = [arrays[s.name].astype(s.dtype, copy=False) for s in inputs]
     for s, x in zip(inputs, feeds, strict=True):
-        if tuple(x.shape[1:]) != tuple(s.shape[1:]):
+        if len(x.shape) != len(s.shape) or any(
+            not isinstance(d, str) and d != g
+            for d, g in zip(s.shape[1:], x.shape[1:], strict=False)
+        ):  # a symbolic dim (str) takes any size
             raise TvmqError(
                 f"evaluation file {str(path)!r}: input {s.name!r} has rows of shape "
                 f"{tuple(x.shape[1:])}, the model takes {tuple(s.shape[1:])}"
@@ -79,7 +82,8 @@ def load_top1_eval(path, inputs, outputs) -> Callable[[Callable], float]:
                 f"{ref.shape[0]} rows, the inputs {n}"
             )
         target = ref.argmax(axis=-1)
-    batch = int(inputs[0].shape[0])
+    lead = inputs[0].shape[0]
+    batch = lead if isinstance(lead, int) else min(n, 32)  # a symbolic batch: 32 rows a call
     cache: dict[str, np.ndarray] = {}
 
     def predict(run) -> np.ndarray:

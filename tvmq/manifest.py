@@ -159,7 +159,14 @@ def _check_spec(spec, where: str) -> None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ValueError(f"field {where!r} must be an object with a string 'name'")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise ValueError(f"field '{where}.shape' must be a list of non-negative integers")
+    # A str is a symbolic dim: a name ("batch"), or for an output an expression of names.
+    if not isinstance(shape, list) or not all(
+        (type(n) is int and n >= 0) or (isinstance(n, str) and n) for n in shape
+    ):
+        raise ValueError(
+            f"field '{where}.shape' must be a list of non-negative integers and dim names"
+        )
+    if where.startswith("inputs") and not all(type(n) is int or n.isidentifier() for n in shape):
+        raise ValueError(f"field '{where}.shape' has a symbolic dim that is not a name")
     if not isinstance(spec.get("dtype"), str) or not spec["dtype"]:
         raise ValueError(f"field '{where}.dtype' must be a dtype name")

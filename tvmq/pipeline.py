@@ -224,6 +224,14 @@ def run(
     done.notes["weights"] = dict(info.weights)  # dtype -> bytes of constants in the library
     if progress:
         print(f"tvmq: kernels {info.summary()}", file=sys.stderr)
+        if info.symbolic_default:
+            print(
+                f"tvmq: {len(info.symbolic_default)} matmul kernel(s) with symbolic shapes run "
+                f"on TVM's default lowering, not a tvmq kernel: "
+                f"{', '.join(info.symbolic_default[:6])}"
+                + (" ..." if len(info.symbolic_default) > 6 else ""),
+                file=sys.stderr,
+            )
     quantized = done.quantized
     if on_host and quantized is not None and quantized.first_batch is not None:
         names = [s.name for s in model.inputs]

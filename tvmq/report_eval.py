@@ -72,14 +72,21 @@ def load_eval_data(data, manifest) -> dict[str, np.ndarray]:
     return arrays
 
 
+_SYMBOLIC_BATCH = 32  # samples per call for a model with a symbolic batch dim
+
+
 def _batches(arrays: dict[str, np.ndarray], manifest, where: str) -> tuple[int, int]:
     """(N samples, model batch size) after checking every input's shape and dtype."""
     n = None
     batch = None
     for spec in manifest.inputs:
         a = arrays[spec.name]
-        b = spec.shape[0] if spec.shape else 1
-        if not spec.shape or a.shape[1:] != tuple(spec.shape[1:]) or a.shape[0] % b:
+        lead = spec.shape[0] if spec.shape else 1
+        b = lead if isinstance(lead, int) else _SYMBOLIC_BATCH  # a dynamic batch: any rows
+        rest_ok = len(a.shape) == len(spec.shape) and all(
+            isinstance(d, str) or d == g for d, g in zip(spec.shape[1:], a.shape[1:], strict=True)
+        )
+        if not spec.shape or not rest_ok or (isinstance(lead, int) and a.shape[0] % b):
             raise TvmqError(
                 f"{where}: input '{spec.name}' has shape {a.shape}; the model takes "
                 f"{tuple(spec.shape)}: give N x {tuple(spec.shape[1:])} with N a multiple of {b}"

@@ -19,7 +19,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from tvmq.errors import InputMismatchError, TvmqError
-from tvmq.frontends.model import TensorSpec
+from tvmq.frontends.model import TensorSpec, bind_symbols, concrete_shape
 from tvmq.machine import library_arch, this_machine
 from tvmq.manifest import Manifest, sha256_of
 
@@ -41,15 +41,19 @@ class LatencyStats:
         return cls(statistics.median(ms), p90, statistics.fmean(ms), ms[0], len(ms))
 
 
-def random_inputs(specs: list[TensorSpec], seed: int = 0) -> list[np.ndarray]:
-    """Random arrays matching the specs (normal floats, small integers)."""
+def random_inputs(
+    specs: list[TensorSpec], seed: int = 0, sizes: dict[str, int] | None = None
+) -> list[np.ndarray]:
+    """Random arrays matching the specs (normal floats, small integers); a symbolic dim
+    takes its size from ``sizes`` (default 1)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in specs:
+        shape = concrete_shape(s, sizes or {})
         if s.dtype.startswith("float"):
-            out.append(rng.standard_normal(s.shape).astype(s.dtype))
+            out.append(rng.standard_normal(shape).astype(s.dtype))
         else:
-            out.append(rng.integers(0, 10, size=s.shape).astype(s.dtype))
+            out.append(rng.integers(0, 10, size=shape).astype(s.dtype))
     return out
 
 
@@ -85,15 +89,15 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
                 f"input '{spec.name}': dtype {a.dtype} is not numeric (the model expects "
                 f"{spec.dtype} numbers)"
             )
-        if tuple(a.shape) != spec.shape:
-            raise InputMismatchError(
-                f"input '{spec.name}': shape {tuple(a.shape)}, the model was compiled for {spec.shape}"
-            )
         if str(a.dtype) != spec.dtype:
             raise InputMismatchError(
                 f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
             )
         arrays.append(np.ascontiguousarray(a))
+    try:  # ranks and static dims; a symbolic dim takes any size, the same in every input
+        bind_symbols(specs, [a.shape for a in arrays])
+    except ValueError as e:
+        raise InputMismatchError(str(e)) from None
     return arrays
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import tvm
 
-from tvmq.kernels.x86_int8 import int8_batch_matmul_vnni, int8_dense_vnni, pack_weight_vnni
+from tvmq.kernels.x86_int8 import (
+    int8_batch_matmul_vnni,
+    int8_dense_vnni,
+    int8_dense_vnni_rows,
+    pack_weight_vnni,
+)
 from tvmq.targets import get_target
 
 
@@ -59,3 +64,21 @@ def test_batch_matmul_is_exact(batch, m, k, n):
 def test_unpadded_shapes_are_refused():
     with pytest.raises(ValueError, match="unpadded"):
         int8_batch_matmul_vnni(2, 8, 30, 16)
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize("k,n,with_offset", [(64, 32, False), (32, 64, True), (384, 96, True)])
+def test_dense_for_a_run_time_row_count_is_exact(k, n, with_offset):
+    """One library, rows = 8 * mo for any mo (a symbolic batch x sequence), still vpdpbusd."""
+    lib = _compile(int8_dense_vnni_rows(k, n, with_offset=with_offset))
+    assert "vpdpbusd" in _llvm(lib, "asm")
+    rng = np.random.default_rng(k + n)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    offset = rng.integers(-1000, 1000, n, dtype=np.int32)
+    for mo in (1, 3, 17):
+        x = rng.integers(0, 256, (8 * mo, k), dtype=np.uint8)
+        out = tvm.runtime.tensor(np.zeros((8 * mo, n), np.int32))
+        extra = [tvm.runtime.tensor(offset)] if with_offset else []
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight_vnni(w)), *extra, mo, out)
+        expected = x.astype(np.int64) @ w.astype(np.int64) + (offset if with_offset else 0)
+        np.testing.assert_array_equal(out.numpy(), expected)

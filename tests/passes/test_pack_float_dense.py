@@ -68,3 +68,26 @@ def test_no_op_where_it_does_not_apply(rng):
     once = PackFloatDense(AVX512)(mod)
     assert not once.same_as(mod)
     assert PackFloatDense(AVX512)(once).same_as(once)
+
+
+def test_symbolic_rows_use_the_packed_kernel():
+    """x: (batch, seq, K) with both symbolic: one kernel for every size, close to numpy."""
+    from tvmq.targets import get_target
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    b, s = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("seq", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((b, s, 96), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(y)
+    target = get_target("host").tvm_target()
+    mod = PackFloatDense(target)(bb.get())
+    assert "relax.matmul" not in mod.script() and "tvmq_float_dense_Mx96x48" in mod.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    for shape in [(1, 1), (2, 5), (3, 16)]:
+        xv = rng.standard_normal((*shape, 96)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+        np.testing.assert_allclose(got, xv.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)

@@ -169,3 +169,19 @@ def test_tiles_fit_registers_and_divide(m, n):
     t = choose_tiles(m, n)
     assert t.m_padded % t.mr == 0 and t.m_padded >= m and (n // 16) % t.nr == 0
     assert t.mr * t.nr <= 24
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize("x_dtype", ["uint8", "int8"])
+def test_symbolic_batch_and_sequence_use_the_vnni_kernel(rng, x_dtype):
+    """x: (batch, seq, K) with both symbolic: one kernel for every size, bit-exact."""
+    b, s = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("seq", "int64")
+    w = _random(rng, (40, 24), np.int8)  # K, N not multiples of 4, 16: padded
+    mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module((b, s, 40), w, x_dtype))
+    assert "relax.matmul" not in mod.script() and len(_kernel_funcs(mod)) == 1
+    ex = tvm.compile(mod, target=CASCADELAKE)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for shape in [(1, 1), (2, 5), (3, 8), (1, 17)]:
+        x = _random(rng, (*shape, 40), np.dtype(x_dtype))
+        y = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(y, x.astype(np.int32) @ w.astype(np.int32))

@@ -16,15 +16,16 @@ def import_model(
     model,
     *,
     example_inputs=None,
-    input_shapes: dict[str, Sequence[int]] | None = None,
+    input_shapes: dict[str, Sequence[int | str]] | None = None,
     input_names: Sequence[str] | None = None,
 ) -> ImportedModel:
     """Import any supported model form into Relax.
 
     ``model`` may be a ``torch.nn.Module`` (needs ``example_inputs``), a
     ``torch.export.ExportedProgram`` or a path to one saved with ``torch.export.save``
-    (``.pt2``), an ONNX file path or ``onnx.ModelProto`` (``input_shapes`` fixes dynamic
-    dimensions), a ``tvm.IRModule`` with a static-shaped ``main``, or an ``ImportedModel``.
+    (``.pt2``), an ONNX file path or ``onnx.ModelProto`` (dynamic dimensions stay symbolic;
+    ``input_shapes`` pins them with ints or names them with strs), a ``tvm.IRModule`` (its
+    ``main``'s dims static or named ``tirx.Var``), or an ``ImportedModel``.
     """
     import tvm
 

@@ -11,18 +11,69 @@ from tvmq.errors import TvmqError
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, static shape and dtype of one model input or output."""
+    """Name, shape and dtype of one model input or output.
+
+    A dim is an int (static) or a str (symbolic: a name such as ``"batch"``, shared by every
+    input that uses it, or for an output an expression such as ``"batch * seq"``).
+    """
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
+
+    @property
+    def symbols(self) -> list[str]:
+        """The symbolic dims, in order (empty for a static shape)."""
+        return [d for d in self.shape if isinstance(d, str)]
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"])
+        return cls(
+            d["name"], tuple(s if isinstance(s, str) else int(s) for s in d["shape"]), d["dtype"]
+        )
+
+
+def format_shape(shape) -> str:
+    """``(batch, 128)``-style text for a shape with static and symbolic dims."""
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def bind_symbols(specs: list[TensorSpec], shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """The value of each symbolic dim in concrete input ``shapes`` (one per spec).
+
+    Raises ValueError with one line when a rank or a static dim differs, or when one symbol
+    gets two values.
+    """
+    values: dict[str, int] = {}
+    for spec, shape in zip(specs, shapes, strict=True):
+        shape = tuple(int(d) for d in shape)
+        expected = f"the model was compiled for {format_shape(spec.shape)}"
+        if len(shape) != len(spec.shape):
+            raise ValueError(
+                f"input '{spec.name}': shape {shape} has rank {len(shape)}, {expected}"
+            )
+        for axis, (want, have) in enumerate(zip(spec.shape, shape, strict=True)):
+            if isinstance(want, str):
+                seen = values.setdefault(want, have)
+                if seen != have:
+                    raise ValueError(
+                        f"input '{spec.name}': shape {shape} gives {want}={have} at axis {axis}, "
+                        f"but another input gives {want}={seen}; {expected}"
+                    )
+            elif want != have:
+                raise ValueError(
+                    f"input '{spec.name}': shape {shape} differs in the static dim {axis} "
+                    f"({have} != {want}); {expected}"
+                )
+    return values
+
+
+def concrete_shape(spec: TensorSpec, sizes: dict[str, int], default: int = 1) -> tuple[int, ...]:
+    """``spec.shape`` with each symbolic dim replaced by ``sizes[name]`` (else ``default``)."""
+    return tuple(d if isinstance(d, int) else int(sizes.get(d, default)) for d in spec.shape)
 
 
 @dataclass
@@ -41,16 +92,20 @@ class ImportedModel:
     meta: dict = field(default_factory=dict)
 
 
-def _tensor_spec(name: str, ty) -> TensorSpec:
+def _tensor_spec(name: str, ty, *, is_input: bool) -> TensorSpec:
     if not isinstance(ty, tvm.relax.TensorType) or ty.shape is None:
-        raise TvmqError(f"{name}: tvmq needs tensors of static shape, got {ty}")
-    try:
-        shape = tuple(int(s) for s in ty.shape)
-    except (TypeError, ValueError):
-        raise TvmqError(
-            f"{name}: shape {ty.shape} is not static; give static input shapes when importing"
-        ) from None
-    return TensorSpec(name, shape, str(ty.dtype))
+        raise TvmqError(f"{name}: tvmq needs tensors of known rank, got {ty}")
+    shape: list[int | str] = []
+    for d in ty.shape.values:
+        if isinstance(d, tvm.tirx.IntImm):
+            shape.append(int(d))
+        elif isinstance(d, tvm.tirx.Var) or not is_input:
+            shape.append(str(d))  # a symbol, or an output dim computed from symbols
+        else:
+            raise TvmqError(
+                f"{name}: input dim {d} is an expression; tvmq takes static or named dims only"
+            )
+    return TensorSpec(name, tuple(shape), str(ty.dtype))
 
 
 def signature_of(
@@ -58,17 +113,17 @@ def signature_of(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output specs of a Relax function with static shapes.
+    """Input and output specs of a Relax function (static or symbolic dims).
 
     A tuple return type gives one output per field; names default to ``output0``, ...
     """
     params = list(func.params)
     in_names = input_names or [p.name for p in params]
-    inputs = [_tensor_spec(n, p.ty) for n, p in zip(in_names, params, strict=True)]
+    inputs = [_tensor_spec(n, p.ty, is_input=True) for n, p in zip(in_names, params, strict=True)]
     ret = func.ret_ty
     fields = list(ret.fields) if isinstance(ret, tvm.ir.TupleType) else [ret]
     out_names = output_names or [f"output{i}" for i in range(len(fields))]
-    outputs = [_tensor_spec(n, t) for n, t in zip(out_names, fields, strict=True)]
+    outputs = [_tensor_spec(n, t, is_input=False) for n, t in zip(out_names, fields, strict=True)]
     return inputs, outputs
 
 

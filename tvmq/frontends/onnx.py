@@ -1,11 +1,13 @@
-"""Import ONNX models into Relax, with static input shapes and weights bound as constants.
+"""Import ONNX models into Relax, with static or symbolic input dims and weights bound as constants.
 
-tvmq compiles for static shapes. Real exporters (``torch.onnx.export`` and friends) emit
+A dim the file declares dynamic (``-1``/unknown or a ``dim_param`` name) stays symbolic
+(a ``tirx.Var`` named after it) unless ``input_shapes`` pins it; ``input_shapes`` can also
+name dynamic dims (``{"input_ids": ["B", 128]}``). Real exporters (``torch.onnx.export`` and friends) emit
 run-time shape arithmetic (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``,
 ``ConstantOfShape``, ``Expand``, ``Range``, casts and integer maths on shapes) that Relax's
 ONNX frontend either rejects ("Reshape requires the input new shape to be Shape") or imports
-with symbolic shapes. :func:`fold_static_shapes` fixes the input dims and folds that arithmetic
-into initializers first; :func:`from_onnx` then hands the folded graph to
+with symbolic shapes. :func:`fold_static_shapes` fixes the input dims and folds the arithmetic
+on static dims into initializers first; :func:`from_onnx` then hands the folded graph to
 ``tvm.relax.frontend.onnx.from_onnx`` with ``keep_params_in_input=False`` so every weight is a
 ``relax.Constant`` in ``mod["main"]``.
 
@@ -55,11 +57,11 @@ _CONTRIB_ONLY = frozenset({"Attention"})
 
 def from_onnx(
     model: str | os.PathLike | onnx.ModelProto,
-    input_shapes: dict[str, Sequence[int]] | None = None,
+    input_shapes: dict[str, Sequence[int | str]] | None = None,
     *,
     opset: int | None = None,
 ) -> ImportedModel:
-    """Import an ONNX model as a Relax module with static shapes.
+    """Import an ONNX model as a Relax module.
 
     Parameters
     ----------
@@ -67,10 +69,11 @@ def from_onnx(
         Path to an ``.onnx`` file (external data next to it is loaded) or a loaded
         ``onnx.ModelProto``.
     input_shapes
-        Static shape for each graph input, by ONNX input name. Needed for every input
-        with a dynamic (``dim_param`` or unknown) dim; may be omitted for inputs whose
-        shape is already static. Initializers listed among the graph inputs are weights,
-        not inputs.
+        Shape for graph inputs, by ONNX input name: an int pins a dim, a str names a
+        symbolic dim (the same name in two inputs is one symbol). Dims the file declares
+        dynamic and not given here stay symbolic (named by their ``dim_param``, else
+        ``INPUT_AXIS``); static dims cannot be changed. Needed for inputs of unknown rank.
+        Initializers listed among the graph inputs are weights, not inputs.
     opset
         Opset to convert with, overriding the model's ``ai.onnx`` opset import.
 
@@ -84,7 +87,7 @@ def from_onnx(
     Raises
     ------
     TvmqError
-        The file is missing or not ONNX, an input's shape is dynamic and not given,
+        The file is missing or not ONNX, an input's rank is unknown and not given,
         ``input_shapes`` names an input the model lacks or contradicts a static dim.
     UnsupportedOperatorError
         A node uses an operator Relax's ONNX frontend cannot convert; the message names
@@ -97,6 +100,8 @@ def from_onnx(
     folded = fold_static_shapes(proto, shapes)
     _check_supported(folded, label)
     mod = _convert(folded, shapes, opset, label)
+    if any(isinstance(d, str) for shape in shapes.values() for d in shape):
+        mod = _resolve_shape_vars(mod)
     mod = onnx_layer_names(folded, mod)  # node names on the weight ops, for skip lists
 
     input_names = [vi.name for vi in graph_inputs(folded.graph)]
@@ -112,6 +117,21 @@ def from_onnx(
         "nodes_after_folding": len(folded.graph.node),
     }
     return ImportedModel(mod, inputs, outputs, source="onnx", meta=meta)
+
+
+def _resolve_shape_vars(mod):
+    """Dims the graph computes from symbolic input dims (Range lengths) bound to those dims."""
+    import tvm
+    from tvm import relax
+
+    from tvmq.passes import ResolveShapeVars
+
+    seq = [
+        ResolveShapeVars(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    return tvm.transform.Sequential(seq)(mod)
 
 
 # --- loading and validation ------------------------------------------------------------------
@@ -239,7 +259,7 @@ def _failing_node(tb) -> onnx.NodeProto | None:
 
 def _convert(
     model: onnx.ModelProto,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: dict[str, tuple[int | str, ...]],
     opset: int | None,
     label: str,
 ):
@@ -254,7 +274,11 @@ def _convert(
         try:
             return relax_from_onnx(
                 model,
-                shape_dict={k: list(v) for k, v in shapes.items()},
+                # Symbolic dims are dim_params in the folded graph: the importer makes one
+                # tirx.Var per name, shared by every input that uses it.
+                shape_dict={
+                    k: list(v) for k, v in shapes.items() if all(isinstance(d, int) for d in v)
+                },
                 opset=opset,
                 keep_params_in_input=False,
             )

@@ -1,4 +1,5 @@
-"""An ONNX graph's real inputs and their static shapes, checked against the declared dims.
+"""An ONNX graph's real inputs and their shapes (static or named dims), checked against the
+declared dims.
 
 Shared by :func:`tvmq.frontends.onnx.from_onnx` (every dynamic input needs a shape) and
 :func:`tvmq.frontends.onnx_shapes.fold_static_shapes` (inputs not named keep their dims).
@@ -6,6 +7,7 @@ Shared by :func:`tvmq.frontends.onnx.from_onnx` (every dynamic input needs a sha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import onnx
@@ -47,12 +49,19 @@ def _fmt_dims(dims: Iterable[int | str | None]) -> str:
 
 def resolve_input_shapes(
     graph: onnx.GraphProto,
-    input_shapes: dict[str, Sequence[int]],
+    input_shapes: dict[str, Sequence[int | str]],
     label: str,
     *,
     require_all: bool,
-) -> dict[str, tuple[int, ...]]:
-    """Static shape per real graph input, checked against the declared dims."""
+) -> dict[str, tuple[int | str, ...]]:
+    """Shape per real graph input: ints are static dims, strs symbolic (named) dims.
+
+    A dim the file declares dynamic (``dim_param`` or unknown) stays symbolic unless
+    ``input_shapes`` pins it to an int; its name is the ``dim_param`` (or ``NAME_AXIS``).
+    ``input_shapes`` may name a dynamic dim (a str: the same name in two inputs is one
+    symbol) but may not change or un-pin a static one. With ``require_all``, an input of
+    unknown rank needs an entry.
+    """
     inputs = graph_inputs(graph)
     names = [vi.name for vi in inputs]
     unknown = [n for n in input_shapes if n not in names]
@@ -62,7 +71,7 @@ def resolve_input_shapes(
             f"{'is' if len(unknown) == 1 else 'are'} not a model input; "
             f"the model's inputs are {', '.join(repr(n) for n in names) or '(none)'}"
         )
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int | str, ...]] = {}
     missing: list[str] = []
     for vi in inputs:
         if not vi.type.HasField("tensor_type"):
@@ -88,41 +97,59 @@ def resolve_input_shapes(
                     raise TvmqError(
                         f"{label}: input {vi.name!r} is declared {_fmt_dims(declared)}, "
                         f"input_shapes gives {list(given)}, which differs in the static "
-                        f"dim(s) {clash}"
+                        f"dim(s) {clash} (only dynamic dims can be named or pinned)"
                     )
             shapes[vi.name] = given
-        elif declared is not None and all(isinstance(d, int) for d in declared):
-            shapes[vi.name] = tuple(declared)  # type: ignore[arg-type]
-        elif require_all:
-            example = (
-                "(...)"
-                if declared is None
-                else str(tuple(d if isinstance(d, int) else 1 for d in declared))
+        elif declared is not None:
+            shapes[vi.name] = tuple(
+                d if isinstance(d, int) else symbol_name(d, vi.name, i)
+                for i, d in enumerate(declared)
             )
-            what = "unknown rank" if declared is None else f"dynamic shape {_fmt_dims(declared)}"
+        elif require_all:
             missing.append(
-                f"input {vi.name!r} has {what}; pass input_shapes={{{vi.name!r}: {example}}}"
+                f"input {vi.name!r} has unknown rank; give its shape, e.g. "
+                f"--input-shape {vi.name}:1x3x224x224 (input_shapes={{{vi.name!r}: ...}})"
             )
     if missing:
-        raise TvmqError(f"{label}: tvmq compiles for static shapes: " + "; ".join(missing))
+        raise TvmqError(f"{label}: " + "; ".join(missing))
     return shapes
 
 
-def _check_shape(name: str, shape: Sequence[int], label: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(s) for s in shape)
-        ok = all(d >= 0 and d == s for d, s in zip(dims, shape, strict=True))
-    except (TypeError, ValueError):
-        ok = False
+def symbol_name(dim_param: str | None, input_name: str, axis: int) -> str:
+    """A symbolic dim's name: the file's ``dim_param`` as an identifier, else ``INPUT_AXIS``."""
+    text = dim_param or f"{input_name}_{axis}"
+    name = re.sub(r"\W", "_", text)
+    return name if name[:1].isalpha() or name[:1] == "_" else f"d_{name}"
+
+
+def _check_shape(name: str, shape: Sequence[int | str], label: str) -> tuple[int | str, ...]:
+    dims: list[int | str] = []
+    ok = isinstance(shape, Sequence) and not isinstance(shape, str)
+    for s in shape if ok else ():
+        if isinstance(s, str) and s.isidentifier():
+            dims.append(s)
+            continue
+        try:
+            d = int(s)
+        except (TypeError, ValueError):
+            ok = False
+            break
+        ok = ok and d >= 0 and d == s
+        dims.append(d)
     if not ok:
         raise TvmqError(
-            f"{label}: input_shapes[{name!r}] must be a sequence of non-negative ints, got {shape!r}"
+            f"{label}: input_shapes[{name!r}] must be a sequence of non-negative ints or "
+            f"dim names (identifiers), got {shape!r}"
         )
-    return dims
+    return tuple(dims)
 
 
-def set_dims(vi: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
+def set_dims(vi: onnx.ValueInfoProto, dims: Sequence[int | str]) -> None:
+    """Declare the dims of a value info: ints static, strs as named (dim_param) dims."""
     shape = vi.type.tensor_type.shape
     shape.ClearField("dim")
     for d in dims:
-        shape.dim.add().dim_value = int(d)
+        if isinstance(d, str):
+            shape.dim.add().dim_param = d
+        else:
+            shape.dim.add().dim_value = int(d)

@@ -199,6 +199,37 @@ def float_conv2d_nhwc(
     return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_conv2d_nhwc")
 
 
+def rows_tiles(n: int, lanes: int, registers: int) -> ConvTiles:
+    """The register tile of :func:`float_dense_rows`: the best for a large row count."""
+    return choose_conv_tiles(720, n, lanes, registers)  # 720: divisible by 1..6, 8, 9, 10
+
+
+def float_dense_rows(k: int, tiles: ConvTiles) -> tvm.tirx.PrimFunc:
+    """The 1x1 :func:`float_conv2d_nhwc` as a dense for a run-time row count.
+
+    ``(X (1, 1, M, k), W (O/L, 1, 1, k, L), mo) -> Y (1, 1, M, O)`` with ``M = tiles.mr * mo``
+    and ``mo`` an int64 scalar (the caller pads its rows to a multiple of ``tiles.mr``); the
+    same register tile and schedule as the static kernel, every loop int64.
+    """
+    mo = tvm.tirx.Var("mo", "int64")
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    one, m, kk, o, lanes = i64(1), mo * tiles.mr, i64(k), i64(tiles.o_padded), tiles.lanes
+    p = te.placeholder((one, one, m, kk), "float32", name="P")
+    w = te.placeholder((o // lanes, one, one, kk, i64(lanes)), "float32", name="W")
+    ry, rx = te.reduce_axis((0, one), name="ry"), te.reduce_axis((0, one), name="rx")
+    rc = te.reduce_axis((0, kk), name="rc")
+    acc = te.compute(
+        (one, one, m, o),
+        lambda b, y, x, j: te.sum(
+            p[b, y + ry, x + rx, rc] * w[j // lanes, ry, rx, rc, j % lanes], axis=[ry, rx, rc]
+        ),
+        name="acc",
+    )
+    out = te.compute((one, one, m, o), lambda b, y, x, j: acc[b, y, x, j], name="Y")
+    func = te.create_prim_func([p, w, mo, out])
+    return _schedule(func, tiles, parallel=True, name="float_dense_rows")
+
+
 def _schedule(
     func: tvm.tirx.PrimFunc, tiles: ConvTiles, parallel: bool, name: str
 ) -> tvm.tirx.PrimFunc:

@@ -77,8 +77,27 @@ def choose_tiles(m: int, n_padded: int) -> DenseTiles:
     return DenseTiles(mr, nr, m_padded)
 
 
+def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
+    """The tile for a symbolic row count: 8 rows (M padded at run time to a multiple of 8)."""
+    return choose_tiles(8, n_padded)
+
+
+def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.tirx.PrimFunc:
+    """:func:`int8_dense_vnni` for any row count: ``M = 8 * mo`` with ``mo`` a run-time scalar.
+
+    The last input (before the output) is the int64 ``mo``, which Relax passes as a
+    ``prim_value``; the caller pads its rows to a multiple of 8. Same register tile,
+    tensorization and parallel tiles as the static kernel, so a symbolic batch / sequence
+    costs only that padding.
+    """
+    mo = tvm.tirx.Var("mo", "int64")
+    return int8_dense_vnni(
+        mo * 8, k, n, with_offset=with_offset, tiles=symbolic_rows_tiles(n), extra=[mo]
+    )
+
+
 def int8_dense_vnni(
-    m: int, k: int, n: int, *, with_offset: bool = False, tiles: DenseTiles | None = None
+    m, k: int, n: int, *, with_offset: bool = False, tiles: DenseTiles | None = None, extra=()
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -99,8 +118,11 @@ def int8_dense_vnni(
         it alone) and :data:`KERNEL_ATTR`.
     """
     tiles = tiles or choose_tiles(m, n)
-    if k % REDUCE or n % LANES or m % tiles.mr or (n // LANES) % tiles.nr:
+    static_m = isinstance(m, int)
+    if k % REDUCE or n % LANES or (static_m and m % tiles.mr) or (n // LANES) % tiles.nr:
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
+    if not static_m:  # every loop int64 like the symbolic rows, or the fused loops mix dtypes
+        k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
     x = te.placeholder((m, k), "uint8", name="X")
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
     r = te.reduce_axis((0, k), name="k")
@@ -120,8 +142,8 @@ def int8_dense_vnni(
         args.append(off)
     else:
         out = te.compute((m, n), lambda i, j: acc[i, j], name="C")
-    func = te.create_prim_func([*args, out])
-    return _schedule(func, tiles, parallel=m * n * k >= _PARALLEL_MIN_MACS)
+    func = te.create_prim_func([*args, *extra, out])
+    return _schedule(func, tiles, parallel=not static_m or m * n * k >= _PARALLEL_MIN_MACS)
 
 
 def int8_batch_matmul_vnni(

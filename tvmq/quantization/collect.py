@@ -30,7 +30,7 @@ from tvmq.calibration.base import Observer
 from tvmq.core.schemes import get_scheme
 from tvmq.core.selectors import is_skipped
 from tvmq.errors import TvmqError
-from tvmq.frontends.model import TensorSpec, signature_of
+from tvmq.frontends.model import TensorSpec, bind_symbols, signature_of
 from tvmq.passes import prepare_passes
 from tvmq.passes.sites import list_weight_sites
 from tvmq.passes.tensor_sites import list_observed_tensors
@@ -150,16 +150,25 @@ def _flatten(value) -> list[np.ndarray]:
 
 
 def _model_batch(specs: list[TensorSpec]) -> int | None:
-    """The common leading dimension of all inputs, else None (then batches must match exactly)."""
+    """The common static leading dimension of all inputs, else None (then batches must match
+    the inputs' shapes: exactly, or in their static dims where some dims are symbolic)."""
     leads = {s.shape[0] for s in specs if len(s.shape) > 0}
     if len(leads) != 1 or any(len(s.shape) == 0 for s in specs):
         return None
-    return leads.pop()
+    lead = leads.pop()
+    return lead if isinstance(lead, int) else None
 
 
 def _fit_batch(batch: dict, specs: list[TensorSpec], batch_size: int | None):
     """(inputs in model shape and dtype, number of real rows)."""
     feed, rows = {}, None
+    if batch_size is None and any(spec.symbols for spec in specs):
+        try:  # symbolic dims take the calibration data's sizes, static dims must match
+            bind_symbols(specs, [np.shape(batch[spec.name]) for spec in specs])
+        except ValueError as e:
+            raise TvmqError(f"calibration data: {e}") from None
+        feed = {s.name: np.asarray(batch[s.name]).astype(s.dtype, copy=False) for s in specs}
+        return feed, None
     for spec in specs:
         arr = np.asarray(batch[spec.name])
         if arr.shape[1:] != spec.shape[1:] or (batch_size is None and arr.shape != spec.shape):

@@ -271,7 +271,10 @@ def _matmul_act_reports(prepared, scheme: Int8Static, stats, qparams, float_vars
             continue
         lhs, rhs = site.input_names
         r = LayerReport(site.name, site.kind, False, var_name=site.var.name)
-        r.weight_shape = tuple(int(d) for d in site.inputs[1].ty.shape)
+        # the second operand's shape: ints, and names where its dims are symbolic
+        r.weight_shape = tuple(
+            int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in site.inputs[1].ty.shape
+        )
         if site_skipped(site, scheme.skip):
             r.reason = "skipped by the scheme"
         elif lhs not in qparams or rhs not in qparams:
