@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -111,6 +112,13 @@ def test_unknown_input_name_is_refused(saved):
     path, _ = saved["mlp.keras"]
     with pytest.raises(TvmqError, match="not an input"):
         from_keras(path, {"nope": (1, 20)})
+
+
+def test_keras_on_another_backend_is_refused(monkeypatch):
+    other = types.SimpleNamespace(backend=types.SimpleNamespace(backend=lambda: "jax"))
+    monkeypatch.setitem(sys.modules, "keras", other)
+    with pytest.raises(TvmqError, match="already imported .* 'jax' backend.*KERAS_BACKEND=torch"):
+        _keras_on_torch()
 
 
 def test_missing_extra_gives_a_one_line_hint(monkeypatch, tmp_path):
