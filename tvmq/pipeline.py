@@ -42,7 +42,14 @@ from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights
 from tvmq.frontends.tflite import dynamic_range_scheme
-from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
+from tvmq.passes import (
+    SPARSE_ATTR,
+    CanonicalizeQDQ,
+    QDQConvToNCHW,
+    SparsifyDense,
+    has_qdq,
+    static_int8_passes,
+)
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.progress import phase
@@ -265,7 +272,8 @@ def _lower_prequantized(model: ImportedModel, prune, cluster, quantize) -> Compr
             f"the model is already quantized (it holds {ops}); "
             "compile it without --quantize, --prune or --cluster"
         )
-    mod = static_int8_passes()(CanonicalizeQDQ()(model.mod))
+    # NHWC convolutions (TFLite's) to the NCHW form LowerInt8 matches
+    mod = static_int8_passes()(QDQConvToNCHW()(CanonicalizeQDQ()(model.mod)))
     float_ops = float_compute_ops(mod["main"])
     return Compressed(
         _with_mod(model, mod),

@@ -5,8 +5,9 @@ with the ``tflite`` package's flatbuffer schema (the ``tflite`` extra). That fro
 writes a quantized operator the way tvmq's lowering reads an ONNX Runtime QDQ file:
 ``dequantize`` of its int8 / uint8 inputs with the tensor's own scale and zero point (per
 axis for weights), the float op, then ``quantize`` (and a ``clip`` for a fused ReLU) of its
-result. :class:`~tvmq.passes.CanonicalizeQDQ` and ``static_int8_passes`` then lower those
-regions onto the integer kernels, as for ONNX QDQ (``tvmq.pipeline``).
+result. :class:`~tvmq.passes.CanonicalizeQDQ`, :class:`~tvmq.passes.QDQConvToNCHW` (TFLite's
+convolutions are NHWC) and ``static_int8_passes`` then lower those regions onto the integer
+kernels, as for ONNX QDQ (``tvmq.pipeline``).
 
 The four files the TFLite converter writes:
 
