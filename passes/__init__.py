@@ -49,6 +49,7 @@ from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pi
 from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
+from .qdq_conv_nchw import QDQConvToNCHW
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
@@ -62,6 +63,7 @@ __all__ = [
     "PIPELINE_NAME",
     "AnnotateQDQ",
     "CanonicalizeQDQ",
+    "QDQConvToNCHW",
     "has_qdq",
     "ClusterWeights",
     "CorrectBias",

@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("targets", "list hardware target presets")
     s.set_defaults(func=cmd_targets)
 
-    s = command("compile", "compile a model (.onnx or torch.export .pt2) for a target")
+    s = command(
+        "compile", "compile a model (.onnx, .tflite, .keras/.h5, torch.export .pt2) for a target"
+    )
     add_compile_options(s)
     s.set_defaults(func=cmd_compile)
 
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", "tune a model's kernels with MetaSchedule (records in ./tuning_logs/<target>/)"
     )
     s.add_argument(
-        "model", nargs="?", help="model file: .onnx, or .pt2 saved with torch.export.save"
+        "model",
+        nargs="?",
+        help="model file: .onnx, .tflite, .keras, .h5, or .pt2 saved with torch.export.save",
     )
     s.add_argument(
         "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
@@ -250,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bundle)
 
     s = command("inspect", "show a compiled directory's manifest, or a model's signature and ops")
-    s.add_argument("path", help="compiled directory, or a model file (.onnx, .pt2)")
+    s.add_argument(
+        "path", help="compiled directory, or a model file (.onnx, .tflite, .keras, .h5, .pt2)"
+    )
     add_input_shape_option(s)
     s.add_argument("--ir", action="store_true", help="also print the Relax IR")
     s.set_defaults(func=cmd_inspect)

@@ -25,7 +25,9 @@ def add_input_shape_option(s: argparse.ArgumentParser) -> None:
 
 
 def add_compile_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("model", help="model file: .onnx, or .pt2 saved with torch.export.save")
+    s.add_argument(
+        "model", help="model file: .onnx, .tflite, .keras, .h5, or .pt2 (torch.export.save)"
+    )
     s.add_argument(
         "-t", "--target", default="host", help="target preset name or JSON file (default: host)"
     )

@@ -41,7 +41,15 @@ from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights
-from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
+from tvmq.frontends.tflite import dynamic_range_scheme
+from tvmq.passes import (
+    SPARSE_ATTR,
+    CanonicalizeQDQ,
+    QDQConvToNCHW,
+    SparsifyDense,
+    has_qdq,
+    static_int8_passes,
+)
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.progress import phase
@@ -121,6 +129,8 @@ def compress(
     check_finite_weights(model.mod)
     if has_qdq(model.mod):
         return _lower_prequantized(model, prune, cluster, quantize)
+    if quantize is None:  # a dynamic-range .tflite: its own int8 layers, quantized at run time
+        quantize = dynamic_range_scheme(model)
     if cluster is not None and quantize is not None:
         raise TvmqError(
             "weight clustering and quantization cannot be combined yet: clustered weights "
@@ -260,18 +270,21 @@ def _plain(value):
 
 
 def _lower_prequantized(model: ImportedModel, prune, cluster, quantize) -> Compressed:
-    """An already-quantized model (ONNX QDQ, PyTorch PT2E): lower its QDQ regions, no calibration."""
-    pt2e = model.source == "pytorch"
+    """An already-quantized model (ONNX QDQ, PT2E, int8 TFLite): lower its QDQ regions, no calibration."""
+    scheme, ops = {
+        "pytorch": ("pt2e", "quantize/dequantize ops of PT2E"),
+        "tflite": ("tflite-int8", "TFLite int8/uint8 tensors"),
+    }.get(model.source, ("onnx-qdq", "QuantizeLinear/DequantizeLinear"))
     if quantize is not None or prune is not None or cluster is not None:
-        ops = "quantize/dequantize ops of PT2E" if pt2e else "QuantizeLinear/DequantizeLinear"
         raise TvmqError(
             f"the model is already quantized (it holds {ops}); "
             "compile it without --quantize, --prune or --cluster"
         )
-    mod = static_int8_passes()(CanonicalizeQDQ()(model.mod))
+    # NHWC convolutions (TFLite's) to the NCHW form LowerInt8 matches
+    mod = static_int8_passes()(QDQConvToNCHW()(CanonicalizeQDQ()(model.mod)))
     float_ops = float_compute_ops(mod["main"])
     return Compressed(
         _with_mod(model, mod),
-        {"quantize": {"scheme": "pt2e" if pt2e else "onnx-qdq", "float_ops": float_ops}},
+        {"quantize": {"scheme": scheme, "float_ops": float_ops}},
         {"float_ops": float_ops},
     )

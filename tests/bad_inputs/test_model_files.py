@@ -367,7 +367,7 @@ DAMAGED = {
     "sample-inputs-missing": ("m.pt2", _without("sample_inputs/model.pt"), "not a loadable"),
     "weights-config-missing": ("m.pt2", _without("weights_config.json"), "not a loadable"),
     "program-not-json": ("m.pt2", lambda pt2, onnx_, dst: _bad_json(pt2, dst), "not JSON"),
-    "unknown-suffix": ("m.h5", _bytes(b"\x89HDF\r\n"), "unknown model format"),
+    "unknown-suffix": ("m.pb", _bytes(b"\x08\x01"), "unknown model format"),
     "no-suffix": ("model", _bytes(b"x"), "unknown model format"),
     # inspect reads directories (compiled outputs): there the message is about that.
     "directory-onnx": (

@@ -87,9 +87,9 @@ def test_pt2_file_round_trip(small_mlp, tmp_path, rng):
 def test_import_model_errors(tmp_path):
     with pytest.raises(TvmqError, match="no such file"):
         import_model(tmp_path / "missing.onnx")
-    (tmp_path / "m.tflite").write_bytes(b"x")
-    with pytest.raises(TvmqError, match="unknown model format '.tflite'"):
-        import_model(tmp_path / "m.tflite")
+    (tmp_path / "m.pb").write_bytes(b"x")
+    with pytest.raises(TvmqError, match="unknown model format '.pb'"):
+        import_model(tmp_path / "m.pb")
     with pytest.raises(TvmqError, match="needs example_inputs"):
         import_model(torch.nn.Linear(2, 2))
 

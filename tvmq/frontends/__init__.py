@@ -1,4 +1,4 @@
-"""Frontends: PyTorch modules, ONNX files and Relax modules, all imported as ``ImportedModel``."""
+"""Frontends: PyTorch, ONNX, TFLite, Keras and Relax models, all imported as ``ImportedModel``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def import_model(
     ``model`` may be a ``torch.nn.Module`` (needs ``example_inputs``), a
     ``torch.export.ExportedProgram`` or a path to one saved with ``torch.export.save``
     (``.pt2``), an ONNX file path or ``onnx.ModelProto`` (dynamic dimensions stay symbolic;
-    ``input_shapes`` pins them with ints or names them with strs), a ``tvm.IRModule`` (its
+    ``input_shapes`` pins them with ints or names them with strs), a ``.tflite`` file, a
+    Keras 3 ``.keras`` / ``.h5`` file (the ``tflite`` extra), a ``tvm.IRModule`` (its
     ``main``'s dims static or named ``tirx.Var``), or an ``ImportedModel``.
     """
     import tvm
@@ -42,8 +43,9 @@ def import_model(
             raise TvmqError(f"{path}: no such file")
         if path.is_dir():
             raise TvmqError(
-                f"{path}: is a directory, not a model file (.onnx, or .pt2 saved with "
-                "torch.export.save); a tvmq compile output is read by run, bench and inspect"
+                f"{path}: is a directory, not a model file (.onnx, .tflite, .keras, .h5, or .pt2 "
+                "saved with torch.export.save); a tvmq compile output is read by run, bench "
+                "and inspect"
             )
         if path.suffix == ".onnx":
             from tvmq.frontends.onnx import from_onnx
@@ -55,11 +57,22 @@ def import_model(
 
             # Never torch.export.load directly: it unpickles (see tvmq.frontends.pt2).
             model = from_exported(load_exported_program(path), input_names=input_names)
-            _check_fixed_shapes(path, model, input_shapes)
+            _check_fixed_shapes(path, model, input_shapes, "a .pt2 program")
+            return model
+        if path.suffix in (".keras", ".h5", ".hdf5"):
+            from tvmq.frontends.keras import from_keras
+
+            return from_keras(path, input_shapes)
+        if path.suffix == ".tflite":
+            from tvmq.frontends.tflite import from_tflite
+
+            model = from_tflite(path)
+            _check_fixed_shapes(path, model, input_shapes, "a .tflite file")
             return model
         raise TvmqError(
-            f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx files and "
-            ".pt2 files saved with torch.export.save (or a torch.nn.Module from Python)"
+            f"{path}: unknown model format {path.suffix!r}; tvmq reads .onnx, .tflite, Keras "
+            "(.keras, .h5) and .pt2 files saved with torch.export.save (or a torch.nn.Module "
+            "from Python)"
         )
     try:
         import onnx
@@ -86,9 +99,9 @@ def import_model(
 
 
 def _check_fixed_shapes(
-    path: Path, model: ImportedModel, input_shapes: dict[str, Sequence[int]] | None
+    path: Path, model: ImportedModel, input_shapes: dict[str, Sequence[int]] | None, what: str
 ) -> None:
-    """A .pt2 program's shapes were fixed at export: input_shapes may only restate them."""
+    """A .pt2 program's or .tflite file's shapes are fixed: input_shapes may only restate them."""
     specs = {s.name: s.shape for s in model.inputs}
     for name, shape in (input_shapes or {}).items():
         if name not in specs:
@@ -98,6 +111,6 @@ def _check_fixed_shapes(
             )
         if tuple(shape) != specs[name]:
             raise TvmqError(
-                f"{path}: input {name!r} was exported with shape {list(specs[name])}; a .pt2 "
-                f"program's shapes are fixed at export, so it cannot take {list(shape)}"
+                f"{path}: input {name!r} was exported with shape {list(specs[name])}; {what}'s "
+                f"shapes are fixed at export, so it cannot take {list(shape)}"
             )
