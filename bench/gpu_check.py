@@ -115,7 +115,7 @@ def prepare(out: Path, models: bool = True, gemms: list[str] | None = None) -> N
                 export_library(ex, stage / "kernels" / f"{name}-{dtype}.so", preset)
                 row[dtype] = {"lib": f"kernels/{name}-{dtype}.so", "build": info.summary()}
             except Exception as e:  # a row that cannot be built is reported, not fatal
-                row[dtype] = {"error": f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"}
+                row[dtype] = {"error": _reason(e)}
             log(f"{name} {dtype}: {row[dtype]} ({time.perf_counter() - t:.0f} s)")
 
     arrays: dict[str, np.ndarray] = {}
@@ -170,9 +170,7 @@ def prepare(out: Path, models: bool = True, gemms: list[str] | None = None) -> N
                     log(f"{name} {scheme}: built ({time.perf_counter() - t:.0f} s)")
                     break
                 except Exception as e:
-                    row.setdefault("errors", []).append(
-                        f"{scheme}: {str(e).splitlines()[-1][:300]}"
-                    )
+                    row.setdefault("errors", []).append(f"{scheme}: {_reason(e)}")
                     log(f"{name} {scheme}: {row['errors'][-1]}")
     np.savez(stage / "data.npz", **arrays)
 
@@ -212,6 +210,13 @@ def _seed_build(stage: Path, preset) -> Path:
         progress=False,
     )
     return d
+
+
+def _reason(e: BaseException) -> str:
+    """A build failure in a few lines: its first line and every line that says error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = lines[:1] + [ln for ln in lines[1:] if "error" in ln.lower()][-5:]
+    return f"{type(e).__name__}: " + " | ".join(ln[:400] for ln in keep)
 
 
 def _pixels(u8: np.ndarray) -> np.ndarray:
