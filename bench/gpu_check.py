@@ -174,11 +174,14 @@ def prepare(out: Path, models: bool = True, gemms: list[str] | None = None) -> N
                     log(f"{name} {scheme}: {row['errors'][-1]}")
     np.savez(stage / "data.npz", **arrays)
 
-    # The runtime-only bundle: made from a model build when there is one, else from a GEMM's.
+    # The runtime-only bundle: made from a model build when there is one (which then lives
+    # only in bundle/model, not twice), else from a tiny seed build.
     seed_build = builds[0] if builds else _seed_build(stage, preset)
     make_bundle(seed_build, stage / "bundle", python="3.12")
-    if not builds:
-        shutil.rmtree(seed_build)
+    shutil.rmtree(seed_build)
+    for row in spec["models"].values():
+        if row.get("dir") == f"models/{seed_build.name}":
+            row["dir"] = "bundle/model"
     shutil.copyfile(__file__, stage / "gpu_check.py")
     (stage / "check.json").write_text(json.dumps(spec, indent=2) + "\n")
     size = _tree_bytes(stage)
