@@ -1,190 +1,630 @@
-"""One-shot GPU check of tvmq's CUDA int8 path: correctness, int8 vs fp32 latency, a short tune.
+"""The prepared GPU check: compile here, run on the GPU machine with TVM's runtime only.
 
-Run on a machine with an NVIDIA GPU (and nvcc)::
+A GPU machine often has no room, network or toolchain for TVM's compiler, so the work is split::
 
-    python bench/gpu_check.py --out gpu_check_logs --trials 32
+    python bench/gpu_check.py prepare --out DIR       # here: nvcc writes sm_90a PTX (minutes)
+    python3 DIR/gpu_check.py run [--out RESULTS]      # there: runtime + the machine's torch
+    python bench/gpu_check.py run --dry-run DIR       # here: the rehearsal, no GPU needed
 
-For the demo MLP (batch 4), the demo CNN (batch 4) and a 128x768x3072 GEMM it builds the fp32
-model and the static-int8 model (``PackInt8DenseCUDA`` applied: dp4a kernels for int8 dense
-layers; int8 conv2d still takes TVM's default lowering) for the GPU's own arch, checks:
+``prepare`` builds CUDA sm_90a libraries for a 4096^3 GEMM and BERT's FFN pair at 1024 rows
+(1024x768x3072, 1024x3072x768) in fp16 (dlight's GPU schedule) and int8 (tvmq's dp4a kernel),
+all-MiniLM-L6-v2 (batch 32, sequence 128) and ResNet-18 (batch 32) in tvmq's int8 (static,
+calibrated; ``w8`` where static int8 does not build for CUDA), and writes a
+runtime-only bundle (``tvmq bundle --python 3.12``: TVM's runtime libraries and Python files,
+the apache-tvm-ffi wheel) with the other libraries, the models' inputs and their PyTorch fp32
+outputs computed here, and this script. The folder must stay under 56 MiB (refused otherwise):
+one device run is sent 64 MiB, the repository's 8 MiB included.
+GEMM operands are not shipped: the device makes them from a seed. tvmq has no fp16 scheme
+for whole models, so models have int8 rows only.
 
-- GEMM: int8 result == numpy, bit-exact; fp32 vs numpy (max relative error);
-- MLP / CNN: the GPU int8 output == the CPU (llvm) build of the same quantized model (the
-  integer parts are exact; the float epilogue may differ by rounding), and SQNR vs fp32;
+For the device tool: prepare into a folder of the repository that ``.git/info/exclude``
+ignores (say ``.gpu/``), name it in the call's ``carry``, and run
+``python3 .gpu/gpu_check.py run --out $OUT``.
 
-times each build with ``time_evaluator``, then runs ``--trials`` MetaSchedule trials on the
-int8 MLP (``tvmq.tuning.tune``, records under ``--out/tune``) and times the tuned build.
-Prints one table; writes it to ``--out/gpu_check.txt`` too. Exit status 1 if a check fails.
+``run`` (on the device, with its Python 3.12 and torch; no tvmq install, no TVM compiler)
+measures, per case: max error vs PyTorch fp32, median latency over CUDA-event-timed calls of
+tvmq fp16 / tvmq int8 / PyTorch fp16 eager / ``torch.compile`` fp16 / ``torch._int_mm`` int8
+(GEMMs), TFLOP/s and % of the bf16 peak measured first (an 8192^3 bf16 matmul). The PyTorch
+model rows use the same architecture with random weights made there (their error is fp16 vs
+fp32 of that model); tvmq's model rows are compared with the fp32 outputs computed here from
+the real weights. It writes ``gpu_check.txt`` and ``gpu_check.json`` to ``--out`` (default
+``$OUT``, else the current folder). ``--dry-run`` skips everything that needs a GPU: it checks
+that the folder is complete and under 56 MiB, and loads every library with the runtime-only
+TVM (a stand-in ``libcuda.so.1`` lets TVM's CUDA runtime load where no driver is installed).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+LIMIT = 56 * 2**20  # one device run is sent 64 MiB: this folder and the repository (~8 MiB)
+GEMMS = {
+    "gemm-4096": (4096, 4096, 4096),
+    "ffn1-1024": (1024, 768, 3072),
+    "ffn2-1024": (1024, 3072, 768),
+}
+BATCH, SEQ, SEED = 32, 128, 0
+FORMAT = "tvmq-gpu-check/1"
 
-def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = np.linalg.norm(ref.astype(np.float64) - out)
-    return float("inf") if noise == 0 else 20 * np.log10(np.linalg.norm(ref) / noise)
+
+# ======================================================================================
+# prepare (here: tvmq, TVM's compiler, nvcc)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="gpu_check_logs", help="folder for records + table")
-    parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials (0: skip)")
-    args = parser.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+def prepare(out: Path, models: bool = True, gemms: list[str] | None = None) -> None:
     import torch
     import tvm
     from tvm import relax
 
-    import tvmq.passes  # noqa: F401  (before tvmq.kernels: import order)
-    from tvmq.build import build_with_info
-    from tvmq.demo import make_cnn, make_mlp
-    from tvmq.frontends import import_model
-    from tvmq.passes.pack_int8_dense_cuda import PackInt8DenseCUDA
-    from tvmq.quantization import quantize
+    import tvmq
+    import tvmq.passes  # noqa: F401  (before tvmq.kernels)
+    from tvmq.build import build_with_info, export_library
+    from tvmq.bundle import make_bundle
+    from tvmq.kernels.cuda_int8 import choose_cuda_tiles, int8_dense_dp4a, padded_mkn
     from tvmq.targets import get_target
 
-    dev = tvm.cuda(0)
-    if not dev.exist:
-        print("no CUDA GPU visible", file=sys.stderr)
-        return 2
-    arch = str(tvm.target.Target.from_device(dev).attrs["arch"])
-    base = get_target("cuda-sm90" if arch.startswith("sm_90") else "cuda-sm80")
-    if arch == "sm_90":
-        arch = "sm_90a"
-    preset = dataclasses.replace(base, target={**dict(base.target), "arch": arch})
-    host = get_target("host").tvm_target()
-    print(f"device: {dev.device_name}, arch {arch}", flush=True)
-    rows: list[tuple[str, ...]] = []
-    failed = False
-
-    def timed(vm, *inputs) -> float:
-        return vm.time_evaluator("main", dev, number=20, repeat=5)(*inputs).mean * 1e3
-
-    def gpu_vm(mod, tuning_logs=None):
-        ex, info = build_with_info(mod, preset, tuning_logs=tuning_logs)
-        return relax.VirtualMachine(ex, dev), info
-
-    def first(result):
-        return (result if hasattr(result, "numpy") else result[0]).numpy()
-
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    int8_mlp = None
-    for name, model, shape in [
-        ("mlp", make_mlp(), (4, 784)),
-        ("cnn", make_cnn(), (4, 784)),
-    ]:
-        model = model.eval()
-        imported = import_model(model, example_inputs=(torch.zeros(*shape),))
-        calib = rng.random((64, shape[1]), dtype=np.float32)
-        q = quantize(imported, calib, "int8", progress=False, evaluate=False).mod
-        q_cuda = PackInt8DenseCUDA(preset.tvm_target())(q)
-        if name == "mlp":
-            int8_mlp = q_cuda
-        x = rng.random(shape, dtype=np.float32)
-        with torch.no_grad():
-            fp_ref = model(torch.from_numpy(x)).numpy()
-        cpu = relax.VirtualMachine(relax.build(q, target=host), tvm.cpu())
-        int8_cpu = first(cpu["main"](tvm.runtime.tensor(x)))
-        vm8, info = gpu_vm(q_cuda)
-        x_dev = tvm.runtime.tensor(x, dev)
-        int8_gpu = first(vm8["main"](x_dev))
-        vm32, _ = gpu_vm(imported.mod)
-        fp_gpu = first(vm32["main"](x_dev))
-        diff = float(np.abs(int8_gpu - int8_cpu).max())
-        ok = diff <= 1e-3 * max(1.0, float(np.abs(int8_cpu).max()))
-        failed |= not ok
-        rows.append(
-            (
-                name,
-                "OK" if ok else "FAIL",
-                f"|gpu-cpu int8| {diff:.2e}; SQNR int8 {_sqnr(fp_ref, int8_gpu):.1f} dB, "
-                f"fp32 {_sqnr(fp_ref, fp_gpu):.1f} dB; {info.summary()}",
-                f"{timed(vm8, x_dev):.4f}",
-                f"{timed(vm32, x_dev):.4f}",
-            )
-        )
-        print(rows[-1], flush=True)
-
-    # GEMM 128x768x3072
-    m, k, n = 128, 768, 3072
-    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    mods = {}
-    for dtype in ("int8", "float32"):
-        xv = relax.Var("x", relax.TensorType((m, k), dtype))
-        bb = relax.BlockBuilder()
-        with bb.function("main", [xv]):
-            kwargs = {"out_dtype": "int32"} if dtype == "int8" else {}
-            y = relax.op.matmul(xv, relax.const(w.astype(dtype)), **kwargs)
-            bb.emit_func_output(bb.emit(y))
-        mods[dtype] = bb.get()
-    expected = a.astype(np.int32) @ w.astype(np.int32)
-    vm8, info = gpu_vm(PackInt8DenseCUDA(preset.tvm_target())(mods["int8"]))
-    a8 = tvm.runtime.tensor(a, dev)
-    ok8 = np.array_equal(vm8["main"](a8).numpy(), expected)
-    vm32, _ = gpu_vm(mods["float32"])
-    af = tvm.runtime.tensor(a.astype(np.float32), dev)
-    rel = float(np.abs(vm32["main"](af).numpy() - expected).max() / np.abs(expected).max())
-    failed |= not ok8
-    rows.append(
-        (
-            f"gemm {m}x{k}x{n}",
-            "OK" if ok8 else "FAIL",
-            f"int8 == numpy: {ok8}; fp32 max rel err {rel:.1e}; {info.summary()}",
-            f"{timed(vm8, a8):.4f}",
-            f"{timed(vm32, af):.4f}",
-        )
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"gpu_check: {out} is not empty; give a new folder")
+    preset = get_target("cuda-sm90")
+    stage = Path(
+        tempfile.mkdtemp(prefix=".gpu-check-", dir=out.parent if out.parent.exists() else None)
     )
-    print(rows[-1], flush=True)
+    spec: dict = {"format": FORMAT, "preset": preset.name, "gemms": {}, "models": {}}
 
-    if args.trials > 0 and int8_mlp is not None:
-        from tvmq.tuning import tune
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-        work_dir = out_dir / "tune"
-        start = time.perf_counter()
-        report = tune(int8_mlp, preset, trials=args.trials, work_dir=work_dir, progress=False)
-        took = time.perf_counter() - start
-        vm_t, info = gpu_vm(int8_mlp, tuning_logs=str(work_dir))
-        x = rng.random((4, 784), dtype=np.float32)
-        x_dev = tvm.runtime.tensor(x, dev)
-        cpu = relax.VirtualMachine(relax.build(int8_mlp, target=host), tvm.cpu())
-        diff = float(
-            np.abs(first(vm_t["main"](x_dev)) - first(cpu["main"](tvm.runtime.tensor(x)))).max()
+    (stage / "kernels").mkdir()
+    for name, (m, k, n) in GEMMS.items():
+        if gemms is not None and name not in gemms:
+            continue
+        row = spec["gemms"][name] = {"mkn": [m, k, n]}
+        a16 = relax.Var("a", relax.TensorType((m, k), "float16"))
+        b16 = relax.Var("b", relax.TensorType((k, n), "float16"))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [a16, b16]):
+            bb.emit_func_output(bb.emit(relax.op.matmul(a16, b16, out_dtype="float16")))
+        fp16 = bb.get()
+        tiles = choose_cuda_tiles(m, k, n)
+        if padded_mkn(m, k, n, tiles) != (m, k, n):
+            raise SystemExit(f"gpu_check: {name} needs padding; pick whole tiles")
+        kernel = int8_dense_dp4a(m, k, n, tiles=tiles).with_attr("op_pattern", 8)
+        x8 = relax.Var("x", relax.TensorType((m, k), "int8"))
+        wp = relax.Var("wp", relax.TensorType((k // 4, n, 4), "int8"))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x8, wp]):
+            gv = bb.add_func(kernel, "tvmq_int8_dense_dp4a")
+            out_ty = relax.TensorType((m, n), "int32")
+            bb.emit_func_output(bb.emit(relax.call_tir(gv, [x8, wp], out_ty=out_ty)))
+        for dtype, mod in (("fp16", fp16), ("int8", bb.get())):
+            t = time.perf_counter()
+            try:
+                ex, info = build_with_info(mod, preset, tuning_logs=None)
+                export_library(ex, stage / "kernels" / f"{name}-{dtype}.so", preset)
+                row[dtype] = {"lib": f"kernels/{name}-{dtype}.so", "build": info.summary()}
+            except Exception as e:  # a row that cannot be built is reported, not fatal
+                row[dtype] = {"error": _reason(e)}
+            log(f"{name} {dtype}: {row[dtype]} ({time.perf_counter() - t:.0f} s)")
+
+    arrays: dict[str, np.ndarray] = {}
+    builds: list[Path] = []
+    if models:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import zoo
+
+        encoder, _, _ = zoo.minilm("full")
+        ids, mask = zoo.token_inputs(BATCH, SEQ, 30522, seed=100)
+        calib_ids, calib_mask = zoo.token_inputs(BATCH, SEQ, 30522, seed=7)
+        resnet, _, _ = zoo.resnet18("full")
+        images = zoo.smooth_images(BATCH, 224, seed=100)
+        u8 = np.clip(np.rint(images.numpy() * 32 + 128), 0, 255).astype(np.uint8)
+        calib_u8 = np.clip(
+            np.rint(zoo.smooth_images(BATCH, 224, seed=7).numpy() * 32 + 128), 0, 255
         )
-        ok = diff <= 1e-3
-        failed |= not ok
-        rows.append(
-            (
-                f"mlp tuned ({args.trials} trials, {took:.0f} s)",
-                "OK" if ok else "FAIL",
-                f"|gpu-cpu| {diff:.2e}; {info.summary()}; {report}",
-                f"{timed(vm_t, x_dev):.4f}",
-                "-",
-            )
+        arrays.update(
+            minilm_input_ids=ids.numpy(), minilm_attention_mask=mask.numpy(), resnet18_u8=u8
         )
-        print(rows[-1], flush=True)
+        cases = {
+            "minilm-b32": (
+                encoder,
+                (ids, mask),
+                [{"input_ids": calib_ids.numpy(), "attention_mask": calib_mask.numpy()}],
+            ),
+            "resnet18-b32": (
+                resnet,
+                (torch.from_numpy(_pixels(u8)),),
+                [_pixels(calib_u8.astype(np.uint8))],
+            ),
+        }
+        for name, (model, inputs, calib) in cases.items():
+            with torch.no_grad():
+                arrays[f"{name}_reference"] = model(*inputs).numpy()
+            row = spec["models"][name] = {}
+            for scheme in ("int8", "w8"):
+                t = time.perf_counter()
+                build = stage / "models" / name
+                try:
+                    tvmq.compile(
+                        model,
+                        preset,
+                        example_inputs=inputs,
+                        quantize=scheme,
+                        calibration_data=calib if scheme == "int8" else None,
+                        output_dir=build,
+                        progress=False,
+                    )
+                    row.update(scheme=scheme, dir=f"models/{name}")
+                    builds.append(build)
+                    log(f"{name} {scheme}: built ({time.perf_counter() - t:.0f} s)")
+                    break
+                except Exception as e:
+                    row.setdefault("errors", []).append(f"{scheme}: {_reason(e)}")
+                    log(f"{name} {scheme}: {row['errors'][-1]}")
+    np.savez(stage / "data.npz", **arrays)
 
-    header = ("case", "check", "details", "int8 ms", "fp32 ms")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    # The runtime-only bundle: made from a model build when there is one (which then lives
+    # only in bundle/model, not twice), else from a tiny seed build.
+    seed_build = builds[0] if builds else _seed_build(stage, preset)
+    make_bundle(seed_build, stage / "bundle", python="3.12")
+    shutil.rmtree(seed_build)
+    for row in spec["models"].values():
+        if row.get("dir") == f"models/{seed_build.name}":
+            row["dir"] = "bundle/model"
+    shutil.copyfile(__file__, stage / "gpu_check.py")
+    (stage / "check.json").write_text(json.dumps(spec, indent=2) + "\n")
+    size = _tree_bytes(stage)
+    if size > LIMIT:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise SystemExit(
+            f"gpu_check: the prepared folder is {size / 2**20:.1f} MiB, over {LIMIT / 2**20:.0f} MiB"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    os.replace(stage, out)
+    log(f"wrote {out} ({size / 2**20:.1f} MiB); on the GPU machine: python3 {out}/gpu_check.py run")
+    _ = tvm  # imported first so that a broken TVM fails before any work
+
+
+def _seed_build(stage: Path, preset) -> Path:
+    """A tiny CUDA build (for make_bundle) when no model was built."""
+    import torch
+
+    import tvmq
+
+    d = stage / "seed-build"
+    tvmq.compile(
+        torch.nn.Linear(8, 8),
+        preset,
+        example_inputs=(torch.zeros(1, 8),),
+        output_dir=d,
+        progress=False,
+    )
+    return d
+
+
+def _reason(e: BaseException) -> str:
+    """A build failure in a few lines: its first line and every line that says error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = lines[:1] + [ln for ln in lines[1:] if "error" in ln.lower()][-5:]
+    return f"{type(e).__name__}: " + " | ".join(ln[:400] for ln in keep)
+
+
+def _pixels(u8: np.ndarray) -> np.ndarray:
+    """The float32 image batch a uint8 one stands for (exact, the same here and there)."""
+    return (u8.astype(np.float32) - 128.0) * np.float32(1 / 32)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ======================================================================================
+# run (there: TVM's runtime from the bundle, the machine's torch)
+
+
+def _runtime(folder: Path):
+    """Import the bundle's runtime-only TVM and tvmq loader; return (tvm, tvmq.runtime)."""
+    bundle = folder / "bundle"
+    info = json.loads((bundle / "bundle.json").read_text())
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    sys.path.insert(0, str(bundle / "python"))
+    try:
+        from importlib import metadata
+
+        have = metadata.version("apache-tvm-ffi")
+    except Exception:
+        have = None
+    if have != info["versions"]["tvm_ffi"]:
+        deps = Path(tempfile.mkdtemp(prefix="tvm-ffi-"))
+        with zipfile.ZipFile(bundle / info["wheel"]) as z:
+            z.extractall(deps)
+        sys.path.insert(1, str(deps))
+    import tvm
+    import tvm.base
+
+    import tvmq.runtime
+
+    if not tvm.base._RUNTIME_ONLY or "tvm.relax" in sys.modules:
+        raise SystemExit("gpu_check: TVM's compiler was loaded; the check must run without it")
+    return tvm, tvmq.runtime
+
+
+def _preload_cudart(torch) -> None:
+    """Make ``libcudart.so.13`` (which TVM's CUDA runtime links) findable: torch's own copy
+    (``nvidia/cu13/lib``) or the CUDA toolkit's. Nothing found: TVM's loader says so."""
+    import ctypes
+    import glob
+
+    site = Path(torch.__file__).resolve().parents[1]
+    found = sorted(glob.glob(str(site / "nvidia" / "**" / "libcudart.so.13"), recursive=True))
+    found += sorted(glob.glob("/usr/local/cuda*/lib*/libcudart.so.13"))
+    if found:
+        ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+
+
+def _fake_libcuda(where: Path) -> None:
+    """A stand-in libcuda.so.1 (every driver call fails) so that TVM's CUDA runtime loads here."""
+    import ctypes
+
+    lib = Path(sys.modules["tvm"].__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    nm = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True)
+    names = sorted(
+        {
+            ln.split()[-1]
+            for ln in nm.stdout.splitlines()
+            if ln.split()[-1].startswith("cu") and "@" not in ln.split()[-1]
+        }
+    )
+    (where / "cuda.c").write_text("".join(f"int {n}(void) {{ return 999; }}\n" for n in names))
+    subprocess.run(
+        [
+            "cc",
+            "-shared",
+            "-fPIC",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            str(where / "libcuda.so.1"),
+            str(where / "cuda.c"),
+        ],
+        check=True,
+    )
+    ctypes.CDLL(str(where / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
+
+
+def _libraries(folder: Path, spec: dict) -> dict[str, Path]:
+    libs = {}
+    for name, row in spec["gemms"].items():
+        for dtype in ("fp16", "int8"):
+            if "lib" in row.get(dtype, {}):
+                libs[f"{name} {dtype}"] = folder / row[dtype]["lib"]
+    for name, row in spec["models"].items():
+        if "dir" in row:
+            libs[f"{name} {row['scheme']}"] = folder / row["dir"] / "model.so"
+    return libs
+
+
+def _module_kinds(mod) -> set[str]:
+    """The kinds of a loaded module and of everything it imports ("library", "cuda", ...)."""
+    return {mod.kind}.union(*(_module_kinds(m) for m in mod.imports))
+
+
+def dry_run(folder: Path) -> list[str]:
+    """Everything but the GPU: the folder is complete, small enough, and every library loads."""
+    spec = json.loads((folder / "check.json").read_text())
     lines = [
-        " | ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)) for r in (header, *rows)
+        f"{folder}: {_tree_bytes(folder)} bytes ({_tree_bytes(folder) / 2**20:.1f} MiB, limit {LIMIT / 2**20:.0f} MiB)"
     ]
-    lines.insert(1, "-+-".join("-" * wd for wd in widths))
-    table = "\n".join([f"device: {dev.device_name} ({arch})", *lines])
+    if _tree_bytes(folder) > LIMIT:
+        raise SystemExit(f"gpu_check: {lines[0]}")
+    data = np.load(folder / "data.npz")
+    for name, row in spec["models"].items():
+        if "dir" in row and f"{name}_reference" not in data:
+            raise SystemExit(f"gpu_check: no reference output for {name} in data.npz")
+    tvm, runtime = _runtime(folder)
+    lines.append(f"TVM runtime only, from {Path(tvm.__file__).parent}")
+    with tempfile.TemporaryDirectory() as tmp:
+        _fake_libcuda(Path(tmp))
+        runtime.load_device_runtime(tvm.cuda(0))
+        for label, path in _libraries(folder, spec).items():
+            lib = tvm.runtime.load_module(str(path))
+            kinds = sorted(_module_kinds(lib))
+            if "cuda" not in kinds:
+                raise SystemExit(f"gpu_check: {path} holds no CUDA code ({kinds})")
+            lines.append(
+                f"{label}: loads with the runtime only ({path.stat().st_size / 2**20:.1f} MiB, {kinds})"
+            )
+    missing = [
+        f"{n} {d}: {r[d]['error']}"
+        for n, r in spec["gemms"].items()
+        for d in ("fp16", "int8")
+        if "error" in r.get(d, {})
+    ]
+    missing += [f"{n}: {r['errors']}" for n, r in spec["models"].items() if "dir" not in r]
+    lines += [f"not built: {m}" for m in missing]
+    return lines
+
+
+def run(folder: Path, results: Path, quick: bool = False) -> int:
+    """The measurements on the GPU (see the module's docstring); returns the exit status."""
+    import torch
+
+    start = time.perf_counter()
+    spec = json.loads((folder / "check.json").read_text())
+    _preload_cudart(torch)
+    tvm, runtime = _runtime(folder)
+    dev = tvm.cuda(0)
+    runtime.load_device_runtime(dev)
+    name = torch.cuda.get_device_name(0)
+    reps = 5 if quick else 50
+    rows: list[dict] = []
+
+    def timed(fn) -> float:
+        """Median ms of ``reps`` calls, each between two CUDA events (after 5 warm-up calls)."""
+        for _ in range(5):
+            fn()
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(reps)
+        ]
+        for a, b in events:
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in events)
+
+    bf = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / timed(lambda: bf @ bf) / 1e9  # TFLOP/s
+
+    def vm_of(path: Path):
+        return tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+
+    def tvm_t(t):
+        return tvm.runtime.from_dlpack(t.contiguous())
+
+    def add(case, engine, ms, err, flop=None, note=""):
+        tf = flop / ms / 1e9 if flop and ms else None
+        rows.append(
+            {
+                "case": case,
+                "engine": engine,
+                "ms": ms,
+                "max_err": err,
+                "tflops": tf,
+                "pct_peak": 100 * tf / peak if tf else None,
+                "note": note,
+            }
+        )
+        print(_fmt(rows[-1]), flush=True)
+
+    gen = torch.Generator(device="cuda").manual_seed(SEED)
+
+    def gemm(case: str, row: dict) -> None:
+        m, k, n = row["mkn"]
+        flop = 2 * m * k * n
+        a = torch.randn(m, k, device="cuda", generator=gen)
+        b = torch.randn(k, n, device="cuda", generator=gen) / k**0.5
+        ref = a @ b  # PyTorch fp32 (TF32 off by default for matmul)
+        a16, b16 = a.half(), b.half()
+        if "lib" in row["fp16"]:
+            vm = vm_of(folder / row["fp16"]["lib"])
+            args = [tvm_t(a16), tvm_t(b16)]
+            y = torch.from_dlpack(vm["main"](*args))
+            add(
+                case,
+                "tvmq fp16",
+                timed(lambda vm=vm, args=args: vm["main"](*args)),
+                (y.float() - ref).abs().max().item(),
+                flop,
+                row["fp16"]["build"],
+            )
+        add(
+            case,
+            "PyTorch fp16 eager",
+            timed(lambda: a16 @ b16),
+            (a16 @ b16 - ref).abs().max().item(),
+            flop,
+        )
+        mm = torch.compile(lambda x, y: x @ y)
+        add(
+            case,
+            "torch.compile fp16",
+            timed(lambda: mm(a16, b16)),
+            (mm(a16, b16) - ref).abs().max().item(),
+            flop,
+        )
+        a8 = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
+        b8 = torch.randint(-128, 128, (k, n), device="cuda", dtype=torch.int8, generator=gen)
+        exact = (a8.double() @ b8.double()).round()
+        if "lib" in row["int8"]:
+            vm = vm_of(folder / row["int8"]["lib"])
+            wp = pack_dp4a(b8)
+            args = [tvm_t(a8), tvm_t(wp)]
+            y = torch.from_dlpack(vm["main"](*args))
+            add(
+                case,
+                "tvmq int8 (dp4a)",
+                timed(lambda vm=vm, args=args: vm["main"](*args)),
+                (y.double() - exact).abs().max().item(),
+                flop,
+                row["int8"]["build"],
+            )
+        y = torch._int_mm(a8, b8)
+        add(
+            case,
+            "torch._int_mm int8",
+            timed(lambda: torch._int_mm(a8, b8)),
+            (y.double() - exact).abs().max().item(),
+            flop,
+        )
+
+    for case, row in spec["gemms"].items():
+        gemm(case, row)
+
+    data = np.load(folder / "data.npz")
+    torch_models = _torch_models(torch)
+    for case, row in spec["models"].items():
+        if "dir" in row:
+            model = runtime.CompiledModel(folder / row["dir"], dev)
+            ref = torch.from_numpy(data[f"{case}_reference"]).cuda()
+            inputs = _model_inputs(case, data)
+            args = [tvm.runtime.tensor(x, dev) for x in inputs]
+            vm = model._vm
+            y = torch.from_dlpack(_first(vm["main"](*args)))
+            add(
+                case,
+                f"tvmq {row['scheme']}",
+                timed(lambda vm=vm, args=args: vm["main"](*args)),
+                (y.float() - ref).abs().max().item(),
+                None,
+                f"|ref| max {ref.abs().max().item():.3g}",
+            )
+        net, inputs = torch_models[case](data)
+        with torch.no_grad():
+            ref32 = net(*inputs)
+            half = net.half()
+            f16 = [x.half() if x.is_floating_point() else x for x in inputs]
+            add(
+                case,
+                "PyTorch fp16 eager",
+                timed(lambda h=half, x=f16: h(*x)),
+                (half(*f16).float() - ref32).abs().max().item(),
+                None,
+                "random weights, vs its fp32",
+            )
+            comp = torch.compile(half)
+            add(
+                case,
+                "torch.compile fp16",
+                timed(lambda c=comp, x=f16: c(*x)),
+                (comp(*f16).float() - ref32).abs().max().item(),
+                None,
+                "random weights, vs its fp32",
+            )
+
+    took = time.perf_counter() - start
+    header = f"device: {name}; bf16 peak measured {peak:.0f} TFLOP/s (8192^3); {took:.0f} s"
+    table = "\n".join([header, _fmt(None), *(_fmt(r) for r in rows)])
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "gpu_check.txt").write_text(table + "\n")
+    (results / "gpu_check.json").write_text(
+        json.dumps({"device": name, "peak_tflops": peak, "seconds": took, "rows": rows}, indent=1)
+    )
     print(table)
-    (out_dir / "gpu_check.txt").write_text(table + "\n")
-    return 1 if failed else 0
+    return 0
+
+
+def pack_dp4a(w):
+    """tvmq's ``pack_weight_dp4a`` for a torch int8 (K, N) weight, K % 4 == 0, no padding."""
+    k, n = w.shape
+    return w.reshape(k // 4, 4, n).permute(0, 2, 1).contiguous()
+
+
+def _first(result):
+    return result if hasattr(result, "__dlpack__") else result[0]
+
+
+def _model_inputs(case: str, data) -> list[np.ndarray]:
+    if case.startswith("minilm"):
+        return [data["minilm_input_ids"], data["minilm_attention_mask"]]
+    return [_pixels(data["resnet18_u8"])]
+
+
+def _torch_models(torch):
+    """case -> f(data) = (the same architecture in PyTorch, random weights, on the GPU; inputs)."""
+
+    def minilm(data):
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            vocab_size=30522,
+            attn_implementation="eager",
+        )
+        torch.manual_seed(SEED)
+        bert = BertModel(cfg, add_pooling_layer=False).eval().cuda()
+
+        class Pooled(torch.nn.Module):
+            def forward(self, ids, mask):
+                h = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+                w = mask.unsqueeze(-1).to(h.dtype)
+                return (h * w).sum(1) / w.sum(1).clamp(min=1e-4)
+
+        return Pooled().eval().cuda(), [
+            torch.from_numpy(x).cuda() for x in _model_inputs("minilm", data)
+        ]
+
+    def resnet18(data):
+        import torchvision
+
+        torch.manual_seed(SEED)
+        net = torchvision.models.resnet18(weights=None).eval().cuda()
+        return net, [torch.from_numpy(_model_inputs("resnet18", data)[0]).cuda()]
+
+    return {"minilm-b32": minilm, "resnet18-b32": resnet18}
+
+
+def _fmt(r: dict | None) -> str:
+    if r is None:
+        return (
+            f"{'case':13} {'engine':20} {'ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'max err':>9}  note"
+        )
+
+    def num(v, f):
+        return format(v, f) if v is not None else "-"
+
+    return (
+        f"{r['case']:13} {r['engine']:20} {num(r['ms'], '9.4f')} {num(r['tflops'], '8.1f')} "
+        f"{num(r['pct_peak'], '7.1f')} {num(r['max_err'], '9.3g')}  {r['note']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="compile here and write the folder for the GPU machine")
+    p.add_argument("--out", required=True, help="a new folder")
+    p.add_argument("--no-models", action="store_true", help="GEMMs only (fast; for tests)")
+    p.add_argument("--gemm", action="append", choices=list(GEMMS), help="only these GEMMs")
+    r = sub.add_parser("run", help="measure on the GPU machine (or rehearse with --dry-run)")
+    r.add_argument(
+        "folder",
+        nargs="?",
+        default=str(Path(__file__).resolve().parent),
+        help="the prepared folder (default: this script's)",
+    )
+    r.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table goes")
+    r.add_argument(
+        "--dry-run", action="store_true", help="no GPU: check the folder, load every library"
+    )
+    r.add_argument("--quick", action="store_true", help="5 timed calls per row instead of 50")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(Path(args.out).resolve(), models=not args.no_models, gemms=args.gemm)
+        return 0
+    folder = Path(args.folder).resolve()
+    if not (folder / "check.json").is_file():
+        raise SystemExit(f"gpu_check: {folder} is not a prepared folder (no check.json)")
+    if args.dry_run:
+        print("\n".join(dry_run(folder)))
+        return 0
+    return run(folder, Path(args.out), args.quick)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,13 @@ def _assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def kmeans_1d(
     values: np.ndarray, k: int, init: str = "kmeans++", seed: int = 0, max_iter: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means on 1-D `values`: (sorted float32 centroids [k], labels int64)."""
+    """Lloyd's k-means on 1-D `values`: (sorted float32 centroids [k], labels int64).
+
+    Kept rather than ``scipy.cluster.vq.kmeans2``: on four all-MiniLM-L6-v2 weight matrices
+    (384x384 to 1536x384, 2 and 4 bits) kmeans2 (``++`` or ``points`` init, 100 iterations)
+    was never better by more than 0.01 dB of weight SQNR (up to 0.33 dB worse) and took
+    0.8-1.9x as long (sorted 1-D assignment here vs scipy's distance to every centroid).
+    """
     values = np.asarray(values, dtype=np.float64).ravel()
     rng = np.random.default_rng(seed)
     centroids = np.sort(_init_centroids(values, k, init, rng))

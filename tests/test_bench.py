@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,47 @@ def test_bench_zoo_small_one_model(tmp_path):
             assert r["cosine"] > 0.9, r
     table = [ln for ln in stdout.splitlines() if ln.startswith("mobilenet_v3_small ")]
     assert len([ln for ln in table if "note:" not in ln]) == len(rows)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_gpu_check_rehearsal(tmp_path):
+    """bench/gpu_check.py's GPU-free rehearsal: prepared here, every library loads with the
+    runtime-only TVM of the folder's bundle, and the folder fits what one device run is sent."""
+    out = tmp_path / "prepared"
+    # One GEMM (fp16 + int8) keeps it short; `prepare` builds the others the same way.
+    _run(
+        "gpu_check.py",
+        "prepare",
+        "--out",
+        str(out),
+        "--no-models",
+        "--gemm",
+        "ffn1-1024",
+        timeout=900,
+    )
+    stdout = _run("gpu_check.py", "run", "--dry-run", str(out), timeout=300)
+    size = int(re.search(r": (\d+) bytes", stdout)[1])
+    assert size == sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 56 * 2**20
+    assert f"TVM runtime only, from {out / 'bundle' / 'python' / 'tvm'}" in stdout
+    for dtype in ("fp16", "int8"):
+        assert re.search(rf"^ffn1-1024 {dtype}: loads .*'cuda'", stdout, re.M), stdout
+    assert "not built" not in stdout
+    spec = json.loads((out / "check.json").read_text())
+    assert b".target sm_90a" in (out / spec["gemms"]["ffn1-1024"]["int8"]["lib"]).read_bytes()
+    assert json.loads((out / "bundle" / "bundle.json").read_text())["python"] == "3.12"
+
+
+def test_gpu_check_packs_weights_like_tvmq():
+    """The device packs the int8 GEMM's weight itself (it ships no tvmq kernels module)."""
+    import numpy as np
+    import torch
+
+    from tvmq.kernels.cuda_int8 import pack_weight_dp4a
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    w = np.random.default_rng(0).integers(-128, 128, (64, 96), dtype=np.int8)
+    np.testing.assert_array_equal(
+        gpu_check.pack_dp4a(torch.from_numpy(w)).numpy(), pack_weight_dp4a(w, 64, 96)
+    )

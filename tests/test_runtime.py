@@ -94,3 +94,11 @@ def test_recompiling_into_the_same_directory_loads_the_new_model(tmp_path, rng):
         np.testing.assert_allclose(y, ref, atol=1e-5)
         results.append(y)
     assert not np.allclose(results[0], results[1])
+
+
+def test_latency_stats_p90_interpolates_like_numpy_percentile():
+    from tvmq.runtime import LatencyStats
+
+    stats = LatencyStats.from_seconds([i / 1e3 for i in (10, 1, 9, 2, 8, 3, 7, 4, 6, 5)])
+    assert stats.p90_ms == pytest.approx(9.1)  # 1..10 ms: linear between the 9th and 10th
+    assert (stats.median_ms, stats.min_ms, stats.repeat) == (5.5, 1.0, 10)

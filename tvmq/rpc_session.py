@@ -1,14 +1,12 @@
 """Getting a board from a TVM RPC tracker: :func:`connect`, :class:`BoardSession`, errors.
 
-tvmq speaks the tracker's small JSON protocol over its own socket (see :func:`connect` for
-why), so that every read and write ends by a deadline and each fault gets its own message.
+The tracker is spoken to through TVM's own client (``tvm.rpc.connect_tracker``), with every
+call bounded by a deadline (see :func:`connect`) and each fault given its own message.
 Running a model on the board is :mod:`tvmq.rpc`, which re-exports these names.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import socket
 import struct
 import threading
@@ -29,7 +27,6 @@ DEFAULT_TIMEOUT_S = 60.0
 _POLL_S = 0.5
 _MIN_IO_S = 1.0  # the least time a tracker gets to answer one request
 _MIN_SESSION_S = 10.0  # the least time a board gets to start a session
-_MAX_REPLY_BYTES = 16 << 20  # a longer reply is not from a tracker
 
 
 @tvm_ffi.register_error  # raised inside MetaSchedule's C++ loop (tuning_runner), kept as is
@@ -96,12 +93,14 @@ def connect(
 ) -> BoardSession:
     """Get a session with a free board registered under ``key`` at the tracker ``host:port``.
 
-    tvmq speaks the tracker's small JSON protocol (``tvm.rpc.base``) over its own socket
-    rather than through ``tvm.rpc.connect_tracker``: TVM's client sets no socket timeout,
-    and its constructor does the handshake before a caller could set one, so a tracker that
-    accepts the connection and never answers hangs it forever; it also retries a refused
-    connection for 60 s and turns every fault into the same ``RuntimeError``. Here every
-    read and write is bounded by ``timeout``, and each fault gets its own message.
+    The tracker is reached with TVM's client (``tvm.rpc.connect_tracker``, its
+    ``summary()``, and the tracker request of its ``request()``), kept within ``timeout``:
+    TVM's client sets no socket timeout and shakes hands in its constructor (a tracker that
+    accepts the connection and never answers would hang it forever), retries a refused
+    connection for 60 s, and its ``request()`` also opens the board session itself, five
+    times over, with neither a timeout nor the board's address. So the port is reached first,
+    the handshake runs in a thread given ``timeout``, each later call runs under a socket
+    timeout, and the board session is opened here (:func:`_open_session`).
 
     Parameters
     ----------
@@ -146,7 +145,7 @@ def connect(
 
 
 class _Tracker:
-    """A connection to a TVM RPC tracker whose every read and write ends by a deadline.
+    """TVM's tracker client (``tvm.rpc.connect_tracker``) whose every call ends by a deadline.
 
     Each fault becomes a :class:`BoardError` that says which one it was: unreachable,
     connection closed, no answer in time, or an answer that is not the tracker protocol.
@@ -156,24 +155,20 @@ class _Tracker:
         self.name = f"RPC tracker {host}:{port}"
         self.deadline = deadline
         self.timeout = timeout
-        try:
-            self.sock = socket.create_connection((host, port), timeout=self._io_timeout())
+        try:  # TVM's client would retry a refused connection for 60 s
+            socket.create_connection((host, port), timeout=self._io_timeout()).close()
         except OSError as err:
             raise BoardError(
                 f"cannot reach the {self.name}: {err.strerror or err}; start one with "
                 f"`python -m tvm.exec.rpc_tracker --host {_listen_host(host)} --port {port}`"
             ) from None
-        try:
-            self._handshake()
-        except BaseException:
-            self.sock.close()
-            raise
+        self.session = self._handshake(host, port)
 
     def __enter__(self) -> _Tracker:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.sock.close()
+        self.session.close()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -192,11 +187,9 @@ class _Tracker:
 
     def registered_keys(self) -> list[str]:
         """The key of every registered board (one entry per board)."""
-        reply = self._call([rpc_base.TrackerCode.SUMMARY], "the summary of its boards")
+        summary = self._call(self.session.summary, "the summary of its boards")
         try:
-            if reply[0] != rpc_base.TrackerCode.SUCCESS:
-                raise ValueError(reply)
-            return [str(s["key"]).removeprefix("server:") for s in reply[1]["server_info"]]
+            return [str(s["key"]).removeprefix("server:") for s in summary["server_info"]]
         except (TypeError, KeyError, IndexError, ValueError, AttributeError):
             raise self._garbled("the summary of its boards") from None
 
@@ -207,7 +200,12 @@ class _Tracker:
             f"all {boards} board(s) under key {key!r} at the {self.name} stayed busy "
             f"for {self.timeout:g} s"
         )
-        reply = self._call([rpc_base.TrackerCode.REQUEST, key, "", 1], doing, on_timeout=busy)
+
+        def ask() -> object:  # the tracker half of TrackerSession.request
+            rpc_base.sendjson(self.session._sock, [rpc_base.TrackerCode.REQUEST, key, "", 1])
+            return rpc_base.recvjson(self.session._sock)
+
+        reply = self._call(ask, doing, on_timeout=busy)
         if not isinstance(reply, list) or not reply or reply[0] != rpc_base.TrackerCode.SUCCESS:
             raise BoardError(f"the {self.name} refused the request for key {key!r}: {reply!r}")
         try:
@@ -218,42 +216,53 @@ class _Tracker:
         except (TypeError, ValueError, IndexError):
             raise self._garbled(doing) from None
 
-    def _handshake(self) -> None:
-        self._settimeout()
-        try:
-            self.sock.sendall(struct.pack("<i", rpc_base.RPC_TRACKER_MAGIC))
-            answer = _recv_exactly(self.sock, 4)
-        except TimeoutError:
+    def _handshake(self, host: str, port: int) -> tvm.rpc.client.TrackerSession:
+        """``tvm.rpc.connect_tracker`` in a thread given until the deadline.
+
+        TVM's constructor reads the tracker's answer with no timeout: a tracker that never
+        answers leaves that thread blocked (a daemon) until it closes the connection.
+        """
+        result: list = []
+
+        def connect_it() -> None:
+            try:
+                result.append(tvm.rpc.connect_tracker(host, port))
+            except Exception as err:  # OSError, or RuntimeError for a wrong magic number
+                result.append(err)
+
+        thread = threading.Thread(target=connect_it, name="tvmq-tracker-connect", daemon=True)
+        thread.start()
+        thread.join(self._io_timeout())
+        if not result:
             raise BoardError(
                 f"the {self.name} accepted the connection but did not answer within "
                 f"{self.timeout:g} s (is it a TVM RPC tracker?)"
-            ) from None
-        except OSError as err:
-            raise self._dropped("the handshake", err) from None
-        if struct.unpack("<i", answer)[0] != rpc_base.RPC_TRACKER_MAGIC:
-            raise BoardError(f"{self.name} is not a TVM RPC tracker (it answered {answer!r})")
+            )
+        if isinstance(result[0], OSError):
+            raise self._dropped("the handshake", result[0])
+        if isinstance(result[0], Exception):
+            raise BoardError(  # TVM's RuntimeError does not say what came instead
+                f"{self.name} is not a TVM RPC tracker (it did not answer with the tracker's "
+                "magic number)"
+            )
+        return result[0]
 
-    def _call(self, request: list, doing: str, on_timeout: str | None = None) -> object:
-        """Send one request and return the decoded reply."""
-        self._settimeout()
+    def _call(self, fn, doing: str, on_timeout: str | None = None) -> object:
+        """``fn()``, one exchange with the tracker, within the deadline; its decoded reply."""
+        self.session._sock.settimeout(self._io_timeout())
         try:
-            rpc_base.sendjson(self.sock, request)
-            size = struct.unpack("<i", _recv_exactly(self.sock, 4))[0]
-            if not 0 < size <= _MAX_REPLY_BYTES:
-                raise self._garbled(doing)
-            return json.loads(_recv_exactly(self.sock, size).decode("utf-8"))
+            return fn()
         except TimeoutError:
             raise BoardError(
                 on_timeout
                 or f"the {self.name} did not answer within {self.timeout:g} s when asked for {doing}"
             ) from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, struct.error, RuntimeError):
+            # json's errors are ValueErrors; TrackerSession.summary raises RuntimeError for
+            # a reply that is not SUCCESS
             raise self._garbled(doing) from None
         except OSError as err:
             raise self._dropped(f"the request for {doing}", err) from None
-
-    def _settimeout(self) -> None:
-        self.sock.settimeout(self._io_timeout())
 
     def _io_timeout(self) -> float:
         # At least a moment, so that a tracker can still say why after the deadline
@@ -270,18 +279,6 @@ class _Tracker:
         return BoardError(
             f"the {self.name} closed the connection during {doing} ({err.strerror or err})"
         )
-
-
-def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
-    """``nbytes`` from ``sock``; ConnectionError if the peer closes first."""
-    chunks, got = [], 0
-    while got < nbytes:
-        chunk = sock.recv(min(nbytes - got, 65536))
-        if not chunk:
-            raise ConnectionError(errno.ECONNRESET, "the connection was closed")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def _open_session(

@@ -37,7 +37,7 @@ class LatencyStats:
     @classmethod
     def from_seconds(cls, samples: list[float]) -> LatencyStats:
         ms = sorted(s * 1e3 for s in samples)
-        p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+        p90 = float(np.percentile(ms, 90))
         return cls(statistics.median(ms), p90, statistics.fmean(ms), ms[0], len(ms))
 
 

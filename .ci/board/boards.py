@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -211,23 +210,19 @@ def _check_alive(state: dict) -> None:
             raise BoardError(f"{proc['name']} exited during start-up; log:\n{_tail(proc['log'])}")
 
 
-def _tracker_call(state: dict, request: list) -> object:
-    """One request to the tracker over its JSON protocol (tvm.rpc.base)."""
-    from tvm.rpc import base
-
-    with socket.create_connection((HOST, state["tracker"]["port"]), timeout=5) as sock:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-        if magic != base.RPC_TRACKER_MAGIC:
-            raise OSError("not a TVM RPC tracker")
-        base.sendjson(sock, request)
-        return base.recvjson(sock)
-
-
 def _summary(state: dict) -> dict:
-    from tvm.rpc.base import TrackerCode
+    """The tracker's summary, from TVM's own tracker client."""
+    import tvm.rpc
 
-    return _tracker_call(state, [TrackerCode.SUMMARY])[1]
+    address = (HOST, state["tracker"]["port"])
+    # TVM's client retries a refused connection for 60 s; while the tracker is starting, the
+    # caller polls, so a refused connection must fail at once (OSError).
+    socket.create_connection(address, timeout=5).close()
+    tracker = tvm.rpc.connect_tracker(*address)
+    try:
+        return tracker.summary()
+    finally:
+        tracker.close()
 
 
 def _registered(state: dict) -> set[int]:

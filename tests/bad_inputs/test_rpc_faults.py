@@ -206,7 +206,7 @@ def test_tracker_never_answers(expect_user_error, run_argv, tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("handle", "contains"),
     [
-        (answers_garbage, "is not a TVM RPC tracker (it answered b'HTTP')"),
+        (answers_garbage, "is not a TVM RPC tracker (it did not answer with the tracker's magic"),
         (closes_at_once, "closed the connection during the handshake"),
         (handshake_then_garbage, "not the TVM tracker protocol"),
     ],
