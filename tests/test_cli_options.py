@@ -62,6 +62,8 @@ FAST_CASES = [
     (["--prune", "0"], "--prune takes a fraction"),
     (["--cluster", "1"], "--cluster takes a power of two"),
     (["--cluster", "24"], "--cluster takes a power of two"),
+    (["--cluster", "16", "--quantize", "w4"], "--cluster combines with --quantize int8"),
+    (["--cluster", "32", "--quantize", "int8-dynamic"], "at most 16 values per int8"),
     (["--sparse", "--sparse-block", "3y"], "--sparse-block '3y'"),
     (["--sparse", "--sparse-block", "0x4"], "--sparse-block '0x4'"),
     (["--sparse-block", "4x1"], "--sparse-block applies to --sparse"),

@@ -194,6 +194,16 @@ def check_compile_args(args) -> None:
         bits = args.cluster.bit_length() - 1
         if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
             raise UsageError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
+        if args.quantize in ("w8", "w4"):
+            raise UsageError(
+                f"--cluster combines with --quantize int8 or int8-dynamic, not {args.quantize} "
+                "(its weights are already stored narrow); drop one of them"
+            )
+        if args.quantize and args.cluster > 16:
+            raise UsageError(
+                f"--cluster with --quantize {args.quantize} shares at most 16 values per int8 "
+                f"weight, got {args.cluster}"
+            )
     if args.skip and not (args.quantize or args.prune is not None or args.cluster is not None):
         raise UsageError("--skip leaves layers out of --quantize, --prune or --cluster: give one")
     if args.sparse is None and args.sparse_block is not None:

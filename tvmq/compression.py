@@ -11,6 +11,9 @@ frontend and before quantization / ``LegalizeOps``::
     # 3. weight sharing: codebook + packed indices
     ClusterWeights(bits, init)               for ClusterConfig
 
+With int8 quantization, the pipeline shares the int8 weights' values after quantizing
+instead (``int8_cluster_pass``: ``ClusterInt8Weights``, an int8 codebook per tensor).
+
 and returns the module plus a report (sparsity per weight, channels removed, clusters,
 parameters, multiply-accumulates and constant bytes before/after).
 """
@@ -23,7 +26,7 @@ import tvm
 
 from tvmq.core.compression import ClusterConfig, PruneConfig, SparseConfig
 from tvmq.errors import TvmqError
-from tvmq.passes import ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
+from tvmq.passes import ClusterInt8Weights, ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
 from tvmq.passes.analysis import constant_bytes, count_macs, count_params, sparsity_report
 from tvmq.passes.cluster_weights import ATTR as CLUSTER_ATTR
 from tvmq.passes.prune_channels import ATTR as CHANNELS_ATTR
@@ -35,6 +38,8 @@ __all__ = [
     "SparseConfig",
     "apply_compression",
     "cluster_pass",
+    "clustered_layers",
+    "int8_cluster_pass",
     "compression_pipeline",
     "model_stats",
     "prune_pass",
@@ -53,6 +58,17 @@ def prune_pass(config: PruneConfig) -> tvm.transform.Pass:
 def cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
     """The Relax pass of a weight-sharing config."""
     return ClusterWeights(config.bits, config.init, config.min_size, config.seed, config.skip)
+
+
+def int8_cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
+    """The pass that shares the values of int8 weights after quantization (an int8
+    codebook of ``2**bits`` entries per tensor, ``bits <= 4``)."""
+    return ClusterInt8Weights(config.bits, config.init, config.min_size, config.seed)
+
+
+def clustered_layers(mod: tvm.IRModule) -> dict | None:
+    """What ``ClusterWeights`` / ``ClusterInt8Weights`` recorded on ``main`` (plain Python)."""
+    return _main_attr(mod, CLUSTER_ATTR) or None
 
 
 def as_prune_list(prune) -> list[PruneConfig]:
@@ -157,6 +173,6 @@ def apply_compression(
         "after": model_stats(out),
         "sparsity": sparsity,
         "channels": _main_attr(out, CHANNELS_ATTR) or None,
-        "clustered": _main_attr(out, CLUSTER_ATTR) or None,
+        "clustered": clustered_layers(out),
     }
     return out, report

@@ -4,7 +4,7 @@
 
     # Phase 1, compress: prune channels, then zero weights, then share weights
     #   (tvmq.compression: configs -> PruneChannels / PruneMagnitude / PruneNM /
-    #   ClusterWeights); float matmuls with a block-sparse weight -> BSR kernels (SparsifyDense).
+    #   ClusterWeights; with int8, ClusterInt8Weights after phase 2); float matmuls with a block-sparse weight -> BSR kernels (SparsifyDense).
     # Phase 2, quantize: the scheme's handler (tvmq.quantization: static.py, dynamic.py,
     #   weight_only.py) calibrates on the prepared model and turns the config and the
     #   statistics into plain pass parameters; the passes come from tvmq.passes.pipeline
@@ -36,9 +36,14 @@ import tvm
 
 from tvmq import build
 from tvmq.build import BuildInfo
-from tvmq.compression import apply_compression, as_prune_list
+from tvmq.compression import (
+    apply_compression,
+    as_prune_list,
+    clustered_layers,
+    int8_cluster_pass,
+)
 from tvmq.core.compression import SparseConfig
-from tvmq.core.schemes import Int8Static, get_scheme
+from tvmq.core.schemes import Int8Dynamic, Int8Static, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights
 from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
@@ -121,11 +126,9 @@ def compress(
     check_finite_weights(model.mod)
     if has_qdq(model.mod):
         return _lower_prequantized(model, prune, cluster, quantize)
-    if cluster is not None and quantize is not None:
-        raise TvmqError(
-            "weight clustering and quantization cannot be combined yet: clustered weights "
-            "are decoded at run time, so the quantizer finds no constant weights"
-        )
+    int8_cluster = _int8_cluster(cluster, quantize)
+    if int8_cluster is not None:
+        cluster = None  # shared on the int8 weights, after quantization
     applied: dict = {}
     notes: dict = {}
     # Phase 1: compress.
@@ -198,6 +201,11 @@ def compress(
             "float_layers": control.float_layers,
         }
     notes["float_ops"] = list(result.float_ops)
+    if int8_cluster is not None:
+        c = int8_cluster
+        result = dataclasses.replace(result, mod=int8_cluster_pass(c)(result.mod))
+        applied["cluster"] = {**c.describe(), "codebook": "int8"}
+        notes.setdefault("compression", {})["clustered"] = clustered_layers(result.mod)
     return Compressed(result, applied, notes, result.pipeline_params, result)
 
 
@@ -235,6 +243,29 @@ def run(
         quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
+
+
+def _int8_cluster(cluster, quantize):
+    """The cluster config to apply to the int8 weights after quantizing, or None when
+    `cluster` is not combined with quantization; TvmqError for a combination that cannot be."""
+    if cluster is None or quantize is None:
+        return None
+    if not isinstance(quantize, Int8Static | Int8Dynamic):
+        raise TvmqError(
+            "weight clustering combines with int8 quantization (static or dynamic) only: "
+            f"{type(quantize).__name__} weights are already stored narrow; drop one of them"
+        )
+    if cluster.bits > 4:
+        raise TvmqError(
+            f"with int8 quantization, clustering shares at most 16 values per weight, got "
+            f"{2**cluster.bits}: an int8 weight is already 8 bits (use --cluster 16 or fewer)"
+        )
+    if cluster.skip:
+        raise TvmqError(
+            "with int8 quantization, the int8 weights are clustered and layers are left out "
+            "of both through the scheme's skip; drop the cluster config's skip"
+        )
+    return cluster
 
 
 def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:
