@@ -48,7 +48,7 @@ def encode_values(values: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.nda
     flat = values.ravel()
     table, codes = np.unique(flat, return_inverse=True)
     bits = 4 if table.size <= 16 else 8
-    if bits > max_bits:
+    if bits > max_bits or table.size > 256:
         return None
     codes = codes.astype(np.uint8)
     if bits == 4:
