@@ -16,7 +16,7 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
-:class:`FoldTableDecoders` (clustered weights as plain float constants for those kernels),
+:class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
 then, after fusion, :class:`DecodeAtLoad` (constants of few distinct values stored as
 codes, decoded once at load by ``main_transform_params``).
 Pruning and weight sharing, on float constant weights before quantization:

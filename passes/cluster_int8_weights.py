@@ -1,14 +1,17 @@
 """ClusterInt8Weights: weight sharing on quantized weights, an int8 codebook per tensor.
 
-Runs after int8 quantization (static or dynamic), on the int8 weight constants of matmul /
-conv2d layers (seen through ``permute_dims`` / ``reshape``). The quantizer has already
-chosen each weight's per-output-channel scales ``s``, so ``W ~ s * q`` with ``q`` int8; this
-pass clusters the int8 values ``q`` of each tensor by 1-D k-means into ``2**bits``
-centroids, rounds the centroids to integers and replaces ``q`` by ``T[idx]``::
+Runs inside static int8 quantization, between ``FoldQuantScales`` (weights are int8
+constants) and ``LowerInt8`` (which derives the zero-point terms from them: the
+``int8_cluster`` parameter of ``static_int8_passes``), on the int8 weight constants of
+matmul / conv2d layers (read through ``dequantize``, ``permute_dims`` / ``reshape``, or
+directly). The quantizer has already chosen each weight's per-output-channel scales ``s``,
+so ``W ~ s * q`` with ``q`` int8; this pass clusters the int8 values ``q`` of each tensor by
+1-D k-means into ``2**bits`` centroids, rounds the centroids to integers and replaces ``q``
+by ``T[idx]``::
 
-    matmul(x_q, Q)            # Q: int8 constant, any of 255 values
+    matmul(x, dequantize(Q, s))         # Q: int8 constant, any of 255 values
     ==>
-    matmul(x_q, T[idx])       # the same op on an int8 constant holding <= 2**bits values
+    matmul(x, dequantize(T[idx], s))    # an int8 constant holding <= 2**bits values
 
 So the weight shares ``2**bits`` levels of its (per-channel) normalised range: clustering
 ``W / s`` with an int8 codebook. Scales, zero points and biases are unchanged, and the int8
@@ -34,6 +37,7 @@ from tvmq.errors import TvmqError
 from .cluster_weights import ATTR, INITS, _assign, cluster_tensor
 from .relax_utils import (
     CONV2D,
+    DEQUANTIZE,
     MATMUL,
     binding_map,
     const_source,
@@ -41,6 +45,7 @@ from .relax_utils import (
     ordered_bindings,
     relax_functions,
     site_prefix,
+    view_source,
 )
 
 _INT8 = ("int8", "uint8")
@@ -66,6 +71,9 @@ def _int8_weights(func: relax.Function) -> list[tuple[str, tvm.ir.Constant]]:
         if name not in (MATMUL, CONV2D) or len(b.value.args) < 2:
             continue
         src = const_source(b.value.args[1], bindings)
+        if src is None:  # before LowerInt8: the op reads dequantize(Q, s, z)
+            dq = view_source(b.value.args[1], bindings, lambda e: op_name(e) == DEQUANTIZE)
+            src = const_source(dq[0].args[0], bindings) if dq is not None else None
         if src is None or str(src[0].value.dtype) not in _INT8 or src[0] in seen:
             continue
         kind = "matmul" if name == MATMUL else "conv2d"

@@ -64,24 +64,25 @@ def decode_values(packed: np.ndarray, table: np.ndarray, bits: int, shape) -> np
     return table[codes[:size]].reshape(shape)
 
 
-def decode_kernel(shape, dtype: str, table_size: int, bits: int) -> tvm.tirx.PrimFunc:
-    """``(P, T) -> W``: ``W.flat[i] = T[code i of P]`` (codes as :func:`encode_values` packs)."""
-    size = math.prod(shape)
-    packed = te.placeholder(((size + 1) // 2 if bits == 4 else size,), "uint8", name="P")
-    table = te.placeholder((table_size,), dtype, name="T")
+def decode_kernel(dtype: str, bits: int) -> tvm.tirx.PrimFunc:
+    """``(P, T) -> W``: ``W[i] = T[code i of P]`` (codes as :func:`encode_values` packs them).
 
-    def decode(*index):
-        flat = 0
-        for i, n in zip(index, shape, strict=True):
-            flat = flat * n + i
+    One kernel per dtype and code width serves every constant: the lengths of ``P``, ``T``
+    and ``W`` are symbolic (the caller reshapes ``W``). It runs once, at load.
+    """
+    n, m, t = (tvm.tirx.Var(v, "int64") for v in ("n", "m", "t"))
+    packed = te.placeholder((m,), "uint8", name="P")
+    table = te.placeholder((t,), dtype, name="T")
+
+    def decode(i):
         if bits == 8:
-            code = packed[flat]
+            code = packed[i]
         else:
-            shift = (flat % 2 * 4).astype("uint8")
-            code = (packed[flat // 2] >> shift) & tvm.tirx.const(15, "uint8")
-        return table[code.astype("int32")]
+            shift = (i % 2 * 4).astype("uint8")
+            code = (packed[i // 2] >> shift) & tvm.tirx.const(15, "uint8")
+        return table[code.astype("int64")]
 
-    out = te.compute(tuple(shape), decode, name="W")
+    out = te.compute((n,), decode, name="W")
     return te.create_prim_func([packed, table, out]).without_attr("global_symbol")
 
 
@@ -119,14 +120,15 @@ def _transform_params(mod: tvm.IRModule, lifted) -> tvm.IRModule:
         with bb.dataflow():
             outs = []
             for param, packed, table, bits in lifted:
-                shape = tuple(int(d) for d in param.ty.shape.values)
                 dtype = str(param.ty.dtype)
-                key = (shape, dtype, table.size, bits)
-                if key not in kernels:
-                    name = f"tvmq_decode_{dtype}_{bits}bit_{'x'.join(map(str, shape))}"
-                    kernels[key] = bb.add_func(decode_kernel(shape, dtype, table.size, bits), name)
+                if (dtype, bits) not in kernels:
+                    kernel = decode_kernel(dtype, bits)
+                    kernels[dtype, bits] = bb.add_func(kernel, f"tvmq_decode_{dtype}_{bits}bit")
+                size = math.prod(int(d) for d in param.ty.shape.values)
                 args = [relax.const(packed, "uint8"), relax.const(table, dtype)]
-                outs.append(bb.emit(relax.call_tir(kernels[key], args, out_ty=param.ty)))
+                flat = relax.TensorType((size,), dtype)
+                w = bb.emit(relax.call_tir(kernels[dtype, bits], args, out_ty=flat))
+                outs.append(bb.emit(relax.op.reshape(w, param.ty.shape)))
             out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(out)
     return bb.get()

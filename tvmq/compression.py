@@ -12,7 +12,8 @@ frontend and before quantization / ``LegalizeOps``::
     ClusterWeights(bits, init)               for ClusterConfig
 
 With int8 quantization, the pipeline shares the int8 weights' values after quantizing
-instead (``int8_cluster_pass``: ``ClusterInt8Weights``, an int8 codebook per tensor).
+inside static int8 quantization instead (``int8_cluster_params``: ``ClusterInt8Weights``,
+an int8 codebook per tensor).
 
 and returns the module plus a report (sparsity per weight, channels removed, clusters,
 parameters, multiply-accumulates and constant bytes before/after).
@@ -26,7 +27,7 @@ import tvm
 
 from tvmq.core.compression import ClusterConfig, PruneConfig, SparseConfig
 from tvmq.errors import TvmqError
-from tvmq.passes import ClusterInt8Weights, ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
+from tvmq.passes import ClusterWeights, PruneChannels, PruneMagnitude, PruneNM
 from tvmq.passes.analysis import constant_bytes, count_macs, count_params, sparsity_report
 from tvmq.passes.cluster_weights import ATTR as CLUSTER_ATTR
 from tvmq.passes.prune_channels import ATTR as CHANNELS_ATTR
@@ -39,7 +40,7 @@ __all__ = [
     "apply_compression",
     "cluster_pass",
     "clustered_layers",
-    "int8_cluster_pass",
+    "int8_cluster_params",
     "compression_pipeline",
     "model_stats",
     "prune_pass",
@@ -60,10 +61,17 @@ def cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
     return ClusterWeights(config.bits, config.init, config.min_size, config.seed, config.skip)
 
 
-def int8_cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
-    """The pass that shares the values of int8 weights after quantization (an int8
-    codebook of ``2**bits`` entries per tensor, ``bits <= 4``)."""
-    return ClusterInt8Weights(config.bits, config.init, config.min_size, config.seed)
+def int8_cluster_params(config: ClusterConfig) -> dict:
+    """The ``int8_cluster`` parameter of ``static_int8_passes`` (``ClusterInt8Weights``'
+    arguments) for a config: an int8 codebook of ``2**bits`` entries per tensor."""
+    if config.bits > 4:
+        raise TvmqError(f"int8 weights share at most 16 values, got {2**config.bits}")
+    return {
+        "bits": config.bits,
+        "init": config.init,
+        "min_size": config.min_size,
+        "seed": config.seed,
+    }
 
 
 def clustered_layers(mod: tvm.IRModule) -> dict | None:

@@ -40,13 +40,20 @@ from tvmq.compression import (
     apply_compression,
     as_prune_list,
     clustered_layers,
-    int8_cluster_pass,
+    int8_cluster_params,
 )
 from tvmq.core.compression import SparseConfig
-from tvmq.core.schemes import Int8Dynamic, Int8Static, get_scheme
+from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel, check_finite_weights
-from tvmq.passes import SPARSE_ATTR, CanonicalizeQDQ, SparsifyDense, has_qdq, static_int8_passes
+from tvmq.passes import (
+    SPARSE_ATTR,
+    CanonicalizeQDQ,
+    SparsifyDense,
+    has_qdq,
+    static_int8_passes,
+    tvmq_pipeline,
+)
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.progress import phase
@@ -126,7 +133,7 @@ def compress(
     check_finite_weights(model.mod)
     if has_qdq(model.mod):
         return _lower_prequantized(model, prune, cluster, quantize)
-    int8_cluster = _int8_cluster(cluster, quantize)
+    int8_cluster = _int8_cluster(cluster, quantize, accuracy_control)
     if int8_cluster is not None:
         cluster = None  # shared on the int8 weights, after quantization
     applied: dict = {}
@@ -202,8 +209,12 @@ def compress(
         }
     notes["float_ops"] = list(result.float_ops)
     if int8_cluster is not None:
+        # The static passes again, from the calibrated parameters, with the int8 weights
+        # shared before LowerInt8 derives the zero-point terms from them.
         c = int8_cluster
-        result = dataclasses.replace(result, mod=int8_cluster_pass(c)(result.mod))
+        params = {**result.pipeline_params, "int8_cluster": int8_cluster_params(c)}
+        mod = tvmq_pipeline(**params, build=False)(model.mod)
+        result = dataclasses.replace(result, mod=mod, pipeline_params=params)
         applied["cluster"] = {**c.describe(), "codebook": "int8"}
         notes.setdefault("compression", {})["clustered"] = clustered_layers(result.mod)
     return Compressed(result, applied, notes, result.pipeline_params, result)
@@ -245,16 +256,18 @@ def run(
     return Built(**vars(done), executable=ex, build_info=info)
 
 
-def _int8_cluster(cluster, quantize):
+def _int8_cluster(cluster, quantize, accuracy_control):
     """The cluster config to apply to the int8 weights after quantizing, or None when
     `cluster` is not combined with quantization; TvmqError for a combination that cannot be."""
     if cluster is None or quantize is None:
         return None
-    if not isinstance(quantize, Int8Static | Int8Dynamic):
+    if not isinstance(quantize, Int8Static):
         raise TvmqError(
-            "weight clustering combines with int8 quantization (static or dynamic) only: "
-            f"{type(quantize).__name__} weights are already stored narrow; drop one of them"
+            "weight clustering combines with static int8 quantization only, not "
+            f"{type(quantize).__name__}; drop one of them"
         )
+    if accuracy_control is not None:
+        raise TvmqError("weight clustering and accuracy control cannot be combined yet")
     if cluster.bits > 4:
         raise TvmqError(
             f"with int8 quantization, clustering shares at most 16 values per weight, got "

@@ -17,13 +17,13 @@ import tvm
 from tvm import relax
 
 from tvmq.core import qmath
-from tvmq.runtime import decoded_params
 from tvmq.quantization.collect import (
     ActivationStats,
     _flatten,
     _host_target,
     collect_activation_stats,
 )
+from tvmq.runtime import decoded_params
 
 __all__ = ["FirstBatch", "LayerReport", "QuantizationReport", "output_sqnr"]
 
