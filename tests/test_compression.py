@@ -172,8 +172,9 @@ def test_cli_cluster_with_int8_uses_an_int8_codebook(tmp_path, capsys):
         w = layer.weight.detach().numpy().astype(np.float64)
         scale = np.abs(w).max(axis=1, keepdims=True) / 127
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        table, idx = cluster_int8_tensor(q, 4)
-        shared.append((table[idx] * scale).astype(np.float32))
+        # clustered in the layout the matmul reads ([in, out]): k-means++ seeds by position
+        table, idx = cluster_int8_tensor(np.ascontiguousarray(q.T), 4)
+        shared.append((table[idx].T * scale).astype(np.float32))
         plain.append(w.astype(np.float32))
     x = np.random.default_rng(3).standard_normal((4, 256)).astype("float32")
     np.savez(tmp_path / "x.npz", x=x)
