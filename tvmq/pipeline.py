@@ -4,7 +4,8 @@
 
     # Phase 1, compress: prune channels, then zero weights, then share weights
     #   (tvmq.compression: configs -> PruneChannels / PruneMagnitude / PruneNM /
-    #   ClusterWeights; with int8, ClusterInt8Weights after phase 2); float matmuls with a block-sparse weight -> BSR kernels (SparsifyDense).
+    #   ClusterWeights; with int8, ClusterInt8Weights inside phase 2); float matmuls with a
+    #   block-sparse weight -> BSR kernels (SparsifyDense).
     # Phase 2, quantize: the scheme's handler (tvmq.quantization: static.py, dynamic.py,
     #   weight_only.py) calibrates on the prepared model and turns the config and the
     #   statistics into plain pass parameters; the passes come from tvmq.passes.pipeline
@@ -135,7 +136,7 @@ def compress(
         return _lower_prequantized(model, prune, cluster, quantize)
     int8_cluster = _int8_cluster(cluster, quantize, accuracy_control)
     if int8_cluster is not None:
-        cluster = None  # shared on the int8 weights, after quantization
+        cluster = None  # shared on the int8 weights, inside quantization
     applied: dict = {}
     notes: dict = {}
     # Phase 1: compress.
