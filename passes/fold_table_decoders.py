@@ -12,8 +12,10 @@ time::
 so that the float kernels (``PackFloatDense``, default schedules, tuning records) see a
 plain float weight, exactly as in the float model. The weight holds only the codebook's
 values, which is what :class:`DecodeAtLoad` finds again after fusion to store it as a
-codebook and narrow codes in the library. Left alone: weight-only (w8 / w4) decoders and
-decoder calls on anything but constants. Where it belongs: first of the CPU target kernel
+codebook and narrow codes in the library. Left alone: weight-only (w8 / w4) decoders,
+decoder calls on anything but constants, and conv2d (4-D) weights, which keep their graph
+decoder: ``FoldBatchNorm`` would scale a folded conv weight per channel, leaving too many
+distinct values to store it as codes again. Where it belongs: first of the CPU target kernel
 passes, before ``PackDecodedDense`` (which would otherwise decode inside its kernel).
 """
 
@@ -46,7 +48,7 @@ class _Folder(PyExprMutator):
         if DECODER_ATTR not in func.attrs or not all(is_tensor_const(a) for a in call.args):
             return call
         shape = _static_shape(call)
-        if shape is None or len(call.args) != 2:
+        if shape is None or len(shape) != 2 or len(call.args) != 2:
             return call
         weight = decode_table(*(a.value.numpy() for a in call.args), shape)
         if weight is None:
