@@ -3,14 +3,16 @@
     python bench/bench_weight_only.py [--quick] [--threads 1]
 
 For each model it compiles, with ``tvmq.compile`` for the host (no tuning records), the
-float32 model and its ``w8``, ``w4`` (group 32) and clustered (16 values, ``ClusterConfig``)
-versions, then times them round-robin (``--rounds`` rounds of ``--repeat`` calls each; the
+float32 model and its ``w8``, ``w4`` (group 32), clustered (16 values, ``ClusterConfig``),
+static ``int8`` and clustered int8 (16 int8 values per weight) versions, then times them round-robin (``--rounds`` rounds of ``--repeat`` calls each; the
 median of the round medians, so a busy machine slows every row alike) and prints one table:
 latency, ratio to float32, library size, SQNR of the output vs float32 on random inputs.
 
 Models: the BERT-base FFN (``x @ W1 -> GELU -> @ W2``, 128 x 768 x 3072 x 768) and the
-demo's MNIST MLP (784-128-10) at batch 1. Matmul weights of w8 / w4 / clustered models run
-on ``PackDecodedDense``'s kernel, which decodes them inside the matmul.
+demo's MNIST MLP (784-128-10) at batch 1. Matmul weights of w8 / w4 models run on
+``PackDecodedDense``'s kernel, which decodes them inside the matmul; clustered weights are
+stored as codebooks + 4-bit codes and decoded once at load (``DecodeAtLoad``), so their
+rows run the float32 / int8 kernels.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ VARIANTS = {
     "w8": {"quantize": "w8"},
     "w4 (group 32)": {"quantize": "w4"},
     "clustered 16": {"cluster": ClusterConfig(bits=4)},
+    "int8": {"quantize": "int8"},
+    "clustered int8": {"cluster": ClusterConfig(bits=4), "quantize": "int8"},
 }
 
 
@@ -60,10 +64,13 @@ def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
     return float("inf") if noise == 0 else 20 * np.log10(np.linalg.norm(ref) / noise)
 
 
-def _bench(name: str, model, x: np.ndarray, rounds: int, repeat: int, out: Path) -> None:
+def _bench(name: str, model, x: np.ndarray, calib, rounds: int, repeat: int, out: Path) -> None:
+    """``calib``: batches like ``x`` for the int8 rows' calibration."""
     compiled = {}
     for label, kwargs in VARIANTS.items():
-        folder = out / f"{name}-{label.split()[0]}"
+        folder = out / f"{name}-{label.replace(' ', '-')}"
+        if kwargs.get("quantize") == "int8":
+            kwargs = {**kwargs, "calibration_data": calib}
         tvmq.compile(
             model, "host", example_inputs=(torch.from_numpy(x),), output_dir=folder,
             progress=False, tuning_logs=None, **kwargs,
@@ -99,11 +106,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tvmq-bench-wo-") as tmp:
         ffn = FFN(d, h).eval()
         x = rng.standard_normal((m, d)).astype(np.float32)
-        _bench(f"FFN {m}x{d}x{h}x{d}", ffn, x, rounds, repeat, Path(tmp))
+        calib = [rng.standard_normal((m, d)).astype(np.float32) for _ in range(4)]
+        _bench(f"FFN {m}x{d}x{h}x{d}", ffn, x, calib, rounds, repeat, Path(tmp))
         mlp = MLP().eval()
-        _bench(
-            "demo MLP", mlp, rng.random((1, 784)).astype(np.float32), rounds, repeat * 10, Path(tmp)
-        )
+        x, calib = rng.random((1, 784)).astype(np.float32), rng.random((64, 1, 784))
+        calib = list(calib.astype(np.float32))
+        _bench("demo MLP", mlp, x, calib, rounds, repeat * 10, Path(tmp))
     print(f"\n({args.threads} thread(s); {time.perf_counter() - t:.0f} s)")
 
 

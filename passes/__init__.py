@@ -15,9 +15,13 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
-:class:`PackDecodedDense` (w8 / w4 / clustered matmul weights decoded inside the kernel).
+:class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
+:class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
+then, after fusion, :class:`DecodeAtLoad` (constants of few distinct values stored as
+codes, decoded once at load by ``main_transform_params``).
 Pruning and weight sharing, on float constant weights before quantization:
-:class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`.
+:class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`;
+on the int8 weights after quantization: :class:`ClusterInt8Weights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
 
 Shared by the passes and public: :mod:`~tvmq.passes.sites` (the one site model: which
@@ -32,10 +36,13 @@ attention matmuls in :mod:`~tvmq.passes.tensor_sites`), :mod:`~tvmq.passes.relax
 from .analysis import FLOAT_OPS_ATTR, sparsity_report
 from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
+from .cluster_int8_weights import ClusterInt8Weights
 from .cluster_weights import ClusterWeights
 from .correct_bias import CorrectBias
+from .decode_at_load import DecodeAtLoad
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
+from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
 from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
@@ -65,7 +72,10 @@ __all__ = [
     "CanonicalizeQDQ",
     "QDQConvToNCHW",
     "has_qdq",
+    "ClusterInt8Weights",
     "ClusterWeights",
+    "DecodeAtLoad",
+    "FoldTableDecoders",
     "CorrectBias",
     "PackDecodedDense",
     "PackFloatConv",

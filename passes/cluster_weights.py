@@ -142,6 +142,18 @@ def unpack_indices(packed: np.ndarray, bits: int, size: int) -> np.ndarray:
     return np.concatenate([packed & 15, packed >> 4])[:size]
 
 
+def decode_table(codebook: np.ndarray, packed: np.ndarray, shape) -> np.ndarray | None:
+    """The float weight of shape `shape` that :func:`_decoder` computes from its constants;
+    None when they are not a codebook (float32, ``2**bits`` entries) and packed uint8 indices."""
+    if codebook.dtype != np.float32 or codebook.ndim != 1 or packed.dtype != np.uint8:
+        return None
+    bits = max(1, int(codebook.size - 1).bit_length())
+    size = int(np.prod(shape))
+    if 2**bits != codebook.size or packed.size != (size if bits > 4 else (size + 1) // 2):
+        return None
+    return codebook[unpack_indices(packed.ravel(), bits, size)].reshape(shape)
+
+
 def _decoder(codebook: np.ndarray, packed: np.ndarray, bits: int, shape) -> relax.Function:
     """A private Relax function: packed indices -> codebook lookup -> the float weight.
 

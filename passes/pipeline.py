@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from .annotate_qdq import AnnotateQDQ
+from .cluster_int8_weights import ClusterInt8Weights
 from .correct_bias import CorrectBias
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
@@ -83,6 +85,7 @@ def static_int8_passes(
     dynamic_weight_per_channel: bool = True,
     bias_corrections: Mapping[str, np.ndarray] | None = None,
     int8_embeddings: bool = False,
+    int8_cluster: Mapping[str, Any] | None = None,
 ) -> tvm.transform.Pass:
     """Phases 1 and 3: prepare, then quantize (no smoothing, no build).
 
@@ -104,6 +107,10 @@ def static_int8_passes(
         before quantizing.
     int8_embeddings : bool
         Store embedding tables read by ``take`` as int8 rows (:class:`QuantizeEmbedding`).
+    int8_cluster : Mapping, optional
+        Keyword arguments of :class:`ClusterInt8Weights` (``bits``, ``init``, ``min_size``,
+        ``seed``): share each int8 weight's values once the weights are int8 and before
+        ``LowerInt8`` computes the zero-point terms from them.
     """
     passes = [prepare_passes()]
     if bias_corrections:
@@ -117,7 +124,10 @@ def static_int8_passes(
                 skip=skip,
             )
         )
-    passes += [FoldQuantScales(), LowerInt8(requantize)]
+    passes.append(FoldQuantScales())
+    if int8_cluster:
+        passes.append(ClusterInt8Weights(**int8_cluster))
+    passes.append(LowerInt8(requantize))
     if dynamic_vars:
         passes.append(
             QuantizeDynamic(weight_per_channel=dynamic_weight_per_channel, only_vars=dynamic_vars)

@@ -99,17 +99,19 @@ def test_bench_int8_dense_quick():
 def test_bench_weight_only_quick():
     stdout = _run("bench_weight_only.py", "--quick", timeout=900)
     rows = re.findall(
-        r"^(float32|w8|w4 \(group 32\)|clustered 16)\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+) KiB\s+(\S+)$",
+        r"^(float32|w8|w4 \(group 32\)|clustered 16|int8|clustered int8)"
+        r"\s+([0-9.]+)\s+([0-9.]+)x\s+(\d+) KiB\s+(\S+)$",
         stdout,
         re.M,
     )
-    assert len(rows) == 8, stdout  # 4 variants x (FFN, demo MLP)
+    assert len(rows) == 12, stdout  # 6 variants x (FFN, demo MLP)
     for name, ms, _ratio, kib, sqnr in rows:
         assert float(ms) > 0 and int(kib) > 0, name
         if name != "float32":
             assert float(sqnr) > 15, name  # random weights: w4 / 16 values give ~20 dB
-    sizes = [int(r[3]) for r in rows[:4]]
+    sizes = [int(r[3]) for r in rows[:6]]
     assert sizes[1] < sizes[0] / 3 and sizes[2] < sizes[1]  # the libraries shrink
+    assert sizes[3] < sizes[0] / 3 and sizes[5] < sizes[4]  # clustered; clustered int8 < int8
 
 
 def test_bench_zoo_small_one_model(tmp_path):

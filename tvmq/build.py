@@ -23,6 +23,12 @@ Tuned and default schedules
       unscheduled loops on x86; the dlight CPU rules (GEMV, Reduction) measured slower and
       are not used.
 
+Weights decoded at load
+    A CPU build of a model with shared weights (``--cluster``) stores each weight as a
+    codebook and 4- or 8-bit codes and decodes it once, when the library is loaded
+    (:class:`tvmq.passes.DecodeAtLoad`: ``main_transform_params``, which
+    :func:`tvmq.runtime.load` runs): the kernels are those of the float (or int8) model.
+
 CUDA device code
     Always PTX compiled by ``nvcc`` for the preset's ``arch``, embedded in the library
     (:mod:`tvmq.cuda_ptx`), so the board needs no CUDA compiler.
@@ -44,6 +50,8 @@ from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
+from tvmq.passes import DecodeAtLoad
+from tvmq.passes.cluster_weights import ATTR as CLUSTERED
 from tvmq.sizes import constant_bytes_by_dtype
 from tvmq.targets import TargetPreset, get_target
 from tvmq.toolchain import find_compiler
@@ -132,6 +140,8 @@ def build_with_info(
     try:
         with hook, tvm_target:
             fused = fuse_to_tir(mod, preset)
+            if _decode_at_load(mod, preset):
+                fused = DecodeAtLoad()(fused)
             prescheduled = _scheduled_kernels(fused)
             if database is not None:
                 with database:
@@ -289,6 +299,15 @@ def _without_kernel_asserts() -> Iterator[None]:
     config = {**dict(current.config), "tirx.disable_assert": True}
     with tvm.transform.PassContext(opt_level=current.opt_level, config=config):
         yield
+
+
+def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
+    """Whether the library stores constants as codes decoded at load: for a CPU build of a
+    model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
+    hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``)."""
+    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
+    attrs = getattr(main, "attrs", None)
+    return preset.kind != "cuda" and attrs is not None and CLUSTERED in attrs
 
 
 def _kernel_names(mod: tvm.IRModule) -> list[str]:

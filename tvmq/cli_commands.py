@@ -53,7 +53,8 @@ def cmd_compile(args) -> int:
         prune, cluster = compression_configs(args)
         if args.skip:  # and the scheme's skip (make_scheme)
             prune = prune and dataclasses.replace(prune, skip=tuple(args.skip))
-            cluster = cluster and dataclasses.replace(cluster, skip=tuple(args.skip))
+            if not args.quantize:  # with --quantize, the scheme's skip keeps them out of both
+                cluster = cluster and dataclasses.replace(cluster, skip=tuple(args.skip))
         if args.accuracy_drop is not None:  # the eval data is checked against the model
             from tvmq.evaluation import load_top1_eval
             from tvmq.frontends import import_model

@@ -94,7 +94,9 @@ def _compression_options(g) -> None:
         "--cluster",
         type=int,
         metavar="N",
-        help="share weights: N values per tensor (k-means; a power of two from 2 to 256)",
+        help="share weights: N values per tensor (k-means; a power of two from 2 to 256), "
+        "stored as a codebook and codes, decoded once at load; with --quantize int8, "
+        "N <= 16 int8 values per weight (an int8 codebook)",
     )
 
 

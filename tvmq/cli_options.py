@@ -204,6 +204,18 @@ def check_compile_args(args) -> None:
         bits = args.cluster.bit_length() - 1
         if args.cluster < 2 or args.cluster > 256 or 1 << bits != args.cluster:
             raise UsageError(f"--cluster takes a power of two from 2 to 256, got {args.cluster}")
+        if args.quantize in ("w8", "w4", "int8-dynamic"):
+            raise UsageError(
+                f"--cluster combines with --quantize int8 (static), not {args.quantize}; "
+                "drop one of them"
+            )
+        if args.accuracy_drop is not None:
+            raise UsageError("--cluster and --accuracy-drop cannot be combined yet; drop one")
+        if args.quantize and args.cluster > 16:
+            raise UsageError(
+                f"--cluster with --quantize {args.quantize} shares at most 16 values per int8 "
+                f"weight, got {args.cluster}"
+            )
     if args.skip and not (args.quantize or args.prune is not None or args.cluster is not None):
         raise UsageError("--skip leaves layers out of --quantize, --prune or --cluster: give one")
     if args.sparse is None and args.sparse_block is not None:

@@ -11,6 +11,10 @@ frontend and before quantization / ``LegalizeOps``::
     # 3. weight sharing: codebook + packed indices
     ClusterWeights(bits, init)               for ClusterConfig
 
+With int8 quantization, the pipeline shares the int8 weights' values after quantizing
+inside static int8 quantization instead (``int8_cluster_params``: ``ClusterInt8Weights``,
+an int8 codebook per tensor).
+
 and returns the module plus a report (sparsity per weight, channels removed, clusters,
 parameters, multiply-accumulates and constant bytes before/after).
 """
@@ -35,6 +39,8 @@ __all__ = [
     "SparseConfig",
     "apply_compression",
     "cluster_pass",
+    "clustered_layers",
+    "int8_cluster_params",
     "compression_pipeline",
     "model_stats",
     "prune_pass",
@@ -53,6 +59,24 @@ def prune_pass(config: PruneConfig) -> tvm.transform.Pass:
 def cluster_pass(config: ClusterConfig) -> tvm.transform.Pass:
     """The Relax pass of a weight-sharing config."""
     return ClusterWeights(config.bits, config.init, config.min_size, config.seed, config.skip)
+
+
+def int8_cluster_params(config: ClusterConfig) -> dict:
+    """The ``int8_cluster`` parameter of ``static_int8_passes`` (``ClusterInt8Weights``'
+    arguments) for a config: an int8 codebook of ``2**bits`` entries per tensor."""
+    if config.bits > 4:
+        raise TvmqError(f"int8 weights share at most 16 values, got {2**config.bits}")
+    return {
+        "bits": config.bits,
+        "init": config.init,
+        "min_size": config.min_size,
+        "seed": config.seed,
+    }
+
+
+def clustered_layers(mod: tvm.IRModule) -> dict | None:
+    """What ``ClusterWeights`` / ``ClusterInt8Weights`` recorded on ``main`` (plain Python)."""
+    return _main_attr(mod, CLUSTER_ATTR) or None
 
 
 def as_prune_list(prune) -> list[PruneConfig]:
@@ -157,6 +181,6 @@ def apply_compression(
         "after": model_stats(out),
         "sparsity": sparsity,
         "channels": _main_attr(out, CHANNELS_ATTR) or None,
-        "clustered": _main_attr(out, CLUSTER_ATTR) or None,
+        "clustered": clustered_layers(out),
     }
     return out, report

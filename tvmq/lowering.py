@@ -30,6 +30,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     FoldBatchNorm,
+    FoldTableDecoders,
     PackDecodedDense,
     PackFloatConv,
     PackFloatDense,
@@ -64,6 +65,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # dp4a kernels (sm_61 and newer): dlight has no working int8 matmul rule in TVM 0.27.
         return [PackInt8DenseCUDA(target)]
     return [
+        FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
         PackInt8BatchMatmulX86(target),  # int8 activation x activation (attention)
@@ -71,7 +73,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
-        PackDecodedDense(target),  # w8 / w4 / clustered matmul weights, decoded in the kernel
+        PackDecodedDense(target),  # w8 / w4 matmul weights, decoded in the kernel
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 

@@ -4,7 +4,8 @@
 
     # Phase 1, compress: prune channels, then zero weights, then share weights
     #   (tvmq.compression: configs -> PruneChannels / PruneMagnitude / PruneNM /
-    #   ClusterWeights); float matmuls with a block-sparse weight -> BSR kernels (SparsifyDense).
+    #   ClusterWeights; with int8, ClusterInt8Weights inside phase 2); float matmuls with a
+    #   block-sparse weight -> BSR kernels (SparsifyDense).
     # Phase 2, quantize: the scheme's handler (tvmq.quantization: static.py, dynamic.py,
     #   weight_only.py) calibrates on the prepared model and turns the config and the
     #   statistics into plain pass parameters; the passes come from tvmq.passes.pipeline
@@ -36,7 +37,12 @@ import tvm
 
 from tvmq import build
 from tvmq.build import BuildInfo
-from tvmq.compression import apply_compression, as_prune_list
+from tvmq.compression import (
+    apply_compression,
+    as_prune_list,
+    clustered_layers,
+    int8_cluster_params,
+)
 from tvmq.core.compression import SparseConfig
 from tvmq.core.schemes import Int8Static, get_scheme
 from tvmq.errors import TvmqError
@@ -49,6 +55,7 @@ from tvmq.passes import (
     SparsifyDense,
     has_qdq,
     static_int8_passes,
+    tvmq_pipeline,
 )
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
@@ -131,11 +138,9 @@ def compress(
         return _lower_prequantized(model, prune, cluster, quantize)
     if quantize is None:  # a dynamic-range .tflite: its own int8 layers, quantized at run time
         quantize = dynamic_range_scheme(model)
-    if cluster is not None and quantize is not None:
-        raise TvmqError(
-            "weight clustering and quantization cannot be combined yet: clustered weights "
-            "are decoded at run time, so the quantizer finds no constant weights"
-        )
+    int8_cluster = _int8_cluster(cluster, quantize, accuracy_control)
+    if int8_cluster is not None:
+        cluster = None  # shared on the int8 weights, inside quantization
     applied: dict = {}
     notes: dict = {}
     # Phase 1: compress.
@@ -208,6 +213,15 @@ def compress(
             "float_layers": control.float_layers,
         }
     notes["float_ops"] = list(result.float_ops)
+    if int8_cluster is not None:
+        # The static passes again, from the calibrated parameters, with the int8 weights
+        # shared before LowerInt8 derives the zero-point terms from them.
+        c = int8_cluster
+        params = {**result.pipeline_params, "int8_cluster": int8_cluster_params(c)}
+        mod = tvmq_pipeline(**params, build=False)(model.mod)
+        result = dataclasses.replace(result, mod=mod, pipeline_params=params)
+        applied["cluster"] = {**c.describe(), "codebook": "int8"}
+        notes.setdefault("compression", {})["clustered"] = clustered_layers(result.mod)
     return Compressed(result, applied, notes, result.pipeline_params, result)
 
 
@@ -253,6 +267,31 @@ def run(
         quantized.report.output_sqnr_db = sqnr
         done.applied["quantize"] = {**done.applied["quantize"], **quantized.describe()}
     return Built(**vars(done), executable=ex, build_info=info)
+
+
+def _int8_cluster(cluster, quantize, accuracy_control):
+    """The cluster config to apply to the int8 weights after quantizing, or None when
+    `cluster` is not combined with quantization; TvmqError for a combination that cannot be."""
+    if cluster is None or quantize is None:
+        return None
+    if not isinstance(quantize, Int8Static):
+        raise TvmqError(
+            "weight clustering combines with static int8 quantization only, not "
+            f"{type(quantize).__name__}; drop one of them"
+        )
+    if accuracy_control is not None:
+        raise TvmqError("weight clustering and accuracy control cannot be combined yet")
+    if cluster.bits > 4:
+        raise TvmqError(
+            f"with int8 quantization, clustering shares at most 16 values per weight, got "
+            f"{2**cluster.bits}: an int8 weight is already 8 bits (use --cluster 16 or fewer)"
+        )
+    if cluster.skip:
+        raise TvmqError(
+            "with int8 quantization, the int8 weights are clustered and layers are left out "
+            "of both through the scheme's skip; drop the cluster config's skip"
+        )
+    return cluster
 
 
 def _with_mod(model: ImportedModel, mod: tvm.IRModule) -> ImportedModel:

@@ -90,7 +90,7 @@ def profile_kernels(
     args, kwargs = (inputs, {}) if not isinstance(inputs, dict) else ((), inputs)
     tensors = model._to_device(list(args), kwargs)
     lib, vm = model._lib, model._vm
-    calls = _record_calls(vm, lib, tensors)
+    calls = _record_calls(vm, lib, model.main_args(tensors))
     whole = model.benchmark([t.numpy() for t in tensors], warmup=warmup, repeat=repeat)
     per_kernel: dict[str, list[float]] = {}
     for owner, name, call_args in calls:

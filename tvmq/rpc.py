@@ -47,7 +47,13 @@ from tvmq.errors import TvmqError
 from tvmq.frontends.model import TensorSpec
 from tvmq.manifest import Manifest
 from tvmq.rpc_session import DEFAULT_PORT, DEFAULT_TIMEOUT_S, BoardError, BoardSession, connect
-from tvmq.runtime import LatencyStats, check_inputs, random_inputs, verified_library
+from tvmq.runtime import (
+    DECODE_AT_LOAD,
+    LatencyStats,
+    check_inputs,
+    random_inputs,
+    verified_library,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -183,6 +189,7 @@ class RemoteModel:
             session.rpc.upload(str(lib_path), target=remote_name)
             self._lib = session.rpc.load_module(remote_name)
             self._vm = relax.VirtualMachine(self._lib, self.device)
+            self._params = _decoded_params(self._vm)
         session._models.add(self)
 
     @property
@@ -227,11 +234,13 @@ class RemoteModel:
     def _release(self) -> None:
         """Drop every handle to the board (the session is closing)."""
         self._vm = self._lib = self.device = None
+        self._params = []
 
     def _set_inputs(self, arrays: list[np.ndarray]) -> None:
         # Over RPC a tuple result is an opaque handle, so the VM's stateful calls
         # (set_input / invoke_stateful / get_outputs) replace vm["main"](...).
-        self._vm.set_input("main", *[tvm.runtime.tensor(a, self.device) for a in arrays])
+        inputs = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        self._vm.set_input("main", *inputs, *self._params)
 
     @contextlib.contextmanager
     def _board_errors(
@@ -250,6 +259,17 @@ class RemoteModel:
 
     def __repr__(self) -> str:
         return f"<RemoteModel {self.directory} on {self.session.describe()}>"
+
+
+def _decoded_params(vm: relax.VirtualMachine) -> list:
+    """On the board, the weights a library decodes at load (see ``tvmq.runtime.decoded_params``),
+    fetched through the VM's stateful calls (a tuple result is an opaque RPC handle)."""
+    if not vm.module.implements_function(DECODE_AT_LOAD):
+        return []
+    vm.set_input(DECODE_AT_LOAD)
+    vm.invoke_stateful(DECODE_AT_LOAD)
+    arity = vm.module["get_output_arity"](DECODE_AT_LOAD)
+    return [vm.module["get_output"](DECODE_AT_LOAD, i) for i in range(arity)]
 
 
 def _fetch_outputs(vm_module: tvm.runtime.Module, index: tuple[int, ...]) -> list[np.ndarray]:

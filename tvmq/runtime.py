@@ -159,6 +159,7 @@ class CompiledModel:
             load_device_runtime(self.device)
             self._lib = _load_fresh(lib_path)
             self._vm = VirtualMachine(self._lib, self.device)
+            self._params = decoded_params(self._vm)
         except Exception as e:
             raise TvmqError(
                 f"{lib_path}: cannot load for target '{target.get('name')}' on {self.device}: {e}"
@@ -176,8 +177,12 @@ class CompiledModel:
         arrays = check_inputs(self.manifest.inputs, args, kwargs)
         return [tvm.runtime.tensor(a, self.device) for a in arrays]
 
+    def main_args(self, tensors: list) -> list:
+        """The arguments of the VM's ``main``: the inputs, then any weights decoded at load."""
+        return [*tensors, *self._params]
+
     def __call__(self, *args, **kwargs):
-        result = self._vm["main"](*self._to_device(args, kwargs))
+        result = self._vm["main"](*self.main_args(self._to_device(args, kwargs)))
         outs = _flatten(result)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -186,7 +191,7 @@ class CompiledModel:
     ) -> LatencyStats:
         """Time ``repeat`` calls after ``warmup`` calls (inputs already on the device)."""
         tensors = self._to_device(inputs or random_inputs(self.manifest.inputs), {})
-        self._vm.set_input("main", *tensors)
+        self._vm.set_input("main", *self.main_args(tensors))
         for _ in range(max(warmup, 0)):
             self._vm.invoke_stateful("main")
         timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
@@ -200,6 +205,20 @@ def _flatten(result) -> list[np.ndarray]:
     for r in result:
         out.extend(_flatten(r))
     return out
+
+
+DECODE_AT_LOAD = "main_transform_params"
+"""A library function that computes weights stored compressed (``tvmq.passes.DecodeAtLoad``;
+the name and convention of TVM's ``LiftTransformParams``): run once at load, its outputs are
+passed to ``main`` after the inputs."""
+
+
+def decoded_params(vm: VirtualMachine) -> list:
+    """The outputs of the library's :data:`DECODE_AT_LOAD` function (run once, here), or
+    ``[]`` for a library without one."""
+    if not vm.module.implements_function(DECODE_AT_LOAD):
+        return []
+    return list(vm[DECODE_AT_LOAD]())
 
 
 def load_device_runtime(device: tvm.runtime.Device) -> None:

@@ -23,6 +23,7 @@ from tvmq.quantization.collect import (
     collect_activation_stats,
     host_executable,
 )
+from tvmq.runtime import decoded_params
 
 __all__ = ["FirstBatch", "LayerReport", "QuantizationReport", "output_sqnr"]
 
@@ -209,7 +210,8 @@ def output_sqnr(
     """Per output: SQNR of a host executable's (or loaded library's) outputs on `batch`
     against the float ones."""
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(batch.inputs[n]) for n in names])
+    inputs = [tvm.runtime.tensor(batch.inputs[n]) for n in names]
+    out = vm["main"](*inputs, *decoded_params(vm))
     got = _flatten(out)
     return [qmath.sqnr(ref, q) for ref, q in zip(batch.outputs, got, strict=True)]
 
