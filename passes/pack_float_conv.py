@@ -155,7 +155,9 @@ class _Lowering:
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
             lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue)
         else:
-            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers)
+            tiles = choose_conv_tiles(
+                ow, o, self.lanes, self.registers, epilogue=epilogue is not None
+            )
             packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
             kernel = lambda shape, t, e: float_conv2d_nhwc(shape, t, e)  # noqa: E731
             lowered = _emit(

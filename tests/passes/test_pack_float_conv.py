@@ -147,6 +147,8 @@ def test_tiles_fit_the_registers():
         for o, lanes, regs in ((64, 16, 32), (24, 16, 32), (512, 16, 32), (40, 8, 16), (64, 4, 32)):
             t = choose_conv_tiles(ow, o, lanes, regs)
             assert t.mr * t.nr <= regs - 4
+            tight = choose_conv_tiles(ow, o, lanes, regs, epilogue=True)
+            assert tight.mr * tight.nr + tight.nr + 1 <= regs  # accumulators, weights, broadcast
             assert t.ow_padded % t.mr == 0 and t.ow_padded >= ow
             assert t.o_padded % (t.nr * lanes) == 0 and 0 <= t.o_padded - o < lanes
             assert t.mr >= min(4, ow)  # never a one-pixel tile on a wide output
