@@ -61,8 +61,8 @@ COMPILE_CASES = {
     "unknown-quantize": (["--quantize", "int3"], "invalid choice"),
     "zero-dim-shape": (["--input-shape", "x:0x8"], "at least 1"),
     "zero-sized-shape": (["--input-shape", "x:0"], "at least 1"),
-    "negative-dim-shape": (["--input-shape", "x:2x-8"], "at least 1"),
-    "empty-shape": (["--input-shape", "x:"], "integers"),
+    "negative-dim-shape": (["--input-shape", "x:2x-8"], "an integer or a name"),
+    "empty-shape": (["--input-shape", "x:"], "an integer or a name"),
     "nameless-shape": (["--input-shape", "2x8"], "NAME:"),
     "same-input-twice": (["--input-shape", "x:2x8", "--input-shape", "x:4x8"], "twice"),
 }

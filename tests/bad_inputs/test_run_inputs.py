@@ -141,7 +141,8 @@ BUILD_CASES = {
     "library-sha256-garbled": (_set("library", "sha256", "not-a-digest"), "library.sha256"),
     "inputs-not-list": (_set("inputs", "x"), "'inputs'"),
     "input-not-object": (_set("inputs", ["x"]), "inputs[0]"),
-    "input-shape-text": (_set("inputs", 0, "shape", ["two", 32]), "inputs[0].shape"),
+    # A name is a symbolic dim; a name that is not an identifier is not.
+    "input-shape-text": (_set("inputs", 0, "shape", ["two words", 32]), "inputs[0].shape"),
     "input-shape-negative": (_set("inputs", 0, "shape", [-2, 32]), "inputs[0].shape"),
     "input-dtype-missing": (
         _manifest_edit(lambda d: d["inputs"][0].pop("dtype")),
