@@ -159,10 +159,10 @@ class _Lowering:
                 ow, o, self.lanes, self.registers, epilogue=epilogue is not None
             )
             packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
-            kernel = lambda shape, t, e: float_conv2d_nhwc(shape, t, e)  # noqa: E731
             lowered = _emit(
-                rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, "float_conv2d", bias, epilogue
-            )
+                rw, x, geo, packed, tiles, tiles.o_padded, o, float_conv2d_nhwc, "float_conv2d",
+                bias, epilogue,
+            )  # fmt: skip
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
         return lowered

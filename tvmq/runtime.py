@@ -81,7 +81,7 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
         raise InputMismatchError(
             f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(args)}"
         )
-    arrays, shapes = [], []
+    arrays = []
     for spec, a in zip(specs, args, strict=True):
         a = np.asarray(a)
         if a.dtype.kind not in "biufc":  # strings or objects: say so, not "wrong dtype"
@@ -93,10 +93,9 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
             raise InputMismatchError(
                 f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
             )
-        shapes.append(a.shape)  # before ascontiguousarray, which makes a scalar (1,)
-        arrays.append(np.ascontiguousarray(a))
+        arrays.append(np.asarray(a, order="C"))  # unlike ascontiguousarray, keeps 0-d 0-d
     try:  # ranks and static dims; a symbolic dim takes any size, the same in every input
-        bind_symbols(specs, shapes)
+        bind_symbols(specs, [a.shape for a in arrays])
     except ValueError as e:
         raise InputMismatchError(str(e)) from None
     return arrays
