@@ -52,6 +52,7 @@ from tvmq.kernels.cpu_float_conv import (
     pack_conv_weight,
     simd_lanes_and_registers,
 )
+from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
 from .channels_last import (
@@ -96,12 +97,12 @@ def find_epilogues(mod: tvm.IRModule) -> Epilogues:
             values = {b.var: b.value for b in block.bindings}
             for b in block.bindings:
                 found_conv = match_float_conv2d(b.value)
-                nxt = _only_user(b.var, users, values) if found_conv is not None else None
+                nxt = only_user(b.var, users, values) if found_conv is not None else None
                 bias = _bias(nxt[1], b.var, found_conv[2].shape[0]) if nxt else None
                 if bias is None:
                     continue
                 chain, epilogue = (nxt[0],), ConvEpilogue()
-                act = _only_user(nxt[0], users, values)
+                act = only_user(nxt[0], users, values)
                 bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
                 if bounds is not None and act[1].args[0].same_as(nxt[0]):
                     chain, epilogue = (nxt[0], act[0]), ConvEpilogue(*bounds)
@@ -109,7 +110,7 @@ def find_epilogues(mod: tvm.IRModule) -> Epilogues:
     return found
 
 
-def _only_user(var, users, values) -> tuple[relax.Var, relax.Expr] | None:
+def only_user(var, users, values) -> tuple[relax.Var, relax.Expr] | None:
     """(user, its value) of a dataflow var read by exactly one binding, else None."""
     used = users.get(var, [])
     if not isinstance(var, relax.DataflowVar) or len(used) != 1:
@@ -171,7 +172,7 @@ class _Lowering:
 def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None) -> relax.Expr:
     """Emit the NHWC depthwise kernel for ``x`` (float32, uint8 or int8; ``w_hwc`` (KH, KW,
     C) of float32 or int8) and return its NCHW value; float32 may take a ``bias`` (C,) and
-    an epilogue."""
+    a :class:`ConvEpilogue`, int8 ``bias = (offset, multiplier)`` and a ``Requantize``."""
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
@@ -201,6 +202,8 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) 
     )
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
+    if isinstance(epilogue, Requantize):
+        out_dtype, suffix = epilogue.dtype, "_requantize"
     fn = rw.kernel_var(
         (name, shape, tiles, str(x.ty.dtype), epilogue),
         f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}{suffix}",
@@ -208,7 +211,11 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) 
     )
     out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), out_dtype)
     args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]
-    if epilogue is not None:
+    if isinstance(epilogue, Requantize):
+        offset, multiplier = bias
+        args.append(relax.const(np.pad(offset, (0, o_padded - o)).astype(np.int32), "int32"))
+        args.append(relax.const(np.pad(multiplier, (0, o_padded - o)).astype(np.float32)))
+    elif epilogue is not None:
         args.append(relax.const(np.pad(bias, (0, o_padded - o)).astype(np.float32), "float32"))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
     if tiles.ow_padded != ow or o_padded != o:

@@ -19,7 +19,11 @@ into::
 The im2col kernel (:func:`tvmq.kernels.x86_int8_conv.int8_im2col`) also does the conv's
 padding, the int8 -> uint8 shift and the padding of M and K to the dense kernel's tiles;
 the weight is ``W.transpose(0, 2, 3, 1).reshape(O, K).T``, packed at compile time like a
-dense weight (:func:`tvmq.kernels.pack_weight_vnni`). An int8 ``x`` is shifted by +128
+dense weight (:func:`tvmq.kernels.pack_weight_vnni`). When the conv's result only feeds
+``LowerInt8``'s float requantize (offset add, ReLU, ``astype``, per-channel multiply,
+``quantize(scale=1)``, clip: :func:`find_requantize_epilogues`), the dense kernel computes
+it before storing and ``acc`` is the int8 / uint8 result itself: bit-identical, and the int32
+sums (4 bytes an output, larger than L2 for an early MobileNet layer) never go to memory. An int8 ``x`` is shifted by +128
 (the padding zeros too), and the dense kernel adds ``-128 * colsum`` per output channel
 back: the result is the exact integer convolution. A ``strided_slice`` drops the padded
 rows and channels when there are any. The kernels are marked ``tirx.is_scheduled`` and
@@ -42,12 +46,20 @@ is left, so running the pass again changes nothing.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
-from tvmq.kernels.x86_int8 import choose_tiles, int8_dense_vnni, pack_weight_vnni, padded_kn
+from tvmq.kernels.x86_int8 import (
+    Requantize,
+    choose_tiles,
+    int8_dense_vnni,
+    pack_weight_vnni,
+    padded_kn,
+)
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
 from .channels_last import (
@@ -57,10 +69,110 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
-from .pack_float_conv import lower_depthwise
+from .pack_float_conv import lower_depthwise, only_user
 from .pack_int8_dense_x86 import VNNIPass
+from .relax_utils import ADD, CLIP, QUANTIZE, RELU, clip_bounds, is_tensor_const, op_name
 
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
+
+
+class RequantizeEpilogue(NamedTuple):
+    """What the dense kernel of an int8 conv computes after its sum: the ops ``chain`` (their
+    vars become the kernel's result) of ``LowerInt8``'s float requantize."""
+
+    chain: tuple[relax.Var, ...]
+    offset: np.ndarray  # (O,) int32, added first
+    multiplier: np.ndarray  # (O,) float32
+    requantize: Requantize
+
+
+def find_requantize_epilogues(mod: tvm.IRModule) -> dict[relax.Var, RequantizeEpilogue]:
+    """The int8 convs whose result only feeds ``LowerInt8``'s float requantize::
+
+        [add(conv, offset)] -> [relu] -> astype(float32) -> multiply(., m) ->
+        quantize(., 1.0, z) -> [clip(lo, hi)]
+
+    (``offset`` / ``m`` constants per output channel, each op the only reader of the one
+    before): the dense kernel stores the int8 / uint8 result, the int32 sums never go to
+    memory (a pass over 4 bytes an output less, and one kernel less)."""
+    found = {}
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            if isinstance(block, relax.DataflowBlock):
+                users = relax.analysis.udchain(block)
+                values = {b.var: b.value for b in block.bindings}
+                for b in block.bindings:
+                    conv = match_int8_conv2d(b.value) or match_int8_depthwise(b.value)
+                    epilogue = conv and _requantize_chain(b.var, conv[2].shape[0], users, values)
+                    if epilogue:
+                        found[b.var] = epilogue
+    return found
+
+
+def _requantize_chain(var, channels: int, users, values) -> RequantizeEpilogue | None:
+    chain, offset, relu = [], np.zeros(channels, np.int32), False
+
+    def step(name: str, *, const_dtype: str | None = None):
+        nxt = only_user(chain[-1] if chain else var, users, values)
+        call = nxt[1] if nxt else None
+        if op_name(call) != name or not call.args[0].same_as(chain[-1] if chain else var):
+            return None
+        if const_dtype is not None:
+            c = _channel_const(call.args[1] if len(call.args) == 2 else None, channels)
+            if c is None or str(c.dtype) != const_dtype:
+                return None
+            chain.append(nxt[0])
+            return c
+        chain.append(nxt[0])
+        return call
+
+    added = step(ADD, const_dtype="int32")
+    if added is not None:
+        offset = added
+    relu = step(RELU) is not None
+    cast = step("relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    multiplier = step("relax.multiply", const_dtype="float32")
+    quantize = step(QUANTIZE) if multiplier is not None else None
+    if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
+        return None
+    scale, zero = (_scalar(a) for a in quantize.args[1:])
+    if scale != 1.0 or not isinstance(zero, int):
+        return None
+    dtype = str(quantize.attrs.out_dtype)
+    info = np.iinfo(dtype)
+    lo, hi = int(info.min), int(info.max)
+    nxt = only_user(chain[-1], users, values)
+    bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
+    if bounds is not None and nxt[1].args[0].same_as(chain[-1]):
+        chain.append(nxt[0])
+        lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
+    return RequantizeEpilogue(
+        tuple(chain), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
+    )
+
+
+def _channel_const(c, channels: int) -> np.ndarray | None:
+    """A constant broadcast along the NCHW channel axis only, as a ``(channels,)`` array."""
+    if c is None or not is_tensor_const(c):
+        return None
+    value = c.value.numpy()
+    if value.ndim > 4 or value.size not in (1, channels):
+        return None
+    full = value.reshape((1,) * (4 - value.ndim) + value.shape)
+    if full.shape[0] != 1 or full.shape[2:] != (1, 1):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(full.reshape(-1), (channels,)))
+
+
+def _scalar(c) -> float | int | None:
+    """The value of a scalar tensor constant (an int for integer dtypes), else None."""
+    if not is_tensor_const(c) or c.value.numpy().size != 1:
+        return None
+    return c.value.numpy().reshape(()).item()
 
 
 def match_int8_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
@@ -82,59 +194,88 @@ def match_int8_depthwise(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, 
     return (x, geo, w) if is_depthwise(geo, w, groups) else None
 
 
-def _lower_depthwise(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
-    """A depthwise int8 conv on the NHWC depthwise kernel (vectorized over channels)."""
-    found = match_int8_depthwise(call)
-    if found is None:
-        return None
-    x, geo, w = found
-    # This pass runs only on AVX-512 VNNI targets: 16 int32 lanes, 32 vector registers.
-    tiles = choose_depthwise_tiles(geo.out_hw[1], geo.x_shape[1], 16, 32)
-    if tiles is None:
-        return None
-    return lower_depthwise(rw, x, geo, np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)), tiles)
+class _Lowering:
+    """The ``lower`` callback of :class:`ChannelsLastRewriter`: im2col -> VNNI dense for a
+    matched int8 conv (see the module docstring), with its requantize when it has one, the
+    depthwise kernel for a depthwise conv, else None."""
 
+    def __init__(self, epilogues: dict[relax.Var, RequantizeEpilogue]):
+        self.epilogues = epilogues
 
-def _lower(rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
-    """im2col -> VNNI dense for a matched int8 conv (see the module docstring), the depthwise
-    kernel for a depthwise one, else None."""
-    found = match_int8_conv2d(call)
-    if found is None:
-        return _lower_depthwise(rw, call)
-    x, geo, w = found
-    bb = rw.builder_
-    o = w.shape[0]
-    m, k = geo.m, geo.k
-    kp, np_ = padded_kn(k, o)
-    mp = choose_tiles(m, np_).m_padded
-    x_dtype = str(x.ty.dtype)
-    cols_fn = rw.kernel_var(
-        ("im2col", geo, x_dtype, mp, kp),
-        f"tvmq_int8_im2col_{mp}x{kp}",
-        lambda: int8_im2col(geo, x_dtype, mp, kp),
-    )
-    x = rw.nhwc_input(x)
-    cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=relax.TensorType((mp, kp), "uint8")))
-    w2 = w.transpose(0, 2, 3, 1).reshape(o, k).T  # (K, O), K in cols' (ky, kx, c) order
-    args = [cols, relax.const(pack_weight_vnni(np.ascontiguousarray(w2)), "int8")]
-    shift = _SHIFT if x_dtype == "int8" else 0
-    if shift:
+    def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
+        found = match_int8_conv2d(call)
+        epilogue = self.epilogues.get(rw.current_var)
+        if found is None:
+            return self._depthwise(rw, call, epilogue)
+        x, geo, w = found
+        bb = rw.builder_
+        o = w.shape[0]
+        m, k = geo.m, geo.k
+        kp, np_ = padded_kn(k, o)
+        mp = choose_tiles(m, np_).m_padded
+        x_dtype = str(x.ty.dtype)
+        cols_fn = rw.kernel_var(
+            ("im2col", geo, x_dtype, mp, kp),
+            f"tvmq_int8_im2col_{mp}x{kp}",
+            lambda: int8_im2col(geo, x_dtype, mp, kp),
+        )
+        x = rw.nhwc_input(x)
+        cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=relax.TensorType((mp, kp), "uint8")))
+        w2 = w.transpose(0, 2, 3, 1).reshape(o, k).T  # (K, O), K in cols' (ky, kx, c) order
+        args = [cols, relax.const(pack_weight_vnni(np.ascontiguousarray(w2)), "int8")]
+        shift = _SHIFT if x_dtype == "int8" else 0
         offset = np.zeros(np_, dtype=np.int32)
         offset[:o] = -shift * w2.astype(np.int32).sum(axis=0)
-        args.append(relax.const(offset, "int32"))
-    dense_fn = rw.kernel_var(
-        ("dense", mp, kp, np_, bool(shift)),
-        f"tvmq_int8_dense_vnni_{mp}x{kp}x{np_}" + ("_offset" if shift else ""),
-        lambda: int8_dense_vnni(mp, kp, np_, with_offset=bool(shift)).with_attr(
-            "op_pattern", OPAQUE
-        ),
-    )
-    y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), "int32")))
-    if mp != m or np_ != o:
-        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, o]))
-    oh, ow = geo.out_hw
-    y = bb.emit(relax.op.reshape(y, (geo.x_shape[0], oh, ow, o)))
-    return relax.op.permute_dims(y, TO_NCHW)
+        requantize, out_dtype, name = None, "int32", f"tvmq_int8_dense_vnni_{mp}x{kp}x{np_}"
+        if epilogue is not None:  # int32 sums wrap the same in either order
+            offset[:o] += epilogue.offset
+            requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
+            name += "_requantize"
+        with_offset = bool(offset.any())
+        if with_offset:
+            args.append(relax.const(offset, "int32"))
+            name += "_offset"
+        if epilogue is not None:
+            args.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - o)), "float32"))
+        dense_fn = rw.kernel_var(
+            ("dense", mp, kp, np_, with_offset, requantize),
+            name,
+            lambda: int8_dense_vnni(
+                mp, kp, np_, with_offset=with_offset, requantize=requantize
+            ).with_attr("op_pattern", OPAQUE),
+        )
+        y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), out_dtype)))
+        if mp != m or np_ != o:
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, o]))
+        oh, ow = geo.out_hw
+        y = bb.emit(relax.op.reshape(y, (geo.x_shape[0], oh, ow, o)))
+        _alias(rw, epilogue)
+        return relax.op.permute_dims(y, TO_NCHW)
+
+    @staticmethod
+    def _depthwise(rw, call, epilogue: RequantizeEpilogue | None) -> relax.Expr | None:
+        """A depthwise int8 conv on the NHWC depthwise kernel (vectorized over channels)."""
+        found = match_int8_depthwise(call)
+        if found is None:
+            return None
+        x, geo, w = found
+        # This pass runs only on AVX-512 VNNI targets: 16 int32 lanes, 32 vector registers.
+        tiles = choose_depthwise_tiles(geo.out_hw[1], geo.x_shape[1], 16, 32)
+        if tiles is None:
+            return None
+        w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+        if epilogue is None:
+            return lower_depthwise(rw, x, geo, w_hwc, tiles)
+        args = (epilogue.offset, epilogue.multiplier)
+        lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, args, epilogue.requantize)
+        _alias(rw, epilogue)
+        return lowered
+
+
+def _alias(rw: ChannelsLastRewriter, epilogue: RequantizeEpilogue | None) -> None:
+    """The requantize ops are the current kernel's result now."""
+    for var in epilogue.chain if epilogue is not None else ():
+        rw.aliases[var] = rw.current_var
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8ConvX86")
@@ -143,4 +284,4 @@ class PackInt8ConvX86(VNNIPass):
     (``target``: see :class:`VNNIPass`)."""
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_channels_last(mod, _lower)
+        return rewrite_channels_last(mod, _Lowering(find_requantize_epilogues(mod)))

@@ -7,6 +7,7 @@ import pytest
 import tvm
 
 from tvmq.kernels.x86_int8 import (
+    Requantize,
     int8_batch_matmul_vnni,
     int8_dense_vnni,
     int8_dense_vnni_rows,
@@ -42,6 +43,37 @@ def test_dense_is_exact_with_one_scratch_buffer(m, k, n):
     # Only the accumulator tile may come from TVM's workspace pool: the intrinsic's operands
     # were let-bound values stored to two more workspaces per task, which halved the speed.
     assert "vpdpbusd" in _llvm(lib, "asm") and _workspace_allocs(lib) <= 1
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    "m,k,n,r",
+    [
+        (56, 64, 32, Requantize("uint8", 0, 0, 255, relu=True)),
+        (12, 36, 48, Requantize("int8", -3, -128, 127)),
+        (49, 576, 64, Requantize("uint8", 7, 7, 200)),  # a clip narrower than the dtype
+    ],
+)
+def test_dense_requantize_epilogue_matches_numpy_float32(m, k, n, r):
+    """The fused requantize is numpy's float32 ``rint(float32(acc + offset) * mult) + zp``,
+    clamped, bit for bit (round half to even: ties are made likely by the multipliers)."""
+    lib = _compile(int8_dense_vnni(m, k, n, with_offset=True, requantize=r))
+    rng = np.random.default_rng(m * n + k)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    offset = rng.integers(-20000, 20000, n, dtype=np.int32)
+    mult = (rng.choice([0.5, 0.25, 2.0**-7], n) * rng.uniform(0.5, 1, n)).astype(np.float32)
+    mult[::3] = 2.0**-8  # exact halves: round-half-to-even matters
+    out = tvm.runtime.tensor(np.zeros((m, n), r.dtype))
+    args = [x, pack_weight_vnni(w), offset, mult]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    acc = (x.astype(np.int64) @ w.astype(np.int64) + offset).astype(np.int32)
+    if r.relu:
+        acc = np.maximum(acc, 0)
+    q = np.rint(acc.astype(np.float32) * mult) + np.float32(r.zero_point)
+    expected = np.clip(q, r.lo, r.hi).astype(r.dtype)
+    np.testing.assert_array_equal(out.numpy(), expected)
+    assert (expected != r.lo).mean() > 0.3  # not all clamped away
 
 
 @pytest.mark.vnni

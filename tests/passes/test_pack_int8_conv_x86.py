@@ -315,15 +315,19 @@ def _ops_named(mod, name):
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
 def test_results_stay_nhwc_between_convs(rng):
-    """The epilogue, max_pool and the next im2col run channels last; NCHW only where read."""
+    """The requantize runs in the first dense kernel; max_pool, the second conv's epilogue
+    and the next im2col run channels last; NCHW only where read. Bit-exact with the
+    unrewritten module (TVM's default lowering) on random inputs."""
     mod = _conv_chain_module(rng)
     packed = PackInt8ConvX86(CASCADELAKE)(mod)
     (pool,) = _ops_named(packed, "relax.nn.max_pool2d")
     assert (pool.attrs.layout, pool.attrs.out_layout) == ("NHWC", "NHWC")
-    (q,) = _ops_named(packed, "relax.quantize")
+    assert not _ops_named(packed, "relax.quantize")  # stored requantized by the kernel
+    dense = [str(gv.name_hint) for gv in packed.get_global_vars() if "dense" in gv.name_hint]
+    assert sorted(dense) == ["tvmq_int8_dense_vnni_144x28x16_requantize_offset",
+                             "tvmq_int8_dense_vnni_16x144x32"]  # fmt: skip
     (dq,) = _ops_named(packed, "relax.dequantize")
     assert int(dq.attrs.axis) == 3  # the per-channel axis moved with the channels
-    assert [int(d) for d in q.args[0].ty.shape] == [1, 12, 12, 16]
     # The input to NHWC once; to NCHW only the second conv's result and the pool output the
     # reshape reads. None before the second conv (its im2col reads the NHWC pool output).
     permutes = _ops_named(packed, "relax.permute_dims")
@@ -418,3 +422,59 @@ def test_depthwise_is_exact_and_channels_last(rng, x_shape, k, strides, padding,
         groups=c,
     )  # integer sums below 2**53: exact in float64
     np.testing.assert_array_equal(got, want.numpy().astype(np.int32))
+
+
+def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z):
+    """conv -> LowerInt8's float requantize: add(offset) [-> relu] -> astype -> multiply(m)
+    -> quantize(1.0, z) [-> clip]."""
+    o = w.shape[0]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1, groups=groups,
+                                           out_dtype="int32"))  # fmt: skip
+            off = rng.integers(-4000, 4000, (1, o, 1, 1), dtype=np.int32)
+            y = bb.emit(relax.op.add(y, relax.const(off)))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit(relax.op.astype(y, "float32"))
+            m = (rng.random((1, o, 1, 1)) * 0.02).astype(np.float32)
+            m[:, ::4] = 2.0**-6  # exact halves: round half to even
+            y = bb.emit(relax.op.multiply(y, relax.const(m)))
+            q = relax.op.quantize(y, relax.const(np.float32(1.0)), relax.const(z, "int32"),
+                                  out_dtype=out_dtype)  # fmt: skip
+            if clip is not None:
+                q = relax.op.clip(bb.emit(q), *clip)
+            out = bb.emit_output(q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "o", "groups", "x_dtype", "relu", "clip", "out_dtype", "z"),
+    [
+        ((1, 16, 9, 11), 24, 1, "int8", False, None, "int8", -5),  # shifted input, signed out
+        ((1, 16, 9, 11), 20, 1, "uint8", True, (3, 120), "uint8", 3),  # padded N, ReLU6-like
+        ((2, 32, 8, 8), 32, 32, "uint8", True, None, "uint8", 0),  # depthwise
+        ((1, 24, 7, 9), 24, 24, "int8", False, (-100, 90), "int8", 2),  # depthwise, clip
+    ],
+)
+def test_requantize_runs_in_the_kernel_bit_exact(
+    rng, x_shape, o, groups, x_dtype, relu, clip, out_dtype, z
+):
+    """The requantize after an int8 conv (dense or depthwise) is computed by the conv's kernel:
+    no int32 tensor or quantize op is left, and the result equals TVM's default lowering of
+    the unrewritten module exactly."""
+    w = _random(rng, (o, x_shape[1] // groups, 3, 3), np.int8)
+    mod = _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.quantize") and not _has_conv2d(packed)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum(n.startswith("tvmq_") and "_requantize" in n for n in names) == 1, names
+    assert packed["main"].ret_ty.dtype == out_dtype
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    got, want = _run(packed, x), _run(mod, x)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20  # not clamped flat

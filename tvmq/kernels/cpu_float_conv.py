@@ -34,7 +34,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels._tiling import round_up
-from tvmq.kernels.x86_int8 import KERNEL_ATTR
+from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize, requantize_value
 
 # Below this many multiply-adds a parallel launch costs more than it saves.
 _PARALLEL_MIN_MACS = 1 << 20
@@ -150,16 +150,32 @@ class ConvEpilogue:
     hi: float = float("inf")
 
 
-def _bias(epilogue: ConvEpilogue | None, channels: int) -> te.Tensor | None:
-    """The ``(channels,)`` bias argument of a kernel with an epilogue (None without)."""
-    return None if epilogue is None else te.placeholder((channels,), "float32", name="bias")
+def _bias(epilogue: ConvEpilogue | Requantize | None, channels: int) -> list[te.Tensor]:
+    """The per-channel arguments of a kernel's epilogue: ``bias (channels,)`` float32, or
+    ``offset`` int32 and ``multiplier`` float32 for a requantize; none without."""
+    if epilogue is None:
+        return []
+    if isinstance(epilogue, Requantize):
+        return [
+            te.placeholder((channels,), "int32", name="offset"),
+            te.placeholder((channels,), "float32", name="multiplier"),
+        ]
+    return [te.placeholder((channels,), "float32", name="bias")]
 
 
-def _store(acc: te.Tensor, bias: te.Tensor | None, epilogue: ConvEpilogue | None) -> te.Tensor:
-    """The stored output ``Y``: the accumulator plus the bias, clamped to the bounds."""
+def _store(acc: te.Tensor, args: list[te.Tensor], epilogue) -> te.Tensor:
+    """The stored output ``Y``: the accumulator plus the bias, clamped to the bounds; or
+    requantized (:class:`~tvmq.kernels.x86_int8.Requantize`)."""
+    if isinstance(epilogue, Requantize):
+        off, mult = args
+        return te.compute(
+            acc.shape,
+            lambda *i: requantize_value(acc[i] + off[i[-1]], mult[i[-1]], epilogue),
+            name="Y",
+        )
 
     def value(*i):
-        v = acc[i] if bias is None else acc[i] + bias[i[-1]]
+        v = acc[i] if not args else acc[i] + args[0][i[-1]]
         if epilogue is not None and epilogue.lo != float("-inf"):
             v = te.max(v, tvm.tirx.const(epilogue.lo, "float32"))
         if epilogue is not None and epilogue.hi != float("inf"):
@@ -192,6 +208,8 @@ def float_conv2d_nhwc(
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, c), name="rc")
+    if isinstance(epilogue, Requantize):
+        raise ValueError("the float conv kernel takes a ConvEpilogue, not a requantize")
     bias = _bias(epilogue, o)
     acc = te.compute(
         (n, oh, ow, o),
@@ -201,8 +219,7 @@ def float_conv2d_nhwc(
         ),
         name="acc",
     )
-    extra = [] if bias is None else [bias]
-    func = te.create_prim_func([p, w, *extra, _store(acc, bias, epilogue)])
+    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue)])
     macs = n * oh * ow * o * kh * kw * c
     return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_conv2d_nhwc")
 
@@ -312,13 +329,15 @@ def float_depthwise_nhwc(
     shape: ConvShape,
     tiles: DepthwiseTiles,
     x_dtype: str = "float32",
-    epilogue: ConvEpilogue | None = None,
+    epilogue: ConvEpilogue | Requantize | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
     depthwise conv (one filter per channel) over a padded NHWC image (float32; or uint8 /
     int8 data with int8 weights and an exact int32 result), ``OW`` =
     ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
-    of accumulators per task. With an `epilogue` (float32 only), ``bias (c,)`` follows ``W``."""
+    of accumulators per task. With an `epilogue`, its arguments follow ``W``: ``bias (c,)``
+    for a float32 :class:`ConvEpilogue`; ``offset (c,) int32, multiplier (c,) float32`` for
+    an int8 :class:`~tvmq.kernels.x86_int8.Requantize` (the result is then int8 / uint8)."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, lanes = tiles.ow_padded, tiles.lanes
@@ -338,8 +357,10 @@ def float_depthwise_nhwc(
     w = te.placeholder((kh, kw, c), w_dtype, name="W")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    if epilogue is not None and x_dtype != "float32":
-        raise ValueError("only the float32 depthwise kernel takes an epilogue")
+    if epilogue is not None and (x_dtype == "float32") == isinstance(epilogue, Requantize):
+        raise ValueError(
+            "a float32 depthwise kernel takes a ConvEpilogue, an int8 one a requantize"
+        )
     bias = _bias(epilogue, c)
     acc = te.compute(
         (n, oh, ow, c),
@@ -350,8 +371,7 @@ def float_depthwise_nhwc(
         ),
         name="acc",
     )
-    extra = [] if bias is None else [bias]
-    func = te.create_prim_func([p, w, *extra, _store(acc, bias, epilogue)])
+    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue)])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
     return _schedule(func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name=name)

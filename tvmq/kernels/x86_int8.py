@@ -51,6 +51,22 @@ def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Requantize:
+    """An int8 / uint8 result computed before the store (a conv's requantize epilogue):
+    ``clamp(round(float32(v) * multiplier[j]) + zero_point, lo, hi)``, where ``v`` is the
+    accumulator plus the offset, ``max(v, 0)`` with ``relu``. The same float32 operations in
+    the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
+    the result is bit-identical to running them as separate kernels; the int32 result never
+    goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument."""
+
+    dtype: str  # "uint8" or "int8"
+    zero_point: int
+    lo: int
+    hi: int
+    relu: bool = False
+
+
+@dataclass(frozen=True)
 class DenseTiles:
     """Register tile of the dense kernel: ``mr`` rows x ``nr`` 16-lane vectors."""
 
@@ -97,7 +113,14 @@ def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.ti
 
 
 def int8_dense_vnni(
-    m, k: int, n: int, *, with_offset: bool = False, tiles: DenseTiles | None = None, extra=()
+    m,
+    k: int,
+    n: int,
+    *,
+    with_offset: bool = False,
+    tiles: DenseTiles | None = None,
+    extra=(),
+    requantize: Requantize | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -109,12 +132,15 @@ def int8_dense_vnni(
         Add a per-column int32 ``offset`` (an extra ``(n,)`` argument) to the result.
     tiles : DenseTiles, optional
         Defaults to :func:`choose_tiles` ``(m, n)``.
+    requantize : Requantize, optional
+        Store ``C`` requantized to int8 / uint8 (a ``multiplier (n,) float32`` argument
+        follows the offset).
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``],
-        ``C (m, n) int32``. Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave
+        Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
+        [, ``multiplier (n,) float32``], ``C (m, n)`` int32 (or the requantized dtype). Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave
         it alone) and :data:`KERNEL_ATTR`.
     """
     tiles = tiles or choose_tiles(m, n)
@@ -136,14 +162,31 @@ def int8_dense_vnni(
         name="acc",
     )
     args = [x, w]
-    if with_offset:
-        off = te.placeholder((n,), "int32", name="offset")
-        out = te.compute((m, n), lambda i, j: acc[i, j] + off[j], name="C")
-        args.append(off)
+    off = te.placeholder((n,), "int32", name="offset") if with_offset else None
+    args += [off] if with_offset else []
+
+    def value(i, j):
+        return acc[i, j] + off[j] if with_offset else acc[i, j]
+
+    if requantize is None:
+        out = te.compute((m, n), value, name="C")
     else:
-        out = te.compute((m, n), lambda i, j: acc[i, j], name="C")
+        mult = te.placeholder((n,), "float32", name="multiplier")
+        args.append(mult)
+        out = te.compute(
+            (m, n), lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
+        )
     func = te.create_prim_func([*args, *extra, out])
     return _schedule(func, tiles, parallel=not static_m or m * n * k >= _PARALLEL_MIN_MACS)
+
+
+def requantize_value(v, multiplier, r: Requantize):
+    """The float32 requantize of one int32 value (see :class:`Requantize`)."""
+    if r.relu:
+        v = te.max(v, tvm.tirx.const(0, "int32"))
+    f = te.round(v.astype("float32") * multiplier) + tvm.tirx.const(float(r.zero_point), "float32")
+    lo, hi = (tvm.tirx.const(float(b), "float32") for b in (r.lo, r.hi))
+    return te.max(te.min(f, hi), lo).astype(r.dtype)
 
 
 def int8_batch_matmul_vnni(
