@@ -203,7 +203,8 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) 
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
     if isinstance(epilogue, Requantize):
-        out_dtype, suffix = epilogue.dtype, "_requantize"
+        out_dtype = epilogue.dtype
+        suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
     fn = rw.kernel_var(
         (name, shape, tiles, str(x.ty.dtype), epilogue),
         f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}{suffix}",

@@ -71,7 +71,16 @@ from .channels_last import (
 )
 from .pack_float_conv import lower_depthwise, only_user
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import ADD, CLIP, QUANTIZE, RELU, clip_bounds, is_tensor_const, op_name
+from .relax_utils import (
+    ADD,
+    CLIP,
+    DEQUANTIZE,
+    QUANTIZE,
+    RELU,
+    clip_bounds,
+    is_tensor_const,
+    op_name,
+)
 
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
 
@@ -92,9 +101,10 @@ def find_requantize_epilogues(mod: tvm.IRModule) -> dict[relax.Var, RequantizeEp
         [add(conv, offset)] -> [relu] -> astype(float32) -> multiply(., m) ->
         quantize(., 1.0, z) -> [clip(lo, hi)]
 
-    (``offset`` / ``m`` constants per output channel, each op the only reader of the one
-    before): the dense kernel stores the int8 / uint8 result, the int32 sums never go to
-    memory (a pass over 4 bytes an output less, and one kernel less)."""
+    or, for a float result, ``[add(conv, offset)] -> [relu] -> dequantize(., s, 0, axis=1)``
+    (``offset`` / ``m`` / ``s`` constants per output channel, each op the only reader of the
+    one before): the conv's kernel stores the int8 / uint8 (or float32) result, the int32
+    sums never go to memory (a pass over 4 bytes an output less, and one kernel less)."""
     found = {}
     for _, func in mod.functions_items():
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
@@ -132,6 +142,9 @@ def _requantize_chain(var, channels: int, users, values) -> RequantizeEpilogue |
     if added is not None:
         offset = added
     relu = step(RELU) is not None
+    nxt = only_user(chain[-1] if chain else var, users, values)
+    if nxt is not None and op_name(nxt[1]) == DEQUANTIZE:
+        return _dequantize(var, chain, nxt, offset, relu, channels)
     cast = step("relax.astype")
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
@@ -152,6 +165,23 @@ def _requantize_chain(var, channels: int, users, values) -> RequantizeEpilogue |
         lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
     return RequantizeEpilogue(
         tuple(chain), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
+    )
+
+
+def _dequantize(var, chain, nxt, offset, relu, channels) -> RequantizeEpilogue | None:
+    """The chain ending in ``dequantize(., scale, 0, axis=1)`` to float32 (a float output)."""
+    call = nxt[1]
+    data, scale, zero = call.args
+    if not data.same_as(chain[-1] if chain else var) or str(call.attrs.out_dtype) != "float32":
+        return None
+    if not is_tensor_const(scale) or not is_tensor_const(zero) or zero.value.numpy().any():
+        return None
+    s = scale.value.numpy().reshape(-1)
+    if s.size not in (1, channels) or (s.size > 1 and int(call.attrs.axis) not in (1, -3)):
+        return None
+    multiplier = np.ascontiguousarray(np.broadcast_to(s, (channels,)), dtype=np.float32)
+    return RequantizeEpilogue(
+        (*chain, nxt[0]), offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu)
     )
 
 
@@ -230,7 +260,7 @@ class _Lowering:
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:o] += epilogue.offset
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
-            name += "_requantize"
+            name += "_requantize" if out_dtype != "float32" else "_dequantize"
         with_offset = bool(offset.any())
         if with_offset:
             args.append(relax.const(offset, "int32"))

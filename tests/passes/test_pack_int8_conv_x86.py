@@ -315,7 +315,7 @@ def _ops_named(mod, name):
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
 def test_results_stay_nhwc_between_convs(rng):
-    """The requantize runs in the first dense kernel; max_pool, the second conv's epilogue
+    """The requantize runs in the first dense kernel, the dequantize in the second; max_pool
     and the next im2col run channels last; NCHW only where read. Bit-exact with the
     unrewritten module (TVM's default lowering) on random inputs."""
     mod = _conv_chain_module(rng)
@@ -325,9 +325,8 @@ def test_results_stay_nhwc_between_convs(rng):
     assert not _ops_named(packed, "relax.quantize")  # stored requantized by the kernel
     dense = [str(gv.name_hint) for gv in packed.get_global_vars() if "dense" in gv.name_hint]
     assert sorted(dense) == ["tvmq_int8_dense_vnni_144x28x16_requantize_offset",
-                             "tvmq_int8_dense_vnni_16x144x32"]  # fmt: skip
-    (dq,) = _ops_named(packed, "relax.dequantize")
-    assert int(dq.attrs.axis) == 3  # the per-channel axis moved with the channels
+                             "tvmq_int8_dense_vnni_16x144x32_dequantize"]  # fmt: skip
+    assert not _ops_named(packed, "relax.dequantize")
     # The input to NHWC once; to NCHW only the second conv's result and the pool output the
     # reshape reads. None before the second conv (its im2col reads the NHWC pool output).
     permutes = _ops_named(packed, "relax.permute_dims")
@@ -426,7 +425,7 @@ def test_depthwise_is_exact_and_channels_last(rng, x_shape, k, strides, padding,
 
 def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z):
     """conv -> LowerInt8's float requantize: add(offset) [-> relu] -> astype -> multiply(m)
-    -> quantize(1.0, z) [-> clip]."""
+    -> quantize(1.0, z) [-> clip]; for a float32 ``out_dtype``, add [-> relu] -> dequantize."""
     o = w.shape[0]
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
@@ -438,14 +437,18 @@ def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_d
             y = bb.emit(relax.op.add(y, relax.const(off)))
             if relu:
                 y = bb.emit(relax.op.nn.relu(y))
-            y = bb.emit(relax.op.astype(y, "float32"))
             m = (rng.random((1, o, 1, 1)) * 0.02).astype(np.float32)
             m[:, ::4] = 2.0**-6  # exact halves: round half to even
-            y = bb.emit(relax.op.multiply(y, relax.const(m)))
-            q = relax.op.quantize(y, relax.const(np.float32(1.0)), relax.const(z, "int32"),
-                                  out_dtype=out_dtype)  # fmt: skip
-            if clip is not None:
-                q = relax.op.clip(bb.emit(q), *clip)
+            if out_dtype == "float32":  # a float result: dequantize along the channels
+                zeros = relax.const(np.zeros(o, np.int32))
+                q = relax.op.dequantize(y, relax.const(m.reshape(o)), zeros, axis=1)
+            else:
+                y = bb.emit(relax.op.astype(y, "float32"))
+                y = bb.emit(relax.op.multiply(y, relax.const(m)))
+                q = relax.op.quantize(y, relax.const(np.float32(1.0)), relax.const(z, "int32"),
+                                      out_dtype=out_dtype)  # fmt: skip
+                if clip is not None:
+                    q = relax.op.clip(bb.emit(q), *clip)
             out = bb.emit_output(q)
         bb.emit_func_output(out)
     return bb.get()
@@ -459,6 +462,8 @@ def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_d
         ((1, 16, 9, 11), 20, 1, "uint8", True, (3, 120), "uint8", 3),  # padded N, ReLU6-like
         ((2, 32, 8, 8), 32, 32, "uint8", True, None, "uint8", 0),  # depthwise
         ((1, 24, 7, 9), 24, 24, "int8", False, (-100, 90), "int8", 2),  # depthwise, clip
+        ((1, 16, 9, 11), 20, 1, "uint8", True, None, "float32", 0),  # dequantize (float out)
+        ((1, 32, 6, 10), 32, 32, "int8", False, None, "float32", 0),  # depthwise, dequantize
     ],
 )
 def test_requantize_runs_in_the_kernel_bit_exact(
@@ -470,9 +475,11 @@ def test_requantize_runs_in_the_kernel_bit_exact(
     w = _random(rng, (o, x_shape[1] // groups, 3, 3), np.int8)
     mod = _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z)
     packed = PackInt8ConvX86(CASCADELAKE)(mod)
-    assert not _ops_named(packed, "relax.quantize") and not _has_conv2d(packed)
+    assert not _has_conv2d(packed)
+    assert not _ops_named(packed, "relax.quantize") and not _ops_named(packed, "relax.dequantize")
     names = [str(gv.name_hint) for gv in packed.get_global_vars()]
-    assert sum(n.startswith("tvmq_") and "_requantize" in n for n in names) == 1, names
+    fused = "_dequantize" if out_dtype == "float32" else "_requantize"
+    assert sum(n.startswith("tvmq_") and fused in n for n in names) == 1, names
     assert packed["main"].ret_ty.dtype == out_dtype
     x = _random(rng, x_shape, np.dtype(x_dtype))
     got, want = _run(packed, x), _run(mod, x)

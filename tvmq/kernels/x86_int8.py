@@ -57,9 +57,10 @@ class Requantize:
     accumulator plus the offset, ``max(v, 0)`` with ``relu``. The same float32 operations in
     the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
     the result is bit-identical to running them as separate kernels; the int32 result never
-    goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument."""
+    goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument. ``dtype`` float32 is
+    a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused)."""
 
-    dtype: str  # "uint8" or "int8"
+    dtype: str  # "uint8", "int8" or "float32"
     zero_point: int
     lo: int
     hi: int
@@ -184,7 +185,10 @@ def requantize_value(v, multiplier, r: Requantize):
     """The float32 requantize of one int32 value (see :class:`Requantize`)."""
     if r.relu:
         v = te.max(v, tvm.tirx.const(0, "int32"))
-    f = te.round(v.astype("float32") * multiplier) + tvm.tirx.const(float(r.zero_point), "float32")
+    f = v.astype("float32") * multiplier
+    if r.dtype == "float32":  # a dequantize
+        return f
+    f = te.round(f) + tvm.tirx.const(float(r.zero_point), "float32")
     lo, hi = (tvm.tirx.const(float(b), "float32") for b in (r.lo, r.hi))
     return te.max(te.min(f, hi), lo).astype(r.dtype)
 
