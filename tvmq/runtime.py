@@ -172,7 +172,7 @@ class CompiledModel:
                 f"{lib_path}: cannot load for target '{target.get('name')}' on {self.device}: {e}"
             ) from e
         self._lock = threading.Lock()
-        self._slots = _InputSlots.for_inputs(self.manifest.inputs, self.device)
+        self._slots = _InputSlots.for_inputs(self.manifest.inputs, self.device, self._params)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -203,7 +203,7 @@ class CompiledModel:
             with self._lock:
                 for buffer, a in zip(slots.arrays, args, strict=True):
                     np.copyto(buffer, a)
-                outs = _flatten(self._main(*slots.tensors, *self._params), on_host=True)
+                outs = _flatten(self._main(*slots.main_args), on_host=True)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def benchmark(
@@ -226,19 +226,20 @@ class _InputSlots:
     static input shapes; the buffers are 64-byte aligned, as TVM's kernels assume.
     """
 
-    def __init__(self, specs: list[TensorSpec]):
+    def __init__(self, specs: list[TensorSpec], params: list):
         self.signature = tuple((np.dtype(s.dtype), tuple(s.shape)) for s in specs)
         self.arrays = [_aligned_empty(shape, dtype) for dtype, shape in self.signature]
-        self.tensors = [tvm.runtime.from_dlpack(a) for a in self.arrays]
+        # the arguments of ``main``: these buffers, then any weights decoded at load
+        self.main_args = (*(tvm.runtime.from_dlpack(a) for a in self.arrays), *params)
 
     @classmethod
-    def for_inputs(cls, specs: list[TensorSpec], device) -> _InputSlots | None:
+    def for_inputs(cls, specs: list[TensorSpec], device, params: list) -> _InputSlots | None:
         if device.dlpack_device_type() != tvm.cpu(0).dlpack_device_type():
             return None
         if not all(isinstance(d, int) for s in specs for d in s.shape):
             return None
         try:
-            return cls(specs)
+            return cls(specs, params)
         except (TypeError, ValueError, RuntimeError):  # a dtype numpy or DLPack lacks
             return None
 
