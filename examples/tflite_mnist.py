@@ -16,7 +16,8 @@ on a 2-core machine unless TVM_NUM_THREADS says otherwise), medians after warm-u
   Python (2,000 calls), tvmq's ``CompiledModel.benchmark`` (TVM's time evaluator, 2,000 runs);
 * ``call``: a whole call from Python with a numpy array in and out: LiteRT's
   ``set_tensor`` + ``invoke`` + ``get_tensor``, tvmq's ``CompiledModel.__call__`` (which
-  checks the input and copies it into a new TVM tensor; that copy dominates at this size).
+  checks the input's dtype and shape, copies it into an input buffer the model keeps and
+  copies the output out into a new numpy array).
 """
 
 from __future__ import annotations

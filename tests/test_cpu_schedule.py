@@ -262,3 +262,23 @@ def test_quantize_before_a_transpose_stays_a_vectorized_loop():
     q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.uint8)
     want = np.pad(q, [(0, 0), (0, 0), (3, 3), (3, 3)], constant_values=zero).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(_run(mod, x), want)
+
+
+@pytest.mark.parametrize("n", [10, 128, 300])
+def test_one_row_matmul_keeps_its_output_row_in_registers(n):
+    # batch 1: the row's accumulators live in a local buffer across the whole reduction
+    # (up to 8 SIMD vectors; 300 columns take several passes, 10 a masked vector)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((96, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    body = lambda x: relax.op.nn.relu(relax.op.matmul(x, relax.const(w)) + relax.const(b))  # noqa: E731
+    (script,) = _scheduled_kernels(_module((1, 96), body)).values()
+    assert 'scope="local"' in script and "T.vectorized" in script and "T.unroll" in script
+
+    x = rng.standard_normal((1, 96), dtype=np.float32)
+    np.testing.assert_allclose(
+        _run(_module((1, 96), body), x), np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-4
+    )
+    # several rows keep step 4's tile
+    (script,) = _scheduled_kernels(_module((4, 96), body)).values()
+    assert 'scope="local"' not in script

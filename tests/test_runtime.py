@@ -1,4 +1,5 @@
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,6 +18,39 @@ def test_round_trip_matches_pytorch(compiled_mlp_dir, small_mlp, rng):
     assert y.shape == (2, 10) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(m(x=x), y)  # by name too
+
+
+def test_calls_reuse_input_buffers_but_return_arrays_of_their_own(compiled_mlp_dir, small_mlp, rng):
+    """A call copies its input into a buffer the model keeps (no TVM tensor per call): any
+    memory layout is taken, and a returned array is never changed by a later call."""
+    m = tvmq.load(compiled_mlp_dir)
+    xs = [rng.standard_normal((2, 32)).astype("float32") for _ in range(3)]
+    with torch.no_grad():
+        refs = [small_mlp(torch.from_numpy(x)).numpy() for x in xs]
+    ys = [m(x) for x in xs]
+    for y, ref in zip(ys, refs, strict=True):  # earlier results still hold their values
+        np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
+        assert y.flags.owndata and y.flags.writeable
+    wide = np.zeros((2, 64), np.float32)
+    wide[:, ::2] = xs[0]
+    np.testing.assert_allclose(m(wide[:, ::2]), refs[0], atol=1e-5, rtol=1e-5)  # strided
+    np.testing.assert_allclose(m(np.asfortranarray(xs[1])), refs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_calls_from_several_threads_get_their_own_results(compiled_mlp_dir, small_mlp, rng):
+    m = tvmq.load(compiled_mlp_dir)
+    xs = [rng.standard_normal((2, 32)).astype("float32") for _ in range(8)]
+    with torch.no_grad():
+        refs = [small_mlp(torch.from_numpy(x)).numpy() for x in xs]
+
+    def run(i):
+        return [m(xs[i]) for _ in range(50)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(len(xs))))
+    for ys, ref in zip(results, refs, strict=True):
+        for y in ys:
+            np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_input_checks_name_the_problem(compiled_mlp_dir):

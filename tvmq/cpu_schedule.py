@@ -21,6 +21,8 @@ __all__ = ["CPUDefaultSchedule"]
 _MIN_PARALLEL_WORK = 1 << 14
 # Narrowest vector step 4 uses when the full SIMD width does not divide the innermost axis.
 _MIN_VECTOR_BITS = 128
+# SIMD vectors of one output row kept in registers by a one-row reduction (of 32 on AVX-512).
+_ROW_VECTORS = 8
 
 
 class CPUDefaultSchedule(dl.ScheduleRule):
@@ -274,6 +276,15 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
     spatial, reduction = list(loops[:n_spatial]), list(loops[n_spatial:])
 
     bits = max(block.writes[0].source.dtype.bits, 8)
+    inner_var = block.iter_vars[n_spatial - 1].var
+    if (
+        reduction
+        and math.prod(extents[: n_spatial - 1]) == 1
+        and vector_bits // bits > 1
+        and _is_unit_stride(block, inner_var)
+    ):
+        _schedule_one_row(sch, info, spatial[-1], reduction, vector_bits // bits)
+        return True
     lanes = vector_bits // bits
     inner_extent = extents[n_spatial - 1]
     if reduction and inner_extent % (2 * lanes) == 0:
@@ -283,7 +294,6 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
     if lanes * bits < _MIN_VECTOR_BITS:
         lanes = 1
     vector = None
-    inner_var = block.iter_vars[n_spatial - 1].var
     if lanes > 1 and inner_extent % lanes == 0 and _is_unit_stride(block, inner_var):
         spatial[-1], vector = sch.split(spatial[-1], [None, lanes])
     rows = None
@@ -305,6 +315,31 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int) -> bool:
         # Only after vectorize/parallel: those need the block to still own its init.
         sch.decompose_reduction(info.block_rv, reduction[0])
     return True
+
+
+def _schedule_one_row(sch: s_tir.Schedule, info, inner, reduction: list, lanes: int) -> None:
+    """A reduction with one output row (a batch-1 matmul, a vector-matrix product): up to
+    :data:`_ROW_VECTORS` SIMD vectors of the row stay in registers (a local accumulator)
+    over the whole reduction, each step loading one contiguous slice of the weight row.
+
+    The reduction order of each output is unchanged (bit-identical results); the step 4
+    tile instead kept two vectors per pass, in memory, and read the input again per pass.
+    """
+    extent = info.dom()[len(info.dom_kind()) - len(reduction) - 1]
+    count = min(_ROW_VECTORS, -(-extent // lanes))
+    outer, unrolled, vector = sch.split(inner, [None, count, lanes])
+    accumulator = sch.cache_write(info.block_rv, 0, "local")
+    sch.reorder(outer, *reduction, unrolled, vector)
+    sch.reverse_compute_at(accumulator, outer)
+    sch.vectorize(vector)
+    sch.unroll(unrolled)
+    store = sch.get_loops(accumulator)[-1]
+    if sch.get(store).extent.value % lanes == 0:
+        _, store_vector = sch.split(store, [None, lanes])
+        sch.vectorize(store_vector)
+    if math.prod(info.dom()) >= _MIN_PARALLEL_WORK and -(-extent // (count * lanes)) > 1:
+        sch.parallel(outer)
+    sch.decompose_reduction(info.block_rv, reduction[0])
 
 
 def _is_unit_stride(block: s_tir.SBlock, var: tirx.Var) -> bool:
