@@ -40,6 +40,7 @@ from .cluster_int8_weights import ClusterInt8Weights
 from .cluster_weights import ClusterWeights
 from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
+from .drop_matmul_broadcasts import DropMatmulBroadcasts
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .fold_table_decoders import FoldTableDecoders
@@ -75,6 +76,7 @@ __all__ = [
     "ClusterInt8Weights",
     "ClusterWeights",
     "DecodeAtLoad",
+    "DropMatmulBroadcasts",
     "FoldTableDecoders",
     "CorrectBias",
     "PackDecodedDense",

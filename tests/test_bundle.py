@@ -246,10 +246,9 @@ def test_aarch64_bundle_runs_on_the_emulated_board(tmp_path, small_mlp, compiled
 # all-MiniLM-L6-v2 (issue 16's size goal): one build per preset, shared by the tests below.
 
 # The deployment scheme of each preset: every scheme stores the 30522x384 embedding table as
-# int8 rows (QuantizeEmbedding; fp32 MiniLM bundles are 93 MiB). For cuda-sm90, int8-dynamic
-# and static int8 MiniLM do not build yet (TVM: "mismatched types. int64 vs. int32"), so the
-# GPU bundle is weight-only int8 (w8), the usual scheme for memory-bound GPU inference.
-MINILM_SCHEMES = {"host": "int8-dynamic", "cuda-sm90": "w8"}
+# int8 rows (QuantizeEmbedding; fp32 MiniLM bundles are 93 MiB). Both are int8-dynamic: on
+# cuda-sm90 its dense layers are dp4a kernels.
+MINILM_SCHEMES = {"host": "int8-dynamic", "cuda-sm90": "int8-dynamic"}
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 
@@ -325,4 +324,5 @@ def test_minilm_cuda_sm90_bundle_is_small(minilm_bundles):
     assert info["kind"] == "cuda" and info["arch"] == "x86_64"
     libs = {p.name for p in (bundle.path / "python" / "tvm" / "lib").iterdir()}
     assert libs == {"libtvm_runtime.so", "libtvm_runtime_cuda.so"}
-    assert b".target sm_90a" in (bundle.path / "model" / "model.so").read_bytes()
+    library = (bundle.path / "model" / "model.so").read_bytes()
+    assert b".target sm_90a" in library and b"dp4a.s32.s32" in library

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from tvmq.kernels.cuda_int8 import (
 )
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 from tvmq.passes.pack_int8_dense_cuda import PackInt8DenseCUDA, target_has_dp4a
+from tvmq.passes.quantize_dynamic import QuantizeDynamic, dynamic_matmul_reference
 from tvmq.targets import get_target
 
 needs_nvcc = pytest.mark.skipif(
@@ -65,7 +69,14 @@ def _dense_module(m_shape, k, n, x_dtype, rng):
 def _run_on_cpu(mod, *inputs):
     ex = relax.build(kernels_for_cpu(mod), target=get_target("host").tvm_target())
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](*(tvm.runtime.tensor(a) for a in inputs)).numpy()
+    out = vm["main"](*(tvm.runtime.tensor(a) for a in inputs))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+def _ptx_of(ex, preset, path):
+    """The ``.so`` a build exports, as bytes (its PTX is embedded as text)."""
+    export_library(ex, path, preset)
+    return path.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +90,18 @@ def quantized_mlp():
     imported = import_model(model, example_inputs=(torch.zeros(4, 784),))
     calib = np.random.default_rng(0).random((32, 784), dtype=np.float32)
     return quantize(imported, calib, "int8", progress=False, evaluate=False).mod
+
+
+@pytest.fixture(scope="module")
+def dynamic_mlp():
+    """(torch MLP, its int8-dynamic module): uint8 activations with run-time row ranges."""
+    from tvmq.frontends.pytorch import from_pytorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+    ).eval()
+    return model, QuantizeDynamic()(from_pytorch(model, (torch.zeros(4, 256),)).mod)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,8 +201,44 @@ def test_quantized_mlp_rewritten_matches_unrewritten_on_cpu(quantized_mlp, rng):
     np.testing.assert_array_equal(out, ref)  # integer math: bit-exact
 
 
+def test_dynamic_mlp_rewritten_matches_numpy_on_cpu(dynamic_mlp, rng):
+    """int8-dynamic on CUDA: the run-time row ranges (row_qparams_u8) feed dp4a kernels with
+    the uint8 offset; the rewritten module equals numpy's dynamic int8 on random inputs."""
+    model, mod = dynamic_mlp
+    lowered = PackInt8DenseCUDA(_preset("cuda-sm90").tvm_target())(mod)
+    kernels = [
+        f
+        for _, f in lowered.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get(KERNEL_ATTR) == KERNEL_NAME
+    ]
+    assert len(kernels) == 2 and all(len(f.params) == 4 for f in kernels)  # with offset
+    assert "relax.matmul" not in lowered["main"].script()
+    (w1, b1), (w2, b2) = (
+        (lin.weight.detach().numpy().T, lin.bias.detach().numpy()) for lin in (model[0], model[2])
+    )
+    for scale in (1.0, 30.0):
+        x = (scale * rng.standard_normal((4, 256))).astype(np.float32)
+        h = np.maximum(dynamic_matmul_reference(x, w1) + b1, 0)
+        expected = dynamic_matmul_reference(h, w2) + b2
+        np.testing.assert_allclose(_run_on_cpu(lowered, x), expected, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # PTX for every CUDA arch
+
+
+@needs_nvcc
+def test_dynamic_mlp_builds_for_sm90_with_dp4a(dynamic_mlp, tmp_path):
+    """The run-time range kernel builds for CUDA: its output's pair axis was int32 beside
+    int64 rows, and TVM's UnifyThreadBinding then mixed int64 and int32 ("mismatched types")."""
+    preset = _preset("cuda-sm90")
+    lowered = PackInt8DenseCUDA(preset.tvm_target())(dynamic_mlp[1])
+    ex, info = build_with_info(lowered, preset, tuning_logs=None)
+    assert sum(k.startswith("tvmq_int8_dense_dp4a") for k in info.prescheduled) == 2
+    assert any(k.startswith("row_qparams_u8") for k in info.default)
+    data = _ptx_of(ex, preset, tmp_path / "mlp.so")
+    assert re.findall(rb"\.target (sm_\w+)", data) == [b"sm_90a"]
+    assert b"dp4a.s32.s32" in data and b"row_qparams_u8" in data
 
 
 @needs_nvcc
@@ -249,3 +308,49 @@ def test_gpu_mlp_and_gemm_match_numpy(quantized_mlp, rng):
     t8 = _time(lambda: vm8["main"](a_dev))
     t32 = _time(lambda: vm32["main"](af_dev))
     print(f"GEMM {m}x{k}x{n}: int8 dp4a {t8 * 1e3:.3f} ms, fp32 {t32 * 1e3:.3f} ms")
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
+def test_bert_layer_int8_builds_for_sm90_with_dp4a(tmp_path, scheme):
+    """A random 1-layer BERT in static and dynamic int8 for cuda-sm90 (MiniLM's layers, small):
+    every dense layer is a dp4a kernel in the PTX. Both failed with "mismatched types"."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import zoo
+
+    import tvmq
+
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=200, initializer_range=0.1, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg, add_pooling_layer=False)
+    model = zoo._HiddenStates(bert, pool=True).eval()
+    ids, mask = zoo.token_inputs(2, 16, 200, seed=100)
+    c_ids, c_mask = zoo.token_inputs(2, 16, 200, seed=7)
+    calib = [{"input_ids": c_ids.numpy(), "attention_mask": c_mask.numpy()}]
+    tvmq.compile(
+        model,
+        "cuda-sm90",
+        example_inputs=(ids, mask),
+        quantize=scheme,
+        calibration_data=calib if scheme == "int8" else None,
+        output_dir=tmp_path / "build",
+        progress=False,
+    )
+    kernels = json.loads((tmp_path / "build" / "model.json").read_text())["notes"]["kernels"]
+    dp4a = [k for k in kernels["prescheduled"] if k.startswith("tvmq_int8_dense_dp4a")]
+    # (K, N) of q / k / v / attention output (32x32), FFN in (32x64) and out (64x32): every
+    # dense layer is a dp4a kernel, each an entry of the sm_90a PTX
+    assert {tuple(re.findall(r"_(\d+)x(\d+)x(\d+)", k)[0][1:]) for k in dp4a} == {
+        ("32", "32"),
+        ("32", "64"),
+        ("64", "32"),
+    }
+    data = (tmp_path / "build" / "model.so").read_bytes()
+    assert re.findall(rb"\.target (sm_\w+)", data) == [b"sm_90a"]
+    entries = set(re.findall(rb"\.entry (\w+)_kernel", data))
+    assert {k.encode() for k in dp4a} <= entries and b"dp4a.s32.s32" in data

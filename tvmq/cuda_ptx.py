@@ -97,9 +97,9 @@ class PTXImportPacker:
     """``fpack_imports`` for ``Module.export_library`` that embeds PTX for CUDA source.
 
     It packs the import tree as TVM does (``runtime.ModulePackImportsToTensor``), swaps each
-    CUDA module saved as source (fmt ``"cuda"``) for PTX, and writes the blob as a C array
-    named ``<prefix>__tvm_ffi__library_bin``, the symbol tvm-ffi reads when loading a
-    library. Blob layout (tvm-ffi ``ProcessLibraryBin``): ``<nbytes: u64> <indptr: vec<u64>>
+    CUDA module saved as source (fmt ``"cuda"``) for PTX, and writes the blob (``.incbin`` in
+    an assembly file) as ``<prefix>__tvm_ffi__library_bin``, the symbol tvm-ffi reads when
+    loading a library. Blob layout (tvm-ffi ``ProcessLibraryBin``): ``<nbytes: u64> <indptr: vec<u64>>
     <children: vec<u64>>`` then per module ``<kind: str> [<bytes>]`` (no bytes for
     ``"_lib"``); a CUDA module's bytes are ``<fmt: str> <function table> <code: bytes>``.
     """
@@ -121,9 +121,15 @@ class PTXImportPacker:
         ]
         if sources:
             blob = self._with_ptx(blob, sources)
-        path = os.path.join(workspace_dir, f"{prefix}devc.c")
-        with open(path, "w", encoding="ascii") as out:
-            out.write(_c_array(f"{prefix}__tvm_ffi__library_bin", blob))
+        # Assembly that includes the blob's bytes, not a C array of them: g++ needs more
+        # than 130 bytes of memory per array byte (MiniLM w8 at batch 32, a 142 MB blob:
+        # over 19 GB, the link failed), the assembler's .incbin just copies them.
+        data = os.path.join(workspace_dir, f"{prefix}devc.bin")
+        with open(data, "wb") as out:
+            out.write(blob)
+        path = os.path.join(workspace_dir, f"{prefix}devc.S")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(_asm_blob(f"{prefix}__tvm_ffi__library_bin", data))
         return path
 
     def _with_ptx(self, blob: bytes, sources: list[bytes]) -> bytes:
@@ -199,18 +205,19 @@ def _pack_bytes(data: bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _c_array(symbol: str, data: bytes) -> str:
-    """C source defining an exported ``const unsigned char symbol[]`` holding ``data``."""
-    rows = (",".join(str(b) for b in data[i : i + 40]) for i in range(0, len(data), 40))
+def _asm_blob(symbol: str, data_path: str) -> str:
+    """GNU assembly defining a global read-only ``symbol`` holding the file's bytes (any ELF
+    target: x86-64 and aarch64 alike)."""
+    quoted = data_path.replace("\\", "\\\\").replace('"', '\\"')
     return (
-        "#ifdef __cplusplus\n"
-        'extern "C" {\n'
-        "#endif\n"
-        f"extern const unsigned char {symbol}[];\n"  # external linkage even in C++
-        f"const unsigned char {symbol}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
-        "#ifdef __cplusplus\n"
-        "}\n"
-        "#endif\n"
+        '.section .rodata,"a"\n'
+        f".global {symbol}\n"
+        f".type {symbol}, %object\n"
+        ".balign 8\n"
+        f"{symbol}:\n"
+        f'.incbin "{quoted}"\n'
+        f".size {symbol}, . - {symbol}\n"
+        '.section .note.GNU-stack,"",%progbits\n'  # no executable stack
     )
 
 

@@ -138,6 +138,7 @@ def from_exported(
     from tvm.relax.frontend.torch import from_exported_program
 
     from tvmq.frontends.layer_names import name_and_bind_torch_params
+    from tvmq.passes.drop_matmul_broadcasts import DropMatmulBroadcasts
 
     _drop_legacy_empty_cat_operands(ep)
     pt2e.check_supported(ep)
@@ -149,6 +150,9 @@ def from_exported(
             mod = from_exported_program(keep_params_as_input=True, **options)
     except AssertionError as e:
         raise UnsupportedOperatorError(_name_unsupported(ep, str(e))) from e
+    # Linear on a non-contiguous input comes as expand + bmm: a plain matmul on the weight,
+    # before naming, so that it is named as its layer
+    mod = DropMatmulBroadcasts()(mod)
     mod = name_and_bind_torch_params(mod, options["exported_program"])
     inputs, outputs = signature_of(mod["main"], list(input_names) if input_names else None)
     return ImportedModel(mod, inputs, outputs, source="pytorch")

@@ -28,6 +28,11 @@ def row_qparams_u8(shape, eps: float) -> tvm.tirx.PrimFunc:
     ``shape`` is the activation's shape (ints or TIR variables); rows are along its last
     axis, so ``params`` has shape ``shape[:-1] + [2]``.
     """
+    # One index type, Relax's int64, for every axis: with the pair axis a plain 2 (int32)
+    # dlight binds it to an int32 threadIdx.x beside the reductions' int64 ones, TVM 0.27's
+    # UnifyThreadBinding substitutes one for the other without a cast, and the CUDA build
+    # fails in StmtSimplify ("mismatched types. int64 vs. int32").
+    shape = [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in shape]
     *lead, k = shape
     x = te.placeholder(tuple(shape), "float32", name="x")
     zero, qmax = tirx.const(0.0, "float32"), tirx.const(float(QMAX), "float32")
@@ -42,5 +47,5 @@ def row_qparams_u8(shape, eps: float) -> tvm.tirx.PrimFunc:
         zero_point = tirx.max(tirx.min(tirx.round(-low / scale), qmax), zero)
         return tirx.Select(which == 0, scale, zero_point)
 
-    out = te.compute((*lead, 2), params, name="row_qparams")
+    out = te.compute((*lead, tirx.IntImm("int64", 2)), params, name="row_qparams")
     return te.create_prim_func([x, out]).without_attr("global_symbol")
