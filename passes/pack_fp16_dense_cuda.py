@@ -6,7 +6,7 @@ Rewrites, on a CUDA target with fp16 ``mma.sync`` (sm_80 or later)::
                                                            # W: (K, N) float16 constant
 
 (what ``relax.transform.ToMixedPrecision(out_dtype="float32")`` makes of a float matmul) into
-a ``call_tir`` to :func:`tvmq.kernels.cuda_fp16.fp16_dense_mma` (``ldmatrix`` + ``mma.sync
+a ``call_tir`` to :func:`tvmq.kernels.cuda_mma.fp16_dense_mma` (``ldmatrix`` + ``mma.sync
 .m16n8k16`` with fp32 accumulators). Around the call: the leading dims of ``x`` are flattened,
 ``M`` and ``K`` zero-padded to whole tiles (the weight is padded at compile time), the padding
 sliced off the fp32 result, and for ``out_dtype="float16"`` the result cast back.
@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.kernels.cuda_fp16 import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_fp16
+from tvmq.kernels.cuda_mma import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_mma
 
 from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
 
@@ -96,7 +96,7 @@ class _Fp16DenseRewriter(PyExprMutator):
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         tiles = self.tiles or choose_mma_tiles(m, k, n)
-        mp, kp, np_ = padded_mkn_fp16(m, k, n, tiles)
+        mp, kp, np_ = padded_mkn_mma(m, k, n, tiles)
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
         if mp != m or kp != k:

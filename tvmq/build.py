@@ -49,7 +49,7 @@ from tvm import relax, tirx
 from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
-from tvmq.kernels.cuda_fp16 import TENSOR_CORE_ATTR
+from tvmq.kernels.cuda_mma import TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
