@@ -269,7 +269,7 @@ def _ptx(func: tvm.tirx.PrimFunc, arch: str, tmp_path) -> str:
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (256, 256, 256)])
+@pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (20, 768, 3072), (256, 256, 256)])
 @pytest.mark.parametrize(
     ("operand", "mma"),
     [

@@ -144,7 +144,8 @@ class MmaTiles:
 def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTiles:
     """128 x 128 (4 warps) for large problems; fewer rows for a small ``m`` (a batch of a few
     rows pads to 16 or 32, not 128) and fewer columns when ``n`` is small. ``bk`` is the
-    smallest multiple of 32 (fp16) or 64 (int8) whose shared tiles split into whole rounds."""
+    smallest multiple of 32 (fp16) or 64 (int8) whose shared tiles split into whole rounds
+    (128 for fp16 with 16 or 32 rows: see below)."""
     del k
     flavor = _INT8 if operand == "int8" else _FP16
     if m <= 16:
@@ -156,7 +157,9 @@ def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTil
     else:
         shape = dict(warps_m=2, warps_n=2, tiles_m=4, tiles_n=4)
     step = 2 * flavor.k_step
-    bk = step
+    # Small-M fp16 tiles (16 or 32 rows) with a 32- or 64-wide K step spill 4-8 bytes under
+    # ptxas for sm_90a (at 48-80 registers); with 128 they do not, on sm_80 or sm_90a.
+    bk = 128 if flavor is _FP16 and m <= 32 else step
     while True:
         tiles = MmaTiles(**shape, bk=bk)
         try:
