@@ -13,7 +13,7 @@ after it: :class:`CorrectBias`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
-:class:`PackInt8DenseCUDA` (dp4a); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
+:class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
@@ -48,12 +48,19 @@ from .lower_int8 import LowerInt8
 from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
+from .pack_fp16_dense_cuda import PackFp16DenseCUDA
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
 from .pack_int8_dense_cuda import PackInt8DenseCUDA
 from .pack_int8_dense_x86 import PackInt8DenseX86
-from .pipeline import PIPELINE_NAME, prepare_passes, static_int8_passes, tvmq_pipeline
+from .pipeline import (
+    PIPELINE_NAME,
+    half_precision_passes,
+    prepare_passes,
+    static_int8_passes,
+    tvmq_pipeline,
+)
 from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
@@ -84,6 +91,7 @@ __all__ = [
     "PackFloatDense",
     "UseFastMath",
     "PackInt8DenseCUDA",
+    "PackFp16DenseCUDA",
     "PackInt8BatchMatmulX86",
     "PackInt8ConvX86",
     "PackInt8DenseARM",
@@ -103,6 +111,7 @@ __all__ = [
     "FoldBatchNorm",
     "FoldQuantScales",
     "LowerInt8",
+    "half_precision_passes",
     "prepare_passes",
     "static_int8_passes",
     "tvmq_pipeline",

@@ -52,6 +52,9 @@ class DenseKernel:
     # takes ``M = rows * mo`` rows, ``mo`` its last input (a scalar); None: static M only.
     build_rows: Callable[[int, int, bool], tvm.tirx.PrimFunc] | None = None
     rows: int = 8
+    # False: only activations already of ``operand_dtype`` (no shift, no offset input); the
+    # others are left for another kernel (the CUDA IMMA kernel leaves uint8 ones to dp4a).
+    shifts: bool = True
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -124,7 +127,7 @@ class _DenseRewriter(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         found = match_int8_dense(call, symbolic_rows=self.kernel.build_rows is not None)
-        if found is None:
+        if found is None or (not self.kernel.shifts and self._shift(found[0])):
             return call
         self.changed = True
         if is_symbolic(found[1]):

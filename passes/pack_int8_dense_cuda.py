@@ -1,4 +1,9 @@
-"""PackInt8DenseCUDA: int8 matmuls with a constant weight -> a dp4a CUDA kernel on a packed weight.
+"""PackInt8DenseCUDA: int8 matmuls with a constant weight -> IMMA tensor cores (sm_80+) or dp4a.
+
+On sm_80 and newer, int8 activations go to the tensor-core kernel
+:func:`tvmq.kernels.cuda_mma.int8_dense_imma` (``ldmatrix`` + ``mma.sync.m16n8k32.s32.s8.s8.s32``,
+weight packed as ``(N, K)``, static shapes); what it leaves (uint8 activations, symbolic row
+counts) and every int8 matmul on sm_61-75 take the dp4a kernel described below.
 
 Rewrites, on a CUDA target with ``dp4a`` (sm_61 or later)::
 
@@ -38,19 +43,36 @@ from tvmq.kernels.cuda_int8 import (
     pack_weight_dp4a,
     padded_mkn,
 )
+from tvmq.kernels.cuda_mma import (
+    choose_mma_tiles,
+    int8_dense_imma,
+    pack_weight_imma,
+    padded_mkn_mma,
+)
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
 
 _DP4A_MIN_SM = 61
+_IMMA_MIN_SM = 80  # mma.sync.m16n8k32 s8 with ldmatrix: Ampere and newer
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
+
+
+def _sm(target: tvm.target.Target | None) -> int:
+    """The CUDA target's ``sm_XX`` number, 0 for anything else."""
+    if target is None or target.kind.name != "cuda":
+        return 0
+    found = re.match(r"sm_(\d+)", str(target.attrs.get("arch", "")))
+    return int(found[1]) if found else 0
 
 
 def target_has_dp4a(target: tvm.target.Target | None) -> bool:
     """True for a CUDA target whose ``arch`` is ``sm_61`` or later (``dp4a`` exists)."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    found = re.match(r"sm_(\d+)", str(target.attrs.get("arch", "")))
-    return found is not None and int(found[1]) >= _DP4A_MIN_SM
+    return _sm(target) >= _DP4A_MIN_SM
+
+
+def target_has_imma(target: tvm.target.Target | None) -> bool:
+    """True for a CUDA target whose ``arch`` is ``sm_80`` or later (int8 ``mma.sync`` m16n8k32)."""
+    return _sm(target) >= _IMMA_MIN_SM
 
 
 def _plan(m: int, k: int, n: int):
@@ -73,9 +95,30 @@ _DP4A = DenseKernel(
 )
 
 
+def _plan_imma(m: int, k: int, n: int):
+    tiles = choose_mma_tiles(m, k, n, "int8")
+    return (*padded_mkn_mma(m, k, n, tiles), tiles)
+
+
+def _build_imma(m: int, k: int, n: int, tiles, with_offset: bool):
+    if with_offset:  # shifts=False below: the rewrite never asks for it
+        raise ValueError("the IMMA kernel takes int8 activations only (no offset)")
+    return int8_dense_imma(m, k, n, tiles=tiles).with_attr("op_pattern", _OPAQUE)
+
+
+_IMMA = DenseKernel(
+    name="imma",
+    operand_dtype="int8",  # mma.sync .s8.s8
+    plan=_plan_imma,
+    pack=pack_weight_imma,
+    build=_build_imma,
+    shifts=False,  # uint8 activations stay for dp4a
+)
+
+
 @tvm.transform.module_pass(opt_level=0, name="PackInt8DenseCUDA")
 class PackInt8DenseCUDA:
-    """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to a dp4a CUDA kernel.
+    """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to IMMA (sm_80+) or dp4a.
 
     Parameters
     ----------
@@ -91,4 +134,6 @@ class PackInt8DenseCUDA:
         target = self.target or tvm.target.Target.current(allow_none=True)
         if not target_has_dp4a(target):
             return mod
+        if target_has_imma(target):
+            mod = rewrite_int8_dense(mod, _IMMA)
         return rewrite_int8_dense(mod, _DP4A)

@@ -175,6 +175,20 @@ def tvmq_pipeline(
     return tvm.transform.Sequential(passes, name=PIPELINE_NAME)
 
 
+def half_precision_passes() -> tvm.transform.Pass:
+    """A float model computed in fp16 with fp32 accumulation (``--precision fp16``).
+
+    TVM's ``ToMixedPrecision(out_dtype="float32")``: matmul and conv2d take fp16 operands and
+    accumulate in fp32, elementwise ops run in fp16, the model's inputs and outputs stay
+    float32. Then ``FoldConstant``, so the weights are fp16 constants that the target kernel
+    passes (``PackFp16DenseCUDA``) match, and the library stores them in 2 bytes.
+    """
+    return tvm.transform.Sequential(
+        [relax.transform.ToMixedPrecision(out_dtype="float32"), relax.transform.FoldConstant()],
+        name="tvmq.half_precision",
+    )
+
+
 def _register() -> None:
     # ValueError: already registered (the module was imported twice).
     with contextlib.suppress(ValueError):

@@ -279,7 +279,8 @@ def test_cuda_int8_matmul_builds(tmp_path, weight):
         rhs = w if weight == "activation" else relax.const(w_np, "int8")
         bb.emit_func_output(bb.emit(relax.op.matmul(x, rhs, out_dtype="int32")))
     # dlight's GPU Matmul rule crashes on int8 in TVM 0.27: tvmq routes a matmul of two
-    # activations to its other rules, and one with a constant weight to its dp4a kernel.
+    # activations to its other rules, and one with a constant weight to its int8 tensor-core
+    # kernel (IMMA, sm_80 and newer; dp4a before).
     preset = get_target("cuda-sm80")
     path = tmp_path / "int8.so"
     export_library(build(bb.get(), preset), path, preset)
@@ -287,6 +288,7 @@ def test_cuda_int8_matmul_builds(tmp_path, weight):
     assert b".target sm_80" in ptx
     entries = re.findall(rb"\.entry (\w+)", ptx)
     assert entries, "no CUDA kernel in the library"
-    # Four int8 products per instruction: nvcc turns the int8 -> int32 multiply-accumulate
-    # of either kernel into dp4a.
-    assert b"dp4a.s32.s32" in ptx
+    if weight == "constant":
+        assert b"mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
+    else:  # four int8 products per instruction: nvcc turns dlight's loop into dp4a
+        assert b"dp4a.s32.s32" in ptx

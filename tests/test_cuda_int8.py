@@ -79,6 +79,9 @@ def _ptx_of(ex, preset, path):
     return path.read_bytes()
 
 
+SM75 = tvm.target.Target({"tag": "nvidia/nvidia-t4"})  # dp4a (no int8 mma.sync before sm_80)
+
+
 @pytest.fixture(scope="module")
 def quantized_mlp():
     from tvmq.demo import make_mlp
@@ -174,7 +177,7 @@ def test_pass_is_noop_off_cuda(rng):
 )
 def test_rewritten_module_matches_numpy_on_cpu(rng, m_shape, k, n, x_dtype):
     mod, w = _dense_module(m_shape, k, n, x_dtype, rng)
-    lowered = PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(mod)
+    lowered = PackInt8DenseCUDA(SM75)(mod)  # sm_80+ takes int8 to IMMA (test_cuda_mma.py)
     kernels = [
         f
         for _, f in lowered.functions_items()
@@ -187,11 +190,11 @@ def test_rewritten_module_matches_numpy_on_cpu(rng, m_shape, k, n, x_dtype):
     expected = x.astype(np.int32) @ w.astype(np.int32)
     np.testing.assert_array_equal(_run_on_cpu(lowered, x), expected)
     # A second run finds nothing left to rewrite.
-    assert PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(lowered).same_as(lowered)
+    assert PackInt8DenseCUDA(SM75)(lowered).same_as(lowered)
 
 
 def test_quantized_mlp_rewritten_matches_unrewritten_on_cpu(quantized_mlp, rng):
-    lowered = PackInt8DenseCUDA(_preset("cuda-sm80").tvm_target())(quantized_mlp)
+    lowered = PackInt8DenseCUDA(SM75)(quantized_mlp)
     assert "relax.matmul" not in lowered["main"].script()
     x = rng.random((4, 784), dtype=np.float32)
     ex = relax.build(quantized_mlp, target=get_target("host").tvm_target())
@@ -244,18 +247,24 @@ def test_dynamic_mlp_builds_for_sm90_with_dp4a(dynamic_mlp, tmp_path):
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "arch"), CUDA_TARGETS, ids=[a for _, a in CUDA_TARGETS])
-def test_quantized_mlp_ptx_uses_dp4a(quantized_mlp, tmp_path, name, arch):
+def test_quantized_mlp_ptx_uses_dp4a_or_imma(quantized_mlp, tmp_path, name, arch):
+    """dp4a before sm_80; int8 tensor cores (mma.sync m16n8k32 s8, test_cuda_mma.py) from sm_80."""
     preset = _preset(name)
     lowered = PackInt8DenseCUDA(preset.tvm_target())(quantized_mlp)
     ex, info = build_with_info(lowered, preset, tuning_logs=None)
-    dp4a_kernels = [k for k in info.prescheduled if k.startswith("tvmq_int8_dense_dp4a")]
-    assert len(dp4a_kernels) == 2  # both layers, kept off dlight's Fallback rule
+    kernel = "dp4a" if arch == "sm_75" else "imma"
+    int8_kernels = [k for k in info.prescheduled if k.startswith(f"tvmq_int8_dense_{kernel}")]
+    assert len(int8_kernels) == 2  # both layers, kept off dlight's Fallback rule
     assert not any("matmul" in k for k in info.default)
+    assert (kernel == "imma") == (set(dict(info.tensor_core)) == set(int8_kernels))
     path = tmp_path / "mlp.so"
     export_library(ex, path, preset)
     data = path.read_bytes()
     assert re.findall(rb"\.target (sm_\w+)", data) == [arch.encode()]
-    assert b"dp4a.s32.s32" in data
+    if kernel == "dp4a":
+        assert b"dp4a.s32.s32" in data
+    else:
+        assert b"mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in data and b"ldmatrix" in data
 
 
 # --------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from tvm import relax, tirx
 from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
+from tvmq.kernels.cuda_mma import TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
@@ -169,6 +170,7 @@ def build_with_info(
         symbolic_default=tuple(k for k in _symbolic_matmul_kernels(fused) if k not in scheduled),
         # after FoldConstant: the constants the executable embeds (decoded ones included)
         weights=tuple(constant_bytes_by_dtype(fused).items()),
+        tensor_core=_tensor_core_kernels(fused),
     )
     return ex, info
 
@@ -192,6 +194,8 @@ class BuildInfo:
     # matmul / conv kernels with symbolic (dynamic) shapes that no tvmq kernel pass took:
     # they run on TVM's default lowering (tvmq's default schedule where it applies)
     symbolic_default: tuple[str, ...] = ()
+    # kernels that run on tensor cores (tvmq's mma.sync kernels), each with its instruction
+    tensor_core: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""
@@ -208,6 +212,7 @@ class BuildInfo:
             "prescheduled": list(self.prescheduled),
             "tuning_logs": list(self.tuning_logs),
             **({"symbolic_default": list(self.symbolic_default)} if self.symbolic_default else {}),
+            **({"tensor_core": dict(self.tensor_core)} if self.tensor_core else {}),
         }
 
 
@@ -313,6 +318,17 @@ def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
 def _kernel_names(mod: tvm.IRModule) -> list[str]:
     """Names of the TIR functions of a module, sorted."""
     return sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def _tensor_core_kernels(mod: tvm.IRModule) -> tuple[tuple[str, str], ...]:
+    """(name, instruction) of the TIR functions marked as tensor-core kernels, sorted."""
+    return tuple(
+        sorted(
+            (gv.name_hint, str(f.attrs[TENSOR_CORE_ATTR]))
+            for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and TENSOR_CORE_ATTR in f.attrs
+        )
+    )
 
 
 def _scheduled_kernels(mod: tvm.IRModule) -> set[str]:

@@ -76,6 +76,7 @@ def cmd_compile(args) -> int:
             calibration_data=args.calib,
             bias_correction=args.bias_correction,
             accuracy_control=accuracy,
+            precision=args.precision,
             tuning_logs=None if args.no_tuning_logs else (args.tuning_logs or "auto"),
             progress=not args.quiet,
         )

@@ -37,6 +37,13 @@ def add_compile_options(s: argparse.ArgumentParser) -> None:
     _quantize_options(s.add_argument_group("quantization"))
     g = s.add_argument_group("build")
     g.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="fp16 (CUDA presets): compute in half precision with fp32 accumulation, dense "
+        "layers on tensor cores (mma.sync, sm_80 and newer); bf16 is not supported yet",
+    )
+    g.add_argument(
         "--tuning-logs",
         action="append",
         metavar="DIR",

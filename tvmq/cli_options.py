@@ -223,6 +223,14 @@ def check_compile_args(args) -> None:
     _fraction("--sparse", args.sparse)
     if args.sparse_block is not None:
         _block(args.sparse_block)
+    precision = getattr(args, "precision", "fp32")
+    if precision == "bf16":
+        raise UsageError("--precision bf16 is not supported yet; use --precision fp16")
+    if precision != "fp32" and args.quantize:
+        raise UsageError(
+            f"--precision {precision} and --quantize {args.quantize} cannot be combined yet; "
+            "drop one of them"
+        )
     if args.tuning_logs and args.no_tuning_logs:
         raise UsageError("--tuning-logs and --no-tuning-logs contradict each other; drop one")
     given = [o for o, v in (("--calib", args.calib), ("--observer", args.observer)) if v]

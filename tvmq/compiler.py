@@ -20,7 +20,7 @@ from tvmq.frontends import import_model
 from tvmq.frontends.model import ImportedModel
 from tvmq.manifest import LIBRARY, Manifest, sha256_of
 from tvmq.output import OutputFolder
-from tvmq.pipeline import scheme_for_target
+from tvmq.pipeline import check_precision, scheme_for_target
 from tvmq.progress import phase, phases
 from tvmq.targets import TargetPreset, get_target
 
@@ -55,6 +55,7 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     calibration_data=None,
     bias_correction: bool = False,
     accuracy_control=None,
+    precision: str | None = None,
     overwrite: bool = True,
     progress: bool = True,
     tuning_logs="auto",
@@ -91,6 +92,10 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     accuracy_control : AccuracyControl, optional
         Return the most sensitive layers to float until a metric drop fits
         (``tvmq.quantization.AccuracyControl``, ``quantize_with_accuracy_control``).
+    precision : {"fp32", "fp16"}, optional
+        ``"fp16"`` (CUDA presets): the float model computes in fp16 with fp32 accumulation,
+        its dense layers on tensor cores (``mma.sync``) on sm_80 and newer; inputs and outputs
+        stay float32. Not combined with ``quantize``; ``"bf16"`` is refused (not yet).
     tuning_logs : "auto", path, Database, list of them, or None
         MetaSchedule records to apply. ``"auto"``: ``./tuning_logs/<target>/`` and the logs
         shipped with tvmq; kernels without a record get tvmq's default schedule.
@@ -106,15 +111,17 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
             progress, tuning_logs, prune=prune, cluster=cluster, sparse=sparse,
             quantize=quantize, calibration_data=calibration_data,
             bias_correction=bias_correction, accuracy_control=accuracy_control,
+            precision=precision,
         )  # fmt: skip
 
 
 def _compile(
     model, target, output_dir, example_inputs, input_shapes, input_names, overwrite, progress,
     tuning_logs, *, prune, cluster, sparse, quantize, calibration_data, bias_correction,
-    accuracy_control,
+    accuracy_control, precision,
 ) -> CompiledArtifact:  # fmt: skip
     preset = get_target(target)
+    check_precision(precision, preset, quantize)  # before the import: a bad mix fails fast
     # checked before the long build: a folder that is not ours fails fast
     folder = OutputFolder.open(output_dir, overwrite) if output_dir is not None else None
     if not isinstance(model, ImportedModel):
@@ -134,6 +141,7 @@ def _compile(
         calibration_data=calibration_data,
         bias_correction=bias_correction,
         accuracy_control=accuracy_control,
+        precision=precision,
     )
     ex, applied, notes = built.executable, built.applied, built.notes
     manifest = Manifest(

@@ -34,6 +34,7 @@ from tvmq.passes import (
     PackDecodedDense,
     PackFloatConv,
     PackFloatDense,
+    PackFp16DenseCUDA,
     PackInt8BatchMatmulX86,
     PackInt8ConvX86,
     PackInt8DenseARM,
@@ -62,8 +63,10 @@ def fuse_to_tir(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.IRModule:
 def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Phase 1: tvmq's hand-scheduled kernels for `target` (each pass a no-op elsewhere)."""
     if target.kind.name == "cuda":
-        # dp4a kernels (sm_61 and newer): dlight has no working int8 matmul rule in TVM 0.27.
-        return [PackInt8DenseCUDA(target)]
+        # int8 dense: IMMA tensor cores (sm_80+) or dp4a (sm_61+); dlight has no working int8
+        # matmul rule in TVM 0.27.
+        # fp16 matmuls (--precision fp16) on tensor cores: ldmatrix + mma.sync (sm_80 and newer).
+        return [PackInt8DenseCUDA(target), PackFp16DenseCUDA(target)]
     return [
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni

@@ -53,6 +53,7 @@ from tvmq.passes import (
     CanonicalizeQDQ,
     QDQConvToNCHW,
     SparsifyDense,
+    half_precision_passes,
     has_qdq,
     static_int8_passes,
     tvmq_pipeline,
@@ -65,7 +66,10 @@ from tvmq.quantization.quantize import quantize_checked
 from tvmq.quantization.report import output_sqnr
 from tvmq.targets import TargetPreset
 
-__all__ = ["Compressed", "Built", "compress", "run", "scheme_for_target"]
+__all__ = ["Compressed", "Built", "check_precision", "compress", "run", "scheme_for_target"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+"""``precision=`` values: fp32 (the default), fp16 (CUDA presets), bf16 (not yet)."""
 
 _log = logging.getLogger("tvmq")
 
@@ -108,6 +112,31 @@ def scheme_for_target(quantize, preset: TargetPreset):
     ):
         scheme = dataclasses.replace(scheme, activation_dtype="uint8")
     return scheme
+
+
+def check_precision(precision: str | None, preset: TargetPreset, quantize=None) -> str | None:
+    """``"fp16"`` for a half-precision build, None for fp32; TvmqError (one line) for a value
+    or combination tvmq cannot build."""
+    if precision is None or precision == "fp32":
+        return None
+    if precision not in PRECISIONS:
+        raise TvmqError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        raise TvmqError(
+            "precision bf16 is not supported yet (TVM 0.27's ToMixedPrecision casts to float16 "
+            "only); use fp16"
+        )
+    if preset.kind != "cuda":
+        raise TvmqError(
+            f"precision {precision} is for CUDA targets (tensor cores); target {preset.name!r} "
+            "is a CPU: drop it or pick a cuda-* preset"
+        )
+    if quantize is not None:
+        raise TvmqError(
+            f"precision {precision} and quantization cannot be combined yet: the quantized "
+            "layers already run in int8; drop one of them"
+        )
+    return precision
 
 
 def compress(
@@ -231,16 +260,24 @@ def run(
     *,
     tuning_logs="auto",
     progress: bool = True,
+    precision: str | None = None,
     **compression,
 ) -> Built:
     """Phases 1 to 4: :func:`compress`, then build for ``preset``.
 
-    ``compression``: the keyword arguments of :func:`compress`. On the host the quantizer's
+    ``compression``: the keyword arguments of :func:`compress`. ``precision="fp16"`` (CUDA
+    presets, see :func:`check_precision`): the float model runs in fp16 with fp32
+    accumulation, its matmuls on tensor cores where the arch has them (sm_80 and newer). On the host the quantizer's
     output SQNRs are measured on the executable built here rather than on a second,
     report-only build.
     """
     on_host = preset.name == "host"
+    precision = check_precision(precision, preset, compression.get("quantize"))
     done = compress(model, preset, progress=progress, evaluate=not on_host, **compression)
+    if precision == "fp16":
+        phase("fp16", progress)
+        done.model = _with_mod(done.model, half_precision_passes()(done.model.mod))
+        done.applied["precision"] = {"compute": "float16", "accumulate": "float32"}
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)
     ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)

@@ -1,0 +1,142 @@
+"""PackFp16DenseCUDA: fp16 matmuls with a constant weight -> a tensor-core (mma.sync) CUDA kernel.
+
+Rewrites, on a CUDA target with fp16 ``mma.sync`` (sm_80 or later)::
+
+    y = R.matmul(x, W, out_dtype="float32" or "float16")  # x: (..., K) float16, static shape
+                                                           # W: (K, N) float16 constant
+
+(what ``relax.transform.ToMixedPrecision(out_dtype="float32")`` makes of a float matmul) into
+a ``call_tir`` to :func:`tvmq.kernels.cuda_mma.fp16_dense_mma` (``ldmatrix`` + ``mma.sync
+.m16n8k16`` with fp32 accumulators). Around the call: the leading dims of ``x`` are flattened,
+``M`` and ``K`` zero-padded to whole tiles (the weight is padded at compile time), the padding
+sliced off the fp32 result, and for ``out_dtype="float16"`` the result cast back.
+
+Left alone: other dtypes, non-constant or batched weights, symbolic shapes (they keep TVM's
+lowering: dlight's rules). On a non-CUDA target or an arch before sm_80 the module is returned
+unchanged; no fp16 matmul is left after a rewrite, so the pass is idempotent. Run it where
+:class:`PackInt8DenseCUDA` runs: before ``LegalizeOps``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvmq.kernels.cuda_mma import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_mma
+
+from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_MMA_F16_MIN_SM = 80  # m16n8k16 f16 with ldmatrix: Ampere and newer
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseTIR cannot merge a scheduled kernel
+
+
+def target_has_fp16_mma(target: tvm.target.Target | None) -> bool:
+    """True for a CUDA target whose ``arch`` is ``sm_80`` or later."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    found = re.match(r"sm_(\d+)", str(target.attrs.get("arch", "")))
+    return found is not None and int(found[1]) >= _MMA_F16_MIN_SM
+
+
+def match_fp16_dense(call: relax.Expr) -> tuple[relax.Expr, tuple, np.ndarray, str] | None:
+    """(x, x shape, W as numpy, out dtype) for a lowerable fp16 ``matmul(x, W_const)``."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
+        return None
+    x, w = call.args
+    out_dtype = str(call.attrs.out_dtype) or "float16"
+    if out_dtype == "void":
+        out_dtype = "float16"
+    if out_dtype not in ("float16", "float32") or not isinstance(w, tvm.ir.Constant):
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) != "float16":
+        return None
+    if str(w.ty.dtype) != "float16":
+        return None
+    x_shape, w_shape = rows_shape(x), rows_shape(w)
+    if x_shape is None or w_shape is None or is_symbolic(x_shape) or is_symbolic(w_shape):
+        return None
+    if len(w_shape) != 2 or len(x_shape) < 2 or x_shape[-1] != w_shape[0]:
+        return None
+    if 0 in x_shape or 0 in w_shape:
+        return None
+    return x, x_shape, w.value.numpy(), out_dtype
+
+
+@mutator
+class _Fp16DenseRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, tiles: MmaTiles | None):
+        super().__init__(mod)
+        self.tiles = tiles
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        found = match_fp16_dense(call)
+        if found is None:
+            return call
+        self.changed = True
+        return self._lower(*found)
+
+    def _kernel(self, mp: int, kp: int, np_: int, tiles: MmaTiles) -> tvm.ir.GlobalVar:
+        key = (mp, kp, np_, tiles)
+        if key not in self.kernels:
+            func = fp16_dense_mma(mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE)
+            self.kernels[key] = self.builder_.add_func(func, f"tvmq_fp16_dense_mma_{mp}x{kp}x{np_}")
+        return self.kernels[key]
+
+    def _lower(self, x, x_shape: tuple, w: np.ndarray, out_dtype: str) -> relax.Expr:
+        bb = self.builder_
+        k, n = w.shape
+        m = math.prod(x_shape[:-1])
+        tiles = self.tiles or choose_mma_tiles(m, k, n)
+        mp, kp, np_ = padded_mkn_mma(m, k, n, tiles)
+        if len(x_shape) != 2:
+            x = bb.emit(relax.op.reshape(x, (m, k)))
+        if mp != m or kp != k:
+            x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
+        padded = np.zeros((kp, np_), dtype=np.float16)
+        padded[:k, :n] = w
+        y = bb.emit(
+            relax.call_tir(
+                self._kernel(mp, kp, np_, tiles),
+                [x, relax.const(padded, "float16")],
+                out_ty=relax.TensorType((mp, np_), "float32"),
+            )
+        )
+        if mp != m or np_ != n:
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+        if out_dtype == "float16":
+            y = bb.emit(relax.op.astype(y, "float16"))
+        if len(x_shape) != 2:
+            return relax.op.reshape(y, (*x_shape[:-1], n))
+        return y
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackFp16DenseCUDA")
+class PackFp16DenseCUDA:
+    """Lower ``matmul(fp16 x, const fp16 W)`` to the tensor-core kernel on sm_80 and newer.
+
+    Parameters
+    ----------
+    target : tvm.target.Target or dict, optional
+        The build target; defaults to ``tvm.target.Target.current()`` when the pass runs.
+    tiles : MmaTiles, optional
+        One tiling for every layer; by default :func:`choose_mma_tiles` picks per shape.
+    """
+
+    def __init__(self, target=None, tiles: MmaTiles | None = None):
+        self.target = tvm.target.Target(target) if target is not None else None
+        self.tiles = tiles
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = self.target or tvm.target.Target.current(allow_none=True)
+        if not target_has_fp16_mma(target):
+            return mod
+        return rewrite_functions(mod, _Fp16DenseRewriter(mod, self.tiles))
