@@ -324,7 +324,9 @@ def test_gpu_mlp_and_gemm_match_numpy(quantized_mlp, rng):
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
 def test_bert_layer_int8_builds_for_sm90_with_dp4a(tmp_path, scheme):
     """A random 1-layer BERT in static and dynamic int8 for cuda-sm90 (MiniLM's layers, small):
-    every dense layer is a dp4a kernel in the PTX. Both failed with "mismatched types"."""
+    every dense layer is an integer kernel in the PTX: IMMA tensor cores for int8
+    activations, dp4a for uint8 ones (after GELU / ReLU, and all of int8-dynamic's). Both
+    failed with "mismatched types"."""
     transformers = pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import zoo
@@ -351,15 +353,19 @@ def test_bert_layer_int8_builds_for_sm90_with_dp4a(tmp_path, scheme):
         progress=False,
     )
     kernels = json.loads((tmp_path / "build" / "model.json").read_text())["notes"]["kernels"]
-    dp4a = [k for k in kernels["prescheduled"] if k.startswith("tvmq_int8_dense_dp4a")]
-    # (K, N) of q / k / v / attention output (32x32), FFN in (32x64) and out (64x32): every
-    # dense layer is a dp4a kernel, each an entry of the sm_90a PTX
-    assert {tuple(re.findall(r"_(\d+)x(\d+)x(\d+)", k)[0][1:]) for k in dp4a} == {
-        ("32", "32"),
-        ("32", "64"),
-        ("64", "32"),
-    }
+    dense = [k for k in kernels["prescheduled"] if re.match(r"tvmq_int8_dense_(dp4a|imma)_", k)]
+    # The FFN out (64x32) reads GELU's uint8 output: dp4a. q / k / v / attention output (32x32)
+    # and FFN in (32x64) read int8 in static int8 (IMMA, K and N padded to its tiles), uint8
+    # in int8-dynamic (dp4a, N padded to 32)
+    dp4a = {tuple(re.findall(r"_(\d+)x(\d+)x(\d+)", k)[0][1:]) for k in dense if "dp4a" in k}
+    imma = [k for k in dense if "imma" in k]
+    if scheme == "int8":
+        assert dp4a == {("64", "32")} and imma
+    else:
+        assert dp4a == {("32", "32"), ("32", "64"), ("64", "32")} and not imma
     data = (tmp_path / "build" / "model.so").read_bytes()
     assert re.findall(rb"\.target (sm_\w+)", data) == [b"sm_90a"]
     entries = set(re.findall(rb"\.entry (\w+)_kernel", data))
-    assert {k.encode() for k in dp4a} <= entries and b"dp4a.s32.s32" in data
+    assert {k.encode() for k in dense} <= entries and b"dp4a.s32.s32" in data
+    if any("imma" in k for k in dense):
+        assert b"mma.sync.aligned.m16n8k32" in data
