@@ -62,7 +62,7 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
-from .relax_utils import ADD, clip_bounds, is_tensor_const, op_name
+from .relax_utils import ADD, clip_bounds, dataflow_bindings, is_tensor_const, op_name
 
 # conv var -> (the vars its fused epilogue computes, bias (O,), epilogue)
 Epilogues = dict[relax.Var, tuple[tuple[relax.Var, ...], np.ndarray, ConvEpilogue]]
@@ -87,35 +87,19 @@ def find_epilogues(mod: tvm.IRModule) -> Epilogues:
     only a ``relu`` / ``clip`` (the folded batch norm and activation of a CNN block): the
     kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`)."""
     found: Epilogues = {}
-    for _, func in mod.functions_items():
-        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+    for b, only_user in dataflow_bindings(mod):
+        found_conv = match_float_conv2d(b.value)
+        nxt = only_user(b.var) if found_conv is not None else None
+        bias = _bias(nxt[1], b.var, found_conv[2].shape[0]) if nxt else None
+        if bias is None:
             continue
-        for block in func.body.blocks:
-            if not isinstance(block, relax.DataflowBlock):
-                continue
-            users = relax.analysis.udchain(block)
-            values = {b.var: b.value for b in block.bindings}
-            for b in block.bindings:
-                found_conv = match_float_conv2d(b.value)
-                nxt = only_user(b.var, users, values) if found_conv is not None else None
-                bias = _bias(nxt[1], b.var, found_conv[2].shape[0]) if nxt else None
-                if bias is None:
-                    continue
-                chain, epilogue = (nxt[0],), ConvEpilogue()
-                act = only_user(nxt[0], users, values)
-                bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
-                if bounds is not None and act[1].args[0].same_as(nxt[0]):
-                    chain, epilogue = (nxt[0], act[0]), ConvEpilogue(*bounds)
-                found[b.var] = (chain, bias, epilogue)
+        chain, epilogue = (nxt[0],), ConvEpilogue()
+        act = only_user(nxt[0])
+        bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
+        if bounds is not None and act[1].args[0].same_as(nxt[0]):
+            chain, epilogue = (nxt[0], act[0]), ConvEpilogue(*bounds)
+        found[b.var] = (chain, bias, epilogue)
     return found
-
-
-def only_user(var, users, values) -> tuple[relax.Var, relax.Expr] | None:
-    """(user, its value) of a dataflow var read by exactly one binding, else None."""
-    used = users.get(var, [])
-    if not isinstance(var, relax.DataflowVar) or len(used) != 1:
-        return None
-    return used[0], values.get(used[0])
 
 
 def _bias(call, conv: relax.Var, channels: int) -> np.ndarray | None:

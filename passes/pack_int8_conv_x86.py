@@ -22,12 +22,12 @@ the weight is ``W.transpose(0, 2, 3, 1).reshape(O, K).T``, packed at compile tim
 dense weight (:func:`tvmq.kernels.pack_weight_vnni`). When the conv's result only feeds
 ``LowerInt8``'s float requantize (offset add, ReLU, ``astype``, per-channel multiply,
 ``quantize(scale=1)``, clip: :func:`find_requantize_epilogues`), the dense kernel computes
-it before storing and ``acc`` is the int8 / uint8 result itself: bit-identical, and the int32
-sums (4 bytes an output, larger than L2 for an early MobileNet layer) never go to memory. An int8 ``x`` is shifted by +128
-(the padding zeros too), and the dense kernel adds ``-128 * colsum`` per output channel
-back: the result is the exact integer convolution. A ``strided_slice`` drops the padded
-rows and channels when there are any. The kernels are marked ``tirx.is_scheduled`` and
-opaque to FuseOps.
+it before storing and ``acc`` is the int8 / uint8 result itself: bit-identical, and the
+int32 sums (4 bytes an output, larger than L2 for an early MobileNet layer) never go to
+memory. An int8 ``x`` is shifted by +128 (the padding zeros too), and the dense kernel adds
+``-128 * colsum`` per output channel back: the result is the exact integer convolution. A
+``strided_slice`` drops the padded rows and channels when there are any. The kernels are
+marked ``tirx.is_scheduled`` and opaque to FuseOps.
 
 The conv's result stays channels last (NHWC) as long as it can, so the epilogue, pooling
 and the next conv's im2col read it without a transpose (see
@@ -69,7 +69,7 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
-from .pack_float_conv import lower_depthwise, only_user
+from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
 from .relax_utils import (
     ADD,
@@ -78,6 +78,7 @@ from .relax_utils import (
     QUANTIZE,
     RELU,
     clip_bounds,
+    dataflow_bindings,
     is_tensor_const,
     op_name,
 )
@@ -106,49 +107,46 @@ def find_requantize_epilogues(mod: tvm.IRModule) -> dict[relax.Var, RequantizeEp
     one before): the conv's kernel stores the int8 / uint8 (or float32) result, the int32
     sums never go to memory (a pass over 4 bytes an output less, and one kernel less)."""
     found = {}
-    for _, func in mod.functions_items():
-        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-            continue
-        for block in func.body.blocks:
-            if isinstance(block, relax.DataflowBlock):
-                users = relax.analysis.udchain(block)
-                values = {b.var: b.value for b in block.bindings}
-                for b in block.bindings:
-                    conv = match_int8_conv2d(b.value) or match_int8_depthwise(b.value)
-                    epilogue = conv and _requantize_chain(b.var, conv[2].shape[0], users, values)
-                    if epilogue:
-                        found[b.var] = epilogue
+    for b, only_user in dataflow_bindings(mod):
+        conv = match_int8_conv2d(b.value) or match_int8_depthwise(b.value)
+        epilogue = conv and _requantize_chain(b.var, conv[2].shape[0], only_user)
+        if epilogue:
+            found[b.var] = epilogue
     return found
 
 
-def _requantize_chain(var, channels: int, users, values) -> RequantizeEpilogue | None:
-    chain, offset, relu = [], np.zeros(channels, np.int32), False
+def _requantize_chain(conv: relax.Var, channels: int, only_user) -> RequantizeEpilogue | None:
+    chain = [conv]  # each var the only reader of the one before
 
-    def step(name: str, *, const_dtype: str | None = None):
-        nxt = only_user(chain[-1] if chain else var, users, values)
-        call = nxt[1] if nxt else None
-        if op_name(call) != name or not call.args[0].same_as(chain[-1] if chain else var):
+    def step(name: str):
+        """The next op's call when it is ``name`` on the chain's last var (then appended)."""
+        nxt = only_user(chain[-1])
+        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
             return None
-        if const_dtype is not None:
-            c = _channel_const(call.args[1] if len(call.args) == 2 else None, channels)
-            if c is None or str(c.dtype) != const_dtype:
-                return None
-            chain.append(nxt[0])
-            return c
         chain.append(nxt[0])
-        return call
+        return nxt[1]
 
-    added = step(ADD, const_dtype="int32")
-    if added is not None:
-        offset = added
+    def channel_const(name: str, dtype: str) -> np.ndarray | None:
+        """The per-channel constant operand of a next ``name`` op of ``dtype``."""
+        nxt = only_user(chain[-1])
+        call = nxt[1] if nxt is not None else None
+        if op_name(call) != name or len(call.args) != 2:
+            return None
+        c = _channel_const(call.args[1], channels)
+        if c is None or str(c.dtype) != dtype or step(name) is None:
+            return None
+        return c
+
+    offset = channel_const(ADD, "int32")
+    offset = np.zeros(channels, np.int32) if offset is None else offset
     relu = step(RELU) is not None
-    nxt = only_user(chain[-1] if chain else var, users, values)
-    if nxt is not None and op_name(nxt[1]) == DEQUANTIZE:
-        return _dequantize(var, chain, nxt, offset, relu, channels)
+    dequantize = step(DEQUANTIZE)
+    if dequantize is not None:
+        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, channels)
     cast = step("relax.astype")
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
-    multiplier = step("relax.multiply", const_dtype="float32")
+    multiplier = channel_const("relax.multiply", "float32")
     quantize = step(QUANTIZE) if multiplier is not None else None
     if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
         return None
@@ -158,21 +156,19 @@ def _requantize_chain(var, channels: int, users, values) -> RequantizeEpilogue |
     dtype = str(quantize.attrs.out_dtype)
     info = np.iinfo(dtype)
     lo, hi = int(info.min), int(info.max)
-    nxt = only_user(chain[-1], users, values)
+    nxt = only_user(chain[-1])
     bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
-    if bounds is not None and nxt[1].args[0].same_as(chain[-1]):
-        chain.append(nxt[0])
+    if bounds is not None and step(CLIP) is not None:
         lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
     return RequantizeEpilogue(
-        tuple(chain), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
+        tuple(chain[1:]), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
     )
 
 
-def _dequantize(var, chain, nxt, offset, relu, channels) -> RequantizeEpilogue | None:
-    """The chain ending in ``dequantize(., scale, 0, axis=1)`` to float32 (a float output)."""
-    call = nxt[1]
-    data, scale, zero = call.args
-    if not data.same_as(chain[-1] if chain else var) or str(call.attrs.out_dtype) != "float32":
+def _dequantize(chain, call, offset, relu, channels) -> RequantizeEpilogue | None:
+    """The chain ending in ``call = dequantize(., scale, 0, axis=1)`` to float32."""
+    _, scale, zero = call.args
+    if str(call.attrs.out_dtype) != "float32":
         return None
     if not is_tensor_const(scale) or not is_tensor_const(zero) or zero.value.numpy().any():
         return None
@@ -180,9 +176,7 @@ def _dequantize(var, chain, nxt, offset, relu, channels) -> RequantizeEpilogue |
     if s.size not in (1, channels) or (s.size > 1 and int(call.attrs.axis) not in (1, -3)):
         return None
     multiplier = np.ascontiguousarray(np.broadcast_to(s, (channels,)), dtype=np.float32)
-    return RequantizeEpilogue(
-        (*chain, nxt[0]), offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu)
-    )
+    return RequantizeEpilogue(chain, offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu))
 
 
 def _channel_const(c, channels: int) -> np.ndarray | None:

@@ -63,6 +63,29 @@ def user_counts(func: relax.Function) -> dict[relax.Var, int]:
     return counts
 
 
+def dataflow_bindings(mod: tvm.IRModule):
+    """Each binding of the dataflow blocks of ``mod``'s Relax functions, with that block's
+    ``only_user(var)``: (user, its value) of a dataflow var read by exactly one binding of
+    the block, else None (a fused epilogue may take only such a chain of ops)."""
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            if not isinstance(block, relax.DataflowBlock):
+                continue
+            users = relax.analysis.udchain(block)
+            values = {b.var: b.value for b in block.bindings}
+
+            def only_user(var, users=users, values=values):
+                used = users.get(var, [])
+                if not isinstance(var, relax.DataflowVar) or len(used) != 1:
+                    return None
+                return used[0], values.get(used[0])
+
+            for binding in block.bindings:
+                yield binding, only_user
+
+
 def is_tensor_const(expr: relax.Expr) -> bool:
     """Whether `expr` is a constant tensor (``R.const`` / bound weights)."""
     return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)

@@ -141,8 +141,9 @@ def int8_dense_vnni(
     -------
     tvm.tirx.PrimFunc
         Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
-        [, ``multiplier (n,) float32``], ``C (m, n)`` int32 (or the requantized dtype). Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave
-        it alone) and :data:`KERNEL_ATTR`.
+        [, ``multiplier (n,) float32``], ``C (m, n)`` int32 (or the requantized dtype).
+        Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
+        :data:`KERNEL_ATTR`.
     """
     tiles = tiles or choose_tiles(m, n)
     static_m = isinstance(m, int)
@@ -163,8 +164,9 @@ def int8_dense_vnni(
         name="acc",
     )
     args = [x, w]
-    off = te.placeholder((n,), "int32", name="offset") if with_offset else None
-    args += [off] if with_offset else []
+    if with_offset:
+        off = te.placeholder((n,), "int32", name="offset")
+        args.append(off)
 
     def value(i, j):
         return acc[i, j] + off[j] if with_offset else acc[i, j]
