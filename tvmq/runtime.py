@@ -192,14 +192,14 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs):
         slots = self._slots
-        if slots is None or kwargs or not slots.accepts(args):
-            # The full check: it names what is wrong, or takes lists, names, other layouts.
-            args = check_inputs(self.manifest.inputs, args, kwargs)
         if slots is None:  # a device other than the CPU, or symbolic shapes
-            tensors = [tvm.runtime.tensor(a, self.device) for a in args]
+            tensors = self._to_device(args, kwargs)
             with self._lock:
-                outs = _flatten(self._main(*tensors, *self._params))
+                outs = _flatten(self._main(*self.main_args(tensors)))
         else:
+            if kwargs or not slots.accepts(args):
+                # The full check: it names what is wrong, or takes lists, names, other layouts.
+                args = check_inputs(self.manifest.inputs, args, kwargs)
             with self._lock:
                 for buffer, a in zip(slots.arrays, args, strict=True):
                     np.copyto(buffer, a)
