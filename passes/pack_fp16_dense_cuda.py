@@ -20,7 +20,6 @@ unchanged; no fp16 matmul is left after a rewrite, so the pass is idempotent. Ru
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import tvm
@@ -30,6 +29,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.kernels.cuda_mma import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_mma
 
 from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
+from .pack_int8_dense_cuda import cuda_sm
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _MMA_F16_MIN_SM = 80  # m16n8k16 f16 with ldmatrix: Ampere and newer
@@ -38,10 +38,7 @@ _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseTIR cannot merge a scheduled ker
 
 def target_has_fp16_mma(target: tvm.target.Target | None) -> bool:
     """True for a CUDA target whose ``arch`` is ``sm_80`` or later."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    found = re.match(r"sm_(\d+)", str(target.attrs.get("arch", "")))
-    return found is not None and int(found[1]) >= _MMA_F16_MIN_SM
+    return cuda_sm(target) >= _MMA_F16_MIN_SM
 
 
 def match_fp16_dense(call: relax.Expr) -> tuple[relax.Expr, tuple, np.ndarray, str] | None:

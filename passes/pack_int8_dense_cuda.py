@@ -57,7 +57,7 @@ _IMMA_MIN_SM = 80  # mma.sync.m16n8k32 s8 with ldmatrix: Ampere and newer
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
-def _sm(target: tvm.target.Target | None) -> int:
+def cuda_sm(target: tvm.target.Target | None) -> int:
     """The CUDA target's ``sm_XX`` number, 0 for anything else."""
     if target is None or target.kind.name != "cuda":
         return 0
@@ -67,12 +67,12 @@ def _sm(target: tvm.target.Target | None) -> int:
 
 def target_has_dp4a(target: tvm.target.Target | None) -> bool:
     """True for a CUDA target whose ``arch`` is ``sm_61`` or later (``dp4a`` exists)."""
-    return _sm(target) >= _DP4A_MIN_SM
+    return cuda_sm(target) >= _DP4A_MIN_SM
 
 
 def target_has_imma(target: tvm.target.Target | None) -> bool:
     """True for a CUDA target whose ``arch`` is ``sm_80`` or later (int8 ``mma.sync`` m16n8k32)."""
-    return _sm(target) >= _IMMA_MIN_SM
+    return cuda_sm(target) >= _IMMA_MIN_SM
 
 
 def _plan(m: int, k: int, n: int):
