@@ -52,6 +52,8 @@ class DenseKernel:
     # takes ``M = rows * mo`` rows, ``mo`` its last input (a scalar); None: static M only.
     build_rows: Callable[[int, int, bool], tvm.tirx.PrimFunc] | None = None
     rows: int = 8
+    # The kernel's name in function names for a plan's ``tiles``, when it depends on them.
+    label: Callable[[Any], str] | None = None
     # False: only activations already of ``operand_dtype`` (no shift, no offset input); the
     # others are left for another kernel (the CUDA IMMA kernel leaves uint8 ones to dp4a).
     shifts: bool = True
@@ -182,7 +184,8 @@ class _DenseRewriter(PyExprMutator):
         if key not in self.kernels:
             # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
             func = self.kernel.build(mp, kp, np_, tiles, with_offset).with_attr("op_pattern", 8)
-            name = f"tvmq_int8_dense_{self.kernel.name}_{mp}x{kp}x{np_}"
+            label = self.kernel.label(tiles) if self.kernel.label else self.kernel.name
+            name = f"tvmq_int8_dense_{label}_{mp}x{kp}x{np_}"
             name += "_offset" if with_offset else ""
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]

@@ -1,0 +1,119 @@
+"""x86 AMX int8 dense kernel: exact vs numpy, bit-identical epilogues vs the VNNI kernel,
+and which kernel each shape gets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from tvmq.kernels.x86_amx import (
+    AMX_MIN_ROWS,
+    amx_tiles,
+    int8_dense_amx,
+    pack_weight_amx,
+    x86_int8_dense,
+)
+from tvmq.kernels.x86_int8 import Requantize
+
+# An explicit AMX CPU: the host's LLVM name may hide AMX (a VM's CPU model), and these
+# kernels must build wherever the suite runs; they run only where the CPU has AMX.
+_AMX_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+
+
+def _compile(func: tvm.tirx.PrimFunc):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target(_AMX_TARGET))
+
+
+def _run(func, *arrays, out_shape, out_dtype):
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    _compile(func)["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+def _operands(rng, m, k, n):
+    t = amx_tiles(m, k, n)
+    x = np.zeros((t.m_padded, t.k_padded), np.uint8)
+    x[:m, :k] = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    x[:, k:] = rng.integers(0, 256, (t.m_padded, t.k_padded - k))  # padding: weight rows are 0
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    return t, x, w
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize("m,k,n", [(16, 64, 16), (45, 100, 40), (200, 576, 96), (70, 300, 520)])
+def test_amx_dense_is_exact(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    t, x, w = _operands(rng, m, k, n)
+    got = _run(
+        int8_dense_amx(t.m_padded, t.k_padded, t.n_padded),
+        x,
+        pack_weight_amx(w),
+        out_shape=(t.m_padded, t.n_padded),
+        out_dtype="int32",
+    )
+    want = x[:m, :k].astype(np.int64) @ w.astype(np.int64)
+    np.testing.assert_array_equal(got[:m, :n], want)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    "requantize",
+    [
+        Requantize("uint8", 3, 0, 255, relu=True),
+        Requantize("int8", -2, -128, 100),
+        Requantize("float32", 0, 0, 0),
+    ],
+    ids=["uint8-relu", "int8-clip", "dequantize"],
+)
+def test_amx_epilogue_matches_the_vnni_kernel_bit_for_bit(requantize):
+    """The same offset + requantize as the VNNI kernel: the same bits (float32 round-half-even
+    included), whichever kernel a layer gets."""
+    rng = np.random.default_rng(7)
+    m, k, n = 100, 300, 50
+    t, x, w = _operands(rng, m, k, n)
+    offset = rng.integers(-5000, 5000, t.n_padded).astype(np.int32)
+    mult = (rng.random(t.n_padded) * 1e-3).astype(np.float32)
+    mult[0] = 0.5  # exact halves: round half to even
+    shape = (t.m_padded, t.n_padded)
+    got = _run(
+        int8_dense_amx(*shape[:1], t.k_padded, shape[1], with_offset=True, requantize=requantize),
+        x,
+        pack_weight_amx(w),
+        offset,
+        mult,
+        out_shape=shape,
+        out_dtype=requantize.dtype,
+    )
+    vnni = x86_int8_dense(m, k, n, amx=False)
+    xv = np.zeros((vnni.m_padded, vnni.k_padded), np.uint8)
+    xv[:m, :k] = x[:m, :k]
+    want = _run(
+        vnni.build(True, requantize),
+        xv,
+        vnni.pack(w),
+        offset[: vnni.n_padded],
+        mult[: vnni.n_padded],
+        out_shape=(vnni.m_padded, vnni.n_padded),
+        out_dtype=requantize.dtype,
+    )
+    np.testing.assert_array_equal(got[:m, :n], want[:m, :n])
+
+
+def test_amx_is_chosen_from_one_tile_of_rows_up():
+    assert x86_int8_dense(AMX_MIN_ROWS - 1, 64, 64, amx=True).amx is None
+    assert x86_int8_dense(AMX_MIN_ROWS, 64, 64, amx=False).amx is None
+    choice = x86_int8_dense(49, 147, 40, amx=True)
+    assert (choice.m_padded, choice.k_padded, choice.n_padded) == (64, 192, 48)
+    assert (choice.amx.mt, choice.amx.nt) == (2, 1)
+    assert choice.pack(np.ones((147, 40), np.int8)).shape == (3, 48, 16, 4)
+
+
+def test_amx_kernel_emits_tile_instructions():
+    """Builds anywhere (no AMX needed to compile): the asm holds the tile ops and asks the OS
+    for the tile state."""
+    lib = _compile(int8_dense_amx(64, 128, 64, with_offset=True))
+    asm = "".join(m.inspect_source("asm") for m in [lib.mod, *lib.mod.imports] if m.kind == "llvm")
+    for op in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease", "syscall"):
+        assert op in asm, op
