@@ -53,10 +53,11 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
-from tvmq.kernels.x86_amx import x86_int8_dense
+from tvmq.kernels.x86_amx import AmxConv, x86_int8_conv
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
+from ._int8_dense import shift_bytes
 from .channels_last import (
     TO_NCHW,
     ChannelsLastRewriter,
@@ -231,23 +232,27 @@ class _Lowering:
         bb = rw.builder_
         o = w.shape[0]
         m, k = geo.m, geo.k
-        dense = x86_int8_dense(m, k, o, self.amx)
+        dense = x86_int8_conv(geo, o, self.amx)
         mp, kp, np_ = dense.m_padded, dense.k_padded, dense.n_padded
         x_dtype = str(x.ty.dtype)
-        cols_fn = rw.kernel_var(
-            ("im2col", geo, x_dtype, mp, kp),
-            f"tvmq_int8_im2col_{mp}x{kp}",
-            lambda: int8_im2col(geo, x_dtype, mp, kp),
-        )
         x = rw.nhwc_input(x)
-        cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=relax.TensorType((mp, kp), "uint8")))
+        if isinstance(dense, AmxConv):  # the kernel reads the padded input itself
+            cols = _padded_uint8(bb, x, geo.padding, x_dtype)
+        else:
+            cols_fn = rw.kernel_var(
+                ("im2col", geo, x_dtype, mp, kp),
+                f"tvmq_int8_im2col_{mp}x{kp}",
+                lambda: int8_im2col(geo, x_dtype, mp, kp),
+            )
+            out_ty = relax.TensorType((mp, kp), "uint8")
+            cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=out_ty))
         w2 = w.transpose(0, 2, 3, 1).reshape(o, k).T  # (K, O), K in cols' (ky, kx, c) order
         args = [cols, relax.const(dense.pack(np.ascontiguousarray(w2)), "int8")]
         shift = _SHIFT if x_dtype == "int8" else 0
         offset = np.zeros(np_, dtype=np.int32)
         offset[:o] = -shift * w2.astype(np.int32).sum(axis=0)
         requantize, out_dtype = None, "int32"
-        name = f"tvmq_int8_dense_{dense.name}_{mp}x{kp}x{np_}"
+        name = f"tvmq_int8_{dense.label}_{mp}x{kp}x{np_}"
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:o] += epilogue.offset
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
@@ -289,6 +294,17 @@ class _Lowering:
         lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, args, epilogue.requantize)
         _alias(rw, epilogue)
         return lowered
+
+
+def _padded_uint8(bb, x: relax.Expr, padding, x_dtype: str) -> relax.Expr:
+    """The NHWC ``x`` with the conv's zero padding, shifted to uint8 when it is int8 (the
+    padding too: the kernel's offset takes ``128 * colsum`` off every output)."""
+    top, left, bottom, right = padding
+    if any(padding):
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+    if x_dtype == "int8":
+        x = bb.emit(shift_bytes(x, _SHIFT, "uint8"))
+    return x
 
 
 def _alias(rw: ChannelsLastRewriter, epilogue: RequantizeEpilogue | None) -> None:

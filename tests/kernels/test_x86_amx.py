@@ -117,3 +117,66 @@ def test_amx_kernel_emits_tile_instructions():
     asm = "".join(m.inspect_source("asm") for m in [lib.mod, *lib.mod.imports] if m.kind == "llvm")
     for op in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease", "syscall"):
         assert op in asm, op
+
+
+def _conv_reference(x_nhwc, w_oihw, pad):
+    """int64 NHWC conv, stride 1: ``(N * OH * OW, O)`` rows."""
+    top, left, bottom, right = pad
+    xp = np.pad(x_nhwc.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    o, c, kh, kw = w_oihw.shape
+    n, hp, wp, _ = xp.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    out = np.zeros((n, oh, ow, o), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            out += xp[:, ky : ky + oh, kx : kx + ow, :] @ w_oihw[:, :, ky, kx].T.astype(np.int64)
+    return out.reshape(-1, o), xp.astype(np.uint8)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o", "kernel", "pad"),
+    [
+        ((1, 64, 9, 10), 64, (3, 3), (1, 1, 1, 1)),
+        ((2, 128, 7, 7), 48, (3, 3), (1, 1, 1, 1)),  # batch 2, 7x7: garbage rows between images
+        ((1, 64, 12, 12), 96, (1, 1), (0, 0, 0, 0)),  # 1x1: the input itself
+        ((1, 64, 8, 11), 32, (3, 2), (2, 0, 1, 1)),  # uneven kernel and padding
+    ],
+)
+def test_amx_conv_without_im2col_is_exact(x_shape, o, kernel, pad):
+    from tvmq.kernels.x86_amx import amx_conv_applies, int8_conv_amx
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    geo = Conv2DGeometry(x_shape, kernel, (1, 1), pad, (1, 1))
+    assert amx_conv_applies(geo)
+    rng = np.random.default_rng(sum(x_shape) + o)
+    n, c, h, w = x_shape
+    x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    w_oihw = rng.integers(-128, 128, (o, c, *kernel), dtype=np.int8)
+    want, x_padded = _conv_reference(x, w_oihw, pad)
+    w2 = np.ascontiguousarray(w_oihw.transpose(0, 2, 3, 1).reshape(o, -1).T)
+    np_ = -(-o // 16) * 16
+    offset = rng.integers(-999, 999, np_).astype(np.int32)
+    got = _run(
+        int8_conv_amx(geo, np_, with_offset=True),
+        x_padded,
+        pack_weight_amx(w2),
+        offset,
+        out_shape=(geo.m, np_),
+        out_dtype="int32",
+    )
+    np.testing.assert_array_equal(got[:, :o], want + offset[:o])
+
+
+def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
+    from tvmq.kernels.x86_amx import amx_conv_applies
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    def geo(c, stride=1, dilation=1, hw=14):
+        return Conv2DGeometry((1, c, hw, hw), (3, 3), (stride,) * 2, (1,) * 4, (dilation,) * 2)
+
+    assert amx_conv_applies(geo(128))
+    assert not amx_conv_applies(geo(96))  # a K step would span two taps
+    assert not amx_conv_applies(geo(128, stride=2))
+    assert not amx_conv_applies(geo(128, dilation=2))
+    assert not amx_conv_applies(geo(128, hw=4))  # fewer rows than two tiles

@@ -28,6 +28,8 @@ library first, in one line.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,7 @@ from tvmq.kernels.x86_int8 import (
     padded_kn,
     requantize_value,
 )
+from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 TILE = 16
 """Rows (and int32 columns) of an AMX accumulator tile."""
@@ -107,6 +110,10 @@ class X86Int8Dense:
     def name(self) -> str:
         return "vnni" if self.amx is None else "amx"
 
+    @property
+    def label(self) -> str:
+        return f"dense_{self.name}"
+
     def pack(self, w: np.ndarray) -> np.ndarray:
         return pack_weight_vnni(w, self.k_padded)
 
@@ -117,6 +124,40 @@ class X86Int8Dense:
         return int8_dense_amx(
             *sizes, with_offset=with_offset, requantize=requantize, tiles=self.amx
         )
+
+
+@dataclass(frozen=True)
+class AmxConv:
+    """A conv on :func:`int8_conv_amx` (its input padded, not im2col'd), with the interface
+    of :class:`X86Int8Dense` (``m_padded`` is the output pixels: no rows are padded)."""
+
+    geo: Conv2DGeometry
+    n_padded: int
+    label = "conv_amx"
+
+    @property
+    def m_padded(self) -> int:
+        return self.geo.m
+
+    @property
+    def k_padded(self) -> int:
+        return self.geo.k
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        return pack_weight_amx(w)
+
+    def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
+        return int8_conv_amx(
+            self.geo, self.n_padded, with_offset=with_offset, requantize=requantize
+        )
+
+
+def x86_int8_conv(geo: Conv2DGeometry, o: int, amx: bool) -> AmxConv | X86Int8Dense:
+    """The kernel for an int8 conv with ``o`` output channels: :func:`int8_conv_amx` where the
+    target has AMX and it applies, else the dense kernel over its im2col rows."""
+    if amx and amx_conv_applies(geo):
+        return AmxConv(geo, round_up(o, TILE))
+    return x86_int8_dense(geo.m, geo.k, o, amx)
 
 
 def x86_int8_dense(m: int, k: int, n: int, amx: bool) -> X86Int8Dense:
@@ -149,6 +190,22 @@ def _configure_tiles(cfg) -> None:
     _intrin("ldtilecfg", tirx.address_of(cfg[0]))
 
 
+@dataclass(frozen=True)
+class AmxRows:
+    """How the kernel's ``count`` rows map to memory. Row ``p`` of the product reads
+    ``X_flat[base(p) + ko * 64 ...]`` for K step ``ko`` (consecutive rows ``stride`` bytes
+    apart) and, when ``store(p)`` gives an index (``valid`` may be None), lands in that row
+    of ``C``. Rows past a multiple of the tile are not padded: the last block of rows
+    starts ``count - rows`` instead, and computes a few rows twice, identically."""
+
+    count: int
+    stride: int
+    base: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+    store: Callable[[tirx.PrimExpr], tuple[tirx.PrimExpr, tirx.PrimExpr | None]]
+    # Where K step ``ko`` starts from a row's base (default ``64 * ko``: a plain matrix).
+    k_offset: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None
+
+
 def int8_dense_amx(
     m: int,
     k: int,
@@ -166,16 +223,101 @@ def int8_dense_amx(
     :data:`KERNEL_ATTR` ``"int8_dense_amx"``.
     """
     tiles = tiles or amx_tiles(m, k, n)
-    if m % (TILE * tiles.mt) or n % (TILE * tiles.nt) or k % TILE_K:
+    if m % (TILE * tiles.mt):
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for AMX tiles {tiles}")
+    rows = AmxRows(m, k, lambda p: p * k, lambda p: (p, None))
+    return amx_kernel("int8_dense_amx", (m, k), rows, k, n, tiles, with_offset, requantize)
+
+
+def amx_conv_applies(geo: Conv2DGeometry) -> bool:
+    """Whether :func:`int8_conv_amx` takes this conv: stride 1, no dilation, channels a
+    multiple of 64 (each 64-byte K step one tap's run of channels) and a tile of rows."""
+    c = geo.x_shape[1]
+    return (
+        geo.strides == (1, 1)
+        and geo.dilation == (1, 1)
+        and c % TILE_K == 0
+        and _conv_rows(geo, 0).count >= 2 * TILE
+    )
+
+
+def _conv_rows(geo: Conv2DGeometry, c: int) -> AmxRows:
+    """The rows of a stride-1 conv read straight from its zero-padded NHWC input (``Hp x Wp``
+    pixels an image): output pixel ``(b, y, x)`` is row ``p = (b * Hp + y) * Wp + x``, and tap
+    ``(ky, kx)`` of it reads pixel ``p + ky * Wp + kx``, so consecutive rows are ``C`` bytes
+    apart for every tap. Rows with ``x >= OW`` or ``y >= OH`` (the padding's) are computed and
+    not stored; the last row needed is the last output pixel."""
+    n, _, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = geo.out_hw
+    kw = geo.kernel[1]
+    per_tap = max(1, c // TILE_K)
+
+    def k_offset(ko):
+        tap = ko // per_tap
+        return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * TILE_K
+
+    def store(p):
+        r = p % (hp * wp)
+        y, x = r // wp, r % wp
+        return ((p // (hp * wp)) * oh + y) * ow + x, tirx.all(y < oh, x < ow)
+
+    count = ((n - 1) * hp + oh - 1) * wp + ow
+    return AmxRows(count, c, lambda p: p * c, store, k_offset)
+
+
+def int8_conv_amx(
+    geo: Conv2DGeometry,
+    n_padded: int,
+    *,
+    with_offset: bool = False,
+    requantize: Requantize | None = None,
+) -> tvm.tirx.PrimFunc:
+    """An int8 conv (:func:`amx_conv_applies`) on AMX tiles without im2col: ``X`` is the
+    conv's input, NHWC uint8 with the conv's padding done (``(N, Hp, Wp, C)``), ``W`` the
+    dense weight ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by
+    :func:`pack_weight_amx`, ``C`` the ``(N * OH * OW, n_padded)`` rows of
+    :func:`int8_dense_amx` (same offset / requantize arguments)."""
+    if not amx_conv_applies(geo):
+        raise ValueError(f"{geo} is not a conv the AMX conv kernel takes")
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    rows = _conv_rows(geo, c)
+    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
+    x_shape = (n, h + top + bottom, w + left + right, c)
+    name = "int8_conv_amx"
+    return amx_kernel(
+        name, x_shape, rows, geo.k, n_padded, tiles, with_offset, requantize, out_rows=geo.m
+    )
+
+
+def amx_kernel(
+    name: str,
+    x_shape: tuple[int, ...],
+    rows: AmxRows,
+    k: int,
+    n: int,
+    tiles: AmxTiles,
+    with_offset: bool,
+    requantize: Requantize | None,
+    out_rows: int | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The AMX product of ``rows`` (``X`` of ``x_shape`` uint8) and a packed ``(k, n)``
+    weight into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its
+    :data:`KERNEL_ATTR`. Arguments as :func:`int8_dense_amx`'s."""
+    if n % (TILE * tiles.nt) or k % TILE_K or rows.count < TILE * tiles.mt:
+        raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
     chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
     n_chunks = -(-n // chunk)
-    # Rows of one task: up to _ROW_BLOCKS steps share each weight panel it loads (a small M,
-    # one task: a weight of megabytes then streams from memory once).
-    rows = mb * min(_ROW_BLOCKS, m // mb)
-    m_chunks = -(-m // rows)
-    epilogue = with_offset or requantize is not None
+    blocks = -(-rows.count // mb)
+    # Row blocks of one task: up to _ROW_BLOCKS steps share each weight panel it loads (a
+    # small M, one task: a weight of megabytes then streams from memory once).
+    per_task = min(_ROW_BLOCKS, blocks)
+    m_chunks = -(-blocks // per_task)
+    direct = not with_offset and requantize is None and out_rows is None
+    direct = direct and rows.count % mb == 0  # tiles go straight to C, no scratch
     out_dtype = requantize.dtype if requantize is not None else "int32"
     granted = tirx.call_extern(
         "int64",
@@ -185,15 +327,17 @@ def int8_dense_amx(
             for v in (_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
         ),
     )
-    loop = T.parallel if m * n * k >= _PARALLEL_MIN_MACS else T.serial
+    macs = rows.count * n * k
+    loop = T.parallel if macs >= _PARALLEL_MIN_MACS else T.serial
     with IRBuilder() as ib, T.prim_func():
-        T.func_name("int8_dense_amx")
+        T.func_name(name)
         T.func_attr({"tirx.noalias": True})
-        x = T.arg("X", T.Buffer((m, k), "uint8"))
+        x = T.arg("X", T.Buffer(x_shape, "uint8"))
         w = T.arg("W", T.Buffer((n // TILE, k // 4, TILE, 4), "int8"))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
-        c = T.arg("C", T.Buffer((m, n), out_dtype))
+        c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
+        x_flat = T.decl_buffer((math.prod(x_shape),), "uint8", data=x.data)
         # Not an assert: tvmq builds drop asserts (tirx.disable_assert), and with them their
         # conditions. Where the request is refused the first tile instruction faults: tvmq.load
         # checks the CPU's features first (tvmq.machine.missing_cpu_features).
@@ -201,38 +345,40 @@ def int8_dense_amx(
         with loop(0, m_chunks * n_chunks) as task:
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             _configure_tiles(cfg)
-            scratch = T.alloc_buffer((mb, nb), "int32", scope="local") if epilogue else None
-            row0 = (task // n_chunks) * rows
+            scratch = None if direct else T.alloc_buffer((mb, nb), "int32", scope="local")
+            block0 = (task // n_chunks) * per_task
             col0 = (task % n_chunks) * chunk
             # Row blocks inner: one weight panel (nb columns x K) serves them all.
             with (
                 T.serial(0, tirx.min(chunk, n - col0) // nb) as step,
-                T.serial(0, tirx.min(rows, m - row0) // mb) as r,
+                T.serial(0, tirx.min(per_task, blocks - block0)) as r,
             ):
-                row, col = row0 + r * mb, col0 + step * nb
-                _step(x, w, c, scratch, row, col, k, n, tiles)
-                if epilogue:
-                    _store(c, scratch, off, mult, requantize, row, col, mb, nb)
+                row = tirx.min((block0 + r) * mb, rows.count - mb)
+                col = col0 + step * nb
+                _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles)
+                if not direct:
+                    _store(c, scratch, off, mult, requantize, rows, row, col, mb, nb)
             _intrin("tilerelease")
-    func = ib.get()
     return (
-        func.with_attr("tirx.is_scheduled", True)
-        .with_attr(KERNEL_ATTR, "int8_dense_amx")
+        ib.get()
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, name)
         .without_attr("global_symbol")
     )
 
 
-def _step(x, w, c, scratch, row, col, k, n, tiles: AmxTiles) -> None:
+def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles) -> None:
     """``mt x nt`` accumulator tiles at (row, col) over the whole K, stored to ``scratch``
-    (or straight to ``c`` without an epilogue). Tiles: 0-3 accumulators, 4-5 A, 6-7 B."""
+    (or straight to ``c`` without one). Tiles: 0-3 accumulators, 4-5 A, 6-7 B."""
     mt, nt = tiles.mt, tiles.nt
     for a in range(mt):
         for b in range(nt):
             _intrin("tilezero", _tile(2 * a + b))
     with T.serial(0, k // TILE_K) as ko:
         for a in range(mt):
-            ptr = tirx.address_of(x[row + TILE * a, ko * TILE_K])
-            _intrin("tileloadd64", _tile(4 + a), ptr, tirx.const(k, "int64"))
+            k_at = rows.k_offset(ko) if rows.k_offset else ko * TILE_K
+            ptr = tirx.address_of(x[rows.base(row + TILE * a) + k_at])
+            _intrin("tileloadd64", _tile(4 + a), ptr, tirx.const(rows.stride, "int64"))
         for b in range(nt):
             ptr = tirx.address_of(w[col // TILE + b, ko * (TILE_K // 4), 0, 0])
             _intrin("tileloadd64", _tile(6 + b), ptr, tirx.const(TILE_K, "int64"))
@@ -248,10 +394,21 @@ def _step(x, w, c, scratch, row, col, k, n, tiles: AmxTiles) -> None:
             _intrin("tilestored64", _tile(2 * a + b), ptr, tirx.const(stride, "int64"))
 
 
-def _store(c, scratch, off, mult, requantize, row, col, mb: int, nb: int) -> None:
-    """``c[row:+mb, col:+nb]`` from the int32 sums in ``scratch``: offset, then requantize."""
-    with T.serial(0, mb) as i, T.vectorized(0, nb) as j:
-        v = scratch[i, j] if off is None else scratch[i, j] + off[col + j]
-        if requantize is not None:
-            v = requantize_value(v, mult[col + j], requantize)
-        T.buffer_store(c, v, [row + i, col + j])
+def _store(c, scratch, off, mult, requantize, rows: AmxRows, row, col, mb: int, nb: int) -> None:
+    """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the int32 sums in
+    ``scratch``: offset, then requantize."""
+    with T.serial(0, mb) as i:
+        index, valid = rows.store(row + i)
+
+        def body():
+            with T.vectorized(0, nb) as j:
+                v = scratch[i, j] if off is None else scratch[i, j] + off[col + j]
+                if requantize is not None:
+                    v = requantize_value(v, mult[col + j], requantize)
+                T.buffer_store(c, v, [index, col + j])
+
+        if valid is None:
+            body()
+        else:
+            with T.If(valid), T.Then():
+                body()
