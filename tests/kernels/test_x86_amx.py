@@ -101,13 +101,16 @@ def test_amx_epilogue_matches_the_vnni_kernel_bit_for_bit(requantize):
     np.testing.assert_array_equal(got[:m, :n], want[:m, :n])
 
 
-def test_amx_is_chosen_from_one_tile_of_rows_up():
-    assert x86_int8_dense(AMX_MIN_ROWS - 1, 64, 64, amx=True).amx is None
-    assert x86_int8_dense(AMX_MIN_ROWS, 64, 64, amx=False).amx is None
-    choice = x86_int8_dense(49, 147, 40, amx=True)
-    assert (choice.m_padded, choice.k_padded, choice.n_padded) == (64, 192, 48)
-    assert (choice.amx.mt, choice.amx.nt) == (2, 1)
-    assert choice.pack(np.ones((147, 40), np.int8)).shape == (3, 48, 16, 4)
+def test_amx_is_chosen_where_it_pays():
+    assert x86_int8_dense(AMX_MIN_ROWS - 1, 384, 64, amx=True).amx is None  # under a tile
+    assert x86_int8_dense(128, 384, 384, amx=False).amx is None
+    assert x86_int8_dense(128, 384, 384, amx=True).amx is not None  # MiniLM
+    assert x86_int8_dense(12544, 16, 96, amx=True).amx is None  # K 16: padded 4x
+    assert x86_int8_dense(49, 160, 960, amx=True).amx is None  # M 49 -> 64, K 160 -> 192
+    choice = x86_int8_dense(12544, 147, 64, amx=True)  # ResNet's first conv
+    assert (choice.m_padded, choice.k_padded, choice.n_padded) == (12544, 192, 64)
+    assert (choice.amx.mt, choice.amx.nt) == (2, 2)
+    assert choice.pack(np.ones((147, 64), np.int8)).shape == (4, 48, 16, 4)
 
 
 def test_amx_kernel_emits_tile_instructions():

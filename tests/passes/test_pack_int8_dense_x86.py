@@ -79,7 +79,7 @@ SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 @pytest.mark.parametrize(
     ("x_shape", "n", "x_dtype", "kernel"),
     [
-        ((2, 9, 100), 40, "int8", "int8_dense_amx"),  # 18 rows: two tiles, K padded to 128
+        ((2, 32, 300), 40, "int8", "int8_dense_amx"),  # K padded to 320, N to 48
         ((128, 384), 96, "uint8", "int8_dense_amx"),
         ((7, 30), 10, "int8", "int8_dense_vnni"),  # under a tile of rows: VNNI
     ],
