@@ -53,7 +53,7 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
-from tvmq.kernels.x86_amx import AmxConv, x86_int8_conv
+from tvmq.kernels.x86_amx_conv import AmxConv, x86_int8_conv
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 

@@ -147,7 +147,7 @@ def _conv_reference(x_nhwc, w_oihw, pad):
     ],
 )
 def test_amx_conv_without_im2col_is_exact(x_shape, o, kernel, pad):
-    from tvmq.kernels.x86_amx import amx_conv_applies, int8_conv_amx
+    from tvmq.kernels.x86_amx_conv import amx_conv_applies, int8_conv_amx
     from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
     geo = Conv2DGeometry(x_shape, kernel, (1, 1), pad, (1, 1))
@@ -172,7 +172,7 @@ def test_amx_conv_without_im2col_is_exact(x_shape, o, kernel, pad):
 
 
 def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
-    from tvmq.kernels.x86_amx import amx_conv_applies
+    from tvmq.kernels.x86_amx_conv import amx_conv_applies
     from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
     def geo(c, stride=1, dilation=1, hw=14):

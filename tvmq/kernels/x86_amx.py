@@ -48,7 +48,6 @@ from tvmq.kernels.x86_int8 import (
     padded_kn,
     requantize_value,
 )
-from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 TILE = 16
 """Rows (and int32 columns) of an AMX accumulator tile."""
@@ -128,43 +127,6 @@ class X86Int8Dense:
         )
 
 
-@dataclass(frozen=True)
-class AmxConv:
-    """A conv on :func:`int8_conv_amx` (its input padded, not im2col'd), with the interface
-    of :class:`X86Int8Dense` (``m_padded`` is the output pixels: no rows are padded)."""
-
-    geo: Conv2DGeometry
-    n_padded: int
-    label = "conv_amx"
-
-    @property
-    def m_padded(self) -> int:
-        return self.geo.m
-
-    @property
-    def k_padded(self) -> int:
-        return self.geo.k
-
-    def pack(self, w: np.ndarray) -> np.ndarray:
-        return pack_weight_amx(w)
-
-    def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
-        return int8_conv_amx(
-            self.geo, self.n_padded, with_offset=with_offset, requantize=requantize
-        )
-
-
-def x86_int8_conv(geo: Conv2DGeometry, o: int, amx: bool) -> AmxConv | X86Int8Dense:
-    """The kernel for an int8 conv with ``o`` output channels: :func:`int8_conv_amx` where the
-    target has AMX, it applies and pays (:func:`_amx_pays`), else the dense kernel over its
-    im2col rows."""
-    conv = AmxConv(geo, round_up(o, TILE))
-    vnni = x86_int8_dense(geo.m, geo.k, o, False)
-    if amx and amx_conv_applies(geo) and _amx_pays(conv, vnni, geo.k):
-        return conv
-    return x86_int8_dense(geo.m, geo.k, o, amx)
-
-
 def x86_int8_dense(m: int, k: int, n: int, amx: bool) -> X86Int8Dense:
     """The kernel for an ``(m, k) x (k, n)`` int8 product: AMX when the target has it
     (``amx``), there are :data:`AMX_MIN_ROWS` rows or more and it pays, else VNNI."""
@@ -173,18 +135,39 @@ def x86_int8_dense(m: int, k: int, n: int, amx: bool) -> X86Int8Dense:
     if amx and m >= AMX_MIN_ROWS:
         t = amx_tiles(m, k, n)
         tiles = X86Int8Dense(t.m_padded, t.k_padded, t.n_padded, t)
-        if _amx_pays(tiles, vnni, k):
+        if amx_pays(tiles, vnni, k):
             return tiles
     return vnni
 
 
-def _amx_pays(amx, vnni: X86Int8Dense, k: int) -> bool:
+def amx_pays(amx, vnni: X86Int8Dense, k: int) -> bool:
     """Whether AMX beats VNNI on a product (measured on MobileNetV2, ResNet-18 and MiniLM's
     layers on a Sapphire Rapids core): with a short K both kernels are bound by their
     requantize epilogue and memory, and AMX only adds padding (K to 64, M and N to 32), so it
     takes products with ``K >= 128`` that its padding grows by at most 35%."""
     padded = amx.m_padded * amx.k_padded * amx.n_padded
     return k >= _AMX_MIN_K and padded <= 1.35 * vnni.m_padded * vnni.k_padded * vnni.n_padded
+
+
+@dataclass(frozen=True)
+class AmxOps:
+    """The operands of one kind of AMX product: ``X`` of ``x_dtype`` (bf16 travels as its
+    uint16 bits) times a weight packed ``[N/16, K/pair, 16, pair]`` into ``acc_dtype``."""
+
+    x_dtype: str
+    w_dtype: str
+    acc_dtype: str
+    pair: int  # K elements in one 4-byte group of a B tile row
+    instruction: str
+
+    @property
+    def k_step(self) -> int:
+        """K elements one instruction reduces (64 bytes of a row)."""
+        return TILE_K * self.pair // 4
+
+
+INT8 = AmxOps("uint8", "int8", "int32", 4, "tdpbusd")
+BF16 = AmxOps("uint16", "uint16", "float32", 2, "tdpbf16ps")
 
 
 def _intrin(name: str, *args) -> None:
@@ -242,71 +225,8 @@ def int8_dense_amx(
     tiles = tiles or amx_tiles(m, k, n)
     if m % (TILE * tiles.mt):
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for AMX tiles {tiles}")
-    rows = AmxRows(m, k, lambda p: p * k, lambda p: (p, None))
+    rows = AmxRows(m, k, lambda p: p * k, lambda p: (p, None))  # a byte a K element
     return amx_kernel("int8_dense_amx", (m, k), rows, k, n, tiles, with_offset, requantize)
-
-
-def amx_conv_applies(geo: Conv2DGeometry) -> bool:
-    """Whether :func:`int8_conv_amx` takes this conv: stride 1, no dilation, channels a
-    multiple of 64 (each 64-byte K step one tap's run of channels) and a tile of rows."""
-    c = geo.x_shape[1]
-    return (
-        geo.strides == (1, 1)
-        and geo.dilation == (1, 1)
-        and c % TILE_K == 0
-        and _conv_rows(geo, 0).count >= 2 * TILE
-    )
-
-
-def _conv_rows(geo: Conv2DGeometry, c: int) -> AmxRows:
-    """The rows of a stride-1 conv read straight from its zero-padded NHWC input (``Hp x Wp``
-    pixels an image): output pixel ``(b, y, x)`` is row ``p = (b * Hp + y) * Wp + x``, and tap
-    ``(ky, kx)`` of it reads pixel ``p + ky * Wp + kx``, so consecutive rows are ``C`` bytes
-    apart for every tap. Rows with ``x >= OW`` or ``y >= OH`` (the padding's) are computed and
-    not stored; the last row needed is the last output pixel."""
-    n, _, h, w = geo.x_shape
-    top, left, bottom, right = geo.padding
-    hp, wp = h + top + bottom, w + left + right
-    oh, ow = geo.out_hw
-    kw = geo.kernel[1]
-    per_tap = max(1, c // TILE_K)
-
-    def k_offset(ko):
-        tap = ko // per_tap
-        return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * TILE_K
-
-    def store(p):
-        r = p % (hp * wp)
-        y, x = r // wp, r % wp
-        return ((p // (hp * wp)) * oh + y) * ow + x, tirx.all(y < oh, x < ow)
-
-    count = ((n - 1) * hp + oh - 1) * wp + ow
-    return AmxRows(count, c, lambda p: p * c, store, k_offset)
-
-
-def int8_conv_amx(
-    geo: Conv2DGeometry,
-    n_padded: int,
-    *,
-    with_offset: bool = False,
-    requantize: Requantize | None = None,
-) -> tvm.tirx.PrimFunc:
-    """An int8 conv (:func:`amx_conv_applies`) on AMX tiles without im2col: ``X`` is the
-    conv's input, NHWC uint8 with the conv's padding done (``(N, Hp, Wp, C)``), ``W`` the
-    dense weight ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by
-    :func:`pack_weight_amx`, ``C`` the ``(N * OH * OW, n_padded)`` rows of
-    :func:`int8_dense_amx` (same offset / requantize arguments)."""
-    if not amx_conv_applies(geo):
-        raise ValueError(f"{geo} is not a conv the AMX conv kernel takes")
-    n, c, h, w = geo.x_shape
-    top, left, bottom, right = geo.padding
-    rows = _conv_rows(geo, c)
-    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
-    x_shape = (n, h + top + bottom, w + left + right, c)
-    name = "int8_conv_amx"
-    return amx_kernel(
-        name, x_shape, rows, geo.k, n_padded, tiles, with_offset, requantize, out_rows=geo.m
-    )
 
 
 def amx_kernel(
@@ -319,11 +239,13 @@ def amx_kernel(
     with_offset: bool,
     requantize: Requantize | None,
     out_rows: int | None = None,
+    ops: AmxOps = INT8,
 ) -> tvm.tirx.PrimFunc:
-    """The AMX product of ``rows`` (``X`` of ``x_shape`` uint8) and a packed ``(k, n)``
-    weight into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its
-    :data:`KERNEL_ATTR`. Arguments as :func:`int8_dense_amx`'s."""
-    if n % (TILE * tiles.nt) or k % TILE_K or rows.count < TILE * tiles.mt:
+    """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
+    into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
+    Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
+    ``k_offset`` count elements, ``rows.stride`` bytes)."""
+    if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
     chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
@@ -335,7 +257,7 @@ def amx_kernel(
     m_chunks = -(-blocks // per_task)
     direct = not with_offset and requantize is None and out_rows is None
     direct = direct and rows.count % mb == 0  # tiles go straight to C, no scratch
-    out_dtype = requantize.dtype if requantize is not None else "int32"
+    out_dtype = requantize.dtype if requantize is not None else ops.acc_dtype
     granted = tirx.call_extern(
         "int64",
         "syscall",
@@ -349,12 +271,12 @@ def amx_kernel(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tirx.noalias": True})
-        x = T.arg("X", T.Buffer(x_shape, "uint8"))
-        w = T.arg("W", T.Buffer((n // TILE, k // 4, TILE, 4), "int8"))
+        x = T.arg("X", T.Buffer(x_shape, ops.x_dtype))
+        w = T.arg("W", T.Buffer((n // TILE, k // ops.pair, TILE, ops.pair), ops.w_dtype))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
         c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
-        x_flat = T.decl_buffer((math.prod(x_shape),), "uint8", data=x.data)
+        x_flat = T.decl_buffer((math.prod(x_shape),), ops.x_dtype, data=x.data)
         # Not an assert: tvmq builds drop asserts (tirx.disable_assert), and with them their
         # conditions. Where the request is refused the first tile instruction faults: tvmq.load
         # checks the CPU's features first (tvmq.machine.missing_cpu_features).
@@ -362,7 +284,9 @@ def amx_kernel(
         with loop(0, m_chunks * n_chunks) as task:
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             _configure_tiles(cfg)
-            scratch = None if direct else T.alloc_buffer((mb, nb), "int32", scope="local")
+            scratch = None
+            if not direct:
+                scratch = T.alloc_buffer((mb, nb), ops.acc_dtype, scope="local")
             block0 = (task // n_chunks) * per_task
             col0 = (task % n_chunks) * chunk
             # Row blocks inner: one weight panel (nb columns x K) serves them all.
@@ -372,7 +296,7 @@ def amx_kernel(
             ):
                 row = tirx.min((block0 + r) * mb, rows.count - mb)
                 col = col0 + step * nb
-                _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles)
+                _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles, ops)
                 if not direct:
                     _store(c, scratch, off, mult, requantize, rows, row, col, mb, nb)
             _intrin("tilerelease")
@@ -384,24 +308,24 @@ def amx_kernel(
     )
 
 
-def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles) -> None:
+def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops: AmxOps) -> None:
     """``mt x nt`` accumulator tiles at (row, col) over the whole K, stored to ``scratch``
     (or straight to ``c`` without one). Tiles: 0-3 accumulators, 4-5 A, 6-7 B."""
     mt, nt = tiles.mt, tiles.nt
     for a in range(mt):
         for b in range(nt):
             _intrin("tilezero", _tile(2 * a + b))
-    with T.serial(0, k // TILE_K) as ko:
+    with T.serial(0, k // ops.k_step) as ko:
         for a in range(mt):
-            k_at = rows.k_offset(ko) if rows.k_offset else ko * TILE_K
+            k_at = rows.k_offset(ko) if rows.k_offset else ko * ops.k_step
             ptr = tirx.address_of(x[rows.base(row + TILE * a) + k_at])
             _intrin("tileloadd64", _tile(4 + a), ptr, tirx.const(rows.stride, "int64"))
         for b in range(nt):
-            ptr = tirx.address_of(w[col // TILE + b, ko * (TILE_K // 4), 0, 0])
+            ptr = tirx.address_of(w[col // TILE + b, ko * (ops.k_step // ops.pair), 0, 0])
             _intrin("tileloadd64", _tile(6 + b), ptr, tirx.const(TILE_K, "int64"))
         for a in range(mt):
             for b in range(nt):
-                _intrin("tdpbusd", _tile(2 * a + b), _tile(4 + a), _tile(6 + b))
+                _intrin(ops.instruction, _tile(2 * a + b), _tile(4 + a), _tile(6 + b))
     for a in range(mt):
         for b in range(nt):
             if scratch is not None:
