@@ -51,6 +51,8 @@ from tvmq.frontends.tflite import dynamic_range_scheme
 from tvmq.passes import (
     SPARSE_ATTR,
     CanonicalizeQDQ,
+    FoldBatchNorm,
+    PackBf16ConvX86,
     PackBf16DenseX86,
     QDQConvToNCHW,
     SparsifyDense,
@@ -287,7 +289,11 @@ def run(
         done.applied["precision"] = {"compute": "float16", "accumulate": "float32"}
     if precision == "bf16":
         phase("bf16", progress)
-        done.model = _with_mod(done.model, PackBf16DenseX86(preset.tvm_target())(done.model.mod))
+        target = preset.tvm_target()
+        bf16 = tvm.transform.Sequential(
+            [FoldBatchNorm(), PackBf16ConvX86(target), PackBf16DenseX86(target)]
+        )
+        done.model = _with_mod(done.model, bf16(done.model.mod))
         done.applied["precision"] = {"compute": "bfloat16 (AMX matmuls)", "accumulate": "float32"}
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)

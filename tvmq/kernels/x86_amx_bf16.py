@@ -22,7 +22,10 @@ import tvm
 from tvm import te, tirx
 
 from tvmq.kernels._tiling import round_up
+from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
+from tvmq.kernels.x86_amx_conv import conv_rows
+from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 K_STEP = BF16.k_step
 """K elements one ``tdpbf16ps`` reduces: the padding unit of K."""
@@ -63,16 +66,21 @@ def to_bf16_rows(m: int, k: int, mp: int, kp: int) -> tvm.tirx.PrimFunc:
     x = te.placeholder((m, k), "float32", name="X")
 
     def value(i, j):  # clamped reads: the padding's value is selected away
-        bits = tirx.reinterpret("uint32", x[tirx.min(i, m - 1), tirx.min(j, k - 1)])
-        one, mask = tirx.const(1, "uint32"), tirx.const(0x7FFFFFFF, "uint32")
-        rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> 16) & one)) >> 16
-        nan = (bits & mask) > tirx.const(0x7F800000, "uint32")
-        value = tirx.Select(nan, (bits >> 16) | tirx.const(0x40, "uint32"), rounded)
-        return tirx.Select(tirx.all(i < m, j < k), value, tirx.const(0, "uint32")).astype("uint16")
+        bits = _round(x[tirx.min(i, m - 1), tirx.min(j, k - 1)])
+        return tirx.Select(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
 
     bits = te.compute((mp, kp), value, name="bf16")
     # Opaque to FuseOps: FuseTIR fails on a TE function fused after a reshape (TVM 0.27).
     return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 -> bf16 bits (uint16) as :func:`bf16_bits`."""
+    bits = tirx.reinterpret("uint32", v)
+    one, mask = tirx.const(1, "uint32"), tirx.const(0x7FFFFFFF, "uint32")
+    rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> 16) & one)) >> 16
+    nan = (bits & mask) > tirx.const(0x7F800000, "uint32")
+    return tirx.Select(nan, (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
 
 
 def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
@@ -82,3 +90,52 @@ def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
     tiles = amx_tiles(mp, kp, np_)
     rows = AmxRows(mp, kp * 2, lambda p: p * kp, lambda p: (p, None))
     return amx_kernel("bf16_dense_amx", (mp, kp), rows, kp, np_, tiles, False, None, ops=BF16)
+
+
+def bf16_conv_applies(geo: Conv2DGeometry) -> bool:
+    """Whether :func:`bf16_conv_amx` takes this conv: stride 1, no dilation, channels a
+    multiple of 32 (each K step one tap's run of 32 channels) and two tiles of rows."""
+    c = geo.x_shape[1]
+    return (
+        geo.strides == (1, 1)
+        and geo.dilation == (1, 1)
+        and c % K_STEP == 0
+        and conv_rows(geo, c, K_STEP, 2).count >= 2 * TILE
+    )
+
+
+def to_bf16_padded(geo: Conv2DGeometry) -> tvm.tirx.PrimFunc:
+    """``X (N, H, W, C) float32 -> (N, Hp, Wp, C)`` bf16 bits with the conv's zero padding,
+    rounded like :func:`bf16_bits` (one pass: the pad and the rounding)."""
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    x = te.placeholder((n, h, w, c), "float32", name="X")
+
+    def value(b, y, xx, j):
+        inside = tirx.all(y >= top, y < top + h, xx >= left, xx < left + w)
+        yy, xc = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(xx - left, 0), w - 1)
+        return tirx.Select(inside, _round(x[b, yy, xc, j]), tirx.const(0, "uint16"))
+
+    shape = (n, h + top + bottom, w + left + right, c)
+    bits = te.compute(shape, value, name="bf16")
+    return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def bf16_conv_amx(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None = None):
+    """A float32 conv (:func:`bf16_conv_applies`) on bf16 AMX tiles, read straight from its
+    padded bf16 input (:func:`to_bf16_padded`, the rows of
+    :func:`~tvmq.kernels.x86_amx_conv.conv_rows`): ``W`` the dense weight
+    ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by :func:`pack_weight_bf16`, ``C`` the
+    ``(N * OH * OW, n_padded)`` float32 rows; with ``bias``, a ``bias (n_padded,)`` argument
+    added and the result clamped to its bounds before the store."""
+    if not bf16_conv_applies(geo):
+        raise ValueError(f"{geo} is not a conv the bf16 AMX conv kernel takes")
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    rows = conv_rows(geo, c, K_STEP, 2)
+    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
+    x_shape = (n, h + top + bottom, w + left + right, c)
+    return amx_kernel(
+        "bf16_conv_amx", x_shape, rows, geo.k, n_padded, tiles, False, None,
+        out_rows=geo.m, ops=BF16, bias=bias,
+    )  # fmt: skip
