@@ -35,7 +35,7 @@ from tvmq.kernels.x86_amx_bf16 import (
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
 from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
-from .pack_bf16_dense_x86 import target_has_amx_bf16
+from .pack_bf16_dense_x86 import AmxBf16Pass
 from .pack_float_conv import find_epilogues, match_float_conv2d
 
 
@@ -88,15 +88,9 @@ def _suffix(epilogue: ConvEpilogue | None) -> str:
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackBf16ConvX86")
-class PackBf16ConvX86:
-    """Lower float32 stride-1 convs over 32-channel multiples to bf16 AMX tiles where
-    ``target`` has AMX-BF16 (default: the current target)."""
+class PackBf16ConvX86(AmxBf16Pass):
+    """Lower float32 stride-1 convs over 32-channel multiples to bf16 AMX tiles (``target``:
+    see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
 
-    def __init__(self, target: tvm.target.Target | dict | str | None = None):
-        self.target = tvm.target.Target(target) if target is not None else None
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_amx_bf16(target):
-            return mod
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_channels_last(mod, _Lowering(find_epilogues(mod)))

@@ -97,16 +97,25 @@ class _Rewriter(PyExprMutator):
         return relax.op.reshape(y, (*x_shape[:-1], n))
 
 
-@tvm.transform.module_pass(opt_level=0, name="PackBf16DenseX86")
-class PackBf16DenseX86:
-    """Lower float32 ``matmul(x, const W)`` to bf16 AMX tiles where ``target`` has AMX-BF16
-    (default: the current target)."""
+class AmxBf16Pass:
+    """Base of the bf16 AMX passes: a no-op unless ``target`` (default: the current target)
+    has AMX-BF16, else ``self.rewrite(mod)``."""
 
     def __init__(self, target: tvm.target.Target | dict | str | None = None):
         self.target = tvm.target.Target(target) if target is not None else None
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_amx_bf16(target):
-            return mod
+        return self.rewrite(mod) if target_has_amx_bf16(target) else mod
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        raise NotImplementedError
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackBf16DenseX86")
+class PackBf16DenseX86(AmxBf16Pass):
+    """Lower float32 ``matmul(x, const W)`` to bf16 AMX tiles (``target``: see
+    :class:`AmxBf16Pass`)."""
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_functions(mod, _Rewriter(mod))
