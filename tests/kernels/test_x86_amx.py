@@ -183,3 +183,38 @@ def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
     assert not amx_conv_applies(geo(128, stride=2))
     assert not amx_conv_applies(geo(128, dilation=2))
     assert not amx_conv_applies(geo(128, hw=4))  # fewer rows than two tiles
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("c", "hw", "o", "k", "stride", "pad", "dilation"),
+    [
+        (3, 32, 64, 7, 2, 3, 1),  # a ResNet stem: 147 -> 192 of K
+        (64, 14, 128, 3, 2, 1, 1),
+        (64, 14, 128, 1, 2, 0, 1),  # a strided 1x1 projection
+        (48, 12, 40, 3, 1, 2, 2),  # dilated: one run of C bytes a tap
+    ],
+)
+def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation):
+    import torch
+
+    from tvmq.kernels.x86_amx_conv import AmxConv
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    geo = Conv2DGeometry((1, c, hw, hw), (k, k), (stride,) * 2, (pad,) * 4, (dilation,) * 2)
+    rng = np.random.default_rng(c + hw + o + k)
+    x = rng.integers(0, 256, (1, hw, hw, c), dtype=np.uint8)
+    w = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
+    x64, w64 = (torch.from_numpy(a.astype(np.float64)) for a in (x.transpose(0, 3, 1, 2), w))
+    want = torch.nn.functional.conv2d(x64, w64, stride=stride, padding=pad, dilation=dilation)
+    want = want.numpy().transpose(0, 2, 3, 1).reshape(-1, o)
+    kernel = AmxConv(geo, -(-o // 16) * 16, gathered=True)
+    w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1).T)
+    got = _run(
+        kernel.build(False),
+        np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))),
+        kernel.pack(w2),
+        out_shape=(geo.m, kernel.n_padded),
+        out_dtype="int32",
+    )
+    np.testing.assert_array_equal(got[:, :o], want)

@@ -498,19 +498,20 @@ SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
         ((1, 64, 9, 11), 40, "int8", "int8", -5, "int8_conv_amx"),  # shifted, padded N
         ((2, 128, 7, 7), 64, "uint8", "uint8", 3, "int8_conv_amx"),  # batch 2
         ((1, 64, 9, 11), 32, "uint8", "float32", 0, "int8_conv_amx"),  # dequantize
-        ((1, 48, 9, 11), 32, "uint8", "uint8", 3, "int8_dense_amx"),  # 48 channels: im2col
+        ((1, 48, 9, 11), 32, "uint8", "uint8", 3, "int8_conv_amx_gathered"),  # 48 channels
     ],
 )
 def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_dtype, z, kernel):
     """On an AMX target a stride-1 conv over 64-channel multiples reads its padded input
-    straight into the tiles (no im2col), the others take im2col + AMX dense; both with the
-    requantize in the kernel and the same bits as TVM's default lowering."""
+    straight into the tiles, the others gather one block of rows at a time from it (no im2col
+    matrix either way); both with the requantize in the kernel and the same bits as TVM's
+    default lowering."""
     w = _random(rng, (o, x_shape[1], 3, 3), np.int8)
     mod = _requantized_conv_module(rng, x_shape, w, x_dtype, 1, True, None, out_dtype, z)
     packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
     kernels = [str(k) for k in _kernels(packed)]
     assert kernel in kernels
-    assert ("int8_im2col" in kernels) == (kernel != "int8_conv_amx"), kernels
+    assert "int8_im2col" not in kernels, kernels
     x = _random(rng, x_shape, np.dtype(x_dtype))
     got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
     np.testing.assert_array_equal(got, want)

@@ -213,6 +213,10 @@ class AmxRows:
     store: Callable[[tirx.PrimExpr], tuple[tirx.PrimExpr, tirx.PrimExpr | None]]
     # Where K step ``ko`` starts from a row's base (default ``64 * ko``: a plain matrix).
     k_offset: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None
+    # ``gather(panel, x_flat, row, rows, K)``: writes the block of rows from ``row`` as a dense
+    # ``(rows, K)`` panel (an im2col of that block only, in L1 / L2) that the tiles then
+    # read; ``base`` and ``stride`` are unused. Each task then takes every column.
+    gather: Callable | None = None
 
 
 def int8_dense_amx(
@@ -260,6 +264,8 @@ def amx_kernel(
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
     chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
+    if rows.gather is not None:  # a gathered panel serves every column
+        chunk = n
     n_chunks = -(-n // chunk)
     blocks = -(-rows.count // mb)
     # Row blocks of one task: up to _ROW_BLOCKS steps share each weight panel it loads (a
@@ -301,17 +307,32 @@ def amx_kernel(
                 scratch = T.alloc_buffer((mb, nb), ops.acc_dtype, scope="local")
             block0 = (task // n_chunks) * per_task
             col0 = (task % n_chunks) * chunk
-            # Row blocks inner: one weight panel (nb columns x K) serves them all.
-            with (
-                T.serial(0, tirx.min(chunk, n - col0) // nb) as step,
-                T.serial(0, tirx.min(per_task, blocks - block0)) as r,
-            ):
+            epilogue = (off, mult, requantize, add, bias)
+
+            def block(r, step, a_rows, a_buf):
                 row = tirx.min((block0 + r) * mb, rows.count - mb)
                 col = col0 + step * nb
-                _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles, ops)
+                _step(a_buf, w, c, scratch, a_rows(row), row, col, k, n, tiles, ops)
                 if not direct:
-                    epilogue = (off, mult, requantize, add, bias)
                     _store(c, scratch, epilogue, rows, row, col, mb, nb)
+
+            row_blocks = tirx.min(per_task, blocks - block0)
+            if rows.gather is None:
+                # Row blocks inner: one weight panel (nb columns x K) serves them all.
+                with (
+                    T.serial(0, tirx.min(chunk, n - col0) // nb) as step,
+                    T.serial(0, row_blocks) as r,
+                ):
+                    block(r, step, lambda _row: rows, x_flat)
+            else:
+                panel = T.alloc_buffer((mb * k,), ops.x_dtype, scope="local")
+                with T.serial(0, mb * k) as i:
+                    T.buffer_store(panel, tirx.const(0, ops.x_dtype), [i])  # K's padding
+                with T.serial(0, row_blocks) as r:
+                    start = tirx.min((block0 + r) * mb, rows.count - mb)
+                    rows.gather(panel, x_flat, start, mb, k)
+                    with T.serial(0, n // nb) as step:
+                        block(r, step, lambda row: _panel_rows(rows, row, k, ops), panel)
             _intrin("tilerelease")
     return (
         ib.get()
@@ -319,6 +340,12 @@ def amx_kernel(
         .with_attr(KERNEL_ATTR, name)
         .without_attr("global_symbol")
     )
+
+
+def _panel_rows(rows: AmxRows, row, k: int, ops: AmxOps) -> AmxRows:
+    """The rows of a gathered panel that starts at ``row``: ``k`` elements a row."""
+    itemsize = 1 if ops.x_dtype == "uint8" else 2
+    return AmxRows(rows.count, k * itemsize, lambda p: (p - row) * k, rows.store)
 
 
 def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops: AmxOps) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import tirx
+from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_amx import (
@@ -99,12 +100,18 @@ def int8_conv_amx(
 
 @dataclass(frozen=True)
 class AmxConv:
-    """A conv on :func:`int8_conv_amx` (its input padded, not im2col'd), with the interface
-    of :class:`X86Int8Dense` (``m_padded`` is the output pixels: no rows are padded)."""
+    """A conv on AMX tiles reading its padded input (no im2col matrix): straight into the
+    tiles (:func:`int8_conv_amx`), or ``gathered`` a block at a time
+    (:func:`int8_conv_amx_gathered`); the interface of :class:`X86Int8Dense` (``m_padded``
+    is the output pixels: no rows are padded)."""
 
     geo: Conv2DGeometry
     n_padded: int
-    label = "conv_amx"
+    gathered: bool = False
+
+    @property
+    def label(self) -> str:
+        return "conv_amx_gathered" if self.gathered else "conv_amx"
 
     @property
     def m_padded(self) -> int:
@@ -112,23 +119,75 @@ class AmxConv:
 
     @property
     def k_padded(self) -> int:
-        return self.geo.k
+        return round_up(self.geo.k, TILE_K) if self.gathered else self.geo.k
 
     def pack(self, w: np.ndarray) -> np.ndarray:
         return pack_weight_amx(w)
 
     def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
-        return int8_conv_amx(
-            self.geo, self.n_padded, with_offset=with_offset, requantize=requantize
-        )
+        kernel = int8_conv_amx_gathered if self.gathered else int8_conv_amx
+        return kernel(self.geo, self.n_padded, with_offset=with_offset, requantize=requantize)
 
 
 def x86_int8_conv(geo: Conv2DGeometry, o: int, amx: bool) -> AmxConv | X86Int8Dense:
-    """The kernel for an int8 conv with ``o`` output channels: :func:`int8_conv_amx` where the
-    target has AMX, it applies and pays (:func:`amx_pays`), else the dense kernel over its
-    im2col rows."""
+    """The kernel for an int8 conv with ``o`` output channels where the target has AMX and it
+    pays (:func:`~tvmq.kernels.x86_amx.amx_pays`): :func:`int8_conv_amx` where it applies, else
+    :func:`int8_conv_amx_gathered`; without AMX, the dense kernel over im2col rows."""
     conv = AmxConv(geo, round_up(o, TILE))
     vnni = x86_int8_dense(geo.m, geo.k, o, False)
     if amx and amx_conv_applies(geo) and amx_pays(conv, vnni, geo.k):
         return conv
-    return x86_int8_dense(geo.m, geo.k, o, amx)
+    dense = x86_int8_dense(geo.m, geo.k, o, amx)
+    if dense.amx is not None and geo.m >= 2 * TILE:
+        return AmxConv(geo, dense.n_padded, gathered=True)
+    return dense
+
+
+def gathered_conv_rows(geo: Conv2DGeometry) -> AmxRows:
+    """The rows of any conv (strided, dilated, any channel count) as blocks gathered from its
+    zero-padded NHWC uint8 input: each block of output pixels is im2col'd into a small panel
+    (``rows x K``, in cache) right before the tiles read it, instead of the whole im2col
+    matrix going through memory first. Row ``p`` is output pixel ``p`` (``N * OH * OW``)."""
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = geo.out_hw
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
+
+    def gather(panel, x, row, count: int, k: int) -> None:
+        with T.serial(0, count) as i, T.serial(0, kh) as ky:
+            p = row + i
+            r = p % (oh * ow)
+            origin = ((p // (oh * ow) * hp + r // ow * sh + ky * dh) * wp + r % ow * sw) * c
+            if dw == 1:  # the taps of a kernel row are one run of KW * C bytes
+                with T.serial(0, kw * c) as t:
+                    T.buffer_store(panel, x[origin + t], [i * k + ky * kw * c + t])
+            else:
+                with T.serial(0, kw) as kx, T.serial(0, c) as t:
+                    value = x[origin + kx * dw * c + t]
+                    T.buffer_store(panel, value, [i * k + (ky * kw + kx) * c + t])
+
+    return AmxRows(geo.m, 0, lambda p: p, lambda p: (p, None), gather=gather)
+
+
+def int8_conv_amx_gathered(
+    geo: Conv2DGeometry,
+    n_padded: int,
+    *,
+    with_offset: bool = False,
+    requantize: Requantize | None = None,
+) -> tvm.tirx.PrimFunc:
+    """An int8 conv on AMX tiles over blocks im2col'd in cache (:func:`gathered_conv_rows`):
+    ``X`` the padded NHWC uint8 input, ``W`` the dense weight packed by
+    :func:`pack_weight_amx` (K padded to 64), ``C`` the ``(N * OH * OW, n_padded)`` rows of
+    :func:`int8_dense_amx` (same offset / requantize arguments)."""
+    if geo.m < 2 * TILE:
+        raise ValueError(f"{geo} has fewer output pixels than two tiles of rows")
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
+    x_shape = (n, h + top + bottom, w + left + right, c)
+    return amx_kernel(
+        "int8_conv_amx_gathered", x_shape, gathered_conv_rows(geo), tiles.k_padded, n_padded,
+        tiles, with_offset, requantize, out_rows=geo.m,
+    )  # fmt: skip
