@@ -238,6 +238,8 @@ class _Lowering:
         x = rw.nhwc_input(x)
         if isinstance(dense, AmxConv):  # the kernel reads the padded input itself
             cols = _padded_uint8(bb, x, geo.padding, x_dtype)
+        elif _is_its_own_im2col(geo, x_dtype, mp, kp):
+            cols = bb.emit(relax.op.reshape(x, (m, k)))
         else:
             cols_fn = rw.kernel_var(
                 ("im2col", geo, x_dtype, mp, kp),
@@ -294,6 +296,14 @@ class _Lowering:
         lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, args, epilogue.requantize)
         _alias(rw, epilogue)
         return lowered
+
+
+def _is_its_own_im2col(geo, x_dtype: str, mp: int, kp: int) -> bool:
+    """Whether the NHWC input, seen as ``(N*H*W, C)``, is already the dense kernel's operand:
+    a 1x1 stride-1 conv without padding over uint8 data whose sizes need no padding (most
+    pointwise convs of a MobileNet), so im2col would only copy it."""
+    one = geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.dilation == (1, 1)
+    return one and not any(geo.padding) and x_dtype == "uint8" and (mp, kp) == (geo.m, geo.k)
 
 
 def _padded_uint8(bb, x: relax.Expr, padding, x_dtype: str) -> relax.Expr:
