@@ -52,7 +52,7 @@ def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Requantize:
-    """An int8 / uint8 result computed before the store (a conv's requantize epilogue):
+    """An int8 / uint8 result computed before the store (a layer's requantize epilogue):
     ``clamp(round(float32(v) * multiplier[j]) + zero_point, lo, hi)``, where ``v`` is the
     accumulator plus the offset, ``max(v, 0)`` with ``relu``. The same float32 operations in
     the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
@@ -99,7 +99,9 @@ def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
     return choose_tiles(8, n_padded)
 
 
-def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.tirx.PrimFunc:
+def int8_dense_vnni_rows(
+    k: int, n: int, *, with_offset: bool = False, requantize: Requantize | None = None
+) -> tvm.tirx.PrimFunc:
     """:func:`int8_dense_vnni` for any row count: ``M = 8 * mo`` with ``mo`` a run-time scalar.
 
     The last input (before the output) is the int64 ``mo``, which Relax passes as a
@@ -108,8 +110,9 @@ def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.ti
     costs only that padding.
     """
     mo = tvm.tirx.Var("mo", "int64")
+    tiles = symbolic_rows_tiles(n)
     return int8_dense_vnni(
-        mo * 8, k, n, with_offset=with_offset, tiles=symbolic_rows_tiles(n), extra=[mo]
+        mo * 8, k, n, with_offset=with_offset, tiles=tiles, extra=[mo], requantize=requantize
     )
 
 
