@@ -64,6 +64,11 @@ class DenseKernel:
     # and the kernel then stores LowerInt8's requantize of its sums (an extra multiplier
     # input after the offset; see :mod:`requantize_epilogue`).
     requantizes: bool = False
+    # An int8 ``x`` of at most this many padded rows goes to the kernel as is (no shift op):
+    # ``build`` takes a keyword ``x_dtype="int8"`` and flips the bytes in registers. Worth it
+    # for a GEMV (the shift would be a kernel of its own), not for a GEMM (x86: one more
+    # port-5 uop per broadcast). 0: never.
+    signed_rows: int = 0
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -218,9 +223,12 @@ class _DenseRewriter(PyExprMutator):
             name += "_offset"
         if epilogue is not None:
             consts.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - n)), "float32"))
-        key = (*key, with_offset, requantize)
+        key = (*key, with_offset, requantize, str(args[0].ty.dtype))
         if key not in self.kernels:
             kw = {"requantize": requantize} if self.kernel.requantizes else {}
+            if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # signed_rows
+                kw["x_dtype"] = str(args[0].ty.dtype)
+                name += "_" + kw["x_dtype"]
             # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
             func = build(with_offset, **kw).with_attr("op_pattern", 8)
             self.kernels[key] = self.builder_.add_func(func, name)
@@ -271,7 +279,7 @@ class _DenseRewriter(PyExprMutator):
         shift = self._shift(x)
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
-        if shift:
+        if shift and mp > self.kernel.signed_rows:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))

@@ -69,13 +69,14 @@ _VNNI = DenseKernel(
     operand_dtype="uint8",  # vpdpbusd multiplies unsigned by signed bytes
     plan=_plan,
     pack=lambda w, kp, np_: pack_weight_vnni(w),
-    build=lambda m, k, n, _tiles, with_offset, requantize=None: int8_dense_vnni(
-        m, k, n, with_offset=with_offset, requantize=requantize
+    build=lambda m, k, n, _tiles, with_offset, **kw: int8_dense_vnni(
+        m, k, n, with_offset=with_offset, **kw
     ),
-    build_rows=lambda k, n, with_offset, requantize=None: int8_dense_vnni_rows(
-        k, n, with_offset=with_offset, requantize=requantize
+    build_rows=lambda k, n, with_offset, **kw: int8_dense_vnni_rows(
+        k, n, with_offset=with_offset, **kw
     ),
     requantizes=True,  # the kernel stores LowerInt8's float requantize of its sums
+    signed_rows=8,  # one row tile: an int8 x is flipped in registers, no shift kernel
 )
 
 

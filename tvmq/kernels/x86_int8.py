@@ -100,7 +100,12 @@ def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
 
 
 def int8_dense_vnni_rows(
-    k: int, n: int, *, with_offset: bool = False, requantize: Requantize | None = None
+    k: int,
+    n: int,
+    *,
+    with_offset: bool = False,
+    requantize: Requantize | None = None,
+    x_dtype: str = "uint8",
 ) -> tvm.tirx.PrimFunc:
     """:func:`int8_dense_vnni` for any row count: ``M = 8 * mo`` with ``mo`` a run-time scalar.
 
@@ -112,8 +117,9 @@ def int8_dense_vnni_rows(
     mo = tvm.tirx.Var("mo", "int64")
     tiles = symbolic_rows_tiles(n)
     return int8_dense_vnni(
-        mo * 8, k, n, with_offset=with_offset, tiles=tiles, extra=[mo], requantize=requantize
-    )
+        mo * 8, k, n, with_offset=with_offset, tiles=tiles, extra=[mo], requantize=requantize,
+        x_dtype=x_dtype,
+    )  # fmt: skip
 
 
 def int8_dense_vnni(
@@ -125,6 +131,7 @@ def int8_dense_vnni(
     tiles: DenseTiles | None = None,
     extra=(),
     requantize: Requantize | None = None,
+    x_dtype: str = "uint8",
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -139,6 +146,10 @@ def int8_dense_vnni(
     requantize : Requantize, optional
         Store ``C`` requantized to int8 / uint8 (a ``multiplier (n,) float32`` argument
         follows the offset).
+    x_dtype : {"uint8", "int8"}
+        ``X``'s dtype. An int8 ``X`` is flipped to uint8 in registers (``x + 128``, see
+        :data:`~tvmq.kernels.vnni_intrin.VNNI_DOT_16X4_S8`): the sums are those of ``X + 128``,
+        which the caller's ``offset`` (``-128 * colsum(W)``) turns back into ``X @ W``.
 
     Returns
     -------
@@ -154,14 +165,18 @@ def int8_dense_vnni(
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
     if not static_m:  # every loop int64 like the symbolic rows, or the fused loops mix dtypes
         k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
-    x = te.placeholder((m, k), "uint8", name="X")
+    x = te.placeholder((m, k), x_dtype, name="X")
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
     r = te.reduce_axis((0, k), name="k")
+    signed = x_dtype == "int8"
+
+    def operand(i, r):
+        return x[i, r].astype("int32") + 128 if signed else x[i, r].astype("int32")
+
     acc = te.compute(
         (m, n),
         lambda i, j: te.sum(
-            x[i, r].astype("int32")
-            * w[j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
+            operand(i, r) * w[j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
             axis=r,
         ),
         name="acc",
@@ -183,7 +198,8 @@ def int8_dense_vnni(
             (m, n), lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
         )
     func = te.create_prim_func([*args, *extra, out])
-    return _schedule(func, tiles, parallel=not static_m or m * n * k >= _PARALLEL_MIN_MACS)
+    parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
+    return _schedule(func, tiles, parallel, signed)
 
 
 def requantize_value(v, multiplier, r: Requantize):
@@ -229,7 +245,9 @@ def int8_batch_matmul_vnni(
     return _schedule(func, tiles, parallel=batch * m * n * k >= _PARALLEL_MIN_MACS)
 
 
-def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm.tirx.PrimFunc:
+def _schedule(
+    func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool, signed: bool = False
+) -> tvm.tirx.PrimFunc:
     """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
     (or its batched form: the batch loop joins the parallel tile loop)."""
     sch = Schedule(func)
@@ -249,7 +267,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm
     if parallel:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, ko)
-    sch.tensorize(nv, register_vnni_intrin())
+    sch.tensorize(nv, register_vnni_intrin(signed))
     for loop in (*rows, ni):
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
