@@ -64,11 +64,12 @@ class DenseKernel:
     # and the kernel then stores LowerInt8's requantize of its sums (an extra multiplier
     # input after the offset; see :mod:`requantize_epilogue`).
     requantizes: bool = False
-    # An int8 ``x`` of at most this many padded rows goes to the kernel as is (no shift op):
-    # ``build`` takes a keyword ``x_dtype="int8"`` and flips the bytes in registers. Worth it
-    # for a GEMV (the shift would be a kernel of its own), not for a GEMM (x86: one more
-    # port-5 uop per broadcast). 0: never.
-    signed_rows: int = 0
+    # Kernels of at most this many padded rows are GEMVs, where a little more work per element
+    # costs less than one more kernel: ``build`` then takes an int8 ``x`` as is (keyword
+    # ``x_dtype="int8"``, bytes flipped in registers, no shift op; x86 GEMMs would pay a
+    # port-5 uop per broadcast) and, for a last tile of columns (``np <= 64``), stores
+    # exactly ``n`` columns (keyword ``n_out``, predicated stores, no slice). 0: never.
+    gemv_rows: int = 0
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -205,9 +206,9 @@ class _DenseRewriter(PyExprMutator):
         return 128 if self.kernel.operand_dtype == "uint8" else -128
 
     def _call(self, key, name, build, args, out_shape, epilogue, w, kp, np_, shift):
-        """``call_tir`` of the kernel ``build(with_offset, **requantize)`` (shared per ``key``)
+        """``call_tir`` of the kernel ``build(with_offset, **keywords)`` (shared per ``key``)
         on ``args`` + the packed weight, the int32 column offset (undoing the shift, plus the
-        epilogue's) and the epilogue's multiplier."""
+        epilogue's) and the epilogue's multiplier; ``(mp, n_out)`` ``out_shape``."""
         n = w.shape[1]
         consts = [relax.const(self.kernel.pack(w, kp, np_), "int8")]
         offset = np.zeros(np_, dtype=np.int32)
@@ -223,12 +224,15 @@ class _DenseRewriter(PyExprMutator):
             name += "_offset"
         if epilogue is not None:
             consts.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - n)), "float32"))
-        key = (*key, with_offset, requantize, str(args[0].ty.dtype))
+        kw = {"requantize": requantize} if self.kernel.requantizes else {}
+        if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
+            kw["x_dtype"] = str(args[0].ty.dtype)
+            name += "_" + kw["x_dtype"]
+        if out_shape[1] != np_:  # a GEMV's exact columns
+            kw["n_out"] = out_shape[1]
+            name += f"_n{out_shape[1]}"
+        key = (*key, with_offset, *kw.items())
         if key not in self.kernels:
-            kw = {"requantize": requantize} if self.kernel.requantizes else {}
-            if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # signed_rows
-                kw["x_dtype"] = str(args[0].ty.dtype)
-                name += "_" + kw["x_dtype"]
             # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
             func = build(with_offset, **kw).with_attr("op_pattern", 8)
             self.kernels[key] = self.builder_.add_func(func, name)
@@ -277,9 +281,11 @@ class _DenseRewriter(PyExprMutator):
         m = math.prod(x_shape[:-1])
         mp, kp, np_, tiles = self.kernel.plan(m, k, n)
         shift = self._shift(x)
+        gemv = mp <= self.kernel.gemv_rows
+        n_out = n if gemv and np_ <= 64 else np_
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
-        if shift and mp > self.kernel.signed_rows:
+        if shift and not gemv:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
@@ -288,10 +294,10 @@ class _DenseRewriter(PyExprMutator):
             f"tvmq_int8_dense_{self.kernel.name}_{mp}x{kp}x{np_}",
             lambda off, **kw: self.kernel.build(mp, kp, np_, tiles, off, **kw),
             [x],
-            (mp, np_),
+            (mp, n_out),
             epilogue, w, kp, np_, shift,
         )  # fmt: skip
-        if mp != m or np_ != n:
+        if mp != m or n_out != n:
             y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
         shape = self._result_shape(x_shape, n, epilogue)
         return y if shape == (m, n) else relax.op.reshape(y, shape)

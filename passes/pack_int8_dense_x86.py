@@ -76,7 +76,7 @@ _VNNI = DenseKernel(
         k, n, with_offset=with_offset, **kw
     ),
     requantizes=True,  # the kernel stores LowerInt8's float requantize of its sums
-    signed_rows=8,  # one row tile: an int8 x is flipped in registers, no shift kernel
+    gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
 )
 
 

@@ -335,19 +335,19 @@ def test_other_targets_keep_the_requantize_ops(rng):
 
 
 @pytest.mark.vnni
-@pytest.mark.parametrize(("m", "in_kernel"), [(1, True), (8, True), (9, False), (24, False)])
-def test_int8_rows_flipped_in_the_kernel_for_one_row_tile(rng, m, in_kernel):
+@pytest.mark.parametrize(("m", "gemv"), [(1, True), (8, True), (9, False), (24, False)])
+def test_gemv_takes_int8_rows_and_stores_exact_columns(rng, m, gemv):
     """Up to 8 rows an int8 x goes to the kernel as is (no shift op: the kernel flips the
-    bytes in registers); more rows keep the shift op. Exact either way."""
+    bytes in registers) and the kernel stores exactly N = 40 columns (no slice); more rows
+    keep the shift op and the slice. Exact either way."""
     w = _random(rng, (100, 40), np.int8)
     mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module((m, 100), w, "int8"))
     shifts = [c for c in _ops_named(mod, "relax.astype") if str(c.attrs.dtype) == "int16"]
-    assert bool(shifts) != in_kernel
+    assert bool(shifts) != gemv
+    assert bool(_ops_named(mod, "relax.strided_slice")) != gemv
     names = [str(gv.name_hint) for gv in mod.get_global_vars()]
-    assert (
-        any(n.startswith("tvmq_int8_dense_vnni") and n.endswith("_int8") for n in names)
-        == in_kernel
-    )
+    gemv_kernels = [n for n in names if n.startswith("tvmq_int8") and n.endswith("_int8_n40")]
+    assert len(gemv_kernels) == gemv
     x = _random(rng, (m, 100), np.int8)
     got, _ = _run(mod, x)
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))

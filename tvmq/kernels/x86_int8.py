@@ -132,6 +132,7 @@ def int8_dense_vnni(
     extra=(),
     requantize: Requantize | None = None,
     x_dtype: str = "uint8",
+    n_out: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -150,12 +151,15 @@ def int8_dense_vnni(
         ``X``'s dtype. An int8 ``X`` is flipped to uint8 in registers (``x + 128``, see
         :data:`~tvmq.kernels.vnni_intrin.VNNI_DOT_16X4_S8`): the sums are those of ``X + 128``,
         which the caller's ``offset`` (``-128 * colsum(W)``) turns back into ``X @ W``.
+    n_out : int, optional
+        Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
+        columns are computed in registers but not stored, so no slice has to drop them.
 
     Returns
     -------
     tvm.tirx.PrimFunc
         Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
-        [, ``multiplier (n,) float32``], ``C (m, n)`` int32 (or the requantized dtype).
+        [, ``multiplier (n,) float32``], ``C (m, n_out or n)`` int32 (or the requantized dtype).
         Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
         :data:`KERNEL_ATTR`.
     """
@@ -189,13 +193,14 @@ def int8_dense_vnni(
     def value(i, j):
         return acc[i, j] + off[j] if with_offset else acc[i, j]
 
+    shape = (m, n if n_out is None else n_out)
     if requantize is None:
-        out = te.compute((m, n), value, name="C")
+        out = te.compute(shape, value, name="C")
     else:
         mult = te.placeholder((n,), "float32", name="multiplier")
         args.append(mult)
         out = te.compute(
-            (m, n), lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
+            shape, lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
         )
     func = te.create_prim_func([*args, *extra, out])
     parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
