@@ -32,6 +32,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .dynamic_epilogue import DynamicEpilogue, find_dynamic_epilogues
 from .relax_utils import dataflow_bindings, op_name
 from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
 
@@ -166,7 +167,12 @@ class _DenseRewriter(PyExprMutator):
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.changed = False
         symbolic = kernel.build_rows is not None
-        self.epilogues = find_dense_epilogues(mod, symbolic) if kernel.requantizes else {}
+        self.epilogues: dict[relax.Var, RequantizeEpilogue | DynamicEpilogue] = {}
+        if kernel.requantizes:
+            self.epilogues.update(find_dense_epilogues(mod, symbolic))
+            self.epilogues.update(
+                find_dynamic_epilogues(mod, lambda call: match_int8_dense(call, symbolic))
+            )
         # a requantize op's var -> the dense layer's var, whose new value is the op's result
         self.aliases: dict[relax.Var, relax.Var] = {}
         self.binding: relax.VarBinding | None = None  # the one being rewritten
@@ -192,12 +198,22 @@ class _DenseRewriter(PyExprMutator):
             return call
         self.changed = True
         epilogue = self.epilogues.get(self.binding.var) if is_binding else None
+        if isinstance(epilogue, DynamicEpilogue) and not self._unpadded_rows(found):
+            epilogue = None  # it reads one row of params per row of the kernel
         if epilogue is not None:  # the requantize ops are this kernel's result now
             for var in epilogue.chain:
                 self.aliases[var] = self.binding.var
         if is_symbolic(found[1]):
             return self._lower_rows(*found, epilogue)
         return self._lower(*found, epilogue)
+
+    def _unpadded_rows(self, found) -> bool:
+        """Whether the matched layer runs on the static kernel without padded rows."""
+        _, x_shape, w = found
+        if is_symbolic(x_shape):
+            return False
+        m = math.prod(x_shape[:-1])
+        return self.kernel.plan(m, *w.shape)[0] == m
 
     def _shift(self, x: relax.Expr) -> int:
         """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
@@ -217,13 +233,19 @@ class _DenseRewriter(PyExprMutator):
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:n] += epilogue.offset
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
-            name += "_requantize" if out_dtype != "float32" else "_dequantize"
+            if isinstance(epilogue, DynamicEpilogue):
+                name += "_dynamic"
+            else:
+                name += "_requantize" if out_dtype != "float32" else "_dequantize"
         with_offset = bool(shift) or bool(offset.any())
         if with_offset:
             consts.append(relax.const(offset, "int32"))
             name += "_offset"
-        if epilogue is not None:
-            consts.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - n)), "float32"))
+        for arg in epilogue.arguments(np_) if epilogue is not None else ():
+            arg = self.visit_expr(arg)  # a DynamicEpilogue's params: the rewritten var
+            if len(arg.ty.shape.values) > 2:  # one row of params per row of the kernel
+                arg = self.builder_.emit(relax.op.reshape(arg, (out_shape[0], -1)))
+            consts.append(arg)
         kw = {"requantize": requantize} if self.kernel.requantizes else {}
         if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
             kw["x_dtype"] = str(args[0].ty.dtype)
@@ -324,4 +346,5 @@ def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
 
 def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
     """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
-    return rewrite_functions(mod, _DenseRewriter(mod, kernel))
+    finish = relax.analysis.remove_all_unused if kernel.requantizes else None
+    return rewrite_functions(mod, _DenseRewriter(mod, kernel), finish)

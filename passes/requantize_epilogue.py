@@ -46,6 +46,11 @@ class RequantizeEpilogue(NamedTuple):
     multiplier: np.ndarray  # (channels,) float32
     requantize: Requantize
 
+    def arguments(self, n_padded: int) -> list:
+        """The kernel's arguments after its offset: the multiplier, padded to ``n_padded``."""
+        pad = (0, n_padded - len(self.multiplier))
+        return [relax.const(np.pad(self.multiplier, pad).astype(np.float32), "float32")]
+
 
 class ChannelAxis(NamedTuple):
     """Where a layer's output channels are: ``axis`` of an ``ndim``-D result, ``channels`` long."""

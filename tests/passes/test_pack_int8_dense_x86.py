@@ -351,3 +351,51 @@ def test_gemv_takes_int8_rows_and_stores_exact_columns(rng, m, gemv):
     x = _random(rng, (m, 100), np.int8)
     got, _ = _run(mod, x)
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def _float_mlp_module(rng, x_shape, k, hidden, n, relu):
+    """Float ``[relu](x @ W1 + b1) @ W2 + b2`` (x of any rank), then QuantizeDynamic's IR."""
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(
+                relax.op.matmul(x, relax.const(rng.normal(size=(k, hidden)).astype("float32")))
+            )
+            h = bb.emit(relax.op.add(h, relax.const(rng.normal(size=hidden).astype("float32"))))
+            if relu:
+                h = bb.emit(relax.op.nn.relu(h))
+            y = bb.emit(
+                relax.op.matmul(h, relax.const(rng.normal(size=(hidden, n)).astype("float32")))
+            )
+            y = bb.emit(relax.op.add(y, relax.const(rng.normal(size=n).astype("float32"))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return QuantizeDynamic()(bb.get())
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "k", "hidden", "n", "relu"),
+    [
+        ((1, 784), 784, 128, 10, True),  # the TFLite dynamic-range MLP: bias + ReLU, N padded
+        ((2, 5, 40), 40, 64, 24, False),  # 3-D: params (2, 5, 2) read as (10, 2)
+    ],
+)
+def test_dynamic_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, k, hidden, n, relu):
+    """QuantizeDynamic's zero-point compensation, scale, bias and ReLU after each dense layer
+    are stored by the VNNI kernel (which reads the row params itself): no int32 tensor left,
+    and the result equals TVM's default lowering of the unrewritten module exactly."""
+    mod = _float_mlp_module(rng, x_shape, k, hidden, n, relu)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.matmul") and not _casts_to_float(packed)
+    assert not _ops_named(packed, "relax.subtract") and not _ops_named(packed, "relax.nn.relu")
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("_dynamic" in name for name in names) == 2, names
+    x = rng.normal(size=x_shape).astype("float32")
+    x[..., :3] = 0.0  # a zero point other than the row's minimum
+    got, want = _run_main(packed, x), _run_main(mod, x)
+    assert got.shape == (*x_shape[:-1], n)
+    np.testing.assert_array_equal(got, want)

@@ -68,6 +68,24 @@ class Requantize:
 
 
 @dataclass(frozen=True)
+class DynamicDequantize:
+    """A dynamically quantized layer's float32 result computed before the store
+    (``QuantizeDynamic``'s dequantize, then the layer's bias and ReLU):
+    ``y = float32(v - int32(params[i, 1]) * colsum[j]) * (params[i, 0] * scale[j])``,
+    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu``, where ``params`` holds each row's
+    scale and zero point (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
+    ``scale`` float32 [, ``bias`` float32], then ``params (m, 2)`` float32. The same float32
+    operations in the same order as the Relax ops: bit-identical."""
+
+    bias: bool = False
+    relu: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "float32"
+
+
+@dataclass(frozen=True)
 class DenseTiles:
     """Register tile of the dense kernel: ``mr`` rows x ``nr`` 16-lane vectors."""
 
@@ -130,7 +148,7 @@ def int8_dense_vnni(
     with_offset: bool = False,
     tiles: DenseTiles | None = None,
     extra=(),
-    requantize: Requantize | None = None,
+    requantize: Requantize | DynamicDequantize | None = None,
     x_dtype: str = "uint8",
     n_out: int | None = None,
 ) -> tvm.tirx.PrimFunc:
@@ -144,9 +162,9 @@ def int8_dense_vnni(
         Add a per-column int32 ``offset`` (an extra ``(n,)`` argument) to the result.
     tiles : DenseTiles, optional
         Defaults to :func:`choose_tiles` ``(m, n)``.
-    requantize : Requantize, optional
+    requantize : Requantize or DynamicDequantize, optional
         Store ``C`` requantized to int8 / uint8 (a ``multiplier (n,) float32`` argument
-        follows the offset).
+        follows the offset), or dynamically dequantized (its arguments follow the offset).
     x_dtype : {"uint8", "int8"}
         ``X``'s dtype. An int8 ``X`` is flipped to uint8 in registers (``x + 128``, see
         :data:`~tvmq.kernels.vnni_intrin.VNNI_DOT_16X4_S8`): the sums are those of ``X + 128``,
@@ -196,6 +214,9 @@ def int8_dense_vnni(
     shape = (m, n if n_out is None else n_out)
     if requantize is None:
         out = te.compute(shape, value, name="C")
+    elif isinstance(requantize, DynamicDequantize):
+        out, more = _dynamic_dequantize(shape, value, m, n, requantize)
+        args += more
     else:
         mult = te.placeholder((n,), "float32", name="multiplier")
         args.append(mult)
@@ -205,6 +226,23 @@ def int8_dense_vnni(
     func = te.create_prim_func([*args, *extra, out])
     parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
     return _schedule(func, tiles, parallel, signed)
+
+
+def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize):
+    """The ``C`` stage and extra arguments of a :class:`DynamicDequantize` store."""
+    colsum = te.placeholder((n,), "int32", name="colsum")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = [te.placeholder((n,), "float32", name="bias")] if d.bias else []
+    params = te.placeholder((m, 2), "float32", name="params")
+
+    def y(i, j):
+        v = value(i, j) - params[i, 1].astype("int32") * colsum[j]
+        f = v.astype("float32") * (params[i, 0] * scale[j])
+        if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
+            f = tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f) + bias[0][j]
+        return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
+
+    return te.compute(shape, y, name="C"), [colsum, scale, *bias, params]
 
 
 def requantize_value(v, multiplier, r: Requantize):
