@@ -14,7 +14,7 @@ module does the rest::
 The kernels multiply one operand signedness (VNNI u8 x s8; sdot and dp4a s8 x s8): an
 ``x`` of the other kind is shifted by 128, which changes ``x @ W`` by ``shift * colsum(W)``,
 a compile-time int32 per column that the kernel subtracts again (its ``offset`` input).
-The result is exact. A kernel that ``requantizes`` (x86 VNNI) also stores the requantize
+The result is exact. A kernel with ``epilogues`` (x86 VNNI / AMX) also stores the requantize
 ``LowerInt8`` emits after the layer (:func:`find_dense_epilogues`), which then replaces those
 ops. Kernels with the same shapes are shared; after a rewrite no int8 matmul is left, so the
 passes are idempotent.
@@ -58,13 +58,16 @@ class DenseKernel:
     # takes ``M = rows * mo`` rows, ``mo`` its last input (a scalar); None: static M only.
     build_rows: Callable[[int, int, bool], tvm.tirx.PrimFunc] | None = None
     rows: int = 8
+    # The kernel's name in function names for a plan's ``tiles``, when it depends on them.
+    label: Callable[[Any], str] | None = None
     # False: only activations already of ``operand_dtype`` (no shift, no offset input); the
     # others are left for another kernel (the CUDA IMMA kernel leaves uint8 ones to dp4a).
     shifts: bool = True
-    # True: ``build`` / ``build_rows`` take a keyword ``requantize`` (a ``Requantize`` or None)
-    # and the kernel then stores LowerInt8's requantize of its sums (an extra multiplier
-    # input after the offset; see :mod:`requantize_epilogue`).
-    requantizes: bool = False
+    # The epilogue kinds (``Requantize``, ``DynamicDequantize``) the kernel of a plan's
+    # ``tiles`` can store: ``build`` / ``build_rows`` then take a keyword ``requantize`` and
+    # the kernel stores the ops LowerInt8 / QuantizeDynamic emit after the layer (its extra
+    # inputs follow the offset: :mod:`requantize_epilogue`, :mod:`dynamic_epilogue`).
+    epilogues: Callable[[Any], tuple[type, ...]] | None = None
     # Kernels of at most this many padded rows are GEMVs, where a little more work per element
     # costs less than one more kernel: ``build`` then takes an int8 ``x`` as is (keyword
     # ``x_dtype="int8"``, bytes flipped in registers, no shift op; x86 GEMMs would pay a
@@ -135,7 +138,7 @@ def find_dense_epilogues(
 ) -> dict[relax.Var, RequantizeEpilogue]:
     """The int8 dense layers whose result only feeds ``LowerInt8``'s float requantize (after
     its reshape back to the leading dims, when there is one), per output channel along the
-    last axis (see :func:`requantize_chain`): a kernel that ``requantizes`` stores the int8 /
+    last axis (see :func:`requantize_chain`): a kernel with ``epilogues`` stores the int8 /
     uint8 (or float32) result itself, one kernel instead of about five."""
     found = {}
     for b, only_user in dataflow_bindings(mod):
@@ -159,7 +162,7 @@ def find_dense_epilogues(
 @mutator
 class _DenseRewriter(PyExprMutator):
     """Replaces each matched matmul by pad -> call_tir(kernel) -> slice (and, when the kernel
-    ``requantizes``, the requantize ops after it by the kernel's result)."""
+    ``epilogues``, the requantize ops after it by the kernel's result)."""
 
     def __init__(self, mod: tvm.IRModule, kernel: DenseKernel):
         super().__init__(mod)
@@ -168,7 +171,7 @@ class _DenseRewriter(PyExprMutator):
         self.changed = False
         symbolic = kernel.build_rows is not None
         self.epilogues: dict[relax.Var, RequantizeEpilogue | DynamicEpilogue] = {}
-        if kernel.requantizes:
+        if kernel.epilogues is not None:
             self.epilogues.update(find_dense_epilogues(mod, symbolic))
             self.epilogues.update(
                 find_dynamic_epilogues(mod, lambda call: match_int8_dense(call, symbolic))
@@ -198,8 +201,8 @@ class _DenseRewriter(PyExprMutator):
             return call
         self.changed = True
         epilogue = self.epilogues.get(self.binding.var) if is_binding else None
-        if isinstance(epilogue, DynamicEpilogue) and not self._unpadded_rows(found):
-            epilogue = None  # it reads one row of params per row of the kernel
+        if epilogue is not None and not self._takes(epilogue, found):
+            epilogue = None
         if epilogue is not None:  # the requantize ops are this kernel's result now
             for var in epilogue.chain:
                 self.aliases[var] = self.binding.var
@@ -207,13 +210,19 @@ class _DenseRewriter(PyExprMutator):
             return self._lower_rows(*found, epilogue)
         return self._lower(*found, epilogue)
 
-    def _unpadded_rows(self, found) -> bool:
-        """Whether the matched layer runs on the static kernel without padded rows."""
+    def _takes(self, epilogue, found) -> bool:
+        """Whether the kernel the matched layer runs on stores ``epilogue``: a kind its plan's
+        tiles take, and a DynamicEpilogue (a row of params per kernel row) only unpadded."""
         _, x_shape, w = found
         if is_symbolic(x_shape):
+            tiles, padded = self.kernel.plan(self.kernel.rows, *w.shape)[3], True
+        else:
+            m = math.prod(x_shape[:-1])
+            mp, _, _, tiles = self.kernel.plan(m, *w.shape)
+            padded = mp != m
+        if not isinstance(epilogue.requantize, self.kernel.epilogues(tiles)):
             return False
-        m = math.prod(x_shape[:-1])
-        return self.kernel.plan(m, *w.shape)[0] == m
+        return not (padded and isinstance(epilogue, DynamicEpilogue))
 
     def _shift(self, x: relax.Expr) -> int:
         """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
@@ -246,7 +255,7 @@ class _DenseRewriter(PyExprMutator):
             if len(arg.ty.shape.values) > 2:  # one row of params per row of the kernel
                 arg = self.builder_.emit(relax.op.reshape(arg, (out_shape[0], -1)))
             consts.append(arg)
-        kw = {"requantize": requantize} if self.kernel.requantizes else {}
+        kw = {"requantize": requantize} if self.kernel.epilogues is not None else {}
         if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
             kw["x_dtype"] = str(args[0].ty.dtype)
             name += "_" + kw["x_dtype"]
@@ -313,7 +322,8 @@ class _DenseRewriter(PyExprMutator):
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
         y = self._call(
             (mp, kp, np_, tiles),
-            f"tvmq_int8_dense_{self.kernel.name}_{mp}x{kp}x{np_}",
+            f"tvmq_int8_dense_{self.kernel.label(tiles) if self.kernel.label else self.kernel.name}"
+            f"_{mp}x{kp}x{np_}",
             lambda off, **kw: self.kernel.build(mp, kp, np_, tiles, off, **kw),
             [x],
             (mp, n_out),
@@ -346,5 +356,5 @@ def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
 
 def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
     """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
-    finish = relax.analysis.remove_all_unused if kernel.requantizes else None
+    finish = relax.analysis.remove_all_unused if kernel.epilogues is not None else None
     return rewrite_functions(mod, _DenseRewriter(mod, kernel), finish)

@@ -119,5 +119,5 @@ class PackInt8BatchMatmulX86(VNNIPass):
     """Lower ``matmul(int8/uint8 a, int8/uint8 b, out_dtype=int32)`` of two activations to
     the batched VNNI kernel (see the module docstring; ``target``: see :class:`VNNIPass`)."""
 
-    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
         return rewrite_functions(mod, _Rewriter(mod))

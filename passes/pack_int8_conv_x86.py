@@ -51,14 +51,10 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
-from tvmq.kernels.x86_int8 import (
-    choose_tiles,
-    int8_dense_vnni,
-    pack_weight_vnni,
-    padded_kn,
-)
+from tvmq.kernels.x86_amx_conv import AmxConv, x86_int8_conv
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
+from ._int8_dense import shift_bytes
 from .channels_last import (
     TO_NCHW,
     ChannelsLastRewriter,
@@ -113,8 +109,9 @@ class _Lowering:
     matched int8 conv (see the module docstring), with its requantize when it has one, the
     depthwise kernel for a depthwise conv, else None."""
 
-    def __init__(self, epilogues: dict[relax.Var, RequantizeEpilogue]):
+    def __init__(self, epilogues: dict[relax.Var, RequantizeEpilogue], amx: bool):
         self.epilogues = epilogues
+        self.amx = amx
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_int8_conv2d(call)
@@ -125,22 +122,27 @@ class _Lowering:
         bb = rw.builder_
         o = w.shape[0]
         m, k = geo.m, geo.k
-        kp, np_ = padded_kn(k, o)
-        mp = choose_tiles(m, np_).m_padded
+        dense = x86_int8_conv(geo, o, self.amx)
+        mp, kp, np_ = dense.m_padded, dense.k_padded, dense.n_padded
         x_dtype = str(x.ty.dtype)
-        cols_fn = rw.kernel_var(
-            ("im2col", geo, x_dtype, mp, kp),
-            f"tvmq_int8_im2col_{mp}x{kp}",
-            lambda: int8_im2col(geo, x_dtype, mp, kp),
-        )
         x = rw.nhwc_input(x)
-        cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=relax.TensorType((mp, kp), "uint8")))
+        if isinstance(dense, AmxConv):  # the kernel reads the padded input itself
+            cols = _padded_uint8(bb, x, geo.padding, x_dtype)
+        else:
+            cols_fn = rw.kernel_var(
+                ("im2col", geo, x_dtype, mp, kp),
+                f"tvmq_int8_im2col_{mp}x{kp}",
+                lambda: int8_im2col(geo, x_dtype, mp, kp),
+            )
+            out_ty = relax.TensorType((mp, kp), "uint8")
+            cols = bb.emit(relax.call_tir(cols_fn, [x], out_ty=out_ty))
         w2 = w.transpose(0, 2, 3, 1).reshape(o, k).T  # (K, O), K in cols' (ky, kx, c) order
-        args = [cols, relax.const(pack_weight_vnni(np.ascontiguousarray(w2)), "int8")]
+        args = [cols, relax.const(dense.pack(np.ascontiguousarray(w2)), "int8")]
         shift = _SHIFT if x_dtype == "int8" else 0
         offset = np.zeros(np_, dtype=np.int32)
         offset[:o] = -shift * w2.astype(np.int32).sum(axis=0)
-        requantize, out_dtype, name = None, "int32", f"tvmq_int8_dense_vnni_{mp}x{kp}x{np_}"
+        requantize, out_dtype = None, "int32"
+        name = f"tvmq_int8_{dense.label}_{mp}x{kp}x{np_}"
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:o] += epilogue.offset
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
@@ -152,11 +154,9 @@ class _Lowering:
         if epilogue is not None:
             args.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - o)), "float32"))
         dense_fn = rw.kernel_var(
-            ("dense", mp, kp, np_, with_offset, requantize),
+            ("dense", dense, with_offset, requantize),
             name,
-            lambda: int8_dense_vnni(
-                mp, kp, np_, with_offset=with_offset, requantize=requantize
-            ).with_attr("op_pattern", OPAQUE),
+            lambda: dense.build(with_offset, requantize).with_attr("op_pattern", OPAQUE),
         )
         y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), out_dtype)))
         if mp != m or np_ != o:
@@ -186,6 +186,17 @@ class _Lowering:
         return lowered
 
 
+def _padded_uint8(bb, x: relax.Expr, padding, x_dtype: str) -> relax.Expr:
+    """The NHWC ``x`` with the conv's zero padding, shifted to uint8 when it is int8 (the
+    padding too: the kernel's offset takes ``128 * colsum`` off every output)."""
+    top, left, bottom, right = padding
+    if any(padding):
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+    if x_dtype == "int8":
+        x = bb.emit(shift_bytes(x, _SHIFT, "uint8"))
+    return x
+
+
 def _alias(rw: ChannelsLastRewriter, epilogue: RequantizeEpilogue | None) -> None:
     """The requantize ops are the current kernel's result now."""
     for var in epilogue.chain if epilogue is not None else ():
@@ -197,5 +208,5 @@ class PackInt8ConvX86(VNNIPass):
     """Lower ``conv2d(int8/uint8 x, const int8 W, out_dtype=int32)`` to im2col + VNNI dense
     (``target``: see :class:`VNNIPass`)."""
 
-    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_channels_last(mod, _Lowering(find_requantize_epilogues(mod)))
+    def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
+        return rewrite_channels_last(mod, _Lowering(find_requantize_epilogues(mod), amx))

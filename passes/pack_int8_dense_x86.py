@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import tvm
 
+from tvmq.kernels.x86_amx import x86_int8_dense
 from tvmq.kernels.x86_int8 import (
-    choose_tiles,
-    int8_dense_vnni,
+    DynamicDequantize,
+    Requantize,
     int8_dense_vnni_rows,
     pack_weight_vnni,
-    padded_kn,
 )
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
@@ -59,25 +59,34 @@ def target_has_vnni(target: tvm.target.Target | None) -> bool:
         return False
 
 
-def _plan(m: int, k: int, n: int):
-    kp, np_ = padded_kn(k, n)
-    return choose_tiles(m, np_).m_padded, kp, np_, None
+def _kernel(amx: bool) -> DenseKernel:
+    """The x86 dense kernel: VNNI, or AMX tiles for M >= 16 where the target has AMX."""
+
+    def plan(m: int, k: int, n: int):
+        choice = x86_int8_dense(m, k, n, amx)
+        return choice.m_padded, choice.k_padded, choice.n_padded, choice
+
+    return DenseKernel(
+        name="vnni",
+        operand_dtype="uint8",  # vpdpbusd and tdpbusd multiply unsigned by signed bytes
+        plan=plan,
+        pack=lambda w, kp, np_: pack_weight_vnni(w, kp),
+        build=lambda m, k, n, choice, with_offset, **kw: choice.build(with_offset, **kw),
+        build_rows=lambda k, n, with_offset, **kw: int8_dense_vnni_rows(
+            k, n, with_offset=with_offset, **kw
+        ),
+        label=lambda choice: choice.name,
+        # LowerInt8's requantize in either kernel, QuantizeDynamic's dequantize in VNNI's
+        epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
+        gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
+    )
 
 
-_VNNI = DenseKernel(
-    name="vnni",
-    operand_dtype="uint8",  # vpdpbusd multiplies unsigned by signed bytes
-    plan=_plan,
-    pack=lambda w, kp, np_: pack_weight_vnni(w),
-    build=lambda m, k, n, _tiles, with_offset, **kw: int8_dense_vnni(
-        m, k, n, with_offset=with_offset, **kw
-    ),
-    build_rows=lambda k, n, with_offset, **kw: int8_dense_vnni_rows(
-        k, n, with_offset=with_offset, **kw
-    ),
-    requantizes=True,  # the kernel stores LowerInt8's float requantize of its sums
-    gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
-)
+def target_has_amx(target: tvm.target.Target | None) -> bool:
+    """True for an LLVM x86 target with AMX int8 tiles (``amx-tile`` and ``amx-int8``)."""
+    if not target_has_vnni(target):
+        return False
+    return all(tvm.target.codegen.target_has_features(f, target) for f in ("amx-tile", "amx-int8"))
 
 
 class VNNIPass:
@@ -98,9 +107,10 @@ class VNNIPass:
         target = self.target or tvm.target.Target.current(allow_none=True)
         if not target_has_vnni(target):
             return mod
-        return self.rewrite(mod)
+        return self.rewrite(mod, amx=target_has_amx(target))
 
-    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
+        """``mod`` on the VNNI kernels (``amx``: the target has AMX int8 tiles too)."""
         raise NotImplementedError
 
 
@@ -109,5 +119,5 @@ class PackInt8DenseX86(VNNIPass):
     """Lower ``matmul(int8/uint8 x, const int8 W, out_dtype=int32)`` to a VNNI kernel
     (``target``: see :class:`VNNIPass`)."""
 
-    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_int8_dense(mod, _VNNI)
+    def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
+        return rewrite_int8_dense(mod, _kernel(amx))

@@ -30,15 +30,23 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "vnni: runs AVX-512 VNNI code on this CPU (skipped where it has none)"
     )
+    config.addinivalue_line(
+        "markers", "amx: runs AMX int8 tile code on this CPU (skipped where it or the OS lacks it)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    if host_has_vnni():
-        return
-    skip = pytest.mark.skip(reason="this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo)")
+    from tvmq.machine import amx_granted
+
+    skips = {}
+    if not host_has_vnni():
+        skips["vnni"] = "this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo)"
+    if not amx_granted():
+        skips["amx"] = "no AMX int8 here (amx_int8 in /proc/cpuinfo, granted by arch_prctl)"
     for item in items:
-        if "vnni" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 class TwoLayer(torch.nn.Module):

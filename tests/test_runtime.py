@@ -85,6 +85,36 @@ def test_damaged_library_is_detected(compiled_mlp_dir, tmp_path):
         tvmq.load(copy)
 
 
+def test_library_for_features_this_cpu_lacks_is_refused(compiled_mlp_dir, monkeypatch):
+    """A library built for ISA features this CPU does not have (here: a CPU without AVX-512,
+    as /proc/cpuinfo would say) is refused in one line instead of dying of SIGILL."""
+    import tvmq.machine
+
+    features = tvmq.load(compiled_mlp_dir).manifest.target["features"]
+    if "avx512f" not in features:
+        pytest.skip("the build uses no AVX-512 here")
+    monkeypatch.setattr(tvmq.machine, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+    with pytest.raises(TvmqError, match=r"with avx512f, .*which this CPU does not have") as e:
+        tvmq.load(compiled_mlp_dir)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_cpu_features_asks_the_os_for_amx(monkeypatch):
+    import tvmq.machine
+
+    flags = frozenset({"avx512f", "avx512_vnni", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(tvmq.machine, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(tvmq.machine, "this_machine", lambda: "x86_64")
+    monkeypatch.setattr(tvmq.machine, "amx_granted", lambda: False)
+    assert tvmq.machine.missing_cpu_features(["avx512f", "amx-tile", "amx-int8"]) == [
+        "amx-tile",
+        "amx-int8",
+    ]
+    assert tvmq.machine.missing_cpu_features(["avx512f", "avx512vnni", "neon"]) == []
+    monkeypatch.setattr(tvmq.machine, "amx_granted", lambda: True)
+    assert tvmq.machine.missing_cpu_features(["amx-int8", "amx-bf16"]) == ["amx-bf16"]
+
+
 def test_not_a_build_dir(tmp_path):
     with pytest.raises(TvmqError, match="no model.json"):
         tvmq.load(tmp_path)

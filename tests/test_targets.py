@@ -90,6 +90,23 @@ def test_host_is_detected():
     )
 
 
+def test_host_gets_the_features_a_vm_cpu_model_hides(monkeypatch):
+    """A hypervisor may name a Sapphire Rapids "rocketlake" (no AMX, no AVX512-BF16 in LLVM's
+    tables): the host preset adds what /proc/cpuinfo lists, AMX only where the OS grants it."""
+    import tvmq.targets as targets
+
+    cpu = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "rocketlake"}
+    flags = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(targets, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(targets, "this_machine", lambda: "x86_64")
+    monkeypatch.setattr(targets, "amx_granted", lambda: True)
+    assert targets._hidden_features(cpu) == ["avx512bf16", "amx-tile", "amx-int8"]
+    monkeypatch.setattr(targets, "amx_granted", lambda: False)
+    assert targets._hidden_features(cpu) == ["avx512bf16"]
+    assert targets._hidden_features({**cpu, "mcpu": "sapphirerapids"}) == []
+    assert targets._hidden_features({**cpu, "mtriple": "aarch64-linux-gnu"}) == []
+
+
 def test_cross_compiled():
     assert get_target("rasp4b").is_cross_compiled
     assert get_target("jetson-orin-gpu").is_cross_compiled

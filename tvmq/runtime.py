@@ -22,7 +22,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from tvmq.errors import InputMismatchError, TvmqError
 from tvmq.frontends.model import TensorSpec, bind_symbols, concrete_shape
-from tvmq.machine import library_arch, this_machine
+from tvmq.machine import library_arch, missing_cpu_features, this_machine
 from tvmq.manifest import Manifest, sha256_of
 
 
@@ -159,6 +159,17 @@ class CompiledModel:
                 f"{self.directory} was compiled for target '{target.get('name')}', which does "
                 "not run on this machine; run it on the board (tvmq bundle makes a folder that "
                 "runs there with the TVM runtime only)"
+            )
+        lacking = (
+            missing_cpu_features(target.get("features") or ())
+            if target.get("kind") == "llvm"
+            else []
+        )
+        if lacking:
+            raise TvmqError(
+                f"{self.directory} was compiled for target '{target.get('name')}' with "
+                f"{', '.join(lacking)}, which this CPU does not have (or its OS does not allow); "
+                "compile it again for this machine (-t host)"
             )
         self.device = device if device is not None else _device_for(self.manifest)
         try:

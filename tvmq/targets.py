@@ -45,7 +45,7 @@ from tvm.target import Target
 from tvm.target import codegen as _llvm
 
 from tvmq.errors import TvmqError, first_line
-from tvmq.machine import this_machine, triple_arch
+from tvmq.machine import amx_granted, cpu_flags, this_machine, triple_arch
 
 __all__ = ["TargetPreset", "get_target", "list_targets"]
 
@@ -300,7 +300,30 @@ def _resolve_detect(target: dict[str, Any]) -> dict[str, Any]:
                     f'"{_DETECT}" is only supported for {", ".join(detected)}, not {key!r}'
                 )
             resolved[key] = detected[key]()
+    if target.get("mcpu") == _DETECT:
+        hidden = _hidden_features(resolved)
+        if hidden:
+            resolved["mattr"] = [*resolved.get("mattr", ()), *(f"+{f}" for f in hidden)]
     return resolved
+
+
+# Linux's names (/proc/cpuinfo) of features that a hypervisor's CPU model can hide from
+# LLVM's host detection, and LLVM's names for them.
+_FLAG_FEATURES = {"avx512_bf16": "avx512bf16"}
+_AMX_FLAGS = {"amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx-bf16"}
+
+
+def _hidden_features(target: dict[str, Any]) -> list[str]:
+    """Features this CPU has that LLVM's CPU name for it lacks (a VM may report an older
+    model, e.g. Rocket Lake for a Sapphire Rapids): AVX512-BF16 from the kernel's flags,
+    AMX where the OS also grants this process the tile state."""
+    if triple_arch(str(target.get("mtriple", ""))) != "x86_64" or this_machine() != "x86_64":
+        return []
+    llvm = Target({"kind": "llvm", **{k: v for k, v in target.items() if k != "kind"}})
+    flags = cpu_flags()
+    known = {**_FLAG_FEATURES, **(_AMX_FLAGS if amx_granted() else {})}
+    wanted = [llvm_name for flag, llvm_name in known.items() if flag in flags]
+    return [f for f in wanted if not _llvm.llvm_cpu_has_features(f, llvm)]
 
 
 def _usable_cpu_count() -> int:

@@ -260,7 +260,8 @@ def test_quantized_cnn_for_host_runs_convs_on_vnni(rng, monkeypatch):
 
     got, kernels = compile_and_run()
     assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 3
-    assert sum(k.startswith("tvmq_int8_dense_vnni") for k in kernels) == 4  # 3 convs + fc
+    # 3 convs + fc, on AMX tiles where this CPU has them (the fc's one row stays on VNNI)
+    assert sum(k.startswith(("tvmq_int8_dense_vnni", "tvmq_int8_dense_amx")) for k in kernels) == 4
     # The same build without the conv pass (its rewrite returns the module unchanged).
     monkeypatch.setattr(pack_int8_conv_x86, "rewrite_channels_last", lambda mod, *_args: mod)
     want, kernels = compile_and_run()
@@ -483,5 +484,34 @@ def test_requantize_runs_in_the_kernel_bit_exact(
     assert packed["main"].ret_ty.dtype == out_dtype
     x = _random(rng, x_shape, np.dtype(x_dtype))
     got, want = _run(packed, x), _run(mod, x)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20  # not clamped flat
+
+
+SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o", "x_dtype", "out_dtype", "z", "kernel"),
+    [
+        ((1, 64, 9, 11), 40, "int8", "int8", -5, "int8_conv_amx"),  # shifted, padded N
+        ((2, 128, 7, 7), 64, "uint8", "uint8", 3, "int8_conv_amx"),  # batch 2
+        ((1, 64, 9, 11), 32, "uint8", "float32", 0, "int8_conv_amx"),  # dequantize
+        ((1, 48, 9, 11), 32, "uint8", "uint8", 3, "int8_dense_amx"),  # 48 channels: im2col
+    ],
+)
+def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_dtype, z, kernel):
+    """On an AMX target a stride-1 conv over 64-channel multiples reads its padded input
+    straight into the tiles (no im2col), the others take im2col + AMX dense; both with the
+    requantize in the kernel and the same bits as TVM's default lowering."""
+    w = _random(rng, (o, x_shape[1], 3, 3), np.int8)
+    mod = _requantized_conv_module(rng, x_shape, w, x_dtype, 1, True, None, out_dtype, z)
+    packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
+    kernels = [str(k) for k in _kernels(packed)]
+    assert kernel in kernels
+    assert ("int8_im2col" in kernels) == (kernel != "int8_conv_amx"), kernels
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got)) > 20  # not clamped flat

@@ -72,6 +72,27 @@ def test_bit_exact_on_random_inputs(rng, x_shape, n, x_dtype):
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
 
 
+SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "n", "x_dtype", "kernel"),
+    [
+        ((2, 32, 300), 40, "int8", "int8_dense_amx"),  # K padded to 320, N to 48
+        ((128, 384), 96, "uint8", "int8_dense_amx"),
+        ((7, 30), 10, "int8", "int8_dense_vnni"),  # under a tile of rows: VNNI
+    ],
+)
+def test_amx_target_runs_dense_on_tiles_bit_exact(rng, x_shape, n, x_dtype, kernel):
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = PackInt8DenseX86(SAPPHIRERAPIDS)(_matmul_module(x_shape, w, x_dtype))
+    assert [str(f.attrs[KERNEL_ATTR]) for f in _kernel_funcs(mod)] == [kernel]
+    got, _ = _run(mod, x, target=SAPPHIRERAPIDS)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
 @pytest.mark.vnni
 def test_extreme_values_do_not_overflow(rng):
     k, n = 784, 20

@@ -42,11 +42,14 @@ def padded_kn(k: int, n: int) -> tuple[int, int]:
     return round_up(k, REDUCE), round_up(n, LANES)
 
 
-def pack_weight_vnni(w: np.ndarray) -> np.ndarray:
-    """Pack an int8 ``(K, N)`` weight as ``[N/16, K/4, 16, 4]``, zero-padding K and N.
+def pack_weight_vnni(w: np.ndarray, k_padded: int | None = None) -> np.ndarray:
+    """Pack an int8 ``(K, N)`` weight as ``[N/16, K/4, 16, 4]``, zero-padding N and K (to a
+    multiple of 4, or to ``k_padded`` rows).
 
     ``packed[j, q, i, r] == w[4 * q + r, 16 * j + i]`` (zero outside ``w``).
     """
+    if k_padded is not None and k_padded > w.shape[0]:
+        w = np.concatenate([w, np.zeros((k_padded - w.shape[0], w.shape[1]), w.dtype)])
     return pack_int8_tiles(w, LANES, REDUCE)
 
 

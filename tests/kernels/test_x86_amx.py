@@ -1,0 +1,185 @@
+"""x86 AMX int8 dense kernel: exact vs numpy, bit-identical epilogues vs the VNNI kernel,
+and which kernel each shape gets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from tvmq.kernels.x86_amx import (
+    AMX_MIN_ROWS,
+    amx_tiles,
+    int8_dense_amx,
+    pack_weight_amx,
+    x86_int8_dense,
+)
+from tvmq.kernels.x86_int8 import Requantize
+
+# An explicit AMX CPU: the host's LLVM name may hide AMX (a VM's CPU model), and these
+# kernels must build wherever the suite runs; they run only where the CPU has AMX.
+_AMX_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+
+
+def _compile(func: tvm.tirx.PrimFunc):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target(_AMX_TARGET))
+
+
+def _run(func, *arrays, out_shape, out_dtype):
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    _compile(func)["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+def _operands(rng, m, k, n):
+    t = amx_tiles(m, k, n)
+    x = np.zeros((t.m_padded, t.k_padded), np.uint8)
+    x[:m, :k] = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    x[:, k:] = rng.integers(0, 256, (t.m_padded, t.k_padded - k))  # padding: weight rows are 0
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    return t, x, w
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize("m,k,n", [(16, 64, 16), (45, 100, 40), (200, 576, 96), (70, 300, 520)])
+def test_amx_dense_is_exact(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    t, x, w = _operands(rng, m, k, n)
+    got = _run(
+        int8_dense_amx(t.m_padded, t.k_padded, t.n_padded),
+        x,
+        pack_weight_amx(w),
+        out_shape=(t.m_padded, t.n_padded),
+        out_dtype="int32",
+    )
+    want = x[:m, :k].astype(np.int64) @ w.astype(np.int64)
+    np.testing.assert_array_equal(got[:m, :n], want)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    "requantize",
+    [
+        Requantize("uint8", 3, 0, 255, relu=True),
+        Requantize("int8", -2, -128, 100),
+        Requantize("float32", 0, 0, 0),
+    ],
+    ids=["uint8-relu", "int8-clip", "dequantize"],
+)
+def test_amx_epilogue_matches_the_vnni_kernel_bit_for_bit(requantize):
+    """The same offset + requantize as the VNNI kernel: the same bits (float32 round-half-even
+    included), whichever kernel a layer gets."""
+    rng = np.random.default_rng(7)
+    m, k, n = 100, 300, 50
+    t, x, w = _operands(rng, m, k, n)
+    offset = rng.integers(-5000, 5000, t.n_padded).astype(np.int32)
+    mult = (rng.random(t.n_padded) * 1e-3).astype(np.float32)
+    mult[0] = 0.5  # exact halves: round half to even
+    shape = (t.m_padded, t.n_padded)
+    got = _run(
+        int8_dense_amx(*shape[:1], t.k_padded, shape[1], with_offset=True, requantize=requantize),
+        x,
+        pack_weight_amx(w),
+        offset,
+        mult,
+        out_shape=shape,
+        out_dtype=requantize.dtype,
+    )
+    vnni = x86_int8_dense(m, k, n, amx=False)
+    xv = np.zeros((vnni.m_padded, vnni.k_padded), np.uint8)
+    xv[:m, :k] = x[:m, :k]
+    want = _run(
+        vnni.build(True, requantize),
+        xv,
+        vnni.pack(w),
+        offset[: vnni.n_padded],
+        mult[: vnni.n_padded],
+        out_shape=(vnni.m_padded, vnni.n_padded),
+        out_dtype=requantize.dtype,
+    )
+    np.testing.assert_array_equal(got[:m, :n], want[:m, :n])
+
+
+def test_amx_is_chosen_where_it_pays():
+    assert x86_int8_dense(AMX_MIN_ROWS - 1, 384, 64, amx=True).amx is None  # under a tile
+    assert x86_int8_dense(128, 384, 384, amx=False).amx is None
+    assert x86_int8_dense(128, 384, 384, amx=True).amx is not None  # MiniLM
+    assert x86_int8_dense(12544, 16, 96, amx=True).amx is None  # K 16: padded 4x
+    assert x86_int8_dense(49, 160, 960, amx=True).amx is None  # M 49 -> 64, K 160 -> 192
+    choice = x86_int8_dense(12544, 147, 64, amx=True)  # ResNet's first conv
+    assert (choice.m_padded, choice.k_padded, choice.n_padded) == (12544, 192, 64)
+    assert (choice.amx.mt, choice.amx.nt) == (2, 2)
+    assert choice.pack(np.ones((147, 64), np.int8)).shape == (4, 48, 16, 4)
+
+
+def test_amx_kernel_emits_tile_instructions():
+    """Builds anywhere (no AMX needed to compile): the asm holds the tile ops and asks the OS
+    for the tile state."""
+    lib = _compile(int8_dense_amx(64, 128, 64, with_offset=True))
+    asm = "".join(m.inspect_source("asm") for m in [lib.mod, *lib.mod.imports] if m.kind == "llvm")
+    for op in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease", "syscall"):
+        assert op in asm, op
+
+
+def _conv_reference(x_nhwc, w_oihw, pad):
+    """int64 NHWC conv, stride 1: ``(N * OH * OW, O)`` rows."""
+    top, left, bottom, right = pad
+    xp = np.pad(x_nhwc.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    o, c, kh, kw = w_oihw.shape
+    n, hp, wp, _ = xp.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    out = np.zeros((n, oh, ow, o), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            out += xp[:, ky : ky + oh, kx : kx + ow, :] @ w_oihw[:, :, ky, kx].T.astype(np.int64)
+    return out.reshape(-1, o), xp.astype(np.uint8)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o", "kernel", "pad"),
+    [
+        ((1, 64, 9, 10), 64, (3, 3), (1, 1, 1, 1)),
+        ((2, 128, 7, 7), 48, (3, 3), (1, 1, 1, 1)),  # batch 2, 7x7: garbage rows between images
+        ((1, 64, 12, 12), 96, (1, 1), (0, 0, 0, 0)),  # 1x1: the input itself
+        ((1, 64, 8, 11), 32, (3, 2), (2, 0, 1, 1)),  # uneven kernel and padding
+    ],
+)
+def test_amx_conv_without_im2col_is_exact(x_shape, o, kernel, pad):
+    from tvmq.kernels.x86_amx_conv import amx_conv_applies, int8_conv_amx
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    geo = Conv2DGeometry(x_shape, kernel, (1, 1), pad, (1, 1))
+    assert amx_conv_applies(geo)
+    rng = np.random.default_rng(sum(x_shape) + o)
+    n, c, h, w = x_shape
+    x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    w_oihw = rng.integers(-128, 128, (o, c, *kernel), dtype=np.int8)
+    want, x_padded = _conv_reference(x, w_oihw, pad)
+    w2 = np.ascontiguousarray(w_oihw.transpose(0, 2, 3, 1).reshape(o, -1).T)
+    np_ = -(-o // 16) * 16
+    offset = rng.integers(-999, 999, np_).astype(np.int32)
+    got = _run(
+        int8_conv_amx(geo, np_, with_offset=True),
+        x_padded,
+        pack_weight_amx(w2),
+        offset,
+        out_shape=(geo.m, np_),
+        out_dtype="int32",
+    )
+    np.testing.assert_array_equal(got[:, :o], want + offset[:o])
+
+
+def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
+    from tvmq.kernels.x86_amx_conv import amx_conv_applies
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    def geo(c, stride=1, dilation=1, hw=14):
+        return Conv2DGeometry((1, c, hw, hw), (3, 3), (stride,) * 2, (1,) * 4, (dilation,) * 2)
+
+    assert amx_conv_applies(geo(128))
+    assert not amx_conv_applies(geo(96))  # a K step would span two taps
+    assert not amx_conv_applies(geo(128, stride=2))
+    assert not amx_conv_applies(geo(128, dilation=2))
+    assert not amx_conv_applies(geo(128, hw=4))  # fewer rows than two tiles

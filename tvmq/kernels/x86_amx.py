@@ -1,0 +1,361 @@
+"""x86 AMX int8 dense kernel: ``uint8 (M, K) x packed int8 weight -> int32 (M, N)`` on tiles.
+
+AMX (Intel Sapphire Rapids and newer Xeons) multiplies a 16 x 64 byte tile of activations
+by a 16 x 64 byte tile of weights into a 16 x 16 int32 tile in one ``tdpbusd``: 16384
+multiply-adds, against 64 for a 512-bit ``vpdpbusd``. The B tile wants the weight in the
+VNNI layout, 16 output columns of 4 bytes per row, which is exactly a 16-row slice of
+:func:`~tvmq.kernels.x86_int8.pack_weight_vnni`'s ``[N/16, K/4, 16, 4]`` packing: the
+weight is packed the same way, only K is padded to a multiple of 64.
+
+:func:`int8_dense_amx` takes the arguments of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`
+(``X``, the packed ``W``, an optional per-column ``offset``, an optional ``multiplier`` for
+a :class:`~tvmq.kernels.x86_int8.Requantize` epilogue, ``C``), so the passes swap one for
+the other. Each parallel task owns ``mt x nt`` 16 x 16 accumulator tiles (at most 2 x 2:
+eight tile registers hold four accumulators, two A and two B tiles) and walks the whole K;
+the accumulators go to a small scratch buffer and the epilogue (offset, requantize or
+dequantize) is computed from there before the store, as the VNNI kernel does it, so the
+results are bit-identical. Without an epilogue the tiles are stored to ``C`` directly.
+
+The instructions are emitted with ``call_llvm_intrin`` (``llvm.x86.ldtilecfg``,
+``tileloadd64``, ``tdpbusd``, ``tilestored64``): TVM 0.27 ships no AMX tensor intrinsic.
+The target needs ``amx-tile`` / ``amx-int8`` (``mcpu=sapphirerapids`` or ``mattr``). Linux
+hands a process the AMX tile state only after ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+XFEATURE_XTILEDATA)``: each call of the kernel makes that request (idempotent, well under a
+microsecond), so the library also runs under the bare TVM runtime. Where the CPU lacks AMX or
+the OS refuses it, a tile instruction faults (SIGILL): :func:`tvmq.load` refuses such a
+library first, in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from tvmq.kernels._tiling import round_up
+from tvmq.kernels.x86_int8 import (
+    KERNEL_ATTR,
+    Requantize,
+    choose_tiles,
+    int8_dense_vnni,
+    pack_weight_vnni,
+    padded_kn,
+    requantize_value,
+)
+
+TILE = 16
+"""Rows (and int32 columns) of an AMX accumulator tile."""
+
+TILE_K = 64
+"""Bytes of K one ``tdpbusd`` reduces: the padding unit of K."""
+
+AMX_MIN_ROWS = 16
+"""Fewer rows than one tile stay on the VNNI kernel (a GEMV wastes most of a tile)."""
+
+_AMX_MIN_K = 128  # shorter products are epilogue-bound: VNNI is as fast and pads less
+
+_SYS_ARCH_PRCTL = 158  # x86_64 syscall number
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+# Below this many multiply-adds a parallel launch costs more than it saves.
+_PARALLEL_MIN_MACS = 1 << 21
+# 16-column tiles one task walks: its tile configuration and scratch are set up once.
+_COLUMN_CHUNK = 8
+_ROW_BLOCKS = 4  # row blocks (of 16 or 32 rows) one task walks, at most
+
+
+@dataclass(frozen=True)
+class AmxTiles:
+    """``mt x nt`` accumulator tiles per step (``mt, nt`` in 1..2) and the padded sizes."""
+
+    mt: int
+    nt: int
+    m_padded: int
+    k_padded: int
+    n_padded: int
+
+
+def amx_tiles(m: int, k: int, n: int) -> AmxTiles:
+    """The tiling for an ``(m, k) x (k, n)`` product: K padded to 64, N to 16 (two tile
+    columns where that makes a multiple of 32), M to 32 (two tile rows) unless it fits one."""
+    kp, np_ = round_up(k, TILE_K), round_up(n, TILE)
+    mp = round_up(m, TILE if m <= TILE else 2 * TILE)
+    mt = 2 if mp % (2 * TILE) == 0 else 1
+    nt = 2 if np_ % (2 * TILE) == 0 else 1
+    return AmxTiles(mt, nt, mp, kp, np_)
+
+
+def pack_weight_amx(w: np.ndarray) -> np.ndarray:
+    """An int8 ``(K, N)`` weight as ``[N/16, K/4, 16, 4]`` with K zero-padded to 64."""
+    return pack_weight_vnni(w, round_up(w.shape[0], TILE_K))
+
+
+@dataclass(frozen=True)
+class X86Int8Dense:
+    """The int8 dense kernel of one ``(m, k) x (k, n)`` product on an x86 target: AMX tiles
+    (``amx``) or the VNNI kernel (``amx`` None), with the padded sizes it wants. Both take
+    the same arguments and the same ``[N/16, K/4, 16, 4]`` weight packing."""
+
+    m_padded: int
+    k_padded: int
+    n_padded: int
+    amx: AmxTiles | None
+
+    @property
+    def name(self) -> str:
+        return "vnni" if self.amx is None else "amx"
+
+    @property
+    def label(self) -> str:
+        return f"dense_{self.name}"
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        return pack_weight_vnni(w, self.k_padded)
+
+    def build(
+        self, with_offset: bool, requantize: Requantize | None = None, **vnni
+    ) -> tirx.PrimFunc:
+        """The kernel; ``vnni``: keywords only the VNNI kernel takes (``x_dtype``, ``n_out``
+        of a GEMV; a ``DynamicDequantize`` ``requantize``)."""
+        sizes = (self.m_padded, self.k_padded, self.n_padded)
+        if self.amx is None:
+            return int8_dense_vnni(*sizes, with_offset=with_offset, requantize=requantize, **vnni)
+        if vnni or not isinstance(requantize, Requantize | None):
+            raise ValueError(f"the AMX kernel takes no {sorted(vnni) or type(requantize).__name__}")
+        return int8_dense_amx(
+            *sizes, with_offset=with_offset, requantize=requantize, tiles=self.amx
+        )
+
+
+def x86_int8_dense(m: int, k: int, n: int, amx: bool) -> X86Int8Dense:
+    """The kernel for an ``(m, k) x (k, n)`` int8 product: AMX when the target has it
+    (``amx``), there are :data:`AMX_MIN_ROWS` rows or more and it pays, else VNNI."""
+    kp, np_ = padded_kn(k, n)
+    vnni = X86Int8Dense(choose_tiles(m, np_).m_padded, kp, np_, None)
+    if amx and m >= AMX_MIN_ROWS:
+        t = amx_tiles(m, k, n)
+        tiles = X86Int8Dense(t.m_padded, t.k_padded, t.n_padded, t)
+        if amx_pays(tiles, vnni, k):
+            return tiles
+    return vnni
+
+
+def amx_pays(amx, vnni: X86Int8Dense, k: int) -> bool:
+    """Whether AMX beats VNNI on a product (measured on MobileNetV2, ResNet-18 and MiniLM's
+    layers on a Sapphire Rapids core): with a short K both kernels are bound by their
+    requantize epilogue and memory, and AMX only adds padding (K to 64, M and N to 32), so it
+    takes products with ``K >= 128`` that its padding grows by at most 35%."""
+    padded = amx.m_padded * amx.k_padded * amx.n_padded
+    return k >= _AMX_MIN_K and padded <= 1.35 * vnni.m_padded * vnni.k_padded * vnni.n_padded
+
+
+@dataclass(frozen=True)
+class AmxOps:
+    """The operands of one kind of AMX product: ``X`` of ``x_dtype`` (bf16 travels as its
+    uint16 bits) times a weight packed ``[N/16, K/pair, 16, pair]`` into ``acc_dtype``."""
+
+    x_dtype: str
+    w_dtype: str
+    acc_dtype: str
+    pair: int  # K elements in one 4-byte group of a B tile row
+    instruction: str
+
+    @property
+    def k_step(self) -> int:
+        """K elements one instruction reduces (64 bytes of a row)."""
+        return TILE_K * self.pair // 4
+
+
+INT8 = AmxOps("uint8", "int8", "int32", 4, "tdpbusd")
+BF16 = AmxOps("uint16", "uint16", "float32", 2, "tdpbf16ps")
+
+
+def _intrin(name: str, *args) -> None:
+    T.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+def _tile(i: int) -> tirx.PrimExpr:
+    return tirx.const(i, "int8")
+
+
+def _configure_tiles(cfg) -> None:
+    """Palette 1, every tile 16 rows of 64 bytes (A: 16 x 64 u8; B: 16 rows of K/4 x 16
+    columns x 4 bytes; C: 16 x 16 int32)."""
+    with T.serial(0, 64) as i:
+        T.buffer_store(cfg, tirx.const(0, "uint8"), [i])
+    T.buffer_store(cfg, tirx.const(1, "uint8"), [0])
+    for t in range(8):
+        T.buffer_store(cfg, tirx.const(TILE_K, "uint8"), [16 + 2 * t])  # colsb, little end
+        T.buffer_store(cfg, tirx.const(TILE, "uint8"), [48 + t])  # rows
+    _intrin("ldtilecfg", tirx.address_of(cfg[0]))
+
+
+@dataclass(frozen=True)
+class AmxRows:
+    """How the kernel's ``count`` rows map to memory. Row ``p`` of the product reads
+    ``X_flat[base(p) + ko * 64 ...]`` for K step ``ko`` (consecutive rows ``stride`` bytes
+    apart) and, when ``store(p)`` gives an index (``valid`` may be None), lands in that row
+    of ``C``. Rows past a multiple of the tile are not padded: the last block of rows
+    starts ``count - rows`` instead, and computes a few rows twice, identically."""
+
+    count: int
+    stride: int
+    base: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+    store: Callable[[tirx.PrimExpr], tuple[tirx.PrimExpr, tirx.PrimExpr | None]]
+    # Where K step ``ko`` starts from a row's base (default ``64 * ko``: a plain matrix).
+    k_offset: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None
+
+
+def int8_dense_amx(
+    m: int,
+    k: int,
+    n: int,
+    *,
+    with_offset: bool = False,
+    requantize: Requantize | None = None,
+    tiles: AmxTiles | None = None,
+) -> tvm.tirx.PrimFunc:
+    """Scheduled AMX kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
+
+    ``m``, ``k``, ``n`` are the padded sizes (``m, n`` multiples of 16, ``k`` of 64:
+    :func:`amx_tiles`); the arguments and attributes are those of
+    :func:`~tvmq.kernels.x86_int8.int8_dense_vnni` (``W`` from :func:`pack_weight_amx`), with
+    :data:`KERNEL_ATTR` ``"int8_dense_amx"``.
+    """
+    tiles = tiles or amx_tiles(m, k, n)
+    if m % (TILE * tiles.mt):
+        raise ValueError(f"unpadded shape m={m} k={k} n={n} for AMX tiles {tiles}")
+    rows = AmxRows(m, k, lambda p: p * k, lambda p: (p, None))  # a byte a K element
+    return amx_kernel("int8_dense_amx", (m, k), rows, k, n, tiles, with_offset, requantize)
+
+
+def amx_kernel(
+    name: str,
+    x_shape: tuple[int, ...],
+    rows: AmxRows,
+    k: int,
+    n: int,
+    tiles: AmxTiles,
+    with_offset: bool,
+    requantize: Requantize | None,
+    out_rows: int | None = None,
+    ops: AmxOps = INT8,
+) -> tvm.tirx.PrimFunc:
+    """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
+    into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
+    Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
+    ``k_offset`` count elements, ``rows.stride`` bytes)."""
+    if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
+        raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
+    mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
+    chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
+    n_chunks = -(-n // chunk)
+    blocks = -(-rows.count // mb)
+    # Row blocks of one task: up to _ROW_BLOCKS steps share each weight panel it loads (a
+    # small M, one task: a weight of megabytes then streams from memory once).
+    per_task = min(_ROW_BLOCKS, blocks)
+    m_chunks = -(-blocks // per_task)
+    direct = not with_offset and requantize is None and out_rows is None
+    direct = direct and rows.count % mb == 0  # tiles go straight to C, no scratch
+    out_dtype = requantize.dtype if requantize is not None else ops.acc_dtype
+    granted = tirx.call_extern(
+        "int64",
+        "syscall",
+        *(
+            tirx.const(v, "int64")
+            for v in (_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+        ),
+    )
+    macs = rows.count * n * k
+    loop = T.parallel if macs >= _PARALLEL_MIN_MACS else T.serial
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tirx.noalias": True})
+        x = T.arg("X", T.Buffer(x_shape, ops.x_dtype))
+        w = T.arg("W", T.Buffer((n // TILE, k // ops.pair, TILE, ops.pair), ops.w_dtype))
+        off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
+        mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
+        c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
+        x_flat = T.decl_buffer((math.prod(x_shape),), ops.x_dtype, data=x.data)
+        # Not an assert: tvmq builds drop asserts (tirx.disable_assert), and with them their
+        # conditions. Where the request is refused the first tile instruction faults: tvmq.load
+        # checks the CPU's features first (tvmq.machine.missing_cpu_features).
+        T.evaluate(granted)
+        with loop(0, m_chunks * n_chunks) as task:
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            _configure_tiles(cfg)
+            scratch = None
+            if not direct:
+                scratch = T.alloc_buffer((mb, nb), ops.acc_dtype, scope="local")
+            block0 = (task // n_chunks) * per_task
+            col0 = (task % n_chunks) * chunk
+            # Row blocks inner: one weight panel (nb columns x K) serves them all.
+            with (
+                T.serial(0, tirx.min(chunk, n - col0) // nb) as step,
+                T.serial(0, tirx.min(per_task, blocks - block0)) as r,
+            ):
+                row = tirx.min((block0 + r) * mb, rows.count - mb)
+                col = col0 + step * nb
+                _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles, ops)
+                if not direct:
+                    _store(c, scratch, off, mult, requantize, rows, row, col, mb, nb)
+            _intrin("tilerelease")
+    return (
+        ib.get()
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, name)
+        .without_attr("global_symbol")
+    )
+
+
+def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops: AmxOps) -> None:
+    """``mt x nt`` accumulator tiles at (row, col) over the whole K, stored to ``scratch``
+    (or straight to ``c`` without one). Tiles: 0-3 accumulators, 4-5 A, 6-7 B."""
+    mt, nt = tiles.mt, tiles.nt
+    for a in range(mt):
+        for b in range(nt):
+            _intrin("tilezero", _tile(2 * a + b))
+    with T.serial(0, k // ops.k_step) as ko:
+        for a in range(mt):
+            k_at = rows.k_offset(ko) if rows.k_offset else ko * ops.k_step
+            ptr = tirx.address_of(x[rows.base(row + TILE * a) + k_at])
+            _intrin("tileloadd64", _tile(4 + a), ptr, tirx.const(rows.stride, "int64"))
+        for b in range(nt):
+            ptr = tirx.address_of(w[col // TILE + b, ko * (ops.k_step // ops.pair), 0, 0])
+            _intrin("tileloadd64", _tile(6 + b), ptr, tirx.const(TILE_K, "int64"))
+        for a in range(mt):
+            for b in range(nt):
+                _intrin(ops.instruction, _tile(2 * a + b), _tile(4 + a), _tile(6 + b))
+    for a in range(mt):
+        for b in range(nt):
+            if scratch is not None:
+                ptr, stride = tirx.address_of(scratch[TILE * a, TILE * b]), nt * TILE * 4
+            else:
+                ptr, stride = tirx.address_of(c[row + TILE * a, col + TILE * b]), n * 4
+            _intrin("tilestored64", _tile(2 * a + b), ptr, tirx.const(stride, "int64"))
+
+
+def _store(c, scratch, off, mult, requantize, rows: AmxRows, row, col, mb: int, nb: int) -> None:
+    """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the int32 sums in
+    ``scratch``: offset, then requantize."""
+    with T.serial(0, mb) as i:
+        index, valid = rows.store(row + i)
+
+        def body():
+            with T.vectorized(0, nb) as j:
+                v = scratch[i, j] if off is None else scratch[i, j] + off[col + j]
+                if requantize is not None:
+                    v = requantize_value(v, mult[col + j], requantize)
+                T.buffer_store(c, v, [index, col + j])
+
+        if valid is None:
+            body()
+        else:
+            with T.If(valid), T.Then():
+                body()
