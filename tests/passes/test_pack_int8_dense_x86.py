@@ -420,3 +420,32 @@ def test_dynamic_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, k, hidden
     got, want = _run_main(packed, x), _run_main(mod, x)
     assert got.shape == (*x_shape[:-1], n)
     np.testing.assert_array_equal(got, want)
+
+
+SAPPHIRERAPIDS = tvm.target.Target(
+    {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+)
+
+
+@pytest.mark.amx
+def test_amx_dense_stores_the_requantize_and_leaves_dynamic_ops(rng):
+    """A layer on AMX tiles (M >= 16, K >= 128) stores LowerInt8's requantize too (bit-exact
+    with the unrewritten module); QuantizeDynamic's dequantize, which only the VNNI kernel
+    stores, stays as Relax ops after an AMX layer."""
+    w = _random(rng, (256, 64), np.int8)
+    mod = _requantized_dense_module(rng, (2, 32, 256), w, "uint8", True, None, "uint8", 5)
+    packed = PackInt8DenseX86(SAPPHIRERAPIDS)(mod)
+    assert _fused_kernel_names(packed, "uint8") == [
+        "tvmq_int8_dense_amx_64x256x64_requantize_offset"
+    ]
+    x = _random(rng, (2, 32, 256), np.uint8)
+    got, want = _run(packed, x, SAPPHIRERAPIDS)[0], _run(mod, x, SAPPHIRERAPIDS)[0]
+    np.testing.assert_array_equal(got, want)
+
+    dynamic = _float_mlp_module(rng, (64, 256), 256, 128, 64, True)
+    packed = PackInt8DenseX86(SAPPHIRERAPIDS)(dynamic)
+    assert not any("_dynamic" in str(gv.name_hint) for gv in packed.get_global_vars())
+    assert _ops_named(packed, "relax.subtract")  # the zero-point compensation stayed
+    x = rng.normal(size=(64, 256)).astype("float32")
+    got, want = _run(packed, x, SAPPHIRERAPIDS)[0], _run(dynamic, x, SAPPHIRERAPIDS)[0]
+    np.testing.assert_array_equal(got, want)
