@@ -22,7 +22,10 @@ Engines (rows), batch 1
                        reading ORT's QDQ file (OpenVINO runs QDQ models as int8);
     ``tvmq fp32``      ``tvmq.compile`` of the PyTorch module, no tuning records;
     ``tvmq int8``      static int8 (default scheme), the same calibration inputs;
-    ``tvmq int8-dyn``  ``quantize="int8-dynamic"`` (transformers).
+    ``tvmq int8-dyn``  ``quantize="int8-dynamic"`` (transformers);
+    ``OV bf16``        on CPUs with AMX-BF16 only: OpenVINO with ``INFERENCE_PRECISION_HINT=bf16``
+                       (its default there), the peer of
+    ``tvmq bf16``      ``precision="bf16"``: matmuls on bf16 AMX tiles (fp32 accumulation).
 A peer that is not installed, or an engine that fails on a model, gets a note, not a row.
 
 Method
@@ -36,7 +39,7 @@ Method
     random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
-    times the threads, int8 rows against the int8 peak.
+    times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one).
 """
 
 from __future__ import annotations
@@ -255,14 +258,20 @@ def _prepare_model(name: str, size: str, d: Path, peers: dict[str, bool]) -> dic
             attempt("OV int8", ov_int8)
         elif (d / "ort-int8.onnx").exists():
             add("OV int8", "ov", d / "ort-int8.onnx", "ORT QDQ file")
+        if _host_bf16():
+            add("OV bf16", "ov", fp32)
     variants = [("tvmq fp32", None), ("tvmq int8", "int8")]
     if transformer:
         variants.append(("tvmq int8-dyn", "int8-dynamic"))
+    if _host_bf16():
+        variants.append(("tvmq bf16", "bf16"))
     for label, quantize in variants:
 
         def build(label=label, quantize=quantize):
             out = d / label.replace(" ", "_")
             kw = {"calibration_data": calib} if quantize == "int8" else {}
+            if quantize == "bf16":
+                quantize, kw = None, {"precision": "bf16"}
             with torch.no_grad():
                 tvmq.compile(model, "host", example_inputs=example, output_dir=out,
                              quantize=quantize, progress=False, tuning_logs=None, **kw)  # fmt: skip
@@ -274,6 +283,13 @@ def _prepare_model(name: str, size: str, d: Path, peers: dict[str, bool]) -> dic
 
 # --------------------------------------------------------------------------------------
 # Timing (a worker process per thread count)
+
+
+def _host_bf16() -> bool:
+    """Whether this CPU runs AMX-BF16 (the bf16 rows' engines need it)."""
+    from tvmq.machine import amx_granted, cpu_flags
+
+    return amx_granted() and "amx_bf16" in cpu_flags()
 
 
 class _Runner:
@@ -296,8 +312,9 @@ class _Runner:
         elif self.kind == "ov":
             import openvino as ov
 
+            precision = "bf16" if engine["label"].endswith("bf16") else "f32"
             config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                      "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}  # fmt: skip
+                      "INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1}  # fmt: skip
             compiled = ov.Core().compile_model(engine["path"], "CPU", config)
             self.request = compiled.create_infer_request()
         elif self.kind == "tvmq":

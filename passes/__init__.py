@@ -45,6 +45,8 @@ from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
+from .pack_bf16_conv_x86 import PackBf16ConvX86
+from .pack_bf16_dense_x86 import PackBf16DenseX86
 from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
@@ -88,6 +90,8 @@ __all__ = [
     "CorrectBias",
     "PackDecodedDense",
     "PackFloatConv",
+    "PackBf16ConvX86",
+    "PackBf16DenseX86",
     "PackFloatDense",
     "UseFastMath",
     "PackInt8DenseCUDA",

@@ -160,16 +160,19 @@ def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=No
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
-    def kernel(shape, t, e):
-        return float_depthwise_nhwc(shape, t, x_dtype, e)
+    def kernel(shape, t, e, pad):
+        return float_depthwise_nhwc(shape, t, x_dtype, e, pad)
 
     name = "float_depthwise" if x_dtype == "float32" else "int8_depthwise"
-    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue)
+    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue, in_kernel_pad=True)
 
 
-def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) -> relax.Expr:
+def _emit(
+    rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue, in_kernel_pad=False
+) -> relax.Expr:
     """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
-    (and, with an ``epilogue``, its ``bias`` added and activation applied in the kernel)."""
+    (and, with an ``epilogue``, its ``bias`` added and activation applied in the kernel).
+    ``in_kernel_pad``: the kernel takes the unpadded image and the padding (no pad op)."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
@@ -179,7 +182,8 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) 
     # A padded output width reads columns past the image: pad them with zeros too.
     right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
     x = rw.nhwc_input(x)
-    if top or left or bottom or right:
+    pad = (top, left, bottom, right) if in_kernel_pad and (top or left or bottom or right) else None
+    if (top or left or bottom or right) and pad is None:
         x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
@@ -190,9 +194,11 @@ def _emit(rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue) 
         out_dtype = epilogue.dtype
         suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
     fn = rw.kernel_var(
-        (name, shape, tiles, str(x.ty.dtype), epilogue),
+        (name, shape, tiles, str(x.ty.dtype), epilogue, pad),
         f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}{suffix}",
-        lambda: kernel(shape, tiles, epilogue).with_attr("op_pattern", OPAQUE),
+        lambda: (
+            kernel(shape, tiles, epilogue, pad) if pad else kernel(shape, tiles, epilogue)
+        ).with_attr("op_pattern", OPAQUE),
     )
     out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), out_dtype)
     args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]

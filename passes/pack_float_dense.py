@@ -54,6 +54,30 @@ MIN_MACS = 1 << 20
 """Smaller matmuls keep the default (tunable) schedule."""
 
 
+def match_float_dense(call: relax.Expr, lookup_binding) -> tuple | None:
+    """``(x, x shape, W as numpy)`` for a float32 ``matmul(x, W)`` with a constant ``(K, N)``
+    weight (seen through views) and at least :data:`MIN_MACS` multiply-adds, else None; the
+    leading dims of ``x`` may be symbolic."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
+        return None
+    x, w_expr = call.args
+    if not isinstance(call.ty, relax.TensorType) or str(call.ty.dtype) != "float32":
+        return None
+    if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) != "float32":
+        return None
+    x_shape = rows_shape(x)  # static, or symbolic leading dims
+    if x_shape is None or len(x_shape) < 2 or 0 in x_shape:
+        return None
+    w = const_value(w_expr, lookup_binding)
+    if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[0] != x_shape[-1]:
+        return None
+    # a symbolic M counts as large: the sizes the library runs are not known here
+    m = 1 << 10 if is_symbolic(x_shape) else math.prod(x_shape[:-1])
+    if m * w.shape[0] * w.shape[1] < MIN_MACS or w.shape[0] < 2:
+        return None
+    return x, x_shape, w
+
+
 @mutator
 class _DenseRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int, registers: int):
@@ -73,24 +97,7 @@ class _DenseRewriter(PyExprMutator):
         return self._lower(*found)
 
     def _match(self, call: relax.Expr):
-        if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
-            return None
-        x, w_expr = call.args
-        if not isinstance(call.ty, relax.TensorType) or str(call.ty.dtype) != "float32":
-            return None
-        if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) != "float32":
-            return None
-        x_shape = rows_shape(x)  # static, or symbolic leading dims
-        if x_shape is None or len(x_shape) < 2 or 0 in x_shape:
-            return None
-        w = const_value(w_expr, self.lookup_binding)
-        if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[0] != x_shape[-1]:
-            return None
-        # a symbolic M counts as large: the sizes the library runs are not known here
-        m = 1 << 10 if is_symbolic(x_shape) else math.prod(x_shape[:-1])
-        if m * w.shape[0] * w.shape[1] < MIN_MACS or w.shape[0] < 2:
-            return None
-        return x, x_shape, w
+        return match_float_dense(call, self.lookup_binding)
 
     def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
         """The kernel for a symbolic row count: rows padded to ``mr`` at run time."""

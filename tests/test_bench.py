@@ -125,8 +125,12 @@ def test_bench_zoo_small_one_model(tmp_path):
     rows = [r for r in json.loads(json_path.read_text())["rows"] if r["engine"]]
     engines = {r["engine"] for r in rows}
     expected = {"PT fp32", "ORT fp32", "ORT int8", "tvmq fp32", "tvmq int8"}
+    from tvmq.machine import amx_granted, cpu_flags
+
+    bf16 = amx_granted() and "amx_bf16" in cpu_flags()  # bf16 rows on CPUs with AMX-BF16
+    expected |= {"tvmq bf16"} if bf16 else set()
     if importlib.util.find_spec("openvino") is not None:
-        expected |= {"OV fp32", "OV int8"}
+        expected |= {"OV fp32", "OV int8"} | ({"OV bf16"} if bf16 else set())
     assert expected <= engines, expected - engines
     for r in rows:
         assert math.isfinite(r["ms"]) and r["ms"] > 0, r

@@ -68,7 +68,7 @@ FAST_CASES = [
     (["--sparse", "--sparse-block", "3y"], "--sparse-block '3y'"),
     (["--sparse", "--sparse-block", "0x4"], "--sparse-block '0x4'"),
     (["--sparse-block", "4x1"], "--sparse-block applies to --sparse"),
-    (["-t", "cuda-sm90", "--precision", "bf16"], "--precision bf16 is not supported yet"),
+    (["-t", "x86-amx", "--precision", "bf16", "--quantize", "w8"], "cannot be combined yet"),
     (["-t", "cuda-sm90", "--precision", "fp16", "--quantize", "w8"], "cannot be combined yet"),
     (["--sparse", "1.2"], "--sparse takes a fraction"),
     (["--quantize", "int8"], "needs --calib"),

@@ -41,7 +41,8 @@ def add_compile_options(s: argparse.ArgumentParser) -> None:
         choices=["fp32", "fp16", "bf16"],
         default="fp32",
         help="fp16 (CUDA presets): compute in half precision with fp32 accumulation, dense "
-        "layers on tensor cores (mma.sync, sm_80 and newer); bf16 is not supported yet",
+        "layers on tensor cores (mma.sync, sm_80 and newer); bf16 (CPUs with AMX-BF16): "
+        "dense layers on bf16 AMX tiles with fp32 accumulation",
     )
     g.add_argument(
         "--tuning-logs",

@@ -224,8 +224,6 @@ def check_compile_args(args) -> None:
     if args.sparse_block is not None:
         _block(args.sparse_block)
     precision = getattr(args, "precision", "fp32")
-    if precision == "bf16":
-        raise UsageError("--precision bf16 is not supported yet; use --precision fp16")
     if precision != "fp32" and args.quantize:
         raise UsageError(
             f"--precision {precision} and --quantize {args.quantize} cannot be combined yet; "

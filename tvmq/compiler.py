@@ -92,10 +92,13 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
     accuracy_control : AccuracyControl, optional
         Return the most sensitive layers to float until a metric drop fits
         (``tvmq.quantization.AccuracyControl``, ``quantize_with_accuracy_control``).
-    precision : {"fp32", "fp16"}, optional
+    precision : {"fp32", "fp16", "bf16"}, optional
         ``"fp16"`` (CUDA presets): the float model computes in fp16 with fp32 accumulation,
         its dense layers on tensor cores (``mma.sync``) on sm_80 and newer; inputs and outputs
-        stay float32. Not combined with ``quantize``; ``"bf16"`` is refused (not yet).
+        stay float32. ``"bf16"`` (CPU presets with AMX-BF16, e.g. Sapphire Rapids): matmuls
+        with a constant weight of 16 rows or more and stride-1 convs over 32-channel multiples
+        run on bf16 AMX tiles (inputs rounded to bf16, fp32 accumulation), the rest in fp32.
+        Not combined with ``quantize``.
     tuning_logs : "auto", path, Database, list of them, or None
         MetaSchedule records to apply. ``"auto"``: ``./tuning_logs/<target>/`` and the logs
         shipped with tvmq; kernels without a record get tvmq's default schedule.

@@ -51,6 +51,9 @@ from tvmq.frontends.tflite import dynamic_range_scheme
 from tvmq.passes import (
     SPARSE_ATTR,
     CanonicalizeQDQ,
+    FoldBatchNorm,
+    PackBf16ConvX86,
+    PackBf16DenseX86,
     QDQConvToNCHW,
     SparsifyDense,
     half_precision_passes,
@@ -59,6 +62,7 @@ from tvmq.passes import (
     tvmq_pipeline,
 )
 from tvmq.passes.analysis import float_compute_ops
+from tvmq.passes.pack_bf16_dense_x86 import target_has_amx_bf16
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.progress import phase
 from tvmq.quantization import quantize_with_accuracy_control
@@ -69,7 +73,7 @@ from tvmq.targets import TargetPreset
 __all__ = ["Compressed", "Built", "check_precision", "compress", "run", "scheme_for_target"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-"""``precision=`` values: fp32 (the default), fp16 (CUDA presets), bf16 (not yet)."""
+"""``precision=`` values: fp32 (the default), fp16 (CUDA presets), bf16 (CPUs with AMX-BF16)."""
 
 _log = logging.getLogger("tvmq")
 
@@ -115,18 +119,23 @@ def scheme_for_target(quantize, preset: TargetPreset):
 
 
 def check_precision(precision: str | None, preset: TargetPreset, quantize=None) -> str | None:
-    """``"fp16"`` for a half-precision build, None for fp32; TvmqError (one line) for a value
-    or combination tvmq cannot build."""
+    """``"fp16"`` / ``"bf16"`` for a half-precision build, None for fp32; TvmqError (one
+    line) for a value or combination tvmq cannot build."""
     if precision is None or precision == "fp32":
         return None
     if precision not in PRECISIONS:
         raise TvmqError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "bf16":
+    if precision == "bf16" and preset.kind == "cuda":
         raise TvmqError(
-            "precision bf16 is not supported yet (TVM 0.27's ToMixedPrecision casts to float16 "
-            "only); use fp16"
+            "precision bf16 is for CPUs with AMX-BF16 so far (TVM 0.27's ToMixedPrecision "
+            "casts to float16 only); use fp16 on CUDA targets"
         )
-    if preset.kind != "cuda":
+    if precision == "bf16" and not target_has_amx_bf16(preset.tvm_target()):
+        raise TvmqError(
+            f"precision bf16 needs AMX-BF16 tiles (Intel Sapphire Rapids or newer); target "
+            f"{preset.name!r} has none: drop it, or pick a preset with amx-bf16 (x86-amx)"
+        )
+    if preset.kind != "cuda" and precision != "bf16":
         raise TvmqError(
             f"precision {precision} is for CUDA targets (tensor cores); target {preset.name!r} "
             "is a CPU: drop it or pick a cuda-* preset"
@@ -278,6 +287,14 @@ def run(
         phase("fp16", progress)
         done.model = _with_mod(done.model, half_precision_passes()(done.model.mod))
         done.applied["precision"] = {"compute": "float16", "accumulate": "float32"}
+    if precision == "bf16":
+        phase("bf16", progress)
+        target = preset.tvm_target()
+        bf16 = tvm.transform.Sequential(
+            [FoldBatchNorm(), PackBf16ConvX86(target), PackBf16DenseX86(target)]
+        )
+        done.model = _with_mod(done.model, bf16(done.model.mod))
+        done.applied["precision"] = {"compute": "bfloat16 (AMX matmuls)", "accumulate": "float32"}
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)
     ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)

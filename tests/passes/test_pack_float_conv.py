@@ -131,6 +131,18 @@ def test_depthwise_matches_torch(rng, geometry):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_depthwise_pads_inside_the_kernel(rng):
+    """The depthwise kernel skips the padding's taps itself: no pad op (a pass over the image
+    as long as the conv) is left before it."""
+    w = rng.standard_normal((32, 1, 3, 3)).astype(np.float32)
+    mod = _conv_module((1, 32, 16, 16), w, strides=1, padding=1, groups=32)
+    with AVX512:
+        packed = PackFloatConv()(mod)
+    ops = [b.value.op.name for b in packed["main"].body.blocks[0].bindings
+           if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]  # fmt: skip
+    assert "relax.nn.pad" not in ops, ops
+
+
 @needs_avx2
 def test_matches_torch_avx2(rng):
     """AVX2: 8 lanes and 16 registers give another tile; the numbers stay the same."""

@@ -330,6 +330,7 @@ def float_depthwise_nhwc(
     tiles: DepthwiseTiles,
     x_dtype: str = "float32",
     epilogue: ConvEpilogue | Requantize | None = None,
+    pad: tuple[int, int, int, int] | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
     depthwise conv (one filter per channel) over a padded NHWC image (float32; or uint8 /
@@ -337,7 +338,11 @@ def float_depthwise_nhwc(
     ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
     of accumulators per task. With an `epilogue`, its arguments follow ``W``: ``bias (c,)``
     for a float32 :class:`ConvEpilogue`; ``offset (c,) int32, multiplier (c,) float32`` for
-    an int8 :class:`~tvmq.kernels.x86_int8.Requantize` (the result is then int8 / uint8)."""
+    an int8 :class:`~tvmq.kernels.x86_int8.Requantize` (the result is then int8 / uint8).
+    With ``pad`` (top, left, bottom, right), ``P`` is the image without its zero padding
+    (``hp - top - bottom`` x ``wp - left - right``): the kernel skips the taps that fall in
+    it (a branch per tap and pixel, on scalars) instead of reading a padded copy, which
+    costs a pass over the image in memory as long as the conv itself."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, lanes = tiles.ow_padded, tiles.lanes
@@ -353,8 +358,18 @@ def float_depthwise_nhwc(
         w_dtype, acc_dtype, name = "int8", "int32", "int8_depthwise_nhwc"
     else:
         raise ValueError(f"depthwise kernel for float32, uint8 or int8 data, not {x_dtype}")
-    p = te.placeholder((n, hp, wp, c), x_dtype, name="P")
+    top, left, bottom, right = pad or (0, 0, 0, 0)
+    h, wd = hp - top - bottom, wp - left - right
+    p = te.placeholder((n, h, wd, c), x_dtype, name="P")
     w = te.placeholder((kh, kw, c), w_dtype, name="W")
+
+    def tap(b, yy, xx, j):  # image pixel (yy, xx) of the padded frame, 0 in the padding
+        if pad is None:
+            return p[b, yy, xx, j].astype(acc_dtype)
+        inside = tvm.tirx.all(yy >= top, yy < top + h, xx >= left, xx < left + wd)
+        value = p[b, yy - top, xx - left, j].astype(acc_dtype)
+        return tvm.tirx.if_then_else(inside, value, tvm.tirx.const(0, acc_dtype))
+
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     if epilogue is not None and (x_dtype == "float32") == isinstance(epilogue, Requantize):
@@ -365,8 +380,7 @@ def float_depthwise_nhwc(
     acc = te.compute(
         (n, oh, ow, c),
         lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, x * sw + rx * dw, j].astype(acc_dtype)
-            * w[ry, rx, j].astype(acc_dtype),
+            tap(b, y * sh + ry * dh, x * sw + rx * dw, j) * w[ry, rx, j].astype(acc_dtype),
             axis=[ry, rx],
         ),
         name="acc",

@@ -39,6 +39,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
+from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_int8 import (
     KERNEL_ATTR,
     Requantize,
@@ -176,6 +177,14 @@ INT8 = AmxOps("uint8", "int8", "int32", 4, "tdpbusd")
 BF16 = AmxOps("uint16", "uint16", "float32", 2, "tdpbf16ps")
 
 
+def _clamp(v, bounds: ConvEpilogue):
+    if bounds.lo != float("-inf"):
+        v = tirx.max(v, tirx.const(bounds.lo, "float32"))
+    if bounds.hi != float("inf"):
+        v = tirx.min(v, tirx.const(bounds.hi, "float32"))
+    return v
+
+
 def _intrin(name: str, *args) -> None:
     T.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
@@ -246,11 +255,13 @@ def amx_kernel(
     requantize: Requantize | None,
     out_rows: int | None = None,
     ops: AmxOps = INT8,
+    bias: ConvEpilogue | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
     into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
-    ``k_offset`` count elements, ``rows.stride`` bytes)."""
+    ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
+    ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``)."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
@@ -261,7 +272,7 @@ def amx_kernel(
     # small M, one task: a weight of megabytes then streams from memory once).
     per_task = min(_ROW_BLOCKS, blocks)
     m_chunks = -(-blocks // per_task)
-    direct = not with_offset and requantize is None and out_rows is None
+    direct = not with_offset and requantize is None and bias is None and out_rows is None
     direct = direct and rows.count % mb == 0  # tiles go straight to C, no scratch
     out_dtype = requantize.dtype if requantize is not None else ops.acc_dtype
     granted = tirx.call_extern(
@@ -281,6 +292,7 @@ def amx_kernel(
         w = T.arg("W", T.Buffer((n // TILE, k // ops.pair, TILE, ops.pair), ops.w_dtype))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
+        add = T.arg("bias", T.Buffer((n,), "float32")) if bias is not None else None
         c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
         x_flat = T.decl_buffer((math.prod(x_shape),), ops.x_dtype, data=x.data)
         # Not an assert: tvmq builds drop asserts (tirx.disable_assert), and with them their
@@ -304,7 +316,8 @@ def amx_kernel(
                 col = col0 + step * nb
                 _step(x_flat, w, c, scratch, rows, row, col, k, n, tiles, ops)
                 if not direct:
-                    _store(c, scratch, off, mult, requantize, rows, row, col, mb, nb)
+                    epilogue = (off, mult, requantize, add, bias)
+                    _store(c, scratch, epilogue, rows, row, col, mb, nb)
             _intrin("tilerelease")
     return (
         ib.get()
@@ -341,9 +354,10 @@ def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops:
             _intrin("tilestored64", _tile(2 * a + b), ptr, tirx.const(stride, "int64"))
 
 
-def _store(c, scratch, off, mult, requantize, rows: AmxRows, row, col, mb: int, nb: int) -> None:
-    """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the int32 sums in
-    ``scratch``: offset, then requantize."""
+def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> None:
+    """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the sums in
+    ``scratch``: int32 ones offset, then requantized; float32 ones biased and clamped."""
+    off, mult, requantize, add, bias = epilogue
     with T.serial(0, mb) as i:
         index, valid = rows.store(row + i)
 
@@ -352,6 +366,8 @@ def _store(c, scratch, off, mult, requantize, rows: AmxRows, row, col, mb: int, 
                 v = scratch[i, j] if off is None else scratch[i, j] + off[col + j]
                 if requantize is not None:
                     v = requantize_value(v, mult[col + j], requantize)
+                if bias is not None:
+                    v = _clamp(v + add[col + j], bias)
                 T.buffer_store(c, v, [index, col + j])
 
         if valid is None:

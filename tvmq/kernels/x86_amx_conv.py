@@ -41,26 +41,27 @@ def amx_conv_applies(geo: Conv2DGeometry) -> bool:
         geo.strides == (1, 1)
         and geo.dilation == (1, 1)
         and c % TILE_K == 0
-        and _conv_rows(geo, 0).count >= 2 * TILE
+        and conv_rows(geo, c).count >= 2 * TILE
     )
 
 
-def _conv_rows(geo: Conv2DGeometry, c: int) -> AmxRows:
+def conv_rows(geo: Conv2DGeometry, c: int, k_step: int = TILE_K, elem_bytes: int = 1) -> AmxRows:
     """The rows of a stride-1 conv read straight from its zero-padded NHWC input (``Hp x Wp``
     pixels an image): output pixel ``(b, y, x)`` is row ``p = (b * Hp + y) * Wp + x``, and tap
     ``(ky, kx)`` of it reads pixel ``p + ky * Wp + kx``, so consecutive rows are ``C`` bytes
-    apart for every tap. Rows with ``x >= OW`` or ``y >= OH`` (the padding's) are computed and
-    not stored; the last row needed is the last output pixel."""
+    apart for every tap (``elem_bytes`` each). Rows with ``x >= OW`` or ``y >= OH`` (the
+    padding's) are computed and not stored; the last row needed is the last output pixel.
+    ``k_step``: the channels one instruction reduces (a divisor of ``C``)."""
     n, _, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
     hp, wp = h + top + bottom, w + left + right
     oh, ow = geo.out_hw
     kw = geo.kernel[1]
-    per_tap = max(1, c // TILE_K)
+    per_tap = max(1, c // k_step)
 
     def k_offset(ko):
         tap = ko // per_tap
-        return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * TILE_K
+        return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * k_step
 
     def store(p):
         r = p % (hp * wp)
@@ -68,7 +69,7 @@ def _conv_rows(geo: Conv2DGeometry, c: int) -> AmxRows:
         return ((p // (hp * wp)) * oh + y) * ow + x, tirx.all(y < oh, x < ow)
 
     count = ((n - 1) * hp + oh - 1) * wp + ow
-    return AmxRows(count, c, lambda p: p * c, store, k_offset)
+    return AmxRows(count, c * elem_bytes, lambda p: p * c, store, k_offset)
 
 
 def int8_conv_amx(
@@ -87,7 +88,7 @@ def int8_conv_amx(
         raise ValueError(f"{geo} is not a conv the AMX conv kernel takes")
     n, c, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
-    rows = _conv_rows(geo, c)
+    rows = conv_rows(geo, c)
     tiles = amx_tiles(2 * TILE, geo.k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
     name = "int8_conv_amx"

@@ -1,0 +1,96 @@
+"""PackBf16ConvX86: float32 convs on bf16 AMX tiles, read from their padded input (``precision="bf16"``).
+
+Rewrites, when the target has ``amx-bf16``, a float32 NCHW ``conv2d(x, const W)`` that
+:func:`~tvmq.kernels.x86_amx_bf16.bf16_conv_applies` takes (``groups`` 1, stride 1, no
+dilation, ``C`` a multiple of 32) into::
+
+    xb = call_tir(to_bf16_padded, x as NHWC)   # (N, Hp, Wp, C) bf16 bits: the padding and the
+                                                # rounding in one pass
+    y = call_tir(bf16_conv_amx, xb, W as packed bf16[, bias])   # (N*OH*OW, O') float32
+
+with the kernel reading each tap of 32 channels straight into the tiles (no im2col, see
+:mod:`tvmq.kernels.x86_amx_conv`). A bias add (a folded batch norm) and a ReLU / clip after the
+conv are computed before the store, as :class:`PackFloatConv` does it. Results stay channels
+last between convs (:mod:`tvmq.passes.channels_last`). Left to the float32 kernels: strided,
+dilated, grouped and depthwise convs, channel counts off 32 (an RGB stem). Not part of the
+default pipeline: :func:`tvmq.pipeline.run` applies it for ``precision="bf16"`` after
+``FoldBatchNorm``. A no-op without AMX-BF16; idempotent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq.kernels._tiling import round_up
+from tvmq.kernels.cpu_float_conv import ConvEpilogue
+from tvmq.kernels.x86_amx import TILE
+from tvmq.kernels.x86_amx_bf16 import (
+    bf16_conv_amx,
+    bf16_conv_applies,
+    pack_weight_bf16,
+    to_bf16_padded,
+)
+from tvmq.kernels.x86_int8_conv import OPAQUE
+
+from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
+from .pack_bf16_dense_x86 import AmxBf16Pass
+from .pack_float_conv import find_epilogues, match_float_conv2d
+
+
+class _Lowering:
+    """The ``lower`` callback of :class:`ChannelsLastRewriter`: the bf16 AMX conv for a
+    matched conv, else None."""
+
+    def __init__(self, epilogues):
+        self.epilogues = epilogues
+
+    def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
+        found = match_float_conv2d(call)
+        if found is None or int(call.attrs.groups) != 1 or not bf16_conv_applies(found[1]):
+            return None
+        x, geo, w = found
+        bb = rw.builder_
+        o, k = w.shape[0], geo.k
+        np_ = round_up(o, TILE)
+        chain, bias, epilogue = self.epilogues.get(rw.current_var, ((), None, None))
+        convert = rw.kernel_var(
+            ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
+        )
+        n, c, h, wd = geo.x_shape
+        top, left, bottom, right = geo.padding
+        padded = relax.TensorType((n, h + top + bottom, wd + left + right, c), "uint16")
+        xb = bb.emit(relax.call_tir(convert, [rw.nhwc_input(x)], out_ty=padded))
+        w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, k).T)  # (ky, kx, c) rows
+        args = [xb, relax.const(pack_weight_bf16(w2), "uint16")]
+        if epilogue is not None:
+            args.append(relax.const(np.pad(bias, (0, np_ - o)).astype(np.float32), "float32"))
+        kh, kw = geo.kernel
+        fn = rw.kernel_var(
+            ("bf16_conv", geo, np_, epilogue),
+            f"tvmq_bf16_conv_amx_{kh}x{kw}_{c}x{o}" + _suffix(epilogue),
+            lambda: bf16_conv_amx(geo, np_, epilogue).with_attr("op_pattern", OPAQUE),
+        )
+        out_ty = relax.TensorType((geo.m, np_), "float32")
+        y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
+        if np_ != o:
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[o]))
+        oh, ow = geo.out_hw
+        y = bb.emit(relax.op.reshape(y, (n, oh, ow, o)))
+        for var in chain:  # the bias add and activation are this kernel's result now
+            rw.aliases[var] = rw.current_var
+        return relax.op.permute_dims(y, TO_NCHW)
+
+
+def _suffix(epilogue: ConvEpilogue | None) -> str:
+    return "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackBf16ConvX86")
+class PackBf16ConvX86(AmxBf16Pass):
+    """Lower float32 stride-1 convs over 32-channel multiples to bf16 AMX tiles (``target``:
+    see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        return rewrite_channels_last(mod, _Lowering(find_epilogues(mod)))

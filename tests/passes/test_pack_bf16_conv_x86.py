@@ -1,0 +1,90 @@
+"""PackBf16ConvX86: float32 convs on bf16 AMX tiles read from their padded input, checked
+against PyTorch on bf16-rounded operands (exact up to float32 sums) and against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from tvmq.kernels.x86_amx_bf16 import bf16_bits, bf16_to_float
+from tvmq.passes.pack_bf16_conv_x86 import PackBf16ConvX86
+
+SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+
+
+def _kernel_names(mod) -> list[str]:
+    return [
+        str(gv.name_hint) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    ]
+
+
+def _conv_module(x_shape, w: np.ndarray, bias: np.ndarray, padding: int) -> tvm.IRModule:
+    """conv2d(x, W) + bias, ReLU (what FoldBatchNorm leaves of a CNN block)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=padding))
+            y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o", "k", "padding"),
+    [((1, 64, 10, 9), 40, 3, 1), ((2, 32, 7, 7), 64, 3, 1), ((1, 96, 8, 8), 32, 1, 0)],
+)
+def test_bf16_conv_reads_its_padded_input_into_tiles(rng, x_shape, o, k, padding):
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((o, x_shape[1], k, k)) / 10).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    mod = PackBf16ConvX86(SAPPHIRERAPIDS)(_conv_module(x_shape, w, bias, padding))
+    names = _kernel_names(mod)
+    assert any(n.startswith("tvmq_bf16_conv_amx") and n.endswith("_bias_act") for n in names)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+
+    def conv(a, b):
+        t = torch.nn.functional.conv2d(torch.from_numpy(a), torch.from_numpy(b), padding=padding)
+        return torch.relu(t + torch.from_numpy(bias).reshape(1, -1, 1, 1)).numpy()
+
+    rounded = conv(*(bf16_to_float(bf16_bits(a)) for a in (x, w)))
+    scale = np.abs(rounded).max()
+    assert np.abs(got - rounded).max() / scale < 1e-5  # float32 sums of exact bf16 products
+    assert np.abs(got - conv(x, w)).max() / scale < 2e-2
+
+
+@pytest.mark.amx
+def test_compile_with_precision_bf16_runs_cnn_convs_on_tiles(rng, tmp_path):
+    """tvmq.compile(precision="bf16"): batch norms folded first, the stride-1 convs over
+    32-channel multiples on bf16 tiles, the RGB stem and the strided conv in float32."""
+    import tvmq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 32, 1), torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+    for m in model.modules():  # batch norms that do something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    tvmq.compile(model, "host", example_inputs=(torch.from_numpy(x),), precision="bf16",
+                 output_dir=tmp_path / "out", progress=False, tuning_logs=None)  # fmt: skip
+    compiled = tvmq.load(tmp_path / "out")
+    got = compiled(x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cosine > 0.999 and np.abs(got - want).max() / np.abs(want).max() < 3e-2
+    kernels = compiled.manifest.notes["kernels"]["prescheduled"]
+    assert sum(k.startswith("tvmq_bf16_conv_amx") for k in kernels) == 2, kernels
+    assert sum(k.startswith("tvmq_float_conv2d") for k in kernels) == 2, kernels

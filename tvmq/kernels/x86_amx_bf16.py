@@ -1,0 +1,141 @@
+"""bf16 matmuls on AMX tiles for float32 models (``precision="bf16"`` on CPUs with AMX-BF16).
+
+``tdpbf16ps`` multiplies a 16 x 32 tile of bf16 activations by a 32 x 16 tile of bf16
+weights and adds the products into a 16 x 16 float32 tile: 8192 multiply-adds an
+instruction, against 16 for a 512-bit ``vfmadd231ps``. The price is bf16's 8-bit
+significand on the inputs (products and sums stay float32), what PyTorch's
+``autocast(dtype=torch.bfloat16)`` and OpenVINO's default on these CPUs also pay.
+
+- :func:`bf16_bits` rounds float32 to bf16 (nearest even, NaN kept a NaN), as numpy;
+  :func:`pack_weight_bf16` packs a ``(K, N)`` weight as ``[N/16, K/2, 16, 2]`` bf16 pairs
+  (the B-tile layout), K padded to 32 and N to 16;
+- :func:`to_bf16_rows` is the kernel that rounds the activations, ``(M, K)`` float32 ->
+  ``(Mp, Kp)`` bf16 bits with zero padding;
+- :func:`bf16_dense_amx` is the product, :func:`~tvmq.kernels.x86_amx.amx_kernel` with
+  :data:`~tvmq.kernels.x86_amx.BF16` operands: ``(Mp, Kp) x packed -> (Mp, Np)`` float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from tvmq.kernels._tiling import round_up
+from tvmq.kernels.cpu_float_conv import ConvEpilogue
+from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
+from tvmq.kernels.x86_amx_conv import conv_rows
+from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+K_STEP = BF16.k_step
+"""K elements one ``tdpbf16ps`` reduces: the padding unit of K."""
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> 16) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns -> the float32 values they stand for."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_weight_bf16(w: np.ndarray) -> np.ndarray:
+    """A float32 ``(K, N)`` weight as bf16 bits ``[N/16, K/2, 16, 2]``, zero-padded to
+    ``K % 32 == 0`` and ``N % 16 == 0``: ``packed[j, q, i, r] == bf16(w[2q + r, 16j + i])``."""
+    k, n = w.shape
+    kp, np_ = round_up(k, K_STEP), round_up(n, TILE)
+    padded = np.zeros((kp, np_), np.uint16)
+    padded[:k, :n] = bf16_bits(w)
+    return np.ascontiguousarray(padded.reshape(kp // 2, 2, np_ // TILE, TILE).transpose(2, 0, 3, 1))
+
+
+def bf16_padded(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """``(Mp, Kp, Np)`` for :func:`bf16_dense_amx`."""
+    t = amx_tiles(m, k, n)
+    return t.m_padded, round_up(k, K_STEP), t.n_padded
+
+
+def to_bf16_rows(m: int, k: int, mp: int, kp: int) -> tvm.tirx.PrimFunc:
+    """``X (m, k) float32 -> (mp, kp)`` bf16 bits (uint16), rounded like :func:`bf16_bits`,
+    zero in the padding. Elementwise: left to the default schedule."""
+    x = te.placeholder((m, k), "float32", name="X")
+
+    def value(i, j):  # clamped reads: the padding's value is selected away
+        bits = _round(x[tirx.min(i, m - 1), tirx.min(j, k - 1)])
+        return tirx.Select(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
+
+    bits = te.compute((mp, kp), value, name="bf16")
+    # Opaque to FuseOps: FuseTIR fails on a TE function fused after a reshape (TVM 0.27).
+    return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 -> bf16 bits (uint16) as :func:`bf16_bits`."""
+    bits = tirx.reinterpret("uint32", v)
+    one, mask = tirx.const(1, "uint32"), tirx.const(0x7FFFFFFF, "uint32")
+    rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> 16) & one)) >> 16
+    nan = (bits & mask) > tirx.const(0x7F800000, "uint32")
+    return tirx.Select(nan, (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
+
+
+def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
+    """``C (mp, np_) float32 = X (mp, kp) bf16 @ W`` with ``W`` from :func:`pack_weight_bf16`
+    (sizes from :func:`bf16_padded`); scheduled, :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR`
+    ``"bf16_dense_amx"``."""
+    tiles = amx_tiles(mp, kp, np_)
+    rows = AmxRows(mp, kp * 2, lambda p: p * kp, lambda p: (p, None))
+    return amx_kernel("bf16_dense_amx", (mp, kp), rows, kp, np_, tiles, False, None, ops=BF16)
+
+
+def bf16_conv_applies(geo: Conv2DGeometry) -> bool:
+    """Whether :func:`bf16_conv_amx` takes this conv: stride 1, no dilation, channels a
+    multiple of 32 (each K step one tap's run of 32 channels) and two tiles of rows."""
+    c = geo.x_shape[1]
+    return (
+        geo.strides == (1, 1)
+        and geo.dilation == (1, 1)
+        and c % K_STEP == 0
+        and conv_rows(geo, c, K_STEP, 2).count >= 2 * TILE
+    )
+
+
+def to_bf16_padded(geo: Conv2DGeometry) -> tvm.tirx.PrimFunc:
+    """``X (N, H, W, C) float32 -> (N, Hp, Wp, C)`` bf16 bits with the conv's zero padding,
+    rounded like :func:`bf16_bits` (one pass: the pad and the rounding)."""
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    x = te.placeholder((n, h, w, c), "float32", name="X")
+
+    def value(b, y, xx, j):
+        inside = tirx.all(y >= top, y < top + h, xx >= left, xx < left + w)
+        yy, xc = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(xx - left, 0), w - 1)
+        return tirx.Select(inside, _round(x[b, yy, xc, j]), tirx.const(0, "uint16"))
+
+    shape = (n, h + top + bottom, w + left + right, c)
+    bits = te.compute(shape, value, name="bf16")
+    return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def bf16_conv_amx(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None = None):
+    """A float32 conv (:func:`bf16_conv_applies`) on bf16 AMX tiles, read straight from its
+    padded bf16 input (:func:`to_bf16_padded`, the rows of
+    :func:`~tvmq.kernels.x86_amx_conv.conv_rows`): ``W`` the dense weight
+    ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by :func:`pack_weight_bf16`, ``C`` the
+    ``(N * OH * OW, n_padded)`` float32 rows; with ``bias``, a ``bias (n_padded,)`` argument
+    added and the result clamped to its bounds before the store."""
+    if not bf16_conv_applies(geo):
+        raise ValueError(f"{geo} is not a conv the bf16 AMX conv kernel takes")
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    rows = conv_rows(geo, c, K_STEP, 2)
+    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
+    x_shape = (n, h + top + bottom, w + left + right, c)
+    return amx_kernel(
+        "bf16_conv_amx", x_shape, rows, geo.k, n_padded, tiles, False, None,
+        out_rows=geo.m, ops=BF16, bias=bias,
+    )  # fmt: skip
