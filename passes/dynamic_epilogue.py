@@ -26,7 +26,7 @@ from tvm import relax
 from tvmq.kernels.x86_int8 import DynamicDequantize
 
 from .relax_utils import ADD, RELU, binding_map, dataflow_bindings, op_name, relax_functions
-from .requantize_epilogue import ChannelAxis
+from .requantize_epilogue import ChannelAxis, chain_step
 
 
 class DynamicEpilogue(NamedTuple):
@@ -72,14 +72,7 @@ def find_dynamic_epilogues(mod: tvm.IRModule, match_dense) -> dict[relax.Var, Dy
 
 def _chain(acc: relax.Var, n: int, only_user, values) -> DynamicEpilogue | None:
     chain = [acc]
-
-    def step(name: str):
-        """The next op's call when it is ``name`` on the chain's last var (then appended)."""
-        nxt = only_user(chain[-1])
-        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
-            return None
-        chain.append(nxt[0])
-        return nxt[1]
+    step = chain_step(chain, only_user)
 
     ndim = len(acc.ty.shape.values)
     columns = ChannelAxis(ndim - 1, ndim, n)

@@ -75,6 +75,20 @@ class ChannelAxis(NamedTuple):
         return axis in (self.axis, self.axis - self.ndim)
 
 
+def chain_step(chain: list, only_user):
+    """``step(name)``: the next op's call when it is ``name`` on ``chain``'s last var, whose
+    only reader it is (its var is then appended to ``chain``), else None."""
+
+    def step(name: str):
+        nxt = only_user(chain[-1])
+        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
+            return None
+        chain.append(nxt[0])
+        return nxt[1]
+
+    return step
+
+
 def requantize_chain(
     start: Sequence[relax.Var], where: ChannelAxis, only_user
 ) -> RequantizeEpilogue | None:
@@ -84,14 +98,7 @@ def requantize_chain(
     includes (a dense layer's reshape back to its leading dims): the returned ``chain`` holds
     them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`."""
     chain = list(start)  # each var the only reader of the one before
-
-    def step(name: str):
-        """The next op's call when it is ``name`` on the chain's last var (then appended)."""
-        nxt = only_user(chain[-1])
-        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
-            return None
-        chain.append(nxt[0])
-        return nxt[1]
+    step = chain_step(chain, only_user)
 
     def channel_const(name: str, dtype: str) -> np.ndarray | None:
         """The per-channel constant operand of a next ``name`` op of ``dtype``."""

@@ -44,7 +44,9 @@ def _vnni_funcs(signed: bool):
     """The description and implementation (TVMScript, parsed on first registration) for
     uint8 activations, or int8 ones with ``signed``."""
     a_dtype = "int8" if signed else "uint8"
+    a_vector = a_dtype + "x4"
     shift = 128 if signed else 0
+    flip = _FLIP if signed else 0
 
     @T.prim_func(s_tir=True)
     def _dot_16x4_desc(
@@ -77,33 +79,23 @@ def _vnni_funcs(signed: bool):
             # The four activation bytes as one int32, broadcast to all 16 lanes, seen as 64 bytes.
             # One expression: let-bound values inside a parallel loop become a heap-allocated
             # workspace per task (TVMBackendAllocWorkspace), which short-K kernels feel.
-            if signed:
-                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                    "int32x16",
-                    "llvm.x86.avx512.vpdpbusd.512",
-                    C.vload([0], "int32x16"),
-                    T.reinterpret(
-                        "uint8x64",
-                        T.broadcast(
-                            T.bitwise_xor(
-                                T.reinterpret("int32", A.vload([0], "int8x4")), T.int32(_FLIP)
-                            ),
-                            16,
+            # int8 activations: each byte flipped to uint8 (xor 0x80) by one scalar xor
+            # before the broadcast; uint8 ones: xor 0, which LLVM drops.
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                "int32x16",
+                "llvm.x86.avx512.vpdpbusd.512",
+                C.vload([0], "int32x16"),
+                T.reinterpret(
+                    "uint8x64",
+                    T.broadcast(
+                        T.bitwise_xor(
+                            T.reinterpret("int32", A.vload([0], a_vector)), T.int32(flip)
                         ),
+                        16,
                     ),
-                    B.vload([0, 0], "int8x64"),
-                )
-            else:
-                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                    "int32x16",
-                    "llvm.x86.avx512.vpdpbusd.512",
-                    C.vload([0], "int32x16"),
-                    T.reinterpret(
-                        "uint8x64",
-                        T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 16),
-                    ),
-                    B.vload([0, 0], "int8x64"),
-                )
+                ),
+                B.vload([0, 0], "int8x64"),
+            )
 
     return _dot_16x4_desc, _dot_16x4_vnni_impl
 
