@@ -14,8 +14,10 @@ module does the rest::
 The kernels multiply one operand signedness (VNNI u8 x s8; sdot and dp4a s8 x s8): an
 ``x`` of the other kind is shifted by 128, which changes ``x @ W`` by ``shift * colsum(W)``,
 a compile-time int32 per column that the kernel subtracts again (its ``offset`` input).
-The result is exact. Kernels with the same shapes are shared; after a rewrite no int8
-matmul is left, so the passes are idempotent.
+The result is exact. A kernel with ``epilogues`` (x86 VNNI / AMX) also stores the requantize
+``LowerInt8`` emits after the layer (:func:`find_dense_epilogues`), which then replaces those
+ops. Kernels with the same shapes are shared; after a rewrite no int8 matmul is left, so the
+passes are idempotent.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .dynamic_epilogue import DynamicEpilogue, find_dynamic_epilogues
+from .relax_utils import dataflow_bindings, op_name
+from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _ACT_DTYPES = ("uint8", "int8")
@@ -57,6 +63,17 @@ class DenseKernel:
     # False: only activations already of ``operand_dtype`` (no shift, no offset input); the
     # others are left for another kernel (the CUDA IMMA kernel leaves uint8 ones to dp4a).
     shifts: bool = True
+    # The epilogue kinds (``Requantize``, ``DynamicDequantize``) the kernel of a plan's
+    # ``tiles`` can store: ``build`` / ``build_rows`` then take a keyword ``requantize`` and
+    # the kernel stores the ops LowerInt8 / QuantizeDynamic emit after the layer (its extra
+    # inputs follow the offset: :mod:`requantize_epilogue`, :mod:`dynamic_epilogue`).
+    epilogues: Callable[[Any], tuple[type, ...]] | None = None
+    # Kernels of at most this many padded rows are GEMVs, where a little more work per element
+    # costs less than one more kernel: ``build`` then takes an int8 ``x`` as is (keyword
+    # ``x_dtype="int8"``, bytes flipped in registers, no shift op; x86 GEMMs would pay a
+    # port-5 uop per broadcast) and, for a last tile of columns (``np <= 64``), stores
+    # exactly ``n`` columns (keyword ``n_out``, predicated stores, no slice). 0: never.
+    gemv_rows: int = 0
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -116,25 +133,96 @@ def match_int8_dense(
     return x, x_shape, w.value.numpy()
 
 
+def find_dense_epilogues(
+    mod: tvm.IRModule, symbolic_rows: bool = False
+) -> dict[relax.Var, RequantizeEpilogue]:
+    """The int8 dense layers whose result only feeds ``LowerInt8``'s float requantize (after
+    its reshape back to the leading dims, when there is one), per output channel along the
+    last axis (see :func:`requantize_chain`): a kernel with ``epilogues`` stores the int8 /
+    uint8 (or float32) result itself, one kernel instead of about five."""
+    found = {}
+    for b, only_user in dataflow_bindings(mod):
+        dense = match_int8_dense(b.value, symbolic_rows)
+        if dense is None:
+            continue
+        n = dense[2].shape[1]
+        start = [b.var]
+        nxt = only_user(b.var)
+        if nxt is not None and op_name(nxt[1]) == "relax.reshape":
+            shape = rows_shape(nxt[0])
+            if nxt[1].args[0].same_as(b.var) and shape is not None and shape[-1] == n:
+                start.append(nxt[0])  # LowerInt8's reshape of a 3-D layer's result
+        ndim = len(rows_shape(start[-1]))
+        epilogue = requantize_chain(start, ChannelAxis(ndim - 1, ndim, n), only_user)
+        if epilogue is not None:
+            found[b.var] = epilogue
+    return found
+
+
 @mutator
 class _DenseRewriter(PyExprMutator):
-    """Replaces each matched matmul by pad -> call_tir(kernel) -> slice."""
+    """Replaces each matched matmul by pad -> call_tir(kernel) -> slice (and, when the kernel
+    ``epilogues``, the requantize ops after it by the kernel's result)."""
 
     def __init__(self, mod: tvm.IRModule, kernel: DenseKernel):
         super().__init__(mod)
         self.kernel = kernel
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.changed = False
+        symbolic = kernel.build_rows is not None
+        self.epilogues: dict[relax.Var, RequantizeEpilogue | DynamicEpilogue] = {}
+        if kernel.epilogues is not None:
+            self.epilogues.update(find_dense_epilogues(mod, symbolic))
+            self.epilogues.update(
+                find_dynamic_epilogues(mod, lambda call: match_int8_dense(call, symbolic))
+            )
+        # a requantize op's var -> the dense layer's var, whose new value is the op's result
+        self.aliases: dict[relax.Var, relax.Var] = {}
+        self.binding: relax.VarBinding | None = None  # the one being rewritten
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.aliases:
+            new_var = self.visit_expr(self.aliases[var])
+            bb = self.builder_
+            if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
+                new_var = bb.emit_output(new_var, var.name)
+            self.set_var_remap(var, new_var)
+            return
+        self.binding = binding
+        super().visit_var_binding_(binding)
+        self.binding = None
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        is_binding = self.binding is not None and call.same_as(self.binding.value)
         call = super().visit_call_(call)
         found = match_int8_dense(call, symbolic_rows=self.kernel.build_rows is not None)
         if found is None or (not self.kernel.shifts and self._shift(found[0])):
             return call
         self.changed = True
+        epilogue = self.epilogues.get(self.binding.var) if is_binding else None
+        if epilogue is not None and not self._takes(epilogue, found):
+            epilogue = None
+        if epilogue is not None:  # the requantize ops are this kernel's result now
+            for var in epilogue.chain:
+                self.aliases[var] = self.binding.var
         if is_symbolic(found[1]):
-            return self._lower_rows(*found)
-        return self._lower(*found)
+            return self._lower_rows(*found, epilogue)
+        return self._lower(*found, epilogue)
+
+    def _takes(self, epilogue, found) -> bool:
+        """Whether the kernel the matched layer runs on stores ``epilogue``: a kind its plan's
+        tiles take, and a DynamicEpilogue (a row of params per kernel row) only unpadded."""
+        _, x_shape, w = found
+        if is_symbolic(x_shape):
+            tiles, padded = self.kernel.plan(self.kernel.rows, *w.shape)[3], True
+        else:
+            m = math.prod(x_shape[:-1])
+            mp, _, _, tiles = self.kernel.plan(m, *w.shape)
+            padded = mp != m
+        if not isinstance(epilogue.requantize, self.kernel.epilogues(tiles)):
+            return False
+        return not (padded and isinstance(epilogue, DynamicEpilogue))
 
     def _shift(self, x: relax.Expr) -> int:
         """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
@@ -142,16 +230,55 @@ class _DenseRewriter(PyExprMutator):
             return 0
         return 128 if self.kernel.operand_dtype == "uint8" else -128
 
-    def _weight_args(self, w: np.ndarray, kp: int, np_: int, shift: int) -> list:
-        """The packed weight, and with a shift the int32 column offset that undoes it."""
-        args = [relax.const(self.kernel.pack(w, kp, np_), "int8")]
-        if shift:
-            offset = np.zeros(np_, dtype=np.int32)
-            offset[: w.shape[1]] = -shift * w.astype(np.int32).sum(axis=0)
-            args.append(relax.const(offset, "int32"))
-        return args
+    def _call(self, key, name, build, args, out_shape, epilogue, w, kp, np_, shift):
+        """``call_tir`` of the kernel ``build(with_offset, **keywords)`` (shared per ``key``)
+        on ``args`` + the packed weight, the int32 column offset (undoing the shift, plus the
+        epilogue's) and the epilogue's multiplier; ``(mp, n_out)`` ``out_shape``."""
+        n = w.shape[1]
+        consts = [relax.const(self.kernel.pack(w, kp, np_), "int8")]
+        offset = np.zeros(np_, dtype=np.int32)
+        offset[:n] = -shift * w.astype(np.int32).sum(axis=0)
+        requantize, out_dtype = None, "int32"
+        if epilogue is not None:  # int32 sums wrap the same in either order
+            offset[:n] += epilogue.offset
+            requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
+            if isinstance(epilogue, DynamicEpilogue):
+                name += "_dynamic"
+            else:
+                name += "_requantize" if out_dtype != "float32" else "_dequantize"
+        with_offset = bool(shift) or bool(offset.any())
+        if with_offset:
+            consts.append(relax.const(offset, "int32"))
+            name += "_offset"
+        for arg in epilogue.arguments(np_) if epilogue is not None else ():
+            arg = self.visit_expr(arg)  # a DynamicEpilogue's params: the rewritten var
+            if len(arg.ty.shape.values) > 2:  # one row of params per row of the kernel
+                arg = self.builder_.emit(relax.op.reshape(arg, (out_shape[0], -1)))
+            consts.append(arg)
+        kw = {"requantize": requantize} if self.kernel.epilogues is not None else {}
+        if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
+            kw["x_dtype"] = str(args[0].ty.dtype)
+            name += "_" + kw["x_dtype"]
+        if out_shape[1] != np_:  # a GEMV's exact columns
+            kw["n_out"] = out_shape[1]
+            name += f"_n{out_shape[1]}"
+        key = (*key, with_offset, *kw.items())
+        if key not in self.kernels:
+            # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
+            func = build(with_offset, **kw).with_attr("op_pattern", 8)
+            self.kernels[key] = self.builder_.add_func(func, name)
+        args = [args[0], *consts, *args[1:]]
+        out_ty = relax.TensorType(out_shape, out_dtype)
+        return self.builder_.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
 
-    def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
+    @staticmethod
+    def _result_shape(x_shape: tuple, n: int, epilogue: RequantizeEpilogue | None):
+        """The shape the layer's (or its epilogue's) result has in the module."""
+        if epilogue is not None:
+            return rows_shape(epilogue.chain[-1])
+        return (*x_shape[:-1], n)
+
+    def _lower_rows(self, x, x_shape: tuple, w: np.ndarray, epilogue) -> relax.Expr:
         """The kernel for a symbolic row count M: rows padded (at run time) to a multiple
         of ``kernel.rows``, the kernel told how many row tiles, the padding sliced off."""
         bb = self.builder_
@@ -168,48 +295,44 @@ class _DenseRewriter(PyExprMutator):
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
         pad = relax.op.zeros(relax.ShapeExpr([mp - m, kp]), self.kernel.operand_dtype)
         x = bb.emit(relax.op.concat([x, bb.emit(pad)], axis=0))
-        args = [x, *self._weight_args(w, kp, np_, shift), relax.prim_value(tiles)]
-        key = ("rows", kp, np_, bool(shift))
-        if key not in self.kernels:
-            func = self.kernel.build_rows(kp, np_, bool(shift)).with_attr("op_pattern", 8)
-            name = f"tvmq_int8_dense_{self.kernel.name}_Mx{kp}x{np_}"
-            self.kernels[key] = self.builder_.add_func(func, name + ("_offset" if shift else ""))
-        out_ty = relax.TensorType((mp, np_), "int32")
-        y = bb.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
+        y = self._call(
+            ("rows", kp, np_),
+            f"tvmq_int8_dense_{self.kernel.name}_Mx{kp}x{np_}",
+            lambda off, **kw: self.kernel.build_rows(kp, np_, off, **kw),
+            [x, relax.prim_value(tiles)],
+            (mp, np_),
+            epilogue, w, kp, np_, shift,
+        )  # fmt: skip
         y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
-        return relax.op.reshape(y, (*x_shape[:-1], n))
+        return relax.op.reshape(y, self._result_shape(x_shape, n, epilogue))
 
-    def _kernel_var(self, mp: int, kp: int, np_: int, tiles, with_offset: bool):
-        key = (mp, kp, np_, tiles, with_offset)
-        if key not in self.kernels:
-            # Opaque to FuseOps: fusing a neighbour into a scheduled kernel breaks FuseTIR.
-            func = self.kernel.build(mp, kp, np_, tiles, with_offset).with_attr("op_pattern", 8)
-            label = self.kernel.label(tiles) if self.kernel.label else self.kernel.name
-            name = f"tvmq_int8_dense_{label}_{mp}x{kp}x{np_}"
-            name += "_offset" if with_offset else ""
-            self.kernels[key] = self.builder_.add_func(func, name)
-        return self.kernels[key]
-
-    def _lower(self, x: relax.Expr, x_shape: tuple[int, ...], w: np.ndarray) -> relax.Expr:
+    def _lower(self, x, x_shape: tuple[int, ...], w: np.ndarray, epilogue) -> relax.Expr:
         bb = self.builder_
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         mp, kp, np_, tiles = self.kernel.plan(m, k, n)
         shift = self._shift(x)
+        gemv = mp <= self.kernel.gemv_rows
+        n_out = n if gemv and np_ <= 64 else np_
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
-        if shift:
+        if shift and not gemv:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
         if kp != k or mp != m:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
-        args = [x, *self._weight_args(w, kp, np_, shift)]
-        kernel = self._kernel_var(mp, kp, np_, tiles, bool(shift))
-        y = bb.emit(relax.call_tir(kernel, args, out_ty=relax.TensorType((mp, np_), "int32")))
-        if mp != m or np_ != n:
+        y = self._call(
+            (mp, kp, np_, tiles),
+            f"tvmq_int8_dense_{self.kernel.label(tiles) if self.kernel.label else self.kernel.name}"
+            f"_{mp}x{kp}x{np_}",
+            lambda off, **kw: self.kernel.build(mp, kp, np_, tiles, off, **kw),
+            [x],
+            (mp, n_out),
+            epilogue, w, kp, np_, shift,
+        )  # fmt: skip
+        if mp != m or n_out != n:
             y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
-        if len(x_shape) != 2:
-            return relax.op.reshape(y, (*x_shape[:-1], n))
-        return y
+        shape = self._result_shape(x_shape, n, epilogue)
+        return y if shape == (m, n) else relax.op.reshape(y, shape)
 
 
 def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
@@ -233,4 +356,5 @@ def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
 
 def rewrite_int8_dense(mod: tvm.IRModule, kernel: DenseKernel) -> tvm.IRModule:
     """Every Relax function of ``mod`` with its int8 dense layers on ``kernel``."""
-    return rewrite_functions(mod, _DenseRewriter(mod, kernel))
+    finish = relax.analysis.remove_all_unused if kernel.epilogues is not None else None
+    return rewrite_functions(mod, _DenseRewriter(mod, kernel), finish)

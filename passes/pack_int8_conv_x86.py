@@ -46,15 +46,12 @@ is left, so running the pass again changes nothing.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
 from tvmq.kernels.x86_amx_conv import AmxConv, x86_int8_conv
-from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
 from ._int8_dense import shift_bytes
@@ -67,132 +64,25 @@ from .channels_last import (
 )
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import (
-    ADD,
-    CLIP,
-    DEQUANTIZE,
-    QUANTIZE,
-    RELU,
-    clip_bounds,
-    dataflow_bindings,
-    is_tensor_const,
-    op_name,
-)
+from .relax_utils import dataflow_bindings
+from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
 
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
 
 
-class RequantizeEpilogue(NamedTuple):
-    """What the dense kernel of an int8 conv computes after its sum: the ops ``chain`` (their
-    vars become the kernel's result) of ``LowerInt8``'s float requantize."""
-
-    chain: tuple[relax.Var, ...]
-    offset: np.ndarray  # (O,) int32, added first
-    multiplier: np.ndarray  # (O,) float32
-    requantize: Requantize
-
-
 def find_requantize_epilogues(mod: tvm.IRModule) -> dict[relax.Var, RequantizeEpilogue]:
-    """The int8 convs whose result only feeds ``LowerInt8``'s float requantize::
-
-        [add(conv, offset)] -> [relu] -> astype(float32) -> multiply(., m) ->
-        quantize(., 1.0, z) -> [clip(lo, hi)]
-
-    or, for a float result, ``[add(conv, offset)] -> [relu] -> dequantize(., s, 0, axis=1)``
-    (``offset`` / ``m`` / ``s`` constants per output channel, each op the only reader of the
-    one before): the conv's kernel stores the int8 / uint8 (or float32) result, the int32
-    sums never go to memory (a pass over 4 bytes an output less, and one kernel less)."""
+    """The int8 convs whose result only feeds ``LowerInt8``'s float requantize (per output
+    channel along NCHW axis 1; see :func:`requantize_chain`): the conv's kernel stores the
+    int8 / uint8 (or float32) result, the int32 sums never go to memory (a pass over 4 bytes
+    an output less, and one kernel less)."""
     found = {}
     for b, only_user in dataflow_bindings(mod):
         conv = match_int8_conv2d(b.value) or match_int8_depthwise(b.value)
-        epilogue = conv and _requantize_chain(b.var, conv[2].shape[0], only_user)
+        where = conv and ChannelAxis(1, 4, conv[2].shape[0])
+        epilogue = where and requantize_chain((b.var,), where, only_user)
         if epilogue:
             found[b.var] = epilogue
     return found
-
-
-def _requantize_chain(conv: relax.Var, channels: int, only_user) -> RequantizeEpilogue | None:
-    chain = [conv]  # each var the only reader of the one before
-
-    def step(name: str):
-        """The next op's call when it is ``name`` on the chain's last var (then appended)."""
-        nxt = only_user(chain[-1])
-        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
-            return None
-        chain.append(nxt[0])
-        return nxt[1]
-
-    def channel_const(name: str, dtype: str) -> np.ndarray | None:
-        """The per-channel constant operand of a next ``name`` op of ``dtype``."""
-        nxt = only_user(chain[-1])
-        call = nxt[1] if nxt is not None else None
-        if op_name(call) != name or len(call.args) != 2:
-            return None
-        c = _channel_const(call.args[1], channels)
-        if c is None or str(c.dtype) != dtype or step(name) is None:
-            return None
-        return c
-
-    offset = channel_const(ADD, "int32")
-    offset = np.zeros(channels, np.int32) if offset is None else offset
-    relu = step(RELU) is not None
-    dequantize = step(DEQUANTIZE)
-    if dequantize is not None:
-        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, channels)
-    cast = step("relax.astype")
-    if cast is None or str(cast.attrs.dtype) != "float32":
-        return None
-    multiplier = channel_const("relax.multiply", "float32")
-    quantize = step(QUANTIZE) if multiplier is not None else None
-    if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
-        return None
-    scale, zero = (_scalar(a) for a in quantize.args[1:])
-    if scale != 1.0 or not isinstance(zero, int):
-        return None
-    dtype = str(quantize.attrs.out_dtype)
-    info = np.iinfo(dtype)
-    lo, hi = int(info.min), int(info.max)
-    nxt = only_user(chain[-1])
-    bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
-    if bounds is not None and step(CLIP) is not None:
-        lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
-    return RequantizeEpilogue(
-        tuple(chain[1:]), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
-    )
-
-
-def _dequantize(chain, call, offset, relu, channels) -> RequantizeEpilogue | None:
-    """The chain ending in ``call = dequantize(., scale, 0, axis=1)`` to float32."""
-    _, scale, zero = call.args
-    if str(call.attrs.out_dtype) != "float32":
-        return None
-    if not is_tensor_const(scale) or not is_tensor_const(zero) or zero.value.numpy().any():
-        return None
-    s = scale.value.numpy().reshape(-1)
-    if s.size not in (1, channels) or (s.size > 1 and int(call.attrs.axis) not in (1, -3)):
-        return None
-    multiplier = np.ascontiguousarray(np.broadcast_to(s, (channels,)), dtype=np.float32)
-    return RequantizeEpilogue(chain, offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu))
-
-
-def _channel_const(c, channels: int) -> np.ndarray | None:
-    """A constant broadcast along the NCHW channel axis only, as a ``(channels,)`` array."""
-    if c is None or not is_tensor_const(c):
-        return None
-    value = c.value.numpy()
-    if value.ndim > 4 or value.size not in (1, channels):
-        return None
-    full = value.reshape((1,) * (4 - value.ndim) + value.shape)
-    if full.shape[0] != 1 or full.shape[2:] != (1, 1):
-        return None
-    return np.ascontiguousarray(np.broadcast_to(full.reshape(-1), (channels,)))
-
-
-def _scalar(c) -> float | int | None:
-    """The value of a scalar tensor constant (an int for integer dtypes), else None."""
-    if not is_tensor_const(c) or c.value.numpy().size != 1:
-        return None
-    return c.value.numpy().reshape(()).item()
 
 
 def match_int8_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:

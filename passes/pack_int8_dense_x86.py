@@ -14,6 +14,12 @@ A symbolic ``M`` (dynamic batch / sequence) gets the same kernel with a run-time
 (:func:`tvmq.kernels.x86_int8.int8_dense_vnni_rows`): rows padded to a multiple of 8 by a
 ``concat`` of zeros, the number of 8-row tiles passed as a scalar.
 
+When the matmul's result only feeds ``LowerInt8``'s float requantize (per-column offset add,
+ReLU, ``astype``, per-column multiply, ``quantize(scale=1)``, clip; or a dequantize to float32:
+:func:`~tvmq.passes._int8_dense.find_dense_epilogues`), the kernel computes it before its
+store (:class:`tvmq.kernels.x86_int8.Requantize`): one kernel instead of about five, the
+int32 sums never go to memory, and the result is bit-identical.
+
 Signed activations: ``vpdpbusd`` multiplies *unsigned* by signed bytes, so an int8 ``x``
 is shifted to uint8 (``x + 128``) before the kernel and the kernel adds the constant
 compensation ``-128 * colsum(W)`` (an int32 per column) to the result; the answer is the
@@ -33,7 +39,12 @@ from __future__ import annotations
 import tvm
 
 from tvmq.kernels.x86_amx import x86_int8_dense
-from tvmq.kernels.x86_int8 import int8_dense_vnni_rows, pack_weight_vnni
+from tvmq.kernels.x86_int8 import (
+    DynamicDequantize,
+    Requantize,
+    int8_dense_vnni_rows,
+    pack_weight_vnni,
+)
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
 
@@ -60,9 +71,14 @@ def _kernel(amx: bool) -> DenseKernel:
         operand_dtype="uint8",  # vpdpbusd and tdpbusd multiply unsigned by signed bytes
         plan=plan,
         pack=lambda w, kp, np_: pack_weight_vnni(w, kp),
-        build=lambda m, k, n, choice, with_offset: choice.build(with_offset),
-        build_rows=lambda k, n, with_offset: int8_dense_vnni_rows(k, n, with_offset=with_offset),
+        build=lambda m, k, n, choice, with_offset, **kw: choice.build(with_offset, **kw),
+        build_rows=lambda k, n, with_offset, **kw: int8_dense_vnni_rows(
+            k, n, with_offset=with_offset, **kw
+        ),
         label=lambda choice: choice.name,
+        # LowerInt8's requantize in either kernel, QuantizeDynamic's dequantize in VNNI's
+        epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
+        gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
     )
 
 

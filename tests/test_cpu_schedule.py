@@ -282,3 +282,26 @@ def test_one_row_matmul_keeps_its_output_row_in_registers(n):
     # several rows keep step 4's tile
     (script,) = _scheduled_kernels(_module((4, 96), body)).values()
     assert 'scope="local"' not in script
+
+
+def test_batch_one_row_range_keeps_simd_partials():
+    """The range of a batch-1 activation (row_qparams_u8: min, max, then scale and zero
+    point over a (1, 784) row) gets SIMD partial results for both reductions, where the
+    row-wise step, which lost the unit row loop, would give a serial min / max chain."""
+    from tvmq.kernels.dynamic_quant import row_qparams_u8
+
+    func = row_qparams_u8([1, 784], 1e-7)
+    target = get_target("host").tvm_target()
+    with target:
+        mod = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(tvm.IRModule({"main": func}))
+    script = mod["main"].script()
+    assert script.count("_rf = T.sblock_alloc_buffer") == 2 and "T.vectorized" in script
+    lib = tvm.tirx.build(
+        tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")}), target=target
+    )
+    x = np.random.default_rng(2).standard_normal((1, 784), dtype=np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 2), np.float32))
+    lib(tvm.runtime.tensor(x), out)
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    scale = np.float32(max((np.float32(hi) - np.float32(lo)) / np.float32(255), np.float32(1e-7)))
+    np.testing.assert_array_equal(out.numpy(), [[scale, np.clip(np.rint(-lo / scale), 0, 255)]])

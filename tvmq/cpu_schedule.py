@@ -69,8 +69,10 @@ class CPUDefaultSchedule(dl.ScheduleRule):
                 _inline_elementwise(sch)
                 infos = normalize_prim_func(sch)
                 if whole_kernel:
-                    if (len(infos) == 1 and _schedule_full_reduction(sch, infos[0], lanes)) or (
-                        _schedule_rowwise(sch, infos, lanes)
+                    if (
+                        (len(infos) == 1 and _schedule_full_reduction(sch, infos[0], lanes))
+                        or _schedule_one_row_reductions(sch, infos, lanes)
+                        or _schedule_rowwise(sch, infos, lanes)
                     ):
                         return sch
                     continue
@@ -180,8 +182,10 @@ def _schedule_full_reduction(sch: s_tir.Schedule, info, lanes: int) -> bool:
     if any(kind == "S" and extent != 1 for kind, extent in zip(kinds, extents, strict=True)):
         return False
     loops = [loop for loop, kind in zip(info.get_loops(), kinds, strict=True) if kind == "R"]
-    width = 4 * lanes  # four vector accumulators hide the min / max / add latency
-    if math.prod(e for k, e in zip(kinds, extents, strict=True) if k == "R") % width:
+    # four vector accumulators hide the min / max / add latency; fewer where they do not divide
+    reduced = math.prod(e for k, e in zip(kinds, extents, strict=True) if k == "R")
+    width = next((w * lanes for w in (4, 2, 1) if reduced % (w * lanes) == 0), None)
+    if width is None:
         return False
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     _, partial = sch.split(fused, [None, width])
@@ -190,6 +194,26 @@ def _schedule_full_reduction(sch: s_tir.Schedule, info, lanes: int) -> bool:
     sch.vectorize(rf_loops[-1])
     sch.decompose_reduction(rf, rf_loops[-2])
     return True
+
+
+def _schedule_one_row_reductions(sch: s_tir.Schedule, infos, lanes: int) -> bool:
+    """Step 2 for a kernel of several reductions of one row each, then elementwise blocks on
+    their results (the range of a batch-1 activation, ``row_qparams_u8``: min, max, then
+    scale and zero point): each reduction with SIMD partial results, the rest as they are.
+    Step 3 does not take it: the unit row loop is gone, so the blocks' rows differ."""
+    reductions = [i for i in infos if not i.is_injective()]
+    if len(reductions) < 2 or not all(i.is_injective() for i in infos[len(reductions) :]):
+        return False
+    for info in reductions:
+        kinds, extents = info.dom_kind(), info.dom()
+        if (
+            not all(isinstance(e, int) for e in extents)
+            or math.prod(e for k, e in zip(kinds, extents, strict=True) if k == "S") != 1
+        ):
+            return False
+        if not _is_row_reduction(sch.get(info.block_rv), kinds):
+            return False
+    return all(_schedule_full_reduction(sch, info, lanes) for info in reductions)
 
 
 def _schedule_rowwise(sch: s_tir.Schedule, infos, lanes: int) -> bool:

@@ -206,3 +206,246 @@ def test_symbolic_batch_and_sequence_use_the_vnni_kernel(rng, x_dtype):
         x = _random(rng, (*shape, 40), np.dtype(x_dtype))
         y = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(y, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def _requantized_dense_module(rng, x_shape, w, x_dtype, relu, clip, out_dtype, z):
+    """What LowerInt8 emits for a dense layer: [reshape x to 2-D] -> matmul -> [reshape back]
+    -> add(offset) [-> relu] -> astype -> multiply(m) -> quantize(1.0, z) [-> clip]; for a
+    float32 ``out_dtype``, add [-> relu] -> dequantize along the last axis."""
+    k, n = w.shape
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, (-1, k))) if len(x_shape) > 2 else x
+            y = bb.emit(relax.op.matmul(flat, relax.const(w), out_dtype="int32"))
+            if len(x_shape) > 2:
+                y = bb.emit(relax.op.reshape(y, (*x_shape[:-1], n)))
+            y = bb.emit(relax.op.add(y, relax.const(rng.integers(-4000, 4000, n, np.int32))))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            # sums of K random int8 products spread ~ 74**2 * sqrt(K): results in range
+            m = (rng.random(n) * 0.02 / np.sqrt(k)).astype(np.float32)
+            m[::4] = 2.0 ** -round(np.log2(100 * np.sqrt(k)))  # exact halves: half to even
+            if out_dtype == "float32":
+                zeros = relax.const(np.zeros(n, np.int32))
+                q = relax.op.dequantize(y, relax.const(m), zeros, axis=len(x_shape) - 1)
+            else:
+                y = bb.emit(relax.op.astype(y, "float32"))
+                y = bb.emit(relax.op.multiply(y, relax.const(m)))
+                q = relax.op.quantize(y, relax.const(np.float32(1.0)), relax.const(z, "int32"),
+                                      axis=-1, out_dtype=out_dtype)  # fmt: skip
+                if clip is not None:
+                    q = relax.op.clip(bb.emit(q), *clip)
+            out = bb.emit_output(q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _ops_named(mod, name):
+    found = []
+    op = tvm.ir.Op.get(name)
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(op) else None,
+    )
+    return found
+
+
+def _casts_to_float(mod):
+    return [c for c in _ops_named(mod, "relax.astype") if str(c.attrs.dtype) == "float32"]
+
+
+def _fused_kernel_names(mod, out_dtype):
+    fused = "_dequantize" if out_dtype == "float32" else "_requantize"
+    return [str(gv.name_hint) for gv in mod.get_global_vars() if fused in str(gv.name_hint)]
+
+
+def _run_main(mod, x):
+    return _run(mod, x)[0]
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "n", "x_dtype", "relu", "clip", "out_dtype", "z"),
+    [
+        ((1, 784), 128, "int8", True, None, "int8", -128),  # a TFLite int8 MLP's first layer
+        ((7, 30), 10, "uint8", True, (3, 120), "uint8", 3),  # M, K, N all padded
+        ((2, 5, 40), 24, "int8", False, (-100, 90), "int8", 2),  # 3-D: LowerInt8's reshapes
+        ((13, 16), 20, "uint8", True, None, "float32", 0),  # dequantize (float out)
+        ((2, 3, 13), 33, "int8", False, None, "float32", 0),  # 3-D dequantize
+    ],
+)
+def test_requantize_runs_in_the_kernel_bit_exact(
+    rng, x_shape, n, x_dtype, relu, clip, out_dtype, z
+):
+    """The requantize after an int8 dense layer is computed by its VNNI kernel: no int32
+    tensor or quantize op is left, and the result equals TVM's default lowering of the
+    unrewritten module exactly."""
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    mod = _requantized_dense_module(rng, x_shape, w, x_dtype, relu, clip, out_dtype, z)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.matmul")
+    assert not _ops_named(packed, "relax.quantize") and not _ops_named(packed, "relax.dequantize")
+    assert not _casts_to_float(packed)  # no int32 -> float32 pass left
+    assert len(_fused_kernel_names(packed, out_dtype)) == 1
+    assert packed["main"].ret_ty.dtype == out_dtype
+    assert tuple(packed["main"].ret_ty.shape) == (*x_shape[:-1], n)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    got, want = _run_main(packed, x), _run_main(mod, x)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > min(20, got.size // 5)  # not clamped flat
+
+
+@pytest.mark.vnni
+def test_symbolic_rows_requantize_in_the_kernel_bit_exact(rng):
+    """(batch, seq, K) with both symbolic: the rows kernel stores the requantized result."""
+    b, s = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("seq", "int64")
+    w = _random(rng, (40, 24), np.int8)
+    mod = _requantized_dense_module(rng, (b, s, 40), w, "int8", True, None, "uint8", 7)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.quantize") and not _casts_to_float(packed)
+    assert _fused_kernel_names(packed, "uint8") == [
+        "tvmq_int8_dense_vnni_Mx40x32_requantize_offset"
+    ]
+    run_packed = relax.VirtualMachine(tvm.compile(packed, target=CASCADELAKE), tvm.cpu())["main"]
+    run_plain = relax.VirtualMachine(tvm.compile(mod, target=CASCADELAKE), tvm.cpu())["main"]
+    for shape in [(1, 1), (2, 5), (1, 17)]:
+        x = tvm.runtime.tensor(_random(rng, (*shape, 40), np.int8))
+        np.testing.assert_array_equal(run_packed(x).numpy(), run_plain(x).numpy())
+
+
+def _two_readers_module(rng):
+    """matmul -> requantize, but the int32 result is also an output: nothing to fuse."""
+    w = _random(rng, (32, 16), np.int8)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 32), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+            f = bb.emit(relax.op.astype(y, "float32"))
+            f = bb.emit(relax.op.multiply(f, relax.const(np.full(16, 0.01, np.float32))))
+            q = bb.emit(relax.op.quantize(f, relax.const(np.float32(1.0)),
+                                          relax.const(0, "int32"), out_dtype="uint8"))  # fmt: skip
+            out = bb.emit_output(relax.Tuple([q, y]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.vnni
+def test_requantize_left_alone_when_the_sums_have_other_readers(rng):
+    mod = _two_readers_module(rng)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _fused_kernel_names(packed, "uint8") and _ops_named(packed, "relax.quantize")
+    x = tvm.runtime.tensor(_random(rng, (4, 32), np.uint8))
+    got, want = (relax.VirtualMachine(tvm.compile(m, CASCADELAKE), tvm.cpu())["main"](x)
+                 for m in (packed, mod))  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def test_other_targets_keep_the_requantize_ops(rng):
+    """Only the x86 kernel stores the requantize: the AArch64 pass leaves the ops in place."""
+    from tvmq.passes.pack_int8_dense_arm import PackInt8DenseARM
+
+    w = _random(rng, (64, 32), np.int8)
+    mod = _requantized_dense_module(rng, (4, 64), w, "int8", True, None, "int8", 0)
+    packed = PackInt8DenseARM(AARCH64)(mod)
+    assert not _ops_named(packed, "relax.matmul") and _ops_named(packed, "relax.quantize")
+    assert not _fused_kernel_names(packed, "int8")
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(("m", "gemv"), [(1, True), (8, True), (9, False), (24, False)])
+def test_gemv_takes_int8_rows_and_stores_exact_columns(rng, m, gemv):
+    """Up to 8 rows an int8 x goes to the kernel as is (no shift op: the kernel flips the
+    bytes in registers) and the kernel stores exactly N = 40 columns (no slice); more rows
+    keep the shift op and the slice. Exact either way."""
+    w = _random(rng, (100, 40), np.int8)
+    mod = PackInt8DenseX86(CASCADELAKE)(_matmul_module((m, 100), w, "int8"))
+    shifts = [c for c in _ops_named(mod, "relax.astype") if str(c.attrs.dtype) == "int16"]
+    assert bool(shifts) != gemv
+    assert bool(_ops_named(mod, "relax.strided_slice")) != gemv
+    names = [str(gv.name_hint) for gv in mod.get_global_vars()]
+    gemv_kernels = [n for n in names if n.startswith("tvmq_int8") and n.endswith("_int8_n40")]
+    assert len(gemv_kernels) == gemv
+    x = _random(rng, (m, 100), np.int8)
+    got, _ = _run(mod, x)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def _float_mlp_module(rng, x_shape, k, hidden, n, relu):
+    """Float ``[relu](x @ W1 + b1) @ W2 + b2`` (x of any rank), then QuantizeDynamic's IR."""
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(
+                relax.op.matmul(x, relax.const(rng.normal(size=(k, hidden)).astype("float32")))
+            )
+            h = bb.emit(relax.op.add(h, relax.const(rng.normal(size=hidden).astype("float32"))))
+            if relu:
+                h = bb.emit(relax.op.nn.relu(h))
+            y = bb.emit(
+                relax.op.matmul(h, relax.const(rng.normal(size=(hidden, n)).astype("float32")))
+            )
+            y = bb.emit(relax.op.add(y, relax.const(rng.normal(size=n).astype("float32"))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return QuantizeDynamic()(bb.get())
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "k", "hidden", "n", "relu"),
+    [
+        ((1, 784), 784, 128, 10, True),  # the TFLite dynamic-range MLP: bias + ReLU, N padded
+        ((2, 5, 40), 40, 64, 24, False),  # 3-D: params (2, 5, 2) read as (10, 2)
+    ],
+)
+def test_dynamic_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, k, hidden, n, relu):
+    """QuantizeDynamic's zero-point compensation, scale, bias and ReLU after each dense layer
+    are stored by the VNNI kernel (which reads the row params itself): no int32 tensor left,
+    and the result equals TVM's default lowering of the unrewritten module exactly."""
+    mod = _float_mlp_module(rng, x_shape, k, hidden, n, relu)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.matmul") and not _casts_to_float(packed)
+    assert not _ops_named(packed, "relax.subtract") and not _ops_named(packed, "relax.nn.relu")
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("_dynamic" in name for name in names) == 2, names
+    x = rng.normal(size=x_shape).astype("float32")
+    x[..., :3] = 0.0  # a zero point other than the row's minimum
+    got, want = _run_main(packed, x), _run_main(mod, x)
+    assert got.shape == (*x_shape[:-1], n)
+    np.testing.assert_array_equal(got, want)
+
+
+SAPPHIRERAPIDS = tvm.target.Target(
+    {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+)
+
+
+@pytest.mark.amx
+def test_amx_dense_stores_the_requantize_and_leaves_dynamic_ops(rng):
+    """A layer on AMX tiles (M >= 16, K >= 128) stores LowerInt8's requantize too (bit-exact
+    with the unrewritten module); QuantizeDynamic's dequantize, which only the VNNI kernel
+    stores, stays as Relax ops after an AMX layer."""
+    w = _random(rng, (256, 64), np.int8)
+    mod = _requantized_dense_module(rng, (2, 32, 256), w, "uint8", True, None, "uint8", 5)
+    packed = PackInt8DenseX86(SAPPHIRERAPIDS)(mod)
+    assert _fused_kernel_names(packed, "uint8") == [
+        "tvmq_int8_dense_amx_64x256x64_requantize_offset"
+    ]
+    x = _random(rng, (2, 32, 256), np.uint8)
+    got, want = _run(packed, x, SAPPHIRERAPIDS)[0], _run(mod, x, SAPPHIRERAPIDS)[0]
+    np.testing.assert_array_equal(got, want)
+
+    dynamic = _float_mlp_module(rng, (64, 256), 256, 128, 64, True)
+    packed = PackInt8DenseX86(SAPPHIRERAPIDS)(dynamic)
+    assert not any("_dynamic" in str(gv.name_hint) for gv in packed.get_global_vars())
+    assert _ops_named(packed, "relax.subtract")  # the zero-point compensation stayed
+    x = rng.normal(size=(64, 256)).astype("float32")
+    got, want = _run(packed, x, SAPPHIRERAPIDS)[0], _run(dynamic, x, SAPPHIRERAPIDS)[0]
+    np.testing.assert_array_equal(got, want)

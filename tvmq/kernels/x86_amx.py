@@ -119,10 +119,16 @@ class X86Int8Dense:
     def pack(self, w: np.ndarray) -> np.ndarray:
         return pack_weight_vnni(w, self.k_padded)
 
-    def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
+    def build(
+        self, with_offset: bool, requantize: Requantize | None = None, **vnni
+    ) -> tirx.PrimFunc:
+        """The kernel; ``vnni``: keywords only the VNNI kernel takes (``x_dtype``, ``n_out``
+        of a GEMV; a ``DynamicDequantize`` ``requantize``)."""
         sizes = (self.m_padded, self.k_padded, self.n_padded)
         if self.amx is None:
-            return int8_dense_vnni(*sizes, with_offset=with_offset, requantize=requantize)
+            return int8_dense_vnni(*sizes, with_offset=with_offset, requantize=requantize, **vnni)
+        if vnni or not isinstance(requantize, Requantize | None):
+            raise ValueError(f"the AMX kernel takes no {sorted(vnni) or type(requantize).__name__}")
         return int8_dense_amx(
             *sizes, with_offset=with_offset, requantize=requantize, tiles=self.amx
         )

@@ -55,7 +55,7 @@ def pack_weight_vnni(w: np.ndarray, k_padded: int | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Requantize:
-    """An int8 / uint8 result computed before the store (a conv's requantize epilogue):
+    """An int8 / uint8 result computed before the store (a layer's requantize epilogue):
     ``clamp(round(float32(v) * multiplier[j]) + zero_point, lo, hi)``, where ``v`` is the
     accumulator plus the offset, ``max(v, 0)`` with ``relu``. The same float32 operations in
     the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
@@ -68,6 +68,24 @@ class Requantize:
     lo: int
     hi: int
     relu: bool = False
+
+
+@dataclass(frozen=True)
+class DynamicDequantize:
+    """A dynamically quantized layer's float32 result computed before the store
+    (``QuantizeDynamic``'s dequantize, then the layer's bias and ReLU):
+    ``y = float32(v - int32(params[i, 1]) * colsum[j]) * (params[i, 0] * scale[j])``,
+    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu``, where ``params`` holds each row's
+    scale and zero point (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
+    ``scale`` float32 [, ``bias`` float32], then ``params (m, 2)`` float32. The same float32
+    operations in the same order as the Relax ops: bit-identical."""
+
+    bias: bool = False
+    relu: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "float32"
 
 
 @dataclass(frozen=True)
@@ -102,7 +120,14 @@ def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
     return choose_tiles(8, n_padded)
 
 
-def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.tirx.PrimFunc:
+def int8_dense_vnni_rows(
+    k: int,
+    n: int,
+    *,
+    with_offset: bool = False,
+    requantize: Requantize | None = None,
+    x_dtype: str = "uint8",
+) -> tvm.tirx.PrimFunc:
     """:func:`int8_dense_vnni` for any row count: ``M = 8 * mo`` with ``mo`` a run-time scalar.
 
     The last input (before the output) is the int64 ``mo``, which Relax passes as a
@@ -111,9 +136,11 @@ def int8_dense_vnni_rows(k: int, n: int, *, with_offset: bool = False) -> tvm.ti
     costs only that padding.
     """
     mo = tvm.tirx.Var("mo", "int64")
+    tiles = symbolic_rows_tiles(n)
     return int8_dense_vnni(
-        mo * 8, k, n, with_offset=with_offset, tiles=symbolic_rows_tiles(n), extra=[mo]
-    )
+        mo * 8, k, n, with_offset=with_offset, tiles=tiles, extra=[mo], requantize=requantize,
+        x_dtype=x_dtype,
+    )  # fmt: skip
 
 
 def int8_dense_vnni(
@@ -124,7 +151,9 @@ def int8_dense_vnni(
     with_offset: bool = False,
     tiles: DenseTiles | None = None,
     extra=(),
-    requantize: Requantize | None = None,
+    requantize: Requantize | DynamicDequantize | None = None,
+    x_dtype: str = "uint8",
+    n_out: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -136,15 +165,22 @@ def int8_dense_vnni(
         Add a per-column int32 ``offset`` (an extra ``(n,)`` argument) to the result.
     tiles : DenseTiles, optional
         Defaults to :func:`choose_tiles` ``(m, n)``.
-    requantize : Requantize, optional
+    requantize : Requantize or DynamicDequantize, optional
         Store ``C`` requantized to int8 / uint8 (a ``multiplier (n,) float32`` argument
-        follows the offset).
+        follows the offset), or dynamically dequantized (its arguments follow the offset).
+    x_dtype : {"uint8", "int8"}
+        ``X``'s dtype. An int8 ``X`` is flipped to uint8 in registers (``x + 128``, see
+        :data:`~tvmq.kernels.vnni_intrin.VNNI_DOT_16X4_S8`): the sums are those of ``X + 128``,
+        which the caller's ``offset`` (``-128 * colsum(W)``) turns back into ``X @ W``.
+    n_out : int, optional
+        Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
+        columns are computed in registers but not stored, so no slice has to drop them.
 
     Returns
     -------
     tvm.tirx.PrimFunc
         Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
-        [, ``multiplier (n,) float32``], ``C (m, n)`` int32 (or the requantized dtype).
+        [, ``multiplier (n,) float32``], ``C (m, n_out or n)`` int32 (or the requantized dtype).
         Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
         :data:`KERNEL_ATTR`.
     """
@@ -154,14 +190,18 @@ def int8_dense_vnni(
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
     if not static_m:  # every loop int64 like the symbolic rows, or the fused loops mix dtypes
         k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
-    x = te.placeholder((m, k), "uint8", name="X")
+    x = te.placeholder((m, k), x_dtype, name="X")
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
     r = te.reduce_axis((0, k), name="k")
+    signed = x_dtype == "int8"
+
+    def operand(i, r):
+        return x[i, r].astype("int32") + 128 if signed else x[i, r].astype("int32")
+
     acc = te.compute(
         (m, n),
         lambda i, j: te.sum(
-            x[i, r].astype("int32")
-            * w[j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
+            operand(i, r) * w[j // LANES, r // REDUCE, j % LANES, r % REDUCE].astype("int32"),
             axis=r,
         ),
         name="acc",
@@ -174,16 +214,38 @@ def int8_dense_vnni(
     def value(i, j):
         return acc[i, j] + off[j] if with_offset else acc[i, j]
 
+    shape = (m, n if n_out is None else n_out)
     if requantize is None:
-        out = te.compute((m, n), value, name="C")
+        out = te.compute(shape, value, name="C")
+    elif isinstance(requantize, DynamicDequantize):
+        out, more = _dynamic_dequantize(shape, value, m, n, requantize)
+        args += more
     else:
         mult = te.placeholder((n,), "float32", name="multiplier")
         args.append(mult)
         out = te.compute(
-            (m, n), lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
+            shape, lambda i, j: requantize_value(value(i, j), mult[j], requantize), name="C"
         )
     func = te.create_prim_func([*args, *extra, out])
-    return _schedule(func, tiles, parallel=not static_m or m * n * k >= _PARALLEL_MIN_MACS)
+    parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
+    return _schedule(func, tiles, parallel, signed)
+
+
+def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize):
+    """The ``C`` stage and extra arguments of a :class:`DynamicDequantize` store."""
+    colsum = te.placeholder((n,), "int32", name="colsum")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = [te.placeholder((n,), "float32", name="bias")] if d.bias else []
+    params = te.placeholder((m, 2), "float32", name="params")
+
+    def y(i, j):
+        v = value(i, j) - params[i, 1].astype("int32") * colsum[j]
+        f = v.astype("float32") * (params[i, 0] * scale[j])
+        if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
+            f = tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f) + bias[0][j]
+        return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
+
+    return te.compute(shape, y, name="C"), [colsum, scale, *bias, params]
 
 
 def requantize_value(v, multiplier, r: Requantize):
@@ -229,7 +291,9 @@ def int8_batch_matmul_vnni(
     return _schedule(func, tiles, parallel=batch * m * n * k >= _PARALLEL_MIN_MACS)
 
 
-def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm.tirx.PrimFunc:
+def _schedule(
+    func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool, signed: bool = False
+) -> tvm.tirx.PrimFunc:
     """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
     (or its batched form: the batch loop joins the parallel tile loop)."""
     sch = Schedule(func)
@@ -249,7 +313,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool) -> tvm
     if parallel:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, ko)
-    sch.tensorize(nv, register_vnni_intrin())
+    sch.tensorize(nv, register_vnni_intrin(signed))
     for loop in (*rows, ni):
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])

@@ -1,0 +1,162 @@
+"""The float requantize ``LowerInt8`` emits after an int8 conv / dense layer, found so that the
+layer's kernel computes it before its store (x86: :class:`PackInt8ConvX86`, :class:`PackInt8DenseX86`).
+
+After the int32 accumulator ``acc`` of a layer, ``LowerInt8`` emits (``requantize="float"``)::
+
+    [add(acc, offset)] -> [relu] -> astype(float32) -> multiply(., m) -> quantize(., 1.0, z)
+    -> [clip(lo, hi)]
+
+or, for a float result, ``[add(acc, offset)] -> [relu] -> dequantize(., s, 0, axis)``, where
+``offset`` (int32), ``m`` and ``s`` (float32) are constants per output channel (broadcast along
+one axis: NCHW axis 1 for a conv, the last axis for a dense layer). When each op is the only
+reader of the one before, :func:`requantize_chain` returns them as a :class:`RequantizeEpilogue`
+(a :class:`tvmq.kernels.x86_int8.Requantize` plus the constants): a kernel computing the same
+float32 operations in the same order stores the bit-identical int8 / uint8 (or float32)
+result, and the int32 sums never go to memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from tvm import relax
+
+from tvmq.kernels.x86_int8 import Requantize
+
+from .relax_utils import (
+    ADD,
+    CLIP,
+    DEQUANTIZE,
+    QUANTIZE,
+    RELU,
+    clip_bounds,
+    is_tensor_const,
+    op_name,
+)
+
+
+class RequantizeEpilogue(NamedTuple):
+    """What a layer's kernel computes after its sum: the ops ``chain`` (their vars become the
+    kernel's result) of ``LowerInt8``'s float requantize."""
+
+    chain: tuple[relax.Var, ...]
+    offset: np.ndarray  # (channels,) int32, added first
+    multiplier: np.ndarray  # (channels,) float32
+    requantize: Requantize
+
+    def arguments(self, n_padded: int) -> list:
+        """The kernel's arguments after its offset: the multiplier, padded to ``n_padded``."""
+        pad = (0, n_padded - len(self.multiplier))
+        return [relax.const(np.pad(self.multiplier, pad).astype(np.float32), "float32")]
+
+
+class ChannelAxis(NamedTuple):
+    """Where a layer's output channels are: ``axis`` of an ``ndim``-D result, ``channels`` long."""
+
+    axis: int  # >= 0
+    ndim: int
+    channels: int
+
+    def constant(self, c) -> np.ndarray | None:
+        """A constant broadcast along the channel axis only, as a ``(channels,)`` array."""
+        if c is None or not is_tensor_const(c):
+            return None
+        value = c.value.numpy()
+        if value.ndim > self.ndim or value.size not in (1, self.channels):
+            return None
+        full = value.reshape((1,) * (self.ndim - value.ndim) + value.shape)
+        if value.size > 1 and full.shape[self.axis] != self.channels:
+            return None
+        return np.ascontiguousarray(np.broadcast_to(full.reshape(-1), (self.channels,)))
+
+    def is_axis(self, axis: int) -> bool:
+        return axis in (self.axis, self.axis - self.ndim)
+
+
+def chain_step(chain: list, only_user):
+    """``step(name)``: the next op's call when it is ``name`` on ``chain``'s last var, whose
+    only reader it is (its var is then appended to ``chain``), else None."""
+
+    def step(name: str):
+        nxt = only_user(chain[-1])
+        if nxt is None or op_name(nxt[1]) != name or not nxt[1].args[0].same_as(chain[-1]):
+            return None
+        chain.append(nxt[0])
+        return nxt[1]
+
+    return step
+
+
+def requantize_chain(
+    start: Sequence[relax.Var], where: ChannelAxis, only_user
+) -> RequantizeEpilogue | None:
+    """The requantize ops after ``start[-1]`` (see the module docstring), else None.
+
+    ``start`` is the accumulator's var followed by ops on it that the kernel's result already
+    includes (a dense layer's reshape back to its leading dims): the returned ``chain`` holds
+    them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`."""
+    chain = list(start)  # each var the only reader of the one before
+    step = chain_step(chain, only_user)
+
+    def channel_const(name: str, dtype: str) -> np.ndarray | None:
+        """The per-channel constant operand of a next ``name`` op of ``dtype``."""
+        nxt = only_user(chain[-1])
+        call = nxt[1] if nxt is not None else None
+        if op_name(call) != name or len(call.args) != 2:
+            return None
+        c = where.constant(call.args[1])
+        if c is None or str(c.dtype) != dtype or step(name) is None:
+            return None
+        return c
+
+    offset = channel_const(ADD, "int32")
+    offset = np.zeros(where.channels, np.int32) if offset is None else offset
+    relu = step(RELU) is not None
+    dequantize = step(DEQUANTIZE)
+    if dequantize is not None:
+        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where)
+    cast = step("relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    multiplier = channel_const("relax.multiply", "float32")
+    quantize = step(QUANTIZE) if multiplier is not None else None
+    if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
+        return None
+    scale, zero = (_scalar(a) for a in quantize.args[1:])
+    if scale != 1.0 or not isinstance(zero, int):
+        return None
+    dtype = str(quantize.attrs.out_dtype)
+    info = np.iinfo(dtype)
+    lo, hi = int(info.min), int(info.max)
+    nxt = only_user(chain[-1])
+    bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
+    if bounds is not None and step(CLIP) is not None:
+        lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
+    return RequantizeEpilogue(
+        tuple(chain[1:]), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
+    )
+
+
+def _dequantize(chain, call, offset, relu, where: ChannelAxis) -> RequantizeEpilogue | None:
+    """The chain ending in ``call = dequantize(., scale, 0, axis)`` to float32."""
+    _, scale, zero = call.args
+    if str(call.attrs.out_dtype) != "float32":
+        return None
+    if not is_tensor_const(scale) or not is_tensor_const(zero) or zero.value.numpy().any():
+        return None
+    s = scale.value.numpy().reshape(-1)
+    if s.size not in (1, where.channels) or (
+        s.size > 1 and not where.is_axis(int(call.attrs.axis))
+    ):
+        return None
+    multiplier = np.ascontiguousarray(np.broadcast_to(s, (where.channels,)), dtype=np.float32)
+    return RequantizeEpilogue(chain, offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu))
+
+
+def _scalar(c) -> float | int | None:
+    """The value of a scalar tensor constant (an int for integer dtypes), else None."""
+    if not is_tensor_const(c) or c.value.numpy().size != 1:
+        return None
+    return c.value.numpy().reshape(()).item()
