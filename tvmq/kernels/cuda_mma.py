@@ -43,6 +43,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
+from tvmq.kernels import cuda_im2col as im2col
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
@@ -370,7 +371,8 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
 
     The twin has the same arguments, tiles and loop nest, so a module rewritten by
     :class:`~tvmq.passes.PackFp16DenseCUDA` (or the IMMA path of
-    :class:`~tvmq.passes.PackInt8DenseCUDA`) builds for ``llvm`` and can be checked against
+    :class:`~tvmq.passes.PackInt8DenseCUDA`, :class:`~tvmq.passes.PackMmaBatchMatmulCUDA`,
+    :class:`~tvmq.passes.PackMmaConvCUDA`, whose im2col kernels get their twins too) builds for ``llvm`` and can be checked against
     numpy where there is no GPU (the padding and slicing around the kernel included).
     """
     flavors = {f.kernel: f for f in (_FP16, _INT8)}
@@ -378,9 +380,13 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     out = mod
     for gv, func in mod.functions_items():
         attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
-        if attrs is None or attrs.get(KERNEL_ATTR) not in flavors:
+        if attrs is None or attrs.get("tvmq.device") == "cpu":
             continue
-        if attrs.get("tvmq.device") == "cpu":
+        if attrs.get(KERNEL_ATTR) == im2col.KERNEL:
+            out = out if out is not mod else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+            out[gv] = im2col.im2col_for_cpu(func)
+            continue
+        if attrs.get(KERNEL_ATTR) not in flavors:
             continue
         name = str(attrs[KERNEL_ATTR])
         flavor = flavors[name]
