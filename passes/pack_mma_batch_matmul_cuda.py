@@ -110,7 +110,9 @@ class _Rewriter(PyExprMutator):
             build = fp16_batch_matmul_mma if operand == "float16" else int8_batch_matmul_imma
             func = build(nb, *mkn, tiles=tiles).with_attr("op_pattern", _OPAQUE)
             name = "fp16_batch_matmul_mma" if operand == "float16" else "int8_batch_matmul_imma"
-            self.kernels[key] = self.builder_.add_func(func, f"tvmq_{name}_{nb}x" + "x".join(map(str, mkn)))
+            self.kernels[key] = self.builder_.add_func(
+                func, f"tvmq_{name}_{nb}x" + "x".join(map(str, mkn))
+            )
         return self.kernels[key]
 
     def _transposed(self, b: relax.Expr) -> relax.Expr | None:
@@ -187,6 +189,4 @@ class PackMmaBatchMatmulCUDA:
         target = self.target or tvm.target.Target.current(allow_none=True)
         if not target_has_fp16_mma(target):
             return mod
-        return rewrite_functions(
-            mod, _Rewriter(mod, self.tiles), relax.analysis.remove_all_unused
-        )
+        return rewrite_functions(mod, _Rewriter(mod, self.tiles), relax.analysis.remove_all_unused)

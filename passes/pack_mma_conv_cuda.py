@@ -96,7 +96,9 @@ class _Lowering:
             f"tvmq_mma_im2col_{mp}x{kp}",
             lambda: mma_im2col(geo, x_dtype, operand, mp, kp),
         )
-        cols = relax.call_tir(cols_fn, [rw.nhwc_input(x)], out_ty=relax.TensorType((mp, kp), operand))
+        cols = relax.call_tir(
+            cols_fn, [rw.nhwc_input(x)], out_ty=relax.TensorType((mp, kp), operand)
+        )
         w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, k).T)  # (K, O)
         if operand == "int8":
             weight, build, name = pack_weight_imma(w2, kp, np_), int8_dense_imma, "int8_dense_imma"

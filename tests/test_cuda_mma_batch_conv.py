@@ -71,7 +71,10 @@ def _conv_reference(x, w, strides, padding, dilation):
     top, left, bottom, right = padding
     x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
     out = torch.nn.functional.conv2d(
-        torch.from_numpy(x), torch.from_numpy(w.astype(np.float64)), stride=strides, dilation=dilation
+        torch.from_numpy(x),
+        torch.from_numpy(w.astype(np.float64)),
+        stride=strides,
+        dilation=dilation,
     )
     return out.numpy()
 
@@ -82,7 +85,9 @@ def _conv_reference(x, w, strides, padding, dilation):
 
 @pytest.mark.parametrize("operand", ["float16", "int8"])
 def test_cpu_twin_of_batched_kernel_matches_numpy(rng, operand):
-    tiles = MmaTiles(warps_m=2, warps_n=2, tiles_m=4, tiles_n=2, bk=128 // np.dtype(operand).itemsize)
+    tiles = MmaTiles(
+        warps_m=2, warps_n=2, tiles_m=4, tiles_n=2, bk=128 // np.dtype(operand).itemsize
+    )
     batch, m, k, n = 3, tiles.bm, 2 * tiles.bk, 2 * tiles.bn
     build = fp16_batch_matmul_mma if operand == "float16" else int8_batch_matmul_imma
     func = build(batch, m, k, n, tiles=tiles, device="cpu")
@@ -95,7 +100,9 @@ def test_cpu_twin_of_batched_kernel_matches_numpy(rng, operand):
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
     b = w.swapaxes(1, 2) if operand == "int8" else w
     ref = x.astype(np.float64) @ b.astype(np.float64)
-    _assert_matches(out.numpy(), ref, np.abs(x.astype(np.float64)) @ np.abs(b.astype(np.float64)), k, acc)
+    _assert_matches(
+        out.numpy(), ref, np.abs(x.astype(np.float64)) @ np.abs(b.astype(np.float64)), k, acc
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +131,9 @@ def test_cpu_twin_of_im2col_matches_numpy(rng, x_dtype, operand):
             patch = xp[:, :, y0 : y0 + geo.strides[0] * oh : geo.strides[0],
                        x0 : x0 + geo.strides[1] * ow : geo.strides[1]]  # fmt: skip
             cols = (ky * kw + kx) * geo.x_shape[1]
-            ref[: geo.m, cols : cols + geo.x_shape[1]] = patch.transpose(0, 2, 3, 1).reshape(geo.m, -1)
+            ref[: geo.m, cols : cols + geo.x_shape[1]] = patch.transpose(0, 2, 3, 1).reshape(
+                geo.m, -1
+            )
     if x_dtype == "uint8":
         ref[: geo.m, : geo.k] -= 128
     np.testing.assert_array_equal(out.numpy().astype(np.float64), ref)
@@ -170,7 +179,9 @@ def test_passes_are_noops_off_cuda_and_before_sm80(rng):
      ("uint8", "uint8", "int32", False), ("int8", "int8", "int32", True),
      ("float16", "float16", "float32", True), ("float16", "float16", "float16", False)],
 )  # fmt: skip
-def test_attention_matmul_rewritten_matches_numpy_on_cpu(rng, a_dtype, b_dtype, out_dtype, transpose_b):
+def test_attention_matmul_rewritten_matches_numpy_on_cpu(
+    rng, a_dtype, b_dtype, out_dtype, transpose_b
+):
     """Q @ K^T / P @ V of odd sizes on the tensor-core kernels (CPU twin): uint8 operands shifted
     and corrected exactly, ``K^T`` read untransposed by the int8 kernel."""
     batch, heads, m, k, n = 2, 3, 37, 21, 45
@@ -179,7 +190,9 @@ def test_attention_matmul_rewritten_matches_numpy_on_cpu(rng, a_dtype, b_dtype, 
     lowered = PackMmaBatchMatmulCUDA(SM80)(mod)
     script = lowered["main"].script()
     assert "relax.matmul" not in script
-    names = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    names = [
+        gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    ]
     kind = "fp16_batch_matmul_mma" if a_dtype == "float16" else "int8_batch_matmul_imma"
     assert len(names) == 1 and names[0].startswith(f"tvmq_{kind}_6x")
     if transpose_b and a_dtype == b_dtype == "int8":
@@ -188,7 +201,9 @@ def test_attention_matmul_rewritten_matches_numpy_on_cpu(rng, a_dtype, b_dtype, 
     out = _run_on_cpu(lowered, a, b)
     b = b.swapaxes(-1, -2) if transpose_b else b
     ref = a.astype(np.float64) @ b.astype(np.float64)
-    _assert_matches(out, ref, np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)), k, out_dtype)
+    _assert_matches(
+        out, ref, np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)), k, out_dtype
+    )
     assert PackMmaBatchMatmulCUDA(SM80)(lowered).same_as(lowered)  # nothing left to rewrite
 
 
@@ -205,7 +220,9 @@ def test_conv_rewritten_matches_numpy_on_cpu(rng, x_dtype, out_dtype, x_shape, w
     x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
-        bb.emit_func_output(bb.emit(relax.op.nn.conv2d(x, relax.const(w), out_dtype=out_dtype, **attrs)))
+        bb.emit_func_output(
+            bb.emit(relax.op.nn.conv2d(x, relax.const(w), out_dtype=out_dtype, **attrs))
+        )
     lowered = PackMmaConvCUDA(SM80)(bb.get())
     assert "conv2d" not in lowered["main"].script()
     tc = [f.attrs[TENSOR_CORE_ATTR] for _, f in lowered.functions_items()
@@ -255,11 +272,15 @@ def test_minilm_attention_and_resnet_conv_ptx_use_mma_sync_without_spills(tmp_pa
         tiles = choose_mma_tiles(m, k, n, operand)
         kernels.append(build(12, *padded_mkn_mma(m, k, n, tiles), tiles=tiles))
     w = np.ones((64, 64, 3, 3), np.float16 if operand == "float16" else np.int8)
-    x = relax.Var("x", relax.TensorType((1, 64, 56, 56), "float16" if operand == "float16" else "uint8"))
+    x = relax.Var(
+        "x", relax.TensorType((1, 64, 56, 56), "float16" if operand == "float16" else "uint8")
+    )
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         out = "float32" if operand == "float16" else "int32"
-        bb.emit_func_output(bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1, out_dtype=out)))
+        bb.emit_func_output(
+            bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1, out_dtype=out))
+        )
     conv = PackMmaConvCUDA(SM80)(bb.get())
     kernels += [f for _, f in conv.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 4
@@ -284,7 +305,11 @@ def _bert():
     model = zoo._HiddenStates(transformers.BertModel(cfg, add_pooling_layer=False), pool=True)
     ids, mask = zoo.token_inputs(2, 32, 200, seed=100)
     c_ids, c_mask = zoo.token_inputs(2, 32, 200, seed=7)
-    return model.eval(), (ids, mask), [{"input_ids": c_ids.numpy(), "attention_mask": c_mask.numpy()}]
+    return (
+        model.eval(),
+        (ids, mask),
+        [{"input_ids": c_ids.numpy(), "attention_mask": c_mask.numpy()}],
+    )
 
 
 def _cnn():
@@ -307,7 +332,11 @@ def test_compile_for_sm90_puts_attention_and_convs_on_tensor_cores(tmp_path, mod
     import tvmq
 
     net, inputs, calib = _bert() if model == "bert" else _cnn()
-    options = dict(precision="fp16") if scheme == "fp16" else dict(quantize="int8", calibration_data=calib)
+    options = (
+        dict(precision="fp16")
+        if scheme == "fp16"
+        else dict(quantize="int8", calibration_data=calib)
+    )
     out = tmp_path / "build"
     tvmq.compile(net, "cuda-sm90", example_inputs=inputs, output_dir=out, progress=False, **options)
     kernels = json.loads((out / "model.json").read_text())["notes"]["kernels"]

@@ -349,9 +349,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
     batched = bool(batch)
     sch.transform_layout(frag_a, ("write", 0), _tile_map(MMA, ks, flavor.layout_a, batched))
     sch.transform_layout(frag_b, ("write", 0), _tile_map(*b_tile, flavor.layout_a, batched))
-    sch.transform_layout(
-        acc, ("read", 0), _tile_map(MMA, MMA, fragment_lane_register, batched)
-    )
+    sch.transform_layout(acc, ("read", 0), _tile_map(MMA, MMA, fragment_lane_register, batched))
     if on_gpu:
         # Imported here: registering TVM's CUDA intrinsics takes 35 s to 2 min, and CPU builds
         # (and the CPU twin) never need them.
@@ -370,10 +368,11 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     """``mod`` with every CUDA tensor-core kernel of this module rebuilt with ``device="cpu"``.
 
     The twin has the same arguments, tiles and loop nest, so a module rewritten by
-    :class:`~tvmq.passes.PackFp16DenseCUDA` (or the IMMA path of
-    :class:`~tvmq.passes.PackInt8DenseCUDA`, :class:`~tvmq.passes.PackMmaBatchMatmulCUDA`,
-    :class:`~tvmq.passes.PackMmaConvCUDA`, whose im2col kernels get their twins too) builds for ``llvm`` and can be checked against
-    numpy where there is no GPU (the padding and slicing around the kernel included).
+    :class:`~tvmq.passes.PackFp16DenseCUDA`, the IMMA path of
+    :class:`~tvmq.passes.PackInt8DenseCUDA`, :class:`~tvmq.passes.PackMmaBatchMatmulCUDA` or
+    :class:`~tvmq.passes.PackMmaConvCUDA` (whose im2col kernels get their twins too) builds for
+    ``llvm`` and can be checked against numpy where there is no GPU (the padding and slicing
+    around the kernels included).
     """
     flavors = {f.kernel: f for f in (_FP16, _INT8)}
     flavors.update({f.batch_kernel: f for f in (_FP16, _INT8)})
@@ -383,22 +382,26 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
         if attrs is None or attrs.get("tvmq.device") == "cpu":
             continue
         if attrs.get(KERNEL_ATTR) == im2col.KERNEL:
-            out = out if out is not mod else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-            out[gv] = im2col.im2col_for_cpu(func)
+            twin = im2col.im2col_for_cpu(func)
+        elif attrs.get(KERNEL_ATTR) in flavors:
+            twin = _twin(func, flavors[str(attrs[KERNEL_ATTR])])
+        else:
             continue
-        if attrs.get(KERNEL_ATTR) not in flavors:
-            continue
-        name = str(attrs[KERNEL_ATTR])
-        flavor = flavors[name]
-        x_shape, c_shape = (tuple(int(d) for d in func.params[i].ty.shape) for i in (0, 2))
-        batch = x_shape[0] if name == flavor.batch_kernel else None
-        (m, k), n = x_shape[-2:], c_shape[-1]
-        tiles = MmaTiles(*(int(t) for t in attrs[TILES_ATTR]))
-        twin = _build(flavor, m, k, n, tiles, "cpu", batch)
-        for key, value in attrs.items():
-            if key not in twin.attrs and key != TENSOR_CORE_ATTR:
-                twin = twin.with_attr(key, value)
         if out is mod:
             out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         out[gv] = twin
     return out
+
+
+def _twin(func: tvm.tirx.PrimFunc, flavor: _Flavor) -> tvm.tirx.PrimFunc:
+    """The ``device="cpu"`` build of a CUDA tensor-core kernel, with its other attributes."""
+    attrs = func.attrs
+    x_shape, c_shape = (tuple(int(d) for d in func.params[i].ty.shape) for i in (0, 2))
+    batch = x_shape[0] if str(attrs[KERNEL_ATTR]) == flavor.batch_kernel else None
+    (m, k), n = x_shape[-2:], c_shape[-1]
+    tiles = MmaTiles(*(int(t) for t in attrs[TILES_ATTR]))
+    twin = _build(flavor, m, k, n, tiles, "cpu", batch)
+    for key, value in attrs.items():
+        if key not in twin.attrs and key != TENSOR_CORE_ATTR:
+            twin = twin.with_attr(key, value)
+    return twin
