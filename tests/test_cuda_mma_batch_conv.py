@@ -349,3 +349,35 @@ def test_compile_for_sm90_puts_attention_and_convs_on_tensor_cores(tmp_path, mod
     assert _MMA["float16" if scheme == "fp16" else "int8"].encode() in data
     entries = set(re.findall(rb"\.entry (\w+)_kernel", data))
     assert {k.encode() for k in tensor_core} <= entries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bert", "cnn"])
+def test_fp16_model_on_cpu_twins_matches_torch_fp32(model):
+    """A whole model in fp16 (ToMixedPrecision, then every tensor-core pass: attention / conv /
+    dense kernels as their CPU twins) against PyTorch in float32."""
+    from tvmq.frontends import import_model
+    from tvmq.passes import PackFp16DenseCUDA, half_precision_passes
+
+    net, inputs, _ = _bert() if model == "bert" else _cnn()
+    mod = half_precision_passes()(import_model(net, example_inputs=inputs).mod)
+    for rewrite in (PackFp16DenseCUDA, PackMmaBatchMatmulCUDA, PackMmaConvCUDA):
+        mod = rewrite(SM80)(mod)
+    calls = re.findall(r"call_tir\((?:cls\.)?(\w+)", mod["main"].script())
+    # Each conv is one im2col (its dense kernel may be shared with a same-shaped dense layer).
+    wanted = "tvmq_fp16_batch_matmul_mma_" if model == "bert" else "tvmq_mma_im2col_"
+    assert sum(c.startswith(wanted) for c in calls) == (2 if model == "bert" else 12)
+    assert "conv2d" not in mod["main"].script() and "R.matmul" not in mod["main"].script()
+    ex = relax.build(mma_kernels_for_cpu(mod), target=HOST)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](
+        *(tvm.runtime.tensor(a.numpy()) for a in inputs)
+    )
+    out = (out[0] if not hasattr(out, "numpy") else out).numpy()
+    with torch.no_grad():
+        ref = net(*inputs)
+    ref = (ref[0] if isinstance(ref, tuple | list) else ref).numpy()
+    cosine = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
+    assert cosine > 0.9999 and np.abs(out - ref).max() < 0.02 * np.abs(ref).max(), (
+        cosine,
+        np.abs(out - ref).max(),
+    )
