@@ -381,3 +381,38 @@ def test_fp16_model_on_cpu_twins_matches_torch_fp32(model):
         cosine,
         np.abs(out - ref).max(),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bert", "cnn"])
+def test_int8_model_on_cpu_twins_equals_default_lowering(model):
+    """A whole static-int8 model with every CUDA int8 pass (IMMA attention, convs, dense; dp4a
+    for uint8 dense inputs), run as CPU twins, against TVM's default lowering of the same
+    quantized module: integer math, so the outputs are equal."""
+    from tvmq.frontends import import_model
+    from tvmq.kernels.cuda_int8 import kernels_for_cpu
+    from tvmq.passes import PackInt8DenseCUDA
+    from tvmq.quantization import quantize
+
+    net, inputs, calib = _bert() if model == "bert" else _cnn()
+    imported = import_model(net, example_inputs=inputs)
+    quantized = quantize(imported, calib, "int8", progress=False, evaluate=False).mod
+    lowered = quantized
+    for rewrite in (PackInt8DenseCUDA, PackMmaBatchMatmulCUDA, PackMmaConvCUDA):
+        lowered = rewrite(SM80)(lowered)
+    script = lowered["main"].script()
+    assert "conv2d" not in script and "R.matmul" not in script
+    calls = re.findall(r"call_tir\((?:cls\.)?(\w+)", script)
+    wanted = "tvmq_int8_batch_matmul_imma_" if model == "bert" else "tvmq_mma_im2col_"
+    assert sum(c.startswith(wanted) for c in calls) == (2 if model == "bert" else 12)
+
+    def run(mod):
+        ex = relax.build(mod, target=HOST)
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](
+            *(tvm.runtime.tensor(a.numpy()) for a in inputs)
+        )
+        return (out[0] if not hasattr(out, "numpy") else out).numpy()
+
+    np.testing.assert_array_equal(
+        run(kernels_for_cpu(mma_kernels_for_cpu(lowered))), run(quantized)
+    )
