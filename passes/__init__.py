@@ -13,7 +13,9 @@ after it: :class:`CorrectBias`.
 Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`QuantizeWeightOnly`.
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
-:class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
+:class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync),
+:class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
+(fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
@@ -56,6 +58,8 @@ from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
 from .pack_int8_dense_cuda import PackInt8DenseCUDA
 from .pack_int8_dense_x86 import PackInt8DenseX86
+from .pack_mma_batch_matmul_cuda import PackMmaBatchMatmulCUDA
+from .pack_mma_conv_cuda import PackMmaConvCUDA
 from .pipeline import (
     PIPELINE_NAME,
     half_precision_passes,
@@ -100,6 +104,8 @@ __all__ = [
     "PackInt8ConvX86",
     "PackInt8DenseARM",
     "PackInt8DenseX86",
+    "PackMmaBatchMatmulCUDA",
+    "PackMmaConvCUDA",
     "arm_int8_instruction",
     "PruneChannels",
     "PruneMagnitude",

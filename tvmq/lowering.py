@@ -40,6 +40,8 @@ from tvmq.passes import (
     PackInt8DenseARM,
     PackInt8DenseCUDA,
     PackInt8DenseX86,
+    PackMmaBatchMatmulCUDA,
+    PackMmaConvCUDA,
     UseFastMath,
 )
 from tvmq.targets import TargetPreset, get_target
@@ -66,7 +68,14 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # int8 dense: IMMA tensor cores (sm_80+) or dp4a (sm_61+); dlight has no working int8
         # matmul rule in TVM 0.27.
         # fp16 matmuls (--precision fp16) on tensor cores: ldmatrix + mma.sync (sm_80 and newer).
-        return [PackInt8DenseCUDA(target), PackFp16DenseCUDA(target)]
+        # Attention's activation x activation matmuls and conv2d (im2col + the dense kernel) on
+        # tensor cores too, fp16 and int8 (sm_80 and newer).
+        return [
+            PackInt8DenseCUDA(target),
+            PackFp16DenseCUDA(target),
+            PackMmaBatchMatmulCUDA(target),
+            PackMmaConvCUDA(target),
+        ]
     return [
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni

@@ -6,7 +6,10 @@ Two flavours share one schedule:
   two ``mma.sync.aligned.m16n8k16 .f32.f16.f16.f32``;
 - :func:`int8_dense_imma`: ``int8 X (M, K) @ int8 W -> int32 (M, N)`` with the weight packed
   as ``Wt (N, K)`` (:func:`pack_weight_imma`), each 16x16x32 step two
-  ``mma.sync.aligned.m16n8k32 .s32.s8.s8.s32`` (IMMA).
+  ``mma.sync.aligned.m16n8k32 .s32.s8.s8.s32`` (IMMA);
+- :func:`fp16_batch_matmul_mma`, :func:`int8_batch_matmul_imma`: the same with a leading batch
+  axis on every operand (attention's matmuls of two activations); the batch is fused with the
+  block tiles into ``blockIdx.x``, so each thread block computes one tile of one matrix.
 
 The schedule is a tiled GEMM built with TVM's own registered intrinsics
 (``tvm.s_tir.tensor_intrin.cuda``):
@@ -40,6 +43,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
+from tvmq.kernels import cuda_im2col as im2col
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
@@ -78,6 +82,7 @@ class _Flavor:
     """What differs between the fp16 and the int8 kernel."""
 
     kernel: str  # value of KERNEL_ATTR
+    batch_kernel: str  # value of KERNEL_ATTR for the batched kernel
     operand: str  # dtype of X and W
     acc: str  # accumulator and output dtype
     k_step: int  # K of one mma pair: 16 (fp16) or 32 (int8)
@@ -92,18 +97,18 @@ class _Flavor:
 
 
 _FP16 = _Flavor(
-    "fp16_dense_mma", "float16", "float32", 16, False, fragment_lane_register,
+    "fp16_dense_mma", "fp16_batch_matmul_mma", "float16", "float32", 16, False, fragment_lane_register,
     ("mma_ldmatrix_f16_a", "mma_ldmatrix_f16_b", "mma_f16f16f32", "mma_fill_16x16_f32",
      "mma_store_16x16_f32_global_"),
     "mma.sync.m16n8k16.f16",
 )  # fmt: skip
 _INT8 = _Flavor(
-    "int8_dense_imma", "int8", "int32", 32, True, fragment_lane_register_k32,
+    "int8_dense_imma", "int8_batch_matmul_imma", "int8", "int32", 32, True, fragment_lane_register_k32,
     ("mma_ldmatrix_i8_a", "mma_ldmatrix_i8_b_trans", "mma_i8i8i32_trans_b",
      "mma_fill_16x16_i32", "mma_store_16x16_i32_global_"),
     "mma.sync.m16n8k32.s8",
 )  # fmt: skip
-KERNEL_NAMES = (_FP16.kernel, _INT8.kernel)
+KERNEL_NAMES = (_FP16.kernel, _INT8.kernel, _FP16.batch_kernel, _INT8.batch_kernel)
 """Values of :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR` on the kernels built here."""
 
 
@@ -186,22 +191,24 @@ def pack_weight_imma(w: np.ndarray, k_padded: int, n_padded: int) -> np.ndarray:
     return packed
 
 
-def mma_dense_reference(m: int, k: int, n: int, operand: str = "float16") -> tvm.tirx.PrimFunc:
+def mma_dense_reference(
+    m: int, k: int, n: int, operand: str = "float16", batch: int | None = None
+) -> tvm.tirx.PrimFunc:
     """The unscheduled computation: ``C[i, j] = sum_k acc(X[i, k]) * acc(W[k, j])`` for fp16
-    (``W (K, N)``, fp32 ``C``), ``sum_k i32(X[i, k]) * i32(Wt[j, k])`` for int8 (``Wt (N, K)``)."""
+    (``W (K, N)``, fp32 ``C``), ``sum_k i32(X[i, k]) * i32(Wt[j, k])`` for int8 (``Wt (N, K)``).
+    With ``batch``, every operand has a leading batch axis: ``C[b] = X[b] @ W[b]``."""
     flavor = _INT8 if operand == "int8" else _FP16
-    x = te.placeholder((m, k), operand, name="X")
-    w = te.placeholder((n, k) if flavor.weight_nk else (k, n), operand, name="W")
+    lead = () if batch is None else (batch,)
+    x = te.placeholder((*lead, m, k), operand, name="X")
+    w = te.placeholder((*lead, *((n, k) if flavor.weight_nk else (k, n))), operand, name="W")
     r = te.reduce_axis((0, k), name="k")
 
-    def weight(j, kk):
-        return w[j, kk] if flavor.weight_nk else w[kk, j]
+    def product(*idx):
+        *b, i, j = idx
+        wv = w[(*b, j, r)] if flavor.weight_nk else w[(*b, r, j)]
+        return te.sum(x[(*b, i, r)].astype(flavor.acc) * wv.astype(flavor.acc), axis=r)
 
-    out = te.compute(
-        (m, n),
-        lambda i, j: te.sum(x[i, r].astype(flavor.acc) * weight(j, r).astype(flavor.acc), axis=r),
-        name="C",
-    )
+    out = te.compute((*lead, m, n), product, name="C")
     return te.create_prim_func([x, w, out])
 
 
@@ -216,8 +223,30 @@ def int8_dense_imma(m, k, n, *, tiles: MmaTiles | None = None, device="cuda") ->
     return _build(_INT8, m, k, n, tiles, device)
 
 
+def fp16_batch_matmul_mma(
+    batch, m, k, n, *, tiles: MmaTiles | None = None, device="cuda"
+) -> tvm.tirx.PrimFunc:
+    """Scheduled ``C[b] = X[b] @ W[b]``: fp16 ``X (batch, m, k)`` and ``W (batch, k, n)``, fp32
+    ``C``; the batch is one more axis of the grid of thread blocks."""
+    return _build(_FP16, m, k, n, tiles, device, batch)
+
+
+def int8_batch_matmul_imma(
+    batch, m, k, n, *, tiles: MmaTiles | None = None, device="cuda"
+) -> tvm.tirx.PrimFunc:
+    """Scheduled ``C[b] = X[b] @ Wt[b].T``: int8 ``X (batch, m, k)``, int8 ``Wt (batch, n, k)``
+    (the second operand transposed: attention's ``K`` as it is), int32 ``C``."""
+    return _build(_INT8, m, k, n, tiles, device, batch)
+
+
 def _build(
-    flavor: _Flavor, m: int, k: int, n: int, tiles: MmaTiles | None, device: Literal["cuda", "cpu"]
+    flavor: _Flavor,
+    m: int,
+    k: int,
+    n: int,
+    tiles: MmaTiles | None,
+    device: Literal["cuda", "cpu"],
+    batch: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The kernel for padded sizes. ``device="cuda"``: thread-bound, shared memory, ``ldmatrix``
     + ``mma.sync``; ``"cpu"``: the same loop nest before tensorization, buildable for ``llvm``.
@@ -229,12 +258,14 @@ def _build(
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    reference = mma_dense_reference(m, k, n, flavor.operand)
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be positive, got {batch}")
+    reference = mma_dense_reference(m, k, n, flavor.operand, batch)
     func = (
         _schedule(reference, tiles, flavor, device == "cuda")
         .mod["main"]
         .with_attr("tirx.is_scheduled", True)
-        .with_attr(KERNEL_ATTR, flavor.kernel)
+        .with_attr(KERNEL_ATTR, flavor.kernel if batch is None else flavor.batch_kernel)
         .with_attr(
             TILES_ATTR, [tiles.warps_m, tiles.warps_n, tiles.tiles_m, tiles.tiles_n, tiles.bk]
         )
@@ -244,14 +275,18 @@ def _build(
     return func.with_attr(TENSOR_CORE_ATTR, flavor.instruction) if device == "cuda" else func
 
 
-def _tile_map(rows: int, cols: int, layout: Callable):
-    """(row, col) of a padded matrix -> (tile row, tile col, lane, slot) of ``rows x cols`` tiles."""
+def _tile_map(rows: int, cols: int, layout: Callable, batched: bool):
+    """(row, col) of a padded matrix -> (tile row, tile col, lane, slot) of ``rows x cols``
+    tiles; a leading batch index is kept."""
 
     def index_map(i, j):
         lane, slot = layout(i % rows, j % cols)
         return (i // rows, j // cols, lane, slot)
 
-    return index_map
+    def batched_map(b, i, j):
+        return (b, *index_map(i, j))
+
+    return batched_map if batched else index_map
 
 
 def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu: bool) -> Schedule:
@@ -261,7 +296,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
     block = sch.get_sblock("C")
 
     # 16 x 16 x k_step steps become one block each: the unit the mma intrinsic replaces.
-    i, j, r = sch.get_loops(block)
+    *batch, i, j, r = sch.get_loops(block)
     i, i_tc = sch.split(i, [None, MMA])
     j, j_tc = sch.split(j, [None, MMA])
     r, r_tc = sch.split(r, [None, ks])
@@ -273,7 +308,7 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
     bj, wj, tj = sch.split(j, [None, tiles.warps_n, tiles.tiles_n])
     ro, ri = sch.split(r, [None, tiles.bk // ks])
     sch.reorder(bi, bj, wi, wj, ro, ri, ti, tj)
-    block_loop = sch.fuse(bi, bj)
+    block_loop = sch.fuse(*batch, bi, bj)  # the batch: more thread blocks
     warp_loop = sch.fuse(wi, wj)
     if on_gpu:
         sch.bind(block_loop, "blockIdx.x")
@@ -311,9 +346,10 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
     load_a = per_fragment(frag_a, MMA, ks)
     load_b = per_fragment(frag_b, *b_tile)
     store = per_fragment(acc, MMA, MMA)
-    sch.transform_layout(frag_a, ("write", 0), _tile_map(MMA, ks, flavor.layout_a))
-    sch.transform_layout(frag_b, ("write", 0), _tile_map(*b_tile, flavor.layout_a))
-    sch.transform_layout(acc, ("read", 0), _tile_map(MMA, MMA, fragment_lane_register))
+    batched = bool(batch)
+    sch.transform_layout(frag_a, ("write", 0), _tile_map(MMA, ks, flavor.layout_a, batched))
+    sch.transform_layout(frag_b, ("write", 0), _tile_map(*b_tile, flavor.layout_a, batched))
+    sch.transform_layout(acc, ("read", 0), _tile_map(MMA, MMA, fragment_lane_register, batched))
     if on_gpu:
         # Imported here: registering TVM's CUDA intrinsics takes 35 s to 2 min, and CPU builds
         # (and the CPU twin) never need them.
@@ -332,28 +368,40 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     """``mod`` with every CUDA tensor-core kernel of this module rebuilt with ``device="cpu"``.
 
     The twin has the same arguments, tiles and loop nest, so a module rewritten by
-    :class:`~tvmq.passes.PackFp16DenseCUDA` (or the IMMA path of
-    :class:`~tvmq.passes.PackInt8DenseCUDA`) builds for ``llvm`` and can be checked against
-    numpy where there is no GPU (the padding and slicing around the kernel included).
+    :class:`~tvmq.passes.PackFp16DenseCUDA`, the IMMA path of
+    :class:`~tvmq.passes.PackInt8DenseCUDA`, :class:`~tvmq.passes.PackMmaBatchMatmulCUDA` or
+    :class:`~tvmq.passes.PackMmaConvCUDA` (whose im2col kernels get their twins too) builds for
+    ``llvm`` and can be checked against numpy where there is no GPU (the padding and slicing
+    around the kernels included).
     """
     flavors = {f.kernel: f for f in (_FP16, _INT8)}
+    flavors.update({f.batch_kernel: f for f in (_FP16, _INT8)})
     out = mod
     for gv, func in mod.functions_items():
         attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
-        if attrs is None or attrs.get(KERNEL_ATTR) not in flavors:
+        if attrs is None or attrs.get("tvmq.device") == "cpu":
             continue
-        if attrs.get("tvmq.device") == "cpu":
+        if attrs.get(KERNEL_ATTR) == im2col.KERNEL:
+            twin = im2col.im2col_for_cpu(func)
+        elif attrs.get(KERNEL_ATTR) in flavors:
+            twin = _twin(func, flavors[str(attrs[KERNEL_ATTR])])
+        else:
             continue
-        flavor = flavors[str(attrs[KERNEL_ATTR])]
-        (m, k), (_, n) = (
-            tuple(int(d) for d in p.ty.shape) for p in (func.params[0], func.params[2])
-        )
-        tiles = MmaTiles(*(int(t) for t in attrs[TILES_ATTR]))
-        twin = _build(flavor, m, k, n, tiles, "cpu")
-        for key, value in attrs.items():
-            if key not in twin.attrs and key != TENSOR_CORE_ATTR:
-                twin = twin.with_attr(key, value)
         if out is mod:
             out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         out[gv] = twin
     return out
+
+
+def _twin(func: tvm.tirx.PrimFunc, flavor: _Flavor) -> tvm.tirx.PrimFunc:
+    """The ``device="cpu"`` build of a CUDA tensor-core kernel, with its other attributes."""
+    attrs = func.attrs
+    x_shape, c_shape = (tuple(int(d) for d in func.params[i].ty.shape) for i in (0, 2))
+    batch = x_shape[0] if str(attrs[KERNEL_ATTR]) == flavor.batch_kernel else None
+    (m, k), n = x_shape[-2:], c_shape[-1]
+    tiles = MmaTiles(*(int(t) for t in attrs[TILES_ATTR]))
+    twin = _build(flavor, m, k, n, tiles, "cpu", batch)
+    for key, value in attrs.items():
+        if key not in twin.attrs and key != TENSOR_CORE_ATTR:
+            twin = twin.with_attr(key, value)
+    return twin
