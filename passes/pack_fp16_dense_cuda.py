@@ -116,16 +116,16 @@ class _Fp16DenseRewriter(PyExprMutator):
         return y
 
 
-@tvm.transform.module_pass(opt_level=0, name="PackFp16DenseCUDA")
-class PackFp16DenseCUDA:
-    """Lower ``matmul(fp16 x, const fp16 W)`` to the tensor-core kernel on sm_80 and newer.
+class MmaPass:
+    """Base of the tensor-core passes: a no-op off CUDA and before sm_80, else
+    ``self.rewrite(mod)``.
 
     Parameters
     ----------
     target : tvm.target.Target or dict, optional
         The build target; defaults to ``tvm.target.Target.current()`` when the pass runs.
     tiles : MmaTiles, optional
-        One tiling for every layer; by default :func:`choose_mma_tiles` picks per shape.
+        One tiling for every kernel; by default :func:`choose_mma_tiles` picks per shape.
     """
 
     def __init__(self, target=None, tiles: MmaTiles | None = None):
@@ -134,6 +134,16 @@ class PackFp16DenseCUDA:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_fp16_mma(target):
-            return mod
+        return self.rewrite(mod) if target_has_fp16_mma(target) else mod
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        raise NotImplementedError
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackFp16DenseCUDA")
+class PackFp16DenseCUDA(MmaPass):
+    """Lower ``matmul(fp16 x, const fp16 W)`` to the tensor-core kernel on sm_80 and newer
+    (parameters: see :class:`MmaPass`)."""
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_functions(mod, _Fp16DenseRewriter(mod, self.tiles))

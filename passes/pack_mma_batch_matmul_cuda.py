@@ -48,7 +48,7 @@ from tvmq.kernels.cuda_mma import (
 )
 
 from ._int8_dense import _static_shape, rewrite_functions, shift_bytes
-from .pack_fp16_dense_cuda import target_has_fp16_mma
+from .pack_fp16_dense_cuda import MmaPass
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -169,24 +169,9 @@ class _Rewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackMmaBatchMatmulCUDA")
-class PackMmaBatchMatmulCUDA:
+class PackMmaBatchMatmulCUDA(MmaPass):
     """Lower fp16 and int8 matmuls of two activations (attention) to tensor-core kernels on
-    sm_80 and newer (see the module docstring).
+    sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`)."""
 
-    Parameters
-    ----------
-    target : tvm.target.Target or dict, optional
-        The build target; defaults to ``tvm.target.Target.current()`` when the pass runs.
-    tiles : MmaTiles, optional
-        One tiling for every matmul; by default :func:`choose_mma_tiles` picks per shape.
-    """
-
-    def __init__(self, target=None, tiles: MmaTiles | None = None):
-        self.target = tvm.target.Target(target) if target is not None else None
-        self.tiles = tiles
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_fp16_mma(target):
-            return mod
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_functions(mod, _Rewriter(mod, self.tiles), relax.analysis.remove_all_unused)

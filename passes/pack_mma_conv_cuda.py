@@ -52,7 +52,7 @@ from tvmq.kernels.cuda_mma import (
 )
 
 from .channels_last import TO_NCHW, ChannelsLastRewriter, match_nchw_conv2d, rewrite_channels_last
-from .pack_fp16_dense_cuda import target_has_fp16_mma
+from .pack_fp16_dense_cuda import MmaPass
 from .pack_int8_conv_x86 import match_int8_conv2d
 
 _OPAQUE = 8  # FuseOps' kOpaque: the scheduled kernel is never fused with its neighbours
@@ -127,24 +127,9 @@ class _Lowering:
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackMmaConvCUDA")
-class PackMmaConvCUDA:
+class PackMmaConvCUDA(MmaPass):
     """Lower fp16 and int8 NCHW conv2d with a constant weight to im2col + a tensor-core dense
-    kernel on sm_80 and newer (see the module docstring).
+    kernel on sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`)."""
 
-    Parameters
-    ----------
-    target : tvm.target.Target or dict, optional
-        The build target; defaults to ``tvm.target.Target.current()`` when the pass runs.
-    tiles : MmaTiles, optional
-        One tiling for every conv; by default :func:`choose_mma_tiles` picks per shape.
-    """
-
-    def __init__(self, target=None, tiles: MmaTiles | None = None):
-        self.target = tvm.target.Target(target) if target is not None else None
-        self.tiles = tiles
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or tvm.target.Target.current(allow_none=True)
-        if not target_has_fp16_mma(target):
-            return mod
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return rewrite_channels_last(mod, _Lowering(self.tiles))
