@@ -160,7 +160,7 @@ def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=No
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
-    def kernel(shape, t, e, pad):
+    def kernel(shape, t, e, pad=None):
         return float_depthwise_nhwc(shape, t, x_dtype, e, pad)
 
     name = "float_depthwise" if x_dtype == "float32" else "int8_depthwise"
