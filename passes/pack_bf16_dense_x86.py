@@ -38,19 +38,14 @@ from tvmq.kernels.x86_int8_conv import OPAQUE
 
 from ._int8_dense import is_symbolic, rewrite_functions
 from .pack_float_dense import match_float_dense
+from .pack_int8_dense_x86 import llvm_target_has
 
 MIN_ROWS = 16
 
 
 def target_has_amx_bf16(target: tvm.target.Target | None) -> bool:
     """True for an LLVM x86 target with AMX bf16 tiles (``amx-tile`` and ``amx-bf16``)."""
-    if target is None or target.kind.name != "llvm":
-        return False
-    try:
-        has = tvm.target.codegen.target_has_features
-        return has("amx-tile", target) and has("amx-bf16", target)
-    except tvm.error.TVMError:  # a triple LLVM does not know
-        return False
+    return llvm_target_has(target, "amx-tile", "amx-bf16")
 
 
 @mutator

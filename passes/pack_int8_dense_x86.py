@@ -49,14 +49,19 @@ from tvmq.kernels.x86_int8 import (
 from ._int8_dense import DenseKernel, rewrite_int8_dense
 
 
-def target_has_vnni(target: tvm.target.Target | None) -> bool:
-    """True for an LLVM x86 target whose CPU / attributes include ``avx512vnni``."""
+def llvm_target_has(target: tvm.target.Target | None, *features: str) -> bool:
+    """True for an LLVM target whose CPU / attributes include every one of ``features``."""
     if target is None or target.kind.name != "llvm":
         return False
     try:
-        return bool(tvm.target.codegen.target_has_features("avx512vnni", target))
+        return all(tvm.target.codegen.target_has_features(f, target) for f in features)
     except tvm.error.TVMError:  # e.g. a triple LLVM does not know
         return False
+
+
+def target_has_vnni(target: tvm.target.Target | None) -> bool:
+    """True for an LLVM x86 target whose CPU / attributes include ``avx512vnni``."""
+    return llvm_target_has(target, "avx512vnni")
 
 
 def _kernel(amx: bool) -> DenseKernel:
@@ -84,9 +89,7 @@ def _kernel(amx: bool) -> DenseKernel:
 
 def target_has_amx(target: tvm.target.Target | None) -> bool:
     """True for an LLVM x86 target with AMX int8 tiles (``amx-tile`` and ``amx-int8``)."""
-    if not target_has_vnni(target):
-        return False
-    return all(tvm.target.codegen.target_has_features(f, target) for f in ("amx-tile", "amx-int8"))
+    return llvm_target_has(target, "avx512vnni", "amx-tile", "amx-int8")
 
 
 class VNNIPass:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,15 +13,9 @@ def host_has_vnni() -> bool:
     Read from the kernel, not from TVM's target detection: a test that runs VNNI code on a
     CPU without it dies with SIGILL, taking the whole pytest run with it.
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_vnni", "avx512vnni"})
+    from tvmq.machine import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_vnni", "avx512vnni"})
 
 
 def pytest_configure(config):

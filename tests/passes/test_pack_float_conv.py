@@ -114,7 +114,12 @@ def test_matches_torch_avx512(rng, geometry):
 
 # (C, H, W, kernel, stride, padding): MobileNet's depthwise convs, 24 channels (8-lane
 # vectors on AVX-512), an odd output width, a 5x5 window.
-DEPTHWISE = [(32, 16, 16, 3, 1, 1), (48, 15, 15, 3, 2, 1), (24, 9, 13, 5, 1, 2), (32, 9, 9, 3, 1, 0)]
+DEPTHWISE = [
+    (32, 16, 16, 3, 1, 1),
+    (48, 15, 15, 3, 2, 1),
+    (24, 9, 13, 5, 1, 2),
+    (32, 9, 9, 3, 1, 0),
+]
 
 
 @needs_vnni
