@@ -160,6 +160,28 @@ def test_batch_matmul_is_not_a_row_reduction():
     np.testing.assert_allclose(_run(mod, x), x @ w, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [197, 50])
+def test_ragged_matmul_columns_are_padded_to_whole_vectors(n):
+    # Attention scores over 197 keys (ViT): no vector of 128+ bits divides 197, so the
+    # columns are padded to a multiple of 16 (zero-padded operand, result copied back)
+    # instead of running scalar. 50 columns: 2 lanes only, padded too.
+    w = np.random.default_rng(8).standard_normal((3, 64, n)).astype(np.float32)
+    mod = _module((3, 33, 64), lambda x: relax.op.matmul(x, relax.const(w)))
+    (script,) = _scheduled_kernels(mod).values()
+    padded = -(-n // 16) * 16
+    assert f"T.int64({padded})" in script and "T.vectorized" in script
+
+    x = np.random.default_rng(9).standard_normal((3, 33, 64), dtype=np.float32)
+    np.testing.assert_allclose(_run(mod, x), x @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_columns_a_narrower_vector_divides_are_not_padded():
+    w = np.random.default_rng(10).standard_normal((2, 16, 40)).astype(np.float32)
+    mod = _module((2, 8, 16), lambda x: relax.op.matmul(x, relax.const(w)))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "T.int64(48)" not in script and "T.vectorized" in script  # 8 lanes divide 40
+
+
 @pytest.mark.parametrize("channels", [16, 32])
 def test_nhwc_max_pool_vectorizes_channels_with_window_loops_outside(channels):
     # uint8, channels last (what PackInt8ConvX86 leaves between convs): 16 or 32 channels are
