@@ -40,6 +40,7 @@ from .annotate_qdq import AnnotateQDQ
 from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_int8_weights import ClusterInt8Weights
 from .cluster_weights import ClusterWeights
+from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
 from .drop_matmul_broadcasts import DropMatmulBroadcasts
@@ -118,6 +119,7 @@ __all__ = [
     "QuantizeWeightOnly",
     "SmoothQuant",
     "sparsity_report",
+    "ConvTransposeAsMatmul",
     "FoldBatchNorm",
     "FoldQuantScales",
     "LowerInt8",

@@ -37,6 +37,7 @@ from tvm import relax
 
 from .annotate_qdq import AnnotateQDQ
 from .cluster_int8_weights import ClusterInt8Weights
+from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
@@ -51,7 +52,11 @@ _NOTHING = tvm.transform.Sequential([])
 def prepare_passes() -> tvm.transform.Pass:
     """Phase 1: canonical bindings, no dead code (site names are defined on this form)."""
     return tvm.transform.Sequential(
-        [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()],
+        [
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+            ConvTransposeAsMatmul(),  # a matmul site: the quantizer takes it like any other
+        ],
         name="tvmq.prepare",
     )
 

@@ -29,6 +29,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
+    ConvTransposeAsMatmul,
     FoldBatchNorm,
     FoldTableDecoders,
     PackDecodedDense,
@@ -71,12 +72,14 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # Attention's activation x activation matmuls and conv2d (im2col + the dense kernel) on
         # tensor cores too, fp16 and int8 (sm_80 and newer).
         return [
+            ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle
             PackInt8DenseCUDA(target),
             PackFp16DenseCUDA(target),
             PackMmaBatchMatmulCUDA(target),
             PackMmaConvCUDA(target),
         ]
     return [
+        ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle (float)
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel

@@ -30,13 +30,18 @@ import numpy as np
 import tvm
 from tvm import relax
 
-_WEIGHT_OPS_TORCH = {"linear", "mm", "addmm", "matmul", "bmm", "conv1d", "conv2d", "convolution"}
+_WEIGHT_OPS_TORCH = {
+    "linear", "mm", "addmm", "matmul", "bmm", "conv1d", "conv2d", "conv_transpose2d", "convolution"
+}  # fmt: skip
 _VIEWS_TORCH = {"t", "permute", "transpose", "view", "reshape", "_unsafe_view", "detach", "clone"}
-_WEIGHT_OPS_ONNX = {"MatMul", "Gemm", "Conv"}
+_WEIGHT_OPS_ONNX = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 _VIEWS_ONNX = {"Transpose", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze"}
 # Initializer names exporters make up (torch's legacy exporter, onnxscript): they say nothing.
 _MADE_UP = re.compile(r"onnx::.*|val_\d+")
 _LOOK_THROUGH = ("relax.permute_dims", "relax.reshape")
+# Weight ops named besides the sites: a transposed conv becomes a matmul site in
+# prepare_passes (ConvTransposeAsMatmul), which keeps its span (the name).
+_NAMED_OPS = ("relax.nn.conv2d_transpose",)
 
 
 # --- PyTorch ---------------------------------------------------------------------------------
@@ -82,13 +87,15 @@ def torch_layer_names(ep) -> dict[str, str]:
 
 
 def _weight_calls(func: relax.Function):
-    """(call, what its weight reads, seen through permute_dims / reshape) per matmul / conv2d."""
+    """(call, what its weight reads, seen through permute_dims / reshape) per matmul / conv2d
+    (and transposed conv)."""
     from tvmq.passes.relax_utils import binding_map, op_name, ordered_bindings, resolve
     from tvmq.passes.sites import SITE_OPS
 
     bindings = binding_map(func)
     for b in ordered_bindings(func):
-        if op_name(b.value) in SITE_OPS and len(b.value.args) == 2:
+        op = op_name(b.value)
+        if (op in SITE_OPS or op in _NAMED_OPS) and len(b.value.args) == 2:
             src = resolve(b.value.args[1], bindings)
             while op_name(src) in _LOOK_THROUGH:
                 src = resolve(src.args[0], bindings)

@@ -1,0 +1,107 @@
+"""ConvTransposeAsMatmul: a transposed conv whose kernel equals its stride is a matmul.
+
+A ``conv2d_transpose`` with kernel ``(KH, KW)`` = strides, no padding, no output padding, no
+dilation and one group (UNet's 2x2/2 up-convolution) writes each output pixel from exactly
+one input pixel and one kernel tap: it is a ``[N*H*W, Cin] x [Cin, KH*KW*Cout]`` matmul
+followed by a pixel shuffle (depth to space)::
+
+    y = R.nn.conv2d_transpose(x, W, strides=(2, 2))   # x (N, Cin, H, W), W (Cin, Cout, 2, 2)
+    ==>
+    a = R.reshape(R.permute_dims(x, [0, 2, 3, 1]), (N*H*W, Cin))
+    m = R.matmul(a, W')                                # W' (Cin, KH*KW*Cout), constant
+    s = R.permute_dims(R.reshape(m, (N, H, W, KH, KW, Cout)), [0, 1, 3, 2, 4, 5])
+    y = R.permute_dims(R.reshape(s, (N, H*KH, W*KW, Cout)), [0, 3, 1, 2])
+
+TVM's default lowering of the transposed conv is a naive loop nest (UNet: 42% of the float
+model's time); the matmul runs on tvmq's dense kernels, float, int8 (it is a weight site like
+any matmul, so it quantizes) or bf16, and the permutes are channels last
+(:mod:`.channels_last`) where the convs around are. Values are the same sums in another order.
+The matmul keeps the transposed conv's span (its layer names). Other transposed convs are
+left as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .relax_utils import map_functions, with_span
+
+_CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    try:
+        return _ints(ty.shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def as_matmul(call: relax.Call, emit) -> relax.Expr | None:
+    """The matmul + pixel shuffle form of ``call`` (see the module docstring), its
+    intermediate values bound with ``emit``; None for a call that is not such a conv."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D_TRANSPOSE):
+        return None
+    x, w = call.args
+    a = call.attrs
+    if not isinstance(w, tvm.ir.Constant):
+        return None
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "IOHW", "NCHW"):
+        return None
+    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
+        return None
+    n, cin, h, wd = x_shape
+    _, cout, kh, kw = w_shape
+    if int(a.groups) != 1 or w_shape[0] != cin or (kh, kw) != _ints(a.strides):
+        return None
+    if any(_ints(a.padding)) or any(_ints(a.output_padding)) or _ints(a.dilation) != (1, 1):
+        return None
+    dtype = str(x.ty.dtype)
+    if str(w.ty.dtype) != dtype or (a.out_dtype and str(a.out_dtype) not in ("", dtype)):
+        return None
+    weight = w.value.numpy().transpose(0, 2, 3, 1).reshape(cin, kh * kw * cout)
+    rows = emit(relax.op.reshape(emit(relax.op.permute_dims(x, [0, 2, 3, 1])), (n * h * wd, cin)))
+    m = emit(with_span(relax.op.matmul(rows, relax.const(np.ascontiguousarray(weight))), call.span))
+    tiles = emit(relax.op.reshape(m, (n, h, wd, kh, kw, cout)))
+    shuffled = emit(relax.op.permute_dims(tiles, [0, 1, 3, 2, 4, 5]))
+    nhwc = emit(relax.op.reshape(shuffled, (n, h * kh, wd * kw, cout)))
+    return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.changed = False
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        new = as_matmul(call, self.builder_.emit)
+        if new is None:
+            return call
+        self.changed = True
+        return new
+
+
+def _rewrite(mod: tvm.IRModule, func: relax.Function) -> relax.Function:
+    rewriter = _Rewriter(mod)
+    new = rewriter.visit_expr(func)
+    return new if rewriter.changed else func
+
+
+@tvm.transform.module_pass(opt_level=0, name="ConvTransposeAsMatmul")
+class ConvTransposeAsMatmul:
+    """Transposed convs with kernel = stride as matmuls (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return map_functions(mod, lambda _gv, func: _rewrite(mod, func))
