@@ -44,6 +44,7 @@ from tvmq.kernels.x86_int8 import (
     Requantize,
     int8_dense_vnni_rows,
     pack_weight_vnni,
+    quantize_pays,
 )
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
@@ -84,6 +85,9 @@ def _kernel(amx: bool) -> DenseKernel:
         # LowerInt8's requantize in either kernel, QuantizeDynamic's dequantize in VNNI's
         epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
         gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
+        # a dynamic layer's row range and quantize in the VNNI kernel, where that pays
+        quantizes=lambda choice: choice.amx is None
+        and quantize_pays(choice.m_padded, choice.k_padded, choice.n_padded),
     )
 
 

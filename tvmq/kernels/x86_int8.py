@@ -131,6 +131,14 @@ def choose_tiles(m: int, n_padded: int) -> DenseTiles:
     return DenseTiles(mr, nr, m_padded)
 
 
+def quantize_pays(m: int, k: int, n: int) -> bool:
+    """Whether the kernel of a padded ``(m, k) x (k, n)`` product should quantize its own rows
+    (:class:`RowQuantize`): such a kernel runs its row tiles in parallel and quantizes each
+    once, so it takes serial products (one thread anyway) and those with 8 row tiles or more,
+    not a large GEMV, whose parallel tasks are column tiles."""
+    return m * n * k < _PARALLEL_MIN_MACS or m // choose_tiles(m, n).mr >= 8
+
+
 def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
     """The tile for a symbolic row count: 8 rows (M padded at run time to a multiple of 8)."""
     return choose_tiles(8, n_padded)
