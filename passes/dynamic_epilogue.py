@@ -110,7 +110,9 @@ def _quantized_source(x_q: relax.Expr, params: relax.Expr, values, mod) -> relax
     if op_name(divide) != "relax.divide":
         return None
     x, s_x = divide.args
-    if not params.same_as(_column_of(s_x, 0, values)) or not _row_qparams_of(params, x, values, mod):
+    if not params.same_as(_column_of(s_x, 0, values)) or not _row_qparams_of(
+        params, x, values, mod
+    ):
         return None
     return x
 

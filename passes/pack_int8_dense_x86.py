@@ -86,8 +86,9 @@ def _kernel(amx: bool) -> DenseKernel:
         epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
         gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
         # a dynamic layer's row range and quantize in the VNNI kernel, where that pays
-        quantizes=lambda choice: choice.amx is None
-        and quantize_pays(choice.m_padded, choice.k_padded, choice.n_padded),
+        quantizes=lambda choice: (
+            choice.amx is None and quantize_pays(choice.m_padded, choice.k_padded, choice.n_padded)
+        ),
     )
 
 

@@ -41,7 +41,6 @@ def row_qparams_u8(shape, eps: float) -> tvm.tirx.PrimFunc:
     shape = [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in shape]
     *lead, k = shape
     x = te.placeholder(tuple(shape), "float32", name="x")
-    zero, qmax = tirx.const(0.0, "float32"), tirx.const(float(QMAX), "float32")
     r_lo, r_hi = te.reduce_axis((0, k), name="k"), te.reduce_axis((0, k), name="k")
     lo = te.compute(lead, lambda *i: te.min(x[(*i, r_lo)], axis=r_lo), name="row_min")
     hi = te.compute(lead, lambda *i: te.max(x[(*i, r_hi)], axis=r_hi), name="row_max")
