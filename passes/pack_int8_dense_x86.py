@@ -20,6 +20,14 @@ ReLU, ``astype``, per-column multiply, ``quantize(scale=1)``, clip; or a dequant
 store (:class:`tvmq.kernels.x86_int8.Requantize`): one kernel instead of about five, the
 int32 sums never go to memory, and the result is bit-identical.
 
+A ``QuantizeDynamic`` layer (:mod:`~tvmq.passes.dynamic_epilogue`) on the VNNI kernel stores
+its dequantize, bias and ReLU the same way, and where its ``x_q`` is the quantize of a float32
+``x`` the kernel reads ``x`` and computes each row's range, scale, zero point and bytes itself
+(:class:`tvmq.kernels.x86_int8.RowQuantize`, kernels named ``..._dynamic_quantize``): one
+kernel per layer instead of three (``row_qparams_u8``, the quantize, the dense), bit-identical.
+It does so where that pays (:func:`~tvmq.kernels.x86_int8.quantize_pays`: the row tiles are
+its parallel tasks); a parallel GEMV keeps reading the uint8 row.
+
 Signed activations: ``vpdpbusd`` multiplies *unsigned* by signed bytes, so an int8 ``x``
 is shifted to uint8 (``x + 128``) before the kernel and the kernel adds the constant
 compensation ``-128 * colsum(W)`` (an int32 per column) to the result; the answer is the
