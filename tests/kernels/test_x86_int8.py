@@ -173,6 +173,10 @@ def test_dense_quantizing_its_rows_matches_numpy(m, k, n, bias, relu, n_out):
     np.testing.assert_array_equal(out.numpy()[:, :n], want)
     assert (want != 0).mean() > 0.3
     assert "vpdpbusd" in _llvm(lib, "asm")
+    # A batch-1 row's bytes (< 1 KiB) live on the stack; a parallel kernel takes its row
+    # block's bytes and its accumulator tile from TVM's workspace pool, once per task.
+    allocs = _workspace_allocs(lib)
+    assert allocs == 0 if m == 1 else allocs <= 2
 
 
 def test_quantizing_its_rows_pays_serial_or_with_row_tiles():
