@@ -134,6 +134,23 @@ def _dynamic_layer_numpy(x, w, s_w, bias, relu, eps):
     return np.maximum(y, np.float32(0)) if relu else y
 
 
+def _near_ties(x, eps, rng) -> None:
+    """Move the nonzero entries of ``x`` (but each row's min and max) to ``(j + 1/2) * s``, ``s``
+    their row's scale, or to the float next to it: where ``round(x / s)`` tells a division
+    from a multiply by ``1 / s`` and round-half-to-even from other roundings."""
+    for row in x:
+        lo, hi = np.float32(min(row.min(), 0)), np.float32(max(row.max(), 0))
+        s = np.maximum((hi - lo) / np.float32(255), np.float32(eps))
+        cols = np.flatnonzero(row != 0)
+        cols = cols[(cols != row.argmin()) & (cols != row.argmax())]
+        if hi == lo or not len(cols):
+            continue
+        j = rng.integers(int(np.ceil(lo / s)), int(np.floor(hi / s)), len(cols))
+        t = ((j + np.float32(0.5)) * s).astype(np.float32)
+        near = [np.nextafter(t, np.float32(-np.inf)), t, np.nextafter(t, np.float32(np.inf))]
+        row[cols] = np.clip(np.choose(rng.integers(0, 3, len(cols)), near), lo, hi)
+
+
 @pytest.mark.vnni
 @pytest.mark.parametrize(
     "m,k,n,bias,relu,n_out",
@@ -159,6 +176,7 @@ def test_dense_quantizing_its_rows_matches_numpy(m, k, n, bias, relu, n_out):
     x[m // 2] = np.abs(x[m // 2]) * 3  # ... and 0 (a row >= 0) ...
     if m > 2:
         x[-1] = 0.0  # ... and a zero row (scale eps)
+    _near_ties(x, eps, rng)
     w = rng.integers(-127, 128, (k, n), dtype=np.int8)
     s_w = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
     b = rng.normal(size=n).astype(np.float32)
@@ -171,7 +189,7 @@ def test_dense_quantizing_its_rows_matches_numpy(m, k, n, bias, relu, n_out):
     lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
     want = _dynamic_layer_numpy(x, w, s_w, b if bias else None, relu, eps)
     np.testing.assert_array_equal(out.numpy()[:, :n], want)
-    assert (want != 0).mean() > 0.3
+    assert (want != 0).mean() > 0.25  # not all ReLU'd away
     assert "vpdpbusd" in _llvm(lib, "asm")
     # A batch-1 row's bytes (< 1 KiB) live on the stack; a parallel kernel takes its row
     # block's bytes and its accumulator tile from TVM's workspace pool, once per task.
