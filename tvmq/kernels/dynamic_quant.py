@@ -16,8 +16,8 @@ partial results. The function is plain TE: target independent, unscheduled.
 :func:`quantized_rows` builds the same range, then the row's quantize
 (``uint8(clip(round(x / s) + z, 0, 255))``, as ``QuantizeDynamic``'s Relax ops compute it),
 as TE stages for a kernel that quantizes its own input (the x86 VNNI dense kernel:
-:func:`tvmq.kernels.x86_int8.int8_dense_vnni` with a ``DynamicDequantize(k=...)``): the
-same float32 operations, so the same bytes, scales and zero points.
+:func:`tvmq.kernels.x86_int8.int8_dense_vnni` with a ``DynamicDequantize`` whose ``quantize``
+is a ``RowQuantize``): the same float32 operations, so the same bytes, scales and zero points.
 """
 
 from __future__ import annotations

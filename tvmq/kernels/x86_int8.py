@@ -15,6 +15,10 @@ answers). :func:`int8_dense_vnni` builds the scheduled TIR kernel:
 
 Shapes must already be padded: ``K % 4 == 0``, ``N % 16 == 0`` and ``M % mr == 0``
 (:func:`choose_tiles` picks ``mr`` dividing ``M``, or says how far to pad ``M``).
+
+An int8-dynamic layer's kernel (:class:`DynamicDequantize` with a :class:`RowQuantize`) reads
+float32 rows instead: each row tile computes its rows' range, scale and zero point and
+quantizes them into a scratch block (``mr x K`` bytes) once, then walks its column tiles.
 """
 
 from __future__ import annotations
