@@ -74,6 +74,10 @@ class DenseKernel:
     # port-5 uop per broadcast) and, for a last tile of columns (``np <= 64``), stores
     # exactly ``n`` columns (keyword ``n_out``, predicated stores, no slice). 0: never.
     gemv_rows: int = 0
+    # Whether the kernel of a plan's ``tiles`` quantizes its own float32 rows where that pays
+    # (a ``DynamicDequantize`` with ``quantize``, see :mod:`dynamic_epilogue`): it then reads a
+    # dynamic layer's float32 input, not QuantizeDynamic's uint8 one. None: never.
+    quantizes: Callable[[Any], bool] | None = None
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -206,6 +210,9 @@ class _DenseRewriter(PyExprMutator):
         if epilogue is not None:  # the requantize ops are this kernel's result now
             for var in epilogue.chain:
                 self.aliases[var] = self.binding.var
+            if self._quantizes(epilogue, found):  # and it reads the float rows
+                epilogue = epilogue.quantized_in_kernel(found[2].shape[0])
+                found = (self.visit_expr(epilogue.source), *found[1:])
         if is_symbolic(found[1]):
             return self._lower_rows(*found, epilogue)
         return self._lower(*found, epilogue)
@@ -223,6 +230,14 @@ class _DenseRewriter(PyExprMutator):
         if not isinstance(epilogue.requantize, self.kernel.epilogues(tiles)):
             return False
         return not (padded and isinstance(epilogue, DynamicEpilogue))
+
+    def _quantizes(self, epilogue, found) -> bool:
+        """Whether the kernel quantizes the float rows the dense layer's bytes come from."""
+        if not isinstance(epilogue, DynamicEpilogue) or epilogue.source is None:
+            return False
+        if self.kernel.quantizes is None or is_symbolic(found[1]):
+            return False
+        return self.kernel.quantizes(self.kernel.plan(math.prod(found[1][:-1]), *found[2].shape)[3])
 
     def _shift(self, x: relax.Expr) -> int:
         """+-128 when ``x``'s signedness is not the kernel's operand's, else 0."""
@@ -256,7 +271,9 @@ class _DenseRewriter(PyExprMutator):
                 arg = self.builder_.emit(relax.op.reshape(arg, (out_shape[0], -1)))
             consts.append(arg)
         kw = {"requantize": requantize} if self.kernel.epilogues is not None else {}
-        if str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
+        if _quantizing(epilogue):  # float32 rows, quantized in the kernel
+            name += "_quantize"
+        elif str(args[0].ty.dtype) != self.kernel.operand_dtype:  # a GEMV's int8 x
             kw["x_dtype"] = str(args[0].ty.dtype)
             name += "_" + kw["x_dtype"]
         if out_shape[1] != np_:  # a GEMV's exact columns
@@ -311,14 +328,15 @@ class _DenseRewriter(PyExprMutator):
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         mp, kp, np_, tiles = self.kernel.plan(m, k, n)
-        shift = self._shift(x)
+        quantizing = _quantizing(epilogue)  # x: float32 rows the kernel pads and quantizes
+        shift = 0 if quantizing else self._shift(x)
         gemv = mp <= self.kernel.gemv_rows
         n_out = n if gemv and np_ <= 64 else np_
         if len(x_shape) != 2:
             x = bb.emit(relax.op.reshape(x, (m, k)))
         if shift and not gemv:
             x = bb.emit(shift_bytes(x, shift, self.kernel.operand_dtype))
-        if kp != k or mp != m:
+        if (kp != k or mp != m) and not quantizing:
             x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
         y = self._call(
             (mp, kp, np_, tiles),
@@ -333,6 +351,11 @@ class _DenseRewriter(PyExprMutator):
             y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
         shape = self._result_shape(x_shape, n, epilogue)
         return y if shape == (m, n) else relax.op.reshape(y, shape)
+
+
+def _quantizing(epilogue) -> bool:
+    """Whether ``epilogue`` is a dynamic layer's whose kernel quantizes its float32 rows."""
+    return isinstance(epilogue, DynamicEpilogue) and epilogue.requantize.quantize is not None
 
 
 def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:

@@ -13,17 +13,31 @@ When each op on the chain is the only reader of the one before, :func:`find_dyna
 returns them as a :class:`DynamicEpilogue`: the kernel reads ``params`` itself and stores the
 bit-identical float32 result (:class:`tvmq.kernels.x86_int8.DynamicDequantize`); the int32
 sums never go to memory and the two slices of ``params`` lose a reader.
+
+When the layer's uint8 input is ``QuantizeDynamic``'s quantize of a float32 ``x`` with the
+same ``params = row_qparams_u8(x)``::
+
+    x_q = astype(clip(add(round(divide(x, s_x)), z_f), 0, 255), uint8)  # z_f: params[.., 1:2]
+
+the epilogue's ``source`` is ``x``: a kernel that quantizes its own rows
+(:class:`tvmq.kernels.x86_int8.RowQuantize`) can read ``x`` instead, and ``row_qparams_u8``
+and the quantize ops lose a reader (all of them, once every layer reading ``x_q`` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
-from tvmq.kernels.x86_int8 import DynamicDequantize
+from tvmq.core import qmath
+from tvmq.kernels.dynamic_quant import QMAX as _QMAX
+from tvmq.kernels.dynamic_quant import row_qparams_u8
+from tvmq.kernels.x86_int8 import DynamicDequantize, RowQuantize
 
 from .relax_utils import ADD, RELU, binding_map, dataflow_bindings, op_name, relax_functions
 from .requantize_epilogue import ChannelAxis, chain_step
@@ -39,6 +53,13 @@ class DynamicEpilogue(NamedTuple):
     scale: np.ndarray  # (N,) float32, the weight's scale per column
     bias: np.ndarray | None  # (N,) float32
     requantize: DynamicDequantize
+    source: relax.Expr | None = None  # the float32 x that the layer's x_q quantizes
+
+    def quantized_in_kernel(self, k: int) -> DynamicEpilogue:
+        """This epilogue for a kernel that reads ``source`` (``k`` columns) and quantizes its
+        rows itself: no ``params`` argument."""
+        rows = RowQuantize(k, qmath.SCALE_EPS)
+        return self._replace(requantize=dataclasses.replace(self.requantize, quantize=rows))
 
     @property
     def offset(self) -> np.ndarray:
@@ -50,7 +71,8 @@ class DynamicEpilogue(NamedTuple):
         ``params`` (the caller makes it 2-D)."""
         pad = (0, n_padded - len(self.colsum))
         columns = [self.colsum, self.scale] + ([self.bias] if self.bias is not None else [])
-        return [relax.const(np.pad(c, pad)) for c in columns] + [self.params]
+        params = [self.params] if self.requantize.quantize is None else []
+        return [relax.const(np.pad(c, pad)) for c in columns] + params
 
 
 def find_dynamic_epilogues(mod: tvm.IRModule, match_dense) -> dict[relax.Var, DynamicEpilogue]:
@@ -66,8 +88,57 @@ def find_dynamic_epilogues(mod: tvm.IRModule, match_dense) -> dict[relax.Var, Dy
             continue
         epilogue = _chain(b.var, dense[2].shape[1], only_user, values)
         if epilogue is not None:
-            found[b.var] = epilogue
+            source = _quantized_source(dense[0], epilogue.params, values, mod)
+            found[b.var] = epilogue._replace(source=source)
     return found
+
+
+def _quantized_source(x_q: relax.Expr, params: relax.Expr, values, mod) -> relax.Expr | None:
+    """``x`` when ``x_q`` is QuantizeDynamic's quantize of ``x`` with ``params``, which is
+    ``row_qparams_u8(x)`` (see the module docstring), else None."""
+    cast = values.get(x_q)
+    if op_name(cast) != "relax.astype" or str(cast.attrs.dtype) != "uint8":
+        return None
+    clip = values.get(cast.args[0])
+    if op_name(clip) != "relax.clip" or [_prim(a) for a in clip.args[1:]] != [0, _QMAX]:
+        return None
+    add = values.get(clip.args[0])
+    if op_name(add) != "relax.add" or not params.same_as(_column_of(add.args[1], 1, values)):
+        return None
+    rounded = values.get(add.args[0])
+    divide = values.get(rounded.args[0]) if op_name(rounded) == "relax.round" else None
+    if op_name(divide) != "relax.divide":
+        return None
+    x, s_x = divide.args
+    if not params.same_as(_column_of(s_x, 0, values)) or not _row_qparams_of(
+        params, x, values, mod
+    ):
+        return None
+    return x
+
+
+def _row_qparams_of(params: relax.Expr, x: relax.Expr, values, mod) -> bool:
+    """Whether ``params`` is ``call_tir(row_qparams_u8 kernel, [x])`` with QuantizeDynamic's eps."""
+    call = values.get(params)
+    if op_name(call) != "relax.call_tir" or not isinstance(call.args[0], tvm.ir.GlobalVar):
+        return False
+    args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+    if len(args) != 1 or not args[0].same_as(x) or call.args[0] not in mod:
+        return False
+    shape = x.ty.shape if isinstance(x.ty, relax.TensorType) else None
+    if not isinstance(shape, relax.ShapeExpr) or str(x.ty.dtype) != "float32":
+        return False
+    want = row_qparams_u8(list(shape.values), qmath.SCALE_EPS)
+    return bool(tvm_ffi.structural_equal(mod[call.args[0]], want))
+
+
+def _prim(value) -> float | None:
+    """The number of a constant op argument (an ``IntImm`` / ``FloatImm``), else None."""
+    for _ in range(2):  # a PrimValue wraps the immediate where there is one
+        value = getattr(value, "value", None)
+        if isinstance(value, int | float):
+            return value
+    return None
 
 
 def _chain(acc: relax.Var, n: int, only_user, values) -> DynamicEpilogue | None:

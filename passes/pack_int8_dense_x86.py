@@ -20,6 +20,14 @@ ReLU, ``astype``, per-column multiply, ``quantize(scale=1)``, clip; or a dequant
 store (:class:`tvmq.kernels.x86_int8.Requantize`): one kernel instead of about five, the
 int32 sums never go to memory, and the result is bit-identical.
 
+A ``QuantizeDynamic`` layer (:mod:`~tvmq.passes.dynamic_epilogue`) on the VNNI kernel stores
+its dequantize, bias and ReLU the same way, and where its ``x_q`` is the quantize of a float32
+``x`` the kernel reads ``x`` and computes each row's range, scale, zero point and bytes itself
+(:class:`tvmq.kernels.x86_int8.RowQuantize`, kernels named ``..._dynamic_quantize``): one
+kernel per layer instead of three (``row_qparams_u8``, the quantize, the dense), bit-identical.
+It does so where that pays (:func:`~tvmq.kernels.x86_int8.quantize_pays`: the row tiles are
+its parallel tasks); a parallel GEMV keeps reading the uint8 row.
+
 Signed activations: ``vpdpbusd`` multiplies *unsigned* by signed bytes, so an int8 ``x``
 is shifted to uint8 (``x + 128``) before the kernel and the kernel adds the constant
 compensation ``-128 * colsum(W)`` (an int32 per column) to the result; the answer is the
@@ -44,6 +52,7 @@ from tvmq.kernels.x86_int8 import (
     Requantize,
     int8_dense_vnni_rows,
     pack_weight_vnni,
+    quantize_pays,
 )
 
 from ._int8_dense import DenseKernel, rewrite_int8_dense
@@ -84,6 +93,10 @@ def _kernel(amx: bool) -> DenseKernel:
         # LowerInt8's requantize in either kernel, QuantizeDynamic's dequantize in VNNI's
         epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
         gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
+        # a dynamic layer's row range and quantize in the VNNI kernel, where that pays
+        quantizes=lambda choice: (
+            choice.amx is None and quantize_pays(choice.m_padded, choice.k_padded, choice.n_padded)
+        ),
     )
 
 

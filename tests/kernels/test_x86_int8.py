@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import tvm
 
+from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import (
+    DynamicDequantize,
     Requantize,
+    RowQuantize,
     int8_batch_matmul_vnni,
     int8_dense_vnni,
     int8_dense_vnni_rows,
     pack_weight_vnni,
+    quantize_pays,
 )
 from tvmq.targets import get_target
 
@@ -114,3 +118,86 @@ def test_dense_for_a_run_time_row_count_is_exact(k, n, with_offset):
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight_vnni(w)), *extra, mo, out)
         expected = x.astype(np.int64) @ w.astype(np.int64) + (offset if with_offset else 0)
         np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def _dynamic_layer_numpy(x, w, s_w, bias, relu, eps):
+    """numpy float32, written out: each row's range widened to 0, scale, zero point, uint8
+    bytes, exact integer product minus the zero point's term, dequantize, bias, ReLU."""
+    lo = np.minimum(x.min(axis=1, keepdims=True), np.float32(0))
+    hi = np.maximum(x.max(axis=1, keepdims=True), np.float32(0))
+    s = np.maximum((hi - lo) / np.float32(255), np.float32(eps))
+    z = np.clip(np.rint(-lo / s), 0, 255)
+    q = np.clip(np.rint(x / s) + z, 0, 255).astype(np.uint8)
+    acc = q.astype(np.int64) @ w.astype(np.int64) - z.astype(np.int64) * w.sum(0, np.int64)
+    y = acc.astype(np.int32).astype(np.float32) * (s * s_w)
+    y = y + bias if bias is not None else y
+    return np.maximum(y, np.float32(0)) if relu else y
+
+
+def _near_ties(x, eps, rng) -> None:
+    """Move the nonzero entries of ``x`` (but each row's min and max) to ``(j + 1/2) * s``, ``s``
+    their row's scale, or to the float next to it: where ``round(x / s)`` tells a division
+    from a multiply by ``1 / s`` and round-half-to-even from other roundings."""
+    for row in x:
+        lo, hi = np.float32(min(row.min(), 0)), np.float32(max(row.max(), 0))
+        s = np.maximum((hi - lo) / np.float32(255), np.float32(eps))
+        cols = np.flatnonzero(row != 0)
+        cols = cols[(cols != row.argmin()) & (cols != row.argmax())]
+        if hi == lo or not len(cols):
+            continue
+        j = rng.integers(int(np.ceil(lo / s)), int(np.floor(hi / s)), len(cols))
+        t = ((j + np.float32(0.5)) * s).astype(np.float32)
+        near = [np.nextafter(t, np.float32(-np.inf)), t, np.nextafter(t, np.float32(np.inf))]
+        row[cols] = np.clip(np.choose(rng.integers(0, 3, len(cols)), near), lo, hi)
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    "m,k,n,bias,relu,n_out",
+    [
+        (1, 784, 128, True, True, None),  # the TFLite MLP's first layer
+        (1, 128, 10, True, False, 10),  # its second: N padded to 16, 10 columns stored
+        (1, 30, 10, False, False, None),  # K % 4 != 0: the kernel pads the bytes itself
+        (3, 7, 17, True, True, None),  # shorter rows than one vector, odd everything
+        (12, 100, 48, False, True, None),  # mr = 6, K % 16 == 4: a tail after the partials
+        (64, 384, 64, True, False, None),  # 8 row tiles in parallel
+    ],
+)
+def test_dense_quantizing_its_rows_matches_numpy(m, k, n, bias, relu, n_out):
+    """The one-kernel dynamic layer (row range, scale, zero point, uint8 bytes, VNNI sums,
+    dequantize, bias, ReLU) equals numpy's float32 computation bit for bit."""
+    eps = 2.0**-23
+    kp, np_ = round_up(k, 4), round_up(n, 16)
+    layer = DynamicDequantize(bias=bias, relu=relu, quantize=RowQuantize(k, eps))
+    lib = _compile(int8_dense_vnni(m, kp, np_, requantize=layer, n_out=n_out))
+    rng = np.random.default_rng(m * k + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[:, : k // 3] = 0.0  # zero points other than the row's minimum ...
+    x[m // 2] = np.abs(x[m // 2]) * 3  # ... and 0 (a row >= 0) ...
+    if m > 2:
+        x[-1] = 0.0  # ... and a zero row (scale eps)
+    _near_ties(x, eps, rng)
+    w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    s_w = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
+    b = rng.normal(size=n).astype(np.float32)
+    pad = (0, np_ - n)
+    colsum = np.pad(w.astype(np.int32).sum(0, dtype=np.int32), pad)
+    args = [x, pack_weight_vnni(w, kp), colsum, np.pad(s_w, pad)] + (
+        [np.pad(b, pad)] if bias else []
+    )
+    out = tvm.runtime.tensor(np.zeros((m, n_out or np_), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    want = _dynamic_layer_numpy(x, w, s_w, b if bias else None, relu, eps)
+    np.testing.assert_array_equal(out.numpy()[:, :n], want)
+    assert (want != 0).mean() > 0.25  # not all ReLU'd away
+    assert "vpdpbusd" in _llvm(lib, "asm")
+    # A batch-1 row's bytes (< 1 KiB) live on the stack; a parallel kernel takes its row
+    # block's bytes and its accumulator tile from TVM's workspace pool, once per task.
+    allocs = _workspace_allocs(lib)
+    assert allocs == 0 if m == 1 else allocs <= 2
+
+
+def test_quantizing_its_rows_pays_serial_or_with_row_tiles():
+    assert quantize_pays(1, 784, 128)  # serial: below the parallel threshold
+    assert quantize_pays(128, 384, 1536)  # 16 row tiles of 8
+    assert not quantize_pays(1, 1024, 1024)  # a parallel GEMV: its tasks are column tiles

@@ -72,6 +72,54 @@ def test_bit_exact_on_random_inputs(rng, x_shape, n, x_dtype):
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
 
 
+def _row_qparams_calls(mod):
+    return [
+        c
+        for c in _ops_named(mod, "relax.call_tir")
+        if c.args[0].name_hint.startswith("row_qparams")
+    ]
+
+
+def _shared_input_module(rng, x_shape, widths):
+    """Float ``concat([x @ W_i for W_i], -1)``, then QuantizeDynamic: one quantize of ``x``
+    read by every layer."""
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            ys = [
+                bb.emit(
+                    relax.op.matmul(x, relax.const(rng.normal(size=(x_shape[-1], n)), "float32"))
+                )
+                for n in widths
+            ]
+            out = bb.emit_output(bb.emit(relax.op.concat(ys, axis=-1)))
+        bb.emit_func_output(out)
+    return QuantizeDynamic()(bb.get())
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "widths", "fused"), [((1, 1024), (16, 1024), 1), ((16, 64), (32, 48), 2)]
+)
+def test_dynamic_layers_quantize_in_the_kernel_where_it_pays(rng, x_shape, widths, fused):
+    """Layers that share one quantized input each quantize it in their kernel, except a
+    parallel GEMV (its tasks are column tiles, each would quantize the row again): it keeps
+    reading the uint8 row, and row_qparams_u8 and the quantize stay for it alone. Exact."""
+    mod = _shared_input_module(rng, x_shape, widths)
+    assert len(_row_qparams_calls(mod)) == 1
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    dense = [name for name in names if name.startswith("tvmq_int8_dense")]
+    assert len(dense) == len(widths) and all("_dynamic" in name for name in dense), names
+    assert sum("_quantize" in name for name in dense) == fused, names
+    assert len(_row_qparams_calls(packed)) == (fused < len(widths))
+    x = rng.normal(size=x_shape).astype("float32")
+    np.testing.assert_array_equal(_run_main(packed, x), _run_main(mod, x))
+
+
 SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
 
@@ -402,19 +450,25 @@ def _float_mlp_module(rng, x_shape, k, hidden, n, relu):
     ("x_shape", "k", "hidden", "n", "relu"),
     [
         ((1, 784), 784, 128, 10, True),  # the TFLite dynamic-range MLP: bias + ReLU, N padded
-        ((2, 5, 40), 40, 64, 24, False),  # 3-D: params (2, 5, 2) read as (10, 2)
+        ((2, 5, 40), 40, 64, 24, False),  # 3-D: 10 rows, read as (10, 40)
+        ((12, 30), 30, 20, 17, True),  # odd K (padded in the kernel), N, hidden
+        ((64, 96), 96, 48, 32, False),  # 8 row tiles of 8, in parallel
     ],
 )
-def test_dynamic_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, k, hidden, n, relu):
-    """QuantizeDynamic's zero-point compensation, scale, bias and ReLU after each dense layer
-    are stored by the VNNI kernel (which reads the row params itself): no int32 tensor left,
-    and the result equals TVM's default lowering of the unrewritten module exactly."""
+def test_dynamic_layer_is_one_kernel_bit_exact(rng, x_shape, k, hidden, n, relu):
+    """Each dynamically quantized dense layer is one VNNI kernel: it reads the float32 rows,
+    computes their range, scale, zero point and bytes, the sums, QuantizeDynamic's
+    zero-point compensation and scale, the bias and ReLU: no row_qparams_u8, quantize or
+    int32 tensor left, and the result equals TVM's default lowering of the unrewritten module
+    exactly."""
     mod = _float_mlp_module(rng, x_shape, k, hidden, n, relu)
     packed = PackInt8DenseX86(CASCADELAKE)(mod)
     assert not _ops_named(packed, "relax.matmul") and not _casts_to_float(packed)
     assert not _ops_named(packed, "relax.subtract") and not _ops_named(packed, "relax.nn.relu")
+    assert not _ops_named(packed, "relax.round") and not _row_qparams_calls(packed)
     names = [str(gv.name_hint) for gv in packed.get_global_vars()]
-    assert sum("_dynamic" in name for name in names) == 2, names
+    assert sum("_dynamic_quantize" in name for name in names) == 2, names
+    assert sum(name.startswith("tvmq_int8_dense") for name in names) == 2, names
     x = rng.normal(size=x_shape).astype("float32")
     x[..., :3] = 0.0  # a zero point other than the row's minimum
     got, want = _run_main(packed, x), _run_main(mod, x)

@@ -15,6 +15,10 @@ answers). :func:`int8_dense_vnni` builds the scheduled TIR kernel:
 
 Shapes must already be padded: ``K % 4 == 0``, ``N % 16 == 0`` and ``M % mr == 0``
 (:func:`choose_tiles` picks ``mr`` dividing ``M``, or says how far to pad ``M``).
+
+An int8-dynamic layer's kernel (:class:`DynamicDequantize` with a :class:`RowQuantize`) reads
+float32 rows instead: each row tile computes its rows' range, scale and zero point and
+quantizes them into a scratch block (``mr x K`` bytes) once, then walks its column tiles.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
 
 from tvmq.kernels._tiling import pack_int8_tiles, round_up
+from tvmq.kernels.dynamic_quant import quantized_rows
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
 
 KERNEL_ATTR = "tvmq.kernel"
@@ -71,6 +77,16 @@ class Requantize:
 
 
 @dataclass(frozen=True)
+class RowQuantize:
+    """The kernel quantizes its own float32 input ``X (m, k)``, each row with its own range
+    (``QuantizeDynamic``'s ``row_qparams_u8`` and quantize, ``eps`` bounding the scales), into
+    a scratch row block: see :func:`tvmq.kernels.dynamic_quant.quantized_rows`."""
+
+    k: int  # X's columns (the kernel's K is padded to a multiple of 4)
+    eps: float
+
+
+@dataclass(frozen=True)
 class DynamicDequantize:
     """A dynamically quantized layer's float32 result computed before the store
     (``QuantizeDynamic``'s dequantize, then the layer's bias and ReLU):
@@ -78,10 +94,14 @@ class DynamicDequantize:
     ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu``, where ``params`` holds each row's
     scale and zero point (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
     ``scale`` float32 [, ``bias`` float32], then ``params (m, 2)`` float32. The same float32
-    operations in the same order as the Relax ops: bit-identical."""
+    operations in the same order as the Relax ops: bit-identical.
+
+    With ``quantize`` the kernel takes the float32 rows instead of ``X`` and computes each
+    row's params and uint8 bytes itself (no ``params`` argument): one kernel per layer."""
 
     bias: bool = False
     relu: bool = False
+    quantize: RowQuantize | None = None
 
     @property
     def dtype(self) -> str:
@@ -113,6 +133,14 @@ def choose_tiles(m: int, n_padded: int) -> DenseTiles:
     prefs = (3, 4, 2, 1) if mr >= 6 else (4, 3, 2, 1)
     nr = next(r for r in prefs if n_tiles % r == 0 and mr * r <= _MAX_ACCUMULATORS)
     return DenseTiles(mr, nr, m_padded)
+
+
+def quantize_pays(m: int, k: int, n: int) -> bool:
+    """Whether the kernel of a padded ``(m, k) x (k, n)`` product should quantize its own rows
+    (:class:`RowQuantize`): such a kernel runs its row tiles in parallel and quantizes each
+    once, so it takes serial products (one thread anyway) and those with 8 row tiles or more,
+    not a large GEMV, whose parallel tasks are column tiles."""
+    return m * n * k < _PARALLEL_MIN_MACS or m // choose_tiles(m, n).mr >= 8
 
 
 def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
@@ -190,8 +218,13 @@ def int8_dense_vnni(
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
     if not static_m:  # every loop int64 like the symbolic rows, or the fused loops mix dtypes
         k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
-    x = te.placeholder((m, k), x_dtype, name="X")
+    quantize = getattr(requantize, "quantize", None)
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
+    if quantize is not None:  # X float32: its bytes are a stage of the kernel
+        x_float = te.placeholder((m, quantize.k), "float32", name="X")
+        x, *row_params = quantized_rows(x_float, k, quantize.eps)
+    else:
+        x = te.placeholder((m, k), x_dtype, name="X")
     r = te.reduce_axis((0, k), name="k")
     signed = x_dtype == "int8"
 
@@ -206,7 +239,7 @@ def int8_dense_vnni(
         ),
         name="acc",
     )
-    args = [x, w]
+    args = [x_float if quantize is not None else x, w]
     if with_offset:
         off = te.placeholder((n,), "int32", name="offset")
         args.append(off)
@@ -218,7 +251,9 @@ def int8_dense_vnni(
     if requantize is None:
         out = te.compute(shape, value, name="C")
     elif isinstance(requantize, DynamicDequantize):
-        out, more = _dynamic_dequantize(shape, value, m, n, requantize)
+        out, more = _dynamic_dequantize(
+            shape, value, m, n, requantize, row_params if quantize is not None else None
+        )
         args += more
     else:
         mult = te.placeholder((n,), "float32", name="multiplier")
@@ -228,24 +263,32 @@ def int8_dense_vnni(
         )
     func = te.create_prim_func([*args, *extra, out])
     parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
-    return _schedule(func, tiles, parallel, signed)
+    return _schedule(func, tiles, parallel, signed, quantize is not None)
 
 
-def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize):
-    """The ``C`` stage and extra arguments of a :class:`DynamicDequantize` store."""
+def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=None):
+    """The ``C`` stage and extra arguments of a :class:`DynamicDequantize` store (each row's
+    scale and zero point from the ``params`` argument, or the kernel's own ``row_params``
+    stages)."""
     colsum = te.placeholder((n,), "int32", name="colsum")
     scale = te.placeholder((n,), "float32", name="scale")
     bias = [te.placeholder((n,), "float32", name="bias")] if d.bias else []
-    params = te.placeholder((m, 2), "float32", name="params")
+    more = [colsum, scale, *bias]
+    if row_params is None:
+        params = te.placeholder((m, 2), "float32", name="params")
+        more.append(params)
+        row_scale, row_zero = (lambda i: params[i, 0]), (lambda i: params[i, 1])
+    else:
+        row_scale, row_zero = (lambda i: row_params[0][i]), (lambda i: row_params[1][i])
 
     def y(i, j):
-        v = value(i, j) - params[i, 1].astype("int32") * colsum[j]
-        f = v.astype("float32") * (params[i, 0] * scale[j])
+        v = value(i, j) - row_zero(i).astype("int32") * colsum[j]
+        f = v.astype("float32") * (row_scale(i) * scale[j])
         if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
             f = tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f) + bias[0][j]
         return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
 
-    return te.compute(shape, y, name="C"), [colsum, scale, *bias, params]
+    return te.compute(shape, y, name="C"), more
 
 
 def requantize_value(v, multiplier, r: Requantize):
@@ -292,26 +335,36 @@ def int8_batch_matmul_vnni(
 
 
 def _schedule(
-    func: tvm.tirx.PrimFunc, tiles: DenseTiles, parallel: bool, signed: bool = False
+    func: tvm.tirx.PrimFunc,
+    tiles: DenseTiles,
+    parallel: bool,
+    signed: bool = False,
+    quantize: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
-    (or its batched form: the batch loop joins the parallel tile loop)."""
+    (or its batched form: the batch loop joins the parallel tile loop). With ``quantize`` the
+    row tiles are the outer (parallel) loop and each quantizes its rows once, before its
+    column tiles (:func:`_schedule_quantize`)."""
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("C")
     *batch, oi, oj = sch.get_loops(out)
     mo, mi = sch.split(oi, [None, tiles.mr])
     no, nj = sch.split(oj, [None, tiles.nr * LANES])
-    sch.reorder(*batch, no, mo, mi, nj)
-    # The accumulator shrinks to one mr x (nr * 16) tile per task.
-    sch.compute_at(acc, mo)
+    if quantize:
+        sch.reorder(mo, no, mi, nj)
+        sch.compute_at(acc, no)
+        _schedule_quantize(sch, mo, parallel)
+    else:
+        sch.reorder(*batch, no, mo, mi, nj)
+        # The accumulator shrinks to one mr x (nr * 16) tile per task.
+        sch.compute_at(acc, mo)
     # compute_at drops unit loops: the row loop is there only when mr > 1.
     *rows, aj, ak = sch.get_loops(acc)[len(batch) + 2 :]
     ni, nv = sch.split(aj, [tiles.nr, LANES])
     ko, kv = sch.split(ak, [None, REDUCE])
     sch.reorder(ko, *rows, ni, nv, kv)
-    outer = sch.fuse(*batch, no, mo)
-    if parallel:
-        sch.parallel(outer)
+    if parallel and not quantize:
+        sch.parallel(sch.fuse(*batch, no, mo))
     init = sch.decompose_reduction(acc, ko)
     sch.tensorize(nv, register_vnni_intrin(signed))
     for loop in (*rows, ni):
@@ -325,3 +378,30 @@ def _schedule(
         .with_attr(KERNEL_ATTR, "int8_dense_vnni")
         .without_attr("global_symbol")
     )
+
+
+def _schedule_quantize(sch: Schedule, rows, parallel: bool) -> None:
+    """Compute the stages of :func:`~tvmq.kernels.dynamic_quant.quantized_rows` per row tile
+    (loop ``rows``, made ``parallel``): the range as 16-lane partial results over the row,
+    the bytes 16 (8, 4) at a time into a scratch block of ``mr x K`` bytes."""
+    for name in ("row_quantize", "row_zero", "row_scale", "row_min", "row_max"):
+        sch.compute_at(sch.get_sblock(name), rows)
+    parts = []
+    for name in ("row_min_part", "row_max_part"):
+        try:
+            parts.append(sch.get_sblock(name))
+        except ScheduleError:  # short rows have no partial results
+            continue
+        sch.compute_at(parts[-1], rows)
+    if parallel:  # before the reductions are decomposed (parallel wants whole blocks)
+        sch.parallel(rows)
+    for part in parts:
+        *_, lane, ko = sch.get_loops(part)[1:]
+        sch.reorder(ko, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(part, ko)
+    quantize = sch.get_sblock("row_quantize")
+    cols = sch.get_loops(quantize)[-1]
+    extent = int(sch.get(cols).extent)
+    width = next(v for v in (LANES, 8, REDUCE) if extent % v == 0)
+    sch.vectorize(sch.split(cols, [None, width])[1])
