@@ -51,6 +51,7 @@ from tvmq.frontends.tflite import dynamic_range_scheme
 from tvmq.passes import (
     SPARSE_ATTR,
     CanonicalizeQDQ,
+    ConvTransposeAsMatmul,
     FoldBatchNorm,
     PackBf16ConvX86,
     PackBf16DenseX86,
@@ -291,7 +292,12 @@ def run(
         phase("bf16", progress)
         target = preset.tvm_target()
         bf16 = tvm.transform.Sequential(
-            [FoldBatchNorm(), PackBf16ConvX86(target), PackBf16DenseX86(target)]
+            [
+                ConvTransposeAsMatmul(),
+                FoldBatchNorm(),
+                PackBf16ConvX86(target),
+                PackBf16DenseX86(target),
+            ]
         )
         done.model = _with_mod(done.model, bf16(done.model.mod))
         done.applied["precision"] = {"compute": "bfloat16 (AMX matmuls)", "accumulate": "float32"}
