@@ -57,6 +57,8 @@ CASES = {
     ),
     "sigmoid": (relax.op.sigmoid, lambda x: 1 / (1 + np.exp(-x)), 20.0, 0.0, 1e-6),
     "silu": (relax.op.nn.silu, lambda x: x / (1 + np.exp(-x)), 8.0, 1e-6, 1e-6),
+    "power3": (lambda x: relax.op.power(x, relax.const(3.0)), lambda x: x**3, 4.0, 1e-6, 0.0),
+    "power2": (lambda x: relax.op.power(x, relax.const(2.0)), lambda x: x**2, 4.0, 1e-6, 0.0),
     # softmax: float32 sums over 4,096 values round to ~1e-6 relative, with or without UseFastMath
     "softmax": (lambda x: relax.op.nn.softmax(x, axis=-1), _softmax, 8.0, 1e-5, 1e-7),
 }
@@ -79,6 +81,9 @@ def test_other_ops_and_dtypes_are_left_alone():
         _module(relax.op.sigmoid, "float16"),
         _module(relax.op.exp, "float16"),
         _module(lambda x: relax.op.add(x, x)),
+        _module(lambda x: relax.op.power(x, relax.const(2.5))),  # not an integer exponent
+        _module(lambda x: relax.op.power(x, relax.const(7.0))),  # left to powf
+        _module(lambda x: relax.op.power(x, x)),
     ]
     for mod in mods:
         tvm.ir.assert_structural_equal(UseFastMath()(mod), mod)
