@@ -5,7 +5,7 @@ the model is NCHW. :class:`ChannelsLastRewriter` rewrites each matched conv2d th
 ``lower`` callback and keeps its result channels last (NHWC) as long as it can: each
 elementwise op that follows (bias, relu, requantize: unary ops, binary ops whose other
 operand is a constant, a scalar, a ``(N, C, 1, 1)`` tensor or also NHWC; ``quantize`` /
-``dequantize``), ``nn.pad``, ``max_pool2d`` / ``avg_pool2d`` and a ``mean`` over H and W
+``dequantize``), ``nn.pad``, ``concat``, ``max_pool2d`` / ``avg_pool2d`` and a ``mean`` over H and W
 (global average pooling) are computed on the NHWC tensor (constants transposed at compile
 time, ``(N, C, 1, 1)`` tensors reshaped), and a following conv takes it as its input
 directly. The transpose to NCHW is emitted after each of these ops but is dead code unless
@@ -65,6 +65,7 @@ _POOLS = {
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PAD = tvm.ir.Op.get("relax.nn.pad")
 _MEAN = tvm.ir.Op.get("relax.mean")
+_CONCAT = tvm.ir.Op.get("relax.concat")
 _QDQ_Q = tvm.ir.Op.get("relax.quantize")
 
 
@@ -87,13 +88,15 @@ def _shape_of(expr: relax.Expr) -> tuple[int, ...] | None:
 
 
 def _is_per_channel(arg: relax.Expr, out_shape: tuple[int, ...]) -> bool:
-    """Whether ``arg`` is an ``(N, C, 1, 1)`` tensor broadcast over an NCHW ``out_shape``."""
+    """Whether ``arg`` is an ``(N, C, 1, 1)`` (or ``(1, C, 1, 1)``: a bias) tensor broadcast
+    over an NCHW ``out_shape``."""
     shape = _shape_of(arg) if isinstance(arg.ty, relax.TensorType) else None
     return (
         shape is not None
         and len(shape) == 4
         and shape[2:] == (1, 1)
-        and (shape[:2] == out_shape[:2])
+        and shape[0] in (1, out_shape[0])
+        and shape[1] == out_shape[1]
     )
 
 
@@ -182,6 +185,8 @@ class ChannelsLastRewriter(PyExprMutator):
         x = call.args[0]
         if call.op.same_as(_MEAN):
             return self._nhwc_mean(call)
+        if call.op.same_as(_CONCAT):
+            return self._nhwc_concat(call)
         if call.op in _POOLS or call.op.same_as(_PAD) or call.op in _QDQ:
             if x not in self.nhwc:
                 return None
@@ -236,6 +241,21 @@ class ChannelsLastRewriter(PyExprMutator):
             else:
                 args.append(arg)  # scalars, PrimValues
         return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+    def _nhwc_concat(self, call: relax.Call) -> relax.Expr | None:
+        """``concat`` of NCHW tensors (UNet's skip connections, a detector's FPN) over their
+        twins, when at least one has a twin; the others are transposed once."""
+        parts = call.args[0]
+        if not isinstance(parts, relax.Tuple) or not any(p in self.nhwc for p in parts.fields):
+            return None
+        twins = []
+        for part in parts.fields:
+            shape = _shape_of(part)
+            if part not in self.nhwc and (shape is None or len(shape) != 4):
+                return None
+            twins.append(self.nhwc_input(part))
+        axis = int(call.attrs.axis) % 4
+        return relax.op.concat(twins, axis=_NHWC_POS[axis])
 
     def _nhwc_mean(self, call: relax.Call) -> relax.Expr | None:
         """``mean(x, axis=[2, 3] (any order / negative), keepdims=True)`` over the twin."""

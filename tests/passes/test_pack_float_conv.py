@@ -212,6 +212,49 @@ def test_channels_last_between_convs():
     assert _kernel_names(lowered).count("float_conv2d_nhwc") == 1  # one kernel, used twice
 
 
+def test_concat_of_skip_connections_stays_channels_last(rng):
+    """A UNet step (conv, 2x2/2 up-conv, concat with the skip, conv): the concat and the
+    up-conv's pixel shuffle run on NHWC twins; only the input and output are transposed."""
+
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.up = torch.nn.ConvTranspose2d(16, 8, 2, stride=2)
+            self.out = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            skip = torch.relu(x)
+            y = torch.relu(self.up(torch.relu(self.down(skip))))
+            return self.out(torch.cat([y, skip], dim=1))
+
+    from tvmq.frontends import import_model
+    from tvmq.passes import ConvTransposeAsMatmul
+
+    model = Up().eval()
+    x = rng.standard_normal((2, 8, 10, 12)).astype(np.float32)
+    mod = ConvTransposeAsMatmul()(import_model(model, example_inputs=(torch.from_numpy(x),)).mod)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    to_nchw = []
+    relax.analysis.post_order_visit(
+        lowered["main"],
+        lambda e: (
+            to_nchw.append(e)
+            if isinstance(e, relax.Call)
+            and e.op.same_as(tvm.ir.Op.get("relax.permute_dims"))
+            and [int(a) for a in e.attrs.axes] == [0, 3, 1, 2]
+            else None
+        ),
+    )
+    assert len(to_nchw) == 1  # the output's
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_no_op_where_it_does_not_apply(rng):
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     grouped = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
