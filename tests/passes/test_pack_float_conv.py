@@ -180,6 +180,16 @@ def test_pack_conv_weight_layout(rng):
     assert not packed[2, :, :, :, 4:].any()  # channels 20..23 are padding
 
 
+def _permutes(func: relax.Function) -> list[relax.Call]:
+    found = []
+    permute = tvm.ir.Op.get("relax.permute_dims")
+    relax.analysis.post_order_visit(
+        func,
+        lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(permute) else None,
+    )
+    return found
+
+
 def test_channels_last_between_convs():
     """A ResNet basic block transposes only the model's input and output."""
 
@@ -199,15 +209,7 @@ def test_channels_last_between_convs():
     mod = import_model(Block().eval(), example_inputs=(torch.zeros(1, 16, 8, 8),)).mod
     with AVX512:
         lowered = PackFloatConv()(mod)
-    permutes = []
-    relax.analysis.post_order_visit(
-        lowered["main"],
-        lambda e: (
-            permutes.append(e)
-            if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.permute_dims"))
-            else None
-        ),
-    )
+    permutes = _permutes(lowered["main"])
     assert len(permutes) == 2
     assert _kernel_names(lowered).count("float_conv2d_nhwc") == 1  # one kernel, used twice
 
@@ -236,17 +238,9 @@ def test_concat_of_skip_connections_stays_channels_last(rng):
     mod = ConvTransposeAsMatmul()(import_model(model, example_inputs=(torch.from_numpy(x),)).mod)
     with AVX512:
         lowered = PackFloatConv()(mod)
-    to_nchw = []
-    relax.analysis.post_order_visit(
-        lowered["main"],
-        lambda e: (
-            to_nchw.append(e)
-            if isinstance(e, relax.Call)
-            and e.op.same_as(tvm.ir.Op.get("relax.permute_dims"))
-            and [int(a) for a in e.attrs.axes] == [0, 3, 1, 2]
-            else None
-        ),
-    )
+    to_nchw = [
+        p for p in _permutes(lowered["main"]) if [int(a) for a in p.attrs.axes] == [0, 3, 1, 2]
+    ]
     assert len(to_nchw) == 1  # the output's
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
