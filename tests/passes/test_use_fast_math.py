@@ -92,3 +92,20 @@ def test_other_ops_and_dtypes_are_left_alone():
 def test_idempotent():
     once = UseFastMath()(_module(relax.op.nn.gelu))
     tvm.ir.assert_structural_equal(UseFastMath()(once), once)
+
+
+@pytest.mark.parametrize("n", [197, 77])
+def test_ragged_softmax_rows_are_padded_and_match(n):
+    # Rows no 16 divides are padded with -inf inside the kernel (whole SIMD vectors for the
+    # row max and sum); masked (-inf) entries give 0, a fully masked row NaN, as in numpy.
+    mod = _module(lambda x: relax.op.nn.softmax(x, axis=-1), shape=(6, n))
+    fast = UseFastMath()(mod)
+    assert "T.int64(" + str(-(-n // 16) * 16) + ")" in fast.script()
+    x = np.random.default_rng(3).standard_normal((6, n)).astype(np.float32) * 8
+    x[1, n // 2 :] = -np.inf
+    x[2, :] = -np.inf
+    with np.errstate(invalid="ignore"):
+        expected = _softmax(x.astype(np.float64))
+    out = _run(fast, x)
+    assert np.isnan(out[2]).all() and not np.isnan(np.delete(out, 2, axis=0)).any()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7, equal_nan=True)
