@@ -27,6 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ._int8_dense import _static_shape
 from .relax_utils import map_functions, with_span
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
@@ -34,16 +35,6 @@ _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    try:
-        return _ints(ty.shape.values)
-    except (TypeError, ValueError):
-        return None
 
 
 def as_matmul(call: relax.Call, emit) -> relax.Expr | None:
