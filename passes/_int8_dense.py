@@ -358,6 +358,51 @@ def _quantizing(epilogue) -> bool:
     return isinstance(epilogue, DynamicEpilogue) and epilogue.requantize.quantize is not None
 
 
+class KernelRewriter(PyExprMutator):
+    """The shell of a pass that replaces calls by tvmq kernels (decorate subclasses with
+    ``@mutator``): each call :meth:`match` accepts becomes :meth:`rewrite` ``(*found)``;
+    :meth:`kernel_var` adds a kernel to the module once per key; ``changed`` says whether
+    anything was rewritten (:func:`rewrite_functions` reads it)."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.changed = False
+
+    def match(self, call: relax.Call) -> tuple | None:
+        """The arguments of :meth:`rewrite` for a call this pass takes, else None."""
+        raise NotImplementedError
+
+    def rewrite(self, *found) -> relax.Expr:
+        raise NotImplementedError
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        found = self.match(call)
+        if found is None:
+            return call
+        self.changed = True
+        return self.rewrite(*found)
+
+    def kernel_var(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
+        """The global of the kernel ``build()`` makes, added to the module once per ``key``."""
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(build(), name)
+        return self.kernels[key]
+
+
+def batch_matmul_dims(a: relax.Expr, b: relax.Expr) -> tuple | None:
+    """``(batch dims, M, K, N)`` of ``matmul(a, b)`` over static, non-empty 3+-D operands
+    with the same batch dims, else None."""
+    a_shape, b_shape = _static_shape(a), _static_shape(b)
+    if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
+        return None
+    (*batch, m, k), (*b_batch, k2, n) = a_shape, b_shape
+    if batch != b_batch or k != k2 or 0 in a_shape or 0 in b_shape:
+        return None
+    return tuple(batch), m, k, n
+
+
 def rewrite_functions(mod: tvm.IRModule, rewriter, finish=None) -> tvm.IRModule:
     """Every Relax function of ``mod`` through ``rewriter`` (a PyExprMutator built on ``mod``
     with a ``changed`` flag): ``mod`` itself when nothing matched, else the module of its

@@ -26,11 +26,11 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
-from ._int8_dense import _static_shape, rewrite_functions
+from ._int8_dense import KernelRewriter, _static_shape, rewrite_functions
 from .relax_utils import is_tensor_const
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -117,7 +117,7 @@ Lowering = Callable[["ChannelsLastRewriter", relax.Call], "relax.Expr | None"]
 
 
 @mutator
-class ChannelsLastRewriter(PyExprMutator):
+class ChannelsLastRewriter(KernelRewriter):
     """Replaces each conv2d ``lower`` accepts, keeping NHWC results NHWC.
 
     ``self.nhwc`` maps a (rewritten) 4-D NCHW var to its NHWC twin: ``var`` is
@@ -129,8 +129,6 @@ class ChannelsLastRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lower: Lowering):
         super().__init__(mod)
         self.lower = lower
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
         self.nhwc: dict[relax.Var, relax.Var] = {}
         self.current_var: relax.Var | None = None  # the binding being rewritten
         # var -> an earlier var whose rewritten value already is var's value (a kernel with
@@ -266,19 +264,13 @@ class ChannelsLastRewriter(PyExprMutator):
             return None
         return relax.op.mean(self.nhwc[x], axis=[1, 2], keepdims=True)
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
+    def match(self, call: relax.Call):
+        # ``lower`` matches and emits in one step: its result is the rewrite.
         lowered = self.lower(self, call)
-        if lowered is None:
-            return call
-        self.changed = True
-        return lowered
+        return None if lowered is None else (lowered,)
 
-    def kernel_var(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
-        """The global of the kernel ``build()`` makes, added to the module once per ``key``."""
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(build(), name)
-        return self.kernels[key]
+    def rewrite(self, lowered: relax.Expr) -> relax.Expr:
+        return lowered
 
     def nhwc_input(self, x: relax.Expr) -> relax.Expr:
         """``x`` (N, C, H, W) channels last: its twin when it has one, else a transpose (which

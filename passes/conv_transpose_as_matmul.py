@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from ._int8_dense import _static_shape
+from ._int8_dense import KernelRewriter, _static_shape
 from .relax_utils import map_functions, with_span
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
@@ -37,9 +37,9 @@ def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def as_matmul(call: relax.Call, emit) -> relax.Expr | None:
-    """The matmul + pixel shuffle form of ``call`` (see the module docstring), its
-    intermediate values bound with ``emit``; None for a call that is not such a conv."""
+def match_conv_transpose(call: relax.Expr) -> tuple | None:
+    """``(x, W as numpy IOHW, (N, Cin, H, W))`` of a transposed conv this pass rewrites (see
+    the module docstring), else None."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D_TRANSPOSE):
         return None
     x, w = call.args
@@ -51,37 +51,35 @@ def as_matmul(call: relax.Call, emit) -> relax.Expr | None:
     x_shape, w_shape = _static_shape(x), _static_shape(w)
     if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return None
-    n, cin, h, wd = x_shape
-    _, cout, kh, kw = w_shape
-    if int(a.groups) != 1 or w_shape[0] != cin or (kh, kw) != _ints(a.strides):
+    if int(a.groups) != 1 or w_shape[0] != x_shape[1] or w_shape[2:] != _ints(a.strides):
         return None
     if any(_ints(a.padding)) or any(_ints(a.output_padding)) or _ints(a.dilation) != (1, 1):
         return None
     dtype = str(x.ty.dtype)
     if str(w.ty.dtype) != dtype or (a.out_dtype and str(a.out_dtype) not in ("", dtype)):
         return None
-    weight = w.value.numpy().transpose(0, 2, 3, 1).reshape(cin, kh * kw * cout)
-    rows = emit(relax.op.reshape(emit(relax.op.permute_dims(x, [0, 2, 3, 1])), (n * h * wd, cin)))
-    m = emit(with_span(relax.op.matmul(rows, relax.const(np.ascontiguousarray(weight))), call.span))
-    tiles = emit(relax.op.reshape(m, (n, h, wd, kh, kw, cout)))
-    shuffled = emit(relax.op.permute_dims(tiles, [0, 1, 3, 2, 4, 5]))
-    nhwc = emit(relax.op.reshape(shuffled, (n, h * kh, wd * kw, cout)))
-    return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
+    return x, w.value.numpy(), x_shape
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.changed = False
+class _Rewriter(KernelRewriter):
+    def match(self, call: relax.Call):
+        found = match_conv_transpose(call)
+        return None if found is None else (*found, call.span)
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        new = as_matmul(call, self.builder_.emit)
-        if new is None:
-            return call
-        self.changed = True
-        return new
+    def rewrite(self, x, w: np.ndarray, x_shape: tuple, span) -> relax.Expr:
+        emit = self.builder_.emit
+        n, cin, h, wd = x_shape
+        _, cout, kh, kw = w.shape
+        weight = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(cin, kh * kw * cout))
+        rows = emit(
+            relax.op.reshape(emit(relax.op.permute_dims(x, [0, 2, 3, 1])), (n * h * wd, cin))
+        )
+        m = emit(with_span(relax.op.matmul(rows, relax.const(weight)), span))
+        tiles = emit(relax.op.reshape(m, (n, h, wd, kh, kw, cout)))
+        shuffled = emit(relax.op.permute_dims(tiles, [0, 1, 3, 2, 4, 5]))
+        nhwc = emit(relax.op.reshape(shuffled, (n, h * kh, wd * kw, cout)))
+        return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
 
 
 def _rewrite(mod: tvm.IRModule, func: relax.Function) -> relax.Function:

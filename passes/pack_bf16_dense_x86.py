@@ -26,7 +26,7 @@ import math
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.x86_amx_bf16 import (
     bf16_dense_amx,
@@ -36,7 +36,7 @@ from tvmq.kernels.x86_amx_bf16 import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import is_symbolic, rewrite_functions
+from ._int8_dense import KernelRewriter, is_symbolic, rewrite_functions
 from .pack_float_dense import match_float_dense
 from .pack_int8_dense_x86 import llvm_target_has
 
@@ -49,34 +49,22 @@ def target_has_amx_bf16(target: tvm.target.Target | None) -> bool:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
+class _Rewriter(KernelRewriter):
+    def match(self, call: relax.Call):
         found = match_float_dense(call, self.lookup_binding)
         if found is None or is_symbolic(found[1]) or math.prod(found[1][:-1]) < MIN_ROWS:
-            return call
-        self.changed = True
-        return self._lower(*found)
+            return None
+        return found
 
-    def _kernel(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(build(), name)
-        return self.kernels[key]
-
-    def _lower(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
+    def rewrite(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
         bb = self.builder_
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         mp, kp, np_ = bf16_padded(m, k, n)
-        convert = self._kernel(
+        convert = self.kernel_var(
             ("bf16", m, k, mp, kp), f"tvmq_to_bf16_{mp}x{kp}", lambda: to_bf16_rows(m, k, mp, kp)
         )
-        dense = self._kernel(
+        dense = self.kernel_var(
             ("dense", mp, kp, np_),
             f"tvmq_bf16_dense_amx_{mp}x{kp}x{np_}",
             lambda: bf16_dense_amx(mp, kp, np_).with_attr("op_pattern", OPAQUE),

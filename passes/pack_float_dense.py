@@ -33,7 +33,7 @@ import math
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.cpu_float_conv import (
     ConvShape,
@@ -46,7 +46,7 @@ from tvmq.kernels.cpu_float_conv import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
+from ._int8_dense import KernelRewriter, is_symbolic, rewrite_functions, rows_shape
 from .relax_utils import const_value
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -79,25 +79,18 @@ def match_float_dense(call: relax.Expr, lookup_binding) -> tuple | None:
 
 
 @mutator
-class _DenseRewriter(PyExprMutator):
+class _DenseRewriter(KernelRewriter):
     def __init__(self, mod: tvm.IRModule, lanes: int, registers: int):
         super().__init__(mod)
         self.lanes, self.registers = lanes, registers
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        found = self._match(call)
-        if found is None:
-            return call
-        self.changed = True
-        if is_symbolic(found[1]):
-            return self._lower_rows(*found)
-        return self._lower(*found)
-
-    def _match(self, call: relax.Expr):
+    def match(self, call: relax.Call):
         return match_float_dense(call, self.lookup_binding)
+
+    def rewrite(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
+        if is_symbolic(x_shape):
+            return self._lower_rows(x, x_shape, w)
+        return self._lower(x, x_shape, w)
 
     def _lower_rows(self, x: relax.Expr, x_shape: tuple, w: np.ndarray) -> relax.Expr:
         """The kernel for a symbolic row count: rows padded to ``mr`` at run time."""
@@ -109,16 +102,17 @@ class _DenseRewriter(PyExprMutator):
         x = bb.emit(relax.op.reshape(x, (m, k)))
         pad = bb.emit(relax.op.zeros(relax.ShapeExpr([mo * tiles.mr - m, k]), "float32"))
         x = bb.emit(relax.op.reshape(relax.op.concat([x, pad], axis=0), (1, 1, mo * tiles.mr, k)))
-        key = ("rows", k, tiles)
-        if key not in self.kernels:
-            func = float_dense_rows(k, tiles).with_attr("op_pattern", OPAQUE)
-            self.kernels[key] = bb.add_func(func, f"tvmq_float_dense_Mx{k}x{tiles.o_padded}")
+        kernel = self.kernel_var(
+            ("rows", k, tiles),
+            f"tvmq_float_dense_Mx{k}x{tiles.o_padded}",
+            lambda: float_dense_rows(k, tiles).with_attr("op_pattern", OPAQUE),
+        )
         packed = pack_conv_weight(
             np.ascontiguousarray(w.T).reshape(n, k, 1, 1), self.lanes, tiles.o_padded
         )
         args = [x, relax.const(packed, "float32"), relax.prim_value(mo)]
         out_ty = relax.TensorType((1, 1, mo * tiles.mr, tiles.o_padded), "float32")
-        y = bb.emit(relax.call_tir(self.kernels[key], args, out_ty=out_ty))
+        y = bb.emit(relax.call_tir(kernel, args, out_ty=out_ty))
         y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[m, n]))
         return relax.op.reshape(y, (*x_shape[:-1], n))
 
@@ -131,18 +125,16 @@ class _DenseRewriter(PyExprMutator):
         if tiles.ow_padded != m:
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, tiles.ow_padded - m, 0, 0]))
         shape = ConvShape(1, 1, tiles.ow_padded, k, (1, 1), (1, 1), (1, 1), 1)
-        key = (shape, tiles)
-        if key not in self.kernels:
-            func = float_conv2d_nhwc(shape, tiles).with_attr("op_pattern", OPAQUE)
-            name = f"tvmq_float_dense_{tiles.ow_padded}x{k}x{tiles.o_padded}"
-            self.kernels[key] = bb.add_func(func, name)
+        kernel = self.kernel_var(
+            (shape, tiles),
+            f"tvmq_float_dense_{tiles.ow_padded}x{k}x{tiles.o_padded}",
+            lambda: float_conv2d_nhwc(shape, tiles).with_attr("op_pattern", OPAQUE),
+        )
         packed = pack_conv_weight(
             np.ascontiguousarray(w.T).reshape(n, k, 1, 1), self.lanes, tiles.o_padded
         )
         out_ty = relax.TensorType((1, 1, tiles.ow_padded, tiles.o_padded), "float32")
-        y = bb.emit(
-            relax.call_tir(self.kernels[key], [x, relax.const(packed, "float32")], out_ty=out_ty)
-        )
+        y = bb.emit(relax.call_tir(kernel, [x, relax.const(packed, "float32")], out_ty=out_ty))
         if tiles.ow_padded != m or tiles.o_padded != n:
             y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[m, n]))
         return relax.op.reshape(y, (*x_shape[:-1], n))

@@ -24,11 +24,11 @@ import math
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.cuda_mma import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_mma
 
-from ._int8_dense import is_symbolic, rewrite_functions, rows_shape
+from ._int8_dense import KernelRewriter, is_symbolic, rewrite_functions, rows_shape
 from .pack_int8_dense_cuda import cuda_sm
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -66,29 +66,22 @@ def match_fp16_dense(call: relax.Expr) -> tuple[relax.Expr, tuple, np.ndarray, s
 
 
 @mutator
-class _Fp16DenseRewriter(PyExprMutator):
+class _Fp16DenseRewriter(KernelRewriter):
     def __init__(self, mod: tvm.IRModule, tiles: MmaTiles | None):
         super().__init__(mod)
         self.tiles = tiles
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        found = match_fp16_dense(call)
-        if found is None:
-            return call
-        self.changed = True
-        return self._lower(*found)
+    def match(self, call: relax.Call):
+        return match_fp16_dense(call)
 
     def _kernel(self, mp: int, kp: int, np_: int, tiles: MmaTiles) -> tvm.ir.GlobalVar:
-        key = (mp, kp, np_, tiles)
-        if key not in self.kernels:
-            func = fp16_dense_mma(mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE)
-            self.kernels[key] = self.builder_.add_func(func, f"tvmq_fp16_dense_mma_{mp}x{kp}x{np_}")
-        return self.kernels[key]
+        return self.kernel_var(
+            (mp, kp, np_, tiles),
+            f"tvmq_fp16_dense_mma_{mp}x{kp}x{np_}",
+            lambda: fp16_dense_mma(mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE),
+        )
 
-    def _lower(self, x, x_shape: tuple, w: np.ndarray, out_dtype: str) -> relax.Expr:
+    def rewrite(self, x, x_shape: tuple, w: np.ndarray, out_dtype: str) -> relax.Expr:
         bb = self.builder_
         k, n = w.shape
         m = math.prod(x_shape[:-1])

@@ -26,12 +26,12 @@ import math
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.vnni_intrin import LANES, REDUCE
 from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_kn
 
-from ._int8_dense import _static_shape, rewrite_functions, shift_bytes
+from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions, shift_bytes
 from .pack_int8_dense_x86 import VNNIPass
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -49,39 +49,23 @@ def match_int8_batch_matmul(call: relax.Expr):
         return None
     if any(not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in _INT8 for x in (a, b)):
         return None
-    a_shape, b_shape = _static_shape(a), _static_shape(b)
-    if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
-        return None
-    (*batch, m, k), (*b_batch, k2, n) = a_shape, b_shape
-    if batch != b_batch or k != k2 or 0 in a_shape or 0 in b_shape:
-        return None
-    return a, b, tuple(batch), m, k, n
+    dims = batch_matmul_dims(a, b)
+    return None if dims is None else (a, b, *dims)
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        found = match_int8_batch_matmul(call)
-        if found is None:
-            return call
-        self.changed = True
-        return self._lower(*found)
+class _Rewriter(KernelRewriter):
+    def match(self, call: relax.Call):
+        return match_int8_batch_matmul(call)
 
     def _kernel(self, batch: int, mp: int, kp: int, np_: int) -> tvm.ir.GlobalVar:
-        key = (batch, mp, kp, np_)
-        if key not in self.kernels:
-            func = int8_batch_matmul_vnni(batch, mp, kp, np_).with_attr("op_pattern", _OPAQUE)
-            name = f"tvmq_int8_batch_matmul_vnni_{batch}x{mp}x{kp}x{np_}"
-            self.kernels[key] = self.builder_.add_func(func, name)
-        return self.kernels[key]
+        return self.kernel_var(
+            (batch, mp, kp, np_),
+            f"tvmq_int8_batch_matmul_vnni_{batch}x{mp}x{kp}x{np_}",
+            lambda: int8_batch_matmul_vnni(batch, mp, kp, np_).with_attr("op_pattern", _OPAQUE),
+        )
 
-    def _lower(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
+    def rewrite(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
         bb = self.builder_
         s_a = _SHIFT if str(a.ty.dtype) == "int8" else 0
         s_b = _SHIFT if str(b.ty.dtype) == "uint8" else 0

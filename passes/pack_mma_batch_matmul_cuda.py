@@ -37,7 +37,7 @@ import math
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.cuda_mma import (
     MmaTiles,
@@ -47,7 +47,7 @@ from tvmq.kernels.cuda_mma import (
     padded_mkn_mma,
 )
 
-from ._int8_dense import _static_shape, rewrite_functions, shift_bytes
+from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions, shift_bytes
 from .pack_fp16_dense_cuda import MmaPass
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -79,41 +79,27 @@ def match_mma_batch_matmul(call: relax.Expr):
         operand = "int8"
     else:
         return None
-    a_shape, b_shape = _static_shape(a), _static_shape(b)
-    if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
-        return None
-    (*batch, m, k), (*b_batch, k2, n) = a_shape, b_shape
-    if batch != b_batch or k != k2 or 0 in a_shape or 0 in b_shape:
-        return None
-    return a, b, tuple(batch), m, k, n, operand, out_dtype
+    dims = batch_matmul_dims(a, b)
+    return None if dims is None else (a, b, *dims, operand, out_dtype)
 
 
 @mutator
-class _Rewriter(PyExprMutator):
+class _Rewriter(KernelRewriter):
     def __init__(self, mod: tvm.IRModule, tiles: MmaTiles | None):
         super().__init__(mod)
         self.tiles = tiles
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.changed = False
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        found = match_mma_batch_matmul(call)
-        if found is None:
-            return call
-        self.changed = True
-        return self._lower(*found)
+    def match(self, call: relax.Call):
+        return match_mma_batch_matmul(call)
 
     def _kernel(self, operand: str, nb: int, mkn: tuple, tiles: MmaTiles) -> tvm.ir.GlobalVar:
-        key = (operand, nb, mkn, tiles)
-        if key not in self.kernels:
-            build = fp16_batch_matmul_mma if operand == "float16" else int8_batch_matmul_imma
-            func = build(nb, *mkn, tiles=tiles).with_attr("op_pattern", _OPAQUE)
-            name = "fp16_batch_matmul_mma" if operand == "float16" else "int8_batch_matmul_imma"
-            self.kernels[key] = self.builder_.add_func(
-                func, f"tvmq_{name}_{nb}x" + "x".join(map(str, mkn))
-            )
-        return self.kernels[key]
+        build = fp16_batch_matmul_mma if operand == "float16" else int8_batch_matmul_imma
+        name = "fp16_batch_matmul_mma" if operand == "float16" else "int8_batch_matmul_imma"
+        return self.kernel_var(
+            (operand, nb, mkn, tiles),
+            f"tvmq_{name}_{nb}x" + "x".join(map(str, mkn)),
+            lambda: build(nb, *mkn, tiles=tiles).with_attr("op_pattern", _OPAQUE),
+        )
 
     def _transposed(self, b: relax.Expr) -> relax.Expr | None:
         """The input of ``b = permute_dims(t, [..., -1, -2])`` (``t`` is ``b`` transposed)."""
@@ -126,7 +112,7 @@ class _Rewriter(PyExprMutator):
             return None
         return value.args[0]
 
-    def _lower(self, a, b, batch, m, k, n, operand, out_dtype) -> relax.Expr:
+    def rewrite(self, a, b, batch, m, k, n, operand, out_dtype) -> relax.Expr:
         bb = self.builder_
         nb = math.prod(batch)
         tiles = self.tiles or choose_mma_tiles(m, k, n, operand)
