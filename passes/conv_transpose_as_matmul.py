@@ -18,6 +18,12 @@ any matmul, so it quantizes) or bf16, and the permutes are channels last
 (:mod:`.channels_last`) where the convs around are. Values are the same sums in another order.
 The matmul keeps the transposed conv's span (its layer names). Other transposed convs are
 left as they are.
+
+A bias added right after the transposed conv (``add(y, b)``, ``b`` a constant per output
+channel, ``y`` read by nothing else: PyTorch's ``ConvTranspose2d`` bias) is added to the
+matmul's columns instead (``b`` tiled ``KH*KW`` times), before the shuffle: the quantizer
+then sees a matmul + bias layer whose only layout ops lead to the next quantize, so its
+kernel requantizes (int8 output) and the shuffle moves bytes, not float32.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from ._int8_dense import KernelRewriter, _static_shape
-from .relax_utils import map_functions, with_span
+from .relax_utils import (
+    ADD,
+    const_value,
+    map_functions,
+    op_name,
+    ordered_bindings,
+    user_counts,
+    with_span,
+)
 
 _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 
@@ -61,13 +75,59 @@ def match_conv_transpose(call: relax.Expr) -> tuple | None:
     return x, w.value.numpy(), x_shape
 
 
+def _channel_bias(value: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """A constant that an NCHW result broadcasts along its channels only, as a vector."""
+    if value is None or value.shape not in ((1, channels, 1, 1), (channels, 1, 1)):
+        return None
+    return value.reshape(channels)
+
+
+def find_biases(func: relax.Function) -> dict[relax.Var, tuple[relax.Var, np.ndarray]]:
+    """``{add var: (transposed conv var, bias vector)}`` for the ``add(y, b)`` bindings that
+    follow a transposed conv this pass rewrites, ``y`` read by that add only."""
+    bindings = {b.var: b.value for b in ordered_bindings(func)}
+    users = user_counts(func)
+    found = {}
+    for var, value in bindings.items():
+        if op_name(value) != ADD:
+            continue
+        for y, b in (value.args, reversed(value.args)):
+            conv = bindings.get(y) if isinstance(y, relax.Var) else None
+            if conv is None or users.get(y) != 1 or match_conv_transpose(conv) is None:
+                continue
+            bias = _channel_bias(const_value(b, bindings), int(conv.args[1].ty.shape[1]))
+            if bias is not None:
+                found[var] = (y, bias)
+                break
+    return found
+
+
 @mutator
 class _Rewriter(KernelRewriter):
+    def __init__(self, mod: tvm.IRModule, biases: dict):
+        super().__init__(mod)
+        self.biases = biases  # see find_biases
+        self.folded = {conv: bias for conv, bias in biases.values()}
+        self.bias: np.ndarray | None = None  # of the transposed conv being rewritten
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.biases:  # add(y, b): y's matmul already adds b
+            new_var = self.visit_expr(self.biases[var][0])
+            bb = self.builder_
+            if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
+                new_var = bb.emit_output(new_var, var.name)
+            self.set_var_remap(var, new_var)
+            return
+        self.bias = self.folded.get(var)
+        super().visit_var_binding_(binding)
+        self.bias = None
+
     def match(self, call: relax.Call):
         found = match_conv_transpose(call)
-        return None if found is None else (*found, call.span)
+        return None if found is None else (*found, call.span, self.bias)
 
-    def rewrite(self, x, w: np.ndarray, x_shape: tuple, span) -> relax.Expr:
+    def rewrite(self, x, w: np.ndarray, x_shape: tuple, span, bias) -> relax.Expr:
         emit = self.builder_.emit
         n, cin, h, wd = x_shape
         _, cout, kh, kw = w.shape
@@ -76,6 +136,9 @@ class _Rewriter(KernelRewriter):
             relax.op.reshape(emit(relax.op.permute_dims(x, [0, 2, 3, 1])), (n * h * wd, cin))
         )
         m = emit(with_span(relax.op.matmul(rows, relax.const(weight)), span))
+        if bias is not None:
+            tiled = np.tile(bias.astype(np.float32), kh * kw)
+            m = emit(relax.op.add(m, relax.const(tiled)))
         tiles = emit(relax.op.reshape(m, (n, h, wd, kh, kw, cout)))
         shuffled = emit(relax.op.permute_dims(tiles, [0, 1, 3, 2, 4, 5]))
         nhwc = emit(relax.op.reshape(shuffled, (n, h * kh, wd * kw, cout)))
@@ -83,7 +146,7 @@ class _Rewriter(KernelRewriter):
 
 
 def _rewrite(mod: tvm.IRModule, func: relax.Function) -> relax.Function:
-    rewriter = _Rewriter(mod)
+    rewriter = _Rewriter(mod, find_biases(func))
     new = rewriter.visit_expr(func)
     return new if rewriter.changed else func
 
