@@ -65,6 +65,9 @@ def fuse_to_tir(mod: tvm.IRModule, target: TargetPreset | str) -> tvm.IRModule:
 
 def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Phase 1: tvmq's hand-scheduled kernels for `target` (each pass a no-op elsewhere)."""
+    # Canonical bindings first, as the quantizer's prepare_passes: a max_pool2d's unused
+    # indices tuple (``(y, zeros_like(y))[0]``) otherwise hides ``y`` from channels last.
+    tidy = [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
     if target.kind.name == "cuda":
         # int8 dense: IMMA tensor cores (sm_80+) or dp4a (sm_61+); dlight has no working int8
         # matmul rule in TVM 0.27.
@@ -72,6 +75,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # Attention's activation x activation matmuls and conv2d (im2col + the dense kernel) on
         # tensor cores too, fp16 and int8 (sm_80 and newer).
         return [
+            *tidy,
             ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle
             PackInt8DenseCUDA(target),
             PackFp16DenseCUDA(target),
@@ -79,6 +83,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
             PackMmaConvCUDA(target),
         ]
     return [
+        *tidy,
         ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle (float)
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni

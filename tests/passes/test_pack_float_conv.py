@@ -363,3 +363,33 @@ def _calls(func) -> list[relax.Call]:
         func, lambda e: found.append(e) if isinstance(e, relax.Call) else None
     )
     return found
+
+
+def test_channels_last_through_a_max_pool_between_convs():
+    """torch.export's max_pool2d returns (values, indices); the target kernel passes see
+    through the unused indices tuple, so the pool runs on the NHWC twin: only the model's
+    input and output are transposed."""
+    from tvmq.frontends import import_model
+    from tvmq.lowering import target_kernel_passes
+
+    class Down(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(8, 16, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2))
+
+    model = Down().eval()
+    x = np.random.default_rng(3).standard_normal((1, 8, 12, 10)).astype(np.float32)
+    mod = import_model(model, example_inputs=(torch.from_numpy(x),)).mod
+    assert "zeros_like" in mod["main"].script()  # the indices' stand-in, as exported
+    with AVX512:
+        lowered = tvm.transform.Sequential(target_kernel_passes(AVX512))(mod)
+    assert len(_permutes(lowered["main"])) == 2
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
