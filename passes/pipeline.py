@@ -6,7 +6,8 @@ calibration into them); ``tvmq compile`` runs these very builders, so the Relax 
 is exactly the IR part of a compile for the same parameters::
 
     # Phase 1, prepare: CanonicalizeBindings + DeadCodeElimination -- drops the importers'
-    #   no-op bindings (max_pool2d's unused index tuple); site names are defined on this form.
+    #   no-op bindings (max_pool2d's unused index tuple); ConvTransposeAsMatmul, FoldScalarMultiply;
+    #   site names are defined on this form.
     # Phase 2, smooth: SmoothQuant on the sites of `smooth_absmax` (calibration, which
     #   needs phases 1-2 to observe the model it quantizes, runs after this phase).
     # Phase 3, quantize: [CorrectBias (empirical bias correction, computed by the driver from
@@ -39,6 +40,7 @@ from .annotate_qdq import AnnotateQDQ
 from .cluster_int8_weights import ClusterInt8Weights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
+from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
 from .quantize_dynamic import QuantizeDynamic
@@ -56,6 +58,7 @@ def prepare_passes() -> tvm.transform.Pass:
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
             ConvTransposeAsMatmul(),  # a matmul site: the quantizer takes it like any other
+            FoldScalarMultiply(),  # SDPA's q/k scales into the projections: int8 requantizes
         ],
         name="tvmq.prepare",
     )
