@@ -41,6 +41,7 @@ from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_int8_weights import ClusterInt8Weights
 from .cluster_weights import ClusterWeights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
+from .fold_scalar_multiply import FoldScalarMultiply
 from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
 from .drop_matmul_broadcasts import DropMatmulBroadcasts
@@ -120,6 +121,7 @@ __all__ = [
     "SmoothQuant",
     "sparsity_report",
     "ConvTransposeAsMatmul",
+    "FoldScalarMultiply",
     "FoldBatchNorm",
     "FoldQuantScales",
     "LowerInt8",

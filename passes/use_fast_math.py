@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import tvm
-from tvm import relax, topi
+from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 __all__ = ["UseFastMath"]
@@ -64,6 +64,37 @@ def _softmax(x, axis: int):
     after = [0] * (len(x.shape) - 1) + [-n % _SOFTMAX_LANES]
     padded = topi.nn.pad(x, pad, after, pad_value=float("-inf"))
     out = topi.nn.fast_softmax(padded, axis)
+    return topi.strided_slice(out, [0] * len(x.shape), [int(d) for d in x.shape])
+
+
+def safe_softmax_rows(x):
+    """Softmax over the last axis whose rows of only -inf give 0 (not NaN): PyTorch's
+    ``scaled_dot_product_attention`` for fully masked rows. ``fast_exp`` as
+    :func:`_softmax`, ragged rows padded the same way; the -inf test reads the row max the
+    softmax computes anyway, so it costs no pass of its own (a row whose max is float32's
+    lowest finite value counts as masked too: a score of -3.4e38 is a mask, not a logit)."""
+    n = x.shape[-1]
+    padded = x
+    if isinstance(n, tvm.tirx.IntImm) and int(n) >= 32 and int(n) % _SOFTMAX_LANES:
+        after = [0] * (len(x.shape) - 1) + [-int(n) % _SOFTMAX_LANES]
+        padded = topi.nn.pad(x, [0] * len(x.shape), after, pad_value=float("-inf"))
+    rows, width = padded.shape[:-1], padded.shape[-1]
+    k1 = te.reduce_axis((0, width), name="k")
+    k2 = te.reduce_axis((0, width), name="k")
+    top = te.compute(rows, lambda *r: te.max(padded[(*r, k1)], axis=k1), name="row_max")
+    delta = te.compute(padded.shape, lambda *i: padded[i] - top[i[:-1]], name="delta")
+    e = topi.fast_exp(delta)
+    total = te.compute(rows, lambda *r: te.sum(e[(*r, k2)], axis=k2), name="row_sum")
+    # te.max starts from the lowest finite float32, so a row of -inf has that max
+    lowest = tvm.tirx.min_value("float32")
+    zero = tvm.tirx.const(0.0, "float32")
+    out = te.compute(
+        padded.shape,
+        lambda *i: te.if_then_else(top[i[:-1]] <= lowest, zero, e[i] / total[i[:-1]]),
+        name="safe_softmax",
+    )
+    if padded is x:
+        return out
     return topi.strided_slice(out, [0] * len(x.shape), [int(d) for d in x.shape])
 
 

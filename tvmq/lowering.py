@@ -30,6 +30,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     ConvTransposeAsMatmul,
+    FoldScalarMultiply,
     FoldBatchNorm,
     FoldTableDecoders,
     PackDecodedDense,
@@ -67,7 +68,12 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Phase 1: tvmq's hand-scheduled kernels for `target` (each pass a no-op elsewhere)."""
     # Canonical bindings first, as the quantizer's prepare_passes: a max_pool2d's unused
     # indices tuple (``(y, zeros_like(y))[0]``) otherwise hides ``y`` from channels last.
-    tidy = [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+    # SDPA's scalar q / k scales go into the projections' weights (one elementwise pass less).
+    tidy = [
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+        FoldScalarMultiply(),
+    ]
     if target.kind.name == "cuda":
         # int8 dense: IMMA tensor cores (sm_80+) or dp4a (sm_61+); dlight has no working int8
         # matmul rule in TVM 0.27.
