@@ -1,37 +1,40 @@
-"""ShareQuantize: quantize a float tensor once when several quantizes read it.
+"""ShareQuantize: a matmul / conv2d result read by several quantizes is quantized once.
 
 Static int8, in QDQ form after :class:`FoldQuantScales` and before :class:`LowerInt8`. A
-tensor read by several quantizes with different parameters -- a UNet encoder's output,
-quantized for the next conv through ``max_pool2d`` and for the decoder's skip ``concat``
-with the concat's parameters -- keeps its producer float: ``LowerInt8`` ends a conv region
-in a requantize only when the accumulator has one reader, so the conv stores float32, the
-pool runs in float and each reader quantizes on its own. This pass rewrites::
+conv's result read by several quantizes with different parameters -- a UNet encoder's
+output, quantized for the next conv through ``max_pool2d`` and for the decoder's skip
+``concat`` with the concat's parameters -- stays float: ``LowerInt8`` ends a region in a
+requantize only when its result has one reader, so the conv stores float32, the pool runs
+in float and each reader quantizes on its own. This pass rewrites::
 
-    x = ...                                            # float32, a DataflowVar
-    p = max_pool2d(x) ; q1 = quantize(p, s1, z1)       # any chain of moves (see below)
+    x = relu(conv2d(dequantize(a_q), W) + b)         # a region LowerInt8 lowers, float32
+    p = max_pool2d(x) ; q1 = quantize(p, s1, z1)     # any chain of moves (see below)
     q2 = quantize(x, s2, z2)
     ==>
-    x = ...
-    q0 = quantize(x, s1, z1)                           # the primary parameters, once
-    q1 = max_pool2d(q0)                                # on the integers
-    q2 = quantize(dequantize(q0, s1, z1), s2, z2)      # an integer requantize in LowerInt8
+    x = relu(conv2d(dequantize(a_q), W) + b)
+    q0 = quantize(x, s1, z1)                         # the primary parameters, once
+    q1 = max_pool2d(q0)                              # on the integers
+    q2 = quantize(dequantize(q0, s1, z1), s2, z2)    # an integer requantize in LowerInt8
 
-when every reader of ``x`` is a per-tensor quantize to int8/uint8, directly or through a
-chain of ops that commute with it (``int8_regions._PASSTHROUGH``: ``max_pool2d`` -- max
-commutes with a non-decreasing map, rounding and clamping included -- and element moves),
-each link of the chain read only by the next, and there are at least two readers.
+so the region ends in its requantize epilogue and stores int8. It applies when ``x`` is
+the float result of a matmul / conv2d region (``int8_regions._match_region`` without a
+quantize at its end), a DataflowVar, and every one of its (two or more) readers is a
+per-tensor quantize to int8/uint8, directly or through a chain of ops that commute with
+it (``int8_regions.commutes_with_requantize``: ``max_pool2d`` -- max commutes with a
+non-decreasing map, rounding and clamping included -- element moves and a
+nearest-neighbour ``resize2d``), each link of the chain read only by the next. Other
+producers are left alone: a float elementwise one (YOLO's SiLU) is fused into its readers
+anyway, and sharing its quantize made YOLO's neck 7% slower (1 thread).
 
 The primary parameters are the readers' finest scale: every reader's parameters were
 calibrated on a tensor that holds ``x`` (the concat's hold ``x`` and the other inputs), so
 ``x``'s values lie in each reader's range and the finest one loses nothing to clipping;
-the other readers requantize from it (a second rounding: at most half a step of the finer
-scale more error on them). Readers with the primary parameters read ``q0`` as it is.
+the other readers requantize from it (a second rounding: at most one step of their own
+scale off the single rounding). Readers with the primary parameters read ``q0`` as it is.
 
-The moves are exact (``quantize(max_pool2d(x)) == max_pool2d(quantize(x))``); a reader
-with other parameters than the primary ones is rounded twice. Anything else -- a float
-reader, per-channel or non-constant parameters, a var of a non-dataflow binding -- is left
-alone. After the rewrite ``x`` has one reader, so running the pass twice is the same as
-once.
+The moves are exact (``quantize(max_pool2d(x)) == max_pool2d(quantize(x))``). Anything
+else -- a float reader, per-channel or non-constant parameters -- is left alone. After the
+rewrite ``x`` has one reader, so running the pass twice is the same as once.
 """
 
 from __future__ import annotations
@@ -42,8 +45,16 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .int8_regions import _PASSTHROUGH, _match_output, _match_passthrough_quantize, _Users
+from .int8_regions import (
+    _match_output,
+    _match_passthrough_quantize,
+    _match_region,
+    _Users,
+    commutes_with_requantize,
+)
 from .relax_utils import (
+    CONV2D,
+    MATMUL,
     QUANTIZE,
     binding_map,
     const_f32,
@@ -76,7 +87,7 @@ def _reader(var: relax.Var, x: relax.Var, bindings, users: _Users) -> _Reader | 
     if op_name(value) == QUANTIZE and value.args[0].same_as(x):
         out_q = _match_output(value, bindings)
         return None if out_q is None else _Reader(var, (), out_q)
-    if op_name(value) not in _PASSTHROUGH or not value.args[0].same_as(x):
+    if not commutes_with_requantize(value) or not value.args[0].same_as(x):
         return None
     tail, moves, out_q = _match_passthrough_quantize(var, bindings, users)
     if out_q is None:
@@ -84,14 +95,24 @@ def _reader(var: relax.Var, x: relax.Var, bindings, users: _Users) -> _Reader | 
     return _Reader(tail, (value, *moves), out_q)
 
 
+def _float_region_results(func: relax.Function, bindings, users: _Users) -> list[relax.Var]:
+    """The float results of the matmul / conv2d regions LowerInt8 would end in a dequantize."""
+    results = []
+    for b in ordered_bindings(func):
+        if op_name(b.value) in (MATMUL, CONV2D):
+            found = _match_region(b.var, b.value, bindings, users)
+            if found is not None and found[1].out_q is None:
+                results.append(found[0])
+    return results
+
+
 def _plan(func: relax.Function) -> dict[relax.Var, _Share]:
     """Shared float tensor -> how its readers read it."""
     bindings = binding_map(func)
     users = _Users(func)
     shares = {}
-    for b in ordered_bindings(func):
-        x = b.var
-        if not isinstance(x, relax.DataflowVar) or str(getattr(x.ty, "dtype", "")) != "float32":
+    for x in _float_region_results(func, bindings, users):
+        if not isinstance(x, relax.DataflowVar):
             continue
         readers = users.readers.get(x, [])
         if len(readers) < 2 or len(set(readers)) != len(readers):
