@@ -2,8 +2,8 @@
 
 Already-quantized ONNX QDQ models: :class:`CanonicalizeQDQ` first.
 Static int8 quantization, in pipeline order: :class:`AnnotateQDQ`, :class:`FoldQuantScales`,
-:class:`LowerInt8`; ``pipeline.py`` chains them (with :class:`SmoothQuant` and the dynamic
-sites' :class:`QuantizeDynamic`) in the phases ``tvmq compile`` runs, and importing this package
+:class:`ShareQuantize`, :class:`LowerInt8`; ``pipeline.py`` chains them (with :class:`SmoothQuant`
+and the dynamic sites' :class:`QuantizeDynamic`) in the phases ``tvmq compile`` runs, and importing this package
 registers them as the Relax pipeline ``"tvmq"`` (``relax.get_pipeline("tvmq", ...)``).
 Every pass takes plain parameters (numbers, names, mappings), never a scheme object.
 Sparse execution: :class:`SparsifyDense` (BSR kernels for block-sparse float weights, after
@@ -77,6 +77,7 @@ from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
 from .resolve_shape_vars import ResolveShapeVars
+from .share_quantize import ShareQuantize
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
 from .use_fast_math import UseFastMath
@@ -125,6 +126,7 @@ __all__ = [
     "FoldBatchNorm",
     "FoldQuantScales",
     "LowerInt8",
+    "ShareQuantize",
     "half_precision_passes",
     "prepare_passes",
     "static_int8_passes",

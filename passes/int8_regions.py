@@ -45,6 +45,19 @@ _PASSTHROUGH = (
 )
 
 
+def commutes_with_requantize(value) -> bool:
+    """Whether `value` is a call that commutes with a per-tensor requantize: one of
+    ``_PASSTHROUGH``, or a nearest-neighbour ``resize2d`` (a gather: YOLO's upsample)."""
+    name = op_name(value)
+    if name == "relax.image.resize2d":
+        a = value.attrs
+        return (
+            str(a.method) == "nearest_neighbor"
+            and str(a.coordinate_transformation_mode) != "tf_crop_and_resize"  # extrapolates
+        )
+    return name in _PASSTHROUGH
+
+
 @dataclass
 class WeightRegion:
     """One matched region, everything computed at compile time except the activation."""
@@ -221,7 +234,7 @@ def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, Weight
         value = bindings.get(nxt)
     # Ops that commute with the requantize may sit between the accumulator and the quantize.
     passthrough = []
-    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
+    while commutes_with_requantize(value) and value.args[0].same_as(cur):
         passthrough.append(value)
         cur = nxt
         nxt = users.only_reader(cur)
@@ -243,7 +256,7 @@ def _match_passthrough_quantize(var, bindings, users: _Users):
     cur, passthrough = var, []
     nxt = users.only_reader(cur)
     value = bindings.get(nxt)
-    while op_name(value) in _PASSTHROUGH and value.args[0].same_as(cur):
+    while commutes_with_requantize(value) and value.args[0].same_as(cur):
         passthrough.append(value)
         cur = nxt
         nxt = users.only_reader(cur)

@@ -31,8 +31,9 @@ requantized integers to ``z_y + round([lo, hi] / s_y)`` -- exact, since rounding
 monotone. A matmul whose activation has more than two dims (``[B, S, K] @ [K, N]``) runs
 as the 2-D ``matmul(reshape(x_q, [-1, K]), W_q)`` and its int32 result is reshaped back.
 
-Reshape, permute_dims and broadcast_to between the accumulator and the quantize (the
-heads split of a transformer's Q/K/V projections) move after the requantize too.
+Reshape, permute_dims, broadcast_to (the heads split of a transformer's Q/K/V projections)
+and a nearest-neighbour resize2d between the accumulator and the quantize move after the
+requantize too.
 
 A matmul of two activations (attention's ``Q @ K^T``, ``P @ V``; batched, any rank >= 2)::
 

@@ -12,7 +12,8 @@ is exactly the IR part of a compile for the same parameters::
     #   needs phases 1-2 to observe the model it quantizes, runs after this phase).
     # Phase 3, quantize: [CorrectBias (empirical bias correction, computed by the driver from
     #   calibration)] -> AnnotateQDQ (calibrated activation parameters) -> FoldQuantScales
-    #   (int8 weight constants, batch_norm folding) -> LowerInt8 (int8 x int8 -> int32,
+    #   (int8 weight constants, batch_norm folding) -> ShareQuantize (a tensor read by several
+    #   quantizes is quantized once, the others requantize) -> LowerInt8 (int8 x int8 -> int32,
     #   integer add / concat / requantize) -> QuantizeDynamic on the `dynamic_vars`
     #   matmuls (run-time per-row activation ranges: the scheme's `dynamic` sites).
     # Phase 4, target kernels: the passes of `tvmq.lowering.target_kernel_passes(target)`,
@@ -45,6 +46,7 @@ from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
+from .share_quantize import ShareQuantize
 from .smooth_quant import SmoothQuant
 
 PIPELINE_NAME = "tvmq"
@@ -135,6 +137,7 @@ def static_int8_passes(
     passes.append(FoldQuantScales())
     if int8_cluster:
         passes.append(ClusterInt8Weights(**int8_cluster))
+    passes.append(ShareQuantize())  # a tensor several quantizes read: int8 once
     passes.append(LowerInt8(requantize))
     if dynamic_vars:
         passes.append(

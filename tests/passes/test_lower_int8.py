@@ -913,3 +913,37 @@ def test_mixed_sign_activation_matmul_builds_and_is_exact():
         xb = rng.integers(*qmath.qrange(b_dtype), (3, 7, 4), endpoint=True).astype(b_dtype)
         ref = (xa.astype(np.int64) - z_a) @ (xb.astype(np.int64) - z_b) * 0.125
         np.testing.assert_array_equal(_run(lowered, xa, xb), ref.astype("float32"))
+
+
+@pytest.mark.parametrize("method", ["nearest_neighbor", "linear"])
+def test_nearest_resize_moves_after_requantize(method):
+    """A nearest upsample is a gather, so it runs on the requantized integers; a linear
+    one interpolates and stays float."""
+    rng = np.random.default_rng(9)
+    w_q = rng.integers(-127, 128, (4, 3, 1, 1)).astype("int8")
+    s_w = (rng.uniform(0.5, 2, 4) * 0.01).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 5, 5), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            xdq = _dq(bb, x, 0.05, 120)
+            wdq = bb.emit(
+                relax.op.dequantize(
+                    relax.const(w_q), relax.const(s_w), relax.const(np.int32(0)), axis=0
+                )
+            )
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(xdq, wdq, out_dtype="float32")))
+            up = bb.emit(relax.op.image.resize2d(y, (10, 10), method=method))
+            q = bb.emit_output(_q(up, 0.02, 0, "uint8"))
+        bb.emit_func_output(q)
+    mod = bb.get()
+    lowered = LowerInt8()(mod)
+    ops = _ops(lowered)
+    if method == "linear":
+        assert "relax.dequantize" in ops
+        return
+    assert ops[-2:] == ["relax.quantize", "relax.image.resize2d"]
+    assert "relax.dequantize" not in ops
+    xq = rng.integers(0, 256, (1, 3, 5, 5)).astype("uint8")
+    got, ref = _run(lowered, xq), _run(mod, xq)
+    assert np.abs(got.astype(int) - ref).max() <= 1
