@@ -80,6 +80,7 @@ from .resolve_shape_vars import ResolveShapeVars
 from .share_quantize import ShareQuantize
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
+from .safe_softmax import SafeSoftmax
 from .use_fast_math import UseFastMath
 
 __all__ = [
@@ -101,6 +102,7 @@ __all__ = [
     "PackBf16DenseX86",
     "PackFloatDense",
     "UseFastMath",
+    "SafeSoftmax",
     "PackInt8DenseCUDA",
     "PackFp16DenseCUDA",
     "PackInt8BatchMatmulX86",

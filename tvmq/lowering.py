@@ -44,6 +44,7 @@ from tvmq.passes import (
     PackInt8DenseX86,
     PackMmaBatchMatmulCUDA,
     PackMmaConvCUDA,
+    SafeSoftmax,
     UseFastMath,
 )
 from tvmq.targets import TargetPreset, get_target
@@ -100,6 +101,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
         PackDecodedDense(target),  # w8 / w4 matmul weights, decoded in the kernel
+        SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 

@@ -1,0 +1,131 @@
+"""SafeSoftmax: PyTorch's "softmax, but 0 for fully masked rows" as one kernel.
+
+``F.scaled_dot_product_attention`` (the default attention of ``transformers`` models)
+decomposes, through ``torch.export`` and Relax's frontend, into a softmax plus a test for
+rows with no finite score::
+
+    s = softmax(x, axis=-1)
+    m = logical_not(astype(max(astype(logical_not(equal(x, -inf)), int8), axis=-1,
+                               keepdims=True), bool))   # the row is all -inf
+    y = where(m, full_like(s, 0), s)
+
+That test is a second pass over the scores (its own kernel) and the ``where`` keeps the
+softmax from fusing with what follows. This pass replaces ``y`` by one kernel,
+:func:`tvmq.passes.use_fast_math.safe_softmax_rows`, which reads the row max the softmax
+computes anyway (a row of -inf has max -inf): the same values, including 0 for masked rows.
+float32 only, on CPU targets (it uses ``fast_exp``, as :class:`UseFastMath` does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .relax_utils import is_tensor_const, op_name, ordered_bindings, relax_functions
+from .use_fast_math import safe_softmax_rows
+
+
+def _const_is(expr: relax.Expr, test) -> bool:
+    if not is_tensor_const(expr):
+        return False
+    value = expr.value.numpy()
+    return value.size == 1 and test(float(value.reshape(-1)[0]))
+
+
+def _last_axis(call: relax.Call) -> bool:
+    """Whether a softmax (``axis``) or a reduction (``axis`` list) runs over the last axis."""
+    axis = call.attrs.axis
+    ndim = call.args[0].ty.ndim
+    if isinstance(axis, int | tvm.tirx.IntImm):
+        return int(axis) in (-1, ndim - 1)
+    return axis is not None and len(axis) == 1 and int(axis[0]) in (-1, ndim - 1)
+
+
+def match_safe_softmax(value: relax.Expr, bindings: dict) -> relax.Expr | None:
+    """The scores ``x`` when `value` is the ``where`` of the module docstring, else None."""
+
+    def arg(expr, op: str, dtype: str | None = None) -> relax.Call | None:
+        call = bindings.get(expr) if isinstance(expr, relax.Var) else None
+        if op_name(call) != op:
+            return None
+        if dtype is not None and str(call.attrs.dtype) != dtype:
+            return None
+        return call
+
+    if op_name(value) != "relax.where" or str(value.ty.dtype) != "float32":
+        return None
+    cond, zero, s = value.args
+    soft = arg(s, "relax.nn.softmax")
+    if soft is None or not _last_axis(soft):
+        return None
+    x = soft.args[0]
+    full = arg(zero, "relax.full_like")
+    if full is None or not full.args[0].same_as(s) or not _const_is(full.args[1], lambda v: v == 0):
+        if not _const_is(zero, lambda v: v == 0):
+            return None
+    # cond = logical_not(astype(max(astype(logical_not(equal(x, -inf)), int8)), bool))
+    steps = [("relax.logical_not", None), ("relax.astype", "bool"), ("relax.max", None),
+             ("relax.astype", None), ("relax.logical_not", None), ("relax.equal", None)]  # fmt: skip
+    calls, expr = [], cond
+    for op, dtype in steps:
+        call = arg(expr, op, dtype)
+        if call is None:
+            return None
+        calls.append(call)
+        expr = call.args[0]
+    top, eq = calls[2], calls[-1]
+    if not top.attrs.keepdims or not _last_axis(top):
+        return None
+    if not eq.args[0].same_as(x) or not _const_is(eq.args[1], lambda v: v == -math.inf):
+        return None
+    return x
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, found: dict):
+        super().__init__(mod)
+        self.found = found  # where var -> scores
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var not in self.found:
+            super().visit_var_binding_(binding)
+            return
+        value = self.builder_.call_te(safe_softmax_rows, self.visit_expr(self.found[var]))
+        bb = self.builder_
+        if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
+            new_var = bb.emit(value, var.name)
+        else:
+            new_var = bb.emit_output(value, var.name)
+        self.set_var_remap(var, new_var)
+
+
+def find_safe_softmax(func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    """``{where var: scores}`` for each float32 pattern of the module docstring in `func`."""
+    bindings = {b.var: b.value for b in ordered_bindings(func)}
+    found = {}
+    for var, value in bindings.items():
+        x = match_safe_softmax(value, bindings)
+        if x is not None and str(x.ty.dtype) == "float32":
+            found[var] = x
+    return found
+
+
+@tvm.transform.module_pass(opt_level=0, name="SafeSoftmax")
+class SafeSoftmax:
+    """PyTorch's masked-row-safe softmax as one kernel (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        found = {gv: find_safe_softmax(f) for gv, f in relax_functions(mod)}
+        if not any(found.values()):
+            return mod
+        rewriter = _Rewriter(mod, {})
+        for gv, func in relax_functions(mod):
+            if found[gv]:
+                rewriter.found = found[gv]
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
