@@ -59,7 +59,12 @@ TILE_K = 64
 AMX_MIN_ROWS = 16
 """Fewer rows than one tile stay on the VNNI kernel (a GEMV wastes most of a tile)."""
 
-_AMX_MIN_K = 128  # shorter products are epilogue-bound: VNNI is as fast and pads less
+# Shorter products pad K to a whole tile row (64 bytes) for nothing. K = 64 fills one: UNet's
+# 12544x64x128 up-convolution ran 0.70 -> 0.35 ms in situ, and whole-model A/B (1 thread,
+# both orders) gave UNet 0.96-0.97x, MobileNetV2 0.97-0.98x, ResNet-18 0.95-0.97x with
+# 64 instead of 128 (an Intel Xeon with AMX, CPUID model 167; 128 had been chosen on a
+# Sapphire Rapids core).
+_AMX_MIN_K = 64
 
 _SYS_ARCH_PRCTL = 158  # x86_64 syscall number
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -151,7 +156,8 @@ def amx_pays(amx, vnni: X86Int8Dense, k: int) -> bool:
     """Whether AMX beats VNNI on a product (measured on MobileNetV2, ResNet-18 and MiniLM's
     layers on a Sapphire Rapids core): with a short K both kernels are bound by their
     requantize epilogue and memory, and AMX only adds padding (K to 64, M and N to 32), so it
-    takes products with ``K >= 128`` that its padding grows by at most 35%."""
+    takes products with ``K >= 64`` (one whole tile row) that its padding grows by at most
+    35%."""
     padded = amx.m_padded * amx.k_padded * amx.n_padded
     return k >= _AMX_MIN_K and padded <= 1.35 * vnni.m_padded * vnni.k_padded * vnni.n_padded
 
