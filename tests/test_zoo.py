@@ -67,11 +67,6 @@ CNN_SQNR = (
     "static int8 SQNR 13-24 dB < 30 dB on this random-weight CNN; ONNX Runtime's static QDQ "
     "int8 is as low (test_int8_static_no_worse_than_onnxruntime passes)"
 )
-VIT_STATIC = (
-    "static int8 DeiT-tiny (small): worst cosine 0.987 < 0.99 (SQNR about 15 dB; int8-dynamic "
-    "gives 0.9999); ONNX Runtime's static QDQ is no better. The default Int8Static scheme "
-    "quantizes the attention / MLP matmuls of ViT statically with per-tensor ranges"
-)
 
 
 def _xfail(reason: str, raises):
@@ -79,7 +74,6 @@ def _xfail(reason: str, raises):
 
 
 KNOWN = {
-    ("int8", "vit_tiny", "torch"): (VIT_STATIC, AssertionError),
     **{("int8", n, "torch"): (CNN_SQNR, AssertionError) for n in CNNS},
 }
 

@@ -390,6 +390,31 @@ def test_constant_and_broadcast_adds_are_not_sites():
     assert AnnotateQDQ({"add_0": (0.5, 0)})(BiasAdd).same_as(BiasAdd)
 
 
+@I.ir_module
+class ClassToken:
+    """ViT's embeddings: concat(class token, patches) + position embeddings, a float add
+    whose result is the residual stream; and the same concat read by a matmul."""
+
+    @R.function
+    def main(cls: R.Tensor((1, 1, 4), "float32"), x: R.Tensor((1, 3, 4), "float32")):
+        with R.dataflow():
+            c = R.concat((cls, x), axis=1)
+            y = R.add(c, R.const(np.ones((1, 4, 4), "float32")))
+            c2 = R.concat((cls, x), axis=1)
+            z = R.matmul(c2, R.const(np.ones((4, 2), "float32")))
+            R.output(y, z)
+        return (y, z)
+
+
+def test_a_concat_read_by_an_add_of_a_constant_is_not_a_site():
+    """The add of a constant stays float, so an int8 concat before it would only add error
+    (DeiT-tiny's worst cosine to float: 0.967 with it, 0.9993 without)."""
+    from tvmq.passes.tensor_sites import list_tensor_sites
+
+    sites = list_tensor_sites(ClassToken["main"])
+    assert [(s.name, s.var.name) for s in sites] == [("concat_1", "c2")]
+
+
 def test_tensor_read_by_conv_and_add_is_quantized_once():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((4, 4)).astype("float32")
