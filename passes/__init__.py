@@ -41,12 +41,12 @@ from .canonicalize_qdq import CanonicalizeQDQ, has_qdq
 from .cluster_int8_weights import ClusterInt8Weights
 from .cluster_weights import ClusterWeights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
-from .fold_scalar_multiply import FoldScalarMultiply
 from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
 from .drop_matmul_broadcasts import DropMatmulBroadcasts
 from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
+from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
 from .pack_bf16_conv_x86 import PackBf16ConvX86
@@ -77,10 +77,10 @@ from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
 from .resolve_shape_vars import ResolveShapeVars
+from .safe_softmax import SafeSoftmax
 from .share_quantize import ShareQuantize
 from .smooth_quant import SmoothQuant
 from .sparsify_dense import SPARSE_ATTR, SparsifyDense
-from .safe_softmax import SafeSoftmax
 from .use_fast_math import UseFastMath
 
 __all__ = [

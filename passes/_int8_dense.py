@@ -33,7 +33,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .dynamic_epilogue import DynamicEpilogue, find_dynamic_epilogues
-from .relax_utils import dataflow_bindings, op_name
+from .relax_utils import alias_binding, dataflow_bindings, op_name
 from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -187,11 +187,7 @@ class _DenseRewriter(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
         if var in self.aliases:
-            new_var = self.visit_expr(self.aliases[var])
-            bb = self.builder_
-            if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
-                new_var = bb.emit_output(new_var, var.name)
-            self.set_var_remap(var, new_var)
+            alias_binding(self, var, self.aliases[var])
             return
         self.binding = binding
         super().visit_var_binding_(binding)

@@ -36,6 +36,7 @@ from tvm.relax.expr_functor import mutator
 from ._int8_dense import KernelRewriter, _static_shape
 from .relax_utils import (
     ADD,
+    alias_binding,
     const_value,
     map_functions,
     op_name,
@@ -113,11 +114,7 @@ class _Rewriter(KernelRewriter):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
         if var in self.biases:  # add(y, b): y's matmul already adds b
-            new_var = self.visit_expr(self.biases[var][0])
-            bb = self.builder_
-            if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
-                new_var = bb.emit_output(new_var, var.name)
-            self.set_var_remap(var, new_var)
+            alias_binding(self, var, self.biases[var][0])
             return
         self.bias = self.folded.get(var)
         super().visit_var_binding_(binding)

@@ -30,6 +30,7 @@ from .relax_utils import (
     MATMUL,
     PERMUTE_DIMS,
     RESHAPE,
+    alias_binding,
     const_source,
     is_tensor_const,
     map_functions,
@@ -119,11 +120,7 @@ class _Folder(PyExprMutator):
         if var not in self.aliases:
             super().visit_var_binding_(binding)
             return
-        new_var = self.visit_expr(self.aliases[var])
-        bb = self.builder_
-        if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
-            new_var = bb.emit_output(new_var, var.name)
-        self.set_var_remap(var, new_var)
+        alias_binding(self, var, self.aliases[var])
 
 
 def _fold(mod: tvm.IRModule, func: relax.Function) -> relax.Function:

@@ -41,8 +41,8 @@ from .annotate_qdq import AnnotateQDQ
 from .cluster_int8_weights import ClusterInt8Weights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
-from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_quant_scales import FoldQuantScales
+from .fold_scalar_multiply import FoldScalarMultiply
 from .lower_int8 import LowerInt8
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding

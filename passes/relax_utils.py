@@ -184,6 +184,19 @@ def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
         return None
 
 
+def alias_binding(mutator: PyExprMutator, var: relax.Var, target: relax.Expr) -> relax.Var:
+    """In `mutator` (visiting the binding of `var`), make `var` the rewritten `target`
+    instead of emitting a binding of its own (``target`` already computes its value); an
+    output var of a dataflow block is emitted as an output. Returns the var now standing
+    for `var`."""
+    new_var = mutator.visit_expr(target)
+    bb = mutator.builder_
+    if not isinstance(var, relax.DataflowVar) and bb.current_block_is_dataflow():
+        new_var = bb.emit_output(new_var, var.name)
+    mutator.set_var_remap(var, new_var)
+    return new_var
+
+
 def relax_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
     """The Relax functions of `mod` that passes should rewrite, ``main`` first, then by name."""
     out = []

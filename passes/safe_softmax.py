@@ -35,6 +35,10 @@ def _const_is(expr: relax.Expr, test) -> bool:
     return value.size == 1 and test(float(value.reshape(-1)[0]))
 
 
+def _is_zero(v: float) -> bool:
+    return v == 0
+
+
 def _last_axis(call: relax.Call) -> bool:
     """Whether a softmax (``axis``) or a reduction (``axis`` list) runs over the last axis."""
     axis = call.attrs.axis
@@ -63,9 +67,9 @@ def match_safe_softmax(value: relax.Expr, bindings: dict) -> relax.Expr | None:
         return None
     x = soft.args[0]
     full = arg(zero, "relax.full_like")
-    if full is None or not full.args[0].same_as(s) or not _const_is(full.args[1], lambda v: v == 0):
-        if not _const_is(zero, lambda v: v == 0):
-            return None
+    zeros = full is not None and full.args[0].same_as(s) and _const_is(full.args[1], _is_zero)
+    if not zeros and not _const_is(zero, _is_zero):
+        return None
     # cond = logical_not(astype(max(astype(logical_not(equal(x, -inf)), int8)), bool))
     steps = [("relax.logical_not", None), ("relax.astype", "bool"), ("relax.max", None),
              ("relax.astype", None), ("relax.logical_not", None), ("relax.equal", None)]  # fmt: skip

@@ -30,8 +30,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     ConvTransposeAsMatmul,
-    FoldScalarMultiply,
     FoldBatchNorm,
+    FoldScalarMultiply,
     FoldTableDecoders,
     PackDecodedDense,
     PackFloatConv,

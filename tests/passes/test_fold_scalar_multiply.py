@@ -10,11 +10,11 @@ from tvm import relax
 
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.passes import FoldScalarMultiply, prepare_passes
+from tvmq.passes.relax_utils import op_name, ordered_bindings
 
 
 def _ops(func) -> list[str]:
-    return [b.value.op.name for block in func.body.blocks for b in block.bindings
-            if isinstance(b.value, relax.Call)]  # fmt: skip
+    return [op_name(b.value) for b in ordered_bindings(func) if op_name(b.value)]
 
 
 def _run(mod, *args):

@@ -11,6 +11,7 @@ from tvm.script import relax as R
 
 from tvmq.core import qmath
 from tvmq.passes import FLOAT_OPS_ATTR, LowerInt8
+from tvmq.passes.relax_utils import op_name, ordered_bindings
 from tvmq.passes.requantize_int import requantize_int_expr
 
 RNG = np.random.default_rng(0)
@@ -472,12 +473,7 @@ def _add_inputs(shape=(4, 33), seed=7):
 
 
 def _ops(mod) -> list[str]:
-    return [
-        b.value.op.name
-        for block in mod["main"].body.blocks
-        for b in block.bindings
-        if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
-    ]
+    return [op_name(b.value) for b in ordered_bindings(mod["main"]) if op_name(b.value)]
 
 
 def _tflite_add(a, b, out_q):

@@ -9,6 +9,7 @@ from tvm import relax
 
 from tvmq.frontends.pytorch import from_pytorch
 from tvmq.passes import SafeSoftmax
+from tvmq.passes.relax_utils import op_name, ordered_bindings
 
 
 class _Sdpa(torch.nn.Module):
@@ -17,8 +18,7 @@ class _Sdpa(torch.nn.Module):
 
 
 def _ops(mod) -> list[str]:
-    return [b.value.op.name for block in mod["main"].body.blocks for b in block.bindings
-            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]  # fmt: skip
+    return [op_name(b.value) for b in ordered_bindings(mod["main"]) if op_name(b.value)]
 
 
 def _inputs(keys: int):

@@ -12,6 +12,7 @@ from tvm.script import relax as R
 
 from tvmq.core import qmath
 from tvmq.passes import LowerInt8, ShareQuantize
+from tvmq.passes.relax_utils import op_name, ordered_bindings
 
 HOST = tvm.target.Target({"kind": "llvm"})
 # The producer: relu(conv2d(dequantize(x_q), dequantize(W_Q))), one input channel and a 1x1
@@ -29,12 +30,7 @@ def _run(mod, *args):
 
 
 def _ops(mod) -> list[str]:
-    return [
-        b.value.op.name
-        for block in mod["main"].body.blocks
-        for b in block.bindings
-        if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
-    ]
+    return [op_name(b.value) for b in ordered_bindings(mod["main"]) if op_name(b.value)]
 
 
 def _bind(mod):
