@@ -14,6 +14,7 @@ Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`Quanti
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync),
+:class:`PackBf16DenseCUDA` (float32 matmuls on bf16 tensor cores, ``precision="bf16"`` on CUDA),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
@@ -50,6 +51,7 @@ from .fold_quant_scales import FoldQuantScales
 from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
 from .pack_bf16_conv_x86 import PackBf16ConvX86
+from .pack_bf16_dense_cuda import PackBf16DenseCUDA
 from .pack_bf16_dense_x86 import PackBf16DenseX86
 from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
@@ -99,6 +101,7 @@ __all__ = [
     "PackDecodedDense",
     "PackFloatConv",
     "PackBf16ConvX86",
+    "PackBf16DenseCUDA",
     "PackBf16DenseX86",
     "PackFloatDense",
     "UseFastMath",
