@@ -66,6 +66,7 @@ from .pack_mma_batch_matmul_cuda import PackMmaBatchMatmulCUDA
 from .pack_mma_conv_cuda import PackMmaConvCUDA
 from .pipeline import (
     PIPELINE_NAME,
+    bf16_tensor_core_passes,
     half_precision_passes,
     prepare_passes,
     static_int8_passes,
@@ -132,6 +133,7 @@ __all__ = [
     "FoldQuantScales",
     "LowerInt8",
     "ShareQuantize",
+    "bf16_tensor_core_passes",
     "half_precision_passes",
     "prepare_passes",
     "static_int8_passes",

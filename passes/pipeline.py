@@ -44,6 +44,8 @@ from .correct_bias import CorrectBias
 from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_quant_scales import FoldQuantScales
 from .lower_int8 import LowerInt8
+from .pack_bf16_dense_cuda import PackBf16DenseCUDA
+from .pack_mma_batch_matmul_cuda import PackMmaBatchMatmulCUDA
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .share_quantize import ShareQuantize
@@ -197,6 +199,17 @@ def half_precision_passes() -> tvm.transform.Pass:
     return tvm.transform.Sequential(
         [relax.transform.ToMixedPrecision(out_dtype="float32"), relax.transform.FoldConstant()],
         name="tvmq.half_precision",
+    )
+
+
+def bf16_tensor_core_passes(target) -> tvm.transform.Pass:
+    """``--precision bf16`` on CUDA (sm_80 and newer): the model stays float32 (bf16 has its
+    range) and its float32 matmuls run on bf16 tensor cores with fp32 accumulation: dense
+    layers with a constant weight (``PackBf16DenseCUDA``) and matmuls of two activations
+    (attention: ``PackMmaBatchMatmulCUDA(bf16=True)``)."""
+    return tvm.transform.Sequential(
+        [PackBf16DenseCUDA(target), PackMmaBatchMatmulCUDA(target, bf16=True)],
+        name="tvmq.bf16_tensor_core",
     )
 
 

@@ -26,14 +26,16 @@ from tvmq.errors import TvmqError
 from tvmq.kernels.cuda_mma import (
     TENSOR_CORE_ATTR,
     MmaTiles,
+    bf16_batch_matmul_mma,
     bf16_dense_mma,
     choose_mma_tiles,
+    fp16_batch_matmul_mma,
     fp16_dense_mma,
     mma_kernels_for_cpu,
     padded_mkn_mma,
 )
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
-from tvmq.passes import PackBf16DenseCUDA
+from tvmq.passes import PackBf16DenseCUDA, PackMmaBatchMatmulCUDA
 from tvmq.pipeline import check_precision
 from tvmq.targets import get_target
 
@@ -152,6 +154,34 @@ def test_rewritten_module_matches_numpy_on_cpu(rng, m_shape, k, n):
     assert PackBf16DenseCUDA(SM80)(lowered).same_as(lowered)  # nothing left to rewrite
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("batch", "m", "k", "n"), [((2, 3), 37, 20, 45), ((1,), 5, 70, 3)])
+def test_attention_matmul_rewritten_for_bf16_matches_numpy_on_cpu(rng, batch, m, k, n):
+    """Float32 matmuls of two activations go to the bf16 batched kernel only with bf16=True."""
+    a = relax.Var("a", relax.TensorType((*batch, m, k), "float32"))
+    b = relax.Var("b", relax.TensorType((*batch, k, n), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [a, b]):
+        bb.emit_func_output(bb.emit(relax.op.matmul(a, b)))
+    mod = bb.get()
+    assert PackMmaBatchMatmulCUDA(SM80)(mod).same_as(mod)  # fp32 builds keep fp32
+    lowered = PackMmaBatchMatmulCUDA(SM80, bf16=True)(mod)
+    kinds = [
+        (str(f.attrs[KERNEL_ATTR]), str(f.attrs[TENSOR_CORE_ATTR]))
+        for _, f in lowered.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and KERNEL_ATTR in f.attrs
+    ]
+    assert kinds == [("bf16_batch_matmul_mma", "mma.sync.m16n8k16.bf16")]
+    x = rng.standard_normal((*batch, m, k)).astype(np.float32)
+    w = rng.standard_normal((*batch, k, n)).astype(np.float32)
+    ex = relax.build(mma_kernels_for_cpu(lowered), target=HOST)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](
+        tvm.runtime.tensor(x), tvm.runtime.tensor(w)
+    ).numpy()
+    assert out.shape == (*batch, m, n)
+    _assert_close_fp32_acc(out, x, w)
+
+
 def _cuda_source(func: tvm.tirx.PrimFunc, arch: str) -> str:
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
@@ -162,17 +192,12 @@ def _kernel_body(source: str) -> str:
     return source[source.index('extern "C" __global__') :]
 
 
-@needs_nvcc
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (20, 768, 3072), (256, 256, 256)])
-def test_ptx_uses_bf16_mma_sync_and_ldmatrix_without_spills(tmp_path, arch, m, k, n):
-    tiles = choose_mma_tiles(m, k, n, "bfloat16")
-    shape = padded_mkn_mma(m, k, n, tiles)
-    source = _cuda_source(bf16_dense_mma(*shape, tiles=tiles), arch)
-    # The fp16 kernel's code with the operand type renamed: the same ldmatrix loads (no
-    # scalar fallback) and the same mma pairs.
-    fp16 = _kernel_body(_cuda_source(fp16_dense_mma(*shape, tiles=tiles), arch))
+def _check_ptx(bf16_func, fp16_func, arch: str, tmp_path) -> None:
+    """The bf16 kernel's CUDA code is the fp16 kernel's with the operand type renamed (the same
+    ldmatrix loads, no scalar fallback, the same mma pairs); its PTX has bf16 ``mma.sync`` and
+    ``ldmatrix``; ptxas reports no spills and no stack frame."""
+    source = _cuda_source(bf16_func, arch)
+    fp16 = _kernel_body(_cuda_source(fp16_func, arch))
     expected = fp16.replace("half", "nv_bfloat16").replace(".f16.f16.", ".bf16.bf16.")
     assert _kernel_body(source) == expected
     (tmp_path / "k.cu").write_text(source)
@@ -195,6 +220,30 @@ def test_ptx_uses_bf16_mma_sync_and_ldmatrix_without_spills(tmp_path, arch, m, k
     assert r.returncode == 0, r.stderr
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in r.stderr, r.stderr
     assert not re.search(r"[1-9]\d* bytes (spill|stack)", r.stderr), r.stderr
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (20, 768, 3072), (256, 256, 256)])
+def test_ptx_uses_bf16_mma_sync_and_ldmatrix_without_spills(tmp_path, arch, m, k, n):
+    tiles = choose_mma_tiles(m, k, n, "bfloat16")
+    shape = padded_mkn_mma(m, k, n, tiles)
+    bf16, fp16 = (f(*shape, tiles=tiles) for f in (bf16_dense_mma, fp16_dense_mma))
+    _check_ptx(bf16, fp16, arch, tmp_path)
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize(("m", "k", "n"), [(128, 32, 128), (128, 128, 32)])  # MiniLM QK^T, PV
+def test_batched_bf16_ptx_without_spills(tmp_path, arch, m, k, n):
+    tiles = choose_mma_tiles(m, k, n, "bfloat16")
+    shape = padded_mkn_mma(m, k, n, tiles)
+    bf16, fp16 = (
+        f(12, *shape, tiles=tiles) for f in (bf16_batch_matmul_mma, fp16_batch_matmul_mma)
+    )
+    _check_ptx(bf16, fp16, arch, tmp_path)
 
 
 @needs_nvcc

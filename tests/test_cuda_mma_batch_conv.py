@@ -384,6 +384,58 @@ def test_fp16_model_on_cpu_twins_matches_torch_fp32(model):
 
 
 @pytest.mark.slow
+def test_bf16_bert_on_cpu_twins_matches_torch_fp32():
+    """``--precision bf16`` on CUDA: the float32 BERT with its dense and attention matmuls on
+    the bf16 tensor-core kernels (as CPU twins) against PyTorch in float32."""
+    from tvmq.frontends import import_model
+    from tvmq.passes import bf16_tensor_core_passes
+
+    net, inputs, _ = _bert()
+    mod = bf16_tensor_core_passes(SM80)(import_model(net, example_inputs=inputs).mod)
+    calls = re.findall(r"call_tir\((?:cls\.)?(\w+)", mod["main"].script())
+    assert sum(c.startswith("tvmq_bf16_batch_matmul_mma_") for c in calls) == 2
+    assert sum(c.startswith("tvmq_bf16_dense_mma_") for c in calls) == 6  # q, k, v, out, FFN
+    assert "R.matmul" not in mod["main"].script()
+    ex = relax.build(mma_kernels_for_cpu(mod), target=HOST)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](
+        *(tvm.runtime.tensor(a.numpy()) for a in inputs)
+    )
+    out = (out[0] if not hasattr(out, "numpy") else out).numpy()
+    with torch.no_grad():
+        ref = net(*inputs)
+    ref = (ref[0] if isinstance(ref, tuple | list) else ref).numpy()
+    cosine = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert cosine > 0.9999 and err < 0.01, (cosine, err)  # here: 0.999999, 0.0019
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_compile_bert_for_sm90_in_bf16_puts_matmuls_on_tensor_cores(tmp_path):
+    """``tvmq compile -t cuda-sm90 --precision bf16`` of a 1-layer BERT: dense and attention
+    kernels listed as bf16 tensor-core kernels, their PTX in the library, no matmul left to
+    dlight's rules, the weights stored bf16."""
+    import tvmq
+
+    net, inputs, _ = _bert()
+    out = tmp_path / "build"
+    tvmq.compile(net, "cuda-sm90", example_inputs=inputs, output_dir=out, progress=False,
+                 precision="bf16")  # fmt: skip
+    notes = json.loads((out / "model.json").read_text())["notes"]
+    tensor_core = notes["kernels"]["tensor_core"]
+    assert set(tensor_core.values()) == {"mma.sync.m16n8k16.bf16"}, tensor_core
+    for kind in ("bf16_dense_mma", "bf16_batch_matmul_mma"):
+        assert any(name.startswith(f"tvmq_{kind}_") for name in tensor_core), tensor_core
+    assert not [k for k in notes["kernels"]["default"] if re.search(r"matmul|dense", k)]
+    assert "bfloat16" in notes["weights"]
+    data = (out / "model.so").read_bytes()
+    assert b"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in data
+    assert b".f16.f16." not in data
+    entries = set(re.findall(rb"\.entry (\w+)_kernel", data))
+    assert {k.encode() for k in tensor_core} <= entries
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["bert", "cnn"])
 def test_int8_model_on_cpu_twins_equals_default_lowering(model):
     """A whole static-int8 model with every CUDA int8 pass (IMMA attention, convs, dense; dp4a

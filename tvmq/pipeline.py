@@ -54,10 +54,10 @@ from tvmq.passes import (
     ConvTransposeAsMatmul,
     FoldBatchNorm,
     PackBf16ConvX86,
-    PackBf16DenseCUDA,
     PackBf16DenseX86,
     QDQConvToNCHW,
     SparsifyDense,
+    bf16_tensor_core_passes,
     half_precision_passes,
     has_qdq,
     static_int8_passes,
@@ -299,7 +299,7 @@ def run(
         phase("bf16", progress)
         target = preset.tvm_target()
         if preset.kind == "cuda":
-            bf16 = PackBf16DenseCUDA(target)
+            bf16 = bf16_tensor_core_passes(target)
             compute = "bfloat16 (tensor-core matmuls)"
         else:
             bf16 = tvm.transform.Sequential(

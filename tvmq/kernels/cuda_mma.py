@@ -1,12 +1,14 @@
 """CUDA dense kernels on tensor cores (``ldmatrix`` + ``mma.sync``), sm_80 and newer.
 
-Two flavours share one schedule:
+Three flavours share one schedule:
 
 - :func:`fp16_dense_mma`: ``fp16 X (M, K) @ fp16 W (K, N) -> fp32 (M, N)``, each 16x16x16 step
   two ``mma.sync.aligned.m16n8k16 .f32.f16.f16.f32``;
 - :func:`int8_dense_imma`: ``int8 X (M, K) @ int8 W -> int32 (M, N)`` with the weight packed
   as ``Wt (N, K)`` (:func:`pack_weight_imma`), each 16x16x32 step two
   ``mma.sync.aligned.m16n8k32 .s32.s8.s8.s32`` (IMMA);
+- :func:`bf16_dense_mma`, :func:`bf16_batch_matmul_mma`: the fp16 kernels with bf16 operands
+  (``.f32.bf16.bf16.f32``), for ``--precision bf16``;
 - :func:`fp16_batch_matmul_mma`, :func:`int8_batch_matmul_imma`: the same with a leading batch
   axis on every operand (attention's matmuls of two activations); the batch is fused with the
   block tiles into ``blockIdx.x``, so each thread block computes one tile of one matrix.
@@ -242,6 +244,13 @@ def fp16_batch_matmul_mma(
     """Scheduled ``C[b] = X[b] @ W[b]``: fp16 ``X (batch, m, k)`` and ``W (batch, k, n)``, fp32
     ``C``; the batch is one more axis of the grid of thread blocks."""
     return _build(_FP16, m, k, n, tiles, device, batch)
+
+
+def bf16_batch_matmul_mma(
+    batch, m, k, n, *, tiles: MmaTiles | None = None, device="cuda"
+) -> tvm.tirx.PrimFunc:
+    """:func:`fp16_batch_matmul_mma` with bf16 ``X`` and ``W`` (``mma.sync .bf16``)."""
+    return _build(_BF16, m, k, n, tiles, device, batch)
 
 
 def int8_batch_matmul_imma(
