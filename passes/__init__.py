@@ -14,7 +14,8 @@ Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`Quanti
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync),
-:class:`PackBf16DenseCUDA` (float32 matmuls on bf16 tensor cores, ``precision="bf16"`` on CUDA),
+:class:`PackBf16DenseCUDA` (float32 matmuls on bf16 tensor cores, ``precision="bf16"`` on CUDA:
+:func:`bf16_tensor_core_passes` chains it with the batched-matmul and conv passes' bf16 mode),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
