@@ -445,7 +445,8 @@ def test_bf16_model_on_cpu_twins_matches_torch_fp32(model):
     ref = (ref[0] if isinstance(ref, tuple | list) else ref).numpy()
     cosine = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
     err = np.abs(out - ref).max() / np.abs(ref).max()
-    assert cosine > 0.9999 and err < 0.01, (cosine, err)  # BERT here: 0.999999, 0.0019
+    # here: BERT 0.9999987, 0.0019; ResNet 0.99997, 0.0093 (bf16 keeps 8 mantissa bits)
+    assert cosine > 0.9999 and err < (0.01 if model == "bert" else 0.03), (cosine, err)
 
 
 @needs_nvcc
