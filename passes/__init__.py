@@ -14,6 +14,8 @@ Dynamic int8 and weight-only int8/int4: :class:`QuantizeDynamic`, :class:`Quanti
 Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackInt8DenseX86` (AVX-512 VNNI), :class:`PackInt8DenseARM` (sdot / NEON),
 :class:`PackInt8DenseCUDA` (dp4a), :class:`PackFp16DenseCUDA` (fp16 tensor cores, mma.sync),
+:class:`PackBf16DenseCUDA` (float32 matmuls on bf16 tensor cores, ``precision="bf16"`` on CUDA:
+:func:`bf16_tensor_core_passes` chains it with the batched-matmul and conv passes' bf16 mode),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
@@ -50,6 +52,7 @@ from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
 from .pack_bf16_conv_x86 import PackBf16ConvX86
+from .pack_bf16_dense_cuda import PackBf16DenseCUDA
 from .pack_bf16_dense_x86 import PackBf16DenseX86
 from .pack_decoded_dense import PackDecodedDense
 from .pack_float_conv import PackFloatConv
@@ -64,6 +67,7 @@ from .pack_mma_batch_matmul_cuda import PackMmaBatchMatmulCUDA
 from .pack_mma_conv_cuda import PackMmaConvCUDA
 from .pipeline import (
     PIPELINE_NAME,
+    bf16_tensor_core_passes,
     half_precision_passes,
     prepare_passes,
     static_int8_passes,
@@ -99,6 +103,7 @@ __all__ = [
     "PackDecodedDense",
     "PackFloatConv",
     "PackBf16ConvX86",
+    "PackBf16DenseCUDA",
     "PackBf16DenseX86",
     "PackFloatDense",
     "UseFastMath",
@@ -129,6 +134,7 @@ __all__ = [
     "FoldQuantScales",
     "LowerInt8",
     "ShareQuantize",
+    "bf16_tensor_core_passes",
     "half_precision_passes",
     "prepare_passes",
     "static_int8_passes",

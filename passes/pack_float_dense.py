@@ -54,9 +54,9 @@ MIN_MACS = 1 << 20
 """Smaller matmuls keep the default (tunable) schedule."""
 
 
-def match_float_dense(call: relax.Expr, lookup_binding) -> tuple | None:
+def match_float_dense(call: relax.Expr, lookup_binding, min_macs: int = MIN_MACS) -> tuple | None:
     """``(x, x shape, W as numpy)`` for a float32 ``matmul(x, W)`` with a constant ``(K, N)``
-    weight (seen through views) and at least :data:`MIN_MACS` multiply-adds, else None; the
+    weight (seen through views) and at least ``min_macs`` multiply-adds, else None; the
     leading dims of ``x`` may be symbolic."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
         return None
@@ -73,7 +73,7 @@ def match_float_dense(call: relax.Expr, lookup_binding) -> tuple | None:
         return None
     # a symbolic M counts as large: the sizes the library runs are not known here
     m = 1 << 10 if is_symbolic(x_shape) else math.prod(x_shape[:-1])
-    if m * w.shape[0] * w.shape[1] < MIN_MACS or w.shape[0] < 2:
+    if m * w.shape[0] * w.shape[1] < min_macs or w.shape[0] < 2:
         return None
     return x, x_shape, w
 

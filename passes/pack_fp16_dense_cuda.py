@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from tvmq.kernels.cuda_mma import MmaTiles, choose_mma_tiles, fp16_dense_mma, padded_mkn_mma
+from tvmq.kernels.cuda_mma import (
+    MmaTiles,
+    bf16_dense_mma,
+    choose_mma_tiles,
+    fp16_dense_mma,
+    padded_mkn_mma,
+)
 
 from ._int8_dense import KernelRewriter, is_symbolic, rewrite_functions, rows_shape
 from .pack_int8_dense_cuda import cuda_sm
@@ -34,6 +41,9 @@ from .pack_int8_dense_cuda import cuda_sm
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _MMA_F16_MIN_SM = 80  # m16n8k16 f16 with ldmatrix: Ampere and newer
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseTIR cannot merge a scheduled kernel
+_KERNELS = {"float16": fp16_dense_mma, "bfloat16": bf16_dense_mma}
+_NUMPY = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 def target_has_fp16_mma(target: tvm.target.Target | None) -> bool:
@@ -74,39 +84,49 @@ class _Fp16DenseRewriter(KernelRewriter):
     def match(self, call: relax.Call):
         return match_fp16_dense(call)
 
-    def _kernel(self, mp: int, kp: int, np_: int, tiles: MmaTiles) -> tvm.ir.GlobalVar:
-        return self.kernel_var(
-            (mp, kp, np_, tiles),
-            f"tvmq_fp16_dense_mma_{mp}x{kp}x{np_}",
-            lambda: fp16_dense_mma(mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE),
-        )
-
     def rewrite(self, x, x_shape: tuple, w: np.ndarray, out_dtype: str) -> relax.Expr:
-        bb = self.builder_
-        k, n = w.shape
-        m = math.prod(x_shape[:-1])
-        tiles = self.tiles or choose_mma_tiles(m, k, n)
-        mp, kp, np_ = padded_mkn_mma(m, k, n, tiles)
-        if len(x_shape) != 2:
-            x = bb.emit(relax.op.reshape(x, (m, k)))
-        if mp != m or kp != k:
-            x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
-        padded = np.zeros((kp, np_), dtype=np.float16)
-        padded[:k, :n] = w
-        y = bb.emit(
-            relax.call_tir(
-                self._kernel(mp, kp, np_, tiles),
-                [x, relax.const(padded, "float16")],
-                out_ty=relax.TensorType((mp, np_), "float32"),
-            )
-        )
-        if mp != m or np_ != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+        y = emit_mma_dense(self, x, x_shape, w, self.tiles, "float16")
         if out_dtype == "float16":
-            y = bb.emit(relax.op.astype(y, "float16"))
+            y = self.builder_.emit(relax.op.astype(y, "float16"))
         if len(x_shape) != 2:
-            return relax.op.reshape(y, (*x_shape[:-1], n))
+            return relax.op.reshape(y, (*x_shape[:-1], w.shape[1]))
         return y
+
+
+def emit_mma_dense(
+    rw: KernelRewriter, x, x_shape: tuple, w: np.ndarray, tiles: MmaTiles | None, operand: str
+) -> relax.Expr:
+    """Emit ``x @ w`` on the tensor-core kernel for ``operand`` (``float16`` / ``bfloat16``)
+    into ``rw``'s builder: ``x`` flattened to ``(M, K)`` (cast to ``operand`` when it is not),
+    padded to whole tiles, ``w`` stored as an ``operand`` constant padded at compile time; the
+    result is the fp32 ``(M, N)`` product, padding sliced off."""
+    bb = rw.builder_
+    k, n = w.shape
+    m = math.prod(x_shape[:-1])
+    tiles = tiles or choose_mma_tiles(m, k, n, operand)
+    mp, kp, np_ = padded_mkn_mma(m, k, n, tiles)
+    if len(x_shape) != 2:
+        x = bb.emit(relax.op.reshape(x, (m, k)))
+    if str(x.ty.dtype) != operand:
+        x = bb.emit(relax.op.astype(x, operand))
+    if mp != m or kp != k:
+        x = bb.emit(relax.op.nn.pad(x, [0, mp - m, 0, kp - k]))
+    padded = np.zeros((kp, np_), dtype=_NUMPY[operand])
+    padded[:k, :n] = w.astype(_NUMPY[operand])
+    short = _SHORT[operand]
+    kernel = rw.kernel_var(
+        (operand, mp, kp, np_, tiles),
+        f"tvmq_{short}_dense_mma_{mp}x{kp}x{np_}",
+        lambda: _KERNELS[operand](mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE),
+    )
+    y = bb.emit(
+        relax.call_tir(
+            kernel, [x, relax.const(padded, operand)], out_ty=relax.TensorType((mp, np_), "float32")
+        )
+    )
+    if mp != m or np_ != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+    return y
 
 
 class MmaPass:

@@ -11,6 +11,9 @@ in two forms:
   ``a``, ``b`` float16, ``out_dtype`` float32 or float16 ->
   :func:`tvmq.kernels.cuda_mma.fp16_batch_matmul_mma` (``ldmatrix`` + ``mma.sync.m16n8k16``,
   fp32 accumulators; a float16 result is cast after the kernel);
+- bf16 (``--precision bf16``, only with ``bf16=True``): ``a``, ``b`` and the result float32
+  -> :func:`tvmq.kernels.cuda_mma.bf16_batch_matmul_mma`, the operands cast to bf16 before
+  the kernel, fp32 accumulation and result;
 - int8 (what ``LowerInt8`` emits for a quantized attention matmul): ``a``, ``b`` int8 or
   uint8, ``out_dtype`` int32 -> :func:`tvmq.kernels.cuda_mma.int8_batch_matmul_imma`
   (``mma.sync.m16n8k32.s32.s8.s8.s32``). The kernel multiplies signed bytes, so a uint8
@@ -41,6 +44,7 @@ from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.cuda_mma import (
     MmaTiles,
+    bf16_batch_matmul_mma,
     choose_mma_tiles,
     fp16_batch_matmul_mma,
     int8_batch_matmul_imma,
@@ -55,16 +59,22 @@ _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _INT8 = ("int8", "uint8")
 _OPAQUE = 8  # FuseOps' kOpaque: the scheduled kernel is never fused with its neighbours
 _SHIFT = 128
+_KERNELS = {
+    "float16": ("fp16_batch_matmul_mma", fp16_batch_matmul_mma),
+    "bfloat16": ("bf16_batch_matmul_mma", bf16_batch_matmul_mma),
+    "int8": ("int8_batch_matmul_imma", int8_batch_matmul_imma),
+}
 
 
 def _out_dtype(call: relax.Call) -> str:
     dtype = str(call.attrs.out_dtype)
-    return str(call.args[0].ty.dtype) if dtype in ("", "void") else dtype
+    return str(call.args[0].ty.dtype) if dtype in ("", "void", "None") else dtype
 
 
-def match_mma_batch_matmul(call: relax.Expr):
+def match_mma_batch_matmul(call: relax.Expr, bf16: bool = False):
     """``(a, b, batch dims, M, K, N, operand dtype, out dtype)`` for a rewritable matmul of
-    two activations (``operand``: "float16" or "int8"), else None."""
+    two activations (``operand``: "float16", "int8", or with ``bf16`` "bfloat16" for a
+    float32 one), else None."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
         return None
     a, b = call.args
@@ -75,6 +85,8 @@ def match_mma_batch_matmul(call: relax.Expr):
     dtypes, out_dtype = {str(a.ty.dtype), str(b.ty.dtype)}, _out_dtype(call)
     if dtypes == {"float16"} and out_dtype in ("float16", "float32"):
         operand = "float16"
+    elif bf16 and dtypes == {"float32"} and out_dtype == "float32":
+        operand = "bfloat16"
     elif dtypes <= set(_INT8) and out_dtype == "int32":
         operand = "int8"
     else:
@@ -85,16 +97,15 @@ def match_mma_batch_matmul(call: relax.Expr):
 
 @mutator
 class _Rewriter(KernelRewriter):
-    def __init__(self, mod: tvm.IRModule, tiles: MmaTiles | None):
+    def __init__(self, mod: tvm.IRModule, tiles: MmaTiles | None, bf16: bool):
         super().__init__(mod)
-        self.tiles = tiles
+        self.tiles, self.bf16 = tiles, bf16
 
     def match(self, call: relax.Call):
-        return match_mma_batch_matmul(call)
+        return match_mma_batch_matmul(call, self.bf16)
 
     def _kernel(self, operand: str, nb: int, mkn: tuple, tiles: MmaTiles) -> tvm.ir.GlobalVar:
-        build = fp16_batch_matmul_mma if operand == "float16" else int8_batch_matmul_imma
-        name = "fp16_batch_matmul_mma" if operand == "float16" else "int8_batch_matmul_imma"
+        name, build = _KERNELS[operand]
         return self.kernel_var(
             (operand, nb, mkn, tiles),
             f"tvmq_{name}_{nb}x" + "x".join(map(str, mkn)),
@@ -121,10 +132,14 @@ class _Rewriter(KernelRewriter):
         s_b = _SHIFT if str(b.ty.dtype) == "uint8" else 0
         a_s = bb.emit(shift_bytes(a, -_SHIFT, "int8")) if s_a else a
         x = bb.emit(relax.op.reshape(a_s, (nb, m, k)))
+        if operand == "bfloat16":
+            x = bb.emit(relax.op.astype(x, operand))
         if (mp, kp) != (m, k):
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, mp - m, 0, kp - k]))
-        if operand == "float16":
+        if operand != "int8":
             w = bb.emit(relax.op.reshape(b, (nb, k, n)))
+            if operand == "bfloat16":
+                w = bb.emit(relax.op.astype(w, operand))
             w_pad = [0, 0, 0, kp - k, 0, np_ - n]
             b_s = b
         else:
@@ -137,7 +152,7 @@ class _Rewriter(KernelRewriter):
             w_pad = [0, 0, 0, np_ - n, 0, kp - k]
         if (kp, np_) != (k, n):
             w = bb.emit(relax.op.nn.pad(w, w_pad))
-        acc = "float32" if operand == "float16" else "int32"
+        acc = "int32" if operand == "int8" else "float32"
         kernel = self._kernel(operand, nb, (mp, kp, np_), tiles)
         y = bb.emit(relax.call_tir(kernel, [x, w], out_ty=relax.TensorType((nb, mp, np_), acc)))
         if (mp, np_) != (m, n):
@@ -157,7 +172,13 @@ class _Rewriter(KernelRewriter):
 @tvm.transform.module_pass(opt_level=0, name="PackMmaBatchMatmulCUDA")
 class PackMmaBatchMatmulCUDA(MmaPass):
     """Lower fp16 and int8 matmuls of two activations (attention) to tensor-core kernels on
-    sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`)."""
+    sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`); with
+    ``bf16=True`` (``--precision bf16``) float32 ones too, on bf16 operands."""
+
+    def __init__(self, target=None, tiles: MmaTiles | None = None, bf16: bool = False):
+        super().__init__(target, tiles)
+        self.bf16 = bf16
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_functions(mod, _Rewriter(mod, self.tiles), relax.analysis.remove_all_unused)
+        rewriter = _Rewriter(mod, self.tiles, self.bf16)
+        return rewrite_functions(mod, rewriter, relax.analysis.remove_all_unused)

@@ -12,7 +12,10 @@ with a constant weight and static shapes, in two forms:
   (``mma.sync.m16n8k32.s32.s8.s8.s32``);
 - fp16 (what ``ToMixedPrecision`` makes of a float conv under ``--precision fp16``): ``x``
   and ``W`` float16, ``out_dtype`` float32 or float16 -> :func:`tvmq.kernels.cuda_mma.fp16_dense_mma`
-  (``mma.sync.m16n8k16``, fp32 accumulators; a float16 result is cast after the kernel).
+  (``mma.sync.m16n8k16``, fp32 accumulators; a float16 result is cast after the kernel);
+- bf16 (``--precision bf16``, only with ``bf16=True``): ``x``, ``W`` and the result float32
+  -> :func:`tvmq.kernels.cuda_mma.bf16_dense_mma`, the im2col rows rounded to bf16, the
+  weight stored bf16, fp32 accumulation and result.
 
 as::
 
@@ -37,6 +40,7 @@ rewrite, so the pass is idempotent. Run it with the other CUDA target-kernel pas
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
@@ -44,6 +48,7 @@ from tvm import relax
 from tvmq.kernels.cuda_im2col import mma_im2col
 from tvmq.kernels.cuda_mma import (
     MmaTiles,
+    bf16_dense_mma,
     choose_mma_tiles,
     fp16_dense_mma,
     int8_dense_imma,
@@ -57,12 +62,18 @@ from .pack_int8_conv_x86 import match_int8_conv2d
 
 _OPAQUE = 8  # FuseOps' kOpaque: the scheduled kernel is never fused with its neighbours
 _SHIFT = 128
+_NUMPY = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_DENSE = {
+    "float16": (fp16_dense_mma, "fp16_dense_mma"),
+    "bfloat16": (bf16_dense_mma, "bf16_dense_mma"),
+}
 
 
-def match_fp16_conv2d(call: relax.Expr):
-    """``(x, geometry, W as numpy OIHW, out dtype)`` for an fp16 NCHW conv2d (groups 1)."""
-    for out_dtype in ("float32", "float16"):
-        found = match_nchw_conv2d(call, ("float16",), "float16", out_dtype)
+def match_fp16_conv2d(call: relax.Expr, dtype: str = "float16"):
+    """``(x, geometry, W as numpy OIHW, out dtype)`` for an fp16 (or, with ``dtype``, float32)
+    NCHW conv2d (groups 1)."""
+    for out_dtype in ("float32", dtype):
+        found = match_nchw_conv2d(call, (dtype,), dtype, out_dtype)
         if found is not None:
             x, geo, w, groups = found
             if groups == 1 and w.shape[1] == geo.x_shape[1]:
@@ -73,19 +84,19 @@ def match_fp16_conv2d(call: relax.Expr):
 class _Lowering:
     """The ``lower`` callback of :class:`ChannelsLastRewriter` (see the module docstring)."""
 
-    def __init__(self, tiles: MmaTiles | None):
-        self.tiles = tiles
+    def __init__(self, tiles: MmaTiles | None, bf16: bool):
+        self.tiles, self.bf16 = tiles, bf16
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_int8_conv2d(call)
         if found is not None:
             (x, geo, w), operand, out_dtype = found, "int8", "int32"
+        elif (found := match_fp16_conv2d(call)) is not None:
+            (x, geo, w, out_dtype), operand = found, "float16"
+        elif self.bf16 and (found := match_fp16_conv2d(call, "float32")) is not None:
+            (x, geo, w, out_dtype), operand = found, "bfloat16"
         else:
-            found = match_fp16_conv2d(call)
-            if found is None:
-                return None
-            x, geo, w, out_dtype = found
-            operand = "float16"
+            return None
         bb = rw.builder_
         o, m, k = w.shape[0], geo.m, geo.k
         tiles = self.tiles or choose_mma_tiles(m, k, o, operand)
@@ -104,15 +115,16 @@ class _Lowering:
             weight, build, name = pack_weight_imma(w2, kp, np_), int8_dense_imma, "int8_dense_imma"
             acc = "int32"
         else:
-            weight = np.zeros((kp, np_), dtype=np.float16)
-            weight[:k, :o] = w2
-            build, name, acc = fp16_dense_mma, "fp16_dense_mma", "float32"
+            weight = np.zeros((kp, np_), dtype=_NUMPY[operand])
+            weight[:k, :o] = w2.astype(_NUMPY[operand])
+            build, name = _DENSE[operand]
+            acc = "float32"
         dense_fn = rw.kernel_var(
             ("dense", operand, mp, kp, np_, tiles),
             f"tvmq_conv_{name}_{mp}x{kp}x{np_}",
             lambda: build(mp, kp, np_, tiles=tiles).with_attr("op_pattern", _OPAQUE),
         )
-        args = [bb.emit(cols), relax.const(weight)]
+        args = [bb.emit(cols), relax.const(weight, str(weight.dtype))]
         y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), acc)))
         if mp != m or np_ != o:
             y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, o]))
@@ -129,7 +141,12 @@ class _Lowering:
 @tvm.transform.module_pass(opt_level=0, name="PackMmaConvCUDA")
 class PackMmaConvCUDA(MmaPass):
     """Lower fp16 and int8 NCHW conv2d with a constant weight to im2col + a tensor-core dense
-    kernel on sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`)."""
+    kernel on sm_80 and newer (see the module docstring; parameters: see :class:`MmaPass`);
+    with ``bf16=True`` (``--precision bf16``) float32 ones too, on bf16 operands."""
+
+    def __init__(self, target=None, tiles: MmaTiles | None = None, bf16: bool = False):
+        super().__init__(target, tiles)
+        self.bf16 = bf16
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_channels_last(mod, _Lowering(self.tiles))
+        return rewrite_channels_last(mod, _Lowering(self.tiles, self.bf16))

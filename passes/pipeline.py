@@ -41,9 +41,13 @@ from .annotate_qdq import AnnotateQDQ
 from .cluster_int8_weights import ClusterInt8Weights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
+from .fold_batch_norm import FoldBatchNorm
 from .fold_quant_scales import FoldQuantScales
 from .fold_scalar_multiply import FoldScalarMultiply
 from .lower_int8 import LowerInt8
+from .pack_bf16_dense_cuda import PackBf16DenseCUDA
+from .pack_mma_batch_matmul_cuda import PackMmaBatchMatmulCUDA
+from .pack_mma_conv_cuda import PackMmaConvCUDA
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .share_quantize import ShareQuantize
@@ -197,6 +201,25 @@ def half_precision_passes() -> tvm.transform.Pass:
     return tvm.transform.Sequential(
         [relax.transform.ToMixedPrecision(out_dtype="float32"), relax.transform.FoldConstant()],
         name="tvmq.half_precision",
+    )
+
+
+def bf16_tensor_core_passes(target) -> tvm.transform.Pass:
+    """``--precision bf16`` on CUDA (sm_80 and newer): the model stays float32 (bf16 has its
+    range) and its float32 matmuls and convolutions run on bf16 tensor cores with fp32
+    accumulation: dense layers with a constant weight (``PackBf16DenseCUDA``; 2x2/2
+    up-convolutions become such matmuls), matmuls of two activations (attention:
+    ``PackMmaBatchMatmulCUDA(bf16=True)``) and conv2d with groups 1 after batch norms are
+    folded into their weights (``PackMmaConvCUDA(bf16=True)``: im2col + the dense kernel)."""
+    return tvm.transform.Sequential(
+        [
+            ConvTransposeAsMatmul(),
+            FoldBatchNorm(),
+            PackBf16DenseCUDA(target),
+            PackMmaBatchMatmulCUDA(target, bf16=True),
+            PackMmaConvCUDA(target, bf16=True),
+        ],
+        name="tvmq.bf16_tensor_core",
     )
 
 

@@ -4,6 +4,7 @@ phase lines, --dump, `tvmq run --profile`, and TVM's repeated warnings collapsed
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -208,3 +209,31 @@ def test_smoothquant_and_calibration_bars_say_what_they_do(capsys):
     assert q.pipeline_params["smooth_absmax"]  # SmoothQuant did run
     labels = {line.split(":")[0].split("\r")[-1] for line in err.split("\r") if "batch" in line}
     assert labels == {"tvmq calibrate (SmoothQuant channel ranges)", "tvmq calibrate"}, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_precision_bf16_builds_for_cuda_on_tensor_cores(capsys, tmp_path, outlier_model):
+    _, d = outlier_model
+    out = tmp_path / "bf16"
+    code, _, err = run_cli(
+        capsys, "-q", "compile", d / "m.pt2", "-o", out, "-t", "cuda-sm80", "--precision", "bf16"
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["compression"]["precision"]["compute"] == "bfloat16 (tensor-core matmuls)"
+    kernels = manifest["notes"]["kernels"]
+    # both Linear layers (16 -> 32, 32 -> 8) pad to one 16x128x128 kernel
+    assert kernels["tensor_core"] == {"tvmq_bf16_dense_mma_16x128x128": "mma.sync.m16n8k16.bf16"}
+    assert not [k for k in kernels["default"] if "matmul" in k or "dense" in k]
+
+
+def test_precision_bf16_refused_on_a_cpu_without_amx_bf16(capsys, tmp_path, outlier_model):
+    _, d = outlier_model
+    code, _, err = run_cli(
+        capsys, "-q", "compile", d / "m.pt2", "-o", tmp_path / "x", "-t", "x86-avx512-vnni",
+        "--precision", "bf16",
+    )  # fmt: skip
+    assert code != 0 and "bf16 needs AMX-BF16 tiles" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

@@ -70,6 +70,7 @@ FAST_CASES = [
     (["--sparse-block", "4x1"], "--sparse-block applies to --sparse"),
     (["-t", "x86-amx", "--precision", "bf16", "--quantize", "w8"], "cannot be combined yet"),
     (["-t", "cuda-sm90", "--precision", "fp16", "--quantize", "w8"], "cannot be combined yet"),
+    (["-t", "cuda-sm80", "--precision", "bf16", "--quantize", "int8"], "cannot be combined yet"),
     (["--sparse", "1.2"], "--sparse takes a fraction"),
     (["--quantize", "int8"], "needs --calib"),
     (["--quantize", "int8", "--calib", "{calib}", "--observer", "bogus"], "--observer bogus"),

@@ -164,7 +164,6 @@ def test_precision_refused_in_one_line_for_bad_combinations():
     assert check_precision("fp16", cuda) == "fp16" and check_precision("fp32", host) is None
     for precision, preset, quantize, says in [
         ("fp16", host, None, "is for CUDA targets"),
-        ("bf16", cuda, None, "bf16 is for CPUs with AMX-BF16"),
         ("bf16", get_target("x86-avx512-vnni"), None, "bf16 needs AMX-BF16 tiles"),
         ("bf16", get_target("x86-amx"), "int8", "cannot be combined yet"),
         ("fp8", cuda, None, "precision must be one of"),

@@ -41,8 +41,9 @@ def add_compile_options(s: argparse.ArgumentParser) -> None:
         choices=["fp32", "fp16", "bf16"],
         default="fp32",
         help="fp16 (CUDA presets): compute in half precision with fp32 accumulation, dense "
-        "layers on tensor cores (mma.sync, sm_80 and newer); bf16 (CPUs with AMX-BF16): "
-        "dense layers on bf16 AMX tiles with fp32 accumulation",
+        "layers on tensor cores (mma.sync, sm_80 and newer); bf16: matmuls and convs with "
+        "bf16 operands and fp32 accumulation, on tensor cores (CUDA presets, sm_80 and newer) "
+        "or AMX tiles (CPUs with AMX-BF16), the rest of the model in fp32",
     )
     g.add_argument(
         "--tuning-logs",

@@ -98,6 +98,9 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
         stay float32. ``"bf16"`` (CPU presets with AMX-BF16, e.g. Sapphire Rapids): matmuls
         with a constant weight of 16 rows or more and stride-1 convs over 32-channel multiples
         run on bf16 AMX tiles (inputs rounded to bf16, fp32 accumulation), the rest in fp32.
+        ``"bf16"`` on CUDA presets (sm_80 and newer): matmuls with a constant weight,
+        attention's matmuls and convolutions (groups 1) run on bf16 tensor cores
+        (``mma.sync .bf16``, fp32 accumulation), the rest in fp32.
         Not combined with ``quantize``.
     tuning_logs : "auto", path, Database, list of them, or None
         MetaSchedule records to apply. ``"auto"``: ``./tuning_logs/<target>/`` and the logs

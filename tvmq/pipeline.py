@@ -57,6 +57,7 @@ from tvmq.passes import (
     PackBf16DenseX86,
     QDQConvToNCHW,
     SparsifyDense,
+    bf16_tensor_core_passes,
     half_precision_passes,
     has_qdq,
     static_int8_passes,
@@ -64,6 +65,7 @@ from tvmq.passes import (
 )
 from tvmq.passes.analysis import float_compute_ops
 from tvmq.passes.pack_bf16_dense_x86 import target_has_amx_bf16
+from tvmq.passes.pack_fp16_dense_cuda import target_has_fp16_mma
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 from tvmq.progress import phase
 from tvmq.quantization import quantize_with_accuracy_control
@@ -74,7 +76,8 @@ from tvmq.targets import TargetPreset
 __all__ = ["Compressed", "Built", "check_precision", "compress", "run", "scheme_for_target"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-"""``precision=`` values: fp32 (the default), fp16 (CUDA presets), bf16 (CPUs with AMX-BF16)."""
+"""``precision=`` values: fp32 (the default), fp16 (CUDA presets), bf16 (CUDA presets for sm_80
+and newer, CPUs with AMX-BF16)."""
 
 _log = logging.getLogger("tvmq")
 
@@ -126,12 +129,13 @@ def check_precision(precision: str | None, preset: TargetPreset, quantize=None) 
         return None
     if precision not in PRECISIONS:
         raise TvmqError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "bf16" and preset.kind == "cuda":
+    cuda = preset.kind == "cuda"
+    if precision == "bf16" and cuda and not target_has_fp16_mma(preset.tvm_target()):
         raise TvmqError(
-            "precision bf16 is for CPUs with AMX-BF16 so far (TVM 0.27's ToMixedPrecision "
-            "casts to float16 only); use fp16 on CUDA targets"
+            f"precision bf16 needs bf16 tensor cores (sm_80 or newer); target {preset.name!r} "
+            "has none: drop it, or pick cuda-sm80 / cuda-sm90"
         )
-    if precision == "bf16" and not target_has_amx_bf16(preset.tvm_target()):
+    if precision == "bf16" and not cuda and not target_has_amx_bf16(preset.tvm_target()):
         raise TvmqError(
             f"precision bf16 needs AMX-BF16 tiles (Intel Sapphire Rapids or newer); target "
             f"{preset.name!r} has none: drop it, or pick a preset with amx-bf16 (x86-amx)"
@@ -277,7 +281,10 @@ def run(
 
     ``compression``: the keyword arguments of :func:`compress`. ``precision="fp16"`` (CUDA
     presets, see :func:`check_precision`): the float model runs in fp16 with fp32
-    accumulation, its matmuls on tensor cores where the arch has them (sm_80 and newer). On the host the quantizer's
+    accumulation, its matmuls on tensor cores where the arch has them (sm_80 and newer).
+    ``precision="bf16"``: the model stays float32 and its matmuls with constant weights run
+    on bf16 tensor cores (CUDA, sm_80 and newer) or AMX-BF16 tiles (CPUs), accumulating in
+    float32. On the host the quantizer's
     output SQNRs are measured on the executable built here rather than on a second,
     report-only build.
     """
@@ -291,16 +298,21 @@ def run(
     if precision == "bf16":
         phase("bf16", progress)
         target = preset.tvm_target()
-        bf16 = tvm.transform.Sequential(
-            [
-                ConvTransposeAsMatmul(),
-                FoldBatchNorm(),
-                PackBf16ConvX86(target),
-                PackBf16DenseX86(target),
-            ]
-        )
+        if preset.kind == "cuda":
+            bf16 = bf16_tensor_core_passes(target)
+            compute = "bfloat16 (tensor-core matmuls)"
+        else:
+            bf16 = tvm.transform.Sequential(
+                [
+                    ConvTransposeAsMatmul(),
+                    FoldBatchNorm(),
+                    PackBf16ConvX86(target),
+                    PackBf16DenseX86(target),
+                ]
+            )
+            compute = "bfloat16 (AMX matmuls)"
         done.model = _with_mod(done.model, bf16(done.model.mod))
-        done.applied["precision"] = {"compute": "bfloat16 (AMX matmuls)", "accumulate": "float32"}
+        done.applied["precision"] = {"compute": compute, "accumulate": "float32"}
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)
     ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)

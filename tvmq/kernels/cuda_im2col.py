@@ -1,4 +1,4 @@
-"""im2col on CUDA for tvmq's tensor-core convolutions: NHWC activations -> fp16 / int8 rows.
+"""im2col on CUDA for tvmq's tensor-core convolutions: NHWC activations -> fp16 / bf16 / int8 rows.
 
 A conv2d with an OIHW weight is ``cols @ W2`` (see :mod:`tvmq.kernels.x86_int8_conv`):
 ``cols[(b, y, x), (ky, kx, c)] = X[b, y * sh + ky * dh - top, x * sw + kx * dw - left, c]``,
@@ -6,7 +6,8 @@ A conv2d with an OIHW weight is ``cols @ W2`` (see :mod:`tvmq.kernels.x86_int8_c
 ``W2 = W.transpose(0, 2, 3, 1).reshape(O, K).T``. :func:`mma_im2col` writes ``cols`` in the
 form the tensor-core dense kernels of :mod:`tvmq.kernels.cuda_mma` take:
 
-- its dtype is the kernel's operand, float16 or int8. A uint8 ``X`` is shifted to int8
+- its dtype is the kernel's operand, float16, bfloat16 (from float32 ``X``, rounded here) or
+  int8. A uint8 ``X`` is shifted to int8
   (``x - 128``; the conv's padding zeros too, so they become -128): the caller adds
   ``128 * colsum(W2)`` per output channel back, and the result is the exact integer conv;
 - rows are padded to the dense kernel's ``M`` tile and columns to its ``K`` step, with 0
@@ -37,6 +38,7 @@ GEOMETRY_ATTR = "tvmq.im2col"
 dilation, flat, so that :func:`im2col_for_cpu` can rebuild the kernel."""
 
 _THREADS = 256
+_PAIRS = (("float16", "float16"), ("float32", "bfloat16"), ("int8", "int8"), ("uint8", "int8"))
 
 
 def mma_im2col(
@@ -48,8 +50,9 @@ def mma_im2col(
     device: str = "cuda",
 ) -> tvm.tirx.PrimFunc:
     """The kernel ``(X (N, H, W, C) x_dtype) -> cols (m_padded, k_padded) operand`` (see
-    module). ``x_dtype``/``operand``: float16/float16, int8/int8 or uint8/int8."""
-    if (x_dtype, operand) not in (("float16", "float16"), ("int8", "int8"), ("uint8", "int8")):
+    module). ``x_dtype``/``operand``: float16/float16, float32/bfloat16, int8/int8 or
+    uint8/int8."""
+    if (x_dtype, operand) not in _PAIRS:
         raise ValueError(f"im2col cannot turn {x_dtype} activations into {operand} rows")
     if m_padded < geo.m or k_padded < geo.k:
         raise ValueError(f"padded cols {m_padded}x{k_padded} smaller than {geo.m}x{geo.k}")
@@ -73,6 +76,8 @@ def mma_im2col(
         )
         if x_dtype == "uint8":  # x - 128 as int8: the kernel multiplies signed bytes
             value = (value.astype("int32") - 128).astype("int8")
+        elif x_dtype != operand:  # float32 -> bfloat16
+            value = value.astype(operand)
         return tvm.tirx.if_then_else(tvm.tirx.all(r < m, q < k), value, zero)
 
     cols = te.compute((m_padded, k_padded), element, name="cols")

@@ -1,12 +1,14 @@
 """CUDA dense kernels on tensor cores (``ldmatrix`` + ``mma.sync``), sm_80 and newer.
 
-Two flavours share one schedule:
+Three flavours share one schedule:
 
 - :func:`fp16_dense_mma`: ``fp16 X (M, K) @ fp16 W (K, N) -> fp32 (M, N)``, each 16x16x16 step
   two ``mma.sync.aligned.m16n8k16 .f32.f16.f16.f32``;
 - :func:`int8_dense_imma`: ``int8 X (M, K) @ int8 W -> int32 (M, N)`` with the weight packed
   as ``Wt (N, K)`` (:func:`pack_weight_imma`), each 16x16x32 step two
   ``mma.sync.aligned.m16n8k32 .s32.s8.s8.s32`` (IMMA);
+- :func:`bf16_dense_mma`, :func:`bf16_batch_matmul_mma`: the fp16 kernels with bf16 operands
+  (``.f32.bf16.bf16.f32``), for ``--precision bf16``;
 - :func:`fp16_batch_matmul_mma`, :func:`int8_batch_matmul_imma`: the same with a leading batch
   axis on every operand (attention's matmuls of two activations); the batch is fused with the
   block tiles into ``blockIdx.x``, so each thread block computes one tile of one matrix.
@@ -102,13 +104,20 @@ _FP16 = _Flavor(
      "mma_store_16x16_f32_global_"),
     "mma.sync.m16n8k16.f16",
 )  # fmt: skip
+_BF16 = _Flavor(
+    "bf16_dense_mma", "bf16_batch_matmul_mma", "bfloat16", "float32", 16, False, fragment_lane_register,
+    ("tvmq_mma_ldmatrix_bf16_a", "tvmq_mma_ldmatrix_bf16_b", "tvmq_mma_bf16bf16f32",
+     "mma_fill_16x16_f32", "mma_store_16x16_f32_global_"),
+    "mma.sync.m16n8k16.bf16",
+)  # fmt: skip
 _INT8 = _Flavor(
     "int8_dense_imma", "int8_batch_matmul_imma", "int8", "int32", 32, True, fragment_lane_register_k32,
     ("mma_ldmatrix_i8_a", "mma_ldmatrix_i8_b_trans", "mma_i8i8i32_trans_b",
      "mma_fill_16x16_i32", "mma_store_16x16_i32_global_"),
     "mma.sync.m16n8k32.s8",
 )  # fmt: skip
-KERNEL_NAMES = (_FP16.kernel, _INT8.kernel, _FP16.batch_kernel, _INT8.batch_kernel)
+_FLAVORS = {"float16": _FP16, "bfloat16": _BF16, "int8": _INT8}
+KERNEL_NAMES = tuple(name for f in _FLAVORS.values() for name in (f.kernel, f.batch_kernel))
 """Values of :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR` on the kernels built here."""
 
 
@@ -152,7 +161,7 @@ def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTil
     smallest multiple of 32 (fp16) or 64 (int8) whose shared tiles split into whole rounds
     (128 for fp16 with 16 or 32 rows: see below)."""
     del k
-    flavor = _INT8 if operand == "int8" else _FP16
+    flavor = _FLAVORS[operand]
     if m <= 16:
         shape = dict(warps_m=1, warps_n=4, tiles_m=1, tiles_n=2)
     elif m <= 32:
@@ -164,7 +173,7 @@ def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTil
     step = 2 * flavor.k_step
     # Small-M fp16 tiles (16 or 32 rows) with a 32- or 64-wide K step spill 4-8 bytes under
     # ptxas for sm_90a (at 48-80 registers); with 128 they do not, on sm_80 or sm_90a.
-    bk = 128 if flavor is _FP16 and m <= 32 else step
+    bk = 128 if flavor.k_step == 16 and m <= 32 else step
     while True:
         tiles = MmaTiles(**shape, bk=bk)
         try:
@@ -197,7 +206,7 @@ def mma_dense_reference(
     """The unscheduled computation: ``C[i, j] = sum_k acc(X[i, k]) * acc(W[k, j])`` for fp16
     (``W (K, N)``, fp32 ``C``), ``sum_k i32(X[i, k]) * i32(Wt[j, k])`` for int8 (``Wt (N, K)``).
     With ``batch``, every operand has a leading batch axis: ``C[b] = X[b] @ W[b]``."""
-    flavor = _INT8 if operand == "int8" else _FP16
+    flavor = _FLAVORS[operand]
     lead = () if batch is None else (batch,)
     x = te.placeholder((*lead, m, k), operand, name="X")
     w = te.placeholder((*lead, *((n, k) if flavor.weight_nk else (k, n))), operand, name="W")
@@ -217,6 +226,12 @@ def fp16_dense_mma(m, k, n, *, tiles: MmaTiles | None = None, device="cuda") -> 
     return _build(_FP16, m, k, n, tiles, device)
 
 
+def bf16_dense_mma(m, k, n, *, tiles: MmaTiles | None = None, device="cuda") -> tvm.tirx.PrimFunc:
+    """Scheduled ``C = X @ W``: bf16 ``X (m, k)``, bf16 ``W (k, n)``, fp32 ``C``: the fp16
+    kernel with ``mma.sync .m16n8k16 .f32.bf16.bf16.f32`` (see :func:`register_bf16_intrinsics`)."""
+    return _build(_BF16, m, k, n, tiles, device)
+
+
 def int8_dense_imma(m, k, n, *, tiles: MmaTiles | None = None, device="cuda") -> tvm.tirx.PrimFunc:
     """Scheduled ``C = X @ Wt.T``: int8 ``X (m, k)``, int8 ``Wt (n, k)`` (:func:`pack_weight_imma`),
     int32 ``C``."""
@@ -229,6 +244,13 @@ def fp16_batch_matmul_mma(
     """Scheduled ``C[b] = X[b] @ W[b]``: fp16 ``X (batch, m, k)`` and ``W (batch, k, n)``, fp32
     ``C``; the batch is one more axis of the grid of thread blocks."""
     return _build(_FP16, m, k, n, tiles, device, batch)
+
+
+def bf16_batch_matmul_mma(
+    batch, m, k, n, *, tiles: MmaTiles | None = None, device="cuda"
+) -> tvm.tirx.PrimFunc:
+    """:func:`fp16_batch_matmul_mma` with bf16 ``X`` and ``W`` (``mma.sync .bf16``)."""
+    return _build(_BF16, m, k, n, tiles, device, batch)
 
 
 def int8_batch_matmul_imma(
@@ -355,6 +377,8 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
         # (and the CPU twin) never need them.
         from tvm.s_tir.tensor_intrin import cuda as _registers_intrinsics  # noqa: F401
 
+        if flavor is _BF16:
+            register_bf16_intrinsics()
         name_a, name_b, name_mma, name_fill, name_store = flavor.intrins
         sch.tensorize(load_a, name_a)
         sch.tensorize(load_b, name_b)
@@ -362,6 +386,42 @@ def _schedule(func: tvm.tirx.PrimFunc, tiles: MmaTiles, flavor: _Flavor, on_gpu:
         sch.tensorize(sch.get_loops(init)[-2], name_fill)
         sch.tensorize(store, name_store)
     return sch
+
+
+def register_bf16_intrinsics() -> None:
+    """Register the bf16 ``ldmatrix`` (A, B) and ``mma.sync`` intrinsics of :data:`_BF16`.
+
+    TVM 0.27 registers these for fp16 only. ``ldmatrix`` moves 16-bit words and
+    ``mma.m16n8k16`` takes ``.bf16`` operands in the same fragment layout as ``.f16``, so each
+    bf16 intrinsic is TVM's fp16 one with the operand dtype (``float16`` -> ``bfloat16``) and
+    the mma type (``fp16`` -> ``bf16``) renamed in its printed TVMScript, parsed back. Idempotent.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin import cuda as intrin
+
+    name_a, name_b, name_mma = _BF16.intrins[:3]
+    if TensorIntrin.get(name_mma, allow_missing=True) is not None:
+        return
+    fp16 = {
+        name_a: intrin.get_ldmatrix_intrin(MMA, "float16", "A", False),
+        name_b: intrin.get_ldmatrix_intrin(MMA, "float16", "B", False),
+        name_mma: intrin.get_mma_intrin(MMA, "float16", "float16", "float32", False, False),
+    }
+    for name, funcs in fp16.items():
+        TensorIntrin.register(name, *(_as_bf16(f) for f in funcs))
+
+
+def _as_bf16(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    text = func.script().replace('"float16"', '"bfloat16"').replace('"fp16"', '"bf16"')
+    # The printed ldmatrix call omits its element dtype, which the parser then takes as int8
+    # (and the CUDA codegen turns a "transposing int8" ldmatrix into a scalar loop): restore it.
+    text = "\n".join(
+        line[:-1] + ', dtype="bfloat16")' if "T.ptx_legacy.ldmatrix(" in line else line
+        for line in text.splitlines()
+    )
+    if '"float16"' in text or "fp16" in text or "bfloat16" not in text:
+        raise AssertionError(f"unexpected fp16 intrinsic script:\n{func.script()}")
+    return tvm.script.from_source(text)
 
 
 def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
@@ -374,8 +434,8 @@ def mma_kernels_for_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     ``llvm`` and can be checked against numpy where there is no GPU (the padding and slicing
     around the kernels included).
     """
-    flavors = {f.kernel: f for f in (_FP16, _INT8)}
-    flavors.update({f.batch_kernel: f for f in (_FP16, _INT8)})
+    flavors = {f.kernel: f for f in _FLAVORS.values()}
+    flavors.update({f.batch_kernel: f for f in _FLAVORS.values()})
     out = mod
     for gv, func in mod.functions_items():
         attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
