@@ -76,7 +76,8 @@ def find_folds(func: relax.Function) -> tuple[dict, dict]:
         if op_name(value) != MULTIPLY:
             continue
         lhs, rhs = value.args
-        v, c = (lhs, _scalar(rhs)) if _scalar(rhs) is not None else (rhs, _scalar(lhs))
+        c = _scalar(rhs)
+        v, c = (lhs, c) if c is not None else (rhs, _scalar(lhs))
         if c is None or not single(v) or str(v.ty.dtype) != "float32":
             continue
         cur = v
@@ -85,8 +86,10 @@ def find_folds(func: relax.Function) -> tuple[dict, dict]:
         sources = []
         if single(cur) and op_name(bindings[cur]) == ADD:
             a, b = bindings[cur].args
-            found = const_source(b, bindings) or const_source(a, bindings)
-            cur = a if const_source(b, bindings) is not None else b
+            found = const_source(b, bindings)
+            cur = a
+            if found is None:
+                found, cur = const_source(a, bindings), b
             if found is None:
                 continue
             sources.append(found[0])
