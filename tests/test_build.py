@@ -292,3 +292,35 @@ def test_cuda_int8_matmul_builds(tmp_path, weight):
         assert b"mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
     else:  # four int8 products per instruction: nvcc turns dlight's loop into dp4a
         assert b"dp4a.s32.s32" in ptx
+
+
+def _fused_main(body):
+    """A module whose ``main(x)`` is ``body(bb, x)``, lowered to kernels like a build."""
+    from tvmq.lowering import fuse_to_tir
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    with get_target("host").tvm_target():
+        return fuse_to_tir(bb.get(), "host")
+
+
+@pytest.mark.parametrize(
+    ("body", "fresh"),
+    [
+        (lambda bb, x: bb.emit(relax.op.add(x, x)), True),
+        (lambda bb, x: bb.emit(relax.op.reshape(bb.emit(relax.op.exp(x)), (3, 2))), True),
+        (lambda bb, x: relax.Tuple([bb.emit(relax.op.exp(x)), bb.emit(relax.op.abs(x))]), True),
+        (lambda bb, x: x, False),  # the input itself
+        (lambda bb, x: bb.emit(relax.op.reshape(x, (6,))), False),  # a view of the input
+        (lambda bb, x: relax.const(np.ones((2, 3), "float32")), False),  # a constant
+        (lambda bb, x: relax.Tuple([y := bb.emit(relax.op.exp(x)), y]), False),  # one twice
+    ],
+)
+def test_fresh_outputs_only_for_tensors_the_call_allocates(body, fresh):
+    from tvmq.build import fresh_outputs
+
+    assert fresh_outputs(_fused_main(body)) is fresh

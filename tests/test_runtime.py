@@ -22,7 +22,8 @@ def test_round_trip_matches_pytorch(compiled_mlp_dir, small_mlp, rng):
 
 def test_calls_reuse_input_buffers_but_return_arrays_of_their_own(compiled_mlp_dir, small_mlp, rng):
     """A call copies its input into a buffer the model keeps (no TVM tensor per call): any
-    memory layout is taken, and a returned array is never changed by a later call."""
+    memory layout is taken, and a returned array (the tensor the VM allocated for that call,
+    not a copy) is never changed by a later call."""
     m = tvmq.load(compiled_mlp_dir)
     xs = [rng.standard_normal((2, 32)).astype("float32") for _ in range(3)]
     with torch.no_grad():
@@ -30,7 +31,8 @@ def test_calls_reuse_input_buffers_but_return_arrays_of_their_own(compiled_mlp_d
     ys = [m(x) for x in xs]
     for y, ref in zip(ys, refs, strict=True):  # earlier results still hold their values
         np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
-        assert y.flags.owndata and y.flags.writeable
+        assert y.flags.writeable
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(ys) for b in ys[:i])
     wide = np.zeros((2, 64), np.float32)
     wide[:, ::2] = xs[0]
     np.testing.assert_allclose(m(wide[:, ::2]), refs[0], atol=1e-5, rtol=1e-5)  # strided
@@ -138,9 +140,33 @@ def test_manifest_records_what_it_is(compiled_mlp_dir):
         "file": "model.so",
         "bytes": len(lib),
         "sha256": hashlib.sha256(lib).hexdigest(),
+        "fresh_outputs": True,  # the output is a kernel's: the VM allocates it per call
     }
     assert d["versions"]["tvmq"] == tvmq.__version__ and d["versions"]["tvm"]
     assert d["compression"] == {}
+
+
+class _PassThrough(torch.nn.Module):
+    """Returns its input and one result twice: outputs the VM does not allocate per call."""
+
+    def forward(self, x):
+        y = x * 2.0
+        return x, y, y
+
+
+def test_outputs_that_alias_an_input_or_each_other_are_copied(tmp_path, rng):
+    out = tmp_path / "m"
+    tvmq.compile(_PassThrough(), "host", example_inputs=torch.zeros(2, 3), output_dir=out)
+    m = tvmq.load(out)
+    assert m.manifest.library["fresh_outputs"] is False
+    x = rng.standard_normal((2, 3)).astype("float32")
+    a, b, c = m(x)
+    np.testing.assert_array_equal(a, x)
+    np.testing.assert_allclose(b, 2 * x)
+    assert not np.shares_memory(b, c)  # one tensor twice in the model: two arrays here
+    m(rng.standard_normal((2, 3)).astype("float32"))
+    np.testing.assert_array_equal(a, x)  # the input buffer was refilled, not this array
+    np.testing.assert_allclose(c, 2 * x)
 
 
 def test_recompiling_into_the_same_directory_loads_the_new_model(tmp_path, rng):

@@ -171,17 +171,27 @@ def _compile(
     out = None
     if folder is not None:
         phase("link and export", progress)
-        out = _write_build(folder, ex, preset, manifest)
+        fresh = built.build_info is not None and built.build_info.fresh_outputs
+        out = _write_build(folder, ex, preset, manifest, fresh_outputs=fresh)
     phase("done", progress)
     return CompiledArtifact(ex, built.model.mod, manifest, out)
 
 
-def _write_build(folder: OutputFolder, ex, preset: TargetPreset, manifest: Manifest) -> Path:
-    """Export the library and manifest into a staging folder, then commit it atomically."""
+def _write_build(
+    folder: OutputFolder, ex, preset: TargetPreset, manifest: Manifest, fresh_outputs: bool
+) -> Path:
+    """Export the library and manifest into a staging folder, then commit it atomically.
+    ``fresh_outputs``: the VM allocates each output anew per call (the runtime may hand
+    them to the caller without a copy)."""
     with folder.stage() as stage:
         lib = stage / LIBRARY
         build.export_library(ex, lib, preset)
-        manifest.library = {"file": LIBRARY, "bytes": lib.stat().st_size, "sha256": sha256_of(lib)}
+        manifest.library = {
+            "file": LIBRARY,
+            "bytes": lib.stat().st_size,
+            "sha256": sha256_of(lib),
+            "fresh_outputs": fresh_outputs,
+        }
         # whatever the exporter left in the staging folder is tvmq's to replace next time
         manifest.files = sorted(p.name for p in stage.iterdir())
         manifest.write(stage)  # last: a staged folder with a manifest is complete

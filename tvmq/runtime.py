@@ -143,7 +143,7 @@ class CompiledModel:
 
     ``model(x)`` or ``model(input_name=x)`` returns one array when the model has one
     output, else a tuple of arrays, in the manifest's output order. The arrays are the
-    caller's own (copied out of TVM's tensors): a later call never changes them.
+    caller's own (tensors the call allocated, or copies): a later call never changes them.
 
     Calls on one model from several threads are safe; they run one at a time (a lock
     guards the model's input buffers and its VM).
@@ -184,6 +184,16 @@ class CompiledModel:
             ) from e
         self._lock = threading.Lock()
         self._slots = _InputSlots.for_inputs(self.manifest.inputs, self.device, self._params)
+        # The VM allocates every output anew per call (the build checked): numpy may keep
+        # TVM's tensor itself, no copy. Libraries built before the check say nothing: copy.
+        self._fresh_outputs = bool(self.manifest.library.get("fresh_outputs"))
+        slots = self._slots
+        # (buffer, dtype, shape) of a model with one input and input slots, for __call__
+        self._one_input = (
+            (slots.arrays[0], *slots.signature[0])
+            if slots is not None and len(slots.arrays) == 1
+            else None
+        )
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -202,25 +212,37 @@ class CompiledModel:
         return [*tensors, *self._params]
 
     def __call__(self, *args, **kwargs):
+        one = self._one_input
+        if one is not None and len(args) == 1 and not kwargs:  # the common case, inlined
+            a, (buffer, dtype, shape) = args[0], one  # (a small model's call is ~3 us)
+            if type(a) is np.ndarray and a.shape == shape and a.dtype == dtype:
+                with self._lock:
+                    np.copyto(buffer, a)
+                    result = self._main(*self._slots.main_args)
+                if self._fresh_outputs and type(result) is _Tensor:
+                    return np.from_dlpack(result)
+                return self._host_outputs(result)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict):
         slots = self._slots
         if slots is None:  # a device other than the CPU, or symbolic shapes
             tensors = self._to_device(args, kwargs)
             with self._lock:
                 outs = _flatten(self._main(*self.main_args(tensors)))
-        else:
-            if kwargs or not slots.accepts(args):
-                # The full check: it names what is wrong, or takes lists, names, other layouts.
-                args = check_inputs(self.manifest.inputs, args, kwargs)
-            with self._lock:
-                if len(args) == 1:
-                    np.copyto(slots.arrays[0], args[0])
-                else:
-                    for buffer, a in zip(slots.arrays, args, strict=True):
-                        np.copyto(buffer, a)
-                result = self._main(*slots.main_args)
-                if type(result) is _Tensor:  # one output: the common case, without _flatten
-                    return np.from_dlpack(result).copy()
-                outs = _flatten(result, on_host=True)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        if kwargs or not slots.accepts(args):
+            # The full check: it names what is wrong, or takes lists, names, other layouts.
+            args = check_inputs(self.manifest.inputs, args, kwargs)
+        with self._lock:
+            for buffer, a in zip(slots.arrays, args, strict=True):
+                np.copyto(buffer, a)
+            result = self._main(*slots.main_args)
+        return self._host_outputs(result)
+
+    def _host_outputs(self, result):
+        """A CPU call's result as the caller's arrays: one array, or a tuple of them."""
+        outs = _flatten(result, on_host=True, fresh=self._fresh_outputs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def benchmark(
@@ -263,15 +285,10 @@ class _InputSlots:
     def accepts(self, args: tuple) -> bool:
         """Whether ``args`` are numpy arrays of exactly the inputs' dtypes and shapes (what
         :func:`check_inputs` would pass unchanged, up to memory layout)."""
-        if len(args) != len(self.signature):
-            return False
-        if len(args) == 1:  # the common case, without the loop (a small model's call is ~3 us)
-            a, ((dtype, shape),) = args[0], self.signature
-            return type(a) is np.ndarray and a.shape == shape and a.dtype == dtype
-        for a, (dtype, shape) in zip(args, self.signature, strict=True):
-            if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
-                return False
-        return True
+        return len(args) == len(self.signature) and all(
+            type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+            for a, (dtype, shape) in zip(args, self.signature, strict=True)
+        )
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -287,17 +304,19 @@ _ALIGN = 64
 _Tensor = tvm.runtime.Tensor
 
 
-def _flatten(result, on_host: bool = False) -> list[np.ndarray]:
-    """The outputs as numpy arrays; ``on_host``: they are in host memory (a CPU device)."""
+def _flatten(result, on_host: bool = False, fresh: bool = False) -> list[np.ndarray]:
+    """The outputs as numpy arrays; ``on_host``: they are in host memory (a CPU device);
+    ``fresh``: each is a tensor the VM allocated for this call alone (numpy may keep it)."""
     if isinstance(result, _Tensor):
         if on_host:
-            # One copy, by numpy (Tensor.numpy() costs ~10 us more at this size); a copy,
-            # not a view: an output can share memory with an input buffer or a constant.
-            return [np.from_dlpack(result).copy()]
+            # By numpy (Tensor.numpy() costs ~10 us more at this size); a copy unless fresh:
+            # an output can share memory with an input buffer or a constant.
+            out = np.from_dlpack(result)
+            return [out if fresh else out.copy()]
         return [result.numpy()]
     out = []
     for r in result:
-        out.extend(_flatten(r, on_host))
+        out.extend(_flatten(r, on_host, fresh))
     return out
 
 
