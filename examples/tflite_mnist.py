@@ -161,6 +161,7 @@ def main(workdir: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:  # keep the files there
+        Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
         main(Path(sys.argv[1]))
     else:
         with tempfile.TemporaryDirectory() as tmp:

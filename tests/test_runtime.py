@@ -192,3 +192,20 @@ def test_latency_stats_p90_interpolates_like_numpy_percentile():
     stats = LatencyStats.from_seconds([i / 1e3 for i in (10, 1, 9, 2, 8, 3, 7, 4, 6, 5)])
     assert stats.p90_ms == pytest.approx(9.1)  # 1..10 ms: linear between the 9th and 10th
     assert (stats.median_ms, stats.min_ms, stats.repeat) == (5.5, 1.0, 10)
+
+
+def test_a_dropped_model_is_freed_at_once(compiled_mlp_dir, rng):
+    """The fast one-input call must not hold the model in a reference cycle (its VM and
+    weights would wait for the garbage collector)."""
+    import gc
+    import weakref
+
+    m = tvmq.load(compiled_mlp_dir)
+    m(rng.standard_normal((2, 32)).astype("float32"))
+    ref = weakref.ref(m)
+    gc.disable()
+    try:
+        del m
+        assert ref() is None
+    finally:
+        gc.enable()
