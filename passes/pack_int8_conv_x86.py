@@ -51,6 +51,8 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
+from tvmq.kernels.vnni_intrin import LANES
+from tvmq.kernels.x86_amx import X86Int8Dense
 from tvmq.kernels.x86_amx_conv import AmxConv, x86_int8_conv
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
@@ -155,13 +157,17 @@ class _Lowering:
             name += "_offset"
         if epilogue is not None:
             args.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - o)), "float32"))
+        # Fewer than 16 output channels (a classifier's): the VNNI kernel stores exactly those
+        # (predicated stores), not 16 to be sliced and re-read.
+        n_out = o if isinstance(dense, X86Int8Dense) and dense.amx is None and np_ == LANES and o < np_ else np_
+        vnni = {"n_out": n_out} if n_out != np_ else {}
         dense_fn = rw.kernel_var(
-            ("dense", dense, with_offset, requantize),
-            name,
-            lambda: dense.build(with_offset, requantize).with_attr("op_pattern", OPAQUE),
+            ("dense", dense, with_offset, requantize, n_out),
+            name + (f"_n{n_out}" if vnni else ""),
+            lambda: dense.build(with_offset, requantize, **vnni).with_attr("op_pattern", OPAQUE),
         )
-        y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, np_), out_dtype)))
-        if mp != m or np_ != o:
+        y = bb.emit(relax.call_tir(dense_fn, args, out_ty=relax.TensorType((mp, n_out), out_dtype)))
+        if mp != m or n_out != o:
             y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, o]))
         oh, ow = geo.out_hw
         y = bb.emit(relax.op.reshape(y, (geo.x_shape[0], oh, ow, o)))
