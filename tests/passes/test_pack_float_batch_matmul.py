@@ -89,8 +89,14 @@ def test_avx2_kernel_matches_numpy(rng):
 
 
 def test_left_alone(rng):
-    small = _module((2, 16, 32), (2, 32, 16), transposed=False)  # 16K multiply-adds
+    small = _module((2, 16, 30), (2, 30, 15), transposed=False)  # 14K multiply-adds
     assert PackFloatBatchMatmul(AVX512)(small).same_as(small)
+    # aligned (BERT's 128 tokens): the default schedule's tile, as fast without packing
+    aligned = _module((1, 12, 128, 64), (1, 12, 128, 64), transposed=True)
+    assert PackFloatBatchMatmul(AVX512)(aligned).same_as(aligned)
+    for a_shape, b_shape in (((12, 126, 64), (12, 64, 128)), ((12, 128, 64), (12, 64, 120))):
+        ragged = PackFloatBatchMatmul(AVX512)(_module(a_shape, b_shape, transposed=False))
+        assert _kernels(ragged) == ["float_batch_matmul"]
     big = _module((1, 3, 197, 64), (1, 3, 197, 64), transposed=True)
     for target in (CUDA, ARM, None):
         assert PackFloatBatchMatmul(target)(big).same_as(big)
