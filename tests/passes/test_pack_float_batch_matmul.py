@@ -133,3 +133,12 @@ def test_padded_channel_tiles():
             assert t.mr * t.nr + t.nr + 1 <= regs
             assert t.o_padded % (t.nr * lanes) == 0 and 0 <= t.o_padded - n < t.nr * lanes
             assert t.ow_padded % t.mr == 0 and t.ow_padded >= m
+
+
+def test_small_row_tiles_read_a_unpadded():
+    """DeiT's P @ V (6-row tiles): no padded copy of P, the kernel clamps its last rows;
+    Q @ K^T (14-row tiles) pads Q's rows (numerics of both: test_matches_numpy)."""
+    pv = PackFloatBatchMatmul(AVX512)(_module((1, 3, 197, 197), (1, 3, 197, 64), transposed=False))
+    assert "R.nn.pad" not in pv.script() and "tvmq_float_batch_matmul_3x197x197x64" in pv.script()
+    qk = PackFloatBatchMatmul(AVX512)(_module((1, 3, 197, 64), (1, 3, 197, 64), transposed=True))
+    assert "tvmq_float_batch_matmul_3x210x64x224" in qk.script()

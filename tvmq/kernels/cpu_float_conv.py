@@ -200,6 +200,7 @@ def float_conv2d_nhwc(
     epilogue: ConvEpilogue | None = None,
     *,
     batched_weight: bool = False,
+    clamp_columns: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
 
@@ -207,18 +208,26 @@ def float_conv2d_nhwc(
     enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
     With an `epilogue`, a ``bias (O,)`` argument follows ``W``. With ``batched_weight``,
     ``W`` has one panel set per image, ``(n, O/L, KH, KW, c, L)``: the 1x1 case is then a
-    batch matmul of two activations (kernel attribute ``"float_batch_matmul"``).
+    batch matmul of two activations (kernel attribute ``"float_batch_matmul"``). With
+    ``clamp_columns``, ``P`` may be narrower than the padded output reads: those reads take
+    its last column instead (the output columns past the unpadded width are then copies,
+    which the caller slices off), so a 1x1 caller needs no padded copy of ``P``.
     """
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
     if ow % tiles.mr or o % (tiles.nr * lanes):
         raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
-    if (ow - 1) * sw + (kw - 1) * dw + 1 > wp or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
+    too_narrow = (ow - 1) * sw + (kw - 1) * dw + 1 > wp and not clamp_columns
+    if too_narrow or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
         raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
     if kh * kw * c < 2:
         raise ValueError("a reduction of one element is a scale, not a convolution")
     p = te.placeholder((n, hp, wp, c), "float32", name="P")
+
+    def column(x):
+        return te.min(x, wp - 1) if clamp_columns else x
+
     w_shape = (o // lanes, kh, kw, c, lanes)
     w = te.placeholder((n, *w_shape) if batched_weight else w_shape, "float32", name="W")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -235,7 +244,8 @@ def float_conv2d_nhwc(
     acc = te.compute(
         (n, oh, ow, o),
         lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight(b, j), axis=[ry, rx, rc]
+            p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc] * weight(b, j),
+            axis=[ry, rx, rc],
         ),
         name="acc",
     )
