@@ -18,7 +18,8 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :func:`bf16_tensor_core_passes` chains it with the batched-matmul and conv passes' bf16 mode),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
-GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`, and
+GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
+:class:`PackFloatBatchMatmul` (attention's float activation matmuls on x86), and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
 then, after fusion, :class:`DecodeAtLoad` (constants of few distinct values stored as
@@ -55,6 +56,7 @@ from .pack_bf16_conv_x86 import PackBf16ConvX86
 from .pack_bf16_dense_cuda import PackBf16DenseCUDA
 from .pack_bf16_dense_x86 import PackBf16DenseX86
 from .pack_decoded_dense import PackDecodedDense
+from .pack_float_batch_matmul import PackFloatBatchMatmul
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
 from .pack_fp16_dense_cuda import PackFp16DenseCUDA
@@ -105,6 +107,7 @@ __all__ = [
     "PackBf16ConvX86",
     "PackBf16DenseCUDA",
     "PackBf16DenseX86",
+    "PackFloatBatchMatmul",
     "PackFloatDense",
     "UseFastMath",
     "SafeSoftmax",

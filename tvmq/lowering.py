@@ -34,6 +34,7 @@ from tvmq.passes import (
     FoldScalarMultiply,
     FoldTableDecoders,
     PackDecodedDense,
+    PackFloatBatchMatmul,
     PackFloatConv,
     PackFloatDense,
     PackFp16DenseCUDA,
@@ -100,6 +101,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         FoldBatchNorm(),  # float convs: batch_norm into the weight, so the conv stays NHWC
         PackFloatConv(target),  # float conv2d: register-blocked NHWC kernel (SIMD CPUs)
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
+        PackFloatBatchMatmul(target),  # float attention matmuls (x86): the same kernel, batched
         PackDecodedDense(target),  # w8 / w4 matmul weights, decoded in the kernel
         SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU

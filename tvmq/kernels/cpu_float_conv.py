@@ -75,7 +75,13 @@ def simd_lanes_and_registers(target: tvm.target.Target | None) -> tuple[int, int
 
 
 def choose_conv_tiles(
-    ow: int, o: int, lanes: int, registers: int, *, epilogue: bool = False
+    ow: int,
+    o: int,
+    lanes: int,
+    registers: int,
+    *,
+    epilogue: bool = False,
+    pad_channels: bool = False,
 ) -> ConvTiles:
     """The register tile for an output ``ow`` pixels wide with ``o`` channels.
 
@@ -86,14 +92,15 @@ def choose_conv_tiles(
     issues ``mr * nr`` multiply-adds (two a cycle) and ``mr + nr`` loads (about 1.5 a
     cycle with broadcasts); the tile whose multiply-adds are least held up by its loads and
     least wasted on padded pixels wins, then the one with more accumulators, then more
-    channel vectors (fewer broadcasts).
+    channel vectors (fewer broadcasts). With ``pad_channels`` the channels are padded to a
+    multiple of ``nr`` vectors (not only of one), the padded channels counted as waste too:
+    for a prime ``o`` such as DeiT's 197 tokens ``nr`` could otherwise only be 1.
     """
-    o_padded = round_up(o, lanes)
-    vectors = o_padded // lanes
     budget = registers - 4
     best = None
     for nr in range(min(_MAX_CHANNEL_VECTORS, budget), 0, -1):
-        if vectors % nr:
+        o_padded = round_up(o, nr * lanes if pad_channels else lanes)
+        if o_padded // lanes % nr:
             continue
         # With an epilogue every register counts (mr * nr accumulators, nr weight vectors,
         # one broadcast): the 28-accumulator AVX-512 tile then spilled in the reduction loop
@@ -106,6 +113,8 @@ def choose_conv_tiles(
             ow_padded = round_up(ow, mr)
         fma_cycles = mr * nr / 2
         busy = fma_cycles / max(fma_cycles, (mr + nr) / 1.5) * ow / ow_padded
+        if pad_channels:
+            busy *= o / o_padded
         score = (round(busy, 3), mr * nr, nr)
         if best is None or score > best[0]:
             best = (score, ConvTiles(mr, nr, lanes, ow_padded, o_padded))
@@ -186,42 +195,64 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue) -> te.Tensor:
 
 
 def float_conv2d_nhwc(
-    shape: ConvShape, tiles: ConvTiles, epilogue: ConvEpilogue | None = None
+    shape: ConvShape,
+    tiles: ConvTiles,
+    epilogue: ConvEpilogue | None = None,
+    *,
+    batched_weight: bool = False,
+    clamp_columns: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
 
     ``OW`` and ``O`` are ``tiles.ow_padded`` / ``tiles.o_padded``; ``P`` must be wide
     enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
-    With an `epilogue`, a ``bias (O,)`` argument follows ``W``.
+    With an `epilogue`, a ``bias (O,)`` argument follows ``W``. With ``batched_weight``,
+    ``W`` has one panel set per image, ``(n, O/L, KH, KW, c, L)``: the 1x1 case is then a
+    batch matmul of two activations (kernel attribute ``"float_batch_matmul"``). With
+    ``clamp_columns``, ``P`` may be narrower than the padded output reads: those reads take
+    its last column instead (the output columns past the unpadded width are then copies,
+    which the caller slices off), so a 1x1 caller needs no padded copy of ``P``.
     """
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
     if ow % tiles.mr or o % (tiles.nr * lanes):
         raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
-    if (ow - 1) * sw + (kw - 1) * dw + 1 > wp or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
+    too_narrow = (ow - 1) * sw + (kw - 1) * dw + 1 > wp and not clamp_columns
+    if too_narrow or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
         raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
     if kh * kw * c < 2:
         raise ValueError("a reduction of one element is a scale, not a convolution")
     p = te.placeholder((n, hp, wp, c), "float32", name="P")
-    w = te.placeholder((o // lanes, kh, kw, c, lanes), "float32", name="W")
+
+    def column(x):
+        return te.min(x, wp - 1) if clamp_columns else x
+
+    w_shape = (o // lanes, kh, kw, c, lanes)
+    w = te.placeholder((n, *w_shape) if batched_weight else w_shape, "float32", name="W")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, c), name="rc")
     if isinstance(epilogue, Requantize):
         raise ValueError("the float conv kernel takes a ConvEpilogue, not a requantize")
     bias = _bias(epilogue, o)
+
+    def weight(b, j):
+        panel = (j // lanes, ry, rx, rc, j % lanes)
+        return w[(b, *panel)] if batched_weight else w[panel]
+
     acc = te.compute(
         (n, oh, ow, o),
         lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, x * sw + rx * dw, rc] * w[j // lanes, ry, rx, rc, j % lanes],
+            p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc] * weight(b, j),
             axis=[ry, rx, rc],
         ),
         name="acc",
     )
     func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue)])
     macs = n * oh * ow * o * kh * kw * c
-    return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name="float_conv2d_nhwc")
+    name = "float_batch_matmul" if batched_weight else "float_conv2d_nhwc"
+    return _schedule(func, tiles, parallel=macs >= _PARALLEL_MIN_MACS, name=name)
 
 
 def rows_tiles(n: int, lanes: int, registers: int) -> ConvTiles:
