@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "amx: runs AMX int8 tile code on this CPU (skipped where it or the OS lacks it)"
     )
+    config.addinivalue_line(
+        "markers", "nvcc: compiles CUDA code with nvcc / ptxas (skipped where they are missing)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,6 +40,8 @@ def pytest_collection_modifyitems(config, items):
         skips["vnni"] = "this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo)"
     if not amx_granted():
         skips["amx"] = "no AMX int8 here (amx_int8 in /proc/cpuinfo, granted by arch_prctl)"
+    if shutil.which("nvcc") is None or shutil.which("ptxas") is None:
+        skips["nvcc"] = "nvcc / ptxas (the CUDA toolkit) are not installed"
     for item in items:
         for marker, reason in skips.items():
             if marker in item.keywords:

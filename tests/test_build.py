@@ -2,7 +2,6 @@
 
 import dataclasses
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -24,9 +23,6 @@ from tvmq.targets import get_target, list_targets
 from tvmq.toolchain import debian_package
 
 EM_X86_64, EM_AARCH64 = 62, 183
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed"
-)
 
 
 class SmallNet(torch.nn.Module):
@@ -182,7 +178,7 @@ def test_ci_installs_every_preset_cross_compiler():
             assert debian_package(preset.cc) in listed, preset.name
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.parametrize(
     ("name", "arch", "machine"),
     [
@@ -220,7 +216,7 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # KiB: the compil
 """
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 def test_cuda_library_with_large_constants_links_in_little_memory(tmp_path):
     """The packed blob goes in by the assembler's .incbin: as a C array, g++ took more than
     130 bytes of memory per byte (MiniLM at batch 32 failed to link); 24 MB stays far below.
@@ -237,7 +233,7 @@ def test_cuda_library_with_large_constants_links_in_little_memory(tmp_path):
     assert re.findall(rb"\.target (sm_\w+)", data) == [b"sm_90a"]
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 def test_cuda_library_loads_ptx_module(small_net, tmp_path):
     """tvm-ffi's own loader parses the packed blob and hands over a PTX CUDA module."""
     loader = "ffi.Module.load_from_bytes.cuda"
@@ -267,7 +263,7 @@ def test_cuda_library_loads_ptx_module(small_net, tmp_path):
     assert b".target sm_80" in payload and payload.endswith(b"\0")
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.parametrize("weight", ["activation", "constant"])
 def test_cuda_int8_matmul_builds(tmp_path, weight):
     x = relax.Var("x", relax.TensorType((64, 128), "int8"))

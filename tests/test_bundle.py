@@ -249,7 +249,6 @@ def test_aarch64_bundle_runs_on_the_emulated_board(tmp_path, small_mlp, compiled
 # int8 rows (QuantizeEmbedding; fp32 MiniLM bundles are 93 MiB). Both are int8-dynamic: on
 # cuda-sm90 its dense layers are dp4a kernels.
 MINILM_SCHEMES = {"host": "int8-dynamic", "cuda-sm90": "int8-dynamic"}
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +314,7 @@ def test_minilm_host_bundle_is_small_and_runs_like_tvmq_run(minilm, minilm_bundl
 
 
 @pytest.mark.slow
-@needs_nvcc
+@pytest.mark.nvcc
 def test_minilm_cuda_sm90_bundle_is_small(minilm_bundles):
     """Compile only (no GPU here): the bundle holds the CUDA runtime library and sm_90a PTX."""
     build, bundle = minilm_bundles("cuda-sm90")

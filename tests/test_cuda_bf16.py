@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import ml_dtypes
@@ -39,10 +38,6 @@ from tvmq.passes import PackBf16DenseCUDA, PackMmaBatchMatmulCUDA
 from tvmq.pipeline import check_precision
 from tvmq.targets import get_target
 
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None or shutil.which("ptxas") is None,
-    reason="nvcc / ptxas (CUDA toolkit) are not installed",
-)
 HOST = get_target("host").tvm_target()
 SM80 = get_target("cuda-sm80").tvm_target()
 BF16 = ml_dtypes.bfloat16
@@ -222,7 +217,7 @@ def _check_ptx(bf16_func, fp16_func, arch: str, tmp_path) -> None:
     assert not re.search(r"[1-9]\d* bytes (spill|stack)", r.stderr), r.stderr
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (20, 768, 3072), (256, 256, 256)])
@@ -233,7 +228,7 @@ def test_ptx_uses_bf16_mma_sync_and_ldmatrix_without_spills(tmp_path, arch, m, k
     _check_ptx(bf16, fp16, arch, tmp_path)
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize(("m", "k", "n"), [(128, 32, 128), (128, 128, 32)])  # MiniLM QK^T, PV
@@ -246,7 +241,7 @@ def test_batched_bf16_ptx_without_spills(tmp_path, arch, m, k, n):
     _check_ptx(bf16, fp16, arch, tmp_path)
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 def test_compile_mlp_for_sm90_in_bf16_lists_tensor_core_kernels(tmp_path):
     from tvmq.demo import make_mlp

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,9 +32,6 @@ from tvmq.passes.pack_int8_dense_cuda import PackInt8DenseCUDA, target_has_dp4a
 from tvmq.passes.quantize_dynamic import QuantizeDynamic, dynamic_matmul_reference
 from tvmq.targets import get_target
 
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed"
-)
 has_gpu = pytest.mark.skipif(
     not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist, reason="no CUDA GPU"
 )
@@ -230,7 +226,7 @@ def test_dynamic_mlp_rewritten_matches_numpy_on_cpu(dynamic_mlp, rng):
 # PTX for every CUDA arch
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 def test_dynamic_mlp_builds_for_sm90_with_dp4a(dynamic_mlp, tmp_path):
     """The run-time range kernel builds for CUDA: its output's pair axis was int32 beside
     int64 rows, and TVM's UnifyThreadBinding then mixed int64 and int32 ("mismatched types")."""
@@ -244,7 +240,7 @@ def test_dynamic_mlp_builds_for_sm90_with_dp4a(dynamic_mlp, tmp_path):
     assert b"dp4a.s32.s32" in data and b"row_qparams_u8" in data
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "arch"), CUDA_TARGETS, ids=[a for _, a in CUDA_TARGETS])
 def test_quantized_mlp_ptx_uses_dp4a_or_imma(quantized_mlp, tmp_path, name, arch):
@@ -319,7 +315,7 @@ def test_gpu_mlp_and_gemm_match_numpy(quantized_mlp, rng):
     print(f"GEMM {m}x{k}x{n}: int8 dp4a {t8 * 1e3:.3f} ms, fp32 {t32 * 1e3:.3f} ms")
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
 def test_bert_layer_int8_builds_for_sm90_with_dp4a(tmp_path, scheme):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +41,6 @@ from tvmq.passes import PackFp16DenseCUDA, half_precision_passes
 from tvmq.passes.pack_fp16_dense_cuda import target_has_fp16_mma
 from tvmq.targets import get_target
 
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None or shutil.which("ptxas") is None,
-    reason="nvcc / ptxas (CUDA toolkit) are not installed",
-)
 HOST = get_target("host").tvm_target()
 SM80 = get_target("cuda-sm80").tvm_target()
 FP16, INT8 = "fp16_dense_mma", "int8_dense_imma"
@@ -267,7 +262,7 @@ def _ptx(func: tvm.tirx.PrimFunc, arch: str, tmp_path) -> str:
     return ptx.read_text()
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize(("m", "k", "n"), [(4, 784, 128), (20, 768, 3072), (256, 256, 256)])
@@ -335,7 +330,7 @@ def test_fp16_bert_layer_on_cpu_twin_matches_torch_fp32():
     assert cosine > 0.9999 and np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 def test_compile_mlp_for_sm90_in_fp16_lists_tensor_core_kernels(tmp_path):
     from tvmq.demo import make_mlp

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +35,6 @@ from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 from tvmq.passes import PackMmaBatchMatmulCUDA, PackMmaConvCUDA
 from tvmq.targets import get_target
 
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None or shutil.which("ptxas") is None,
-    reason="nvcc / ptxas (CUDA toolkit) are not installed",
-)
 HOST = get_target("host").tvm_target()
 SM80 = get_target("cuda-sm80").tvm_target()
 
@@ -294,7 +289,7 @@ _MMA = {
 }
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("operand", ["float16", "int8"])
@@ -355,7 +350,7 @@ def _cnn():
     return model, (zoo.smooth_images(2, 64, seed=100),), [zoo.smooth_images(2, 64, seed=7).numpy()]
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["bert", "cnn"])
 @pytest.mark.parametrize("scheme", ["fp16", "int8"])
@@ -449,7 +444,7 @@ def test_bf16_model_on_cpu_twins_matches_torch_fp32(model):
     assert cosine > 0.9999 and err < (0.01 if model == "bert" else 0.03), (cosine, err)
 
 
-@needs_nvcc
+@pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["bert", "cnn"])
 def test_compile_for_sm90_in_bf16_puts_matmuls_and_convs_on_tensor_cores(tmp_path, model):
