@@ -168,7 +168,7 @@ def _bias_vector(value: np.ndarray | None, kind: str, channels: int, out_ndim: i
     return value.reshape(-1).astype(np.float64) if ok else None
 
 
-class _Users:
+class Users:
     """Which bindings read each var (and whether the function returns it)."""
 
     def __init__(self, func: relax.Function):
@@ -192,7 +192,7 @@ class _Users:
         return None
 
 
-def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, WeightRegion] | None:
+def match_region(var, call, bindings, users: Users) -> tuple[relax.Var, WeightRegion] | None:
     """(tail var, region) for a lowerable matmul/conv2d binding, else None."""
     kind = SITE_OPS.get(op_name(call))
     if kind is None or len(call.args) != 2 or str(call.ty.dtype) != "float32":
@@ -239,7 +239,7 @@ def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, Weight
         cur = nxt
         nxt = users.only_reader(cur)
         value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
+    out_q = match_output(value, bindings)
     if out_q is not None:
         region.out_q, region.clip = out_q, clip
         region.passthrough = tuple(passthrough)
@@ -250,7 +250,7 @@ def _match_region(var, call, bindings, users: _Users) -> tuple[relax.Var, Weight
     return tail, region
 
 
-def _match_passthrough_quantize(var, bindings, users: _Users):
+def match_passthrough_quantize(var, bindings, users: Users):
     """(tail var, passthrough calls, out_q) when `var` reaches a quantize through
     passthrough ops only, else (var, (), None)."""
     cur, passthrough = var, []
@@ -261,7 +261,7 @@ def _match_passthrough_quantize(var, bindings, users: _Users):
         cur = nxt
         nxt = users.only_reader(cur)
         value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
+    out_q = match_output(value, bindings)
     if out_q is None:
         return var, (), None
     return nxt, tuple(passthrough), out_q
@@ -276,7 +276,7 @@ def _act_matmul_fits_int32(k: int) -> bool:
     return 4 * k * 255 * 255 < 2**31
 
 
-def _match_act_matmul(var, call, bindings, users: _Users):
+def _match_act_matmul(var, call, bindings, users: Users):
     """(tail var, region) for ``matmul(dq(a_q), dq(b_q))`` of two activations, else None."""
     if len(call.args) != 2 or str(call.ty.dtype) != "float32":
         return None
@@ -287,17 +287,17 @@ def _match_act_matmul(var, call, bindings, users: _Users):
     k = shape[-1] if shape is not None else None
     if not isinstance(k, tvm.tirx.IntImm) or not _act_matmul_fits_int32(int(k)):
         return None
-    tail, passthrough, out_q = _match_passthrough_quantize(var, bindings, users)
+    tail, passthrough, out_q = match_passthrough_quantize(var, bindings, users)
     return tail, ActMatmulRegion(a, b, int(k), out_q, passthrough)
 
 
-def _match_matmul(var, call, bindings, users: _Users):
-    """A weight region (:func:`_match_region`), else an activation matmul, else None."""
-    found = _match_region(var, call, bindings, users)
+def _match_matmul(var, call, bindings, users: Users):
+    """A weight region (:func:`match_region`), else an activation matmul, else None."""
+    found = match_region(var, call, bindings, users)
     return found if found is not None else _match_act_matmul(var, call, bindings, users)
 
 
-def _match_output(value, bindings) -> tuple[float, int, str] | None:
+def match_output(value, bindings) -> tuple[float, int, str] | None:
     """(s_y, z_y, dtype) of a per-tensor quantize to int8/uint8, else None."""
     if op_name(value) != QUANTIZE or str(value.attrs.out_dtype) not in _ACT_DTYPES:
         return None
@@ -307,7 +307,7 @@ def _match_output(value, bindings) -> tuple[float, int, str] | None:
     return float(s_y), int(z_y), str(value.attrs.out_dtype)
 
 
-def _match_add(var, call, bindings, users: _Users) -> tuple[relax.Var, AddRegion] | None:
+def _match_add(var, call, bindings, users: Users) -> tuple[relax.Var, AddRegion] | None:
     """(tail var, region) for ``quantize([clip](add(dq(a), dq(b))))``, else None."""
     if len(call.args) != 2 or str(call.ty.dtype) != "float32":
         return None
@@ -325,14 +325,14 @@ def _match_add(var, call, bindings, users: _Users) -> tuple[relax.Var, AddRegion
         cur = nxt
         nxt = users.only_reader(cur)
         value = bindings.get(nxt)
-    out_q = _match_output(value, bindings)
+    out_q = match_output(value, bindings)
     if out_q is None:
         return None
     clip = None if (lo, hi) == (-np.inf, np.inf) else (lo, hi)
     return nxt, AddRegion(inputs, out_q, clip)
 
 
-def _match_concat(var, call, bindings, users: _Users) -> tuple[relax.Var, ConcatRegion] | None:
+def _match_concat(var, call, bindings, users: Users) -> tuple[relax.Var, ConcatRegion] | None:
     """(tail var, region) for ``quantize(concat(dq(x_0), dq(x_1), ...))``, else None."""
     fields = resolve(call.args[0], bindings)
     if not isinstance(fields, relax.Tuple) or str(call.ty.dtype) != "float32":
@@ -341,7 +341,7 @@ def _match_concat(var, call, bindings, users: _Users) -> tuple[relax.Var, Concat
     if not inputs or any(i is None for i in inputs):
         return None
     nxt = users.only_reader(var)
-    out_q = _match_output(bindings.get(nxt), bindings)
+    out_q = match_output(bindings.get(nxt), bindings)
     if out_q is None or call.attrs.axis is None:
         return None
     return nxt, ConcatRegion(inputs, int(call.attrs.axis), out_q)
@@ -350,7 +350,7 @@ def _match_concat(var, call, bindings, users: _Users) -> tuple[relax.Var, Concat
 def _match_requantize(var, call, bindings, _users) -> tuple[relax.Var, RequantRegion] | None:
     """(var, region) for ``quantize(dequantize(x_q))`` between two int8/uint8 params, else None."""
     inp = _match_input(call.args[0], bindings)
-    out_q = _match_output(call, bindings)
+    out_q = match_output(call, bindings)
     if inp is None or out_q is None:
         return None
     return var, RequantRegion(*inp, out_q)
@@ -376,7 +376,7 @@ def _fits_int32(r: WeightRegion) -> bool:
 
 _MATCHERS = {
     MATMUL: _match_matmul,
-    CONV2D: _match_region,
+    CONV2D: match_region,
     ADD: _match_add,
     CONCAT: _match_concat,
     QUANTIZE: _match_requantize,
@@ -386,7 +386,7 @@ _MATCHERS = {
 def find_regions(func: relax.Function) -> dict[relax.Var, object]:
     """The lowerable regions of `func`: tail var -> region (one of the region dataclasses)."""
     bindings = binding_map(func)
-    users = _Users(func)
+    users = Users(func)
     regions = {}
     for b in ordered_bindings(func):
         if not isinstance(b, relax.VarBinding):

@@ -159,7 +159,11 @@ class _Lowering:
             args.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - o)), "float32"))
         # Fewer than 16 output channels (a classifier's): the VNNI kernel stores exactly those
         # (predicated stores), not 16 to be sliced and re-read.
-        n_out = o if isinstance(dense, X86Int8Dense) and dense.amx is None and np_ == LANES and o < np_ else np_
+        n_out = (
+            o
+            if isinstance(dense, X86Int8Dense) and dense.amx is None and np_ == LANES and o < np_
+            else np_
+        )
         vnni = {"n_out": n_out} if n_out != np_ else {}
         dense_fn = rw.kernel_var(
             ("dense", dense, with_offset, requantize, n_out),

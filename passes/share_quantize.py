@@ -17,7 +17,7 @@ in float and each reader quantizes on its own. This pass rewrites::
     q2 = quantize(dequantize(q0, s1, z1), s2, z2)    # an integer requantize in LowerInt8
 
 so the region ends in its requantize epilogue and stores int8. It applies when ``x`` is
-the float result of a matmul / conv2d region (``int8_regions._match_region`` without a
+the float result of a matmul / conv2d region (``int8_regions.match_region`` without a
 quantize at its end), a DataflowVar, and every one of its (two or more) readers is a
 per-tensor quantize to int8/uint8, directly or through a chain of ops that commute with
 it (``int8_regions.commutes_with_requantize``: ``max_pool2d`` -- max commutes with a
@@ -46,11 +46,11 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .int8_regions import (
-    _match_output,
-    _match_passthrough_quantize,
-    _match_region,
-    _Users,
+    Users,
     commutes_with_requantize,
+    match_output,
+    match_passthrough_quantize,
+    match_region,
 )
 from .relax_utils import (
     CONV2D,
@@ -81,26 +81,26 @@ class _Share:
     readers: tuple[_Reader, ...]
 
 
-def _reader(var: relax.Var, x: relax.Var, bindings, users: _Users) -> _Reader | None:
+def _reader(var: relax.Var, x: relax.Var, bindings, users: Users) -> _Reader | None:
     """`var` (a reader of `x`) as a quantize, direct or through passthrough ops, else None."""
     value = bindings.get(var)
     if op_name(value) == QUANTIZE and value.args[0].same_as(x):
-        out_q = _match_output(value, bindings)
+        out_q = match_output(value, bindings)
         return None if out_q is None else _Reader(var, (), out_q)
     if not commutes_with_requantize(value) or not value.args[0].same_as(x):
         return None
-    tail, moves, out_q = _match_passthrough_quantize(var, bindings, users)
+    tail, moves, out_q = match_passthrough_quantize(var, bindings, users)
     if out_q is None:
         return None
     return _Reader(tail, (value, *moves), out_q)
 
 
-def _float_region_results(func: relax.Function, bindings, users: _Users) -> list[relax.Var]:
+def _float_region_results(func: relax.Function, bindings, users: Users) -> list[relax.Var]:
     """The float results of the matmul / conv2d regions LowerInt8 would end in a dequantize."""
     results = []
     for b in ordered_bindings(func):
         if op_name(b.value) in (MATMUL, CONV2D):
-            found = _match_region(b.var, b.value, bindings, users)
+            found = match_region(b.var, b.value, bindings, users)
             if found is not None and found[1].out_q is None:
                 results.append(found[0])
     return results
@@ -109,7 +109,7 @@ def _float_region_results(func: relax.Function, bindings, users: _Users) -> list
 def _plan(func: relax.Function) -> dict[relax.Var, _Share]:
     """Shared float tensor -> how its readers read it."""
     bindings = binding_map(func)
-    users = _Users(func)
+    users = Users(func)
     shares = {}
     for x in _float_region_results(func, bindings, users):
         if not isinstance(x, relax.DataflowVar):
