@@ -320,23 +320,3 @@ def test_fresh_outputs_only_for_tensors_the_call_allocates(body, fresh):
     from tvmq.build import fresh_outputs
 
     assert fresh_outputs(_fused_main(body)) is fresh
-
-
-def _matmul_chain(n: int):
-    def body(bb, x):
-        w = relax.const(np.random.default_rng(0).standard_normal((3, 3)).astype("float32"))
-        for _ in range(n):  # a kernel each: matmuls do not fuse with one another
-            x = bb.emit(relax.op.matmul(x, w))
-        return x
-
-    return body
-
-
-def test_small_programs_compile_their_vm_functions_large_ones_interpret(compiled_mlp_dir):
-    from tvmq.build import _COMPILED_VM_MAX_KERNELS, _exec_mode
-
-    assert _exec_mode(_fused_main(_matmul_chain(2))) == "compiled"
-    assert _exec_mode(_fused_main(_matmul_chain(_COMPILED_VM_MAX_KERNELS))) == "compiled"
-    assert _exec_mode(_fused_main(_matmul_chain(_COMPILED_VM_MAX_KERNELS + 1))) == "bytecode"
-    lib = tvm.runtime.load_module(str(compiled_mlp_dir / "model.so"))
-    assert "@main num_inputs=1 vm_tir_func" in lib["as_text"]()  # what the MLP's build did

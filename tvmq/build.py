@@ -154,7 +154,6 @@ def build_with_info(
                     fused,
                     target=tvm_target,
                     relax_pipeline=schedule_and_lower(tvm_target),
-                    exec_mode=_exec_mode(fused),
                 )
     except TvmqError:
         raise
@@ -323,22 +322,6 @@ def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
 
 
 _KERNEL_CALLS = ("relax.call_tir", "relax.call_dps_packed")
-
-
-# A program of at most this many kernel calls has its VM functions compiled to machine code:
-# a call of the int8 MNIST MLP (2 kernels) takes 0.4 us less than with the bytecode interpreter
-# (3.4 vs 3.8 us). Compiling costs about 8 ms a VM instruction (MiniLM's 754: +6 s, for ~0.5%
-# of its run time), so larger programs keep the interpreter.
-_COMPILED_VM_MAX_KERNELS = 16
-
-
-def _exec_mode(mod: tvm.IRModule) -> str:
-    """``relax.build``'s ``exec_mode`` for ``mod`` (after fusion)."""
-    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
-    if not isinstance(main, relax.Function):
-        return "bytecode"
-    calls = sum(op_name(v) in _KERNEL_CALLS for v in binding_map(main).values())
-    return "compiled" if calls <= _COMPILED_VM_MAX_KERNELS else "bytecode"
 
 
 def _is_view(expr: relax.Expr, mod: tvm.IRModule) -> bool:
