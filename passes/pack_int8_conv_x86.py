@@ -129,7 +129,7 @@ class _Lowering:
         x_dtype = str(x.ty.dtype)
         x = rw.nhwc_input(x)
         if isinstance(dense, AmxConv):  # the kernel reads the padded input itself
-            cols = _padded_uint8(bb, x, geo.padding, x_dtype)
+            cols = _padded_uint8(bb, x, dense.input_padding, x_dtype)
         elif _is_its_own_im2col(geo, x_dtype, mp, kp):
             cols = bb.emit(relax.op.reshape(x, (m, k)))
         else:

@@ -35,32 +35,67 @@ from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 
 def amx_conv_applies(geo: Conv2DGeometry) -> bool:
-    """Whether :func:`int8_conv_amx` takes this conv: stride 1, no dilation, channels a
-    multiple of 64 (each 64-byte K step one tap's run of channels) and a tile of rows."""
+    """Whether :func:`int8_conv_amx` takes this conv: stride 1, no dilation, a tile of rows,
+    and channels a multiple of 64 (each 64-byte K step one tap's run of channels) or read as
+    tap runs (:func:`tap_run`)."""
     c = geo.x_shape[1]
     return (
         geo.strides == (1, 1)
         and geo.dilation == (1, 1)
-        and c % TILE_K == 0
-        and conv_rows(geo, c).count >= 2 * TILE
+        and (c % TILE_K == 0 or tap_run(geo) is not None)
+        and conv_rows(geo, c, run=tap_run(geo)).count >= 2 * TILE
     )
 
 
-def conv_rows(geo: Conv2DGeometry, c: int, k_step: int = TILE_K, elem_bytes: int = 1) -> AmxRows:
+def tap_run(geo: Conv2DGeometry, k_step: int = TILE_K) -> int | None:
+    """K elements a kernel row takes when its taps are read as one run: the ``KW`` taps of a
+    kernel row are ``KW`` neighbouring pixels, ``KW * C`` contiguous channels of the padded
+    NHWC input, read in ``k_step`` steps (the last step's excess meets zero weight rows). For
+    channels not a multiple of ``k_step`` (UNet's first 32-channel convs: 96 channels a row
+    read as 128, where im2col'd blocks cost a copy of every row), when the runs grow K by at
+    most a third; else None."""
+    c, kw = geo.x_shape[1], geo.kernel[1]
+    run = round_up(kw * c, k_step)
+    if c % k_step == 0 or 3 * run > 4 * kw * c:
+        return None
+    return run
+
+
+def _slack_rows(geo: Conv2DGeometry, c: int, run: int | None) -> int:
+    """Zero rows below each padded image that the last step of the last row's runs may read."""
+    if run is None:
+        return 0
+    _, _, _, w = geo.x_shape
+    _, left, _, right = geo.padding
+    return -(-(run - geo.kernel[1] * c) // ((w + left + right) * c))
+
+
+def conv_rows(
+    geo: Conv2DGeometry,
+    c: int,
+    k_step: int = TILE_K,
+    elem_bytes: int = 1,
+    run: int | None = None,
+) -> AmxRows:
     """The rows of a stride-1 conv read straight from its zero-padded NHWC input (``Hp x Wp``
     pixels an image): output pixel ``(b, y, x)`` is row ``p = (b * Hp + y) * Wp + x``, and tap
     ``(ky, kx)`` of it reads pixel ``p + ky * Wp + kx``, so consecutive rows are ``C`` bytes
     apart for every tap (``elem_bytes`` each). Rows with ``x >= OW`` or ``y >= OH`` (the
     padding's) are computed and not stored; the last row needed is the last output pixel.
-    ``k_step``: the channels one instruction reduces (a divisor of ``C``)."""
+    ``k_step``: the channels one instruction reduces (a divisor of ``C``); ``run``: read each
+    kernel row's taps as one run of ``run`` elements (:func:`tap_run`), the padded input then
+    having :func:`input_padding`'s extra zero rows."""
     n, _, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
-    hp, wp = h + top + bottom, w + left + right
+    hp, wp = h + top + bottom + _slack_rows(geo, c, run), w + left + right
     oh, ow = geo.out_hw
     kw = geo.kernel[1]
     per_tap = max(1, c // k_step)
 
     def k_offset(ko):
+        if run is not None:  # step ko % steps of kernel row ko // steps
+            steps = run // k_step
+            return (ko // steps) * wp * c + (ko % steps) * k_step
         tap = ko // per_tap
         return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * k_step
 
@@ -88,14 +123,33 @@ def int8_conv_amx(
     if not amx_conv_applies(geo):
         raise ValueError(f"{geo} is not a conv the AMX conv kernel takes")
     n, c, h, w = geo.x_shape
-    top, left, bottom, right = geo.padding
-    rows = conv_rows(geo, c)
-    tiles = amx_tiles(2 * TILE, geo.k, n_padded)
+    top, left, bottom, right = input_padding(geo)
+    run = tap_run(geo)
+    rows = conv_rows(geo, c, run=run)
+    k = geo.k if run is None else geo.kernel[0] * run
+    tiles = amx_tiles(2 * TILE, k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
     name = "int8_conv_amx"
     return amx_kernel(
-        name, x_shape, rows, geo.k, n_padded, tiles, with_offset, requantize, out_rows=geo.m
+        name, x_shape, rows, k, n_padded, tiles, with_offset, requantize, out_rows=geo.m
     )
+
+
+def input_padding(geo: Conv2DGeometry) -> tuple[int, int, int, int]:
+    """The padding :func:`int8_conv_amx` wants on its NHWC input: the conv's, plus the zero
+    rows below each image that tap runs read past the last tap."""
+    top, left, bottom, right = geo.padding
+    return top, left, bottom + _slack_rows(geo, geo.x_shape[1], tap_run(geo)), right
+
+
+def pack_tap_runs(w: np.ndarray, geo: Conv2DGeometry) -> np.ndarray:
+    """The dense ``(KH * KW * C, O)`` weight with each kernel row's ``KW * C`` rows followed
+    by zero rows up to :func:`tap_run` (the channels its last step reads past the row)."""
+    kh, run = geo.kernel[0], tap_run(geo)
+    row = w.shape[0] // kh
+    out = np.zeros((kh, run, w.shape[1]), w.dtype)
+    out[:, :row] = w.reshape(kh, row, w.shape[1])
+    return out.reshape(kh * run, w.shape[1])
 
 
 @dataclass(frozen=True)
@@ -119,9 +173,19 @@ class AmxConv:
 
     @property
     def k_padded(self) -> int:
-        return round_up(self.geo.k, TILE_K) if self.gathered else self.geo.k
+        if self.gathered:
+            return round_up(self.geo.k, TILE_K)
+        run = tap_run(self.geo)
+        return self.geo.k if run is None else self.geo.kernel[0] * run
+
+    @property
+    def input_padding(self) -> tuple[int, int, int, int]:
+        """The zero padding the kernel wants on its NHWC input."""
+        return self.geo.padding if self.gathered else input_padding(self.geo)
 
     def pack(self, w: np.ndarray) -> np.ndarray:
+        if not self.gathered and tap_run(self.geo) is not None:
+            w = pack_tap_runs(w, self.geo)
         return pack_weight_amx(w)
 
     def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
