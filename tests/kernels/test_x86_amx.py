@@ -171,7 +171,7 @@ def test_amx_conv_without_im2col_is_exact(x_shape, o, kernel, pad):
     np.testing.assert_array_equal(got[:, :o], want + offset[:o])
 
 
-def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
+def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples_or_tap_runs():
     from tvmq.kernels.x86_amx_conv import amx_conv_applies
     from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
@@ -179,7 +179,9 @@ def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples():
         return Conv2DGeometry((1, c, hw, hw), (3, 3), (stride,) * 2, (1,) * 4, (dilation,) * 2)
 
     assert amx_conv_applies(geo(128))
-    assert not amx_conv_applies(geo(96))  # a K step would span two taps
+    assert amx_conv_applies(geo(96))  # a kernel row's taps as one run: 288 read as 320
+    assert amx_conv_applies(geo(32))  # 96 read as 128
+    assert not amx_conv_applies(geo(24))  # 72 read as 128 would grow K by 78%
     assert not amx_conv_applies(geo(128, stride=2))
     assert not amx_conv_applies(geo(128, dilation=2))
     assert not amx_conv_applies(geo(128, hw=4))  # fewer rows than two tiles

@@ -260,7 +260,8 @@ def test_quantized_cnn_for_host_runs_convs_on_vnni(rng, monkeypatch):
 
     got, kernels = compile_and_run()
     # c3 (1x1, 12 uint8 channels over 36 pixels) reads its NHWC input as is: no im2col
-    assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 2
+    # each conv on an int8 kernel: im2col + VNNI dense, or AMX tiles on a host that has them
+    assert sum(k.startswith(("tvmq_int8_im2col", "tvmq_int8_conv_amx")) for k in kernels) == 2
     # 3 convs + fc, on AMX tiles where this CPU has them (the fc's one row stays on VNNI)
     assert sum(k.startswith(("tvmq_int8_dense_vnni", "tvmq_int8_dense_amx")) for k in kernels) == 4
     # The same build without the conv pass (its rewrite returns the module unchanged).
@@ -367,7 +368,7 @@ class _HardswishCNN(torch.nn.Module):
 @pytest.mark.parametrize("target", ["x86-avx512-vnni", "host"])
 def test_clip_bounds_after_int8_convs_compile(rng, target):
     """Hardswish / ReLU6 after int8 convs build for a VNNI preset; on a VNNI host they also
-    run, close to float (SQNR), with the convs on the VNNI kernel."""
+    run, close to float (SQNR), with the convs on tvmq's int8 kernels."""
     import tvmq
 
     if target == "host" and not HOST_HAS_VNNI:
@@ -386,7 +387,8 @@ def test_clip_bounds_after_int8_convs_compile(rng, target):
         tuning_logs=None,
     )
     kernels = art.manifest.notes["kernels"]["prescheduled"]
-    assert sum(k.startswith("tvmq_int8_im2col") for k in kernels) == 2
+    # each conv on an int8 kernel: im2col + VNNI dense, or AMX tiles on a host that has them
+    assert sum(k.startswith(("tvmq_int8_im2col", "tvmq_int8_conv_amx")) for k in kernels) == 2
     if target != "host":
         return
     (out,) = relax.VirtualMachine(art.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
