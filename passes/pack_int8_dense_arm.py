@@ -52,7 +52,7 @@ def arm_int8_instruction(target: tvm.target.Target | None) -> Instruction | None
         return None
     try:
         return "sdot" if tvm.target.codegen.target_has_features("dotprod", target) else "neon"
-    except tvm.error.TVMError:  # e.g. a triple LLVM does not know
+    except (RuntimeError, ValueError):  # e.g. a triple LLVM does not know
         return None
 
 

@@ -64,7 +64,7 @@ def llvm_target_has(target: tvm.target.Target | None, *features: str) -> bool:
         return False
     try:
         return all(tvm.target.codegen.target_has_features(f, target) for f in features)
-    except tvm.error.TVMError:  # e.g. a triple LLVM does not know
+    except (RuntimeError, ValueError):  # e.g. a triple LLVM does not know
         return False
 
 

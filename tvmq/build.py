@@ -332,7 +332,12 @@ def _is_view(expr: relax.Expr, mod: tvm.IRModule) -> bool:
     if op_name(expr) != "relax.call_tir" or not isinstance(expr.args[0], tvm.ir.GlobalVar):
         return False
     func = mod[expr.args[0]]
-    return isinstance(func, tirx.PrimFunc) and relax.analysis.has_reshape_pattern(func)
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    try:
+        return bool(relax.analysis.has_reshape_pattern(func))
+    except (RuntimeError, ValueError):  # a hand-built kernel (no root block): not a reshape
+        return False
 
 
 def fresh_outputs(mod: tvm.IRModule) -> bool:

@@ -66,7 +66,7 @@ def simd_lanes_and_registers(target: tvm.target.Target | None) -> tuple[int, int
         return None
     try:
         is_x86 = bool(target_has_features("sse2", target))
-    except tvm.error.TVMError:
+    except (RuntimeError, ValueError):  # TVM's errors (tvm.error has no TVMError in 0.27)
         is_x86 = False
     lanes = bits // 32
     # x86: 32 zmm with AVX-512, 16 xmm/ymm before it; aarch64 NEON / SVE: 32.

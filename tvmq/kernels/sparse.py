@@ -135,7 +135,7 @@ def simd_lanes(target: tvm.target.Target | None) -> int:
         return 4
     try:
         bits = int(llvm_get_vector_width(target))
-    except tvm.error.TVMError:
+    except (RuntimeError, ValueError):  # TVM's errors (tvm.error has no TVMError in 0.27)
         bits = 0
     return max(4, bits // 32) if bits > 0 else 4
 
