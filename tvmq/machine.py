@@ -48,11 +48,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-AMX_TILE_REQUEST = (158, 0x1023, 18)
-"""``syscall`` arguments asking Linux for the AMX tile state: ``SYS_arch_prctl`` (x86_64),
-``ARCH_REQ_XCOMP_PERM``, ``XFEATURE_XTILEDATA``."""
-
-
 def amx_granted() -> bool:
     """Whether this process may run AMX int8 tile code: the CPU lists ``amx_tile`` and
     ``amx_int8`` and Linux grants the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
@@ -63,7 +58,7 @@ def amx_granted() -> bool:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(*AMX_TILE_REQUEST) == 0
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, REQ_XCOMP_PERM, XTILEDATA
     except (OSError, AttributeError):
         return False
 

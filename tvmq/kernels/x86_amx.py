@@ -49,7 +49,6 @@ from tvmq.kernels.x86_int8 import (
     padded_kn,
     requantize_value,
 )
-from tvmq.machine import AMX_TILE_REQUEST
 
 TILE = 16
 """Rows (and int32 columns) of an AMX accumulator tile."""
@@ -67,6 +66,9 @@ AMX_MIN_ROWS = 16
 # Sapphire Rapids core).
 _AMX_MIN_K = 64
 
+_SYS_ARCH_PRCTL = 158  # x86_64 syscall number
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
 # Below this many multiply-adds a parallel launch costs more than it saves.
 _PARALLEL_MIN_MACS = 1 << 21
 # 16-column tiles one task walks: its tile configuration and scratch are set up once.
@@ -288,7 +290,10 @@ def amx_kernel(
     granted = tirx.call_extern(
         "int64",
         "syscall",
-        *(tirx.const(v, "int64") for v in AMX_TILE_REQUEST),
+        *(
+            tirx.const(v, "int64")
+            for v in (_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+        ),
     )
     macs = rows.count * n * k
     loop = T.parallel if macs >= _PARALLEL_MIN_MACS else T.serial
