@@ -42,6 +42,7 @@ from tvm.relax.expr_functor import mutator
 
 from tvmq.cpu_schedule import _ROWS as DEFAULT_ROWS
 from tvmq.kernels.cpu_float_conv import (
+    CLAMP_MAX_ROWS,
     ConvShape,
     choose_conv_tiles,
     float_conv2d_nhwc,
@@ -54,8 +55,6 @@ from .pack_float_dense import MIN_MACS
 from .relax_utils import MATMUL, PERMUTE_DIMS, RESHAPE, const_source, op_name, resolve
 
 _BROADCAST = "relax.broadcast_to"
-_CLAMP_MAX_ROWS = 8
-"""Row tiles of at most this many rows read ``a`` unpadded (see ``_Rewriter.rewrite``)."""
 
 
 def _is_float32(expr: relax.Expr) -> bool:
@@ -121,7 +120,7 @@ class _Rewriter(KernelRewriter):
         # a padded copy: DeiT's P @ V comes from the softmax, into which no pad fuses (a
         # kernel of 14 us a layer). Each clamped row costs the reduction loop a pointer:
         # the 14-row tile of Q @ K^T ran 4-10% slower clamped, 6-8 rows as fast.
-        clamp = tiles.mr <= _CLAMP_MAX_ROWS
+        clamp = mp != m and tiles.mr <= CLAMP_MAX_ROWS
         rows = m if clamp else mp
         x = bb.emit(relax.op.reshape(a, (nb, 1, m, k)))
         if rows != m:

@@ -7,7 +7,8 @@ Rewrites, on LLVM CPU targets with SIMD::
 
 into the 1x1 case of :func:`tvmq.kernels.cpu_float_conv.float_conv2d_nhwc`::
 
-    x4 = reshape(x, (1, 1, M, K))  [+ nn.pad of M up to the register tile]
+    x4 = reshape(x, (1, 1, M, K))  [+ nn.pad of M up to a register tile of > 9 rows;
+                                   # smaller tiles clamp their reads of the last rows]
     y4 = call_tir(float_conv2d_nhwc, x4, W packed as [N'/L, 1, 1, K, L])
     y = reshape(strided_slice(y4), (..., N))
 
@@ -36,6 +37,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.cpu_float_conv import (
+    CLAMP_MAX_ROWS,
     ConvShape,
     choose_conv_tiles,
     float_conv2d_nhwc,
@@ -121,14 +123,21 @@ class _DenseRewriter(KernelRewriter):
         k, n = w.shape
         m = math.prod(x_shape[:-1])
         tiles = choose_conv_tiles(m, n, self.lanes, self.registers)
+        # Small row tiles read x's last row again for the padded rows (clamped) instead of
+        # a padded copy: DeiT-tiny's 197 tokens (9-row tiles) lost 48 pad kernels a run,
+        # of the layer norms' outputs (into which no pad fuses).
+        clamp = tiles.ow_padded != m and tiles.mr <= CLAMP_MAX_ROWS
+        rows = m if clamp else tiles.ow_padded
         x = bb.emit(relax.op.reshape(x, (1, 1, m, k)))
-        if tiles.ow_padded != m:
-            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, tiles.ow_padded - m, 0, 0]))
-        shape = ConvShape(1, 1, tiles.ow_padded, k, (1, 1), (1, 1), (1, 1), 1)
+        if rows != m:
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, rows - m, 0, 0]))
+        shape = ConvShape(1, 1, rows, k, (1, 1), (1, 1), (1, 1), 1)
         kernel = self.kernel_var(
             (shape, tiles),
-            f"tvmq_float_dense_{tiles.ow_padded}x{k}x{tiles.o_padded}",
-            lambda: float_conv2d_nhwc(shape, tiles).with_attr("op_pattern", OPAQUE),
+            f"tvmq_float_dense_{rows}x{k}x{tiles.o_padded}",
+            lambda: float_conv2d_nhwc(shape, tiles, clamp_columns=clamp).with_attr(
+                "op_pattern", OPAQUE
+            ),
         )
         packed = pack_conv_weight(
             np.ascontiguousarray(w.T).reshape(n, k, 1, 1), self.lanes, tiles.o_padded

@@ -9,7 +9,8 @@ into a ``call_tir`` to :func:`tvmq.kernels.int8_dense_vnni` with ``W`` packed at
 time as ``[N/16, K/4, 16, 4]`` (zero-padded to multiples of 4 / 16). Around the call:
 leading dimensions of ``x`` are flattened (``reshape``); ``K`` is padded with a
 ``nn.pad`` (any value works, the padded weight rows are 0); ``M`` is padded when the
-register tile does not divide it; a ``strided_slice`` drops the padding of the result.
+VNNI register tile does not divide it (the AMX kernel takes any M of one step's 16 or 32
+rows and more as is); a ``strided_slice`` drops the padding of the result.
 A symbolic ``M`` (dynamic batch / sequence) gets the same kernel with a run-time row count
 (:func:`tvmq.kernels.x86_int8.int8_dense_vnni_rows`): rows padded to a multiple of 8 by a
 ``concat`` of zeros, the number of 8-row tiles passed as a scalar.

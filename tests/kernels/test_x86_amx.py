@@ -58,6 +58,32 @@ def test_amx_dense_is_exact(m, k, n):
 
 
 @pytest.mark.amx
+@pytest.mark.parametrize("m,k,n", [(197, 192, 64), (33, 64, 48), (197, 768, 32)])
+@pytest.mark.parametrize("requantize", [None, Requantize("int8", -2, -128, 100)])
+def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize):
+    """Any row count from one step's rows up: the last row block overlaps the one before it,
+    ``X`` and ``C`` have exactly ``m`` rows (tiles stored straight to ``C`` without an
+    epilogue, through the scratch with one). Exact against numpy."""
+    rng = np.random.default_rng(m + k + n)
+    t = amx_tiles(m, k, n)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    args, dtype = [], "int32"
+    if requantize is not None:
+        offset = rng.integers(-5000, 5000, n).astype(np.int32)
+        mult = (rng.random(n) * 1e-3).astype(np.float32)
+        args, dtype = [offset, mult], requantize.dtype
+        f = ((want + offset).astype(np.int32).astype(np.float32) * mult).astype(np.float32)
+        want = np.clip(np.round(f) + np.float32(requantize.zero_point), -128, 100).astype(np.int8)
+    func = int8_dense_amx(
+        m, k, n, with_offset=requantize is not None, requantize=requantize, tiles=t
+    )
+    got = _run(func, x, pack_weight_amx(w), *args, out_shape=(m, n), out_dtype=dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.amx
 @pytest.mark.parametrize(
     "requantize",
     [
@@ -111,6 +137,9 @@ def test_amx_is_chosen_where_it_pays():
     assert (choice.m_padded, choice.k_padded, choice.n_padded) == (12544, 192, 64)
     assert (choice.amx.mt, choice.amx.nt) == (2, 2)
     assert choice.pack(np.ones((147, 64), np.int8)).shape == (4, 48, 16, 4)
+    # a ragged M runs exactly (DeiT's 197 tokens), unless under one step of 2 x 16 rows
+    assert x86_int8_dense(197, 192, 192, amx=True).m_padded == 197
+    assert x86_int8_dense(24, 192, 192, amx=True).m_padded == 32
 
 
 def test_amx_kernel_emits_tile_instructions():

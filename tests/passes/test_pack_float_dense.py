@@ -39,7 +39,9 @@ def _kernels(mod):
 
 
 @pytest.mark.parametrize(
-    "x_shape,n", [((2, 50, 96), 200), ((97, 130), 100)], ids=["3d", "odd-rows-and-columns"]
+    "x_shape,n",
+    [((2, 50, 96), 200), ((97, 130), 100), ((1, 197, 192), 192), ((19, 1024), 192)],
+    ids=["3d", "odd-rows-and-columns", "deit-tokens", "19-rows"],
 )
 def test_matches_numpy(rng, x_shape, n):
     x = rng.standard_normal(x_shape).astype(np.float32)
@@ -52,6 +54,22 @@ def test_matches_numpy(rng, x_shape, n):
     want = x @ w
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("m", "padded"), [(197, False), (19, False), (97, True)])
+def test_small_row_tiles_read_x_unpadded(rng, m, padded):
+    """DeiT's 197 tokens (9-row tiles) and 19 rows (7-row tiles): no padded copy of x, the
+    kernel clamps its last rows; 97 rows of 100 columns (a 28-row tile) keep the pad
+    (numerics of the clamped ones: test_matches_numpy)."""
+    from tvmq.kernels.cpu_float_conv import CLAMP_MAX_ROWS, choose_conv_tiles
+
+    k, n = 1024, 192 if m != 97 else 100
+    tiles = choose_conv_tiles(m, n, 16, 32)
+    assert tiles.ow_padded != m and (tiles.mr > CLAMP_MAX_ROWS) == padded
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    script = PackFloatDense(AVX512)(_linear((m, k), w)).script()
+    assert ("R.nn.pad" in script) == padded
+    assert f"tvmq_float_dense_{m if not padded else tiles.ow_padded}x{k}x" in script
 
 
 def test_small_matmuls_stay_tunable(rng):

@@ -141,6 +141,22 @@ def test_amx_target_runs_dense_on_tiles_bit_exact(rng, x_shape, n, x_dtype, kern
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
 
 
+@pytest.mark.amx
+@pytest.mark.parametrize(("x_shape", "x_dtype"), [((1, 197, 192), "int8"), ((2, 25, 128), "uint8")])
+def test_amx_ragged_rows_need_no_pad_or_slice(rng, x_shape, x_dtype):
+    """DeiT's 197 tokens (50: one task of row blocks): the AMX kernel reads and stores exactly M
+    rows, so no nn.pad of x and no strided_slice of the result is left around it. Exact."""
+    n = 48
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = PackInt8DenseX86(SAPPHIRERAPIDS)(_matmul_module(x_shape, w, x_dtype))
+    assert [str(f.attrs[KERNEL_ATTR]) for f in _kernel_funcs(mod)] == ["int8_dense_amx"]
+    assert not _ops_named(mod, "relax.nn.pad")
+    assert not _ops_named(mod, "relax.strided_slice")
+    got, _ = _run(mod, x, target=SAPPHIRERAPIDS)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
 @pytest.mark.vnni
 def test_extreme_values_do_not_overflow(rng):
     k, n = 784, 20
