@@ -40,7 +40,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from tvmq.cpu_schedule import _ROWS as DEFAULT_ROWS
+from tvmq.kernels._tiling import DEFAULT_SCHEDULE_ROWS as DEFAULT_ROWS
 from tvmq.kernels.cpu_float_conv import (
     CLAMP_MAX_ROWS,
     ConvShape,

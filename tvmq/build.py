@@ -361,9 +361,7 @@ def fresh_outputs(mod: tvm.IRModule) -> bool:
         if op_name(expr) not in _KERNEL_CALLS:
             return False
         roots.append((expr, index))
-    return not any(
-        e.same_as(f) and i == j for k, (e, i) in enumerate(roots) for f, j in roots[:k]
-    )
+    return not any(e.same_as(f) and i == j for k, (e, i) in enumerate(roots) for f, j in roots[:k])
 
 
 def _kernel_names(mod: tvm.IRModule) -> list[str]:

@@ -15,6 +15,8 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.sym import detect_linear_equation
 from tvm.target.codegen import llvm_get_vector_width
 
+from tvmq.kernels._tiling import DEFAULT_SCHEDULE_ROWS
+
 __all__ = ["CPUDefaultSchedule"]
 
 # Blocks with fewer iterations than this run on one thread: waking the pool costs more.
@@ -24,7 +26,7 @@ _MIN_VECTOR_BITS = 128
 # SIMD vectors of one output row kept in registers by a one-row reduction (of 32 on AVX-512).
 _ROW_VECTORS = 8
 # Rows of a reduction's output that step 4 keeps in registers (unrolled) per vector of columns.
-_ROWS = 4
+_ROWS = DEFAULT_SCHEDULE_ROWS
 
 
 class CPUDefaultSchedule(dl.ScheduleRule):

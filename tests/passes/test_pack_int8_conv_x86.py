@@ -508,7 +508,14 @@ SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
         ((1, 48, 9, 11), 32, "uint8", "uint8", 3, "int8_conv_amx"),  # 48 channels: tap runs
         ((2, 32, 9, 11), 32, "int8", "int8", -3, "int8_conv_amx"),  # 32: runs of 96 read as 128
         ((1, 32, 30, 30), 16, "uint8", "float32", 0, "int8_conv_amx"),  # one row of slack
-        ((1, 24, 16, 16), 32, "uint8", "uint8", 3, "int8_conv_amx_gathered"),  # 24: 72 -> 128 is too much
+        (
+            (1, 24, 16, 16),
+            32,
+            "uint8",
+            "uint8",
+            3,
+            "int8_conv_amx_gathered",
+        ),  # 24: 72 -> 128 is too much
     ],
 )
 def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_dtype, z, kernel):

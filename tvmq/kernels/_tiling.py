@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+DEFAULT_SCHEDULE_ROWS = 4
+"""Rows of accumulators :class:`tvmq.cpu_schedule.CPUDefaultSchedule` keeps in registers
+(kernel passes leave shapes that tile into them to that schedule)."""
+
 
 def round_up(x: int, m: int) -> int:
     """The smallest multiple of ``m`` that is ``>= x``."""
