@@ -1,0 +1,114 @@
+"""PackBf16BatchMatmulX86: float32 matmuls of two activations -> bf16 AMX tiles (``precision="bf16"``).
+
+Attention's ``Q @ K^T`` and ``P @ V`` have no constant operand, so :class:`PackBf16DenseX86`
+leaves them to the float32 kernels. When the target has ``amx-bf16`` this pass rewrites
+what :func:`~tvmq.passes.pack_float_batch_matmul.match_activation_matmul` accepts (same
+static batch dims, big enough) with at least 16 rows::
+
+    y = R.matmul(a, b)     # a: (*batch, M, K), b: (*batch, K, N) float32
+
+into (:mod:`tvmq.kernels.x86_amx_bf16`)::
+
+    ab = call_tir(to_bf16_rows, reshape(a, (B, M, K)))      # (B, Mp, Kp) bf16, padded
+    bf = permute_dims(reshape(pad(b), (B, K'/2, 2, N'/16, 16)), [0, 3, 1, 4, 2])
+    bp = call_tir(to_bf16_rows, reshape(bf, (B * N'/16 * K'/2, 32)))    # bf16 B tiles
+    y2 = call_tir(bf16_batch_matmul_amx, reshape(ab), reshape(bp))  # (B * Mp, Np) float32
+    y = reshape(strided_slice(reshape(y2, (B, Mp, Np))), (*batch, M, N))
+
+The B-tile layout (``[B, N'/16, K'/2, 16, 2]``, :func:`~tvmq.kernels.x86_amx_bf16.pack_weight_bf16`
+per batch) is made by plain Relax ops in float32, which FuseOps merges into the kernel
+that produced ``b`` (the head split); the rounding to bf16 is then one vectorized pass in
+that layout. When ``b`` is ``K^T`` (a ``permute_dims`` swapping the last two axes, see
+:func:`~tvmq.passes.pack_float_batch_matmul.transposed_source`), the packing reads ``K``
+itself: the pairs of ``k`` a tile row wants are next to each other in its rows. Operands
+are rounded to bf16, products and sums stay float32. Part of ``precision="bf16"`` only
+(:func:`tvmq.pipeline.run`), before the target kernel passes (which would give these
+matmuls to :class:`PackFloatBatchMatmul`). A no-op without AMX-BF16; idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import mutator
+
+from tvmq.kernels.x86_amx import TILE
+from tvmq.kernels.x86_amx_bf16 import bf16_batch_matmul_amx, bf16_padded, to_bf16_rows
+from tvmq.kernels.x86_int8_conv import OPAQUE
+
+from ._int8_dense import KernelRewriter, rewrite_functions
+from .pack_bf16_dense_x86 import MIN_ROWS, AmxBf16Pass
+from .pack_float_batch_matmul import match_activation_matmul, transposed_source
+
+
+@mutator
+class _Rewriter(KernelRewriter):
+    def match(self, call: relax.Call):
+        found = match_activation_matmul(call, self.lookup_binding)
+        return found if found is not None and found[3] >= MIN_ROWS else None
+
+    def rewrite(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
+        bb = self.builder_
+        nb = math.prod(batch)
+        mp, kp, np_ = bf16_padded(m, k, n)
+        x = bb.emit(relax.op.reshape(a, (nb, m, k)))
+        x = self._bf16(x, (nb, m, k), (nb, mp, kp))
+        x = bb.emit(relax.op.reshape(x, (nb * mp, kp)))
+        w = self._panels(b, nb, k, n, kp, np_)  # one row a B-tile row: 16 pairs
+        w = self._bf16(w, (nb * np_ // TILE * kp // 2, 2 * TILE))
+        w = bb.emit(relax.op.reshape(w, (nb * np_ // TILE, kp // 2, TILE, 2)))
+        product = self.kernel_var(
+            ("matmul", nb, mp, kp, np_),
+            f"tvmq_bf16_batch_matmul_amx_{nb}x{mp}x{kp}x{np_}",
+            lambda: bf16_batch_matmul_amx(nb, mp, kp, np_).with_attr("op_pattern", OPAQUE),
+        )
+        out_ty = relax.TensorType((nb * mp, np_), "float32")
+        y = bb.emit(relax.call_tir(product, [x, w], out_ty=out_ty))
+        y = bb.emit(relax.op.reshape(y, (nb, mp, np_)))
+        if (mp, np_) != (m, n):
+            y = bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n]))
+        return relax.op.reshape(y, (*batch, m, n))
+
+    def _panels(self, b: relax.Expr, nb: int, k: int, n: int, kp: int, np_: int) -> relax.Expr:
+        """``b`` as float32 ``[nb, N'/16, K'/2, 16, 2]`` (the B-tile layout), zero-padded:
+        plain Relax, fused into whatever produced ``b`` (the head split)."""
+        bb = self.builder_
+        source = transposed_source(b, self.lookup_binding)
+        if source is not None:  # (.., N, K): the pairs of k are next to each other
+            w = bb.emit(relax.op.reshape(source, (nb, n, k)))
+            if (np_, kp) != (n, k):
+                w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, np_ - n, 0, kp - k]))
+            w = bb.emit(relax.op.reshape(w, (nb, np_ // TILE, TILE, kp // 2, 2)))
+            return bb.emit(relax.op.permute_dims(w, [0, 1, 3, 2, 4]))
+        w = bb.emit(relax.op.reshape(b, (nb, k, n)))
+        if (kp, np_) != (k, n):
+            w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
+        w = bb.emit(relax.op.reshape(w, (nb, kp // 2, 2, np_ // TILE, TILE)))
+        return bb.emit(relax.op.permute_dims(w, [0, 3, 1, 4, 2]))
+
+    def _bf16(self, x: relax.Expr, shape: tuple, padded: tuple | None = None) -> relax.Expr:
+        """``x`` as ``(*batch, rows, cols)`` float32 rounded to bf16 bits by
+        :func:`to_bf16_rows`, each matrix zero-padded to ``padded``."""
+        *lead, m, k = shape
+        *_, mp, kp = padded or shape
+        batch = lead[0] if lead else None
+        if not lead:
+            x = self.builder_.emit(relax.op.reshape(x, shape))
+        convert = self.kernel_var(
+            ("bf16", batch, m, k, mp, kp),
+            f"tvmq_to_bf16_{'' if batch is None else f'{batch}x'}{mp}x{kp}",
+            lambda: to_bf16_rows(m, k, mp, kp, batch=batch),
+        )
+        out_ty = relax.TensorType((*lead, mp, kp), "uint16")
+        return self.builder_.emit(relax.call_tir(convert, [x], out_ty=out_ty))
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackBf16BatchMatmulX86")
+class PackBf16BatchMatmulX86(AmxBf16Pass):
+    """Lower float32 ``matmul(a, b)`` of two activations to bf16 AMX tiles (see the module
+    docstring; ``target``: see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        return rewrite_functions(mod, _Rewriter(mod), relax.analysis.remove_all_unused)

@@ -1,0 +1,85 @@
+"""PackBf16BatchMatmulX86: float32 matmuls of two activations (attention's) on bf16 AMX
+tiles, checked against numpy on bf16-rounded operands and against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmq.kernels.x86_amx_bf16 import bf16_bits, bf16_to_float
+from tvmq.passes import PackBf16BatchMatmulX86
+
+SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+
+
+def _module(a_shape, b_shape, transposed: bool) -> tvm.IRModule:
+    """``matmul(a, b)``; ``transposed``: ``b`` is given as ``(..., N, K)`` and swapped."""
+    bb = relax.BlockBuilder()
+    if transposed:
+        b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            rank = len(b_shape)
+            if transposed:
+                axes = [*range(rank - 2), rank - 1, rank - 2]
+                b_in = bb.emit(relax.op.permute_dims(b, axes))
+            else:
+                b_in = b
+            out = bb.emit_output(relax.op.matmul(a, b_in))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _kernel_names(mod) -> list[str]:
+    return sorted(
+        str(gv.name_hint) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    )
+
+
+def _rounded(x: np.ndarray) -> np.ndarray:
+    return bf16_to_float(bf16_bits(x)).astype(np.float64)
+
+
+def test_only_amx_bf16_targets_and_large_static_matmuls():
+    big = _module((2, 3, 100, 64), (2, 3, 64, 90), transposed=True)
+    assert PackBf16BatchMatmulX86(CASCADELAKE)(big).same_as(big)
+    small = _module((1, 8, 64), (1, 64, 2048), transposed=False)  # under a tile of rows
+    assert PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(small).same_as(small)
+    packed = PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(big)
+    names = _kernel_names(packed)
+    assert any(n.startswith("tvmq_bf16_batch_matmul_amx_6x") for n in names)
+    # K^T is read as K: the packing's permute_dims is the only one left
+    assert str(packed["main"]).count("R.permute_dims") == 1
+    assert PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(packed).same_as(packed)  # idempotent
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("batch", "m", "k", "n", "transposed"),
+    [
+        ((1,), 197, 64, 197, True),  # DeiT-tiny's Q @ K^T, one batch
+        ((2, 3), 197, 197, 64, False),  # its P @ V (ragged K), six batches
+        ((3,), 45, 100, 150, True),
+        ((4,), 33, 150, 60, False),
+    ],
+)
+def test_is_the_product_of_bf16_rounded_operands(rng, batch, m, k, n, transposed):
+    a = rng.standard_normal((*batch, m, k)).astype(np.float32)
+    b = rng.standard_normal((*batch, k, n)).astype(np.float32)
+    mod = PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(
+        _module(a.shape, b.shape, transposed=transposed)
+    )
+    assert any(name.startswith("tvmq_bf16_batch_matmul_amx") for name in _kernel_names(mod))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
+    b_arg = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transposed else b
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b_arg)).numpy()
+    want = _rounded(a) @ _rounded(b)
+    scale = np.abs(want).max()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() / scale < 1e-6  # float32 sums of exact bf16 products
+    assert np.abs(got - a @ b).max() / scale < 1e-2  # bf16's 8-bit significand
