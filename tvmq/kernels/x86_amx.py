@@ -277,7 +277,7 @@ def amx_kernel(
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
-    if rows.count % rows.batches or rows.count // rows.batches % mb:
+    if rows.batches > 1 and (rows.count % rows.batches or rows.count // rows.batches % mb):
         raise ValueError(f"{rows.batches} batches of {rows.count} rows split AMX steps {tiles}")
     chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
     if rows.gather is not None:  # a gathered panel serves every column
