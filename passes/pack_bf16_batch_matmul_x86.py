@@ -10,18 +10,21 @@ static batch dims, big enough) with at least 16 rows::
 into (:mod:`tvmq.kernels.x86_amx_bf16`)::
 
     ab = call_tir(to_bf16_rows, reshape(a, (B, M, K)))      # (B, Mp, Kp) bf16, padded
-    bf = permute_dims(reshape(pad(b), (B, K'/2, 2, N'/16, 16)), [0, 3, 1, 4, 2])
-    bp = call_tir(to_bf16_rows, reshape(bf, (B * N'/16 * K'/2, 32)))    # bf16 B tiles
+    bf = permute_dims(reshape(pad(b), (B, K'/2, 2, N'/16, 16)), [0, 3, 1, 2, 4])
+    bp = call_tir(to_bf16_pairs, reshape(bf, (B * N'/16 * K'/2, 2, 16)))  # bf16 B tiles
     y2 = call_tir(bf16_batch_matmul_amx, reshape(ab), reshape(bp))  # (B * Mp, Np) float32
     y = reshape(strided_slice(reshape(y2, (B, Mp, Np))), (*batch, M, N))
 
-The B-tile layout (``[B, N'/16, K'/2, 16, 2]``, :func:`~tvmq.kernels.x86_amx_bf16.pack_weight_bf16`
-per batch) is made by plain Relax ops in float32, which FuseOps merges into the kernel
-that produced ``b`` (the head split); the rounding to bf16 is then one vectorized pass in
-that layout. When ``b`` is ``K^T`` (a ``permute_dims`` swapping the last two axes, see
+The B-tile layout (``[B, N'/16, K'/2, 16, 2]``, each batch as
+:func:`~tvmq.kernels.x86_amx_bf16.pack_weight_bf16`) is made in two steps: plain Relax ops
+in float32 put each tile row's two K rows of 16 columns side by side (FuseOps merges that
+into the kernel that produced ``b``, the head split), then ``to_bf16_pairs`` rounds and
+interleaves them, 32-bit words at a time (vectorized). Interleaving in the float layout
+instead left the head split's inner loop 2 elements long: DeiT-tiny's ``V`` packing ran
+3.5x slower in situ, the whole model 3-5% slower. When ``b`` is ``K^T`` (a
+``permute_dims`` swapping the last two axes, see
 :func:`~tvmq.passes.pack_float_batch_matmul.transposed_source`), the packing reads ``K``
-itself: the pairs of ``k`` a tile row wants are next to each other in its rows. Operands
-are rounded to bf16, products and sums stay float32. Part of ``precision="bf16"`` only
+itself. Operands are rounded to bf16, products and sums stay float32. Part of ``precision="bf16"`` only
 (:func:`tvmq.pipeline.run`), before the target kernel passes (which would give these
 matmuls to :class:`PackFloatBatchMatmul`). A no-op without AMX-BF16; idempotent.
 """
@@ -35,7 +38,12 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.x86_amx import TILE
-from tvmq.kernels.x86_amx_bf16 import bf16_batch_matmul_amx, bf16_padded, to_bf16_rows
+from tvmq.kernels.x86_amx_bf16 import (
+    bf16_batch_matmul_amx,
+    bf16_padded,
+    to_bf16_pairs,
+    to_bf16_rows,
+)
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
 from ._int8_dense import KernelRewriter, rewrite_functions
@@ -56,8 +64,13 @@ class _Rewriter(KernelRewriter):
         x = bb.emit(relax.op.reshape(a, (nb, m, k)))
         x = self._bf16(x, (nb, m, k), (nb, mp, kp))
         x = bb.emit(relax.op.reshape(x, (nb * mp, kp)))
-        w = self._panels(b, nb, k, n, kp, np_)  # one row a B-tile row: 16 pairs
-        w = self._bf16(w, (nb * np_ // TILE * kp // 2, 2 * TILE))
+        w = self._panels(b, nb, k, n, kp, np_)
+        rows = nb * np_ // TILE * kp // 2  # B-tile rows: 16 pairs each
+        pairs = self.kernel_var(
+            ("pairs", rows), f"tvmq_to_bf16_pairs_{rows}", lambda: to_bf16_pairs(rows)
+        )
+        w = bb.emit(relax.op.reshape(w, (rows, 2, TILE)))
+        w = bb.emit(relax.call_tir(pairs, [w], out_ty=relax.TensorType((rows, TILE, 2), "uint16")))
         w = bb.emit(relax.op.reshape(w, (nb * np_ // TILE, kp // 2, TILE, 2)))
         product = self.kernel_var(
             ("matmul", nb, mp, kp, np_),
@@ -72,8 +85,9 @@ class _Rewriter(KernelRewriter):
         return relax.op.reshape(y, (*batch, m, n))
 
     def _panels(self, b: relax.Expr, nb: int, k: int, n: int, kp: int, np_: int) -> relax.Expr:
-        """``b`` as float32 ``[nb, N'/16, K'/2, 16, 2]`` (the B-tile layout), zero-padded:
-        plain Relax, fused into whatever produced ``b`` (the head split)."""
+        """``b`` as float32 ``[nb, N'/16, K'/2, 2, 16]`` (the B-tile layout, each pair of K
+        rows not yet interleaved), zero-padded: plain Relax, fused into whatever produced
+        ``b`` (the head split)."""
         bb = self.builder_
         source = transposed_source(b, self.lookup_binding)
         if source is not None:  # (.., N, K): the pairs of k are next to each other
@@ -81,12 +95,12 @@ class _Rewriter(KernelRewriter):
             if (np_, kp) != (n, k):
                 w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, np_ - n, 0, kp - k]))
             w = bb.emit(relax.op.reshape(w, (nb, np_ // TILE, TILE, kp // 2, 2)))
-            return bb.emit(relax.op.permute_dims(w, [0, 1, 3, 2, 4]))
+            return bb.emit(relax.op.permute_dims(w, [0, 1, 3, 4, 2]))
         w = bb.emit(relax.op.reshape(b, (nb, k, n)))
         if (kp, np_) != (k, n):
             w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
         w = bb.emit(relax.op.reshape(w, (nb, kp // 2, 2, np_ // TILE, TILE)))
-        return bb.emit(relax.op.permute_dims(w, [0, 3, 1, 4, 2]))
+        return bb.emit(relax.op.permute_dims(w, [0, 3, 1, 2, 4]))
 
     def _bf16(self, x: relax.Expr, shape: tuple, padded: tuple | None = None) -> relax.Expr:
         """``x`` as ``(*batch, rows, cols)`` float32 rounded to bf16 bits by

@@ -71,9 +71,7 @@ def test_only_amx_bf16_targets_and_large_static_matmuls():
 def test_is_the_product_of_bf16_rounded_operands(rng, batch, m, k, n, transposed):
     a = rng.standard_normal((*batch, m, k)).astype(np.float32)
     b = rng.standard_normal((*batch, k, n)).astype(np.float32)
-    mod = PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(
-        _module(a.shape, b.shape, transposed=transposed)
-    )
+    mod = PackBf16BatchMatmulX86(SAPPHIRERAPIDS)(_module(a.shape, b.shape, transposed=transposed))
     assert any(name.startswith("tvmq_bf16_batch_matmul_amx") for name in _kernel_names(mod))
     vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
     b_arg = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transposed else b
@@ -83,3 +81,18 @@ def test_is_the_product_of_bf16_rounded_operands(rng, batch, m, k, n, transposed
     assert got.shape == want.shape
     assert np.abs(got - want).max() / scale < 1e-6  # float32 sums of exact bf16 products
     assert np.abs(got - a @ b).max() / scale < 1e-2  # bf16's 8-bit significand
+
+
+def test_to_bf16_pairs_interleaves_two_rows_rounded(rng):
+    """The B-tile rows of the run-time packing: ``C[p, i, r] == bf16(X[p, r, i])``, rounded
+    like numpy's :func:`bf16_bits` (ties to even, NaN kept, infinities)."""
+    from tvmq.kernels.x86_amx_bf16 import to_bf16_pairs
+
+    x = (rng.standard_normal((37, 2, 16)) * 1e3).astype(np.float32)
+    x[0, 0, :4] = [np.inf, -np.inf, np.nan, np.float32(1.00390625)]  # 1.0039...: a tie
+    lib = tvm.compile(
+        tvm.IRModule({"main": to_bf16_pairs(37).with_attr("global_symbol", "main")}), target="llvm"
+    )
+    out = tvm.runtime.tensor(np.zeros((37, 16, 2), np.uint16))
+    lib["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), bf16_bits(x.transpose(0, 2, 1)))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.cpu_float_conv import ConvEpilogue
@@ -77,6 +79,26 @@ def to_bf16_rows(m: int, k: int, mp: int, kp: int, batch: int | None = None) -> 
     bits = te.compute((*lead, mp, kp), value, name="bf16")
     # Opaque to FuseOps: FuseTIR fails on a TE function fused after a reshape (TVM 0.27).
     return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def to_bf16_pairs(rows: int) -> tvm.tirx.PrimFunc:
+    """``X (rows, 2, 16) float32 -> (rows, 16, 2)`` bf16 bits, rounded like :func:`bf16_bits`:
+    row ``p`` of the result interleaves the two halves of ``X[p]`` (a B-tile row from its
+    two K rows). Each pair is built as one 32-bit word, so the loop vectorizes: two
+    contiguous loads and one contiguous store of 16 words. Scheduled (``op_pattern`` 8)."""
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("to_bf16_pairs")
+        T.func_attr({"tirx.noalias": True})
+        x = T.arg("X", T.Buffer((rows, 2, TILE), "float32"))
+        c = T.arg("C", T.Buffer((rows, TILE, 2), "uint16"))
+        # One root block: Relax's op pattern analysis (RewriteDataflowReshape) wants it.
+        with T.sblock("root"):
+            words = T.decl_buffer((rows * TILE,), "uint32", data=c.data)
+            with T.serial(0, rows) as p, T.vectorized(0, TILE) as i:
+                lo, hi = (_round(x[p, r, i]).astype("uint32") for r in (0, 1))
+                T.buffer_store(words, lo | (hi << tirx.const(16, "uint32")), [p * TILE + i])
+    func = ib.get().with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 8)
 
 
 def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
