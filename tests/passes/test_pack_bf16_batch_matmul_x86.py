@@ -96,3 +96,45 @@ def test_to_bf16_pairs_interleaves_two_rows_rounded(rng):
     out = tvm.runtime.tensor(np.zeros((37, 16, 2), np.uint16))
     lib["main"](tvm.runtime.tensor(x), out)
     np.testing.assert_array_equal(out.numpy(), bf16_bits(x.transpose(0, 2, 1)))
+
+
+@pytest.mark.amx
+def test_compile_with_precision_bf16_runs_sdpa_matmuls_on_tiles(rng, tmp_path):
+    """Through ``tvmq.compile``: PyTorch's SDPA (3 heads of 150 x 64) (its q / k scales folded into the
+    projections, K^T read as K) runs Q @ K^T and P @ V on the batched AMX kernel, not on
+    the float kernels the later passes would give them."""
+    import torch
+
+    import tvmq
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(192, 576), torch.nn.Linear(192, 192)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(1, 150, 3, 3, 64).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(1, 150, 192))
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = rng.standard_normal((1, 150, 192)).astype(np.float32)
+    tvmq.compile(
+        model,
+        "host",
+        example_inputs=(torch.from_numpy(x),),
+        precision="bf16",
+        output_dir=tmp_path / "out",
+        progress=False,
+        tuning_logs=None,
+    )
+    compiled = tvmq.load(tmp_path / "out")
+    got = compiled(x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cosine > 0.999 and np.abs(got - want).max() / np.abs(want).max() < 3e-2
+    kernels = compiled.manifest.notes["kernels"]["prescheduled"]
+    assert sum(k.startswith("tvmq_bf16_batch_matmul_amx") for k in kernels) == 2
+    assert not any("float_batch_matmul" in k for k in kernels)
