@@ -1,4 +1,4 @@
-"""PackBf16BatchMatmulX86: float32 matmuls of two activations -> bf16 AMX tiles (``precision="bf16"``).
+"""PackBf16BatchMatmulX86: float32 activation x activation matmuls -> bf16 AMX tiles (bf16).
 
 Attention's ``Q @ K^T`` and ``P @ V`` have no constant operand, so :class:`PackBf16DenseX86`
 leaves them to the float32 kernels. When the target has ``amx-bf16`` this pass rewrites
@@ -24,9 +24,11 @@ instead left the head split's inner loop 2 elements long: DeiT-tiny's ``V`` pack
 3.5x slower in situ, the whole model 3-5% slower. When ``b`` is ``K^T`` (a
 ``permute_dims`` swapping the last two axes, see
 :func:`~tvmq.passes.pack_float_batch_matmul.transposed_source`), the packing reads ``K``
-itself. Operands are rounded to bf16, products and sums stay float32. Part of ``precision="bf16"`` only
-(:func:`tvmq.pipeline.run`), before the target kernel passes (which would give these
-matmuls to :class:`PackFloatBatchMatmul`). A no-op without AMX-BF16; idempotent.
+itself. Operands are rounded to bf16, products and sums stay float32.
+
+Part of ``precision="bf16"`` only (:func:`tvmq.pipeline.run`), before the target kernel
+passes (which would give these matmuls to :class:`PackFloatBatchMatmul`). A no-op without
+AMX-BF16; idempotent.
 """
 
 from __future__ import annotations
@@ -61,8 +63,13 @@ class _Rewriter(KernelRewriter):
         bb = self.builder_
         nb = math.prod(batch)
         mp, kp, np_ = bf16_padded(m, k, n)
+        convert = self.kernel_var(
+            ("bf16", nb, m, k, mp, kp),
+            f"tvmq_to_bf16_{nb}x{mp}x{kp}",
+            lambda: to_bf16_rows(m, k, mp, kp, batch=nb),
+        )
         x = bb.emit(relax.op.reshape(a, (nb, m, k)))
-        x = self._bf16(x, (nb, m, k), (nb, mp, kp))
+        x = bb.emit(relax.call_tir(convert, [x], out_ty=relax.TensorType((nb, mp, kp), "uint16")))
         x = bb.emit(relax.op.reshape(x, (nb * mp, kp)))
         w = self._panels(b, nb, k, n, kp, np_)
         rows = nb * np_ // TILE * kp // 2  # B-tile rows: 16 pairs each
@@ -101,22 +108,6 @@ class _Rewriter(KernelRewriter):
             w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
         w = bb.emit(relax.op.reshape(w, (nb, kp // 2, 2, np_ // TILE, TILE)))
         return bb.emit(relax.op.permute_dims(w, [0, 3, 1, 2, 4]))
-
-    def _bf16(self, x: relax.Expr, shape: tuple, padded: tuple | None = None) -> relax.Expr:
-        """``x`` as ``(*batch, rows, cols)`` float32 rounded to bf16 bits by
-        :func:`to_bf16_rows`, each matrix zero-padded to ``padded``."""
-        *lead, m, k = shape
-        *_, mp, kp = padded or shape
-        batch = lead[0] if lead else None
-        if not lead:
-            x = self.builder_.emit(relax.op.reshape(x, shape))
-        convert = self.kernel_var(
-            ("bf16", batch, m, k, mp, kp),
-            f"tvmq_to_bf16_{'' if batch is None else f'{batch}x'}{mp}x{kp}",
-            lambda: to_bf16_rows(m, k, mp, kp, batch=batch),
-        )
-        out_ty = relax.TensorType((*lead, mp, kp), "uint16")
-        return self.builder_.emit(relax.call_tir(convert, [x], out_ty=out_ty))
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackBf16BatchMatmulX86")

@@ -100,9 +100,9 @@ def test_to_bf16_pairs_interleaves_two_rows_rounded(rng):
 
 @pytest.mark.amx
 def test_compile_with_precision_bf16_runs_sdpa_matmuls_on_tiles(rng, tmp_path):
-    """Through ``tvmq.compile``: PyTorch's SDPA (3 heads of 150 x 64) (its q / k scales folded into the
-    projections, K^T read as K) runs Q @ K^T and P @ V on the batched AMX kernel, not on
-    the float kernels the later passes would give them."""
+    """Through ``tvmq.compile``: PyTorch's SDPA over 3 heads of 150 x 64 (its q / k scales
+    folded into the projections, K^T read as K) runs Q @ K^T and P @ V on the batched AMX
+    kernel, not on the float kernels the later passes would give them."""
     import torch
 
     import tvmq

@@ -122,9 +122,8 @@ def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
 def bf16_batch_matmul_amx(batch: int, mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
     """``C (batch * mp, np_) float32``: row block ``b`` of ``X (batch * mp, kp)`` bf16 times
     the ``b``-th weight of ``W (batch * np_/16, kp/2, 16, 2)`` (each as
-    :func:`pack_weight_bf16`);
-    :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR` ``"bf16_batch_matmul_amx"``. ``mp`` a
-    multiple of the step's rows (:func:`bf16_padded`)."""
+    :func:`pack_weight_bf16`); ``mp`` a multiple of the step's rows (:func:`bf16_padded`).
+    :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR` ``"bf16_batch_matmul_amx"``."""
     tiles = amx_tiles(mp, kp, np_)
     count = batch * mp
     rows = AmxRows(count, kp * 2, lambda p: p * kp, lambda p: (p, None), batches=batch)
