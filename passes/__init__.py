@@ -28,6 +28,8 @@ Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`;
 on the int8 weights after quantization: :class:`ClusterInt8Weights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`.
+``precision="bf16"`` on AMX-BF16 CPUs: :class:`PackBf16ConvX86`, :class:`PackBf16DenseX86`,
+:class:`PackBf16BatchMatmulX86` (attention's activation matmuls).
 
 Shared by the passes and public: :mod:`~tvmq.passes.sites` (the one site model: which
 matmul / conv2d layers the passes work on and their names; weightless add / concat /
@@ -52,6 +54,7 @@ from .fold_quant_scales import FoldQuantScales
 from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_table_decoders import FoldTableDecoders
 from .lower_int8 import LowerInt8
+from .pack_bf16_batch_matmul_x86 import PackBf16BatchMatmulX86
 from .pack_bf16_conv_x86 import PackBf16ConvX86
 from .pack_bf16_dense_cuda import PackBf16DenseCUDA
 from .pack_bf16_dense_x86 import PackBf16DenseX86
@@ -104,6 +107,7 @@ __all__ = [
     "CorrectBias",
     "PackDecodedDense",
     "PackFloatConv",
+    "PackBf16BatchMatmulX86",
     "PackBf16ConvX86",
     "PackBf16DenseCUDA",
     "PackBf16DenseX86",

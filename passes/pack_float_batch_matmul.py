@@ -61,9 +61,9 @@ def _is_float32(expr: relax.Expr) -> bool:
     return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) == "float32"
 
 
-def match_float_batch_matmul(call: relax.Expr, lookup_binding, lanes: int) -> tuple | None:
-    """``(a, b, batch dims, M, K, N)`` for a float32 activation matmul worth the kernel
-    (``lanes``: float32 lanes of the target's vectors)."""
+def match_activation_matmul(call: relax.Expr, lookup_binding) -> tuple | None:
+    """``(a, b, batch dims, M, K, N)`` for a float32 matmul of two activations with the
+    same static batch dims and at least :data:`MIN_MACS` multiply-adds, else None."""
     if op_name(call) != MATMUL or not all(map(_is_float32, (call, *call.args))):
         return None
     a, b = call.args
@@ -75,9 +75,19 @@ def match_float_batch_matmul(call: relax.Expr, lookup_binding, lanes: int) -> tu
     batch, m, k, n = dims
     if k < 2 or math.prod(batch) * m * k * n < MIN_MACS:
         return None
+    return a, b, *dims
+
+
+def match_float_batch_matmul(call: relax.Expr, lookup_binding, lanes: int) -> tuple | None:
+    """:func:`match_activation_matmul`'s tuple for a matmul worth the kernel (``lanes``:
+    float32 lanes of the target's vectors)."""
+    found = match_activation_matmul(call, lookup_binding)
+    if found is None:
+        return None
+    *_, m, _k, n = found
     if n % lanes == 0 and m % DEFAULT_ROWS == 0:
         return None  # the default schedule's own register tile, no packing
-    return a, b, *dims
+    return found
 
 
 def transposed_source(b: relax.Expr, lookup_binding) -> relax.Expr | None:

@@ -53,6 +53,8 @@ from tvmq.passes import (
     CanonicalizeQDQ,
     ConvTransposeAsMatmul,
     FoldBatchNorm,
+    FoldScalarMultiply,
+    PackBf16BatchMatmulX86,
     PackBf16ConvX86,
     PackBf16DenseX86,
     QDQConvToNCHW,
@@ -282,9 +284,9 @@ def run(
     ``compression``: the keyword arguments of :func:`compress`. ``precision="fp16"`` (CUDA
     presets, see :func:`check_precision`): the float model runs in fp16 with fp32
     accumulation, its matmuls on tensor cores where the arch has them (sm_80 and newer).
-    ``precision="bf16"``: the model stays float32 and its matmuls with constant weights run
-    on bf16 tensor cores (CUDA, sm_80 and newer) or AMX-BF16 tiles (CPUs), accumulating in
-    float32. On the host the quantizer's
+    ``precision="bf16"``: the model stays float32 and its matmuls (with constant weights,
+    and attention's of two activations) run on bf16 tensor cores (CUDA, sm_80 and newer) or
+    AMX-BF16 tiles (CPUs), accumulating in float32. On the host the quantizer's
     output SQNRs are measured on the executable built here rather than on a second,
     report-only build.
     """
@@ -304,10 +306,14 @@ def run(
         else:
             bf16 = tvm.transform.Sequential(
                 [
+                    # SDPA's q / k scales into the projections before their weights are
+                    # packed: attention's K^T is then a plain transpose of K (read directly).
+                    FoldScalarMultiply(),
                     ConvTransposeAsMatmul(),
                     FoldBatchNorm(),
                     PackBf16ConvX86(target),
                     PackBf16DenseX86(target),
+                    PackBf16BatchMatmulX86(target),
                 ]
             )
             compute = "bfloat16 (AMX matmuls)"

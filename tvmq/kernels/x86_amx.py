@@ -233,6 +233,9 @@ class AmxRows:
     # ``(rows, K)`` panel (an im2col of that block only, in L1 / L2) that the tiles then
     # read; ``base`` and ``stride`` are unused. Each task then takes every column.
     gather: Callable | None = None
+    # ``batches`` equal groups of rows (each a whole number of steps' rows), group ``g``
+    # multiplied by the ``g``-th of the ``batches`` weights ``W`` holds one after another.
+    batches: int = 1
 
 
 def int8_dense_amx(
@@ -274,13 +277,16 @@ def amx_kernel(
     bias: ConvEpilogue | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
-    into ``C (out_rows, n)`` (default: ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
+    (one per group of rows: ``rows.batches``) into ``C (out_rows, n)`` (default:
+    ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
     ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
     ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``)."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
+    if rows.batches > 1 and (rows.count % rows.batches or rows.count // rows.batches % mb):
+        raise ValueError(f"{rows.batches} batches of {rows.count} rows split AMX steps {tiles}")
     chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
     if rows.gather is not None:  # a gathered panel serves every column
         chunk = n
@@ -308,7 +314,8 @@ def amx_kernel(
         T.func_name(name)
         T.func_attr({"tirx.noalias": True})
         x = T.arg("X", T.Buffer(x_shape, ops.x_dtype))
-        w = T.arg("W", T.Buffer((n // TILE, k // ops.pair, TILE, ops.pair), ops.w_dtype))
+        w_shape = (rows.batches * n // TILE, k // ops.pair, TILE, ops.pair)
+        w = T.arg("W", T.Buffer(w_shape, ops.w_dtype))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
         add = T.arg("bias", T.Buffer((n,), "float32")) if bias is not None else None
@@ -364,13 +371,18 @@ def amx_kernel(
 def _panel_rows(rows: AmxRows, row, k: int, ops: AmxOps) -> AmxRows:
     """The rows of a gathered panel that starts at ``row``: ``k`` elements a row."""
     itemsize = 1 if ops.x_dtype == "uint8" else 2
-    return AmxRows(rows.count, k * itemsize, lambda p: (p - row) * k, rows.store)
+    return AmxRows(
+        rows.count, k * itemsize, lambda p: (p - row) * k, rows.store, batches=rows.batches
+    )
 
 
 def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops: AmxOps) -> None:
     """``mt x nt`` accumulator tiles at (row, col) over the whole K, stored to ``scratch``
     (or straight to ``c`` without one). Tiles: 0-3 accumulators, 4-5 A, 6-7 B."""
     mt, nt = tiles.mt, tiles.nt
+    panel = col // TILE  # the first B tile column: in the row's batch's weight
+    if rows.batches > 1:
+        panel += row // (rows.count // rows.batches) * (n // TILE)
     for a in range(mt):
         for b in range(nt):
             _intrin("tilezero", _tile(2 * a + b))
@@ -380,7 +392,7 @@ def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops:
             ptr = tirx.address_of(x[rows.base(row + TILE * a) + k_at])
             _intrin("tileloadd64", _tile(4 + a), ptr, tirx.const(rows.stride, "int64"))
         for b in range(nt):
-            ptr = tirx.address_of(w[col // TILE + b, ko * (ops.k_step // ops.pair), 0, 0])
+            ptr = tirx.address_of(w[panel + b, ko * (ops.k_step // ops.pair), 0, 0])
             _intrin("tileloadd64", _tile(6 + b), ptr, tirx.const(TILE_K, "int64"))
         for a in range(mt):
             for b in range(nt):

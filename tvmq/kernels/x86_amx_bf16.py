@@ -12,7 +12,9 @@ significand on the inputs (products and sums stay float32), what PyTorch's
 - :func:`to_bf16_rows` is the kernel that rounds the activations, ``(M, K)`` float32 ->
   ``(Mp, Kp)`` bf16 bits with zero padding;
 - :func:`bf16_dense_amx` is the product, :func:`~tvmq.kernels.x86_amx.amx_kernel` with
-  :data:`~tvmq.kernels.x86_amx.BF16` operands: ``(Mp, Kp) x packed -> (Mp, Np)`` float32.
+  :data:`~tvmq.kernels.x86_amx.BF16` operands: ``(Mp, Kp) x packed -> (Mp, Np)`` float32;
+- :func:`bf16_batch_matmul_amx` does the same for products of two activations
+  (attention's): one packed weight a batch, packed at run time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.cpu_float_conv import ConvEpilogue
@@ -60,18 +64,41 @@ def bf16_padded(m: int, k: int, n: int) -> tuple[int, int, int]:
     return t.m_padded, round_up(k, K_STEP), t.n_padded
 
 
-def to_bf16_rows(m: int, k: int, mp: int, kp: int) -> tvm.tirx.PrimFunc:
+def to_bf16_rows(m: int, k: int, mp: int, kp: int, batch: int | None = None) -> tvm.tirx.PrimFunc:
     """``X (m, k) float32 -> (mp, kp)`` bf16 bits (uint16), rounded like :func:`bf16_bits`,
-    zero in the padding. Elementwise: left to the default schedule."""
-    x = te.placeholder((m, k), "float32", name="X")
+    zero in the padding; with ``batch``, ``(batch, m, k) -> (batch, mp, kp)``, each matrix
+    padded. Elementwise: left to the default schedule."""
+    lead = () if batch is None else (batch,)
+    x = te.placeholder((*lead, m, k), "float32", name="X")
 
-    def value(i, j):  # clamped reads: the padding's value is selected away
-        bits = _round(x[tirx.min(i, m - 1), tirx.min(j, k - 1)])
+    def value(*index):  # clamped reads: the padding's value is selected away
+        *b, i, j = index
+        bits = _round(x[(*b, tirx.min(i, m - 1), tirx.min(j, k - 1))])
         return tirx.Select(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
 
-    bits = te.compute((mp, kp), value, name="bf16")
+    bits = te.compute((*lead, mp, kp), value, name="bf16")
     # Opaque to FuseOps: FuseTIR fails on a TE function fused after a reshape (TVM 0.27).
     return te.create_prim_func([x, bits]).without_attr("global_symbol").with_attr("op_pattern", 8)
+
+
+def to_bf16_pairs(rows: int) -> tvm.tirx.PrimFunc:
+    """``X (rows, 2, 16) float32 -> (rows, 16, 2)`` bf16 bits, rounded like :func:`bf16_bits`:
+    row ``p`` of the result interleaves the two halves of ``X[p]`` (a B-tile row from its
+    two K rows). Each pair is built as one 32-bit word, so the loop vectorizes: two
+    contiguous loads and one contiguous store of 16 words. Scheduled (``op_pattern`` 8)."""
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("to_bf16_pairs")
+        T.func_attr({"tirx.noalias": True})
+        x = T.arg("X", T.Buffer((rows, 2, TILE), "float32"))
+        c = T.arg("C", T.Buffer((rows, TILE, 2), "uint16"))
+        # One root block: Relax's op pattern analysis (RewriteDataflowReshape) wants it.
+        with T.sblock("root"):
+            words = T.decl_buffer((rows * TILE,), "uint32", data=c.data)
+            with T.serial(0, rows) as p, T.vectorized(0, TILE) as i:
+                lo, hi = (_round(x[p, r, i]).astype("uint32") for r in (0, 1))
+                T.buffer_store(words, lo | (hi << tirx.const(16, "uint32")), [p * TILE + i])
+    func = ib.get().with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 8)
 
 
 def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -90,6 +117,18 @@ def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
     tiles = amx_tiles(mp, kp, np_)
     rows = AmxRows(mp, kp * 2, lambda p: p * kp, lambda p: (p, None))
     return amx_kernel("bf16_dense_amx", (mp, kp), rows, kp, np_, tiles, False, None, ops=BF16)
+
+
+def bf16_batch_matmul_amx(batch: int, mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
+    """``C (batch * mp, np_) float32``: row block ``b`` of ``X (batch * mp, kp)`` bf16 times
+    the ``b``-th weight of ``W (batch * np_/16, kp/2, 16, 2)`` (each as
+    :func:`pack_weight_bf16`); ``mp`` a multiple of the step's rows (:func:`bf16_padded`).
+    :data:`~tvmq.kernels.x86_int8.KERNEL_ATTR` ``"bf16_batch_matmul_amx"``."""
+    tiles = amx_tiles(mp, kp, np_)
+    count = batch * mp
+    rows = AmxRows(count, kp * 2, lambda p: p * kp, lambda p: (p, None), batches=batch)
+    name = "bf16_batch_matmul_amx"
+    return amx_kernel(name, (count, kp), rows, kp, np_, tiles, False, None, ops=BF16)
 
 
 def bf16_conv_applies(geo: Conv2DGeometry) -> bool:
