@@ -201,7 +201,7 @@ class BuildInfo:
     # kernels that run on tensor cores (tvmq's mma.sync kernels), each with its instruction
     tensor_core: tuple[tuple[str, str], ...] = ()
     # every output is a tensor the VM allocates anew on each call (:func:`fresh_outputs`)
-    fresh_outputs: bool = False
+    fresh_outputs: bool = field(default=False, compare=False)
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""
