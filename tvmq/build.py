@@ -151,9 +151,7 @@ def build_with_info(
             scheduled = _scheduled_kernels(fused)
             with _without_kernel_asserts():
                 ex = relax.build(
-                    fused,
-                    target=tvm_target,
-                    relax_pipeline=schedule_and_lower(tvm_target),
+                    fused, target=tvm_target, relax_pipeline=schedule_and_lower(tvm_target)
                 )
     except TvmqError:
         raise
@@ -312,12 +310,16 @@ def _without_kernel_asserts() -> Iterator[None]:
         yield
 
 
+def _main(mod: tvm.IRModule):
+    """``mod``'s ``main`` function, or None."""
+    return next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
+
+
 def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
     """Whether the library stores constants as codes decoded at load: for a CPU build of a
     model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
     hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``)."""
-    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
-    attrs = getattr(main, "attrs", None)
+    attrs = getattr(_main(mod), "attrs", None)
     return preset.kind != "cuda" and attrs is not None and CLUSTERED in attrs
 
 
@@ -345,7 +347,7 @@ def fresh_outputs(mod: tvm.IRModule) -> bool:
     through reshapes), none shared between outputs: the VM then allocates each output anew
     on every call, so the caller may keep it without a copy. False for an output that is an
     input, a constant, an in-place kernel's operand or anything this does not recognise."""
-    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
+    main = _main(mod)
     if not isinstance(main, relax.Function) or not isinstance(main.body, relax.SeqExpr):
         return False
     bindings = binding_map(main)
