@@ -30,8 +30,8 @@ from tvm.relax.expr_functor import mutator
 
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
-from ._int8_dense import KernelRewriter, _static_shape, rewrite_functions
-from .relax_utils import is_tensor_const
+from ._int8_dense import KernelRewriter, rewrite_functions
+from .relax_utils import is_tensor_const, static_shape
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 TO_NCHW = (0, 3, 1, 2)  # permute_dims axes: NHWC -> NCHW
@@ -313,7 +313,7 @@ def match_nchw_conv2d(
         return None
     if not isinstance(x.ty, relax.TensorType) or str(x.ty.dtype) not in data_dtypes:
         return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    x_shape, w_shape = static_shape(x), static_shape(w)
     if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return None
     if 0 in x_shape or 0 in w_shape:

@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from ._int8_dense import KernelRewriter, _static_shape
+from ._int8_dense import KernelRewriter
 from .relax_utils import (
     ADD,
     alias_binding,
@@ -41,6 +41,7 @@ from .relax_utils import (
     map_functions,
     op_name,
     ordered_bindings,
+    static_shape,
     user_counts,
     with_span,
 )
@@ -63,7 +64,7 @@ def match_conv_transpose(call: relax.Expr) -> tuple | None:
         return None
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "IOHW", "NCHW"):
         return None
-    x_shape, w_shape = _static_shape(x), _static_shape(w)
+    x_shape, w_shape = static_shape(x), static_shape(w)
     if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return None
     if int(a.groups) != 1 or w_shape[0] != x_shape[1] or w_shape[2:] != _ints(a.strides):

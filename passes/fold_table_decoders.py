@@ -25,10 +25,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._int8_dense import _static_shape, rewrite_functions
+from ._int8_dense import rewrite_functions
 from .cluster_weights import decode_table
 from .quantize_weight_only import DECODER_ATTR
-from .relax_utils import is_tensor_const
+from .relax_utils import is_tensor_const, static_shape
 
 
 @mutator
@@ -47,7 +47,7 @@ class _Folder(PyExprMutator):
             return call
         if DECODER_ATTR not in func.attrs or not all(is_tensor_const(a) for a in call.args):
             return call
-        shape = _static_shape(call)
+        shape = static_shape(call)
         if shape is None or len(shape) != 2 or len(call.args) != 2:
             return call
         weight = decode_table(*(a.value.numpy() for a in call.args), shape)

@@ -36,10 +36,10 @@ from tvmq.kernels.cpu_decoded_dense import DecodedWeight, decoded_dense, pack_co
 from tvmq.kernels.cpu_float_conv import choose_conv_tiles, simd_lanes_and_registers
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import _static_shape, rewrite_functions
+from ._int8_dense import rewrite_functions
 from .cluster_weights import unpack_indices
 from .quantize_weight_only import DECODER_ATTR, unpack_int4
-from .relax_utils import MATMUL, apply_layout, is_tensor_const, view_source
+from .relax_utils import MATMUL, apply_layout, is_tensor_const, static_shape, view_source
 
 _MATMUL = tvm.ir.Op.get(MATMUL)
 
@@ -108,15 +108,15 @@ class _Rewriter(PyExprMutator):
         if not isinstance(call, relax.Call) or not call.op.same_as(_MATMUL):
             return call
         x, w = call.args
-        x_shape = _static_shape(x)
+        x_shape = static_shape(x)
         if x_shape is None or len(x_shape) < 2 or str(getattr(x.ty, "dtype", "")) != "float32":
             return call
         found = view_source(w, self.lookup_binding, self._is_decoder_call)
-        w_shape = _static_shape(w)
+        w_shape = static_shape(w)
         if found is None or w_shape is None or len(w_shape) != 2 or w_shape[0] != x_shape[-1]:
             return call
         decoder, steps = found
-        out_shape = _static_shape(decoder)
+        out_shape = static_shape(decoder)
         if out_shape is None or x_shape[-1] < 2:
             return call
         args = [a.value.numpy() for a in decoder.args]

@@ -50,9 +50,9 @@ from tvmq.kernels.cpu_float_conv import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from ._int8_dense import KernelRewriter, _static_shape, batch_matmul_dims, rewrite_functions
+from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions
 from .pack_float_dense import MIN_MACS
-from .relax_utils import MATMUL, PERMUTE_DIMS, RESHAPE, const_source, op_name, resolve
+from .relax_utils import MATMUL, PERMUTE_DIMS, RESHAPE, const_source, op_name, resolve, static_shape
 
 _BROADCAST = "relax.broadcast_to"
 
@@ -93,13 +93,13 @@ def match_float_batch_matmul(call: relax.Expr, lookup_binding, lanes: int) -> tu
 def transposed_source(b: relax.Expr, lookup_binding) -> relax.Expr | None:
     """The ``k`` with ``b == swap of k's last two axes`` (through batch reshapes and no-op
     broadcasts), else None."""
-    *_, rows, cols = _static_shape(b)
+    *_, rows, cols = static_shape(b)
     expr = resolve(b, lookup_binding)
     while op_name(expr) in (RESHAPE, _BROADCAST):
-        shape = _static_shape(expr.args[0])
+        shape = static_shape(expr.args[0])
         if shape is None or shape[-2:] != (rows, cols):
             return None
-        if op_name(expr) == _BROADCAST and shape != _static_shape(expr):
+        if op_name(expr) == _BROADCAST and shape != static_shape(expr):
             return None
         expr = resolve(expr.args[0], lookup_binding)
     if op_name(expr) != PERMUTE_DIMS or expr.attrs.axes is None:

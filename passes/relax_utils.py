@@ -86,6 +86,17 @@ def dataflow_bindings(mod: tvm.IRModule):
                 yield binding, only_user
 
 
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The shape of a tensor whose dims are all static ints, else None."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
 def is_tensor_const(expr: relax.Expr) -> bool:
     """Whether `expr` is a constant tensor (``R.const`` / bound weights)."""
     return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)
