@@ -32,8 +32,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvmq.kernels.x86_int8 import Requantize, with_int_rounding
+
 from .dynamic_epilogue import DynamicEpilogue, find_dynamic_epilogues
-from .relax_utils import alias_binding, dataflow_bindings, op_name
+from .relax_utils import alias_binding, dataflow_bindings, op_name, static_shape
 from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -80,16 +82,6 @@ class DenseKernel:
     quantizes: Callable[[Any], bool] | None = None
 
 
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
-
-
 def rows_shape(expr: relax.Expr) -> tuple | None:
     """The shape of a tensor whose last dim is static and leading dims may be symbolic
     (ints where static, ``PrimExpr`` elsewhere), else None."""
@@ -128,8 +120,8 @@ def match_int8_dense(
         return None
     if str(w.ty.dtype) != "int8":
         return None
-    x_shape = rows_shape(x) if symbolic_rows else _static_shape(x)
-    w_shape = _static_shape(w)
+    x_shape = rows_shape(x) if symbolic_rows else static_shape(x)
+    w_shape = static_shape(w)
     if x_shape is None or w_shape is None or len(w_shape) != 2 or len(x_shape) < 2:
         return None
     if x_shape[-1] != w_shape[0] or 0 in x_shape or 0 in w_shape:
@@ -253,6 +245,8 @@ class _DenseRewriter(PyExprMutator):
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:n] += epilogue.offset
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
+            if isinstance(requantize, Requantize):
+                requantize = with_int_rounding(requantize, w, offset, epilogue.multiplier)
             if isinstance(epilogue, DynamicEpilogue):
                 name += "_dynamic"
             else:
@@ -390,7 +384,7 @@ class KernelRewriter(PyExprMutator):
 def batch_matmul_dims(a: relax.Expr, b: relax.Expr) -> tuple | None:
     """``(batch dims, M, K, N)`` of ``matmul(a, b)`` over static, non-empty 3+-D operands
     with the same batch dims, else None."""
-    a_shape, b_shape = _static_shape(a), _static_shape(b)
+    a_shape, b_shape = static_shape(a), static_shape(b)
     if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
         return None
     (*batch, m, k), (*b_batch, k2, n) = a_shape, b_shape

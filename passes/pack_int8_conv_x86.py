@@ -54,6 +54,7 @@ from tvmq.kernels.cpu_float_conv import choose_depthwise_tiles
 from tvmq.kernels.vnni_intrin import LANES
 from tvmq.kernels.x86_amx import X86Int8Dense
 from tvmq.kernels.x86_amx_conv import AmxConv, x86_int8_conv
+from tvmq.kernels.x86_int8 import with_int_rounding
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry, int8_im2col
 
 from ._int8_dense import shift_bytes
@@ -67,7 +68,12 @@ from .channels_last import (
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
 from .relax_utils import dataflow_bindings
-from .requantize_epilogue import ChannelAxis, RequantizeEpilogue, requantize_chain
+from .requantize_epilogue import (
+    ChannelAxis,
+    RequantizeEpilogue,
+    requantize_chain,
+    with_residual_add,
+)
 
 _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
 
@@ -78,10 +84,17 @@ def find_requantize_epilogues(mod: tvm.IRModule) -> dict[relax.Var, RequantizeEp
     int8 / uint8 (or float32) result, the int32 sums never go to memory (a pass over 4 bytes
     an output less, and one kernel less)."""
     found = {}
-    for b, only_user in dataflow_bindings(mod):
-        conv = match_int8_conv2d(b.value) or match_int8_depthwise(b.value)
+    bindings = list(dataflow_bindings(mod))
+    values = {b.var: b.value for b, _ in bindings}
+    position = {b.var: i for i, (b, _) in enumerate(bindings)}
+    for i, (b, only_user) in enumerate(bindings):
+        dense = match_int8_conv2d(b.value)
+        conv = dense or match_int8_depthwise(b.value)
         where = conv and ChannelAxis(1, 4, conv[2].shape[0])
         epilogue = where and requantize_chain((b.var,), where, only_user)
+        if epilogue and dense:  # a residual add joins the dense kernel's epilogue
+            before = lambda v, i=i: position.get(v, -1) < i  # noqa: E731
+            epilogue = with_residual_add(epilogue, only_user, values, before)
         if epilogue:
             found[b.var] = epilogue
     return found
@@ -126,6 +139,8 @@ class _Lowering:
         m, k = geo.m, geo.k
         dense = x86_int8_conv(geo, o, self.amx)
         mp, kp, np_ = dense.m_padded, dense.k_padded, dense.n_padded
+        if epilogue is not None and (mp, np_) != (m, o):  # R would need padding: add apart
+            epilogue = epilogue.without_residual()
         x_dtype = str(x.ty.dtype)
         x = rw.nhwc_input(x)
         if isinstance(dense, AmxConv):  # the kernel reads the padded input itself
@@ -149,14 +164,19 @@ class _Lowering:
         name = f"tvmq_int8_{dense.label}_{mp}x{kp}x{np_}"
         if epilogue is not None:  # int32 sums wrap the same in either order
             offset[:o] += epilogue.offset
-            requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
+            requantize = with_int_rounding(epilogue.requantize, w2, offset, epilogue.multiplier)
+            out_dtype = requantize.out_dtype
             name += "_requantize" if out_dtype != "float32" else "_dequantize"
+            name += "_residual" if epilogue.residual is not None else ""
         with_offset = bool(offset.any())
         if with_offset:
             args.append(relax.const(offset, "int32"))
             name += "_offset"
         if epilogue is not None:
             args.append(relax.const(np.pad(epilogue.multiplier, (0, np_ - o)), "float32"))
+        if epilogue is not None and epilogue.residual is not None:
+            r = rw.nhwc_input(rw.visit_expr(epilogue.residual))
+            args.append(bb.emit(relax.op.reshape(r, (m, o))))
         # Fewer than 16 output channels (a classifier's): the VNNI kernel stores exactly those
         # (predicated stores), not 16 to be sliced and re-read.
         n_out = (
@@ -193,7 +213,9 @@ class _Lowering:
         if epilogue is None:
             return lower_depthwise(rw, x, geo, w_hwc, tiles)
         args = (epilogue.offset, epilogue.multiplier)
-        lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, args, epilogue.requantize)
+        taps = w_hwc.reshape(-1, w_hwc.shape[-1])  # (KH * KW, C): each channel's own weights
+        requantize = with_int_rounding(epilogue.requantize, taps, *args)
+        lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, args, requantize)
         _alias(rw, epilogue)
         return lowered
 

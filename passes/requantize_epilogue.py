@@ -17,13 +17,14 @@ result, and the int32 sums never go to memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 from tvm import relax
 
-from tvmq.kernels.x86_int8 import Requantize
+from tvmq.kernels.x86_int8 import Requantize, ResidualAdd
 
 from .relax_utils import (
     ADD,
@@ -34,6 +35,7 @@ from .relax_utils import (
     clip_bounds,
     is_tensor_const,
     op_name,
+    static_shape,
 )
 
 
@@ -45,11 +47,29 @@ class RequantizeEpilogue(NamedTuple):
     offset: np.ndarray  # (channels,) int32, added first
     multiplier: np.ndarray  # (channels,) float32
     requantize: Requantize
+    residual: relax.Var | None = None  # R of a requantize.residual (see with_residual_add)
 
     def arguments(self, n_padded: int) -> list:
         """The kernel's arguments after its offset: the multiplier, padded to ``n_padded``."""
         pad = (0, n_padded - len(self.multiplier))
         return [relax.const(np.pad(self.multiplier, pad).astype(np.float32), "float32")]
+
+    def without_residual(self) -> RequantizeEpilogue:
+        """The epilogue up to the requantized result (where the kernel cannot take ``R``)."""
+        if self.residual is None:
+            return self
+        # chain: ..., q, astype, [subtract], multiply, add, quantize [, clip]
+        i = len(self.chain) - 1
+        while i >= 0 and _is_integer(self.chain[i]):
+            i -= 1
+        while i >= 0 and not _is_integer(self.chain[i]):
+            i -= 1
+        requantize = dataclasses.replace(self.requantize, residual=None)
+        return self._replace(chain=self.chain[: i + 1], requantize=requantize, residual=None)
+
+
+def _is_integer(var: relax.Var) -> bool:
+    return str(var.ty.dtype) in ("int8", "uint8")
 
 
 class ChannelAxis(NamedTuple):
@@ -121,7 +141,17 @@ def requantize_chain(
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
     multiplier = channel_const("relax.multiply", "float32")
-    quantize = step(QUANTIZE) if multiplier is not None else None
+    stored = _quantize_tail(chain, only_user) if multiplier is not None else None
+    if stored is None:
+        return None
+    return RequantizeEpilogue(tuple(chain[1:]), offset, multiplier, Requantize(*stored, relu=relu))
+
+
+def _quantize_tail(chain: list, only_user) -> tuple[str, int, int, int] | None:
+    """``quantize(., 1, zero)`` to int8 / uint8 [-> ``clip``] after ``chain[-1]`` (appended to
+    ``chain``): ``(dtype, zero, lo, hi)``, else None."""
+    step = chain_step(chain, only_user)
+    quantize = step(QUANTIZE)
     if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
         return None
     scale, zero = (_scalar(a) for a in quantize.args[1:])
@@ -134,9 +164,101 @@ def requantize_chain(
     bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
     if bounds is not None and step(CLIP) is not None:
         lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
-    return RequantizeEpilogue(
-        tuple(chain[1:]), offset, multiplier, Requantize(dtype, zero, lo, hi, relu=relu)
-    )
+    return dtype, zero, lo, hi
+
+
+def with_residual_add(
+    epilogue: RequantizeEpilogue, only_user, values: dict, defined
+) -> RequantizeEpilogue:
+    """``epilogue`` extended by ``LowerInt8``'s float add of its int8 / uint8 result ``q`` and
+    another int8 / uint8 tensor ``r`` of its shape (a residual block's skip connection)::
+
+        add(multiply([subtract](astype(q), z_q), s_q),
+            multiply([subtract](astype(r), z_r), s_r)) -> quantize(., 1, z) [-> clip]
+
+    (the terms in either order, scalar constants), each op read only by the next, ``r`` a
+    var ``defined(r)`` before the layer: the kernel stores the sum
+    (:class:`~tvmq.kernels.x86_int8.ResidualAdd`) and ``residual`` is ``r``. Else
+    ``epilogue`` unchanged. ``values``: var -> bound value of the dataflow blocks."""
+    rq = epilogue.requantize
+    if rq.dtype == "float32" or rq.residual is not None or not epilogue.chain:
+        return epilogue
+    chain = list(epilogue.chain)
+    q = chain[-1]
+    q_term = _dequantized_term(chain, only_user)
+    nxt = only_user(chain[-1]) if q_term is not None else None
+    if nxt is None or op_name(nxt[1]) != ADD:
+        return epilogue
+    a, b = nxt[1].args
+    other = b if a.same_as(chain[-1]) else a
+    r_term = _term_of(other, values, only_user)
+    if r_term is None or not defined(r_term[0]) or r_term[0].same_as(q):
+        return epilogue
+    r, r_zero, r_scale = r_term
+    if static_shape(r) is None or static_shape(r) != static_shape(q):
+        return epilogue
+    chain.append(nxt[0])
+    stored = _quantize_tail(chain, only_user)
+    if stored is None:
+        return epilogue
+    q_zero, q_scale = q_term
+    residual = ResidualAdd(str(r.ty.dtype), q_zero, q_scale, r_zero, r_scale, *stored)
+    requantize = dataclasses.replace(rq, residual=residual)
+    return epilogue._replace(chain=tuple(chain), requantize=requantize, residual=r)
+
+
+def _dequantized_term(chain: list, only_user) -> tuple[int, float] | None:
+    """``multiply([subtract](astype(chain[-1], float32), z), s)`` after ``chain[-1]``
+    (appended): ``(z, s)`` (z 0 without the subtract), else None."""
+    step = chain_step(chain, only_user)
+    cast = step("relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    zero = 0
+    nxt = only_user(chain[-1])
+    if nxt is not None and op_name(nxt[1]) == "relax.subtract":
+        zero = _integral(_scalar(nxt[1].args[1]))
+        if zero is None or step("relax.subtract") is None:
+            return None
+    nxt = only_user(chain[-1])
+    scale = _scalar(nxt[1].args[1]) if nxt and op_name(nxt[1]) == "relax.multiply" else None
+    if not isinstance(scale, float) or step("relax.multiply") is None:
+        return None
+    return zero, scale
+
+
+def _term_of(term: relax.Expr, values: dict, only_user) -> tuple[relax.Var, int, float] | None:
+    """``(r, z, s)`` when ``term`` is ``multiply([subtract](astype(r, float32), z), s)`` with
+    ``r`` an int8 / uint8 var, each var read only by the next op, else None."""
+    found = []
+    expr = term
+    for name in ("relax.multiply", "relax.subtract", "relax.astype"):
+        call = values.get(expr) if isinstance(expr, relax.Var) else None
+        if op_name(call) != name:
+            if name == "relax.subtract":
+                found.append(None)
+                continue
+            return None
+        if only_user(expr) is None:
+            return None
+        found.append(call)
+        expr = call.args[0]
+    multiply, subtract, cast = found
+    scale = _scalar(multiply.args[1])
+    zero = 0 if subtract is None else _integral(_scalar(subtract.args[1]))
+    r = cast.args[0]
+    if str(cast.attrs.dtype) != "float32" or not isinstance(scale, float) or zero is None:
+        return None
+    if not isinstance(r, relax.Var) or str(r.ty.dtype) not in ("int8", "uint8"):
+        return None
+    return r, zero, scale
+
+
+def _integral(value) -> int | None:
+    """An integral float (a zero point ``LowerInt8`` subtracts in float32) as an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _dequantize(chain, call, offset, relu, where: ChannelAxis) -> RequantizeEpilogue | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from test_x86_int8 import residual_reference, residual_requantize
 
 from tvmq.kernels.x86_amx import (
     AMX_MIN_ROWS,
@@ -249,3 +250,23 @@ def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation)
         out_dtype="int32",
     )
     np.testing.assert_array_equal(got[:, :o], want)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize("m", [64, 49])
+def test_amx_residual_add_epilogue_is_exact(m):
+    """The AMX store joins the residual input like the VNNI kernel (exactly ``m`` rows, the
+    last block overlapping): numpy's separate float32 ops, bit for bit."""
+    rng = np.random.default_rng(m)
+    k, n = 192, 64
+    requantize = residual_requantize(rng, "uint8")
+    t = amx_tiles(m, k, n)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    offset = rng.integers(-5000, 5000, n).astype(np.int32)
+    mult = (rng.random(n) * 4e-3).astype(np.float32)
+    r = rng.integers(0, 256, (m, n)).astype(np.uint8)
+    func = int8_dense_amx(m, k, n, with_offset=True, requantize=requantize, tiles=t)
+    got = _run(func, x, pack_weight_amx(w), offset, mult, r, out_shape=(m, n), out_dtype="uint8")
+    want = residual_reference(x.astype(np.int64) @ w.astype(np.int64), offset, mult, requantize, r)
+    np.testing.assert_array_equal(got, want)

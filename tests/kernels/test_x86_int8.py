@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -10,12 +12,14 @@ from tvmq.kernels._tiling import round_up
 from tvmq.kernels.x86_int8 import (
     DynamicDequantize,
     Requantize,
+    ResidualAdd,
     RowQuantize,
     int8_batch_matmul_vnni,
     int8_dense_vnni,
     int8_dense_vnni_rows,
     pack_weight_vnni,
     quantize_pays,
+    with_int_rounding,
 )
 from tvmq.targets import get_target
 
@@ -58,9 +62,12 @@ def test_dense_is_exact_with_one_scratch_buffer(m, k, n):
         (49, 576, 64, Requantize("uint8", 7, 7, 200)),  # a clip narrower than the dtype
     ],
 )
-def test_dense_requantize_epilogue_matches_numpy_float32(m, k, n, r):
+@pytest.mark.parametrize("int_rounding", [False, True], ids=["float-round", "int-round"])
+def test_dense_requantize_epilogue_matches_numpy_float32(m, k, n, r, int_rounding):
     """The fused requantize is numpy's float32 ``rint(float32(acc + offset) * mult) + zp``,
-    clamped, bit for bit (round half to even: ties are made likely by the multipliers)."""
+    clamped, bit for bit (round half to even: ties are made likely by the multipliers),
+    rounded in float32 or by the conversion to int32."""
+    r = dataclasses.replace(r, int_rounding=int_rounding)
     lib = _compile(int8_dense_vnni(m, k, n, with_offset=True, requantize=r))
     rng = np.random.default_rng(m * n + k)
     x = rng.integers(0, 256, (m, k), dtype=np.uint8)
@@ -201,3 +208,64 @@ def test_quantizing_its_rows_pays_serial_or_with_row_tiles():
     assert quantize_pays(1, 784, 128)  # serial: below the parallel threshold
     assert quantize_pays(128, 384, 1536)  # 16 row tiles of 8
     assert not quantize_pays(1, 1024, 1024)  # a parallel GEMV: its tasks are column tiles
+
+
+def residual_reference(acc, offset, mult, requantize: Requantize, r) -> np.ndarray:
+    """numpy's float32 ops of a requantize and its ResidualAdd, one rounding each (the
+    separate Relax ops the kernel epilogue replaces)."""
+    f32 = np.float32
+    q = (acc + offset).astype(np.int32).astype(f32) * mult
+    q = np.clip(np.round(q) + f32(requantize.zero_point), requantize.lo, requantize.hi)
+    res = requantize.residual
+    a = (q - f32(res.q_zero)) * f32(res.q_scale)
+    b = (r.astype(f32) - f32(res.r_zero)) * f32(res.r_scale)
+    out = np.round((a + b).astype(f32)) + f32(res.zero_point)
+    return np.clip(out, res.lo, res.hi).astype(res.dtype)
+
+
+def residual_requantize(rng, r_dtype: str) -> Requantize:
+    """A requantize + residual add with random float32 scales (a ResNet block's sum, ReLU'd
+    by its uint8 range)."""
+    s_q, s_r = (float(np.float32(v)) for v in rng.uniform(0.3, 1.7, 2))
+    res = ResidualAdd(r_dtype, 113, s_q, 0 if r_dtype == "int8" else 9, s_r, "uint8", 0, 0, 255)
+    return Requantize("uint8", 113, 0, 255, residual=res)
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize("r_dtype", ["uint8", "int8"])
+def test_dense_residual_add_epilogue_is_exact(r_dtype):
+    """The requantized result joined to a residual input in the store: the bits numpy's
+    separate float32 ops give (round half to even included)."""
+    rng = np.random.default_rng(11)
+    m, k, n = 56, 128, 64
+    requantize = residual_requantize(rng, r_dtype)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    offset = rng.integers(-5000, 5000, n).astype(np.int32)
+    mult = (rng.random(n) * 4e-3).astype(np.float32)
+    info = np.iinfo(r_dtype)
+    r = rng.integers(info.min, info.max + 1, (m, n)).astype(r_dtype)
+    lib = _compile(int8_dense_vnni(m, k, n, with_offset=True, requantize=requantize))
+    out = tvm.runtime.tensor(np.zeros((m, n), np.uint8))
+    args = [x, pack_weight_vnni(w), offset, mult, r]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    acc = x.astype(np.int64) @ w.astype(np.int64)
+    want = residual_reference(acc, offset, mult, requantize, r)
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert len(np.unique(want)) > 50  # the sums spread over the range, not clamped flat
+
+
+def test_int_rounding_only_where_products_stay_within_int32():
+    """``with_int_rounding`` bounds ``|(x @ w + offset) * multiplier|`` from the weights: a
+    layer's usual multipliers (<< 1) qualify, one that could leave int32 keeps float32."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (4608, 64), dtype=np.int8)
+    offset = rng.integers(-5000, 5000, 64).astype(np.int32)
+    r = Requantize("uint8", 3, 0, 255)
+    assert with_int_rounding(r, w, offset, np.full(64, 1e-3, np.float32)).int_rounding
+    # 255 * sum|w| ~ 255 * 4608 * 64 ~ 7.5e7: a multiplier of 40 could reach 3e9, past int32
+    big = np.full(64, 1e-3, np.float32)
+    big[7] = 40.0
+    assert not with_int_rounding(r, w, offset, big).int_rounding
+    dequantize = Requantize("float32", 0, 0, 0)
+    assert with_int_rounding(dequantize, w, offset, big) == dequantize

@@ -533,3 +533,58 @@ def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_
     got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got)) > 20  # not clamped flat
+
+
+def _residual_block_module(rng, x_shape=(1, 16, 10, 10), downsample=False):
+    """A ResNet block as LowerInt8 emits it: conv -> requantize (uint8, zero point 113) joined
+    by its float32 integer add to the block's input ``x`` (or, ``downsample``, to a 1x1
+    conv's requantized result): ``quantize(add(multiply(subtract(astype(q), 113), s_q),
+    multiply([subtract](astype(r), z_r), s_r)), 1, 0)``."""
+    bb = relax.BlockBuilder()
+    c = x_shape[1]
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    f32 = lambda v: relax.const(np.float32(v))  # noqa: E731
+
+    def conv_requantized(data, kernel, pad, zero):
+        w = _random(rng, (c, c, kernel, kernel), np.int8)
+        y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), padding=pad, out_dtype="int32"))
+        bias = rng.integers(-3000, 3000, (1, c, 1, 1), dtype=np.int32)
+        y = bb.emit(relax.op.add(y, relax.const(bias)))
+        scale = (rng.random((1, c, 1, 1)) * 0.004).astype(np.float32)
+        y = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(y, "float32")), relax.const(scale)))
+        zp = relax.const(np.int32(zero))
+        return bb.emit(relax.op.quantize(y, f32(1.0), zp, axis=-1, out_dtype="uint8"))
+
+    def term(q, zero, scale):
+        t = bb.emit(relax.op.astype(q, "float32"))
+        if zero:
+            t = bb.emit(relax.op.subtract(t, f32(zero)))
+        return bb.emit(relax.op.multiply(t, f32(scale)))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = conv_requantized(x, 3, 1, 113)
+            r, r_zero = (conv_requantized(x, 1, 0, 97), 97) if downsample else (x, 0)
+            total = bb.emit(relax.op.add(term(q, 113, 1.3417910), term(r, r_zero, 0.8185334)))
+            zp = relax.const(np.int32(0))
+            out = bb.emit_output(relax.op.quantize(total, f32(1.0), zp, axis=-1, out_dtype="uint8"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+def test_residual_add_joins_the_conv_kernel(rng, downsample):
+    """The block's add and its quantize run in the conv kernel's store (the later conv's, when
+    both operands are convs): no float add is left, and the output is the unrewritten
+    module's (TVM's default lowering) bit for bit on random inputs."""
+    mod = _residual_block_module(np.random.default_rng(3), downsample=downsample)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum(n.endswith("_residual_offset") for n in names) == 1
+    assert not _ops_named(packed, "relax.add") and not _ops_named(packed, "relax.quantize")
+    for seed in range(3):
+        x = _random(np.random.default_rng(seed), (1, 16, 10, 10), np.uint8)
+        got, want = _run(packed, x), _run(mod, x)
+        np.testing.assert_array_equal(got, want)
+        assert len(np.unique(want)) > 40  # sums spread over the range, not clamped flat

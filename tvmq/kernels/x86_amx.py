@@ -281,7 +281,8 @@ def amx_kernel(
     ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
     ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
-    ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``)."""
+    ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``); a
+    requantize with a residual add reads ``residual`` (``C``'s shape) after the multiplier."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
@@ -299,7 +300,7 @@ def amx_kernel(
     # Tiles go straight to C, no scratch (a last row block overlapping the one before it
     # stores the same values twice).
     direct = not with_offset and requantize is None and bias is None and out_rows is None
-    out_dtype = requantize.dtype if requantize is not None else ops.acc_dtype
+    out_dtype = requantize.out_dtype if requantize is not None else ops.acc_dtype
     granted = tirx.call_extern(
         "int64",
         "syscall",
@@ -318,6 +319,10 @@ def amx_kernel(
         w = T.arg("W", T.Buffer(w_shape, ops.w_dtype))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
+        res = None
+        if requantize is not None and requantize.residual is not None:
+            r_dtype = requantize.residual.r_dtype
+            res = T.arg("residual", T.Buffer((out_rows or rows.count, n), r_dtype))
         add = T.arg("bias", T.Buffer((n,), "float32")) if bias is not None else None
         c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
         x_flat = T.decl_buffer((math.prod(x_shape),), ops.x_dtype, data=x.data)
@@ -333,7 +338,7 @@ def amx_kernel(
                 scratch = T.alloc_buffer((mb, nb), ops.acc_dtype, scope="local")
             block0 = (task // n_chunks) * per_task
             col0 = (task % n_chunks) * chunk
-            epilogue = (off, mult, requantize, add, bias)
+            epilogue = (off, mult, requantize, res, add, bias)
 
             def block(r, step, a_rows, a_buf):
                 row = tirx.min((block0 + r) * mb, rows.count - mb)
@@ -409,7 +414,7 @@ def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops:
 def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> None:
     """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the sums in
     ``scratch``: int32 ones offset, then requantized; float32 ones biased and clamped."""
-    off, mult, requantize, add, bias = epilogue
+    off, mult, requantize, res, add, bias = epilogue
     with T.serial(0, mb) as i:
         index, valid = rows.store(row + i)
 
@@ -417,7 +422,8 @@ def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> N
             with T.vectorized(0, nb) as j:
                 v = scratch[i, j] if off is None else scratch[i, j] + off[col + j]
                 if requantize is not None:
-                    v = requantize_value(v, mult[col + j], requantize)
+                    r = None if res is None else res[index, col + j]
+                    v = requantize_value(v, mult[col + j], requantize, r)
                 if bias is not None:
                     v = _clamp(v + add[col + j], bias)
                 T.buffer_store(c, v, [index, col + j])
