@@ -203,6 +203,52 @@ def test_nhwc_max_pool_vectorizes_channels_with_window_loops_outside(channels):
     np.testing.assert_array_equal(_run(mod, x), expected)
 
 
+def _pool_reference(x, kind: str, k: int, stride: int, pad: int, include_pad: bool):
+    """numpy NHWC pooling with a zero / -inf border."""
+    n, h, w, c = x.shape
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    inside = np.pad(np.ones((h, w)), pad)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = np.empty((n, oh, ow, c), np.float32)
+    for i in range(oh):
+        for j in range(ow):
+            win = xp[:, i * stride : i * stride + k, j * stride : j * stride + k]
+            if kind == "max":
+                out[:, i, j] = win.max(axis=(1, 2))
+            else:
+                count = (
+                    k * k
+                    if include_pad
+                    else inside[i * stride : i * stride + k, j * stride : j * stride + k].sum()
+                )
+                out[:, i, j] = win.sum(axis=(1, 2)) / count
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,k,stride,pad,include_pad",
+    [("max", 3, 2, 1, False), ("max", 5, 1, 2, False), ("avg", 3, 2, 1, False),
+     ("avg", 3, 1, 1, True)],
+)  # fmt: skip
+def test_padded_pool_reads_its_input_in_place(kind, k, stride, pad, include_pad):
+    """A pooling's padding is a select per window tap, not a padded copy of the image
+    (ResNet's 3x3 / 2 max-pool, YOLO's 5x5 / 1 SPPF pools): no pad buffer, the channels
+    vectorized, exact against numpy at the borders."""
+    shape = (1, 15, 14, 32)
+    pool = relax.op.nn.max_pool2d if kind == "max" else relax.op.nn.avg_pool2d
+    kw = {} if kind == "max" else {"count_include_pad": include_pad}
+    mod = _module(
+        shape,
+        lambda x: pool(x, k, stride, pad, layout="NHWC", out_layout="NHWC", **kw),
+    )
+    scripts = "".join(_scheduled_kernels(mod).values())
+    assert "pad_temp" not in scripts and "T.vectorized" in scripts, scripts
+    x = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
+    want = _pool_reference(x, kind, k, stride, pad, include_pad)
+    np.testing.assert_allclose(_run(mod, x), want, rtol=1e-6, atol=1e-6)
+
+
 def test_nhwc_requantize_epilogue_vectorizes_16_channels():
     # bias + relu + per-channel scale + round to uint8, channels last (16 of them).
     rng = np.random.default_rng(7)

@@ -108,6 +108,9 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
             consumers = sch.get_consumers(info.block_rv)
             if not info.is_injective():
                 continue
+            if len(consumers) == 1 and _is_padding_of_a_window(sch, info.block_rv, consumers[0]):
+                yield info.block_rv  # the window's taps are a select each, in any order
+                continue
             if any(_reads_transposed(sch, c, info.block_rv) for c in consumers):
                 continue
             if all(sch.get(c).name_hint in injective for c in consumers) or (
@@ -151,6 +154,34 @@ def _reads_transposed(sch: s_tir.Schedule, consumer, producer) -> bool:
         if any(uses[:-1]) and not uses[-1]:
             return True
     return False
+
+
+def _is_padding_of_a_window(sch: s_tir.Schedule, producer, consumer) -> bool:
+    """Whether ``producer`` only pads (each element a load of another buffer or a constant:
+    ``if_then_else(inside, x[...], c)``) the one buffer a window reduction reads (a pooling:
+    ``consumer`` reads nothing else). Inlined, each window tap is a select on its indices
+    instead of a padded copy of the image going through memory first: ResNet's 3x3 / 2
+    max-pool over 112x112x64 float32 wrote and re-read 3.3 MB (0.9 ms in situ)."""
+    written = sch.get(producer).writes[0].source
+    block = sch.get(consumer)
+    if any(
+        not r.source.same_as(written)
+        for r in block.reads
+        if not r.source.same_as(block.writes[0].source)
+    ):
+        return False
+    body = sch.get(producer).body
+    if not isinstance(body, tirx.BufferStore):
+        return False
+    value = body.value
+    op = getattr(value, "op", None)
+    if isinstance(op, tvm.ir.Op) and op.name.endswith(".if_then_else"):
+        branches = value.args[1:]
+    elif isinstance(value, tirx.Select):
+        branches = (value.true_value, value.false_value)
+    else:
+        return False
+    return all(isinstance(b, tvm.ir.expr.TensorLoad | tvm.ir.expr.Constant) for b in branches)
 
 
 def _reads_each_once(sch: s_tir.Schedule, consumer, producer) -> bool:
