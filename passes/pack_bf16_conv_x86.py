@@ -54,7 +54,7 @@ class _Lowering:
         bb = rw.builder_
         o, k = w.shape[0], geo.k
         np_ = round_up(o, TILE)
-        chain, bias, epilogue = self.epilogues.get(rw.current_var, ((), None, None))
+        chain, bias, epilogue, _ = self.epilogues.get(rw.current_var, ((), None, None, None))
         convert = rw.kernel_var(
             ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
         )

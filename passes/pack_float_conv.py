@@ -38,6 +38,8 @@ float conv2d is left, so running the pass again changes nothing.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -62,10 +64,34 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
-from .relax_utils import ADD, clip_bounds, dataflow_bindings, is_tensor_const, op_name
+from .relax_utils import (
+    ADD,
+    clip_bounds,
+    dataflow_bindings,
+    is_tensor_const,
+    op_name,
+    static_shape,
+)
 
-# conv var -> (the vars its fused epilogue computes, bias (O,), epilogue)
-Epilogues = dict[relax.Var, tuple[tuple[relax.Var, ...], np.ndarray, ConvEpilogue]]
+
+class FloatEpilogue(NamedTuple):
+    """What a float conv's kernel computes after its sum: the ops ``chain`` (their vars become
+    the kernel's result), the ``bias (O,)`` and the :class:`ConvEpilogue`; with
+    ``epilogue.residual``, ``residual`` is the tensor the kernel adds (a ResNet block's skip)."""
+
+    chain: tuple[relax.Var, ...]
+    bias: np.ndarray
+    epilogue: ConvEpilogue
+    residual: relax.Var | None = None
+
+    def without_residual(self) -> FloatEpilogue:
+        """Only the bias (where the kernel cannot take the residual: a padded output)."""
+        if self.residual is None:
+            return self
+        return FloatEpilogue(self.chain[:1], self.bias, ConvEpilogue())
+
+
+Epilogues = dict[relax.Var, FloatEpilogue]  # conv var -> its fused epilogue
 
 
 def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
@@ -82,24 +108,48 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
     return (x, geo, w) if ok else None
 
 
-def find_epilogues(mod: tvm.IRModule) -> Epilogues:
+def find_epilogues(mod: tvm.IRModule, residual: bool = False) -> Epilogues:
     """The float convs whose result only feeds ``add(conv, constant bias)``, and that sum
     only a ``relu`` / ``clip`` (the folded batch norm and activation of a CNN block): the
-    kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`)."""
+    kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`). With
+    ``residual``, a ``groups`` 1 conv's biased sum read only by an ``add`` of another tensor
+    of its shape bound before the conv (a ResNet block's skip), then maybe a ``relu`` /
+    ``clip``, gets that add too."""
     found: Epilogues = {}
-    for b, only_user in dataflow_bindings(mod):
+    bindings = list(dataflow_bindings(mod))
+    position = {b.var: i for i, (b, _) in enumerate(bindings)}
+    for i, (b, only_user) in enumerate(bindings):
         found_conv = match_float_conv2d(b.value)
         nxt = only_user(b.var) if found_conv is not None else None
         bias = _bias(nxt[1], b.var, found_conv[2].shape[0]) if nxt else None
         if bias is None:
             continue
-        chain, epilogue = (nxt[0],), ConvEpilogue()
-        act = only_user(nxt[0])
+        chain, skip = (nxt[0],), None
+        if residual and int(b.value.attrs.groups) == 1:
+            skip = _residual(only_user(nxt[0]), nxt[0], lambda v, i=i: position.get(v, -1) < i)
+            chain = chain + (only_user(nxt[0])[0],) if skip is not None else chain
+        epilogue = ConvEpilogue(residual=skip is not None)
+        act = only_user(chain[-1])
         bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
-        if bounds is not None and act[1].args[0].same_as(nxt[0]):
-            chain, epilogue = (nxt[0], act[0]), ConvEpilogue(*bounds)
-        found[b.var] = (chain, bias, epilogue)
+        if bounds is not None and act[1].args[0].same_as(chain[-1]):
+            chain, epilogue = chain + (act[0],), ConvEpilogue(*bounds, residual=skip is not None)
+        found[b.var] = FloatEpilogue(chain, bias, epilogue, skip)
     return found
+
+
+def _residual(user, summed: relax.Var, defined) -> relax.Var | None:
+    """The other operand of ``user = add(summed, r)`` (either order) when ``r`` is a float32
+    var of ``summed``'s static shape that is ``defined`` before the conv, else None."""
+    if user is None or op_name(user[1]) != ADD or len(user[1].args) != 2:
+        return None
+    a, b = user[1].args
+    r = b if a.same_as(summed) else a if b.same_as(summed) else None
+    if not isinstance(r, relax.Var) or r.same_as(summed) or not defined(r):
+        return None
+    shape = static_shape(summed)
+    if shape is None or static_shape(r) != shape or str(r.ty.dtype) != "float32":
+        return None
+    return r
 
 
 def _bias(call, conv: relax.Var, channels: int) -> np.ndarray | None:
@@ -132,7 +182,12 @@ class _Lowering:
             return None
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
-        chain, bias, epilogue = self.epilogues.get(rw.current_var, ((), None, None))
+        fused = self.epilogues.get(rw.current_var)
+        if fused is not None and fused.residual is not None:
+            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers, epilogue=True)
+            if (tiles.ow_padded, tiles.o_padded) != (ow, o):  # R would need padding
+                fused = fused.without_residual()
+        chain, bias, epilogue, residual = fused or ((), None, None, None)
         if int(call.attrs.groups) != 1:
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
             if tiles is None:
@@ -146,7 +201,7 @@ class _Lowering:
             packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
             lowered = _emit(
                 rw, x, geo, packed, tiles, tiles.o_padded, o, float_conv2d_nhwc, "float_conv2d",
-                bias, epilogue,
+                bias, epilogue, residual=residual,
             )  # fmt: skip
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
@@ -168,11 +223,24 @@ def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=No
 
 
 def _emit(
-    rw, x, geo, packed, tiles, o_padded, o, kernel, name, bias, epilogue, in_kernel_pad=False
+    rw,
+    x,
+    geo,
+    packed,
+    tiles,
+    o_padded,
+    o,
+    kernel,
+    name,
+    bias,
+    epilogue,
+    in_kernel_pad=False,
+    residual=None,
 ) -> relax.Expr:
     """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
-    (and, with an ``epilogue``, its ``bias`` added and activation applied in the kernel).
-    ``in_kernel_pad``: the kernel takes the unpadded image and the padding (no pad op)."""
+    (and, with an ``epilogue``, its ``bias`` added [, ``residual`` added] and activation
+    applied in the kernel). ``in_kernel_pad``: the kernel takes the unpadded image and the
+    padding (no pad op)."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
@@ -190,6 +258,8 @@ def _emit(
     )
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
+    if residual is not None:
+        suffix = "_bias_residual" + ("_act" if epilogue != ConvEpilogue(residual=True) else "")
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.dtype
         suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
@@ -208,6 +278,8 @@ def _emit(
         args.append(relax.const(np.pad(multiplier, (0, o_padded - o)).astype(np.float32)))
     elif epilogue is not None:
         args.append(relax.const(np.pad(bias, (0, o_padded - o)).astype(np.float32), "float32"))
+    if residual is not None:  # the caller checked that the output needs no padding
+        args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
     if tiles.ow_padded != ow or o_padded != o:
         y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
@@ -232,4 +304,4 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        return rewrite_channels_last(mod, _Lowering(*simd, find_epilogues(mod)))
+        return rewrite_channels_last(mod, _Lowering(*simd, find_epilogues(mod, residual=True)))

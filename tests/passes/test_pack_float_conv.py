@@ -334,6 +334,40 @@ def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
 
 
 @needs_vnni
+@pytest.mark.parametrize("c", [32, 24], ids=["fused", "padded-channels"])
+def test_residual_add_and_relu_fused_into_the_kernel(rng, c):
+    """conv -> + bias -> + x -> relu (a ResNet block's end) is one kernel that adds the skip
+    tensor in its store, PyTorch's numbers; where the output needs padding to the register
+    tile (24 channels stored as 32), the add and the relu stay ops."""
+    x = rng.standard_normal((1, c, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
+            y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            y = bb.emit(relax.op.add(xv, y))  # the skip first: either order
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    fused = c == 32
+    suffix = "_bias_residual_act" if fused else "_bias"
+    assert _kernel_globals(lowered) == [f"tvmq_float_conv2d_nhwc_3x3_{c}x{c}{suffix}"]
+    ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
+    assert bool(ops & {"relax.add", "relax.nn.relu"}) != fused
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    conv = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1
+    )
+    want = torch.relu(conv + torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_vnni
 def test_conv_read_twice_keeps_its_bias_add_outside(rng):
     """A conv result that something else reads too (here: the residual) is stored before
     the bias: the kernel has no epilogue, the add stays an op, the numbers are unchanged."""

@@ -160,10 +160,13 @@ class ConvShape:
 class ConvEpilogue:
     """What a float conv kernel applies to each output before storing it:
     ``min(max(acc + bias[o], lo), hi)`` (``bias`` an extra ``(O,)`` argument; ReLU is
-    ``lo=0``, ReLU6 ``lo=0, hi=6``). Fusing it saves a pass over the output in memory."""
+    ``lo=0``, ReLU6 ``lo=0, hi=6``). Fusing it saves a pass over the output in memory. With
+    ``residual``, ``min(max((acc + bias[o]) + R[...], lo), hi)``: ``R`` (the output's shape)
+    an extra argument after the bias, a ResNet block's skip connection added in the store."""
 
     lo: float = float("-inf")
     hi: float = float("inf")
+    residual: bool = False
 
 
 def _bias(epilogue: ConvEpilogue | Requantize | None, channels: int) -> list[te.Tensor]:
@@ -192,6 +195,8 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue) -> te.Tensor:
 
     def value(*i):
         v = acc[i] if not args else acc[i] + args[0][i[-1]]
+        if epilogue is not None and epilogue.residual:
+            v = v + args[1][i]
         if epilogue is not None and epilogue.lo != float("-inf"):
             v = te.max(v, tvm.tirx.const(epilogue.lo, "float32"))
         if epilogue is not None and epilogue.hi != float("inf"):
@@ -213,7 +218,8 @@ def float_conv2d_nhwc(
 
     ``OW`` and ``O`` are ``tiles.ow_padded`` / ``tiles.o_padded``; ``P`` must be wide
     enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
-    With an `epilogue`, a ``bias (O,)`` argument follows ``W``. With ``batched_weight``,
+    With an `epilogue`, a ``bias (O,)`` argument follows ``W`` (and a ``residual``, ``Y``'s
+    shape, the bias). With ``batched_weight``,
     ``W`` has one panel set per image, ``(n, O/L, KH, KW, c, L)``: the 1x1 case is then a
     batch matmul of two activations (kernel attribute ``"float_batch_matmul"``). With
     ``clamp_columns``, ``P`` may be narrower than the padded output reads: those reads take
@@ -243,6 +249,8 @@ def float_conv2d_nhwc(
     if isinstance(epilogue, Requantize):
         raise ValueError("the float conv kernel takes a ConvEpilogue, not a requantize")
     bias = _bias(epilogue, o)
+    if epilogue is not None and epilogue.residual:
+        bias.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
 
     def weight(b, j):
         panel = (j // lanes, ry, rx, rc, j % lanes)
