@@ -54,6 +54,7 @@ from tvmq.kernels.cpu_float_conv import (
     pack_conv_weight,
     simd_lanes_and_registers,
 )
+from tvmq.kernels.cpu_float_conv_streamed import float_conv2d_nhwc_streamed, streamed_chunk
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
@@ -183,10 +184,17 @@ class _Lowering:
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
-        if fused is not None and fused.residual is not None:
-            tiles = choose_conv_tiles(ow, o, self.lanes, self.registers, epilogue=True)
-            if (tiles.ow_padded, tiles.o_padded) != (ow, o):  # R would need padding
-                fused = fused.without_residual()
+        kernel, name = float_conv2d_nhwc, "float_conv2d"
+        tiles = choose_conv_tiles(ow, o, self.lanes, self.registers, epilogue=fused is not None)
+        plain = choose_conv_tiles(ow, o, self.lanes, self.registers)  # no epilogue registers
+        n, taps = geo.x_shape[0], geo.kernel[0] * geo.kernel[1]
+        kc = streamed_chunk(n * geo.out_hw[0] * plain.ow_padded, c, taps, plain.o_padded)
+        if kc is not None and int(call.attrs.groups) == 1:  # its epilogue is a pass of its own
+            tiles, name = plain, "float_conv2d_streamed"
+            kernel = lambda shape, t, e=None: float_conv2d_nhwc_streamed(shape, t, kc, e)  # noqa: E731
+        padded = (tiles.ow_padded, tiles.o_padded) != (ow, o)
+        if fused is not None and fused.residual is not None and padded:  # R would need it too
+            fused = fused.without_residual()
         chain, bias, epilogue, residual = fused or ((), None, None, None)
         if int(call.attrs.groups) != 1:
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
@@ -195,13 +203,10 @@ class _Lowering:
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
             lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue)
         else:
-            tiles = choose_conv_tiles(
-                ow, o, self.lanes, self.registers, epilogue=epilogue is not None
-            )
             packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
             lowered = _emit(
-                rw, x, geo, packed, tiles, tiles.o_padded, o, float_conv2d_nhwc, "float_conv2d",
-                bias, epilogue, residual=residual,
+                rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, name, bias, epilogue,
+                residual=residual,
             )  # fmt: skip
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
