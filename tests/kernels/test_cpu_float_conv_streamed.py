@@ -71,10 +71,12 @@ def test_streamed_conv_is_the_unblocked_kernel_bit_for_bit(hw, c, o, k, stride, 
 
 
 def test_streamed_chunk_takes_deep_layers_over_small_images():
-    """ResNet-50's 7x7 stage (megabytes of weights over 49 pixels) streams; its 14x14 stage,
+    """ResNet-50's 7x7 stage (megabytes of weights over 49 pixels) and YOLO's 10x10 one
+    stream; ResNet-50's 14x14 stage,
     small weights and channel counts no chunk divides do not."""
     assert streamed_chunk(49, 512, 9, 512) == 128  # 3x3 512 -> 512, 9.4 MB
     assert streamed_chunk(49, 2048, 1, 512) == 128  # 1x1 2048 -> 512, 4 MB
+    assert streamed_chunk(100, 512, 9, 512) == 128  # the YOLO neck's 10x10 3x3 512 -> 512
     assert streamed_chunk(196, 256, 9, 256) is None  # 14x14: the partial sums outgrow L1
     assert streamed_chunk(49, 64, 1, 256) is None  # 64 KB of weights
     assert streamed_chunk(49, 1000, 9, 512) is None  # no chunk divides 1000 channels

@@ -19,7 +19,7 @@ round-trip float32 exactly). Alone, 1 thread, cache flushed between calls (Intel
 host; ResNet-50's shapes): 3x3 512x512 over 7x7 2.20 -> 1.61 ms, 1x1 512x2048 1.07 -> 0.81,
 1x1 2048x512 1.05 -> 0.77, the stride-2 1x1 1024x2048 1.99 -> 1.63; with the weights in cache
 it is 0-7% slower (the prefetches), and over 14x14 or larger images it does not pay
-(:func:`streamed_chunk` picks the layers).
+(:func:`streamed_chunk` picks the layers: at least 1 MB of weights over at most 128 pixels).
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from tvm.script.ir_builder import tirx as T
 from tvmq.kernels.cpu_float_conv import ConvEpilogue, ConvShape, ConvTiles
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
-_MAX_PIXELS = 64
-"""Output pixels (all images) up to which a layer's partial sums stay in L1 across chunks;
-ResNet-50's 7x7 stage qualifies, its 14x14 one (196 pixels) ran 0.9-1.1x and stays unblocked."""
+_MAX_PIXELS = 128
+"""Output pixels (all images) up to which a layer's partial sums (``128 x 64`` float32: 32 KB)
+stay in L1 across chunks: ResNet-50's 7x7 stage and the YOLO neck's 10x10 one (3x3 512x512,
+cache flushed: 3.73 -> 2.70 ms) qualify; ResNet-50's 14x14 stage (196 pixels) ran 0.9-1.1x and
+stays unblocked."""
 
 _MIN_WEIGHT_BYTES = 1 << 20
 """Weights below this stay in cache between calls or stream fast enough unblocked."""
@@ -47,7 +49,7 @@ def streamed_chunk(pixels: int, c: int, taps: int, o_padded: int) -> int | None:
     """The chunk ``kc`` (channels) for :func:`float_conv2d_nhwc_streamed` when a conv with
     ``pixels`` output pixels (all images, padded width) over ``c`` channels, ``taps`` kernel
     taps and ``o_padded`` output channels is one whose weights stream from memory (at least
-    1 MB of them over at most 64 pixels), else None."""
+    1 MB of them over at most 128 pixels), else None."""
     if pixels > _MAX_PIXELS or 4 * o_padded * taps * c < _MIN_WEIGHT_BYTES:
         return None
     return next((kc for kc in _CHUNKS if c % kc == 0), None)
