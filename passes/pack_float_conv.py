@@ -38,6 +38,7 @@ float conv2d is left, so running the pass again changes nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +53,7 @@ from tvmq.kernels.cpu_float_conv import (
     float_conv2d_nhwc,
     float_depthwise_nhwc,
     pack_conv_weight,
+    pixel_major_pays,
     simd_lanes_and_registers,
 )
 from tvmq.kernels.cpu_float_conv_streamed import float_conv2d_nhwc_streamed, streamed_chunk
@@ -186,6 +188,8 @@ class _Lowering:
         fused = self.epilogues.get(rw.current_var)
         kernel, name = float_conv2d_nhwc, "float_conv2d"
         tiles = choose_conv_tiles(ow, o, self.lanes, self.registers, epilogue=fused is not None)
+        if pixel_major_pays(geo.kernel, 4 * tiles.o_padded * geo.k):
+            kernel = functools.partial(float_conv2d_nhwc, pixel_major=True)
         plain = choose_conv_tiles(ow, o, self.lanes, self.registers)  # no epilogue registers
         n, taps = geo.x_shape[0], geo.kernel[0] * geo.kernel[1]
         kc = streamed_chunk(n * geo.out_hw[0] * plain.ow_padded, c, taps, plain.o_padded)

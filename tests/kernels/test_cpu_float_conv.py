@@ -1,0 +1,57 @@
+"""The float conv kernel's task orders: the same bits either way, and which convs take which."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from tvmq.kernels.cpu_float_conv import (
+    ConvEpilogue,
+    ConvShape,
+    choose_conv_tiles,
+    float_conv2d_nhwc,
+    pack_conv_weight,
+    pixel_major_pays,
+)
+from tvmq.targets import get_target
+
+
+def _run(func, *arrays, out_shape):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=get_target("host").tvm_target())
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("k,residual", [(1, True), (3, False)], ids=["1x1-residual", "3x3"])
+def test_pixel_major_order_is_bit_identical(k, residual):
+    """Tasks pixel tile by pixel tile compute each output's sum in the same order as channel
+    tile by channel tile: the same float32 bits, and numpy's numbers."""
+    rng = np.random.default_rng(k)
+    hw, c, o = 12, 32, 64
+    x = rng.standard_normal((1, hw + k - 1, hw + k - 1, c)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    r = rng.standard_normal((1, hw, hw, o)).astype(np.float32)
+    shape = ConvShape(1, hw + k - 1, hw + k - 1, c, (k, k), (1, 1), (1, 1), hw)
+    tiles = choose_conv_tiles(hw, o, 16, 32, epilogue=True)
+    epilogue = ConvEpilogue(lo=0.0, residual=residual)
+    args = [x, pack_conv_weight(w, 16, o), b] + ([r] if residual else [])
+    out = (1, hw, hw, o)
+    got = _run(float_conv2d_nhwc(shape, tiles, epilogue, pixel_major=True), *args, out_shape=out)
+    want = _run(float_conv2d_nhwc(shape, tiles, epilogue), *args, out_shape=out)
+    np.testing.assert_array_equal(got, want)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    ref = np.einsum("nyxcij,ocij->nyxo", windows.astype(np.float64), w) + b
+    ref = np.maximum(ref + r if residual else ref, 0.0)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_pixel_major_for_1x1_convs_over_weights_in_l2():
+    assert pixel_major_pays((1, 1), 64 << 10)  # ResNet-50's 56x56 64 -> 256
+    assert pixel_major_pays((1, 1), 256 << 10)  # its 28x28 128 -> 512
+    assert not pixel_major_pays((1, 1), 1 << 20)  # its 14x14 256 -> 1024: 2% slower
+    assert not pixel_major_pays((3, 3), 147 << 10)  # 3x3 convs gain nothing
+    assert not pixel_major_pays((1, 1), 4 << 20)  # 2048 -> 512: panels reused from cache
