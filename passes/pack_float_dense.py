@@ -43,6 +43,7 @@ from tvmq.kernels.cpu_float_conv import (
     float_conv2d_nhwc,
     float_dense_rows,
     pack_conv_weight,
+    pixel_major_pays,
     rows_tiles,
     simd_lanes_and_registers,
 )
@@ -132,12 +133,13 @@ class _DenseRewriter(KernelRewriter):
         if rows != m:
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, rows - m, 0, 0]))
         shape = ConvShape(1, 1, rows, k, (1, 1), (1, 1), (1, 1), 1)
+        pixel_major = pixel_major_pays((1, 1), 4 * k * tiles.o_padded)
         kernel = self.kernel_var(
             (shape, tiles),
             f"tvmq_float_dense_{rows}x{k}x{tiles.o_padded}",
-            lambda: float_conv2d_nhwc(shape, tiles, clamp_columns=clamp).with_attr(
-                "op_pattern", OPAQUE
-            ),
+            lambda: float_conv2d_nhwc(
+                shape, tiles, clamp_columns=clamp, pixel_major=pixel_major
+            ).with_attr("op_pattern", OPAQUE),
         )
         packed = pack_conv_weight(
             np.ascontiguousarray(w.T).reshape(n, k, 1, 1), self.lanes, tiles.o_padded
