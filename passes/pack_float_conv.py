@@ -187,10 +187,14 @@ class _Lowering:
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
         kernel, name = float_conv2d_nhwc, "float_conv2d"
-        tiles = choose_conv_tiles(ow, o, self.lanes, self.registers, epilogue=fused is not None)
+        # A few output channels (a segmentation head's classes) take the narrowest vector
+        # that holds them, not 16 lanes of which 14 are padding (UNet's 32 -> 2 over
+        # 224x224 computed and stored 8x its output).
+        lanes = self.lanes if o >= self.lanes else max(4, 1 << (o - 1).bit_length())
+        tiles = choose_conv_tiles(ow, o, lanes, self.registers, epilogue=fused is not None)
         if pixel_major_pays(geo.kernel, 4 * tiles.o_padded * geo.k):
             kernel = functools.partial(float_conv2d_nhwc, pixel_major=True)
-        plain = choose_conv_tiles(ow, o, self.lanes, self.registers)  # no epilogue registers
+        plain = choose_conv_tiles(ow, o, lanes, self.registers)  # no epilogue registers
         n, taps = geo.x_shape[0], geo.kernel[0] * geo.kernel[1]
         kc = streamed_chunk(n * geo.out_hw[0] * plain.ow_padded, c, taps, plain.o_padded)
         if kc is not None and int(call.attrs.groups) == 1:  # its epilogue is a pass of its own
@@ -207,7 +211,7 @@ class _Lowering:
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
             lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue)
         else:
-            packed = pack_conv_weight(w, self.lanes, tiles.o_padded)
+            packed = pack_conv_weight(w, tiles.lanes, tiles.o_padded)
             lowered = _emit(
                 rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, name, bias, epilogue,
                 residual=residual,

@@ -427,3 +427,19 @@ def test_channels_last_through_a_max_pool_between_convs():
     vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x))[0].numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_vnni
+def test_few_output_channels_take_a_narrow_vector(rng):
+    """A 1x1 conv to 2 channels (a segmentation head) is computed 4 lanes wide, not padded
+    to 16: the kernel's output has 4 channels; PyTorch's numbers."""
+    x = rng.standard_normal((1, 32, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((2, 32, 1, 1)).astype(np.float32)
+    mod = _conv_module(x.shape, w)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    (call,) = [e for e in _calls(lowered["main"]) if e.op.same_as(tvm.ir.Op.get("relax.call_tir"))]
+    assert [int(d) for d in call.ty.shape][-1] == 4
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    want = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)))
+    assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
