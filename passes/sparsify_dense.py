@@ -50,23 +50,13 @@ from tvmq.kernels.sparse import (
     simd_lanes,
 )
 
-from .relax_utils import relax_functions, site_prefix
+from .relax_utils import relax_functions, site_prefix, static_shape
 from .sites import list_weight_sites
 
 SPARSE_ATTR = "tvmq.sparse"
 """Relax function attribute listing :class:`SparsifyDense`'s decision for every weight site."""
 
 _DEFAULT_LANES = 8  # no target known: AVX2 / two NEON registers
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
 
 
 @mutator
@@ -213,7 +203,7 @@ class SparsifyDense:
         packed = pack_bsr(w_nk, self.block)
         sparsity = packed.block_sparsity
         record["sparsity"] = round(float(sparsity), 4)
-        x_shape = _static_shape(site.call.args[0])
+        x_shape = static_shape(site.call.args[0])
         if x_shape is None or len(x_shape) < 2 or 0 in x_shape:
             reason, chosen = "activation shape is not static (or not a matrix)", False
         elif sparsity < self.min_sparsity:

@@ -17,7 +17,8 @@ from tvmq.kernels.cpu_float_conv import (
 from tvmq.targets import get_target
 
 
-def _run(func, *arrays, out_shape):
+def run_kernel(func, *arrays, out_shape):
+    """Compile ``func`` for the host and run it on numpy ``arrays`` into a new float32 output."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=get_target("host").tvm_target())
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
@@ -40,8 +41,10 @@ def test_pixel_major_order_is_bit_identical(k, residual):
     epilogue = ConvEpilogue(lo=0.0, residual=residual)
     args = [x, pack_conv_weight(w, 16, o), b] + ([r] if residual else [])
     out = (1, hw, hw, o)
-    got = _run(float_conv2d_nhwc(shape, tiles, epilogue, pixel_major=True), *args, out_shape=out)
-    want = _run(float_conv2d_nhwc(shape, tiles, epilogue), *args, out_shape=out)
+    got = run_kernel(
+        float_conv2d_nhwc(shape, tiles, epilogue, pixel_major=True), *args, out_shape=out
+    )
+    want = run_kernel(float_conv2d_nhwc(shape, tiles, epilogue), *args, out_shape=out)
     np.testing.assert_array_equal(got, want)
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
     ref = np.einsum("nyxcij,ocij->nyxo", windows.astype(np.float64), w) + b

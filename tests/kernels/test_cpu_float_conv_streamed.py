@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tvm
+from test_cpu_float_conv import run_kernel
 
 from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
@@ -16,15 +16,6 @@ from tvmq.kernels.cpu_float_conv import (
     pack_conv_weight,
 )
 from tvmq.kernels.cpu_float_conv_streamed import float_conv2d_nhwc_streamed, streamed_chunk
-from tvmq.targets import get_target
-
-
-def _run(func, *arrays, out_shape):
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=get_target("host").tvm_target())
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
-    return out.numpy()
 
 
 @pytest.mark.parametrize(
@@ -56,8 +47,10 @@ def test_streamed_conv_is_the_unblocked_kernel_bit_for_bit(hw, c, o, k, stride, 
     if epilogue is not None and epilogue.residual:
         args.append(r)
     out_shape = (1, hw, hw, o)
-    got = _run(float_conv2d_nhwc_streamed(shape, tiles, 64, epilogue), *args, out_shape=out_shape)
-    want = _run(float_conv2d_nhwc(shape, tiles, epilogue), *args, out_shape=out_shape)
+    got = run_kernel(
+        float_conv2d_nhwc_streamed(shape, tiles, 64, epilogue), *args, out_shape=out_shape
+    )
+    want = run_kernel(float_conv2d_nhwc(shape, tiles, epilogue), *args, out_shape=out_shape)
     np.testing.assert_array_equal(got, want)
     conv = torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=pad
