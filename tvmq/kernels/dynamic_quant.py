@@ -95,11 +95,10 @@ def quantized_rows(x: te.Tensor, k_padded: int, eps: float, lanes: int = 16):
         )
         r = te.reduce_axis((0, lanes + tail), name="r")
 
-        def fold(i):  # the partials, then the tail (Select: both indices stay in bounds)
+        def fold(i):  # the partials, then the tail (if_then_else: only one side is read)
             if tail == 0:
                 return combine(part[i, r], axis=r)
-            edge = body * lanes + tirx.max(r - lanes, 0)
-            value = tirx.Select(r < lanes, part[i, tirx.min(r, lanes - 1)], x[i, edge])
+            value = tirx.if_then_else(r < lanes, part[i, r], x[i, body * lanes + r - lanes])
             return combine(value, axis=r)
 
         return te.compute((m,), fold, name=name)
@@ -111,7 +110,7 @@ def quantized_rows(x: te.Tensor, k_padded: int, eps: float, lanes: int = 16):
     def q(i, j):
         if k_padded == k:
             return quantize_u8(x[i, j], scale[i], zp[i])
-        inside = quantize_u8(x[i, tirx.min(j, k - 1)], scale[i], zp[i])
-        return tirx.Select(j < k, inside, tirx.const(0, "uint8"))
+        inside = quantize_u8(x[i, j], scale[i], zp[i])  # read only inside the row
+        return tirx.if_then_else(j < k, inside, tirx.const(0, "uint8"))
 
     return te.compute((m, k_padded), q, name="row_quantize"), scale, zp

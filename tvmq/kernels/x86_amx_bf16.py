@@ -71,10 +71,10 @@ def to_bf16_rows(m: int, k: int, mp: int, kp: int, batch: int | None = None) -> 
     lead = () if batch is None else (batch,)
     x = te.placeholder((*lead, m, k), "float32", name="X")
 
-    def value(*index):  # clamped reads: the padding's value is selected away
+    def value(*index):  # if_then_else: the padding reads nothing (see to_bf16_padded)
         *b, i, j = index
-        bits = _round(x[(*b, tirx.min(i, m - 1), tirx.min(j, k - 1))])
-        return tirx.Select(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
+        bits = _round(x[(*b, i, j)])
+        return tirx.if_then_else(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
 
     bits = te.compute((*lead, mp, kp), value, name="bf16")
     # Opaque to FuseOps: FuseTIR fails on a TE function fused after a reshape (TVM 0.27).
@@ -151,9 +151,12 @@ def to_bf16_padded(geo: Conv2DGeometry) -> tvm.tirx.PrimFunc:
     x = te.placeholder((n, h, w, c), "float32", name="X")
 
     def value(b, y, xx, j):
+        # if_then_else, not Select over clamped indices: TVM's simplifier drops the clamps
+        # under the Select's condition and Select evaluates both sides, so the border read
+        # X[-1] (ResNet-50 bf16 segfaulted where that row fell on an unmapped page).
         inside = tirx.all(y >= top, y < top + h, xx >= left, xx < left + w)
-        yy, xc = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(xx - left, 0), w - 1)
-        return tirx.Select(inside, _round(x[b, yy, xc, j]), tirx.const(0, "uint16"))
+        bits = _round(x[b, y - top, xx - left, j])
+        return tirx.if_then_else(inside, bits, tirx.const(0, "uint16"))
 
     shape = (n, h + top + bottom, w + left + right, c)
     bits = te.compute(shape, value, name="bf16")
