@@ -185,52 +185,53 @@ def with_residual_add(
         return epilogue
     chain = list(epilogue.chain)
     q = chain[-1]
-    q_term = _dequantized_term(chain, only_user)
-    nxt = only_user(chain[-1]) if q_term is not None else None
-    if nxt is None or op_name(nxt[1]) != ADD:
+    found = _add_after(q, only_user)
+    terms = [_term_of(t, values, only_user) for t in found[1].args] if found else [None]
+    if None in terms or len(terms) != 2:
         return epilogue
-    a, b = nxt[1].args
-    other = b if a.same_as(chain[-1]) else a
-    r_term = _term_of(other, values, only_user)
-    if r_term is None or not defined(r_term[0]) or r_term[0].same_as(q):
+    q_term, r_term = terms if terms[0].source.same_as(q) else terms[::-1]
+    r = r_term.source
+    if not q_term.source.same_as(q) or r.same_as(q) or not defined(r):
         return epilogue
-    r, r_zero, r_scale = r_term
     if static_shape(r) is None or static_shape(r) != static_shape(q):
         return epilogue
-    chain.append(nxt[0])
+    chain += [*q_term.vars, found[0]]
     stored = _quantize_tail(chain, only_user)
     if stored is None:
         return epilogue
-    q_zero, q_scale = q_term
-    residual = ResidualAdd(str(r.ty.dtype), q_zero, q_scale, r_zero, r_scale, *stored)
+    residual = ResidualAdd(
+        str(r.ty.dtype), q_term.zero, q_term.scale, r_term.zero, r_term.scale, *stored
+    )
     requantize = dataclasses.replace(rq, residual=residual)
     return epilogue._replace(chain=tuple(chain), requantize=requantize, residual=r)
 
 
-def _dequantized_term(chain: list, only_user) -> tuple[int, float] | None:
-    """``multiply([subtract](astype(chain[-1], float32), z), s)`` after ``chain[-1]``
-    (appended): ``(z, s)`` (z 0 without the subtract), else None."""
-    step = chain_step(chain, only_user)
-    cast = step("relax.astype")
-    if cast is None or str(cast.attrs.dtype) != "float32":
-        return None
-    zero = 0
-    nxt = only_user(chain[-1])
-    if nxt is not None and op_name(nxt[1]) == "relax.subtract":
-        zero = _integral(_scalar(nxt[1].args[1]))
-        if zero is None or step("relax.subtract") is None:
-            return None
-    nxt = only_user(chain[-1])
-    scale = _scalar(nxt[1].args[1]) if nxt and op_name(nxt[1]) == "relax.multiply" else None
-    if not isinstance(scale, float) or step("relax.multiply") is None:
-        return None
-    return zero, scale
+def _add_after(var: relax.Var, only_user):
+    """``(var, call)`` of the ``add`` that ``var``'s dequantized term feeds (``astype``,
+    [``subtract``], ``multiply``, then the add: each the only reader of the one before), else
+    None; :func:`_term_of` checks the ops between."""
+    for _ in range(4):
+        nxt = only_user(var)
+        if nxt is None or op_name(nxt[1]) == ADD:
+            return nxt
+        var = nxt[0]
+    return None
 
 
-def _term_of(term: relax.Expr, values: dict, only_user) -> tuple[relax.Var, int, float] | None:
-    """``(r, z, s)`` when ``term`` is ``multiply([subtract](astype(r, float32), z), s)`` with
-    ``r`` an int8 / uint8 var, each var read only by the next op, else None."""
-    found = []
+class _Term(NamedTuple):
+    """``multiply([subtract](astype(source, float32), zero), scale)``: one operand of
+    ``LowerInt8``'s float add, its vars in order (astype, [subtract], multiply)."""
+
+    source: relax.Var
+    zero: int
+    scale: float
+    vars: tuple[relax.Var, ...]
+
+
+def _term_of(term: relax.Expr, values: dict, only_user) -> _Term | None:
+    """``term`` as a :class:`_Term` of an int8 / uint8 var, each of its vars read only by the
+    next op, else None."""
+    found, names = [], []
     expr = term
     for name in ("relax.multiply", "relax.subtract", "relax.astype"):
         call = values.get(expr) if isinstance(expr, relax.Var) else None
@@ -242,6 +243,7 @@ def _term_of(term: relax.Expr, values: dict, only_user) -> tuple[relax.Var, int,
         if only_user(expr) is None:
             return None
         found.append(call)
+        names.append(expr)
         expr = call.args[0]
     multiply, subtract, cast = found
     scale = _scalar(multiply.args[1])
@@ -251,7 +253,7 @@ def _term_of(term: relax.Expr, values: dict, only_user) -> tuple[relax.Var, int,
         return None
     if not isinstance(r, relax.Var) or str(r.ty.dtype) not in ("int8", "uint8"):
         return None
-    return r, zero, scale
+    return _Term(r, zero, scale, tuple(reversed(names)))
 
 
 def _integral(value) -> int | None:
