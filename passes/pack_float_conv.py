@@ -186,31 +186,19 @@ class _Lowering:
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
-        kernel, name = float_conv2d_nhwc, "float_conv2d"
-        # A few output channels (a segmentation head's classes) take the narrowest vector
-        # that holds them, not 16 lanes of which 14 are padding (UNet's 32 -> 2 over
-        # 224x224 computed and stored 8x its output).
-        lanes = self.lanes if o >= self.lanes else max(4, 1 << (o - 1).bit_length())
-        tiles = choose_conv_tiles(ow, o, lanes, self.registers, epilogue=fused is not None)
-        if pixel_major_pays(geo.kernel, 4 * tiles.o_padded * geo.k):
-            kernel = functools.partial(float_conv2d_nhwc, pixel_major=True)
-        plain = choose_conv_tiles(ow, o, lanes, self.registers)  # no epilogue registers
-        n, taps = geo.x_shape[0], geo.kernel[0] * geo.kernel[1]
-        kc = streamed_chunk(n * geo.out_hw[0] * plain.ow_padded, c, taps, plain.o_padded)
-        if kc is not None and int(call.attrs.groups) == 1:  # its epilogue is a pass of its own
-            tiles, name = plain, "float_conv2d_streamed"
-            kernel = lambda shape, t, e=None: float_conv2d_nhwc_streamed(shape, t, kc, e)  # noqa: E731
-        padded = (tiles.ow_padded, tiles.o_padded) != (ow, o)
-        if fused is not None and fused.residual is not None and padded:  # R would need it too
-            fused = fused.without_residual()
-        chain, bias, epilogue, residual = fused or ((), None, None, None)
         if int(call.attrs.groups) != 1:
+            chain, bias, epilogue, _ = fused or ((), None, None, None)  # never a residual
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
             if tiles is None:
                 return None
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
             lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue)
         else:
+            tiles, kernel, name = self._conv_kernel(geo, o, fused is not None)
+            padded = (tiles.ow_padded, tiles.o_padded) != (ow, o)
+            if fused is not None and fused.residual is not None and padded:  # R would be too
+                fused = fused.without_residual()
+            chain, bias, epilogue, residual = fused or ((), None, None, None)
             packed = pack_conv_weight(w, tiles.lanes, tiles.o_padded)
             lowered = _emit(
                 rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, name, bias, epilogue,
@@ -219,6 +207,28 @@ class _Lowering:
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
         return lowered
+
+    def _conv_kernel(self, geo: Conv2DGeometry, o: int, epilogue: bool):
+        """``(tiles, kernel, name)`` for a ``groups`` 1 conv with ``o`` output channels: the
+        streamed kernel where its weights stream from memory (its epilogue a pass of its
+        own, so no registers kept for it), else the register-blocked one, pixel-major where
+        that pays."""
+        c, ow = geo.x_shape[1], geo.out_hw[1]
+        # A few output channels (a segmentation head's classes) take the narrowest vector
+        # that holds them, not 16 lanes of which 14 are padding (UNet's 32 -> 2 over
+        # 224x224 computed and stored 8x its output).
+        lanes = self.lanes if o >= self.lanes else max(4, 1 << (o - 1).bit_length())
+        plain = choose_conv_tiles(ow, o, lanes, self.registers)
+        pixels = geo.x_shape[0] * geo.out_hw[0] * plain.ow_padded
+        kc = streamed_chunk(pixels, c, geo.kernel[0] * geo.kernel[1], plain.o_padded)
+        if kc is not None:
+            kernel = lambda shape, t, e=None: float_conv2d_nhwc_streamed(shape, t, kc, e)  # noqa: E731
+            return plain, kernel, "float_conv2d_streamed"
+        tiles = choose_conv_tiles(ow, o, lanes, self.registers, epilogue=epilogue)
+        kernel = float_conv2d_nhwc
+        if pixel_major_pays(geo.kernel, 4 * tiles.o_padded * geo.k):
+            kernel = functools.partial(float_conv2d_nhwc, pixel_major=True)
+        return tiles, kernel, "float_conv2d"
 
 
 def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None) -> relax.Expr:
