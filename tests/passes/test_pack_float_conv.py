@@ -333,6 +333,20 @@ def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
     assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
 
 
+def _biased_conv_module(x, w, b, tail):
+    """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding=1)`` and ``z = y + b``
+    emitted before it (``tail`` returns the output expression; it may emit more)."""
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
+            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(tail(bb, xv, y, z))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @needs_vnni
 @pytest.mark.parametrize("c", [32, 24], ids=["fused", "padded-channels"])
 def test_residual_add_and_relu_fused_into_the_kernel(rng, c):
@@ -342,16 +356,9 @@ def test_residual_add_and_relu_fused_into_the_kernel(rng, c):
     x = rng.standard_normal((1, c, 14, 14)).astype(np.float32)
     w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
-            y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            y = bb.emit(relax.op.add(xv, y))  # the skip first: either order
-            out = bb.emit_output(relax.op.nn.relu(y))
-        bb.emit_func_output(out)
-    mod = bb.get()
+    # the skip first: either order
+    skip = lambda bb, xv, y, z: relax.op.nn.relu(bb.emit(relax.op.add(xv, z)))  # noqa: E731
+    mod = _biased_conv_module(x, w, b, skip)
     with AVX512:
         lowered = PackFloatConv()(mod)
     fused = c == 32
@@ -374,15 +381,7 @@ def test_conv_read_twice_keeps_its_bias_add_outside(rng):
     x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
     w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
-            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            out = bb.emit_output(relax.op.multiply(z, y))
-        bb.emit_func_output(out)
-    mod = bb.get()
+    mod = _biased_conv_module(x, w, b, lambda bb, xv, y, z: relax.op.multiply(z, y))
     with AVX512:
         assert _kernel_globals(PackFloatConv()(mod)) == ["tvmq_float_conv2d_nhwc_3x3_8x8"]
     got = _build_and_run(mod, "x86-avx512-vnni", x)
