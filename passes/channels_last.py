@@ -134,6 +134,9 @@ class ChannelsLastRewriter(KernelRewriter):
         # var -> an earlier var whose rewritten value already is var's value (a kernel with
         # a fused epilogue computes the ops after it: they become that kernel's result).
         self.aliases: dict[relax.Var, relax.Var] = {}
+        # NHWC value -> (the same zero-bordered, the border (top, left, bottom, right)):
+        # a kernel that wrote its result that way for the next conv, which then reads it.
+        self.bordered: dict[relax.Var, tuple[relax.Var, tuple[int, int, int, int]]] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         bb = self.builder_

@@ -178,6 +178,22 @@ class _Lowering:
 
     def __init__(self, lanes: int, registers: int, epilogues: Epilogues):
         self.lanes, self.registers, self.epilogues = lanes, registers, epilogues
+        self.bordered: dict[relax.Var, tuple[int, int, int, int]] = {}
+
+    def find_bordered_outputs(self, mod: tvm.IRModule) -> None:
+        """Note the values that a conv's kernel can write zero-bordered: those read only by
+        a ``groups`` 1 conv that pads them, with the border (top, left, bottom, right) that
+        conv reads (its padding, and the columns a padded output width reads too)."""
+        for b, only_user in dataflow_bindings(mod):
+            found = match_float_conv2d(b.value)
+            x = found[0] if found is not None else None
+            if x is None or int(b.value.attrs.groups) != 1 or only_user(x) is None:
+                continue
+            geo, o = found[1], found[2].shape[0]
+            tiles = self._conv_kernel(geo, o, b.var in self.epilogues)[0]
+            border = conv_input_padding(geo, tiles)
+            if any(border):
+                self.bordered[x] = border
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_float_conv2d(call)
@@ -200,9 +216,12 @@ class _Lowering:
                 fused = fused.without_residual()
             chain, bias, epilogue, residual = fused or ((), None, None, None)
             packed = pack_conv_weight(w, tiles.lanes, tiles.o_padded)
+            border = self.bordered.get(chain[-1] if chain else rw.current_var)
+            if padded or name != "float_conv2d":
+                border = None
             lowered = _emit(
                 rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, name, bias, epilogue,
-                residual=residual,
+                residual=residual, out_pad=border,
             )  # fmt: skip
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
@@ -245,6 +264,15 @@ def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=No
     return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue, in_kernel_pad=True)
 
 
+def conv_input_padding(geo: Conv2DGeometry, tiles) -> tuple[int, int, int, int]:
+    """The zeros (top, left, bottom, right) around a conv's NHWC input that its kernel
+    reads: its padding, and on the right the columns a padded output width reads too."""
+    top, left, bottom, right = geo.padding
+    sw, dw, kw, wd = geo.strides[1], geo.dilation[1], geo.kernel[1], geo.x_shape[3]
+    right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
+    return top, left, bottom, right
+
+
 def _emit(
     rw,
     x,
@@ -259,22 +287,24 @@ def _emit(
     epilogue,
     in_kernel_pad=False,
     residual=None,
+    out_pad=None,
 ) -> relax.Expr:
     """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
     (and, with an ``epilogue``, its ``bias`` added [, ``residual`` added] and activation
     applied in the kernel). ``in_kernel_pad``: the kernel takes the unpadded image and the
-    padding (no pad op)."""
+    padding (no pad op). With ``out_pad`` the kernel writes its result zero-bordered for the
+    next conv (``rw.bordered``, which then pads nothing)."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
     kh, kw = geo.kernel
-    sw, dw = geo.strides[1], geo.dilation[1]
-    top, left, bottom, right = geo.padding
-    # A padded output width reads columns past the image: pad them with zeros too.
-    right += max(0, (tiles.ow_padded - 1) * sw + (kw - 1) * dw + 1 - (wd + left + right))
+    top, left, bottom, right = conv_input_padding(geo, tiles)
     x = rw.nhwc_input(x)
     pad = (top, left, bottom, right) if in_kernel_pad and (top or left or bottom or right) else None
-    if (top or left or bottom or right) and pad is None:
+    bordered = rw.bordered.get(x)
+    if pad is None and bordered is not None and bordered[1] == (top, left, bottom, right):
+        x = bordered[0]  # the producer wrote it with this border
+    elif (top or left or bottom or right) and pad is None:
         x = bb.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
@@ -286,14 +316,20 @@ def _emit(
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.dtype
         suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
+    if out_pad is not None:
+        suffix += "_bordered"
+        kernel = functools.partial(kernel, out_pad=out_pad)
     fn = rw.kernel_var(
-        (name, shape, tiles, str(x.ty.dtype), epilogue, pad),
+        (name, shape, tiles, str(x.ty.dtype), epilogue, pad, out_pad),
         f"tvmq_{name}_nhwc_{kh}x{kw}_{c}x{o}{suffix}",
         lambda: (
             kernel(shape, tiles, epilogue, pad) if pad else kernel(shape, tiles, epilogue)
         ).with_attr("op_pattern", OPAQUE),
     )
     out_ty = relax.TensorType((n, oh, tiles.ow_padded, o_padded), out_dtype)
+    if out_pad is not None:  # the caller checked that the output needs no padding
+        t, left_, b, r = out_pad
+        out_ty = relax.TensorType((n, t + oh + b, left_ + ow + r, o), out_dtype)
     args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]
     if isinstance(epilogue, Requantize):
         offset, multiplier = bias
@@ -304,7 +340,13 @@ def _emit(
     if residual is not None:  # the caller checked that the output needs no padding
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
-    if tiles.ow_padded != ow or o_padded != o:
+    if out_pad is not None:
+        t, left_ = out_pad[:2]
+        bordered, y = y, bb.emit(
+            relax.op.strided_slice(y, axes=[1, 2], begin=[t, left_], end=[t + oh, left_ + ow])
+        )
+        rw.bordered[y] = (bordered, out_pad)
+    elif tiles.ow_padded != ow or o_padded != o:
         y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[ow, o]))
     return relax.op.permute_dims(y, TO_NCHW)
 
@@ -327,4 +369,6 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        return rewrite_channels_last(mod, _Lowering(*simd, find_epilogues(mod, residual=True)))
+        lowering = _Lowering(*simd, find_epilogues(mod, residual=True))
+        lowering.find_bordered_outputs(mod)
+        return rewrite_channels_last(mod, lowering)

@@ -182,9 +182,10 @@ def _bias(epilogue: ConvEpilogue | Requantize | None, channels: int) -> list[te.
     return [te.placeholder((channels,), "float32", name="bias")]
 
 
-def _store(acc: te.Tensor, args: list[te.Tensor], epilogue) -> te.Tensor:
+def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.Tensor:
     """The stored output ``Y``: the accumulator plus the bias, clamped to the bounds; or
-    requantized (:class:`~tvmq.kernels.x86_int8.Requantize`)."""
+    requantized (:class:`~tvmq.kernels.x86_int8.Requantize`). With ``out_pad`` (top, left,
+    bottom, right), ``Y`` is that much larger and zero around the result."""
     if isinstance(epilogue, Requantize):
         off, mult = args
         return te.compute(
@@ -203,7 +204,18 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue) -> te.Tensor:
             v = te.min(v, tvm.tirx.const(epilogue.hi, "float32"))
         return v
 
-    return te.compute(acc.shape, value, name="Y")
+    if out_pad is None:
+        return te.compute(acc.shape, value, name="Y")
+    top, left, bottom, right = out_pad
+    n, oh, ow, o = acc.shape
+
+    def padded(b, y, x, j):
+        inside = tvm.tirx.all(y >= top, y < top + oh, x >= left, x < left + ow)
+        zero = tvm.tirx.const(0, "float32")
+        return tvm.tirx.if_then_else(inside, value(b, y - top, x - left, j), zero)
+
+    shape = (n, top + oh + bottom, left + ow + right, o)
+    return te.compute(shape, padded, name="Y")
 
 
 def float_conv2d_nhwc(
@@ -214,6 +226,7 @@ def float_conv2d_nhwc(
     batched_weight: bool = False,
     clamp_columns: bool = False,
     pixel_major: bool = False,
+    out_pad: tuple[int, int, int, int] | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
 
@@ -227,7 +240,11 @@ def float_conv2d_nhwc(
     its last column instead (the output columns past the unpadded width are then copies,
     which the caller slices off), so a 1x1 caller needs no padded copy of ``P``. With
     ``pixel_major``, neighbouring tasks take the channel tiles of one pixel tile instead of the
-    pixel tiles of one channel tile (see :func:`pixel_major_pays`).
+    pixel tiles of one channel tile (see :func:`pixel_major_pays`). With ``out_pad`` (top,
+    left, bottom, right), ``Y`` is ``(n, top + oh + bottom, left + OW + right, O)``, the
+    result zero-bordered: the padded input of a next conv, which then needs no pad of its own
+    (the caller sees that ``OW`` and ``O`` are the unpadded sizes, or the tile's padding would
+    land in the border).
     """
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
@@ -267,11 +284,11 @@ def float_conv2d_nhwc(
         ),
         name="acc",
     )
-    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue)])
+    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue, out_pad)])
     macs = n * oh * ow * o * kh * kw * c
     name = "float_batch_matmul" if batched_weight else "float_conv2d_nhwc"
     parallel = macs >= _PARALLEL_MIN_MACS
-    return _schedule(func, tiles, parallel=parallel, name=name, pixel_major=pixel_major)
+    return _schedule(func, tiles, parallel, name, pixel_major, out_pad)
 
 
 def pixel_major_pays(kernel: tuple[int, int], weight_bytes: int) -> bool:
@@ -322,9 +339,15 @@ def _schedule(
     parallel: bool,
     name: str,
     pixel_major: bool = False,
+    out_pad: tuple[int, int, int, int] | None = None,
 ) -> tvm.tirx.PrimFunc:
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("Y")
+    if out_pad is not None:
+        # "Y" then writes the result into the border's inside; "Y_pad_const" zeroes all of
+        # Y first, which _zero_only_the_border narrows to the border.
+        sch.decompose_padding(out, sch.get_loops(out)[0])
+        out = sch.get_sblock("Y")
     b, y, x, j = sch.get_loops(out)
     xo, xi = sch.split(x, [None, tiles.mr])
     jo, ji = sch.split(j, [None, tiles.nr * tiles.lanes])
@@ -353,12 +376,51 @@ def _schedule(
     # (with a bias add in them it kept the tile on the stack: 1.5x slower).
     for loop in (*([xi] if tiles.mr > 1 else []), vo):
         sch.unroll(loop)
+    func = sch.mod["main"] if out_pad is None else _zero_only_the_border(sch.mod["main"], out_pad)
     return (
-        sch.mod["main"]
+        func
         .with_attr("tirx.is_scheduled", True)
         .with_attr(KERNEL_ATTR, name)
         .without_attr("global_symbol")
     )
+
+
+def _zero_only_the_border(
+    func: tvm.tirx.PrimFunc, out_pad: tuple[int, int, int, int]
+) -> tvm.tirx.PrimFunc:
+    """``func`` with its first statement, the zeroing of all of its output ``Y`` (n, H, W,
+    C) before the result is written inside, replaced by loops that zero only the ``out_pad``
+    border (top and bottom rows, then the left and right columns between them), channels
+    vectorized."""
+    from tvm import tirx
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    y = func.params[-1]  # a buffer var
+    n, h, w, c = (int(d) for d in y.shape)
+    top, left, bottom, right = out_pad
+    regions = [  # (row start, rows, column start, columns)
+        (0, top, 0, w),
+        (h - bottom, bottom, 0, w),
+        (top, h - top - bottom, 0, left),
+        (top, h - top - bottom, w - right, right),
+    ]
+    zeroing = []
+    for y0, rows, x0, cols in regions:
+        if rows * cols == 0:
+            continue
+        b, i, j, k = (tirx.Var(v, "int32") for v in "bijk")
+        stmt = tirx.BufferStore(y, tirx.const(0, "float32"), [b, i + y0, j + x0, k])
+        for var, extent, kind in ((k, c, tirx.ForKind.VECTORIZED), (j, cols, None), (i, rows, None), (b, n, None)):
+            stmt = tirx.For(var, 0, extent, kind or tirx.ForKind.SERIAL, stmt)
+        zeroing.append(stmt)
+    root = func.body.block
+    fill, *rest = root.body.seq
+    body = tirx.SeqStmt([*zeroing, *rest])
+    block = SBlock(
+        root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+        root.alloc_buffers, root.match_buffers, root.annotations,
+    )  # fmt: skip
+    return func.with_body(SBlockRealize(func.body.iter_values, func.body.predicate, block))
 
 
 @dataclass(frozen=True)
