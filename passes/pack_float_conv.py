@@ -342,8 +342,11 @@ def _emit(
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
     if out_pad is not None:
         t, left_ = out_pad[:2]
-        bordered, y = y, bb.emit(
-            relax.op.strided_slice(y, axes=[1, 2], begin=[t, left_], end=[t + oh, left_ + ow])
+        bordered, y = (
+            y,
+            bb.emit(
+                relax.op.strided_slice(y, axes=[1, 2], begin=[t, left_], end=[t + oh, left_ + ow])
+            ),
         )
         rw.bordered[y] = (bordered, out_pad)
     elif tiles.ow_padded != ow or o_padded != o:

@@ -17,11 +17,12 @@ from tvmq.kernels.cpu_float_conv import (
 from tvmq.targets import get_target
 
 
-def run_kernel(func, *arrays, out_shape):
-    """Compile ``func`` for the host and run it on numpy ``arrays`` into a new float32 output."""
+def run_kernel(func, *arrays, out_shape, fill=0.0):
+    """Compile ``func`` for the host and run it on numpy ``arrays`` into a new float32 output
+    (``fill`` before the call)."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=get_target("host").tvm_target())
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    out = tvm.runtime.tensor(np.full(out_shape, fill, np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
     return out.numpy()
 
@@ -50,6 +51,26 @@ def test_pixel_major_order_is_bit_identical(k, residual):
     ref = np.einsum("nyxcij,ocij->nyxo", windows.astype(np.float64), w) + b
     ref = np.maximum(ref + r if residual else ref, 0.0)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("pixel_major", [False, True], ids=["channel-major", "pixel-major"])
+def test_bordered_output_is_the_result_zero_padded(pixel_major):
+    """``out_pad`` stores the same bits inside a zero border that the kernel writes itself
+    (the output starts as NaN), whatever the border's sides and the task order."""
+    rng = np.random.default_rng(7)
+    h, w, c, o = 6, 16, 24, 32
+    x = rng.standard_normal((1, h + 2, w + 2, c)).astype(np.float32)
+    wt = pack_conv_weight(rng.standard_normal((o, c, 3, 3)).astype(np.float32), 16, o)
+    b = rng.standard_normal(o).astype(np.float32)
+    shape = ConvShape(1, h + 2, w + 2, c, (3, 3), (1, 1), (1, 1), h)
+    tiles = choose_conv_tiles(w, o, 16, 32, epilogue=True)
+    epilogue = ConvEpilogue(lo=0.0)
+    plain = run_kernel(float_conv2d_nhwc(shape, tiles, epilogue), x, wt, b, out_shape=(1, h, w, o))
+    border = (1, 2, 3, 5)  # top, left, bottom, right
+    kernel = float_conv2d_nhwc(shape, tiles, epilogue, pixel_major=pixel_major, out_pad=border)
+    out = (1, h + 4, w + 7, o)
+    got = run_kernel(kernel, x, wt, b, out_shape=out, fill=np.nan)
+    np.testing.assert_array_equal(got, np.pad(plain, ((0, 0), (1, 3), (2, 5), (0, 0))))
 
 
 def test_pixel_major_for_1x1_convs_over_weights_in_l2():

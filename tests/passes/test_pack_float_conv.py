@@ -390,6 +390,69 @@ def test_conv_read_twice_keeps_its_bias_add_outside(rng):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def _two_convs_module(x, w1, b1, w2, tail=None):
+    """``main(x) = conv2d(relu(conv2d(x, W1, padding=1) + b1), W2, padding=1)`` (a UNet
+    double conv); ``tail(bb, r)`` may add another reader of the relu ``r``."""
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w1), padding=1))
+            y = bb.emit(relax.op.add(y, relax.const(b1.reshape(1, -1, 1, 1))))
+            r = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit(relax.op.nn.conv2d(r, relax.const(w2), padding=1))
+            if tail is not None:
+                out = tail(bb, r, out)
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@needs_vnni
+@pytest.mark.parametrize("width,padded", [(16, 18), (29, 58)], ids=["16-wide", "29-wide"])
+def test_conv_writes_the_next_convs_padded_input(rng, width, padded):
+    """conv -> bias -> relu -> 3x3 conv: the first kernel stores its result inside the
+    zeros the second reads (``_bordered``), so only the model input is padded; PyTorch's
+    numbers. 29 wide, the second conv's register tile (28 pixels) computes 56 columns and
+    reads 58: the border holds the 27 extra ones on the right too."""
+    x = rng.standard_normal((1, 16, 9, width)).astype(np.float32)
+    w1 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(16).astype(np.float32)
+    w2 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    mod = _two_convs_module(x, w1, b1, w2)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    calls = _calls(lowered["main"])
+    bordered = [
+        c for c in calls if isinstance(c.op, tvm.ir.Op) and str(c.op.name) == "relax.call_tir"
+        and c.args[0].name_hint == "tvmq_float_conv2d_nhwc_3x3_16x16_bias_act_bordered"
+    ]  # fmt: skip
+    assert [tuple(int(d) for d in c.ty.shape) for c in bordered] == [(1, 11, padded, 16)]
+    ops = [str(e.op.name) for e in calls if isinstance(e.op, tvm.ir.Op)]
+    assert ops.count("relax.nn.pad") == 1  # the model input's only
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    r = torch.relu(torch.nn.functional.conv2d(t(x), t(w1), t(b1), padding=1))
+    want = torch.nn.functional.conv2d(r, t(w2), padding=1).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_conv_output_read_twice_is_not_bordered(rng):
+    """A result that something else reads too (a UNet skip connection) keeps its plain
+    layout, and its reader conv pads it."""
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    w1 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    mod = _two_convs_module(
+        x, w1, rng.standard_normal(16).astype(np.float32), w1,
+        tail=lambda bb, r, out: bb.emit(relax.op.add(out, r)),
+    )  # fmt: skip
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    assert not any(n.endswith("_bordered") for n in _kernel_globals(lowered))
+    ops = [str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)]
+    assert ops.count("relax.nn.pad") == 2
+
+
 def _calls(func) -> list[relax.Call]:
     found = []
     relax.analysis.post_order_visit(
