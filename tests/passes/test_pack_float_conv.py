@@ -392,20 +392,14 @@ def test_conv_read_twice_keeps_its_bias_add_outside(rng):
 
 def _two_convs_module(x, w1, b1, w2, tail=None):
     """``main(x) = conv2d(relu(conv2d(x, W1, padding=1) + b1), W2, padding=1)`` (a UNet
-    double conv); ``tail(bb, r)`` may add another reader of the relu ``r``."""
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w1), padding=1))
-            y = bb.emit(relax.op.add(y, relax.const(b1.reshape(1, -1, 1, 1))))
-            r = bb.emit(relax.op.nn.relu(y))
-            out = bb.emit(relax.op.nn.conv2d(r, relax.const(w2), padding=1))
-            if tail is not None:
-                out = tail(bb, r, out)
-            out = bb.emit_output(out)
-        bb.emit_func_output(out)
-    return bb.get()
+    double conv); ``tail(bb, r, out)`` may add another reader of the relu ``r``."""
+
+    def second(bb, xv, y, z):
+        r = bb.emit(relax.op.nn.relu(z))
+        out = relax.op.nn.conv2d(r, relax.const(w2), padding=1)
+        return out if tail is None else tail(bb, r, bb.emit(out))
+
+    return _biased_conv_module(x, w1, b1, second)
 
 
 @needs_vnni
