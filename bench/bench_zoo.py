@@ -33,7 +33,9 @@ Method
     then runs in a subprocess (TVM reads ``TVM_NUM_THREADS`` once per process; PyTorch gets
     ``torch.set_num_threads``, ORT ``intra_op_num_threads``, OpenVINO
     ``INFERENCE_NUM_THREADS``; no spinning between calls: ``OMP_WAIT_POLICY=PASSIVE``,
-    ORT ``allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``). The engines of a model are
+    ORT ``allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``; with ``--spin`` each engine's
+    own default, its idle threads spinning for the next call, and a 0.2 s pause before each
+    engine's timing so that the one before has gone to sleep). The engines of a model are
     timed in interleaved rounds; a row's latency is the median over rounds of each round's
     median. Accuracy: on 4 natural-looking inputs not used for calibration (smooth images /
     random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
@@ -295,7 +297,7 @@ def _host_bf16() -> bool:
 class _Runner:
     """One engine on one model: ``__call__(feed) -> array`` and ``time(feed, n)`` in ms."""
 
-    def __init__(self, engine: dict, model_entry: dict, threads: int, size: str):
+    def __init__(self, engine: dict, model_entry: dict, threads: int, size: str, spin: bool):
         self.kind = engine["kind"]
         self.names = model_entry["inputs"]
         if self.kind == "torch":
@@ -307,7 +309,8 @@ class _Runner:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.log_severity_level = 3
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if not spin:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.sess = ort.InferenceSession(engine["path"], so, providers=["CPUExecutionProvider"])
         elif self.kind == "ov":
             import openvino as ov
@@ -373,7 +376,9 @@ def _accuracy(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return cos, sqnr
 
 
-def worker(plan_path: Path, threads: int, rounds: int, budget_s: float) -> list[dict]:
+def worker(
+    plan_path: Path, threads: int, rounds: int, budget_s: float, spin: bool = False
+) -> list[dict]:
     torch.set_num_threads(threads)
     import tvm
 
@@ -389,7 +394,7 @@ def worker(plan_path: Path, threads: int, rounds: int, budget_s: float) -> list[
         runners, labels, failed = [], [], []
         for e in m["engines"]:
             try:
-                runners.append(_Runner(e, m, threads, plan["size"]))
+                runners.append(_Runner(e, m, threads, plan["size"], spin))
                 labels.append(e)
             except Exception as err:
                 failed.append(f"{e['label']} failed to load: {_first_line(err)}")
@@ -410,6 +415,8 @@ def worker(plan_path: Path, threads: int, rounds: int, budget_s: float) -> list[
         samples = [[] for _ in runners]
         for _ in range(rounds):
             for i, r in enumerate(runners):
+                if spin:
+                    time.sleep(0.2)  # the last engine's spinning threads go to sleep
                 samples[i].append(r.time(feed, repeats[i]))
         for e, s, rep, (cos, sqnr) in zip(labels, samples, repeats, acc, strict=True):
             rows.append({"model": m["name"], "kind": m["kind"], "engine": e["label"],
@@ -461,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", help=f"comma-separated subset of: {','.join(zoo.ZOO)}")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--spin", action="store_true",
+                   help="engines keep their default thread spinning (see Method)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--workdir", type=Path, help="keep the built models here (default: temp)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -468,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     budget_s = 0.2 if args.small else 0.5
 
     if args.worker is not None:
-        rows = worker(args.worker, args.threads[0], args.rounds, budget_s)
+        rows = worker(args.worker, args.threads[0], args.rounds, budget_s, args.spin)
         print("ROWS " + json.dumps(rows))
         return
 
@@ -489,10 +498,12 @@ def main(argv: list[str] | None = None) -> None:
         t_prep = time.perf_counter() - t0
         rows = []
         for n in args.threads:
-            env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n),
-                       OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")  # fmt: skip
+            env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+            if not args.spin:
+                env.update(OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")
             cmd = [sys.executable, __file__, "--worker", str(plan_path), "--threads", str(n),
                    "--rounds", str(args.rounds)] + (["--small"] if args.small else [])  # fmt: skip
+            cmd += ["--spin"] if args.spin else []
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-5000:])
