@@ -378,8 +378,7 @@ def _schedule(
         sch.unroll(loop)
     func = sch.mod["main"] if out_pad is None else _zero_only_the_border(sch.mod["main"], out_pad)
     return (
-        func
-        .with_attr("tirx.is_scheduled", True)
+        func.with_attr("tirx.is_scheduled", True)
         .with_attr(KERNEL_ATTR, name)
         .without_attr("global_symbol")
     )
@@ -410,11 +409,14 @@ def _zero_only_the_border(
             continue
         b, i, j, k = (tirx.Var(v, "int32") for v in "bijk")
         stmt = tirx.BufferStore(y, tirx.const(0, "float32"), [b, i + y0, j + x0, k])
-        for var, extent, kind in ((k, c, tirx.ForKind.VECTORIZED), (j, cols, None), (i, rows, None), (b, n, None)):
-            stmt = tirx.For(var, 0, extent, kind or tirx.ForKind.SERIAL, stmt)
+        stmt = tirx.For(k, 0, c, tirx.ForKind.VECTORIZED, stmt)
+        for var, extent in ((j, cols), (i, rows), (b, n)):
+            stmt = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, stmt)
         zeroing.append(stmt)
     root = func.body.block
     fill, *rest = root.body.seq
+    if "Y_pad_const" not in fill.script():  # decompose_padding put it first
+        raise RuntimeError("the bordered conv kernel lost its border fill")
     body = tirx.SeqStmt([*zeroing, *rest])
     block = SBlock(
         root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
