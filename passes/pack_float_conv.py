@@ -184,7 +184,8 @@ class _Lowering:
 
     def __init__(self, lanes: int, registers: int, epilogues: Epilogues):
         self.lanes, self.registers, self.epilogues = lanes, registers, epilogues
-        self.bordered: dict[relax.Var, tuple[int, int, int, int]] = {}
+        # var -> the border its only reader, a padding conv, reads (find_bordered_outputs)
+        self.wanted_borders: dict[relax.Var, tuple[int, int, int, int]] = {}
 
     def find_bordered_outputs(self, mod: tvm.IRModule) -> None:
         """Note the values that a conv's kernel can write zero-bordered: those read only by
@@ -192,14 +193,13 @@ class _Lowering:
         conv reads (its padding, and the columns a padded output width reads too)."""
         for b, only_user in dataflow_bindings(mod):
             found = match_float_conv2d(b.value)
-            x = found[0] if found is not None else None
-            if x is None or int(b.value.attrs.groups) != 1 or only_user(x) is None:
+            if found is None or int(b.value.attrs.groups) != 1 or only_user(found[0]) is None:
                 continue
-            geo, o = found[1], found[2].shape[0]
-            tiles = self._conv_kernel(geo, o, b.var in self.epilogues)[0]
+            x, geo, w = found
+            tiles = self._conv_kernel(geo, w.shape[0], b.var in self.epilogues)[0]
             border = conv_input_padding(geo, tiles)
             if any(border):
-                self.bordered[x] = border
+                self.wanted_borders[x] = border
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_float_conv2d(call)
@@ -222,7 +222,7 @@ class _Lowering:
                 fused = fused.without_residual()
             chain, bias, epilogue, residual = fused or ((), None, None, None)
             packed = pack_conv_weight(w, tiles.lanes, tiles.o_padded)
-            border = self.bordered.get(chain[-1] if chain else rw.current_var)
+            border = self.wanted_borders.get(chain[-1] if chain else rw.current_var)
             if padded or name != "float_conv2d":
                 border = None
             lowered = _emit(
@@ -348,11 +348,9 @@ def _emit(
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
     if out_pad is not None:
         t, left_ = out_pad[:2]
-        bordered, y = (
-            y,
-            bb.emit(
-                relax.op.strided_slice(y, axes=[1, 2], begin=[t, left_], end=[t + oh, left_ + ow])
-            ),
+        bordered = y
+        y = bb.emit(
+            relax.op.strided_slice(y, axes=[1, 2], begin=[t, left_], end=[t + oh, left_ + ow])
         )
         rw.bordered[y] = (bordered, out_pad)
     elif tiles.ow_padded != ow or o_padded != o:
