@@ -50,6 +50,7 @@ from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
 from .drop_matmul_broadcasts import DropMatmulBroadcasts
 from .fold_batch_norm import FoldBatchNorm
+from .fold_constant_casts import FoldConstantCasts
 from .fold_quant_scales import FoldQuantScales
 from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_table_decoders import FoldTableDecoders
@@ -136,6 +137,7 @@ __all__ = [
     "SmoothQuant",
     "sparsity_report",
     "ConvTransposeAsMatmul",
+    "FoldConstantCasts",
     "FoldScalarMultiply",
     "FoldBatchNorm",
     "FoldQuantScales",

@@ -42,6 +42,7 @@ from .cluster_int8_weights import ClusterInt8Weights
 from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
 from .fold_batch_norm import FoldBatchNorm
+from .fold_constant_casts import FoldConstantCasts
 from .fold_quant_scales import FoldQuantScales
 from .fold_scalar_multiply import FoldScalarMultiply
 from .lower_int8 import LowerInt8
@@ -195,11 +196,16 @@ def half_precision_passes() -> tvm.transform.Pass:
 
     TVM's ``ToMixedPrecision(out_dtype="float32")``: matmul and conv2d take fp16 operands and
     accumulate in fp32, elementwise ops run in fp16, the model's inputs and outputs stay
-    float32. Then ``FoldConstant``, so the weights are fp16 constants that the target kernel
-    passes (``PackFp16DenseCUDA``) match, and the library stores them in 2 bytes.
+    float32. Then ``FoldConstantCasts`` (not TVM's ``FoldConstant``, which also folds zeros
+    and broadcasts to full activation shapes), so the weights are fp16 constants that the
+    target kernel passes (``PackFp16DenseCUDA``) match, and the library stores them in 2 bytes.
     """
     return tvm.transform.Sequential(
-        [relax.transform.ToMixedPrecision(out_dtype="float32"), relax.transform.FoldConstant()],
+        [
+            relax.transform.ToMixedPrecision(out_dtype="float32"),
+            FoldConstantCasts(),
+            relax.transform.CanonicalizeBindings(),  # the weights' readers see the constants
+        ],
         name="tvmq.half_precision",
     )
 
