@@ -24,7 +24,9 @@ import tvmq
 import tvmq.passes  # noqa: F401  (before tvmq.kernels: it breaks an import cycle)
 from tvmq.errors import TvmqError
 from tvmq.kernels.cuda_mma import (
+    ASYNC_COPY,
     MMA,
+    STATIC_SHARED_LIMIT,
     TENSOR_CORE_ATTR,
     MmaTiles,
     choose_mma_tiles,
@@ -35,6 +37,7 @@ from tvmq.kernels.cuda_mma import (
     mma_kernels_for_cpu,
     pack_weight_imma,
     padded_mkn_mma,
+    shared_bytes,
 )
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 from tvmq.passes import PackFp16DenseCUDA, half_precision_passes
@@ -94,10 +97,27 @@ def test_choose_mma_tiles_fit(m, k, n, operand):
     mp, kp, np_ = padded_mkn_mma(m, k, n, tiles)
     assert mp % tiles.bm == kp % tiles.bk == np_ % tiles.bn == 0 and mp - m < tiles.bm
     assert tiles.threads == 128  # 4 warps
-    smem = size * (tiles.bm + tiles.bn) * (tiles.bk + 16 // size)  # rows padded by 16 bytes
-    assert smem <= 48 * 1024
+    assert shared_bytes(tiles, operand) <= STATIC_SHARED_LIMIT
     if m >= 128 and n >= 128:
         assert (tiles.bm, tiles.bn, tiles.bk * size) == (128, 128, 64)
+    # two-stage cp.async pipeline where K has two steps and two stages fit 48 KiB
+    assert tiles.stages == (2 if k >= 2 * tiles.bk else 1) or (m <= 32 and size == 2)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "operand", "ptxas"),
+    [
+        (MmaTiles(bk=32), "float16", 18944),
+        (MmaTiles(bk=32, stages=2), "float16", 37888),
+        (MmaTiles(bk=64, stages=2), "float16", 71680),
+        (MmaTiles(bk=64), "int8", 20480),
+        (MmaTiles(bk=64, stages=2), "int8", 40960),
+        (MmaTiles(warps_n=4, bk=64, stages=2), "int8", 61440),
+    ],
+)
+def test_shared_bytes_is_what_ptxas_reports(tiles, operand, ptxas):
+    """The "bytes smem" of ``ptxas -v`` for these kernels (4096^3, sm_90a, CUDA 13.0)."""
+    assert shared_bytes(tiles, operand) == ptxas
 
 
 @pytest.mark.parametrize("operand", ["float16", "int8"])
@@ -247,9 +267,11 @@ def test_int8_dense_on_sm80_is_imma_and_matches_numpy_on_cpu(rng, m_shape, k, n,
 
 
 def _ptx(func: tvm.tirx.PrimFunc, arch: str, tmp_path) -> str:
-    """The kernel's CUDA source (TVM's codegen) compiled to PTX by nvcc for ``arch``."""
+    """The kernel's CUDA source (TVM's codegen, with ``cp.async`` as tvmq's CUDA builds have
+    it) compiled to PTX by nvcc for ``arch``."""
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
-    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
+    with tvm.transform.PassContext(opt_level=3, config=ASYNC_COPY):
+        lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
     source = tmp_path / "k.cu"
     source.write_text(lib.imports[0].inspect_source("cuda"))
     ptx = tmp_path / "k.ptx"
@@ -282,6 +304,10 @@ def test_ptx_uses_mma_sync_and_ldmatrix_without_spills(tmp_path, arch, m, k, n, 
     assert re.search(rf"\.target {arch}\b", ptx)
     assert mma in ptx
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx
+    if tiles.stages > 1:  # the copies of the next K step are in flight while this one computes
+        assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group 1" in ptx
+    else:
+        assert "cp.async" not in ptx
     path = tmp_path / "k.ptx"
     r = subprocess.run(
         ["ptxas", "-v", f"-arch={arch}", str(path), "-o", str(tmp_path / "k.cubin")],

@@ -49,7 +49,7 @@ from tvm import relax, tirx
 from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
-from tvmq.kernels.cuda_mma import TENSOR_CORE_ATTR
+from tvmq.kernels.cuda_mma import ASYNC_COPY, TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
@@ -149,7 +149,7 @@ def build_with_info(
                 with database:
                     fused = relax.transform.MetaScheduleApplyDatabase()(fused)
             scheduled = _scheduled_kernels(fused)
-            with _without_kernel_asserts():
+            with _without_kernel_asserts(async_copy=is_cuda):
                 ex = relax.build(
                     fused, target=tvm_target, relax_pipeline=schedule_and_lower(tvm_target)
                 )
@@ -295,7 +295,7 @@ def export_library(
 
 
 @contextlib.contextmanager
-def _without_kernel_asserts() -> Iterator[None]:
+def _without_kernel_asserts(async_copy: bool = False) -> Iterator[None]:
     """Build kernels without TVM's argument checks (``tirx.disable_assert``).
 
     Every TIR kernel gets a wrapper that checks each argument's type, rank, dtype, device,
@@ -303,9 +303,15 @@ def _without_kernel_asserts() -> Iterator[None]:
     MLP's six kernels: 14 of 18 KB). Only the virtual machine calls the kernels, with tensors
     it allocated from the shapes it checked itself: the model's inputs are still checked by
     the VM (``check_tensor_info`` / ``match_shape``) and by :func:`tvmq.load`.
+
+    With ``async_copy`` (CUDA builds), software-pipelined kernels (the tensor-core kernels'
+    ``stages``) copy global to shared memory with ``cp.async``
+    (:data:`~tvmq.kernels.cuda_mma.ASYNC_COPY`).
     """
     current = tvm.transform.PassContext.current()
     config = {**dict(current.config), "tirx.disable_assert": True}
+    if async_copy:
+        config.update(ASYNC_COPY)
     with tvm.transform.PassContext(opt_level=current.opt_level, config=config):
         yield
 
