@@ -103,11 +103,13 @@ def test_cpu_twin_of_batched_kernel_matches_numpy(rng, operand):
 @pytest.mark.parametrize(
     ("x_dtype", "operand"), [("uint8", "int8"), ("int8", "int8"), ("float16", "float16")]
 )
-def test_cpu_twin_of_im2col_matches_numpy(rng, x_dtype, operand):
+@pytest.mark.parametrize(("channels", "k_pad"), [(3, 7), (16, 32)], ids=["scalar", "vector"])
+def test_cpu_twin_of_im2col_matches_numpy(rng, x_dtype, operand, channels, k_pad):
     """Odd sizes, asymmetric padding, stride and dilation; padded rows / columns are 0 and a
-    uint8 image is shifted by -128 (its padding too)."""
-    geo = Conv2DGeometry((2, 3, 9, 7), (3, 2), (2, 1), (1, 0, 2, 1), (1, 2))
-    mp, kp = geo.m + 5, geo.k + 7
+    uint8 image is shifted by -128 (its padding too). 16 channels and a padded row of whole
+    vectors take the vectorized loop nest (8 fp16 or 4 int8 columns per thread)."""
+    geo = Conv2DGeometry((2, channels, 9, 7), (3, 2), (2, 1), (1, 0, 2, 1), (1, 2))
+    mp, kp = geo.m + 5, geo.k + k_pad
     lib = tvm.compile(
         mma_im2col(geo, x_dtype, operand, mp, kp, device="cpu").with_attr("global_symbol", "main"),
         target="llvm",
@@ -317,7 +319,10 @@ def test_minilm_attention_and_resnet_conv_ptx_use_mma_sync_without_spills(tmp_pa
     for func in kernels:
         ptx, ptxas = _ptx_and_ptxas(func, arch, tmp_path)
         assert re.search(rf"\.target {arch}\b", ptx)
-        assert ("im2col" in str(func.attrs["tvmq.kernel"])) != (_MMA[operand] in ptx)
+        im2col = "im2col" in str(func.attrs["tvmq.kernel"])
+        assert im2col != (_MMA[operand] in ptx)
+        if im2col:  # 64 channels: one vector per thread, 16 bytes (fp16) or 4 (int8)
+            assert ("st.global.v4.u32" if operand == "float16" else "st.global.u32") in ptx
         assert "0 bytes spill stores, 0 bytes spill loads" in ptxas, ptxas
         assert not re.search(r"[1-9]\d* bytes spill", ptxas), ptxas
 
