@@ -147,7 +147,7 @@ def test_gpu_check_rehearsal(tmp_path):
     """bench/gpu_check.py's GPU-free rehearsal: prepared here, every library loads with the
     runtime-only TVM of the folder's bundle, and the folder fits what one device run is sent."""
     out = tmp_path / "prepared"
-    # One GEMM (fp16 + int8) keeps it short; `prepare` builds the others the same way.
+    # One GEMM's kernels keep it short; `prepare` builds the others the same way.
     _run(
         "gpu_check.py",
         "prepare",
@@ -162,11 +162,18 @@ def test_gpu_check_rehearsal(tmp_path):
     size = int(re.search(r": (\d+) bytes", stdout)[1])
     assert size == sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 56 * 2**20
     assert f"TVM runtime only, from {out / 'bundle' / 'python' / 'tvm'}" in stdout
-    for dtype in ("fp16", "int8"):
-        assert re.search(rf"^ffn1-1024 {dtype}: loads .*'cuda'", stdout, re.M), stdout
+    labels = ["fp16-relax", "fp16-mma", "fp16-mma-nopipe", "int8-imma", "int8-imma-bk2x-pipe2"]
+    for label in [*labels, "int8-dp4a"]:
+        assert re.search(rf"^ffn1-1024 {label}: loads .*'cuda'", stdout, re.M), stdout
     assert "not built" not in stdout
-    spec = json.loads((out / "check.json").read_text())
-    assert b".target sm_90a" in (out / spec["gemms"]["ffn1-1024"]["int8"]["lib"]).read_bytes()
+    kernels = json.loads((out / "check.json").read_text())["gemms"]["ffn1-1024"]["kernels"]
+    assert kernels["int8-imma"]["tiles"] == [2, 2, 4, 4, 64, 2]  # the default: 2 stages
+    for label, entry in kernels.items():
+        code = (out / entry["lib"]).read_bytes()
+        assert b".target sm_90a" in code
+        if label.startswith(("fp16-mma", "int8-imma")):  # tensor cores; cp.async if pipelined
+            assert b"mma.sync.aligned" in code
+            assert (b"cp.async.cg.shared.global" in code) == (entry["tiles"][5] > 1), label
     assert json.loads((out / "bundle" / "bundle.json").read_text())["python"] == "3.12"
 
 
