@@ -8,14 +8,16 @@ A GPU machine often has no room, network or toolchain for TVM's compiler, so the
 
 ``prepare`` builds CUDA sm_90a libraries for a 4096^3 GEMM and BERT's FFN pair at 1024 rows
 (1024x768x3072, 1024x3072x768): tvmq's tensor-core kernels (fp16 ``mma.sync`` with fp32
-output, int8 IMMA with int32 output; default tiles, software-pipelined with ``cp.async`` 2 and
-3 stages deep, and for 4096^3 a few other tilings), its ``dp4a`` int8 kernel and a plain fp16
+output, int8 IMMA with int32 output; the default tiles, which pipeline the K loop two stages
+deep with ``cp.async``, and beside them unpipelined, 3 stages, a K step twice as wide and, for
+4096^3, 8-warp 128x256 tiles), its ``dp4a`` int8 kernel and a plain fp16
 ``relax.matmul`` (dlight's schedule); all-MiniLM-L6-v2 (batch 32, sequence 128, its vocabulary
 cut to :data:`VOCAB` rows) and ResNet-18 (batch 32) in tvmq's static int8 (calibrated; ``w8``
-where static int8 does not build for CUDA) and ``--precision fp16``. It writes a runtime-only
+where static int8 does not build for CUDA; the default) or ``--precision fp16``
+(``--scheme fp16``). It writes a runtime-only
 bundle (``tvmq bundle --python 3.12``: TVM's runtime libraries and Python files, the
 apache-tvm-ffi wheel) with the libraries, the models' inputs and their PyTorch fp32 outputs
-computed here, and this script. The folder must stay under 56 MiB (refused otherwise, naming
+computed here, and this script. The folder must stay under 55 MiB (refused otherwise, naming
 its largest files): one device run is sent 64 MiB, the repository's 8.6 MiB included, and
 about two model builds fit, so ``--no-gemms``, ``--model`` and ``--scheme`` split the work
 into several folders, each run by its own call. GEMM operands are not shipped: the device
@@ -33,10 +35,12 @@ past ``--budget`` seconds), with TFLOP/s and % of the bf16 peak measured first (
 matmul). The PyTorch model rows use the same architecture with random weights made there (their
 error is fp16 vs fp32 of that model); tvmq's model rows are compared with the fp32 outputs
 computed here from the real weights (relative L2 error and the least cosine of a row too). A
-row that fails to launch says so and the others still run. It writes ``gpu_check.txt``,
+row that fails to launch says so and the others still run. ``--profile`` prints each model's
+top GPU kernels (``torch.profiler``, whose CUPTI trace holds TVM's launches too) to
+``profile.txt``. It writes ``gpu_check.txt``,
 ``gpu_check.json`` and, row by row, ``gpu_check.jsonl`` to ``--out`` (default ``$OUT``, else
 the current folder). ``--dry-run`` skips everything that needs a GPU: it checks that the folder
-is complete and under 56 MiB, and loads every library with the runtime-only TVM (a stand-in
+is complete and under 55 MiB, and loads every library with the runtime-only TVM (a stand-in
 ``libcuda.so.1`` lets TVM's CUDA runtime load where no driver is installed).
 """
 
@@ -56,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-LIMIT = 56 * 2**20  # one device run is sent 64 MiB: this folder and the repository (~8 MiB)
+LIMIT = 55 * 2**20  # one device run is sent 64 MiB: this folder and the repository (8.6 MiB)
 GEMMS = {
     "gemm-4096": (4096, 4096, 4096),
     "ffn1-1024": (1024, 768, 3072),
@@ -78,7 +82,7 @@ def prepare(
     out: Path,
     models: bool = True,
     gemms: list[str] | None = None,
-    schemes: tuple[str, ...] = ("int8", "fp16"),
+    schemes: tuple[str, ...] = ("int8",),
     only: list[str] | None = None,
 ) -> None:
     import torch
@@ -785,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scheme",
         action="append",
         choices=["int8", "w8", "fp16", "bf16"],
-        help="the models' schemes (default: int8 and fp16; one device call holds about two "
-        "builds of each model)",
+        help="the models' schemes (default: int8; one device call holds about two model builds: "
+        "prepare fp16 with --no-gemms and one --model)",
     )
     r = sub.add_parser("run", help="measure on the GPU machine (or rehearse with --dry-run)")
     r.add_argument(
@@ -818,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).resolve(),
             models=not args.no_models,
             gemms=[] if args.no_gemms else args.gemm,
-            schemes=tuple(args.scheme or ("int8", "fp16")),
+            schemes=tuple(args.scheme or ("int8",)),
             only=args.model,
         )
         return 0
