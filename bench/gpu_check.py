@@ -242,7 +242,7 @@ def _gemm_modules(m: int, k: int, n: int, variants: bool):
     with ``variants`` a few other tilings), the ``dp4a`` int8 kernel, and a plain fp16
     ``relax.matmul`` built as a user's graph would be. ``operands`` says how ``run`` feeds it:
     ``fp16`` (A, B), ``imma`` (A, B.T), ``dp4a`` (A, B packed by :func:`pack_dp4a`)."""
-    from dataclasses import replace
+    from dataclasses import astuple, replace
 
     from tvm import relax
 
@@ -293,17 +293,13 @@ def _gemm_modules(m: int, k: int, n: int, variants: bool):
                 mod = wrap(
                     build(m, k, n, tiles=tiles), i8, relax.TensorType((n, k), "int8"), "int32"
                 )
-            out.append((label, operands, mod, _tile_list(tiles)))
+            out.append((label, operands, mod, list(astuple(tiles))))
     tiles = choose_cuda_tiles(m, k, n)
     if padded_mkn(m, k, n, tiles) == (m, k, n):
         kernel = int8_dense_dp4a(m, k, n, tiles=tiles)
         x8, wp = relax.TensorType((m, k), "int8"), relax.TensorType((k // 4, n, 4), "int8")
         out.append(("int8-dp4a", "dp4a", wrap(kernel, x8, wp, "int32"), None))
     return out
-
-
-def _tile_list(tiles) -> list[int]:
-    return [tiles.warps_m, tiles.warps_n, tiles.tiles_m, tiles.tiles_n, tiles.bk, tiles.stages]
 
 
 def _cut_vocabulary(model, rows: int) -> None:
@@ -636,7 +632,6 @@ def run(
     took = time.perf_counter() - start
     header = f"device: {name}; bf16 peak measured {peak:.0f} TFLOP/s (8192^3); {took:.0f} s"
     table = "\n".join([header, _fmt(None), *(_fmt(r) for r in rows)])
-    results.mkdir(parents=True, exist_ok=True)
     (results / "gpu_check.txt").write_text(table + "\n")
     (results / "gpu_check.json").write_text(
         json.dumps({"device": name, "peak_tflops": peak, "seconds": took, "rows": rows}, indent=1)

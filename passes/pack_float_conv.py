@@ -30,8 +30,8 @@ activation are not separate passes over the output any more.
 A conv whose result (after that epilogue) is read only by a ``groups`` 1 conv that pads it
 (a UNet double conv, a ResNet bottleneck's 1x1 -> 3x3) writes it zero-bordered, as the next
 conv's padded input (``out_pad`` of :func:`~tvmq.kernels.cpu_float_conv.float_conv2d_nhwc`,
-``_bordered`` kernels): that conv then pads nothing. UNet's nine such pads read and wrote ~50 MB a run
-(fp32 ~3% faster, bit-identical).
+``_bordered`` kernels): that conv then pads nothing. UNet's nine such pads read and wrote
+~50 MB a run (fp32 ~3% faster, bit-identical).
 
 Depthwise convs (``groups == C``, one filter per channel) get their own NHWC kernel
 (:func:`~tvmq.kernels.cpu_float_conv.float_depthwise_nhwc`, vectorized over channels),

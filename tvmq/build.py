@@ -149,7 +149,7 @@ def build_with_info(
                 with database:
                     fused = relax.transform.MetaScheduleApplyDatabase()(fused)
             scheduled = _scheduled_kernels(fused)
-            with _without_kernel_asserts(async_copy=is_cuda):
+            with _kernel_build_config(async_copy=is_cuda):
                 ex = relax.build(
                     fused, target=tvm_target, relax_pipeline=schedule_and_lower(tvm_target)
                 )
@@ -295,8 +295,9 @@ def export_library(
 
 
 @contextlib.contextmanager
-def _without_kernel_asserts(async_copy: bool = False) -> Iterator[None]:
-    """Build kernels without TVM's argument checks (``tirx.disable_assert``).
+def _kernel_build_config(async_copy: bool = False) -> Iterator[None]:
+    """Build kernels without TVM's argument checks (``tirx.disable_assert``) and, with
+    ``async_copy``, with ``cp.async`` copies in pipelined CUDA kernels.
 
     Every TIR kernel gets a wrapper that checks each argument's type, rank, dtype, device,
     shape and strides: 1.6 to 3 KB of code per kernel, most of a small model's code (the int8
@@ -304,7 +305,7 @@ def _without_kernel_asserts(async_copy: bool = False) -> Iterator[None]:
     it allocated from the shapes it checked itself: the model's inputs are still checked by
     the VM (``check_tensor_info`` / ``match_shape``) and by :func:`tvmq.load`.
 
-    With ``async_copy`` (CUDA builds), software-pipelined kernels (the tensor-core kernels'
+    ``async_copy`` (CUDA builds): software-pipelined kernels (the tensor-core kernels'
     ``stages``) copy global to shared memory with ``cp.async``
     (:data:`~tvmq.kernels.cuda_mma.ASYNC_COPY`).
     """

@@ -17,8 +17,8 @@ On CUDA each thread writes one vector of a row (8 fp16 or 4 bf16 / int8 columns,
 tap's consecutive channels; fewer where ``C`` does not split so): the ``(row, column
 vector)`` loops are fused and split over 256-thread blocks, so consecutive threads write
 consecutive vectors and read consecutive channels of ``X``. One element per thread (before)
-ran ResNet-18's im2col at about a fifth of the H200's memory bandwidth. With ``device="cpu"`` the same loop
-nest is left unbound (the CPU twin, for checks against numpy on an ``llvm`` target). The
+ran ResNet-18's im2col at about a fifth of the H200's memory bandwidth. With
+``device="cpu"`` the same loop nest is left unbound (the CPU twin, for checks against numpy on an ``llvm`` target). The
 kernel is marked scheduled and opaque (``op_pattern`` 8): FuseOps keeps it apart (fusing its
 producer in would recompute it ``KH * KW`` times).
 """

@@ -37,7 +37,7 @@ whole tiles (:func:`padded_mkn_mma`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -166,6 +166,10 @@ class MmaTiles:
             raise ValueError(f"shared tiles do not split into {copy}-element rounds: {self}")
 
 
+STATIC_SHARED_LIMIT = 48 * 1024
+"""Bytes of static shared memory a thread block may take on every CUDA GPU."""
+
+
 def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTiles:
     """128 x 128 (4 warps) for large problems; fewer rows for a small ``m`` (a batch of a few
     rows pads to 16 or 32, not 128) and fewer columns when ``n`` is small. ``bk`` is the
@@ -197,10 +201,6 @@ def choose_mma_tiles(m: int, k: int, n: int, operand: str = "float16") -> MmaTil
     if k >= 2 * tiles.bk and shared_bytes(pipelined, operand) <= STATIC_SHARED_LIMIT:
         return pipelined
     return tiles
-
-
-STATIC_SHARED_LIMIT = 48 * 1024
-"""Bytes of static shared memory a thread block may take on every CUDA GPU."""
 
 
 def shared_bytes(tiles: MmaTiles, operand: str) -> int:
@@ -318,10 +318,7 @@ def _build(
         .mod["main"]
         .with_attr("tirx.is_scheduled", True)
         .with_attr(KERNEL_ATTR, flavor.kernel if batch is None else flavor.batch_kernel)
-        .with_attr(
-            TILES_ATTR,
-            [tiles.warps_m, tiles.warps_n, tiles.tiles_m, tiles.tiles_n, tiles.bk, tiles.stages],
-        )
+        .with_attr(TILES_ATTR, list(astuple(tiles)))
         .with_attr("tvmq.device", device)
         .without_attr("global_symbol")
     )
