@@ -136,6 +136,8 @@ def test_manifest_records_what_it_is(compiled_mlp_dir):
     assert d["outputs"] == [{"name": "output0", "shape": [2, 10], "dtype": "float32"}]
     assert d["target"]["name"] == "host"
     lib = (compiled_mlp_dir / "model.so").read_bytes()
+    plan = d["library"].pop("plan")  # the kernel calls (tests/test_static_plan.py)
+    assert len(plan["steps"]) == len(plan["kernels"]) == 2 and plan["outputs"] == ["t1"]
     assert d["library"] == {
         "file": "model.so",
         "bytes": len(lib),

@@ -55,6 +55,7 @@ from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
 from tvmq.passes.relax_utils import RESHAPE, binding_map, op_name, resolve
 from tvmq.sizes import constant_bytes_by_dtype
+from tvmq.static_plan_record import record_plan
 from tvmq.targets import TargetPreset, get_target
 from tvmq.toolchain import find_compiler
 
@@ -149,10 +150,12 @@ def build_with_info(
                 with database:
                     fused = relax.transform.MetaScheduleApplyDatabase()(fused)
             scheduled = _scheduled_kernels(fused)
+            plans: list[dict] = []
+            pipeline = schedule_and_lower(tvm_target)
+            if not is_cuda:  # a GPU model runs on the VM (its buffers are device memory)
+                pipeline = tvm.transform.Sequential([pipeline, record_plan(plans)])
             with _kernel_build_config(async_copy=is_cuda):
-                ex = relax.build(
-                    fused, target=tvm_target, relax_pipeline=schedule_and_lower(tvm_target)
-                )
+                ex = relax.build(fused, target=tvm_target, relax_pipeline=pipeline)
     except TvmqError:
         raise
     except Exception as err:  # TVM raises many error types; a failed build is the user's to see
@@ -173,6 +176,7 @@ def build_with_info(
         weights=tuple(constant_bytes_by_dtype(fused).items()),
         tensor_core=_tensor_core_kernels(fused),
         fresh_outputs=fresh_outputs(fused),
+        plan=plans[0] if plans else None,
     )
     return ex, info
 
@@ -200,6 +204,9 @@ class BuildInfo:
     tensor_core: tuple[tuple[str, str], ...] = ()
     # every output is a tensor the VM allocates anew on each call (:func:`fresh_outputs`)
     fresh_outputs: bool = field(default=False, compare=False)
+    # the kernel calls of a static main, for the runtime to make without the VM
+    # (:mod:`tvmq.static_plan`); None when main is not static straight-line code
+    plan: dict | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         """One line, e.g. ``"2 tuned, 1 default"`` (plus any prescheduled kernels)."""

@@ -171,18 +171,31 @@ def _compile(
     out = None
     if folder is not None:
         phase("link and export", progress)
-        fresh = built.build_info is not None and built.build_info.fresh_outputs
-        out = _write_build(folder, ex, preset, manifest, fresh_outputs=fresh)
+        info = built.build_info
+        out = _write_build(
+            folder,
+            ex,
+            preset,
+            manifest,
+            fresh_outputs=info is not None and info.fresh_outputs,
+            plan=None if info is None else info.plan,
+        )
     phase("done", progress)
     return CompiledArtifact(ex, built.model.mod, manifest, out)
 
 
 def _write_build(
-    folder: OutputFolder, ex, preset: TargetPreset, manifest: Manifest, fresh_outputs: bool
+    folder: OutputFolder,
+    ex,
+    preset: TargetPreset,
+    manifest: Manifest,
+    fresh_outputs: bool,
+    plan: dict | None = None,
 ) -> Path:
     """Export the library and manifest into a staging folder, then commit it atomically.
     ``fresh_outputs``: the VM allocates each output anew per call (the runtime may hand
-    them to the caller without a copy)."""
+    them to the caller without a copy); ``plan``: the static call plan
+    (:mod:`tvmq.static_plan`), if the build made one."""
     with folder.stage() as stage:
         lib = stage / LIBRARY
         build.export_library(ex, lib, preset)
@@ -191,6 +204,7 @@ def _write_build(
             "bytes": lib.stat().st_size,
             "sha256": sha256_of(lib),
             "fresh_outputs": fresh_outputs,
+            **({"plan": plan} if plan is not None else {}),
         }
         # whatever the exporter left in the staging folder is tvmq's to replace next time
         manifest.files = sorted(p.name for p in stage.iterdir())

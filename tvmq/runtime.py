@@ -12,6 +12,7 @@ import shutil
 import statistics
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tvmq.errors import InputMismatchError, TvmqError
 from tvmq.frontends.model import TensorSpec, bind_symbols, concrete_shape
 from tvmq.machine import library_arch, missing_cpu_features, this_machine
 from tvmq.manifest import Manifest, sha256_of
+from tvmq.static_plan import PlanRunner
 
 
 @dataclass(frozen=True)
@@ -188,12 +190,24 @@ class CompiledModel:
         # The VM allocates every output anew per call (the build checked): numpy may keep
         # TVM's tensor itself, no copy. Libraries built before the check say nothing: copy.
         self._fresh_outputs = bool(self.manifest.library.get("fresh_outputs"))
+        self._plan = self._load_plan()
         # one input with a slot: a call that skips the general path's lookups (~0.3 us)
         self._call_one = (
             _one_input_call(self, self._slots)
             if self._slots is not None and len(self._slots.arrays) == 1
             else None
         )
+
+    def _load_plan(self) -> PlanRunner | None:
+        """The library's static call plan, loaded, where the model has one and its inputs
+        have slots (a CPU device, static shapes); else None: calls run on the VM."""
+        plan = self.manifest.library.get("plan")
+        if plan is None or self._slots is None:
+            return None
+        try:
+            return PlanRunner(plan, self._lib, self._vm, list(self._slots.main_args))
+        except Exception:  # a plan this runtime cannot make: the VM runs the same kernels
+            return None
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -229,19 +243,41 @@ class CompiledModel:
         with self._lock:
             for buffer, a in zip(slots.arrays, args, strict=True):
                 np.copyto(buffer, a)
+            if self._plan is not None:
+                self._plan.run()
+                outs = [o.copy() for o in self._plan.outputs]  # the plan's buffers: copies
+                return outs[0] if len(outs) == 1 else tuple(outs)
             result = self._main(*slots.main_args)
         return _host_outputs(result, self._fresh_outputs)
 
     def benchmark(
         self, inputs: list[np.ndarray] | None = None, *, warmup: int = 10, repeat: int = 100
     ) -> LatencyStats:
-        """Time ``repeat`` calls after ``warmup`` calls (inputs already on the device)."""
+        """Time ``repeat`` calls after ``warmup`` calls (inputs already on the device): the
+        static plan's kernel calls where the model has one (what a call runs), else the VM's
+        ``main``."""
+        if self._plan is not None:
+            return self._benchmark_plan(inputs, warmup, repeat)
         tensors = self._to_device(inputs or random_inputs(self.manifest.inputs), {})
         self._vm.set_input("main", *self.main_args(tensors))
         for _ in range(max(warmup, 0)):
             self._vm.invoke_stateful("main")
         timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
         return LatencyStats.from_seconds(list(timer("main").results))
+
+    def _benchmark_plan(self, inputs, warmup: int, repeat: int) -> LatencyStats:
+        arrays = check_inputs(self.manifest.inputs, inputs or random_inputs(self.inputs), {})
+        run, clock, samples = self._plan.run, time.perf_counter, []
+        with self._lock:
+            for buffer, a in zip(self._slots.arrays, arrays, strict=True):
+                np.copyto(buffer, a)
+            for _ in range(max(warmup, 0)):
+                run()
+            for _ in range(max(repeat, 1)):
+                start = clock()
+                run()
+                samples.append(clock() - start)
+        return LatencyStats.from_seconds(samples)
 
 
 def _host_outputs(result, fresh: bool):
@@ -258,6 +294,20 @@ def _one_input_call(model: CompiledModel, slots: _InputSlots):
     lock, main, fresh = model._lock, model._main, model._fresh_outputs
     this = weakref.proxy(model)  # not the model itself: no cycle keeps it alive
     copyto, from_dlpack = np.copyto, np.from_dlpack
+    plan = model._plan
+    if plan is not None and len(plan.outputs) == 1:
+        steps, (out,) = plan.steps, plan.outputs
+
+        def call_plan(a):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
+                return this._call((a,), {})
+            with lock:
+                buffer[...] = a  # (a little faster than np.copyto)
+                for function, args in steps:
+                    function(*args)
+                return out.copy()
+
+        return call_plan
 
     def call(a):
         if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:

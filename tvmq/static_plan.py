@@ -1,0 +1,78 @@
+"""A static call plan: a model's kernel calls on buffers allocated once, without the VM.
+
+For a small model the Relax VM costs more than the kernels: each call enters the VM
+(~0.4 us), checks the inputs again, and allocates every intermediate and output tensor
+(~0.2 us each) before it runs a kernel. When the lowered ``main`` is straight-line code on
+static shapes (what TVM's lowering makes of a static model: storage allocations, tensors
+in that storage, kernel calls, reshapes, kills), the build records that code as a *plan*:
+the storages with their sizes, the tensors viewed in them, and the kernel calls with their
+operands. At load the runtime allocates the storages once, makes the same views, looks up
+the same kernels in the library and calls them in order from Python. The storage sharing
+is TVM's own memory plan (``StaticPlanBlockMemory``), so the memory is what one VM call
+holds; the kernels, their operands and their order are the VM's, so the results are the
+same bits. The plan's outputs live in its buffers: a call copies them out.
+
+Constants cannot be read back from a library, so the build adds a Relax function,
+:data:`CONSTANTS_FUNCTION`, that returns the plan's digest and constants: the VM shares the
+constants with ``main``'s (its constant pool keeps one copy of each), and the runtime calls
+it once. The kernels are built without argument checks, so the runtime makes a plan only
+when its digest is the one compiled into the library: an edited or damaged ``model.json``
+runs on the VM.
+
+The plan lives in ``model.json`` (``library["plan"]``); a model without one (dynamic
+shapes, control flow, a GPU, an operation the plan does not know) runs on the VM as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import tvm
+
+CONSTANTS_FUNCTION = "tvmq_plan_constants"
+"""The library function that returns the plan's constants, in the plan's order."""
+
+PLAN_VERSION = 1
+
+
+def plan_digest(plan: dict) -> str:
+    """The sha256 of a plan's canonical JSON."""
+    text = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class PlanRunner:
+    """A loaded plan: its buffers allocated, its kernels looked up, its constants fetched.
+
+    ``run()`` makes the kernel calls; ``outputs`` are numpy views of the output tensors
+    (the plan's own buffers: copy them before the next run). Built for a CPU device only.
+    Raises ``ValueError`` when the plan does not match the library (then run the VM).
+    """
+
+    def __init__(self, plan: dict, lib: tvm.runtime.Module, vm, params: list):
+        if plan.get("version") != PLAN_VERSION:
+            raise ValueError(
+                f"plan version {plan.get('version')}, this runtime reads {PLAN_VERSION}"
+            )
+        digest, *constants = vm[CONSTANTS_FUNCTION]()
+        if str(digest) != plan_digest(plan) or len(constants) != plan["constants"]:
+            raise ValueError("model.json's plan is not the one compiled into the library")
+        device = tvm.cpu(0)
+        storage = [tvm.runtime.empty((n,), "uint8", device) for n in plan["storage"]]
+        tensors: list = []
+        sources = {"p": params, "c": constants, "s": storage, "t": tensors}
+
+        def ref(name: str):
+            return sources[name[0]][int(name[1:])]
+
+        for source, shape, dtype in plan["tensors"]:
+            tensors.append(ref(source)._create_view(shape, dtype))
+        functions = [lib.get_function(k, query_imports=True) for k in plan["kernels"]]
+        self.steps = tuple((functions[k], tuple(ref(a) for a in args)) for k, args in plan["steps"])
+        self.outputs = tuple(np.from_dlpack(ref(o)) for o in plan["outputs"])
+
+    def run(self) -> None:
+        for function, args in self.steps:
+            function(*args)
