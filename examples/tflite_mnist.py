@@ -13,11 +13,12 @@ Latency, batch 1, one thread each (LiteRT ``num_threads=1``; tvmq's runtime uses
 on a 2-core machine unless TVM_NUM_THREADS says otherwise), medians after warm-up calls:
 
 * ``run``: the inference alone, input already in place: LiteRT's ``invoke()`` timed from
-  Python (2,000 calls), tvmq's ``CompiledModel.benchmark`` (TVM's time evaluator, 2,000 runs);
+  Python (2,000 calls), tvmq's ``CompiledModel.benchmark`` (2,000 runs of the model's
+  static call plan, its kernel calls made from Python, each timed like LiteRT's);
 * ``call``: a whole call from Python with a numpy array in and out: LiteRT's
   ``set_tensor`` + ``invoke`` + ``get_tensor``, tvmq's ``CompiledModel.__call__`` (which
-  checks the input's dtype and shape, copies it into an input buffer the model keeps and
-  copies the output out into a new numpy array).
+  checks the input's dtype and shape, copies it into an input buffer the model keeps, makes
+  the kernel calls and copies the output out into a new numpy array).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 import tvmq
 from tvmq.cli import main
 from tvmq.errors import TvmqError
-from tvmq.profiling import VM_ROW, profile_kernels
+from tvmq.profiling import DISPATCH_ROW, profile_kernels
 from tvmq.report import write_report
 
 SECTIONS = ("sqnr", "kernels", "size", "applied", "accuracy")
@@ -122,11 +122,11 @@ def test_report_holds_the_manifest_values_and_is_self_contained(int8_build):
     built = {
         k for how in ("tuned", "default", "prescheduled") for k in manifest["notes"]["kernels"][how]
     }
-    assert {r["name"] for r in kernels} - {VM_ROW} <= built
+    assert {r["name"] for r in kernels} - {DISPATCH_ROW} <= built
     assert math.isclose(sum(r["percent"] for r in kernels), 100.0)
     for r in kernels:
         assert float(rows[("kernel", r["name"], "seconds")]) == r["seconds"]
-        assert r["name"] == VM_ROW or r["schedule"] in ("tuned", "default", "prescheduled")
+        assert r["name"] == DISPATCH_ROW or r["schedule"] in ("tuned", "default", "prescheduled")
 
 
 def test_profile_kernels_times_each_kernel_of_a_real_call(int8_build, rng):
@@ -136,13 +136,13 @@ def test_profile_kernels_times_each_kernel_of_a_real_call(int8_build, rng):
     rows = profile_kernels(model, [x], repeat=3)
     assert rows == sorted(rows, key=lambda r: -r.seconds)
     names = [r.name for r in rows]
-    assert VM_ROW in names and len(names) == len(set(names))
+    assert DISPATCH_ROW in names and len(names) == len(set(names))
     manifest = model.manifest.notes["kernels"]
     dense = [n for n in names if n.startswith("tvmq_int8_dense_vnni_2x32x16")]
     assert len(dense) == 1 or manifest["prescheduled"] == []
     for name, calls, seconds, percent in rows:
         assert seconds >= 0 and 0 <= percent <= 100
-        assert name == VM_ROW or (calls >= 1 and seconds > 0)
+        assert name == DISPATCH_ROW or (calls >= 1 and seconds > 0)
     # the rows add up to one call: within reach of the whole call timed on its own
     total = sum(r.seconds for r in rows)
     whole = model.benchmark([x], warmup=3, repeat=20).median_ms / 1e3

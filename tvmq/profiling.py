@@ -6,8 +6,9 @@ call the VM makes. :func:`profile_kernels` uses that once, to record which kerne
 model call runs and on which tensors; then it times each kernel call alone, on those same
 tensors, with TVM's ``time_evaluator`` (a timer in C++: no Python callback inside the
 measured interval, whose overhead of about a microsecond per call would swamp the
-microsecond kernels of a small model). What the whole call takes beyond its kernels
-(allocation, shape checks, dispatch) is the row :data:`VM_ROW`.
+microsecond kernels of a small model). What the whole call takes beyond its kernels is the
+row :data:`DISPATCH_ROW`: the VM's allocation, checks and dispatch, or for a model with a
+static call plan (:mod:`tvmq.static_plan`) the plan's calls from Python.
 
 Usable from any front end (``tvmq report``, ``tvmq run --profile``)::
 
@@ -26,9 +27,9 @@ import tvm
 from tvmq.errors import TvmqError
 from tvmq.runtime import CompiledModel, random_inputs
 
-__all__ = ["VM_ROW", "KernelTime", "format_profile", "profile_kernels"]
+__all__ = ["DISPATCH_ROW", "KernelTime", "format_profile", "profile_kernels"]
 
-VM_ROW = "(VM: allocation, checks, dispatch)"
+DISPATCH_ROW = "(around the kernels: dispatch, allocation, checks)"
 """The name of the row that holds the rest of a call's time, beyond its kernels."""
 
 
@@ -71,7 +72,7 @@ def profile_kernels(
     Returns
     -------
     list[KernelTime]
-        One row per kernel, plus :data:`VM_ROW` (the model call's median time minus its
+        One row per kernel, plus :data:`DISPATCH_ROW` (the model call's median time minus its
         kernels', never negative), sorted by time. ``percent`` is of the larger of the
         model call's median time and the kernels' sum, so the rows add up to 100.
 
@@ -102,7 +103,7 @@ def profile_kernels(
     rows = [(name, len(ts), sum(ts)) for name, ts in per_kernel.items()]
     kernels_s = sum(s for _, _, s in rows)
     total = max(whole.median_ms / 1e3, kernels_s)
-    rows.append((VM_ROW, 0, total - kernels_s))
+    rows.append((DISPATCH_ROW, 0, total - kernels_s))
     rows.sort(key=lambda r: -r[2])
     return [KernelTime(n, c, s, 100.0 * s / total if total > 0 else 0.0) for n, c, s in rows]
 
@@ -110,9 +111,9 @@ def profile_kernels(
 def format_profile(times: list[KernelTime], top: int) -> str:
     """A table of the ``top`` slowest kernels of :func:`profile_kernels`' rows, the rest of the
     kernels on one line, then the VM's own share and the total (``tvmq run --profile``)."""
-    kernels = [k for k in times if k.name != VM_ROW]
-    vm = [k for k in times if k.name == VM_ROW]
-    width = max([len(k.name) for k in kernels[:top]] + [len(VM_ROW)])
+    kernels = [k for k in times if k.name != DISPATCH_ROW]
+    vm = [k for k in times if k.name == DISPATCH_ROW]
+    width = max([len(k.name) for k in kernels[:top]] + [len(DISPATCH_ROW)])
     lines = [f"{'kernel':<{width}}  {'calls':>5}  {'us/run':>9}  {'share':>6}"]
 
     def row(name, calls, seconds, percent):

@@ -126,7 +126,7 @@ def _quantization(q: dict | None) -> dict | None:
 
 
 def _kernels(model, manifest: Manifest, repeat: int) -> dict:
-    from tvmq.profiling import VM_ROW, profile_kernels
+    from tvmq.profiling import DISPATCH_ROW, profile_kernels
 
     schedules = {}
     for how, names in (manifest.notes.get("kernels") or {}).items():
@@ -140,7 +140,7 @@ def _kernels(model, manifest: Manifest, repeat: int) -> dict:
         "rows": [
             {
                 **r._asdict(),
-                "schedule": "" if r.name == VM_ROW else schedules.get(r.name, "unknown"),
+                "schedule": "" if r.name == DISPATCH_ROW else schedules.get(r.name, "unknown"),
             }
             for r in rows
         ],

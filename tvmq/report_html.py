@@ -11,7 +11,7 @@ import html
 import io
 import json
 
-from tvmq.profiling import VM_ROW
+from tvmq.profiling import DISPATCH_ROW
 
 __all__ = ["render_html"]
 
@@ -169,7 +169,7 @@ def _kernel_section(data: dict) -> str:
         '<section id="kernels"><h2>Kernel time</h2>'
         f"<p>One call takes {_time(k['total_seconds'])} on {_e(k['device'])} (median of "
         f"{k['repeat']}). Each kernel is timed alone on the tensors of a real call; "
-        f"<i>{_e(VM_ROW)}</i> is the rest of the call.</p>"
+        f"<i>{_e(DISPATCH_ROW)}</i> is the rest of the call.</p>"
         + _img(_kernel_figure(k["rows"]))
         + "<table><tr><th>kernel</th><th>schedule</th><th class=n>calls</th>"
         "<th class=n>time in one model call</th><th class=n>share</th></tr>"
@@ -333,7 +333,7 @@ def _kernel_figure(rows: list[dict]) -> bytes:
     n = len(shown)
     fig, ax = _figure(0.9 + 0.34 * n)
     us = [r["seconds"] * 1e6 for r in shown]
-    colors = ["#999999" if r["name"] == VM_ROW else "#4c72b0" for r in shown]
+    colors = ["#999999" if r["name"] == DISPATCH_ROW else "#4c72b0" for r in shown]
     ax.barh(range(n), us, color=colors, height=0.7)
     peak = max(us) if us and max(us) > 0 else 1.0
     for i, r in enumerate(shown):
