@@ -137,3 +137,27 @@ def test_benchmark_times_the_plan(compiled_mlp_dir, monkeypatch):
     monkeypatch.setattr(m._plan, "run", lambda: runs.append(1) or run())
     stats = m.benchmark(warmup=3, repeat=7)
     assert len(runs) == 10 and stats.repeat == 7 and 0 < stats.min_ms <= stats.median_ms
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="Linux only")
+def test_megabyte_storages_are_huge_page_aligned_and_give_the_vms_bits(tmp_path, rng):
+    from tvmq.static_plan import HUGE_PAGE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 8)
+    ).eval()
+    out = tmp_path / "m"
+    tvmq.compile(model, "host", example_inputs=torch.zeros(1024, 256), output_dir=out)
+    m = tvmq.load(out)
+    plan = m.manifest.library["plan"]
+    big = [i for i, n in enumerate(plan["storage"]) if n >= HUGE_PAGE // 2]
+    assert big, plan["storage"]  # the 1024 x 512 hidden layer: 2 MiB
+    views = [(s, t) for s, t in zip(plan["tensors"], m._plan.tensors, strict=True)]
+    for (source, _, _), tensor in views:
+        if source[0] == "s" and int(source[1:]) in big:
+            assert tensor.data_ptr() % HUGE_PAGE == 0
+    x = rng.standard_normal((1024, 256)).astype("float32")
+    np.testing.assert_array_equal(m(x), _vm_outputs(m, [x])[0])
+    with torch.no_grad():
+        np.testing.assert_allclose(m(x), model(torch.from_numpy(x)).numpy(), atol=1e-4)

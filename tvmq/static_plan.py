@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 
 import numpy as np
 import tvm
@@ -35,6 +36,9 @@ CONSTANTS_FUNCTION = "tvmq_plan_constants"
 """The library function that returns the plan's constants, in the plan's order."""
 
 PLAN_VERSION = 1
+
+HUGE_PAGE = 2 << 20
+"""x86-64's and AArch64's (4 KiB granule) transparent huge page, 2 MiB."""
 
 
 def plan_digest(plan: dict) -> str:
@@ -59,8 +63,7 @@ class PlanRunner:
         digest, *constants = vm[CONSTANTS_FUNCTION]()
         if str(digest) != plan_digest(plan) or len(constants) != plan["constants"]:
             raise ValueError("model.json's plan is not the one compiled into the library")
-        device = tvm.cpu(0)
-        storage = [tvm.runtime.empty((n,), "uint8", device) for n in plan["storage"]]
+        storage = [_storage(n) for n in plan["storage"]]
         tensors: list = []
         sources = {"p": params, "c": constants, "s": storage, "t": tensors}
 
@@ -69,6 +72,7 @@ class PlanRunner:
 
         for source, shape, dtype in plan["tensors"]:
             tensors.append(ref(source)._create_view(shape, dtype))
+        self.tensors = tuple(tensors)
         functions = [lib.get_function(k, query_imports=True) for k in plan["kernels"]]
         self.steps = tuple((functions[k], tuple(ref(a) for a in args)) for k, args in plan["steps"])
         self.outputs = tuple(np.from_dlpack(ref(o)) for o in plan["outputs"])
@@ -76,3 +80,24 @@ class PlanRunner:
     def run(self) -> None:
         for function, args in self.steps:
             function(*args)
+
+
+def _storage(nbytes: int) -> tvm.runtime.Tensor:
+    """A plan storage of ``nbytes``, host memory aligned to 64 bytes or more.
+
+    One of at least a megabyte is mapped on its own, 2 MiB aligned, and advised for
+    transparent huge pages (``MADV_HUGEPAGE``; Linux's default THP mode, ``madvise``, gives
+    them only to such regions): a layer's multi-megabyte activations then cost a few TLB
+    entries instead of hundreds (1 thread, 224x224: UNet fp32 1.7% faster, the YOLO-style
+    neck 1.2%, ResNets unchanged). Elsewhere, or if the mapping fails, TVM's allocator.
+    """
+    if nbytes >= HUGE_PAGE // 2 and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            region.madvise(mmap.MADV_HUGEPAGE)
+            raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive, as DLPack does it
+            start = -raw.ctypes.data % HUGE_PAGE
+            return tvm.runtime.from_dlpack(raw[start : start + nbytes])
+        except (OSError, ValueError):
+            pass
+    return tvm.runtime.empty((nbytes,), "uint8", tvm.cpu(0))
