@@ -117,16 +117,18 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
     return (x, geo, w) if ok else None
 
 
-def find_epilogues(mod: tvm.IRModule, residual: bool = False) -> Epilogues:
+def find_epilogues(mod: tvm.IRModule, residual: bool = False, silu: bool = False) -> Epilogues:
     """The float convs whose result only feeds ``add(conv, constant bias)``, and that sum
     only a ``relu`` / ``clip`` (the folded batch norm and activation of a CNN block): the
     kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`). With
     ``residual``, a ``groups`` 1 conv's biased sum read only by an ``add`` of another tensor
     of its shape bound before the conv (a ResNet block's skip), then maybe a ``relu`` /
-    ``clip``, gets that add too."""
+    ``clip``, gets that add too. With ``silu``, a sum read only by ``s = sigmoid(sum)`` and
+    ``multiply(sum, s)`` (SiLU as PyTorch exports it; ``s`` read only there) gets that."""
     found: Epilogues = {}
     bindings = list(dataflow_bindings(mod))
     position = {b.var: i for i, (b, _) in enumerate(bindings)}
+    readers = _readers(b for b, _ in bindings) if silu else {}
     for i, (b, only_user) in enumerate(bindings):
         found_conv = match_float_conv2d(b.value)
         nxt = only_user(b.var) if found_conv is not None else None
@@ -142,8 +144,37 @@ def find_epilogues(mod: tvm.IRModule, residual: bool = False) -> Epilogues:
         bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
         if bounds is not None and act[1].args[0].same_as(chain[-1]):
             chain, epilogue = chain + (act[0],), ConvEpilogue(*bounds, residual=skip is not None)
+        elif silu and (ops := _silu(chain[-1], readers)) is not None:
+            chain, epilogue = chain + ops, ConvEpilogue(residual=skip is not None, silu=True)
         found[b.var] = FloatEpilogue(chain, bias, epilogue, skip)
     return found
+
+
+def _readers(bindings) -> dict[relax.Var, list[relax.VarBinding]]:
+    """var -> the bindings that read it (each once)."""
+    readers: dict[relax.Var, list[relax.VarBinding]] = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            readers.setdefault(v, []).append(b)
+    return readers
+
+
+def _silu(v: relax.Var, readers) -> tuple[relax.Var, relax.Var] | None:
+    """``(s, m)`` where ``v`` is read only by ``s = sigmoid(v)`` and ``m = multiply(v, s)``
+    (either order) and ``s`` only by ``m``, all dataflow vars; else None."""
+    users = readers.get(v, [])
+    if len(users) != 2 or not isinstance(v, relax.DataflowVar):
+        return None
+    sig = next((b for b in users if op_name(b.value) == "relax.sigmoid"), None)
+    mul = next((b for b in users if op_name(b.value) == "relax.multiply"), None)
+    if sig is None or mul is None or not sig.value.args[0].same_as(v):
+        return None
+    a, c = mul.value.args
+    if not ((a.same_as(v) and c.same_as(sig.var)) or (a.same_as(sig.var) and c.same_as(v))):
+        return None
+    if len(readers.get(sig.var, [])) != 1 or not isinstance(sig.var, relax.DataflowVar):
+        return None
+    return sig.var, mul.var
 
 
 def _residual(user, summed: relax.Var, defined) -> relax.Var | None:
@@ -317,6 +348,8 @@ def _emit(
     )
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
+    if isinstance(epilogue, ConvEpilogue) and epilogue.silu:
+        suffix = "_bias_silu"
     if residual is not None:
         suffix = "_bias_residual" + ("_act" if epilogue != ConvEpilogue(residual=True) else "")
     if isinstance(epilogue, Requantize):
@@ -376,6 +409,6 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        lowering = _Lowering(*simd, find_epilogues(mod, residual=True))
+        lowering = _Lowering(*simd, find_epilogues(mod, residual=True, silu=True))
         lowering.find_bordered_outputs(mod)
         return rewrite_channels_last(mod, lowering)

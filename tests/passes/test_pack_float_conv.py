@@ -333,6 +333,70 @@ def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
     assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
 
 
+@needs_vnni
+@pytest.mark.parametrize(
+    "depthwise,swap", [(False, False), (True, True)], ids=["conv", "depthwise-mul-swapped"]
+)
+def test_bias_and_silu_fused_into_the_kernel(rng, depthwise, swap):
+    """conv -> + bias -> s = sigmoid, multiply(sum, s) (SiLU as PyTorch exports it; YOLO's and
+    EfficientNet's blocks) is one kernel: no sigmoid or multiply op left, PyTorch's numbers,
+    inputs large enough that some sums are below -87 (where the sigmoid is 0)."""
+    c, o = (24, 24) if depthwise else (16, 40)
+    groups = c if depthwise else 1
+    x = rng.standard_normal((1, c, 13, 13)).astype(np.float32) * 8
+    w = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=groups))
+            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            sig = bb.emit(relax.op.sigmoid(z))
+            out = bb.emit_output(relax.op.multiply(sig, z) if swap else relax.op.multiply(z, sig))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    kind = "float_depthwise" if depthwise else "float_conv2d"
+    assert _kernel_globals(lowered) == [f"tvmq_{kind}_nhwc_3x3_{c}x{o}_bias_silu"]
+    ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
+    assert not ops & {"relax.add", "relax.sigmoid", "relax.multiply"}
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    conv = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1, groups=groups
+    ).double()
+    assert (conv < -87).any()
+    want = torch.nn.functional.silu(conv).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_vnni
+def test_a_sum_read_besides_its_silu_keeps_the_silu_outside(rng):
+    """When the biased sum is also read elsewhere, the kernel stores the sum (bias only) and
+    sigmoid / multiply stay ops."""
+    x = rng.standard_normal((1, 16, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+
+    def tail(bb, xv, y, z):
+        silu = bb.emit(relax.op.multiply(z, bb.emit(relax.op.sigmoid(z))))
+        return relax.op.add(silu, z)
+
+    mod = _biased_conv_module(x, w, b, tail)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    assert _kernel_globals(lowered) == ["tvmq_float_conv2d_nhwc_3x3_16x32_bias"]
+    ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
+    assert {"relax.sigmoid", "relax.multiply"} <= ops
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    conv = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1
+    )
+    want = (torch.nn.functional.silu(conv) + conv).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 def _biased_conv_module(x, w, b, tail):
     """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding=1)`` and ``z = y + b``
     emitted before it (``tail`` returns the output expression; it may emit more)."""

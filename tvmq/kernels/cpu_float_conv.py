@@ -34,6 +34,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels._tiling import round_up
+from tvmq.kernels.fast_math import sigmoid_f32
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize, requantize_value
 
 # Below this many multiply-adds a parallel launch costs more than it saves.
@@ -162,11 +163,24 @@ class ConvEpilogue:
     ``min(max(acc + bias[o], lo), hi)`` (``bias`` an extra ``(O,)`` argument; ReLU is
     ``lo=0``, ReLU6 ``lo=0, hi=6``). Fusing it saves a pass over the output in memory. With
     ``residual``, ``min(max((acc + bias[o]) + R[...], lo), hi)``: ``R`` (the output's shape)
-    an extra argument after the bias, a ResNet block's skip connection added in the store."""
+    an extra argument after the bias, a ResNet block's skip connection added in the store.
+    With ``silu``, the sum ``v`` becomes ``v * sigmoid(v)`` (SiLU, YOLO's and EfficientNet's
+    activation; :func:`~tvmq.kernels.fast_math.sigmoid_f32`) before the bounds."""
 
     lo: float = float("-inf")
     hi: float = float("inf")
     residual: bool = False
+    silu: bool = False
+
+    def activate(self, v: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+        """The activation and bounds applied to the biased (and residual) sum ``v``."""
+        if self.silu:
+            v = v * sigmoid_f32(v)
+        if self.lo != float("-inf"):
+            v = tvm.tirx.max(v, tvm.tirx.const(self.lo, "float32"))
+        if self.hi != float("inf"):
+            v = tvm.tirx.min(v, tvm.tirx.const(self.hi, "float32"))
+        return v
 
 
 def _bias(epilogue: ConvEpilogue | Requantize | None, channels: int) -> list[te.Tensor]:
@@ -198,11 +212,7 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.
         v = acc[i] if not args else acc[i] + args[0][i[-1]]
         if epilogue is not None and epilogue.residual:
             v = v + args[1][i]
-        if epilogue is not None and epilogue.lo != float("-inf"):
-            v = te.max(v, tvm.tirx.const(epilogue.lo, "float32"))
-        if epilogue is not None and epilogue.hi != float("inf"):
-            v = te.min(v, tvm.tirx.const(epilogue.hi, "float32"))
-        return v
+        return v if epilogue is None else epilogue.activate(v)
 
     if out_pad is None:
         return te.compute(acc.shape, value, name="Y")

@@ -134,14 +134,10 @@ def _prefetch_share(w, jo, nr: int, chunk, per_tap: int, kw: int, kc: int, tile,
 
 
 def _epilogue_pass(y, bias, res, epilogue: ConvEpilogue, jo, nb: int, n: int, oh: int, ow: int):
-    """``Y = clamp(Y + bias [+ R])`` over the panel's columns, in place."""
+    """``Y = activate(Y + bias [+ R])`` over the panel's columns, in place."""
     with T.serial(0, n * oh * ow) as q, T.vectorized(0, nb) as v:
         b, yy, xx, j = q // (oh * ow), q // ow % oh, q % ow, jo * nb + v
         value = y[b, yy, xx, j] + bias[j]
         if res is not None:
             value = value + res[b, yy, xx, j]
-        if epilogue.lo != float("-inf"):
-            value = tirx.max(value, tirx.const(epilogue.lo, "float32"))
-        if epilogue.hi != float("inf"):
-            value = tirx.min(value, tirx.const(epilogue.hi, "float32"))
-        T.buffer_store(y, value, [b, yy, xx, j])
+        T.buffer_store(y, epilogue.activate(value), [b, yy, xx, j])
