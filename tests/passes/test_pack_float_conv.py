@@ -333,6 +333,21 @@ def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
     assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
 
 
+def _biased_conv_module(x, w, b, tail, groups=1):
+    """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding=1, groups)`` and
+    ``z = y + b`` emitted before it (``tail`` returns the output expression; it may emit
+    more)."""
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=groups))
+            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(tail(bb, xv, y, z))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @needs_vnni
 @pytest.mark.parametrize(
     "depthwise,swap", [(False, False), (True, True)], ids=["conv", "depthwise-mul-swapped"]
@@ -346,16 +361,12 @@ def test_bias_and_silu_fused_into_the_kernel(rng, depthwise, swap):
     x = rng.standard_normal((1, c, 13, 13)).astype(np.float32) * 8
     w = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=groups))
-            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            sig = bb.emit(relax.op.sigmoid(z))
-            out = bb.emit_output(relax.op.multiply(sig, z) if swap else relax.op.multiply(z, sig))
-        bb.emit_func_output(out)
-    mod = bb.get()
+
+    def silu(bb, xv, y, z):
+        sig = bb.emit(relax.op.sigmoid(z))
+        return relax.op.multiply(sig, z) if swap else relax.op.multiply(z, sig)
+
+    mod = _biased_conv_module(x, w, b, silu, groups=groups)
     with AVX512:
         lowered = PackFloatConv()(mod)
     kind = "float_depthwise" if depthwise else "float_conv2d"
@@ -395,20 +406,6 @@ def test_a_sum_read_besides_its_silu_keeps_the_silu_outside(rng):
     )
     want = (torch.nn.functional.silu(conv) + conv).numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-
-
-def _biased_conv_module(x, w, b, tail):
-    """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding=1)`` and ``z = y + b``
-    emitted before it (``tail`` returns the output expression; it may emit more)."""
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
-            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            out = bb.emit_output(tail(bb, xv, y, z))
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 @needs_vnni
