@@ -241,8 +241,7 @@ class CompiledModel:
             # The full check: it names what is wrong, or takes lists, names, other layouts.
             args = check_inputs(self.manifest.inputs, args, kwargs)
         with self._lock:
-            for buffer, a in zip(slots.arrays, args, strict=True):
-                np.copyto(buffer, a)
+            slots.fill(args)
             if self._plan is not None:
                 self._plan.run()
                 outs = [o.copy() for o in self._plan.outputs]  # the plan's buffers: copies
@@ -269,8 +268,7 @@ class CompiledModel:
         arrays = check_inputs(self.manifest.inputs, inputs or random_inputs(self.inputs), {})
         run, clock, samples = self._plan.run, time.perf_counter, []
         with self._lock:
-            for buffer, a in zip(self._slots.arrays, arrays, strict=True):
-                np.copyto(buffer, a)
+            self._slots.fill(arrays)
             for _ in range(max(warmup, 0)):
                 run()
             for _ in range(max(repeat, 1)):
@@ -295,8 +293,9 @@ def _one_input_call(model: CompiledModel, slots: _InputSlots):
     this = weakref.proxy(model)  # not the model itself: no cycle keeps it alive
     copyto, from_dlpack = np.copyto, np.from_dlpack
     plan = model._plan
-    if plan is not None and len(plan.outputs) == 1:
-        steps, (out,) = plan.steps, plan.outputs
+    if plan is not None:
+        steps, outs = plan.steps, plan.outputs
+        out = outs[0] if len(outs) == 1 else None
 
         def call_plan(a):
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
@@ -305,7 +304,7 @@ def _one_input_call(model: CompiledModel, slots: _InputSlots):
                 buffer[...] = a  # (a little faster than np.copyto)
                 for function, args in steps:
                     function(*args)
-                return out.copy()
+                return out.copy() if out is not None else tuple(o.copy() for o in outs)
 
         return call_plan
 
@@ -346,6 +345,11 @@ class _InputSlots:
             return cls(specs, params)
         except (TypeError, ValueError, RuntimeError):  # a dtype numpy or DLPack lacks
             return None
+
+    def fill(self, arrays) -> None:
+        """Copy one array per input into the buffers (call under the model's lock)."""
+        for buffer, a in zip(self.arrays, arrays, strict=True):
+            np.copyto(buffer, a)
 
     def accepts(self, args: tuple) -> bool:
         """Whether ``args`` are numpy arrays of exactly the inputs' dtypes and shapes (what
