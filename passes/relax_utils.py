@@ -208,6 +208,11 @@ def alias_binding(mutator: PyExprMutator, var: relax.Var, target: relax.Expr) ->
     return new_var
 
 
+def main_function(mod: tvm.IRModule):
+    """``mod``'s function named ``main``, or None."""
+    return next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
+
+
 def relax_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
     """The Relax functions of `mod` that passes should rewrite, ``main`` first, then by name."""
     out = []

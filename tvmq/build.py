@@ -53,7 +53,7 @@ from tvmq.kernels.cuda_mma import ASYNC_COPY, TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
-from tvmq.passes.relax_utils import RESHAPE, binding_map, op_name, resolve
+from tvmq.passes.relax_utils import RESHAPE, binding_map, main_function, op_name, resolve
 from tvmq.sizes import constant_bytes_by_dtype
 from tvmq.static_plan_record import record_plan
 from tvmq.targets import TargetPreset, get_target
@@ -324,16 +324,11 @@ def _kernel_build_config(async_copy: bool = False) -> Iterator[None]:
         yield
 
 
-def _main(mod: tvm.IRModule):
-    """``mod``'s ``main`` function, or None."""
-    return next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
-
-
 def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
     """Whether the library stores constants as codes decoded at load: for a CPU build of a
     model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
     hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``)."""
-    attrs = getattr(_main(mod), "attrs", None)
+    attrs = getattr(main_function(mod), "attrs", None)
     return preset.kind != "cuda" and attrs is not None and CLUSTERED in attrs
 
 
@@ -361,7 +356,7 @@ def fresh_outputs(mod: tvm.IRModule) -> bool:
     through reshapes), none shared between outputs: the VM then allocates each output anew
     on every call, so the caller may keep it without a copy. False for an output that is an
     input, a constant, an in-place kernel's operand or anything this does not recognise."""
-    main = _main(mod)
+    main = main_function(mod)
     if not isinstance(main, relax.Function) or not isinstance(main.body, relax.SeqExpr):
         return False
     bindings = binding_map(main)

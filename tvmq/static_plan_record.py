@@ -8,6 +8,7 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from tvmq.passes.relax_utils import main_function, ordered_bindings
 from tvmq.static_plan import CONSTANTS_FUNCTION, PLAN_VERSION, plan_digest
 
 # Calls of the lowered main that only check or release (the plan's buffers are checked and
@@ -62,15 +63,13 @@ class _Extractor:
     def plan(self, main: relax.Function) -> dict:
         for i, p in enumerate(main.params):
             self.refs[p] = f"p{i}"
-        body = main.body
-        if not isinstance(body, relax.SeqExpr):
+        if not isinstance(main.body, relax.SeqExpr):
             raise _NotStatic("a body that is not a sequence")
-        for block in body.blocks:
-            for binding in block.bindings:
-                if not isinstance(binding, relax.VarBinding):
-                    raise _NotStatic("a match_cast")
-                self.bind(binding.var, binding.value)
-        result = self.value(body.body)
+        for binding in ordered_bindings(main):
+            if not isinstance(binding, relax.VarBinding):
+                raise _NotStatic("a match_cast")
+            self.bind(binding.var, binding.value)
+        result = self.value(main.body.body)
         outputs = result if isinstance(result, list) else [result]
         if not all(isinstance(o, str) for o in outputs):
             raise _NotStatic("a nested tuple output")
@@ -162,7 +161,7 @@ class _Extractor:
 def extract(mod: tvm.IRModule) -> tuple[dict, list[tvm.ir.Constant]] | None:
     """The plan of a lowered module's ``main`` and its constants, or None when ``main``
     is not static straight-line code."""
-    main = next((f for gv, f in mod.functions_items() if gv.name_hint == "main"), None)
+    main = main_function(mod)
     if not isinstance(main, relax.Function):
         return None
     try:
