@@ -62,7 +62,11 @@ from tvmq.kernels.cpu_float_conv import (
     pixel_major_pays,
     simd_lanes_and_registers,
 )
-from tvmq.kernels.cpu_float_conv_streamed import float_conv2d_nhwc_streamed, streamed_chunk
+from tvmq.kernels.cpu_float_conv_streamed import (
+    float_conv2d_nhwc_streamed,
+    streamed_chunk,
+    streaming_pays,
+)
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
@@ -213,8 +217,9 @@ def _bias(call, conv: relax.Var, channels: int) -> np.ndarray | None:
 class _Lowering:
     """The ``lower`` callback of :class:`ChannelsLastRewriter` for one target's SIMD width."""
 
-    def __init__(self, lanes: int, registers: int, epilogues: Epilogues):
+    def __init__(self, lanes: int, registers: int, epilogues: Epilogues, stream: bool = True):
         self.lanes, self.registers, self.epilogues = lanes, registers, epilogues
+        self.stream = stream  # whether the streamed kernel pays on this target
         # var -> the border its only reader, a padding conv, reads (find_bordered_outputs)
         self.wanted_borders: dict[relax.Var, tuple[int, int, int, int]] = {}
 
@@ -266,9 +271,9 @@ class _Lowering:
 
     def _conv_kernel(self, geo: Conv2DGeometry, o: int, epilogue: bool):
         """``(tiles, kernel, name)`` for a ``groups`` 1 conv with ``o`` output channels: the
-        streamed kernel where its weights stream from memory (its epilogue a pass of its
-        own, so no registers kept for it), else the register-blocked one, pixel-major where
-        that pays."""
+        streamed kernel where its weights stream from memory and streaming pays on the target
+        (its epilogue a pass of its own, so no registers kept for it), else the
+        register-blocked one, pixel-major where that pays."""
         c, ow = geo.x_shape[1], geo.out_hw[1]
         # A few output channels (a segmentation head's classes) take the narrowest vector
         # that holds them, not 16 lanes of which 14 are padding (UNet's 32 -> 2 over
@@ -277,7 +282,7 @@ class _Lowering:
         plain = choose_conv_tiles(ow, o, lanes, self.registers)
         pixels = geo.x_shape[0] * geo.out_hw[0] * plain.ow_padded
         kc = streamed_chunk(pixels, c, geo.kernel[0] * geo.kernel[1], plain.o_padded)
-        if kc is not None:
+        if kc is not None and self.stream:
             kernel = lambda shape, t, e=None: float_conv2d_nhwc_streamed(shape, t, kc, e)  # noqa: E731
             return plain, kernel, "float_conv2d_streamed"
         tiles = choose_conv_tiles(ow, o, lanes, self.registers, epilogue=epilogue)
@@ -409,6 +414,7 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        lowering = _Lowering(*simd, find_epilogues(mod, residual=True, silu=True))
+        epilogues = find_epilogues(mod, residual=True, silu=True)
+        lowering = _Lowering(*simd, epilogues, stream=streaming_pays(self.target))
         lowering.find_bordered_outputs(mod)
         return rewrite_channels_last(mod, lowering)

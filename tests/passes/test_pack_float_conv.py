@@ -560,3 +560,13 @@ def test_few_output_channels_take_a_narrow_vector(rng):
     got = _build_and_run(mod, "x86-avx512-vnni", x)
     want = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)))
     assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
+
+
+def test_streamed_kernel_only_where_streaming_pays(rng):
+    """A deep layer over a small image (4.7 MB of weights over 7x7) takes the streamed kernel
+    on an Intel AVX-512 target, the register-blocked one on AMD Zen 4 (half-width FMAs)."""
+    w = rng.standard_normal((512, 256, 3, 3)).astype(np.float32)
+    mod = _conv_module((1, 256, 7, 7), w, padding=1)
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert _kernel_names(PackFloatConv(AVX512)(mod)) == ["float_conv2d_nhwc_streamed"]
+    assert _kernel_names(PackFloatConv(zen4)(mod)) == ["float_conv2d_nhwc"]
