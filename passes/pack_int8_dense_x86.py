@@ -124,7 +124,8 @@ class VNNIPass:
         target = self.target or tvm.target.Target.current(allow_none=True)
         if not target_has_vnni(target):
             return mod
-        return self.rewrite(mod, amx=target_has_amx(target))
+        with target:  # the kernels' tiles follow the CPU (x86_int8.choose_tiles)
+            return self.rewrite(mod, amx=target_has_amx(target))
 
     def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
         """``mod`` on the VNNI kernels (``amx``: the target has AMX int8 tiles too)."""

@@ -519,3 +519,28 @@ def test_amx_dense_stores_the_requantize_and_leaves_dynamic_ops(rng):
     x = rng.normal(size=(64, 256)).astype("float32")
     got, want = _run(packed, x, SAPPHIRERAPIDS)[0], _run(dynamic, x, SAPPHIRERAPIDS)[0]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("m", "n"), [(8, 64), (128, 3072), (197, 192), (3136, 256), (50176, 48)])
+def test_half_width_cpus_take_at_most_14_accumulators(m, n):
+    """AMD Zen 4 (half-width 512-bit units): tiles of 16+ accumulators ran 3-30% slower."""
+    t = choose_tiles(m, n, half_width=True)
+    assert t.m_padded % t.mr == 0 and t.m_padded >= m and (n // 16) % t.nr == 0
+    assert t.mr * t.nr <= 14 and choose_tiles(t.m_padded, n, half_width=True) == t
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    with zen4:
+        assert choose_tiles(m, n) == t
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(("x_shape", "n"), [((24, 64), 48), ((197, 40), 64), ((128, 32), 96)])
+def test_half_width_tiles_bit_exact(rng, x_shape, n):
+    """The Zen 4 tiles (6x1, 7x2 over 203 padded rows, 4x3 here) give the exact products
+    (built for Cascade Lake, which this host runs)."""
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    x = _random(rng, x_shape, np.dtype("int8"))
+    mod = PackInt8DenseX86(zen4)(_matmul_module(x_shape, w, "int8"))
+    assert len(_kernel_funcs(mod)) == 1
+    got, _ = _run(mod, x)
+    np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))

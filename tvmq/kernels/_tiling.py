@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+import tvm
 
 DEFAULT_SCHEDULE_ROWS = 4
 """Rows of accumulators :class:`tvmq.cpu_schedule.CPUDefaultSchedule` keeps in registers
 (kernel passes leave shapes that tile into them to that schedule)."""
+
+
+HALF_WIDTH_AVX512_CPUS = frozenset({"znver4"})
+"""LLVM CPU names that run each 512-bit instruction as two 256-bit halves (AMD Zen 4): one
+zmm FMA or ``vpdpbusd`` a cycle, and a 32 KB L1 data cache. Kernels tuned on Intel cores
+(two 512-bit FMA ports, 48 KB L1) choose differently there."""
+
+
+def half_width_avx512(target: tvm.target.Target | None = None) -> bool:
+    """Whether ``target`` (None: the current target, if any) names a CPU of
+    :data:`HALF_WIDTH_AVX512_CPUS`."""
+    if target is None:
+        target = tvm.target.Target.current(allow_none=True)
+    return target is not None and target.attrs.get("mcpu") in HALF_WIDTH_AVX512_CPUS
 
 
 def round_up(x: int, m: int) -> int:
