@@ -25,6 +25,7 @@ unused and removed).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -161,6 +162,7 @@ class PackDecodedDense:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        out = rewrite_functions(mod, _Rewriter(mod, *simd), relax.analysis.remove_all_unused)
+        with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
+            out = rewrite_functions(mod, _Rewriter(mod, *simd), relax.analysis.remove_all_unused)
         # the decoders the kernels replaced are no longer called: drop them
         return out if out.same_as(mod) else relax.transform.DeadCodeElimination()(out)

@@ -34,6 +34,7 @@ left).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import tvm
@@ -195,4 +196,5 @@ class PackFloatBatchMatmul:
         simd = _x86_simd(self.target)
         if simd is None:
             return mod
-        return rewrite_functions(mod, _Rewriter(mod, *simd), relax.analysis.remove_all_unused)
+        with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
+            return rewrite_functions(mod, _Rewriter(mod, *simd), relax.analysis.remove_all_unused)

@@ -44,6 +44,7 @@ float conv2d is left, so running the pass again changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -416,5 +417,6 @@ class PackFloatConv:
             return mod
         epilogues = find_epilogues(mod, residual=True, silu=True)
         lowering = _Lowering(*simd, epilogues, stream=streaming_pays(self.target))
-        lowering.find_bordered_outputs(mod)
-        return rewrite_channels_last(mod, lowering)
+        with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
+            lowering.find_bordered_outputs(mod)
+            return rewrite_channels_last(mod, lowering)

@@ -29,6 +29,7 @@ no-op on non-LLVM targets; idempotent (no float matmul with a constant weight is
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -163,4 +164,7 @@ class PackFloatDense:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        return rewrite_functions(mod, _DenseRewriter(mod, *simd), relax.analysis.remove_all_unused)
+        with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
+            return rewrite_functions(
+                mod, _DenseRewriter(mod, *simd), relax.analysis.remove_all_unused
+            )

@@ -12,7 +12,7 @@ from tvm import relax
 
 from tvmq.build import build
 from tvmq.kernels import KERNEL_ATTR
-from tvmq.kernels.cpu_float_conv import choose_conv_tiles, pack_conv_weight
+from tvmq.kernels.cpu_float_conv import ConvTiles, choose_conv_tiles, pack_conv_weight
 from tvmq.passes import FoldBatchNorm, PackFloatConv
 
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
@@ -570,3 +570,27 @@ def test_streamed_kernel_only_where_streaming_pays(rng):
     zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
     assert _kernel_names(PackFloatConv(AVX512)(mod)) == ["float_conv2d_nhwc_streamed"]
     assert _kernel_names(PackFloatConv(zen4)(mod)) == ["float_conv2d_nhwc"]
+
+
+@needs_vnni
+def test_zen4_tiles_keep_at_most_14_accumulators(rng):
+    """On AMD Zen 4 (half-width 512-bit FMAs) tiles of 16+ accumulators ran slower: the
+    target's tiles stay within 14, and the lowered conv still matches PyTorch."""
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    with zen4:
+        for ow in (7, 10, 14, 28, 56, 112, 224):
+            for o in (32, 64, 256, 2048):
+                t = choose_conv_tiles(ow, o, 16, 32, epilogue=True)
+                assert t.mr * t.nr <= 14 and t.ow_padded % t.mr == 0
+        assert choose_conv_tiles(14, 256, 16, 32) == ConvTiles(7, 2, 16, 14, 256)
+    elsewhere = choose_conv_tiles(14, 256, 16, 32)
+    assert elsewhere.mr * elsewhere.nr == 28  # elsewhere: the 28-accumulator tile
+    x = rng.standard_normal((2, 32, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    mod = _conv_module(x.shape, w, b, padding=1)
+    lowered = PackFloatConv(zen4)(mod)
+    assert _kernel_names(lowered) == ["float_conv2d_nhwc"]
+    got = _build_and_run(lowered, "x86-avx512-vnni", x)  # built for the preset this host runs
+    want = _torch_conv(x, w, b, 1, 1, 1)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -32,7 +32,12 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
-from tvmq.kernels._tiling import half_width_avx512, pack_int8_tiles, round_up
+from tvmq.kernels._tiling import (
+    HALF_WIDTH_ACCUMULATORS,
+    half_width_avx512,
+    pack_int8_tiles,
+    round_up,
+)
 from tvmq.kernels.dynamic_quant import quantized_rows
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
 
@@ -40,7 +45,6 @@ KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
 
 _MAX_ACCUMULATORS = 24
-_HALF_WIDTH_ACCUMULATORS = 14
 # Below this many multiply-adds a parallel launch costs more than it saves.
 _PARALLEL_MIN_MACS = 1 << 20
 
@@ -192,7 +196,7 @@ def choose_tiles(m: int, n_padded: int, half_width: bool | None = None) -> Dense
     """
     if half_width is None:
         half_width = half_width_avx512()
-    top, budget = (7, _HALF_WIDTH_ACCUMULATORS) if half_width else (8, _MAX_ACCUMULATORS)
+    top, budget = (7, HALF_WIDTH_ACCUMULATORS) if half_width else (8, _MAX_ACCUMULATORS)
     if m <= 8:
         mr, m_padded = m, m
     else:
