@@ -125,6 +125,29 @@ def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilati
 
 
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "o", "k", "strides", "padding", "dilation", "x_dtype"),
+    [
+        ((1, 16, 112, 112), 32, 3, 1, 1, 1, "uint8"),  # cols 1.7 MiB, 7x2 tiles
+        ((2, 32, 115, 111), 48, 3, 2, 1, 1, "int8"),  # batch 2, stride 2, 4x3 tiles
+        ((1, 16, 101, 103), 16, 3, 1, 2, 2, "int8"),  # dilation 2, M = 10403 padded
+        ((1, 128, 200, 200), 16, 1, 2, 0, 1, "uint8"),  # 1x1 stride 2 (not its own im2col)
+    ],
+)
+def test_im2col_in_the_kernel_bit_exact(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
+    """A conv whose im2col matrix outgrows L2 has no im2col kernel: the dense kernel copies
+    each row tile's rows from the padded image itself; the same products as the reference."""
+    w = _random(rng, (o, x_shape[1], k, k), np.int8)
+    x = _random(rng, x_shape, np.dtype(x_dtype))
+    mod = _conv_module(x_shape, w, x_dtype, strides=strides, padding=padding, dilation=dilation)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert _kernels(packed) == ["int8_dense_vnni"]
+    assert any("_im2col" in gv.name_hint for gv in packed.get_global_vars())
+    got = _run(packed, x)
+    np.testing.assert_array_equal(got, _reference(x, w, strides, padding, dilation))
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
 @pytest.mark.parametrize(("x_dtype", "z"), [("uint8", 131), ("int8", -7)])
 def test_zero_point_pad_from_lower_int8(rng, x_dtype, z):
     """A conv on ``pad(x, value=z)`` (LowerInt8 with a non-zero zero point) stays exact."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -40,6 +41,9 @@ from tvmq.kernels._tiling import (
 )
 from tvmq.kernels.dynamic_quant import quantized_rows
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
+
+if TYPE_CHECKING:
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
@@ -255,6 +259,7 @@ def int8_dense_vnni(
     requantize: Requantize | DynamicDequantize | None = None,
     x_dtype: str = "uint8",
     n_out: int | None = None,
+    im2col: Conv2DGeometry | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -277,6 +282,12 @@ def int8_dense_vnni(
     n_out : int, optional
         Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
         columns are computed in registers but not stored, so no slice has to drop them.
+    im2col : Conv2DGeometry, optional
+        ``X`` is a conv's zero-padded NHWC uint8 image ``(N, H', W', C)`` instead of its
+        im2col rows: each row tile copies its ``mr x k`` rows of the im2col matrix into a
+        scratch block in cache before its column tiles (the row tiles are the parallel
+        loop), so the ``m x k`` matrix never goes through memory. Needs ``C % 16 == 0`` and
+        ``k = KH * KW * C``; rows past the conv's ``M`` repeat its last pixel.
 
     Returns
     -------
@@ -297,6 +308,8 @@ def int8_dense_vnni(
     if quantize is not None:  # X float32: its bytes are a stage of the kernel
         x_float = te.placeholder((m, quantize.k), "float32", name="X")
         x, *row_params = quantized_rows(x_float, k, quantize.eps)
+    elif im2col is not None:  # X the padded image: the rows are a stage of the kernel
+        x_float, x = _im2col_rows(im2col, m, k)
     else:
         x = te.placeholder((m, k), x_dtype, name="X")
     r = te.reduce_axis((0, k), name="k")
@@ -313,7 +326,7 @@ def int8_dense_vnni(
         ),
         name="acc",
     )
-    args = [x_float if quantize is not None else x, w]
+    args = [x_float if quantize is not None or im2col is not None else x, w]
     if with_offset:
         off = te.placeholder((n,), "int32", name="offset")
         args.append(off)
@@ -347,7 +360,9 @@ def int8_dense_vnni(
         )
     func = te.create_prim_func([*args, *extra, out])
     parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
-    return _schedule(func, tiles, parallel, signed, quantize is not None)
+    staged = "quantize" if quantize is not None else "im2col" if im2col is not None else None
+    channels = im2col.x_shape[1] if im2col is not None else 0
+    return _schedule(func, tiles, parallel, signed, staged, channels)
 
 
 def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=None):
@@ -419,6 +434,26 @@ def with_int_rounding(
     return dataclasses.replace(requantize, int_rounding=True)
 
 
+def _im2col_rows(geo: Conv2DGeometry, m: int, k: int) -> tuple[te.Tensor, te.Tensor]:
+    """``(X, rows)``: the padded NHWC uint8 image of ``geo``'s conv and the stage computing
+    its ``(m, k)`` im2col rows (``(pixel, (ky, kx, c))``, rows past ``geo.m`` repeating the
+    last pixel), for the ``im2col`` option of :func:`int8_dense_vnni`."""
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
+    oh, ow = geo.out_hw
+    if c % LANES or k != kh * kw * c or m < geo.m:
+        raise ValueError(f"no in-kernel im2col for {geo} with m={m} k={k}")
+    image = te.placeholder((n, h + top + bottom, w + left + right, c), "uint8", name="X")
+
+    def row(i, r):
+        i = te.min(i, geo.m - 1)
+        b, y, x, tap = i // (oh * ow), i // ow % oh, i % ow, r // c
+        return image[b, y * sh + tap // kw * dh, x * sw + tap % kw * dw, r % c]
+
+    return image, te.compute((m, k), row, name="im2col_rows")
+
+
 def int8_batch_matmul_vnni(
     batch: int, m: int, k: int, n: int, *, tiles: DenseTiles | None = None
 ) -> tvm.tirx.PrimFunc:
@@ -455,21 +490,26 @@ def _schedule(
     tiles: DenseTiles,
     parallel: bool,
     signed: bool = False,
-    quantize: bool = False,
+    staged: str | None = None,
+    channels: int = 0,
 ) -> tvm.tirx.PrimFunc:
     """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
-    (or its batched form: the batch loop joins the parallel tile loop). With ``quantize`` the
-    row tiles are the outer (parallel) loop and each quantizes its rows once, before its
-    column tiles (:func:`_schedule_quantize`)."""
+    (or its batched form: the batch loop joins the parallel tile loop). With a ``staged``
+    ``X`` (``"quantize"``, ``"im2col"``) the row tiles are the outer (parallel) loop and each
+    computes its rows once, before its column tiles (:func:`_schedule_quantize`,
+    :func:`_schedule_im2col`, whose image has ``channels``)."""
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("C")
     *batch, oi, oj = sch.get_loops(out)
     mo, mi = sch.split(oi, [None, tiles.mr])
     no, nj = sch.split(oj, [None, tiles.nr * LANES])
-    if quantize:
+    if staged is not None:
         sch.reorder(mo, no, mi, nj)
         sch.compute_at(acc, no)
-        _schedule_quantize(sch, mo, parallel)
+        if staged == "quantize":
+            _schedule_quantize(sch, mo, parallel)
+        else:  # X is the image: its channels are the copied runs
+            _schedule_im2col(sch, mo, parallel, channels)
     else:
         sch.reorder(*batch, no, mo, mi, nj)
         # The accumulator shrinks to one mr x (nr * 16) tile per task.
@@ -479,7 +519,7 @@ def _schedule(
     ni, nv = sch.split(aj, [tiles.nr, LANES])
     ko, kv = sch.split(ak, [None, REDUCE])
     sch.reorder(ko, *rows, ni, nv, kv)
-    if parallel and not quantize:
+    if parallel and staged is None:
         sch.parallel(sch.fuse(*batch, no, mo))
     init = sch.decompose_reduction(acc, ko)
     sch.tensorize(nv, register_vnni_intrin(signed))
@@ -494,6 +534,19 @@ def _schedule(
         .with_attr(KERNEL_ATTR, "int8_dense_vnni")
         .without_attr("global_symbol")
     )
+
+
+def _schedule_im2col(sch: Schedule, rows, parallel: bool, c: int) -> None:
+    """Compute :func:`_im2col_rows` per row tile (loop ``rows``, made ``parallel``): each
+    row's taps copied as runs of ``c`` bytes (the image's channels), vectorized."""
+    block = sch.get_sblock("im2col_rows")
+    sch.compute_at(block, rows)
+    if parallel:
+        sch.parallel(rows)
+    r = sch.get_loops(block)[-1]
+    _, ch = sch.split(r, [None, c])
+    width = next(v for v in (64, 32, LANES) if c % v == 0)
+    sch.vectorize(sch.split(ch, [None, width])[1])
 
 
 def _schedule_quantize(sch: Schedule, rows, parallel: bool) -> None:
