@@ -248,9 +248,10 @@ def _im2col_in_kernel(geo, dense) -> bool:
     outgrow a core's L2 (1 MiB) and each tap is a run of 16-byte multiples. UNet's 224x224
     32-channel 3x3 conv (1 thread) 3.05 -> 2.36 ms, 112x112 64-channel 3.39 -> 2.20, 56x56
     the same as the separate im2col and dense."""
-    vnni = isinstance(dense, X86Int8Dense) and dense.amx is None
+    if not isinstance(dense, X86Int8Dense) or dense.amx is not None:
+        return False
     big = dense.m_padded * dense.k_padded >= 1 << 20
-    return vnni and big and geo.x_shape[1] % LANES == 0 and dense.k_padded == geo.k
+    return big and geo.x_shape[1] % LANES == 0 and dense.k_padded == geo.k
 
 
 def _padded_uint8(bb, x: relax.Expr, padding, x_dtype: str) -> relax.Expr:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -41,9 +40,6 @@ from tvmq.kernels._tiling import (
 )
 from tvmq.kernels.dynamic_quant import quantized_rows
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
-
-if TYPE_CHECKING:
-    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
@@ -259,7 +255,7 @@ def int8_dense_vnni(
     requantize: Requantize | DynamicDequantize | None = None,
     x_dtype: str = "uint8",
     n_out: int | None = None,
-    im2col: Conv2DGeometry | None = None,
+    im2col=None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
 
@@ -282,7 +278,7 @@ def int8_dense_vnni(
     n_out : int, optional
         Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
         columns are computed in registers but not stored, so no slice has to drop them.
-    im2col : Conv2DGeometry, optional
+    im2col : tvmq.kernels.x86_int8_conv.Conv2DGeometry, optional
         ``X`` is a conv's zero-padded NHWC uint8 image ``(N, H', W', C)`` instead of its
         im2col rows: each row tile copies its ``mr x k`` rows of the im2col matrix into a
         scratch block in cache before its column tiles (the row tiles are the parallel
@@ -434,10 +430,12 @@ def with_int_rounding(
     return dataclasses.replace(requantize, int_rounding=True)
 
 
-def _im2col_rows(geo: Conv2DGeometry, m: int, k: int) -> tuple[te.Tensor, te.Tensor]:
-    """``(X, rows)``: the padded NHWC uint8 image of ``geo``'s conv and the stage computing
-    its ``(m, k)`` im2col rows (``(pixel, (ky, kx, c))``, rows past ``geo.m`` repeating the
-    last pixel), for the ``im2col`` option of :func:`int8_dense_vnni`."""
+def _im2col_rows(geo, m: int, k: int) -> tuple[te.Tensor, te.Tensor]:
+    """``(X, rows)``: the padded NHWC uint8 image of ``geo``'s conv (a
+    :class:`~tvmq.kernels.x86_int8_conv.Conv2DGeometry`; not imported here, that module
+    imports this one) and the stage computing its ``(m, k)`` im2col rows
+    (``(pixel, (ky, kx, c))``, rows past ``geo.m`` repeating the last pixel), for the
+    ``im2col`` option of :func:`int8_dense_vnni`."""
     n, c, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
