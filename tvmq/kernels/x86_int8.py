@@ -24,6 +24,7 @@ quantizes them into a scratch block (``mr x K`` bytes) once, then walks its colu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,9 +191,10 @@ def choose_tiles(m: int, n_padded: int, half_width: bool | None = None) -> Dense
 
     With ``half_width`` (default: whether the current target is a
     :func:`~tvmq.kernels._tiling.half_width_avx512` CPU, AMD Zen 4), ``mr`` is the largest
-    divisor in 4..7 (8 only where it is ``m``: a GEMV's one tile) and the tile at most 14 accumulators: there
-    tiles of 16 or more ran 3-30% slower than 7x2 / 4x3 ones (1 thread, warm; ResNet-50's
-    3136x64x256 291 -> 436 GOP/s at 7x2, MiniLM's 128x768x3072 427 -> 458 at 4x3).
+    divisor in 4..7 (8 only where it is ``m``: a GEMV's one tile) and the tile at most 14
+    accumulators: there tiles of 16 or more ran 3-30% slower than 7x2 / 4x3 ones (1 thread,
+    warm; ResNet-50's 3136x64x256 291 -> 436 GOP/s at 7x2, MiniLM's 128x768x3072 427 -> 458
+    at 4x3).
     """
     if half_width is None:
         half_width = half_width_avx512()
@@ -301,13 +303,16 @@ def int8_dense_vnni(
         k, n = (tvm.tirx.IntImm("int64", v) for v in (k, n))
     quantize = getattr(requantize, "quantize", None)
     w = te.placeholder((n // LANES, k // REDUCE, LANES, REDUCE), "int8", name="W")
+    stage = None  # how _schedule computes a staged x per row tile
     if quantize is not None:  # X float32: its bytes are a stage of the kernel
-        x_float = te.placeholder((m, quantize.k), "float32", name="X")
-        x, *row_params = quantized_rows(x_float, k, quantize.eps)
+        x_arg = te.placeholder((m, quantize.k), "float32", name="X")
+        x, *row_params = quantized_rows(x_arg, k, quantize.eps)
+        stage = _schedule_quantize
     elif im2col is not None:  # X the padded image: the rows are a stage of the kernel
-        x_float, x = _im2col_rows(im2col, m, k)
+        x_arg, x = _im2col_rows(im2col, m, k)
+        stage = functools.partial(_schedule_im2col, c=im2col.x_shape[1])
     else:
-        x = te.placeholder((m, k), x_dtype, name="X")
+        x = x_arg = te.placeholder((m, k), x_dtype, name="X")
     r = te.reduce_axis((0, k), name="k")
     signed = x_dtype == "int8"
 
@@ -322,7 +327,7 @@ def int8_dense_vnni(
         ),
         name="acc",
     )
-    args = [x_float if quantize is not None or im2col is not None else x, w]
+    args = [x_arg, w]
     if with_offset:
         off = te.placeholder((n,), "int32", name="offset")
         args.append(off)
@@ -356,9 +361,7 @@ def int8_dense_vnni(
         )
     func = te.create_prim_func([*args, *extra, out])
     parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
-    staged = "quantize" if quantize is not None else "im2col" if im2col is not None else None
-    channels = im2col.x_shape[1] if im2col is not None else 0
-    return _schedule(func, tiles, parallel, signed, staged, channels)
+    return _schedule(func, tiles, parallel, signed, stage)
 
 
 def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=None):
@@ -488,26 +491,22 @@ def _schedule(
     tiles: DenseTiles,
     parallel: bool,
     signed: bool = False,
-    staged: str | None = None,
-    channels: int = 0,
+    stage=None,
 ) -> tvm.tirx.PrimFunc:
     """Tile, parallelize and tensorize the ``acc`` / ``C`` pair built by :func:`int8_dense_vnni`
-    (or its batched form: the batch loop joins the parallel tile loop). With a ``staged``
-    ``X`` (``"quantize"``, ``"im2col"``) the row tiles are the outer (parallel) loop and each
-    computes its rows once, before its column tiles (:func:`_schedule_quantize`,
-    :func:`_schedule_im2col`, whose image has ``channels``)."""
+    (or its batched form: the batch loop joins the parallel tile loop). With a ``stage``
+    (:func:`_schedule_quantize`, :func:`_schedule_im2col`: ``stage(sch, rows, parallel)``
+    for an ``X`` computed in the kernel) the row tiles are the outer (parallel) loop and each
+    computes its rows once, before its column tiles."""
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("C")
     *batch, oi, oj = sch.get_loops(out)
     mo, mi = sch.split(oi, [None, tiles.mr])
     no, nj = sch.split(oj, [None, tiles.nr * LANES])
-    if staged is not None:
+    if stage is not None:
         sch.reorder(mo, no, mi, nj)
         sch.compute_at(acc, no)
-        if staged == "quantize":
-            _schedule_quantize(sch, mo, parallel)
-        else:  # X is the image: its channels are the copied runs
-            _schedule_im2col(sch, mo, parallel, channels)
+        stage(sch, mo, parallel)
     else:
         sch.reorder(*batch, no, mo, mi, nj)
         # The accumulator shrinks to one mr x (nr * 16) tile per task.
@@ -517,7 +516,7 @@ def _schedule(
     ni, nv = sch.split(aj, [tiles.nr, LANES])
     ko, kv = sch.split(ak, [None, REDUCE])
     sch.reorder(ko, *rows, ni, nv, kv)
-    if parallel and staged is None:
+    if parallel and stage is None:
         sch.parallel(sch.fuse(*batch, no, mo))
     init = sch.decompose_reduction(acc, ko)
     sch.tensorize(nv, register_vnni_intrin(signed))
