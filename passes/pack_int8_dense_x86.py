@@ -94,6 +94,7 @@ def _kernel(amx: bool) -> DenseKernel:
         # LowerInt8's requantize in either kernel, QuantizeDynamic's dequantize in VNNI's
         epilogues=lambda choice: (Requantize,) + ((DynamicDequantize,) if not choice.amx else ()),
         gemv_rows=8,  # one row tile: int8 x flipped in registers, exact columns stored
+        exact_rows=lambda choice: choice.amx is None,  # AMX's last row block overlaps instead
         # a dynamic layer's row range and quantize in the VNNI kernel, where that pays
         quantizes=lambda choice: (
             choice.amx is None and quantize_pays(choice.m_padded, choice.k_padded, choice.n_padded)

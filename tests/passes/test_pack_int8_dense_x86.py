@@ -158,6 +158,33 @@ def test_amx_ragged_rows_need_no_pad_or_slice(rng, x_shape, x_dtype):
 
 
 @pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "n", "requantized"),
+    [((1, 197, 192), 48, False), ((13, 16), 32, False), ((1, 11, 40), 16, True)],
+)
+def test_vnni_ragged_rows_store_exactly_m_rows(rng, x_shape, n, requantized):
+    """M with no tile divisor (DeiT's 197 tokens: 7 x 29 = 203 rows on Zen 4; 13; 11): x is padded
+    for the kernel, but the kernel stores only the first M rows, so no strided_slice copies
+    the result. Exact against numpy (and the requantized one against TVM's default lowering)."""
+    w = _random(rng, (x_shape[-1], n), np.int8)
+    x = _random(rng, x_shape, np.uint8)
+    if requantized:
+        mod = _requantized_dense_module(rng, x_shape, w, "uint8", True, None, "int8", 3)
+    else:
+        mod = _matmul_module(x_shape, w, "uint8")
+    for target in (CASCADELAKE, tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})):
+        packed = PackInt8DenseX86(target)(mod)
+        assert not _ops_named(packed, "relax.strided_slice")
+        names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+        assert any(n.startswith("tvmq_int8_dense_vnni_") and "_m" in n for n in names), names
+        got = _run_main(packed, x)
+        if requantized:
+            np.testing.assert_array_equal(got, _run_main(mod, x))
+        else:
+            np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+@pytest.mark.vnni
 def test_extreme_values_do_not_overflow(rng):
     k, n = 784, 20
     w = np.full((k, n), -128, dtype=np.int8)

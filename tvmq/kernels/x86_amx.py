@@ -128,7 +128,7 @@ class X86Int8Dense:
         self, with_offset: bool, requantize: Requantize | None = None, **vnni
     ) -> tirx.PrimFunc:
         """The kernel; ``vnni``: keywords only the VNNI kernel takes (``x_dtype``, ``n_out``
-        of a GEMV; a ``DynamicDequantize`` ``requantize``)."""
+        of a GEMV; ``m_out``; a ``DynamicDequantize`` ``requantize``)."""
         sizes = (self.m_padded, self.k_padded, self.n_padded)
         if self.amx is None:
             return int8_dense_vnni(*sizes, with_offset=with_offset, requantize=requantize, **vnni)

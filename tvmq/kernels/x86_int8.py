@@ -257,6 +257,7 @@ def int8_dense_vnni(
     requantize: Requantize | DynamicDequantize | None = None,
     x_dtype: str = "uint8",
     n_out: int | None = None,
+    m_out: int | None = None,
     im2col=None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``C[m, n] = sum_k int32(X[m, k]) * int32(W[k, n]) (+ offset[n])``.
@@ -280,6 +281,10 @@ def int8_dense_vnni(
     n_out : int, optional
         Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
         columns are computed in registers but not stored, so no slice has to drop them.
+    m_out : int, optional
+        Store only the first ``m_out <= m`` rows (``C`` is ``(m_out, ...)``): the last row tile
+        computes its padded rows in registers and stores only those below ``m_out``, so no
+        slice has to drop them.
     im2col : tvmq.kernels.x86_int8_conv.Conv2DGeometry, optional
         ``X`` is a conv's zero-padded NHWC uint8 image ``(N, H', W', C)`` instead of its
         im2col rows: each row tile copies its ``mr x k`` rows of the im2col matrix into a
@@ -291,7 +296,7 @@ def int8_dense_vnni(
     -------
     tvm.tirx.PrimFunc
         Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
-        [, ``multiplier (n,) float32``], ``C (m, n_out or n)`` int32 (or the requantized dtype).
+        [, ``multiplier (n,) float32``], ``C (m_out or m, n_out or n)`` int32 (or the requantized dtype).
         Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
         :data:`KERNEL_ATTR`.
     """
@@ -335,7 +340,7 @@ def int8_dense_vnni(
     def value(i, j):
         return acc[i, j] + off[j] if with_offset else acc[i, j]
 
-    shape = (m, n if n_out is None else n_out)
+    shape = (m if m_out is None else m_out, n if n_out is None else n_out)
     if requantize is None:
         out = te.compute(shape, value, name="C")
     elif isinstance(requantize, DynamicDequantize):
