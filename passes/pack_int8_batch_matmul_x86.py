@@ -8,10 +8,12 @@ float one; when the target has ``avx512vnni`` this pass rewrites it into::
     a_u = a (uint8)  or  a + 128 (int8 a)                  # vpdpbusd: unsigned x signed
     b_s = b (int8)   or  b - 128 (uint8 b)
     packed = permute_dims(reshape(pad(b_s), [B, K/4, 4, N/16, 16]), [0, 3, 1, 4, 2])
-    acc = call_tir(int8_batch_matmul_vnni, [reshape(pad(a_u), [B, M, K]), packed])
-    a @ b = acc + s_b * rowsum(a_u) - s_a * colsum(b_s) - s_a * s_b * K
+    a @ b = call_tir(int8_batch_matmul_vnni, [reshape(pad(a_u), [B, M, K]), packed,
+                     rowsum(a_u), colsum(b_s)])
+          = acc + s_b * rowsum(a_u) - s_a * colsum(b_s) - s_a * s_b * K
 
-(``s_a``, ``s_b``: the shifts, 0 or 128; terms with a zero shift are left out). The
+(``s_a``, ``s_b``: the shifts, 0 or 128; terms with a zero shift are left out, and the
+kernel adds the others to its accumulators before it stores them). The
 packing is plain Relax (one injective kernel after fusion, usually merged with the
 transpose that produced ``b``); batch dimensions are flattened, ``K`` padded to a
 multiple of 4 and ``N`` of 16 with zeros, ``M`` to the register tile, and the padding
@@ -58,11 +60,13 @@ class _Rewriter(KernelRewriter):
     def match(self, call: relax.Call):
         return match_int8_batch_matmul(call)
 
-    def _kernel(self, batch: int, mp: int, kp: int, np_: int) -> tvm.ir.GlobalVar:
+    def _kernel(self, batch: int, mp: int, kp: int, np_: int, terms: dict) -> tvm.ir.GlobalVar:
         return self.kernel_var(
-            (batch, mp, kp, np_),
-            f"tvmq_int8_batch_matmul_vnni_{batch}x{mp}x{kp}x{np_}",
-            lambda: int8_batch_matmul_vnni(batch, mp, kp, np_).with_attr("op_pattern", _OPAQUE),
+            (batch, mp, kp, np_, *terms.values()),
+            f"tvmq_int8_batch_matmul_vnni_{batch}x{mp}x{kp}x{np_}" + ("_shifted" if terms else ""),
+            lambda: int8_batch_matmul_vnni(batch, mp, kp, np_, **terms).with_attr(
+                "op_pattern", _OPAQUE
+            ),
         )
 
     def rewrite(self, a, b, batch: tuple[int, ...], m: int, k: int, n: int) -> relax.Expr:
@@ -80,22 +84,25 @@ class _Rewriter(KernelRewriter):
         w = bb.emit(relax.op.reshape(b_s, (nb, k, n)))
         if (kp, np_) != (k, n):
             w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
+        # The corrections (module docstring) from the padded operands, whose padding is 0;
+        # the kernel adds them to its tiles.
+        sums, terms = [], {}
+        if s_b:  # b = b_s + s_b
+            sums.append(bb.emit(relax.op.sum(relax.op.astype(x, "int32"), axis=[2])))
+            terms["row_scale"] = s_b
+        if s_a:  # a = a_u - s_a
+            sums.append(bb.emit(relax.op.sum(relax.op.astype(w, "int32"), axis=[1])))
+            terms["col_scale"] = -s_a
+        if s_a and s_b:
+            terms["constant"] = -s_a * s_b * k
         w = bb.emit(relax.op.reshape(w, (nb, kp // REDUCE, REDUCE, np_ // LANES, LANES)))
         w = bb.emit(relax.op.permute_dims(w, [0, 3, 1, 4, 2]))
         out_ty = relax.TensorType((nb, mp, np_), "int32")
-        y = bb.emit(relax.call_tir(self._kernel(nb, mp, kp, np_), [x, w], out_ty=out_ty))
+        kernel = self._kernel(nb, mp, kp, np_, terms)
+        y = bb.emit(relax.call_tir(kernel, [x, w, *sums], out_ty=out_ty))
         if (mp, np_) != (m, n):
             y = bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n]))
-        y = bb.emit(relax.op.reshape(y, (*batch, m, n)))
-        if s_b:  # b = b_s + s_b
-            rows = relax.op.sum(relax.op.astype(a_u, "int32"), axis=[-1], keepdims=True)
-            y = bb.emit(relax.op.add(y, relax.op.multiply(rows, relax.const(s_b, "int32"))))
-        if s_a:  # a = a_u - s_a
-            cols = relax.op.sum(relax.op.astype(b_s, "int32"), axis=[-2], keepdims=True)
-            y = bb.emit(relax.op.subtract(y, relax.op.multiply(cols, relax.const(s_a, "int32"))))
-        if s_a and s_b:
-            y = bb.emit(relax.op.subtract(y, relax.const(s_a * s_b * k, "int32")))
-        return y
+        return relax.op.reshape(y, (*batch, m, n))
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackInt8BatchMatmulX86")

@@ -104,6 +104,35 @@ def test_batch_matmul_is_exact(batch, m, k, n):
     assert _workspace_allocs(lib) <= 1
 
 
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    "row_scale,col_scale,constant", [(128, 0, 0), (0, -128, 0), (128, -128, -128 * 128 * 32)]
+)
+def test_batch_matmul_adds_row_and_column_terms_exactly(row_scale, col_scale, constant):
+    """The shifted-operand corrections stored with the product: ``C + row_scale * rows[b, i]
+    + col_scale * cols[b, j] + constant``, exact against numpy on random operands."""
+    batch, m, k, n = 3, 24, 32, 48
+    kernel = int8_batch_matmul_vnni(
+        batch, m, k, n, row_scale=row_scale, col_scale=col_scale, constant=constant
+    )
+    lib = _compile(kernel)
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (batch, m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (batch, k, n), dtype=np.int8)
+    rows = rng.integers(-5000, 5000, (batch, m), dtype=np.int32)
+    cols = rng.integers(-5000, 5000, (batch, n), dtype=np.int32)
+    packed = np.stack([pack_weight_vnni(w[b]) for b in range(batch)])
+    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(packed)]
+    args += [tvm.runtime.tensor(rows)] if row_scale else []
+    args += [tvm.runtime.tensor(cols)] if col_scale else []
+    out = tvm.runtime.tensor(np.zeros((batch, m, n), np.int32))
+    lib["main"](*args, out)
+    expected = np.einsum("bmk,bkn->bmn", x.astype(np.int64), w.astype(np.int64))
+    expected += row_scale * rows[:, :, None].astype(np.int64)
+    expected += col_scale * cols[:, None, :].astype(np.int64) + constant
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
 def test_unpadded_shapes_are_refused():
     with pytest.raises(ValueError, match="unpadded"):
         int8_batch_matmul_vnni(2, 8, 30, 16)

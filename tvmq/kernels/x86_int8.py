@@ -461,7 +461,15 @@ def _im2col_rows(geo, m: int, k: int) -> tuple[te.Tensor, te.Tensor]:
 
 
 def int8_batch_matmul_vnni(
-    batch: int, m: int, k: int, n: int, *, tiles: DenseTiles | None = None
+    batch: int,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    tiles: DenseTiles | None = None,
+    row_scale: int = 0,
+    col_scale: int = 0,
+    constant: int = 0,
 ) -> tvm.tirx.PrimFunc:
     """:func:`int8_dense_vnni` for ``batch`` independent products with run-time operands.
 
@@ -470,6 +478,12 @@ def int8_batch_matmul_vnni(
     where both operands are activations and the packing runs at run time). Same padding
     rules and attributes as :func:`int8_dense_vnni`; the batch entries and output tiles
     run in parallel.
+
+    With a nonzero ``row_scale`` the kernel takes ``rows (batch, m) int32`` after ``W``,
+    with a nonzero ``col_scale`` ``cols (batch, n) int32`` after that, and stores
+    ``C + row_scale * rows[b, i] + col_scale * cols[b, j] + constant``: the corrections of
+    operands shifted into vpdpbusd's unsigned x signed bytes, added in registers instead of
+    by passes over ``C`` in memory.
     """
     tiles = tiles or choose_tiles(m, n)
     if k % REDUCE or n % LANES or m % tiles.mr or (n // LANES) % tiles.nr:
@@ -486,9 +500,31 @@ def int8_batch_matmul_vnni(
         ),
         name="acc",
     )
-    out = te.compute((batch, m, n), lambda b, i, j: acc[b, i, j], name="C")
-    func = te.create_prim_func([x, w, out])
+    extra, value = [], acc
+    i32 = functools.partial(tvm.tirx.const, dtype="int32")
+    if row_scale:
+        rows = te.placeholder((batch, m), "int32", name="rows")
+        extra.append(rows)
+        value = _plus(value, lambda b, i, j: i32(row_scale) * rows[b, i])
+    if col_scale:
+        cols = te.placeholder((batch, n), "int32", name="cols")
+        extra.append(cols)
+        value = _plus(value, lambda b, i, j: i32(col_scale) * cols[b, j])
+    if constant:
+        value = _plus(value, lambda b, i, j: i32(constant))
+    out = te.compute((batch, m, n), lambda b, i, j: value[b, i, j], name="C")
+    func = te.create_prim_func([x, w, *extra, out])
     return _schedule(func, tiles, parallel=batch * m * n * k >= _PARALLEL_MIN_MACS)
+
+
+class _plus:
+    """``base[b, i, j] + term(b, i, j)`` as an indexable expression (no stage of its own)."""
+
+    def __init__(self, base, term):
+        self.base, self.term = base, term
+
+    def __getitem__(self, index):
+        return self.base[index] + self.term(*index)
 
 
 def _schedule(
