@@ -296,7 +296,8 @@ def int8_dense_vnni(
     -------
     tvm.tirx.PrimFunc
         Arguments ``X (m, k) uint8``, ``W (n/16, k/4, 16, 4) int8`` [, ``offset (n,) int32``]
-        [, ``multiplier (n,) float32``], ``C (m_out or m, n_out or n)`` int32 (or the requantized dtype).
+        [, ``multiplier (n,) float32``], ``C (m_out or m, n_out or n)`` int32 (or the
+        requantized dtype).
         Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
         :data:`KERNEL_ATTR`.
     """
@@ -500,31 +501,21 @@ def int8_batch_matmul_vnni(
         ),
         name="acc",
     )
-    extra, value = [], acc
-    i32 = functools.partial(tvm.tirx.const, dtype="int32")
-    if row_scale:
-        rows = te.placeholder((batch, m), "int32", name="rows")
-        extra.append(rows)
-        value = _plus(value, lambda b, i, j: i32(row_scale) * rows[b, i])
-    if col_scale:
-        cols = te.placeholder((batch, n), "int32", name="cols")
-        extra.append(cols)
-        value = _plus(value, lambda b, i, j: i32(col_scale) * cols[b, j])
-    if constant:
-        value = _plus(value, lambda b, i, j: i32(constant))
-    out = te.compute((batch, m, n), lambda b, i, j: value[b, i, j], name="C")
+    rows = te.placeholder((batch, m), "int32", name="rows")
+    cols = te.placeholder((batch, n), "int32", name="cols")
+    extra = [t for t, scale in ((rows, row_scale), (cols, col_scale)) if scale]
+
+    def stored(b, i, j):
+        v = acc[b, i, j]
+        if row_scale:
+            v = v + tvm.tirx.const(row_scale, "int32") * rows[b, i]
+        if col_scale:
+            v = v + tvm.tirx.const(col_scale, "int32") * cols[b, j]
+        return v + tvm.tirx.const(constant, "int32") if constant else v
+
+    out = te.compute((batch, m, n), stored, name="C")
     func = te.create_prim_func([x, w, *extra, out])
     return _schedule(func, tiles, parallel=batch * m * n * k >= _PARALLEL_MIN_MACS)
-
-
-class _plus:
-    """``base[b, i, j] + term(b, i, j)`` as an indexable expression (no stage of its own)."""
-
-    def __init__(self, base, term):
-        self.base, self.term = base, term
-
-    def __getitem__(self, index):
-        return self.base[index] + self.term(*index)
 
 
 def _schedule(
