@@ -13,7 +13,12 @@ float one; when the target has ``avx512vnni`` this pass rewrites it into::
           = acc + s_b * rowsum(a_u) - s_a * colsum(b_s) - s_a * s_b * K
 
 (``s_a``, ``s_b``: the shifts, 0 or 128; terms with a zero shift are left out, and the
-kernel adds the others to its accumulators before it stores them). The
+kernel adds the others to its accumulators before it stores them). ``LowerInt8``'s
+zero-point terms after the matmul (``- z_b * rowsum(a) - z_a * colsum(b) + c``, see
+:func:`find_zero_point_terms`) join the kernel's the same way: ``rowsum(a) = rowsum(a_u) -
+K * s_a`` and ``colsum(b) = colsum(b_s) + K * s_b``, so the kernel stores the whole sum
+with one row and one column term (MiniLM int8: two passes over the int32 scores and two
+row / column sums less a layer). The
 packing is plain Relax (one injective kernel after fusion, usually merged with the
 transpose that produced ``b``); batch dimensions are flattened, ``K`` padded to a
 multiple of 4 and ``N`` of 16 with zeros, ``M`` to the register tile, and the padding
@@ -25,6 +30,7 @@ sliced off the result. Only matmuls whose operands have the same static batch di
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
@@ -35,6 +41,7 @@ from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_k
 
 from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions, shift_bytes
 from .pack_int8_dense_x86 import VNNIPass
+from .relax_utils import ADD, alias_binding, is_tensor_const, op_name, ordered_bindings, user_counts
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _INT8 = ("int8", "uint8")
@@ -55,8 +62,108 @@ def match_int8_batch_matmul(call: relax.Expr):
     return None if dims is None else (a, b, *dims)
 
 
+@dataclass(frozen=True)
+class ZeroPointTerms:
+    """``LowerInt8``'s ``acc - z_b * rowsum(a) - z_a * colsum(b) + c`` after an activation
+    matmul ``acc``: its ints (0 where a term is absent), its ops' vars and the last one."""
+
+    z_b: int
+    z_a: int
+    c: int
+    chain: tuple[relax.Var, ...]
+
+    @property
+    def result(self) -> relax.Var:
+        return self.chain[-1]
+
+
+def _int_const(expr: relax.Expr) -> int | None:
+    if not is_tensor_const(expr) or str(expr.ty.dtype) != "int32":
+        return None
+    value = expr.value.numpy()
+    return int(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def find_zero_point_terms(func: relax.Function) -> dict[relax.Var, ZeroPointTerms]:
+    """For each int8 activation matmul var of ``func`` followed (each value read once) by
+    ``LowerInt8``'s zero-point terms, the terms."""
+    values = {b.var: b.value for b in ordered_bindings(func)}
+    users = user_counts(func)
+    readers: dict[relax.Var, relax.Var] = {}
+    for var, value in values.items():
+        for arg in getattr(value, "args", ()):
+            if isinstance(arg, relax.Var):
+                readers[arg] = var
+
+    def summed(term, operand, axis: int) -> int | None:
+        """``z`` when ``term`` is ``multiply(sum(astype(operand, int32), [axis], keepdims), z)``."""
+        mul = values.get(term)
+        if op_name(mul) != "relax.multiply" or (z := _int_const(mul.args[1])) is None:
+            return None
+        total = values.get(mul.args[0])
+        if op_name(total) != "relax.sum" or not total.attrs.keepdims:
+            return None
+        axes = [int(a) for a in total.attrs.axis or ()]
+        cast = values.get(total.args[0])
+        ndim = operand.ty.ndim
+        if axes not in ([axis], [axis - ndim]) or op_name(cast) != "relax.astype":
+            return None
+        return z if cast.args[0].same_as(operand) and str(cast.attrs.dtype) == "int32" else None
+
+    found = {}
+    for var, value in values.items():
+        if match_int8_batch_matmul(value) is None:
+            continue
+        a, b = value.args
+        z_b = z_a = c = 0
+        chain, cur = [], var
+        while users.get(cur) == 1 and cur in readers:
+            nxt = readers[cur]
+            step = values[nxt]
+            if op_name(step) == "relax.subtract" and step.args[0].same_as(cur):
+                zb = summed(step.args[1], a, a.ty.ndim - 1)
+                za = summed(step.args[1], b, b.ty.ndim - 2)
+                if zb is not None and not z_b:
+                    z_b = zb
+                elif za is not None and not z_a:
+                    z_a = za
+                else:
+                    break
+            elif op_name(step) == ADD and step.args[0].same_as(cur) and not c:
+                c = _int_const(step.args[1])
+                if c is None:
+                    break
+            else:
+                break
+            chain.append(nxt)
+            cur = nxt
+        if chain:
+            found[var] = ZeroPointTerms(z_b, z_a, c or 0, tuple(chain))
+    return found
+
+
 @mutator
 class _Rewriter(KernelRewriter):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.terms: dict[relax.Var, ZeroPointTerms] = {}
+        self.folded: dict[relax.Var, relax.Var] = {}  # a chain's var -> its matmul's var
+        self.binding_var = None
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        self.terms = find_zero_point_terms(func)
+        self.folded = {v: m for m, t in self.terms.items() for v in t.chain}
+        return super().visit_function_(func)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        matmul = self.folded.get(binding.var)
+        if matmul is not None:  # the kernel stored this sum already
+            if binding.var.same_as(self.terms[matmul].result):
+                alias_binding(self, binding.var, matmul)
+            return
+        self.binding_var = binding.var
+        super().visit_var_binding_(binding)
+
     def match(self, call: relax.Call):
         return match_int8_batch_matmul(call)
 
@@ -86,15 +193,18 @@ class _Rewriter(KernelRewriter):
             w = bb.emit(relax.op.nn.pad(w, [0, 0, 0, kp - k, 0, np_ - n]))
         # The corrections (module docstring) from the padded operands, whose padding is 0;
         # the kernel adds them to its tiles.
+        zp = self.terms.get(self.binding_var, ZeroPointTerms(0, 0, 0, ()))
+        row, col = s_b - zp.z_b, -s_a - zp.z_a
+        constant = k * (-s_a * s_b + zp.z_b * s_a - zp.z_a * s_b) + zp.c
         sums, terms = [], {}
-        if s_b:  # b = b_s + s_b
+        if row:
             sums.append(bb.emit(relax.op.sum(relax.op.astype(x, "int32"), axis=[2])))
-            terms["row_scale"] = s_b
-        if s_a:  # a = a_u - s_a
+            terms["row_scale"] = row
+        if col:
             sums.append(bb.emit(relax.op.sum(relax.op.astype(w, "int32"), axis=[1])))
-            terms["col_scale"] = -s_a
-        if s_a and s_b:
-            terms["constant"] = -s_a * s_b * k
+            terms["col_scale"] = col
+        if constant:
+            terms["constant"] = constant
         w = bb.emit(relax.op.reshape(w, (nb, kp // REDUCE, REDUCE, np_ // LANES, LANES)))
         w = bb.emit(relax.op.permute_dims(w, [0, 3, 1, 4, 2]))
         out_ty = relax.TensorType((nb, mp, np_), "int32")
@@ -111,4 +221,5 @@ class PackInt8BatchMatmulX86(VNNIPass):
     the batched VNNI kernel (see the module docstring; ``target``: see :class:`VNNIPass`)."""
 
     def rewrite(self, mod: tvm.IRModule, amx: bool) -> tvm.IRModule:
-        return rewrite_functions(mod, _Rewriter(mod))
+        # the zero-point terms' sums the kernel made unused go
+        return rewrite_functions(mod, _Rewriter(mod), relax.analysis.remove_all_unused)
