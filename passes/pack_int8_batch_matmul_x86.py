@@ -41,7 +41,8 @@ from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_k
 
 from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions, shift_bytes
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import ADD, alias_binding, is_tensor_const, op_name, ordered_bindings, user_counts
+from .relax_utils import ADD, alias_binding, dataflow_bindings, is_tensor_const, op_name
+from .requantize_epilogue import chain_step
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _INT8 = ("int8", "uint8")
@@ -84,16 +85,11 @@ def _int_const(expr: relax.Expr) -> int | None:
     return int(value.reshape(-1)[0]) if value.size == 1 else None
 
 
-def find_zero_point_terms(func: relax.Function) -> dict[relax.Var, ZeroPointTerms]:
-    """For each int8 activation matmul var of ``func`` followed (each value read once) by
-    ``LowerInt8``'s zero-point terms, the terms."""
-    values = {b.var: b.value for b in ordered_bindings(func)}
-    users = user_counts(func)
-    readers: dict[relax.Var, relax.Var] = {}
-    for var, value in values.items():
-        for arg in getattr(value, "args", ()):
-            if isinstance(arg, relax.Var):
-                readers[arg] = var
+def find_zero_point_terms(mod: tvm.IRModule) -> dict[relax.Var, ZeroPointTerms]:
+    """For each int8 activation matmul var of ``mod``'s dataflow blocks followed (each value
+    read once) by ``LowerInt8``'s zero-point terms, the terms."""
+    bindings = list(dataflow_bindings(mod))
+    values = {b.var: b.value for b, _ in bindings}
 
     def summed(term, operand, axis: int) -> int | None:
         """``z`` when ``term`` is ``multiply(sum(astype(operand, int32), [axis], keepdims), z)``."""
@@ -111,34 +107,33 @@ def find_zero_point_terms(func: relax.Function) -> dict[relax.Var, ZeroPointTerm
         return z if cast.args[0].same_as(operand) and str(cast.attrs.dtype) == "int32" else None
 
     found = {}
-    for var, value in values.items():
-        if match_int8_batch_matmul(value) is None:
+    for binding, only_user in bindings:
+        if match_int8_batch_matmul(binding.value) is None:
             continue
-        a, b = value.args
+        a, b = binding.value.args
         z_b = z_a = c = 0
-        chain, cur = [], var
-        while users.get(cur) == 1 and cur in readers:
-            nxt = readers[cur]
-            step = values[nxt]
-            if op_name(step) == "relax.subtract" and step.args[0].same_as(cur):
-                zb = summed(step.args[1], a, a.ty.ndim - 1)
-                za = summed(step.args[1], b, b.ty.ndim - 2)
+        chain = [binding.var]
+        step = chain_step(chain, only_user)
+        while True:
+            if (sub := step("relax.subtract")) is not None:
+                zb = summed(sub.args[1], a, a.ty.ndim - 1)
+                za = summed(sub.args[1], b, b.ty.ndim - 2)
                 if zb is not None and not z_b:
                     z_b = zb
                 elif za is not None and not z_a:
                     z_a = za
-                else:
+                else:  # another subtraction: not a term of the kernel's
+                    chain.pop()
                     break
-            elif op_name(step) == ADD and step.args[0].same_as(cur) and not c:
-                c = _int_const(step.args[1])
-                if c is None:
+            elif not c and (add := step(ADD)) is not None:
+                c = _int_const(add.args[1]) or 0
+                if not c:
+                    chain.pop()
                     break
             else:
                 break
-            chain.append(nxt)
-            cur = nxt
-        if chain:
-            found[var] = ZeroPointTerms(z_b, z_a, c or 0, tuple(chain))
+        if chain[1:]:
+            found[binding.var] = ZeroPointTerms(z_b, z_a, c, tuple(chain[1:]))
     return found
 
 
@@ -146,14 +141,10 @@ def find_zero_point_terms(func: relax.Function) -> dict[relax.Var, ZeroPointTerm
 class _Rewriter(KernelRewriter):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.terms: dict[relax.Var, ZeroPointTerms] = {}
-        self.folded: dict[relax.Var, relax.Var] = {}  # a chain's var -> its matmul's var
-        self.binding_var = None
-
-    def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.terms = find_zero_point_terms(func)
+        self.terms = find_zero_point_terms(mod)
+        # a chain's var -> its matmul's var
         self.folded = {v: m for m, t in self.terms.items() for v in t.chain}
-        return super().visit_function_(func)
+        self.binding_var = None
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         matmul = self.folded.get(binding.var)
