@@ -18,7 +18,7 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :func:`bf16_tensor_core_passes` chains it with the batched-matmul and conv passes' bf16 mode),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
-GELU on CPU targets); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
+GELU on CPU targets) and :class:`QuantizedSoftmax` (a softmax and its per-tensor quantize as one kernel); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
 :class:`PackFloatBatchMatmul` (attention's float activation matmuls on x86), and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
@@ -86,6 +86,7 @@ from .qdq_conv_nchw import QDQConvToNCHW
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
+from .quantized_softmax import QuantizedSoftmax
 from .resolve_shape_vars import ResolveShapeVars
 from .safe_softmax import SafeSoftmax
 from .share_quantize import ShareQuantize
@@ -115,6 +116,7 @@ __all__ = [
     "PackFloatBatchMatmul",
     "PackFloatDense",
     "UseFastMath",
+    "QuantizedSoftmax",
     "SafeSoftmax",
     "PackInt8DenseCUDA",
     "PackFp16DenseCUDA",

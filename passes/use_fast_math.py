@@ -48,31 +48,18 @@ def _gelu_tanh(x):
 
 
 def _softmax(x, axis: int):
-    """``fast_softmax``; a last axis of 32+ elements that 16 does not divide (attention over
-    197 keys) is first padded to whole vectors with -inf, which changes no row max and whose
-    exponentials ``fast_exp`` clamps to about 4e-39 (below float32 rounding of any row sum;
-    a row of -inf stays NaN, as without padding), and the padding is sliced off at the end:
-    the default schedule then keeps SIMD partial results for the row max and sum (ViT-tiny's
-    3 x 197 x 197 softmax: 0.22 -> 0.10 ms)."""
-    n = x.shape[axis]
-    if axis != len(x.shape) - 1 or not isinstance(n, tvm.tirx.IntImm) or int(n) < 32:
+    """``fast_softmax`` over any axis but the last; over the last one, :func:`softmax_rows`
+    times the row's ``1 / sum``, a row of only -inf giving NaN as in numpy / PyTorch."""
+    if axis != len(x.shape) - 1:
         return topi.nn.fast_softmax(x, axis)
-    n = int(n)
-    if n % _SOFTMAX_LANES == 0:
-        return topi.nn.fast_softmax(x, axis)
-    pad = [0] * len(x.shape)
-    after = [0] * (len(x.shape) - 1) + [-n % _SOFTMAX_LANES]
-    padded = topi.nn.pad(x, pad, after, pad_value=float("-inf"))
-    out = topi.nn.fast_softmax(padded, axis)
-    return topi.strided_slice(out, [0] * len(x.shape), [int(d) for d in x.shape])
+    return _normalized_rows(x, float("nan"))
 
 
-def safe_softmax_rows(x):
-    """Softmax over the last axis whose rows of only -inf give 0 (not NaN): PyTorch's
-    ``scaled_dot_product_attention`` for fully masked rows. ``fast_exp`` as
-    :func:`_softmax`, ragged rows padded the same way; the -inf test reads the row max the
-    softmax computes anyway, so it costs no pass of its own (a row whose max is float32's
-    lowest finite value counts as masked too: a score of -3.4e38 is a mask, not a logit)."""
+def softmax_rows(x):
+    """The parts of a softmax over the last axis of `x` that :func:`safe_softmax_rows` and
+    ``QuantizedSoftmax`` share: ``(padded x, row max, exponentials, row sum)``. A last axis
+    of 32+ elements that 16 does not divide is padded with -inf to whole vectors as in
+    :func:`_softmax` (the caller slices its result back); ``fast_exp`` of ``x - max``."""
     n = x.shape[-1]
     padded = x
     if isinstance(n, tvm.tirx.IntImm) and int(n) >= 32 and int(n) % _SOFTMAX_LANES:
@@ -85,17 +72,43 @@ def safe_softmax_rows(x):
     delta = te.compute(padded.shape, lambda *i: padded[i] - top[i[:-1]], name="delta")
     e = topi.fast_exp(delta)
     total = te.compute(rows, lambda *r: te.sum(e[(*r, k2)], axis=k2), name="row_sum")
-    # te.max starts from the lowest finite float32, so a row of -inf has that max
-    lowest = tvm.tirx.min_value("float32")
-    zero = tvm.tirx.const(0.0, "float32")
-    out = te.compute(
-        padded.shape,
-        lambda *i: te.if_then_else(top[i[:-1]] <= lowest, zero, e[i] / total[i[:-1]]),
-        name="safe_softmax",
-    )
-    if padded is x:
+    return padded, top, e, total
+
+
+def masked_row(top) -> tvm.tirx.PrimExpr:
+    """Whether a row whose max is `top` has no finite score: ``te.max`` starts from the
+    lowest finite float32, so a row of -inf has that max."""
+    return top <= tvm.tirx.min_value("float32")
+
+
+def unpad_rows(out, x):
+    """`out` (computed on :func:`softmax_rows`' padded rows) cut back to the shape of `x`."""
+    if tuple(out.shape) == tuple(x.shape):
         return out
     return topi.strided_slice(out, [0] * len(x.shape), [int(d) for d in x.shape])
+
+
+def safe_softmax_rows(x):
+    """Softmax over the last axis whose rows of only -inf give 0 (not NaN): PyTorch's
+    ``scaled_dot_product_attention`` for fully masked rows. The -inf test reads the row max
+    the softmax computes anyway, so it costs no pass of its own (a row whose max is
+    float32's lowest finite value counts as masked too: a score of -3.4e38 is a mask, not a
+    logit)."""
+    return _normalized_rows(x, 0.0)
+
+
+def _normalized_rows(x, masked_value: float):
+    """:func:`softmax_rows`' exponentials times their row's ``1 / sum`` (a divide per element
+    cost 5% of the kernel on Zen 4); `masked_value` for rows of only -inf."""
+    padded, top, e, total = softmax_rows(x)
+    masked = tvm.tirx.const(masked_value, "float32")
+    inv = te.compute(
+        top.shape,
+        lambda *r: te.if_then_else(masked_row(top[r]), masked, 1.0 / total[r]),
+        name="inv",
+    )
+    out = te.compute(padded.shape, lambda *i: e[i] * inv[i[:-1]], name="softmax")
+    return unpad_rows(out, x)
 
 
 # Softmax rows are padded to a multiple of this (AVX-512's float32 lanes; 2 AVX2 vectors).

@@ -45,6 +45,7 @@ from tvmq.passes import (
     PackInt8DenseX86,
     PackMmaBatchMatmulCUDA,
     PackMmaConvCUDA,
+    QuantizedSoftmax,
     SafeSoftmax,
     UseFastMath,
 )
@@ -104,6 +105,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         PackFloatDense(target),  # float matmuls with a constant weight, the same kernel
         PackFloatBatchMatmul(target),  # float attention matmuls (x86): the same kernel, batched
         PackDecodedDense(target),  # w8 / w4 matmul weights, decoded in the kernel
+        QuantizedSoftmax(),  # a softmax quantized per tensor (int8 attention): one kernel
         SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
