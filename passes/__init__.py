@@ -18,7 +18,8 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :func:`bf16_tensor_core_passes` chains it with the batched-matmul and conv passes' bf16 mode),
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
-GELU on CPU targets) and :class:`QuantizedSoftmax` (a softmax and its per-tensor quantize as one kernel); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
+GELU on CPU targets) and :class:`QuantizedSoftmax` (a softmax and its per-tensor quantize as one kernel),
+:class:`QuantizeByMultiply` (quantize by a constant scale without a divide); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
 :class:`PackFloatBatchMatmul` (attention's float activation matmuls on x86), and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
@@ -83,6 +84,7 @@ from .prune_channels import PruneChannels
 from .prune_magnitude import PruneMagnitude
 from .prune_n_m import PruneNM
 from .qdq_conv_nchw import QDQConvToNCHW
+from .quantize_by_multiply import QuantizeByMultiply
 from .quantize_dynamic import QuantizeDynamic
 from .quantize_embedding import QuantizeEmbedding
 from .quantize_weight_only import QuantizeWeightOnly
@@ -117,6 +119,7 @@ __all__ = [
     "PackFloatDense",
     "UseFastMath",
     "QuantizedSoftmax",
+    "QuantizeByMultiply",
     "SafeSoftmax",
     "PackInt8DenseCUDA",
     "PackFp16DenseCUDA",

@@ -45,6 +45,7 @@ from tvmq.passes import (
     PackInt8DenseX86,
     PackMmaBatchMatmulCUDA,
     PackMmaConvCUDA,
+    QuantizeByMultiply,
     QuantizedSoftmax,
     SafeSoftmax,
     UseFastMath,
@@ -107,6 +108,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         PackDecodedDense(target),  # w8 / w4 matmul weights, decoded in the kernel
         QuantizedSoftmax(),  # a softmax quantized per tensor (int8 attention): one kernel
         SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
+        QuantizeByMultiply(),  # quantize by a constant scale: x * (1/s), no divide per element
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
     ]
 
