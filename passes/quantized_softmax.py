@@ -16,14 +16,16 @@ land one step away (tested against numpy to one step). Probabilities are >= 0, s
 lower clamp is the zero point itself. Rows of only -inf give ``zero`` (probability 0) for
 both patterns: PyTorch's SDPA does the same, a plain softmax would give NaN.
 
-The kernel keeps TVM's pattern for it (``kOutEWiseFusable``): marked a reduction, FuseOps
-also pulled the scores' dequantize and mask add into it, and the default schedule then
-materialized them in a padded buffer with a per-element branch (3.5x slower alone). On
-DeiT-tiny int8 (Zen 4, 1 thread) softmax + quantize went from 91 to 66 us a layer with
+The kernel keeps TVM's pattern for it (``kOutEWiseFusable``, unlike ``row_kernel_attrs``'
+float softmaxes): marked a reduction, FuseOps pulls in the mask add but not the scores'
+dequantize, which sits behind a reshape (an injective op joins a reduction only when all
+between is injective), so one pass over the scores stays and the softmax gets slower:
+MiniLM int8 9.07 -> 9.13 ms; with DeiT's padded rows the add ran a branch per element.
+On DeiT-tiny int8 (Zen 4, 1 thread) softmax + quantize went from 91 to 66 us a layer with
 ``fast_exp``, to 47 with :func:`~tvmq.passes.use_fast_math.exp_nonpositive`.
 
 Only float32 scores, scalar constant ``scale`` / ``zero``, int8 / uint8 outputs, and a
-chain whose every value is read once. CPU targets (``fast_exp``, like ``UseFastMath``); it
+chain whose every value is read once. CPU targets (like ``UseFastMath``); it
 runs before ``SafeSoftmax``, which handles the softmaxes left float.
 """
 
@@ -134,15 +136,8 @@ class _Rewriter(PyExprMutator):
             return
         x, scale, zero, dtype = self.found[var]
         bb = self.builder_
-        q = bb.emit(
-            bb.call_te(
-                quantized_softmax_rows,
-                self.visit_expr(x),
-                scale,
-                zero,
-                dtype,
-            )
-        )
+        # TVM's op pattern, not row_kernel_attrs (module docstring)
+        q = bb.emit(bb.call_te(quantized_softmax_rows, self.visit_expr(x), scale, zero, dtype))
         if not _same_shape(q, var):
             q = relax.op.reshape(q, var.ty.shape)
         if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():

@@ -32,7 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .relax_utils import is_tensor_const, op_name, ordered_bindings, relax_functions
-from .use_fast_math import safe_softmax_rows
+from .use_fast_math import row_kernel_attrs, safe_softmax_rows
 
 
 def _const_is(expr: relax.Expr, test) -> bool:
@@ -115,7 +115,8 @@ class _Rewriter(PyExprMutator):
             return
         x = self.visit_expr(self.found[var])
         if self.one_kernel:
-            value = self.builder_.call_te(safe_softmax_rows, x)
+            attrs = row_kernel_attrs(x)
+            value = self.builder_.call_te(safe_softmax_rows, x, primfunc_attrs=attrs)
         else:
             value = self._masked_by_nan(x)
         bb = self.builder_

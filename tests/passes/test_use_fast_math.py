@@ -133,3 +133,31 @@ def test_softmax_exp_relative_error_over_its_whole_range():
     assert (
         got[-4] == 1.0 and np.all(got[-3:] == got[-3]) and got[-3] == pytest.approx(math.exp(-86))
     )
+
+
+@pytest.mark.parametrize("keys, kernels", [(128, 1), (197, 2)])
+def test_a_mask_add_fuses_into_the_softmax_kernel_unless_rows_are_padded(keys, kernels):
+    """row_kernel_attrs marks whole-vector softmaxes a reduction, so FuseOps puts the mask
+    add into their kernel; padded rows (197 keys) keep it apart (module docstring)."""
+    from tvmq.build import build
+    from tvmq.lowering import fuse_to_tir
+
+    x = relax.Var("x", relax.TensorType((1, 4, 8, keys), "float32"))
+    m = relax.Var("m", relax.TensorType((1, 1, 8, keys), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, m]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.add(x, m))
+            out = bb.emit_output(relax.op.nn.softmax(s, axis=-1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    fused = fuse_to_tir(mod, "host")
+    prims = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(prims) == kernels, prims
+    rng = np.random.default_rng(5)
+    xv = (rng.standard_normal((1, 4, 8, keys)) * 4).astype(np.float32)
+    mv = np.where(rng.random((1, 1, 8, keys)) < 0.2, -np.inf, 0).astype(np.float32)
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(mv)).numpy()
+    expected = _softmax((xv + mv).astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
