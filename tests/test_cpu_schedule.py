@@ -116,10 +116,10 @@ def test_elementwise_chain_becomes_one_vectorized_loop_nest():
 
 
 def test_producer_read_by_a_reduction_is_not_inlined():
-    # exp feeds both the sum and the division of a softmax: inlining would recompute it.
+    # exp feeds both the sum and the normalization of a softmax: inlining would recompute it.
     mod = _module((8, 128), lambda x: relax.op.nn.softmax(x, axis=-1))
     (script,) = _scheduled_kernels(mod).values()
-    assert "T_fast_exp = T.sblock_alloc_buffer" in script
+    assert re.search(r"^\s+exp = T\.sblock_alloc_buffer", script, re.M), script
 
 
 def test_blocks_over_different_rows_are_not_scheduled_row_wise():
