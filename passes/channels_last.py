@@ -31,7 +31,7 @@ from tvm.relax.expr_functor import mutator
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 from ._int8_dense import KernelRewriter, rewrite_functions
-from .relax_utils import is_tensor_const, static_shape
+from .relax_utils import emit_binding, is_tensor_const, static_shape
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 TO_NCHW = (0, 3, 1, 2)  # permute_dims axes: NHWC -> NCHW
@@ -167,10 +167,7 @@ class ChannelsLastRewriter(KernelRewriter):
             bb.emit_normalized(binding)
             new_var = var
         else:
-            if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
-                new_var = bb.emit(value, var.name)
-            else:
-                new_var = bb.emit_output(value, var.name)
+            new_var = emit_binding(bb, var, value)
             self.set_var_remap(var, new_var)
         twin_shape = _shape_of(twin) if twin is not None else None
         if twin_shape is not None and len(twin_shape) == 4:

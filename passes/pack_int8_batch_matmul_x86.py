@@ -41,7 +41,7 @@ from tvmq.kernels.x86_int8 import choose_tiles, int8_batch_matmul_vnni, padded_k
 
 from ._int8_dense import KernelRewriter, batch_matmul_dims, rewrite_functions, shift_bytes
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import ADD, alias_binding, dataflow_bindings, is_tensor_const, op_name
+from .relax_utils import ADD, alias_binding, dataflow_bindings, op_name, scalar_value
 from .requantize_epilogue import chain_step
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -79,10 +79,8 @@ class ZeroPointTerms:
 
 
 def _int_const(expr: relax.Expr) -> int | None:
-    if not is_tensor_const(expr) or str(expr.ty.dtype) != "int32":
-        return None
-    value = expr.value.numpy()
-    return int(value.reshape(-1)[0]) if value.size == 1 else None
+    value = scalar_value(expr)
+    return value if value is not None and str(expr.ty.dtype) == "int32" else None
 
 
 def find_zero_point_terms(mod: tvm.IRModule) -> dict[relax.Var, ZeroPointTerms]:

@@ -19,17 +19,15 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_utils import QUANTIZE, const_f32, is_tensor_const, op_name, relax_functions
+from .relax_utils import QUANTIZE, const_f32, op_name, relax_functions, scalar_value
 
 
 def _reciprocal(scale: relax.Expr) -> float | None:
     """``1 / s`` of a scalar float32 constant scale other than 1, else None."""
-    if not is_tensor_const(scale) or str(scale.ty.dtype) != "float32":
+    value = scalar_value(scale)
+    if value is None or str(scale.ty.dtype) != "float32":
         return None
-    value = scale.value.numpy()
-    if value.size != 1:
-        return None
-    s = np.float32(value.reshape(()))
+    s = np.float32(value)
     return None if s == 1 or not np.isfinite(s) or s <= 0 else float(np.float32(1) / s)
 
 

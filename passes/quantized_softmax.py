@@ -39,9 +39,11 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .relax_utils import (
     QUANTIZE,
-    is_tensor_const,
+    binding_map,
+    emit_binding,
     op_name,
     relax_functions,
+    scalar_value,
     user_counts,
 )
 from .safe_softmax import _last_axis, match_safe_softmax
@@ -74,16 +76,10 @@ def _same_shape(a: relax.Expr, b: relax.Expr) -> bool:
     return tvm_ffi.structural_equal(a.ty.shape, b.ty.shape)
 
 
-def _scalar(expr: relax.Expr):
-    if not is_tensor_const(expr) or expr.value.numpy().size != 1:
-        return None
-    return expr.value.numpy().reshape(()).item()
-
-
 def _match(quantize: relax.Call, bindings: dict, users: dict):
     """``(x, scale, zero, dtype)`` when `quantize` ends a chain of the module docstring."""
     dtype = str(quantize.attrs.out_dtype)
-    scale, zero = (_scalar(a) for a in quantize.args[1:])
+    scale, zero = (scalar_value(a) for a in quantize.args[1:])
     if dtype not in ("int8", "uint8") or not isinstance(scale, float) or not scale > 0:
         return None
     if not isinstance(zero, int) or not np.iinfo(dtype).min <= zero <= np.iinfo(dtype).max:
@@ -110,9 +106,7 @@ def _match(quantize: relax.Call, bindings: dict, users: dict):
 
 def find_quantized_softmax(func: relax.Function) -> dict[relax.Var, tuple]:
     """``{quantize var: (x, scale, zero, dtype)}`` for each chain of the module docstring."""
-    bindings = {}
-    for block in func.body.blocks:
-        bindings.update({b.var: b.value for b in block.bindings})
+    bindings = binding_map(func)
     users = user_counts(func)
     found = {}
     for var, value in bindings.items():
@@ -140,11 +134,7 @@ class _Rewriter(PyExprMutator):
         q = bb.emit(bb.call_te(quantized_softmax_rows, self.visit_expr(x), scale, zero, dtype))
         if not _same_shape(q, var):
             q = relax.op.reshape(q, var.ty.shape)
-        if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
-            new_var = bb.emit(q, var.name)
-        else:
-            new_var = bb.emit_output(q, var.name)
-        self.set_var_remap(var, new_var)
+        self.set_var_remap(var, emit_binding(bb, var, q))
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizedSoftmax")

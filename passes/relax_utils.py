@@ -195,6 +195,21 @@ def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
         return None
 
 
+def scalar_value(expr: relax.Expr) -> float | int | None:
+    """The value of a one-element tensor constant (an int for integer dtypes), else None."""
+    if not is_tensor_const(expr) or expr.value.numpy().size != 1:
+        return None
+    return expr.value.numpy().reshape(()).item()
+
+
+def emit_binding(bb: relax.BlockBuilder, var: relax.Var, value: relax.Expr) -> relax.Var:
+    """Emit `value` as the new binding of `var` (named like it): an output of a dataflow
+    block stays an output. Returns the new var."""
+    if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
+        return bb.emit(value, var.name)
+    return bb.emit_output(value, var.name)
+
+
 def alias_binding(mutator: PyExprMutator, var: relax.Var, target: relax.Expr) -> relax.Var:
     """In `mutator` (visiting the binding of `var`), make `var` the rewritten `target`
     instead of emitting a binding of its own (``target`` already computes its value); an

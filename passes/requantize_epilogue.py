@@ -35,6 +35,7 @@ from .relax_utils import (
     clip_bounds,
     is_tensor_const,
     op_name,
+    scalar_value,
     static_shape,
 )
 
@@ -154,7 +155,7 @@ def _quantize_tail(chain: list, only_user) -> tuple[str, int, int, int] | None:
     quantize = step(QUANTIZE)
     if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
         return None
-    scale, zero = (_scalar(a) for a in quantize.args[1:])
+    scale, zero = (scalar_value(a) for a in quantize.args[1:])
     if scale != 1.0 or not isinstance(zero, int):
         return None
     dtype = str(quantize.attrs.out_dtype)
@@ -246,8 +247,8 @@ def _term_of(term: relax.Expr, values: dict, only_user) -> _Term | None:
         names.append(expr)
         expr = call.args[0]
     multiply, subtract, cast = found
-    scale = _scalar(multiply.args[1])
-    zero = 0 if subtract is None else _integral(_scalar(subtract.args[1]))
+    scale = scalar_value(multiply.args[1])
+    zero = 0 if subtract is None else _integral(scalar_value(subtract.args[1]))
     r = cast.args[0]
     if str(cast.attrs.dtype) != "float32" or not isinstance(scale, float) or zero is None:
         return None
@@ -277,10 +278,3 @@ def _dequantize(chain, call, offset, relu, where: ChannelAxis) -> RequantizeEpil
         return None
     multiplier = np.ascontiguousarray(np.broadcast_to(s, (where.channels,)), dtype=np.float32)
     return RequantizeEpilogue(chain, offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu))
-
-
-def _scalar(c) -> float | int | None:
-    """The value of a scalar tensor constant (an int for integer dtypes), else None."""
-    if not is_tensor_const(c) or c.value.numpy().size != 1:
-        return None
-    return c.value.numpy().reshape(()).item()

@@ -31,15 +31,19 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_utils import is_tensor_const, op_name, ordered_bindings, relax_functions
+from .relax_utils import (
+    emit_binding,
+    op_name,
+    ordered_bindings,
+    relax_functions,
+    scalar_value,
+)
 from .use_fast_math import row_kernel_attrs, safe_softmax_rows
 
 
 def _const_is(expr: relax.Expr, test) -> bool:
-    if not is_tensor_const(expr):
-        return False
-    value = expr.value.numpy()
-    return value.size == 1 and test(float(value.reshape(-1)[0]))
+    value = scalar_value(expr)
+    return value is not None and test(float(value))
 
 
 def _is_zero(v: float) -> bool:
@@ -119,12 +123,7 @@ class _Rewriter(PyExprMutator):
             value = self.builder_.call_te(safe_softmax_rows, x, primfunc_attrs=attrs)
         else:
             value = self._masked_by_nan(x)
-        bb = self.builder_
-        if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
-            new_var = bb.emit(value, var.name)
-        else:
-            new_var = bb.emit_output(value, var.name)
-        self.set_var_remap(var, new_var)
+        self.set_var_remap(var, emit_binding(self.builder_, var, value))
 
 
 def find_safe_softmax(func: relax.Function) -> dict[relax.Var, relax.Expr]:
