@@ -136,13 +136,16 @@ def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilati
 )
 def test_im2col_in_the_kernel_bit_exact(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
     """A conv whose im2col matrix outgrows L2 has no im2col kernel: the dense kernel copies
-    each row tile's rows from the padded image itself; the same products as the reference."""
+    each row tile's rows from the image itself (zeros for the padding, int8 shifted as it
+    copies), and no pad kernel runs: the same products as the reference."""
     w = _random(rng, (o, x_shape[1], k, k), np.int8)
     x = _random(rng, x_shape, np.dtype(x_dtype))
     mod = _conv_module(x_shape, w, x_dtype, strides=strides, padding=padding, dilation=dilation)
     packed = PackInt8ConvX86(CASCADELAKE)(mod)
     assert _kernels(packed) == ["int8_dense_vnni"]
     assert any("_im2col" in gv.name_hint for gv in packed.get_global_vars())
+    main = packed["main"].script()
+    assert "R.nn.pad" not in main and "int16" not in main  # no padded or shifted copy
     got = _run(packed, x)
     np.testing.assert_array_equal(got, _reference(x, w, strides, padding, dilation))
 

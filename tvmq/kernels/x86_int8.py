@@ -277,7 +277,8 @@ def int8_dense_vnni(
     x_dtype : {"uint8", "int8"}
         ``X``'s dtype. An int8 ``X`` is flipped to uint8 in registers (``x + 128``, see
         :data:`~tvmq.kernels.vnni_intrin.VNNI_DOT_16X4_S8`): the sums are those of ``X + 128``,
-        which the caller's ``offset`` (``-128 * colsum(W)``) turns back into ``X @ W``.
+        which the caller's ``offset`` (``-128 * colsum(W)``) turns back into ``X @ W``
+        (with ``im2col`` the image's bytes are flipped once, as they are copied).
     n_out : int, optional
         Store only the first ``n_out <= n`` columns (``C`` is ``(m, n_out)``): the padded
         columns are computed in registers but not stored, so no slice has to drop them.
@@ -286,11 +287,12 @@ def int8_dense_vnni(
         computes its padded rows in registers and stores only those below ``m_out``, so no
         slice has to drop them.
     im2col : tvmq.kernels.x86_int8_conv.Conv2DGeometry, optional
-        ``X`` is a conv's zero-padded NHWC uint8 image ``(N, H', W', C)`` instead of its
-        im2col rows: each row tile copies its ``mr x k`` rows of the im2col matrix into a
+        ``X`` is a conv's NHWC image ``(N, H, W, C)`` (without its zero padding) instead of
+        its im2col rows: each row tile copies its ``mr x k`` rows of the im2col matrix into a
         scratch block in cache before its column tiles (the row tiles are the parallel
-        loop), so the ``m x k`` matrix never goes through memory. Needs ``C % 16 == 0`` and
-        ``k = KH * KW * C``; rows past the conv's ``M`` repeat its last pixel.
+        loop), zeros for the taps in the padding, so neither the ``m x k`` matrix nor a
+        padded image goes through memory. Needs ``C % 16 == 0`` and ``k = KH * KW * C``;
+        rows past the conv's ``M`` repeat its last pixel.
 
     Returns
     -------
@@ -314,13 +316,13 @@ def int8_dense_vnni(
         x_arg = te.placeholder((m, quantize.k), "float32", name="X")
         x, *row_params = quantized_rows(x_arg, k, quantize.eps)
         stage = _schedule_quantize
-    elif im2col is not None:  # X the padded image: the rows are a stage of the kernel
-        x_arg, x = _im2col_rows(im2col, m, k)
+    elif im2col is not None:  # X the image: the (uint8) rows are a stage of the kernel
+        x_arg, x = _im2col_rows(im2col, m, k, x_dtype)
         stage = functools.partial(_schedule_im2col, c=im2col.x_shape[1])
     else:
         x = x_arg = te.placeholder((m, k), x_dtype, name="X")
     r = te.reduce_axis((0, k), name="k")
-    signed = x_dtype == "int8"
+    signed = x_dtype == "int8" and im2col is None
 
     def operand(i, r):
         return x[i, r].astype("int32") + 128 if signed else x[i, r].astype("int32")
@@ -439,24 +441,32 @@ def with_int_rounding(
     return dataclasses.replace(requantize, int_rounding=True)
 
 
-def _im2col_rows(geo, m: int, k: int) -> tuple[te.Tensor, te.Tensor]:
-    """``(X, rows)``: the padded NHWC uint8 image of ``geo``'s conv (a
+def _im2col_rows(geo, m: int, k: int, x_dtype: str) -> tuple[te.Tensor, te.Tensor]:
+    """``(X, rows)``: the NHWC image of ``geo``'s conv (a
     :class:`~tvmq.kernels.x86_int8_conv.Conv2DGeometry`; not imported here, that module
-    imports this one) and the stage computing its ``(m, k)`` im2col rows
-    (``(pixel, (ky, kx, c))``, rows past ``geo.m`` repeating the last pixel), for the
-    ``im2col`` option of :func:`int8_dense_vnni`."""
+    imports this one), without the conv's zero padding, and the stage computing its
+    ``(m, k)`` uint8 im2col rows (``(pixel, (ky, kx, c))``, rows past ``geo.m`` repeating the
+    last pixel; an int8 image shifted by +128, the padding's zeros too), for the ``im2col``
+    option of :func:`int8_dense_vnni`. A tap in the padding is a branch per tap and row (the
+    condition is the same for its ``c`` bytes), cheaper than a padded copy of the image in
+    memory."""
     n, c, h, w = geo.x_shape
-    top, left, bottom, right = geo.padding
+    top, left, _, _ = geo.padding
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
     oh, ow = geo.out_hw
     if c % LANES or k != kh * kw * c or m < geo.m:
         raise ValueError(f"no in-kernel im2col for {geo} with m={m} k={k}")
-    image = te.placeholder((n, h + top + bottom, w + left + right, c), "uint8", name="X")
+    image = te.placeholder((n, h, w, c), x_dtype, name="X")
 
     def row(i, r):
         i = te.min(i, geo.m - 1)
         b, y, x, tap = i // (oh * ow), i // ow % oh, i % ow, r // c
-        return image[b, y * sh + tap // kw * dh, x * sw + tap % kw * dw, r % c]
+        yy, xx = y * sh + tap // kw * dh - top, x * sw + tap % kw * dw - left
+        v = image[b, yy, xx, r % c]
+        if any(geo.padding):
+            inside = tvm.tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+            v = tvm.tirx.if_then_else(inside, v, tvm.tirx.const(0, x_dtype))
+        return (v.astype("int32") + 128).astype("uint8") if x_dtype == "int8" else v
 
     return image, te.compute((m, k), row, name="im2col_rows")
 
