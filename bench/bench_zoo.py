@@ -37,7 +37,12 @@ Method
     own default, its idle threads spinning for the next call, and a 0.2 s pause before each
     engine's timing so that the one before has gone to sleep). The engines of a model are
     timed in interleaved rounds; a row's latency is the median over rounds of each round's
-    median. Accuracy: on 4 natural-looking inputs not used for calibration (smooth images /
+    median. With ``--isolate`` each engine of each model runs in a worker process of its own
+    (its own default spinning; PyTorch fp32 loaded there untimed, for the accuracy), so no
+    other engine's threads are alive while it is timed: on a small VM the spinning threads of
+    the engine timed before take a core from the next one's pool (2-thread rows of the
+    millisecond models suffer most), and without spinning each parallel region of a 2-thread
+    run waits for its workers to wake. The rounds are then one engine's alone. Accuracy: on 4 natural-looking inputs not used for calibration (smooth images /
     random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
@@ -377,8 +382,15 @@ def _accuracy(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def worker(
-    plan_path: Path, threads: int, rounds: int, budget_s: float, spin: bool = False
+    plan_path: Path,
+    threads: int,
+    rounds: int,
+    budget_s: float,
+    spin: bool = False,
+    only: tuple[str, str] | None = None,
 ) -> list[dict]:
+    """Time the plan's engines; with ``only`` = (model, engine label), that one engine (and
+    PyTorch fp32 untimed, for the accuracy reference)."""
     torch.set_num_threads(threads)
     import tvm
 
@@ -386,13 +398,18 @@ def worker(
     plan = json.loads(plan_path.read_text())
     rows = []
     for m in plan["models"]:
+        if only is not None and m["name"] != only[0]:
+            continue
         d = Path(m["dir"])
         ex = np.load(d / "example.npz")
         feed = {k: ex[k] for k in m["inputs"]}
         tz = np.load(d / "tests.npz")
         tests = [{k: tz[f"{i}:{k}"] for k in m["inputs"]} for i in range(N_TEST)]
         runners, labels, failed = [], [], []
-        for e in m["engines"]:
+        engines = m["engines"]
+        if only is not None:  # PT fp32 first (the reference), then the engine to time
+            engines = engines[:1] + [e for e in engines[1:] if e["label"] == only[1]]
+        for e in engines:
             try:
                 runners.append(_Runner(e, m, threads, plan["size"], spin))
                 labels.append(e)
@@ -405,6 +422,8 @@ def worker(
              min(_accuracy(y, r)[1] for y, r in zip(o, ref, strict=True)))
             for o in outs
         ]  # fmt: skip
+        if only is not None and only[1] != engines[0]["label"]:  # the reference is not timed
+            runners, labels, acc = runners[1:], labels[1:], acc[1:]
         repeats = []
         for r in runners:
             r(feed)
@@ -423,8 +442,12 @@ def worker(
                          "threads": threads, "tvm_threads": tvm_threads,
                          "ms": statistics.median(s), "repeat": rep, "rounds": rounds,
                          "ops": m["ops"], "cosine": cos, "sqnr": sqnr, "note": e["note"]})  # fmt: skip
-        rows.append({"model": m["name"], "threads": threads, "engine": None,
-                     "notes": m["notes"] + failed})  # fmt: skip
+        if only is None or only[1] == engines[0]["label"] or failed:
+            notes = (
+                m["notes"] + failed if only is None or only[1] == engines[0]["label"] else failed
+            )
+            rows.append({"model": m["name"], "threads": threads, "engine": None,
+                         "notes": notes})  # fmt: skip
         _log(f"threads={threads}: {m['name']} timed")
     return rows
 
@@ -462,6 +485,26 @@ def format_table(rows: list[dict], peak: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_worker(
+    plan_path: Path, n: int, args: argparse.Namespace, only: tuple[str, str] | None = None
+) -> list[dict]:
+    """The rows of a worker process timing the plan (or ``only`` one engine) at ``n`` threads."""
+    spin = args.spin or args.isolate
+    env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+    if not spin:
+        env.update(OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")
+    cmd = [sys.executable, __file__, "--worker", str(plan_path), "--threads", str(n),
+           "--rounds", str(args.rounds)] + (["--small"] if args.small else [])  # fmt: skip
+    cmd += ["--spin"] if spin else []
+    cmd += ["--only", *only] if only else []
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-5000:])
+        what = f" ({' / '.join(only)})" if only else ""
+        raise SystemExit(f"worker for {n} threads{what} failed (exit {out.returncode})")
+    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ROWS "))[5:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="the zoo's small sizes")
@@ -470,14 +513,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--spin", action="store_true",
                    help="engines keep their default thread spinning (see Method)")  # fmt: skip
+    p.add_argument("--isolate", action="store_true",
+                   help="each engine timed in a process of its own, its default thread "
+                        "spinning (see Method)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--workdir", type=Path, help="keep the built models here (default: temp)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # model, engine label
     args = p.parse_args(argv)
     budget_s = 0.2 if args.small else 0.5
 
     if args.worker is not None:
-        rows = worker(args.worker, args.threads[0], args.rounds, budget_s, args.spin)
+        only = tuple(args.only) if args.only else None
+        rows = worker(args.worker, args.threads[0], args.rounds, budget_s, args.spin, only)
         print("ROWS " + json.dumps(rows))
         return
 
@@ -498,19 +546,13 @@ def main(argv: list[str] | None = None) -> None:
         t_prep = time.perf_counter() - t0
         rows = []
         for n in args.threads:
-            env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
-            if not args.spin:
-                env.update(OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")
-            cmd = [sys.executable, __file__, "--worker", str(plan_path), "--threads", str(n),
-                   "--rounds", str(args.rounds)] + (["--small"] if args.small else [])  # fmt: skip
-            cmd += ["--spin"] if args.spin else []
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-5000:])
-                raise SystemExit(f"worker for {n} threads failed (exit {out.returncode})")
-            rows += json.loads(
-                next(x for x in out.stdout.splitlines() if x.startswith("ROWS "))[5:]
-            )
+            if args.isolate:  # one process per engine: no other engine's threads alive
+                for m in plan["models"]:
+                    for e in m["engines"]:
+                        rows += _run_worker(plan_path, n, args, (m["name"], e["label"]))
+                    _log(f"threads={n}: {m['name']} timed, one process per engine")
+            else:
+                rows += _run_worker(plan_path, n, args)
             if any(r.get("tvm_threads") not in (None, n) for r in rows if r["threads"] == n):
                 _log(f"warning: TVM did not run {n} threads")
     order = {m["name"]: i for i, m in enumerate(plan["models"])}
