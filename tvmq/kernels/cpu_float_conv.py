@@ -37,8 +37,11 @@ from tvmq.kernels._tiling import HALF_WIDTH_ACCUMULATORS, half_width_avx512, rou
 from tvmq.kernels.fast_math import sigmoid_f32
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize, requantize_value
 
-# Below this many multiply-adds a parallel launch costs more than it saves.
-_PARALLEL_MIN_MACS = 1 << 20
+# Below this many multiply-adds (~4 us of one core's FMAs) a parallel launch (~2 us to fork
+# and join a 2-thread pool) costs more than it saves.
+_PARALLEL_MIN_MACS = 1 << 18
+# A depthwise conv loads its input for every tap: about half the multiply-adds per cycle.
+_DEPTHWISE_PARALLEL_MIN_MACS = 1 << 17
 
 CLAMP_MAX_ROWS = 9
 """1x1 callers whose register tile has at most this many rows read their input unpadded
@@ -538,4 +541,4 @@ def float_depthwise_nhwc(
     func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue)])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
-    return _schedule(func, sch_tiles, parallel=macs >= _PARALLEL_MIN_MACS, name=name)
+    return _schedule(func, sch_tiles, parallel=macs >= _DEPTHWISE_PARALLEL_MIN_MACS, name=name)
