@@ -560,9 +560,10 @@ def main(argv: list[str] | None = None) -> None:
     from bench_peers import cpu_peak_gops
 
     peak = cpu_peak_gops()
+    how = "rounds, each engine in its own process" if args.isolate else "interleaved rounds"
     print(format_table(rows, peak))
     print(
-        f"\nzoo size '{size}', batch 1; median over {args.rounds} interleaved rounds; 'vs PT': "
+        f"\nzoo size '{size}', batch 1; median over {args.rounds} {how}; 'vs PT': "
         f"PyTorch fp32 ms / row ms; 'x 1thr': the row's 1-thread ms / its ms; cos / SQNR: "
         f"worst over {N_TEST} natural-looking inputs vs PyTorch fp32; int8 calibrated on "
         f"{N_CALIB} others. No tuning records for tvmq.\n"

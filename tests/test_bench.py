@@ -114,16 +114,20 @@ def test_bench_weight_only_quick():
     assert sizes[3] < sizes[0] / 3 and sizes[5] < sizes[4]  # clustered; clustered int8 < int8
 
 
-def test_bench_zoo_small_one_model(tmp_path):
-    """bench_zoo.py end to end on one small CNN: every installed engine gets a row with a
-    finite latency, the float rows agree with PyTorch and int8 stays close."""
+@pytest.mark.parametrize("isolate", [False, True], ids=["interleaved", "isolate"])
+def test_bench_zoo_small_one_model(tmp_path, isolate):
+    """bench_zoo.py end to end on one small CNN: every installed engine gets one row with a
+    finite latency, the float rows agree with PyTorch and int8 stays close; with --isolate
+    (each engine in a process of its own) the same rows."""
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed (pip install -e '.[bench]')")
     json_path = tmp_path / "rows.json"
     stdout = _run("bench_zoo.py", "--small", "--models", "mobilenet_v3_small", "--threads", "1",
-                  "--rounds", "1", "--json", str(json_path), timeout=900)  # fmt: skip
+                  "--rounds", "1", "--json", str(json_path), *(["--isolate"] if isolate else []),
+                  timeout=900)  # fmt: skip
     rows = [r for r in json.loads(json_path.read_text())["rows"] if r["engine"]]
     engines = {r["engine"] for r in rows}
+    assert len(rows) == len(engines), [r["engine"] for r in rows]  # one row per engine
     expected = {"PT fp32", "ORT fp32", "ORT int8", "tvmq fp32", "tvmq int8"}
     from tvmq.machine import amx_granted, cpu_flags
 
