@@ -42,8 +42,8 @@ Method
     other engine's threads are alive while it is timed: on a small VM the spinning threads of
     the engine timed before take a core from the next one's pool (2-thread rows of the
     millisecond models suffer most), and without spinning each parallel region of a 2-thread
-    run waits for its workers to wake. The rounds are then one engine's alone. Accuracy: on 4 natural-looking inputs not used for calibration (smooth images /
-    random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
+    run waits for its workers to wake. The rounds are then one engine's alone. Accuracy: on 4
+    natural-looking inputs not used for calibration (smooth images / random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
     times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one).
@@ -422,7 +422,10 @@ def worker(
              min(_accuracy(y, r)[1] for y, r in zip(o, ref, strict=True)))
             for o in outs
         ]  # fmt: skip
-        if only is not None and only[1] != engines[0]["label"]:  # the reference is not timed
+        # A worker of one engine other than the reference times only that engine; the
+        # reference's worker (or the one of all engines) also reports the model's notes.
+        whole = only is None or only[1] == engines[0]["label"]
+        if not whole:
             runners, labels, acc = runners[1:], labels[1:], acc[1:]
         repeats = []
         for r in runners:
@@ -442,12 +445,9 @@ def worker(
                          "threads": threads, "tvm_threads": tvm_threads,
                          "ms": statistics.median(s), "repeat": rep, "rounds": rounds,
                          "ops": m["ops"], "cosine": cos, "sqnr": sqnr, "note": e["note"]})  # fmt: skip
-        if only is None or only[1] == engines[0]["label"] or failed:
-            notes = (
-                m["notes"] + failed if only is None or only[1] == engines[0]["label"] else failed
-            )
+        if whole or failed:
             rows.append({"model": m["name"], "threads": threads, "engine": None,
-                         "notes": notes})  # fmt: skip
+                         "notes": (m["notes"] if whole else []) + failed})  # fmt: skip
         _log(f"threads={threads}: {m['name']} timed")
     return rows
 
