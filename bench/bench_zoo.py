@@ -43,7 +43,8 @@ Method
     the engine timed before take a core from the next one's pool (2-thread rows of the
     millisecond models suffer most), and without spinning each parallel region of a 2-thread
     run waits for its workers to wake. The rounds are then one engine's alone. Accuracy: on 4
-    natural-looking inputs not used for calibration (smooth images / random token ids), the worst cosine and SQNR of the row's output to PyTorch fp32's.
+    natural-looking inputs not used for calibration (smooth images / random token ids), the
+    worst cosine and SQNR of the row's output to PyTorch fp32's.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
     times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one).
