@@ -31,11 +31,12 @@ marked ``tirx.is_scheduled`` and opaque to FuseOps.
 
 Where the im2col matrix would outgrow a core's L2 (1 MiB or more; UNet's and the YOLO neck's
 early layers, 7-29 MB) and each tap is a run of 16-byte multiples, no im2col kernel runs: the
-dense kernel reads the NHWC image and copies each row tile's rows into a scratch block in
-cache before its column tiles (``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`),
-shifting int8 bytes and writing the padding's zeros as it goes, so neither the matrix nor a
-padded copy of the image goes through memory (UNet int8, 1 thread, AMD Zen 4: 60.3 -> 45.3
-ms, bit-identical; reading the unpadded image: 44.55 -> 44.26 ms, no pad kernels).
+dense kernel reads the NHWC image and copies each row tile's part of it (the input strips
+its pixels share, or its im2col rows) into a scratch block in cache before its column tiles
+(``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`), shifting int8 bytes and
+writing the padding's zeros as it goes, so neither the matrix nor a padded copy of the image
+goes through memory (UNet int8, 1 thread, AMD Zen 4: 60.3 -> 45.3 ms, bit-identical; reading
+the unpadded image: 44.55 -> 44.26 ms, no pad kernels; strips: 43.69 -> 42.91 ms).
 
 The conv's result stays channels last (NHWC) as long as it can, so the epilogue, pooling
 and the next conv's im2col read it without a transpose (see

@@ -298,3 +298,60 @@ def test_int_rounding_only_where_products_stay_within_int32():
     assert not with_int_rounding(r, w, offset, big).int_rounding
     dequantize = Requantize("float32", 0, 0, 0)
     assert with_int_rounding(dequantize, w, offset, big) == dequantize
+
+
+def _im2col_reference(x, w, geo):
+    """``im2col(x) @ w`` in int64 for the NHWC ``x`` (int8 shifted by +128, its padding's
+    zeros too)."""
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
+    top, left, bottom, right = geo.padding
+    xp = np.pad(x.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    xp += 128 if x.dtype == np.int8 else 0
+    oh, ow = geo.out_hw
+    taps = [
+        xp[
+            :,
+            ky * dh : ky * dh + sh * (oh - 1) + 1 : sh,
+            kx * dw : kx * dw + sw * (ow - 1) + 1 : sw,
+        ]
+        for ky in range(kh)
+        for kx in range(kw)
+    ]  # each (N, OH, OW, C)
+    cols = np.stack(taps, axis=3).reshape(geo.m, geo.k)
+    return cols @ w.astype(np.int64)
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(
+    ("x_shape", "strides", "padding", "dilation", "mr", "x_dtype", "strips"),
+    [
+        ((1, 16, 28, 28), 1, 1, 1, 7, "uint8", True),  # 3x3 tile of 7 pixels: 3 x 9 pixels
+        ((2, 32, 29, 27), 2, 1, 1, 7, "int8", True),  # batch 2, stride 2: OW 14
+        ((1, 16, 20, 20), 1, 2, 2, 4, "uint8", True),  # dilation 2
+        ((1, 16, 30, 30), 1, 1, 1, 4, "int8", False),  # OW 30: a tile would span two rows
+        ((1, 16, 9, 9), 1, 0, 1, 4, "uint8", False),  # M = 49 padded to 52
+    ],
+)
+def test_in_kernel_im2col_is_exact(x_shape, strides, padding, dilation, mr, x_dtype, strips):
+    """The dense kernel building its own im2col operand from the NHWC image, as input strips
+    shared by a row tile's pixels where the tile lies in one output row, else as rows."""
+    from tvmq.kernels.x86_int8 import DenseTiles, im2col_strips_fit
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    n, c, h, w_ = x_shape
+    geo = Conv2DGeometry(x_shape, (3, 3), (strides,) * 2, (padding,) * 4, (dilation,) * 2)
+    m, k, o = round_up(geo.m, mr), geo.k, 32
+    assert im2col_strips_fit(geo, m, mr) == strips
+    func = int8_dense_vnni(m, k, o, tiles=DenseTiles(mr, 1, m), im2col=geo, x_dtype=x_dtype)
+    stage = [line for line in func.script().splitlines() if "im2col_rows = " in line]
+    span = (mr - 1) * strides + 2 * dilation + 1
+    assert (f"({m // mr}, 3, {span}, {c})" if strips else f"({m}, {k})") in stage[0]
+    rng = np.random.default_rng(m + c)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (n, h, w_, c), dtype=x_dtype)
+    w = rng.integers(-128, 128, (k, o), dtype=np.int8)
+    out = tvm.runtime.tensor(np.zeros((m, o), np.int32))
+    _compile(func)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight_vnni(w)), out)
+    want = _im2col_reference(x, w, geo)
+    np.testing.assert_array_equal(out.numpy()[: geo.m], want)
+    np.testing.assert_array_equal(out.numpy()[geo.m :], np.repeat(want[-1:], m - geo.m, 0))
