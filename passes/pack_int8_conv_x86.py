@@ -247,12 +247,15 @@ def _is_its_own_im2col(geo, x_dtype: str, mp: int, kp: int) -> bool:
 def _im2col_in_kernel(geo, dense) -> bool:
     """Whether the VNNI dense kernel builds its own im2col rows, a row tile at a time
     (``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`): where the matrix would
-    outgrow a core's L2 (1 MiB) and each tap is a run of 16-byte multiples. UNet's 224x224
-    32-channel 3x3 conv (1 thread) 3.05 -> 2.36 ms, 112x112 64-channel 3.39 -> 2.20, 56x56
-    the same as the separate im2col and dense."""
+    take half a core's L2 (512 KiB) or more and each tap is a run of 16-byte multiples.
+    UNet's 224x224 32-channel 3x3 conv (1 thread) 3.05 -> 2.36 ms, 112x112 64-channel 3.39
+    -> 2.20; with input strips ResNet's 28x28 128-channel conv 0.545 -> 0.523 ms (im2col +
+    dense), 14x14 256-channel (451 KiB) the same either way. Smaller products keep the
+    separate kernels: the dense kernel's parallel tasks are then its row x column tiles, not
+    a few row tiles."""
     if not isinstance(dense, X86Int8Dense) or dense.amx is not None:
         return False
-    big = dense.m_padded * dense.k_padded >= 1 << 20
+    big = dense.m_padded * dense.k_padded >= 1 << 19
     return big and geo.x_shape[1] % LANES == 0 and dense.k_padded == geo.k
 
 

@@ -447,8 +447,11 @@ def with_int_rounding(
 def im2col_strips_fit(geo, m: int, mr: int) -> bool:
     """Whether :func:`int8_dense_vnni`'s in-kernel im2col of ``geo`` copies strips (see
     :func:`_im2col_operand`): every row tile of ``mr`` output pixels lies in one output row
-    (``OW % mr == 0``) and no row is padding (``m == geo.m``)."""
-    return geo.out_hw[1] % mr == 0 and m == geo.m
+    (``OW % mr == 0``), no row is padding (``m == geo.m``) and a strip is shorter than the
+    tile's taps in a kernel row (not so for a strided 1x1 conv)."""
+    (_, kw), (_, sw), (_, dw) = geo.kernel, geo.strides, geo.dilation
+    span = (mr - 1) * sw + (kw - 1) * dw + 1
+    return geo.out_hw[1] % mr == 0 and m == geo.m and span < mr * kw
 
 
 def _im2col_operand(geo, m: int, k: int, x_dtype: str, mr: int):
