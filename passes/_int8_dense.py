@@ -256,6 +256,7 @@ class _DenseRewriter(PyExprMutator):
                 name += "_dynamic"
             else:
                 name += "_requantize" if out_dtype != "float32" else "_dequantize"
+            name += "_gelu" if requantize.gelu else ""
         with_offset = bool(shift) or bool(offset.any())
         if with_offset:
             consts.append(relax.const(offset, "int32"))

@@ -8,7 +8,8 @@ After ``acc = matmul(x_q, W_q, out_dtype="int32")``, with ``params = row_qparams
     acc = subtract(acc, multiply(z_x, colsum))      # colsum: (N,) int32 constant
     y = multiply(astype(acc, float32), multiply(s_x, s_w))      # s_w: (N,) or scalar constant
 
-and the model usually adds its bias (a float32 constant along the last axis) and a ReLU.
+and the model usually adds its bias (a float32 constant along the last axis) and a ReLU or a
+GELU (:func:`~tvmq.passes.requantize_epilogue.gelu_tail`).
 When each op on the chain is the only reader of the one before, :func:`find_dynamic_epilogues`
 returns them as a :class:`DynamicEpilogue`: the kernel reads ``params`` itself and stores the
 bit-identical float32 result (:class:`tvmq.kernels.x86_int8.DynamicDequantize`); the int32
@@ -40,7 +41,7 @@ from tvmq.kernels.dynamic_quant import row_qparams_u8
 from tvmq.kernels.x86_int8 import DynamicDequantize, RowQuantize
 
 from .relax_utils import ADD, RELU, binding_map, dataflow_bindings, op_name, relax_functions
-from .requantize_epilogue import ChannelAxis, chain_step
+from .requantize_epilogue import ChannelAxis, chain_step, gelu_tail
 
 
 class DynamicEpilogue(NamedTuple):
@@ -174,9 +175,10 @@ def _chain(acc: relax.Var, n: int, only_user, values) -> DynamicEpilogue | None:
         if bias is not None and (str(bias.dtype) != "float32" or step(ADD) is None):
             bias = None
     relu = step(RELU) is not None
+    gelu = not relu and gelu_tail(chain, columns, only_user)
     if str(colsum.dtype) != "int32" or str(s_w.dtype) != "float32":
         return None
-    kernel = DynamicDequantize(bias=bias is not None, relu=relu)
+    kernel = DynamicDequantize(bias=bias is not None, relu=relu, gelu=gelu)
     return DynamicEpilogue(tuple(chain[1:]), params, colsum, s_w, bias, kernel)
 
 

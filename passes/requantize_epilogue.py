@@ -6,7 +6,8 @@ After the int32 accumulator ``acc`` of a layer, ``LowerInt8`` emits (``requantiz
     [add(acc, offset)] -> [relu] -> astype(float32) -> multiply(., m) -> quantize(., 1.0, z)
     -> [clip(lo, hi)]
 
-or, for a float result, ``[add(acc, offset)] -> [relu] -> dequantize(., s, 0, axis)``, where
+or, for a float result, ``[add(acc, offset)] -> [relu] -> dequantize(., s, 0, axis)`` [->
+``gelu``, maybe between reshapes: :func:`gelu_tail`], where
 ``offset`` (int32), ``m`` and ``s`` (float32) are constants per output channel (broadcast along
 one axis: NCHW axis 1 for a conv, the last axis for a dense layer). When each op is the only
 reader of the one before, :func:`requantize_chain` returns them as a :class:`RequantizeEpilogue`
@@ -30,6 +31,7 @@ from .relax_utils import (
     ADD,
     CLIP,
     DEQUANTIZE,
+    GELU,
     QUANTIZE,
     RELU,
     clip_bounds,
@@ -137,7 +139,8 @@ def requantize_chain(
     relu = step(RELU) is not None
     dequantize = step(DEQUANTIZE)
     if dequantize is not None:
-        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where)
+        gelu = gelu_tail(chain, where, only_user)
+        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, gelu)
     cast = step("relax.astype")
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
@@ -146,6 +149,29 @@ def requantize_chain(
     if stored is None:
         return None
     return RequantizeEpilogue(tuple(chain[1:]), offset, multiplier, Requantize(*stored, relu=relu))
+
+
+def gelu_tail(chain: list, where: ChannelAxis, only_user) -> bool:
+    """Whether a GELU (erf form) reads ``chain[-1]``'s float32 result, maybe between reshapes
+    that keep the channels the last axis (a transformer FFN's ``(M, N)`` -> ``(1, M, N)`` and
+    back), each op the only reader of the one before: then they are appended to ``chain``."""
+    found = list(chain)
+    step = chain_step(found, only_user)
+
+    def reshape():
+        nxt = only_user(found[-1])
+        if where.axis != where.ndim - 1 or nxt is None or op_name(nxt[1]) != "relax.reshape":
+            return
+        shape = static_shape(nxt[0])
+        if shape is not None and shape[-1] == where.channels:
+            step("relax.reshape")
+
+    reshape()
+    if step(GELU) is None:
+        return False
+    reshape()
+    chain[:] = found
+    return True
 
 
 def _quantize_tail(chain: list, only_user) -> tuple[str, int, int, int] | None:
@@ -264,8 +290,11 @@ def _integral(value) -> int | None:
     return None
 
 
-def _dequantize(chain, call, offset, relu, where: ChannelAxis) -> RequantizeEpilogue | None:
-    """The chain ending in ``call = dequantize(., scale, 0, axis)`` to float32."""
+def _dequantize(
+    chain, call, offset, relu, where: ChannelAxis, gelu: bool
+) -> RequantizeEpilogue | None:
+    """The chain through ``call = dequantize(., scale, 0, axis)`` to float32 (then a GELU with
+    ``gelu``)."""
     _, scale, zero = call.args
     if str(call.attrs.out_dtype) != "float32":
         return None
@@ -277,4 +306,5 @@ def _dequantize(chain, call, offset, relu, where: ChannelAxis) -> RequantizeEpil
     ):
         return None
     multiplier = np.ascontiguousarray(np.broadcast_to(s, (where.channels,)), dtype=np.float32)
-    return RequantizeEpilogue(chain, offset, multiplier, Requantize("float32", 0, 0, 0, relu=relu))
+    requantize = Requantize("float32", 0, 0, 0, relu=relu, gelu=gelu)
+    return RequantizeEpilogue(chain, offset, multiplier, requantize)

@@ -29,42 +29,14 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvmq.kernels.fast_math import gelu_f32
+
 __all__ = ["UseFastMath"]
 
 
-# fast_erf's rational form, erf(v) = v P(v^2) / Q(v^2) on |v| <= 4 (TOPI's coefficients,
-# those of Eigen's float erf; highest power first), rewritten below for GELU.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)  # fmt: skip
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)  # fmt: skip
-# GELU(x) = x (1/2 + x P'(x^2) / Q'(x^2)) with v = x / sqrt 2 and the 1/2 folded into the
-# coefficients: P'_k = P_k / 2 / sqrt(2)^(2k+1), Q'_k = Q_k / sqrt(2)^(2k) (k: the power).
-_GELU_P = tuple(c / 2 / math.sqrt(2) ** (2 * k + 1) for k, c in enumerate(_ERF_P[::-1]))[::-1]
-_GELU_Q = tuple(c / math.sqrt(2) ** (2 * k) for k, c in enumerate(_ERF_Q[::-1]))[::-1]
-_GELU_CLAMP = 4.0 * math.sqrt(2.0)  # erf(x / sqrt 2) is +-1 in float32 beyond
-
-
 def _gelu(x):
-    """``x/2 (1 + erf(x / sqrt 2))`` as ``x (1/2 + x P(x^2) / Q(x^2))``: fast_erf's rational
-    with the ``1 / sqrt 2`` and ``1/2`` folded into its coefficients, 2 multiplies and an add
-    per element fewer (DeiT-tiny's 197 x 768 GELU 47.0 -> 40.7 us on Zen 4, where the
-    multiply / FMA port bounds it). Error as before: < 1e-6 absolute."""
-
-    def gelu(*i):
-        v = x(*i)
-        c = te.max(te.min(v, _GELU_CLAMP), -_GELU_CLAMP)
-        c2 = c * c
-        num = tvm.tirx.const(_GELU_P[0], "float32")
-        for coef in _GELU_P[1:]:
-            num = num * c2 + coef
-        den = tvm.tirx.const(_GELU_Q[0], "float32")
-        for coef in _GELU_Q[1:]:
-            den = den * c2 + coef
-        return v * (c * (num / den) + 0.5)
-
-    return te.compute(x.shape, gelu, name="gelu")
+    """GELU (erf form) per element: :func:`tvmq.kernels.fast_math.gelu_f32`."""
+    return te.compute(x.shape, lambda *i: gelu_f32(x(*i)), name="gelu")
 
 
 def _sigmoid_of(v):

@@ -571,3 +571,66 @@ def test_half_width_tiles_bit_exact(rng, x_shape, n):
     assert len(_kernel_funcs(mod)) == 1
     got, _ = _run(mod, x)
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
+
+
+def _gelu_module(rng, m, k, n, dynamic):
+    """A transformer FFN's first layer and its GELU, between reshapes to ``(1, m, n)`` and
+    back: LowerInt8's dequantize (static: returned with its int8 weight, offset and scale) or
+    QuantizeDynamic's (``dynamic``), then a second dynamically quantized layer reading the
+    GELU (as BERT's FFN2). ``main`` returns the GELU and the second layer."""
+    from tvmq.passes.quantize_dynamic import QuantizeDynamic
+
+    w2 = rng.normal(size=(n, 8)).astype("float32")
+    w = _random(rng, (k, n), np.int8)
+    offset = rng.integers(-4000, 4000, n).astype(np.int32)
+    scale = (rng.random(n) * 0.1 / np.sqrt(k) / 74 + 1e-4).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32" if dynamic else "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if dynamic:
+                h = bb.emit(relax.op.matmul(x, relax.const(rng.normal(size=(k, n)), "float32")))
+                h = bb.emit(relax.op.add(h, relax.const(rng.normal(size=n).astype("float32"))))
+            else:
+                h = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+                h = bb.emit(relax.op.add(h, relax.const(offset)))
+                zeros = relax.const(np.zeros(n, np.int32))
+                h = bb.emit(relax.op.dequantize(h, relax.const(scale), zeros, axis=1))
+            h = bb.emit(relax.op.reshape(h, (1, m, n)))
+            h = bb.emit(relax.op.nn.gelu(h))
+            h = bb.emit(relax.op.reshape(h, (m, n)))
+            y = bb.emit(relax.op.matmul(h, relax.const(w2)))
+            out = bb.emit_output(relax.Tuple([h, y]))
+        bb.emit_func_output(out)
+    return QuantizeDynamic()(bb.get()), (w, offset, scale)
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize(("m", "k", "n", "dynamic"), [(24, 48, 64, False), (14, 40, 48, True)])
+def test_gelu_after_the_dequantize_runs_in_the_kernel_bit_exact(rng, m, k, n, dynamic):
+    """A GELU after the layer's dequantize (and the reshapes around it) is stored by the dense
+    kernel: no GELU kernel left, the same bits as UseFastMath's GELU kernel, and the next
+    layer still quantizes the GELU's rows itself."""
+    import torch
+
+    from tvmq.passes.use_fast_math import UseFastMath
+
+    mod, (w, offset, scale) = _gelu_module(rng, m, k, n, dynamic)
+    packed = PackInt8DenseX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.nn.gelu") and not _row_qparams_calls(packed)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("_gelu" in name for name in names) == 1, names
+    assert sum(name.endswith("_quantize") for name in names) == 1 + dynamic, names
+    x = rng.normal(size=(m, k)).astype("float32") if dynamic else _random(rng, (m, k), np.uint8)
+    ex = tvm.compile(packed, target=CASCADELAKE)
+    got = [t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))]
+    ex = tvm.compile(UseFastMath()(mod), target=CASCADELAKE)
+    want = [t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))]
+    for g, v in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, v)
+    if not dynamic:  # vs torch's exact (erf) GELU of the dequantized sums
+        pre = (x.astype(np.int64) @ w.astype(np.int64) + offset).astype(np.float32) * scale
+        assert (pre < -1).any() and (pre > 1).any()  # both sides of the GELU's bend
+        exact = torch.nn.functional.gelu(torch.from_numpy(pre)).numpy()
+        # the rational's error is ~2e-7 |x| in the far negative tail (GELU -> -0 there)
+        np.testing.assert_allclose(got[0], exact, atol=2e-7 * np.abs(pre).max(), rtol=1e-5)

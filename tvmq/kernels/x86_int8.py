@@ -40,6 +40,7 @@ from tvmq.kernels._tiling import (
     round_up,
 )
 from tvmq.kernels.dynamic_quant import quantized_rows
+from tvmq.kernels.fast_math import gelu_f32
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
 
 KERNEL_ATTR = "tvmq.kernel"
@@ -119,7 +120,9 @@ class Requantize:
     the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
     the result is bit-identical to running them as separate kernels; the int32 result never
     goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument. ``dtype`` float32 is
-    a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused).
+    a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused), then
+    with ``gelu`` its GELU (:func:`~tvmq.kernels.fast_math.gelu_f32`, as ``UseFastMath``
+    computes a GELU kernel: a transformer's FFN needs no pass of its own for it).
 
     With ``int_rounding`` the product is rounded by the float -> int32 conversion itself
     (``llvm.lrint``: ``vcvtps2dq``, round half to even like the float32 round) and offset and
@@ -134,6 +137,7 @@ class Requantize:
     relu: bool = False
     residual: ResidualAdd | None = None  # then the kernel stores residual.dtype
     int_rounding: bool = False
+    gelu: bool = False  # a dequantize only: GELU of the float32 result (fast_math.gelu_f32)
 
     @property
     def out_dtype(self) -> str:
@@ -156,8 +160,9 @@ class DynamicDequantize:
     """A dynamically quantized layer's float32 result computed before the store
     (``QuantizeDynamic``'s dequantize, then the layer's bias and ReLU):
     ``y = float32(v - int32(params[i, 1]) * colsum[j]) * (params[i, 0] * scale[j])``,
-    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu``, where ``params`` holds each row's
-    scale and zero point (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
+    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu`` (its GELU with ``gelu``, see
+    :class:`Requantize`), where ``params`` holds each row's scale and zero point
+    (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
     ``scale`` float32 [, ``bias`` float32], then ``params (m, 2)`` float32. The same float32
     operations in the same order as the Relax ops: bit-identical.
 
@@ -167,6 +172,7 @@ class DynamicDequantize:
     bias: bool = False
     relu: bool = False
     quantize: RowQuantize | None = None
+    gelu: bool = False  # GELU of the result (fast_math.gelu_f32), after the bias
 
     @property
     def dtype(self) -> str:
@@ -395,6 +401,8 @@ def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=Non
         f = v.astype("float32") * (row_scale(i) * scale[j])
         if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
             f = tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f) + bias[0][j]
+        if d.gelu:
+            return gelu_f32(f)
         return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
 
     return te.compute(shape, y, name="C"), more
@@ -407,7 +415,7 @@ def requantize_value(v, multiplier, r: Requantize, residual=None):
         v = te.max(v, tvm.tirx.const(0, "int32"))
     f = v.astype("float32") * multiplier
     if r.dtype == "float32":  # a dequantize
-        return f
+        return gelu_f32(f) if r.gelu else f
     if r.int_rounding:
         q = clamp_rounded(f, r.zero_point, r.lo, r.hi)
         return q.astype(r.dtype) if r.residual is None else r.residual.value(q, residual)
