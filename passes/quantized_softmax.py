@@ -16,11 +16,15 @@ land one step away (tested against numpy to one step). Probabilities are >= 0, s
 lower clamp is the zero point itself. Rows of only -inf give ``zero`` (probability 0) for
 both patterns: PyTorch's SDPA does the same, a plain softmax would give NaN.
 
-The kernel keeps TVM's pattern for it (``kOutEWiseFusable``, unlike ``row_kernel_attrs``'
-float softmaxes): marked a reduction, FuseOps pulls in the mask add but not the scores'
-dequantize, which sits behind a reshape (an injective op joins a reduction only when all
-between is injective), so one pass over the scores stays and the softmax gets slower:
-MiniLM int8 9.07 -> 9.13 ms; with DeiT's padded rows the add ran a branch per element.
+Where the softmax's input is int8 attention's ``[add](reshape(dequantize(s)), [mask])``
+over the int32 scores ``s`` of ``Q @ K^T`` (each read once), the kernel reads ``s`` and the
+mask and computes those ops itself (:func:`quantized_softmax_of_scores`, the same float32
+operations: bit-identical), so no float32 pass over the scores runs before it (MiniLM int8,
+1 thread: 8.92 -> 8.80 ms). Not for rows the kernel pads (DeiT's 197 keys): each element of
+the fused ops would take a branch. The kernel keeps TVM's pattern for it
+(``kOutEWiseFusable``, unlike ``row_kernel_attrs``' float softmaxes): marked a reduction,
+FuseOps pulled in the mask add but not the scores' dequantize, which sits behind a reshape,
+and the softmax got slower (MiniLM int8 9.07 -> 9.13 ms).
 On DeiT-tiny int8 (Zen 4, 1 thread) softmax + quantize went from 91 to 66 us a layer with
 ``fast_exp``, to 47 with :func:`~tvmq.passes.use_fast_math.exp_nonpositive`.
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax, te
+from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .relax_utils import (
@@ -47,13 +51,26 @@ from .relax_utils import (
     user_counts,
 )
 from .safe_softmax import _last_axis, match_safe_softmax
-from .use_fast_math import masked_row, softmax_rows, unpad_rows
+from .use_fast_math import _pads_rows, masked_row, softmax_rows, unpad_rows
 
 _VIEWS = ("relax.reshape", "relax.broadcast_to")
 
 
 def quantized_softmax_rows(x, scale: float, zero: int, dtype: str):
     """``quantize(softmax(x, -1), scale, zero, dtype)`` in one kernel (module docstring)."""
+    return _quantized_softmax(x, scale, zero, dtype)
+
+
+def quantized_softmax_of_scores(s, shape, s_scale: float, mask, scale: float, zero: int, dtype):
+    """:func:`quantized_softmax_rows` of ``x = reshape(dequantize(s, s_scale), shape) [+
+    mask]`` (int8 attention's int32 scores, the mask broadcast to ``shape``), ``x`` computed
+    in the kernel as in the separate ops: no float32 pass over the scores of its own."""
+    flat = topi.reshape(s, shape)
+    x = te.compute(shape, lambda *i: flat(*i).astype("float32") * s_scale, name="scores")
+    return _quantized_softmax(x if mask is None else topi.add(x, mask), scale, zero, dtype)
+
+
+def _quantized_softmax(x, scale: float, zero: int, dtype: str):
     padded, top, e, total = softmax_rows(x)
     zero_f = tvm.tirx.const(0.0, "float32")
     inv = te.compute(
@@ -101,11 +118,49 @@ def _match(quantize: relax.Call, bindings: dict, users: dict):
         x = match_safe_softmax(value, bindings)
     if x is None or str(x.ty.dtype) != "float32":
         return None
-    return x, scale, zero, dtype
+    return x, scale, zero, dtype, _scores(x, bindings, users)
+
+
+def _scores(x: relax.Expr, bindings: dict, users: dict) -> tuple | None:
+    """``(s, s_scale, mask)`` when ``x = [add](reshape(dequantize(s, s_scale, 0)), [mask])``
+    (int8 attention's scores before the softmax: ``s`` int32, ``mask`` float32 or None),
+    the dequantize and reshape read once, else None. Not for rows that
+    :func:`~tvmq.passes.use_fast_math.softmax_rows` pads (each element of the fused ops
+    would take a branch)."""
+
+    def once(expr, name):
+        value = bindings.get(expr) if isinstance(expr, relax.Var) else None
+        return value if op_name(value) == name and users.get(expr) == 1 else None
+
+    shape = x.ty.shape.values if isinstance(x.ty.shape, relax.ShapeExpr) else None
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    if _pads_rows(shape[-1]):
+        return None
+    mask = None
+    add = bindings.get(x) if isinstance(x, relax.Var) else None
+    if op_name(add) == "relax.add":
+        y, mask = add.args
+        if not isinstance(mask, relax.Var) or str(mask.ty.dtype) != "float32":
+            return None
+        if not _same_shape(y, x):
+            return None
+    else:
+        y = x
+    reshape = once(y, "relax.reshape")
+    dequantize = once(reshape.args[0] if reshape is not None else y, "relax.dequantize")
+    if dequantize is None:
+        return None
+    s, s_scale, s_zero = dequantize.args
+    s_scale, s_zero = scalar_value(s_scale), scalar_value(s_zero)
+    if str(s.ty.dtype) != "int32" or not isinstance(s_scale, float) or s_zero != 0:
+        return None
+    return s, s_scale, mask
 
 
 def find_quantized_softmax(func: relax.Function) -> dict[relax.Var, tuple]:
-    """``{quantize var: (x, scale, zero, dtype)}`` for each chain of the module docstring."""
+    """``{quantize var: (x, scale, zero, dtype, scores)}`` for each chain of the module
+    docstring; ``scores``: ``x``'s int32 scores, see :func:`_scores`."""
     bindings = binding_map(func)
     users = user_counts(func)
     found = {}
@@ -128,10 +183,16 @@ class _Rewriter(PyExprMutator):
         if var not in self.found:
             super().visit_var_binding_(binding)
             return
-        x, scale, zero, dtype = self.found[var]
+        x, scale, zero, dtype, scores = self.found[var]
         bb = self.builder_
         # TVM's op pattern, not row_kernel_attrs (module docstring)
-        q = bb.emit(bb.call_te(quantized_softmax_rows, self.visit_expr(x), scale, zero, dtype))
+        if scores is None:
+            q = bb.call_te(quantized_softmax_rows, self.visit_expr(x), scale, zero, dtype)
+        else:
+            s, s_scale, mask = (self.visit_expr(a) if a is not None else None for a in scores)
+            shape = [int(d) for d in x.ty.shape.values]
+            q = bb.call_te(quantized_softmax_of_scores, s, shape, s_scale, mask, scale, zero, dtype)
+        q = bb.emit(q)
         if not _same_shape(q, var):
             q = relax.op.reshape(q, var.ty.shape)
         self.set_var_remap(var, emit_binding(bb, var, q))

@@ -149,3 +149,58 @@ def test_other_patterns_are_left_alone(case):
     else:
         mod = _softmax_quantize((4, 9), 1 / 255, 0, "uint8", extra_user=True)
     assert QuantizedSoftmax()(mod).same_as(mod)
+
+
+def _scores_softmax(keys: int, mask: bool, second_reader: bool = False):
+    """int8 attention's ``quantize(softmax(reshape(dequantize(s)) [+ mask]))`` over int32
+    scores ``s (3, 4, keys)``; with ``second_reader`` the dequantized scores are an output
+    too (so the chain cannot take them)."""
+    s = relax.Var("s", relax.TensorType((3, 4, keys), "int32"))
+    m = relax.Var("m", relax.TensorType((1, 1, 4, keys), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [s, m] if mask else [s]):
+        with bb.dataflow():
+            zero = relax.const(0, "int32")
+            d = bb.emit(relax.op.dequantize(s, relax.const(0.01, "float32"), zero, axis=-1))
+            x = bb.emit(relax.op.reshape(d, (1, 3, 4, keys)))
+            if mask:
+                x = bb.emit(relax.op.add(x, m))
+            p = bb.emit(relax.op.nn.softmax(x, axis=-1))
+            p = bb.emit(relax.op.reshape(p, (3, 4, keys)))
+            q = relax.op.quantize(p, relax.const(1 / 255, "float32"), zero, axis=-1,
+                                  out_dtype="uint8")  # fmt: skip
+            q = bb.emit_output(q)
+            out = bb.emit_output(relax.Tuple([q, d])) if second_reader else q
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_int32_scores_dequantized_and_masked_in_the_kernel(mask):
+    """The scores' dequantize, reshape and mask add run in the softmax kernel (MiniLM int8:
+    one 21 us pass a layer less): the same bits as the kernel reading the float32 scores."""
+    rng = np.random.default_rng(2)
+    s = rng.integers(-3000, 3000, (3, 4, 32)).astype("int32")
+    m = np.where(rng.random((1, 1, 4, 32)) > 0.3, 0.0, -np.inf).astype("float32")
+    m[..., 1, :] = -np.inf  # a fully masked row
+    args = (s, m) if mask else (s,)
+    fused = QuantizedSoftmax()(_scores_softmax(32, mask))
+    names = [gv.name_hint for gv in fused.get_global_vars()]
+    assert "relax.dequantize" not in _ops(fused) and "relax.add" not in _ops(fused)
+    assert any(n.startswith("quantized_softmax_of_scores") for n in names), names
+    apart = QuantizedSoftmax()(_scores_softmax(32, mask, second_reader=True))
+    assert "relax.dequantize" in _ops(apart)
+    got = _run(fused, *args)
+    ex = relax.build(apart, target=_LLVM)
+    want = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in args))
+    np.testing.assert_array_equal(got, want[0].numpy())
+    x = s.astype("float32") * np.float32(0.01) + (m[0] if mask else 0)
+    ref = _reference(x.astype("float64"), 1 / 255, 0, "uint8")
+    assert np.abs(got - ref).max() <= 1 and len(np.unique(got)) > 20
+
+
+def test_padded_score_rows_keep_their_dequantize():
+    """Rows the softmax kernel pads (33 keys) read the float32 scores: fused ops there would
+    take a branch per element."""
+    out = QuantizedSoftmax()(_scores_softmax(33, mask=True))
+    assert "relax.dequantize" in _ops(out) and "relax.quantize" not in _ops(out)
