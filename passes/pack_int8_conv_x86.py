@@ -29,8 +29,8 @@ memory. An int8 ``x`` is shifted by +128 (the padding zeros too), and the dense 
 ``strided_slice`` drops the padded rows and channels when there are any. The kernels are
 marked ``tirx.is_scheduled`` and opaque to FuseOps.
 
-Where the im2col matrix would outgrow a core's L2 (1 MiB or more; UNet's and the YOLO neck's
-early layers, 7-29 MB) and each tap is a run of 16-byte multiples, no im2col kernel runs: the
+Where the im2col matrix has 64 KiB or more (UNet's and the YOLO neck's early layers: 7-29 MB)
+and each tap is a run of 16-byte multiples, no im2col kernel runs: the
 dense kernel reads the NHWC image and copies each row tile's part of it (the input strips
 its pixels share, or its im2col rows) into a scratch block in cache before its column tiles
 (``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`), shifting int8 bytes and
@@ -246,16 +246,18 @@ def _is_its_own_im2col(geo, x_dtype: str, mp: int, kp: int) -> bool:
 
 def _im2col_in_kernel(geo, dense) -> bool:
     """Whether the VNNI dense kernel builds its own im2col rows, a row tile at a time
-    (``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`): where the matrix would
-    take half a core's L2 (512 KiB) or more and each tap is a run of 16-byte multiples.
-    UNet's 224x224 32-channel 3x3 conv (1 thread) 3.05 -> 2.36 ms, 112x112 64-channel 3.39
-    -> 2.20; with input strips ResNet's 28x28 128-channel conv 0.545 -> 0.523 ms (im2col +
-    dense), 14x14 256-channel (451 KiB) the same either way. Smaller products keep the
-    separate kernels: the dense kernel's parallel tasks are then its row x column tiles, not
-    a few row tiles."""
+    (``im2col`` of :func:`~tvmq.kernels.x86_int8.int8_dense_vnni`): where the matrix has 64
+    KiB or more (where a separate im2col kernel would run in parallel) and each tap is a run
+    of 16-byte multiples. UNet's 224x224 32-channel 3x3 conv (1 thread) 3.05 -> 2.36 ms,
+    112x112 64-channel 3.39 -> 2.20; with input strips ResNet's 28x28 128-channel conv 0.545
+    -> 0.523 ms (im2col + dense). At 2 threads a separate im2col kernel reads its image and
+    writes its rows on both cores and the dense kernel reads them back on the other one:
+    ResNet-18's 14x14 and 7x7 im2col kernels ran 2.5-3.5x slower at 2 threads than at 1
+    (this AMD EPYC VM, where a cache line moving between the two vCPUs is slow); in the
+    kernel, ResNet-18 int8 4.92 -> 4.88 ms at 2 threads, 9.14 -> 9.03 at 1."""
     if not isinstance(dense, X86Int8Dense) or dense.amx is not None:
         return False
-    big = dense.m_padded * dense.k_padded >= 1 << 19
+    big = dense.m_padded * dense.k_padded >= 1 << 16
     return big and geo.x_shape[1] % LANES == 0 and dense.k_padded == geo.k
 
 

@@ -21,9 +21,10 @@ would do, their weight rows are 0), and so are the padded rows (sliced off after
 The kernel first copies ``X`` into a zero-padded (and shifted) staging image, so that each
 ``(pixel, ky)`` of ``cols`` is then one branch-free run of ``KW * C`` contiguous bytes (``C``
 per ``kx`` with a dilated W axis) that LLVM vectorizes; the bounds test per ``(pixel, ky,
-kx)`` it replaces cost 40% of the demo CNN's first im2col (C = 1). The loop over output rows
-runs in parallel once ``cols`` has ``_PARALLEL_MIN_BYTES`` (64 KiB; the demo CNN's are
-9 and 28 KiB and stay on one thread). The kernel is marked scheduled and opaque (``op_pattern`` 8), so FuseOps keeps it apart (fusing the
+kx)`` it replaces cost 40% of the demo CNN's first im2col (C = 1). The loops over the
+staging image's rows and the output rows run in parallel once ``cols`` has
+``_PARALLEL_MIN_BYTES`` (64 KiB; the demo CNN's are 9 and 28 KiB and stay on one thread).
+The kernel is marked scheduled and opaque (``op_pattern`` 8), so FuseOps keeps it apart (fusing the
 producer in would recompute it ``KH * KW`` times) and the default schedule leaves it alone.
 """
 
@@ -117,7 +118,8 @@ def int8_im2col(
             T.writes(C[0:m_padded, 0:k_padded])
             P = T.sblock_alloc_buffer((n * hp * wp * c,), "uint8")
             X = T.decl_buffer((n * h * w * c,), x_dtype, data=X4.data)  # X4, flat
-            for b, i in T.grid(n, hp):
+            for bi in T.parallel(n * hp) if parallel else T.serial(n * hp):
+                b, i = bi // hp, bi % hp
                 if i < top or i >= top + h:
                     for j in range(wp * c):
                         P[(b * hp + i) * wp * c + j] = fill
