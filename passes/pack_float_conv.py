@@ -361,6 +361,7 @@ def _emit(
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.dtype
         suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
+        suffix += "_gelu" if epilogue.gelu else ""
     if out_pad is not None:
         suffix += "_bordered"
         kernel = functools.partial(kernel, out_pad=out_pad)

@@ -521,6 +521,36 @@ def test_requantize_runs_in_the_kernel_bit_exact(
         assert any(n.endswith(f"_n{o}") for n in names), names
 
 
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "o", "groups"), [((1, 16, 9, 11), 24, 1), ((1, 32, 6, 10), 32, 32)]
+)
+def test_gelu_after_the_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, o, groups):
+    """A GELU after a conv's dequantize (dense or depthwise) is stored by the conv's kernel:
+    the same bits as UseFastMath's GELU kernel after the separate ops."""
+    from tvmq.passes.use_fast_math import UseFastMath
+
+    w = _random(rng, (o, x_shape[1] // groups, 3, 3), np.int8)
+    mod = _requantized_conv_module(rng, x_shape, w, "uint8", groups, False, None, "float32", 0)
+    bb = relax.BlockBuilder()  # main(x) = gelu(mod's main(x))
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    inner = bb.add_func(mod["main"].without_attr("global_symbol"), "conv")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.Call(inner, [x]))
+            out = bb.emit_output(relax.op.nn.gelu(y))
+        bb.emit_func_output(out)
+    mod = relax.transform.Normalize()(relax.transform.InlinePrivateFunctions()(bb.get()))
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("_dequantize_gelu" in n for n in names) == 1, names
+    assert not _ops_named(packed, "relax.nn.gelu") and not _ops_named(packed, "relax.dequantize")
+    x = _random(rng, x_shape, np.uint8)
+    got, want = _run(packed, x), _run(UseFastMath()(mod), x)
+    np.testing.assert_array_equal(got, want)
+    assert (got < -0.01).any() and len(np.unique(got)) > 20
+
+
 SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
 
