@@ -252,11 +252,7 @@ class _DenseRewriter(PyExprMutator):
             requantize, out_dtype = epilogue.requantize, epilogue.requantize.dtype
             if isinstance(requantize, Requantize):
                 requantize = with_int_rounding(requantize, w, offset, epilogue.multiplier)
-            if isinstance(epilogue, DynamicEpilogue):
-                name += "_dynamic"
-            else:
-                name += "_requantize" if out_dtype != "float32" else "_dequantize"
-            name += "_gelu" if requantize.gelu else ""
+            name += requantize.kernel_suffix
         with_offset = bool(shift) or bool(offset.any())
         if with_offset:
             consts.append(relax.const(offset, "int32"))

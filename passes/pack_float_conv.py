@@ -360,8 +360,7 @@ def _emit(
         suffix = "_bias_residual" + ("_act" if epilogue != ConvEpilogue(residual=True) else "")
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.dtype
-        suffix = "_requantize" if out_dtype != "float32" else "_dequantize"
-        suffix += "_gelu" if epilogue.gelu else ""
+        suffix = epilogue.kernel_suffix
     if out_pad is not None:
         suffix += "_bordered"
         kernel = functools.partial(kernel, out_pad=out_pad)

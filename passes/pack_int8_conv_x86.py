@@ -179,8 +179,7 @@ class _Lowering:
             offset[:o] += epilogue.offset
             requantize = with_int_rounding(epilogue.requantize, w2, offset, epilogue.multiplier)
             out_dtype = requantize.out_dtype
-            name += "_requantize" if out_dtype != "float32" else "_dequantize"
-            name += "_gelu" if requantize.gelu else ""
+            name += requantize.kernel_suffix
             name += "_residual" if epilogue.residual is not None else ""
         with_offset = bool(offset.any())
         if with_offset:

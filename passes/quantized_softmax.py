@@ -56,21 +56,17 @@ from .use_fast_math import _pads_rows, masked_row, softmax_rows, unpad_rows
 _VIEWS = ("relax.reshape", "relax.broadcast_to")
 
 
-def quantized_softmax_rows(x, scale: float, zero: int, dtype: str):
-    """``quantize(softmax(x, -1), scale, zero, dtype)`` in one kernel (module docstring)."""
-    return _quantized_softmax(x, scale, zero, dtype)
-
-
 def quantized_softmax_of_scores(s, shape, s_scale: float, mask, scale: float, zero: int, dtype):
     """:func:`quantized_softmax_rows` of ``x = reshape(dequantize(s, s_scale), shape) [+
     mask]`` (int8 attention's int32 scores, the mask broadcast to ``shape``), ``x`` computed
     in the kernel as in the separate ops: no float32 pass over the scores of its own."""
     flat = topi.reshape(s, shape)
     x = te.compute(shape, lambda *i: flat(*i).astype("float32") * s_scale, name="scores")
-    return _quantized_softmax(x if mask is None else topi.add(x, mask), scale, zero, dtype)
+    return quantized_softmax_rows(x if mask is None else topi.add(x, mask), scale, zero, dtype)
 
 
-def _quantized_softmax(x, scale: float, zero: int, dtype: str):
+def quantized_softmax_rows(x, scale: float, zero: int, dtype: str):
+    """``quantize(softmax(x, -1), scale, zero, dtype)`` in one kernel (module docstring)."""
     padded, top, e, total = softmax_rows(x)
     zero_f = tvm.tirx.const(0.0, "float32")
     inv = te.compute(

@@ -135,7 +135,7 @@ def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilati
     ],
 )
 def test_im2col_in_the_kernel_bit_exact(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
-    """A conv whose im2col matrix outgrows L2 has no im2col kernel: the dense kernel copies
+    """A conv whose im2col matrix has 64 KiB or more has no im2col kernel: the dense kernel copies
     each row tile's rows from the image itself (zeros for the padding, int8 shifted as it
     copies), and no pad kernel runs: the same products as the reference."""
     w = _random(rng, (o, x_shape[1], k, k), np.int8)

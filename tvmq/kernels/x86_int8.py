@@ -144,6 +144,12 @@ class Requantize:
         """The dtype the kernel stores."""
         return self.residual.dtype if self.residual is not None else self.dtype
 
+    @property
+    def kernel_suffix(self) -> str:
+        """What a kernel storing this says in its name."""
+        kind = "_requantize" if self.dtype != "float32" else "_dequantize"
+        return kind + ("_gelu" if self.gelu else "")
+
 
 @dataclass(frozen=True)
 class RowQuantize:
@@ -178,6 +184,11 @@ class DynamicDequantize:
     def dtype(self) -> str:
         return "float32"
 
+    @property
+    def kernel_suffix(self) -> str:
+        """What a kernel storing this says in its name."""
+        return "_dynamic" + ("_gelu" if self.gelu else "")
+
 
 @dataclass(frozen=True)
 class DenseTiles:
@@ -197,8 +208,8 @@ def choose_tiles(m: int, n_padded: int, half_width: bool | None = None) -> Dense
     the one whose tile holds the most accumulators, the largest of those.
 
     With ``half_width`` (default: whether the current target is a
-    :func:`~tvmq.kernels._tiling.half_width_avx512` CPU, AMD Zen 4), ``mr`` is the largest
-    divisor in 4..7 (8 only where it is ``m``: a GEMV's one tile) and the tile at most 14
+    :func:`~tvmq.kernels._tiling.half_width_avx512` CPU, AMD Zen 4), ``mr`` is a divisor in
+    4..7 (8 only where it is ``m``: a GEMV's one tile) and the tile at most 14
     accumulators: there tiles of 16 or more ran 3-30% slower than 7x2 / 4x3 ones (1 thread,
     warm; ResNet-50's 3136x64x256 291 -> 436 GOP/s at 7x2, MiniLM's 128x768x3072 427 -> 458
     at 4x3).
@@ -461,9 +472,13 @@ def im2col_strips_fit(geo, m: int, mr: int) -> bool:
     :func:`_im2col_operand`): every row tile of ``mr`` output pixels lies in one output row
     (``OW % mr == 0``), no row is padding (``m == geo.m``) and a strip is shorter than the
     tile's taps in a kernel row (not so for a strided 1x1 conv)."""
+    return geo.out_hw[1] % mr == 0 and m == geo.m and _strip_span(geo, mr) < mr * geo.kernel[1]
+
+
+def _strip_span(geo, mr: int) -> int:
+    """Input pixels per kernel row that a row tile of ``mr`` output pixels reads."""
     (_, kw), (_, sw), (_, dw) = geo.kernel, geo.strides, geo.dilation
-    span = (mr - 1) * sw + (kw - 1) * dw + 1
-    return geo.out_hw[1] % mr == 0 and m == geo.m and span < mr * kw
+    return (mr - 1) * sw + (kw - 1) * dw + 1
 
 
 def _im2col_operand(geo, m: int, k: int, x_dtype: str, mr: int):
@@ -499,9 +514,8 @@ def _im2col_operand(geo, m: int, k: int, x_dtype: str, mr: int):
         return (v.astype("int32") + 128).astype("uint8") if x_dtype == "int8" else v
 
     if im2col_strips_fit(geo, m, mr):
-        span = (mr - 1) * sw + (kw - 1) * dw + 1
         strips = te.compute(
-            (m // mr, kh, span, c),
+            (m // mr, kh, _strip_span(geo, mr), c),
             lambda t, ky, p, ch: pixel(t * mr, ky * dh, p, ch),
             "im2col_rows",
         )
