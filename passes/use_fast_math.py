@@ -29,7 +29,7 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.kernels.fast_math import gelu_f32
+from tvmq.kernels.fast_math import exp_nonpositive, gelu_f32, sigmoid_f32, silu_f32
 
 __all__ = ["UseFastMath"]
 
@@ -39,21 +39,12 @@ def _gelu(x):
     return te.compute(x.shape, lambda *i: gelu_f32(x(*i)), name="gelu")
 
 
-def _sigmoid_of(v):
-    """``1 / (1 + exp(-v))`` from ``e = exp(-|v|) <= 1``: ``1 / (1 + e)`` for ``v >= 0``,
-    ``e / (1 + e)`` below; :func:`exp_nonpositive` takes 13 operations to ``fast_exp``'s ~21,
-    and no ``exp`` of a large argument can overflow (saturates to 0 / 1 as before)."""
-    e = exp_nonpositive(-te.abs(v))
-    one = tvm.tirx.const(1.0, "float32")
-    return tvm.tirx.Select(v >= 0, one, e) / (one + e)
-
-
 def _sigmoid(x):
-    return te.compute(x.shape, lambda *i: _sigmoid_of(x(*i)), name="sigmoid")
+    return te.compute(x.shape, lambda *i: sigmoid_f32(x(*i)), name="sigmoid")
 
 
 def _silu(x):
-    return te.compute(x.shape, lambda *i: x(*i) * _sigmoid_of(x(*i)), name="silu")
+    return te.compute(x.shape, lambda *i: silu_f32(x(*i)), name="silu")
 
 
 def _gelu_tanh(x):
@@ -67,37 +58,6 @@ def _softmax(x, axis: int):
     if axis != len(x.shape) - 1:
         return topi.nn.fast_softmax(x, axis)
     return _normalized_rows(x, float("nan"))
-
-
-# exp(r) on [-ln2/2, ln2/2]: 1 + a degree-5 polynomial fitted to the relative error
-# (Chebyshev-node least squares, reweighted towards equal ripple; the constant term 1, so
-# exp(0) = 1 exactly): 9.1e-8 in exact arithmetic.
-_EXP_POLY = (
-    1.0,
-    0.9999997019767761,
-    0.4999915063381195,
-    0.1666763573884964,
-    0.04189793020486832,
-    0.008290312252938747,
-)
-
-
-def exp_nonpositive(d):
-    """``exp(d)`` for ``d <= 0`` (a softmax's ``x - max``), 13 SIMD operations where
-    ``fast_exp`` takes ~21: no upper clamp, a degree-5 polynomial, and ``2^n`` added to the
-    exponent bits instead of built and multiplied. ``d`` below -86 counts as -86 (4.4e-38,
-    still a normal float, so the exponent arithmetic stays exact; -inf included). Relative
-    error in float32: below 2e-7 for ``d > -20``, below 4e-7 down to -86 (one ``ln 2``
-    constant: ``n ln 2`` loses ~2e-9 per unit of ``n``), ``exp(0) = 1``
-    (``tests/passes/test_use_fast_math.py``)."""
-    d = te.max(d, tvm.tirx.const(-86.0, "float32"))
-    n = te.round(d * (1.0 / math.log(2.0)))
-    r = d - n * math.log(2.0)
-    p = tvm.tirx.const(_EXP_POLY[-1], "float32")
-    for c in reversed(_EXP_POLY[:-1]):
-        p = p * r + c
-    bits = tvm.tirx.reinterpret("int32", p) + (n.astype("int32") << 23)
-    return tvm.tirx.reinterpret("float32", bits)
 
 
 def softmax_rows(x):

@@ -1,22 +1,25 @@
-"""exp / sigmoid as vectorizable TIR expressions (tvmq/kernels/fast_math.py): float64 numpy's
-numbers within a few float32 ulps, and no denormal ever (a microcode assist per vector)."""
+"""sigmoid / SiLU / hardswish as vectorizable TIR expressions (tvmq/kernels/fast_math.py):
+float64 numpy's numbers within a few float32 ulps, and no denormal ever (a microcode assist
+per vector)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from tvm import te
 
-from tvmq.kernels.fast_math import exp_f32, sigmoid_f32
+from tvmq.kernels.fast_math import activation_f32, sigmoid_f32
 from tvmq.targets import get_target
 
 
-def _run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _run(x: np.ndarray) -> tuple[np.ndarray, ...]:
     a = te.placeholder(x.shape, "float32", name="A")
     outs = [
-        te.compute(x.shape, lambda i: exp_f32(a[i]), name="E"),
         te.compute(x.shape, lambda i: sigmoid_f32(a[i]), name="S"),
-        te.compute(x.shape, lambda i: a[i] * sigmoid_f32(a[i]), name="SiLU"),
+        te.compute(x.shape, lambda i: activation_f32("silu", a[i]), name="SiLU"),
+        te.compute(x.shape, lambda i: activation_f32("hardswish", a[i]), name="H"),
+        te.compute(x.shape, lambda i: activation_f32("hardswish_divide_first", a[i]), name="Hd"),
     ]
     lib = tvm.compile(te.create_prim_func([a, *outs]), target=get_target("host").tvm_target())
     got = [tvm.runtime.tensor(np.zeros_like(x)) for _ in outs]
@@ -24,19 +27,24 @@ def _run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(g.numpy() for g in got)
 
 
-def test_exp_sigmoid_and_silu_match_float64():
+def test_sigmoid_silu_and_hardswish_match_float64():
     rng = np.random.default_rng(0)
     x = np.concatenate([np.linspace(-120, 120, 4001), rng.standard_normal(4000) * 8])
     x = x.astype(np.float32)
-    e, s, silu = _run(x)
+    s, silu, hswish, hswish_d = _run(x)
     x64 = x.astype(np.float64)
-    normal = (x > -87.3) & (x < 88.3)  # exp's range (clamped outside it)
-    assert (np.abs(e[normal] - np.exp(x64[normal])) / np.exp(x64[normal])).max() < 3e-7
     sig = 1.0 / (1.0 + np.exp(-x64))
     assert np.abs(s - sig).max() < 2e-7
     ref = x64 * sig
     assert (np.abs(silu - ref) / np.maximum(np.abs(ref), 1.0)).max() < 3e-7
-    assert np.all(s[x < -87] == 0) and np.all(s[x > 20] == 1)
+    assert np.all(s[x > 20] == 1) and np.all(s[x < -87] < 1e-37)
+    ref = x64 * np.clip(x64 + 3, 0, 6) / 6
+    for h in (hswish, hswish_d):
+        assert (np.abs(h - ref) / np.maximum(np.abs(ref), 1.0)).max() < 3e-7
+    # the two orders are the model's ops' float32 bits: torch's (x * t) / 6, ONNX's x * (t / 6)
+    t = np.clip(x + np.float32(3), 0, 6).astype(np.float32)
+    np.testing.assert_array_equal(hswish, (x * t) / np.float32(6))
+    np.testing.assert_array_equal(hswish_d, x * (t / np.float32(6)))
 
 
 def test_no_denormal_results():
@@ -44,3 +52,8 @@ def test_no_denormal_results():
     tiny = np.finfo(np.float32).tiny
     for y in _run(x):
         assert not np.any((y != 0) & (np.abs(y) < tiny))
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="'tanh'"):
+        activation_f32("tanh", tvm.tirx.const(1.0, "float32"))

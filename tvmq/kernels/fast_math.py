@@ -1,13 +1,12 @@
-"""float32 ``exp``, ``sigmoid`` and ``gelu`` as TIR expressions that vectorize (no libm call).
+"""float32 ``exp``, ``sigmoid``, ``gelu`` and the activations built on them as TIR
+expressions that vectorize (no libm call).
 
 LLVM has no vector ``exp``: ``T.exp`` in a kernel's store becomes one libm call per
-element. These are the classic range-reduced forms, written as expressions so a kernel can
-apply them inside its own store loop (a conv's SiLU epilogue): ``exp(x) = 2^n * e^r`` with
-``n = round(x / ln 2)``, ``r = x - n ln 2`` (ln 2 in two parts, so ``r`` is exact to a few
-ulps), ``e^r`` a degree-7 Taylor polynomial on ``|r| <= ln 2 / 2`` (truncation below
-1e-8 relative) and ``2^n`` built in the exponent bits. Inputs are clamped to
-``[-87.3, 88.3]``, where ``2^n`` is a normal float32: below, ``exp`` stays near ``2^-126``
-instead of a denormal or 0, above near ``2^127`` instead of infinity.
+element. These forms are expressions, so a kernel can apply them inside its own store loop
+(a conv's SiLU epilogue, an int8 layer's dequantize + activation + quantize), and every
+kernel computing an activation uses the same one: a layer's kernel that stores its
+activation gives the same bits as ``UseFastMath``'s separate kernel. :func:`activation_f32`
+names them.
 """
 
 from __future__ import annotations
@@ -16,36 +15,65 @@ import math
 
 from tvm import tirx
 
-_LOG2E = 1.0 / math.log(2.0)
-_LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^9
-_LN2_LO = math.log(2.0) - 0.693359375
+# exp(r) on [-ln2/2, ln2/2]: 1 + a degree-5 polynomial fitted to the relative error
+# (Chebyshev-node least squares, reweighted towards equal ripple; the constant term 1, so
+# exp(0) = 1 exactly): 9.1e-8 in exact arithmetic.
+_EXP_POLY = (
+    1.0,
+    0.9999997019767761,
+    0.4999915063381195,
+    0.1666763573884964,
+    0.04189793020486832,
+    0.008290312252938747,
+)
 
 
 def _f32(v: float) -> tirx.PrimExpr:
     return tirx.const(v, "float32")
 
 
-def exp_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``exp(x)`` for a float32 expression (see the module docstring for its range)."""
-    x = tirx.max(tirx.min(x, _f32(88.3)), _f32(-87.3))
-    n = tirx.floor(x * _f32(_LOG2E) + _f32(0.5))
-    r = x - n * _f32(_LN2_HI) - n * _f32(_LN2_LO)
-    p = _f32(1.0 / math.factorial(7))
-    for k in range(6, -1, -1):  # Horner: sum r^k / k!
-        p = p * r + _f32(1.0 / math.factorial(k))
-    bits = (tirx.Cast("int32", n) + tirx.const(127, "int32")) << tirx.const(23, "int32")
-    return p * tirx.reinterpret("float32", bits)
+def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``exp(d)`` for ``d <= 0`` (a softmax's ``x - max``), 13 SIMD operations where
+    ``fast_exp`` takes ~21: no upper clamp, a degree-5 polynomial, and ``2^n`` added to the
+    exponent bits instead of built and multiplied. ``d`` below -86 counts as -86 (4.4e-38,
+    still a normal float, so the exponent arithmetic stays exact; -inf included). Relative
+    error in float32: below 2e-7 for ``d > -20``, below 4e-7 down to -86 (one ``ln 2``
+    constant: ``n ln 2`` loses ~2e-9 per unit of ``n``), ``exp(0) = 1``
+    (``tests/passes/test_use_fast_math.py``)."""
+    d = tirx.max(d, _f32(-86.0))
+    n = tirx.round(d * (1.0 / math.log(2.0)))
+    r = d - n * math.log(2.0)
+    p = _f32(_EXP_POLY[-1])
+    for c in reversed(_EXP_POLY[:-1]):
+        p = p * r + c
+    bits = tirx.reinterpret("int32", p) + (n.astype("int32") << 23)
+    return tirx.reinterpret("float32", bits)
 
 
 def sigmoid_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``1 / (1 + exp(-x))`` for a float32 expression, never a denormal: 0 below ``x = -87``
-    (where the true value falls under float32's smallest normal, 1.2e-38, as a CPU that
-    flushes denormals to zero would give it), else at least 1.6e-38. A denormal costs a
-    microcode assist per vector on x86, where it is made and again wherever it is read: a
-    SiLU that returned ``x * 4e-39`` for very negative ``x`` made the next layer's inputs
-    denormal after a squeeze-excite scale, and EfficientNet-B0 ran 1.7x slower."""
-    value = _f32(1.0) / (_f32(1.0) + exp_f32(tirx.min(-x, _f32(87.0))))
-    return tirx.Select(x < _f32(-87.0), _f32(0.0), value)
+    """``1 / (1 + exp(-x))`` from ``e = exp(-|x|) <= 1``: ``1 / (1 + e)`` for ``x >= 0``,
+    ``e / (1 + e)`` below. :func:`exp_nonpositive` takes 13 operations to ``fast_exp``'s
+    ~21, no ``exp`` of a large argument can overflow, and no result is a denormal (at least
+    4.4e-38 below ``x = -86``). A denormal costs a microcode assist per vector on x86, where
+    it is made and again wherever it is read: a SiLU that returned ``x * 4e-39`` for very
+    negative ``x`` made the next layer's inputs denormal after a squeeze-excite scale, and
+    EfficientNet-B0 ran 1.7x slower."""
+    e = exp_nonpositive(-tirx.abs(x))
+    one = _f32(1.0)
+    return tirx.Select(x >= _f32(0.0), one, e) / (one + e)
+
+
+def silu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """SiLU ``x * sigmoid(x)`` (EfficientNet's and YOLO's activation)."""
+    return x * sigmoid_f32(x)
+
+
+def hardswish_f32(x: tirx.PrimExpr, divide_first: bool = False) -> tirx.PrimExpr:
+    """hardswish ``x * relu6(x + 3) / 6`` (MobileNetV3's activation) in the order of the
+    model's ops, which decides the float32 bits: ``(x * t) / 6`` as PyTorch's decomposition
+    computes it, ``x * (t / 6)`` with ``divide_first`` (the ONNX ``HardSwish`` import)."""
+    t = tirx.min(tirx.max(x + _f32(3.0), _f32(0.0)), _f32(6.0))
+    return x * (t / _f32(6.0)) if divide_first else (x * t) / _f32(6.0)
 
 
 # fast_erf's rational form, erf(v) = v P(v^2) / Q(v^2) on |v| <= 4 (TOPI's coefficients,
@@ -78,3 +106,18 @@ def gelu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
     for coef in _GELU_Q[1:]:
         den = den * c2 + _f32(coef)
     return x * (c * (num / den) + _f32(0.5))
+
+
+ACTIVATIONS = ("gelu", "silu", "hardswish", "hardswish_divide_first")
+"""The activations a layer's kernel can apply to its float32 result (:func:`activation_f32`)."""
+
+
+def activation_f32(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The activation ``name`` (one of :data:`ACTIVATIONS`) of a float32 expression."""
+    if name == "gelu":
+        return gelu_f32(x)
+    if name == "silu":
+        return silu_f32(x)
+    if name in ("hardswish", "hardswish_divide_first"):
+        return hardswish_f32(x, divide_first=name == "hardswish_divide_first")
+    raise ValueError(f"unknown activation {name!r} (expected one of {ACTIVATIONS})")
