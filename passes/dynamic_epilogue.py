@@ -9,7 +9,7 @@ After ``acc = matmul(x_q, W_q, out_dtype="int32")``, with ``params = row_qparams
     y = multiply(astype(acc, float32), multiply(s_x, s_w))      # s_w: (N,) or scalar constant
 
 and the model usually adds its bias (a float32 constant along the last axis) and a ReLU or a
-GELU (:func:`~tvmq.passes.requantize_epilogue.gelu_tail`).
+GELU (:func:`~tvmq.passes.requantize_epilogue.activation_tail`).
 When each op on the chain is the only reader of the one before, :func:`find_dynamic_epilogues`
 returns them as a :class:`DynamicEpilogue`: the kernel reads ``params`` itself and stores the
 bit-identical float32 result (:class:`tvmq.kernels.x86_int8.DynamicDequantize`); the int32
@@ -41,7 +41,7 @@ from tvmq.kernels.dynamic_quant import row_qparams_u8
 from tvmq.kernels.x86_int8 import DynamicDequantize, RowQuantize
 
 from .relax_utils import ADD, RELU, binding_map, dataflow_bindings, op_name, relax_functions
-from .requantize_epilogue import ChannelAxis, chain_step, gelu_tail
+from .requantize_epilogue import ChannelAxis, activation_tail, chain_step
 
 
 class DynamicEpilogue(NamedTuple):
@@ -168,18 +168,29 @@ def _chain(acc: relax.Var, n: int, only_user, values) -> DynamicEpilogue | None:
     s_w = columns.constant(scale.args[1])
     if s_w is None or not params.same_as(_column_of(scale.args[0], 0, values)):
         return None
-    bias = None
-    nxt = only_user(chain[-1])
-    if nxt is not None and op_name(nxt[1]) == ADD and len(nxt[1].args) == 2:
-        bias = columns.constant(nxt[1].args[1])
-        if bias is not None and (str(bias.dtype) != "float32" or step(ADD) is None):
-            bias = None
+    bias = _bias_add(chain, columns, only_user)
     relu = step(RELU) is not None
-    gelu = not relu and gelu_tail(chain, columns, only_user)
+    activation = "" if relu else activation_tail(chain, columns, only_user)
     if str(colsum.dtype) != "int32" or str(s_w.dtype) != "float32":
         return None
-    kernel = DynamicDequantize(bias=bias is not None, relu=relu, gelu=gelu)
+    kernel = DynamicDequantize(bias=bias is not None, relu=relu, activation=activation)
     return DynamicEpilogue(tuple(chain[1:]), params, colsum, s_w, bias, kernel)
+
+
+def _bias_add(chain: list, columns: ChannelAxis, only_user) -> np.ndarray | None:
+    """The float32 bias (a constant along the columns) that an ``add`` reading
+    ``chain[-1]`` adds, on either side (``torch.export`` writes ``add(bias, y)``); its var is
+    appended to ``chain``. Else None."""
+    nxt = only_user(chain[-1])
+    if nxt is None or op_name(nxt[1]) != ADD or len(nxt[1].args) != 2:
+        return None
+    a, b = nxt[1].args
+    other = b if a.same_as(chain[-1]) else a if b.same_as(chain[-1]) else None
+    bias = columns.constant(other)
+    if bias is None or str(bias.dtype) != "float32":
+        return None
+    chain.append(nxt[0])
+    return bias
 
 
 def _column_of(var: relax.Expr, column: int, values) -> relax.Expr | None:

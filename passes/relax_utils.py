@@ -64,25 +64,37 @@ def user_counts(func: relax.Function) -> dict[relax.Var, int]:
     return counts
 
 
+class BlockUsers:
+    """Who reads a dataflow block's vars. Called with a var: ``(user, its value)`` of a
+    dataflow var read by exactly one binding of the block, else None (a fused epilogue may
+    take only such a chain of ops); :meth:`readers` lists every reader."""
+
+    def __init__(self, block: relax.DataflowBlock):
+        self._users = relax.analysis.udchain(block)
+        self._values = {b.var: b.value for b in block.bindings}
+
+    def __call__(self, var: relax.Var):
+        used = self.readers(var)
+        return used[0] if len(used) == 1 else None
+
+    def readers(self, var: relax.Var) -> list:
+        """``(user, its value)`` of each binding of the block reading the dataflow var ``var``
+        (none for a var outside the block, or an output, which the code after it may read)."""
+        if not isinstance(var, relax.DataflowVar):
+            return []
+        return [(u, self._values.get(u)) for u in self._users.get(var, [])]
+
+
 def dataflow_bindings(mod: tvm.IRModule):
     """Each binding of the dataflow blocks of ``mod``'s Relax functions, with that block's
-    ``only_user(var)``: (user, its value) of a dataflow var read by exactly one binding of
-    the block, else None (a fused epilogue may take only such a chain of ops)."""
+    :class:`BlockUsers` (``only_user(var)``: the one reader of ``var``, else None)."""
     for _, func in mod.functions_items():
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             continue
         for block in func.body.blocks:
             if not isinstance(block, relax.DataflowBlock):
                 continue
-            users = relax.analysis.udchain(block)
-            values = {b.var: b.value for b in block.bindings}
-
-            def only_user(var, users=users, values=values):
-                used = users.get(var, [])
-                if not isinstance(var, relax.DataflowVar) or len(used) != 1:
-                    return None
-                return used[0], values.get(used[0])
-
+            only_user = BlockUsers(block)
             for binding in block.bindings:
                 yield binding, only_user
 

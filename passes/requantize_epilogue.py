@@ -7,7 +7,8 @@ After the int32 accumulator ``acc`` of a layer, ``LowerInt8`` emits (``requantiz
     -> [clip(lo, hi)]
 
 or, for a float result, ``[add(acc, offset)] -> [relu] -> dequantize(., s, 0, axis)`` [->
-``gelu``, maybe between reshapes: :func:`gelu_tail`], where
+an activation, GELU, SiLU or hardswish, maybe between reshapes: :func:`activation_tail`],
+where
 ``offset`` (int32), ``m`` and ``s`` (float32) are constants per output channel (broadcast along
 one axis: NCHW axis 1 for a conv, the last axis for a dense layer). When each op is the only
 reader of the one before, :func:`requantize_chain` returns them as a :class:`RequantizeEpilogue`
@@ -139,8 +140,8 @@ def requantize_chain(
     relu = step(RELU) is not None
     dequantize = step(DEQUANTIZE)
     if dequantize is not None:
-        gelu = gelu_tail(chain, where, only_user)
-        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, gelu)
+        activation = activation_tail(chain, where, only_user)
+        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, activation)
     cast = step("relax.astype")
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
@@ -151,10 +152,15 @@ def requantize_chain(
     return RequantizeEpilogue(tuple(chain[1:]), offset, multiplier, Requantize(*stored, relu=relu))
 
 
-def gelu_tail(chain: list, where: ChannelAxis, only_user) -> bool:
-    """Whether a GELU (erf form) reads ``chain[-1]``'s float32 result, maybe between reshapes
-    that keep the channels the last axis (a transformer FFN's ``(M, N)`` -> ``(1, M, N)`` and
-    back), each op the only reader of the one before: then they are appended to ``chain``."""
+def activation_tail(chain: list, where: ChannelAxis, only_user) -> str:
+    """The activation (a :data:`~tvmq.kernels.fast_math.ACTIVATIONS` name) that reads
+    ``chain[-1]``'s float32 result, maybe between reshapes that keep the channels the last
+    axis (a transformer FFN's ``(M, N)`` -> ``(1, M, N)`` and back), else ``""``; its ops
+    are appended to ``chain``. Forms: ``gelu(x)`` (erf), ``silu(x)`` or ``x * sigmoid(x)``,
+    hardswish as PyTorch decomposes it, ``(x * clip(x + 3, 0, 6)) / 6`` (the clip maybe split
+    into a lower and an upper one), or as the ONNX importer writes it, ``x * (clip(x + 3, 0,
+    6) / 6)``. Each op is the only reader of the one before, but ``x``, read by the
+    activation's first op and its multiply."""
     found = list(chain)
     step = chain_step(found, only_user)
 
@@ -167,11 +173,85 @@ def gelu_tail(chain: list, where: ChannelAxis, only_user) -> bool:
             step("relax.reshape")
 
     reshape()
-    if step(GELU) is None:
-        return False
+    name = next((n for op, n in _SINGLE_OP if step(op) is not None), "")
+    name = name or _gated(found, only_user)
+    if not name:
+        return ""
     reshape()
     chain[:] = found
-    return True
+    return name
+
+
+_SINGLE_OP = ((GELU, "gelu"), ("relax.nn.silu", "silu"))
+
+
+def _gated(chain: list, users) -> str:
+    """SiLU or hardswish as ``x * g(x)`` on ``x = chain[-1]``: the name, the ops appended to
+    ``chain``; else ``""``."""
+    x = chain[-1]
+    readers = users.readers(x)
+    if len(readers) != 2:
+        return ""
+    for (gate, g), (product, p) in (readers, readers[::-1]):
+        if op_name(p) != "relax.multiply" or not _reads(p, x):
+            continue
+        if op_name(g) == "relax.sigmoid" and _reads(p, gate) and _only_reader(users, gate, product):
+            chain += [gate, product]
+            return "silu"
+        relu6 = _relu6_of_x_plus_3(x, gate, g, users)
+        if relu6 is None:
+            continue
+        t, ops = relu6
+        after = users(product)
+        if _reads(p, t) and _only_reader(users, t, product) and after and _divides_by_6(after[1]):
+            chain += [*ops, product, after[0]]  # (x * t) / 6
+            return "hardswish"
+        t6 = users(t)
+        if t6 and _divides_by_6(t6[1]) and _reads(p, t6[0]) and _only_reader(users, t6[0], product):
+            chain += [*ops, t6[0], product]  # x * (t / 6)
+            return "hardswish_divide_first"
+    return ""
+
+
+def _only_reader(users, var: relax.Var, reader: relax.Var) -> bool:
+    nxt = users(var)
+    return nxt is not None and nxt[0].same_as(reader)
+
+
+def _reads(call: relax.Call, var: relax.Var) -> bool:
+    """Whether ``var`` is one of the two operands of the binary op ``call``."""
+    return len(call.args) == 2 and any(a.same_as(var) for a in call.args)
+
+
+def _relu6_of_x_plus_3(x, var, call, users):
+    """``(t, vars)`` for ``t = clip(add(x, 3), 0, 6)`` starting at ``var = call``, the clip
+    maybe split into ``clip(., 0, inf)`` and ``clip(., -inf, 6)`` (each ``max(min(v, hi),
+    lo)``: together ``min(max(v, 0), 6)`` for any non-NaN ``v``), each op the only reader of
+    the one before; else None."""
+    if op_name(call) != ADD or not call.args[0].same_as(x) or scalar_value(call.args[1]) != 3.0:
+        return None
+    if str(call.args[1].ty.dtype) != "float32":
+        return None
+    ops, lo, hi = [var], -_INF, _INF
+    while lo != 0.0 or hi != 6.0:
+        nxt = users(ops[-1])
+        bounds = clip_bounds(nxt[1]) if nxt and op_name(nxt[1]) == CLIP else None
+        if bounds is None or bounds[0] not in (0.0, -_INF) or bounds[1] not in (6.0, _INF):
+            return None
+        ops.append(nxt[0])
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return ops[-1], ops
+
+
+_INF = float("inf")
+
+
+def _divides_by_6(call) -> bool:
+    return (
+        op_name(call) == "relax.divide"
+        and scalar_value(call.args[1]) == 6.0
+        and str(call.args[1].ty.dtype) == "float32"
+    )
 
 
 def _quantize_tail(chain: list, only_user) -> tuple[str, int, int, int] | None:
@@ -291,10 +371,10 @@ def _integral(value) -> int | None:
 
 
 def _dequantize(
-    chain, call, offset, relu, where: ChannelAxis, gelu: bool
+    chain, call, offset, relu, where: ChannelAxis, activation: str
 ) -> RequantizeEpilogue | None:
-    """The chain through ``call = dequantize(., scale, 0, axis)`` to float32 (then a GELU with
-    ``gelu``)."""
+    """The chain through ``call = dequantize(., scale, 0, axis)`` to float32 (then its
+    ``activation``)."""
     _, scale, zero = call.args
     if str(call.attrs.out_dtype) != "float32":
         return None
@@ -306,5 +386,5 @@ def _dequantize(
     ):
         return None
     multiplier = np.ascontiguousarray(np.broadcast_to(s, (where.channels,)), dtype=np.float32)
-    requantize = Requantize("float32", 0, 0, 0, relu=relu, gelu=gelu)
+    requantize = Requantize("float32", 0, 0, 0, relu=relu, activation=activation)
     return RequantizeEpilogue(chain, offset, multiplier, requantize)

@@ -521,34 +521,88 @@ def test_requantize_runs_in_the_kernel_bit_exact(
         assert any(n.endswith(f"_n{o}") for n in names), names
 
 
+def _silu(bb, y):
+    return bb.emit(relax.op.multiply(y, bb.emit(relax.op.sigmoid(y))))
+
+
+def _relu6_of_plus_3(bb, y, split):
+    t = bb.emit(relax.op.add(y, relax.const(3.0, "float32")))
+    if not split:
+        return bb.emit(relax.op.clip(t, 0, 6))
+    return bb.emit(relax.op.clip(bb.emit(relax.op.clip(t, 0, float("inf"))), float("-inf"), 6))
+
+
+def _hardswish(bb, y):  # PyTorch's decomposition: (x * t) / 6, the clip split in two
+    t = _relu6_of_plus_3(bb, y, split=True)
+    return bb.emit(relax.op.divide(bb.emit(relax.op.multiply(y, t)), relax.const(6.0)))
+
+
+def _hardswish_onnx(bb, y):  # the ONNX importer's: x * (t / 6)
+    t = _relu6_of_plus_3(bb, y, split=False)
+    return bb.emit(relax.op.multiply(y, bb.emit(relax.op.divide(t, relax.const(6.0)))))
+
+
+_ACTIVATIONS = {
+    "gelu": lambda bb, y: bb.emit(relax.op.nn.gelu(y)),
+    "silu": _silu,
+    "hardswish": _hardswish,
+    "hardswish_divide_first": _hardswish_onnx,
+}
+
+
+def _activated(conv: tvm.IRModule, x_shape, activation: str, quantize) -> tvm.IRModule:
+    """``main(x) = [quantize](activation(conv's main(x)))``, ``quantize`` (scale, zero, dtype)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    inner = bb.add_func(conv["main"].without_attr("global_symbol"), "conv")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = _ACTIVATIONS[activation](bb, bb.emit(relax.Call(inner, [x])))
+            if quantize is not None:
+                scale, zero, dtype = quantize
+                y = bb.emit(relax.op.quantize(y, relax.const(np.float32(scale)),
+                                              relax.const(zero, "int32"), out_dtype=dtype))  # fmt: skip
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return relax.transform.Normalize()(relax.transform.InlinePrivateFunctions()(bb.get()))
+
+
 @pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize("activation", sorted(_ACTIVATIONS))
 @pytest.mark.parametrize(
-    ("x_shape", "o", "groups"), [((1, 16, 9, 11), 24, 1), ((1, 32, 6, 10), 32, 32)]
+    ("x_shape", "o", "groups", "out_dtype"),
+    [
+        ((1, 16, 9, 11), 24, 1, "float32"),
+        ((1, 32, 6, 10), 32, 32, "float32"),  # depthwise
+        ((1, 16, 9, 11), 40, 1, "uint8"),  # the quantize after it stays a kernel of its own
+    ],
 )
-def test_gelu_after_the_dequantize_runs_in_the_kernel_bit_exact(rng, x_shape, o, groups):
-    """A GELU after a conv's dequantize (dense or depthwise) is stored by the conv's kernel:
-    the same bits as UseFastMath's GELU kernel after the separate ops."""
+def test_activation_after_the_dequantize_runs_in_the_kernel_bit_exact(
+    rng, x_shape, o, groups, out_dtype, activation
+):
+    """An activation after a conv's dequantize (dense or depthwise) is stored by the conv's
+    kernel: the same bits as UseFastMath's activation kernel (or the legalized ops) after the
+    separate ops. A quantize after it stays a separate kernel (cheaper on Zen 4), and the
+    result is still the same bits."""
+    from tvmq.passes.quantize_by_multiply import QuantizeByMultiply
     from tvmq.passes.use_fast_math import UseFastMath
 
     w = _random(rng, (o, x_shape[1] // groups, 3, 3), np.int8)
-    mod = _requantized_conv_module(rng, x_shape, w, "uint8", groups, False, None, "float32", 0)
-    bb = relax.BlockBuilder()  # main(x) = gelu(mod's main(x))
-    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
-    inner = bb.add_func(mod["main"].without_attr("global_symbol"), "conv")
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.Call(inner, [x]))
-            out = bb.emit_output(relax.op.nn.gelu(y))
-        bb.emit_func_output(out)
-    mod = relax.transform.Normalize()(relax.transform.InlinePrivateFunctions()(bb.get()))
+    conv = _requantized_conv_module(rng, x_shape, w, "uint8", groups, False, None, "float32", 0)
+    lower = lambda m: QuantizeByMultiply()(UseFastMath()(m))  # noqa: E731
+    x = _random(rng, x_shape, np.uint8)
+    mod = _activated(conv, x_shape, activation, None)
+    if out_dtype != "float32":  # a scale for ~100 steps over the activation's range
+        scale = float(np.abs(_run(lower(mod), x)).max()) / 100
+        mod = _activated(conv, x_shape, activation, (scale, -7, out_dtype))
     packed = PackInt8ConvX86(CASCADELAKE)(mod)
     names = [str(gv.name_hint) for gv in packed.get_global_vars()]
-    assert sum("_dequantize_gelu" in n for n in names) == 1, names
-    assert not _ops_named(packed, "relax.nn.gelu") and not _ops_named(packed, "relax.dequantize")
-    x = _random(rng, x_shape, np.uint8)
-    got, want = _run(packed, x), _run(UseFastMath()(mod), x)
+    assert sum("_dequantize_" + activation in n for n in names) == 1, names
+    assert not _ops_named(packed, "relax.dequantize")
+    assert bool(_ops_named(packed, "relax.quantize")) == (out_dtype != "float32")
+    got, want = _run(lower(packed), x), _run(lower(mod), x)
     np.testing.assert_array_equal(got, want)
-    assert (got < -0.01).any() and len(np.unique(got)) > 20
+    assert len(np.unique(got)) > 20 and (out_dtype != "float32" or (got < -0.01).any())
 
 
 SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})

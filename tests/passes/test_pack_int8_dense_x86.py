@@ -573,10 +573,11 @@ def test_half_width_tiles_bit_exact(rng, x_shape, n):
     np.testing.assert_array_equal(got, x.astype(np.int32) @ w.astype(np.int32))
 
 
-def _gelu_module(rng, m, k, n, dynamic):
+def _gelu_module(rng, m, k, n, dynamic, bias_first=False):
     """A transformer FFN's first layer and its GELU, between reshapes to ``(1, m, n)`` and
     back: LowerInt8's dequantize (static: returned with its int8 weight, offset and scale) or
-    QuantizeDynamic's (``dynamic``), then a second dynamically quantized layer reading the
+    QuantizeDynamic's (``dynamic``; its bias added as ``add(bias, y)`` with ``bias_first``,
+    as ``torch.export`` writes it), then a second dynamically quantized layer reading the
     GELU (as BERT's FFN2). ``main`` returns the GELU and the second layer."""
     from tvmq.passes.quantize_dynamic import QuantizeDynamic
 
@@ -590,7 +591,8 @@ def _gelu_module(rng, m, k, n, dynamic):
         with bb.dataflow():
             if dynamic:
                 h = bb.emit(relax.op.matmul(x, relax.const(rng.normal(size=(k, n)), "float32")))
-                h = bb.emit(relax.op.add(h, relax.const(rng.normal(size=n).astype("float32"))))
+                bias = relax.const(rng.normal(size=n).astype("float32"))
+                h = bb.emit(relax.op.add(bias, h) if bias_first else relax.op.add(h, bias))
             else:
                 h = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
                 h = bb.emit(relax.op.add(h, relax.const(offset)))
@@ -606,18 +608,22 @@ def _gelu_module(rng, m, k, n, dynamic):
 
 
 @pytest.mark.vnni
-@pytest.mark.parametrize(("m", "k", "n", "dynamic"), [(24, 48, 64, False), (14, 40, 48, True)])
-def test_gelu_after_the_dequantize_runs_in_the_kernel_bit_exact(rng, m, k, n, dynamic):
-    """A GELU after the layer's dequantize (and the reshapes around it) is stored by the dense
-    kernel: no GELU kernel left, the same bits as UseFastMath's GELU kernel, and the next
-    layer still quantizes the GELU's rows itself."""
+@pytest.mark.parametrize(
+    ("m", "k", "n", "dynamic", "bias_first"),
+    [(24, 48, 64, False, False), (14, 40, 48, True, False), (14, 40, 48, True, True)],
+)
+def test_gelu_after_the_dequantize_runs_in_the_kernel_bit_exact(rng, m, k, n, dynamic, bias_first):
+    """A GELU after the layer's dequantize (and its bias, and the reshapes around it) is
+    stored by the dense kernel: no GELU kernel left, the same bits as UseFastMath's GELU
+    kernel, and the next layer still quantizes the GELU's rows itself."""
     import torch
 
     from tvmq.passes.use_fast_math import UseFastMath
 
-    mod, (w, offset, scale) = _gelu_module(rng, m, k, n, dynamic)
+    mod, (w, offset, scale) = _gelu_module(rng, m, k, n, dynamic, bias_first)
     packed = PackInt8DenseX86(CASCADELAKE)(mod)
     assert not _ops_named(packed, "relax.nn.gelu") and not _row_qparams_calls(packed)
+    assert not _ops_named(packed, "relax.add")  # the bias too
     names = [str(gv.name_hint) for gv in packed.get_global_vars()]
     assert sum("_gelu" in name for name in names) == 1, names
     assert sum(name.endswith("_quantize") for name in names) == 1 + dynamic, names

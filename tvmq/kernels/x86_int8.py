@@ -40,7 +40,7 @@ from tvmq.kernels._tiling import (
     round_up,
 )
 from tvmq.kernels.dynamic_quant import quantized_rows
-from tvmq.kernels.fast_math import gelu_f32
+from tvmq.kernels.fast_math import activation_f32
 from tvmq.kernels.vnni_intrin import LANES, REDUCE, register_vnni_intrin
 
 KERNEL_ATTR = "tvmq.kernel"
@@ -120,9 +120,14 @@ class Requantize:
     the same order as Relax's ``astype`` / ``multiply`` / ``quantize(scale=1)`` / ``clip``, so
     the result is bit-identical to running them as separate kernels; the int32 result never
     goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument. ``dtype`` float32 is
-    a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused), then
-    with ``gelu`` its GELU (:func:`~tvmq.kernels.fast_math.gelu_f32`, as ``UseFastMath``
-    computes a GELU kernel: a transformer's FFN needs no pass of its own for it).
+    a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused).
+
+    With an ``activation`` (a dequantize only; one of
+    :data:`~tvmq.kernels.fast_math.ACTIVATIONS`: a transformer FFN's GELU, EfficientNet's
+    SiLU, MobileNetV3's hardswish), the kernel stores ``activation(float32(v) * multiplier)``,
+    computed as ``UseFastMath``'s kernel or the legalized ops compute it: the same bits, one
+    kernel and one float32 pass over memory less. (A quantize after the activation stays a
+    kernel of its own: in the layer's kernel it cost more than the pass it saves, Zen 4.)
 
     With ``int_rounding`` the product is rounded by the float -> int32 conversion itself
     (``llvm.lrint``: ``vcvtps2dq``, round half to even like the float32 round) and offset and
@@ -137,7 +142,7 @@ class Requantize:
     relu: bool = False
     residual: ResidualAdd | None = None  # then the kernel stores residual.dtype
     int_rounding: bool = False
-    gelu: bool = False  # a dequantize only: GELU of the float32 result (fast_math.gelu_f32)
+    activation: str = ""  # a dequantize only: of its float32 result (fast_math.activation_f32)
 
     @property
     def out_dtype(self) -> str:
@@ -148,7 +153,7 @@ class Requantize:
     def kernel_suffix(self) -> str:
         """What a kernel storing this says in its name."""
         kind = "_requantize" if self.dtype != "float32" else "_dequantize"
-        return kind + ("_gelu" if self.gelu else "")
+        return kind + (f"_{self.activation}" if self.activation else "")
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ class DynamicDequantize:
     """A dynamically quantized layer's float32 result computed before the store
     (``QuantizeDynamic``'s dequantize, then the layer's bias and ReLU):
     ``y = float32(v - int32(params[i, 1]) * colsum[j]) * (params[i, 0] * scale[j])``,
-    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu`` (its GELU with ``gelu``, see
+    ``+ bias[j]`` with ``bias``, ``max(y, 0)`` with ``relu`` (or its ``activation``, see
     :class:`Requantize`), where ``params`` holds each row's scale and zero point
     (``row_qparams_u8``). Extra ``(n,)`` arguments ``colsum`` int32,
     ``scale`` float32 [, ``bias`` float32], then ``params (m, 2)`` float32. The same float32
@@ -178,7 +183,7 @@ class DynamicDequantize:
     bias: bool = False
     relu: bool = False
     quantize: RowQuantize | None = None
-    gelu: bool = False  # GELU of the result (fast_math.gelu_f32), after the bias
+    activation: str = ""  # of the result, after the bias (fast_math.activation_f32)
 
     @property
     def dtype(self) -> str:
@@ -187,7 +192,7 @@ class DynamicDequantize:
     @property
     def kernel_suffix(self) -> str:
         """What a kernel storing this says in its name."""
-        return "_dynamic" + ("_gelu" if self.gelu else "")
+        return "_dynamic" + (f"_{self.activation}" if self.activation else "")
 
 
 @dataclass(frozen=True)
@@ -415,9 +420,9 @@ def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=Non
         v = value(i, j) - row_zero(i).astype("int32") * colsum[j]
         f = v.astype("float32") * (row_scale(i) * scale[j])
         if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
-            f = tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f) + bias[0][j]
-        if d.gelu:
-            return gelu_f32(f)
+            f = _fence(f) + bias[0][j]
+        if d.activation:
+            return activation_f32(d.activation, f)
         return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
 
     return te.compute(shape, y, name="C"), more
@@ -429,8 +434,9 @@ def requantize_value(v, multiplier, r: Requantize, residual=None):
     if r.relu:
         v = te.max(v, tvm.tirx.const(0, "int32"))
     f = v.astype("float32") * multiplier
-    if r.dtype == "float32":  # a dequantize
-        return gelu_f32(f) if r.gelu else f
+    if r.dtype == "float32":  # a dequantize [and its activation of the rounded product,
+        # as the separate kernel reads it: not contracted into an FMA]
+        return activation_f32(r.activation, _fence(f)) if r.activation else f
     if r.int_rounding:
         q = clamp_rounded(f, r.zero_point, r.lo, r.hi)
         return q.astype(r.dtype) if r.residual is None else r.residual.value(q, residual)
@@ -438,6 +444,11 @@ def requantize_value(v, multiplier, r: Requantize, residual=None):
     lo, hi = (tvm.tirx.const(float(b), "float32") for b in (r.lo, r.hi))
     f = te.max(te.min(f, hi), lo)
     return f.astype(r.dtype) if r.residual is None else r.residual.value(f, residual)
+
+
+def _fence(f):
+    """``f`` as a rounded float32 that LLVM may not contract into an FMA with what follows."""
+    return tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", f)
 
 
 def clamp_rounded(f, zero_point: int, lo: int, hi: int):
