@@ -86,6 +86,7 @@ from .relax_utils import (
     op_name,
     static_shape,
 )
+from .requantize_epilogue import ChannelAxis, activation_tail
 
 
 class FloatEpilogue(NamedTuple):
@@ -122,18 +123,20 @@ def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np
     return (x, geo, w) if ok else None
 
 
-def find_epilogues(mod: tvm.IRModule, residual: bool = False, silu: bool = False) -> Epilogues:
+def find_epilogues(
+    mod: tvm.IRModule, residual: bool = False, activations: bool = False
+) -> Epilogues:
     """The float convs whose result only feeds ``add(conv, constant bias)``, and that sum
     only a ``relu`` / ``clip`` (the folded batch norm and activation of a CNN block): the
     kernel computes them too (:class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue`). With
     ``residual``, a ``groups`` 1 conv's biased sum read only by an ``add`` of another tensor
     of its shape bound before the conv (a ResNet block's skip), then maybe a ``relu`` /
-    ``clip``, gets that add too. With ``silu``, a sum read only by ``s = sigmoid(sum)`` and
-    ``multiply(sum, s)`` (SiLU as PyTorch exports it; ``s`` read only there) gets that."""
+    ``clip``, gets that add too. With ``activations``, a sum read only by a SiLU or a
+    hardswish (:func:`~tvmq.passes.requantize_epilogue.activation_tail`: as PyTorch exports
+    them, ``sum * sigmoid(sum)``, or ONNX imports them) gets that."""
     found: Epilogues = {}
     bindings = list(dataflow_bindings(mod))
     position = {b.var: i for i, (b, _) in enumerate(bindings)}
-    readers = _readers(b for b, _ in bindings) if silu else {}
     for i, (b, only_user) in enumerate(bindings):
         found_conv = match_float_conv2d(b.value)
         nxt = only_user(b.var) if found_conv is not None else None
@@ -149,37 +152,14 @@ def find_epilogues(mod: tvm.IRModule, residual: bool = False, silu: bool = False
         bounds = clip_bounds(act[1]) if act and isinstance(act[1], relax.Call) else None
         if bounds is not None and act[1].args[0].same_as(chain[-1]):
             chain, epilogue = chain + (act[0],), ConvEpilogue(*bounds, residual=skip is not None)
-        elif silu and (ops := _silu(chain[-1], readers)) is not None:
-            chain, epilogue = chain + ops, ConvEpilogue(residual=skip is not None, silu=True)
+        elif activations:
+            where = ChannelAxis(1, 4, found_conv[2].shape[0])  # NCHW: no reshape to look past
+            ops = list(chain)
+            if name := activation_tail(ops, where, only_user):
+                chain = tuple(ops)
+                epilogue = ConvEpilogue(residual=skip is not None, activation=name)
         found[b.var] = FloatEpilogue(chain, bias, epilogue, skip)
     return found
-
-
-def _readers(bindings) -> dict[relax.Var, list[relax.VarBinding]]:
-    """var -> the bindings that read it (each once)."""
-    readers: dict[relax.Var, list[relax.VarBinding]] = {}
-    for b in bindings:
-        for v in relax.analysis.free_vars(b.value):
-            readers.setdefault(v, []).append(b)
-    return readers
-
-
-def _silu(v: relax.Var, readers) -> tuple[relax.Var, relax.Var] | None:
-    """``(s, m)`` where ``v`` is read only by ``s = sigmoid(v)`` and ``m = multiply(v, s)``
-    (either order) and ``s`` only by ``m``, all dataflow vars; else None."""
-    users = readers.get(v, [])
-    if len(users) != 2 or not isinstance(v, relax.DataflowVar):
-        return None
-    sig = next((b for b in users if op_name(b.value) == "relax.sigmoid"), None)
-    mul = next((b for b in users if op_name(b.value) == "relax.multiply"), None)
-    if sig is None or mul is None or not sig.value.args[0].same_as(v):
-        return None
-    a, c = mul.value.args
-    if not ((a.same_as(v) and c.same_as(sig.var)) or (a.same_as(sig.var) and c.same_as(v))):
-        return None
-    if len(readers.get(sig.var, [])) != 1 or not isinstance(sig.var, relax.DataflowVar):
-        return None
-    return sig.var, mul.var
 
 
 def _residual(user, summed: relax.Var, defined) -> relax.Var | None:
@@ -354,8 +334,8 @@ def _emit(
     )
     out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
-    if isinstance(epilogue, ConvEpilogue) and epilogue.silu:
-        suffix = "_bias_silu"
+    if isinstance(epilogue, ConvEpilogue) and epilogue.activation:
+        suffix = f"_bias_{epilogue.activation}"
     if residual is not None:
         suffix = "_bias_residual" + ("_act" if epilogue != ConvEpilogue(residual=True) else "")
     if isinstance(epilogue, Requantize):
@@ -415,7 +395,7 @@ class PackFloatConv:
         simd = simd_lanes_and_registers(self.target)
         if simd is None:
             return mod
-        epilogues = find_epilogues(mod, residual=True, silu=True)
+        epilogues = find_epilogues(mod, residual=True, activations=True)
         lowering = _Lowering(*simd, epilogues, stream=streaming_pays(self.target))
         with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
             lowering.find_bordered_outputs(mod)

@@ -24,7 +24,7 @@ from tvmq.kernels.cpu_float_conv_streamed import float_conv2d_nhwc_streamed, str
         (5, 128, 64, 3, 1, ConvEpilogue(lo=0.0)),
         (4, 64, 96, 1, 2, None),
         (3, 256, 32, 3, 1, ConvEpilogue(lo=0.0, hi=6.0, residual=True)),
-        (5, 128, 48, 3, 1, ConvEpilogue(silu=True)),
+        (5, 128, 48, 3, 1, ConvEpilogue(activation="silu")),
     ],
     ids=["3x3-relu", "1x1-stride2", "3x3-residual-relu6", "3x3-silu"],
 )
@@ -59,7 +59,7 @@ def test_streamed_conv_is_the_unblocked_kernel_bit_for_bit(hw, c, o, k, stride, 
     if epilogue is not None:
         conv = conv + torch.from_numpy(b)
         conv = conv + torch.from_numpy(r) if epilogue.residual else conv
-        conv = torch.nn.functional.silu(conv) if epilogue.silu else conv
+        conv = torch.nn.functional.silu(conv) if epilogue.activation == "silu" else conv
         conv = conv.clamp(epilogue.lo, epilogue.hi)
     ref = conv.numpy()
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -348,37 +348,55 @@ def _biased_conv_module(x, w, b, tail, groups=1):
     return bb.get()
 
 
+def _silu_tail(swap):
+    def silu(bb, xv, y, z):
+        sig = bb.emit(relax.op.sigmoid(z))
+        return relax.op.multiply(sig, z) if swap else relax.op.multiply(z, sig)
+
+    return silu
+
+
+def _hardswish_tail(bb, xv, y, z):  # as PyTorch decomposes it: (z * relu6(z + 3)) / 6
+    t = bb.emit(relax.op.add(z, relax.const(3.0, "float32")))
+    t = bb.emit(relax.op.clip(bb.emit(relax.op.clip(t, 0, float("inf"))), float("-inf"), 6))
+    return relax.op.divide(bb.emit(relax.op.multiply(z, t)), relax.const(6.0, "float32"))
+
+
 @needs_vnni
 @pytest.mark.parametrize(
-    "depthwise,swap", [(False, False), (True, True)], ids=["conv", "depthwise-mul-swapped"]
+    "depthwise,activation,tail",
+    [
+        (False, "silu", _silu_tail(False)),
+        (True, "silu", _silu_tail(True)),
+        (False, "hardswish", _hardswish_tail),
+        (True, "hardswish", _hardswish_tail),
+    ],
+    ids=["conv-silu", "depthwise-silu-mul-swapped", "conv-hardswish", "depthwise-hardswish"],
 )
-def test_bias_and_silu_fused_into_the_kernel(rng, depthwise, swap):
-    """conv -> + bias -> s = sigmoid, multiply(sum, s) (SiLU as PyTorch exports it; YOLO's and
-    EfficientNet's blocks) is one kernel: no sigmoid or multiply op left, PyTorch's numbers,
-    inputs large enough that some sums are below -87 (where the sigmoid is 0)."""
+def test_bias_and_activation_fused_into_the_kernel(rng, depthwise, activation, tail):
+    """conv -> + bias -> SiLU (s = sigmoid, multiply(sum, s), as PyTorch exports it; YOLO's
+    and EfficientNet's blocks) or hardswish (MobileNetV3's) is one kernel: no activation op
+    left, PyTorch's numbers, inputs large enough that some sums are below -87 (where the
+    sigmoid is ~0)."""
     c, o = (24, 24) if depthwise else (16, 40)
     groups = c if depthwise else 1
     x = rng.standard_normal((1, c, 13, 13)).astype(np.float32) * 8
     w = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
-
-    def silu(bb, xv, y, z):
-        sig = bb.emit(relax.op.sigmoid(z))
-        return relax.op.multiply(sig, z) if swap else relax.op.multiply(z, sig)
-
-    mod = _biased_conv_module(x, w, b, silu, groups=groups)
+    mod = _biased_conv_module(x, w, b, tail, groups=groups)
     with AVX512:
         lowered = PackFloatConv()(mod)
     kind = "float_depthwise" if depthwise else "float_conv2d"
-    assert _kernel_globals(lowered) == [f"tvmq_{kind}_nhwc_3x3_{c}x{o}_bias_silu"]
+    assert _kernel_globals(lowered) == [f"tvmq_{kind}_nhwc_3x3_{c}x{o}_bias_{activation}"]
     ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
-    assert not ops & {"relax.add", "relax.sigmoid", "relax.multiply"}
+    assert not ops & {"relax.add", "relax.sigmoid", "relax.multiply", "relax.clip"}
     got = _build_and_run(mod, "x86-avx512-vnni", x)
     conv = torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1, groups=groups
     ).double()
     assert (conv < -87).any()
-    want = torch.nn.functional.silu(conv).numpy()
+    torch_activation = getattr(torch.nn.functional, activation)
+    want = torch_activation(conv).numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 

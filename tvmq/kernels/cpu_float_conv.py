@@ -34,7 +34,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels._tiling import HALF_WIDTH_ACCUMULATORS, half_width_avx512, round_up
-from tvmq.kernels.fast_math import silu_f32
+from tvmq.kernels.fast_math import activation_f32
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize, requantize_value
 
 # Below this many multiply-adds (~4 us of one core's FMAs) a parallel launch (~2 us to fork
@@ -175,18 +175,19 @@ class ConvEpilogue:
     ``lo=0``, ReLU6 ``lo=0, hi=6``). Fusing it saves a pass over the output in memory. With
     ``residual``, ``min(max((acc + bias[o]) + R[...], lo), hi)``: ``R`` (the output's shape)
     an extra argument after the bias, a ResNet block's skip connection added in the store.
-    With ``silu``, the sum ``v`` becomes ``v * sigmoid(v)`` (SiLU, YOLO's and EfficientNet's
-    activation; :func:`~tvmq.kernels.fast_math.silu_f32`) before the bounds."""
+    With an ``activation`` (:data:`~tvmq.kernels.fast_math.ACTIVATIONS`: SiLU, YOLO's and
+    EfficientNet's; hardswish, MobileNetV3's), the sum ``v`` becomes ``activation(v)``
+    before the bounds."""
 
     lo: float = float("-inf")
     hi: float = float("inf")
     residual: bool = False
-    silu: bool = False
+    activation: str = ""
 
     def activate(self, v: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
         """The activation and bounds applied to the biased (and residual) sum ``v``."""
-        if self.silu:
-            v = silu_f32(v)
+        if self.activation:
+            v = activation_f32(self.activation, v)
         if self.lo != float("-inf"):
             v = tvm.tirx.max(v, tvm.tirx.const(self.lo, "float32"))
         if self.hi != float("inf"):
