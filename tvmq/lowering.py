@@ -31,6 +31,7 @@ from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     ConvTransposeAsMatmul,
     FoldBatchNorm,
+    FoldConstantCasts,
     FoldScalarMultiply,
     FoldTableDecoders,
     PackDecodedDense,
@@ -73,7 +74,10 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     # Canonical bindings first, as the quantizer's prepare_passes: a max_pool2d's unused
     # indices tuple (``(y, zeros_like(y))[0]``) otherwise hides ``y`` from channels last.
     # SDPA's scalar q / k scales go into the projections' weights (one elementwise pass less).
+    # The ONNX importer reshapes each conv's bias at run time (``add(conv, reshape(b))``):
+    # folded into a constant, it and the activation after it join the conv's kernel.
     tidy = [
+        FoldConstantCasts(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
         FoldScalarMultiply(),

@@ -565,6 +565,39 @@ def test_channels_last_through_a_max_pool_between_convs():
 
 
 @needs_vnni
+def test_an_onnx_conv_bias_reshaped_at_run_time_joins_the_kernel(rng):
+    """The ONNX importer adds a conv's bias as ``add(conv, reshape(b, (1, O, 1, 1)))``: the
+    target kernel passes fold the reshape of the constant, so the bias and the hardswish after
+    it (ONNX's ``x * (clip(x + 3, 0, 6) / 6)``) are the conv's kernel; PyTorch's numbers."""
+    from tvmq.lowering import target_kernel_passes
+
+    x = rng.standard_normal((1, 16, 12, 10)).astype(np.float32) * 3
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32) * 0.3
+    b = rng.standard_normal(24).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
+            y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(relax.const(b), (1, 24, 1, 1)))))
+            t = bb.emit(relax.op.clip(bb.emit(relax.op.add(y, relax.const(3.0))), 0, 6))
+            y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.divide(t, relax.const(6.0)))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX512:
+        lowered = tvm.transform.Sequential(target_kernel_passes(AVX512))(mod)
+    names = _kernel_globals(lowered)
+    assert "tvmq_float_conv2d_nhwc_3x3_16x24_bias_hardswish_divide_first" in names, names
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    conv = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=1
+    )
+    want = torch.nn.functional.hardswish(conv).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_vnni
 def test_few_output_channels_take_a_narrow_vector(rng):
     """A 1x1 conv to 2 channels (a segmentation head) is computed 4 lanes wide, not padded
     to 16: the kernel's output has 4 channels; PyTorch's numbers."""
