@@ -45,6 +45,13 @@ Method
     run waits for its workers to wake. The rounds are then one engine's alone. Accuracy: on 4
     natural-looking inputs not used for calibration (smooth images / random token ids), the
     worst cosine and SQNR of the row's output to PyTorch fp32's.
+    Machine state: this kind of VM has stretches where waking the other vCPU and moving cache
+    lines to it slow down (a 2-thread TVM model 2.6x slower for minutes, single-thread and
+    BLAS-style work hardly). Before and after each worker, a helper process that runs nothing
+    else times a trivial parallel TVM kernel (the sync probe: ~1.0 us per call in the fast
+    state, ~1.75 in the slow one on an EPYC VM, 2 threads); a multi-thread row whose probe
+    exceeds 1.3x the best of its thread count is timed again in a process of its own, up to
+    twice, keeping the run with the lowest probe, and a row still slow says so in its notes.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
     times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one).
@@ -374,6 +381,35 @@ class _Runner:
         return statistics.median(times) * 1e3
 
 
+class _SyncProbe:
+    """The per-call time (us) of a trivial parallel TVM kernel on this process's thread pool:
+    the cost of one fork-join across the vCPUs right now (see Method)."""
+
+    def __init__(self):
+        import tvm
+        from tvm import te
+
+        a = te.placeholder((64, 16), "float32", name="a")
+        b = te.compute((64, 16), lambda i, j: a[i, j] + 1.0, name="b")
+        sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+        i, j = sch.get_loops(sch.get_sblock("b"))
+        sch.parallel(i)
+        sch.vectorize(j)
+        self.fn = tvm.compile(sch.mod, target="llvm")["main"]
+        self.args = [tvm.runtime.tensor(np.zeros((64, 16), np.float32)) for _ in range(2)]
+
+    def __call__(self, calls: int = 500, rounds: int = 7) -> float:
+        for _ in range(4 * calls):  # a pool idle for a while wakes slowly (3-5 us a call)
+            self.fn(*self.args)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                self.fn(*self.args)
+            times.append((time.perf_counter() - start) / calls)
+        return statistics.median(times) * 1e6
+
+
 def _accuracy(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     y, ref = y.ravel().astype(np.float64), ref.ravel().astype(np.float64)
     cos = float(y @ ref / (np.linalg.norm(y) * np.linalg.norm(ref)))
@@ -498,12 +534,72 @@ def _run_worker(
            "--rounds", str(args.rounds)] + (["--small"] if args.small else [])  # fmt: skip
     cmd += ["--spin"] if spin else []
     cmd += ["--only", *only] if only else []
+    before = _probe()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-5000:])
         what = f" ({' / '.join(only)})" if only else ""
         raise SystemExit(f"worker for {n} threads{what} failed (exit {out.returncode})")
-    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ROWS "))[5:])
+    rows = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ROWS "))[5:])
+    probe = max(before, _probe())  # the machine's state before and after the worker
+    return [dict(r, probe_us=probe) if r["engine"] else r for r in rows]
+
+
+_PROBE: list = []
+
+
+def _probe() -> float:
+    """The sync probe (us), timed by a helper process started on first use: nothing else
+    runs in it, so no other pool's spinning threads take a vCPU from the probe's (torch's,
+    in this process, ran the probe at 2-3x its time for a while after each matmul)."""
+    if not _PROBE:
+        env = dict(os.environ, TVM_NUM_THREADS=os.environ.get("TVM_NUM_THREADS", "2"))
+        cmd = [sys.executable, __file__, "--probe-server"]
+        _PROBE.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True))  # fmt: skip
+    server = _PROBE[0]
+    server.stdin.write("\n")
+    server.stdin.flush()
+    return float(server.stdout.readline())
+
+
+def _serve_probe() -> None:
+    """The helper of :func:`_probe`: one probe per line read."""
+    probe = _SyncProbe()
+    for _ in sys.stdin:
+        print(f"{probe():.4f}", flush=True)
+
+
+SLOW_PROBE = 1.3  # a row's sync probe above this times the best of its thread count: re-timed
+RETRIES = 2
+
+
+def _retime_slow_rows(rows: list[dict], n: int, plan_path: Path, args) -> None:
+    """Time again, each in a process of its own, the ``n``-thread rows whose sync probe says
+    the machine was in its slow state (see Method); a row keeps the run with the lowest probe,
+    and says so in its notes if that one was slow too."""
+    timed = [r for r in rows if r["threads"] == n and r["engine"] and "probe_us" in r]
+    if not timed:
+        return
+    best = min(r["probe_us"] for r in timed)
+    for i, r in enumerate(rows):
+        if r not in timed or r["probe_us"] <= SLOW_PROBE * best:
+            continue
+        first = r["probe_us"]
+        for _ in range(RETRIES):
+            again = next(x for x in _run_worker(plan_path, n, args, (r["model"], r["engine"]))
+                         if x["engine"] == r["engine"])  # fmt: skip
+            best = min(best, again["probe_us"])
+            if again["probe_us"] < r["probe_us"]:
+                r = again
+            if r["probe_us"] <= SLOW_PROBE * best:
+                break
+        _log(f"threads={n}: {r['model']} / {r['engine']} re-timed (sync probe {first:.2f} -> "
+             f"{r['probe_us']:.2f} us, best {best:.2f}): {r['ms']:.3f} ms")  # fmt: skip
+        if r["probe_us"] > SLOW_PROBE * best:
+            note = f"slow machine: sync probe {r['probe_us']:.2f} us vs {best:.2f}"
+            r = dict(r, note=f"{r['note']}; {note}" if r["note"] else note)
+        rows[i] = r
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -521,7 +617,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, help="keep the built models here (default: temp)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # model, engine label
+    p.add_argument("--probe-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.probe_server:
+        _serve_probe()
+        return
     budget_s = 0.2 if args.small else 0.5
 
     if args.worker is not None:
@@ -534,6 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in zoo.ZOO]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(zoo.ZOO)}")
+    # the sync probe's TVM pool (see Method): without a count TVM's default pool on a 2-vCPU
+    # VM took 6.4 us a call where 2 threads take 1.0
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(args.threads)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     size = "small" if args.small else "full"
@@ -554,6 +657,8 @@ def main(argv: list[str] | None = None) -> None:
                     _log(f"threads={n}: {m['name']} timed, one process per engine")
             else:
                 rows += _run_worker(plan_path, n, args)
+            if n > 1:
+                _retime_slow_rows(rows, n, plan_path, args)
             if any(r.get("tvm_threads") not in (None, n) for r in rows if r["threads"] == n):
                 _log(f"warning: TVM did not run {n} threads")
     order = {m["name"]: i for i, m in enumerate(plan["models"])}
