@@ -421,8 +421,8 @@ def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=Non
         f = v.astype("float32") * (row_scale(i) * scale[j])
         if d.bias:  # not fused into an FMA (one rounding less than the separate Relax ops)
             f = _fence(f) + bias[0][j]
-        if d.activation:
-            return activation_f32(d.activation, f)
+        if d.activation:  # of the rounded result, as for Requantize
+            return activation_f32(d.activation, _fence(f))
         return te.max(f, tvm.tirx.const(0.0, "float32")) if d.relu else f
 
     return te.compute(shape, y, name="C"), more
