@@ -13,9 +13,8 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.schedule import ScheduleError
 from tvm.sym import detect_linear_equation
-from tvm.target.codegen import llvm_get_vector_width
 
-from tvmq.kernels._tiling import DEFAULT_SCHEDULE_ROWS
+from tvmq.kernels._tiling import DEFAULT_SCHEDULE_ROWS, simd_bits
 
 __all__ = ["CPUDefaultSchedule"]
 
@@ -61,7 +60,7 @@ class CPUDefaultSchedule(dl.ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        vector_bits = llvm_get_vector_width(target)
+        vector_bits = simd_bits(target)
         if vector_bits <= 0:
             vector_bits = 128
         lanes = vector_bits // 32

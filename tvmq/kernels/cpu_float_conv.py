@@ -33,7 +33,12 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
-from tvmq.kernels._tiling import HALF_WIDTH_ACCUMULATORS, half_width_avx512, round_up
+from tvmq.kernels._tiling import (
+    HALF_WIDTH_ACCUMULATORS,
+    half_width_avx512,
+    round_up,
+    simd_bits,
+)
 from tvmq.kernels.fast_math import activation_f32
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize, requantize_value
 
@@ -70,9 +75,9 @@ def simd_lanes_and_registers(target: tvm.target.Target | None) -> tuple[int, int
         target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return None
-    from tvm.target.codegen import llvm_get_vector_width, target_has_features
+    from tvm.target.codegen import target_has_features
 
-    bits = llvm_get_vector_width(target)
+    bits = simd_bits(target)
     if bits < 128:
         return None
     try:

@@ -32,7 +32,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from tvmq.kernels._tiling import round_up
+from tvmq.kernels._tiling import round_up, simd_bits
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
 # Below this many multiply-adds a parallel launch costs more than it saves.
@@ -129,15 +129,7 @@ class BSRTiles:
 
 def simd_lanes(target: tvm.target.Target | None) -> int:
     """float32 lanes of one SIMD register of an LLVM target (4 when unknown)."""
-    from tvm.target.codegen import llvm_get_vector_width
-
-    if target is None or target.kind.name != "llvm":
-        return 4
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except (RuntimeError, ValueError):  # TVM's errors (tvm.error has no TVMError in 0.27)
-        bits = 0
-    return max(4, bits // 32) if bits > 0 else 4
+    return max(4, simd_bits(target) // 32)
 
 
 def choose_bsr_tiles(m: int, bs_r: int, lanes: int) -> BSRTiles:
