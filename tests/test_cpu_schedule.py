@@ -27,11 +27,16 @@ def _module(shape, body, dtype: str = "float32") -> tvm.IRModule:
     return bb.get()
 
 
-def _scheduled_kernels(mod: tvm.IRModule) -> dict[str, str]:
-    """Name -> TVMScript of each TIR kernel after fusion and the default schedule (host)."""
-    target = get_target("host").tvm_target()
+# The loop structures below are those of a 512-bit CPU (16 float32 lanes), whatever the host:
+# scheduled for the AVX-512 preset. The numbers are checked on a build for the host.
+_SCHEDULED_FOR = "x86-avx512-vnni"
+
+
+def _scheduled_kernels(mod: tvm.IRModule, preset: str = _SCHEDULED_FOR) -> dict[str, str]:
+    """Name -> TVMScript of each TIR kernel after fusion and the default schedule (AVX-512)."""
+    target = get_target(preset).tvm_target()
     with target:
-        fused = fuse_to_tir(mod, "host")
+        fused = fuse_to_tir(mod, preset)
         scheduled = dl.ApplyDefaultSchedule(CPUDefaultSchedule())(fused)
     return {
         gv.name_hint: f.script()
@@ -81,6 +86,14 @@ def test_rowwise_kernels_keep_simd_partials_per_row(name):
 
     x = np.random.default_rng(0).standard_normal((2, 48, 256), dtype=np.float32) * 4
     np.testing.assert_allclose(_run(mod, x), reference(x), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("preset,partials", [("x86-avx512-vnni", 64), ("x86-avx2", 32)])
+def test_reduction_partials_follow_the_targets_simd_width(preset, partials):
+    # 4 vectors of float32 lanes: 16 lanes on AVX-512, 8 on AVX2 (TVM 0.27's own width query
+    # says 512 for every x86 CPU).
+    (script,) = _scheduled_kernels(_module((96, 384), relax.op.max), preset).values()
+    assert f"_rf = T.sblock_alloc_buffer((T.int64({partials}),))" in script
 
 
 @pytest.mark.parametrize("reduce", ["min", "max", "sum"])
