@@ -53,6 +53,7 @@ from tvmq.kernels.cuda_mma import ASYNC_COPY, TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
 from tvmq.passes.cluster_weights import ATTR as CLUSTERED
+from tvmq.passes.int8_as_float import ATTR as INT8_AS_FLOAT
 from tvmq.passes.relax_utils import RESHAPE, binding_map, main_function, op_name, resolve
 from tvmq.sizes import constant_bytes_by_dtype
 from tvmq.static_plan_record import record_plan
@@ -143,7 +144,7 @@ def build_with_info(
     try:
         with hook, tvm_target:
             fused = fuse_to_tir(mod, preset)
-            if _decode_at_load(mod, preset):
+            if _decode_at_load(mod, fused, preset):
                 fused = DecodeAtLoad()(fused)
             prescheduled = _scheduled_kernels(fused)
             if database is not None:
@@ -324,12 +325,19 @@ def _kernel_build_config(async_copy: bool = False) -> Iterator[None]:
         yield
 
 
-def _decode_at_load(mod: tvm.IRModule, preset: TargetPreset) -> bool:
+def _decode_at_load(mod: tvm.IRModule, fused: tvm.IRModule, preset: TargetPreset) -> bool:
     """Whether the library stores constants as codes decoded at load: for a CPU build of a
     model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
-    hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``)."""
-    attrs = getattr(main_function(mod), "attrs", None)
-    return preset.kind != "cuda" and attrs is not None and CLUSTERED in attrs
+    hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``), or
+    of an int8 model whose weights became float32 (``Int8AsFloat``'s mark on the fused
+    ``main``: at most 256 values each)."""
+    if preset.kind == "cuda":
+        return False
+    clustered = getattr(main_function(mod), "attrs", None)
+    as_float = getattr(main_function(fused), "attrs", None)
+    return (clustered is not None and CLUSTERED in clustered) or (
+        as_float is not None and INT8_AS_FLOAT in as_float
+    )
 
 
 _KERNEL_CALLS = ("relax.call_tir", "relax.call_dps_packed")

@@ -34,6 +34,7 @@ from tvmq.passes import (
     FoldConstantCasts,
     FoldScalarMultiply,
     FoldTableDecoders,
+    Int8AsFloat,
     PackDecodedDense,
     PackFloatBatchMatmul,
     PackFloatConv,
@@ -101,6 +102,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         *tidy,
         ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle (float)
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
+        Int8AsFloat(target),  # x86 without avx512vnni: int8 products on the float kernels
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel
         PackInt8BatchMatmulX86(target),  # int8 activation x activation (attention)

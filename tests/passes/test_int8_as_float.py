@@ -1,0 +1,134 @@
+"""Int8AsFloat: int8 matmuls / convs on the float kernels where no int8 kernel runs, exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from tvmq.build import build
+from tvmq.machine import cpu_flags
+from tvmq.passes import Int8AsFloat, PackFloatConv, PackFloatDense
+from tvmq.passes.relax_utils import CONV2D, MATMUL, op_name
+from tvmq.runtime import decoded_params
+from tvmq.targets import get_target
+
+HASWELL = get_target("x86-avx2").tvm_target()
+CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+
+_RNG = np.random.default_rng(0)
+W_CONV = _RNG.integers(-128, 128, (16, 8, 3, 3), dtype=np.int8)
+W_DW = _RNG.integers(-128, 128, (8, 1, 3, 3), dtype=np.int8)
+W_DENSE = _RNG.integers(-128, 128, (128, 128), dtype=np.int8)
+
+
+SHAPES = {"x": (1, 8, 9, 9), "a": (64, 128), "p": (4, 64, 64), "q": (4, 64, 64), "r": (2, 5, 16)}
+DTYPES = {"x": "uint8", "a": "uint8", "p": "int8", "q": "int8", "r": "int8"}
+
+
+def _module() -> tvm.IRModule:
+    """A strided padded conv and a depthwise conv of uint8 ``x``, a matmul of uint8 ``a`` with
+    a constant, a matmul of two int8 activations ``p @ q`` and a small one ``r @ r^T`` (below
+    ``MIN_MACS``): all ``out_dtype="int32"``, as LowerInt8 emits them."""
+    bb = relax.BlockBuilder()
+    args = {k: relax.Var(k, relax.TensorType(SHAPES[k], DTYPES[k])) for k in SHAPES}
+    x, a, p, q, r = args.values()
+    with bb.function("main", list(args.values())):
+        with bb.dataflow():
+            conv = bb.emit(
+                relax.op.nn.conv2d(x, relax.const(W_CONV), strides=2, padding=1, out_dtype="int32")
+            )
+            dw = bb.emit(
+                relax.op.nn.conv2d(x, relax.const(W_DW), padding=1, groups=8, out_dtype="int32")
+            )
+            dense = bb.emit(relax.op.matmul(a, relax.const(W_DENSE), out_dtype="int32"))
+            act = bb.emit(relax.op.matmul(p, q, out_dtype="int32"))
+            r_t = bb.emit(relax.op.permute_dims(r, [0, 2, 1]))
+            small = bb.emit(relax.op.matmul(r, r_t, out_dtype="int32"))
+            out = bb.emit_output(relax.Tuple([conv, dw, dense, act, small]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _products(mod: tvm.IRModule) -> list[tuple[str, str]]:
+    """``(op, result dtype)`` of every matmul / conv2d in ``main``."""
+    found = []
+
+    def visit(e):
+        if op_name(e) in (MATMUL, CONV2D):
+            found.append((op_name(e), str(e.ty.dtype)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+@pytest.mark.parametrize(
+    "target", [CASCADELAKE, AARCH64, CUDA], ids=["cascadelake", "aarch64", "cuda"]
+)
+def test_targets_with_an_int8_kernel_are_left_alone(target):
+    mod = _module()
+    assert tvm_ffi.structural_equal(Int8AsFloat(target)(mod), mod)
+
+
+def test_int8_products_become_float_products_without_vnni():
+    products = _products(Int8AsFloat(HASWELL)(_module()))
+    floats = [(CONV2D, "float32")] * 2 + [(MATMUL, "float32")] * 2
+    assert sorted(products) == sorted(floats + [(MATMUL, "int32")])  # the small one stays
+
+
+def test_the_float_kernels_take_them():
+    with HASWELL:
+        mod = PackFloatDense(HASWELL)(PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_module())))
+    # the conv, the depthwise conv and the constant-weight matmul run on tvmq's float kernels
+    assert sorted(_products(mod)) == [(MATMUL, "float32"), (MATMUL, "int32")]
+
+
+def _reference(x, a, p, q, r):
+    xi = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+
+    def conv(w, stride, groups):
+        o, cg, kh, kw = w.shape
+        oh = (xi.shape[2] - kh) // stride + 1
+        y = np.zeros((1, o, oh, oh), np.int64)
+        for oc in range(o):
+            c0 = oc // (o // groups) * cg
+            for i in range(oh):
+                for j in range(oh):
+                    win = xi[
+                        0, c0 : c0 + cg, i * stride : i * stride + kh, j * stride : j * stride + kw
+                    ]
+                    y[0, oc, i, j] = (win * w[oc]).sum()
+        return y
+
+    return [
+        conv(W_CONV.astype(np.int64), 2, 1),
+        conv(W_DW.astype(np.int64), 1, 8),
+        a.astype(np.int64) @ W_DENSE.astype(np.int64),
+        p.astype(np.int64) @ q.astype(np.int64),
+        r.astype(np.int64) @ r.astype(np.int64).transpose(0, 2, 1),
+    ]
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= cpu_flags(), reason="runs x86-avx2 code: needs AVX2 and FMA"
+)
+def test_results_are_the_exact_integer_products():
+    rng = np.random.default_rng(1)
+    inputs = [
+        rng.integers(*((0, 256) if DTYPES[k] == "uint8" else (-128, 128)), SHAPES[k]).astype(
+            DTYPES[k]
+        )
+        for k in SHAPES
+    ]
+    vm = relax.VirtualMachine(build(_module(), "x86-avx2"), tvm.cpu())
+    # the float32 weights of the rewritten products are stored as 8-bit codes (DecodeAtLoad)
+    decoded = decoded_params(vm)
+    assert len(decoded) == 2  # the conv's and the dense layer's; the depthwise one is small
+    got = vm["main"](*(tvm.runtime.tensor(v) for v in inputs), *decoded)
+    for y, ref in zip(got, _reference(*inputs), strict=True):
+        assert y.numpy().dtype == np.int32
+        np.testing.assert_array_equal(y.numpy(), ref)
