@@ -108,6 +108,7 @@ def build_with_info(
     target: TargetPreset | str,
     *,
     tuning_logs: TuningLogs = "auto",
+    int8_weight_codes: bool = False,
 ) -> tuple[tvm.relax.VMExecutable, BuildInfo]:
     """:func:`build`, applying tuning records, and say which kernels were tuned.
 
@@ -125,6 +126,12 @@ def build_with_info(
         :func:`tvmq.tuning.tune` writes by default) and the logs shipped with tvmq for the
         preset; a path is a folder with ``database_workload.json`` and
         ``database_tuning_record.json``; None applies no records.
+    int8_weight_codes : bool, optional
+        Store the int8 weights that :class:`~tvmq.passes.Int8AsFloat` made float32 (int8
+        models on x86 without avx512vnni) as 8-bit codes decoded at load
+        (``main_transform_params``, see :func:`tvmq.runtime.decoded_params`), so the library
+        keeps its int8 size; ``tvmq.compile``'s libraries do. Off by default: ``main`` then
+        takes the model's inputs only (a clustered model's codes are always stored so).
 
     Returns
     -------
@@ -144,7 +151,7 @@ def build_with_info(
     try:
         with hook, tvm_target:
             fused = fuse_to_tir(mod, preset)
-            if _decode_at_load(mod, fused, preset):
+            if _decode_at_load(mod, fused, preset, int8_weight_codes):
                 fused = DecodeAtLoad()(fused)
             prescheduled = _scheduled_kernels(fused)
             if database is not None:
@@ -325,18 +332,20 @@ def _kernel_build_config(async_copy: bool = False) -> Iterator[None]:
         yield
 
 
-def _decode_at_load(mod: tvm.IRModule, fused: tvm.IRModule, preset: TargetPreset) -> bool:
+def _decode_at_load(
+    mod: tvm.IRModule, fused: tvm.IRModule, preset: TargetPreset, int8_codes: bool
+) -> bool:
     """Whether the library stores constants as codes decoded at load: for a CPU build of a
     model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
-    hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``), or
-    of an int8 model whose weights became float32 (``Int8AsFloat``'s mark on the fused
-    ``main``: at most 256 values each)."""
+    hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``), or,
+    with ``int8_codes``, of an int8 model whose weights became float32 (``Int8AsFloat``'s
+    mark on the fused ``main``: at most 256 values each)."""
     if preset.kind == "cuda":
         return False
     clustered = getattr(main_function(mod), "attrs", None)
     as_float = getattr(main_function(fused), "attrs", None)
     return (clustered is not None and CLUSTERED in clustered) or (
-        as_float is not None and INT8_AS_FLOAT in as_float
+        int8_codes and as_float is not None and INT8_AS_FLOAT in as_float
     )
 
 

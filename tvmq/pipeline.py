@@ -321,7 +321,9 @@ def run(
         done.applied["precision"] = {"compute": compute, "accumulate": "float32"}
     # Phases 3-4: target kernels, fuse, tuning records, default schedules, lower.
     phase(f"build for {preset.name}", progress)
-    ex, info = build.build_with_info(done.model.mod, preset, tuning_logs=tuning_logs)
+    ex, info = build.build_with_info(
+        done.model.mod, preset, tuning_logs=tuning_logs, int8_weight_codes=True
+    )
     done.notes["kernels"] = info.to_json()
     done.notes["weights"] = dict(info.weights)  # dtype -> bytes of constants in the library
     if progress:

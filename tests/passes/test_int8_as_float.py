@@ -8,7 +8,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from tvmq.build import build
+from tvmq.build import build, build_with_info
 from tvmq.machine import cpu_flags
 from tvmq.passes import Int8AsFloat, PackFloatConv, PackFloatDense
 from tvmq.passes.relax_utils import CONV2D, MATMUL, op_name
@@ -124,11 +124,17 @@ def test_results_are_the_exact_integer_products():
         )
         for k in SHAPES
     ]
-    vm = relax.VirtualMachine(build(_module(), "x86-avx2"), tvm.cpu())
-    # the float32 weights of the rewritten products are stored as 8-bit codes (DecodeAtLoad)
+    # as a library of tvmq.compile stores them: the float32 weights of the rewritten
+    # products as 8-bit codes (DecodeAtLoad), decoded once at load
+    ex, _ = build_with_info(_module(), "x86-avx2", tuning_logs=None, int8_weight_codes=True)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
     decoded = decoded_params(vm)
     assert len(decoded) == 2  # the conv's and the dense layer's; the depthwise one is small
     got = vm["main"](*(tvm.runtime.tensor(v) for v in inputs), *decoded)
+    plain = relax.VirtualMachine(build(_module(), "x86-avx2"), tvm.cpu())  # weights as float32
+    assert decoded_params(plain) == []
+    for y, z in zip(got, plain["main"](*(tvm.runtime.tensor(v) for v in inputs)), strict=True):
+        np.testing.assert_array_equal(y.numpy(), z.numpy())
     for y, ref in zip(got, _reference(*inputs), strict=True):
         assert y.numpy().dtype == np.int32
         np.testing.assert_array_equal(y.numpy(), ref)
