@@ -122,16 +122,17 @@ def _output_scale(path) -> float:
 def _sessions(path) -> dict[str, ort.InferenceSession]:
     """The references to compare with: "QDQ in float" (every host) and "integer" (onnxruntime's
     fused kernels, where they are exact)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = {
-        "QDQ in float": ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    }
+
+    def session(fused: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        if not fused:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    out = {"QDQ in float": session(fused=False)}
     if _ORT_INTEGER_EXACT:
-        fused = ort.SessionOptions()
-        fused.intra_op_num_threads = 1
-        out["integer"] = ort.InferenceSession(str(path), fused, providers=["CPUExecutionProvider"])
+        out["integer"] = session(fused=True)
     return out
 
 

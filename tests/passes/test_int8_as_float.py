@@ -138,3 +138,37 @@ def test_results_are_the_exact_integer_products():
     for y, ref in zip(got, _reference(*inputs), strict=True):
         assert y.numpy().dtype == np.int32
         np.testing.assert_array_equal(y.numpy(), ref)
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= cpu_flags(), reason="runs x86-avx2 code: needs AVX2 and FMA"
+)
+def test_an_avx2_int8_library_keeps_int8_weights_and_the_hosts_results(tmp_path):
+    """tvmq.compile for x86-avx2 stores the convs' weights as 8-bit codes (not 4x their size
+    in float32) and computes what the host's int8 library computes (VNNI kernels on a VNNI
+    host, these same float kernels elsewhere), bit for bit."""
+    import torch
+
+    import tvmq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 3)
+    ).eval()
+    rng = np.random.default_rng(2)
+    calib = [{"input": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(4)]
+    x = rng.standard_normal((1, 8, 12, 12)).astype(np.float32)
+    outputs, weights = {}, {}
+    for target in ("x86-avx2", "host"):
+        out = tmp_path / target
+        tvmq.compile(
+            model, target, example_inputs=(torch.from_numpy(x),), output_dir=out,
+            quantize="int8", calibration_data=calib, progress=False, tuning_logs=None,
+        )  # fmt: skip
+        lib = tvmq.load(out)
+        outputs[target] = lib(x)
+        weights[target] = lib.manifest.notes["weights"]
+    np.testing.assert_array_equal(outputs["x86-avx2"], outputs["host"])
+    conv_weights = 32 * 8 * 9 + 16 * 32 * 9
+    assert weights["x86-avx2"]["uint8"] >= conv_weights  # the codes, one byte a weight
+    assert weights["x86-avx2"].get("float32", 0) < 4 * conv_weights / 2  # not the weights
