@@ -51,7 +51,15 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .pack_float_dense import MIN_MACS
 from .pack_int8_dense_x86 import llvm_target_has, target_has_vnni
-from .relax_utils import CONV2D, MATMUL, is_tensor_const, map_functions, op_name, static_shape
+from .relax_utils import (
+    CONV2D,
+    MATMUL,
+    is_tensor_const,
+    map_functions,
+    op_name,
+    static_shape,
+    tensor_dtype,
+)
 
 _INT8 = ("int8", "uint8")
 
@@ -72,11 +80,6 @@ def _matmul_macs(call: relax.Call) -> int:
     return MIN_MACS if out is None or x is None else math.prod(out) * x[-1]
 
 
-def _dtype(expr: relax.Expr) -> str | None:
-    ty = expr.ty
-    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
 @mutator
 class _ToFloat(PyExprMutator):
     def _as_float(self, expr: relax.Expr) -> relax.Expr:
@@ -90,7 +93,7 @@ class _ToFloat(PyExprMutator):
         if op not in (MATMUL, CONV2D) or str(call.attrs.out_dtype) != "int32":
             return call
         x, w = call.args
-        if _dtype(x) not in _INT8 or _dtype(w) not in _INT8:
+        if tensor_dtype(x) not in _INT8 or tensor_dtype(w) not in _INT8:
             return call
         if op == MATMUL and _matmul_macs(call) < MIN_MACS:
             return call

@@ -115,14 +115,15 @@ def is_tensor_const(expr: relax.Expr) -> bool:
     return isinstance(expr, tvm.ir.Constant) and isinstance(expr.ty, relax.TensorType)
 
 
-def _dtype(expr: relax.Expr) -> str | None:
+def tensor_dtype(expr: relax.Expr) -> str | None:
+    """The dtype of a tensor-typed `expr` (``"int8"``...), else None."""
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
 
 
 def float_dtype(expr: relax.Expr) -> bool:
     """Whether `expr` is a float32 tensor (the only float type the int8 passes handle)."""
-    return _dtype(expr) == "float32"
+    return tensor_dtype(expr) == "float32"
 
 
 def resolve(expr: relax.Expr, bindings) -> relax.Expr:

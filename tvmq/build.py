@@ -340,13 +340,14 @@ def _decode_at_load(
     hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``), or,
     with ``int8_codes``, of an int8 model whose weights became float32 (``Int8AsFloat``'s
     mark on the fused ``main``: at most 256 values each)."""
+
+    def marked(module: tvm.IRModule, attr: str) -> bool:
+        attrs = getattr(main_function(module), "attrs", None)
+        return attrs is not None and attr in attrs
+
     if preset.kind == "cuda":
         return False
-    clustered = getattr(main_function(mod), "attrs", None)
-    as_float = getattr(main_function(fused), "attrs", None)
-    return (clustered is not None and CLUSTERED in clustered) or (
-        int8_codes and as_float is not None and INT8_AS_FLOAT in as_float
-    )
+    return marked(mod, CLUSTERED) or (int8_codes and marked(fused, INT8_AS_FLOAT))
 
 
 _KERNEL_CALLS = ("relax.call_tir", "relax.call_dps_packed")
