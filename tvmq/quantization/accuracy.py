@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import relax
 
 from tvmq.core.schemes import Scheme, get_scheme
 from tvmq.errors import TvmqError
 from tvmq.frontends.model import ImportedModel
-from tvmq.quantization.collect import _flatten, host_runner
+from tvmq.quantization.collect import _flatten, host_executable
 from tvmq.quantization.quantize import QuantizedModel, _model_parts, quantize
 
 __all__ = [
@@ -64,10 +65,10 @@ class AccuracyControl:
 def compile_for_host(model: ImportedModel | tvm.IRModule) -> Callable[..., Any]:
     """Compile a model for the host: ``run(*inputs)`` -> one array, or a list for several."""
     mod = model.mod if isinstance(model, ImportedModel) else model
-    main = host_runner(mod)
+    vm = relax.VirtualMachine(host_executable(mod), tvm.cpu())
 
     def run(*inputs):
-        out = _flatten(main(*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]))
+        out = _flatten(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]))
         return out[0] if len(out) == 1 else out
 
     return run

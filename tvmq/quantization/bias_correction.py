@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import relax
 
 from tvmq.calibration import iter_calibration_batches
 from tvmq.core import qmath
@@ -35,7 +36,7 @@ from tvmq.quantization.collect import (
     _fit_batch,
     _flatten,
     _model_batch,
-    host_runner,
+    host_executable,
     instrument,
 )
 
@@ -58,7 +59,8 @@ def activation_means(
     wanted = [s for s in sites if s.name in qparams]
     instrumented, names = instrument(prepared, wanted)
     kinds = {s.name: s.kind for s in wanted}
-    run = host_runner(instrumented)
+    ex = host_executable(instrumented)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
     batch_size = _model_batch(inputs)
     input_names = [s.name for s in inputs]
     sums: dict[str, list] = {}
@@ -69,7 +71,7 @@ def activation_means(
         max_batches=scheme.num_calibration_batches,
     ):
         feed, rows = _fit_batch(batch, inputs, batch_size)
-        result = run(*[tvm.runtime.tensor(feed[n]) for n in input_names])
+        result = vm["main"](*[tvm.runtime.tensor(feed[n]) for n in input_names])
         n_out = len(_flatten(result[0]))
         for name, act in zip(names, _flatten(result)[n_out:], strict=True):
             if batch_size is not None and rows < batch_size and act.shape[:1] == (batch_size,):

@@ -16,7 +16,7 @@ activation whose leading dimension is the batch, so they add nothing to the stat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,6 @@ from tvmq.frontends.model import TensorSpec, bind_symbols, signature_of
 from tvmq.passes import prepare_passes
 from tvmq.passes.sites import list_weight_sites
 from tvmq.passes.tensor_sites import list_observed_tensors
-from tvmq.runtime import decoded_params
 
 __all__ = [
     "ActivationStats",
@@ -85,14 +84,6 @@ def host_executable(mod: tvm.IRModule) -> relax.VMExecutable:
     are those of the kernels the compiled model will run.
     """
     return build(mod, "host")
-
-
-def host_runner(mod: tvm.IRModule) -> Callable[..., Any]:
-    """:func:`host_executable` of `mod` as ``run(*tensors)`` -> ``main``'s result, with the
-    weights a library stores compressed (``DecodeAtLoad``) decoded once, here."""
-    vm = relax.VirtualMachine(host_executable(mod), tvm.cpu())
-    decoded = decoded_params(vm)
-    return lambda *tensors: vm["main"](*tensors, *decoded)
 
 
 def instrument(mod: tvm.IRModule, sites: Sequence) -> tuple[tvm.IRModule, list[str]]:
@@ -276,8 +267,9 @@ def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress
 
     names = [s.name for s in inputs]
     instrumented, site_names = instrument(prepared, sites)
-    run = host_runner(instrumented)
+    ex = host_executable(instrumented)
     device = tvm.cpu()
+    vm = relax.VirtualMachine(ex, device)
     batch_size = _model_batch(inputs)
     max_batches = getattr(scheme, "num_calibration_batches", None)
     total = count_batches(calibration_data, names, batch_size=batch_size, max_batches=max_batches)
@@ -288,7 +280,7 @@ def _run_calibration(prepared, sites, calibration_data, inputs, scheme, progress
         tqdm(batches, total=total, desc=label, unit="batch", disable=not progress)
     ):
         feed, rows = _fit_batch(batch, inputs, batch_size)
-        result = run(*[tvm.runtime.tensor(feed[n], device) for n in names])
+        result = vm["main"](*[tvm.runtime.tensor(feed[n], device) for n in names])
         n_out = len(_flatten(result[0]))
         flat = _flatten(result)
         outputs, acts = flat[:n_out], flat[n_out:]
