@@ -45,6 +45,16 @@ def test_cluster_config_validates(kwargs):
         ClusterConfig(**kwargs)
 
 
+def test_cluster_config_of_takes_a_number_of_values():
+    assert ClusterConfig.of(16) == ClusterConfig(bits=4)
+    assert ClusterConfig.of(256) == ClusterConfig(bits=8)
+    cfg = ClusterConfig(bits=2, init="linear")
+    assert ClusterConfig.of(cfg) is cfg and ClusterConfig.of(None) is None
+    for bad in (12, 1, 512, True, 16.0, "16"):
+        with pytest.raises(TvmqError, match="cluster"):
+            ClusterConfig.of(bad)
+
+
 def test_configs_are_frozen_and_describe_themselves():
     cfg = PruneConfig("n:m", skip=["conv2d_0"])
     with pytest.raises(AttributeError):
@@ -129,7 +139,7 @@ def test_clustered_library_is_small_and_decodes_at_load(tmp_path):
 
     m = _mlp_file(tmp_path)
     tvmq.compile(
-        tmp_path / "m.pt2", "host", output_dir=tmp_path / "c", cluster=ClusterConfig(bits=4),
+        tmp_path / "m.pt2", "host", output_dir=tmp_path / "c", cluster=16,
         progress=False, tuning_logs=None,
     )  # fmt: skip
     tvmq.compile(tmp_path / "m.pt2", "host", output_dir=tmp_path / "f", progress=False)

@@ -307,10 +307,7 @@ def compression_configs(args):
             prune = PruneConfig(method="channels", ratio=args.prune)
         else:
             prune = PruneConfig(method="magnitude", sparsity=args.prune)
-    cluster = None
-    if args.cluster is not None:
-        cluster = ClusterConfig(bits=args.cluster.bit_length() - 1)
-    return prune, cluster
+    return prune, ClusterConfig.of(args.cluster)
 
 
 def sparse_config(args):

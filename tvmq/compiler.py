@@ -15,7 +15,7 @@ from pathlib import Path
 import tvm
 
 from tvmq import __version__, build, pipeline
-from tvmq.core.compression import SparseConfig
+from tvmq.core.compression import ClusterConfig, SparseConfig
 from tvmq.frontends import import_model
 from tvmq.frontends.model import ImportedModel
 from tvmq.manifest import LIBRARY, Manifest, sha256_of
@@ -79,8 +79,9 @@ def compile(  # noqa: A001 - the user-facing verb, like torch.compile / tvm.comp
         Whether a tvmq build already in ``output_dir`` may be replaced.
     prune : PruneConfig or list of PruneConfig, optional
         Magnitude, N:M or channel pruning (``tvmq.compression.PruneConfig``), applied first.
-    cluster : ClusterConfig, optional
-        Weight sharing into ``2**bits`` values per tensor (``tvmq.compression.ClusterConfig``).
+    cluster : ClusterConfig or int, optional
+        Weight sharing into ``2**bits`` values per tensor (``tvmq.compression.ClusterConfig``);
+        an int is the number of values (16 is ``ClusterConfig(bits=4)``).
     sparse : SparseConfig, float or True, optional
         Run float matmuls whose constant weight is block-sparse enough (e.g. after
         ``prune``) on tvmq's BSR kernels; a float is the minimum block sparsity.
@@ -128,6 +129,7 @@ def _compile(
 ) -> CompiledArtifact:  # fmt: skip
     preset = get_target(target)
     check_precision(precision, preset, quantize)  # before the import: a bad mix fails fast
+    cluster = ClusterConfig.of(cluster)
     # checked before the long build: a folder that is not ours fails fast
     folder = OutputFolder.open(output_dir, overwrite) if output_dir is not None else None
     if not isinstance(model, ImportedModel):

@@ -122,6 +122,22 @@ class ClusterConfig:
         d["skip"] = list(d["skip"])
         return d
 
+    @classmethod
+    def of(cls, spec) -> ClusterConfig | None:
+        """None -> None; a config as is; an int N -> N shared values per weight (a power
+        of two from 2 to 256, as the CLI's ``--cluster N``); anything else -> TvmqError."""
+        if spec is None or isinstance(spec, cls):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            bits = spec.bit_length() - 1
+            if 2 <= spec <= 256 and 1 << bits == spec:
+                return cls(bits=bits)
+            raise TvmqError(f"cluster takes a power of two from 2 to 256 values, got {spec}")
+        raise TvmqError(
+            f"cluster must be a ClusterConfig or a number of shared values (16), got "
+            f"{type(spec).__name__} {spec!r}"
+        )
+
 
 @dataclass(frozen=True)
 class SparseConfig:
