@@ -14,6 +14,7 @@ from tvmq.build import build
 from tvmq.kernels import KERNEL_ATTR
 from tvmq.kernels.cpu_float_conv import ConvTiles, choose_conv_tiles, pack_conv_weight
 from tvmq.passes import FoldBatchNorm, PackFloatConv
+from tvmq.targets import get_target
 
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
@@ -615,12 +616,16 @@ def test_few_output_channels_take_a_narrow_vector(rng):
 
 def test_streamed_kernel_only_where_streaming_pays(rng):
     """A deep layer over a small image (4.7 MB of weights over 7x7) takes the streamed kernel
-    on an Intel AVX-512 target, the register-blocked one on AMD Zen 4 (half-width FMAs)."""
+    on an Intel AVX-512 target, the register-blocked one on AMD Zen 4 (half-width FMAs), on
+    AVX2 CPUs and on aarch64."""
     w = rng.standard_normal((512, 256, 3, 3)).astype(np.float32)
     mod = _conv_module((1, 256, 7, 7), w, padding=1)
-    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
     assert _kernel_names(PackFloatConv(AVX512)(mod)) == ["float_conv2d_nhwc_streamed"]
-    assert _kernel_names(PackFloatConv(zen4)(mod)) == ["float_conv2d_nhwc"]
+    for name in ("znver4", "znver1", "haswell"):
+        cpu = tvm.target.Target({"kind": "llvm", "mcpu": name})
+        assert _kernel_names(PackFloatConv(cpu)(mod)) == ["float_conv2d_nhwc"], name
+    arm = get_target("rasp4b").tvm_target()
+    assert _kernel_names(PackFloatConv(arm)(mod)) == ["float_conv2d_nhwc"]
 
 
 @needs_vnni
