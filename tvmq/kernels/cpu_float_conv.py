@@ -90,6 +90,11 @@ def simd_lanes_and_registers(target: tvm.target.Target | None) -> tuple[int, int
     return lanes, registers
 
 
+_FEW_REGISTERS = 16
+"""Vector registers (AVX2's 16 ymm) at or below which a tile keeps half of them for
+accumulators (see :func:`choose_conv_tiles`)."""
+
+
 def choose_conv_tiles(
     ow: int,
     o: int,
@@ -115,7 +120,10 @@ def choose_conv_tiles(
     On a :func:`~tvmq.kernels._tiling.half_width_avx512` CPU (the current target; AMD Zen 4)
     the tile keeps at most ``HALF_WIDTH_ACCUMULATORS`` (14) accumulators: 7x2 ran at
     108-115 GFLOP/s on ResNet's and UNet's convs there (95% of the core's peak), the
-    28-accumulator 14x2 at 76-113.
+    28-accumulator 14x2 at 76-113. With 16 vector registers (AVX2) it keeps at most 8: on an
+    AMD Zen 1 core (one 256-bit FMA a cycle), 3x3 convs without an epilogue over ResNet-18's
+    four stages ran at 35-39 GFLOP/s with 2x4 or 4x2 tiles, at 25-32 with the 12-accumulator
+    3x4 and 21-35 with 6x2 (1 thread, each conv alone).
     """
     budget = registers - 4
     half_width = lanes == 16 and half_width_avx512()
@@ -130,6 +138,8 @@ def choose_conv_tiles(
         cap = max(1, (registers - nr - 1 if epilogue else budget) // nr)
         if half_width:
             cap = max(1, min(cap, HALF_WIDTH_ACCUMULATORS // nr))
+        if registers <= _FEW_REGISTERS:
+            cap = max(1, min(cap, registers // 2 // nr))
         mr = next(d for d in range(min(cap, ow), 0, -1) if ow % d == 0)
         ow_padded = ow
         if mr < min(4, ow):
