@@ -19,9 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_utils import PERMUTE_DIMS, RESHAPE, is_tensor_const, map_functions, op_name
-
-ASTYPE = "relax.astype"
+from .relax_utils import ASTYPE, PERMUTE_DIMS, RESHAPE, is_tensor_const, map_functions, op_name
 
 
 @mutator

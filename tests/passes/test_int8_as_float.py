@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -172,3 +173,86 @@ def test_an_avx2_int8_library_keeps_int8_weights_and_the_hosts_results(tmp_path)
     conv_weights = 32 * 8 * 9 + 16 * 32 * 9
     assert weights["x86-avx2"]["uint8"] >= conv_weights  # the codes, one byte a weight
     assert weights["x86-avx2"].get("float32", 0) < 4 * conv_weights / 2  # not the weights
+
+
+W_1X1 = _RNG.integers(-128, 128, (24, 16, 1, 1), dtype=np.int8)
+OFFSET = _RNG.integers(-3000, 3000, (1, 16, 1, 1)).astype(np.int32)
+MULT = (_RNG.random((1, 16, 1, 1)) * 1e-3 + 1e-4).astype(np.float32)
+
+
+def _requantized_module() -> tvm.IRModule:
+    """A padded conv and a depthwise conv of uint8 ``x``, each followed by LowerInt8's float
+    requantize (offset, ReLU, astype, per-channel multiply, quantize to int8 with zero point
+    -128), then a 1x1 conv whose sum is dequantized (a float32 result)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 9, 9), "uint8"))
+
+    def requantize(acc, relu):
+        v = bb.emit(relax.op.add(acc, relax.const(OFFSET)))
+        v = bb.emit(relax.op.nn.relu(v)) if relu else v
+        v = bb.emit(relax.op.multiply(relax.op.astype(v, "float32"), relax.const(MULT)))
+        one, zp = relax.const(1.0, "float32"), relax.const(-128, "int32")
+        return bb.emit(relax.op.quantize(v, one, zp, axis=1, out_dtype="int8"))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = bb.emit(relax.op.nn.conv2d(x, relax.const(W_CONV), padding=1, out_dtype="int32"))
+            q = requantize(conv, relu=True)
+            dw = bb.emit(
+                relax.op.nn.conv2d(q, relax.const(W_DW.repeat(2, 0)), groups=16, out_dtype="int32")
+            )
+            q = requantize(dw, relu=False)
+            last = bb.emit(relax.op.nn.conv2d(q, relax.const(W_1X1), out_dtype="int32"))
+            scale = relax.const(np.full(24, 1e-2, np.float32))
+            zero = relax.const(np.zeros(24, np.int32))
+            y = bb.emit(relax.op.dequantize(last, scale, zero, axis=1, out_dtype="float32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _requantized_reference(x: np.ndarray) -> np.ndarray:
+    def conv(v, w, groups=1, pad=0):
+        t = torch.nn.functional.conv2d(
+            torch.from_numpy(v.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
+            padding=pad, groups=groups,
+        )  # fmt: skip
+        return np.rint(t.numpy()).astype(np.int64)  # exact: small integer sums
+
+    def requantize(acc, relu):
+        v = (acc + OFFSET).astype(np.int32)
+        v = np.maximum(v, 0) if relu else v
+        f = v.astype(np.float32) * MULT  # float32, as the kernels compute it
+        return np.clip(np.rint(f) - 128, -128, 127).astype(np.int8)
+
+    q = requantize(conv(x, W_CONV, pad=1), relu=True)
+    q = requantize(conv(q, W_DW.repeat(2, 0), groups=16), relu=False)
+    return conv(q, W_1X1).astype(np.int32).astype(np.float32) * np.float32(1e-2)
+
+
+def test_a_requantize_after_a_float_product_is_its_kernels_epilogue():
+    """The float conv kernels convert their exact sums to int32 and requantize (or dequantize)
+    them before the store: the requantize ops are gone from the graph."""
+    with HASWELL:
+        mod = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_requantized_module()))
+    kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if gv.name_hint != "main")
+    assert kernels == [
+        "tvmq_float_conv2d_nhwc_1x1_16x24_dequantize",
+        "tvmq_float_conv2d_nhwc_3x3_8x16_requantize",
+        "tvmq_float_depthwise_nhwc_3x3_16x16_requantize",
+    ]
+    ops = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.add(op_name(e)))
+    assert not ops & {"relax.quantize", "relax.dequantize", "relax.multiply", "relax.nn.relu"}
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= cpu_flags(), reason="runs x86-avx2 code: needs AVX2 and FMA"
+)
+def test_requantizing_float_kernels_match_the_integer_reference():
+    """Random uint8 images through the requantizing kernels: torch's float64 convs of the same
+    integers, requantized in float32 by numpy, bit for bit."""
+    x = np.random.default_rng(4).integers(0, 256, (1, 8, 9, 9)).astype(np.uint8)
+    vm = relax.VirtualMachine(build(_requantized_module(), "x86-avx2"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, _requantized_reference(x))

@@ -229,9 +229,14 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.
     bottom, right), ``Y`` is that much larger and zero around the result."""
     if isinstance(epilogue, Requantize):
         off, mult = args
+
+        def summed(i):  # a float32 sum of bytes is an exact integer (Int8AsFloat's convs)
+            a = acc[i] if acc.dtype == "int32" else acc[i].astype("int32")
+            return a + off[i[-1]]
+
         return te.compute(
             acc.shape,
-            lambda *i: requantize_value(acc[i] + off[i[-1]], mult[i[-1]], epilogue),
+            lambda *i: requantize_value(summed(i), mult[i[-1]], epilogue),
             name="Y",
         )
 
@@ -258,7 +263,7 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.
 def float_conv2d_nhwc(
     shape: ConvShape,
     tiles: ConvTiles,
-    epilogue: ConvEpilogue | None = None,
+    epilogue: ConvEpilogue | Requantize | None = None,
     *,
     batched_weight: bool = False,
     clamp_columns: bool = False,
@@ -270,7 +275,11 @@ def float_conv2d_nhwc(
     ``OW`` and ``O`` are ``tiles.ow_padded`` / ``tiles.o_padded``; ``P`` must be wide
     enough for the padded output width (``(OW - 1) * sw + (KW - 1) * dw + 1`` columns).
     With an `epilogue`, a ``bias (O,)`` argument follows ``W`` (and a ``residual``, ``Y``'s
-    shape, the bias). With ``batched_weight``,
+    shape, the bias); with a :class:`~tvmq.kernels.x86_int8.Requantize` (no residual, no
+    ``out_pad``), ``offset (O,) int32, multiplier (O,) float32``: the float32 sum, an exact
+    integer when ``P`` and ``W`` hold bytes (:class:`~tvmq.passes.Int8AsFloat`), is converted
+    to int32 and requantized before the store (``Y`` int8 / uint8, or float32 for a
+    dequantize). With ``batched_weight``,
     ``W`` has one panel set per image, ``(n, O/L, KH, KW, c, L)``: the 1x1 case is then a
     batch matmul of two activations (kernel attribute ``"float_batch_matmul"``). With
     ``clamp_columns``, ``P`` may be narrower than the padded output reads: those reads take
@@ -303,8 +312,8 @@ def float_conv2d_nhwc(
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, c), name="rc")
-    if isinstance(epilogue, Requantize):
-        raise ValueError("the float conv kernel takes a ConvEpilogue, not a requantize")
+    if isinstance(epilogue, Requantize) and (out_pad is not None or epilogue.residual):
+        raise ValueError("a requantizing float conv kernel writes no border and adds no residual")
     bias = _bias(epilogue, o)
     if epilogue is not None and epilogue.residual:
         bias.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
@@ -541,10 +550,8 @@ def float_depthwise_nhwc(
 
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    if epilogue is not None and (x_dtype == "float32") == isinstance(epilogue, Requantize):
-        raise ValueError(
-            "a float32 depthwise kernel takes a ConvEpilogue, an int8 one a requantize"
-        )
+    if epilogue is not None and x_dtype != "float32" and not isinstance(epilogue, Requantize):
+        raise ValueError("an int8 depthwise kernel takes a requantize, not a ConvEpilogue")
     bias = _bias(epilogue, c)
     acc = te.compute(
         (n, oh, ow, c),
