@@ -74,7 +74,7 @@ from tvmq.kernels.cpu_float_conv_streamed import (
     streamed_chunk,
     streaming_pays,
 )
-from tvmq.kernels.x86_int8 import Requantize
+from tvmq.kernels.x86_int8 import Requantize, with_int_rounding
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
 from .channels_last import (
@@ -252,6 +252,11 @@ class _Lowering:
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
+        if fused is not None and isinstance(fused.epilogue, Requantize):
+            # rounded by the float -> int32 conversion where the weights bound the sums
+            taps = w.reshape(o, -1).T  # (K, O): each output channel's weights
+            rq = with_int_rounding(fused.epilogue, taps, *fused.bias)
+            fused = fused._replace(epilogue=rq)
         if int(call.attrs.groups) != 1:
             chain, bias, epilogue, _ = fused or ((), None, None, None)  # never a residual
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
