@@ -1,0 +1,103 @@
+"""The Winograd F(2x2, 3x3) kernels against a float64 direct convolution in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from tvmq.kernels.cpu_float_conv import (
+    ConvEpilogue,
+    ConvShape,
+    choose_conv_tiles,
+    float_conv2d_nhwc,
+)
+from tvmq.kernels.cpu_winograd import (
+    G,
+    padded_input_hw,
+    tiles_hw,
+    winograd_input,
+    winograd_output,
+    winograd_weight,
+)
+from tvmq.targets import get_target
+
+
+def _direct(x_padded: np.ndarray, w: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(
+        x_padded.astype(np.float64), (3, 3), axis=(1, 2)
+    )
+    return np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.float64))
+
+
+# (n, c, o, oh, ow, lanes, epilogue): odd and even output sizes (a last row / column of
+# half tiles), two images, 16-lane vectors, every epilogue the conv kernels have.
+CASES = [
+    (2, 16, 24, 7, 9, 8, ConvEpilogue(lo=0.0)),
+    (1, 32, 32, 6, 6, 16, ConvEpilogue(lo=0.0, residual=True)),
+    (1, 8, 16, 5, 4, 8, None),
+    (1, 16, 16, 3, 5, 8, ConvEpilogue(activation="silu")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["odd-relu", "residual-16lanes", "plain", "silu"])
+def test_winograd_conv_matches_a_direct_conv(case):
+    """Input transform -> 16 batched matmuls -> output transform (+ the epilogue) is the 3x3
+    conv of the padded image: random data, float64 numpy reference, relative error < 1e-5."""
+    n, c, o, oh, ow, lanes, epilogue = case
+    rng = np.random.default_rng(oh * ow + c)
+    th, tw = tiles_hw(oh, ow)
+    hp, wp = padded_input_hw(oh, ow)
+    x = np.zeros((n, hp, wp, c), np.float32)
+    x[:, : oh + 2, : ow + 2] = rng.standard_normal((n, oh + 2, ow + 2, c))  # the rest: zeros
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    residual = rng.standard_normal((n, oh, ow, o)).astype(np.float32)
+    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
+    t, op = tiles.ow_padded, tiles.o_padded
+    gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
+    funcs = {
+        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
+        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
+        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, epilogue),
+    }
+    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    lib = tvm.compile(mod, target=get_target("host").tvm_target())
+    arr = tvm.runtime.tensor
+    v = arr(np.full((16, n, t, c), np.nan, np.float32))
+    m = arr(np.full((16, n, t, op), np.nan, np.float32))
+    y = arr(np.full((n, oh, ow, o), np.nan, np.float32))
+    lib["input"](arr(x), v)
+    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
+    extra = [] if epilogue is None else [arr(bias)] + ([arr(residual)] if epilogue.residual else [])
+    lib["output"](m, *extra, y)
+    want = _direct(x, w, oh, ow)
+    if epilogue is not None:
+        want = want + bias + (residual if epilogue.residual else 0.0)
+        if epilogue.activation == "silu":
+            want = want / (1.0 + np.exp(-want))
+        want = np.maximum(want, epilogue.lo)
+    got = y.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_winograd_weight_is_g_w_gt_packed():
+    """Panel ``e = 4 * a + b`` of the packed weight holds ``(G w G^T)[a, b]`` of every
+    (output, input) channel pair at ``[o // L, 0, 0, c, o % L]``; padded channels are zero."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 5, 3, 3)).astype(np.float32)
+    packed = winograd_weight(w, 8, 16)
+    assert packed.shape == (16, 2, 1, 1, 5, 8) and packed.dtype == np.float32
+    u = np.stack([[G @ w[o, c].astype(np.float64) @ G.T for c in range(5)] for o in range(12)])
+    unpacked = packed[:, :, 0, 0].transpose(0, 1, 3, 2).reshape(16, 16, 5)  # (e, O', C)
+    np.testing.assert_allclose(unpacked[:, :12], u.reshape(12, 5, 16).transpose(2, 0, 1), rtol=1e-6)
+    assert not unpacked[:, 12:].any()
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="too small"):
+        winograd_input(1, 9, 10, 16, 4, 4, 16, 8)  # 4 tile rows read 10 rows
+    with pytest.raises(ValueError, match="whole vectors"):
+        winograd_output(1, 2, 2, 4, 16, 4, 4, 12, 8)
+    with pytest.raises(ValueError, match="3x3"):
+        winograd_weight(np.zeros((8, 8, 5, 5), np.float32), 8, 8)

@@ -1,0 +1,184 @@
+"""CPU float32 3x3 convolution by Winograd's minimal filtering, F(2x2, 3x3).
+
+A stride-1 3x3 conv computes each 2x2 block of outputs from a 4x4 patch of its (padded)
+input with 16 multiplies per channel pair instead of 36 (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", 2016)::
+
+    Y_tile = A^T [ sum_c (G g_oc G^T) * (B^T d_c B) ] A      (* elementwise, 4x4)
+
+The work splits into three kernels, all NHWC and vectorized over channels:
+
+- :func:`winograd_input`: ``P (n, hp, wp, c)`` -> ``V (16, n, T, c)``, the 16 transformed
+  values ``B^T d B`` of each of the ``T = ceil(oh / 2) * ceil(ow / 2)`` tiles (additions and
+  subtractions only);
+- 16 independent matmuls ``V[e] (n * T, c) @ U[e] (c, O)``: the batched 1x1 case of
+  :func:`~tvmq.kernels.cpu_float_conv.float_conv2d_nhwc` with the weight transformed and
+  packed at compile time (:func:`winograd_weight`, ``U = G g G^T``);
+- :func:`winograd_output`: ``M (16, n, T', O')`` -> ``Y (n, oh, ow, O)``, ``A^T m A`` per tile,
+  with the conv's :class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue` (bias, residual,
+  activation) applied before the store.
+
+The matmuls do 4/9 of the direct conv's multiply-adds; the transforms add a pass over
+``V`` and ``M`` (16/4 = 4 values per input / output pixel). F(2x2, 3x3)'s transforms have
+coefficients 0, +-1 and +-1/2 only, so the result is about as accurate as the direct sum
+(float32, relative error ~1e-6; larger tiles such as F(4x4, 3x3) lose more).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+
+from tvmq.kernels.cpu_float_conv import ConvEpilogue, _bias, _store, pack_conv_weight
+from tvmq.kernels.x86_int8 import KERNEL_ATTR
+
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+TILE = 2
+"""Output pixels per tile side (F(2x2, 3x3)); each tile reads a 4x4 input patch."""
+
+
+def tiles_hw(oh: int, ow: int) -> tuple[int, int]:
+    """Tile rows and columns covering an ``oh x ow`` output."""
+    return math.ceil(oh / TILE), math.ceil(ow / TILE)
+
+
+def padded_input_hw(oh: int, ow: int) -> tuple[int, int]:
+    """The padded input height and width the input transform reads (whole 4x4 patches:
+    one more row / column than the conv's own padding when ``oh`` / ``ow`` is odd)."""
+    th, tw = tiles_hw(oh, ow)
+    return TILE * th + 2, TILE * tw + 2
+
+
+def winograd_weight(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
+    """An OIHW 3x3 weight as the 16 matmuls' packed panels ``(16, O'/L, 1, 1, C, L)``
+    (``U = G g G^T``, computed in float64)."""
+    o, c, kh, kw = w.shape
+    if (kh, kw) != (3, 3):
+        raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, not {kh}x{kw}")
+    u = np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G).reshape(16, o, c, 1, 1)
+    return np.stack([pack_conv_weight(u[e].astype(np.float32), lanes, o_padded) for e in range(16)])
+
+
+def _combine(coefficients, terms) -> tvm.tirx.PrimExpr:
+    """``sum(k * t)`` for the coefficients 0, +-1 (no multiplies: adds and subtractions)."""
+    out = None
+    for k, t in zip(coefficients, terms, strict=True):
+        if k != 0 and out is None:
+            out = t if k == 1 else -t
+        elif k != 0:
+            out = out + t if k == 1 else out - t
+    return out
+
+
+def _select(index: tvm.tirx.PrimExpr, values: list) -> tvm.tirx.PrimExpr:
+    """``values[index]`` for a loop variable that unrolling makes a constant."""
+    out = values[-1]
+    for i in range(len(values) - 2, -1, -1):
+        out = tvm.tirx.Select(index == i, values[i], out)
+    return out
+
+
+def winograd_input(
+    n: int, hp: int, wp: int, c: int, th: int, tw: int, t_padded: int, lanes: int
+) -> tvm.tirx.PrimFunc:
+    """Scheduled kernel ``P (n, hp, wp, c) -> V (16, n, t_padded, c)``: ``B^T d B`` of the
+    4x4 patch at ``(2 * ty, 2 * tx)`` for each of the ``th x tw`` tiles (``V[4 * a + b]`` its
+    element ``(a, b)``), vectorized over ``lanes`` channels. Rows ``t >= th * tw`` (padding
+    for the matmuls' register tile) repeat the last tile."""
+    if hp < TILE * th + 2 or wp < TILE * tw + 2 or c % lanes or t_padded < th * tw:
+        raise ValueError(f"input {hp}x{wp}x{c} too small for {th}x{tw} tiles of {lanes} lanes")
+    p = te.placeholder((n, hp, wp, c), "float32", name="P")
+
+    def value(e, i, t, k):
+        a, b = e // 4, e % 4
+        if t_padded > th * tw:
+            t = te.min(t, th * tw - 1)
+        ty, tx = t // tw, t % tw
+
+        def d(u, v):
+            return p[i, ty * TILE + u, tx * TILE + v, k]
+
+        rows = [
+            [_combine(B_T[ra], [d(u, v) for u in range(4)]) for v in range(4)] for ra in range(4)
+        ]
+        return _select(
+            a, [_select(b, [_combine(B_T[rb], rows[ra]) for rb in range(4)]) for ra in range(4)]
+        )
+
+    v = te.compute((16, n, t_padded, c), value, name="V")
+    sch = Schedule(te.create_prim_func([p, v]))
+    e, i, t, k = sch.get_loops(sch.get_sblock("V"))
+    a, b = sch.split(e, [4, 4])
+    ko, ki = sch.split(k, [None, lanes])
+    sch.reorder(i, t, ko, a, b, ki)
+    sch.parallel(sch.fuse(i, t))
+    sch.unroll(a)
+    sch.unroll(b)
+    sch.vectorize(ki)
+    return _finish(sch, "winograd_input")
+
+
+def winograd_output(
+    n: int,
+    th: int,
+    tw: int,
+    t_padded: int,
+    o_padded: int,
+    oh: int,
+    ow: int,
+    o: int,
+    lanes: int,
+    epilogue: ConvEpilogue | None = None,
+):
+    """Scheduled kernel ``M (16, n, t_padded, o_padded) [, bias (o,) [, R (n, oh, ow, o)]] ->
+    Y (n, oh, ow, o)``: ``A^T m A`` of each tile's transformed sums (``M[4 * a + b]`` their
+    element ``(a, b)``), then the `epilogue`."""
+    if o % lanes:
+        raise ValueError(f"{o} output channels are not whole vectors of {lanes}")
+    m = te.placeholder((16, n, t_padded, o_padded), "float32", name="M")
+
+    def value(i, y, x, j):
+        t = (y // TILE) * tw + x // TILE
+
+        def mm(a, b):
+            return m[4 * a + b, i, t, j]
+
+        rows = [
+            [_combine(A_T[r], [mm(a, b) for a in range(4)]) for b in range(4)] for r in range(2)
+        ]
+        return _select(
+            y % TILE,
+            [_select(x % TILE, [_combine(A_T[s], rows[r]) for s in range(2)]) for r in range(2)],
+        )
+
+    acc = te.compute((n, oh, ow, o), value, name="acc")
+    args = _bias(epilogue, o)
+    if epilogue is not None and epilogue.residual:
+        args.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
+    sch = Schedule(te.create_prim_func([m, *args, _store(acc, args, epilogue)]))
+    sch.compute_inline(sch.get_sblock("acc"))
+    i, y, x, j = sch.get_loops(sch.get_sblock("Y"))
+    yo, yi = sch.split(y, [None, TILE])
+    xo, xi = sch.split(x, [None, TILE])
+    jo, ji = sch.split(j, [None, lanes])
+    sch.reorder(i, yo, xo, jo, yi, xi, ji)
+    sch.parallel(sch.fuse(i, yo))
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.vectorize(ji)
+    return _finish(sch, "winograd_output")
+
+
+def _finish(sch: Schedule, name: str) -> tvm.tirx.PrimFunc:
+    return (
+        sch.mod["main"]
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, name)
+        .without_attr("global_symbol")
+    )
