@@ -440,7 +440,7 @@ def test_residual_add_and_relu_fused_into_the_kernel(rng, c):
     skip = lambda bb, xv, y, z: relax.op.nn.relu(bb.emit(relax.op.add(xv, z)))  # noqa: E731
     mod = _biased_conv_module(x, w, b, skip)
     with AVX512:
-        lowered = PackFloatConv()(mod)
+        lowered = PackFloatConv(winograd=False)(mod)  # the direct kernel's store
     fused = c == 32
     suffix = "_bias_residual_act" if fused else "_bias"
     assert _kernel_globals(lowered) == [f"tvmq_float_conv2d_nhwc_3x3_{c}x{c}{suffix}"]
@@ -620,12 +620,13 @@ def test_streamed_kernel_only_where_streaming_pays(rng):
     AVX2 CPUs and on aarch64."""
     w = rng.standard_normal((512, 256, 3, 3)).astype(np.float32)
     mod = _conv_module((1, 256, 7, 7), w, padding=1)
-    assert _kernel_names(PackFloatConv(AVX512)(mod)) == ["float_conv2d_nhwc_streamed"]
+    direct = {"winograd": False}  # (3x3 stride-1 convs take the Winograd kernels by default)
+    assert _kernel_names(PackFloatConv(AVX512, **direct)(mod)) == ["float_conv2d_nhwc_streamed"]
     for name in ("znver4", "znver1", "haswell"):
         cpu = tvm.target.Target({"kind": "llvm", "mcpu": name})
-        assert _kernel_names(PackFloatConv(cpu)(mod)) == ["float_conv2d_nhwc"], name
+        assert _kernel_names(PackFloatConv(cpu, **direct)(mod)) == ["float_conv2d_nhwc"], name
     arm = get_target("rasp4b").tvm_target()
-    assert _kernel_names(PackFloatConv(arm)(mod)) == ["float_conv2d_nhwc"]
+    assert _kernel_names(PackFloatConv(arm, **direct)(mod)) == ["float_conv2d_nhwc"]
 
 
 @needs_vnni
@@ -645,8 +646,83 @@ def test_zen4_tiles_keep_at_most_14_accumulators(rng):
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
     mod = _conv_module(x.shape, w, b, padding=1)
-    lowered = PackFloatConv(zen4)(mod)
+    lowered = PackFloatConv(zen4, winograd=False)(mod)
     assert _kernel_names(lowered) == ["float_conv2d_nhwc"]
     got = _build_and_run(lowered, "x86-avx512-vnni", x)  # built for the preset this host runs
     want = _torch_conv(x, w, b, 1, 1, 1)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _basic_block_module(x_shape, w1, b1, w2, b2):
+    """``relu(conv(relu(conv(x, W1) + b1), W2) + b2 + x)``: a ResNet basic block, batch
+    norms folded."""
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = xv
+            for w, b in ((w1, b1), (w2, b2)):
+                y = bb.emit(relax.op.nn.conv2d(y, relax.const(w), padding=1))
+                y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+                if w is w2:
+                    y = bb.emit(relax.op.add(y, xv))
+                y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
+def test_3x3_convs_take_the_winograd_kernels(rng, winograd):
+    """A basic block of 32 channels over an odd 9x11 image, two images: each 3x3 conv becomes
+    the Winograd input transform, 16 batched matmuls and an output transform that adds the
+    bias (and the skip) and applies the relu, whatever the output's width; with
+    ``winograd=False``, the direct kernel. PyTorch's numbers either way, channels last
+    between the convs."""
+    c = 32
+    x = rng.standard_normal((2, c, 9, 11)).astype(np.float32)
+    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.2 for _ in range(2))
+    b1, b2 = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    mod = _basic_block_module(x.shape, w1, b1, w2, b2)
+    target = get_target("host").tvm_target()
+    lowered = PackFloatConv(target, winograd=winograd)(mod)
+    names = _kernel_globals(lowered)
+    if winograd:
+        assert names == [
+            "tvmq_winograd_input_32",
+            "tvmq_winograd_matmul_3x3_32x32",
+            "tvmq_winograd_output_3x3_32x32_bias_act",
+            "tvmq_winograd_output_3x3_32x32_bias_residual_act",
+        ]
+    else:
+        assert names and not any("winograd" in n for n in names)
+    ops = {str(e.op.name) for e in _calls(lowered["main"]) if isinstance(e.op, tvm.ir.Op)}
+    # (the direct kernel's output is 12 columns wide: the skip add stays an op there)
+    fused = {"relax.add", "relax.nn.relu"} if winograd else set()
+    assert not ops & {"relax.nn.conv2d", *fused}
+    assert len(_permutes(lowered["main"])) == 2  # the input's and the output's
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    conv = torch.nn.functional.conv2d
+    t = torch.from_numpy
+    h = torch.relu(conv(t(x), t(w1), t(b1), padding=1))
+    want = torch.relu(conv(h, t(w2), t(b2), padding=1) + t(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_integer_sums_stay_on_the_direct_kernel(rng):
+    """A conv whose float32 sum is converted to int32 (Int8AsFloat's: sums of bytes, exact
+    in float32) never takes the Winograd kernels, whose transformed sums are not exact."""
+    from tvmq.passes.pack_float_conv import find_integer_sums
+
+    w = rng.integers(-127, 128, (32, 32, 3, 3)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            out = bb.emit_output(relax.op.astype(y, "int32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert [v.same_as(y) for v in find_integer_sums(mod)] == [True]
+    assert _kernel_names(PackFloatConv(AVX2)(mod)) == ["float_conv2d_nhwc"]
