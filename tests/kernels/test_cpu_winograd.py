@@ -20,6 +20,7 @@ from tvmq.kernels.cpu_winograd import (
     winograd_output,
     winograd_weight,
 )
+from tvmq.kernels.x86_int8 import Requantize
 from tvmq.targets import get_target
 
 
@@ -101,3 +102,51 @@ def test_bad_shapes_are_refused():
         winograd_output(1, 2, 2, 4, 16, 4, 4, 12, 8)
     with pytest.raises(ValueError, match="3x3"):
         winograd_weight(np.zeros((8, 8, 5, 5), np.float32), 8, 8)
+
+
+# (out dtype, weights' lower bound, multipliers, exact fraction): a dequantize of sums up to
+# ~1.7e6 (exact), a requantize of sums up to ~1.1e7 (beyond 2**22 the transformed sums round)
+BYTE_SUMS = [("float32", -127, (5e-5, 2e-4), 1.0), ("int8", -60, (5e-6, 1.2e-5), 0.99)]
+
+
+@pytest.mark.parametrize("case", BYTE_SUMS, ids=["dequantize-exact", "requantize-large-sums"])
+def test_requantized_sums_of_bytes(case):
+    """Int8AsFloat's convs (uint8 image, int8 weights, both as float32) with the requantize
+    epilogue. ``U = G g G^T`` holds quarters, so the transformed products and their sums are
+    exact while below 2**22, and the outputs are the exact integer conv's; larger sums round
+    like any float32 sum (a relative ~1e-6: a few units of 1e7), which moves an int8 output by
+    one step only where it lies that close to a rounding boundary."""
+    dtype, w_lo, (m_lo, m_hi), fraction = case
+    rng = np.random.default_rng(3)
+    n, c, o, oh, ow, lanes = 1, 256, 32, 10, 10, 8
+    th, tw = tiles_hw(oh, ow)
+    hp, wp = padded_input_hw(oh, ow)
+    x = np.zeros((n, hp, wp, c), np.float32)
+    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
+    w = rng.integers(w_lo, 128, (o, c, 3, 3)).astype(np.float32)
+    offset = rng.integers(-20000, 20000, o).astype(np.int32)
+    multiplier = rng.uniform(m_lo, m_hi, o).astype(np.float32)
+    requantize = Requantize(dtype, zero_point=3, lo=-128, hi=127)
+    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
+    t, op = tiles.ow_padded, tiles.o_padded
+    gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
+    funcs = {
+        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
+        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
+        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, requantize),
+    }
+    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    lib = tvm.compile(mod, target=get_target("host").tvm_target())
+    arr = tvm.runtime.tensor
+    v, m = arr(np.zeros((16, n, t, c), np.float32)), arr(np.zeros((16, n, t, op), np.float32))
+    y = arr(np.zeros((n, oh, ow, o), dtype))
+    lib["input"](arr(x), v)
+    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
+    lib["output"](m, arr(offset), arr(multiplier), y)
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64), (3, 3), axis=(1, 2))
+    exact = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.int64)) + offset
+    want = exact.astype(np.float32) * multiplier
+    if dtype == "int8":
+        want = np.clip(np.rint(want) + 3, -128, 127)
+    steps = np.abs(y.numpy().astype(np.float64) - want) / (multiplier if dtype == "float32" else 1)
+    assert (steps == 0).mean() >= fraction and steps.max() <= 1.001, (steps == 0).mean()

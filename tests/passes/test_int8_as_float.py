@@ -259,3 +259,44 @@ def test_requantizing_float_kernels_match_the_integer_reference():
     vm = relax.VirtualMachine(build(_requantized_module(), "x86-avx2"), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(got, _requantized_reference(x))
+
+
+def _requantized_3x3(c: int, seed: int) -> tuple[tvm.IRModule, tuple]:
+    """A padded 3x3 conv of a uint8 image with ``c`` channels, requantized to int8."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (c, c, 3, 3)).astype(np.int8)
+    offset = rng.integers(-5000, 5000, (1, c, 1, 1)).astype(np.int32)
+    mult = (rng.random((1, c, 1, 1)) * 1e-4 + 1e-5).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, 10, 10), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1, out_dtype="int32"))
+            v = bb.emit(relax.op.add(acc, relax.const(offset)))
+            v = bb.emit(relax.op.multiply(relax.op.astype(v, "float32"), relax.const(mult)))
+            one, zp = relax.const(1.0, "float32"), relax.const(3, "int32")
+            out = bb.emit_output(relax.op.quantize(v, one, zp, axis=1, out_dtype="int8"))
+        bb.emit_func_output(out)
+    return bb.get(), (w, offset, mult)
+
+
+def test_a_requantized_3x3_conv_of_32_channels_takes_winograd():
+    """A 3x3 conv of 32 channels requantizes in the Winograd output transform (the direct
+    kernel for 8 channels, above); its sums of bytes, below 2**22 here, are exact: on AVX2
+    hosts, the integer reference's int8 outputs bit for bit."""
+    mod, (w, offset, mult) = _requantized_3x3(32, seed=5)
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+    names = sorted(gv.name_hint for gv, f in lowered.functions.items() if gv.name_hint != "main")
+    assert "tvmq_winograd_output_3x3_32x32_requantize" in names, names
+    assert not any(n.startswith("tvmq_float_conv2d") for n in names)
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    x = np.random.default_rng(6).integers(0, 256, (1, 32, 10, 10)).astype(np.uint8)
+    vm = relax.VirtualMachine(build(mod, "x86-avx2"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    acc = torch.nn.functional.conv2d(
+        torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)), padding=1
+    )
+    v = (np.rint(acc.numpy()).astype(np.int64) + offset).astype(np.float32) * mult
+    np.testing.assert_array_equal(got, np.clip(np.rint(v) + 3, -128, 127).astype(np.int8))

@@ -34,7 +34,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from tvmq.kernels.cpu_float_conv import ConvEpilogue, _bias, _store, pack_conv_weight
-from tvmq.kernels.x86_int8 import KERNEL_ATTR
+from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
@@ -134,13 +134,23 @@ def winograd_output(
     ow: int,
     o: int,
     lanes: int,
-    epilogue: ConvEpilogue | None = None,
+    epilogue: ConvEpilogue | Requantize | None = None,
 ):
     """Scheduled kernel ``M (16, n, t_padded, o_padded) [, bias (o,) [, R (n, oh, ow, o)]] ->
     Y (n, oh, ow, o)``: ``A^T m A`` of each tile's transformed sums (``M[4 * a + b]`` their
-    element ``(a, b)``), then the `epilogue`."""
+    element ``(a, b)``), then the `epilogue`. With a
+    :class:`~tvmq.kernels.x86_int8.Requantize` (no residual), ``offset (o,) int32,
+    multiplier (o,) float32`` follow ``M``: each sum, of bytes (:class:`~tvmq.passes.Int8AsFloat`'s
+    convs), is rounded to the nearest integer and requantized; ``Y`` is then int8 / uint8
+    (float32 for a dequantize). ``U`` holds quarters, so such sums are exact integers while
+    the transformed ones stay below ``2**22``; beyond, they round like any float32 sum (a
+    relative ~1e-6, which moves an int8 output only where it lies that close to a rounding
+    boundary), where the direct kernel stays exact up to ``2**24``."""
     if o % lanes:
         raise ValueError(f"{o} output channels are not whole vectors of {lanes}")
+    requantize = isinstance(epilogue, Requantize)
+    if requantize and epilogue.residual is not None:
+        raise ValueError("the Winograd output kernel adds no residual to a requantized sum")
     m = te.placeholder((16, n, t_padded, o_padded), "float32", name="M")
 
     def value(i, y, x, j):
@@ -158,11 +168,15 @@ def winograd_output(
         )
 
     acc = te.compute((n, oh, ow, o), value, name="acc")
+    if requantize:
+        summed = acc
+        acc = te.compute(acc.shape, lambda *i: te.round(summed[i]), name="rounded")
     args = _bias(epilogue, o)
-    if epilogue is not None and epilogue.residual:
+    if isinstance(epilogue, ConvEpilogue) and epilogue.residual:
         args.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
     sch = Schedule(te.create_prim_func([m, *args, _store(acc, args, epilogue)]))
-    sch.compute_inline(sch.get_sblock("acc"))
+    for stage in ("acc", "rounded") if requantize else ("acc",):
+        sch.compute_inline(sch.get_sblock(stage))
     i, y, x, j = sch.get_loops(sch.get_sblock("Y"))
     yo, yi = sch.split(y, [None, TILE])
     xo, xi = sch.split(x, [None, TILE])
