@@ -405,10 +405,14 @@ def _emit_winograd(rw, x, geo, w, lanes, registers, bias, epilogue, residual) ->
         f"tvmq_winograd_input_{c}",
         opaque(lambda: winograd_input(n, hp, wp, c, th, tw, t_padded, lanes)),
     )
+    # pixel-major as a 1x1 conv's (ResNet-18's 56x56 64 -> 64: 3.54 -> 2.99 ms a call, Zen 1)
+    pixel_major = pixel_major_pays((1, 1), 4 * c * tiles.o_padded)
     matmul = rw.kernel_var(
-        ("winograd_matmul", gemm, tiles),
+        ("winograd_matmul", gemm, tiles, pixel_major),
         f"tvmq_winograd_matmul_3x3_{c}x{o}",
-        opaque(lambda: float_conv2d_nhwc(gemm, tiles, batched_weight=True)),
+        opaque(
+            lambda: float_conv2d_nhwc(gemm, tiles, batched_weight=True, pixel_major=pixel_major)
+        ),
     )
     suffix = _kernel_suffix(epilogue, residual)
     inverse = rw.kernel_var(
