@@ -54,7 +54,9 @@ Method
     twice, keeping the run with the lowest probe, and a row still slow says so in its notes.
     GOP/s counts the PyTorch model's operations (``torch.utils.flop_counter``); ``% peak``
     divides by the measured per-core peak (``bench/cpu_peak.c``, as in ``bench_peers.py``)
-    times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one).
+    times the threads, int8 rows against the int8 peak (bf16 rows against the fp32 one). A
+    row above 100% computes fewer multiplies than the model's direct convolutions (tvmq's
+    Winograd 3x3 convs: 4/9 of them), so its GOP/s is an effective rate.
 """
 
 from __future__ import annotations
@@ -672,7 +674,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\nzoo size '{size}', batch 1; median over {args.rounds} {how}; 'vs PT': "
         f"PyTorch fp32 ms / row ms; 'x 1thr': the row's 1-thread ms / its ms; cos / SQNR: "
         f"worst over {N_TEST} natural-looking inputs vs PyTorch fp32; int8 calibrated on "
-        f"{N_CALIB} others. No tuning records for tvmq.\n"
+        f"{N_CALIB} others. No tuning records for tvmq. GOP/s: the direct convolutions' "
+        f"operations / time (above 100% peak: fewer multiplies, e.g. Winograd).\n"
         + "".join(f"{n}\n" for n in plan["notes"])
         + f"{peak['how']}.\nprepare {t_prep:.0f} s, total {time.perf_counter() - t0:.0f} s."
     )

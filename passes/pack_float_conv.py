@@ -87,6 +87,7 @@ from tvmq.kernels.cpu_float_conv_streamed import (
     streaming_pays,
 )
 from tvmq.kernels.cpu_winograd import (
+    PANELS_ATTR,
     padded_input_hw,
     tiles_hw,
     winograd_input,
@@ -411,7 +412,9 @@ def _emit_winograd(rw, x, geo, w, lanes, registers, bias, epilogue, residual) ->
         ("winograd_matmul", gemm, tiles, pixel_major),
         f"tvmq_winograd_matmul_3x3_{c}x{o}",
         opaque(
-            lambda: float_conv2d_nhwc(gemm, tiles, batched_weight=True, pixel_major=pixel_major)
+            lambda: float_conv2d_nhwc(
+                gemm, tiles, batched_weight=True, pixel_major=pixel_major
+            ).with_attr(PANELS_ATTR, True)
         ),
     )
     suffix = _kernel_suffix(epilogue, residual)

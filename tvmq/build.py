@@ -49,6 +49,7 @@ from tvm import relax, tirx
 from tvmq import tuning
 from tvmq.cuda_ptx import PTXImportPacker, compile_cuda_sources, nvcc_compiles_cuda
 from tvmq.errors import TvmqError
+from tvmq.kernels.cpu_winograd import PANELS_ATTR
 from tvmq.kernels.cuda_mma import ASYNC_COPY, TENSOR_CORE_ATTR
 from tvmq.lowering import fuse_to_tir, schedule_and_lower
 from tvmq.passes import DecodeAtLoad
@@ -130,8 +131,10 @@ def build_with_info(
         Store the int8 weights that :class:`~tvmq.passes.Int8AsFloat` made float32 (int8
         models on x86 without avx512vnni) as 8-bit codes decoded at load
         (``main_transform_params``, see :func:`tvmq.runtime.decoded_params`), so the library
-        keeps its int8 size; ``tvmq.compile``'s libraries do. Off by default: ``main`` then
-        takes the model's inputs only (a clustered model's codes are always stored so).
+        keeps its int8 size, and the Winograd convs' weights in their 3x3 form, transformed at
+        load (16/9 the bytes otherwise); ``tvmq.compile``'s libraries do. Off by default:
+        ``main`` then takes the model's inputs only (a clustered model's codes are always
+        stored so).
 
     Returns
     -------
@@ -339,7 +342,8 @@ def _decode_at_load(
     model with shared weights (``"tvmq.clustered"`` on ``main``), whose weights after fusion
     hold only their codebooks' values (``FoldTableDecoders``, ``ClusterInt8Weights``), or,
     with ``int8_codes``, of an int8 model whose weights became float32 (``Int8AsFloat``'s
-    mark on the fused ``main``: at most 256 values each)."""
+    mark on the fused ``main``: at most 256 values each) or one with Winograd convs (whose
+    panels, 16/9 the size of the 3x3 weights, are computed from them at load)."""
 
     def marked(module: tvm.IRModule, attr: str) -> bool:
         attrs = getattr(main_function(module), "attrs", None)
@@ -347,7 +351,12 @@ def _decode_at_load(
 
     if preset.kind == "cuda":
         return False
-    return marked(mod, CLUSTERED) or (int8_codes and marked(fused, INT8_AS_FLOAT))
+    winograd = any(
+        PANELS_ATTR in (f.attrs or {})
+        for _, f in fused.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    )
+    return marked(mod, CLUSTERED) or (int8_codes and (marked(fused, INT8_AS_FLOAT) or winograd))
 
 
 _KERNEL_CALLS = ("relax.call_tir", "relax.call_dps_packed")

@@ -158,3 +158,44 @@ def test_cluster_int8_weights_refuses_more_than_16_levels():
         ClusterInt8Weights(bits=5)
     with pytest.raises(TvmqError, match="init"):
         ClusterInt8Weights(init="uniform")
+
+
+def _basic_block(c: int, integer_weights: bool) -> tuple[torch.nn.Module, tvm.IRModule]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1)
+    ).eval()
+    if integer_weights:  # an int8 model's weights on the float kernels are integers
+        with torch.no_grad():
+            for conv in (model[0], model[2]):
+                conv.weight.copy_(torch.randint(-127, 128, conv.weight.shape).float())
+    return model, from_pytorch(model, (torch.zeros(1, c, 10, 10),)).mod
+
+
+@pytest.mark.parametrize("integer_weights", [False, True], ids=["float", "integer"])
+def test_winograd_panels_are_computed_at_load_from_the_3x3_weights(integer_weights):
+    """A library (``int8_weight_codes``, as tvmq.compile builds it) stores a Winograd conv's
+    3x3 weight, not its 16/9 as large panels, and ``main_transform_params`` transforms it:
+    the same panels for integer weights (stored as 8-bit codes; outputs bit-identical to the
+    build that embeds the panels), within float32's rounding of them otherwise."""
+    c = 32
+    model, mod = _basic_block(c, integer_weights)
+    embedded, _ = build_with_info(mod, "host", tuning_logs=None)
+    lifted, info = build_with_info(mod, "host", tuning_logs=None, int8_weight_codes=True)
+    vm = relax.VirtualMachine(lifted, tvm.cpu())
+    params = decoded_params(vm)
+    assert [(p.shape[0], p.shape[4]) for p in params] == [(16, c)] * 2  # both convs' panels
+    weights = dict(info.weights)
+    if integer_weights:
+        assert weights["uint8"] >= 2 * c * c * 9  # one code a 3x3 weight
+        assert weights.get("float32", 0) < 4 * c * c * 9  # not the weights
+    else:
+        assert 2 * 4 * c * c * 9 <= weights["float32"] < 2 * 4 * c * c * 16  # 3x3, not panels
+    x = np.random.default_rng(1).standard_normal((1, c, 10, 10)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), *params)[0].numpy()
+    want = relax.VirtualMachine(embedded, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
+    if integer_weights:
+        np.testing.assert_array_equal(got, want)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -41,6 +41,12 @@ G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
 TILE = 2
 """Output pixels per tile side (F(2x2, 3x3)); each tile reads a 4x4 input patch."""
+G_LEFT_INVERSE = np.array([[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]])
+"""``G_LEFT_INVERSE @ G == I``: a 3x3 weight back from its transform, ``L U L^T``."""
+PANELS_ATTR = "tvmq.winograd_panels"
+"""PrimFunc attribute of the Winograd matmul kernels: their weight argument (index 1) is
+:func:`winograd_weight`'s panels (``DecodeAtLoad`` stores the 3x3 weight and transforms it
+at load, :func:`winograd_weight_kernel`)."""
 
 
 def tiles_hw(oh: int, ow: int) -> tuple[int, int]:
@@ -63,6 +69,42 @@ def winograd_weight(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
         raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, not {kh}x{kw}")
     u = np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G).reshape(16, o, c, 1, 1)
     return np.stack([pack_conv_weight(u[e].astype(np.float32), lanes, o_padded) for e in range(16)])
+
+
+def weight_from_panels(panels: np.ndarray) -> np.ndarray:
+    """The OIHW 3x3 weight (``O'`` channels, padding included) whose :func:`winograd_weight`
+    is ``panels``: exact where ``U`` is (integer weights: quarters); else within float32's
+    rounding of ``U``."""
+    e, blocks, _, _, c, lanes = panels.shape
+    u = panels[:, :, 0, 0].transpose(0, 1, 3, 2).reshape(4, 4, blocks * lanes, c)
+    g = np.einsum("ia,aboc,jb->ocij", G_LEFT_INVERSE, u.astype(np.float64), G_LEFT_INVERSE)
+    return g.astype(np.float32)
+
+
+def winograd_weight_kernel(o_padded: int, c: int, lanes: int) -> tvm.tirx.PrimFunc:
+    """``W (o_padded, c, 3, 3) -> U (16, o_padded / L, 1, 1, c, L)``: :func:`winograd_weight`
+    as a kernel (float64 sums of the weights' halves and quarters: exact, then rounded to
+    float32 as numpy does), which a library runs once at load. Unscheduled."""
+    w = te.placeholder((o_padded, c, 3, 3), "float32", name="W")
+
+    def value(e, jo, y, x, k, ji):
+        a, b = e // 4, e % 4
+        j = jo * lanes + ji
+
+        def entry(ra, rb):
+            terms = [
+                G[ra, i] * G[rb, t] * w[j, k, i, t].astype("float64")
+                for i in range(3)
+                for t in range(3)
+                if G[ra, i] * G[rb, t] != 0
+            ]
+            return sum(terms[1:], terms[0]).astype("float32")
+
+        rows = [_select(b, [entry(ra, rb) for rb in range(4)]) for ra in range(4)]
+        return _select(a, rows)
+
+    u = te.compute((16, o_padded // lanes, 1, 1, c, lanes), value, name="U")
+    return te.create_prim_func([w, u]).without_attr("global_symbol")
 
 
 def _combine(coefficients, terms) -> tvm.tirx.PrimExpr:
