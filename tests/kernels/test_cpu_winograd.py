@@ -31,6 +31,33 @@ def _direct(x_padded: np.ndarray, w: np.ndarray, oh: int, ow: int) -> np.ndarray
     return np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.float64))
 
 
+def _winograd_conv(x, w, oh, ow, lanes, epilogue, extra, out_dtype="float32") -> np.ndarray:
+    """The three Winograd kernels, compiled for the host, on the padded NHWC image ``x`` and
+    the OIHW weight ``w``; ``extra`` the output kernel's epilogue arguments (numpy). Every
+    intermediate starts as NaN (or 0 for an integer output), so nothing goes unwritten."""
+    n, hp, wp, c = x.shape
+    o = w.shape[0]
+    th, tw = tiles_hw(oh, ow)
+    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
+    t, op = tiles.ow_padded, tiles.o_padded
+    gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
+    funcs = {
+        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
+        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
+        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, epilogue),
+    }
+    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    lib = tvm.compile(mod, target=get_target("host").tvm_target())
+    arr = tvm.runtime.tensor
+    v = arr(np.full((16, n, t, c), np.nan, np.float32))
+    m = arr(np.full((16, n, t, op), np.nan, np.float32))
+    y = arr(np.full((n, oh, ow, o), np.nan if out_dtype == "float32" else 0, out_dtype))
+    lib["input"](arr(x), v)
+    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
+    lib["output"](m, *(arr(a) for a in extra), y)
+    return y.numpy()
+
+
 # (n, c, o, oh, ow, lanes, epilogue): odd and even output sizes (a last row / column of
 # half tiles), two images, 16-lane vectors, every epilogue the conv kernels have.
 CASES = [
@@ -47,38 +74,20 @@ def test_winograd_conv_matches_a_direct_conv(case):
     conv of the padded image: random data, float64 numpy reference, relative error < 1e-5."""
     n, c, o, oh, ow, lanes, epilogue = case
     rng = np.random.default_rng(oh * ow + c)
-    th, tw = tiles_hw(oh, ow)
     hp, wp = padded_input_hw(oh, ow)
     x = np.zeros((n, hp, wp, c), np.float32)
     x[:, : oh + 2, : ow + 2] = rng.standard_normal((n, oh + 2, ow + 2, c))  # the rest: zeros
     w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
     residual = rng.standard_normal((n, oh, ow, o)).astype(np.float32)
-    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
-    t, op = tiles.ow_padded, tiles.o_padded
-    gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
-    funcs = {
-        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
-        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
-        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, epilogue),
-    }
-    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-    lib = tvm.compile(mod, target=get_target("host").tvm_target())
-    arr = tvm.runtime.tensor
-    v = arr(np.full((16, n, t, c), np.nan, np.float32))
-    m = arr(np.full((16, n, t, op), np.nan, np.float32))
-    y = arr(np.full((n, oh, ow, o), np.nan, np.float32))
-    lib["input"](arr(x), v)
-    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
-    extra = [] if epilogue is None else [arr(bias)] + ([arr(residual)] if epilogue.residual else [])
-    lib["output"](m, *extra, y)
+    extra = [] if epilogue is None else [bias] + ([residual] if epilogue.residual else [])
+    got = _winograd_conv(x, w, oh, ow, lanes, epilogue, extra)
     want = _direct(x, w, oh, ow)
     if epilogue is not None:
         want = want + bias + (residual if epilogue.residual else 0.0)
         if epilogue.activation == "silu":
             want = want / (1.0 + np.exp(-want))
         want = np.maximum(want, epilogue.lo)
-    got = y.numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
@@ -119,7 +128,6 @@ def test_requantized_sums_of_bytes(case):
     dtype, w_lo, (m_lo, m_hi), fraction = case
     rng = np.random.default_rng(3)
     n, c, o, oh, ow, lanes = 1, 256, 32, 10, 10, 8
-    th, tw = tiles_hw(oh, ow)
     hp, wp = padded_input_hw(oh, ow)
     x = np.zeros((n, hp, wp, c), np.float32)
     x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
@@ -127,26 +135,11 @@ def test_requantized_sums_of_bytes(case):
     offset = rng.integers(-20000, 20000, o).astype(np.int32)
     multiplier = rng.uniform(m_lo, m_hi, o).astype(np.float32)
     requantize = Requantize(dtype, zero_point=3, lo=-128, hi=127)
-    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
-    t, op = tiles.ow_padded, tiles.o_padded
-    gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
-    funcs = {
-        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
-        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
-        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, requantize),
-    }
-    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-    lib = tvm.compile(mod, target=get_target("host").tvm_target())
-    arr = tvm.runtime.tensor
-    v, m = arr(np.zeros((16, n, t, c), np.float32)), arr(np.zeros((16, n, t, op), np.float32))
-    y = arr(np.zeros((n, oh, ow, o), dtype))
-    lib["input"](arr(x), v)
-    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
-    lib["output"](m, arr(offset), arr(multiplier), y)
+    got = _winograd_conv(x, w, oh, ow, lanes, requantize, [offset, multiplier], dtype)
     windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64), (3, 3), axis=(1, 2))
     exact = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.int64)) + offset
     want = exact.astype(np.float32) * multiplier
     if dtype == "int8":
         want = np.clip(np.rint(want) + 3, -128, 127)
-    steps = np.abs(y.numpy().astype(np.float64) - want) / (multiplier if dtype == "float32" else 1)
+    steps = np.abs(got.astype(np.float64) - want) / (multiplier if dtype == "float32" else 1)
     assert (steps == 0).mean() >= fraction and steps.max() <= 1.001, (steps == 0).mean()
