@@ -211,3 +211,41 @@ def test_a_dropped_model_is_freed_at_once(compiled_mlp_dir, rng):
         assert ref() is None
     finally:
         gc.enable()
+
+
+class _Embedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.type_embed = torch.nn.Embedding(2, 8)
+
+    def forward(self, ids, types):
+        return self.embed(ids) + self.type_embed(types)
+
+
+def test_token_ids_outside_the_embedding_are_refused(tmp_path, rng):
+    """An integer input that indexes an embedding carries the table's rows in the manifest
+    (the smallest, where it indexes several); a value outside them is one clear error, not
+    a read outside the table (the compiled lookup checks nothing)."""
+    out = tmp_path / "m"
+    ids, types = torch.tensor([[3, 7, 49, 0]]), torch.tensor([[0, 1, 1, 0]])
+    model = _Embedding().eval()
+    tvmq.compile(model, "host", example_inputs=(ids, types), output_dir=out, progress=False)
+    m = tvmq.load(out)
+    assert [s.index_bound for s in m.manifest.inputs] == [50, 2]
+    assert json.loads((out / "model.json").read_text())["inputs"][0]["index_bound"] == 50
+    with torch.no_grad():
+        np.testing.assert_allclose(m(ids.numpy(), types.numpy()), model(ids, types).numpy())
+    for bad, value in ((50, 50), (-1, -1)):
+        wrong = ids.numpy().copy()
+        wrong[0, 2] = bad
+        with pytest.raises(InputMismatchError, match=rf"'ids': value {value} is outside 0..49"):
+            m(wrong, types.numpy())
+    with pytest.raises(InputMismatchError, match=r"'types': value 2 is outside 0..1"):
+        m(ids.numpy(), types.numpy() + 1)
+    assert m.benchmark(warmup=1, repeat=2).median_ms > 0  # its random inputs are in range
+    manifest = json.loads((out / "model.json").read_text())
+    manifest["inputs"][0]["index_bound"] = -3
+    (out / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(TvmqError, match=r"inputs\[0\].index_bound' must be a positive integer"):
+        tvmq.load(out)

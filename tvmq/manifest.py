@@ -170,3 +170,6 @@ def _check_spec(spec, where: str) -> None:
         raise ValueError(f"field '{where}.shape' has a symbolic dim that is not a name")
     if not isinstance(spec.get("dtype"), str) or not spec["dtype"]:
         raise ValueError(f"field '{where}.dtype' must be a dtype name")
+    bound = spec.get("index_bound")
+    if bound is not None and not (type(bound) is int and bound > 0):
+        raise ValueError(f"field '{where}.index_bound' must be a positive integer")

@@ -49,8 +49,8 @@ class LatencyStats:
 def random_inputs(
     specs: list[TensorSpec], seed: int = 0, sizes: dict[str, int] | None = None
 ) -> list[np.ndarray]:
-    """Random arrays matching the specs (normal floats, small integers); a symbolic dim
-    takes its size from ``sizes`` (default 1)."""
+    """Random arrays matching the specs (normal floats, small integers: below 10 and the
+    input's ``index_bound``); a symbolic dim takes its size from ``sizes`` (default 1)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in specs:
@@ -58,7 +58,7 @@ def random_inputs(
         if s.dtype.startswith("float"):
             out.append(rng.standard_normal(shape).astype(s.dtype))
         else:
-            out.append(rng.integers(0, 10, size=shape).astype(s.dtype))
+            out.append(rng.integers(0, min(10, s.index_bound or 10), size=shape).astype(s.dtype))
     return out
 
 
@@ -97,6 +97,13 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
         if str(a.dtype) != spec.dtype:
             raise InputMismatchError(
                 f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
+            )
+        bound = spec.index_bound
+        if bound is not None and a.size and (a.min() < 0 or a.max() >= bound):
+            bad = a.min() if a.min() < 0 else a.max()
+            raise InputMismatchError(
+                f"input '{spec.name}': value {bad} is outside 0..{bound - 1}; it indexes a table "
+                f"of {bound} rows (for token ids: the vocabulary's size)"
             )
         arrays.append(np.asarray(a, order="C"))  # unlike ascontiguousarray, keeps 0-d 0-d
     try:  # ranks and static dims; a symbolic dim takes any size, the same in every input
@@ -194,7 +201,7 @@ class CompiledModel:
         # one input with a slot: a call that skips the general path's lookups (~0.3 us)
         self._call_one = (
             _one_input_call(self, self._slots)
-            if self._slots is not None and len(self._slots.arrays) == 1
+            if self._slots is not None and self._slots.bounds == (None,)
             else None
         )
 
@@ -331,6 +338,7 @@ class _InputSlots:
 
     def __init__(self, specs: list[TensorSpec], params: list):
         self.signature = tuple((np.dtype(s.dtype), tuple(s.shape)) for s in specs)
+        self.bounds = tuple(s.index_bound for s in specs)  # token ids' tables (TensorSpec)
         self.arrays = [_aligned_empty(shape, dtype) for dtype, shape in self.signature]
         # the arguments of ``main``: these buffers, then any weights decoded at load
         self.main_args = (*(tvm.runtime.from_dlpack(a) for a in self.arrays), *params)
@@ -352,11 +360,19 @@ class _InputSlots:
             np.copyto(buffer, a)
 
     def accepts(self, args: tuple) -> bool:
-        """Whether ``args`` are numpy arrays of exactly the inputs' dtypes and shapes (what
-        :func:`check_inputs` would pass unchanged, up to memory layout)."""
-        return len(args) == len(self.signature) and all(
-            type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
-            for a, (dtype, shape) in zip(args, self.signature, strict=True)
+        """Whether ``args`` are numpy arrays of exactly the inputs' dtypes and shapes, index
+        inputs within their tables (what :func:`check_inputs` would pass unchanged, up to
+        memory layout)."""
+        return (
+            len(args) == len(self.signature)
+            and all(
+                type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+                for a, (dtype, shape) in zip(args, self.signature, strict=True)
+            )
+            and all(
+                bound is None or not a.size or (a.min() >= 0 and a.max() < bound)
+                for a, bound in zip(args, self.bounds, strict=True)
+            )
         )
 
 

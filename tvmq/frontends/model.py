@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import tvm
 
@@ -14,12 +14,16 @@ class TensorSpec:
     """Name, shape and dtype of one model input or output.
 
     A dim is an int (static) or a str (symbolic: a name such as ``"batch"``, shared by every
-    input that uses it, or for an output an expression such as ``"batch * seq"``).
+    input that uses it, or for an output an expression such as ``"batch * seq"``). An integer
+    input whose values index the rows of a table (token ids into an embedding) has an
+    ``index_bound``, the table's rows: every value must lie in ``[0, index_bound)``, which
+    the runtime checks (the compiled lookup does not, and reads outside the table).
     """
 
     name: str
     shape: tuple[int | str, ...]
     dtype: str
+    index_bound: int | None = None
 
     @property
     def symbols(self) -> list[str]:
@@ -27,13 +31,15 @@ class TensorSpec:
         return [d for d in self.shape if isinstance(d, str)]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.index_bound is not None:
+            d["index_bound"] = self.index_bound
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(
-            d["name"], tuple(s if isinstance(s, str) else int(s) for s in d["shape"]), d["dtype"]
-        )
+        shape = tuple(s if isinstance(s, str) else int(s) for s in d["shape"])
+        return cls(d["name"], shape, d["dtype"], d.get("index_bound"))
 
 
 def format_shape(shape) -> str:
@@ -120,11 +126,48 @@ def signature_of(
     params = list(func.params)
     in_names = input_names or [p.name for p in params]
     inputs = [_tensor_spec(n, p.ty, is_input=True) for n, p in zip(in_names, params, strict=True)]
+    bounds = index_bounds(func)
+    inputs = [replace(s, index_bound=bounds.get(i)) for i, s in enumerate(inputs)]
     ret = func.ret_ty
     fields = list(ret.fields) if isinstance(ret, tvm.ir.TupleType) else [ret]
     out_names = output_names or [f"output{i}" for i in range(len(fields))]
     outputs = [_tensor_spec(n, t, is_input=False) for n, t in zip(out_names, fields, strict=True)]
     return inputs, outputs
+
+
+# Ops that pass an index tensor's values on unchanged (casts, views)
+_INDEX_VIEWS = {
+    "relax.astype", "relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten",
+    "relax.permute_dims", "relax.broadcast_to",
+}  # fmt: skip
+
+
+def index_bounds(func: tvm.relax.Function) -> dict[int, int]:
+    """Parameter position -> the rows of the smallest constant table that a ``take`` along
+    axis 0 (an embedding lookup, ONNX ``Gather``) indexes with that integer parameter's
+    values, seen through casts and views."""
+    origin = {p: i for i, p in enumerate(func.params) if "int" in str(p.ty.dtype)}
+    bounds: dict[int, int] = {}
+    blocks = func.body.blocks if isinstance(func.body, tvm.relax.SeqExpr) else []
+    for block in blocks:
+        for b in block.bindings:
+            call = b.value
+            if not isinstance(call, tvm.relax.Call) or not isinstance(call.op, tvm.ir.Op):
+                continue
+            src = call.args[0] if call.op.name in _INDEX_VIEWS else None
+            if isinstance(src, tvm.relax.Var) and src in origin:
+                origin[b.var] = origin[src]
+            if call.op.name != "relax.take" or call.args[1] not in origin:
+                continue
+            table, axis = call.args[0], call.attrs.axis
+            if not isinstance(table, tvm.ir.Constant) or axis is None:
+                continue
+            shape = table.value.shape
+            rows = int(shape[0])
+            if int(axis) in (0, -len(shape)):
+                i = origin[call.args[1]]
+                bounds[i] = min(bounds.get(i, rows), rows)
+    return bounds
 
 
 # Ops whose constant operands are weights: an infinite weight is always a broken model.
