@@ -146,7 +146,7 @@ def index_bounds(func: tvm.relax.Function) -> dict[int, int]:
     """Parameter position -> the rows of the smallest constant table that a ``take`` along
     axis 0 (an embedding lookup, ONNX ``Gather``) indexes with that integer parameter's
     values, seen through casts and views."""
-    origin = {p: i for i, p in enumerate(func.params) if "int" in str(p.ty.dtype)}
+    origin = {p: i for i, p in enumerate(func.params) if "int" in str(getattr(p.ty, "dtype", ""))}
     bounds: dict[int, int] = {}
     blocks = func.body.blocks if isinstance(func.body, tvm.relax.SeqExpr) else []
     for block in blocks:

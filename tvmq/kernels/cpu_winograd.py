@@ -13,10 +13,15 @@ The work splits into three kernels, all NHWC and vectorized over channels:
   subtractions only);
 - 16 independent matmuls ``V[e] (n * T, c) @ U[e] (c, O)``: the batched 1x1 case of
   :func:`~tvmq.kernels.cpu_float_conv.float_conv2d_nhwc` with the weight transformed and
-  packed at compile time (:func:`winograd_weight`, ``U = G g G^T``);
+  packed at compile time (:func:`winograd_weight`, ``U = G g G^T``; a library computes it at
+  load from the 3x3 weight it stores, :func:`winograd_weight_kernel`);
 - :func:`winograd_output`: ``M (16, n, T', O')`` -> ``Y (n, oh, ow, O)``, ``A^T m A`` per tile,
   with the conv's :class:`~tvmq.kernels.cpu_float_conv.ConvEpilogue` (bias, residual,
-  activation) applied before the store.
+  activation) or requantize applied before the store.
+
+On a Zen 1 core (AVX2, 1 thread) ResNet-18's 3x3 layers ran 1.4-1.85x faster than on the
+direct kernel (56x56x64 1.55x, 28x28x128 1.76x, 14x14x256 1.85x, 7x7x512 1.61x), a
+16-channel one 0.93x as fast.
 
 The matmuls do 4/9 of the direct conv's multiply-adds; the transforms add a pass over
 ``V`` and ``M`` (16/4 = 4 values per input / output pixel). F(2x2, 3x3)'s transforms have
