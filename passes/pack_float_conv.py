@@ -428,17 +428,10 @@ def _emit_winograd(rw, x, geo, w, lanes, registers, bias, epilogue, residual) ->
     v = bb.emit(relax.call_tir(transform, [x], relax.TensorType((16, n, t_padded, c), "float32")))
     u = relax.const(winograd_weight(w, lanes, tiles.o_padded), "float32")
     m_ty = relax.TensorType((16, n, t_padded, tiles.o_padded), "float32")
-    args = [bb.emit(relax.call_tir(matmul, [v, u], m_ty))]
-    out_dtype = "float32"
-    if isinstance(epilogue, Requantize):
-        offset, multiplier = bias
-        args.append(relax.const(np.asarray(offset, np.int32), "int32"))
-        args.append(relax.const(np.asarray(multiplier, np.float32), "float32"))
-        out_dtype = epilogue.dtype
-    elif epilogue is not None:
-        args.append(relax.const(np.ascontiguousarray(bias, dtype=np.float32), "float32"))
+    args = [bb.emit(relax.call_tir(matmul, [v, u], m_ty)), *_epilogue_constants(bias, epilogue, o)]
     if residual is not None:
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
+    out_dtype = epilogue.dtype if isinstance(epilogue, Requantize) else "float32"
     y = bb.emit(relax.call_tir(inverse, args, relax.TensorType((n, oh, ow, o), out_dtype)))
     return relax.op.permute_dims(y, TO_NCHW)
 
@@ -454,6 +447,19 @@ def _padded_input(rw, x, border: tuple[int, int, int, int]) -> relax.Expr:
     if any(border):
         return rw.builder_.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
     return x
+
+
+def _epilogue_constants(bias, epilogue, channels: int) -> list[relax.Expr]:
+    """A conv kernel's epilogue arguments, zero-padded to ``channels``: ``offset`` int32 and
+    ``multiplier`` float32 for a requantize (``bias`` the pair), else the float32 bias."""
+    if epilogue is None:
+        return []
+    values = bias if isinstance(epilogue, Requantize) else (bias,)
+    dtypes = ("int32", "float32") if isinstance(epilogue, Requantize) else ("float32",)
+    return [
+        relax.const(np.pad(v, (0, channels - len(v))).astype(dtype), dtype)
+        for v, dtype in zip(values, dtypes, strict=True)
+    ]
 
 
 def _kernel_suffix(epilogue, residual) -> str:
@@ -541,12 +547,7 @@ def _emit(
         t, left_, b, r = out_pad
         out_ty = relax.TensorType((n, t + oh + b, left_ + ow + r, o), out_dtype)
     args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]
-    if isinstance(epilogue, Requantize):
-        offset, multiplier = bias
-        args.append(relax.const(np.pad(offset, (0, o_padded - o)).astype(np.int32), "int32"))
-        args.append(relax.const(np.pad(multiplier, (0, o_padded - o)).astype(np.float32)))
-    elif epilogue is not None:
-        args.append(relax.const(np.pad(bias, (0, o_padded - o)).astype(np.float32), "float32"))
+    args += _epilogue_constants(bias, epilogue, o_padded)
     if residual is not None:  # the caller checked that the output needs no padding
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))

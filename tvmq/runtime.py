@@ -62,6 +62,15 @@ def random_inputs(
     return out
 
 
+def _outside(a: np.ndarray, bound: int | None):
+    """A value of the index input ``a`` outside ``[0, bound)`` (the lowest or the highest),
+    or None (also without a bound)."""
+    if bound is None or not a.size:
+        return None
+    lo, hi = a.min(), a.max()
+    return lo if lo < 0 else hi if hi >= bound else None
+
+
 def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
     """Match positional or keyword inputs to the manifest's specs; contiguous arrays in order.
 
@@ -98,9 +107,9 @@ def check_inputs(specs: list[TensorSpec], args, kwargs) -> list[np.ndarray]:
             raise InputMismatchError(
                 f"input '{spec.name}': dtype {a.dtype}, the model expects {spec.dtype}"
             )
-        bound = spec.index_bound
-        if bound is not None and a.size and (a.min() < 0 or a.max() >= bound):
-            bad = a.min() if a.min() < 0 else a.max()
+        bad = _outside(a, spec.index_bound)
+        if bad is not None:
+            bound = spec.index_bound
             raise InputMismatchError(
                 f"input '{spec.name}': value {bad} is outside 0..{bound - 1}; it indexes a table "
                 f"of {bound} rows (for token ids: the vocabulary's size)"
@@ -201,7 +210,7 @@ class CompiledModel:
         # one input with a slot: a call that skips the general path's lookups (~0.3 us)
         self._call_one = (
             _one_input_call(self, self._slots)
-            if self._slots is not None and self._slots.bounds == (None,)
+            if self._slots is not None and len(self._slots.arrays) == 1 and not self._slots.bounded
             else None
         )
 
@@ -338,7 +347,8 @@ class _InputSlots:
 
     def __init__(self, specs: list[TensorSpec], params: list):
         self.signature = tuple((np.dtype(s.dtype), tuple(s.shape)) for s in specs)
-        self.bounds = tuple(s.index_bound for s in specs)  # token ids' tables (TensorSpec)
+        # (position, index_bound) of the inputs that index a table (TensorSpec.index_bound)
+        self.bounded = tuple((i, s.index_bound) for i, s in enumerate(specs) if s.index_bound)
         self.arrays = [_aligned_empty(shape, dtype) for dtype, shape in self.signature]
         # the arguments of ``main``: these buffers, then any weights decoded at load
         self.main_args = (*(tvm.runtime.from_dlpack(a) for a in self.arrays), *params)
@@ -369,10 +379,7 @@ class _InputSlots:
                 type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
                 for a, (dtype, shape) in zip(args, self.signature, strict=True)
             )
-            and all(
-                bound is None or not a.size or (a.min() >= 0 and a.max() < bound)
-                for a, bound in zip(args, self.bounds, strict=True)
-            )
+            and all(_outside(args[i], bound) is None for i, bound in self.bounded)
         )
 
 
