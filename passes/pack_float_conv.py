@@ -449,13 +449,14 @@ def _padded_input(rw, x, border: tuple[int, int, int, int]) -> relax.Expr:
     return x
 
 
-def _epilogue_constants(bias, epilogue, channels: int) -> list[relax.Expr]:
-    """A conv kernel's epilogue arguments, zero-padded to ``channels``: ``offset`` int32 and
-    ``multiplier`` float32 for a requantize (``bias`` the pair), else the float32 bias."""
+def _epilogue_constants(bias, epilogue, channels: int, sum_dtype="float32") -> list[relax.Expr]:
+    """A conv kernel's epilogue arguments, zero-padded to ``channels``: ``offset`` (of the
+    kernel's ``sum_dtype``) and ``multiplier`` float32 for a requantize (``bias`` the pair),
+    else the float32 bias."""
     if epilogue is None:
         return []
     values = bias if isinstance(epilogue, Requantize) else (bias,)
-    dtypes = ("int32", "float32") if isinstance(epilogue, Requantize) else ("float32",)
+    dtypes = (sum_dtype, "float32") if isinstance(epilogue, Requantize) else ("float32",)
     return [
         relax.const(np.pad(v, (0, channels - len(v))).astype(dtype), dtype)
         for v, dtype in zip(values, dtypes, strict=True)
@@ -528,7 +529,7 @@ def _emit(
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
     )
-    out_dtype = "float32" if packed.dtype == np.float32 else "int32"
+    sum_dtype = out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = _kernel_suffix(epilogue, residual)
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.dtype
@@ -546,8 +547,8 @@ def _emit(
     if out_pad is not None:  # the caller checked that the output needs no padding
         t, left_, b, r = out_pad
         out_ty = relax.TensorType((n, t + oh + b, left_ + ow + r, o), out_dtype)
-    args = [x, relax.const(packed, "float32" if packed.dtype == np.float32 else "int8")]
-    args += _epilogue_constants(bias, epilogue, o_padded)
+    args = [x, relax.const(packed, "float32" if sum_dtype == "float32" else "int8")]
+    args += _epilogue_constants(bias, epilogue, o_padded, sum_dtype)
     if residual is not None:  # the caller checked that the output needs no padding
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))

@@ -10,19 +10,22 @@ from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
     ConvShape,
     choose_conv_tiles,
+    choose_depthwise_tiles,
     float_conv2d_nhwc,
+    float_depthwise_nhwc,
     pack_conv_weight,
     pixel_major_pays,
 )
+from tvmq.kernels.x86_int8 import Requantize
 from tvmq.targets import get_target
 
 
-def run_kernel(func, *arrays, out_shape, fill=0.0):
-    """Compile ``func`` for the host and run it on numpy ``arrays`` into a new float32 output
-    (``fill`` before the call)."""
+def run_kernel(func, *arrays, out_shape, fill=0.0, dtype=np.float32):
+    """Compile ``func`` for the host and run it on numpy ``arrays`` into a new ``dtype``
+    output (``fill`` before the call)."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=get_target("host").tvm_target())
-    out = tvm.runtime.tensor(np.full(out_shape, fill, np.float32))
+    out = tvm.runtime.tensor(np.full(out_shape, fill, dtype))
     lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
     return out.numpy()
 
@@ -91,3 +94,64 @@ def test_avx2_tiles_keep_half_the_registers_for_accumulators():
                 assert t.mr * t.nr <= 8 and t.ow_padded % t.mr == 0 and t.ow_padded >= ow
     assert choose_conv_tiles(7, 512, 8, 16) == choose_conv_tiles(7, 512, 8, 16, epilogue=True)
     assert choose_conv_tiles(14, 256, 16, 32).mr * choose_conv_tiles(14, 256, 16, 32).nr > 8
+
+
+REQUANTIZED = [  # (kernel, sums, output dtype, relu, int_rounding)
+    ("conv1x1", "float32", "uint8", True, True),
+    ("conv3x3", "float32", "int8", False, False),
+    ("depthwise", "float32", "int8", True, False),
+    ("depthwise", "int32", "uint8", False, True),
+]
+
+
+@pytest.mark.parametrize(("kernel", "sums", "dtype", "relu", "int_rounding"), REQUANTIZED)
+def test_requantize_epilogue_gives_the_exact_integer_result(
+    kernel, sums, dtype, relu, int_rounding
+):
+    """A requantizing kernel over bytes (uint8 image, int8 weights) stores exactly
+    ``clamp(round(float32(sum + offset) * multiplier) + zero_point)`` of the integer conv:
+    float32 sums (Int8AsFloat's convs: bytes as floats, a float32 offset) and int32 ones
+    (int8 weights, an int32 offset) alike; the offsets reach +-2**20."""
+    rng = np.random.default_rng(11)
+    k = 1 if kernel == "conv1x1" else 3
+    hw, c, o, lanes = 9, 16, 24, 8
+    depthwise = kernel == "depthwise"
+    o = c if depthwise else o
+    if depthwise:
+        tiles = choose_depthwise_tiles(hw, c, lanes, 16)
+    else:
+        tiles = choose_conv_tiles(hw, o, lanes, 16, epilogue=True)
+    wp = tiles.ow_padded + k - 1  # the columns a padded output width reads
+    x = rng.integers(0, 256, (1, hw + k - 1, wp, c))
+    w = rng.integers(-128, 128, (o, 1 if depthwise else c, k, k))
+    offset = rng.integers(-(2**20), 2**20, o)
+    multiplier = rng.uniform(2e-5, 2e-4, o).astype(np.float32)
+    zero_point, lo, hi = (0, 0, 255) if dtype == "uint8" else (-3, -128, 127)
+    requantize = Requantize(dtype, zero_point, lo, hi, relu=relu, int_rounding=int_rounding)
+    shape = ConvShape(1, hw + k - 1, wp, c, (k, k), (1, 1), (1, 1), hw)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, :, :hw]
+    if depthwise:
+        x_dtype = "uint8" if sums == "int32" else "float32"
+        func = float_depthwise_nhwc(shape, tiles, x_dtype, requantize)
+        w_kernel = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+        exact = np.einsum("nyxcij,cij->nyxc", windows, w[:, 0])
+    else:
+        func = float_conv2d_nhwc(shape, tiles, requantize)
+        w_kernel = pack_conv_weight(w.astype(np.float32), lanes, tiles.o_padded)
+        exact = np.einsum("nyxcij,ocij->nyxo", windows, w)
+    x_kernel = x.astype(np.uint8 if sums == "int32" else np.float32)
+    w_kernel = w_kernel.astype(np.int8 if sums == "int32" else np.float32)
+    got = run_kernel(
+        func,
+        x_kernel,
+        w_kernel,
+        offset.astype(sums),
+        multiplier,
+        out_shape=(1, hw, tiles.ow_padded, o),
+        dtype=np.dtype(dtype),
+    )[:, :, :hw]
+    v = exact + offset
+    v = np.maximum(v, 0) if relu else v
+    want = np.clip(np.rint(v.astype(np.float32) * multiplier) + zero_point, lo, hi)
+    np.testing.assert_array_equal(got, want.astype(dtype))
+    assert len(np.unique(got)) > 20  # the outputs spread over the range, not clamped

@@ -135,7 +135,8 @@ def test_requantized_sums_of_bytes(case):
     offset = rng.integers(-20000, 20000, o).astype(np.int32)
     multiplier = rng.uniform(m_lo, m_hi, o).astype(np.float32)
     requantize = Requantize(dtype, zero_point=3, lo=-128, hi=127)
-    got = _winograd_conv(x, w, oh, ow, lanes, requantize, [offset, multiplier], dtype)
+    kernel_offset = offset.astype(np.float32)  # a float32 sum takes a float32 offset
+    got = _winograd_conv(x, w, oh, ow, lanes, requantize, [kernel_offset, multiplier], dtype)
     windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64), (3, 3), axis=(1, 2))
     exact = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.int64)) + offset
     want = exact.astype(np.float32) * multiplier

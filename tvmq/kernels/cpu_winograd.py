@@ -186,7 +186,7 @@ def winograd_output(
     """Scheduled kernel ``M (16, n, t_padded, o_padded) [, bias (o,) [, R (n, oh, ow, o)]] ->
     Y (n, oh, ow, o)``: ``A^T m A`` of each tile's transformed sums (``M[4 * a + b]`` their
     element ``(a, b)``), then the `epilogue`. With a
-    :class:`~tvmq.kernels.x86_int8.Requantize` (no residual), ``offset (o,) int32,
+    :class:`~tvmq.kernels.x86_int8.Requantize` (no residual), ``offset (o,) float32,
     multiplier (o,) float32`` follow ``M``: each sum, of bytes (:class:`~tvmq.passes.Int8AsFloat`'s
     convs), is rounded to the nearest integer and requantized; ``Y`` is then int8 / uint8
     (float32 for a dequantize). ``U`` holds quarters, so such sums are exact integers while

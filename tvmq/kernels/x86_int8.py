@@ -429,10 +429,11 @@ def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=Non
 
 
 def requantize_value(v, multiplier, r: Requantize, residual=None):
-    """The float32 requantize of one int32 value (see :class:`Requantize`); with a
+    """The float32 requantize of one int32 value (or a float32 one holding an integer; see
+    :class:`Requantize`); with a
     ``r.residual``, ``residual`` is the element of ``R`` it adds."""
     if r.relu:
-        v = te.max(v, tvm.tirx.const(0, "int32"))
+        v = te.max(v, tvm.tirx.const(0, str(v.ty)))
     f = v.astype("float32") * multiplier
     if r.dtype == "float32":  # a dequantize [and its activation of the rounded product,
         # as the separate kernel reads it: not contracted into an FMA]
