@@ -429,9 +429,8 @@ def _dynamic_dequantize(shape, value, m, n, d: DynamicDequantize, row_params=Non
 
 
 def requantize_value(v, multiplier, r: Requantize, residual=None):
-    """The float32 requantize of one int32 value (or a float32 one holding an integer; see
-    :class:`Requantize`); with a
-    ``r.residual``, ``residual`` is the element of ``R`` it adds."""
+    """The float32 requantize of one int32 value, or of a float32 one holding an integer (see
+    :class:`Requantize`); with a ``r.residual``, ``residual`` is the element of ``R`` it adds."""
     if r.relu:
         v = te.max(v, tvm.tirx.const(0, str(v.ty)))
     f = v.astype("float32") * multiplier
