@@ -32,15 +32,12 @@ def _f32(v: float) -> tirx.PrimExpr:
     return tirx.const(v, "float32")
 
 
-def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``exp(d)`` for ``d <= 0`` (a softmax's ``x - max``), 13 SIMD operations where
-    ``fast_exp`` takes ~21: no upper clamp, a degree-5 polynomial, and ``2^n`` added to the
-    exponent bits instead of built and multiplied. ``d`` below -86 counts as -86 (4.4e-38,
-    still a normal float, so the exponent arithmetic stays exact; -inf included). Relative
-    error in float32: below 2e-7 for ``d > -20``, below 4e-7 down to -86 (one ``ln 2``
-    constant: ``n ln 2`` loses ~2e-9 per unit of ``n``), ``exp(0) = 1``
-    (``tests/passes/test_use_fast_math.py``)."""
-    d = tirx.max(d, _f32(-86.0))
+def _exp_f32(d: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``exp(d)`` for ``-86 <= d <= 86`` (the caller clamps): ``2^n exp(r)``,
+    ``n = round(d / ln 2)``, a degree-5 polynomial of ``r = d - n ln 2``, and ``n`` added to
+    the exponent bits instead of ``2^n`` built and multiplied. The result is a normal float
+    (``n`` within +-124). Relative error below 2e-7 for ``|d| < 20``, below 4e-7 to 86 (one
+    ``ln 2`` constant: ``n ln 2`` loses ~2e-9 per unit of ``n``); ``exp(0) = 1``."""
     n = tirx.round(d * (1.0 / math.log(2.0)))
     r = d - n * math.log(2.0)
     p = _f32(_EXP_POLY[-1])
@@ -50,22 +47,43 @@ def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.reinterpret("float32", bits)
 
 
+def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``exp(d)`` for ``d <= 0`` (a softmax's ``x - max``), 13 SIMD operations where
+    ``fast_exp`` takes ~21 (:func:`_exp_f32`: no upper clamp). ``d`` below -86 counts as
+    -86 (4.4e-38, still a normal float, so the exponent arithmetic stays exact; -inf
+    included). Relative error in float32: below 2e-7 for ``d > -20``, below 4e-7 down to
+    -86, ``exp(0) = 1`` (``tests/passes/test_use_fast_math.py``)."""
+    return _exp_f32(tirx.max(d, _f32(-86.0)))
+
+
+# The sigmoid and SiLU take their argument clamped to +-20. Beyond, the sigmoid is 1 in
+# float32 or below 2.1e-9, and the SiLU x or below 4.2e-8 in magnitude: under an ulp of 1.
+# Their exact tails (exp(-80) = 1.8e-35) are tiny numbers whose products in the next layer
+# are denormals: EfficientNet-B0's depthwise convs, whose inputs are SiLU outputs, ran 1.8x
+# slower on them (a microcode assist per vector). ONNX Runtime's logistic clamps to +-18.
+_SIGMOID_CLAMP = 20.0
+
+
+def _one_plus_exp_of_minus(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``1 + exp(-min(x, 20))`` for ``x >= -20`` (as ``max(-x, -20)``: LLVM makes the
+    float ``min`` a compare and a blend, the ``max`` one instruction)."""
+    return _f32(1.0) + _exp_f32(tirx.max(-x, _f32(-_SIGMOID_CLAMP)))
+
+
 def sigmoid_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``1 / (1 + exp(-x))`` from ``e = exp(-|x|) <= 1``: ``1 / (1 + e)`` for ``x >= 0``,
-    ``e / (1 + e)`` below. :func:`exp_nonpositive` takes 13 operations to ``fast_exp``'s
-    ~21, no ``exp`` of a large argument can overflow, and no result is a denormal (at least
-    4.4e-38 below ``x = -86``). A denormal costs a microcode assist per vector on x86, where
-    it is made and again wherever it is read: a SiLU that returned ``x * 4e-39`` for very
-    negative ``x`` made the next layer's inputs denormal after a squeeze-excite scale, and
-    EfficientNet-B0 ran 1.7x slower."""
-    e = exp_nonpositive(-tirx.abs(x))
-    one = _f32(1.0)
-    return tirx.Select(x >= _f32(0.0), one, e) / (one + e)
+    """``1 / (1 + exp(-x))`` of ``x`` clamped to +-20 (no result below 2.06e-9, so none
+    makes a denormal downstream; see :data:`_SIGMOID_CLAMP`). Absolute error below 1e-7,
+    relative error below 5e-7 for ``|x| <= 20``."""
+    return _f32(1.0) / _one_plus_exp_of_minus(tirx.max(x, _f32(-_SIGMOID_CLAMP)))
 
 
 def silu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """SiLU ``x * sigmoid(x)`` (EfficientNet's and YOLO's activation)."""
-    return x * sigmoid_f32(x)
+    """SiLU ``x * sigmoid(x)`` (EfficientNet's and YOLO's activation) as
+    ``max(x, -20) / (1 + exp(-clamp(x, -20, 20)))``: for ``x`` below -20 the result is
+    ``-20 * sigmoid(-20)`` = -4.1e-8 (the exact value is smaller still, and its products in
+    the next layer would be denormals: :data:`_SIGMOID_CLAMP`), above 20 it is ``x``."""
+    m = tirx.max(x, _f32(-_SIGMOID_CLAMP))
+    return m / _one_plus_exp_of_minus(m)
 
 
 def hardswish_f32(x: tirx.PrimExpr, divide_first: bool = False) -> tirx.PrimExpr:
