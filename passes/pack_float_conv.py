@@ -307,7 +307,8 @@ class _Lowering:
         fused = self.epilogues.get(rw.current_var)
         if int(call.attrs.groups) != 1:
             chain, bias, epilogue, _ = fused or ((), None, None, None)  # never a residual
-            tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers)
+            activation = getattr(epilogue, "activation", "")
+            tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers, activation)
             if tiles is None:
                 return None
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))

@@ -9,6 +9,7 @@ import tvm
 from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
     ConvShape,
+    DepthwiseTiles,
     choose_conv_tiles,
     choose_depthwise_tiles,
     float_conv2d_nhwc,
@@ -94,6 +95,44 @@ def test_avx2_tiles_keep_half_the_registers_for_accumulators():
                 assert t.mr * t.nr <= 8 and t.ow_padded % t.mr == 0 and t.ow_padded >= ow
     assert choose_conv_tiles(7, 512, 8, 16) == choose_conv_tiles(7, 512, 8, 16, epilogue=True)
     assert choose_conv_tiles(14, 256, 16, 32).mr * choose_conv_tiles(14, 256, 16, 32).nr > 8
+
+
+def test_depthwise_tiles_for_a_costly_activation_need_no_padded_columns():
+    """A SiLU / GELU store takes a 4-accumulator tile that divides the output width (no
+    padded columns to slice off); other stores keep the 6-accumulator tile, padded when it
+    must be; a width nothing divides keeps it too."""
+    assert choose_depthwise_tiles(56, 144, 8, 16, "silu") == DepthwiseTiles(2, 2, 8, 56)
+    assert choose_depthwise_tiles(28, 24, 8, 16, "gelu") == DepthwiseTiles(4, 1, 8, 28)
+    default = DepthwiseTiles(3, 2, 8, 57)
+    assert choose_depthwise_tiles(56, 144, 8, 16) == default
+    assert choose_depthwise_tiles(56, 144, 8, 16, "hardswish") == default
+    assert choose_depthwise_tiles(7, 144, 8, 16, "silu") == choose_depthwise_tiles(7, 144, 8, 16)
+
+
+@pytest.mark.parametrize("activation", ["silu", ""])
+def test_depthwise_silu_kernel_matches_numpy(activation):
+    """The depthwise kernel with a bias + SiLU store, on the tile a SiLU takes (2 x 2,
+    stride 2 as EfficientNet's down-sampling blocks), against float64 numpy."""
+    rng = np.random.default_rng(5)
+    ow, c, k, s = 12, 32, 3, 2
+    tiles = choose_depthwise_tiles(ow, c, 8, 16, activation)
+    hp = wp = (ow - 1) * s + k
+    x = (rng.standard_normal((1, hp, wp, c)) * 4).astype(np.float32)
+    w = rng.standard_normal((k, k, c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    shape = ConvShape(1, hp, (tiles.ow_padded - 1) * s + k, c, (k, k), (s, s), (1, 1), ow)
+    xp = np.pad(x, ((0, 0), (0, 0), (0, shape.wp - wp), (0, 0)))
+    func = float_depthwise_nhwc(shape, tiles, "float32", ConvEpilogue(activation=activation))
+    got = run_kernel(func, xp, w, b, out_shape=(1, ow, tiles.ow_padded, c))[:, :, :ow]
+    x64 = x.astype(np.float64)
+    acc = sum(
+        x64[:, i : i + s * ow : s, j : j + s * ow : s] * w[i, j] for i in range(k) for j in range(k)
+    )
+    want = acc + b
+    assert (want < -20).any()  # sums in the SiLU's clamped tail too
+    if activation:
+        want = want / (1 + np.exp(-want))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
 REQUANTIZED = [  # (kernel, sums, output dtype, relu, int_rounding)
