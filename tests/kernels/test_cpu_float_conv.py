@@ -97,16 +97,19 @@ def test_avx2_tiles_keep_half_the_registers_for_accumulators():
     assert choose_conv_tiles(14, 256, 16, 32).mr * choose_conv_tiles(14, 256, 16, 32).nr > 8
 
 
-def test_depthwise_tiles_for_a_costly_activation_need_no_padded_columns():
-    """A SiLU / GELU store takes a 4-accumulator tile that divides the output width (no
-    padded columns to slice off); other stores keep the 6-accumulator tile, padded when it
-    must be; a width nothing divides keeps it too."""
+def test_depthwise_tiles_take_no_padded_columns_where_4_accumulators_divide_the_width():
+    """Where the widest AVX2 tile (3 x 2) would pad the output width, a 4-accumulator tile
+    that divides it comes first (no padded columns to slice off): 2 x 2 for a SiLU / GELU
+    store, 4 x 1 for the others; a width that 3 divides, or that none of them divides,
+    keeps the widest tile; AVX-512's 7 x 2 tile divides 56 and stays."""
     assert choose_depthwise_tiles(56, 144, 8, 16, "silu") == DepthwiseTiles(2, 2, 8, 56)
+    assert choose_depthwise_tiles(56, 144, 8, 16) == DepthwiseTiles(4, 1, 8, 56)
+    assert choose_depthwise_tiles(56, 144, 8, 16, "hardswish") == DepthwiseTiles(4, 1, 8, 56)
     assert choose_depthwise_tiles(28, 24, 8, 16, "gelu") == DepthwiseTiles(4, 1, 8, 28)
-    default = DepthwiseTiles(3, 2, 8, 57)
-    assert choose_depthwise_tiles(56, 144, 8, 16) == default
-    assert choose_depthwise_tiles(56, 144, 8, 16, "hardswish") == default
-    assert choose_depthwise_tiles(7, 144, 8, 16, "silu") == choose_depthwise_tiles(7, 144, 8, 16)
+    assert choose_depthwise_tiles(14, 96, 8, 16) == DepthwiseTiles(2, 2, 8, 14)
+    assert choose_depthwise_tiles(12, 144, 8, 16, "silu") == DepthwiseTiles(3, 2, 8, 12)
+    assert choose_depthwise_tiles(7, 144, 8, 16, "silu") == DepthwiseTiles(3, 2, 8, 9)
+    assert choose_depthwise_tiles(56, 96, 16, 32, "silu") == DepthwiseTiles(7, 2, 16, 56)
 
 
 @pytest.mark.parametrize("activation", ["silu", ""])

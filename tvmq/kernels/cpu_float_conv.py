@@ -502,31 +502,34 @@ def choose_depthwise_tiles(
     vector of at least 4 lanes divides ``c``. Each pixel of the tile needs one input vector
     per channel vector besides its accumulator, so the budget is half that of a conv.
 
-    With an ``activation`` of :data:`COSTLY_ACTIVATIONS` in the kernel's store, a tile of 4
-    accumulators that divides ``ow`` (2 pixels x 2 vectors, else 4 x 1) comes first: its
-    output needs no padded columns, so no copy slices them off after the kernel, and on a
-    Zen 1 core (AVX2) its SiLU store ran faster than the 6-accumulator tile's
-    (EfficientNet-B0's 112x112x96 stride-2 3x3 kernel 0.74-0.82 vs 0.93-1.30 ms, 56x56x144
-    0.95 vs 1.02, 28x28x240 5x5 level), where with a ReLU6 store the 6 accumulators stay
-    faster (0.53-0.70 vs 0.77-1.15 ms)."""
+    The widest tile (6 accumulators on AVX2) pads the output width when no divisor of it
+    fits; a tile of 4 accumulators that divides ``ow`` then comes first: its output needs
+    no padded columns, so no copy slices them off after the kernel (a pass over the output
+    as long as a fifth of the kernel, more in a model, where the output is not in cache).
+    With a ReLU6 store 4 pixels x 1 vector is the faster of those two, with an
+    ``activation`` of :data:`COSTLY_ACTIVATIONS` 2 x 2. On a Zen 1 core (AVX2),
+    EfficientNet-B0's 112x112x96 stride-2 SiLU kernel took 0.74-0.82 ms on 2 x 2, 0.93-1.15
+    on 4 x 1, 0.93-1.30 on 3 x 2 (padded to 57 columns) + 0.06 for the slice;
+    MobileNetV2's ReLU6 one 0.53-0.70 on 3 x 2 + 0.06, 0.68-0.74 on 4 x 1, 0.77-1.15 on
+    2 x 2; 56x56x144 ReLU6 0.41 on 4 x 1 vs 0.37 + 0.08 padded."""
     while lanes >= 4 and c % lanes:
         lanes //= 2
     if lanes < 4:
         return None
     vectors = c // lanes
-    if activation in COSTLY_ACTIVATIONS:
-        for mr, nr in ((2, 2), (4, 1)):
-            if vectors % nr == 0 and ow % mr == 0 and 2 * mr * nr <= registers - 4:
-                return DepthwiseTiles(mr, nr, lanes, ow)
     budget = (registers - 4) // 2
     nr = next(r for r in (2, 1) if vectors % r == 0)
     cap = max(1, budget // nr)
     mr = next(d for d in range(min(cap, ow), 0, -1) if ow % d == 0)
-    ow_padded = ow
-    if mr < min(4, ow):
-        mr = min(cap, ow)
-        ow_padded = round_up(ow, mr)
-    return DepthwiseTiles(mr, nr, lanes, ow_padded)
+    if mr >= min(4, ow):
+        return DepthwiseTiles(mr, nr, lanes, ow)
+    widest = DepthwiseTiles(min(cap, ow), nr, lanes, round_up(ow, min(cap, ow)))
+    if widest.ow_padded != ow:
+        costly = activation in COSTLY_ACTIVATIONS
+        for t_mr, t_nr in ((2, 2), (4, 1)) if costly else ((4, 1), (2, 2)):
+            if vectors % t_nr == 0 and ow % t_mr == 0 and t_mr * t_nr <= budget:
+                return DepthwiseTiles(t_mr, t_nr, lanes, ow)
+    return widest
 
 
 def float_depthwise_nhwc(
