@@ -112,13 +112,15 @@ def test_depthwise_tiles_take_no_padded_columns_where_4_accumulators_divide_the_
     assert choose_depthwise_tiles(56, 96, 16, 32, "silu") == DepthwiseTiles(7, 2, 16, 56)
 
 
-@pytest.mark.parametrize("activation", ["silu", ""])
-def test_depthwise_silu_kernel_matches_numpy(activation):
-    """The depthwise kernel with a bias + SiLU store, on the tile a SiLU takes (2 x 2,
-    stride 2 as EfficientNet's down-sampling blocks), against float64 numpy."""
+@pytest.mark.parametrize(("activation", "tile"), [("silu", (2, 2)), ("", (4, 1))])
+def test_depthwise_kernel_on_the_unpadded_tiles_matches_numpy(activation, tile):
+    """The depthwise kernel on the tiles that spare a padded output (16 wide: 3 x 2 would
+    pad it to 18), 2 x 2 with a bias + SiLU store, 4 x 1 with a bias, stride 2 as
+    EfficientNet's down-sampling blocks, against float64 numpy."""
     rng = np.random.default_rng(5)
-    ow, c, k, s = 12, 32, 3, 2
+    ow, c, k, s = 16, 32, 3, 2
     tiles = choose_depthwise_tiles(ow, c, 8, 16, activation)
+    assert (tiles.mr, tiles.nr, tiles.ow_padded) == (*tile, ow)
     hp = wp = (ow - 1) * s + k
     x = (rng.standard_normal((1, hp, wp, c)) * 4).astype(np.float32)
     w = rng.standard_normal((k, k, c)).astype(np.float32)
