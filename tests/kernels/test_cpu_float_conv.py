@@ -199,3 +199,40 @@ def test_requantize_epilogue_gives_the_exact_integer_result(
     want = np.clip(np.rint(v.astype(np.float32) * multiplier) + zero_point, lo, hi)
     np.testing.assert_array_equal(got, want.astype(dtype))
     assert len(np.unique(got)) > 20  # the outputs spread over the range, not clamped
+
+
+@pytest.mark.parametrize("int_rounding", [False, True])
+def test_requantize_stored_as_float_with_a_zero_point_border(int_rounding):
+    """A requantizing kernel whose readers convert its int8 result to float32 and pad it with
+    the zero point (Int8AsFloat's next conv) stores the exact integers as float32, inside a
+    border that holds the zero point (not 0)."""
+    rng = np.random.default_rng(12)
+    hw, c, o, lanes, k = 12, 16, 24, 8, 3
+    tiles = choose_conv_tiles(hw, o, lanes, 16, epilogue=True)
+    assert tiles.ow_padded == hw  # a bordered output takes no padded columns
+    x = rng.integers(0, 256, (1, hw + 2, hw + 2, c))
+    w = rng.integers(-128, 128, (o, c, k, k))
+    offset = rng.integers(-(2**16), 2**16, o)
+    multiplier = rng.uniform(2e-5, 2e-4, o).astype(np.float32)
+    zero_point, lo, hi = -7, -128, 127
+    requantize = Requantize(
+        "int8", zero_point, lo, hi, int_rounding=int_rounding, stored_as_float=True
+    )
+    shape = ConvShape(1, hw + 2, hw + 2, c, (k, k), (1, 1), (1, 1), hw)
+    border = (1, 2, 3, 1)  # top, left, bottom, right
+    func = float_conv2d_nhwc(shape, tiles, requantize, out_pad=border)
+    got = run_kernel(
+        func,
+        x.astype(np.float32),
+        pack_conv_weight(w.astype(np.float32), lanes, tiles.o_padded),
+        offset.astype(np.float32),
+        multiplier,
+        out_shape=(1, hw + 4, hw + 3, o),
+        dtype=np.dtype(np.float32),
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    v = np.einsum("nyxcij,ocij->nyxo", windows, w) + offset
+    want = np.clip(np.rint(v.astype(np.float32) * multiplier) + zero_point, lo, hi)
+    want = np.pad(want, ((0, 0), (1, 3), (2, 1), (0, 0)), constant_values=zero_point)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert len(np.unique(got)) > 20

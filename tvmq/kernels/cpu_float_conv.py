@@ -229,7 +229,30 @@ def _bias(
 def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.Tensor:
     """The stored output ``Y``: the accumulator plus the bias, clamped to the bounds; or
     requantized (:class:`~tvmq.kernels.x86_int8.Requantize`). With ``out_pad`` (top, left,
-    bottom, right), ``Y`` is that much larger and zero around the result."""
+    bottom, right), ``Y`` is that much larger and :func:`border_value` around the result."""
+    value = _stored_value(acc, args, epilogue)
+    if out_pad is None:
+        return te.compute(acc.shape, value, name="Y")
+    top, left, bottom, right = out_pad
+    n, oh, ow, o = acc.shape
+
+    def padded(b, y, x, j):
+        inside = tvm.tirx.all(y >= top, y < top + oh, x >= left, x < left + ow)
+        fill = tvm.tirx.const(border_value(epilogue), "float32")
+        return tvm.tirx.if_then_else(inside, value(b, y - top, x - left, j), fill)
+
+    shape = (n, top + oh + bottom, left + ow + right, o)
+    return te.compute(shape, padded, name="Y")
+
+
+def border_value(epilogue) -> float:
+    """What a bordered output holds around the result: 0, the padding of a float conv; a
+    requantize's zero point (stored as float32), the padding of an int8 one."""
+    return float(epilogue.zero_point) if isinstance(epilogue, Requantize) else 0.0
+
+
+def _stored_value(acc: te.Tensor, args: list[te.Tensor], epilogue):
+    """``value(*i)``: the element of ``Y`` at ``i`` (see :func:`_store`)."""
     if isinstance(epilogue, Requantize):
         # An int32 sum takes an int32 offset. A float32 sum of bytes (Int8AsFloat's convs) is
         # an integer (exact below 2**24) and takes a float32 offset: their float32 add rounds
@@ -240,11 +263,7 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.
         off, mult = args
         if off.dtype != acc.dtype:
             raise ValueError(f"a {acc.dtype} sum takes a {acc.dtype} offset, not {off.dtype}")
-        return te.compute(
-            acc.shape,
-            lambda *i: requantize_value(acc[i] + off[i[-1]], mult[i[-1]], epilogue),
-            name="Y",
-        )
+        return lambda *i: requantize_value(acc[i] + off[i[-1]], mult[i[-1]], epilogue)
 
     def value(*i):
         v = acc[i] if not args else acc[i] + args[0][i[-1]]
@@ -252,18 +271,7 @@ def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.
             v = v + args[1][i]
         return v if epilogue is None else epilogue.activate(v)
 
-    if out_pad is None:
-        return te.compute(acc.shape, value, name="Y")
-    top, left, bottom, right = out_pad
-    n, oh, ow, o = acc.shape
-
-    def padded(b, y, x, j):
-        inside = tvm.tirx.all(y >= top, y < top + oh, x >= left, x < left + ow)
-        zero = tvm.tirx.const(0, "float32")
-        return tvm.tirx.if_then_else(inside, value(b, y - top, x - left, j), zero)
-
-    shape = (n, top + oh + bottom, left + ow + right, o)
-    return te.compute(shape, padded, name="Y")
+    return value
 
 
 def float_conv2d_nhwc(
@@ -318,8 +326,10 @@ def float_conv2d_nhwc(
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, c), name="rc")
-    if isinstance(epilogue, Requantize) and (out_pad is not None or epilogue.residual):
-        raise ValueError("a requantizing float conv kernel writes no border and adds no residual")
+    if isinstance(epilogue, Requantize) and epilogue.residual:
+        raise ValueError("a requantizing float conv kernel adds no residual")
+    if isinstance(epilogue, Requantize) and out_pad is not None and not epilogue.stored_as_float:
+        raise ValueError("a requantizing float conv kernel borders only a float32 result")
     bias = _bias(epilogue, o)
     if epilogue is not None and epilogue.residual:
         bias.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
@@ -340,7 +350,7 @@ def float_conv2d_nhwc(
     macs = n * oh * ow * o * kh * kw * c
     name = "float_batch_matmul" if batched_weight else "float_conv2d_nhwc"
     parallel = macs >= _PARALLEL_MIN_MACS
-    return _schedule(func, tiles, parallel, name, pixel_major, out_pad)
+    return _schedule(func, tiles, parallel, name, pixel_major, out_pad, border_value(epilogue))
 
 
 def pixel_major_pays(kernel: tuple[int, int], weight_bytes: int) -> bool:
@@ -392,12 +402,13 @@ def _schedule(
     name: str,
     pixel_major: bool = False,
     out_pad: tuple[int, int, int, int] | None = None,
+    fill: float = 0.0,
 ) -> tvm.tirx.PrimFunc:
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("Y")
     if out_pad is not None:
-        # "Y" then writes the result into the border's inside; "Y_pad_const" zeroes all of
-        # Y first, which _zero_only_the_border narrows to the border.
+        # "Y" then writes the result into the border's inside; "Y_pad_const" fills all of
+        # Y first, which _fill_only_the_border narrows to the border.
         sch.decompose_padding(out, sch.get_loops(out)[0])
         out = sch.get_sblock("Y")
     b, y, x, j = sch.get_loops(out)
@@ -428,7 +439,9 @@ def _schedule(
     # (with a bias add in them it kept the tile on the stack: 1.5x slower).
     for loop in (*([xi] if tiles.mr > 1 else []), vo):
         sch.unroll(loop)
-    func = sch.mod["main"] if out_pad is None else _zero_only_the_border(sch.mod["main"], out_pad)
+    func = sch.mod["main"]
+    if out_pad is not None:
+        func = _fill_only_the_border(func, out_pad, fill)
     return (
         func.with_attr("tirx.is_scheduled", True)
         .with_attr(KERNEL_ATTR, name)
@@ -436,13 +449,13 @@ def _schedule(
     )
 
 
-def _zero_only_the_border(
-    func: tvm.tirx.PrimFunc, out_pad: tuple[int, int, int, int]
+def _fill_only_the_border(
+    func: tvm.tirx.PrimFunc, out_pad: tuple[int, int, int, int], fill: float
 ) -> tvm.tirx.PrimFunc:
-    """``func`` with its first statement, the zeroing of all of its output ``Y`` (n, H, W,
-    C) before the result is written inside, replaced by loops that zero only the ``out_pad``
-    border (top and bottom rows, then the left and right columns between them), channels
-    vectorized."""
+    """``func`` with its first statement, the filling of all of its output ``Y`` (n, H, W,
+    C) with ``fill`` before the result is written inside, replaced by loops that fill only
+    the ``out_pad`` border (top and bottom rows, then the left and right columns between
+    them), channels vectorized."""
     from tvm import tirx
     from tvm.s_tir import SBlock, SBlockRealize
 
@@ -460,7 +473,7 @@ def _zero_only_the_border(
         if rows * cols == 0:
             continue
         b, i, j, k = (tirx.Var(v, "int32") for v in "bijk")
-        stmt = tirx.BufferStore(y, tirx.const(0, "float32"), [b, i + y0, j + x0, k])
+        stmt = tirx.BufferStore(y, tirx.const(fill, "float32"), [b, i + y0, j + x0, k])
         stmt = tirx.For(k, 0, c, tirx.ForKind.VECTORIZED, stmt)
         for var, extent in ((j, cols), (i, rows), (b, n)):
             stmt = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, stmt)

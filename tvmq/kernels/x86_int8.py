@@ -122,12 +122,19 @@ class Requantize:
     goes to memory. ``multiplier`` is an extra ``(n,)`` float32 argument. ``dtype`` float32 is
     a dequantize, ``float32(v) * multiplier`` (``zero_point``, ``lo``, ``hi`` unused).
 
-    With an ``activation`` (a dequantize only; one of
-    :data:`~tvmq.kernels.fast_math.ACTIVATIONS`: a transformer FFN's GELU, EfficientNet's
-    SiLU, MobileNetV3's hardswish), the kernel stores ``activation(float32(v) * multiplier)``,
-    computed as ``UseFastMath``'s kernel or the legalized ops compute it: the same bits, one
-    kernel and one float32 pass over memory less. (A quantize after the activation stays a
-    kernel of its own: in the layer's kernel it cost more than the pass it saves, Zen 4.)
+    With an ``activation`` (one of :data:`~tvmq.kernels.fast_math.ACTIVATIONS`: a transformer
+    FFN's GELU, EfficientNet's SiLU, MobileNetV3's hardswish), the kernel stores
+    ``activation(float32(v) * multiplier)`` for a dequantize, computed as ``UseFastMath``'s
+    kernel or the legalized ops compute it: the same bits, one kernel and one float32 pass
+    over memory less. For an int8 / uint8 ``dtype`` the activation's result is quantized
+    again, ``clamp(round(a * rescale) + zero_point, lo, hi)`` (``QuantizeByMultiply``'s
+    multiply, then ``quantize(., 1, zero_point)``; the float kernels of
+    :class:`~tvmq.passes.Int8AsFloat` take it: on the VNNI kernels the quantize after the
+    activation cost more than the pass it saves, Zen 4).
+
+    With ``stored_as_float`` the kernel stores the clamped integer as float32 (its readers
+    convert it to float32 anyway: the next conv of :class:`~tvmq.passes.Int8AsFloat`), so
+    no conversion kernel, nor the int8 tensor, goes between the layers.
 
     With ``int_rounding`` the product is rounded by the float -> int32 conversion itself
     (``llvm.lrint``: ``vcvtps2dq``, round half to even like the float32 round) and offset and
@@ -142,18 +149,24 @@ class Requantize:
     relu: bool = False
     residual: ResidualAdd | None = None  # then the kernel stores residual.dtype
     int_rounding: bool = False
-    activation: str = ""  # a dequantize only: of its float32 result (fast_math.activation_f32)
+    activation: str = ""  # of the dequantized float32 value (fast_math.activation_f32)
+    rescale: float = 1.0  # an activation's result times this is rounded (an int8 dtype)
+    stored_as_float: bool = False  # the clamped integer stored as float32
 
     @property
     def out_dtype(self) -> str:
         """The dtype the kernel stores."""
+        if self.stored_as_float:
+            return "float32"
         return self.residual.dtype if self.residual is not None else self.dtype
 
     @property
     def kernel_suffix(self) -> str:
         """What a kernel storing this says in its name."""
-        kind = "_requantize" if self.dtype != "float32" else "_dequantize"
-        return kind + (f"_{self.activation}" if self.activation else "")
+        activation = f"_{self.activation}" if self.activation else ""
+        if self.dtype == "float32":
+            return "_dequantize" + activation
+        return activation + "_requantize" + ("_as_float" if self.stored_as_float else "")
 
 
 @dataclass(frozen=True)
@@ -434,15 +447,24 @@ def requantize_value(v, multiplier, r: Requantize, residual=None):
     if r.relu:
         v = te.max(v, tvm.tirx.const(0, str(v.ty)))
     f = v.astype("float32") * multiplier
-    if r.dtype == "float32":  # a dequantize [and its activation of the rounded product,
-        # as the separate kernel reads it: not contracted into an FMA]
-        return activation_f32(r.activation, _fence(f)) if r.activation else f
+    if r.activation:  # of the rounded product, as the separate kernel reads it: not
+        # contracted into an FMA (nor the activation's result into the rescale)
+        f = activation_f32(r.activation, _fence(f))
+        if r.dtype == "float32":
+            return f
+        f = _fence(f) * tvm.tirx.const(r.rescale, "float32")
+    elif r.dtype == "float32":  # a dequantize
+        return f
     if r.int_rounding:
         q = clamp_rounded(f, r.zero_point, r.lo, r.hi)
+        if r.stored_as_float:
+            return q.astype("float32")
         return q.astype(r.dtype) if r.residual is None else r.residual.value(q, residual)
     f = te.round(f) + tvm.tirx.const(float(r.zero_point), "float32")
     lo, hi = (tvm.tirx.const(float(b), "float32") for b in (r.lo, r.hi))
     f = te.max(te.min(f, hi), lo)
+    if r.stored_as_float:
+        return f
     return f.astype(r.dtype) if r.residual is None else r.residual.value(f, residual)
 
 
@@ -468,8 +490,8 @@ def with_int_rounding(
     """``requantize`` with :attr:`Requantize.int_rounding` where it gives the same bits: every
     ``|float32(x @ w + offset) * multiplier|`` below ``2**31 - 256`` for uint8 ``x`` (0..255;
     int8 ``x`` is shifted to it) and the int8 ``(K, N)`` weight ``w``."""
-    if requantize.dtype == "float32":
-        return requantize
+    if requantize.dtype == "float32" or requantize.activation:  # (the weights bound no
+        return requantize  # activation's result)
     n = w.shape[1]
     acc = 255.0 * np.abs(w.astype(np.float64)).sum(axis=0) + np.abs(offset[:n].astype(np.float64))
     bound = float((acc * np.abs(multiplier[:n].astype(np.float64))).max(initial=0.0))
