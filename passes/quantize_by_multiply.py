@@ -22,7 +22,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from .relax_utils import QUANTIZE, const_f32, op_name, relax_functions, scalar_value
 
 
-def _reciprocal(scale: relax.Expr) -> float | None:
+def reciprocal_scale(scale: relax.Expr) -> float | None:
     """``1 / s`` of a scalar float32 constant scale other than 1, else None."""
     value = scalar_value(scale)
     if value is None or str(scale.ty.dtype) != "float32":
@@ -42,7 +42,7 @@ class _Rewriter(PyExprMutator):
         if op_name(call) != QUANTIZE:
             return call
         x, scale, zero = call.args
-        inv = _reciprocal(scale)
+        inv = reciprocal_scale(scale)
         if inv is None or str(x.ty.dtype) != "float32":
             return call
         self.changed = True

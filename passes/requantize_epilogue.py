@@ -28,6 +28,7 @@ from tvm import relax
 
 from tvmq.kernels.x86_int8 import Requantize, ResidualAdd
 
+from .quantize_by_multiply import reciprocal_scale
 from .relax_utils import (
     ADD,
     CLIP,
@@ -114,13 +115,17 @@ def chain_step(chain: list, only_user):
 
 
 def requantize_chain(
-    start: Sequence[relax.Var], where: ChannelAxis, only_user
+    start: Sequence[relax.Var], where: ChannelAxis, only_user, quantize_activation: bool = False
 ) -> RequantizeEpilogue | None:
     """The requantize ops after ``start[-1]`` (see the module docstring), else None.
 
     ``start`` is the accumulator's var followed by ops on it that the kernel's result already
     includes (a dense layer's reshape back to its leading dims): the returned ``chain`` holds
-    them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`."""
+    them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`.
+    With ``quantize_activation``, an activation after the dequantize that is quantized again
+    (``multiply(., 1 / scale)``, ``quantize(., 1, zero)`` [-> ``clip``]: an EfficientNet
+    block's SiLU before its depthwise conv) joins the chain too (:class:`Requantize`'s
+    ``rescale``)."""
     chain = list(start)  # each var the only reader of the one before
     step = chain_step(chain, only_user)
 
@@ -141,7 +146,19 @@ def requantize_chain(
     dequantize = step(DEQUANTIZE)
     if dequantize is not None:
         activation = activation_tail(chain, where, only_user)
-        return _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, activation)
+        found = _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, activation)
+        if found is None or not (activation and quantize_activation):
+            return found
+        rescale, scale = _scalar_multiply(chain, only_user), 1.0
+        nxt = only_user(chain[-1])
+        if rescale is None and nxt is not None and op_name(nxt[1]) == QUANTIZE:
+            # quantize(., s, zero), which QuantizeByMultiply makes x * (1 / s) and scale 1
+            scale, rescale = scalar_value(nxt[1].args[1]), reciprocal_scale(nxt[1].args[1])
+        stored = _quantize_tail(chain, only_user, scale) if rescale is not None else None
+        if stored is None:
+            return found
+        requantize = Requantize(*stored, relu=relu, activation=activation, rescale=rescale)
+        return found._replace(chain=tuple(chain[1:]), requantize=requantize)
     cast = step("relax.astype")
     if cast is None or str(cast.attrs.dtype) != "float32":
         return None
@@ -254,15 +271,30 @@ def _divides_by_6(call) -> bool:
     )
 
 
-def _quantize_tail(chain: list, only_user) -> tuple[str, int, int, int] | None:
-    """``quantize(., 1, zero)`` to int8 / uint8 [-> ``clip``] after ``chain[-1]`` (appended to
-    ``chain``): ``(dtype, zero, lo, hi)``, else None."""
+def _scalar_multiply(chain: list, only_user) -> float | None:
+    """The float32 scalar constant ``c`` of a ``multiply(chain[-1], c)`` that only reads
+    ``chain[-1]`` (appended to ``chain``), else None."""
+    nxt = only_user(chain[-1])
+    call = nxt[1] if nxt is not None else None
+    if op_name(call) != "relax.multiply" or len(call.args) != 2:
+        return None
+    c = call.args[1]
+    if not is_tensor_const(c) or str(c.ty.dtype) != "float32" or c.value.numpy().size != 1:
+        return None
+    if chain_step(chain, only_user)("relax.multiply") is None:
+        return None
+    return float(c.value.numpy().reshape(()))
+
+
+def _quantize_tail(chain: list, only_user, scale: float = 1.0) -> tuple[str, int, int, int] | None:
+    """``quantize(., scale, zero)`` to int8 / uint8 [-> ``clip``] after ``chain[-1]``
+    (appended to ``chain``): ``(dtype, zero, lo, hi)``, else None."""
     step = chain_step(chain, only_user)
     quantize = step(QUANTIZE)
     if quantize is None or str(quantize.attrs.out_dtype) not in ("int8", "uint8"):
         return None
-    scale, zero = (scalar_value(a) for a in quantize.args[1:])
-    if scale != 1.0 or not isinstance(zero, int):
+    found, zero = (scalar_value(a) for a in quantize.args[1:])
+    if found != scale or not isinstance(zero, int):
         return None
     dtype = str(quantize.attrs.out_dtype)
     info = np.iinfo(dtype)

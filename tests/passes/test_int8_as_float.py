@@ -236,17 +236,20 @@ def test_a_requantize_after_a_float_product_is_its_kernels_epilogue():
     with HASWELL:
         mod = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_requantized_module()))
     kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if gv.name_hint != "main")
+    # the two int8 results are read by the next conv only, converted to float32: they are
+    # stored as float32 (no conversion kernel between the layers)
     assert kernels == [
         "tvmq_float_conv2d_nhwc_1x1_16x24_dequantize",
-        "tvmq_float_conv2d_nhwc_3x3_8x16_requantize",
-        "tvmq_float_depthwise_nhwc_3x3_16x16_requantize",
+        "tvmq_float_conv2d_nhwc_3x3_8x16_requantize_as_float",
+        "tvmq_float_depthwise_nhwc_3x3_16x16_requantize_as_float",
     ]
     # the weights bound the sums: rounded by the float -> int32 conversion (llvm.lrint)
     rounding = {gv.name_hint: "lrint" in str(f) for gv, f in mod.functions.items()}
     assert [k for k in kernels if rounding[k]] == kernels[1:]
-    ops = set()
-    relax.analysis.post_order_visit(mod["main"], lambda e: ops.add(op_name(e)))
-    assert not ops & {"relax.quantize", "relax.dequantize", "relax.multiply", "relax.nn.relu"}
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(op_name(e)))
+    assert not set(ops) & {"relax.quantize", "relax.dequantize", "relax.multiply", "relax.nn.relu"}
+    assert ops.count("relax.astype") == 1  # the input's; none between the layers
 
 
 @pytest.mark.skipif(
@@ -300,3 +303,82 @@ def test_a_requantized_3x3_conv_of_32_channels_takes_winograd():
     )
     v = (np.rint(acc.numpy()).astype(np.int64) + offset).astype(np.float32) * mult
     np.testing.assert_array_equal(got, np.clip(np.rint(v) + 3, -128, 127).astype(np.int8))
+
+
+def _silu_block(c: int, hw: int, *, silu_read_twice: bool = False) -> tvm.IRModule:
+    """An EfficientNet block as LowerInt8 emits it: a 1x1 conv of a uint8 image, dequantized,
+    SiLU (``x * sigmoid(x)``), quantized to int8 and padded with its zero point, a 3x3
+    depthwise conv, dequantized. ``silu_read_twice``: the SiLU is a second output too."""
+    rng = np.random.default_rng(7)
+    w1 = rng.integers(-127, 128, (c, 8, 1, 1)).astype(np.int8)
+    w2 = rng.integers(-127, 128, (c, 1, 3, 3)).astype(np.int8)
+    s1 = (rng.random(c) * 2e-4 + 1e-4).astype(np.float32)
+    s2 = (rng.random(c) * 1e-3 + 1e-3).astype(np.float32)
+    zero = relax.const(np.zeros(c, np.int32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, hw, hw), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), out_dtype="int32"))
+            offset = rng.integers(-20000, 0, (1, c, 1, 1)).astype(np.int32)
+            acc = bb.emit(relax.op.add(acc, relax.const(offset)))
+            f = bb.emit(relax.op.dequantize(acc, relax.const(s1), zero, axis=1))
+            silu = bb.emit(relax.op.multiply(f, bb.emit(relax.op.sigmoid(f))))
+            scale, zp = relax.const(0.0217, "float32"), relax.const(-100, "int32")
+            q = bb.emit(relax.op.quantize(silu, scale, zp, axis=1, out_dtype="int8"))
+            q = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=-100.0))
+            dw = relax.op.nn.conv2d(q, relax.const(w2), groups=c, out_dtype="int32")
+            dw = bb.emit(relax.op.add(bb.emit(dw), relax.const(np.full((1, c, 1, 1), 12700))))
+            y = bb.emit(relax.op.dequantize(dw, relax.const(s2), zero, axis=1))
+            out = bb.emit_output(relax.Tuple([y, silu]) if silu_read_twice else y)
+        bb.emit_func_output(out)
+    return bb.get(), (w1, w2, s1, s2, offset)
+
+
+@pytest.mark.parametrize("hw", [12, 10])
+def test_a_silu_quantized_for_a_depthwise_conv_is_the_first_kernels_store(hw):
+    """The SiLU, its quantize and the zero-point padding before a depthwise conv are the 1x1
+    conv's store: the quantized integers as float32, bordered with the zero point (where the
+    register tile divides the width, 12; else padded after the kernel, 10): no int8 tensor
+    and no conversion between the two convs. On AVX2 hosts: the same bits as the separate
+    kernels (the SiLU read by a second output keeps them separate), and within half an
+    output step of a float64 reference (the kernels' SiLU is a polynomial one)."""
+    mod, (w1, w2, s1, s2, offset) = _silu_block(16, hw)
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+    names = sorted(gv.name_hint for gv in lowered.functions if gv.name_hint != "main")
+    bordered = "_bordered" if hw == 12 else ""
+    assert names == [
+        f"tvmq_float_conv2d_nhwc_1x1_8x16_silu_requantize_as_float{bordered}",
+        "tvmq_float_depthwise_nhwc_3x3_16x16_dequantize",
+    ]
+    ops = []
+    relax.analysis.post_order_visit(lowered["main"], lambda e: ops.append(op_name(e)))
+    assert not set(ops) & {"relax.quantize", "relax.sigmoid", "relax.multiply"}
+    pads = []
+    relax.analysis.post_order_visit(
+        lowered["main"], lambda e: pads.append(e) if op_name(e) == "relax.nn.pad" else None
+    )
+    zero_point_pads = [p for p in pads if float(p.attrs.pad_value) == -100.0]
+    assert len(zero_point_pads) == (0 if bordered else 1)
+    assert all(str(p.args[0].ty.dtype) == "float32" for p in pads)
+    assert ops.count("relax.astype") == 1  # the input's
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    x = np.random.default_rng(8).integers(0, 256, (1, 8, hw, hw)).astype(np.uint8)
+    fused = relax.VirtualMachine(build(mod, "x86-avx2"), tvm.cpu())["main"]
+    apart = relax.VirtualMachine(
+        build(_silu_block(16, hw, silu_read_twice=True)[0], "x86-avx2"), tvm.cpu()
+    )
+    got = fused(tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, apart["main"](tvm.runtime.tensor(x))[0].numpy())
+    # float64 reference: SiLU, quantize (x / s), depthwise over the codes, dequantize
+    acc = np.einsum("ncyx,oc->noyx", x.astype(np.float64), w1[:, :, 0, 0].astype(np.float64))
+    f = (acc + offset) * s1.reshape(1, -1, 1, 1)
+    codes = np.clip(np.rint(f / (1 + np.exp(-f)) / np.float32(0.0217)) - 100, -128, 127)
+    codes = np.pad(codes, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-100)
+    win = np.lib.stride_tricks.sliding_window_view(codes, (3, 3), axis=(2, 3))
+    want = (np.einsum("ncyxij,cij->ncyx", win, w2[:, 0]) + 12700) * s2.reshape(1, -1, 1, 1)
+    step = np.abs(w2).max() * s2.max()  # one code of one tap moves an output this much
+    assert np.abs(got - want).max() <= 0.5 * step
+    assert len(np.unique(codes)) > 50  # the codes spread over the range
