@@ -123,9 +123,10 @@ def requantize_chain(
     includes (a dense layer's reshape back to its leading dims): the returned ``chain`` holds
     them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`.
     With ``quantize_activation``, an activation after the dequantize that is quantized again
-    (``multiply(., 1 / scale)``, ``quantize(., 1, zero)`` [-> ``clip``]: an EfficientNet
-    block's SiLU before its depthwise conv) joins the chain too (:class:`Requantize`'s
-    ``rescale``)."""
+    by a scalar scale (``quantize(., s, zero)``, computed as ``QuantizeByMultiply`` does,
+    ``x * float32(1 / s)``, or already ``multiply(., c)``, ``quantize(., 1, zero)``; [->
+    ``clip``]: an EfficientNet block's SiLU before its depthwise conv) joins the chain too
+    (:class:`Requantize`'s ``rescale``)."""
     chain = list(start)  # each var the only reader of the one before
     step = chain_step(chain, only_user)
 
@@ -154,6 +155,7 @@ def requantize_chain(
         if rescale is None and nxt is not None and op_name(nxt[1]) == QUANTIZE:
             # quantize(., s, zero), which QuantizeByMultiply makes x * (1 / s) and scale 1
             scale, rescale = scalar_value(nxt[1].args[1]), reciprocal_scale(nxt[1].args[1])
+            rescale = 1.0 if scale == 1.0 else rescale
         stored = _quantize_tail(chain, only_user, scale) if rescale is not None else None
         if stored is None:
             return found
