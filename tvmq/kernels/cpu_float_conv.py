@@ -456,8 +456,9 @@ def _fill_only_the_border(
     """``func`` with its first statement, the filling of all of its output ``Y`` (n, H, W,
     C) with ``fill`` before the result is written inside, replaced by loops that fill only
     the ``out_pad`` border (top and bottom rows, then the left and right columns between
-    them), channels in SIMD vectors of up to ``lanes`` (one vector of all ``C`` channels
-    took LLVM 10-20 s to compile for C = 672)."""
+    them): per border row one loop over its contiguous values, in SIMD vectors of up to
+    ``lanes``. (Nested pixel x channel loops with a non-zero ``fill``, which LLVM cannot
+    make a memset, took it 20-26 s to compile for 18 x 18 x 672; one loop a row, 0.13 s.)"""
     from tvm import tirx
     from tvm.s_tir import SBlock, SBlockRealize
 
