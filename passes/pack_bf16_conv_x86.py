@@ -54,7 +54,10 @@ class _Lowering:
         bb = rw.builder_
         o, k = w.shape[0], geo.k
         np_ = round_up(o, TILE)
-        chain, bias, epilogue, _ = self.epilogues.get(rw.current_var, ((), None, None, None))
+        fused = self.epilogues.get(rw.current_var)
+        chain, bias, epilogue = (
+            (fused.chain, fused.bias, fused.epilogue) if fused else ((), None, None)
+        )
         convert = rw.kernel_var(
             ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
         )
