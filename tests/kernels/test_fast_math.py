@@ -38,11 +38,14 @@ def test_sigmoid_silu_and_hardswish_match_float64():
     ref = x64 * sig
     assert (np.abs(silu - ref) / np.maximum(np.abs(ref), 1.0)).max() < 3e-7
     assert np.all(s[x > 20] == 1) and np.all(silu[x > 20] == x[x > 20])
-    # below -20 both hold their value at -20 (2.06e-9 and -4.1e-8), never the tiny exact
-    # tail whose products downstream are denormals
+    # below -20 the sigmoid holds its value at -20 (2.06e-9), never the tiny exact tail
+    # whose products downstream are denormals; the SiLU is x times it
     tail = 1.0 / (1.0 + np.exp(20.0))
     np.testing.assert_allclose(s[x <= -20], tail, rtol=5e-7)
-    np.testing.assert_allclose(silu[x <= -20], -20 * tail, rtol=5e-7)
+    np.testing.assert_allclose(silu[x <= -20], x64[x <= -20] * tail, rtol=5e-7)
+    # the same bits as a model's own x * sigmoid(x) (PyTorch's form), which a conv kernel's
+    # SiLU store replaces
+    np.testing.assert_array_equal(silu, x * s)
     ref = x64 * np.clip(x64 + 3, 0, 6) / 6
     for h in (hswish, hswish_d):
         assert (np.abs(h - ref) / np.maximum(np.abs(ref), 1.0)).max() < 3e-7
