@@ -148,14 +148,30 @@ REQUANTIZED = [  # (kernel, sums, output dtype, relu, int_rounding)
 ]
 
 
+def _with_cores(cores: int) -> tvm.target.Target:
+    """The host target, built for ``cores`` threads."""
+    host = dict(get_target("host").tvm_target().export())
+    return tvm.target.Target({**host, "num-cores": cores})
+
+
+def _tasks_loop(func) -> str:
+    """The name of the kernel's fused task loop (parallel or not): its loops' order."""
+    line = next(ln for ln in func.script().splitlines() if "_fused in " in ln)
+    return line.split(" in ")[0].split()[-1]
+
+
+@pytest.mark.parametrize("cores", [1, 2])
 @pytest.mark.parametrize(("kernel", "sums", "dtype", "relu", "int_rounding"), REQUANTIZED)
 def test_requantize_epilogue_gives_the_exact_integer_result(
-    kernel, sums, dtype, relu, int_rounding
+    kernel, sums, dtype, relu, int_rounding, cores
 ):
     """A requantizing kernel over bytes (uint8 image, int8 weights) stores exactly
     ``clamp(round(float32(sum + offset) * multiplier) + zero_point)`` of the integer conv:
     float32 sums (Int8AsFloat's convs: bytes as floats, a float32 offset) and int32 ones
-    (int8 weights, an int32 offset) alike; the offsets reach +-2**20."""
+    (int8 weights, an int32 offset) alike; the offsets reach +-2**20. A depthwise kernel
+    takes pixel tiles outermost (threads split rows, no output cache line written by two of
+    them) when its sums are float32, or for a target of several cores; built for one core
+    an int8 one keeps channel tiles outermost (faster on one thread)."""
     rng = np.random.default_rng(11)
     k = 1 if kernel == "conv1x1" else 3
     hw, c, o, lanes = 9, 16, 24, 8
@@ -176,7 +192,10 @@ def test_requantize_epilogue_gives_the_exact_integer_result(
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, :, :hw]
     if depthwise:
         x_dtype = "uint8" if sums == "int32" else "float32"
-        func = float_depthwise_nhwc(shape, tiles, x_dtype, requantize)
+        with _with_cores(cores):
+            func = float_depthwise_nhwc(shape, tiles, x_dtype, requantize)
+        pixel_major = x_dtype == "float32" or cores > 1
+        assert _tasks_loop(func).startswith("i0_i1" if pixel_major else "i3_0_i0"), func.script()
         w_kernel = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         exact = np.einsum("nyxcij,cij->nyxc", windows, w[:, 0])
     else:

@@ -54,6 +54,15 @@ def simd_bits(target: tvm.target.Target | None) -> int:
         return 0
 
 
+def target_cores(target: tvm.target.Target | None = None) -> int:
+    """The ``num-cores`` of ``target`` (default: the current target), 1 where it names none:
+    how many threads the built kernels will be run with by default."""
+    target = target or tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return 1
+    return max(1, int(target.attrs.get("num-cores", 1)))
+
+
 def round_up(x: int, m: int) -> int:
     """The smallest multiple of ``m`` that is ``>= x``."""
     return -(-x // m) * m
