@@ -355,3 +355,42 @@ def test_in_kernel_im2col_is_exact(x_shape, strides, padding, dilation, mr, x_dt
     want = _im2col_reference(x, w, geo)
     np.testing.assert_array_equal(out.numpy()[: geo.m], want)
     np.testing.assert_array_equal(out.numpy()[geo.m :], np.repeat(want[-1:], m - geo.m, 0))
+
+
+def _cores(n: int) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": n})
+
+
+def _parallel_loop(func: tvm.tirx.PrimFunc) -> str:
+    line = next(ln for ln in func.script().splitlines() if "T.parallel(" in ln)
+    return line.split(" in ")[0].split()[-1]
+
+
+@pytest.mark.vnni
+def test_one_byte_results_on_several_cores_take_row_tiles_first():
+    """A requantizing kernel over a small weight splits its rows between threads on a
+    several-core target (each writes whole output rows: no cache line written by both), its
+    column tiles first on one core; the same bits either way, numpy's."""
+    m, k, n, r = 3136, 24, 144, Requantize("uint8", 5, 0, 255, int_rounding=True)
+    funcs = {}
+    for cores in (1, 2):
+        with _cores(cores):
+            funcs[cores] = int8_dense_vnni(m, k, n, with_offset=True, requantize=r)
+    assert _parallel_loop(funcs[1]).startswith("j_0_i_0")
+    assert _parallel_loop(funcs[2]).startswith("i_0_j_0")
+    with _cores(2):  # a weight over 256 KB keeps its panels shared by the row tiles
+        assert _parallel_loop(int8_dense_vnni(128, 1024, 384, requantize=r)).startswith("j_0")
+        assert _parallel_loop(int8_dense_vnni(m, k, n)).startswith("j_0")  # int32: 64-byte tiles
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    offset = rng.integers(-2000, 2000, n, dtype=np.int32)
+    mult = rng.uniform(2e-4, 1e-3, n).astype(np.float32)
+    acc = (x.astype(np.int64) @ w.astype(np.int64) + offset).astype(np.int32)
+    expected = np.clip(np.rint(acc.astype(np.float32) * mult) + 5, 0, 255).astype(np.uint8)
+    assert len(np.unique(expected)) > 50
+    for func in funcs.values():
+        out = tvm.runtime.tensor(np.zeros((m, n), np.uint8))
+        args = [x, pack_weight_vnni(w), offset, mult]
+        _compile(func)["main"](*(tvm.runtime.tensor(a) for a in args), out)
+        np.testing.assert_array_equal(out.numpy(), expected)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from tvmq.kernels._tiling import (
     half_width_avx512,
     pack_int8_tiles,
     round_up,
+    target_cores,
 )
 from tvmq.kernels.dynamic_quant import quantized_rows
 from tvmq.kernels.fast_math import activation_f32
@@ -645,6 +647,9 @@ def _schedule(
         sch.reorder(mo, no, mi, nj)
         sch.compute_at(acc, no)
         stage(sch, mo, parallel)
+    elif _rows_first(sch, acc, out):
+        sch.reorder(*batch, mo, no, mi, nj)
+        sch.compute_at(acc, no)
     else:
         sch.reorder(*batch, no, mo, mi, nj)
         # The accumulator shrinks to one mr x (nr * 16) tile per task.
@@ -655,7 +660,7 @@ def _schedule(
     ko, kv = sch.split(ak, [None, REDUCE])
     sch.reorder(ko, *rows, ni, nv, kv)
     if parallel and stage is None:
-        sch.parallel(sch.fuse(*batch, no, mo))
+        sch.parallel(sch.fuse(*batch, *sch.get_loops(acc)[len(batch) : len(batch) + 2]))
     init = sch.decompose_reduction(acc, ko)
     sch.tensorize(nv, register_vnni_intrin(signed))
     for loop in (*rows, ni):
@@ -669,6 +674,22 @@ def _schedule(
         .with_attr(KERNEL_ATTR, "int8_dense_vnni")
         .without_attr("global_symbol")
     )
+
+
+_ROWS_FIRST_MAX_WEIGHT = 256 << 10
+
+
+def _rows_first(sch: Schedule, acc, out) -> bool:
+    """Whether the tasks take row tiles outermost (each thread writes whole output rows)
+    rather than column tiles (each weight panel reused by every row tile): for a one-byte
+    result on a target of several cores, over a weight of at most 256 KB. Column tiles
+    outermost, two threads write pieces of the same rows' cache lines (MobileNetV2's
+    3136x24x144 requantize: 48 of a row's 144 bytes a tile), and such kernels ran as long
+    on two threads as on one."""
+    if str(sch.get(out).writes[0].source.dtype) not in ("uint8", "int8") or target_cores() < 2:
+        return False
+    weight = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
+    return math.prod(int(d) for d in weight.shape) <= _ROWS_FIRST_MAX_WEIGHT
 
 
 def _schedule_im2col(sch: Schedule, rows, parallel: bool, c: int) -> None:
