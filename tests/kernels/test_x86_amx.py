@@ -11,6 +11,8 @@ from test_x86_int8 import residual_reference, residual_requantize
 from tvmq.kernels.x86_amx import (
     AMX_MIN_ROWS,
     amx_tiles,
+    balanced_columns,
+    balanced_rows,
     int8_dense_amx,
     pack_weight_amx,
     x86_int8_dense,
@@ -59,12 +61,14 @@ def test_amx_dense_is_exact(m, k, n):
 
 
 @pytest.mark.amx
-@pytest.mark.parametrize("m,k,n", [(197, 192, 64), (33, 64, 48), (197, 768, 32)])
+@pytest.mark.parametrize("cores", [1, 2])
+@pytest.mark.parametrize("m,k,n", [(197, 192, 64), (33, 64, 48), (197, 768, 32), (49, 960, 160)])
 @pytest.mark.parametrize("requantize", [None, Requantize("int8", -2, -128, 100)])
-def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize):
+def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize, cores):
     """Any row count from one step's rows up: the last row block overlaps the one before it,
     ``X`` and ``C`` have exactly ``m`` rows (tiles stored straight to ``C`` without an
-    epilogue, through the scratch with one). Exact against numpy."""
+    epilogue, through the scratch with one). Exact against numpy, with the tasks split for
+    one core or balanced for two (:func:`balanced_tasks`)."""
     rng = np.random.default_rng(m + k + n)
     t = amx_tiles(m, k, n)
     x = rng.integers(0, 256, (m, k), dtype=np.uint8)
@@ -77,11 +81,35 @@ def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize):
         args, dtype = [offset, mult], requantize.dtype
         f = ((want + offset).astype(np.int32).astype(np.float32) * mult).astype(np.float32)
         want = np.clip(np.round(f) + np.float32(requantize.zero_point), -128, 100).astype(np.int8)
-    func = int8_dense_amx(
-        m, k, n, with_offset=requantize is not None, requantize=requantize, tiles=t
-    )
+    with tvm.target.Target({**_AMX_TARGET, "num-cores": cores}):
+        func = int8_dense_amx(
+            m, k, n, with_offset=requantize is not None, requantize=requantize, tiles=t
+        )
     got = _run(func, x, pack_weight_amx(w), *args, out_shape=(m, n), out_dtype=dtype)
     np.testing.assert_array_equal(got, want)
+
+
+def test_balanced_columns_share_the_work_evenly_between_threads():
+    """A 7x7 conv's 49 rows (2 blocks of 32, one task) x 160 columns (5 steps of 32) took 4
+    + 1 column steps a task, one thread four times the other's work: now 3 + 2. 960 columns
+    (30 steps) take 3 a task (15 a thread) rather than 4 (16 + 14). A split that is even
+    already, one core, and the rows (7 blocks as 4 + 3: no column chunk evens them) keep
+    the widest chunk."""
+    assert balanced_columns(2, 5, 2, 4, 1) == 4
+    assert balanced_columns(2, 5, 2, 4, 2) == 3
+    assert balanced_columns(2, 30, 2, 4, 2) == 3
+    assert balanced_columns(8, 8, 4, 4, 2) == 4
+    assert balanced_columns(7, 18, 4, 4, 2) == 4
+
+
+def test_balanced_rows_for_gathered_panels():
+    """A conv whose tasks take every column (panel gathered in cache) evens the row blocks
+    instead: 28x28's 25 blocks one a task (13 + 12, where 4 a task gave 16 + 9); 56x56's 98
+    blocks 2 a task (50 + 48, within 3% of 49 + 49); one core keeps 4."""
+    assert balanced_rows(25, 4, 2) == 1
+    assert balanced_rows(98, 4, 2) == 2
+    assert balanced_rows(25, 4, 1) == 4
+    assert balanced_rows(8, 4, 2) == 4
 
 
 @pytest.mark.amx
@@ -225,9 +253,11 @@ def test_amx_conv_takes_stride_one_convs_over_64_channel_multiples_or_tap_runs()
         (64, 14, 128, 3, 2, 1, 1),
         (64, 14, 128, 1, 2, 0, 1),  # a strided 1x1 projection
         (48, 12, 40, 3, 1, 2, 2),  # dilated: one run of C bytes a tap
+        (64, 28, 64, 3, 2, 1, 1),  # 196 rows: 7 blocks of 32, balanced over 2 cores
     ],
 )
-def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation):
+@pytest.mark.parametrize("cores", [1, 2])
+def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation, cores):
     import torch
 
     from tvmq.kernels.x86_amx_conv import AmxConv
@@ -242,8 +272,10 @@ def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation)
     want = want.numpy().transpose(0, 2, 3, 1).reshape(-1, o)
     kernel = AmxConv(geo, -(-o // 16) * 16, gathered=True)
     w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1).T)
+    with tvm.target.Target({**_AMX_TARGET, "num-cores": cores}):
+        func = kernel.build(False)
     got = _run(
-        kernel.build(False),
+        func,
         np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))),
         kernel.pack(w2),
         out_shape=(geo.m, kernel.n_padded),

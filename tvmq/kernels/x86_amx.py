@@ -38,7 +38,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from tvmq.kernels._tiling import round_up
+from tvmq.kernels._tiling import round_up, target_cores
 from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_int8 import (
     KERNEL_ATTR,
@@ -74,6 +74,7 @@ _PARALLEL_MIN_MACS = 1 << 21
 # 16-column tiles one task walks: its tile configuration and scratch are set up once.
 _COLUMN_CHUNK = 8
 _ROW_BLOCKS = 4  # row blocks (of 16 or 32 rows) one task walks, at most
+_SHARE_SLACK = 1.03  # a thread's share of a kernel that counts as even (balanced_tasks)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,53 @@ def int8_dense_amx(
     return amx_kernel("int8_dense_amx", (m, k), rows, k, n, tiles, with_offset, requantize)
 
 
+def _largest_share(blocks: int, steps: int, p: int, s: int, threads: int) -> int:
+    """The most block-steps of a ``blocks x steps`` product that one of ``threads`` gets
+    with tasks of ``p`` row blocks x ``s`` column steps, row chunk major: TVM hands each
+    thread a contiguous run of ``ceil(tasks / threads)`` tasks."""
+    n_chunks = -(-steps // s)
+    tasks = -(-blocks // p) * n_chunks
+    run = -(-tasks // threads)
+    work = [
+        min(p, blocks - (t // n_chunks) * p) * min(s, steps - (t % n_chunks) * s)
+        for t in range(tasks)
+    ]
+    return max(sum(work[i : i + run]) for i in range(0, tasks, run))
+
+
+def _largest_within_slack(shares: dict[int, int]) -> int:
+    """Of the task sizes whose largest share is within 3% of the smallest, the largest."""
+    even = min(shares.values()) * _SHARE_SLACK
+    return max(size for size, share in shares.items() if share <= even)
+
+
+def balanced_columns(blocks: int, steps: int, per_task: int, chunk_steps: int, threads: int) -> int:
+    """The column steps of one task, at most ``chunk_steps``, that spread a ``blocks x steps``
+    product (``per_task`` row blocks a task) most evenly over ``threads``. MobileNetV2's 7x7
+    960 -> 160 conv took its 160 columns as 128 + 32, one thread four times the other's
+    work, and ran slower on two threads than on one (in the model, two threads: 21.3 -> 16.2
+    us with 3 + 2 steps). The row blocks stay: one a task (even for 14x14's 7 blocks, where 4
+    + 3 is not) lost the weight panels' reuse (196x128x576 64.4 -> 67.6 us)."""
+    if threads < 2:
+        return chunk_steps
+    shares = {
+        s: _largest_share(blocks, steps, per_task, s, threads) for s in range(1, chunk_steps + 1)
+    }
+    return _largest_within_slack(shares)
+
+
+def balanced_rows(blocks: int, per_task: int, threads: int) -> int:
+    """The row blocks of one task, at most ``per_task``, for a kernel whose tasks take every
+    column (a panel gathered in cache): the most even split over ``threads``. ResNet-18's
+    28x28 convs (25 blocks) ran 4 a task, 16 + 9 blocks a thread; now 13 + 12 (the model's
+    int8 on two threads 0.94-0.96x, one-process A/B)."""
+    if threads < 2:
+        return per_task
+    return _largest_within_slack(
+        {p: _largest_share(blocks, 1, p, 1, threads) for p in range(1, per_task + 1)}
+    )
+
+
 def amx_kernel(
     name: str,
     x_shape: tuple[int, ...],
@@ -288,14 +336,21 @@ def amx_kernel(
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
     if rows.batches > 1 and (rows.count % rows.batches or rows.count // rows.batches % mb):
         raise ValueError(f"{rows.batches} batches of {rows.count} rows split AMX steps {tiles}")
-    chunk = max(1, _COLUMN_CHUNK // tiles.nt) * nb  # columns of one task
-    if rows.gather is not None:  # a gathered panel serves every column
-        chunk = n
-    n_chunks = -(-n // chunk)
-    blocks = -(-rows.count // mb)
+    blocks, steps = -(-rows.count // mb), n // nb
     # Row blocks of one task: up to _ROW_BLOCKS steps share each weight panel it loads (a
     # small M, one task: a weight of megabytes then streams from memory once).
     per_task = min(_ROW_BLOCKS, blocks)
+    chunk_steps = min(max(1, _COLUMN_CHUNK // tiles.nt), steps)  # column steps of one task
+    macs = rows.count * n * k
+    parallel = macs >= _PARALLEL_MIN_MACS
+    if rows.gather is not None:  # a gathered panel serves every column
+        chunk_steps = steps
+        if parallel:
+            per_task = balanced_rows(blocks, per_task, target_cores())
+    elif parallel:
+        chunk_steps = balanced_columns(blocks, steps, per_task, chunk_steps, target_cores())
+    chunk = chunk_steps * nb  # columns of one task
+    n_chunks = -(-n // chunk)
     m_chunks = -(-blocks // per_task)
     # Tiles go straight to C, no scratch (a last row block overlapping the one before it
     # stores the same values twice).
@@ -309,8 +364,7 @@ def amx_kernel(
             for v in (_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
         ),
     )
-    macs = rows.count * n * k
-    loop = T.parallel if macs >= _PARALLEL_MIN_MACS else T.serial
+    loop = T.parallel if parallel else T.serial
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tirx.noalias": True})
