@@ -367,10 +367,10 @@ def _parallel_loop(func: tvm.tirx.PrimFunc) -> str:
 
 
 @pytest.mark.vnni
-def test_one_byte_results_on_several_cores_take_row_tiles_first():
-    """A requantizing kernel over a small weight splits its rows between threads on a
-    several-core target (each writes whole output rows: no cache line written by both), its
-    column tiles first on one core; the same bits either way, numpy's."""
+def test_small_weights_on_several_cores_take_row_tiles_first():
+    """A kernel over a small weight splits its rows between threads on a several-core
+    target (each writes whole output rows: no cache line written by both), its column tiles
+    first on one core or over a large weight; the same bits either way, numpy's."""
     m, k, n, r = 3136, 24, 144, Requantize("uint8", 5, 0, 255, int_rounding=True)
     funcs = {}
     for cores in (1, 2):
@@ -380,7 +380,7 @@ def test_one_byte_results_on_several_cores_take_row_tiles_first():
     assert _parallel_loop(funcs[2]).startswith("i_0_j_0")
     with _cores(2):  # a weight over 256 KB keeps its panels shared by the row tiles
         assert _parallel_loop(int8_dense_vnni(128, 1024, 384, requantize=r)).startswith("j_0")
-        assert _parallel_loop(int8_dense_vnni(m, k, n)).startswith("j_0")  # int32: 64-byte tiles
+        assert _parallel_loop(int8_dense_vnni(m, k, n)).startswith("i_0_j_0")  # int32 too
     rng = np.random.default_rng(7)
     x = rng.integers(0, 256, (m, k), dtype=np.uint8)
     w = rng.integers(-128, 128, (k, n), dtype=np.int8)

@@ -647,7 +647,7 @@ def _schedule(
         sch.reorder(mo, no, mi, nj)
         sch.compute_at(acc, no)
         stage(sch, mo, parallel)
-    elif _rows_first(sch, acc, out):
+    elif _rows_first(sch, acc):
         sch.reorder(*batch, mo, no, mi, nj)
         sch.compute_at(acc, no)
     else:
@@ -679,14 +679,15 @@ def _schedule(
 _ROWS_FIRST_MAX_WEIGHT = 256 << 10
 
 
-def _rows_first(sch: Schedule, acc, out) -> bool:
+def _rows_first(sch: Schedule, acc) -> bool:
     """Whether the tasks take row tiles outermost (each thread writes whole output rows)
-    rather than column tiles (each weight panel reused by every row tile): for a one-byte
-    result on a target of several cores, over a weight of at most 256 KB. Column tiles
-    outermost, two threads write pieces of the same rows' cache lines (MobileNetV2's
-    3136x24x144 requantize: 48 of a row's 144 bytes a tile), and such kernels ran as long
-    on two threads as on one."""
-    if str(sch.get(out).writes[0].source.dtype) not in ("uint8", "int8") or target_cores() < 2:
+    rather than column tiles (each weight panel reused by every row tile): on a target of
+    several cores, over a weight of at most 256 KB. Column tiles outermost, MobileNetV2's
+    small-K 1x1 convs (3136x24x144, 784x32x192; uint8 results, 48 of a row's 144 bytes a
+    tile) ran as long on two threads as on one, and a float32 one was slower on two
+    (3136x24x144 with a dequantize: 86.5 us on one thread, 153.9 on two; rows first 83.7
+    and 67.6; with a SiLU 191 / 122 -> 189 / 96)."""
+    if target_cores() < 2:
         return False
     weight = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
     return math.prod(int(d) for d in weight.shape) <= _ROWS_FIRST_MAX_WEIGHT
