@@ -74,7 +74,7 @@ _PARALLEL_MIN_MACS = 1 << 21
 # 16-column tiles one task walks: its tile configuration and scratch are set up once.
 _COLUMN_CHUNK = 8
 _ROW_BLOCKS = 4  # row blocks (of 16 or 32 rows) one task walks, at most
-_SHARE_SLACK = 1.03  # a thread's share of a kernel that counts as even (balanced_tasks)
+_SHARE_SLACK = 1.03  # a largest share this close to the smallest counts as even (balanced_*)
 
 
 @dataclass(frozen=True)

@@ -689,8 +689,8 @@ def _rows_first(sch: Schedule, acc) -> bool:
     and 67.6; with a SiLU 191 / 122 -> 189 / 96)."""
     if target_cores() < 2:
         return False
-    weight = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
-    return math.prod(int(d) for d in weight.shape) <= _ROWS_FIRST_MAX_WEIGHT
+    weight = next((r.source for r in sch.get(acc).reads if r.source.name == "W"), None)
+    return weight is not None and math.prod(int(d) for d in weight.shape) <= _ROWS_FIRST_MAX_WEIGHT
 
 
 def _schedule_im2col(sch: Schedule, rows, parallel: bool, c: int) -> None:
