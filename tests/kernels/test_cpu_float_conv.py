@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from test_x86_int8 import tasks_loop, with_cores
 
 from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
@@ -148,18 +149,6 @@ REQUANTIZED = [  # (kernel, sums, output dtype, relu, int_rounding)
 ]
 
 
-def _with_cores(cores: int) -> tvm.target.Target:
-    """The host target, built for ``cores`` threads."""
-    host = dict(get_target("host").tvm_target().export())
-    return tvm.target.Target({**host, "num-cores": cores})
-
-
-def _tasks_loop(func) -> str:
-    """The name of the kernel's fused task loop (parallel or not): its loops' order."""
-    line = next(ln for ln in func.script().splitlines() if "_fused in " in ln)
-    return line.split(" in ")[0].split()[-1]
-
-
 @pytest.mark.parametrize("cores", [1, 2])
 @pytest.mark.parametrize(("kernel", "sums", "dtype", "relu", "int_rounding"), REQUANTIZED)
 def test_requantize_epilogue_gives_the_exact_integer_result(
@@ -192,10 +181,10 @@ def test_requantize_epilogue_gives_the_exact_integer_result(
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, :, :hw]
     if depthwise:
         x_dtype = "uint8" if sums == "int32" else "float32"
-        with _with_cores(cores):
+        with with_cores(cores, get_target("host").tvm_target()):
             func = float_depthwise_nhwc(shape, tiles, x_dtype, requantize)
         pixel_major = x_dtype == "float32" or cores > 1
-        assert _tasks_loop(func).startswith("i0_i1" if pixel_major else "i3_0_i0"), func.script()
+        assert tasks_loop(func).startswith("i0_i1" if pixel_major else "i3_0_i0"), func.script()
         w_kernel = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         exact = np.einsum("nyxcij,cij->nyxc", windows, w[:, 0])
     else:

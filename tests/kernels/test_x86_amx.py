@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from test_x86_int8 import residual_reference, residual_requantize
+from test_x86_int8 import residual_reference, residual_requantize, with_cores
 
 from tvmq.kernels.x86_amx import (
     AMX_MIN_ROWS,
@@ -68,7 +68,7 @@ def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize, cores):
     """Any row count from one step's rows up: the last row block overlaps the one before it,
     ``X`` and ``C`` have exactly ``m`` rows (tiles stored straight to ``C`` without an
     epilogue, through the scratch with one). Exact against numpy, with the tasks split for
-    one core or balanced for two (:func:`balanced_tasks`)."""
+    one core or balanced for two (:func:`balanced_columns`)."""
     rng = np.random.default_rng(m + k + n)
     t = amx_tiles(m, k, n)
     x = rng.integers(0, 256, (m, k), dtype=np.uint8)
@@ -81,7 +81,7 @@ def test_amx_dense_stores_exactly_m_rows(m, k, n, requantize, cores):
         args, dtype = [offset, mult], requantize.dtype
         f = ((want + offset).astype(np.int32).astype(np.float32) * mult).astype(np.float32)
         want = np.clip(np.round(f) + np.float32(requantize.zero_point), -128, 100).astype(np.int8)
-    with tvm.target.Target({**_AMX_TARGET, "num-cores": cores}):
+    with with_cores(cores, _AMX_TARGET):
         func = int8_dense_amx(
             m, k, n, with_offset=requantize is not None, requantize=requantize, tiles=t
         )
@@ -272,7 +272,7 @@ def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation,
     want = want.numpy().transpose(0, 2, 3, 1).reshape(-1, o)
     kernel = AmxConv(geo, -(-o // 16) * 16, gathered=True)
     w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1).T)
-    with tvm.target.Target({**_AMX_TARGET, "num-cores": cores}):
+    with with_cores(cores, _AMX_TARGET):
         func = kernel.build(False)
     got = _run(
         func,

@@ -357,12 +357,18 @@ def test_in_kernel_im2col_is_exact(x_shape, strides, padding, dilation, mr, x_dt
     np.testing.assert_array_equal(out.numpy()[geo.m :], np.repeat(want[-1:], m - geo.m, 0))
 
 
-def _cores(n: int) -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": n})
+def with_cores(cores: int, target: tvm.target.Target | dict | None = None) -> tvm.target.Target:
+    """``target`` (default: an AVX-512 VNNI CPU) built for ``cores`` threads: the kernels'
+    task order follows the target's ``num-cores``."""
+    base = target or {"kind": "llvm", "mcpu": "cascadelake"}
+    base = dict(base.export()) if isinstance(base, tvm.target.Target) else base
+    return tvm.target.Target({**base, "num-cores": cores})
 
 
-def _parallel_loop(func: tvm.tirx.PrimFunc) -> str:
-    line = next(ln for ln in func.script().splitlines() if "T.parallel(" in ln)
+def tasks_loop(func: tvm.tirx.PrimFunc) -> str:
+    """The name of a kernel's fused task loop (parallel or not), which spells its loops'
+    order."""
+    line = next(ln for ln in func.script().splitlines() if "_fused in " in ln)
     return line.split(" in ")[0].split()[-1]
 
 
@@ -374,13 +380,13 @@ def test_small_weights_on_several_cores_take_row_tiles_first():
     m, k, n, r = 3136, 24, 144, Requantize("uint8", 5, 0, 255, int_rounding=True)
     funcs = {}
     for cores in (1, 2):
-        with _cores(cores):
+        with with_cores(cores):
             funcs[cores] = int8_dense_vnni(m, k, n, with_offset=True, requantize=r)
-    assert _parallel_loop(funcs[1]).startswith("j_0_i_0")
-    assert _parallel_loop(funcs[2]).startswith("i_0_j_0")
-    with _cores(2):  # a weight over 256 KB keeps its panels shared by the row tiles
-        assert _parallel_loop(int8_dense_vnni(128, 1024, 384, requantize=r)).startswith("j_0")
-        assert _parallel_loop(int8_dense_vnni(m, k, n)).startswith("i_0_j_0")  # int32 too
+    assert tasks_loop(funcs[1]).startswith("j_0_i_0")
+    assert tasks_loop(funcs[2]).startswith("i_0_j_0")
+    with with_cores(2):  # a weight over 256 KB keeps its panels shared by the row tiles
+        assert tasks_loop(int8_dense_vnni(128, 1024, 384, requantize=r)).startswith("j_0")
+        assert tasks_loop(int8_dense_vnni(m, k, n)).startswith("i_0_j_0")  # int32 too
     rng = np.random.default_rng(7)
     x = rng.integers(0, 256, (m, k), dtype=np.uint8)
     w = rng.integers(-128, 128, (k, n), dtype=np.int8)

@@ -288,9 +288,10 @@ def balanced_columns(blocks: int, steps: int, per_task: int, chunk_steps: int, t
     """The column steps of one task, at most ``chunk_steps``, that spread a ``blocks x steps``
     product (``per_task`` row blocks a task) most evenly over ``threads``. MobileNetV2's 7x7
     960 -> 160 conv took its 160 columns as 128 + 32, one thread four times the other's
-    work, and ran slower on two threads than on one (in the model, two threads: 21.3 -> 16.2
-    us with 3 + 2 steps). The row blocks stay: one a task (even for 14x14's 7 blocks, where 4
-    + 3 is not) lost the weight panels' reuse (196x128x576 64.4 -> 67.6 us)."""
+    work, and ran slower on two threads than on one; as 96 + 64 it ran 16.9-18.9 -> 15.6-16.6
+    us in the model on two threads, its 960 -> 320 23.1-25.8 -> 19.3-20.8. The row blocks
+    stay: one a task (even for 14x14's 7 blocks, where 4 + 3 is not) lost the weight panels'
+    reuse (196x128x576 64.4 -> 67.6 us)."""
     if threads < 2:
         return chunk_steps
     shares = {
