@@ -111,6 +111,7 @@ def _has_conv2d(mod):
         ((1, 3, 7, 7), 5, 5, 2, 2, 1, "uint8"),  # 5x5, M = 16 rows
         ((1, 2, 5, 5), 3, 3, 1, 0, 1, "uint8"),  # M = 9: padded to 16 rows
         ((1, 12, 40, 40), 8, 3, 1, 1, 2, "int8"),  # cols 169 KiB: im2col rows in parallel
+        ((1, 3, 115, 113), 16, 3, 2, 0, 1, "uint8"),  # parallel, read in place (no staging)
     ],
 )
 def test_bit_exact_on_random_inputs(rng, x_shape, o, k, strides, padding, dilation, x_dtype):
