@@ -237,6 +237,23 @@ def test_quantizing_its_rows_pays_serial_or_with_row_tiles():
     assert quantize_pays(1, 784, 128)  # serial: below the parallel threshold
     assert quantize_pays(128, 384, 1536)  # 16 row tiles of 8
     assert not quantize_pays(1, 1024, 1024)  # a parallel GEMV: its tasks are column tiles
+    assert not quantize_pays(1, 512, 1008)  # parallel for its weight's size (< 2^20 MACs)
+
+
+@pytest.mark.vnni
+def test_a_product_of_one_row_over_a_large_weight_runs_in_parallel():
+    """ResNet-18's classifier, 1 x 512 x 1008 (half a million multiply-adds, below the
+    threshold for parallel tiles): reading its 516 KB weight dominates, so its column tiles
+    run in parallel; a 1 x 784 x 128 layer (100 KB) stays on one thread. Exact vs numpy."""
+    rng = np.random.default_rng(9)
+    for (k, n), parallel in (((512, 1008), True), ((784, 128), False)):
+        func = int8_dense_vnni(1, k, n)
+        assert ("T.parallel" in func.script()) == parallel, (k, n)
+        x = rng.integers(0, 256, (1, k), dtype=np.uint8)
+        w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, n), np.int32))
+        _compile(func)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight_vnni(w)), out)
+        np.testing.assert_array_equal(out.numpy(), x.astype(np.int32) @ w.astype(np.int32))
 
 
 def residual_reference(acc, offset, mult, requantize: Requantize, r) -> np.ndarray:

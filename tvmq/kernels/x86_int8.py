@@ -49,8 +49,17 @@ KERNEL_ATTR = "tvmq.kernel"
 """PrimFunc attribute naming which tvmq kernel a function is (``"int8_dense_vnni"``)."""
 
 _MAX_ACCUMULATORS = 24
-# Below this many multiply-adds a parallel launch costs more than it saves.
+# Below this many multiply-adds a parallel launch costs more than it saves ...
 _PARALLEL_MIN_MACS = 1 << 20
+# ... unless the weight is this large (bytes): a product of few rows streams its weight from
+# memory at a few bytes a cycle (ResNet-18's 1x512x1008 classifier: 19.8 us on one thread).
+_PARALLEL_MIN_WEIGHT = 1 << 17
+
+
+def runs_parallel(m: int, k: int, n: int) -> bool:
+    """Whether the kernel of a static ``(m, k) x (k, n)`` product runs its tiles in parallel:
+    enough multiply-adds, or a weight large enough that reading it dominates."""
+    return m * n * k >= _PARALLEL_MIN_MACS or k * n >= _PARALLEL_MIN_WEIGHT
 
 
 def padded_kn(k: int, n: int) -> tuple[int, int]:
@@ -256,7 +265,7 @@ def quantize_pays(m: int, k: int, n: int) -> bool:
     (:class:`RowQuantize`): such a kernel runs its row tiles in parallel and quantizes each
     once, so it takes serial products (one thread anyway) and those with 8 row tiles or more,
     not a large GEMV, whose parallel tasks are column tiles."""
-    return m * n * k < _PARALLEL_MIN_MACS or m // choose_tiles(m, n).mr >= 8
+    return not runs_parallel(m, k, n) or m // choose_tiles(m, n).mr >= 8
 
 
 def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
@@ -412,7 +421,7 @@ def int8_dense_vnni(
             name="C",
         )
     func = te.create_prim_func([*args, *extra, out])
-    parallel = not static_m or m * n * k >= _PARALLEL_MIN_MACS
+    parallel = not static_m or runs_parallel(m, k, n)
     return _schedule(func, tiles, parallel, signed, stage)
 
 
