@@ -100,6 +100,19 @@ def _is_per_channel(arg: relax.Expr, out_shape: tuple[int, ...]) -> bool:
     )
 
 
+def _tuple_field(bb: relax.BlockBuilder, item: relax.TupleGetItem) -> relax.Expr | None:
+    """The element ``item`` takes of a tuple built in this function (``(y, zeros_like(y))[0]``:
+    what PyTorch's ``max_pool2d_with_indices`` imports as), else None. Seen through, a max
+    pool between NHWC kernels keeps its result NHWC: ResNet-18 bf16 transposed its 56x56x64
+    pool result to NCHW and back (0.3 ms of 5 on one thread)."""
+    tup = item.tuple_value
+    if isinstance(tup, relax.Var):
+        tup = bb.lookup_binding(tup)
+    if isinstance(tup, relax.Tuple) and item.index < len(tup.fields):
+        return tup.fields[item.index]
+    return None
+
+
 def _nhwc_constant(c: tvm.ir.Constant) -> tvm.ir.Constant | None:
     """The constant an NHWC twin of a broadcast NCHW op needs (None: not broadcastable)."""
     value = c.value.numpy()
@@ -158,6 +171,8 @@ class ChannelsLastRewriter(KernelRewriter):
             value = self.nhwc[value.args[0]]  # NHWC -> NCHW -> NHWC: the twin itself
         elif axes == TO_NCHW and isinstance(value.args[0], relax.Var):
             twin = value.args[0]
+        elif isinstance(value, relax.TupleGetItem):
+            twin = self.nhwc.get(_tuple_field(bb, value))
         elif self.changed:  # only once a conv is rewritten (no twin before)
             nhwc_value = self._nhwc_op(value)
             if nhwc_value is not None:

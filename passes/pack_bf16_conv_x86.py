@@ -9,10 +9,14 @@ dilation, ``C`` a multiple of 32) into::
     y = call_tir(bf16_conv_amx, xb, W as packed bf16[, bias])   # (N*OH*OW, O') float32
 
 with the kernel reading each tap of 32 channels straight into the tiles (no im2col, see
-:mod:`tvmq.kernels.x86_amx_conv`). A bias add (a folded batch norm) and a ReLU / clip after the
-conv are computed before the store, as :class:`PackFloatConv` does it. Results stay channels
-last between convs (:mod:`tvmq.passes.channels_last`). Left to the float32 kernels: strided,
-dilated, grouped and depthwise convs, channel counts off 32 (an RGB stem). Not part of the
+:mod:`tvmq.kernels.x86_amx_conv`). Any other ``groups`` 1 conv of two tiles of output pixels
+or more (strided, dilated, channels off 32: an RGB stem) takes ``bf16_conv_amx_gathered``,
+which im2cols each block of output pixels into a panel in cache before the tiles read it:
+ResNet-18's 7x7 stem and strided convs, left to the float32 kernels, were half of its bf16
+time (3.7 of 7.6 ms on one thread). A bias add (a folded batch norm) and a ReLU / clip after
+the conv are computed before the store, as :class:`PackFloatConv` does it. Results stay channels
+last between convs (:mod:`tvmq.passes.channels_last`). Left to the float32 kernels: grouped and
+depthwise convs, and convs of fewer than 32 output pixels. Not part of the
 default pipeline: :func:`tvmq.pipeline.run` applies it for ``precision="bf16"`` after
 ``FoldBatchNorm``. A no-op without AMX-BF16; idempotent.
 """
@@ -28,7 +32,9 @@ from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_amx import TILE
 from tvmq.kernels.x86_amx_bf16 import (
     bf16_conv_amx,
+    bf16_conv_amx_gathered,
     bf16_conv_applies,
+    bf16_conv_gathered_applies,
     pack_weight_bf16,
     to_bf16_padded,
 )
@@ -48,9 +54,12 @@ class _Lowering:
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_float_conv2d(call)
-        if found is None or int(call.attrs.groups) != 1 or not bf16_conv_applies(found[1]):
+        if found is None or int(call.attrs.groups) != 1:
             return None
         x, geo, w = found
+        direct = bf16_conv_applies(geo)
+        if not direct and not bf16_conv_gathered_applies(geo):
+            return None
         bb = rw.builder_
         o, k = w.shape[0], geo.k
         np_ = round_up(o, TILE)
@@ -70,10 +79,13 @@ class _Lowering:
         if epilogue is not None:
             args.append(relax.const(np.pad(bias, (0, np_ - o)).astype(np.float32), "float32"))
         kh, kw = geo.kernel
+        kernel, label = (
+            (bf16_conv_amx, "conv_amx") if direct else (bf16_conv_amx_gathered, "conv_amx_gathered")
+        )
         fn = rw.kernel_var(
             ("bf16_conv", geo, np_, epilogue),
-            f"tvmq_bf16_conv_amx_{kh}x{kw}_{c}x{o}" + _suffix(epilogue),
-            lambda: bf16_conv_amx(geo, np_, epilogue).with_attr("op_pattern", OPAQUE),
+            f"tvmq_bf16_{label}_{kh}x{kw}_{c}x{o}" + _suffix(epilogue),
+            lambda: kernel(geo, np_, epilogue).with_attr("op_pattern", OPAQUE),
         )
         out_ty = relax.TensorType((geo.m, np_), "float32")
         y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))

@@ -21,13 +21,14 @@ def _kernel_names(mod) -> list[str]:
     ]
 
 
-def _conv_module(x_shape, w: np.ndarray, bias: np.ndarray, padding: int) -> tvm.IRModule:
+def _conv_module(x_shape, w: np.ndarray, bias: np.ndarray, padding: int, strides: int = 1):
     """conv2d(x, W) + bias, ReLU (what FoldBatchNorm leaves of a CNN block)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=padding))
+            conv = relax.op.nn.conv2d(x, relax.const(w), strides=strides, padding=padding)
+            y = bb.emit(conv)
             y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
             out = bb.emit_output(relax.op.nn.relu(y))
         bb.emit_func_output(out)
@@ -60,9 +61,60 @@ def test_bf16_conv_reads_its_padded_input_into_tiles(rng, x_shape, o, k, padding
 
 
 @pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o", "k", "strides", "padding"),
+    [((1, 3, 32, 30), 64, 7, 2, 3), ((1, 64, 14, 14), 128, 3, 2, 1), ((2, 40, 9, 11), 24, 1, 2, 0)],
+    ids=["rgb-stem-7x7", "3x3-stride-2", "1x1-stride-2"],
+)
+def test_other_convs_gather_their_blocks_into_tiles(rng, x_shape, o, k, strides, padding):
+    """Strided convs and channels off 32 (an RGB stem): each block of output pixels
+    im2col'd into a panel in cache, then the same tiles as the direct kernel."""
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((o, x_shape[1], k, k)) / 10).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    mod = _conv_module(x_shape, w, bias, padding, strides)
+    mod = PackBf16ConvX86(SAPPHIRERAPIDS)(mod)
+    assert any(n.startswith("tvmq_bf16_conv_amx_gathered") for n in _kernel_names(mod))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+
+    def conv(a, b):
+        t = torch.nn.functional.conv2d(
+            torch.from_numpy(a), torch.from_numpy(b), stride=strides, padding=padding
+        )
+        return torch.relu(t + torch.from_numpy(bias).reshape(1, -1, 1, 1)).numpy()
+
+    rounded = conv(*(bf16_to_float(bf16_bits(a)) for a in (x, w)))
+    scale = np.abs(rounded).max()
+    assert np.abs(got - rounded).max() / scale < 1e-5  # float32 sums of exact bf16 products
+    assert np.abs(got - conv(x, w)).max() / scale < 2e-2
+
+
+def test_a_max_pool_in_a_tuple_stays_channels_last():
+    """PyTorch's max_pool2d_with_indices imports as ``(pool, zeros_like(pool))[0]``: seen
+    through, the pool between two convs runs NHWC with no transpose to NCHW and back."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 16, 16), "float32"))
+    w = np.random.default_rng(3).standard_normal((32, 32, 3, 3)).astype(np.float32)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            p = bb.emit(relax.op.nn.max_pool2d(y, 3, 2, 1))
+            t = bb.emit(relax.Tuple([p, relax.op.zeros_like(p)]))
+            q = bb.emit(relax.TupleGetItem(t, 0))
+            out = bb.emit_output(relax.op.nn.conv2d(q, relax.const(w), padding=1))
+        bb.emit_func_output(out)
+    mod = PackBf16ConvX86(SAPPHIRERAPIDS)(bb.get())
+    main = mod["main"].script()
+    assert main.count("R.permute_dims") == 2, main  # the input to NHWC, the result back
+    assert 'layout="NHWC"' in main
+
+
+@pytest.mark.amx
 def test_compile_with_precision_bf16_runs_cnn_convs_on_tiles(rng, tmp_path):
-    """tvmq.compile(precision="bf16"): batch norms folded first, the stride-1 convs over
-    32-channel multiples on bf16 tiles, the RGB stem and the strided conv in float32."""
+    """tvmq.compile(precision="bf16"): batch norms folded first, every conv on bf16 tiles:
+    the stride-1 convs over 32-channel multiples read their input directly, the RGB stem
+    and the strided conv gather blocks of it."""
     import tvmq
 
     torch.manual_seed(0)
@@ -86,5 +138,6 @@ def test_compile_with_precision_bf16_runs_cnn_convs_on_tiles(rng, tmp_path):
     cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cosine > 0.999 and np.abs(got - want).max() / np.abs(want).max() < 3e-2
     kernels = compiled.manifest.notes["kernels"]["prescheduled"]
-    assert sum(k.startswith("tvmq_bf16_conv_amx") for k in kernels) == 2, kernels
-    assert sum(k.startswith("tvmq_float_conv2d") for k in kernels) == 2, kernels
+    assert sum(k.startswith("tvmq_bf16_conv_amx_gathered") for k in kernels) == 2, kernels
+    assert sum(k.startswith("tvmq_bf16_conv_amx") for k in kernels) == 4, kernels
+    assert not any(k.startswith("tvmq_float_conv2d") for k in kernels), kernels

@@ -28,7 +28,7 @@ from tvm.script.ir_builder import tirx as T
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
-from tvmq.kernels.x86_amx_conv import conv_rows
+from tvmq.kernels.x86_amx_conv import conv_rows, gathered_conv_rows
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 K_STEP = BF16.k_step
@@ -180,4 +180,30 @@ def bf16_conv_amx(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None 
     return amx_kernel(
         "bf16_conv_amx", x_shape, rows, geo.k, n_padded, tiles, False, None,
         out_rows=geo.m, ops=BF16, bias=bias,
+    )  # fmt: skip
+
+
+def bf16_conv_gathered_applies(geo: Conv2DGeometry) -> bool:
+    """Whether :func:`bf16_conv_amx_gathered` takes this conv (``groups`` 1): two tiles of
+    output pixels; any stride, dilation or channel count."""
+    return geo.m >= 2 * TILE
+
+
+def bf16_conv_amx_gathered(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None = None):
+    """A float32 conv that :func:`bf16_conv_amx` does not take (strided or dilated; channels
+    off 32: an RGB stem) on bf16 AMX tiles, each block of output pixels im2col'd from the
+    padded bf16 input (:func:`to_bf16_padded`) into a panel in cache right before the tiles
+    read it (:func:`~tvmq.kernels.x86_amx_conv.gathered_conv_rows`). ``W`` the dense weight
+    ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by :func:`pack_weight_bf16` (K padded
+    to 32); arguments and result as :func:`bf16_conv_amx`'s."""
+    if not bf16_conv_gathered_applies(geo):
+        raise ValueError(f"{geo} has fewer output pixels than two tiles of rows")
+    n, c, h, w = geo.x_shape
+    top, left, bottom, right = geo.padding
+    k = round_up(geo.k, K_STEP)
+    tiles = amx_tiles(2 * TILE, k, n_padded)
+    x_shape = (n, h + top + bottom, w + left + right, c)
+    return amx_kernel(
+        "bf16_conv_amx_gathered", x_shape, gathered_conv_rows(geo), k, n_padded, tiles, False,
+        None, out_rows=geo.m, ops=BF16, bias=bias,
     )  # fmt: skip
