@@ -31,14 +31,22 @@ def _run(mod: tvm.IRModule, x: np.ndarray, out_shape) -> np.ndarray:
     return out.numpy()
 
 
-def test_padded_conversion_reads_no_border_pixel():
-    """The conv's zero border is selected without a read: TVM's simplifier had dropped the
-    clamped indices under a Select, whose both sides run, so the top-left border read X[-1]
-    (ResNet-50 bf16 segfaulted where the row before the image was an unmapped page)."""
-    geo = Conv2DGeometry((1, 32, 7, 9), (3, 3), (1, 1), (1, 2, 1, 2), (1, 1))
+@pytest.mark.parametrize(
+    ("x_shape", "padding"),
+    [((1, 32, 7, 9), (1, 2, 1, 2)), ((2, 3, 5, 7), (3, 3, 3, 3)), ((2, 3, 80, 80), (1, 1, 1, 1))],
+    ids=["32-channels", "rgb-batch-2-vector-tail", "rgb-batch-2-parallel-rows"],
+)
+def test_padded_conversion_reads_no_border_pixel(x_shape, padding):
+    """The conv's zero border is written without a read (TVM's simplifier had dropped the
+    clamped indices under a Select, whose both sides run, so the top-left border read X[-1]:
+    ResNet-50 bf16 segfaulted where the row before the image was an unmapped page); each
+    row's run of W * C values in 16-lane vectors and a tail (21 values of a 7-pixel RGB row)."""
+    geo = Conv2DGeometry(x_shape, (3, 3), (1, 1), padding, (1, 1))
     mod = _scheduled(to_bf16_padded(geo))
-    x = np.random.default_rng(0).standard_normal((1, 7, 9, 32)).astype(np.float32)
-    want = np.pad(bf16_bits(x), ((0, 0), (1, 1), (2, 2), (0, 0)))
+    n, c, h, w = x_shape
+    x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(np.float32)
+    top, left, bottom, right = padding
+    want = np.pad(bf16_bits(x), ((0, 0), (top, bottom), (left, right), (0, 0)))
     np.testing.assert_array_equal(_run(mod, x, want.shape), want)
 
 
