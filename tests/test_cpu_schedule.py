@@ -12,11 +12,10 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight as dl
 
+from tests.kernels.test_x86_int8 import with_cores
 from tvmq.build import build, fuse_to_tir
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.targets import get_target
-
-from tests.kernels.test_x86_int8 import with_cores
 
 
 def _module(shape, body, dtype: str = "float32") -> tvm.IRModule:
@@ -434,7 +433,9 @@ def test_squeeze_excite_gate_read_across_its_layout_is_vectorized():
         bb.emit_func_output(out)
     mod = bb.get()
     (script,) = _scheduled_kernels(mod).values()
-    assert re.search(r"T\.vectorized\(T\.int64\(16\)\):\s+with T\.sblock\(\"T_multiply", script), script
+    assert re.search(r"T\.vectorized\(T\.int64\(16\)\):\s+with T\.sblock\(\"T_multiply", script), (
+        script
+    )
     rng = np.random.default_rng(11)
     data = rng.standard_normal((1, 28, 28, 32), dtype=np.float32)
     s = rng.standard_normal((1, 32), dtype=np.float32)
@@ -463,7 +464,9 @@ def test_global_pool_splits_its_rows_between_cores(shape, split):
         assert ("_rf = T.sblock_alloc_buffer((T.int64(2)," in script) == (split and cores == 2)
     scheduled = _scheduled_module(mod, "host", cores=2)
     target = with_cores(2, get_target("host").tvm_target())
-    (name,) = [gv.name_hint for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
+    (name,) = [
+        gv.name_hint for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)
+    ]
     kernel = scheduled[name].with_attr("global_symbol", "main")
     lib = tvm.tirx.build(tvm.IRModule({"main": kernel}), target=target)
     x = np.random.default_rng(12).standard_normal(shape, dtype=np.float32)

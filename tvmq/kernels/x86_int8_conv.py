@@ -123,9 +123,7 @@ def int8_im2col(
             X = T.decl_buffer((n * h * w * c,), x_dtype, data=X4.data)  # X4, flat
             staging = T.sblock_alloc_buffer((n * hp * wp * c if staged else 1,), "uint8")
             # the image the patches are read from: X itself where it is uint8 and unpadded
-            P = T.decl_buffer(
-                (n * hp * wp * c,), "uint8", data=staging.data if staged else X4.data
-            )
+            P = T.decl_buffer((n * hp * wp * c,), "uint8", data=staging.data if staged else X4.data)
             if staged:  # else the loop would write into X: it does not run
                 for bi in T.parallel(n * hp) if parallel else T.serial(n * hp):
                     b, i = bi // hp, bi % hp
