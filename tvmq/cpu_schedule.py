@@ -51,7 +51,10 @@ class CPUDefaultSchedule(dl.ScheduleRule):
        power-of-two vector of at least 128 bits that divides it: 16 channels of uint8), move
        the reduction loops outside it and vectorize it; for reductions, also keep up to four
        rows of the next spatial axis in registers (unrolled). The outer spatial loops are
-       fused and run in parallel.
+       fused and run in parallel. A reduction with one output row keeps that row in
+       registers (:func:`_schedule_one_row`); over one input's rows (a global pool) on a
+       target of several cores, each core takes a contiguous run of the rows
+       (:func:`_split_pooling`).
 
     Dynamic shapes, other layouts and anything the schedule primitives reject keep TVM's
     plain loops (a step that fails falls back to the next).
