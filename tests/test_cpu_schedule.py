@@ -445,6 +445,27 @@ def test_squeeze_excite_gate_read_across_its_layout_is_vectorized():
     np.testing.assert_allclose(got, data * gate.reshape(1, 1, 1, 32), rtol=2e-6, atol=1e-7)
 
 
+def test_unit_stride_ignores_the_sizes_of_axes_a_loop_does_not_move():
+    """A read the inner loop does not move (``b[i, 0]``) may sit in a buffer of symbolic
+    size: unit stride, no error (the flat-layout check had raised a TypeError there); a read
+    it moves across a symbolic axis (``b[j, 0]`` of a ``(64, n)`` buffer) is not."""
+    from tvm import s_tir, te
+
+    from tvmq.cpu_schedule import _is_unit_stride
+
+    def unit(b_shape, read) -> bool:
+        a = te.placeholder((4, 64), "float32", name="a")
+        b = te.placeholder(b_shape, "float32", name="b")
+        c = te.compute((4, 64), lambda i, j: a[i, j] + read(b, i, j), name="c")
+        sch = s_tir.Schedule(te.create_prim_func([a, b, c]))
+        block = sch.get(sch.get_sblock("c"))
+        return _is_unit_stride(block, block.iter_vars[1].var)
+
+    n = tirx.Var("n", "int64")
+    assert unit((4, n), lambda b, i, j: b[i, 0])
+    assert not unit((64, n), lambda b, i, j: b[j, 0])
+
+
 @pytest.mark.parametrize(
     ("shape", "split"),
     [

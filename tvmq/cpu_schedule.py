@@ -520,8 +520,10 @@ def _is_unit_stride(block: s_tir.SBlock, var: tirx.Var) -> bool:
             if len(coeffs) != 2 or not isinstance(coeffs[0], tirx.IntImm):
                 return False
             stride = int(coeffs[0])
+            if stride == 0:
+                continue  # any dimension sizes: a symbolic one is not read past
             inner = shape[axis + 1 :]
-            if stride != 0 and not all(isinstance(d, tirx.IntImm) for d in inner):
+            if not all(isinstance(d, tirx.IntImm) for d in inner):
                 return False
             flat += stride * math.prod(int(d) for d in inner)
         if flat not in (0, 1):
