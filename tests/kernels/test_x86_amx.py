@@ -29,8 +29,8 @@ def _compile(func: tvm.tirx.PrimFunc):
     return tvm.compile(mod, target=tvm.target.Target(_AMX_TARGET))
 
 
-def _run(func, *arrays, out_shape, out_dtype):
-    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+def _run(func, *arrays, out_shape, out_dtype, init=0):
+    out = tvm.runtime.tensor(np.full(out_shape, init, out_dtype))
     _compile(func)["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
     return out.numpy()
 
@@ -282,6 +282,43 @@ def test_amx_conv_gathered_in_cache_is_exact(c, hw, o, k, stride, pad, dilation,
         out_dtype="int32",
     )
     np.testing.assert_array_equal(got[:, :o], want)
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize("gathered", [False, True], ids=["direct", "gathered"])
+@pytest.mark.parametrize("border", [(1, 1, 1, 1), (0, 2, 3, 1)])
+@pytest.mark.parametrize("cores", [1, 2])
+def test_amx_conv_writes_its_result_zero_bordered(gathered, border, cores):
+    """With ``out_border`` the conv's rows land inside a zero border (the next conv's padded
+    input): every border pixel is written 0 over whatever the buffer held, every other pixel
+    is the conv's, for two images (the border between them) and uneven borders."""
+    from tvmq.kernels.x86_amx_conv import AmxConv
+    from tvmq.kernels.x86_int8_conv import Conv2DGeometry
+
+    geo = Conv2DGeometry((2, 64, 9, 10), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    rng = np.random.default_rng(sum(border) + gathered)
+    x = rng.integers(0, 256, (2, 9, 10, 64), dtype=np.uint8)
+    w = rng.integers(-128, 128, (48, 64, 3, 3), dtype=np.int8)
+    want, x_padded = _conv_reference(x, w, geo.padding)
+    kernel = AmxConv(geo, 48, gathered=gathered, out_border=border)
+    offset = rng.integers(-999, 999, 48).astype(np.int32)
+    with with_cores(cores, _AMX_TARGET):
+        func = kernel.build(True)
+    w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(48, -1).T)
+    top, left, bottom, right = border
+    got = _run(
+        func,
+        x_padded,
+        kernel.pack(w2),
+        offset,
+        out_shape=(kernel.output_rows, 48),
+        out_dtype="int32",
+        init=-7,  # what the buffer held before: every border pixel must be overwritten
+    ).reshape(2, top + 9 + bottom, left + 10 + right, 48)
+    inside = got[:, top : top + 9, left : left + 10]
+    np.testing.assert_array_equal(inside.reshape(-1, 48), want + offset)
+    got[:, top : top + 9, left : left + 10] = 0
+    assert not got.any()
 
 
 @pytest.mark.amx

@@ -646,6 +646,54 @@ def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_
     assert len(np.unique(got)) > 20  # not clamped flat
 
 
+def _two_convs_module(rng, x_shape, o1, kernel1, stride1, o2, out_zero):
+    """conv1 -> ReLU requantize to uint8 (zero point 0) -> conv2 (3x3, padding 1) -> requantize
+    to uint8 with ``out_zero``: the intermediate's only reader pads it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+
+    def requantized(data, o, kernel, stride, zero, scale):
+        w = relax.const(_random(rng, (o, int(data.ty.shape[1]), kernel, kernel), np.int8))
+        y = bb.emit(relax.op.nn.conv2d(data, w, stride, kernel // 2, out_dtype="int32"))
+        y = bb.emit(relax.op.add(y, relax.const(rng.integers(-4000, 4000, (1, o, 1, 1), np.int32))))
+        y = bb.emit(relax.op.astype(bb.emit(relax.op.nn.relu(y)), "float32"))
+        m = (rng.random((1, o, 1, 1)) * scale).astype(np.float32)
+        y = bb.emit(relax.op.multiply(y, relax.const(m)))
+        one, z = relax.const(np.float32(1.0)), relax.const(zero, "int32")
+        return relax.op.quantize(y, one, z, out_dtype="uint8")
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(requantized(x, o1, kernel1, stride1, 0, 4e-4 / kernel1))
+            out = bb.emit_output(requantized(q, o2, 3, 1, out_zero, 2e-3))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "o1", "kernel1", "stride1", "producer"),
+    [
+        ((1, 64, 12, 12), 64, 3, 1, "int8_conv_amx"),  # read straight into the tiles
+        ((2, 64, 16, 16), 64, 3, 2, "int8_conv_amx_gathered"),  # strided: gathered blocks
+        ((1, 64, 14, 14), 48, 1, 1, "int8_conv_amx"),  # 48 channels: tap runs, slack rows
+    ],
+)
+def test_amx_conv_writes_the_next_convs_padded_input(rng, x_shape, o1, kernel1, stride1, producer):
+    """An AMX conv whose uint8 result only a padding AMX conv reads writes it zero-bordered:
+    no pad kernel between the two, and the bits of TVM's default lowering."""
+    mod = _two_convs_module(rng, x_shape, o1, kernel1, stride1, 64, 5)
+    packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum(n.endswith("_bordered") for n in names) == 1, names
+    assert producer in _kernels(packed)
+    assert len(_ops_named(packed, "relax.nn.pad")) == (kernel1 > 1)  # the model input's only
+    x = _random(rng, x_shape, np.uint8)
+    got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20
+
+
 def _residual_block_module(rng, x_shape=(1, 16, 10, 10), downsample=False):
     """A ResNet block as LowerInt8 emits it: conv -> requantize (uint8, zero point 113) joined
     by its float32 integer add to the block's input ``x`` (or, ``downsample``, to a 1x1

@@ -324,6 +324,7 @@ def amx_kernel(
     out_rows: int | None = None,
     ops: AmxOps = INT8,
     bias: ConvEpilogue | None = None,
+    fill: Callable | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
     (one per group of rows: ``rows.batches``) into ``C (out_rows, n)`` (default:
@@ -331,7 +332,9 @@ def amx_kernel(
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
     ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
     ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``); a
-    requantize with a residual add reads ``residual`` (``C``'s shape) after the multiplier."""
+    requantize with a residual add reads ``residual`` (``C``'s shape) after the multiplier.
+    ``fill(C)``, before the product, writes the rows of ``C`` no row of the product is stored
+    in (a conv result's zero border)."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
@@ -385,6 +388,8 @@ def amx_kernel(
         # conditions. Where the request is refused the first tile instruction faults: tvmq.load
         # checks the CPU's features first (tvmq.machine.missing_cpu_features).
         T.evaluate(granted)
+        if fill is not None:
+            fill(c)
         with loop(0, m_chunks * n_chunks) as task:
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             _configure_tiles(cfg)

@@ -33,6 +33,9 @@ from tvmq.kernels.x86_amx import (
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
+Border = tuple[int, int, int, int]
+"""Zero pixels (top, left, bottom, right) around an NHWC image."""
+
 
 def amx_conv_applies(geo: Conv2DGeometry) -> bool:
     """Whether :func:`int8_conv_amx` takes this conv: stride 1, no dilation, a tile of rows,
@@ -76,6 +79,7 @@ def conv_rows(
     k_step: int = TILE_K,
     elem_bytes: int = 1,
     run: int | None = None,
+    out_border: Border | None = None,
 ) -> AmxRows:
     """The rows of a stride-1 conv read straight from its zero-padded NHWC input (``Hp x Wp``
     pixels an image): output pixel ``(b, y, x)`` is row ``p = (b * Hp + y) * Wp + x``, and tap
@@ -84,7 +88,7 @@ def conv_rows(
     padding's) are computed and not stored; the last row needed is the last output pixel.
     ``k_step``: the channels one instruction reduces (a divisor of ``C``); ``run``: read each
     kernel row's taps as one run of ``run`` elements (:func:`tap_run`), the padded input then
-    having :func:`input_padding`'s extra zero rows."""
+    having :func:`input_padding`'s extra zero rows; ``out_border``: see :func:`output_pixel`."""
     n, _, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
     hp, wp = h + top + bottom + _slack_rows(geo, c, run), w + left + right
@@ -99,10 +103,12 @@ def conv_rows(
         tap = ko // per_tap
         return ((tap // kw) * wp + tap % kw) * c + (ko % per_tap) * k_step
 
+    pixel = output_pixel(geo, out_border)
+
     def store(p):
         r = p % (hp * wp)
         y, x = r // wp, r % wp
-        return ((p // (hp * wp)) * oh + y) * ow + x, tirx.all(y < oh, x < ow)
+        return pixel(p // (hp * wp), y, x), tirx.all(y < oh, x < ow)
 
     count = ((n - 1) * hp + oh - 1) * wp + ow
     return AmxRows(count, c * elem_bytes, lambda p: p * c, store, k_offset)
@@ -114,25 +120,75 @@ def int8_conv_amx(
     *,
     with_offset: bool = False,
     requantize: Requantize | None = None,
+    out_border: Border | None = None,
 ) -> tvm.tirx.PrimFunc:
     """An int8 conv (:func:`amx_conv_applies`) on AMX tiles without im2col: ``X`` is the
     conv's input, NHWC uint8 with the conv's padding done (``(N, Hp, Wp, C)``), ``W`` the
     dense weight ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by
     :func:`pack_weight_amx`, ``C`` the ``(N * OH * OW, n_padded)`` rows of
-    :func:`int8_dense_amx` (same offset / requantize arguments)."""
+    :func:`int8_dense_amx` (same offset / requantize arguments); with ``out_border`` the
+    rows of the NHWC result with that zero border around it (:func:`output_pixel`)."""
     if not amx_conv_applies(geo):
         raise ValueError(f"{geo} is not a conv the AMX conv kernel takes")
     n, c, h, w = geo.x_shape
     top, left, bottom, right = input_padding(geo)
     run = tap_run(geo)
-    rows = conv_rows(geo, c, run=run)
+    rows = conv_rows(geo, c, run=run, out_border=out_border)
     k = geo.k if run is None else geo.kernel[0] * run
     tiles = amx_tiles(2 * TILE, k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
-    name = "int8_conv_amx"
     return amx_kernel(
-        name, x_shape, rows, k, n_padded, tiles, with_offset, requantize, out_rows=geo.m
-    )
+        "int8_conv_amx", x_shape, rows, k, n_padded, tiles, with_offset, requantize,
+        out_rows=output_rows(geo, out_border), fill=_zero_border(geo, out_border, n_padded),
+    )  # fmt: skip
+
+
+def output_pixel(geo: Conv2DGeometry, border: Border | None):
+    """``pixel(image, y, x)``: the row of a conv's NHWC result that output pixel ``(y, x)`` of
+    ``image`` is stored in, with ``border`` zero pixels around each image (the next conv's
+    padded input, written by the kernel: no pad between them) or none."""
+    oh, ow = geo.out_hw
+    top, left, bottom, right = border or (0, 0, 0, 0)
+
+    def pixel(image, y, x):
+        return (image * (top + oh + bottom) + top + y) * (left + ow + right) + left + x
+
+    return pixel
+
+
+def output_rows(geo: Conv2DGeometry, border: Border | None) -> int:
+    """Rows of a conv's NHWC result with ``border`` around each image (:func:`output_pixel`)."""
+    (oh, ow), (top, left, bottom, right) = geo.out_hw, border or (0, 0, 0, 0)
+    return geo.x_shape[0] * (top + oh + bottom) * (left + ow + right)
+
+
+def _zero_border(geo: Conv2DGeometry, border: Border | None, channels: int):
+    """The ``fill`` of :func:`~tvmq.kernels.x86_amx.amx_kernel` that zeroes ``border`` (the
+    rows no output pixel is stored in), or None without one: whole rows above and below each
+    image, ``left`` and ``right`` pixels beside each of its rows."""
+    if border is None or not any(border):
+        return None
+    n, (oh, ow) = geo.x_shape[0], geo.out_hw
+    top, left, bottom, right = border
+    hp, wp = top + oh + bottom, left + ow + right
+
+    def zero(c, first, count) -> None:
+        with T.serial(0, count) as p, T.vectorized(0, channels) as j:
+            T.buffer_store(c, tirx.const(0, c.dtype), [first + p, j])
+
+    def fill(c) -> None:
+        with T.serial(0, n) as image, T.serial(0, hp) as y:
+            row = (image * hp + y) * wp
+            with T.If(tirx.any(y < top, y >= top + oh)):
+                with T.Then():
+                    zero(c, row, wp)
+                with T.Else():
+                    if left:
+                        zero(c, row, left)
+                    if right:
+                        zero(c, row + left + ow, right)
+
+    return fill
 
 
 def input_padding(geo: Conv2DGeometry) -> tuple[int, int, int, int]:
@@ -162,6 +218,9 @@ class AmxConv:
     geo: Conv2DGeometry
     n_padded: int
     gathered: bool = False
+    # Zero pixels the kernel writes around its NHWC result (the next conv's padding): then
+    # its ``(output_rows, n_padded)`` result is that conv's padded input (no pad kernel).
+    out_border: Border | None = None
 
     @property
     def label(self) -> str:
@@ -190,7 +249,15 @@ class AmxConv:
 
     def build(self, with_offset: bool, requantize: Requantize | None = None) -> tirx.PrimFunc:
         kernel = int8_conv_amx_gathered if self.gathered else int8_conv_amx
-        return kernel(self.geo, self.n_padded, with_offset=with_offset, requantize=requantize)
+        return kernel(
+            self.geo, self.n_padded, with_offset=with_offset, requantize=requantize,
+            out_border=self.out_border,
+        )  # fmt: skip
+
+    @property
+    def output_rows(self) -> int:
+        """Rows of the kernel's result: the output pixels, with :attr:`out_border`'s."""
+        return output_rows(self.geo, self.out_border)
 
 
 def x86_int8_conv(geo: Conv2DGeometry, o: int, amx: bool) -> AmxConv | X86Int8Dense:
@@ -207,11 +274,12 @@ def x86_int8_conv(geo: Conv2DGeometry, o: int, amx: bool) -> AmxConv | X86Int8De
     return dense
 
 
-def gathered_conv_rows(geo: Conv2DGeometry) -> AmxRows:
+def gathered_conv_rows(geo: Conv2DGeometry, out_border: Border | None = None) -> AmxRows:
     """The rows of any conv (strided, dilated, any channel count) as blocks gathered from its
     zero-padded NHWC uint8 input: each block of output pixels is im2col'd into a small panel
     (``rows x K``, in cache) right before the tiles read it, instead of the whole im2col
-    matrix going through memory first. Row ``p`` is output pixel ``p`` (``N * OH * OW``)."""
+    matrix going through memory first. Row ``p`` is output pixel ``p`` (``N * OH * OW``),
+    stored in row ``p`` of the result, or with ``out_border`` in :func:`output_pixel`'s."""
     n, c, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
     hp, wp = h + top + bottom, w + left + right
@@ -231,7 +299,14 @@ def gathered_conv_rows(geo: Conv2DGeometry) -> AmxRows:
                     value = x[origin + kx * dw * c + t]
                     T.buffer_store(panel, value, [i * k + (ky * kw + kx) * c + t])
 
-    return AmxRows(geo.m, 0, lambda p: p, lambda p: (p, None), gather=gather)
+    def store(p):
+        if out_border is None:
+            return p, None
+        r = p % (oh * ow)
+        return pixel(p // (oh * ow), r // ow, r % ow), None
+
+    pixel = output_pixel(geo, out_border)
+    return AmxRows(geo.m, 0, lambda p: p, store, gather=gather)
 
 
 def int8_conv_amx_gathered(
@@ -240,11 +315,13 @@ def int8_conv_amx_gathered(
     *,
     with_offset: bool = False,
     requantize: Requantize | None = None,
+    out_border: Border | None = None,
 ) -> tvm.tirx.PrimFunc:
     """An int8 conv on AMX tiles over blocks im2col'd in cache (:func:`gathered_conv_rows`):
     ``X`` the padded NHWC uint8 input, ``W`` the dense weight packed by
     :func:`pack_weight_amx` (K padded to 64), ``C`` the ``(N * OH * OW, n_padded)`` rows of
-    :func:`int8_dense_amx` (same offset / requantize arguments)."""
+    :func:`int8_dense_amx` (same offset / requantize arguments), or ``out_border`` as in
+    :func:`int8_conv_amx`."""
     if geo.m < 2 * TILE:
         raise ValueError(f"{geo} has fewer output pixels than two tiles of rows")
     n, c, h, w = geo.x_shape
@@ -252,6 +329,7 @@ def int8_conv_amx_gathered(
     tiles = amx_tiles(2 * TILE, geo.k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
-        "int8_conv_amx_gathered", x_shape, gathered_conv_rows(geo), tiles.k_padded, n_padded,
-        tiles, with_offset, requantize, out_rows=geo.m,
+        "int8_conv_amx_gathered", x_shape, gathered_conv_rows(geo, out_border), tiles.k_padded,
+        n_padded, tiles, with_offset, requantize, out_rows=output_rows(geo, out_border),
+        fill=_zero_border(geo, out_border, n_padded),
     )  # fmt: skip
