@@ -12,8 +12,12 @@ into::
     y = reshape(strided_slice(y2), (..., N))
 
 (:mod:`tvmq.kernels.x86_amx_bf16`): activations and weights are rounded to bf16, the
-products and sums stay float32. Everything else is left to the float32 kernels: fewer than
-16 rows (a GEMV wastes most of a tile), symbolic shapes, batched or non-constant weights.
+products and sums stay float32. A matmul of fewer than 16 rows (a classifier's one row: a
+GEMV wastes most of a tile) keeps its weight in bf16 and decodes it in a float32 kernel
+(the ``bf16`` format of :func:`~tvmq.kernels.cpu_decoded_dense.decoded_dense`), its
+activations unrounded: the weight streams half the bytes (MobileNetV2's 1280 x 1000
+classifier alone, one thread, 200 -> 84 us). Everything else is left to the float32
+kernels: symbolic shapes, batched or non-constant weights.
 It is not part of the default pipeline: :func:`tvmq.pipeline.run` applies it for
 ``precision="bf16"`` (a numerics choice the user makes), after quantization and before the
 target kernel passes. A no-op without AMX-BF16; idempotent.
@@ -28,7 +32,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
+from tvmq.kernels.cpu_decoded_dense import DecodedWeight
 from tvmq.kernels.x86_amx_bf16 import (
+    bf16_bits,
     bf16_dense_amx,
     bf16_padded,
     pack_weight_bf16,
@@ -37,10 +43,14 @@ from tvmq.kernels.x86_amx_bf16 import (
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
 from ._int8_dense import KernelRewriter, is_symbolic, rewrite_functions
-from .pack_float_dense import match_float_dense
+from .pack_decoded_dense import emit_decoded_dense
+from .pack_float_dense import MIN_MACS, match_float_dense
 from .pack_int8_dense_x86 import llvm_target_has
 
 MIN_ROWS = 16
+# A bf16 weight of a few rows' matmul pays from 64K multiply-adds: ResNet-18's 512 x 1000
+# classifier (under PackFloatDense's MIN_MACS) took 96 us in TVM's default schedule.
+GEMV_MIN_MACS = 1 << 16
 
 
 def target_has_amx_bf16(target: tvm.target.Target | None) -> bool:
@@ -51,8 +61,11 @@ def target_has_amx_bf16(target: tvm.target.Target | None) -> bool:
 @mutator
 class _Rewriter(KernelRewriter):
     def match(self, call: relax.Call):
-        found = match_float_dense(call, self.lookup_binding)
-        if found is None or is_symbolic(found[1]) or math.prod(found[1][:-1]) < MIN_ROWS:
+        found = match_float_dense(call, self.lookup_binding, GEMV_MIN_MACS)
+        if found is None or is_symbolic(found[1]):
+            return None
+        rows, (k, n) = math.prod(found[1][:-1]), found[2].shape
+        if rows >= MIN_ROWS and rows * k * n < MIN_MACS:  # left to the default schedule
             return None
         return found
 
@@ -60,6 +73,11 @@ class _Rewriter(KernelRewriter):
         bb = self.builder_
         k, n = w.shape
         m = math.prod(x_shape[:-1])
+        if m < MIN_ROWS:  # AVX-512 on an AMX CPU: 16 float lanes, 32 vector registers
+            weight = DecodedWeight("bf16", 16, "uint16")
+            return emit_decoded_dense(
+                bb, self.kernel_var, x, x_shape, n, bf16_bits(w), weight, [], 16, 32
+            )
         mp, kp, np_ = bf16_padded(m, k, n)
         convert = self.kernel_var(
             ("bf16", m, k, mp, kp), f"tvmq_to_bf16_{mp}x{kp}", lambda: to_bf16_rows(m, k, mp, kp)
@@ -89,7 +107,10 @@ class AmxBf16Pass:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=True)
-        return self.rewrite(mod) if target_has_amx_bf16(target) else mod
+        if not target_has_amx_bf16(target):
+            return mod
+        with target:  # tile choices follow the target's CPU
+            return self.rewrite(mod)
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         raise NotImplementedError

@@ -128,26 +128,43 @@ class _Rewriter(PyExprMutator):
         return self._lower(x, x_shape, w_shape[1], *matrix)
 
     def _lower(self, x, x_shape, n: int, codes, fmt: DecodedWeight, floats) -> relax.Expr:
-        bb = self.builder_
-        k, m = x_shape[-1], math.prod(x_shape[:-1])
-        tiles = choose_conv_tiles(m, n, self.lanes, self.registers)
-        x = bb.emit(relax.op.reshape(x, (m, k)))
-        if tiles.ow_padded != m:
-            x = bb.emit(relax.op.nn.pad(x, [0, tiles.ow_padded - m, 0, 0]))
-        key = (tiles, k, fmt)
+        return emit_decoded_dense(
+            self.builder_, self._kernel_var, x, x_shape, n, codes, fmt, floats,
+            self.lanes, self.registers,
+        )  # fmt: skip
+
+    def _kernel_var(self, key: tuple, name: str, build) -> tvm.ir.GlobalVar:
         if key not in self.kernels:
-            func = decoded_dense(tiles.ow_padded, k, tiles, fmt).with_attr("op_pattern", OPAQUE)
-            name = f"tvmq_decoded_dense_{fmt.fmt}{fmt.bits}_{tiles.ow_padded}x{k}x{tiles.o_padded}"
-            self.kernels[key] = bb.add_func(func, name)
-        packed = pack_codes(codes, self.lanes, tiles.o_padded, fmt.bits)
-        extra = floats if fmt.fmt == "table" else [_padded(f, tiles.o_padded) for f in floats]
-        consts = [relax.const(packed, str(packed.dtype))]
-        consts += [relax.const(np.ascontiguousarray(f, np.float32), "float32") for f in extra]
-        out_ty = relax.TensorType((tiles.ow_padded, tiles.o_padded), "float32")
-        y = bb.emit(relax.call_tir(self.kernels[key], [x, *consts], out_ty=out_ty))
-        if tiles.ow_padded != m or tiles.o_padded != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
-        return relax.op.reshape(y, (*x_shape[:-1], n))
+            self.kernels[key] = self.builder_.add_func(build(), name)
+        return self.kernels[key]
+
+
+def emit_decoded_dense(
+    bb, kernel_var, x, x_shape, n: int, codes, fmt: DecodedWeight, floats, lanes, registers
+) -> relax.Expr:
+    """Emit ``x @ W`` on :func:`~tvmq.kernels.cpu_decoded_dense.decoded_dense` for a weight
+    given as its ``[K, N]`` ``codes`` in format ``fmt`` (and the ``floats`` it decodes with);
+    ``kernel_var(key, name, build)`` adds a kernel once per key (:meth:`KernelRewriter.kernel_var`)."""
+    k, m = x_shape[-1], math.prod(x_shape[:-1])
+    tiles = choose_conv_tiles(m, n, lanes, registers)
+    x = bb.emit(relax.op.reshape(x, (m, k)))
+    if tiles.ow_padded != m:
+        x = bb.emit(relax.op.nn.pad(x, [0, tiles.ow_padded - m, 0, 0]))
+    label = fmt.fmt if fmt.fmt == "bf16" else f"{fmt.fmt}{fmt.bits}"
+    kernel = kernel_var(
+        (tiles, k, fmt),
+        f"tvmq_decoded_dense_{label}_{tiles.ow_padded}x{k}x{tiles.o_padded}",
+        lambda: decoded_dense(tiles.ow_padded, k, tiles, fmt).with_attr("op_pattern", OPAQUE),
+    )
+    packed = pack_codes(codes, lanes, tiles.o_padded, fmt.bits)
+    extra = floats if fmt.fmt == "table" else [_padded(f, tiles.o_padded) for f in floats]
+    consts = [relax.const(packed, str(packed.dtype))]
+    consts += [relax.const(np.ascontiguousarray(f, np.float32), "float32") for f in extra]
+    out_ty = relax.TensorType((tiles.ow_padded, tiles.o_padded), "float32")
+    y = bb.emit(relax.call_tir(kernel, [x, *consts], out_ty=out_ty))
+    if tiles.ow_padded != m or tiles.o_padded != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+    return relax.op.reshape(y, (*x_shape[:-1], n))
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDecodedDense")

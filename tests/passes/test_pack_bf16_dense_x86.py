@@ -11,6 +11,7 @@ from tvm import relax
 
 from tvmq.kernels.x86_amx_bf16 import bf16_bits, bf16_to_float
 from tvmq.passes.pack_bf16_dense_x86 import PackBf16DenseX86, target_has_amx_bf16
+from tvmq.passes.relax_utils import is_tensor_const
 
 SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
@@ -46,7 +47,7 @@ def test_only_amx_bf16_targets_and_large_static_matmuls(rng):
     assert target_has_amx_bf16(SAPPHIRERAPIDS) and not target_has_amx_bf16(CASCADELAKE)
     big = _matmul_module((1, 512, 64), w)  # 1.6M multiply-adds (PackFloatDense: >= 1M)
     assert PackBf16DenseX86(CASCADELAKE)(big).same_as(big)
-    small = _matmul_module((8, 64), w)  # under a tile of rows
+    small = _matmul_module((8, 64), w)  # under PackFloatDense's 1M multiply-adds
     assert PackBf16DenseX86(SAPPHIRERAPIDS)(small).same_as(small)
     packed = PackBf16DenseX86(SAPPHIRERAPIDS)(big)
     assert any(n.startswith("tvmq_bf16_dense_amx") for n in _kernel_names(packed))
@@ -67,6 +68,32 @@ def test_bf16_dense_is_the_product_of_bf16_rounded_operands(rng, x_shape, n):
     scale = np.abs(want).max()
     assert np.abs(got - want).max() / scale < 1e-5  # float32 sums of exact bf16 products
     assert np.abs(got - x @ w).max() / scale < 2e-2  # bf16's 8-bit significand
+
+
+@pytest.mark.parametrize(("x_shape", "n"), [((1, 2048), 1000), ((3, 700), 1500)])
+def test_a_few_rows_read_the_weight_as_bf16(rng, x_shape, n):
+    """Under a tile of rows (a classifier's one row) the weight is stored as bf16 and decoded
+    in the float32 kernel, the activations left unrounded: half the weight's bytes, and
+    numpy's product with the bf16-rounded weight up to float32 sums. Built for the host (no
+    tile instruction: it runs on any AVX-512 or AVX2 CPU)."""
+    from tvmq.build import build
+
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((x_shape[-1], n)) / 10).astype(np.float32)
+    mod = PackBf16DenseX86(SAPPHIRERAPIDS)(_matmul_module(x_shape, w))
+    assert any(k.startswith("tvmq_decoded_dense_bf16") for k in _kernel_names(mod))
+    consts = []
+    relax.analysis.post_order_visit(
+        mod["main"],
+        lambda e: consts.append(e.value.numpy()) if is_tensor_const(e) else None,
+    )
+    assert [c.dtype for c in consts] == [np.uint16] and consts[0].nbytes < w.nbytes * 0.6
+    vm = relax.VirtualMachine(build(mod, "host", tuning_logs=None), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = x.astype(np.float64) @ bf16_to_float(bf16_bits(w)).astype(np.float64)
+    scale = np.abs(want).max()
+    assert got.shape == want.shape and np.abs(got - want).max() / scale < 1e-5
+    assert np.abs(got - x @ w).max() / scale < 2e-2
 
 
 @pytest.mark.amx

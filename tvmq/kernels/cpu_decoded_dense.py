@@ -8,7 +8,9 @@ byte: ``k = 2t`` in the low nibble, ``k = 2t + 1`` in the high one) and decoded 
 - ``affine``: ``W[k, n] = (float(code) - Z[k // G, n] - offset) * S[k // G, n]`` (weight-only
   int8 / int4, per channel ``G = K`` or per group of ``G`` reduction elements); ``Z`` is
   absent for symmetric weights, ``offset`` 8 for signed 4-bit codes stored as ``q + 8``;
-- ``table``: ``W[k, n] = T[code]`` (weight sharing: a codebook of at most 256 floats).
+- ``table``: ``W[k, n] = T[code]`` (weight sharing: a codebook of at most 256 floats);
+- ``bf16``: ``W[k, n]`` is the float32 whose upper half is the 16-bit code (``precision="bf16"``
+  matmuls of a few rows, which AMX tiles do not pay for: a classifier streams half the bytes).
 
 Both give exactly the float weight the graph decoders of ``QuantizeWeightOnly`` and
 ``ClusterWeights`` compute.
@@ -37,13 +39,14 @@ _PARALLEL_MIN_MACS = 1 << 20
 # Tables up to this size are read with a tree of selects on the code's bits (vector blends
 # over entries held in registers) rather than a gather, which TVM's codegen scalarizes.
 _SELECT_TABLE = 16
-FORMATS = ("affine", "table")
+FORMATS = ("affine", "table", "bf16")
 
 
 @dataclass(frozen=True)
 class DecodedWeight:
-    """How a packed weight is decoded: ``fmt`` (``affine`` / ``table``), ``bits`` (4 / 8)
-    of each code, ``code_dtype`` (``int8`` for signed 8-bit affine codes, else ``uint8``),
+    """How a packed weight is decoded: ``fmt`` (``affine`` / ``table`` / ``bf16``), ``bits``
+    (4 / 8; 16 for bf16) of each code, ``code_dtype`` (``int8`` for signed 8-bit affine codes,
+    ``uint16`` for bf16, else ``uint8``),
     ``groups`` (rows of ``S`` / ``Z``), ``zero_point`` (whether ``Z`` is passed), ``offset``
     (a constant subtracted from every code) and ``table_size`` (entries of ``T``)."""
 
@@ -59,7 +62,7 @@ class DecodedWeight:
 def pack_codes(codes: np.ndarray, lanes: int, n_padded: int, bits: int) -> np.ndarray:
     """``[K, N]`` integer codes as ``[N'/L, K', L]`` (``K'`` halved for 4-bit codes).
 
-    ``packed[j, k, i]`` holds the code of ``W[k, j * L + i]`` (8-bit), or those of rows
+    ``packed[j, k, i]`` holds the code of ``W[k, j * L + i]`` (8 or 16-bit), or those of rows
     ``2k`` (low nibble) and ``2k + 1`` (high nibble); padded columns and rows hold code 0.
     """
     k, n = codes.shape
@@ -80,12 +83,13 @@ def decoded_dense(m: int, k: int, tiles: ConvTiles, weight: DecodedWeight) -> tv
 
     ``m`` must be a multiple of ``tiles.mr`` and ``N' = tiles.o_padded`` of ``tiles.nr * L``.
     Arguments after the codes: ``S`` (and ``Z`` when ``weight.zero_point``), float32
-    ``(groups, N')``, for ``affine``; ``T`` float32 ``(table_size,)`` for ``table``.
+    ``(groups, N')``, for ``affine``; ``T`` float32 ``(table_size,)`` for ``table``; none for
+    ``bf16``.
     """
     n, lanes = tiles.o_padded, tiles.lanes
     if m % tiles.mr or n % (tiles.nr * lanes):
         raise ValueError(f"unpadded output {m}x{n} for tiles {tiles}")
-    if weight.fmt not in FORMATS or weight.bits not in (4, 8):
+    if weight.fmt not in FORMATS or weight.bits not in ((16,) if weight.fmt == "bf16" else (4, 8)):
         raise ValueError(f"unknown weight format {weight}")
     if weight.fmt == "affine" and k % weight.groups:
         raise ValueError(f"{weight.groups} groups do not divide K = {k}")
@@ -98,12 +102,12 @@ def decoded_dense(m: int, k: int, tiles: ConvTiles, weight: DecodedWeight) -> tv
         extra.append(s)
         if weight.zero_point:
             extra.append(te.placeholder((weight.groups, n), "float32", name="Z"))
-    else:
+    elif weight.fmt == "table":
         extra.append(te.placeholder((weight.table_size,), "float32", name="T"))
     group = k // weight.groups if weight.fmt == "affine" else k
 
     def code(jb, r, i):
-        if weight.bits == 8:
+        if weight.bits != 4:
             return q[jb, r, i]
         byte = q[jb, r // 2, i]
         shift = (r % 2 * 4).astype(weight.code_dtype)
@@ -111,6 +115,9 @@ def decoded_dense(m: int, k: int, tiles: ConvTiles, weight: DecodedWeight) -> tv
 
     def decode(jb, r, i):
         c = code(jb, r, i)
+        if weight.fmt == "bf16":
+            shifted = c.astype("uint32") << tvm.tirx.const(16, "uint32")
+            return tvm.tirx.reinterpret("float32", shifted)
         if weight.fmt == "table":
             if weight.table_size <= _SELECT_TABLE:
                 return _select_tree(extra[0], c, weight.table_size)
