@@ -14,7 +14,9 @@ or more (strided, dilated, channels off 32: an RGB stem) takes ``bf16_conv_amx_g
 which im2cols each block of output pixels into a panel in cache before the tiles read it:
 ResNet-18's 7x7 stem and strided convs, left to the float32 kernels, were half of its bf16
 time (3.7 of 7.6 ms on one thread). A bias add (a folded batch norm) and a ReLU / clip after
-the conv are computed before the store, as :class:`PackFloatConv` does it. Results stay channels
+the conv, and a ResNet block's skip added to its sum (``find_epilogues(residual=True)``: the
+float32 add of two activations was ~12% of ResNet-50's bf16 time), are computed before the
+store, as :class:`PackFloatConv` does it. Results stay channels
 last between convs (:mod:`tvmq.passes.channels_last`). Left to the float32 kernels: grouped and
 depthwise convs, and convs of fewer than 32 output pixels. Not part of the
 default pipeline: :func:`tvmq.pipeline.run` applies it for ``precision="bf16"`` after
@@ -64,9 +66,9 @@ class _Lowering:
         o, k = w.shape[0], geo.k
         np_ = round_up(o, TILE)
         fused = self.epilogues.get(rw.current_var)
-        chain, bias, epilogue = (
-            (fused.chain, fused.bias, fused.epilogue) if fused else ((), None, None)
-        )
+        if fused is not None and np_ != o:  # the residual would need padding: added apart
+            fused = fused.without_residual()
+        chain, bias, epilogue, residual = fused[:4] if fused else ((), None, None, None)
         convert = rw.kernel_var(
             ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
         )
@@ -78,6 +80,9 @@ class _Lowering:
         args = [xb, relax.const(pack_weight_bf16(w2), "uint16")]
         if epilogue is not None:
             args.append(relax.const(np.pad(bias, (0, np_ - o)).astype(np.float32), "float32"))
+        if residual is not None:  # a ResNet block's skip, added in the store
+            r = rw.nhwc_input(rw.visit_expr(residual))
+            args.append(bb.emit(relax.op.reshape(r, (geo.m, o))))
         kh, kw = geo.kernel
         kernel, label = (
             (bf16_conv_amx, "conv_amx") if direct else (bf16_conv_amx_gathered, "conv_amx_gathered")
@@ -99,7 +104,11 @@ class _Lowering:
 
 
 def _suffix(epilogue: ConvEpilogue | None) -> str:
-    return "" if epilogue is None else "_bias" if epilogue == ConvEpilogue() else "_bias_act"
+    if epilogue is None:
+        return ""
+    residual = "_residual" if epilogue.residual else ""
+    plain = epilogue in (ConvEpilogue(), ConvEpilogue(residual=True))
+    return "_bias" + residual + ("" if plain else "_act")
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackBf16ConvX86")
@@ -108,4 +117,4 @@ class PackBf16ConvX86(AmxBf16Pass):
     see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_channels_last(mod, _Lowering(find_epilogues(mod)))
+        return rewrite_channels_last(mod, _Lowering(find_epilogues(mod, residual=True)))

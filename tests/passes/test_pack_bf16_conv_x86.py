@@ -62,6 +62,40 @@ def test_bf16_conv_reads_its_padded_input_into_tiles(rng, x_shape, o, k, padding
 
 @pytest.mark.amx
 @pytest.mark.parametrize(
+    ("x_shape", "o", "strides"), [((1, 64, 10, 9), 64, 1), ((1, 64, 14, 14), 128, 2)]
+)
+def test_a_residual_add_joins_the_bf16_conv_kernel(rng, x_shape, o, strides):
+    """``relu(conv(x) + bias + r)`` (a ResNet block's end) is one kernel, direct or gathered:
+    the skip is added in the store, no float32 add of two activations is left."""
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((o, x_shape[1], 3, 3)) / 10).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    oh, ow = (x_shape[2] - 1) // strides + 1, (x_shape[3] - 1) // strides + 1
+    r = rng.standard_normal((1, o, oh, ow)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    rv = relax.Var("r", relax.TensorType(r.shape, "float32"))
+    with bb.function("main", [xv, rv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=strides, padding=1))
+            y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
+            y = bb.emit(relax.op.add(y, rv))
+            out = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(out)
+    mod = PackBf16ConvX86(SAPPHIRERAPIDS)(bb.get())
+    assert sum(n.endswith("_bias_residual_act") for n in _kernel_names(mod)) == 1
+    assert "R.add(" not in mod["main"].script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r)).numpy()
+    xr, wr = (torch.from_numpy(bf16_to_float(bf16_bits(a))) for a in (x, w))
+    t = torch.nn.functional.conv2d(xr, wr, stride=strides, padding=1)
+    want = torch.relu(t + torch.from_numpy(bias).reshape(1, -1, 1, 1) + torch.from_numpy(r))
+    scale = np.abs(want.numpy()).max()
+    assert np.abs(got - want.numpy()).max() / scale < 1e-5
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
     ("x_shape", "o", "k", "strides", "padding"),
     [((1, 3, 32, 30), 64, 7, 2, 3), ((1, 64, 14, 14), 128, 3, 2, 1), ((2, 40, 9, 11), 24, 1, 2, 0)],
     ids=["rgb-stem-7x7", "3x3-stride-2", "1x1-stride-2"],

@@ -188,14 +188,6 @@ INT8 = AmxOps("uint8", "int8", "int32", 4, "tdpbusd")
 BF16 = AmxOps("uint16", "uint16", "float32", 2, "tdpbf16ps")
 
 
-def _clamp(v, bounds: ConvEpilogue):
-    if bounds.lo != float("-inf"):
-        v = tirx.max(v, tirx.const(bounds.lo, "float32"))
-    if bounds.hi != float("inf"):
-        v = tirx.min(v, tirx.const(bounds.hi, "float32"))
-    return v
-
-
 def _intrin(name: str, *args) -> None:
     T.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
@@ -331,8 +323,9 @@ def amx_kernel(
     ``rows.count``), ``name`` its :data:`KERNEL_ATTR`.
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
     ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
-    ``min(max(acc + bias[j], lo), hi)`` (a ``bias (n,)`` float32 argument after ``W``); a
-    requantize with a residual add reads ``residual`` (``C``'s shape) after the multiplier.
+    ``bias.activate(acc + bias[j] [+ residual])`` (a ``bias (n,)`` float32 argument after
+    ``W``, then with ``bias.residual`` a float32 ``residual`` of ``C``'s shape); a requantize
+    with a residual add reads ``residual`` (``C``'s shape) after the multiplier.
     ``fill(C)``, before the product, writes the rows of ``C`` no row of the product is stored
     in (a conv result's zero border)."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
@@ -377,11 +370,14 @@ def amx_kernel(
         w = T.arg("W", T.Buffer(w_shape, ops.w_dtype))
         off = T.arg("offset", T.Buffer((n,), "int32")) if with_offset else None
         mult = T.arg("multiplier", T.Buffer((n,), "float32")) if requantize else None
-        res = None
+        add = T.arg("bias", T.Buffer((n,), "float32")) if bias is not None else None
+        res, r_dtype = None, None
         if requantize is not None and requantize.residual is not None:
             r_dtype = requantize.residual.r_dtype
+        if bias is not None and bias.residual:
+            r_dtype = "float32"
+        if r_dtype is not None:
             res = T.arg("residual", T.Buffer((out_rows or rows.count, n), r_dtype))
-        add = T.arg("bias", T.Buffer((n,), "float32")) if bias is not None else None
         c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
         x_flat = T.decl_buffer((math.prod(x_shape),), ops.x_dtype, data=x.data)
         # Not an assert: tvmq builds drop asserts (tirx.disable_assert), and with them their
@@ -485,7 +481,8 @@ def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> N
                     r = None if res is None else res[index, col + j]
                     v = requantize_value(v, mult[col + j], requantize, r)
                 if bias is not None:
-                    v = _clamp(v + add[col + j], bias)
+                    v = v + add[col + j]
+                    v = bias.activate(v if res is None else v + res[index, col + j])
                 T.buffer_store(c, v, [index, col + j])
 
         if valid is None:
