@@ -37,6 +37,7 @@ from tvmq.kernels.x86_amx_bf16 import (
     bf16_conv_amx_gathered,
     bf16_conv_applies,
     bf16_conv_gathered_applies,
+    from_bf16,
     pack_weight_bf16,
     to_bf16_padded,
 )
@@ -45,6 +46,7 @@ from tvmq.kernels.x86_int8_conv import OPAQUE
 from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
 from .pack_bf16_dense_x86 import AmxBf16Pass
 from .pack_float_conv import find_epilogues, match_float_conv2d
+from .relax_utils import dataflow_bindings
 
 
 class _Lowering:
@@ -53,15 +55,26 @@ class _Lowering:
 
     def __init__(self, epilogues):
         self.epilogues = epilogues
+        # var -> the padding of its only reader, a bf16 conv (find_bf16_inputs)
+        self.wanted: dict[relax.Var, tuple[int, int, int, int]] = {}
+        # NHWC float32 value -> (the same as padded bf16 bits, written by its conv; padding)
+        self.as_bf16: dict[relax.Var, tuple[relax.Var, tuple[int, int, int, int]]] = {}
+
+    def find_bf16_inputs(self, mod: tvm.IRModule) -> None:
+        """Note the values read only by a conv this pass lowers, with that conv's padding: a
+        bf16 conv whose result such a value is stores it as that conv's padded bf16 input
+        (no float32 result, no conversion kernel between the two)."""
+        for b, only_user in dataflow_bindings(mod):
+            found = _lowered(b.value)
+            if found is not None and only_user(found[0]) is not None:
+                self.wanted[found[0]] = found[1].padding
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
-        found = match_float_conv2d(call)
-        if found is None or int(call.attrs.groups) != 1:
+        found = _lowered(call)
+        if found is None:
             return None
         x, geo, w = found
         direct = bf16_conv_applies(geo)
-        if not direct and not bf16_conv_gathered_applies(geo):
-            return None
         bb = rw.builder_
         o, k = w.shape[0], geo.k
         np_ = round_up(o, TILE)
@@ -69,13 +82,8 @@ class _Lowering:
         if fused is not None and np_ != o:  # the residual would need padding: added apart
             fused = fused.without_residual()
         chain, bias, epilogue, residual = fused[:4] if fused else ((), None, None, None)
-        convert = rw.kernel_var(
-            ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
-        )
         n, c, h, wd = geo.x_shape
-        top, left, bottom, right = geo.padding
-        padded = relax.TensorType((n, h + top + bottom, wd + left + right, c), "uint16")
-        xb = bb.emit(relax.call_tir(convert, [rw.nhwc_input(x)], out_ty=padded))
+        xb = self._bf16_input(rw, x, geo)
         w2 = np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, k).T)  # (ky, kx, c) rows
         args = [xb, relax.const(pack_weight_bf16(w2), "uint16")]
         if epilogue is not None:
@@ -87,20 +95,81 @@ class _Lowering:
         kernel, label = (
             (bf16_conv_amx, "conv_amx") if direct else (bf16_conv_amx_gathered, "conv_amx_gathered")
         )
+        # The next conv's padded bf16 input, where it is this result's only reader.
+        border = self.wanted.get(chain[-1] if chain else rw.current_var)
+        if np_ != o or residual is not None:
+            border = None
         fn = rw.kernel_var(
-            ("bf16_conv", geo, np_, epilogue),
-            f"tvmq_bf16_{label}_{kh}x{kw}_{c}x{o}" + _suffix(epilogue),
-            lambda: kernel(geo, np_, epilogue).with_attr("op_pattern", OPAQUE),
+            ("bf16_conv", geo, np_, epilogue, border),
+            f"tvmq_bf16_{label}_{kh}x{kw}_{c}x{o}"
+            + _suffix(epilogue)
+            + ("_to_bf16" * bool(border)),
+            lambda: kernel(geo, np_, epilogue, border).with_attr("op_pattern", OPAQUE),
         )
-        out_ty = relax.TensorType((geo.m, np_), "float32")
-        y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
+        if border is not None:
+            y = self._emit_bf16(rw, fn, args, geo, o, border)
+        else:
+            y = bb.emit(relax.call_tir(fn, args, out_ty=relax.TensorType((geo.m, np_), "float32")))
         if np_ != o:
             y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[o]))
         oh, ow = geo.out_hw
-        y = bb.emit(relax.op.reshape(y, (n, oh, ow, o)))
+        if border is None:
+            y = bb.emit(relax.op.reshape(y, (n, oh, ow, o)))
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
         return relax.op.permute_dims(y, TO_NCHW)
+
+    def _bf16_input(self, rw: ChannelsLastRewriter, x: relax.Expr, geo) -> relax.Expr:
+        """The conv's padded bf16 input: its producer's result where that conv wrote it so,
+        else :func:`to_bf16_padded` of ``x``."""
+        x = rw.nhwc_input(x)
+        ready = self.as_bf16.get(x)
+        if ready is not None and ready[1] == geo.padding:
+            return ready[0]
+        convert = rw.kernel_var(
+            ("to_bf16", geo), "tvmq_to_bf16_padded", lambda: to_bf16_padded(geo)
+        )
+        n, c, h, wd = geo.x_shape
+        top, left, bottom, right = geo.padding
+        padded = relax.TensorType((n, h + top + bottom, wd + left + right, c), "uint16")
+        return rw.builder_.emit(relax.call_tir(convert, [x], out_ty=padded))
+
+    def _emit_bf16(self, rw, fn, args, geo, o: int, border) -> relax.Expr:
+        """Emit the conv ``fn`` writing its result as bf16 bits inside ``border`` (the next
+        conv's input, noted in ``self.as_bf16``); return the NHWC float32 value, which that
+        conv does not read (it is computed only where something else does)."""
+        bb = rw.builder_
+        n, (oh, ow) = geo.x_shape[0], geo.out_hw
+        top, left, bottom, right = border
+        shape = (n, top + oh + bottom, left + ow + right, o)
+        bits = bb.emit(
+            relax.call_tir(
+                fn, args, out_ty=relax.TensorType((shape[0] * shape[1] * shape[2], o), "uint16")
+            )
+        )
+        bits = bb.emit(relax.op.reshape(bits, shape))
+        inside = bb.emit(
+            relax.op.strided_slice(bits, axes=[1, 2], begin=[top, left], end=[top + oh, left + ow])
+        )
+        decode = rw.kernel_var(
+            ("from_bf16", (n, oh, ow, o)), "tvmq_from_bf16", lambda: from_bf16((n, oh, ow, o))
+        )
+        y = bb.emit(
+            relax.call_tir(decode, [inside], out_ty=relax.TensorType((n, oh, ow, o), "float32"))
+        )
+        self.as_bf16[y] = (bits, tuple(border))
+        return y
+
+
+def _lowered(call: relax.Expr):
+    """``(x, geometry, W)`` of a conv this pass lowers (``groups`` 1, two tiles of output
+    pixels), else None."""
+    found = match_float_conv2d(call)
+    if found is None or int(call.attrs.groups) != 1:
+        return None
+    if not bf16_conv_applies(found[1]) and not bf16_conv_gathered_applies(found[1]):
+        return None
+    return found
 
 
 def _suffix(epilogue: ConvEpilogue | None) -> str:
@@ -117,4 +186,8 @@ class PackBf16ConvX86(AmxBf16Pass):
     see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return rewrite_channels_last(mod, _Lowering(find_epilogues(mod, residual=True)))
+        lowering = _Lowering(find_epilogues(mod, residual=True))
+        lowering.find_bf16_inputs(mod)
+        out = rewrite_channels_last(mod, lowering)
+        # the bf16 -> float32 decoders of results only bf16 convs read are called nowhere now
+        return out if out.same_as(mod) else relax.transform.DeadCodeElimination()(out)

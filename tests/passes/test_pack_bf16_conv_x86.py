@@ -62,6 +62,49 @@ def test_bf16_conv_reads_its_padded_input_into_tiles(rng, x_shape, o, k, padding
 
 @pytest.mark.amx
 @pytest.mark.parametrize(
+    ("strides1", "k2"), [(1, 3), (2, 3), (1, 1)], ids=["direct", "gathered", "unpadded-reader"]
+)
+def test_a_conv_read_only_by_a_bf16_conv_writes_its_padded_bf16_input(rng, strides1, k2):
+    """conv1 -> conv2: conv1's kernel stores its result as conv2's padded input, rounded to
+    bf16 (no float32 result and no conversion kernel between them); the numbers are those
+    of the two convs with their inputs rounded, as before."""
+    x_shape = (1, 64, 14, 12)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w1 = (rng.standard_normal((64, 64, 3, 3)) / 10).astype(np.float32)
+    w2 = (rng.standard_normal((32, 64, k2, k2)) / 10).astype(np.float32)
+    b1, b2 = (rng.standard_normal(o).astype(np.float32) for o in (64, 32))
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
+
+    def block(data, w, b, strides, padding):
+        y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), strides=strides, padding=padding))
+        y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+        return relax.op.nn.relu(y)
+
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(block(xv, w1, b1, strides1, 1))
+            out = bb.emit_output(block(y, w2, b2, 1, k2 // 2))
+        bb.emit_func_output(out)
+    mod = PackBf16ConvX86(SAPPHIRERAPIDS)(bb.get())
+    names = _kernel_names(mod)
+    assert sum(n.endswith("_bias_act_to_bf16") for n in names) == 1, names
+    assert sum(n.startswith("tvmq_to_bf16_padded") for n in names) == 1, names  # x's only
+    assert not any("from_bf16" in n for n in names)  # the float32 result: never computed
+    vm = relax.VirtualMachine(tvm.compile(mod, target=SAPPHIRERAPIDS), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+
+    def conv(a, w, b, strides, padding):
+        a, w = (torch.from_numpy(bf16_to_float(bf16_bits(v))) for v in (a, w))
+        t = torch.nn.functional.conv2d(a, w, stride=strides, padding=padding)
+        return torch.relu(t + torch.from_numpy(b).reshape(1, -1, 1, 1)).numpy()
+
+    want = conv(conv(x, w1, b1, strides1, 1), w2, b2, 1, k2 // 2)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
     ("x_shape", "o", "strides"), [((1, 64, 10, 9), 64, 1), ((1, 64, 14, 14), 128, 2)]
 )
 def test_a_residual_add_joins_the_bf16_conv_kernel(rng, x_shape, o, strides):

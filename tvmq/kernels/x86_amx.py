@@ -317,6 +317,8 @@ def amx_kernel(
     ops: AmxOps = INT8,
     bias: ConvEpilogue | None = None,
     fill: Callable | None = None,
+    out_dtype: str | None = None,
+    convert: Callable | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
     (one per group of rows: ``rows.batches``) into ``C (out_rows, n)`` (default:
@@ -327,7 +329,8 @@ def amx_kernel(
     ``W``, then with ``bias.residual`` a float32 ``residual`` of ``C``'s shape); a requantize
     with a residual add reads ``residual`` (``C``'s shape) after the multiplier.
     ``fill(C)``, before the product, writes the rows of ``C`` no row of the product is stored
-    in (a conv result's zero border)."""
+    in (a conv result's zero border); ``convert(v)`` turns each result into ``out_dtype``
+    before the store (a float32 one into bf16 bits for the next bf16 conv)."""
     if n % (TILE * tiles.nt) or k % ops.k_step or rows.count < TILE * tiles.mt:
         raise ValueError(f"shape rows={rows.count} k={k} n={n} does not suit AMX tiles {tiles}")
     mb, nb = TILE * tiles.mt, TILE * tiles.nt  # rows / columns of one step
@@ -352,7 +355,9 @@ def amx_kernel(
     # Tiles go straight to C, no scratch (a last row block overlapping the one before it
     # stores the same values twice).
     direct = not with_offset and requantize is None and bias is None and out_rows is None
-    out_dtype = requantize.out_dtype if requantize is not None else ops.acc_dtype
+    direct = direct and convert is None
+    if out_dtype is None:
+        out_dtype = requantize.out_dtype if requantize is not None else ops.acc_dtype
     granted = tirx.call_extern(
         "int64",
         "syscall",
@@ -394,7 +399,7 @@ def amx_kernel(
                 scratch = T.alloc_buffer((mb, nb), ops.acc_dtype, scope="local")
             block0 = (task // n_chunks) * per_task
             col0 = (task % n_chunks) * chunk
-            epilogue = (off, mult, requantize, res, add, bias)
+            epilogue = (off, mult, requantize, res, add, bias, convert)
 
             def block(r, step, a_rows, a_buf):
                 row = tirx.min((block0 + r) * mb, rows.count - mb)
@@ -470,7 +475,7 @@ def _step(x, w, c, scratch, rows: AmxRows, row, col, k, n, tiles: AmxTiles, ops:
 def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> None:
     """The rows of ``c`` that ``rows.store`` maps the step's rows to, from the sums in
     ``scratch``: int32 ones offset, then requantized; float32 ones biased and clamped."""
-    off, mult, requantize, res, add, bias = epilogue
+    off, mult, requantize, res, add, bias, convert = epilogue
     with T.serial(0, mb) as i:
         index, valid = rows.store(row + i)
 
@@ -483,7 +488,7 @@ def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> N
                 if bias is not None:
                     v = v + add[col + j]
                     v = bias.activate(v if res is None else v + res[index, col + j])
-                T.buffer_store(c, v, [index, col + j])
+                T.buffer_store(c, v if convert is None else convert(v), [index, col + j])
 
         if valid is None:
             body()

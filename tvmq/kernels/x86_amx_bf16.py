@@ -28,7 +28,13 @@ from tvm.script.ir_builder import tirx as T
 from tvmq.kernels._tiling import round_up
 from tvmq.kernels.cpu_float_conv import ConvEpilogue
 from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
-from tvmq.kernels.x86_amx_conv import conv_rows, gathered_conv_rows
+from tvmq.kernels.x86_amx_conv import (
+    Border,
+    conv_rows,
+    gathered_conv_rows,
+    output_rows,
+    zero_border,
+)
 from tvmq.kernels.x86_int8_conv import Conv2DGeometry
 
 K_STEP = BF16.k_step
@@ -102,6 +108,15 @@ def to_bf16_pairs(rows: int) -> tvm.tirx.PrimFunc:
                 T.buffer_store(words, lo | (hi << tirx.const(16, "uint32")), [p * TILE + i])
     func = ib.get().with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
     return func.with_attr("op_pattern", 8)
+
+
+def from_bf16(shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
+    """``(shape) uint16 bf16 bits -> float32``, exact (a value whose only readers take the
+    bits instead is never computed: the kernel is dropped with it)."""
+    x = te.placeholder(shape, "uint16", name="X")
+    shift = tirx.const(16, "uint32")
+    y = te.compute(shape, lambda *i: tirx.reinterpret("float32", x[i].astype("uint32") << shift))
+    return te.create_prim_func([x, y]).without_attr("global_symbol")
 
 
 def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -189,24 +204,45 @@ def to_bf16_padded(geo: Conv2DGeometry) -> tvm.tirx.PrimFunc:
     return func.with_attr("op_pattern", 8)
 
 
-def bf16_conv_amx(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None = None):
+def bf16_conv_amx(
+    geo: Conv2DGeometry,
+    n_padded: int,
+    bias: ConvEpilogue | None = None,
+    bf16_out: Border | None = None,
+):
     """A float32 conv (:func:`bf16_conv_applies`) on bf16 AMX tiles, read straight from its
     padded bf16 input (:func:`to_bf16_padded`, the rows of
     :func:`~tvmq.kernels.x86_amx_conv.conv_rows`): ``W`` the dense weight
     ``W.transpose(0, 2, 3, 1).reshape(O, K).T`` packed by :func:`pack_weight_bf16`, ``C`` the
     ``(N * OH * OW, n_padded)`` float32 rows; with ``bias``, a ``bias (n_padded,)`` argument
-    added and the result clamped to its bounds before the store."""
+    added (and with ``bias.residual`` a ``residual`` of ``C``'s shape) and the result clamped
+    to its bounds before the store. With ``bf16_out`` (a border, maybe all 0), ``C`` is the
+    next bf16 conv's input instead: the results rounded to bf16 bits, stored inside that zero
+    border (:func:`~tvmq.kernels.x86_amx_conv.output_pixel`)."""
     if not bf16_conv_applies(geo):
         raise ValueError(f"{geo} is not a conv the bf16 AMX conv kernel takes")
     n, c, h, w = geo.x_shape
     top, left, bottom, right = geo.padding
-    rows = conv_rows(geo, c, K_STEP, 2)
+    rows = conv_rows(geo, c, K_STEP, 2, out_border=bf16_out)
     tiles = amx_tiles(2 * TILE, geo.k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
         "bf16_conv_amx", x_shape, rows, geo.k, n_padded, tiles, False, None,
-        out_rows=geo.m, ops=BF16, bias=bias,
+        ops=BF16, bias=bias, **_bf16_output(geo, n_padded, bf16_out),
     )  # fmt: skip
+
+
+def _bf16_output(geo: Conv2DGeometry, n_padded: int, border: Border | None) -> dict:
+    """:func:`~tvmq.kernels.x86_amx.amx_kernel`'s output keywords for a conv's float32
+    rows, or with ``border`` its bf16 bits inside that zero border."""
+    if border is None:
+        return {"out_rows": geo.m}
+    return {
+        "out_rows": output_rows(geo, border),
+        "fill": zero_border(geo, border, n_padded),
+        "out_dtype": "uint16",
+        "convert": _round,
+    }
 
 
 def bf16_conv_gathered_applies(geo: Conv2DGeometry) -> bool:
@@ -215,7 +251,12 @@ def bf16_conv_gathered_applies(geo: Conv2DGeometry) -> bool:
     return geo.m >= 2 * TILE
 
 
-def bf16_conv_amx_gathered(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogue | None = None):
+def bf16_conv_amx_gathered(
+    geo: Conv2DGeometry,
+    n_padded: int,
+    bias: ConvEpilogue | None = None,
+    bf16_out: Border | None = None,
+):
     """A float32 conv that :func:`bf16_conv_amx` does not take (strided or dilated; channels
     off 32: an RGB stem) on bf16 AMX tiles, each block of output pixels im2col'd from the
     padded bf16 input (:func:`to_bf16_padded`) into a panel in cache right before the tiles
@@ -230,6 +271,6 @@ def bf16_conv_amx_gathered(geo: Conv2DGeometry, n_padded: int, bias: ConvEpilogu
     tiles = amx_tiles(2 * TILE, k, n_padded)
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
-        "bf16_conv_amx_gathered", x_shape, gathered_conv_rows(geo), k, n_padded, tiles, False,
-        None, out_rows=geo.m, ops=BF16, bias=bias,
+        "bf16_conv_amx_gathered", x_shape, gathered_conv_rows(geo, bf16_out), k, n_padded,
+        tiles, False, None, ops=BF16, bias=bias, **_bf16_output(geo, n_padded, bf16_out),
     )  # fmt: skip

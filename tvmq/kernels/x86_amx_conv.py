@@ -11,6 +11,7 @@ rows; :func:`x86_int8_conv` picks it, or the dense kernel over im2col rows, for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +140,7 @@ def int8_conv_amx(
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
         "int8_conv_amx", x_shape, rows, k, n_padded, tiles, with_offset, requantize,
-        out_rows=output_rows(geo, out_border), fill=_zero_border(geo, out_border, n_padded),
+        out_rows=output_rows(geo, out_border), fill=zero_border(geo, out_border, n_padded),
     )  # fmt: skip
 
 
@@ -162,7 +163,7 @@ def output_rows(geo: Conv2DGeometry, border: Border | None) -> int:
     return geo.x_shape[0] * (top + oh + bottom) * (left + ow + right)
 
 
-def _zero_border(geo: Conv2DGeometry, border: Border | None, channels: int):
+def zero_border(geo: Conv2DGeometry, border: Border | None, channels: int) -> Callable | None:
     """The ``fill`` of :func:`~tvmq.kernels.x86_amx.amx_kernel` that zeroes ``border`` (the
     rows no output pixel is stored in), or None without one: whole rows above and below each
     image, ``left`` and ``right`` pixels beside each of its rows."""
@@ -331,5 +332,5 @@ def int8_conv_amx_gathered(
     return amx_kernel(
         "int8_conv_amx_gathered", x_shape, gathered_conv_rows(geo, out_border), tiles.k_padded,
         n_padded, tiles, with_offset, requantize, out_rows=output_rows(geo, out_border),
-        fill=_zero_border(geo, out_border, n_padded),
+        fill=zero_border(geo, out_border, n_padded),
     )  # fmt: skip
