@@ -13,13 +13,22 @@ with the kernel reading each tap of 32 channels straight into the tiles (no im2c
 or more (strided, dilated, channels off 32: an RGB stem) takes ``bf16_conv_amx_gathered``,
 which im2cols each block of output pixels into a panel in cache before the tiles read it:
 ResNet-18's 7x7 stem and strided convs, left to the float32 kernels, were half of its bf16
-time (3.7 of 7.6 ms on one thread). A bias add (a folded batch norm) and a ReLU / clip after
-the conv, and a ResNet block's skip added to its sum (``find_epilogues(residual=True)``: the
-float32 add of two activations was ~12% of ResNet-50's bf16 time), are computed before the
-store, as :class:`PackFloatConv` does it. Results stay channels
-last between convs (:mod:`tvmq.passes.channels_last`). Left to the float32 kernels: grouped and
-depthwise convs, and convs of fewer than 32 output pixels. Not part of the
-default pipeline: :func:`tvmq.pipeline.run` applies it for ``precision="bf16"`` after
+time (3.7 of 7.6 ms on one thread). A bias add (a folded batch norm) and a ReLU / clip, SiLU
+or hardswish after the conv, and a ResNet block's skip added to its sum
+(``find_epilogues(residual=True, activations=True)``: the float32 add of two activations was
+~12% of ResNet-50's bf16 time), are computed before the store, as :class:`PackFloatConv`
+does it. Results stay channels last between convs (:mod:`tvmq.passes.channels_last`).
+
+Activations between convs stay bf16 where only convs read them
+(:meth:`_Lowering.find_bf16_inputs`): a conv whose result only a conv of this pass reads
+stores it as that conv's padded bf16 input (rounded in the store, zero border written by the
+kernel: no float32 result, no ``to_bf16_padded``; bit-identical), and a depthwise conv
+between two of them (MobileNet's block) runs on the float32 depthwise kernel reading the bf16
+bits its producer stored and storing bf16 bits for the projection (its input rounded to bf16
+like every conv's: MobileNetV2's SQNR to PyTorch 20.5 -> 20.1 dB, OpenVINO's bf16 18.4; 2.91
+-> 2.55 ms on one thread, 2.01 -> 1.60 on two). Left to the float32 kernels: other grouped
+and depthwise convs, and convs of fewer than 32 output pixels. Not part of the default
+pipeline: :func:`tvmq.pipeline.run` applies it for ``precision="bf16"`` after
 ``FoldBatchNorm``. A no-op without AMX-BF16; idempotent.
 """
 
@@ -30,7 +39,7 @@ import tvm
 from tvm import relax
 
 from tvmq.kernels._tiling import round_up
-from tvmq.kernels.cpu_float_conv import ConvEpilogue
+from tvmq.kernels.cpu_float_conv import ConvEpilogue, choose_depthwise_tiles
 from tvmq.kernels.x86_amx import TILE
 from tvmq.kernels.x86_amx_bf16 import (
     bf16_conv_amx,
@@ -45,7 +54,7 @@ from tvmq.kernels.x86_int8_conv import OPAQUE
 
 from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
 from .pack_bf16_dense_x86 import AmxBf16Pass
-from .pack_float_conv import find_epilogues, match_float_conv2d
+from .pack_float_conv import find_epilogues, lower_depthwise, match_float_conv2d
 from .relax_utils import dataflow_bindings
 
 
@@ -68,8 +77,16 @@ class _Lowering:
             found = _lowered(b.value)
             if found is not None and only_user(found[0]) is not None:
                 self.wanted[found[0]] = found[1].padding
+            depthwise = match_float_conv2d(b.value)
+            if depthwise is None or int(b.value.attrs.groups) == 1:
+                continue
+            if only_user(depthwise[0]) is not None:  # it reads bf16 bits, pads itself
+                self.wanted[depthwise[0]] = (0, 0, 0, 0)
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
+        depthwise = match_float_conv2d(call)
+        if depthwise is not None and int(call.attrs.groups) != 1:
+            return self._depthwise(rw, *depthwise)
         found = _lowered(call)
         if found is None:
             return None
@@ -151,14 +168,47 @@ class _Lowering:
         inside = bb.emit(
             relax.op.strided_slice(bits, axes=[1, 2], begin=[top, left], end=[top + oh, left + ow])
         )
-        decode = rw.kernel_var(
-            ("from_bf16", (n, oh, ow, o)), "tvmq_from_bf16", lambda: from_bf16((n, oh, ow, o))
-        )
-        y = bb.emit(
-            relax.call_tir(decode, [inside], out_ty=relax.TensorType((n, oh, ow, o), "float32"))
+        return self._float_view(rw, inside, bits, border)
+
+    def _float_view(self, rw, inside: relax.Expr, bits: relax.Expr, border) -> relax.Expr:
+        """The float32 value of the bf16 bits ``inside`` (NHWC), noted in ``self.as_bf16``
+        with ``bits``, the same with ``border`` around: a decode that its bf16 reader does not
+        need (dropped unless something else reads it)."""
+        shape = tuple(int(d) for d in inside.ty.shape)
+        decode = rw.kernel_var(("from_bf16", shape), "tvmq_from_bf16", lambda: from_bf16(shape))
+        y = rw.builder_.emit(
+            relax.call_tir(decode, [inside], out_ty=relax.TensorType(shape, "float32"))
         )
         self.as_bf16[y] = (bits, tuple(border))
         return y
+
+    def _depthwise(self, rw, x, geo, w) -> relax.Expr | None:
+        """A depthwise conv next to bf16 convs: the float32 kernel reading its input as the
+        bf16 bits its producer wrote (MobileNet's expansion), and / or storing bf16 bits for
+        the bf16 conv that alone reads its result, unpadded (the projection): no conversion
+        kernel, half the bytes; else None (left to :class:`PackFloatConv`)."""
+        fused = self.epilogues.get(rw.current_var)
+        chain, bias, epilogue = fused[:3] if fused else ((), None, None)
+        bf16_out = self.wanted.get(chain[-1] if chain else rw.current_var) == (0, 0, 0, 0)
+        ready = self.as_bf16.get(rw.nhwc_input(x))
+        if ready is not None and ready[1] == (0, 0, 0, 0):
+            x = rw.builder_.emit(relax.op.permute_dims(ready[0], TO_NCHW))
+            rw.nhwc[x] = ready[0]  # the bits are its channels-last twin
+        elif not bf16_out:
+            return None
+        c = geo.x_shape[1]
+        # AMX CPUs have AVX-512: 16 float lanes, 32 vector registers
+        tiles = choose_depthwise_tiles(geo.out_hw[1], c, 16, 32)
+        if tiles is None:
+            return None
+        w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+        lowered = lower_depthwise(rw, x, geo, w_hwc, tiles, bias, epilogue, bf16_out=bf16_out)
+        for var in chain:  # the bias add and activation are this kernel's result now
+            rw.aliases[var] = rw.current_var
+        if not bf16_out:
+            return lowered
+        bits = lowered.args[0]  # NHWC
+        return relax.op.permute_dims(self._float_view(rw, bits, bits, (0, 0, 0, 0)), TO_NCHW)
 
 
 def _lowered(call: relax.Expr):
@@ -186,7 +236,7 @@ class PackBf16ConvX86(AmxBf16Pass):
     see :class:`~tvmq.passes.pack_bf16_dense_x86.AmxBf16Pass`)."""
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        lowering = _Lowering(find_epilogues(mod, residual=True))
+        lowering = _Lowering(find_epilogues(mod, residual=True, activations=True))
         lowering.find_bf16_inputs(mod)
         out = rewrite_channels_last(mod, lowering)
         # the bf16 -> float32 decoders of results only bf16 convs read are called nowhere now

@@ -531,18 +531,27 @@ def _kernel_suffix(epilogue, residual) -> str:
     return suffix
 
 
-def lower_depthwise(rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None) -> relax.Expr:
-    """Emit the NHWC depthwise kernel for ``x`` (float32, uint8 or int8; ``w_hwc`` (KH, KW,
-    C) of float32 or int8) and return its NCHW value; float32 may take a ``bias`` (C,) and
-    a :class:`ConvEpilogue`, int8 ``bias = (offset, multiplier)`` and a ``Requantize``."""
+def lower_depthwise(
+    rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None, bf16_out: bool = False
+) -> relax.Expr:
+    """Emit the NHWC depthwise kernel for ``x`` (float32, bf16 bits as uint16, uint8 or int8;
+    ``w_hwc`` (KH, KW, C) of float32 or int8) and return its NCHW value; float data may take
+    a ``bias`` (C,) and a :class:`ConvEpilogue`, int8 ``bias = (offset, multiplier)`` and a
+    ``Requantize``.
+    ``bf16_out``: a float32 result stored as bf16 bits (uint16)."""
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
     def kernel(shape, t, e, pad=None):
-        return float_depthwise_nhwc(shape, t, x_dtype, e, pad)
+        return float_depthwise_nhwc(shape, t, x_dtype, e, pad, bf16_out=bf16_out)
 
-    name = "float_depthwise" if x_dtype == "float32" else "int8_depthwise"
-    return _emit(rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue, in_kernel_pad=True)
+    name = "int8_depthwise" if x_dtype in ("uint8", "int8") else "float_depthwise"
+    name += "_bf16" * (x_dtype == "uint16") + "_to_bf16" * bf16_out
+    out_dtype = "uint16" if bf16_out else None
+    return _emit(
+        rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue, in_kernel_pad=True,
+        out_dtype=out_dtype,
+    )  # fmt: skip
 
 
 def conv_input_padding(geo: Conv2DGeometry, tiles) -> tuple[int, int, int, int]:
@@ -569,12 +578,14 @@ def _emit(
     in_kernel_pad=False,
     residual=None,
     out_pad=None,
+    out_dtype=None,
 ) -> relax.Expr:
     """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
     (and, with an ``epilogue``, its ``bias`` added [, ``residual`` added] and activation
     applied in the kernel). ``in_kernel_pad``: the kernel takes the unpadded image and the
     padding (no pad op). With ``out_pad`` the kernel writes its result zero-bordered for the
-    next conv (``rw.bordered``, which then pads nothing)."""
+    next conv (``rw.bordered``, which then pads nothing). ``out_dtype``: what the kernel
+    stores, where that is not its sums' or its requantize's."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
@@ -585,10 +596,12 @@ def _emit(
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
     )
+    stored = out_dtype
     sum_dtype = out_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = _kernel_suffix(epilogue, residual)
     if isinstance(epilogue, Requantize):
         out_dtype = epilogue.out_dtype
+    out_dtype = stored or out_dtype
     if out_pad is not None:
         suffix += "_bordered"
         kernel = functools.partial(kernel, out_pad=out_pad)

@@ -228,11 +228,30 @@ def _bias(
     return [te.placeholder((channels,), "float32", name="bias")]
 
 
-def _store(acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None) -> te.Tensor:
+def round_to_bf16(v: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+    """float32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN (as
+    :func:`~tvmq.kernels.x86_amx_bf16.bf16_bits` does in numpy)."""
+    u32 = lambda c: tvm.tirx.const(c, "uint32")  # noqa: E731
+    bits = tvm.tirx.reinterpret("uint32", v)
+    rounded = (bits + u32(0x7FFF) + ((bits >> u32(16)) & u32(1))) >> u32(16)
+    nan = (bits & u32(0x7FFFFFFF)) > u32(0x7F800000)
+    return tvm.tirx.Select(nan, (bits >> u32(16)) | u32(0x40), rounded).astype("uint16")
+
+
+def _as_bf16(value):
+    return lambda *i: round_to_bf16(value(*i))
+
+
+def _store(
+    acc: te.Tensor, args: list[te.Tensor], epilogue, out_pad=None, bf16_out: bool = False
+) -> te.Tensor:
     """The stored output ``Y``: the accumulator plus the bias, clamped to the bounds; or
     requantized (:class:`~tvmq.kernels.x86_int8.Requantize`). With ``out_pad`` (top, left,
-    bottom, right), ``Y`` is that much larger and :func:`border_value` around the result."""
+    bottom, right), ``Y`` is that much larger and :func:`border_value` around the result;
+    with ``bf16_out`` each value is stored as bf16 bits (:func:`round_to_bf16`)."""
     value = _stored_value(acc, args, epilogue)
+    if bf16_out:
+        value = _as_bf16(value)
     if out_pad is None:
         return te.compute(acc.shape, value, name="Y")
     top, left, bottom, right = out_pad
@@ -566,11 +585,12 @@ def float_depthwise_nhwc(
     x_dtype: str = "float32",
     epilogue: ConvEpilogue | Requantize | None = None,
     pad: tuple[int, int, int, int] | None = None,
+    bf16_out: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
-    depthwise conv (one filter per channel) over a padded NHWC image (float32; or uint8 /
-    int8 data with int8 weights and an exact int32 result, summed in float32 where that is
-    exact), ``OW`` =
+    depthwise conv (one filter per channel) over a padded NHWC image (float32, or bf16 bits
+    as ``uint16``; or uint8 / int8 data with int8 weights and an exact int32 result, summed in
+    float32 where that is exact), ``OW`` =
     ``tiles.ow_padded``; vectorized over channels, ``mr`` pixels x ``nr`` channel vectors
     of accumulators per task. With an `epilogue`, its arguments follow ``W``: ``bias (c,)``
     for a float32 :class:`ConvEpilogue`; ``offset (c,)`` (int32 for int8 weights, float32
@@ -579,7 +599,8 @@ def float_depthwise_nhwc(
     With ``pad`` (top, left, bottom, right), ``P`` is the image without its zero padding
     (``hp - top - bottom`` x ``wp - left - right``): the kernel skips the taps that fall in
     it (a branch per tap and pixel, on scalars) instead of reading a padded copy, which
-    costs a pass over the image in memory as long as the conv itself."""
+    costs a pass over the image in memory as long as the conv itself. ``bf16_out``: a float32
+    result is stored as bf16 bits (the input of a bf16 AMX conv, ``precision="bf16"``)."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, lanes = tiles.ow_padded, tiles.lanes
@@ -594,7 +615,7 @@ def float_depthwise_nhwc(
     # and add; the result is the same int32. MobileNetV2 int8's depthwise convs (one thread,
     # an Intel Xeon with AVX-512) 1060 -> 966 us, 763 with the taps unrolled (_schedule).
     exact = kh * kw * 255 * 128 < 2**24
-    if x_dtype == "float32":
+    if x_dtype in ("float32", "uint16"):  # uint16: bf16 bits, widened as they are read
         w_dtype, acc_dtype, name = "float32", "float32", "float_depthwise_nhwc"
     elif x_dtype in ("uint8", "int8"):
         w_dtype, acc_dtype, name = "int8", "float32" if exact else "int32", "int8_depthwise_nhwc"
@@ -605,16 +626,22 @@ def float_depthwise_nhwc(
     p = te.placeholder((n, h, wd, c), x_dtype, name="P")
     w = te.placeholder((kh, kw, c), w_dtype, name="W")
 
+    def read(value):
+        if x_dtype == "uint16":  # bf16 bits: the upper half of a float32
+            shifted = value.astype("uint32") << tvm.tirx.const(16, "uint32")
+            return tvm.tirx.reinterpret("float32", shifted)
+        return value.astype(acc_dtype)
+
     def tap(b, yy, xx, j):  # image pixel (yy, xx) of the padded frame, 0 in the padding
         if pad is None:
-            return p[b, yy, xx, j].astype(acc_dtype)
+            return read(p[b, yy, xx, j])
         inside = tvm.tirx.all(yy >= top, yy < top + h, xx >= left, xx < left + wd)
-        value = p[b, yy - top, xx - left, j].astype(acc_dtype)
+        value = read(p[b, yy - top, xx - left, j])
         return tvm.tirx.if_then_else(inside, value, tvm.tirx.const(0, acc_dtype))
 
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    if epilogue is not None and x_dtype != "float32" and not isinstance(epilogue, Requantize):
+    if epilogue is not None and w_dtype == "int8" and not isinstance(epilogue, Requantize):
         raise ValueError("an int8 depthwise kernel takes a requantize, not a ConvEpilogue")
     bias = _bias(epilogue, c, "float32" if x_dtype == "float32" else "int32")
     acc = te.compute(
@@ -625,10 +652,10 @@ def float_depthwise_nhwc(
         ),
         name="acc",
     )
-    if epilogue is None and x_dtype != "float32":  # the int32 sums themselves
+    if epilogue is None and x_dtype in ("uint8", "int8"):  # the int32 sums themselves
         out = te.compute(acc.shape, lambda *i: acc[i].astype("int32"), name="Y")
     else:
-        out = _store(acc, bias, epilogue)
+        out = _store(acc, bias, epilogue, bf16_out=bf16_out)
     func = te.create_prim_func([p, w, *bias, out])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
@@ -641,5 +668,5 @@ def float_depthwise_nhwc(
     # lines (each pixel's uint8 channels), and the 56x56x144 requantizing kernel ran 143 us
     # on one thread, 140 on two; pixel tiles outermost 167 and 87 (so one core keeps them).
     parallel = macs >= _DEPTHWISE_PARALLEL_MIN_MACS
-    pixel_major = x_dtype == "float32" or target_cores() > 1
+    pixel_major = w_dtype == "float32" or target_cores() > 1
     return _schedule(func, sch_tiles, parallel, name, pixel_major=pixel_major, unroll_taps=True)

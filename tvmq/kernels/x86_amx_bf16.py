@@ -26,7 +26,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
-from tvmq.kernels.cpu_float_conv import ConvEpilogue
+from tvmq.kernels.cpu_float_conv import ConvEpilogue, round_to_bf16
 from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
 from tvmq.kernels.x86_amx_conv import (
     Border,
@@ -82,7 +82,7 @@ def to_bf16_rows(m: int, k: int, mp: int, kp: int, batch: int | None = None) -> 
 
     def value(*index):  # if_then_else: the padding reads nothing (see to_bf16_padded)
         *b, i, j = index
-        bits = _round(x[(*b, i, j)])
+        bits = round_to_bf16(x[(*b, i, j)])
         return tirx.if_then_else(tirx.all(i < m, j < k), bits, tirx.const(0, "uint16"))
 
     bits = te.compute((*lead, mp, kp), value, name="bf16")
@@ -104,7 +104,7 @@ def to_bf16_pairs(rows: int) -> tvm.tirx.PrimFunc:
         with T.sblock("root"):
             words = T.decl_buffer((rows * TILE,), "uint32", data=c.data)
             with T.serial(0, rows) as p, T.vectorized(0, TILE) as i:
-                lo, hi = (_round(x[p, r, i]).astype("uint32") for r in (0, 1))
+                lo, hi = (round_to_bf16(x[p, r, i]).astype("uint32") for r in (0, 1))
                 T.buffer_store(words, lo | (hi << tirx.const(16, "uint32")), [p * TILE + i])
     func = ib.get().with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
     return func.with_attr("op_pattern", 8)
@@ -117,15 +117,6 @@ def from_bf16(shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
     shift = tirx.const(16, "uint32")
     y = te.compute(shape, lambda *i: tirx.reinterpret("float32", x[i].astype("uint32") << shift))
     return te.create_prim_func([x, y]).without_attr("global_symbol")
-
-
-def _round(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """float32 -> bf16 bits (uint16) as :func:`bf16_bits`."""
-    bits = tirx.reinterpret("uint32", v)
-    one, mask = tirx.const(1, "uint32"), tirx.const(0x7FFFFFFF, "uint32")
-    rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> 16) & one)) >> 16
-    nan = (bits & mask) > tirx.const(0x7F800000, "uint32")
-    return tirx.Select(nan, (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
 
 
 def bf16_dense_amx(mp: int, kp: int, np_: int) -> tvm.tirx.PrimFunc:
@@ -194,10 +185,10 @@ def to_bf16_padded(geo: Conv2DGeometry) -> tvm.tirx.PrimFunc:
                         vectors, tail = divmod(w * c, TILE)
                         with T.serial(0, vectors) as v, T.vectorized(0, TILE) as j:
                             k = v * TILE + j
-                            T.buffer_store(dst, _round(src[start + k]), [at + k])
+                            T.buffer_store(dst, round_to_bf16(src[start + k]), [at + k])
                         with T.serial(0, tail) as j:
                             k = vectors * TILE + j
-                            T.buffer_store(dst, _round(src[start + k]), [at + k])
+                            T.buffer_store(dst, round_to_bf16(src[start + k]), [at + k])
                         with T.serial(0, right * c) as j:
                             T.buffer_store(dst, zero, [row + (left + w) * c + j])
     func = ib.get().with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
@@ -241,7 +232,7 @@ def _bf16_output(geo: Conv2DGeometry, n_padded: int, border: Border | None) -> d
         "out_rows": output_rows(geo, border),
         "fill": zero_border(geo, border, n_padded),
         "out_dtype": "uint16",
-        "convert": _round,
+        "convert": round_to_bf16,
     }
 
 
