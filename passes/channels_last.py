@@ -310,6 +310,20 @@ def rewrite_channels_last(mod: tvm.IRModule, lower: Lowering) -> tvm.IRModule:
     )
 
 
+def rows_in_border(
+    bb: relax.BlockBuilder, rows: relax.Expr, n: int, oh: int, ow: int, border
+) -> tuple[relax.Expr, relax.Expr]:
+    """A kernel's ``(N * H' * W', C)`` result rows stored inside a ``border`` (top, left,
+    bottom, right) of ``H' x W'`` images (the next conv's padded input) as ``(bordered,
+    inside)``: the NHWC images with their border, and the ``(N, oh, ow, C)`` inside."""
+    top, left, bottom, right = border
+    c = int(rows.ty.shape[1])
+    bordered = bb.emit(relax.op.reshape(rows, (n, top + oh + bottom, left + ow + right, c)))
+    end = [top + oh, left + ow]
+    inside = bb.emit(relax.op.strided_slice(bordered, axes=[1, 2], begin=[top, left], end=end))
+    return bordered, inside
+
+
 def match_nchw_conv2d(
     call: relax.Expr, data_dtypes: tuple[str, ...], weight_dtype: str, out_dtype: str
 ) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray, int] | None:

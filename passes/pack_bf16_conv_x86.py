@@ -52,7 +52,7 @@ from tvmq.kernels.x86_amx_bf16 import (
 )
 from tvmq.kernels.x86_int8_conv import OPAQUE
 
-from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last
+from .channels_last import TO_NCHW, ChannelsLastRewriter, rewrite_channels_last, rows_in_border
 from .pack_bf16_dense_x86 import AmxBf16Pass
 from .pack_float_conv import find_epilogues, lower_depthwise, match_float_conv2d
 from .relax_utils import dataflow_bindings
@@ -74,23 +74,24 @@ class _Lowering:
         bf16 conv whose result such a value is stores it as that conv's padded bf16 input
         (no float32 result, no conversion kernel between the two)."""
         for b, only_user in dataflow_bindings(mod):
-            found = _lowered(b.value)
-            if found is not None and only_user(found[0]) is not None:
-                self.wanted[found[0]] = found[1].padding
-            depthwise = match_float_conv2d(b.value)
-            if depthwise is None or int(b.value.attrs.groups) == 1:
+            found = match_float_conv2d(b.value)
+            if found is None or only_user(found[0]) is None:
                 continue
-            if only_user(depthwise[0]) is not None:  # it reads bf16 bits, pads itself
-                self.wanted[depthwise[0]] = (0, 0, 0, 0)
+            x, geo, _ = found
+            if int(b.value.attrs.groups) != 1:  # a depthwise conv reads bf16 bits, pads itself
+                self.wanted[x] = (0, 0, 0, 0)
+            elif _takes(geo):
+                self.wanted[x] = geo.padding
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
-        depthwise = match_float_conv2d(call)
-        if depthwise is not None and int(call.attrs.groups) != 1:
-            return self._depthwise(rw, *depthwise)
-        found = _lowered(call)
+        found = match_float_conv2d(call)
         if found is None:
             return None
+        if int(call.attrs.groups) != 1:
+            return self._depthwise(rw, *found)
         x, geo, w = found
+        if not _takes(geo):
+            return None
         direct = bf16_conv_applies(geo)
         bb = rw.builder_
         o, k = w.shape[0], geo.k
@@ -158,16 +159,9 @@ class _Lowering:
         bb = rw.builder_
         n, (oh, ow) = geo.x_shape[0], geo.out_hw
         top, left, bottom, right = border
-        shape = (n, top + oh + bottom, left + ow + right, o)
-        bits = bb.emit(
-            relax.call_tir(
-                fn, args, out_ty=relax.TensorType((shape[0] * shape[1] * shape[2], o), "uint16")
-            )
-        )
-        bits = bb.emit(relax.op.reshape(bits, shape))
-        inside = bb.emit(
-            relax.op.strided_slice(bits, axes=[1, 2], begin=[top, left], end=[top + oh, left + ow])
-        )
+        rows = n * (top + oh + bottom) * (left + ow + right)
+        bits = bb.emit(relax.call_tir(fn, args, out_ty=relax.TensorType((rows, o), "uint16")))
+        bits, inside = rows_in_border(bb, bits, n, oh, ow, border)
         return self._float_view(rw, inside, bits, border)
 
     def _float_view(self, rw, inside: relax.Expr, bits: relax.Expr, border) -> relax.Expr:
@@ -211,15 +205,9 @@ class _Lowering:
         return relax.op.permute_dims(self._float_view(rw, bits, bits, (0, 0, 0, 0)), TO_NCHW)
 
 
-def _lowered(call: relax.Expr):
-    """``(x, geometry, W)`` of a conv this pass lowers (``groups`` 1, two tiles of output
-    pixels), else None."""
-    found = match_float_conv2d(call)
-    if found is None or int(call.attrs.groups) != 1:
-        return None
-    if not bf16_conv_applies(found[1]) and not bf16_conv_gathered_applies(found[1]):
-        return None
-    return found
+def _takes(geo) -> bool:
+    """Whether this pass puts a ``groups`` 1 conv on tiles (two tiles of output pixels)."""
+    return bf16_conv_applies(geo) or bf16_conv_gathered_applies(geo)
 
 
 def _suffix(epilogue: ConvEpilogue | None) -> str:

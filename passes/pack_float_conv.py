@@ -596,12 +596,10 @@ def _emit(
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
     )
-    stored = out_dtype
-    sum_dtype = out_dtype = "float32" if packed.dtype == np.float32 else "int32"
+    sum_dtype = "float32" if packed.dtype == np.float32 else "int32"
     suffix = _kernel_suffix(epilogue, residual)
-    if isinstance(epilogue, Requantize):
-        out_dtype = epilogue.out_dtype
-    out_dtype = stored or out_dtype
+    if out_dtype is None:
+        out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else sum_dtype
     if out_pad is not None:
         suffix += "_bordered"
         kernel = functools.partial(kernel, out_pad=out_pad)

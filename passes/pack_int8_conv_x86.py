@@ -84,6 +84,7 @@ from .channels_last import (
     is_depthwise,
     match_nchw_conv2d,
     rewrite_channels_last,
+    rows_in_border,
 )
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
@@ -311,12 +312,7 @@ def _im2col_in_kernel(geo, dense) -> bool:
 def _unbordered(rw: ChannelsLastRewriter, y, n: int, oh: int, ow: int, border) -> relax.Expr:
     """The NHWC result inside the zero ``border`` of a kernel's ``(rows, C)`` output, noted
     in ``rw.bordered`` for the conv that reads it padded (:func:`_padded_uint8`)."""
-    bb = rw.builder_
-    top, left, bottom, right = border
-    c = int(y.ty.shape[1])
-    bordered = bb.emit(relax.op.reshape(y, (n, top + oh + bottom, left + ow + right, c)))
-    end = [top + oh, left + ow]
-    y = bb.emit(relax.op.strided_slice(bordered, axes=[1, 2], begin=[top, left], end=end))
+    bordered, y = rows_in_border(rw.builder_, y, n, oh, ow, border)
     rw.bordered[y] = (bordered, tuple(border))
     return y
 

@@ -32,7 +32,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
-from tvmq.kernels.cpu_float_conv import ConvTiles
+from tvmq.kernels.cpu_float_conv import ConvTiles, bf16_to_float32
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
 
 _PARALLEL_MIN_MACS = 1 << 20
@@ -116,8 +116,7 @@ def decoded_dense(m: int, k: int, tiles: ConvTiles, weight: DecodedWeight) -> tv
     def decode(jb, r, i):
         c = code(jb, r, i)
         if weight.fmt == "bf16":
-            shifted = c.astype("uint32") << tvm.tirx.const(16, "uint32")
-            return tvm.tirx.reinterpret("float32", shifted)
+            return bf16_to_float32(c)
         if weight.fmt == "table":
             if weight.table_size <= _SELECT_TABLE:
                 return _select_tree(extra[0], c, weight.table_size)

@@ -238,6 +238,12 @@ def round_to_bf16(v: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     return tvm.tirx.Select(nan, (bits >> u32(16)) | u32(0x40), rounded).astype("uint16")
 
 
+def bf16_to_float32(bits: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+    """bf16 bits (uint16) -> the float32 whose upper half they are (exact)."""
+    shifted = bits.astype("uint32") << tvm.tirx.const(16, "uint32")
+    return tvm.tirx.reinterpret("float32", shifted)
+
+
 def _as_bf16(value):
     return lambda *i: round_to_bf16(value(*i))
 
@@ -627,10 +633,7 @@ def float_depthwise_nhwc(
     w = te.placeholder((kh, kw, c), w_dtype, name="W")
 
     def read(value):
-        if x_dtype == "uint16":  # bf16 bits: the upper half of a float32
-            shifted = value.astype("uint32") << tvm.tirx.const(16, "uint32")
-            return tvm.tirx.reinterpret("float32", shifted)
-        return value.astype(acc_dtype)
+        return bf16_to_float32(value) if x_dtype == "uint16" else value.astype(acc_dtype)
 
     def tap(b, yy, xx, j):  # image pixel (yy, xx) of the padded frame, 0 in the padding
         if pad is None:
@@ -643,7 +646,7 @@ def float_depthwise_nhwc(
     rx = te.reduce_axis((0, kw), name="rx")
     if epilogue is not None and w_dtype == "int8" and not isinstance(epilogue, Requantize):
         raise ValueError("an int8 depthwise kernel takes a requantize, not a ConvEpilogue")
-    bias = _bias(epilogue, c, "float32" if x_dtype == "float32" else "int32")
+    bias = _bias(epilogue, c, "int32" if w_dtype == "int8" else "float32")
     acc = te.compute(
         (n, oh, ow, c),
         lambda b, y, x, j: te.sum(

@@ -354,8 +354,7 @@ def amx_kernel(
     m_chunks = -(-blocks // per_task)
     # Tiles go straight to C, no scratch (a last row block overlapping the one before it
     # stores the same values twice).
-    direct = not with_offset and requantize is None and bias is None and out_rows is None
-    direct = direct and convert is None
+    direct = not with_offset and all(v is None for v in (requantize, bias, out_rows, convert))
     if out_dtype is None:
         out_dtype = requantize.out_dtype if requantize is not None else ops.acc_dtype
     granted = tirx.call_extern(

@@ -26,7 +26,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up
-from tvmq.kernels.cpu_float_conv import ConvEpilogue, round_to_bf16
+from tvmq.kernels.cpu_float_conv import ConvEpilogue, bf16_to_float32, round_to_bf16
 from tvmq.kernels.x86_amx import BF16, TILE, AmxRows, amx_kernel, amx_tiles
 from tvmq.kernels.x86_amx_conv import (
     Border,
@@ -114,8 +114,7 @@ def from_bf16(shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
     """``(shape) uint16 bf16 bits -> float32``, exact (a value whose only readers take the
     bits instead is never computed: the kernel is dropped with it)."""
     x = te.placeholder(shape, "uint16", name="X")
-    shift = tirx.const(16, "uint32")
-    y = te.compute(shape, lambda *i: tirx.reinterpret("float32", x[i].astype("uint32") << shift))
+    y = te.compute(shape, lambda *i: bf16_to_float32(x[i]))
     return te.create_prim_func([x, y]).without_attr("global_symbol")
 
 
