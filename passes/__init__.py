@@ -21,7 +21,8 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 GELU on CPU targets) and :class:`QuantizedSoftmax` (a softmax and its per-tensor quantize as one kernel),
 :class:`QuantizeByMultiply` (quantize by a constant scale without a divide); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
 :class:`PackFloatBatchMatmul` (attention's float activation matmuls on x86), and
-:class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel);
+:class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel),
+:class:`PackImageNHWC` (a CNN's NCHW input image to padded NHWC in one vectorized kernel);
 :class:`FoldTableDecoders` (clustered weights as plain float constants for the float kernels; the build runs it before `PackDecodedDense`, whose table kernel then serves direct users of the pass),
 then, after fusion, :class:`DecodeAtLoad` (constants of few distinct values stored as
 codes, decoded once at load by ``main_transform_params``).
@@ -67,6 +68,7 @@ from .pack_float_batch_matmul import PackFloatBatchMatmul
 from .pack_float_conv import PackFloatConv
 from .pack_float_dense import PackFloatDense
 from .pack_fp16_dense_cuda import PackFp16DenseCUDA
+from .pack_image_nhwc import PackImageNHWC
 from .pack_int8_batch_matmul_x86 import PackInt8BatchMatmulX86
 from .pack_int8_conv_x86 import PackInt8ConvX86
 from .pack_int8_dense_arm import PackInt8DenseARM, arm_int8_instruction
@@ -120,6 +122,7 @@ __all__ = [
     "PackBf16DenseX86",
     "PackFloatBatchMatmul",
     "PackFloatDense",
+    "PackImageNHWC",
     "UseFastMath",
     "QuantizedSoftmax",
     "QuantizeByMultiply",

@@ -40,6 +40,7 @@ from tvmq.passes import (
     PackFloatConv,
     PackFloatDense,
     PackFp16DenseCUDA,
+    PackImageNHWC,
     PackInt8BatchMatmulX86,
     PackInt8ConvX86,
     PackInt8DenseARM,
@@ -116,6 +117,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
         QuantizeByMultiply(),  # quantize by a constant scale: x * (1/s), no divide per element
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
+        PackImageNHWC(target),  # a CNN's NCHW input image to padded NHWC: one vector kernel
     ]
 
 
