@@ -101,6 +101,7 @@ from tvmq.kernels.cpu_winograd import (
     winograd_output,
     winograd_weight,
 )
+from tvmq.kernels.fast_math import ACTIVATIONS
 from tvmq.kernels.x86_int8 import Requantize, with_int_rounding
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
 
@@ -219,7 +220,7 @@ def find_requantized(mod: tvm.IRModule) -> dict[relax.Var, FloatEpilogue]:
             continue
         w = conv[2]
         where = ChannelAxis(1, 4, w.shape[0])
-        rq = requantize_chain((b.var, cast[0]), where, only_user, quantize_activation=True)
+        rq = requantize_chain((b.var, cast[0]), where, only_user, quantize_activation=ACTIVATIONS)
         if rq is None:
             continue
         # rounded by the float -> int32 conversion where the weights bound the sums

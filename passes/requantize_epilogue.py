@@ -20,7 +20,7 @@ result, and the int32 sums never go to memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -115,14 +115,17 @@ def chain_step(chain: list, only_user):
 
 
 def requantize_chain(
-    start: Sequence[relax.Var], where: ChannelAxis, only_user, quantize_activation: bool = False
+    start: Sequence[relax.Var],
+    where: ChannelAxis,
+    only_user,
+    quantize_activation: Collection[str] = (),
 ) -> RequantizeEpilogue | None:
     """The requantize ops after ``start[-1]`` (see the module docstring), else None.
 
     ``start`` is the accumulator's var followed by ops on it that the kernel's result already
     includes (a dense layer's reshape back to its leading dims): the returned ``chain`` holds
     them and the requantize ops. ``only_user``: see :func:`relax_utils.dataflow_bindings`.
-    With ``quantize_activation``, an activation after the dequantize that is quantized again
+    An activation (named in ``quantize_activation``) after the dequantize that is quantized again
     by a scalar scale (``quantize(., s, zero)``, computed as ``QuantizeByMultiply`` does,
     ``x * float32(1 / s)``, or already ``multiply(., c)``, ``quantize(., 1, zero)``; [->
     ``clip``]: an EfficientNet block's SiLU before its depthwise conv) joins the chain too
@@ -148,7 +151,7 @@ def requantize_chain(
     if dequantize is not None:
         activation = activation_tail(chain, where, only_user)
         found = _dequantize(tuple(chain[1:]), dequantize, offset, relu, where, activation)
-        if found is None or not (activation and quantize_activation):
+        if found is None or activation not in quantize_activation:
             return found
         rescale, scale = _scalar_multiply(chain, only_user), 1.0
         nxt = only_user(chain[-1])

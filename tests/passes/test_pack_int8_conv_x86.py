@@ -610,6 +610,33 @@ SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
 
 @pytest.mark.amx
+@pytest.mark.parametrize("activation", sorted(_ACTIVATIONS))
+def test_an_amx_conv_quantizes_its_hardswish_itself(rng, activation):
+    """On an AMX target a hardswish after the dequantize and the quantize after it are the
+    conv kernel's store (one kernel, no float32 tensor), the same bits as the separate ops;
+    a SiLU's quantize stays a kernel of its own there too (its exp costs the 1x1 convs more)."""
+    from tvmq.passes.quantize_by_multiply import QuantizeByMultiply
+    from tvmq.passes.use_fast_math import UseFastMath
+
+    x_shape, o = (1, 64, 9, 11), 40
+    w = _random(rng, (o, x_shape[1], 3, 3), np.int8)
+    conv = _requantized_conv_module(rng, x_shape, w, "uint8", 1, False, None, "float32", 0)
+    lower = lambda m: QuantizeByMultiply()(UseFastMath()(m))  # noqa: E731
+    x = _random(rng, x_shape, np.uint8)
+    scale = float(np.abs(_run(lower(_activated(conv, x_shape, activation, None)), x)).max()) / 100
+    mod = _activated(conv, x_shape, activation, (scale, -7, "uint8"))
+    packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    joined = activation.startswith("hardswish")
+    assert sum(f"_{activation}_requantize" in n for n in names) == joined, names
+    assert bool(_ops_named(packed, "relax.quantize")) != joined
+    got = _run(lower(packed), x, SAPPHIRERAPIDS)
+    want = _run(lower(mod), x, SAPPHIRERAPIDS)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20
+
+
+@pytest.mark.amx
 @pytest.mark.parametrize(
     ("x_shape", "o", "x_dtype", "out_dtype", "z", "kernel"),
     [

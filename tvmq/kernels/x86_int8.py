@@ -140,8 +140,9 @@ class Requantize:
     over memory less. For an int8 / uint8 ``dtype`` the activation's result is quantized
     again, ``clamp(round(a * rescale) + zero_point, lo, hi)`` (``QuantizeByMultiply``'s
     multiply, then ``quantize(., 1, zero_point)``; the float kernels of
-    :class:`~tvmq.passes.Int8AsFloat` take it: on the VNNI kernels the quantize after the
-    activation cost more than the pass it saves, Zen 4).
+    :class:`~tvmq.passes.Int8AsFloat` take it, and on AMX targets the conv kernels for a
+    hardswish: on the VNNI kernels of Zen 4 the quantize after the activation cost more than
+    the pass it saves, and so did a SiLU's on an AMX Xeon).
 
     With ``stored_as_float`` the kernel stores the clamped integer as float32 (its readers
     convert it to float32 anyway: the next conv of :class:`~tvmq.passes.Int8AsFloat`), so
