@@ -350,9 +350,10 @@ def test_producer_of_a_matmul_operand_is_not_inlined():
 
 
 def test_quantize_before_a_transpose_stays_a_vectorized_loop():
-    """A CNN's input: quantize -> pad -> NCHW to NHWC. The quantize (with the pad) runs
-    vectorized in its own layout, apart from the transpose, which only moves the bytes
-    (merged, the division ran once per byte in the transpose's order: 15x slower)."""
+    """quantize -> pad -> NCHW to NHWC of a tensor of more than 4 channels (an image's
+    is PackImageNHWC's single kernel). The quantize (with the pad) runs vectorized in its own
+    layout, apart from the transpose, which only moves the bytes (merged, the division ran
+    once per byte in the transpose's order: 15x slower)."""
     scale, zero = np.float32(0.0349), 128
 
     def body(x):
@@ -362,12 +363,12 @@ def test_quantize_before_a_transpose_stays_a_vectorized_loop():
         p = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 3, 3, 3, 3], pad_value=float(zero)))
         return relax.op.permute_dims(p, [0, 2, 3, 1])
 
-    mod = _module((1, 3, 24, 26), body)  # padded rows of 32 bytes
+    mod = _module((1, 8, 24, 26), body)  # padded rows of 32 bytes
     (script,) = _scheduled_kernels(mod).values()
     quantize, transpose = script.split('T.sblock("T_transpose")')
     assert "T.round" in quantize and "T.vectorized" in quantize
     assert "T.round" not in transpose
-    x = np.random.default_rng(0).standard_normal((1, 3, 24, 26)).astype(np.float32) * 3
+    x = np.random.default_rng(0).standard_normal((1, 8, 24, 26)).astype(np.float32) * 3
     q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.uint8)
     want = np.pad(q, [(0, 0), (0, 0), (3, 3), (3, 3)], constant_values=zero).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(_run(mod, x), want)
