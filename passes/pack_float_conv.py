@@ -533,21 +533,32 @@ def _kernel_suffix(epilogue, residual) -> str:
 
 
 def lower_depthwise(
-    rw, x, geo, w_hwc: np.ndarray, tiles, bias=None, epilogue=None, bf16_out: bool = False
+    rw,
+    x,
+    geo,
+    w_hwc: np.ndarray,
+    tiles,
+    bias=None,
+    epilogue=None,
+    bf16_out: bool = False,
+    pad_value: float = 0.0,
 ) -> relax.Expr:
     """Emit the NHWC depthwise kernel for ``x`` (float32, bf16 bits as uint16, uint8 or int8;
     ``w_hwc`` (KH, KW, C) of float32 or int8) and return its NCHW value; float data may take
     a ``bias`` (C,) and a :class:`ConvEpilogue`, int8 ``bias = (offset, multiplier)`` and a
     ``Requantize``.
-    ``bf16_out``: a float32 result stored as bf16 bits (uint16)."""
+    ``bf16_out``: a float32 result stored as bf16 bits (uint16). ``pad_value``: what the
+    conv's padding holds (an int8 model's zero point; the kernel reads it in the taps there)."""
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
     def kernel(shape, t, e, pad=None):
-        return float_depthwise_nhwc(shape, t, x_dtype, e, pad, bf16_out=bf16_out)
+        return float_depthwise_nhwc(shape, t, x_dtype, e, pad, bf16_out, pad_value)
 
     name = "int8_depthwise" if x_dtype in ("uint8", "int8") else "float_depthwise"
     name += "_bf16" * (x_dtype == "uint16") + "_to_bf16" * bf16_out
+    if pad_value:  # a kernel name: "_zp11", "_zpm3"
+        name += f"_zp{int(pad_value)}".replace("-", "m")
     out_dtype = "uint16" if bf16_out else None
     return _emit(
         rw, x, geo, w_hwc, tiles, c, c, kernel, name, bias, epilogue, in_kernel_pad=True,

@@ -38,6 +38,7 @@ from .relax_utils import (
     op_name,
     relax_functions,
     scalar_value,
+    spatial_pad,
     static_shape,
 )
 
@@ -49,20 +50,6 @@ _DTYPES = frozenset({"float32", "float16", "bfloat16", "uint8", "int8", "uint16"
 def _axes(call: relax.Call) -> tuple[int, ...] | None:
     axes = call.attrs.axes
     return None if axes is None else tuple(int(a) for a in axes)
-
-
-def _spatial_pad(call: relax.Call, nchw: bool) -> tuple[tuple[int, int, int, int], float] | None:
-    """``((top, left, bottom, right), value)`` of a constant ``nn.pad`` of only the H and W
-    axes of a 4-D NCHW (``nchw``) or NHWC tensor, else None."""
-    if str(call.attrs.pad_mode) != "constant":
-        return None
-    w = [int(v) for v in call.attrs.pad_width]
-    if len(w) != 8:
-        return None
-    h_at, w_at, idle = (4, 6, (0, 1, 2, 3)) if nchw else (2, 4, (0, 1, 6, 7))
-    if any(w[i] for i in idle) or min(w) < 0:
-        return None
-    return (w[h_at], w[w_at], w[h_at + 1], w[w_at + 1]), float(call.attrs.pad_value)
 
 
 def _image(x: relax.Expr) -> tuple[int, int, int, int] | None:
@@ -85,14 +72,14 @@ def find_images(mod: tvm.IRModule) -> dict[relax.Var, tuple]:
         x, padding, fill = call.args[0], (0, 0, 0, 0), 0.0
         source = values.get(x)
         if op_name(source) == PAD and only_user(x) is not None:
-            found = _spatial_pad(source, nchw=True)
+            found = spatial_pad(source, nchw=True)
             if found is not None:
                 x, (padding, fill) = source.args[0], found
         if _image(x) is None:
             continue
         var, after = binding.var, only_user(binding.var)
         if after is not None and op_name(after[1]) == PAD and not any(padding):
-            found = _spatial_pad(after[1], nchw=False)
+            found = spatial_pad(after[1], nchw=False)
             if found is not None:
                 var, (padding, fill) = after[0], found
         quantize = _quantize(x, values, only_user)

@@ -211,6 +211,20 @@ def const_value(expr: relax.Expr, bindings) -> np.ndarray | None:
         return None
 
 
+def spatial_pad(call: relax.Call, nchw: bool) -> tuple[tuple[int, int, int, int], float] | None:
+    """``((top, left, bottom, right), value)`` of a constant ``nn.pad`` of only the H and W
+    axes of a 4-D NCHW (``nchw``) or NHWC tensor, else None (also for another op)."""
+    if op_name(call) != PAD or str(call.attrs.pad_mode) != "constant":
+        return None
+    w = [int(v) for v in call.attrs.pad_width]
+    if len(w) != 8:
+        return None
+    h_at, w_at, idle = (4, 6, (0, 1, 2, 3)) if nchw else (2, 4, (0, 1, 6, 7))
+    if any(w[i] for i in idle) or min(w) < 0:
+        return None
+    return (w[h_at], w[w_at], w[h_at + 1], w[w_at + 1]), float(call.attrs.pad_value)
+
+
 def scalar_value(expr: relax.Expr) -> float | int | None:
     """The value of a one-element tensor constant (an int for integer dtypes), else None."""
     if not is_tensor_const(expr) or expr.value.numpy().size != 1:

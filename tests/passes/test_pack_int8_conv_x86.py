@@ -774,3 +774,72 @@ def test_residual_add_joins_the_conv_kernel(rng, downsample):
         got, want = _run(packed, x), _run(mod, x)
         np.testing.assert_array_equal(got, want)
         assert len(np.unique(want)) > 40  # sums spread over the range, not clamped flat
+
+
+def _zero_point_padded_depthwise(
+    rng, x_shape, x_dtype, zero, pads, kernel, stride, quantized_here=False
+):
+    """``pad(x, zero)`` then a depthwise int8 conv of no padding, requantized to uint8: the
+    form LowerInt8 gives a conv whose input zero point is not 0. ``quantized_here``: ``x``
+    is float32 and quantized first (the pad then fuses into that elementwise kernel)."""
+    c = x_shape[1]
+    w = _random(rng, (c, 1, kernel, kernel), np.int8)
+    top, left, bottom, right = pads
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32" if quantized_here else x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            v = x
+            if quantized_here:
+                v = bb.emit(relax.op.quantize(x, relax.const(np.float32(0.05)),
+                                              relax.const(zero, "int32"), out_dtype=x_dtype))  # fmt: skip
+            p = bb.emit(relax.op.nn.pad(v, [0, 0, 0, 0, top, bottom, left, right], "constant",
+                                        float(zero)))  # fmt: skip
+            y = bb.emit(relax.op.nn.conv2d(p, relax.const(w), strides=stride, groups=c,
+                                           out_dtype="int32"))  # fmt: skip
+            y = bb.emit(relax.op.astype(y, "float32"))
+            m = (rng.random((1, c, 1, 1)) * 0.01).astype(np.float32)
+            y = bb.emit(relax.op.multiply(y, relax.const(m)))
+            q = relax.op.quantize(y, relax.const(np.float32(1.0)), relax.const(100, "int32"),
+                                  out_dtype="uint8")  # fmt: skip
+            out = bb.emit_output(q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("x_shape", "x_dtype", "zero", "pads", "kernel", "stride"),
+    [
+        ((1, 16, 12, 13), "uint8", 11, (1, 1, 1, 1), 3, 1),  # MobileNetV3's first block
+        ((1, 32, 14, 14), "uint8", 200, (0, 0, 1, 1), 3, 2),  # TF-style, strided
+        ((1, 48, 9, 10), "int8", -3, (2, 2, 2, 2), 5, 1),  # 5x5, a signed image
+    ],
+)
+def test_a_depthwise_conv_reads_its_zero_point_padding_itself(
+    rng, x_shape, x_dtype, zero, pads, kernel, stride
+):
+    """The pad with the zero point before a depthwise conv becomes the kernel's own padding:
+    its taps there read the zero point. No pad kernel, the same bits."""
+    mod = _zero_point_padded_depthwise(rng, x_shape, x_dtype, zero, pads, kernel, stride)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert not _ops_named(packed, "relax.nn.pad")
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert any("depthwise_zp" in n for n in names), names
+    x = _random(rng, x_shape, np.dtype(x_dtype).type)
+    got, want = _run(packed, x), _run(mod, x)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+def test_a_zero_point_pad_after_an_elementwise_op_stays_in_its_kernel(rng):
+    """A pad after an elementwise op (EfficientNet's SiLU + quantize) fuses into that op's
+    kernel: the depthwise kernel keeps reading a padded image (its border taps cost more)."""
+    shape = (1, 16, 12, 13)
+    mod = _zero_point_padded_depthwise(rng, shape, "uint8", 11, (1, 1, 1, 1), 3, 1, True)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    assert _ops_named(packed, "relax.nn.pad")
+    assert not any("depthwise_zp" in str(gv.name_hint) for gv in packed.get_global_vars())
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(_run(packed, x), _run(mod, x))

@@ -592,6 +592,7 @@ def float_depthwise_nhwc(
     epilogue: ConvEpilogue | Requantize | None = None,
     pad: tuple[int, int, int, int] | None = None,
     bf16_out: bool = False,
+    pad_value: float = 0.0,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
     depthwise conv (one filter per channel) over a padded NHWC image (float32, or bf16 bits
@@ -605,7 +606,8 @@ def float_depthwise_nhwc(
     With ``pad`` (top, left, bottom, right), ``P`` is the image without its zero padding
     (``hp - top - bottom`` x ``wp - left - right``): the kernel skips the taps that fall in
     it (a branch per tap and pixel, on scalars) instead of reading a padded copy, which
-    costs a pass over the image in memory as long as the conv itself. ``bf16_out``: a float32
+    costs a pass over the image in memory as long as the conv itself; a tap there reads
+    ``pad_value`` (an int8 model's zero point). ``bf16_out``: a float32
     result is stored as bf16 bits (the input of a bf16 AMX conv, ``precision="bf16"``)."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
@@ -640,7 +642,7 @@ def float_depthwise_nhwc(
             return read(p[b, yy, xx, j])
         inside = tvm.tirx.all(yy >= top, yy < top + h, xx >= left, xx < left + wd)
         value = read(p[b, yy - top, xx - left, j])
-        return tvm.tirx.if_then_else(inside, value, tvm.tirx.const(0, acc_dtype))
+        return tvm.tirx.if_then_else(inside, value, tvm.tirx.const(pad_value, acc_dtype))
 
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
