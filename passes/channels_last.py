@@ -35,7 +35,7 @@ from .relax_utils import emit_binding, is_tensor_const, static_shape
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 TO_NCHW = (0, 3, 1, 2)  # permute_dims axes: NHWC -> NCHW
-_TO_NHWC = (0, 2, 3, 1)
+TO_NHWC = (0, 2, 3, 1)
 _NHWC_POS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> its position in NHWC
 
 
@@ -69,7 +69,8 @@ _CONCAT = tvm.ir.Op.get("relax.concat")
 _QDQ_Q = tvm.ir.Op.get("relax.quantize")
 
 
-def _permute_axes(expr: relax.Expr) -> tuple[int, ...] | None:
+def permute_axes(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The axes of a ``permute_dims`` call, else None."""
     if not isinstance(expr, relax.Call) or not expr.op.same_as(_PERMUTE):
         return None
     if expr.attrs.axes is None:
@@ -120,7 +121,7 @@ def _nhwc_constant(c: tvm.ir.Constant) -> tvm.ir.Constant | None:
         return c
     if value.ndim > 4:
         return None
-    value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(_TO_NHWC)
+    value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(TO_NHWC)
     return relax.const(np.ascontiguousarray(value), str(c.ty.dtype))
 
 
@@ -166,8 +167,8 @@ class ChannelsLastRewriter(KernelRewriter):
         self.current_var = var
         value = self.visit_expr(binding.value)
         twin = None
-        axes = _permute_axes(value)
-        if axes == _TO_NHWC and value.args[0] in self.nhwc:
+        axes = permute_axes(value)
+        if axes == TO_NHWC and value.args[0] in self.nhwc:
             value = self.nhwc[value.args[0]]  # NHWC -> NCHW -> NHWC: the twin itself
         elif axes == TO_NCHW and isinstance(value.args[0], relax.Var):
             twin = value.args[0]
@@ -223,7 +224,7 @@ class ChannelsLastRewriter(KernelRewriter):
                 w = [int(p) for p in a.pad_width]
                 if len(w) != 8:
                     return None
-                nhwc_w = [v for d in _TO_NHWC for v in w[2 * d : 2 * d + 2]]
+                nhwc_w = [v for d in TO_NHWC for v in w[2 * d : 2 * d + 2]]
                 return relax.op.nn.pad(t, nhwc_w, str(a.pad_mode), float(a.pad_value))
             # quantize / dequantize: per-tensor, or per-channel along a moved axis.
             if any(not isinstance(p, tvm.ir.Constant) for p in call.args[1:]):
@@ -296,7 +297,7 @@ class ChannelsLastRewriter(KernelRewriter):
         if c == 1 or h * w == 1:
             twin = self.builder_.emit(relax.op.reshape(x, (n, h, w, c)))
         else:
-            twin = self.builder_.emit(relax.op.permute_dims(x, list(_TO_NHWC)))
+            twin = self.builder_.emit(relax.op.permute_dims(x, list(TO_NHWC)))
         if isinstance(x, relax.Var):
             self.nhwc[x] = twin
         return twin

@@ -15,9 +15,9 @@ output three values a pixel; the kernel moves 16 pixels of every channel a step.
 or transpose that something else also reads is left alone (the pair would then run twice),
 as are images of more than four channels and non-constant pads.
 
-MobileNetV3-small on one thread of an Intel Xeon (AVX-512, AMX), 224x224 RGB: fp32's
-``transpose + pad`` 95 -> 25 us, int8's ``quantize + pad + transpose`` 47 -> 10 us plus
-the quantize as its own NCHW kernel.
+MobileNetV3-small on one thread of an Intel Xeon (AVX-512, AMX), 224x224 RGB, in the
+model: fp32's ``transpose + pad`` 97 -> 61 us, int8's ``quantize + pad + transpose`` 47 -> 30
+us (the image comes from L3 there; alone in cache the kernel takes 25 / 10 us).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvmq.kernels.cpu_float_conv import simd_lanes_and_registers
 from tvmq.kernels.cpu_image import MAX_CHANNELS, ImageQuantize, image_nhwc
 
+from .channels_last import TO_NHWC, permute_axes
 from .relax_utils import (
     PAD,
-    PERMUTE_DIMS,
     QUANTIZE,
     dataflow_bindings,
     emit_binding,
@@ -42,14 +42,8 @@ from .relax_utils import (
     static_shape,
 )
 
-TO_NHWC = (0, 2, 3, 1)
 MULTIPLY = "relax.multiply"
 _DTYPES = frozenset({"float32", "float16", "bfloat16", "uint8", "int8", "uint16"})
-
-
-def _axes(call: relax.Call) -> tuple[int, ...] | None:
-    axes = call.attrs.axes
-    return None if axes is None else tuple(int(a) for a in axes)
 
 
 def _image(x: relax.Expr) -> tuple[int, int, int, int] | None:
@@ -67,7 +61,7 @@ def find_images(mod: tvm.IRModule) -> dict[relax.Var, tuple]:
         values[binding.var] = binding.value
     for binding, only_user in dataflow_bindings(mod):
         call = binding.value
-        if op_name(call) != PERMUTE_DIMS or _axes(call) != TO_NHWC:
+        if permute_axes(call) != TO_NHWC:
             continue
         x, padding, fill = call.args[0], (0, 0, 0, 0), 0.0
         source = values.get(x)
@@ -84,15 +78,15 @@ def find_images(mod: tvm.IRModule) -> dict[relax.Var, tuple]:
                 var, (padding, fill) = after[0], found
         quantize = _quantize(x, values, only_user)
         if quantize is not None:
-            x = values[values[x].args[0]].args[0]  # quantize(multiply(image, m), 1, z)
+            x, quantize = quantize
         plan[var] = (x, padding, fill, quantize)
     return plan
 
 
-def _quantize(x: relax.Expr, values: dict, only_user) -> ImageQuantize | None:
-    """An int8 model's quantized input, ``x = quantize(multiply(image, m), 1, z)`` with
-    scalar constants (``QuantizeByMultiply``'s form), each var read once: the kernel
-    quantizes the float32 image as it moves it."""
+def _quantize(x: relax.Expr, values: dict, only_user) -> tuple[relax.Expr, ImageQuantize] | None:
+    """``(image, quantize)`` of an int8 model's quantized input, ``x = quantize(multiply(image,
+    m), 1, z)`` with scalar constants (``QuantizeByMultiply``'s form), each var read once: the
+    kernel quantizes the float32 image as it moves it."""
     q = values.get(x)
     if op_name(q) != QUANTIZE or only_user(x) is None or only_user(q.args[0]) is None:
         return None
@@ -102,7 +96,7 @@ def _quantize(x: relax.Expr, values: dict, only_user) -> ImageQuantize | None:
     scale, zero, multiplier = (scalar_value(v) for v in (q.args[1], q.args[2], m.args[1]))
     if scale != 1 or zero is None or multiplier is None or _image(m.args[0]) is None:
         return None
-    return ImageQuantize(float(multiplier), int(zero), str(q.attrs.out_dtype))
+    return m.args[0], ImageQuantize(float(multiplier), int(zero), str(q.attrs.out_dtype))
 
 
 @mutator

@@ -88,7 +88,7 @@ from .channels_last import (
 )
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import dataflow_bindings, op_name, spatial_pad
+from .relax_utils import RESHAPE, dataflow_bindings, op_name, spatial_pad
 from .requantize_epilogue import (
     ChannelAxis,
     RequantizeEpilogue,
@@ -307,26 +307,30 @@ def _zero_point_padded(rw: ChannelsLastRewriter, x, geo: Conv2DGeometry):
     and EfficientNet's hardswish / SiLU blocks, whose zero points are not 0). Else as given."""
     if any(geo.padding):
         return x, geo, 0.0
-    twin = rw.nhwc.get(x)  # the pad of an NHWC image (a conv's result), channels last
-    value = rw.lookup_binding(twin) if twin is not None else None
-    found = spatial_pad(value, nchw=False)
-    if found is not None and not _kernel_result(rw, value.args[0]):
+    nchw = False  # the pad of an NHWC image (a conv's result, channels last) ...
+    value = _bound(rw, rw.nhwc.get(x))
+    found = spatial_pad(value, nchw)
+    if found is None:  # ... or of an NCHW one (the model's input)
+        nchw, value = True, _bound(rw, x)
+        found = spatial_pad(value, nchw)
+    if found is None or not _kernel_result(rw, value.args[0]):
         return x, geo, 0.0
-    if found is not None:
-        image = value.args[0]
+    image = value.args[0]
+    if nchw:
+        n, c, h, wd = (int(d) for d in image.ty.shape)
+        x = image
+    else:
         n, h, wd, c = (int(d) for d in image.ty.shape)
         x = rw.builder_.emit(relax.op.permute_dims(image, TO_NCHW))  # dead once lowered
         rw.nhwc[x] = image
-    else:  # the pad of an NCHW image (the model's input)
-        value = rw.lookup_binding(x) if isinstance(x, relax.Var) else None
-        found = spatial_pad(value, nchw=True)
-        if found is None or not _kernel_result(rw, value.args[0]):
-            return x, geo, 0.0
-        x = value.args[0]
-        n, c, h, wd = (int(d) for d in x.ty.shape)
     (top, left, bottom, right), fill = found
     padded = dataclasses.replace(geo, x_shape=(n, c, h, wd), padding=(top, left, bottom, right))
     return x, padded, fill
+
+
+def _bound(rw: ChannelsLastRewriter, expr) -> relax.Expr | None:
+    """The value ``expr`` is bound to in the rewritten function, None for an input."""
+    return rw.lookup_binding(expr) if isinstance(expr, relax.Var) else None
 
 
 def _kernel_result(rw: ChannelsLastRewriter, image) -> bool:
@@ -336,10 +340,9 @@ def _kernel_result(rw: ChannelsLastRewriter, image) -> bool:
     tests the border costs more than the copy: EfficientNet-B0 int8 1.9% slower on one
     thread with every zero-point pad in its depthwise kernels, MobileNetV3-small int8 (whose
     pads follow its convs' own hardswish + quantize) 6% faster on one and two."""
-    value = rw.lookup_binding(image) if isinstance(image, relax.Var) else None
-    while op_name(value) == "relax.reshape":
-        image = value.args[0]
-        value = rw.lookup_binding(image) if isinstance(image, relax.Var) else None
+    value = _bound(rw, image)
+    while op_name(value) == RESHAPE:
+        value = _bound(rw, value.args[0])
     return value is None or op_name(value) == "relax.call_tir"
 
 

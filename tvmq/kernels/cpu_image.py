@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels.x86_int8 import KERNEL_ATTR
+from tvmq.kernels.x86_int8_conv import OPAQUE
 
 MAX_CHANNELS = 4
 """Images of more channels than this keep TVM's transpose (a vector per pixel already)."""
@@ -47,8 +49,8 @@ class ImageQuantize:
     dtype: str
 
     def __call__(self, v: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
-        info = tvm.runtime.DataType(self.dtype)
-        lo, hi = (-128.0, 127.0) if info.type_code == 0 else (0.0, 255.0)
+        info = np.iinfo(self.dtype)
+        lo, hi = float(info.min), float(info.max)
         v = tirx.round(v * _f32(self.multiplier)) + _f32(float(self.zero))
         lanes = v.ty.dtype.lanes
         out = self.dtype if lanes == 1 else f"{self.dtype}x{lanes}"
@@ -128,7 +130,7 @@ def image_nhwc(
     return (
         ib.get()
         .with_attr("tirx.is_scheduled", True)
-        .with_attr("op_pattern", 8)  # opaque to FuseOps
+        .with_attr("op_pattern", OPAQUE)
         .with_attr(KERNEL_ATTR, "image_nhwc")
         .without_attr("global_symbol")
     )
