@@ -88,7 +88,7 @@ from .channels_last import (
 )
 from .pack_float_conv import lower_depthwise
 from .pack_int8_dense_x86 import VNNIPass
-from .relax_utils import RESHAPE, dataflow_bindings, op_name, spatial_pad
+from .relax_utils import RESHAPE, dataflow_bindings, op_name, spatial_pad, static_shape
 from .requantize_epilogue import (
     ChannelAxis,
     RequantizeEpilogue,
@@ -100,11 +100,21 @@ _SHIFT = 128  # int8 -> uint8: vpdpbusd multiplies unsigned by signed bytes
 # Activations whose result an AMX target's conv kernels quantize again themselves (Requantize's
 # rescale): MobileNetV3-small int8's hardswish blocks on an Intel Xeon with AMX, one thread
 # 1.7% faster, two 1.7-6.9% (no quantize kernel, no float32 tensor between the layers). Not
-# SiLU: its exp made EfficientNet-B0's 1x1 VNNI convs slower there by more than the quantize
-# kernel they saved (12544x28x32: 184 + 71 -> 253 + 25 us, the model 2.6% slower on one
-# thread). Nor on VNNI-only targets: on Zen 4 the quantize after the activation cost more than
-# the pass it saves.
+# SiLU in general: its exp made EfficientNet-B0's 1x1 VNNI convs slower there by more than the
+# quantize kernel they saved (12544x28x32: 184 + 71 -> 253 + 25 us, the model 2.6% slower on
+# one thread) -- but a SiLU whose float32 result outgrows a core's L2 (_SILU_QUANTIZED_BYTES)
+# would go to memory and be read back: EfficientNet-B0's 112x112x96 expand conv + quantize kernel
+# 619 + 345 -> 787 us. Nor on VNNI-only targets: on Zen 4 the quantize after the activation cost
+# more than the pass it saves.
 _QUANTIZED_ACTIVATIONS_AMX = ("hardswish", "hardswish_divide_first")
+_SILU_QUANTIZED_BYTES = 2 << 20  # the L2 of a Sapphire / Emerald Rapids core
+
+
+def _quantized_activations(result: relax.Var) -> tuple[str, ...]:
+    """The activations whose quantize an AMX target's kernel storing ``result`` takes."""
+    shape = static_shape(result)
+    large = shape is not None and 4 * int(np.prod(shape)) > _SILU_QUANTIZED_BYTES
+    return _QUANTIZED_ACTIVATIONS_AMX + (("silu",) if large else ())
 
 
 def find_requantize_epilogues(
@@ -113,9 +123,8 @@ def find_requantize_epilogues(
     """The int8 convs whose result only feeds ``LowerInt8``'s float requantize (per output
     channel along NCHW axis 1; see :func:`requantize_chain`): the conv's kernel stores the
     int8 / uint8 (or float32) result, the int32 sums never go to memory (a pass over 4 bytes
-    an output less, and one kernel less). For an ``amx`` target a hardswish after the
-    dequantize and its quantize join too (:data:`_QUANTIZED_ACTIVATIONS_AMX`)."""
-    quantized = _QUANTIZED_ACTIVATIONS_AMX if amx else ()
+    an output less, and one kernel less). For an ``amx`` target a hardswish (a large SiLU)
+    after the dequantize and its quantize join too (:func:`_quantized_activations`)."""
     found = {}
     bindings = list(dataflow_bindings(mod))
     values = {b.var: b.value for b, _ in bindings}
@@ -125,7 +134,7 @@ def find_requantize_epilogues(
         conv = dense or match_int8_depthwise(b.value)
         where = conv and ChannelAxis(1, 4, conv[2].shape[0])
         epilogue = where and requantize_chain(
-            (b.var,), where, only_user, quantize_activation=quantized
+            (b.var,), where, only_user, amx and _quantized_activations(b.var) or ()
         )
         if epilogue and dense:  # a residual add joins the dense kernel's epilogue
             before = lambda v, i=i: position.get(v, -1) < i  # noqa: E731

@@ -610,15 +610,21 @@ SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
 
 @pytest.mark.amx
+@pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("activation", sorted(_ACTIVATIONS))
-def test_an_amx_conv_quantizes_its_hardswish_itself(rng, activation):
+def test_an_amx_conv_quantizes_its_hardswish_itself(rng, monkeypatch, activation, large):
     """On an AMX target a hardswish after the dequantize and the quantize after it are the
     conv kernel's store (one kernel, no float32 tensor), the same bits as the separate ops;
-    a SiLU's quantize stays a kernel of its own there too (its exp costs the 1x1 convs more)."""
+    a SiLU's quantize joins only where its float32 result would outgrow a core's L2 (its exp
+    costs the 1x1 convs more than a quantize kernel over a tensor in cache; ``large``: the
+    bound set below this conv's 9 x 11 x 40 result)."""
+    from tvmq.passes import pack_int8_conv_x86
     from tvmq.passes.quantize_by_multiply import QuantizeByMultiply
     from tvmq.passes.use_fast_math import UseFastMath
 
     x_shape, o = (1, 64, 9, 11), 40
+    if large:
+        monkeypatch.setattr(pack_int8_conv_x86, "_SILU_QUANTIZED_BYTES", 4 * 9 * 11 * o - 1)
     w = _random(rng, (o, x_shape[1], 3, 3), np.int8)
     conv = _requantized_conv_module(rng, x_shape, w, "uint8", 1, False, None, "float32", 0)
     lower = lambda m: QuantizeByMultiply()(UseFastMath()(m))  # noqa: E731
@@ -627,7 +633,7 @@ def test_an_amx_conv_quantizes_its_hardswish_itself(rng, activation):
     mod = _activated(conv, x_shape, activation, (scale, -7, "uint8"))
     packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
     names = [str(gv.name_hint) for gv in packed.get_global_vars()]
-    joined = activation.startswith("hardswish")
+    joined = activation.startswith("hardswish") or (large and activation == "silu")
     assert sum(f"_{activation}_requantize" in n for n in names) == joined, names
     assert bool(_ops_named(packed, "relax.quantize")) != joined
     got = _run(lower(packed), x, SAPPHIRERAPIDS)

@@ -141,8 +141,9 @@ class Requantize:
     again, ``clamp(round(a * rescale) + zero_point, lo, hi)`` (``QuantizeByMultiply``'s
     multiply, then ``quantize(., 1, zero_point)``; the float kernels of
     :class:`~tvmq.passes.Int8AsFloat` take it, and on AMX targets the conv kernels for a
-    hardswish: on the VNNI kernels of Zen 4 the quantize after the activation cost more than
-    the pass it saves, and so did a SiLU's on an AMX Xeon).
+    hardswish, and a SiLU whose float32 result outgrows L2: on the VNNI kernels of Zen 4 the
+    quantize after the activation cost more than the pass it saves, and so did a SiLU's over
+    a tensor in cache on an AMX Xeon).
 
     With ``stored_as_float`` the kernel stores the clamped integer as float32 (its readers
     convert it to float32 anyway: the next conv of :class:`~tvmq.passes.Int8AsFloat`), so
