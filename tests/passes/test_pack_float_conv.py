@@ -726,3 +726,66 @@ def test_integer_sums_stay_on_the_direct_kernel(rng):
     mod = bb.get()
     assert [v.same_as(y) for v in find_integer_sums(mod)] == [True]
     assert _kernel_names(PackFloatConv(AVX2)(mod)) == ["float_conv2d_nhwc"]
+
+
+def _expand_depthwise_module(x, w1, b1, lo, w2, b2, stride):
+    """``main(x) = relu6(depthwise3x3(clip(conv1x1(x, W1) + b1, lo, 6), W2, stride) + b2)``
+    (a MobileNet block's expand and depthwise convs)."""
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w1)))
+            y = bb.emit(relax.op.add(y, relax.const(b1.reshape(1, -1, 1, 1))))
+            y = bb.emit(relax.op.clip(y, lo, 6.0))
+            z = bb.emit(
+                relax.op.nn.conv2d(
+                    y, relax.const(w2), strides=stride, padding=1, groups=w2.shape[0]
+                )
+            )
+            z = bb.emit(relax.op.add(z, relax.const(b2.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(relax.op.clip(z, 0.0, 6.0))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("channels", "stride", "lo", "depthwise"),
+    [
+        (72, 1, 0.0, "3x3_80x72"),  # 16-lane vectors over the expand conv's 80 channels
+        (72, 2, 0.0, "3x3_80x72"),
+        (88, 2, -1.0, "3x3_96x88"),
+        (72, 1, 0.5, "3x3_72x72"),  # the padded channels hold 0.5: 8-lane vectors over 72
+        (64, 1, 0.0, "3x3_64x64"),  # no padding
+    ],
+)
+def test_a_depthwise_conv_reads_its_producers_padded_channels(rng, channels, stride, lo, depthwise):
+    """A 1x1 conv whose channels its kernel pads to whole vectors (72 -> 80 on AVX-512)
+    feeds a depthwise conv: that kernel reads the padded result, zeros included, and
+    computes them along on 16-lane vectors, with no copy of the result without its
+    padding in between (MobileNetV3-small fp32 1.801 -> 1.761 ms, the same bits) -- where
+    the padded channels are zeros (bounds around 0). PyTorch's numbers either way."""
+    x = rng.standard_normal((1, 16, 10, 12)).astype(np.float32)
+    w1 = rng.standard_normal((channels, 16, 1, 1)).astype(np.float32) / 4
+    b1 = rng.standard_normal(channels).astype(np.float32)
+    w2 = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    b2 = rng.standard_normal(channels).astype(np.float32)
+    mod = _expand_depthwise_module(x, w1, b1, lo, w2, b2, stride)
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    names = _kernel_globals(lowered)
+    assert any(f"float_depthwise_nhwc_{depthwise}_" in n for n in names), names
+    slices = [
+        c for c in _calls(lowered["main"])
+        if isinstance(c.op, tvm.ir.Op) and str(c.op.name) == "relax.strided_slice"
+    ]  # fmt: skip
+    assert len(slices) == (channels % 16 != 0)  # one, after the depthwise conv, or none
+    got = _build_and_run(mod, "x86-avx512-vnni", x)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    y = torch.clamp(torch.nn.functional.conv2d(t(x), t(w1), t(b1)), lo, 6.0)
+    z = torch.nn.functional.conv2d(y, t(w2), t(b2), stride=stride, padding=1, groups=channels)
+    want = torch.clamp(z, 0.0, 6.0).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert len(np.unique(got)) > 100  # not clamped flat
