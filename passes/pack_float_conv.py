@@ -86,6 +86,7 @@ from tvmq.kernels.cpu_float_conv import (
     float_depthwise_nhwc,
     pack_conv_weight,
     pixel_major_pays,
+    short_reduction,
     simd_lanes_and_registers,
 )
 from tvmq.kernels.cpu_float_conv_streamed import (
@@ -435,7 +436,10 @@ class _Lowering:
         if kc is not None and self.stream and not requantize:
             kernel = lambda shape, t, e=None: float_conv2d_nhwc_streamed(shape, t, kc, e)  # noqa: E731
             return plain, kernel, "float_conv2d_streamed"
-        tiles = choose_conv_tiles(ow, o, lanes, self.registers, epilogue=fused is not None)
+        short = short_reduction(c, *geo.kernel)
+        tiles = choose_conv_tiles(
+            ow, o, lanes, self.registers, epilogue=fused is not None, short=short
+        )
         kernel = float_conv2d_nhwc
         if pixel_major_pays(geo.kernel, 4 * tiles.o_padded * geo.k):
             kernel = functools.partial(float_conv2d_nhwc, pixel_major=True)

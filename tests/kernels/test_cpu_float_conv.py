@@ -17,6 +17,7 @@ from tvmq.kernels.cpu_float_conv import (
     float_depthwise_nhwc,
     pack_conv_weight,
     pixel_major_pays,
+    short_reduction,
 )
 from tvmq.kernels.x86_int8 import Requantize
 from tvmq.targets import get_target
@@ -84,6 +85,21 @@ def test_pixel_major_for_1x1_convs_over_weights_in_l2():
     assert not pixel_major_pays((1, 1), 1 << 20)  # its 14x14 256 -> 1024: 2% slower
     assert not pixel_major_pays((3, 3), 147 << 10)  # 3x3 convs gain nothing
     assert not pixel_major_pays((1, 1), 4 << 20)  # 2048 -> 512: panels reused from cache
+
+
+def test_short_reductions_keep_at_most_14_accumulators():
+    """A conv summing few products per output (an image stem, a 1x1 conv over 16 or 32
+    channels) takes a tile of at most 14 accumulators on AVX-512 (its stores and spills
+    outweigh the loads a larger tile saves); a longer one keeps the larger tile."""
+    assert short_reduction(3, 3, 3) and short_reduction(3, 7, 7) and short_reduction(32, 1, 1)
+    assert not short_reduction(64, 1, 1) and not short_reduction(16, 3, 3)
+    for ow, o in ((112, 16), (112, 32), (112, 96), (56, 80), (28, 192)):
+        short = choose_conv_tiles(ow, o, 16, 32, epilogue=True, short=True)
+        assert short.mr * short.nr <= 14 and short.ow_padded % short.mr == 0, (ow, o)
+        wide = choose_conv_tiles(ow, o, 16, 32, epilogue=True)
+        assert wide.mr * wide.nr > 14, (ow, o)
+    # AVX2's 8-lane tiles keep their own cap
+    assert choose_conv_tiles(112, 32, 8, 16, short=True) == choose_conv_tiles(112, 32, 8, 16)
 
 
 def test_avx2_tiles_keep_half_the_registers_for_accumulators():

@@ -105,6 +105,7 @@ def choose_conv_tiles(
     *,
     epilogue: bool = False,
     pad_channels: bool = False,
+    short: bool = False,
 ) -> ConvTiles:
     """The register tile for an output ``ow`` pixels wide with ``o`` channels.
 
@@ -125,10 +126,11 @@ def choose_conv_tiles(
     28-accumulator 14x2 at 76-113. With 16 vector registers (AVX2) it keeps at most 8: on an
     AMD Zen 1 core (one 256-bit FMA a cycle), 3x3 convs without an epilogue over ResNet-18's
     four stages ran at 35-39 GFLOP/s with 2x4 or 4x2 tiles, at 25-32 with the 12-accumulator
-    3x4 and 21-35 with 6x2 (1 thread, each conv alone).
+    3x4 and 21-35 with 6x2 (1 thread, each conv alone). A ``short`` reduction
+    (:func:`short_reduction`) keeps at most 14 on any AVX-512 CPU too.
     """
     budget = registers - 4
-    half_width = lanes == 16 and half_width_avx512()
+    half_width = lanes == 16 and (short or half_width_avx512())
     best = None
     for nr in range(min(_MAX_CHANNEL_VECTORS, budget), 0, -1):
         o_padded = round_up(o, nr * lanes if pad_channels else lanes)
@@ -155,6 +157,22 @@ def choose_conv_tiles(
         if best is None or score > best[0]:
             best = (score, ConvTiles(mr, nr, lanes, ow_padded, o_padded))
     return best[1]
+
+
+SHORT_REDUCTION = 32
+"""Multiply-adds per output at or below which a conv's reduction is short (see below)."""
+
+
+def short_reduction(c: int, kh: int, kw: int) -> bool:
+    """Whether a conv over ``c`` input channels with a ``kh x kw`` window sums so few products
+    per output (:data:`SHORT_REDUCTION`, or an image of at most 4 channels) that a register
+    tile of more than 14 accumulators loses more to its stores and spills than it saves in
+    loads: on an Intel Xeon (Emerald Rapids, 1 thread, each conv alone, bias + ReLU) 14x2 /
+    28x1 -> 7x2 / 14x1 took MobileNetV2's 3x3 stride-2 3 -> 32 stem 196.5 -> 172.1 us, its
+    112x112 1x1 16 -> 96 425.9 -> 329.2 and 32 -> 16 184.0 -> 165.5, MobileNetV3's 3 -> 16
+    stem 103.4 -> 96.1, ResNet-18's 7x7 3 -> 64 stem 1554 -> 1477; at 144-576 products
+    (ResNet-18's 3x3 64 -> 64: 1479 -> 1540) the larger tile is as fast or faster."""
+    return c * kh * kw <= SHORT_REDUCTION or c <= 4
 
 
 def pack_conv_weight(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
