@@ -144,7 +144,7 @@ def x86_int8_dense(m: int, k: int, n: int, amx: bool) -> X86Int8Dense:
     """The kernel for an ``(m, k) x (k, n)`` int8 product: AMX when the target has it
     (``amx``), there are :data:`AMX_MIN_ROWS` rows or more and it pays, else VNNI."""
     kp, np_ = padded_kn(k, n)
-    vnni = X86Int8Dense(choose_tiles(m, np_).m_padded, kp, np_, None)
+    vnni = X86Int8Dense(choose_tiles(m, np_, k=kp).m_padded, kp, np_, None)
     if amx and m >= AMX_MIN_ROWS:
         t = amx_tiles(m, k, n)
         if amx_pays(X86Int8Dense(t.m_padded, t.k_padded, t.n_padded, t), vnni, k):

@@ -230,7 +230,14 @@ class DenseTiles:
     m_padded: int
 
 
-def choose_tiles(m: int, n_padded: int, half_width: bool | None = None) -> DenseTiles:
+SHORT_K = 80
+"""Reduction length (padded K) at or below which a product takes the 14-accumulator tile on
+any AVX-512 CPU (see :func:`choose_tiles`)."""
+
+
+def choose_tiles(
+    m: int, n_padded: int, half_width: bool | None = None, k: int | None = None
+) -> DenseTiles:
     """Pick the register tile for an ``(m, n_padded)`` output.
 
     ``mr`` is ``m`` itself when ``m <= 8``, else a divisor of ``m`` in 4..8; when there is
@@ -243,10 +250,14 @@ def choose_tiles(m: int, n_padded: int, half_width: bool | None = None) -> Dense
     4..7 (8 only where it is ``m``: a GEMV's one tile) and the tile at most 14
     accumulators: there tiles of 16 or more ran 3-30% slower than 7x2 / 4x3 ones (1 thread,
     warm; ResNet-50's 3136x64x256 291 -> 436 GOP/s at 7x2, MiniLM's 128x768x3072 427 -> 458
-    at 4x3).
+    at 4x3). So does a product of ``k <=`` :data:`SHORT_K` on any AVX-512 CPU: with so few
+    steps per tile the store (an activation's polynomial in it) weighs more than the loads
+    a larger tile saves (EfficientNet-B0 int8 on an Intel Xeon, each layer in the model, 1
+    thread: 12544x28x32 + SiLU 200 -> 172 us, 3136x24x144 + SiLU 209 -> 189, 196x80x480 +
+    SiLU 63 -> 60).
     """
     if half_width is None:
-        half_width = half_width_avx512()
+        half_width = half_width_avx512() or (k is not None and k <= SHORT_K)
     top, budget = (7, HALF_WIDTH_ACCUMULATORS) if half_width else (8, _MAX_ACCUMULATORS)
     divisors = [d for d in range(top, 3, -1) if m % d == 0] or [top]
     rows = [m] if m <= 8 else divisors
@@ -267,7 +278,7 @@ def quantize_pays(m: int, k: int, n: int) -> bool:
     (:class:`RowQuantize`): such a kernel runs its row tiles in parallel and quantizes each
     once, so it takes serial products (one thread anyway) and those with 8 row tiles or more,
     not a large GEMV, whose parallel tasks are column tiles."""
-    return not runs_parallel(m, k, n) or m // choose_tiles(m, n).mr >= 8
+    return not runs_parallel(m, k, n) or m // choose_tiles(m, n, k=k).mr >= 8
 
 
 def symbolic_rows_tiles(n_padded: int) -> DenseTiles:
@@ -356,7 +367,7 @@ def int8_dense_vnni(
         Attributes ``tirx.is_scheduled`` (so dlight / MetaSchedule leave it alone) and
         :data:`KERNEL_ATTR`.
     """
-    tiles = tiles or choose_tiles(m, n)
+    tiles = tiles or choose_tiles(m, n, k=k)
     static_m = isinstance(m, int)
     if k % REDUCE or n % LANES or (static_m and m % tiles.mr) or (n // LANES) % tiles.nr:
         raise ValueError(f"unpadded shape m={m} k={k} n={n} for tiles {tiles}")
