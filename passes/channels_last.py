@@ -151,9 +151,9 @@ class ChannelsLastRewriter(KernelRewriter):
         # NHWC value -> (the same zero-bordered, the border (top, left, bottom, right)):
         # a kernel that wrote its result that way for the next conv, which then reads it.
         self.bordered: dict[relax.Var, tuple[relax.Var, tuple[int, int, int, int]]] = {}
-        # NHWC value -> the kernel's result it was sliced from, whose channels past the
-        # value's are zeros (a conv's channels padded to whole vectors): a depthwise kernel
-        # reads that instead and computes the zero channels along (pack_float_conv).
+        # NHWC value -> the kernel's result it was sliced from (a conv's channels padded to
+        # whole vectors; zeros in the float kernels'): a depthwise kernel reads that instead
+        # and computes the padded channels along (pack_float_conv, pack_int8_conv_x86).
         self.channel_padded: dict[relax.Var, relax.Var] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:

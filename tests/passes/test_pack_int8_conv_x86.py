@@ -849,3 +849,53 @@ def test_a_zero_point_pad_after_an_elementwise_op_stays_in_its_kernel(rng):
     assert not any("depthwise_zp" in str(gv.name_hint) for gv in packed.get_global_vars())
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(_run(packed, x), _run(mod, x))
+
+
+def _expand_depthwise_module(rng, x_shape, o, stride):
+    """1x1 conv -> ReLU requantize to uint8 (zero point 0) -> depthwise 3x3 (padding 1,
+    ``stride``) -> requantize to uint8 (zero point 5): a MobileNet block's first two layers."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+
+    def requantized(y, zero, scale):
+        o = int(y.ty.shape[1])
+        y = bb.emit(relax.op.add(y, relax.const(rng.integers(-4000, 4000, (1, o, 1, 1), np.int32))))
+        y = bb.emit(relax.op.astype(bb.emit(relax.op.nn.relu(y)), "float32"))
+        y = bb.emit(
+            relax.op.multiply(y, relax.const((rng.random((1, o, 1, 1)) * scale).astype(np.float32)))
+        )
+        one, z = relax.const(np.float32(1.0)), relax.const(zero, "int32")
+        return relax.op.quantize(y, one, z, out_dtype="uint8")
+
+    w1 = relax.const(_random(rng, (o, x_shape[1], 1, 1), np.int8))
+    w2 = relax.const(_random(rng, (o, 1, 3, 3), np.int8))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w1, out_dtype="int32"))
+            q = bb.emit(requantized(y, 0, 1e-3))
+            y = bb.emit(relax.op.nn.conv2d(q, w2, stride, 1, groups=o, out_dtype="int32"))
+            out = bb.emit_output(requantized(y, 5, 8e-3))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the host CPU has no avx512vnni")
+@pytest.mark.parametrize(
+    ("o", "stride", "depthwise"),
+    [(72, 1, "3x3_80x72"), (88, 2, "3x3_96x88"), (64, 1, "3x3_64x64")],
+)
+def test_a_depthwise_conv_reads_its_producers_padded_channels(rng, o, stride, depthwise):
+    """A 1x1 int8 conv whose kernel stores whole vectors of channels (72 -> 80) feeds an int8
+    depthwise conv: that kernel reads the padded result (each channel only its own) on
+    16-lane vectors, no copy without the padding in between; the bits of TVM's default
+    lowering (MobileNetV3-small int8 0.941 -> 0.913 ms on one thread, the same bits)."""
+    x_shape = (1, 16, 10, 12)
+    mod = _expand_depthwise_module(rng, x_shape, o, stride)
+    packed = PackInt8ConvX86(CASCADELAKE)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert any(f"int8_depthwise_nhwc_{depthwise}_" in n for n in names), names
+    assert len(_ops_named(packed, "relax.strided_slice")) == (o % 16 != 0)  # after the depthwise
+    x = _random(rng, x_shape, np.uint8)
+    got, want = _run(packed, x), _run(mod, x)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20
