@@ -350,13 +350,9 @@ class _Lowering:
             if tiles is None:
                 return None
             w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
-            wide = self._wider_depthwise(rw, x, ow, tiles, activation)
-            if wide is not None:  # read the producer's zero channels along: whole vectors
-                nhwc, tiles = wide
-                cp = static_shape(nhwc)[3]
-                geo, w_hwc = _with_channels(geo, cp), np.pad(w_hwc, ((0, 0), (0, 0), (0, cp - c)))
-            else:
-                nhwc = None
+            geo, w_hwc, tiles, nhwc = wider_depthwise(
+                rw, x, geo, w_hwc, tiles, self.lanes, self.registers, activation
+            )
             lowered = lower_depthwise(
                 rw, x, geo, w_hwc, tiles, bias, epilogue, nhwc=nhwc, channels=c
             )
@@ -388,21 +384,6 @@ class _Lowering:
         for var in chain:  # the bias add and activation are this kernel's result now
             rw.aliases[var] = rw.current_var
         return lowered
-
-    def _wider_depthwise(self, rw, x, ow: int, tiles, activation: str):
-        """``(the NHWC input with zero channels after x's, its tiles)`` for a float depthwise
-        conv of ``x`` whose producer's kernel wrote whole vectors of channels
-        (``rw.channel_padded``) that ``tiles`` does not fill (MobileNetV3's 72 and 88
-        channels: 16-lane vectors over 80 and 96 instead of 8-lane ones, and no copy of the
-        producer's result without its padding, 47 us of 1.7 ms for the 56x56x72 one), else
-        None."""
-        twin = rw.nhwc.get(x) if isinstance(x, relax.Var) else None
-        full = rw.channel_padded.get(twin) if twin is not None else None
-        if full is None:
-            return None
-        cp = static_shape(full)[3]
-        wide = choose_depthwise_tiles(ow, cp, self.lanes, self.registers, activation)
-        return (full, wide) if wide is not None and wide.lanes > tiles.lanes else None
 
     def takes_winograd(self, geo: Conv2DGeometry, o: int, conv: relax.Var) -> bool:
         """Whether a ``groups`` 1 conv with ``o`` output channels takes the Winograd kernels:
@@ -694,9 +675,27 @@ def _zero_for_zero(epilogue, out_dtype: str) -> bool:
     return epilogue is None or (not epilogue.residual and epilogue.lo <= 0.0 <= epilogue.hi)
 
 
-def _with_channels(geo: Conv2DGeometry, c: int) -> Conv2DGeometry:
-    n, _, h, w = geo.x_shape
-    return dataclasses.replace(geo, x_shape=(n, c, h, w))
+def wider_depthwise(
+    rw, x, geo, w_hwc: np.ndarray, tiles, lanes: int, registers: int, activation=""
+):
+    """``(geo, w_hwc, tiles, nhwc)`` for a depthwise conv of ``x`` whose producer's kernel
+    stored whole vectors of channels (``rw.channel_padded``) that ``tiles`` does not fill:
+    the conv over all of them (zero weights for the padded ones, whose values then do not
+    matter: each output channel reads only its own), their tiles and the padded result
+    ``nhwc`` (for :func:`lower_depthwise`); else as given, ``nhwc`` None. MobileNetV3's 72
+    and 88 channels: 16-lane vectors over 80 and 96 instead of 8-lane ones, and no copy of
+    the producer's result without its padding (47 us of 1.7 ms for the 56x56x72 fp32 one)."""
+    twin = rw.nhwc.get(x) if isinstance(x, relax.Var) else None
+    full = rw.channel_padded.get(twin) if twin is not None else None
+    if full is None:
+        return geo, w_hwc, tiles, None
+    n, c, h, w = geo.x_shape
+    cp = static_shape(full)[3]
+    wide = choose_depthwise_tiles(geo.out_hw[1], cp, lanes, registers, activation)
+    if wide is None or wide.lanes <= tiles.lanes:
+        return geo, w_hwc, tiles, None
+    padded = np.pad(w_hwc, ((0, 0), (0, 0), (0, cp - c)))
+    return dataclasses.replace(geo, x_shape=(n, cp, h, w)), padded, wide, full
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackFloatConv")

@@ -86,7 +86,7 @@ from .channels_last import (
     rewrite_channels_last,
     rows_in_border,
 )
-from .pack_float_conv import lower_depthwise
+from .pack_float_conv import lower_depthwise, wider_depthwise
 from .pack_int8_dense_x86 import VNNIPass
 from .relax_utils import RESHAPE, dataflow_bindings, op_name, spatial_pad, static_shape
 from .requantize_epilogue import (
@@ -134,7 +134,7 @@ def find_requantize_epilogues(
         conv = dense or match_int8_depthwise(b.value)
         where = conv and ChannelAxis(1, 4, conv[2].shape[0])
         epilogue = where and requantize_chain(
-            (b.var,), where, only_user, amx and _quantized_activations(b.var) or ()
+            (b.var,), where, only_user, _quantized_activations(b.var) if amx else ()
         )
         if epilogue and dense:  # a residual add joins the dense kernel's epilogue
             before = lambda v, i=i: position.get(v, -1) < i  # noqa: E731
@@ -304,13 +304,9 @@ class _Lowering:
         padded_to, geo, fill = _zero_point_padded(rw, x, geo)
         w_hwc = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         taps = w_hwc.reshape(-1, c)  # (KH * KW, C): each channel's own weights
-        wide = _channel_padded(rw, x, geo.out_hw[1], tiles) if padded_to is x else None
         nhwc = None
-        if wide is not None:  # the producer's padded channels along, on 16-lane vectors
-            nhwc, tiles = wide
-            cp = static_shape(nhwc)[3]
-            w_hwc = np.pad(w_hwc, ((0, 0), (0, 0), (0, cp - c)))
-            geo = dataclasses.replace(geo, x_shape=(geo.x_shape[0], cp, *geo.x_shape[2:]))
+        if padded_to is x:  # the producer's padded channels along (AVX-512: 16 lanes, 32 zmm)
+            geo, w_hwc, tiles, nhwc = wider_depthwise(rw, x, geo, w_hwc, tiles, 16, 32)
         x = padded_to
         if epilogue is None:
             return lower_depthwise(rw, x, geo, w_hwc, tiles, pad_value=fill, nhwc=nhwc, channels=c)
@@ -321,21 +317,6 @@ class _Lowering:
         )
         _alias(rw, epilogue)
         return lowered
-
-
-def _channel_padded(rw: ChannelsLastRewriter, x, ow: int, tiles):
-    """``(x channels last with the producer's padded channels, their tiles)`` for a depthwise
-    conv of ``x`` whose producer, a conv kernel, stored whole vectors of channels
-    (``rw.channel_padded``; what the padded ones hold does not matter: each output channel
-    reads only its own) that ``tiles`` does not fill, else None. MobileNetV3-small int8's
-    56x56x72 block: no copy of the 3136x80 result without its padding (7.4 us) and 16-lane
-    vectors over 80 channels instead of 8-lane ones over 72."""
-    twin = rw.nhwc.get(x) if isinstance(x, relax.Var) else None
-    full = rw.channel_padded.get(twin) if twin is not None else None
-    if full is None:
-        return None
-    wide = choose_depthwise_tiles(ow, static_shape(full)[3], 16, 32)
-    return (full, wide) if wide is not None and wide.lanes > tiles.lanes else None
 
 
 def _zero_point_padded(rw: ChannelsLastRewriter, x, geo: Conv2DGeometry):
