@@ -554,6 +554,7 @@ def lower_depthwise(
     pad_value: float = 0.0,
     nhwc: relax.Expr | None = None,
     channels: int | None = None,
+    out_pad: tuple[int, int, int, int] | None = None,
 ) -> relax.Expr:
     """Emit the NHWC depthwise kernel for ``x`` (float32, bf16 bits as uint16, uint8 or int8;
     ``w_hwc`` (KH, KW, C) of float32 or int8) and return its NCHW value; float data may take
@@ -562,12 +563,14 @@ def lower_depthwise(
     ``bf16_out``: a float32 result stored as bf16 bits (uint16). ``pad_value``: what the
     conv's padding holds (an int8 model's zero point; the kernel reads it in the taps there).
     ``nhwc``: ``x`` channels last with zero channels after its own (``geo`` and ``w_hwc``
-    those of all of them), of which the result keeps the first ``channels``."""
+    those of all of them), of which the result keeps the first ``channels``. ``out_pad``: the
+    kernel writes its requantized result with this zero border (``rw.bordered``; the caller
+    checked that the output needs no padding)."""
     x_dtype = str(x.ty.dtype)
     c = geo.x_shape[1]
 
-    def kernel(shape, t, e, pad=None):
-        return float_depthwise_nhwc(shape, t, x_dtype, e, pad, bf16_out, pad_value)
+    def kernel(shape, t, e, pad=None, out_pad=None):
+        return float_depthwise_nhwc(shape, t, x_dtype, e, pad, bf16_out, pad_value, out_pad)
 
     name = "int8_depthwise" if x_dtype in ("uint8", "int8") else "float_depthwise"
     name += "_bf16" * (x_dtype == "uint16") + "_to_bf16" * bf16_out
@@ -576,7 +579,7 @@ def lower_depthwise(
     out_dtype = "uint16" if bf16_out else None
     return _emit(
         rw, x, geo, w_hwc, tiles, c, channels or c, kernel, name, bias, epilogue,
-        in_kernel_pad=True, out_dtype=out_dtype, nhwc=nhwc,
+        in_kernel_pad=True, out_pad=out_pad, out_dtype=out_dtype, nhwc=nhwc,
     )  # fmt: skip
 
 
@@ -650,7 +653,7 @@ def _emit(
     if residual is not None:  # the caller checked that the output needs no padding
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
-    if out_pad is not None and isinstance(epilogue, Requantize):
+    if out_pad is not None and isinstance(epilogue, Requantize) and epilogue.stored_as_float:
         return relax.op.permute_dims(y, TO_NCHW)  # the padded value is what its readers read
     if out_pad is not None:
         t, left_ = out_pad[:2]

@@ -176,9 +176,10 @@ class _Lowering:
 
     def find_bordered_outputs(self, mod: tvm.IRModule) -> None:
         """Note the uint8 values read only by an AMX conv that pads them, with the zero border
-        that conv reads (:attr:`AmxConv.input_padding`): an AMX conv whose requantized result
-        such a value is writes it with that border, and no pad kernel runs between them
-        (ResNet-50 int8: 16 pads, ~100 us of ~6.4 ms on one thread)."""
+        that conv reads (:attr:`AmxConv.input_padding`): an AMX conv or a depthwise conv whose
+        requantized result such a value is writes it with that border, and no pad kernel runs
+        between them (ResNet-50 int8: 16 pads, ~100 us of ~6.4 ms on one thread; MobileNetV2
+        int8: its projections' slack row, 7 pads of whole tensors)."""
         for b, only_user in dataflow_bindings(mod):
             found = match_int8_conv2d(b.value)
             if found is None or str(found[0].ty.dtype) != "uint8" or only_user(found[0]) is None:
@@ -289,8 +290,7 @@ class _Lowering:
             return None
         return self.wanted_borders.get(epilogue.chain[-1])
 
-    @staticmethod
-    def _depthwise(rw, call, epilogue: RequantizeEpilogue | None) -> relax.Expr | None:
+    def _depthwise(self, rw, call, epilogue: RequantizeEpilogue | None) -> relax.Expr | None:
         """A depthwise int8 conv on the NHWC depthwise kernel (vectorized over channels)."""
         found = match_int8_depthwise(call)
         if found is None:
@@ -312,9 +312,13 @@ class _Lowering:
             return lower_depthwise(rw, x, geo, w_hwc, tiles, pad_value=fill, nhwc=nhwc, channels=c)
         args = (epilogue.offset, epilogue.multiplier)
         requantize = with_int_rounding(epilogue.requantize, taps, *args)
+        border = None
+        if requantize.out_dtype == "uint8" and nhwc is None and tiles.ow_padded == geo.out_hw[1]:
+            border = self.wanted_borders.get(epilogue.chain[-1])  # its reader's zero padding
         lowered = lower_depthwise(
-            rw, x, geo, w_hwc, tiles, args, requantize, pad_value=fill, nhwc=nhwc, channels=c
-        )
+            rw, x, geo, w_hwc, tiles, args, requantize, pad_value=fill, nhwc=nhwc, channels=c,
+            out_pad=border,
+        )  # fmt: skip
         _alias(rw, epilogue)
         return lowered
 

@@ -14,6 +14,7 @@ from tvmq.passes.pack_int8_conv_x86 import PackInt8ConvX86
 from tvmq.passes.pack_int8_dense_x86 import target_has_vnni
 
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 SKYLAKE = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
 HOST_HAS_VNNI = target_has_vnni(tvm.target.Target.from_device(tvm.cpu()))
@@ -454,9 +455,12 @@ def test_depthwise_is_exact_and_channels_last(rng, x_shape, k, strides, padding,
     np.testing.assert_array_equal(got, want.numpy().astype(np.int32))
 
 
-def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z):
+def _requantized_conv_module(
+    rng, x_shape, w, x_dtype, groups, relu, clip, out_dtype, z, scale=0.02
+):
     """conv -> LowerInt8's float requantize: add(offset) [-> relu] -> astype -> multiply(m)
-    -> quantize(1.0, z) [-> clip]; for a float32 ``out_dtype``, add [-> relu] -> dequantize."""
+    -> quantize(1.0, z) [-> clip]; for a float32 ``out_dtype``, add [-> relu] -> dequantize
+    (``m``: random up to ``scale``, a quarter of the channels 2**-6)."""
     o = w.shape[0]
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
@@ -468,7 +472,7 @@ def _requantized_conv_module(rng, x_shape, w, x_dtype, groups, relu, clip, out_d
             y = bb.emit(relax.op.add(y, relax.const(off)))
             if relu:
                 y = bb.emit(relax.op.nn.relu(y))
-            m = (rng.random((1, o, 1, 1)) * 0.02).astype(np.float32)
+            m = (rng.random((1, o, 1, 1)) * scale).astype(np.float32)
             m[:, ::4] = 2.0**-6  # exact halves: round half to even
             if out_dtype == "float32":  # a float result: dequantize along the channels
                 zeros = relax.const(np.zeros(o, np.int32))
@@ -606,9 +610,6 @@ def test_activation_after_the_dequantize_runs_in_the_kernel_bit_exact(
     assert len(np.unique(got)) > 20 and (out_dtype != "float32" or (got < -0.01).any())
 
 
-SAPPHIRERAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
-
-
 @pytest.mark.amx
 @pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("activation", sorted(_ACTIVATIONS))
@@ -679,15 +680,19 @@ def test_amx_target_runs_convs_on_tiles_bit_exact(rng, x_shape, o, x_dtype, out_
     assert len(np.unique(got)) > 20  # not clamped flat
 
 
-def _two_convs_module(rng, x_shape, o1, kernel1, stride1, o2, out_zero):
-    """conv1 -> ReLU requantize to uint8 (zero point 0) -> conv2 (3x3, padding 1) -> requantize
-    to uint8 with ``out_zero``: the intermediate's only reader pads it."""
+def _two_convs_module(rng, x_shape, o1, kernel1, stride1, o2, out_zero, groups1=1, kernel2=3):
+    """conv1 (``groups1``) -> ReLU requantize to uint8 (zero point 0) -> conv2 (``kernel2``,
+    padding ``kernel2 // 2``) -> requantize to uint8 with ``out_zero``: the intermediate's only
+    reader pads it (or, 1x1 over channels no tile row holds, reads a row past it)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
 
-    def requantized(data, o, kernel, stride, zero, scale):
-        w = relax.const(_random(rng, (o, int(data.ty.shape[1]), kernel, kernel), np.int8))
-        y = bb.emit(relax.op.nn.conv2d(data, w, stride, kernel // 2, out_dtype="int32"))
+    def requantized(data, o, kernel, stride, zero, scale, groups=1):
+        c = int(data.ty.shape[1]) // groups
+        w = relax.const(_random(rng, (o, c, kernel, kernel), np.int8))
+        y = bb.emit(
+            relax.op.nn.conv2d(data, w, stride, kernel // 2, groups=groups, out_dtype="int32")
+        )
         y = bb.emit(relax.op.add(y, relax.const(rng.integers(-4000, 4000, (1, o, 1, 1), np.int32))))
         y = bb.emit(relax.op.astype(bb.emit(relax.op.nn.relu(y)), "float32"))
         m = (rng.random((1, o, 1, 1)) * scale).astype(np.float32)
@@ -697,8 +702,9 @@ def _two_convs_module(rng, x_shape, o1, kernel1, stride1, o2, out_zero):
 
     with bb.function("main", [x]):
         with bb.dataflow():
-            q = bb.emit(requantized(x, o1, kernel1, stride1, 0, 4e-4 / kernel1))
-            out = bb.emit_output(requantized(q, o2, 3, 1, out_zero, 2e-3))
+            scale = 4e-4 / kernel1 * groups1**0.5  # a depthwise conv sums fewer products
+            q = bb.emit(requantized(x, o1, kernel1, stride1, 0, scale, groups1))
+            out = bb.emit_output(requantized(q, o2, kernel2, 1, out_zero, 2e-3))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -721,6 +727,35 @@ def test_amx_conv_writes_the_next_convs_padded_input(rng, x_shape, o1, kernel1, 
     assert sum(n.endswith("_bordered") for n in names) == 1, names
     assert producer in _kernels(packed)
     assert len(_ops_named(packed, "relax.nn.pad")) == (kernel1 > 1)  # the model input's only
+    x = _random(rng, x_shape, np.uint8)
+    got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20
+
+
+@pytest.mark.amx
+@pytest.mark.parametrize(
+    ("x_shape", "stride", "kernel2", "border"),
+    [
+        ((1, 96, 14, 14), 1, 1, True),  # 96 channels a tile row reads as 128: one slack row
+        ((1, 144, 16, 16), 2, 1, True),  # 144 read as 192, after a strided depthwise conv
+        ((1, 64, 16, 16), 1, 3, True),  # the next conv's padding all around
+        ((1, 128, 14, 14), 1, 1, False),  # a 1x1 over 128 channels reads no row past them
+    ],
+)
+def test_a_depthwise_conv_writes_the_next_amx_convs_padded_input(
+    rng, x_shape, stride, kernel2, border
+):
+    """A depthwise conv whose uint8 result only a padding AMX conv reads writes it with that
+    conv's border: MobileNetV2's projections over 96 or 144 channels read one row past the
+    image (a pad kernel copied the whole tensor for it). The bits of TVM's lowering."""
+    c = x_shape[1]
+    mod = _two_convs_module(rng, x_shape, c, 3, stride, 64, 5, groups1=c, kernel2=kernel2)
+    packed = PackInt8ConvX86(SAPPHIRERAPIDS)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("int8_depthwise" in n and n.endswith("_bordered") for n in names) == border, names
+    assert "int8_conv_amx" in _kernels(packed)
+    assert not _ops_named(packed, "relax.nn.pad")
     x = _random(rng, x_shape, np.uint8)
     got, want = _run(packed, x, SAPPHIRERAPIDS), _run(mod, x, SAPPHIRERAPIDS)
     np.testing.assert_array_equal(got, want)

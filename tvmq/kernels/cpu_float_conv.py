@@ -283,8 +283,9 @@ def _store(
 
     def padded(b, y, x, j):
         inside = tvm.tirx.all(y >= top, y < top + oh, x >= left, x < left + ow)
-        fill = tvm.tirx.const(border_value(epilogue), "float32")
-        return tvm.tirx.if_then_else(inside, value(b, y - top, x - left, j), fill)
+        stored = value(b, y - top, x - left, j)
+        fill = tvm.tirx.const(border_value(epilogue), str(stored.ty))
+        return tvm.tirx.if_then_else(inside, stored, fill)
 
     shape = (n, top + oh + bottom, left + ow + right, o)
     return te.compute(shape, padded, name="Y")
@@ -531,7 +532,7 @@ def _fill_only_the_border(
         b, i, e, v = (tirx.Var(name, "int32") for name in "biev")
         per_pixel = c // vector
         where = [b, i + y0, x0 + e // per_pixel, e % per_pixel * vector + v]
-        stmt = tirx.BufferStore(y, tirx.const(fill, "float32"), where)
+        stmt = tirx.BufferStore(y, tirx.const(fill, y.dtype), where)
         stmt = tirx.For(v, 0, vector, tirx.ForKind.VECTORIZED, stmt)
         for var, extent in ((e, cols * per_pixel), (i, rows), (b, n)):
             stmt = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, stmt)
@@ -611,6 +612,7 @@ def float_depthwise_nhwc(
     pad: tuple[int, int, int, int] | None = None,
     bf16_out: bool = False,
     pad_value: float = 0.0,
+    out_pad: tuple[int, int, int, int] | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (KH, KW, c)) -> Y (n, oh, OW, c)``: a
     depthwise conv (one filter per channel) over a padded NHWC image (float32, or bf16 bits
@@ -626,7 +628,10 @@ def float_depthwise_nhwc(
     it (a branch per tap and pixel, on scalars) instead of reading a padded copy, which
     costs a pass over the image in memory as long as the conv itself; a tap there reads
     ``pad_value`` (an int8 model's zero point). ``bf16_out``: a float32
-    result is stored as bf16 bits (the input of a bf16 AMX conv, ``precision="bf16"``)."""
+    result is stored as bf16 bits (the input of a bf16 AMX conv, ``precision="bf16"``).
+    ``out_pad``: ``Y`` with a border around the result, as :func:`float_conv2d_nhwc`'s (the
+    padded input of an int8 AMX conv: MobileNetV2's projections read one row past the image;
+    the caller sees that ``OW`` is the unpadded width)."""
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, lanes = tiles.ow_padded, tiles.lanes
@@ -676,9 +681,11 @@ def float_depthwise_nhwc(
         name="acc",
     )
     if epilogue is None and x_dtype in ("uint8", "int8"):  # the int32 sums themselves
+        if out_pad is not None:
+            raise ValueError("an int8 depthwise kernel borders only a requantized result")
         out = te.compute(acc.shape, lambda *i: acc[i].astype("int32"), name="Y")
     else:
-        out = _store(acc, bias, epilogue, bf16_out=bf16_out)
+        out = _store(acc, bias, epilogue, out_pad, bf16_out=bf16_out)
     func = te.create_prim_func([p, w, *bias, out])
     macs = n * oh * ow * c * kh * kw
     sch_tiles = ConvTiles(tiles.mr, tiles.nr, lanes, ow, c)
@@ -692,4 +699,6 @@ def float_depthwise_nhwc(
     # on one thread, 140 on two; pixel tiles outermost 167 and 87 (so one core keeps them).
     parallel = macs >= _DEPTHWISE_PARALLEL_MIN_MACS
     pixel_major = w_dtype == "float32" or target_cores() > 1
-    return _schedule(func, sch_tiles, parallel, name, pixel_major=pixel_major, unroll_taps=True)
+    return _schedule(
+        func, sch_tiles, parallel, name, pixel_major, out_pad, border_value(epilogue), True
+    )
