@@ -196,7 +196,7 @@ def activation_tail(chain: list, where: ChannelAxis, only_user) -> str:
 
     reshape()
     name = next((n for op, n in _SINGLE_OP if step(op) is not None), "")
-    name = name or _gated(found, only_user)
+    name = name or _gated(found, only_user) or _relu6(found, only_user)
     if not name:
         return ""
     reshape()
@@ -205,6 +205,15 @@ def activation_tail(chain: list, where: ChannelAxis, only_user) -> str:
 
 
 _SINGLE_OP = ((GELU, "gelu"), ("relax.nn.silu", "silu"))
+
+
+def _relu6(chain: list, only_user) -> str:
+    """``"relu6"`` for a ``clip(x, 0, 6)`` of ``chain[-1]`` (appended to ``chain``), else
+    ``""``: MobileNetV2's last conv, whose result the float average pool reads."""
+    nxt = only_user(chain[-1])
+    if nxt is None or op_name(nxt[1]) != CLIP or clip_bounds(nxt[1]) != (0.0, 6.0):
+        return ""
+    return "relu6" if chain_step(chain, only_user)(CLIP) is not None else ""
 
 
 def _gated(chain: list, users) -> str:

@@ -553,6 +553,7 @@ _ACTIVATIONS = {
     "hardswish": _hardswish,
     "hardswish_divide_first": _hardswish_onnx,
 }
+_RELU6 = {"relu6": lambda bb, y: bb.emit(relax.op.clip(y, 0, 6))}  # MobileNetV2's last conv
 
 
 def _activated(conv: tvm.IRModule, x_shape, activation: str, quantize) -> tvm.IRModule:
@@ -562,7 +563,7 @@ def _activated(conv: tvm.IRModule, x_shape, activation: str, quantize) -> tvm.IR
     inner = bb.add_func(conv["main"].without_attr("global_symbol"), "conv")
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = _ACTIVATIONS[activation](bb, bb.emit(relax.Call(inner, [x])))
+            y = (_ACTIVATIONS | _RELU6)[activation](bb, bb.emit(relax.Call(inner, [x])))
             if quantize is not None:
                 scale, zero, dtype = quantize
                 y = bb.emit(relax.op.quantize(y, relax.const(np.float32(scale)),
@@ -608,6 +609,32 @@ def test_activation_after_the_dequantize_runs_in_the_kernel_bit_exact(
     got, want = _run(lower(packed), x), _run(lower(mod), x)
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got)) > 20 and (out_dtype != "float32" or (got < -0.01).any())
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "o", "groups", "target"),
+    [
+        pytest.param((1, 16, 9, 11), 24, 1, CASCADELAKE, marks=pytest.mark.vnni),
+        pytest.param((1, 32, 6, 10), 32, 32, CASCADELAKE, marks=pytest.mark.vnni),  # depthwise
+        pytest.param((1, 64, 9, 11), 40, 1, SAPPHIRERAPIDS, marks=pytest.mark.amx),
+    ],
+)
+def test_a_relu6_after_the_dequantize_runs_in_the_kernel(rng, x_shape, o, groups, target):
+    """``clip(dequantize(.), 0, 6)`` (MobileNetV2's last conv, read by the float average pool)
+    is stored by the conv's kernel, no clip kernel after it: the same bits."""
+    w = _random(rng, (o, x_shape[1] // groups, 3, 3), np.int8)
+    conv = _requantized_conv_module(
+        rng, x_shape, w, "uint8", groups, False, None, "float32", 0, scale=1e-4
+    )
+    mod = _activated(conv, x_shape, "relu6", None)
+    packed = PackInt8ConvX86(target)(mod)
+    names = [str(gv.name_hint) for gv in packed.get_global_vars()]
+    assert sum("_dequantize_relu6" in n for n in names) == 1, names
+    assert not _ops_named(packed, "relax.clip")
+    x = _random(rng, x_shape, np.uint8)
+    got, want = _run(packed, x, target), _run(mod, x, target)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20 and got.min() == 0 and got.max() == 6
 
 
 @pytest.mark.amx

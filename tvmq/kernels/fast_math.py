@@ -126,7 +126,7 @@ def gelu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return x * (c * (num / den) + _f32(0.5))
 
 
-ACTIVATIONS = ("gelu", "silu", "hardswish", "hardswish_divide_first")
+ACTIVATIONS = ("gelu", "silu", "hardswish", "hardswish_divide_first", "relu6")
 """The activations a layer's kernel can apply to its float32 result (:func:`activation_f32`)."""
 
 
@@ -138,4 +138,6 @@ def activation_f32(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
         return silu_f32(x)
     if name in ("hardswish", "hardswish_divide_first"):
         return hardswish_f32(x, divide_first=name == "hardswish_divide_first")
+    if name == "relu6":  # clip(x, 0, 6) as TVM lowers it
+        return tirx.max(tirx.min(x, _f32(6.0)), _f32(0.0))
     raise ValueError(f"unknown activation {name!r} (expected one of {ACTIVATIONS})")
