@@ -68,6 +68,10 @@ class _Lowering:
         self.wanted: dict[relax.Var, tuple[int, int, int, int]] = {}
         # NHWC float32 value -> (the same as padded bf16 bits, written by its conv; padding)
         self.as_bf16: dict[relax.Var, tuple[relax.Var, tuple[int, int, int, int]]] = {}
+        # (NHWC float32 value, padding) -> its to_bf16_padded conversion
+        self.converted: dict[tuple[relax.Var, tuple[int, int, int, int]], relax.Var] = {}
+        # values that all their readers take as unpadded bf16 bits (find_bf16_inputs)
+        self.bits_only: set[relax.Var] = set()
 
     def find_bf16_inputs(self, mod: tvm.IRModule) -> None:
         """Note the values read only by a conv this pass lowers, with that conv's padding: a
@@ -82,6 +86,37 @@ class _Lowering:
                 self.wanted[x] = (0, 0, 0, 0)
             elif _takes(geo):
                 self.wanted[x] = geo.padding
+        self._find_bits_only(mod)
+
+    def _find_bits_only(self, mod: tvm.IRModule) -> None:
+        """Note the values all of whose readers take them as unpadded bf16 bits: bf16 convs
+        without padding, and bf16 convs that add them in their store (a ResNet block's input:
+        the next block's first conv and its skip, or its downsampling conv). A bf16 conv
+        whose result such a value is stores bf16 bits, as OpenVINO keeps the skip in bf16:
+        ResNet-50 then converts no block input (16 ``to_bf16_padded`` kernels) and moves half
+        the bytes of each skip. The skip's sum rounds its input to bf16."""
+        skips = {}  # a residual add's var -> the skip it adds, for the convs that keep it
+        for b, _ in dataflow_bindings(mod):
+            found = match_float_conv2d(b.value)
+            fused = self.epilogues.get(b.var)
+            if found is None or fused is None or fused.residual is None:
+                continue
+            _, geo, w = found
+            if int(b.value.attrs.groups) == 1 and _takes(geo) and w.shape[0] % TILE == 0:
+                skips[fused.chain[1]] = fused.residual
+
+        def takes_bits(var, reader, value) -> bool:
+            if reader in skips:
+                return skips[reader].same_as(var)
+            found = match_float_conv2d(value)
+            if found is None or not found[0].same_as(var) or int(value.attrs.groups) != 1:
+                return False
+            return _takes(found[1]) and not any(found[1].padding)
+
+        for b, users in dataflow_bindings(mod):
+            readers = users.readers(b.var)
+            if readers and all(takes_bits(b.var, *r) for r in readers):
+                self.bits_only.add(b.var)
 
     def __call__(self, rw: ChannelsLastRewriter, call: relax.Expr) -> relax.Expr | None:
         found = match_float_conv2d(call)
@@ -106,23 +141,34 @@ class _Lowering:
         args = [xb, relax.const(pack_weight_bf16(w2), "uint16")]
         if epilogue is not None:
             args.append(relax.const(np.pad(bias, (0, np_ - o)).astype(np.float32), "float32"))
+        residual_bits = False
         if residual is not None:  # a ResNet block's skip, added in the store
             r = rw.nhwc_input(rw.visit_expr(residual))
+            ready = self.as_bf16.get(r)
+            residual_bits = ready is not None and not any(ready[1])
+            r = ready[0] if residual_bits else r  # the bf16 bits its conv stored
             args.append(bb.emit(relax.op.reshape(r, (geo.m, o))))
         kh, kw = geo.kernel
         kernel, label = (
             (bf16_conv_amx, "conv_amx") if direct else (bf16_conv_amx_gathered, "conv_amx_gathered")
         )
-        # The next conv's padded bf16 input, where it is this result's only reader.
-        border = self.wanted.get(chain[-1] if chain else rw.current_var)
-        if np_ != o or residual is not None:
+        # The next conv's padded bf16 input, where it is this result's only reader; bf16
+        # bits where all its readers take them unpadded.
+        result = chain[-1] if chain else rw.current_var
+        border = self.wanted.get(result)
+        if border is None and result in self.bits_only:
+            border = (0, 0, 0, 0)
+        if np_ != o or (residual is not None and border is not None and any(border)):
             border = None
         fn = rw.kernel_var(
-            ("bf16_conv", geo, np_, epilogue, border),
+            ("bf16_conv", geo, np_, epilogue, border, residual_bits),
             f"tvmq_bf16_{label}_{kh}x{kw}_{c}x{o}"
             + _suffix(epilogue)
-            + ("_to_bf16" * bool(border)),
-            lambda: kernel(geo, np_, epilogue, border).with_attr("op_pattern", OPAQUE),
+            + ("_bf16" * residual_bits)
+            + ("_to_bf16" * (border is not None)),
+            lambda: kernel(geo, np_, epilogue, border, residual_bits).with_attr(
+                "op_pattern", OPAQUE
+            ),
         )
         if border is not None:
             y = self._emit_bf16(rw, fn, args, geo, o, border)
@@ -150,7 +196,10 @@ class _Lowering:
         n, c, h, wd = geo.x_shape
         top, left, bottom, right = geo.padding
         padded = relax.TensorType((n, h + top + bottom, wd + left + right, c), "uint16")
-        return rw.builder_.emit(relax.call_tir(convert, [x], out_ty=padded))
+        key = (x, geo.padding)
+        if key not in self.converted:  # once for all its readers (ResNet's stem pool)
+            self.converted[key] = rw.builder_.emit(relax.call_tir(convert, [x], out_ty=padded))
+        return self.converted[key]
 
     def _emit_bf16(self, rw, fn, args, geo, o: int, border) -> relax.Expr:
         """Emit the conv ``fn`` writing its result as bf16 bits inside ``border`` (the next

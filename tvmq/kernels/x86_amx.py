@@ -39,7 +39,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tvmq.kernels._tiling import round_up, target_cores
-from tvmq.kernels.cpu_float_conv import ConvEpilogue
+from tvmq.kernels.cpu_float_conv import ConvEpilogue, bf16_to_float32
 from tvmq.kernels.x86_int8 import (
     KERNEL_ATTR,
     Requantize,
@@ -319,6 +319,7 @@ def amx_kernel(
     fill: Callable | None = None,
     out_dtype: str | None = None,
     convert: Callable | None = None,
+    residual_dtype: str = "float32",
 ) -> tvm.tirx.PrimFunc:
     """The AMX product of ``rows`` (``X`` of ``x_shape``) and a packed ``(k, n)`` weight
     (one per group of rows: ``rows.batches``) into ``C (out_rows, n)`` (default:
@@ -326,7 +327,8 @@ def amx_kernel(
     Arguments as :func:`int8_dense_amx`'s; ``ops`` the operand types (``rows.base`` and
     ``k_offset`` count elements, ``rows.stride`` bytes). ``bias``: a float32 result gets
     ``bias.activate(acc + bias[j] [+ residual])`` (a ``bias (n,)`` float32 argument after
-    ``W``, then with ``bias.residual`` a float32 ``residual`` of ``C``'s shape); a requantize
+    ``W``, then with ``bias.residual`` a ``residual`` of ``C``'s shape: float32, or with
+    ``residual_dtype`` "uint16" bf16 bits, widened as they are read); a requantize
     with a residual add reads ``residual`` (``C``'s shape) after the multiplier.
     ``fill(C)``, before the product, writes the rows of ``C`` no row of the product is stored
     in (a conv result's zero border); ``convert(v)`` turns each result into ``out_dtype``
@@ -379,7 +381,7 @@ def amx_kernel(
         if requantize is not None and requantize.residual is not None:
             r_dtype = requantize.residual.r_dtype
         if bias is not None and bias.residual:
-            r_dtype = "float32"
+            r_dtype = residual_dtype
         if r_dtype is not None:
             res = T.arg("residual", T.Buffer((out_rows or rows.count, n), r_dtype))
         c = T.arg("C", T.Buffer((out_rows or rows.count, n), out_dtype))
@@ -486,7 +488,10 @@ def _store(c, scratch, epilogue, rows: AmxRows, row, col, mb: int, nb: int) -> N
                     v = requantize_value(v, mult[col + j], requantize, r)
                 if bias is not None:
                     v = v + add[col + j]
-                    v = bias.activate(v if res is None else v + res[index, col + j])
+                    if res is not None:
+                        r = res[index, col + j]
+                        v = v + (bf16_to_float32(r) if res.dtype == "uint16" else r)
+                    v = bias.activate(v)
                 T.buffer_store(c, v if convert is None else convert(v), [index, col + j])
 
         if valid is None:

@@ -199,6 +199,7 @@ def bf16_conv_amx(
     n_padded: int,
     bias: ConvEpilogue | None = None,
     bf16_out: Border | None = None,
+    residual_bits: bool = False,
 ):
     """A float32 conv (:func:`bf16_conv_applies`) on bf16 AMX tiles, read straight from its
     padded bf16 input (:func:`to_bf16_padded`, the rows of
@@ -208,7 +209,8 @@ def bf16_conv_amx(
     added (and with ``bias.residual`` a ``residual`` of ``C``'s shape) and the result clamped
     to its bounds before the store. With ``bf16_out`` (a border, maybe all 0), ``C`` is the
     next bf16 conv's input instead: the results rounded to bf16 bits, stored inside that zero
-    border (:func:`~tvmq.kernels.x86_amx_conv.output_pixel`)."""
+    border (:func:`~tvmq.kernels.x86_amx_conv.output_pixel`). ``residual_bits``: the
+    residual is bf16 bits (a ResNet block's input that a bf16 conv stored)."""
     if not bf16_conv_applies(geo):
         raise ValueError(f"{geo} is not a conv the bf16 AMX conv kernel takes")
     n, c, h, w = geo.x_shape
@@ -218,16 +220,22 @@ def bf16_conv_amx(
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
         "bf16_conv_amx", x_shape, rows, geo.k, n_padded, tiles, False, None,
-        ops=BF16, bias=bias, **_bf16_output(geo, n_padded, bf16_out),
+        ops=BF16, bias=bias, **_bf16_output(geo, n_padded, bf16_out, bias, residual_bits),
     )  # fmt: skip
 
 
-def _bf16_output(geo: Conv2DGeometry, n_padded: int, border: Border | None) -> dict:
+def _bf16_output(
+    geo: Conv2DGeometry, n_padded: int, border: Border | None, bias, residual_bits: bool
+) -> dict:
     """:func:`~tvmq.kernels.x86_amx.amx_kernel`'s output keywords for a conv's float32
-    rows, or with ``border`` its bf16 bits inside that zero border."""
+    rows, or with ``border`` its bf16 bits inside that zero border; the residual's dtype."""
+    if border is not None and any(border) and bias is not None and bias.residual:
+        raise ValueError("a residual is read row for row: its result takes no border")
+    residual = {"residual_dtype": "uint16"} if residual_bits else {}
     if border is None:
-        return {"out_rows": geo.m}
+        return {"out_rows": geo.m, **residual}
     return {
+        **residual,
         "out_rows": output_rows(geo, border),
         "fill": zero_border(geo, border, n_padded),
         "out_dtype": "uint16",
@@ -246,6 +254,7 @@ def bf16_conv_amx_gathered(
     n_padded: int,
     bias: ConvEpilogue | None = None,
     bf16_out: Border | None = None,
+    residual_bits: bool = False,
 ):
     """A float32 conv that :func:`bf16_conv_amx` does not take (strided or dilated; channels
     off 32: an RGB stem) on bf16 AMX tiles, each block of output pixels im2col'd from the
@@ -262,5 +271,6 @@ def bf16_conv_amx_gathered(
     x_shape = (n, h + top + bottom, w + left + right, c)
     return amx_kernel(
         "bf16_conv_amx_gathered", x_shape, gathered_conv_rows(geo, bf16_out), k, n_padded,
-        tiles, False, None, ops=BF16, bias=bias, **_bf16_output(geo, n_padded, bf16_out),
+        tiles, False, None, ops=BF16, bias=bias,
+        **_bf16_output(geo, n_padded, bf16_out, bias, residual_bits),
     )  # fmt: skip
