@@ -382,3 +382,47 @@ def test_a_silu_quantized_for_a_depthwise_conv_is_the_first_kernels_store(hw):
     step = np.abs(w2).max() * s2.max()  # one code of one tap moves an output this much
     assert np.abs(got - want).max() <= 0.5 * step
     assert len(np.unique(codes)) > 50  # the codes spread over the range
+
+
+def _relu6_block(relu6_read_twice: bool) -> tvm.IRModule:
+    """A 1x1 conv of a uint8 image, dequantized, ReLU6 (``clip(., 0, 6)``), quantized to int8
+    (``relu6_read_twice``: the ReLU6 is a second output too, which keeps the ops apart)."""
+    rng = np.random.default_rng(7)
+    c = 16
+    w = rng.integers(-127, 128, (c, 8, 1, 1)).astype(np.int8)
+    s = (rng.random(c) * 2e-4 + 1e-4).astype(np.float32)
+    offset = rng.integers(-20000, 0, (1, c, 1, 1)).astype(np.int32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 12, 12), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w), out_dtype="int32"))
+            acc = bb.emit(relax.op.add(acc, relax.const(offset)))
+            zero = relax.const(np.zeros(c, np.int32))
+            f = bb.emit(relax.op.dequantize(acc, relax.const(s), zero, axis=1))
+            r = bb.emit(relax.op.clip(f, 0, 6))  # 6 / 0.03 - 100: 100, inside int8
+            scale, zp = relax.const(0.03, "float32"), relax.const(-100, "int32")
+            q = bb.emit(relax.op.quantize(r, scale, zp, axis=1, out_dtype="int8"))
+            out = bb.emit_output(relax.Tuple([q, r]) if relu6_read_twice else q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_a_relu6_quantized_after_a_float_product_is_its_kernels_store():
+    """``quantize(clip(dequantize(conv), 0, 6))`` is the float conv's store (a ``relu6``
+    requantize, no clip or quantize op left); on AVX2 hosts, the same bits as the ops apart."""
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_relu6_block(False)))
+    names = [gv.name_hint for gv in lowered.functions if gv.name_hint != "main"]
+    assert names == ["tvmq_float_conv2d_nhwc_1x1_8x16_relu6_requantize"], names
+    ops = []
+    relax.analysis.post_order_visit(lowered["main"], lambda e: ops.append(op_name(e)))
+    assert not set(ops) & {"relax.quantize", "relax.clip"}
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    x = tvm.runtime.tensor(np.random.default_rng(8).integers(0, 256, (1, 8, 12, 12), np.uint8))
+    fused = relax.VirtualMachine(build(_relu6_block(False), "x86-avx2"), tvm.cpu())["main"]
+    apart = relax.VirtualMachine(build(_relu6_block(True), "x86-avx2"), tvm.cpu())["main"]
+    got = fused(x).numpy()
+    np.testing.assert_array_equal(got, apart(x)[0].numpy())
+    assert len(np.unique(got)) > 100 and got.min() == -100 and got.max() == 100
