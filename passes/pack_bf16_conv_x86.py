@@ -93,8 +93,9 @@ class _Lowering:
         without padding, and bf16 convs that add them in their store (a ResNet block's input:
         the next block's first conv and its skip, or its downsampling conv). A bf16 conv
         whose result such a value is stores bf16 bits, as OpenVINO keeps the skip in bf16:
-        ResNet-50 then converts no block input (16 ``to_bf16_padded`` kernels) and moves half
-        the bytes of each skip. The skip's sum rounds its input to bf16."""
+        ResNet-50 then converts no block input (19 of its 21 ``to_bf16_padded`` kernels, the
+        stem pool's two readers sharing one) and moves half the bytes of each skip. The
+        skip's sum rounds its input to bf16."""
         skips = {}  # a residual add's var -> the skip it adds, for the convs that keep it
         for b, _ in dataflow_bindings(mod):
             found = match_float_conv2d(b.value)

@@ -179,7 +179,7 @@ class _Lowering:
         that conv reads (:attr:`AmxConv.input_padding`): an AMX conv or a depthwise conv whose
         requantized result such a value is writes it with that border, and no pad kernel runs
         between them (ResNet-50 int8: 16 pads, ~100 us of ~6.4 ms on one thread; MobileNetV2
-        int8: its projections' slack row, 7 pads of whole tensors)."""
+        int8: the slack row its projections read, 3 pads of whole 56x56 / 28x28 tensors)."""
         for b, only_user in dataflow_bindings(mod):
             found = match_int8_conv2d(b.value)
             if found is None or str(found[0].ty.dtype) != "uint8" or only_user(found[0]) is None:
