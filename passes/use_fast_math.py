@@ -60,13 +60,15 @@ def _softmax(x, axis: int):
     return _normalized_rows(x, float("nan"))
 
 
-def softmax_rows(x):
+def softmax_rows(x, flush: bool = True):
     """The parts of a softmax over the last axis of `x` that every softmax here shares
     (:func:`_softmax`, :func:`safe_softmax_rows`, ``QuantizedSoftmax``): ``(padded x, row
-    max, exponentials, row sum)``, the exponentials :func:`exp_nonpositive` of ``x - max``.
+    max, exponentials, row sum)``, the exponentials :func:`exp_nonpositive` of ``x - max``,
+    those below :data:`~tvmq.kernels.fast_math.EXP_FLUSH` 0 with ``flush`` (for
+    probabilities stored as floats; a quantized softmax rounds them away).
     A last axis of 32+ elements that 16 does not divide (attention over 197 keys) is padded
-    with -inf to whole vectors, which changes no row max and whose exponentials are 4.4e-38
-    (below float32 rounding of any row sum); the caller slices its result back
+    with -inf to whole vectors, which changes no row max and whose exponentials are at most
+    4.4e-38 (below float32 rounding of any row sum); the caller slices its result back
     (:func:`unpad_rows`). The default schedule then keeps SIMD partial results for the row
     max and sum (ViT-tiny's 3 x 197 x 197 softmax: 0.22 -> 0.10 ms with ``fast_exp``)."""
     padded = x
@@ -77,7 +79,9 @@ def softmax_rows(x):
     k1 = te.reduce_axis((0, width), name="k")
     k2 = te.reduce_axis((0, width), name="k")
     top = te.compute(rows, lambda *r: te.max(padded[(*r, k1)], axis=k1), name="row_max")
-    e = te.compute(padded.shape, lambda *i: exp_nonpositive(padded[i] - top[i[:-1]]), name="exp")
+    e = te.compute(
+        padded.shape, lambda *i: exp_nonpositive(padded[i] - top[i[:-1]], flush), name="exp"
+    )
     total = te.compute(rows, lambda *r: te.sum(e[(*r, k2)], axis=k2), name="row_sum")
     return padded, top, e, total
 

@@ -24,9 +24,10 @@ def _module(op, dtype: str = "float32", shape=(4, 4096)) -> tvm.IRModule:
     return bb.get()
 
 
-def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+def _run(mod: tvm.IRModule, *xs: np.ndarray) -> np.ndarray:
     ex = tvm.compile(mod, target=tvm.target.Target.from_device(tvm.cpu()))
-    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*map(tvm.runtime.tensor, xs)).numpy()
 
 
 def _ops(mod: tvm.IRModule) -> set[str]:
@@ -111,28 +112,59 @@ def test_ragged_softmax_rows_are_padded_and_match(n):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
-def test_softmax_exp_relative_error_over_its_whole_range():
+@pytest.mark.parametrize("flush", [False, True])
+def test_softmax_exp_relative_error_over_its_whole_range(flush):
     """exp_nonpositive (the softmax's exponential): relative error < 2e-7 above -20, < 4e-7
-    down to -86, 4.4e-38 below that and for -inf (a normal float: the exponent arithmetic
-    stays exact), and exp(0) = 1."""
+    down to its floor, and exp(0) = 1. Below the floor (-86; EXP_FLUSH, -40, with flush)
+    and for -inf: 4.4e-38 (a normal float: the exponent arithmetic stays exact), or exactly
+    0 with flush."""
     from tvm import te
 
-    from tvmq.kernels.fast_math import exp_nonpositive
+    from tvmq.kernels.fast_math import EXP_FLUSH, exp_nonpositive
 
-    d = np.concatenate([-np.geomspace(1e-8, 86, 200_000), [0.0, -86.5, -1e30, -np.inf]])
+    floor = EXP_FLUSH if flush else -86.0
+    below = [floor - 0.001, -86.5, -1e30, -np.inf]
+    d = np.concatenate([-np.geomspace(1e-8, -floor, 200_000), [0.0], below])
     d = d.astype(np.float32)
     x = te.placeholder((d.size,), "float32", name="x")
-    y = te.compute(x.shape, lambda i: exp_nonpositive(x[i]), name="y")
+    y = te.compute(x.shape, lambda i: exp_nonpositive(x[i], flush), name="y")
     lib = tvm.compile(te.create_prim_func([x, y]), target=tvm.target.Target.from_device(tvm.cpu()))
     out = tvm.runtime.tensor(np.zeros_like(d))
     lib(tvm.runtime.tensor(d), out)
     got = out.numpy().astype(np.float64)
-    ref = np.exp(d[:-4].astype(np.float64))
-    rel = np.abs(got[:-4] / ref - 1)
-    assert rel.max() < 4e-7 and rel[d[:-4] > -20].max() < 2e-7
-    assert (
-        got[-4] == 1.0 and np.all(got[-3:] == got[-3]) and got[-3] == pytest.approx(math.exp(-86))
-    )
+    tail = len(below) + 1
+    ref = np.exp(d[:-tail].astype(np.float64))
+    rel = np.abs(got[:-tail] / ref - 1)
+    assert rel.max() < 4e-7 and rel[d[:-tail] > -20].max() < 2e-7
+    assert got[-tail] == 1.0
+    expected = 0.0 if flush else pytest.approx(math.exp(-86))
+    assert all(v == expected for v in got[-len(below) :])
+
+
+def test_masked_probabilities_are_zero_not_denormal():
+    """A causal mask (scores + float32's lowest value, as transformers' GPT-2 adds it) gives
+    probabilities of exactly 0, so P @ V multiplies no denormal: they were tiny normals times
+    1 / sum, denormals that made GPT-2's float P @ V 75x slower. The other probabilities
+    match numpy's softmax."""
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((2, 128, 128)).astype("float32") * 3
+    causal = np.triu(np.full((128, 128), np.finfo("float32").min, "float32"), 1)
+    x = relax.Var("x", relax.TensorType(scores.shape, "float32"))
+    m = relax.Var("m", relax.TensorType(causal.shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, m]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.softmax(relax.op.add(x, m), axis=-1))
+        bb.emit_func_output(out)
+    got = _run(UseFastMath()(bb.get()), scores, causal)
+    masked = np.broadcast_to(causal < 0, got.shape)
+    assert np.all(got[masked] == 0.0)
+    tiny = np.finfo("float32").tiny
+    assert not np.any((got != 0) & (np.abs(got) < tiny))
+    shifted = scores + causal - (scores + causal).max(-1, keepdims=True)
+    expected = np.exp(shifted.astype(np.float64))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("keys, kernels", [(128, 1), (197, 2)])

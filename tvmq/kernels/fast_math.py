@@ -47,13 +47,29 @@ def _exp_f32(d: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.reinterpret("float32", bits)
 
 
-def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
+def exp_nonpositive(d: tirx.PrimExpr, flush: bool = False) -> tirx.PrimExpr:
     """``exp(d)`` for ``d <= 0`` (a softmax's ``x - max``), 13 SIMD operations where
     ``fast_exp`` takes ~21 (:func:`_exp_f32`: no upper clamp). ``d`` below -86 counts as
     -86 (4.4e-38, still a normal float, so the exponent arithmetic stays exact; -inf
-    included). Relative error in float32: below 2e-7 for ``d > -20``, below 4e-7 down to
-    -86, ``exp(0) = 1`` (``tests/passes/test_use_fast_math.py``)."""
-    return _exp_f32(tirx.max(d, _f32(-86.0)))
+    included); with ``flush`` (a compare and a blend more), ``d`` below :data:`EXP_FLUSH`
+    (-40) gives exactly 0 instead. Relative error in float32: below 2e-7 for ``d > -20``,
+    below 4e-7 down to -86, ``exp(0) = 1`` (``tests/passes/test_use_fast_math.py``)."""
+    if not flush:
+        return _exp_f32(tirx.max(d, _f32(-86.0)))
+    limit = _f32(EXP_FLUSH)
+    return tirx.Select(d < limit, _f32(0.0), _exp_f32(tirx.max(d, limit)))
+
+
+# A float softmax's exponentials below exp(-40) = 4.2e-18 are 0. They are that small only
+# against the row's largest, exp(0) = 1: even a million of them sum below 2^-37 of it, 13
+# bits under float32's rounding. Kept, the masked scores of a causal mask (-3.4e38, or -inf)
+# came out as tiny normals whose normalised probabilities and products in ``P @ V`` were
+# denormals, a microcode assist per vector: GPT-2's float ``P @ V`` ran 75x slower (15.5 ms
+# a layer instead of 0.21) and its softmax 3.6x. Above the flush, a probability is at least
+# 4.2e-18 / (number of keys), so its product with a value is a denormal only for values
+# below ~1e-16 in magnitude. (A quantized softmax's products round to integers: it keeps
+# the clamp, whose compare and blend cost MiniLM's int8 softmax 6%.)
+EXP_FLUSH = -40.0
 
 
 # The sigmoid and SiLU take their argument clamped to +-20. Beyond, the sigmoid is 1 in
