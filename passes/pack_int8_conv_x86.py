@@ -281,12 +281,20 @@ class _Lowering:
         return relax.op.permute_dims(y, TO_NCHW)
 
     def _out_border(self, dense, epilogue: RequantizeEpilogue | None, o: int):
-        """The zero border an AMX conv writes around its requantized uint8 result, where the
-        result's only reader is an AMX conv that pads it (:meth:`find_bordered_outputs`);
-        None where it writes none (a residual read row for row, padded channels)."""
-        if not isinstance(dense, AmxConv) or epilogue is None or epilogue.residual is not None:
+        """:meth:`_reader_border` of an AMX conv (only it stores rows with a border), where
+        it stores the result's exact channels."""
+        whole = isinstance(dense, AmxConv) and dense.n_padded == o
+        return self._reader_border(epilogue, whole)
+
+    def _reader_border(self, epilogue: RequantizeEpilogue | None, whole: bool):
+        """The zero border a conv writes around its requantized uint8 result, where the
+        result's only reader is an AMX conv that pads it (:meth:`find_bordered_outputs`) and
+        the kernel stores exactly the result's pixels and channels (``whole``); None where
+        it writes none (no such reader, padded rows or channels, a residual read row for
+        row)."""
+        if not whole or epilogue is None or epilogue.residual is not None:
             return None
-        if epilogue.requantize.out_dtype != "uint8" or dense.n_padded != o:
+        if epilogue.requantize.out_dtype != "uint8":
             return None
         return self.wanted_borders.get(epilogue.chain[-1])
 
@@ -312,9 +320,7 @@ class _Lowering:
             return lower_depthwise(rw, x, geo, w_hwc, tiles, pad_value=fill, nhwc=nhwc, channels=c)
         args = (epilogue.offset, epilogue.multiplier)
         requantize = with_int_rounding(epilogue.requantize, taps, *args)
-        border = None
-        if requantize.out_dtype == "uint8" and nhwc is None and tiles.ow_padded == geo.out_hw[1]:
-            border = self.wanted_borders.get(epilogue.chain[-1])  # its reader's zero padding
+        border = self._reader_border(epilogue, nhwc is None and tiles.ow_padded == geo.out_hw[1])
         lowered = lower_depthwise(
             rw, x, geo, w_hwc, tiles, args, requantize, pad_value=fill, nhwc=nhwc, channels=c,
             out_pad=border,
