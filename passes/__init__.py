@@ -30,7 +30,8 @@ Pruning and weight sharing, on float constant weights before quantization:
 :class:`PruneChannels`, :class:`PruneMagnitude`, :class:`PruneNM`, :class:`ClusterWeights`;
 on the int8 weights after quantization: :class:`ClusterInt8Weights`.
 Int8 conv2d and attention on VNNI CPUs: :class:`PackInt8ConvX86`, :class:`PackInt8BatchMatmulX86`;
-on x86 CPUs without avx512vnni, :class:`Int8AsFloat` (int8 products on the float kernels).
+on x86 CPUs without avx512vnni, :class:`Int8AsFloat` (int8 products on the float kernels),
+before it on AVX2 ones :class:`Int8AsInt16` (int8 matmuls as exact int16 pair products).
 ``precision="bf16"`` on AMX-BF16 CPUs: :class:`PackBf16ConvX86`, :class:`PackBf16DenseX86`,
 :class:`PackBf16BatchMatmulX86` (attention's activation matmuls).
 
@@ -58,6 +59,7 @@ from .fold_quant_scales import FoldQuantScales
 from .fold_scalar_multiply import FoldScalarMultiply
 from .fold_table_decoders import FoldTableDecoders
 from .int8_as_float import Int8AsFloat
+from .int8_as_int16 import Int8AsInt16
 from .lower_int8 import LowerInt8
 from .pack_bf16_batch_matmul_x86 import PackBf16BatchMatmulX86
 from .pack_bf16_conv_x86 import PackBf16ConvX86
@@ -113,6 +115,7 @@ __all__ = [
     "DropMatmulBroadcasts",
     "FoldTableDecoders",
     "Int8AsFloat",
+    "Int8AsInt16",
     "CorrectBias",
     "PackDecodedDense",
     "PackFloatConv",

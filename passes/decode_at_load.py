@@ -49,7 +49,7 @@ from .relax_utils import is_tensor_const, op_name
 FUNCTION = "main_transform_params"
 """The function the runtime calls once at load (TVM's ``LiftTransformParams`` name)."""
 # dtype -> the largest code width worth storing (an 8-bit code saves nothing on int8)
-_CODE_BITS = {"float32": 8, "int8": 4, "uint8": 4}
+_CODE_BITS = {"float32": 8, "int16": 8, "int8": 4, "uint8": 4}
 
 
 def encode_values(values: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray, int] | None:

@@ -35,6 +35,7 @@ from tvmq.passes import (
     FoldScalarMultiply,
     FoldTableDecoders,
     Int8AsFloat,
+    Int8AsInt16,
     PackDecodedDense,
     PackFloatBatchMatmul,
     PackFloatConv,
@@ -103,6 +104,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         *tidy,
         ConvTransposeAsMatmul(),  # 2x2/2 up-convolutions: a matmul + pixel shuffle (float)
         FoldTableDecoders(),  # clustered weights as float constants: decoded at load (build.py)
+        Int8AsInt16(target),  # AVX2 x86: int8 matmuls with a constant weight as int16 pairs
         Int8AsFloat(target),  # x86 without avx512vnni: int8 products on the float kernels
         PackInt8DenseX86(target),  # VNNI int8 dense, where the x86 CPU has avx512vnni
         PackInt8ConvX86(target),  # int8 conv2d: im2col + the VNNI dense kernel

@@ -260,3 +260,59 @@ def test_requantize_stored_as_float_with_a_zero_point_border(int_rounding):
     want = np.pad(want, ((0, 0), (1, 3), (2, 1), (0, 0)), constant_values=zero_point)
     np.testing.assert_array_equal(got, want.astype(np.float32))
     assert len(np.unique(got)) > 20
+
+
+def _avx2_kernel(func):
+    """``func`` compiled for the x86-avx2 preset: (the runnable module, its assembly)."""
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=get_target("x86-avx2").tvm_target())
+    return lib, lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize(
+    "m,c,o,k,stride,clamp",
+    [(13, 38, 40, 1, 1, True), (30, 64, 96, 1, 1, False), (7, 6, 24, 3, 2, False)],
+    ids=["1x1-odd-rows-clamped", "1x1", "3x3-stride2"],
+)
+def test_int16_kernel_gives_the_exact_integer_sums(m, c, o, k, stride, clamp):
+    """The int16 mode multiplies channel pairs with ``vpmaddwd``: bytes (uint8 inputs, int8
+    weights, widened) give numpy's int64 sums exactly, odd pixel and channel counts padded."""
+    from tvmq.kernels.cpu_float_conv import pack_conv_weight_pairs
+    from tvmq.machine import cpu_flags
+
+    rng = np.random.default_rng(m)
+    tiles = choose_conv_tiles(m, o, 8, 16)
+    ow = tiles.ow_padded
+    wp = m if clamp else (ow - 1) * stride + k
+    hp = (2 - 1) * stride + k  # two output rows
+    x = rng.integers(0, 256, (1, hp, wp, c)).astype(np.int16)
+    w = rng.integers(-128, 128, (o, c, k, k)).astype(np.int16)
+    shape = ConvShape(1, hp, wp, c, (k, k), (stride, stride), (1, 1), 2)
+    lib, asm = _avx2_kernel(float_conv2d_nhwc(shape, tiles, int16=True, clamp_columns=clamp))
+    assert "vpmaddwd" in asm and "vfmadd" not in asm
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs x86-avx2 code: needs AVX2 and FMA")
+    out = tvm.runtime.tensor(np.full((1, 2, ow, tiles.o_padded), -1, np.int32))
+    lib["main"](
+        tvm.runtime.tensor(x), tvm.runtime.tensor(pack_conv_weight_pairs(w, 8, tiles.o_padded)), out
+    )
+    cols = np.minimum(np.arange(ow)[:, None] * stride + np.arange(k), wp - 1)  # clamped reads
+    patches = x.astype(np.int64)[0][
+        (np.arange(2)[:, None] * stride + np.arange(k))[:, None, :, None], cols[None, :, None, :]
+    ]  # (2, ow, k, k, c)
+    ref = np.einsum("yxijc,ocij->yxo", patches, w.astype(np.int64))
+    np.testing.assert_array_equal(out.numpy()[0, :, :m, :o], ref[:, :m])
+    assert not out.numpy()[0, :, :, o:].any()  # padded channels: zero weights
+
+
+def test_int16_weight_packing_puts_channel_pairs_inside_the_lanes():
+    from tvmq.kernels.cpu_float_conv import pack_conv_weight_pairs
+
+    w = np.arange(10 * 4 * 3 * 3).reshape(10, 4, 3, 3)
+    packed = pack_conv_weight_pairs(w, 8, 16)
+    assert packed.shape == (2, 3, 3, 2, 8, 2) and packed.dtype == np.int16
+    j, ky, kx, q, i, r = 1, 2, 0, 1, 1, 1
+    assert packed[j, ky, kx, q, i, r] == w[j * 8 + i, 2 * q + r, ky, kx]
+    assert not packed[1, :, :, :, 2:].any()  # channels 10..15 padded with zeros
+    with pytest.raises(ValueError, match="pairs"):
+        pack_conv_weight_pairs(np.zeros((8, 3, 1, 1)), 8, 8)

@@ -106,6 +106,8 @@ def choose_conv_tiles(
     epilogue: bool = False,
     pad_channels: bool = False,
     short: bool = False,
+    few_register_cap: int | None = None,
+    max_channel_vectors: int = _MAX_CHANNEL_VECTORS,
 ) -> ConvTiles:
     """The register tile for an output ``ow`` pixels wide with ``o`` channels.
 
@@ -126,13 +128,14 @@ def choose_conv_tiles(
     28-accumulator 14x2 at 76-113. With 16 vector registers (AVX2) it keeps at most 8: on an
     AMD Zen 1 core (one 256-bit FMA a cycle), 3x3 convs without an epilogue over ResNet-18's
     four stages ran at 35-39 GFLOP/s with 2x4 or 4x2 tiles, at 25-32 with the 12-accumulator
-    3x4 and 21-35 with 6x2 (1 thread, each conv alone). A ``short`` reduction
+    3x4 and 21-35 with 6x2 (1 thread, each conv alone); ``few_register_cap`` sets another
+    limit and ``max_channel_vectors`` caps ``nr`` (:func:`choose_int16_tiles`). A ``short`` reduction
     (:func:`short_reduction`) keeps at most 14 on any AVX-512 CPU too.
     """
     budget = registers - 4
     half_width = lanes == 16 and (short or half_width_avx512())
     best = None
-    for nr in range(min(_MAX_CHANNEL_VECTORS, budget), 0, -1):
+    for nr in range(min(max_channel_vectors, budget), 0, -1):
         o_padded = round_up(o, nr * lanes if pad_channels else lanes)
         if o_padded // lanes % nr:
             continue
@@ -143,7 +146,7 @@ def choose_conv_tiles(
         if half_width:
             cap = max(1, min(cap, HALF_WIDTH_ACCUMULATORS // nr))
         if registers <= _FEW_REGISTERS:
-            cap = max(1, min(cap, registers // 2 // nr))
+            cap = max(1, min(cap, (few_register_cap or registers // 2) // nr))
         mr = next(d for d in range(min(cap, ow), 0, -1) if ow % d == 0)
         ow_padded = ow
         if mr < min(4, ow):
@@ -157,6 +160,14 @@ def choose_conv_tiles(
         if best is None or score > best[0]:
             best = (score, ConvTiles(mr, nr, lanes, ow_padded, o_padded))
     return best[1]
+
+
+def choose_int16_tiles(ow: int, o: int) -> ConvTiles:
+    """The register tile of the int16 (``vpmaddwd``, AVX2) kernel: up to 12 accumulators of at
+    most 3 channel vectors. On an AMD Zen 3 core (1 thread) MiniLM's dense shapes ran at
+    143-153 GOP/s with 4x3, 6x2 or 5x2 tiles, 126-145 with the float tiles' 2x4 / 4x2 and
+    124-128 with 3x4."""
+    return choose_conv_tiles(ow, o, 8, 16, few_register_cap=12, max_channel_vectors=3)
 
 
 SHORT_REDUCTION = 32
@@ -333,6 +344,7 @@ def float_conv2d_nhwc(
     clamp_columns: bool = False,
     pixel_major: bool = False,
     out_pad: tuple[int, int, int, int] | None = None,
+    int16: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``(P (n, hp, wp, c), W (O/L, KH, KW, c, L)) -> Y (n, oh, OW, O)``.
 
@@ -355,7 +367,16 @@ def float_conv2d_nhwc(
     result zero-bordered: the padded input of a next conv, which then needs no pad of its own
     (the caller sees that ``OW`` and ``O`` are the unpadded sizes, or the tile's padding would
     land in the border).
+
+    With ``int16`` (AVX2: 8 int32 lanes), ``P`` is int16, ``c`` even, ``W`` int16
+    ``(O/L, KH, KW, c/2, L, 2)`` (:func:`pack_conv_weight_pairs`) and ``Y`` the exact int32
+    sums: each reduction step multiplies a pair of channels by one ``vpmaddwd``
+    (:mod:`~tvmq.kernels.x86_madd_intrin`). No epilogue, batched weight or border then.
     """
+    if int16:
+        if epilogue is not None or batched_weight or out_pad is not None or shape.c % 2:
+            raise ValueError("an int16 conv kernel takes an even channel count and no extras")
+        return _int16_conv2d_nhwc(shape, tiles, clamp_columns, pixel_major)
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
@@ -401,6 +422,56 @@ def float_conv2d_nhwc(
     name = "float_batch_matmul" if batched_weight else "float_conv2d_nhwc"
     parallel = macs >= _PARALLEL_MIN_MACS
     return _schedule(func, tiles, parallel, name, pixel_major, out_pad, border_value(epilogue))
+
+
+def _int16_conv2d_nhwc(
+    shape: ConvShape, tiles: ConvTiles, clamp_columns: bool, pixel_major: bool
+) -> tvm.tirx.PrimFunc:
+    """:func:`float_conv2d_nhwc` with ``int16``: the pair reduction tensorized."""
+    from tvmq.kernels.x86_madd_intrin import LANES, PAIR, register_madd_intrin
+
+    n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
+    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
+    ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
+    if lanes != LANES:
+        raise ValueError(f"an int16 conv kernel has {LANES} int32 lanes, not {lanes}")
+    if ow % tiles.mr or o % (tiles.nr * lanes):
+        raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
+    p = te.placeholder((n, hp, wp, c), "int16", name="P")
+    w = te.placeholder((o // lanes, kh, kw, c // PAIR, lanes, PAIR), "int16", name="W")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, c // PAIR), name="rc")
+    rq = te.reduce_axis((0, PAIR), name="rq")
+
+    def column(x):
+        return te.min(x, wp - 1) if clamp_columns else x
+
+    acc = te.compute(
+        (n, oh, ow, o),
+        lambda b, y, x, j: te.sum(
+            p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc * PAIR + rq].astype("int32")
+            * w[j // lanes, ry, rx, rc, j % lanes, rq].astype("int32"),
+            axis=[ry, rx, rc, rq],
+        ),
+        name="acc",
+    )
+    func = te.create_prim_func([p, w, _store(acc, [], None)])
+    parallel = n * oh * ow * o * kh * kw * c >= _PARALLEL_MIN_MACS
+    return _schedule(
+        func, tiles, parallel, "int16_conv2d_nhwc", pixel_major, pair_intrin=register_madd_intrin()
+    )
+
+
+def pack_conv_weight_pairs(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
+    """An OIHW weight of integers (``C`` even) as int16 ``[O/L, KH, KW, C/2, L, 2]``, zero-padded
+    to ``o_padded``: ``packed[j, ky, kx, q, i, r] == w[j * L + i, 2 * q + r, ky, kx]``."""
+    if w.ndim != 4 or w.shape[1] % 2:
+        raise ValueError(f"cannot pack an OIHW weight {w.shape} in channel pairs")
+    packed = pack_conv_weight(w.astype(np.float32), lanes, o_padded)  # [O/L, KH, KW, C, L]
+    j, kh, kw, c, lanes = packed.shape
+    pairs = packed.reshape(j, kh, kw, c // 2, 2, lanes).transpose(0, 1, 2, 3, 5, 4)
+    return np.ascontiguousarray(pairs).astype(np.int16)
 
 
 def pixel_major_pays(kernel: tuple[int, int], weight_bytes: int) -> bool:
@@ -454,6 +525,7 @@ def _schedule(
     out_pad: tuple[int, int, int, int] | None = None,
     fill: float = 0.0,
     unroll_taps: bool = False,
+    pair_intrin: str | None = None,
 ) -> tvm.tirx.PrimFunc:
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("Y")
@@ -475,12 +547,17 @@ def _schedule(
     rows = loops[:1] if tiles.mr > 1 else []
     channels, reduction = loops[len(rows)], loops[len(rows) + 1 :]
     ni, nv = sch.split(channels, [tiles.nr, tiles.lanes])
-    sch.reorder(*reduction, *rows, ni, nv)
+    # A pair intrinsic (int16) reduces the last reduction loop, the pair, inside the lanes.
+    pairs = reduction[-1:] if pair_intrin else []
+    sch.reorder(*reduction[: len(reduction) - len(pairs)], *rows, ni, nv, *pairs)
     outer = sch.fuse(*tasks)
     if parallel:
         sch.parallel(outer)
-    sch.vectorize(nv)
+    if not pair_intrin:
+        sch.vectorize(nv)
     init = sch.decompose_reduction(acc, reduction[0])
+    if pair_intrin:
+        sch.tensorize(nv, pair_intrin)
     for loop in (*rows, ni):
         sch.unroll(loop)
     if unroll_taps:  # pixel x's tap kx + 1 is pixel x + 1's tap kx: LLVM reads it once
