@@ -22,6 +22,12 @@ where Int8AsFloat's wrote 4. On one AMD Zen 3 core MiniLM's dense shapes (128 x 
 int16 weights, of at most 256 values, as 8-bit codes decoded at load (``Int8AsFloat``'s
 :data:`~tvmq.passes.int8_as_float.ATTR`), so the library keeps its int8 size.
 
+Convs take the int16 kernel too, without this pass: Int8AsFloat makes them float convs,
+and :class:`PackFloatConv` runs those it requantizes in the kernel on the int16 kernel on
+the same targets (a direct ``groups`` 1 conv over an even number of channels; Winograd's
+3x3 convs stay float, at 4/9 of the multiply-adds), converting their input where its
+producer did not store int16 for them.
+
 Left alone (for Int8AsFloat): convs, activation x activation matmuls, symbolic shapes, an
 odd reduction length, matmuls below ``MIN_MACS`` and every target but AVX2 without AVX-512.
 Where it belongs: with the target kernels, right before Int8AsFloat.

@@ -40,6 +40,14 @@ that border itself (:func:`_float_readers`): no int8 tensor and no quantize / pa
 kernel between two convs, bit-identical (EfficientNet-B0 int8 39.5 -> 38.1 ms, MobileNetV2
 20.4 -> 19.6, MobileNetV3-small 5.67 -> 5.47; Zen 1, 1 thread).
 
+On AVX2 targets (:func:`~tvmq.passes.int8_as_int16.wants_int8_as_int16`) such a requantized
+conv, direct and over an even number of channels, runs on the kernel's int16 mode instead
+(exact ``vpmaddwd`` pair products, :meth:`_Lowering.takes_int16`): the image converted to
+int16, or stored as int16 by the conv before it (``Requantize.stored_as``). Bit-identical
+to the float32 kernel's sums (both exact below 2**24); on an AMD Zen 3 core, 1 thread,
+ResNet-18 int8 31.6 -> 29.1 ms (its stride-2 and 1x1 convs; the 3x3 stride-1 ones stay on
+Winograd), see the README for the others.
+
 A 3x3 stride-1 conv of at least 32 input and output channels (ResNet's, UNet's, YOLO's
 3x3 convs) takes Winograd's F(2x2, 3x3) instead (:mod:`tvmq.kernels.cpu_winograd`): an
 input transform, 16 batched matmuls on the same register-blocked kernel (4/9 of the
@@ -82,9 +90,11 @@ from tvmq.kernels.cpu_float_conv import (
     ConvShape,
     choose_conv_tiles,
     choose_depthwise_tiles,
+    choose_int16_tiles,
     float_conv2d_nhwc,
     float_depthwise_nhwc,
     pack_conv_weight,
+    pack_conv_weight_pairs,
     pixel_major_pays,
     short_reduction,
     simd_lanes_and_registers,
@@ -105,6 +115,7 @@ from tvmq.kernels.cpu_winograd import (
 from tvmq.kernels.fast_math import ACTIVATIONS
 from tvmq.kernels.x86_int8 import Requantize, with_int_rounding
 from tvmq.kernels.x86_int8_conv import OPAQUE, Conv2DGeometry
+from tvmq.kernels.x86_madd_intrin import LANES as INT16_LANES
 
 from .channels_last import (
     TO_NCHW,
@@ -113,6 +124,7 @@ from .channels_last import (
     match_nchw_conv2d,
     rewrite_channels_last,
 )
+from .int8_as_int16 import wants_int8_as_int16
 from .relax_utils import (
     ADD,
     ASTYPE,
@@ -156,8 +168,9 @@ Epilogues = dict[relax.Var, FloatEpilogue]  # conv var -> its fused epilogue
 
 def match_float_conv2d(call: relax.Expr) -> tuple[relax.Expr, Conv2DGeometry, np.ndarray] | None:
     """(x, geometry, W as numpy OIHW) for a float32 NCHW conv2d this pass lowers (``groups``
-    1, or depthwise), else None."""
-    found = match_nchw_conv2d(call, ("float32",), "float32", "float32")
+    1, or depthwise), else None. ``x`` may be int16 where the conv's producer stores int16
+    for it (:func:`_store_int16_for_int16_readers`)."""
+    found = match_nchw_conv2d(call, ("float32", "int16"), "float32", "float32")
     if found is None:
         return None
     x, geo, w, groups = found
@@ -232,9 +245,29 @@ def find_requantized(mod: tvm.IRModule) -> dict[relax.Var, FloatEpilogue]:
             readers, border = _float_readers(rq.chain[-1], requantize.zero_point, only_user)
             if readers:
                 chain += readers
-                requantize = dataclasses.replace(requantize, stored_as_float=True)
+                requantize = dataclasses.replace(requantize, stored_as="float32")
         found[b.var] = FloatEpilogue(chain, (rq.offset, rq.multiplier), requantize, None, border)
     return found
+
+
+def _store_int16_for_int16_readers(mod: tvm.IRModule, epilogues: Epilogues, lowering) -> None:
+    """Where a requantized conv's result is stored as float32 for its one reader, a conv
+    that takes the int16 kernel (``lowering.takes_int16``), store it as int16 instead: that
+    kernel reads int16, so no conversion goes between the two."""
+    for b, only_user in dataflow_bindings(mod):
+        fused = epilogues.get(b.var)
+        if fused is None or getattr(fused.epilogue, "stored_as", "") != "float32":
+            continue
+        reader = only_user(fused.chain[-1])
+        found = match_float_conv2d(reader[1]) if reader is not None else None
+        if found is None or int(reader[1].attrs.groups) != 1:
+            continue
+        _, geo, w = found
+        if lowering.takes_winograd(geo, w.shape[0], reader[0]):
+            continue
+        if lowering.takes_int16(geo, w.shape[0], epilogues.get(reader[0])):
+            int16 = dataclasses.replace(fused.epilogue, stored_as="int16")
+            epilogues[b.var] = fused._replace(epilogue=int16)
 
 
 def _float_readers(q: relax.Var, zero_point: int, only_user):
@@ -311,8 +344,10 @@ class _Lowering:
         stream: bool = True,
         exact: frozenset = frozenset(),
         winograd: bool = True,
+        int16: bool = False,
     ):
         self.lanes, self.registers, self.epilogues = lanes, registers, epilogues
+        self.int16 = int16  # requantized int8 convs may take the int16 kernel (AVX2)
         self.stream = stream  # whether the streamed kernel pays on this target
         self.exact = exact  # convs whose float32 sums must stay exact integers
         self.winograd = winograd
@@ -343,6 +378,9 @@ class _Lowering:
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
+        int16_input = str(x.ty.dtype) == "int16"
+        if int16_input and (int(call.attrs.groups) != 1 or not self.takes_int16(geo, o, fused)):
+            raise RuntimeError(f"an int16 image reached a conv without the int16 kernel: {geo}")
         if int(call.attrs.groups) != 1:
             chain, bias, epilogue = fused[:3] if fused else ((), None, None)  # never a residual
             activation = getattr(epilogue, "activation", "")
@@ -365,19 +403,23 @@ class _Lowering:
             lowered = _bordered(rw, lowered, fused)
         else:
             tiles, kernel, name = self._conv_kernel(geo, o, fused)
+            int16 = self.takes_int16(geo, o, fused)
+            if int16:
+                tiles, kernel, name = self._int16_kernel(geo, o)
             padded = (tiles.ow_padded, tiles.o_padded) != (ow, o)
             if fused is not None and fused.residual is not None and padded:  # R would be too
                 fused = fused.without_residual()
             chain, bias, epilogue, residual = fused[:4] if fused else ((), None, None, None)
-            packed = pack_conv_weight(w, tiles.lanes, tiles.o_padded)
+            pack = pack_conv_weight_pairs if int16 else pack_conv_weight
+            packed = pack(w, tiles.lanes, tiles.o_padded)
             border = self.wanted_borders.get(chain[-1] if chain else rw.current_var)
             if isinstance(epilogue, Requantize):  # its padding is the zero point, not 0
                 border = fused.border
-            if padded or name != "float_conv2d":
+            if padded or name not in ("float_conv2d", "int16_conv2d"):
                 border = None
             lowered = _emit(
                 rw, x, geo, packed, tiles, tiles.o_padded, o, kernel, name, bias, epilogue,
-                residual=residual, out_pad=border,
+                residual=residual, out_pad=border, in_dtype="int16" if int16 else None,
             )  # fmt: skip
             if border is None:
                 lowered = _bordered(rw, lowered, fused)
@@ -399,6 +441,22 @@ class _Lowering:
             and o % self.lanes == 0
             and conv not in self.exact
         )
+
+    def takes_int16(self, geo: Conv2DGeometry, o: int, fused: FloatEpilogue | None) -> bool:
+        """Whether a direct ``groups`` 1 conv takes the int16 kernel: an int8 conv of
+        :class:`Int8AsFloat` requantized in its kernel, on an AVX2 target
+        (:func:`~tvmq.passes.int8_as_int16.wants_int8_as_int16`), over an even number of
+        input channels and at least one vector of output channels."""
+        requantized = fused is not None and isinstance(fused.epilogue, Requantize)
+        return self.int16 and requantized and geo.x_shape[1] % 2 == 0 and o >= self.lanes
+
+    def _int16_kernel(self, geo: Conv2DGeometry, o: int):
+        """``(tiles, kernel, name)`` of the int16 conv kernel (see :meth:`takes_int16`)."""
+        tiles = choose_int16_tiles(geo.out_hw[1], o)
+        kernel = functools.partial(float_conv2d_nhwc, int16=True)
+        if pixel_major_pays(geo.kernel, 2 * tiles.o_padded * geo.k):
+            kernel = functools.partial(kernel, pixel_major=True)
+        return tiles, kernel, "int16_conv2d"
 
     def _conv_kernel(self, geo: Conv2DGeometry, o: int, fused: FloatEpilogue | None):
         """``(tiles, kernel, name)`` for a ``groups`` 1 conv with ``o`` output channels (and
@@ -609,6 +667,7 @@ def _emit(
     out_pad=None,
     out_dtype=None,
     nhwc=None,
+    in_dtype=None,
 ) -> relax.Expr:
     """pad -> call_tir(kernel) -> slice -> NCHW value, for a conv with ``packed`` weights
     (and, with an ``epilogue``, its ``bias`` added [, ``residual`` added] and activation
@@ -616,7 +675,8 @@ def _emit(
     padding (no pad op). With ``out_pad`` the kernel writes its result zero-bordered for the
     next conv (``rw.bordered``, which then pads nothing). ``out_dtype``: what the kernel
     stores, where that is not its sums' or its requantize's. ``nhwc``: ``x`` channels last
-    (``geo``'s channels), in place of its twin."""
+    (``geo``'s channels), in place of its twin. ``in_dtype``: the image the kernel reads,
+    converted to it where ``x`` holds another dtype (int16 kernels: integers as float32)."""
     bb = rw.builder_
     n, c, h, wd = geo.x_shape
     oh, ow = geo.out_hw
@@ -627,10 +687,12 @@ def _emit(
         x = _padded_input(rw, x, (top, left, bottom, right), nhwc)
     else:
         x = rw.nhwc_input(x) if nhwc is None else nhwc
+    if in_dtype is not None and str(x.ty.dtype) != in_dtype:
+        x = bb.emit(relax.op.astype(x, in_dtype))
     shape = ConvShape(
         n, h + top + bottom, wd + left + right, c, geo.kernel, geo.strides, geo.dilation, oh
     )
-    sum_dtype = "float32" if packed.dtype == np.float32 else "int32"
+    sum_dtype = "float32" if packed.dtype == np.float32 else "int32"  # int8 / int16 weights
     suffix = _kernel_suffix(epilogue, residual)
     if out_dtype is None:
         out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else sum_dtype
@@ -648,12 +710,12 @@ def _emit(
     if out_pad is not None:  # the caller checked that the output needs no padding
         t, left_, b, r = out_pad
         out_ty = relax.TensorType((n, t + oh + b, left_ + ow + r, o), out_dtype)
-    args = [x, relax.const(packed, "float32" if sum_dtype == "float32" else "int8")]
+    args = [x, relax.const(packed, str(packed.dtype))]
     args += _epilogue_constants(bias, epilogue, o_padded, sum_dtype)
     if residual is not None:  # the caller checked that the output needs no padding
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     y = bb.emit(relax.call_tir(fn, args, out_ty=out_ty))
-    if out_pad is not None and isinstance(epilogue, Requantize) and epilogue.stored_as_float:
+    if out_pad is not None and isinstance(epilogue, Requantize) and epilogue.stored_as:
         return relax.op.permute_dims(y, TO_NCHW)  # the padded value is what its readers read
     if out_pad is not None:
         t, left_ = out_pad[:2]
@@ -713,11 +775,19 @@ class PackFloatConv:
     winograd : bool
         Whether 3x3 stride-1 convs may take the Winograd F(2x2, 3x3) kernels
         (:meth:`_Lowering.takes_winograd`); False keeps every conv on the direct kernel.
+    int16 : bool
+        Whether requantized int8 convs (:class:`Int8AsFloat`'s) may take the int16 kernel on
+        AVX2 targets (:meth:`_Lowering.takes_int16`); False keeps them on the float one.
     """
 
-    def __init__(self, target: tvm.target.Target | dict | str | None = None, winograd: bool = True):
+    def __init__(
+        self,
+        target: tvm.target.Target | dict | str | None = None,
+        winograd: bool = True,
+        int16: bool = True,
+    ):
         self.target = tvm.target.Target(target) if target is not None else None
-        self.winograd = winograd
+        self.winograd, self.int16 = winograd, int16
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         simd = simd_lanes_and_registers(self.target)
@@ -725,13 +795,17 @@ class PackFloatConv:
             return mod
         requantized = find_requantized(mod)
         epilogues = {**find_epilogues(mod, residual=True, activations=True), **requantized}
+        target = self.target or tvm.target.Target.current(allow_none=True)
         lowering = _Lowering(
             *simd,
             epilogues,
             stream=streaming_pays(self.target),
             exact=frozenset(find_integer_sums(mod)) - requantized.keys(),
             winograd=self.winograd,
+            int16=self.int16 and simd[0] == INT16_LANES and wants_int8_as_int16(target),
         )
+        if lowering.int16:
+            _store_int16_for_int16_readers(mod, epilogues, lowering)
         with self.target or contextlib.nullcontext():  # tiles follow the target's CPU
             lowering.find_bordered_outputs(mod)
             return rewrite_channels_last(mod, lowering)

@@ -240,7 +240,7 @@ def test_requantize_stored_as_float_with_a_zero_point_border(int_rounding):
     multiplier = rng.uniform(2e-5, 2e-4, o).astype(np.float32)
     zero_point, lo, hi = -7, -128, 127
     requantize = Requantize(
-        "int8", zero_point, lo, hi, int_rounding=int_rounding, stored_as_float=True
+        "int8", zero_point, lo, hi, int_rounding=int_rounding, stored_as="float32"
     )
     shape = ConvShape(1, hw + 2, hw + 2, c, (k, k), (1, 1), (1, 1), hw)
     border = (1, 2, 3, 1)  # top, left, bottom, right
@@ -316,3 +316,56 @@ def test_int16_weight_packing_puts_channel_pairs_inside_the_lanes():
     assert not packed[1, :, :, :, 2:].any()  # channels 10..15 padded with zeros
     with pytest.raises(ValueError, match="pairs"):
         pack_conv_weight_pairs(np.zeros((8, 3, 1, 1)), 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "relu", "int_rounding", "stored", "k"),
+    [
+        ("uint8", True, False, "", 1),
+        ("int8", False, True, "", 3),
+        ("int8", False, True, "int16", 3),
+        ("uint8", True, False, "float32", 1),
+    ],
+)
+def test_int16_kernel_requantizes_like_the_int32_conv(dtype, relu, int_rounding, stored, k):
+    """The int16 kernel's requantize epilogue (int32 offsets up to +-2**20) stores numpy's
+    ``clamp(round(float32(sum + offset) * multiplier) + zero_point)`` of the integer conv, as
+    int8 / uint8, or as int16 / float32 (for the next conv) inside a zero-point border."""
+    from tvmq.kernels.cpu_float_conv import choose_int16_tiles, pack_conv_weight_pairs
+    from tvmq.machine import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs AVX2 code (vpmaddwd)")
+    rng = np.random.default_rng(13)
+    hw, c, o = 12, 22, 24
+    tiles = choose_int16_tiles(hw, o)
+    assert tiles.ow_padded == hw
+    x = rng.integers(0, 256, (1, hw + k - 1, hw + k - 1, c))
+    w = rng.integers(-128, 128, (o, c, k, k))
+    offset = rng.integers(-(2**20), 2**20, o)
+    multiplier = rng.uniform(2e-5, 2e-4, o).astype(np.float32)
+    zero_point, lo, hi = (0, 0, 255) if dtype == "uint8" else (-7, -128, 127)
+    requantize = Requantize(
+        dtype, zero_point, lo, hi, relu=relu, int_rounding=int_rounding, stored_as=stored
+    )
+    shape = ConvShape(1, hw + k - 1, hw + k - 1, c, (k, k), (1, 1), (1, 1), hw)
+    border = (1, 2, 3, 1) if stored else None
+    func = float_conv2d_nhwc(shape, tiles, requantize, int16=True, out_pad=border)
+    out = (1, hw + 4, hw + 3, o) if stored else (1, hw, hw, o)
+    got = run_kernel(
+        func,
+        x.astype(np.int16),
+        pack_conv_weight_pairs(w, 8, tiles.o_padded),
+        offset.astype(np.int32),
+        multiplier,
+        out_shape=out,
+        dtype=np.dtype(stored or dtype),
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    v = np.einsum("nyxcij,ocij->nyxo", windows, w) + offset
+    v = np.maximum(v, 0) if relu else v
+    want = np.clip(np.rint(v.astype(np.float32) * multiplier) + zero_point, lo, hi)
+    if stored:
+        want = np.pad(want, ((0, 0), (1, 3), (2, 1), (0, 0)), constant_values=zero_point)
+    np.testing.assert_array_equal(got, want.astype(stored or dtype))
+    assert len(np.unique(got)) > 20

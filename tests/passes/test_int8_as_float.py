@@ -234,7 +234,7 @@ def test_a_requantize_after_a_float_product_is_its_kernels_epilogue():
     """The float conv kernels convert their exact sums to int32 and requantize (or dequantize)
     them before the store: the requantize ops are gone from the graph."""
     with HASWELL:
-        mod = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_requantized_module()))
+        mod = PackFloatConv(HASWELL, int16=False)(Int8AsFloat(HASWELL)(_requantized_module()))
     kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if gv.name_hint != "main")
     # the two int8 results are read by the next conv only, converted to float32: they are
     # stored as float32 (no conversion kernel between the layers)
@@ -289,7 +289,7 @@ def test_a_requantized_3x3_conv_of_32_channels_takes_winograd():
     hosts, the integer reference's int8 outputs bit for bit."""
     mod, (w, offset, mult) = _requantized_3x3(32, seed=5)
     with HASWELL:
-        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+        lowered = PackFloatConv(HASWELL, int16=False)(Int8AsFloat(HASWELL)(mod))
     names = sorted(gv.name_hint for gv, f in lowered.functions.items() if gv.name_hint != "main")
     assert "tvmq_winograd_output_3x3_32x32_requantize" in names, names
     assert not any(n.startswith("tvmq_float_conv2d") for n in names)
@@ -345,7 +345,7 @@ def test_a_silu_quantized_for_a_depthwise_conv_is_the_first_kernels_store(hw):
     output step of a float64 reference (the kernels' SiLU is a polynomial one)."""
     mod, (w1, w2, s1, s2, offset) = _silu_block(16, hw)
     with HASWELL:
-        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+        lowered = PackFloatConv(HASWELL, int16=False)(Int8AsFloat(HASWELL)(mod))
     names = sorted(gv.name_hint for gv in lowered.functions if gv.name_hint != "main")
     bordered = "_bordered" if hw == 12 else ""
     assert names == [
@@ -412,7 +412,7 @@ def test_a_relu6_quantized_after_a_float_product_is_its_kernels_store():
     """``quantize(clip(dequantize(conv), 0, 6))`` is the float conv's store (a ``relu6``
     requantize, no clip or quantize op left); on AVX2 hosts, the same bits as the ops apart."""
     with HASWELL:
-        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_relu6_block(False)))
+        lowered = PackFloatConv(HASWELL, int16=False)(Int8AsFloat(HASWELL)(_relu6_block(False)))
     names = [gv.name_hint for gv in lowered.functions if gv.name_hint != "main"]
     assert names == ["tvmq_float_conv2d_nhwc_1x1_8x16_relu6_requantize"], names
     ops = []

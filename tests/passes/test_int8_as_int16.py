@@ -16,13 +16,15 @@ from test_int8_as_float import (
     _module,
     _products,
     _reference,
+    _requantized_module,
+    _requantized_reference,
 )
 from tvm import relax
 
-from tvmq.build import build_with_info
+from tvmq.build import build, build_with_info
 from tvmq.machine import cpu_flags
 from tvmq.passes import Int8AsFloat, Int8AsInt16, PackFloatConv, PackFloatDense
-from tvmq.passes.relax_utils import CONV2D, MATMUL
+from tvmq.passes.relax_utils import CONV2D, MATMUL, op_name
 from tvmq.runtime import decoded_params
 
 SKYLAKE_AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
@@ -99,3 +101,37 @@ def test_an_avx2_library_gives_the_exact_products_from_8_bit_codes():
     for y, ref in zip(got, _reference(*inputs), strict=True):
         assert y.numpy().dtype == np.int32
         np.testing.assert_array_equal(y.numpy(), ref)
+
+
+def test_requantized_convs_take_the_int16_kernel():
+    """Int8AsFloat's requantized convs run on the int16 kernel on AVX2 (the depthwise one
+    stays float); a result whose one reader is an int16 conv is stored as int16, one read by
+    the float depthwise kernel as float32: no conversion kernel between the layers."""
+    with HASWELL:
+        mod = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(_requantized_module()))
+    kernels = sorted(gv.name_hint for gv in mod.get_global_vars() if gv.name_hint != "main")
+    assert kernels == [
+        "tvmq_float_depthwise_nhwc_3x3_16x16_requantize_as_int16",
+        "tvmq_int16_conv2d_nhwc_1x1_16x24_dequantize",
+        "tvmq_int16_conv2d_nhwc_3x3_8x16_requantize_as_float",
+    ]
+    # the input image's conversions (uint8 -> float32 -> int16, one fused kernel) only
+    casts = []
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: casts.append(e) if op_name(e) == "relax.astype" else None
+    )
+    assert [str(c.attrs.dtype) for c in casts] == ["float32", "int16"]
+
+
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= cpu_flags(), reason="runs x86-avx2 code: needs AVX2 and FMA"
+)
+def test_int16_convs_give_the_integer_reference_bit_for_bit():
+    """Random uint8 images through the int16 and float conv kernels of an x86-avx2 build:
+    torch's float64 convs of the same integers, requantized in float32 by numpy."""
+    rng = np.random.default_rng(21)
+    vm = relax.VirtualMachine(build(_requantized_module(), "x86-avx2"), tvm.cpu())
+    for _ in range(3):
+        x = rng.integers(0, 256, (1, 8, 9, 9)).astype(np.uint8)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, _requantized_reference(x))

@@ -369,14 +369,15 @@ def float_conv2d_nhwc(
     land in the border).
 
     With ``int16`` (AVX2: 8 int32 lanes), ``P`` is int16, ``c`` even, ``W`` int16
-    ``(O/L, KH, KW, c/2, L, 2)`` (:func:`pack_conv_weight_pairs`) and ``Y`` the exact int32
-    sums: each reduction step multiplies a pair of channels by one ``vpmaddwd``
-    (:mod:`~tvmq.kernels.x86_madd_intrin`). No epilogue, batched weight or border then.
+    ``(O/L, KH, KW, c/2, L, 2)`` (:func:`pack_conv_weight_pairs`) and the sums exact int32:
+    each reduction step multiplies a pair of channels by one ``vpmaddwd``
+    (:mod:`~tvmq.kernels.x86_madd_intrin`). ``Y`` holds them, or their requantize (an int32
+    ``offset``); no other epilogue, nor a batched weight.
     """
     if int16:
-        if epilogue is not None or batched_weight or out_pad is not None or shape.c % 2:
-            raise ValueError("an int16 conv kernel takes an even channel count and no extras")
-        return _int16_conv2d_nhwc(shape, tiles, clamp_columns, pixel_major)
+        if batched_weight or shape.c % 2 or not isinstance(epilogue, (Requantize, type(None))):
+            raise ValueError("an int16 conv kernel takes an even channel count, no extras")
+        return _int16_conv2d_nhwc(shape, tiles, epilogue, clamp_columns, pixel_major, out_pad)
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
@@ -399,8 +400,8 @@ def float_conv2d_nhwc(
     rc = te.reduce_axis((0, c), name="rc")
     if isinstance(epilogue, Requantize) and epilogue.residual:
         raise ValueError("a requantizing float conv kernel adds no residual")
-    if isinstance(epilogue, Requantize) and out_pad is not None and not epilogue.stored_as_float:
-        raise ValueError("a requantizing float conv kernel borders only a float32 result")
+    if isinstance(epilogue, Requantize) and out_pad is not None and not epilogue.stored_as:
+        raise ValueError("a requantizing conv kernel borders only a float32 / int16 result")
     bias = _bias(epilogue, o)
     if epilogue is not None and epilogue.residual:
         bias.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
@@ -425,7 +426,12 @@ def float_conv2d_nhwc(
 
 
 def _int16_conv2d_nhwc(
-    shape: ConvShape, tiles: ConvTiles, clamp_columns: bool, pixel_major: bool
+    shape: ConvShape,
+    tiles: ConvTiles,
+    epilogue: Requantize | None,
+    clamp_columns: bool,
+    pixel_major: bool,
+    out_pad: tuple[int, int, int, int] | None,
 ) -> tvm.tirx.PrimFunc:
     """:func:`float_conv2d_nhwc` with ``int16``: the pair reduction tensorized."""
     from tvmq.kernels.x86_madd_intrin import LANES, PAIR, register_madd_intrin
@@ -456,11 +462,15 @@ def _int16_conv2d_nhwc(
         ),
         name="acc",
     )
-    func = te.create_prim_func([p, w, _store(acc, [], None)])
+    if epilogue is not None and (epilogue.residual or (out_pad and not epilogue.stored_as)):
+        raise ValueError("a requantizing int16 conv kernel adds no residual, borders no int8")
+    bias = _bias(epilogue, o, "int32")
+    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue, out_pad)])
     parallel = n * oh * ow * o * kh * kw * c >= _PARALLEL_MIN_MACS
-    return _schedule(
-        func, tiles, parallel, "int16_conv2d_nhwc", pixel_major, pair_intrin=register_madd_intrin()
-    )
+    fill = border_value(epilogue)
+    intrin = register_madd_intrin()
+    name = "int16_conv2d_nhwc"
+    return _schedule(func, tiles, parallel, name, pixel_major, out_pad, fill, pair_intrin=intrin)
 
 
 def pack_conv_weight_pairs(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:

@@ -145,9 +145,10 @@ class Requantize:
     quantize after the activation cost more than the pass it saves, and so did a SiLU's over
     a tensor in cache on an AMX Xeon).
 
-    With ``stored_as_float`` the kernel stores the clamped integer as float32 (its readers
-    convert it to float32 anyway: the next conv of :class:`~tvmq.passes.Int8AsFloat`), so
-    no conversion kernel, nor the int8 tensor, goes between the layers.
+    With ``stored_as`` ``"float32"`` the kernel stores the clamped integer as float32 (its
+    readers convert it to float32 anyway: the next conv of :class:`~tvmq.passes.Int8AsFloat`),
+    with ``"int16"`` as int16 (the next conv's int16 kernel, on AVX2), so no conversion
+    kernel, nor the int8 tensor, goes between the layers.
 
     With ``int_rounding`` the product is rounded by the float -> int32 conversion itself
     (``llvm.lrint``: ``vcvtps2dq``, round half to even like the float32 round) and offset and
@@ -164,13 +165,13 @@ class Requantize:
     int_rounding: bool = False
     activation: str = ""  # of the dequantized float32 value (fast_math.activation_f32)
     rescale: float = 1.0  # an activation's result times this is rounded (an int8 dtype)
-    stored_as_float: bool = False  # the clamped integer stored as float32
+    stored_as: str = ""  # "float32" / "int16": the clamped integer stored as that dtype
 
     @property
     def out_dtype(self) -> str:
         """The dtype the kernel stores."""
-        if self.stored_as_float:
-            return "float32"
+        if self.stored_as:
+            return self.stored_as
         return self.residual.dtype if self.residual is not None else self.dtype
 
     @property
@@ -179,7 +180,8 @@ class Requantize:
         activation = f"_{self.activation}" if self.activation else ""
         if self.dtype == "float32":
             return "_dequantize" + activation
-        return activation + "_requantize" + ("_as_float" if self.stored_as_float else "")
+        stored = {"": "", "float32": "_as_float"}.get(self.stored_as, f"_as_{self.stored_as}")
+        return activation + "_requantize" + stored
 
 
 @dataclass(frozen=True)
@@ -481,14 +483,14 @@ def requantize_value(v, multiplier, r: Requantize, residual=None):
         return f
     if r.int_rounding:
         q = clamp_rounded(f, r.zero_point, r.lo, r.hi)
-        if r.stored_as_float:
-            return q.astype("float32")
+        if r.stored_as:
+            return q.astype(r.stored_as)
         return q.astype(r.dtype) if r.residual is None else r.residual.value(q, residual)
     f = te.round(f) + tvm.tirx.const(float(r.zero_point), "float32")
     lo, hi = (tvm.tirx.const(float(b), "float32") for b in (r.lo, r.hi))
     f = te.max(te.min(f, hi), lo)
-    if r.stored_as_float:
-        return f
+    if r.stored_as:
+        return f.astype(r.stored_as)
     return f.astype(r.dtype) if r.residual is None else r.residual.value(f, residual)
 
 
