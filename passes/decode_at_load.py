@@ -101,13 +101,13 @@ class _Lifted(NamedTuple):
     """A constant of ``main`` that ``main_transform_params`` computes: ``value`` (the
     constant's, or with ``panels`` its 3x3 weight's) stored as it is (``bits`` 0) or as
     ``packed`` codes into ``value``'s distinct values; with ``panels`` ``(o_padded, c,
-    lanes)``, then transformed into Winograd panels."""
+    lanes, int16)``, then transformed into Winograd panels (int16 ones: the int16 kernel's)."""
 
     param: relax.Var
     value: np.ndarray  # the table of distinct values where there are codes
     packed: np.ndarray | None = None
     bits: int = 0
-    panels: tuple[int, int, int] | None = None
+    panels: tuple[int, int, int, bool] | None = None
 
 
 @mutator
@@ -147,7 +147,8 @@ class _Lifter(PyExprMutator):
         panels = const.value.numpy()
         w = weight_from_panels(panels)
         param = relax.Var(f"winograd_{len(self.lifted)}", const.ty)
-        shape = (w.shape[0], w.shape[1], panels.shape[-1])
+        int16 = panels.dtype == np.int16  # 4 U in channel pairs (the int16 kernel's)
+        shape = (w.shape[0], w.shape[1], panels.shape[-2 if int16 else -1], int16)
         encoded = encode_values(w, _CODE_BITS["float32"])
         if encoded is None:
             return _Lifted(param, w, panels=shape)
@@ -187,10 +188,11 @@ def _transform_params(mod: tvm.IRModule, lifted: list[_Lifted]) -> tvm.IRModule:
         with bb.dataflow():
             outs = []
             for entry in lifted:
-                dtype = str(entry.param.ty.dtype)
+                # a Winograd entry stores its 3x3 weight (float32), whatever its panels hold
+                dtype = str((entry.value if entry.panels else entry.param.ty).dtype)
                 shape = entry.param.ty.shape
                 if entry.panels is not None:
-                    o, c, _ = entry.panels
+                    o, c, _, _ = entry.panels
                     shape = relax.ShapeExpr([o, c, 3, 3])
                 if entry.bits:
                     name = f"tvmq_decode_{dtype}_{entry.bits}bit"

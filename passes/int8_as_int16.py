@@ -74,7 +74,7 @@ class _ToInt16(PyExprMutator):
         if tensor_dtype(x) not in _INT8 or x_shape is None or len(x_shape) < 2:
             return call
         w = const_value(w_expr, self.lookup_binding)
-        if w is None or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] % 2:
+        if w is None or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] % 2 or w.shape[0] < 4:
             return call
         if math.prod(x_shape) * w.shape[1] < MIN_MACS:
             return call

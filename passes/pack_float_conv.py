@@ -106,6 +106,7 @@ from tvmq.kernels.cpu_float_conv_streamed import (
 )
 from tvmq.kernels.cpu_winograd import (
     PANELS_ATTR,
+    int16_sums_fit,
     padded_input_hw,
     tiles_hw,
     winograd_input,
@@ -252,8 +253,8 @@ def find_requantized(mod: tvm.IRModule) -> dict[relax.Var, FloatEpilogue]:
 
 def _store_int16_for_int16_readers(mod: tvm.IRModule, epilogues: Epilogues, lowering) -> None:
     """Where a requantized conv's result is stored as float32 for its one reader, a conv
-    that takes the int16 kernel (``lowering.takes_int16``), store it as int16 instead: that
-    kernel reads int16, so no conversion goes between the two."""
+    that reads int16 (``lowering.reads_int16``: the int16 kernel, direct or Winograd), store
+    it as int16 instead, so no conversion goes between the two."""
     for b, only_user in dataflow_bindings(mod):
         fused = epilogues.get(b.var)
         if fused is None or getattr(fused.epilogue, "stored_as", "") != "float32":
@@ -263,9 +264,7 @@ def _store_int16_for_int16_readers(mod: tvm.IRModule, epilogues: Epilogues, lowe
         if found is None or int(reader[1].attrs.groups) != 1:
             continue
         _, geo, w = found
-        if lowering.takes_winograd(geo, w.shape[0], reader[0]):
-            continue
-        if lowering.takes_int16(geo, w.shape[0], epilogues.get(reader[0])):
+        if lowering.reads_int16(geo, w, reader[0], epilogues.get(reader[0])):
             int16 = dataclasses.replace(fused.epilogue, stored_as="int16")
             epilogues[b.var] = fused._replace(epilogue=int16)
 
@@ -378,8 +377,10 @@ class _Lowering:
         x, geo, w = found
         c, ow, o = geo.x_shape[1], geo.out_hw[1], w.shape[0]
         fused = self.epilogues.get(rw.current_var)
-        int16_input = str(x.ty.dtype) == "int16"
-        if int16_input and (int(call.attrs.groups) != 1 or not self.takes_int16(geo, o, fused)):
+        grouped = int(call.attrs.groups) != 1
+        if str(x.ty.dtype) == "int16" and (
+            grouped or not self.reads_int16(geo, w, rw.current_var, fused)
+        ):
             raise RuntimeError(f"an int16 image reached a conv without the int16 kernel: {geo}")
         if int(call.attrs.groups) != 1:
             chain, bias, epilogue = fused[:3] if fused else ((), None, None)  # never a residual
@@ -397,8 +398,9 @@ class _Lowering:
             lowered = _bordered(rw, lowered, fused)
         elif self.takes_winograd(geo, o, rw.current_var):
             chain, bias, epilogue, residual = fused[:4] if fused else ((), None, None, None)
+            int16 = self.takes_int16_winograd(w, fused)
             lowered = _emit_winograd(
-                rw, x, geo, w, self.lanes, self.registers, bias, epilogue, residual
+                rw, x, geo, w, self.lanes, self.registers, bias, epilogue, residual, int16
             )
             lowered = _bordered(rw, lowered, fused)
         else:
@@ -448,7 +450,23 @@ class _Lowering:
         (:func:`~tvmq.passes.int8_as_int16.wants_int8_as_int16`), over an even number of
         input channels and at least one vector of output channels."""
         requantized = fused is not None and isinstance(fused.epilogue, Requantize)
-        return self.int16 and requantized and geo.x_shape[1] % 2 == 0 and o >= self.lanes
+        c, taps = geo.x_shape[1], geo.kernel[0] * geo.kernel[1]
+        pairs = c % 2 == 0 and c // 2 * taps >= 2  # a reduction of one pair: a scale
+        return self.int16 and requantized and pairs and o >= self.lanes
+
+    def takes_int16_winograd(self, w: np.ndarray, fused: FloatEpilogue | None) -> bool:
+        """Whether a requantized conv that takes Winograd (on an AVX2 target) runs its
+        matmuls on the int16 kernel: its transformed input as int16, ``4 U`` as int16
+        panels, the sums int32 (where they cannot overflow, :func:`int16_sums_fit`)."""
+        requantized = fused is not None and isinstance(fused.epilogue, Requantize)
+        return self.int16 and requantized and w.shape[1] % 2 == 0 and int16_sums_fit(w)
+
+    def reads_int16(self, geo: Conv2DGeometry, w: np.ndarray, conv, fused) -> bool:
+        """Whether a ``groups`` 1 conv's kernel reads an int16 image: the int16 direct
+        kernel, or the int16 Winograd route's input transform."""
+        if self.takes_winograd(geo, w.shape[0], conv):
+            return self.takes_int16_winograd(w, fused)
+        return self.takes_int16(geo, w.shape[0], fused)
 
     def _int16_kernel(self, geo: Conv2DGeometry, o: int):
         """``(tiles, kernel, name)`` of the int16 conv kernel (see :meth:`takes_int16`)."""
@@ -495,51 +513,68 @@ def winograd_padding(geo: Conv2DGeometry) -> tuple[int, int, int, int]:
     return top, left, hp - h - top, wp - wd - left
 
 
-def _emit_winograd(rw, x, geo, w, lanes, registers, bias, epilogue, residual) -> relax.Expr:
+def _emit_winograd(
+    rw, x, geo, w, lanes, registers, bias, epilogue, residual, int16=False
+) -> relax.Expr:
     """pad -> input transform -> 16 matmuls -> output transform (and the ``epilogue``) ->
     NCHW value, for a 3x3 stride-1 conv with the OIHW weight ``w``
-    (:mod:`tvmq.kernels.cpu_winograd`)."""
+    (:mod:`tvmq.kernels.cpu_winograd`); with ``int16`` the matmuls on the int16 kernel
+    (:meth:`_Lowering.takes_int16_winograd`)."""
     bb = rw.builder_
     n, c, _, _ = geo.x_shape
     oh, ow, o = *geo.out_hw, w.shape[0]
     th, tw = tiles_hw(oh, ow)
     x = _padded_input(rw, x, winograd_padding(geo))
     hp, wp = (int(d) for d in x.ty.shape.values[1:3])
-    tiles = choose_conv_tiles(th * tw, o, lanes, registers)
+    if int16:
+        tiles = choose_int16_tiles(th * tw, o)
+    else:
+        tiles = choose_conv_tiles(th * tw, o, lanes, registers)
     t_padded = tiles.ow_padded
     gemm = ConvShape(16, n, t_padded, c, (1, 1), (1, 1), (1, 1), n)
+    p_dtype, v_dtype, sum_dtype = (
+        str(x.ty.dtype),
+        *(("int16", "int32") if int16 else ("float32",) * 2),
+    )
+    kind = "int16_" if int16 else ""
 
     def opaque(build):
         return lambda: build().with_attr("op_pattern", OPAQUE)
 
     transform = rw.kernel_var(
-        ("winograd_input", n, hp, wp, c, th, tw, t_padded, lanes),
-        f"tvmq_winograd_input_{c}",
-        opaque(lambda: winograd_input(n, hp, wp, c, th, tw, t_padded, lanes)),
+        ("winograd_input", n, hp, wp, c, th, tw, t_padded, lanes, p_dtype, v_dtype),
+        f"tvmq_winograd_input_{kind}{c}",
+        opaque(lambda: winograd_input(n, hp, wp, c, th, tw, t_padded, lanes, p_dtype, v_dtype)),
     )
     # pixel-major as a 1x1 conv's (ResNet-18's 56x56 64 -> 64: 3.54 -> 2.99 ms a call, Zen 1)
-    pixel_major = pixel_major_pays((1, 1), 4 * c * tiles.o_padded)
+    pixel_major = pixel_major_pays((1, 1), (2 if int16 else 4) * c * tiles.o_padded)
     matmul = rw.kernel_var(
-        ("winograd_matmul", gemm, tiles, pixel_major),
-        f"tvmq_winograd_matmul_3x3_{c}x{o}",
+        ("winograd_matmul", gemm, tiles, pixel_major, int16),
+        f"tvmq_winograd_matmul_3x3_{kind}{c}x{o}",
         opaque(
             lambda: float_conv2d_nhwc(
-                gemm, tiles, batched_weight=True, pixel_major=pixel_major
+                gemm, tiles, batched_weight=True, pixel_major=pixel_major, int16=int16
             ).with_attr(PANELS_ATTR, True)
         ),
     )
     suffix = _kernel_suffix(epilogue, residual)
     inverse = rw.kernel_var(
-        ("winograd_output", n, th, tw, tiles, oh, ow, o, epilogue),
-        f"tvmq_winograd_output_3x3_{c}x{o}{suffix}",
+        ("winograd_output", n, th, tw, tiles, oh, ow, o, epilogue, sum_dtype),
+        f"tvmq_winograd_output_3x3_{kind}{c}x{o}{suffix}",
         opaque(
-            lambda: winograd_output(n, th, tw, t_padded, tiles.o_padded, oh, ow, o, lanes, epilogue)
+            lambda: winograd_output(
+                n, th, tw, t_padded, tiles.o_padded, oh, ow, o, lanes, epilogue, sum_dtype
+            )
         ),
     )
-    v = bb.emit(relax.call_tir(transform, [x], relax.TensorType((16, n, t_padded, c), "float32")))
-    u = relax.const(winograd_weight(w, lanes, tiles.o_padded), "float32")
-    m_ty = relax.TensorType((16, n, t_padded, tiles.o_padded), "float32")
-    args = [bb.emit(relax.call_tir(matmul, [v, u], m_ty)), *_epilogue_constants(bias, epilogue, o)]
+    v_ty = relax.TensorType((16, n, t_padded, c), v_dtype)
+    v = bb.emit(relax.call_tir(transform, [x], v_ty))
+    u = relax.const(winograd_weight(w, lanes, tiles.o_padded, int16=int16))
+    m_ty = relax.TensorType((16, n, t_padded, tiles.o_padded), sum_dtype)
+    args = [
+        bb.emit(relax.call_tir(matmul, [v, u], m_ty)),
+        *_epilogue_constants(bias, epilogue, o, sum_dtype),
+    ]
     if residual is not None:
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"

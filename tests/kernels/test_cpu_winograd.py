@@ -10,6 +10,7 @@ from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
     ConvShape,
     choose_conv_tiles,
+    choose_int16_tiles,
     float_conv2d_nhwc,
 )
 from tvmq.kernels.cpu_winograd import (
@@ -31,29 +32,33 @@ def _direct(x_padded: np.ndarray, w: np.ndarray, oh: int, ow: int) -> np.ndarray
     return np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.float64))
 
 
-def _winograd_conv(x, w, oh, ow, lanes, epilogue, extra, out_dtype="float32") -> np.ndarray:
+def _winograd_conv(
+    x, w, oh, ow, lanes, epilogue, extra, out_dtype="float32", int16=False
+) -> np.ndarray:
     """The three Winograd kernels, compiled for the host, on the padded NHWC image ``x`` and
     the OIHW weight ``w``; ``extra`` the output kernel's epilogue arguments (numpy). Every
-    intermediate starts as NaN (or 0 for an integer output), so nothing goes unwritten."""
+    intermediate starts as NaN (or 0 for an integer output), so nothing goes unwritten.
+    With ``int16``: int16 transforms of ``x`` (as it comes), the int16 matmuls, int32 sums."""
     n, hp, wp, c = x.shape
     o = w.shape[0]
     th, tw = tiles_hw(oh, ow)
-    tiles = choose_conv_tiles(th * tw, o, lanes, 16)
+    tiles = choose_int16_tiles(th * tw, o) if int16 else choose_conv_tiles(th * tw, o, lanes, 16)
     t, op = tiles.ow_padded, tiles.o_padded
     gemm = ConvShape(16, n, t, c, (1, 1), (1, 1), (1, 1), n)
+    v_dtype, m_dtype = ("int16", "int32") if int16 else ("float32", "float32")
     funcs = {
-        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes),
-        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True),
-        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, epilogue),
+        "input": winograd_input(n, hp, wp, c, th, tw, t, lanes, str(x.dtype), v_dtype),
+        "matmul": float_conv2d_nhwc(gemm, tiles, batched_weight=True, int16=int16),
+        "output": winograd_output(n, th, tw, t, op, oh, ow, o, lanes, epilogue, m_dtype),
     }
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     lib = tvm.compile(mod, target=get_target("host").tvm_target())
     arr = tvm.runtime.tensor
-    v = arr(np.full((16, n, t, c), np.nan, np.float32))
-    m = arr(np.full((16, n, t, op), np.nan, np.float32))
+    v = arr(np.full((16, n, t, c), -9999 if int16 else np.nan, v_dtype))
+    m = arr(np.full((16, n, t, op), -9999 if int16 else np.nan, m_dtype))
     y = arr(np.full((n, oh, ow, o), np.nan if out_dtype == "float32" else 0, out_dtype))
     lib["input"](arr(x), v)
-    lib["matmul"](v, arr(winograd_weight(w, lanes, op)), m)
+    lib["matmul"](v, arr(winograd_weight(w, lanes, op, int16=int16)), m)
     lib["output"](m, *(arr(a) for a in extra), y)
     return y.numpy()
 
@@ -144,3 +149,34 @@ def test_requantized_sums_of_bytes(case):
         want = np.clip(np.rint(want) + 3, -128, 127)
     steps = np.abs(got.astype(np.float64) - want) / (multiplier if dtype == "float32" else 1)
     assert (steps == 0).mean() >= fraction and steps.max() <= 1.001, (steps == 0).mean()
+
+
+@pytest.mark.parametrize("x_dtype", ["int16", "float32"])
+def test_int16_winograd_gives_the_exact_integer_conv(x_dtype):
+    """The int16 route (AVX2): bytes transformed to int16 (from an int16 or float32 image),
+    ``4 U`` in int16 panels, int32 sums through the output transform: exactly the integer
+    conv's requantize, also for sums far beyond the float route's 2**22 (up to ~2e7 here)."""
+    from tvmq.kernels.cpu_winograd import weight_from_panels
+    from tvmq.machine import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs AVX2 code (vpmaddwd)")
+    rng = np.random.default_rng(4)
+    n, c, o, oh, ow, lanes = 1, 256, 32, 9, 10, 8
+    hp, wp = padded_input_hw(oh, ow)
+    x = np.zeros((n, hp, wp, c), x_dtype)
+    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
+    w = rng.integers(-60, 128, (o, c, 3, 3)).astype(np.float32)
+    offset = rng.integers(-20000, 20000, o).astype(np.int32)
+    multiplier = rng.uniform(5e-6, 1.2e-5, o).astype(np.float32)
+    requantize = Requantize("int8", zero_point=3, lo=-128, hi=127, int_rounding=True)
+    got = _winograd_conv(x, w, oh, ow, lanes, requantize, [offset, multiplier], "int8", int16=True)
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64), (3, 3), axis=(1, 2))
+    exact = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.int64)) + offset
+    assert np.abs(exact).max() > 2**22
+    want = np.clip(np.rint(exact.astype(np.float32) * multiplier) + 3, -128, 127)
+    np.testing.assert_array_equal(got, want.astype(np.int8))
+    assert len(np.unique(got)) > 20
+    panels = winograd_weight(w, lanes, 32, int16=True)
+    assert panels.dtype == np.int16 and panels.shape == (16, 4, 1, 1, 128, 8, 2)
+    np.testing.assert_array_equal(weight_from_panels(panels), w)  # what a library stores

@@ -135,3 +135,68 @@ def test_int16_convs_give_the_integer_reference_bit_for_bit():
         x = rng.integers(0, 256, (1, 8, 9, 9)).astype(np.uint8)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(got, _requantized_reference(x))
+
+
+def _two_3x3_convs(c: int, seed: int):
+    """Two 3x3 convs of ``c`` channels over a uint8 image as LowerInt8 emits them: the first
+    requantized to int8 (zero point 3), padded with its zero point, the second's sum
+    requantized too."""
+    rng = np.random.default_rng(seed)
+    ws = [rng.integers(-127, 128, (c, c, 3, 3)).astype(np.int8) for _ in range(2)]
+    offsets = [rng.integers(-5000, 5000, (1, c, 1, 1)).astype(np.int32) for _ in range(2)]
+    mults = [(rng.random((1, c, 1, 1)) * k + k / 10).astype(np.float32) for k in (1e-4, 2e-3)]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, 10, 10), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            v = x
+            for i in range(2):
+                if i:
+                    v = bb.emit(relax.op.nn.pad(v, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=3.0))
+                acc = bb.emit(
+                    relax.op.nn.conv2d(v, relax.const(ws[i]), padding=1 - i, out_dtype="int32")
+                )
+                s = bb.emit(relax.op.add(acc, relax.const(offsets[i])))
+                s = bb.emit(relax.op.multiply(relax.op.astype(s, "float32"), relax.const(mults[i])))
+                one, zp = relax.const(1.0, "float32"), relax.const(3, "int32")
+                v = bb.emit(relax.op.quantize(s, one, zp, axis=1, out_dtype="int8"))
+            out = bb.emit_output(v)
+        bb.emit_func_output(out)
+    return bb.get(), ws, offsets, mults
+
+
+def test_winograd_convs_take_the_int16_matmuls_fed_int16():
+    """Requantized 3x3 convs of 32 channels keep Winograd, on the int16 kernel: int16
+    transforms, ``4 U`` panels, int32 sums; the first stores its int8 result as int16 inside
+    the zero-point border the second reads. On AVX2 hosts: the integer reference, bit for
+    bit."""
+    import torch
+
+    mod, ws, offsets, mults = _two_3x3_convs(32, seed=8)
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+    names = sorted(gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint != "main")
+    assert "tvmq_winograd_matmul_3x3_int16_32x32" in names, names
+    assert "tvmq_winograd_output_3x3_int16_32x32_requantize_as_int16" in names, names
+    assert "tvmq_winograd_output_3x3_int16_32x32_requantize" in names, names
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    x = np.random.default_rng(9).integers(0, 256, (1, 32, 10, 10)).astype(np.uint8)
+    ex, _ = build_with_info(mod, "x86-avx2", tuning_logs=None, int8_weight_codes=True)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    decoded = decoded_params(vm)
+    assert [str(p.dtype) for p in decoded] == ["int16", "int16"]  # from the stored weights
+    got = vm["main"](tvm.runtime.tensor(x), *decoded).numpy()
+    v = x.astype(np.float64)
+    for i in range(2):
+        if i:
+            v = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=3.0)
+        acc = torch.nn.functional.conv2d(
+            torch.from_numpy(v.astype(np.float64)),
+            torch.from_numpy(ws[i].astype(np.float64)),
+            padding=1 - i,
+        )
+        s = (np.rint(acc.numpy()).astype(np.int64) + offsets[i]).astype(np.float32) * mults[i]
+        v = np.clip(np.rint(s) + 3, -128, 127)
+    np.testing.assert_array_equal(got, v.astype(np.int8))
+    assert len(np.unique(got)) > 20

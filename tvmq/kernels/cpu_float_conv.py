@@ -372,12 +372,14 @@ def float_conv2d_nhwc(
     ``(O/L, KH, KW, c/2, L, 2)`` (:func:`pack_conv_weight_pairs`) and the sums exact int32:
     each reduction step multiplies a pair of channels by one ``vpmaddwd``
     (:mod:`~tvmq.kernels.x86_madd_intrin`). ``Y`` holds them, or their requantize (an int32
-    ``offset``); no other epilogue, nor a batched weight.
+    ``offset``); no other epilogue. A batched ``W`` is ``(n, O/L, KH, KW, c/2, L, 2)``.
     """
     if int16:
-        if batched_weight or shape.c % 2 or not isinstance(epilogue, (Requantize, type(None))):
+        if shape.c % 2 or not isinstance(epilogue, (Requantize, type(None))):
             raise ValueError("an int16 conv kernel takes an even channel count, no extras")
-        return _int16_conv2d_nhwc(shape, tiles, epilogue, clamp_columns, pixel_major, out_pad)
+        return _int16_conv2d_nhwc(
+            shape, tiles, epilogue, clamp_columns, pixel_major, out_pad, batched_weight
+        )
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
@@ -432,6 +434,7 @@ def _int16_conv2d_nhwc(
     clamp_columns: bool,
     pixel_major: bool,
     out_pad: tuple[int, int, int, int] | None,
+    batched_weight: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """:func:`float_conv2d_nhwc` with ``int16``: the pair reduction tensorized."""
     from tvmq.kernels.x86_madd_intrin import LANES, PAIR, register_madd_intrin
@@ -441,10 +444,13 @@ def _int16_conv2d_nhwc(
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
     if lanes != LANES:
         raise ValueError(f"an int16 conv kernel has {LANES} int32 lanes, not {lanes}")
+    if c // PAIR * kh * kw < 2:
+        raise ValueError("a reduction of one channel pair is a scale, not a convolution")
     if ow % tiles.mr or o % (tiles.nr * lanes):
         raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
     p = te.placeholder((n, hp, wp, c), "int16", name="P")
-    w = te.placeholder((o // lanes, kh, kw, c // PAIR, lanes, PAIR), "int16", name="W")
+    w_shape = (o // lanes, kh, kw, c // PAIR, lanes, PAIR)
+    w = te.placeholder((n, *w_shape) if batched_weight else w_shape, "int16", name="W")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rc = te.reduce_axis((0, c // PAIR), name="rc")
@@ -457,7 +463,7 @@ def _int16_conv2d_nhwc(
         (n, oh, ow, o),
         lambda b, y, x, j: te.sum(
             p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc * PAIR + rq].astype("int32")
-            * w[j // lanes, ry, rx, rc, j % lanes, rq].astype("int32"),
+            * w[(b,) * batched_weight + (j // lanes, ry, rx, rc, j % lanes, rq)].astype("int32"),
             axis=[ry, rx, rc, rq],
         ),
         name="acc",
@@ -469,7 +475,7 @@ def _int16_conv2d_nhwc(
     parallel = n * oh * ow * o * kh * kw * c >= _PARALLEL_MIN_MACS
     fill = border_value(epilogue)
     intrin = register_madd_intrin()
-    name = "int16_conv2d_nhwc"
+    name = "int16_batch_matmul" if batched_weight else "int16_conv2d_nhwc"
     return _schedule(func, tiles, parallel, name, pixel_major, out_pad, fill, pair_intrin=intrin)
 
 

@@ -38,7 +38,13 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
-from tvmq.kernels.cpu_float_conv import ConvEpilogue, _bias, _store, pack_conv_weight
+from tvmq.kernels.cpu_float_conv import (
+    ConvEpilogue,
+    _bias,
+    _store,
+    pack_conv_weight,
+    pack_conv_weight_pairs,
+)
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
@@ -66,31 +72,59 @@ def padded_input_hw(oh: int, ow: int) -> tuple[int, int]:
     return TILE * th + 2, TILE * tw + 2
 
 
-def winograd_weight(w: np.ndarray, lanes: int, o_padded: int) -> np.ndarray:
+def winograd_weight(w: np.ndarray, lanes: int, o_padded: int, int16: bool = False) -> np.ndarray:
     """An OIHW 3x3 weight as the 16 matmuls' packed panels ``(16, O'/L, 1, 1, C, L)``
-    (``U = G g G^T``, computed in float64)."""
+    (``U = G g G^T``, computed in float64). With ``int16`` (an integer weight of at most
+    8 bits, an even ``C``), ``4 U`` (integers of at most 9 * 128 in magnitude) packed in
+    channel pairs for the int16 kernel, ``(16, O'/L, 1, 1, C/2, L, 2)``."""
     o, c, kh, kw = w.shape
     if (kh, kw) != (3, 3):
         raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, not {kh}x{kw}")
     u = np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G).reshape(16, o, c, 1, 1)
+    if int16:
+        u4 = np.rint(4 * u)
+        if np.abs(u4 - 4 * u).max() > 0 or np.abs(u4).max() > 2**15 - 1:
+            raise ValueError("int16 Winograd panels need a weight of small integers")
+        return np.stack([pack_conv_weight_pairs(u4[e], lanes, o_padded) for e in range(16)])
     return np.stack([pack_conv_weight(u[e].astype(np.float32), lanes, o_padded) for e in range(16)])
+
+
+BYTE_TRANSFORM_MAX = 4 * 255
+"""The largest magnitude of an input transform ``B^T d B`` of bytes (uint8 or int8)."""
+
+
+def int16_sums_fit(w: np.ndarray) -> bool:
+    """Whether the int16 route's int32 sums (:func:`winograd_output`'s ``sum_dtype``) cannot
+    overflow for this OIHW weight of integers and images of bytes: every transformed product
+    ``V * 4U`` of an output channel summed in magnitude stays below ``2**31`` (so do the
+    matmul's partial sums and the output transform's)."""
+    u4 = np.abs(4 * np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G))
+    return BYTE_TRANSFORM_MAX * u4.sum(axis=(0, 1, 3)).max() < 2**31
 
 
 def weight_from_panels(panels: np.ndarray) -> np.ndarray:
     """The OIHW 3x3 weight (``O'`` channels, padding included) whose :func:`winograd_weight`
     is ``panels``: exact where ``U`` is (integer weights: quarters); else within float32's
-    rounding of ``U``."""
+    rounding of ``U``. int16 panels (``4 U`` in channel pairs) give their integer weight."""
+    if panels.ndim == 7:  # (16, O'/L, 1, 1, C/2, L, 2): 4 U in channel pairs
+        e, blocks, _, _, half, lanes, _ = panels.shape
+        flat = panels.transpose(0, 1, 2, 3, 4, 6, 5).reshape(e, blocks, 1, 1, 2 * half, lanes)
+        panels = flat.astype(np.float64) / 4
     e, blocks, _, _, c, lanes = panels.shape
     u = panels[:, :, 0, 0].transpose(0, 1, 3, 2).reshape(4, 4, blocks * lanes, c)
     g = np.einsum("ia,aboc,jb->ocij", G_LEFT_INVERSE, u.astype(np.float64), G_LEFT_INVERSE)
     return g.astype(np.float32)
 
 
-def winograd_weight_kernel(o_padded: int, c: int, lanes: int) -> tvm.tirx.PrimFunc:
+def winograd_weight_kernel(
+    o_padded: int, c: int, lanes: int, int16: bool = False
+) -> tvm.tirx.PrimFunc:
     """``W (o_padded, c, 3, 3) -> U (16, o_padded / L, 1, 1, c, L)``: :func:`winograd_weight`
     as a kernel (float64 sums of the weights' halves and quarters: exact, then rounded to
-    float32 as numpy does), which a library runs once at load. Unscheduled."""
+    float32 as numpy does), which a library runs once at load. With ``int16`` its int16
+    panels, ``4 U`` in channel pairs. Unscheduled."""
     w = te.placeholder((o_padded, c, 3, 3), "float32", name="W")
+    scale, dtype = (4.0, "int16") if int16 else (1.0, "float32")
 
     def value(e, jo, y, x, k, ji):
         a, b = e // 4, e % 4
@@ -98,17 +132,23 @@ def winograd_weight_kernel(o_padded: int, c: int, lanes: int) -> tvm.tirx.PrimFu
 
         def entry(ra, rb):
             terms = [
-                G[ra, i] * G[rb, t] * w[j, k, i, t].astype("float64")
+                scale * G[ra, i] * G[rb, t] * w[j, k, i, t].astype("float64")
                 for i in range(3)
                 for t in range(3)
                 if G[ra, i] * G[rb, t] != 0
             ]
-            return sum(terms[1:], terms[0]).astype("float32")
+            return sum(terms[1:], terms[0]).astype(dtype)
 
         rows = [_select(b, [entry(ra, rb) for rb in range(4)]) for ra in range(4)]
         return _select(a, rows)
 
-    u = te.compute((16, o_padded // lanes, 1, 1, c, lanes), value, name="U")
+    if int16:
+        shape = (16, o_padded // lanes, 1, 1, c // 2, lanes, 2)
+        u = te.compute(
+            shape, lambda e, jo, y, x, q, ji, r: value(e, jo, y, x, 2 * q + r, ji), name="U"
+        )
+    else:
+        u = te.compute((16, o_padded // lanes, 1, 1, c, lanes), value, name="U")
     return te.create_prim_func([w, u]).without_attr("global_symbol")
 
 
@@ -132,15 +172,25 @@ def _select(index: tvm.tirx.PrimExpr, values: list) -> tvm.tirx.PrimExpr:
 
 
 def winograd_input(
-    n: int, hp: int, wp: int, c: int, th: int, tw: int, t_padded: int, lanes: int
+    n: int,
+    hp: int,
+    wp: int,
+    c: int,
+    th: int,
+    tw: int,
+    t_padded: int,
+    lanes: int,
+    p_dtype: str = "float32",
+    v_dtype: str = "float32",
 ) -> tvm.tirx.PrimFunc:
     """Scheduled kernel ``P (n, hp, wp, c) -> V (16, n, t_padded, c)``: ``B^T d B`` of the
     4x4 patch at ``(2 * ty, 2 * tx)`` for each of the ``th x tw`` tiles (``V[4 * a + b]`` its
     element ``(a, b)``), vectorized over ``lanes`` channels. Rows ``t >= th * tw`` (padding
-    for the matmuls' register tile) repeat the last tile."""
+    for the matmuls' register tile) repeat the last tile. ``P`` may hold int16 and ``V`` be
+    int16 (the int16 kernel's input: bytes' transforms, sums of four, stay within 4 * 255)."""
     if hp < TILE * th + 2 or wp < TILE * tw + 2 or c % lanes or t_padded < th * tw:
         raise ValueError(f"input {hp}x{wp}x{c} too small for {th}x{tw} tiles of {lanes} lanes")
-    p = te.placeholder((n, hp, wp, c), "float32", name="P")
+    p = te.placeholder((n, hp, wp, c), p_dtype, name="P")
 
     def value(e, i, t, k):
         a, b = e // 4, e % 4
@@ -156,7 +206,7 @@ def winograd_input(
         ]
         return _select(
             a, [_select(b, [_combine(B_T[rb], rows[ra]) for rb in range(4)]) for ra in range(4)]
-        )
+        ).astype(v_dtype)
 
     v = te.compute((16, n, t_padded, c), value, name="V")
     sch = Schedule(te.create_prim_func([p, v]))
@@ -182,6 +232,7 @@ def winograd_output(
     o: int,
     lanes: int,
     epilogue: ConvEpilogue | Requantize | None = None,
+    sum_dtype: str = "float32",
 ):
     """Scheduled kernel ``M (16, n, t_padded, o_padded) [, bias (o,) [, R (n, oh, ow, o)]] ->
     Y (n, oh, ow, o)``: ``A^T m A`` of each tile's transformed sums (``M[4 * a + b]`` their
@@ -192,13 +243,20 @@ def winograd_output(
     (float32 for a dequantize). ``U`` holds quarters, so such sums are exact integers while
     the transformed ones stay below ``2**22``; beyond, they round like any float32 sum (a
     relative ~1e-6, which moves an int8 output only where it lies that close to a rounding
-    boundary), where the direct kernel stays exact up to ``2**24``."""
+    boundary), where the direct kernel stays exact up to ``2**24``.
+
+    With ``sum_dtype`` int32 (the int16 kernel's sums, of ``4 U``: :func:`winograd_weight`'s
+    ``int16``) ``M`` is int32 and so is ``offset``: ``A^T m A / 4`` is the conv's exact sum
+    (the caller proves that ``A^T m A``, nine sums at most, stays within int32)."""
     if o % lanes:
         raise ValueError(f"{o} output channels are not whole vectors of {lanes}")
     requantize = isinstance(epilogue, Requantize)
     if requantize and epilogue.residual is not None:
         raise ValueError("the Winograd output kernel adds no residual to a requantized sum")
-    m = te.placeholder((16, n, t_padded, o_padded), "float32", name="M")
+    integer = sum_dtype == "int32"
+    if integer and not requantize:
+        raise ValueError("an int32 Winograd output is a requantized one")
+    m = te.placeholder((16, n, t_padded, o_padded), sum_dtype, name="M")
 
     def value(i, y, x, j):
         t = (y // TILE) * tw + x // TILE
@@ -215,10 +273,14 @@ def winograd_output(
         )
 
     acc = te.compute((n, oh, ow, o), value, name="acc")
-    if requantize:
+    if integer:  # exact multiples of 4: the shift divides
+        summed = acc
+        two = tvm.tirx.const(2, "int32")
+        acc = te.compute(acc.shape, lambda *i: summed[i] >> two, name="rounded")
+    elif requantize:
         summed = acc
         acc = te.compute(acc.shape, lambda *i: te.round(summed[i]), name="rounded")
-    args = _bias(epilogue, o)
+    args = _bias(epilogue, o, sum_dtype)
     if isinstance(epilogue, ConvEpilogue) and epilogue.residual:
         args.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
     sch = Schedule(te.create_prim_func([m, *args, _store(acc, args, epilogue)]))
