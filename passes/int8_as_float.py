@@ -15,6 +15,10 @@ MiniLM reaches cosine 0.33), and they multiply no more values a cycle than an FM
 (``bench/cpu_peak.c`` on a Zen 1 core: ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd`` 40 GOP/s,
 ``vfmadd231ps`` 43 GFLOP/s).
 
+(Full-width AVX2 cores, Zen 2 / 3 and Intel's, multiply int16 pairs exactly at 1.6x their
+FMA rate: there :class:`Int8AsInt16` takes the constant-weight matmuls first, and
+:class:`PackFloatConv` runs this pass's requantized convs on its int16 kernel.)
+
 This pass rewrites each of them, on such targets, into::
 
     acc = R.astype(R.matmul(R.astype(x, "float32"), W_f32, out_dtype="float32"), "int32")
