@@ -382,7 +382,7 @@ class _Lowering:
             grouped or not self.reads_int16(geo, w, rw.current_var, fused)
         ):
             raise RuntimeError(f"an int16 image reached a conv without the int16 kernel: {geo}")
-        if int(call.attrs.groups) != 1:
+        if grouped:
             chain, bias, epilogue = fused[:3] if fused else ((), None, None)  # never a residual
             activation = getattr(epilogue, "activation", "")
             tiles = choose_depthwise_tiles(ow, c, self.lanes, self.registers, activation)
@@ -404,10 +404,11 @@ class _Lowering:
             )
             lowered = _bordered(rw, lowered, fused)
         else:
-            tiles, kernel, name = self._conv_kernel(geo, o, fused)
             int16 = self.takes_int16(geo, o, fused)
             if int16:
                 tiles, kernel, name = self._int16_kernel(geo, o)
+            else:
+                tiles, kernel, name = self._conv_kernel(geo, o, fused)
             padded = (tiles.ow_padded, tiles.o_padded) != (ow, o)
             if fused is not None and fused.residual is not None and padded:  # R would be too
                 fused = fused.without_residual()

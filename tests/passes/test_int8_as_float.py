@@ -88,6 +88,17 @@ def test_the_float_kernels_take_them():
     assert sorted(_products(mod)) == [(MATMUL, "float32"), (MATMUL, "int32")]
 
 
+def random_inputs(seed: int) -> list[np.ndarray]:
+    """Random bytes for :func:`_module`'s inputs (uint8 or int8, as ``DTYPES`` says)."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(*((0, 256) if DTYPES[k] == "uint8" else (-128, 128)), SHAPES[k]).astype(
+            DTYPES[k]
+        )
+        for k in SHAPES
+    ]
+
+
 def _reference(x, a, p, q, r):
     xi = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
 
@@ -118,15 +129,9 @@ def _reference(x, a, p, q, r):
     not {"avx2", "fma"} <= cpu_flags(), reason="runs x86-avx2 code: needs AVX2 and FMA"
 )
 def test_results_are_the_exact_integer_products():
-    rng = np.random.default_rng(1)
-    inputs = [
-        rng.integers(*((0, 256) if DTYPES[k] == "uint8" else (-128, 128)), SHAPES[k]).astype(
-            DTYPES[k]
-        )
-        for k in SHAPES
-    ]
-    # as a library of tvmq.compile stores them: the float32 weights of the rewritten
-    # products as 8-bit codes (DecodeAtLoad), decoded once at load
+    inputs = random_inputs(1)
+    # as a library of tvmq.compile stores them: the weights of the rewritten products
+    # (float32; int16 where Int8AsInt16 took them) as 8-bit codes, decoded once at load
     ex, _ = build_with_info(_module(), "x86-avx2", tuning_logs=None, int8_weight_codes=True)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     decoded = decoded_params(vm)

@@ -10,14 +10,13 @@ from test_int8_as_float import (
     AARCH64,
     CASCADELAKE,
     CUDA,
-    DTYPES,
     HASWELL,
-    SHAPES,
     _module,
     _products,
     _reference,
     _requantized_module,
     _requantized_reference,
+    random_inputs,
 )
 from tvm import relax
 
@@ -86,13 +85,7 @@ def test_the_int16_dense_kernel_takes_it():
 def test_an_avx2_library_gives_the_exact_products_from_8_bit_codes():
     """Built for x86-avx2 as tvmq.compile builds an int8 model: every product is numpy's
     int64 one, and the int16 dense weight is stored as 8-bit codes decoded at load."""
-    rng = np.random.default_rng(3)
-    inputs = [
-        rng.integers(*((0, 256) if DTYPES[k] == "uint8" else (-128, 128)), SHAPES[k]).astype(
-            DTYPES[k]
-        )
-        for k in SHAPES
-    ]
+    inputs = random_inputs(3)
     ex, _ = build_with_info(_module(), "x86-avx2", tuning_logs=None, int8_weight_codes=True)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     decoded = decoded_params(vm)

@@ -374,108 +374,64 @@ def float_conv2d_nhwc(
     (:mod:`~tvmq.kernels.x86_madd_intrin`). ``Y`` holds them, or their requantize (an int32
     ``offset``); no other epilogue. A batched ``W`` is ``(n, O/L, KH, KW, c/2, L, 2)``.
     """
-    if int16:
-        if shape.c % 2 or not isinstance(epilogue, (Requantize, type(None))):
-            raise ValueError("an int16 conv kernel takes an even channel count, no extras")
-        return _int16_conv2d_nhwc(
-            shape, tiles, epilogue, clamp_columns, pixel_major, out_pad, batched_weight
-        )
     n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
     ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
+    pair, dtype, sum_dtype = (1, "float32", "float32")
+    if int16:
+        from tvmq.kernels.x86_madd_intrin import LANES, PAIR, register_madd_intrin
+
+        pair, dtype, sum_dtype = PAIR, "int16", "int32"
+        if c % PAIR or not isinstance(epilogue, (Requantize, type(None))):
+            raise ValueError("an int16 conv kernel takes an even channel count, no extras")
+        if lanes != LANES:
+            raise ValueError(f"an int16 conv kernel has {LANES} int32 lanes, not {lanes}")
     if ow % tiles.mr or o % (tiles.nr * lanes):
         raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
     too_narrow = (ow - 1) * sw + (kw - 1) * dw + 1 > wp and not clamp_columns
     if too_narrow or (oh - 1) * sh + (kh - 1) * dh + 1 > hp:
         raise ValueError(f"image {hp}x{wp} too small for output {oh}x{ow} of {shape}")
-    if kh * kw * c < 2:
-        raise ValueError("a reduction of one element is a scale, not a convolution")
-    p = te.placeholder((n, hp, wp, c), "float32", name="P")
+    if kh * kw * (c // pair) < 2:
+        raise ValueError("a reduction of one element (pair) is a scale, not a convolution")
+    p = te.placeholder((n, hp, wp, c), dtype, name="P")
 
     def column(x):
         return te.min(x, wp - 1) if clamp_columns else x
 
-    w_shape = (o // lanes, kh, kw, c, lanes)
-    w = te.placeholder((n, *w_shape) if batched_weight else w_shape, "float32", name="W")
+    pairs = (pair,) if int16 else ()  # int16: channel pairs innermost in the panels
+    w_shape = (o // lanes, kh, kw, c // pair, lanes, *pairs)
+    w = te.placeholder((n, *w_shape) if batched_weight else w_shape, dtype, name="W")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    rc = te.reduce_axis((0, c), name="rc")
+    rc = te.reduce_axis((0, c // pair), name="rc")
+    rq = [te.reduce_axis((0, pair), name="rq")] if int16 else []
     if isinstance(epilogue, Requantize) and epilogue.residual:
         raise ValueError("a requantizing float conv kernel adds no residual")
     if isinstance(epilogue, Requantize) and out_pad is not None and not epilogue.stored_as:
         raise ValueError("a requantizing conv kernel borders only a float32 / int16 result")
-    bias = _bias(epilogue, o)
+    bias = _bias(epilogue, o, sum_dtype)
     if epilogue is not None and epilogue.residual:
         bias.append(te.placeholder((n, oh, ow, o), "float32", name="residual"))
 
-    def weight(b, j):
-        panel = (j // lanes, ry, rx, rc, j % lanes)
-        return w[(b, *panel)] if batched_weight else w[panel]
+    def product(b, y, x, j):
+        channel = rc * pair + rq[0] if int16 else rc
+        panel = (j // lanes, ry, rx, rc, j % lanes, *rq)
+        a = p[b, y * sh + ry * dh, column(x * sw + rx * dw), channel]
+        v = w[(b, *panel)] if batched_weight else w[panel]
+        return a.astype(sum_dtype) * v.astype(sum_dtype) if int16 else a * v
 
     acc = te.compute(
         (n, oh, ow, o),
-        lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc] * weight(b, j),
-            axis=[ry, rx, rc],
-        ),
+        lambda b, y, x, j: te.sum(product(b, y, x, j), axis=[ry, rx, rc, *rq]),
         name="acc",
     )
     func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue, out_pad)])
     macs = n * oh * ow * o * kh * kw * c
-    name = "float_batch_matmul" if batched_weight else "float_conv2d_nhwc"
+    kind = "int16" if int16 else "float"
+    name = f"{kind}_batch_matmul" if batched_weight else f"{kind}_conv2d_nhwc"
     parallel = macs >= _PARALLEL_MIN_MACS
-    return _schedule(func, tiles, parallel, name, pixel_major, out_pad, border_value(epilogue))
-
-
-def _int16_conv2d_nhwc(
-    shape: ConvShape,
-    tiles: ConvTiles,
-    epilogue: Requantize | None,
-    clamp_columns: bool,
-    pixel_major: bool,
-    out_pad: tuple[int, int, int, int] | None,
-    batched_weight: bool = False,
-) -> tvm.tirx.PrimFunc:
-    """:func:`float_conv2d_nhwc` with ``int16``: the pair reduction tensorized."""
-    from tvmq.kernels.x86_madd_intrin import LANES, PAIR, register_madd_intrin
-
-    n, hp, wp, c, oh = shape.n, shape.hp, shape.wp, shape.c, shape.oh
-    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilation
-    ow, o, lanes = tiles.ow_padded, tiles.o_padded, tiles.lanes
-    if lanes != LANES:
-        raise ValueError(f"an int16 conv kernel has {LANES} int32 lanes, not {lanes}")
-    if c // PAIR * kh * kw < 2:
-        raise ValueError("a reduction of one channel pair is a scale, not a convolution")
-    if ow % tiles.mr or o % (tiles.nr * lanes):
-        raise ValueError(f"unpadded output {ow}x{o} for tiles {tiles}")
-    p = te.placeholder((n, hp, wp, c), "int16", name="P")
-    w_shape = (o // lanes, kh, kw, c // PAIR, lanes, PAIR)
-    w = te.placeholder((n, *w_shape) if batched_weight else w_shape, "int16", name="W")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    rc = te.reduce_axis((0, c // PAIR), name="rc")
-    rq = te.reduce_axis((0, PAIR), name="rq")
-
-    def column(x):
-        return te.min(x, wp - 1) if clamp_columns else x
-
-    acc = te.compute(
-        (n, oh, ow, o),
-        lambda b, y, x, j: te.sum(
-            p[b, y * sh + ry * dh, column(x * sw + rx * dw), rc * PAIR + rq].astype("int32")
-            * w[(b,) * batched_weight + (j // lanes, ry, rx, rc, j % lanes, rq)].astype("int32"),
-            axis=[ry, rx, rc, rq],
-        ),
-        name="acc",
-    )
-    if epilogue is not None and (epilogue.residual or (out_pad and not epilogue.stored_as)):
-        raise ValueError("a requantizing int16 conv kernel adds no residual, borders no int8")
-    bias = _bias(epilogue, o, "int32")
-    func = te.create_prim_func([p, w, *bias, _store(acc, bias, epilogue, out_pad)])
-    parallel = n * oh * ow * o * kh * kw * c >= _PARALLEL_MIN_MACS
     fill = border_value(epilogue)
-    intrin = register_madd_intrin()
-    name = "int16_batch_matmul" if batched_weight else "int16_conv2d_nhwc"
+    intrin = register_madd_intrin() if int16 else None
     return _schedule(func, tiles, parallel, name, pixel_major, out_pad, fill, pair_intrin=intrin)
 
 

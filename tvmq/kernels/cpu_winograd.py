@@ -80,13 +80,18 @@ def winograd_weight(w: np.ndarray, lanes: int, o_padded: int, int16: bool = Fals
     o, c, kh, kw = w.shape
     if (kh, kw) != (3, 3):
         raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, not {kh}x{kw}")
-    u = np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G).reshape(16, o, c, 1, 1)
+    u = _transformed(w).reshape(16, o, c, 1, 1)
     if int16:
         u4 = np.rint(4 * u)
         if np.abs(u4 - 4 * u).max() > 0 or np.abs(u4).max() > 2**15 - 1:
             raise ValueError("int16 Winograd panels need a weight of small integers")
         return np.stack([pack_conv_weight_pairs(u4[e], lanes, o_padded) for e in range(16)])
     return np.stack([pack_conv_weight(u[e].astype(np.float32), lanes, o_padded) for e in range(16)])
+
+
+def _transformed(w: np.ndarray) -> np.ndarray:
+    """``U = G g G^T`` of each 3x3 filter of an OIHW weight, float64 ``(4, 4, O, C)``."""
+    return np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G)
 
 
 BYTE_TRANSFORM_MAX = 4 * 255
@@ -98,7 +103,7 @@ def int16_sums_fit(w: np.ndarray) -> bool:
     overflow for this OIHW weight of integers and images of bytes: every transformed product
     ``V * 4U`` of an output channel summed in magnitude stays below ``2**31`` (so do the
     matmul's partial sums and the output transform's)."""
-    u4 = np.abs(4 * np.einsum("ai,ocij,bj->aboc", G, w.astype(np.float64), G))
+    u4 = np.abs(4 * _transformed(w))
     return BYTE_TRANSFORM_MAX * u4.sum(axis=(0, 1, 3)).max() < 2**31
 
 
