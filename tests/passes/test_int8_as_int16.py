@@ -193,3 +193,69 @@ def test_winograd_convs_take_the_int16_matmuls_fed_int16():
         v = np.clip(np.rint(s) + 3, -128, 127)
     np.testing.assert_array_equal(got, v.astype(np.int8))
     assert len(np.unique(got)) > 20
+
+
+def _stem(c: int, k: int, stride: int, hw: int, seed: int):
+    """A ``k x k`` / ``stride`` conv of 16 filters over a ``c``-channel uint8 image as
+    LowerInt8 emits it (padded with the zero point 5 first), requantized to int8."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (16, c, k, k)).astype(np.int8)
+    offset = rng.integers(-5000, 5000, (1, 16, 1, 1)).astype(np.int32)
+    mult = (rng.random((1, 16, 1, 1)) * 2e-4 + 2e-5).astype(np.float32)
+    pad = k // 2
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            v = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pad, pad, pad, pad], pad_value=5.0))
+            acc = bb.emit(relax.op.nn.conv2d(v, relax.const(w), strides=stride, out_dtype="int32"))
+            s = bb.emit(relax.op.add(acc, relax.const(offset)))
+            s = bb.emit(relax.op.multiply(relax.op.astype(s, "float32"), relax.const(mult)))
+            one, zp = relax.const(1.0, "float32"), relax.const(3, "int32")
+            out = bb.emit_output(bb.emit(relax.op.quantize(s, one, zp, axis=1, out_dtype="int8")))
+        bb.emit_func_output(out)
+
+    def reference(image: np.ndarray) -> np.ndarray:
+        import torch
+
+        v = np.pad(
+            image.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=5
+        )
+        acc = torch.nn.functional.conv2d(
+            torch.from_numpy(v), torch.from_numpy(w.astype(np.float64)), stride=stride
+        ).numpy()
+        s = (np.rint(acc).astype(np.int64) + offset).astype(np.float32) * mult
+        return np.clip(np.rint(s) + 3, -128, 127).astype(np.int8)
+
+    return bb.get(), reference
+
+
+@pytest.mark.parametrize(
+    ("c", "k", "hw", "kernel"),
+    [(3, 7, 30, "7x11_2x16"), (3, 3, 22, "3x5_2x16"), (1, 3, 17, None)],
+    ids=["resnet-7x7-rgb", "mobilenet-3x3-rgb", "odd-width-gray"],
+)
+def test_an_image_conv_pairs_its_channels_along_the_width(c, k, hw, kernel):
+    """A stride-2 conv over an RGB image (ResNet's, MobileNet's stem) reads its 3 channels as
+    pairs along the width, on the int16 kernel (a grayscale image of odd width cannot pair
+    up and stays float). On AVX2 hosts: torch's conv of the same integers, bit for bit."""
+    mod, reference = _stem(c, k, 2, hw, seed=k)
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+    names = [gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint != "main"]
+    if kernel is None:
+        assert [n for n in names if "conv2d" in n] == [
+            f"tvmq_float_conv2d_nhwc_{k}x{k}_{c}x16_requantize"
+        ]
+    else:
+        assert f"tvmq_int16_conv2d_nhwc_{kernel}_requantize" in names, names
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    vm = relax.VirtualMachine(build(mod, "x86-avx2"), tvm.cpu())
+    rng = np.random.default_rng(k)
+    for _ in range(2):
+        x = rng.integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        ref = reference(x)
+        np.testing.assert_array_equal(got, ref)
+    assert len(np.unique(got)) > 20
