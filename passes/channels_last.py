@@ -5,8 +5,8 @@ the model is NCHW. :class:`ChannelsLastRewriter` rewrites each matched conv2d th
 ``lower`` callback and keeps its result channels last (NHWC) as long as it can: each
 elementwise op that follows (bias, relu, requantize: unary ops, binary ops whose other
 operand is a constant, a scalar, a ``(N, C, 1, 1)`` tensor or also NHWC; ``quantize`` /
-``dequantize``), ``nn.pad``, ``concat``, ``max_pool2d`` / ``avg_pool2d`` and a ``mean`` over H and W
-(global average pooling) are computed on the NHWC tensor (constants transposed at compile
+``dequantize``), ``nn.pad``, ``concat``, ``max_pool2d`` / ``avg_pool2d``, ``image.resize2d``
+(upsampling) and a ``mean`` over H and W (global average pooling) are computed on the NHWC tensor (constants transposed at compile
 time, ``(N, C, 1, 1)`` tensors reshaped), and a following conv takes it as its input
 directly. The transpose to NCHW is emitted after each of these ops but is dead code unless
 something else (a reshape before a dense layer, the model's output) reads the NCHW value:
@@ -66,6 +66,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _PAD = tvm.ir.Op.get("relax.nn.pad")
 _MEAN = tvm.ir.Op.get("relax.mean")
 _CONCAT = tvm.ir.Op.get("relax.concat")
+_RESIZE2D = tvm.ir.Op.get("relax.image.resize2d")
 _QDQ_Q = tvm.ir.Op.get("relax.quantize")
 
 
@@ -205,6 +206,8 @@ class ChannelsLastRewriter(KernelRewriter):
             return self._nhwc_mean(call)
         if call.op.same_as(_CONCAT):
             return self._nhwc_concat(call)
+        if call.op.same_as(_RESIZE2D):
+            return self._nhwc_resize2d(call)
         if call.op in _POOLS or call.op.same_as(_PAD) or call.op in _QDQ:
             if x not in self.nhwc:
                 return None
@@ -274,6 +277,26 @@ class ChannelsLastRewriter(KernelRewriter):
             twins.append(self.nhwc_input(part))
         axis = int(call.attrs.axis) % 4
         return relax.op.concat(twins, axis=_NHWC_POS[axis])
+
+    def _nhwc_resize2d(self, call: relax.Call) -> relax.Expr | None:
+        """``image.resize2d`` (a detector's FPN upsampling) over the twin, ``layout="NHWC"``:
+        the same interpolation, its attributes as they were."""
+        x, a = call.args[0], call.attrs
+        if x not in self.nhwc or str(a.layout) != "NCHW":
+            return None
+        return relax.op.image.resize2d(
+            self.nhwc[x],
+            call.args[1],
+            [float(r) for r in a.roi],
+            "NHWC",
+            str(a.method),
+            str(a.coordinate_transformation_mode),
+            str(a.rounding_method),
+            float(a.cubic_alpha),
+            int(a.cubic_exclude),
+            float(a.extrapolation_value),
+            a.out_dtype,  # None: the input's
+        )
 
     def _nhwc_mean(self, call: relax.Call) -> relax.Expr | None:
         """``mean(x, axis=[2, 3] (any order / negative), keepdims=True)`` over the twin."""

@@ -250,6 +250,39 @@ def test_concat_of_skip_connections_stays_channels_last(rng):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_an_upsample_between_convs_stays_channels_last(rng, mode):
+    """A detector's FPN step (conv, 2x upsample, concat with the finer map, conv): the
+    resize runs on the NHWC twin; only the input and output are transposed."""
+
+    class Fpn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.out = torch.nn.Conv2d(24, 8, 3, padding=1)
+
+        def forward(self, x):
+            fine = torch.relu(x)
+            coarse = torch.relu(self.down(fine))
+            up = torch.nn.functional.interpolate(coarse, scale_factor=2, mode=mode)
+            return self.out(torch.cat([up, fine], dim=1))
+
+    from tvmq.frontends import import_model
+
+    model = Fpn().eval()
+    x = rng.standard_normal((1, 8, 10, 12)).astype(np.float32)
+    mod = import_model(model, example_inputs=(torch.from_numpy(x),)).mod
+    with AVX512:
+        lowered = PackFloatConv()(mod)
+    axes = [[int(a) for a in p.attrs.axes] for p in _permutes(lowered["main"])]
+    assert axes.count([0, 3, 1, 2]) == 1, axes  # the output's
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    vm = relax.VirtualMachine(build(mod, "host"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_no_op_where_it_does_not_apply(rng):
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     grouped = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
