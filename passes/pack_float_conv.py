@@ -572,6 +572,10 @@ def _emit_winograd(
     oh, ow, o = *geo.out_hw, w.shape[0]
     th, tw = tiles_hw(oh, ow)
     x = _padded_input(rw, x, winograd_padding(geo))
+    if int16 and str(x.ty.dtype) == "float32" and _fusable(rw, x):
+        # integers as float32 from a pad / concat / cast: that kernel writes them as int16
+        # instead, half the bytes to write and to read in the transform (UNet's decoder)
+        x = bb.emit(relax.op.astype(x, "int16"))
     hp, wp = (int(d) for d in x.ty.shape.values[1:3])
     if int16:
         tiles = choose_int16_tiles(th * tw, o)
@@ -627,6 +631,14 @@ def _emit_winograd(
     out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"
     y = bb.emit(relax.call_tir(inverse, args, relax.TensorType((n, oh, ow, o), out_dtype)))
     return relax.op.permute_dims(y, TO_NCHW)
+
+
+def _fusable(rw, x: relax.Expr) -> bool:
+    """Whether ``x`` is computed by a Relax op (a pad, concat, cast...) that an ``astype``
+    after it fuses into, not by a kernel of tvmq's (``call_tir``, opaque)."""
+    value = rw.lookup_binding(x) if isinstance(x, relax.Var) else None
+    op = value.op if isinstance(value, relax.Call) else None
+    return isinstance(op, tvm.ir.Op) and op.name != "relax.call_tir"
 
 
 def _bordered(rw, lowered: relax.Expr, fused: FloatEpilogue | None) -> relax.Expr:

@@ -172,6 +172,18 @@ def test_winograd_convs_take_the_int16_matmuls_fed_int16():
     assert "tvmq_winograd_matmul_3x3_int16_32x32" in names, names
     assert "tvmq_winograd_output_3x3_int16_32x32_requantize_as_int16" in names, names
     assert "tvmq_winograd_output_3x3_int16_32x32_requantize" in names, names
+    # both transforms read int16: the second its producer's store, the first the image's
+    # pad and cast, which write int16 for it (no float32 image in memory)
+    reads = []
+    relax.analysis.post_order_visit(
+        lowered["main"],
+        lambda e: (
+            reads.append(str(e.args[1].fields[0].ty.dtype))
+            if op_name(e) == "relax.call_tir" and "winograd_input" in e.args[0].name_hint
+            else None
+        ),
+    )
+    assert reads == ["int16", "int16"], reads
     if not {"avx2", "fma"} <= cpu_flags():
         return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
     x = np.random.default_rng(9).integers(0, 256, (1, 32, 10, 10)).astype(np.uint8)
