@@ -487,6 +487,42 @@ def test_residual_add_and_relu_fused_into_the_kernel(rng, c):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def _kernel_input_shapes(mod) -> list[tuple[int, ...]]:
+    """The shapes of the first argument of each ``call_tir`` in ``main``."""
+    calls = [c for c in _calls(mod["main"]) if getattr(c.op, "name", "") == "relax.call_tir"]
+    return [tuple(int(d) for d in c.args[1].fields[0].ty.shape) for c in calls]
+
+
+def test_a_1x1_convs_pixels_take_one_row_where_that_tiles_better(rng):
+    """A ResNet bottleneck's last 1x1 conv (bias, skip, ReLU) over 8 rows of 7 pixels: on
+    AVX2 its 56 pixels are one row (2x4 tiles, none over 8 of each 7-pixel row), the skip
+    reshaped alike, still added in the kernel; PyTorch's numbers on AVX2 hosts."""
+    x = rng.standard_normal((1, 32, 8, 7)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w)))
+            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(relax.op.nn.relu(bb.emit(relax.op.add(z, xv))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with AVX2:
+        lowered = PackFloatConv()(mod)
+    assert _kernel_globals(lowered) == ["tvmq_float_conv2d_nhwc_1x1_32x32_bias_residual_act"]
+    assert _kernel_input_shapes(lowered) == [(1, 1, 56, 32)]
+    with AVX512:  # 7x4 tiles fit a 7-pixel row there: the image as it is
+        assert _kernel_input_shapes(PackFloatConv()(mod)) == [(1, 8, 7, 32)]
+    if "avx2" not in FLAGS or "fma" not in FLAGS:
+        return
+    got = _build_and_run(mod, "x86-avx2", x)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))
+    want = torch.relu(conv + torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 @needs_vnni
 def test_conv_read_twice_keeps_its_bias_add_outside(rng):
     """A conv result that something else reads too (here: the residual) is stored before
