@@ -6,9 +6,9 @@ the model is NCHW. :class:`ChannelsLastRewriter` rewrites each matched conv2d th
 elementwise op that follows (bias, relu, requantize: unary ops, binary ops whose other
 operand is a constant, a scalar, a ``(N, C, 1, 1)`` tensor or also NHWC; ``quantize`` /
 ``dequantize``), ``nn.pad``, ``concat``, ``max_pool2d`` / ``avg_pool2d``, ``image.resize2d``
-(upsampling) and a ``mean`` over H and W (global average pooling) are computed on the NHWC tensor (constants transposed at compile
-time, ``(N, C, 1, 1)`` tensors reshaped), and a following conv takes it as its input
-directly. The transpose to NCHW is emitted after each of these ops but is dead code unless
+(upsampling) and a ``mean`` over H and W (global average pooling) are computed on the NHWC
+tensor (constants transposed at compile time, ``(N, C, 1, 1)`` tensors reshaped), and a
+following conv takes it as its input directly. The transpose to NCHW is emitted after each of these ops but is dead code unless
 something else (a reshape before a dense layer, the model's output) reads the NCHW value:
 there it runs once, on the smallest tensor. Channels last, the epilogue and pooling loops
 are contiguous (SIMD over channels). Every value is computed exactly as before, only stored

@@ -456,14 +456,14 @@ class _Lowering:
         row = one_row(geo)
         if row is None:
             return geo, w, None, None
-        chain = fused[0] if fused else ()
-        bordered = self.wanted_borders.get(chain[-1] if chain else rw.current_var)
-        border = bordered is not None or (fused is not None and fused.border is not None)
-        rows, ow = self._tiles(geo, o, fused), geo.out_hw[1]
-        if border and (rows.ow_padded, rows.o_padded) == (ow, o):
-            return geo, w, None, None  # the rows' kernel writes the border its reader pads
-        if self._tiles(row, o, fused).ow_padded * ow >= rows.ow_padded * h * wd:
-            return geo, w, None, None  # no fewer padded pixels in one row
+        # Rows whose tile is exact pad nothing, so they stay (and may write their reader's
+        # border); one row is taken only where it pads fewer pixels than the rows do.
+        ow = geo.out_hw[1]
+        if (
+            self._tiles(row, o, fused).ow_padded * ow
+            >= self._tiles(geo, o, fused).ow_padded * h * wd
+        ):
+            return geo, w, None, None
         nhwc = rw.builder_.emit(relax.op.reshape(rw.nhwc_input(x), (n, 1, h * wd, c)))
         return row, w, nhwc, (n, h, wd, o)
 

@@ -367,15 +367,15 @@ def test_bias_and_relu6_fused_into_the_kernel(rng, depthwise):
     assert np.abs(got - want.numpy()).max() <= 1e-5 * np.abs(want.numpy()).max()
 
 
-def _biased_conv_module(x, w, b, tail, groups=1):
-    """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding=1, groups)`` and
+def _biased_conv_module(x, w, b, tail, groups=1, padding=1):
+    """``main(x) = tail(bb, x, y, z)`` with ``y = conv2d(x, W, padding, groups)`` and
     ``z = y + b`` emitted before it (``tail`` returns the output expression; it may emit
     more)."""
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
     with bb.function("main", [xv]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=groups))
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=padding, groups=groups))
             z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
             out = bb.emit_output(tail(bb, xv, y, z))
         bb.emit_func_output(out)
@@ -500,15 +500,8 @@ def test_a_1x1_convs_pixels_take_one_row_where_that_tiles_better(rng):
     x = rng.standard_normal((1, 32, 8, 7)).astype(np.float32)
     w = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w)))
-            z = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            out = bb.emit_output(relax.op.nn.relu(bb.emit(relax.op.add(z, xv))))
-        bb.emit_func_output(out)
-    mod = bb.get()
+    skip = lambda bb, xv, y, z: relax.op.nn.relu(bb.emit(relax.op.add(z, xv)))  # noqa: E731
+    mod = _biased_conv_module(x, w, b, skip, padding=0)
     with AVX2:
         lowered = PackFloatConv()(mod)
     assert _kernel_globals(lowered) == ["tvmq_float_conv2d_nhwc_1x1_32x32_bias_residual_act"]
