@@ -33,6 +33,7 @@ import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from tvmq.kernels._tiling import (
     HALF_WIDTH_ACCUMULATORS,
@@ -506,25 +507,54 @@ def _schedule(
         # Y first, which _fill_only_the_border narrows to the border.
         sch.decompose_padding(out, sch.get_loops(out)[0])
         out = sch.get_sblock("Y")
-    b, y, x, j = sch.get_loops(out)
+    register_tile(sch, acc, out, tiles, parallel, pixel_major, pair_intrin, unroll_taps)
+    func = sch.mod["main"]
+    if out_pad is not None:
+        func = _fill_only_the_border(func, out_pad, fill, tiles.lanes)
+    return (
+        func.with_attr("tirx.is_scheduled", True)
+        .with_attr(KERNEL_ATTR, name)
+        .without_attr("global_symbol")
+    )
+
+
+def register_tile(
+    sch: Schedule,
+    acc: SBlockRV,
+    out: SBlockRV,
+    tiles: ConvTiles,
+    parallel: bool,
+    pixel_major: bool = False,
+    pair_intrin: str | None = None,
+    unroll_taps: bool = False,
+    fixed: int = 0,
+) -> LoopRV:
+    """The register-tiled reduction of the conv kernels: ``out``'s loops (after its first
+    ``fixed``, which stay outermost) are ``(..., x, j)``; ``x`` splits into ``mr`` pixels and
+    ``j`` into ``nr`` vectors of ``lanes`` channels, and the accumulator ``acc`` (its
+    reduction loops innermost: taps, channels, [the int16 pair]) is computed one tile at a
+    time in registers. Returns the task loops fused into one (``parallel``: across the
+    threads)."""
+    loops = sch.get_loops(out)
+    *outer, x, j = loops[fixed:]
     xo, xi = sch.split(x, [None, tiles.mr])
     jo, ji = sch.split(j, [None, tiles.nr * tiles.lanes])
-    tasks = (b, y, xo, jo) if pixel_major else (jo, b, y, xo)
+    tasks = [*outer, xo, jo] if pixel_major else [jo, *outer, xo]
     sch.reorder(*tasks, xi, ji)
     # The accumulator shrinks to one mr x (nr * L) tile per task.
     sch.compute_at(acc, tasks[-1])
     # compute_at drops unit loops: the pixel loop is there only when mr > 1, and a 1x1
     # kernel has no ky / kx loops.
-    loops = sch.get_loops(acc)[4:]
+    loops = sch.get_loops(acc)[fixed + len(tasks) :]
     rows = loops[:1] if tiles.mr > 1 else []
     channels, reduction = loops[len(rows)], loops[len(rows) + 1 :]
     ni, nv = sch.split(channels, [tiles.nr, tiles.lanes])
     # A pair intrinsic (int16) reduces the last reduction loop, the pair, inside the lanes.
     pairs = reduction[-1:] if pair_intrin else []
     sch.reorder(*reduction[: len(reduction) - len(pairs)], *rows, ni, nv, *pairs)
-    outer = sch.fuse(*tasks)
+    fused = sch.fuse(*tasks)
     if parallel:
-        sch.parallel(outer)
+        sch.parallel(fused)
     if not pair_intrin:
         sch.vectorize(nv)
     init = sch.decompose_reduction(acc, reduction[0])
@@ -541,14 +571,7 @@ def _schedule(
     # (with a bias add in them it kept the tile on the stack: 1.5x slower).
     for loop in (*([xi] if tiles.mr > 1 else []), vo):
         sch.unroll(loop)
-    func = sch.mod["main"]
-    if out_pad is not None:
-        func = _fill_only_the_border(func, out_pad, fill, tiles.lanes)
-    return (
-        func.with_attr("tirx.is_scheduled", True)
-        .with_attr(KERNEL_ATTR, name)
-        .without_attr("global_symbol")
-    )
+    return fused
 
 
 def _fill_only_the_border(
