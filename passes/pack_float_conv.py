@@ -108,9 +108,11 @@ from tvmq.kernels.cpu_float_conv_streamed import (
 )
 from tvmq.kernels.cpu_winograd import (
     PANELS_ATTR,
+    fused_tiles,
     int16_sums_fit,
     padded_input_hw,
     tiles_hw,
+    winograd_fused,
     winograd_input,
     winograd_output,
     winograd_weight,
@@ -620,6 +622,9 @@ def _emit_winograd(
         # instead, half the bytes to write and to read in the transform (UNet's decoder)
         x = bb.emit(relax.op.astype(x, "int16"))
     hp, wp = (int(d) for d in x.ty.shape.values[1:3])
+    plan = fused_tiles(th, tw, c, o) if int16 and residual is None else None
+    if plan is not None:  # large images: the three stages a band of tiles at a time
+        return _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue)
     if int16:
         tiles = choose_int16_tiles(th * tw, o)
     else:
@@ -673,6 +678,33 @@ def _emit_winograd(
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"
     y = bb.emit(relax.call_tir(inverse, args, relax.TensorType((n, oh, ow, o), out_dtype)))
+    return relax.op.permute_dims(y, TO_NCHW)
+
+
+def _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue) -> relax.Expr:
+    """:func:`_emit_winograd`'s int16 route as one :func:`winograd_fused` kernel, with
+    `plan` its ``(register tile, band)`` (:func:`fused_tiles`)."""
+    tiles, band = plan
+    n, c, _, _ = geo.x_shape
+    oh, ow, o = *geo.out_hw, w.shape[0]
+    hp, wp = (int(d) for d in x.ty.shape.values[1:3])
+    p_dtype = str(x.ty.dtype)
+    kernel = rw.kernel_var(
+        ("winograd_fused", n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype),
+        f"tvmq_winograd_fused_3x3_int16_{c}x{o}{_kernel_suffix(epilogue, None)}",
+        lambda: (
+            winograd_fused(n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype, int16=True)
+            .with_attr(PANELS_ATTR, True)
+            .with_attr("op_pattern", OPAQUE)
+        ),
+    )
+    args = [
+        x,
+        relax.const(winograd_weight(w, tiles.lanes, tiles.o_padded, int16=True)),
+        *_epilogue_constants(bias, epilogue, o, "int32"),
+    ]
+    y_ty = relax.TensorType((n, oh, ow, o), epilogue.out_dtype)
+    y = rw.builder_.emit(relax.call_tir(kernel, args, y_ty))
     return relax.op.permute_dims(y, TO_NCHW)
 
 

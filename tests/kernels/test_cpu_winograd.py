@@ -15,8 +15,10 @@ from tvmq.kernels.cpu_float_conv import (
 )
 from tvmq.kernels.cpu_winograd import (
     G,
+    fused_tiles,
     padded_input_hw,
     tiles_hw,
+    winograd_fused,
     winograd_input,
     winograd_output,
     winograd_weight,
@@ -180,3 +182,80 @@ def test_int16_winograd_gives_the_exact_integer_conv(x_dtype):
     panels = winograd_weight(w, lanes, 32, int16=True)
     assert panels.dtype == np.int16 and panels.shape == (16, 4, 1, 1, 128, 8, 2)
     np.testing.assert_array_equal(weight_from_panels(panels), w)  # what a library stores
+
+
+def _fused_conv(x, w, oh, ow, tiles, band, epilogue, extra, out_dtype, int16) -> np.ndarray:
+    """:func:`winograd_fused` compiled for the host on the padded NHWC image ``x``."""
+    n, hp, wp, c = x.shape
+    o = w.shape[0]
+    f = winograd_fused(n, hp, wp, c, oh, ow, o, tiles, band, epilogue, str(x.dtype), int16)
+    lib = tvm.compile(
+        tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+        target=get_target("host").tvm_target(),
+    )
+    arr = tvm.runtime.tensor
+    u = winograd_weight(w, tiles.lanes, tiles.o_padded, int16=int16)
+    y = arr(np.full((n, oh, ow, o), np.nan if out_dtype == "float32" else 0, out_dtype))
+    lib["main"](arr(x), arr(u), *(arr(a) for a in extra), y)
+    return y.numpy()
+
+
+@pytest.mark.parametrize("x_dtype", ["int16", "float32"])
+@pytest.mark.parametrize("whole_rows", [True, False])
+def test_the_fused_kernel_is_the_three_kernels(x_dtype, whole_rows):
+    """The int16 route in one kernel, a band of tiles at a time (a whole row of tiles, or
+    runs of one register tile, several to a row): two images of odd height and width
+    (half tiles at the bottom and right), the same int8 results as the three kernels,
+    which are the exact integer conv's requantize."""
+    from tvmq.machine import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs AVX2 code (vpmaddwd)")
+    rng = np.random.default_rng(11)
+    n, c, o, oh, ow, lanes = 2, 48, 24, 13, 11, 8
+    hp, wp = padded_input_hw(oh, ow)
+    x = np.zeros((n, hp, wp, c), x_dtype)
+    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
+    w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.float32)
+    offset = rng.integers(-20000, 20000, o).astype(np.int32)
+    multiplier = rng.uniform(1e-4, 2e-4, o).astype(np.float32)
+    requantize = Requantize("int8", zero_point=-5, lo=-128, hi=127)
+    extra = [offset, multiplier]
+    tiles = choose_int16_tiles(tiles_hw(oh, ow)[1], o)
+    band = tiles.ow_padded if whole_rows else tiles.mr
+    assert whole_rows or tiles.ow_padded // band > 1
+    got = _fused_conv(x, w, oh, ow, tiles, band, requantize, extra, "int8", int16=True)
+    want = _winograd_conv(x, w, oh, ow, lanes, requantize, extra, "int8", int16=True)
+    np.testing.assert_array_equal(got, want)
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64), (3, 3), axis=(1, 2))
+    exact = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :ow], w.astype(np.int64)) + offset
+    reference = np.clip(np.rint(exact.astype(np.float32) * multiplier) - 5, -128, 127)
+    np.testing.assert_array_equal(got, reference.astype(np.int8))
+    assert len(np.unique(got)) > 50
+
+
+def test_the_fused_kernel_in_float32():
+    """The float32 route in one kernel (two bands a row, bias + ReLU): the direct conv of
+    random data, relative error < 1e-5."""
+    rng = np.random.default_rng(12)
+    n, c, o, oh, ow, lanes = 1, 16, 16, 9, 14, 8
+    hp, wp = padded_input_hw(oh, ow)
+    x = rng.standard_normal((n, hp, wp, c)).astype(np.float32)
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    tiles = choose_conv_tiles(tiles_hw(oh, ow)[1], o, lanes, 16)
+    assert tiles.ow_padded == 2 * tiles.mr, tiles
+    got = _fused_conv(x, w, oh, ow, tiles, tiles.mr, ConvEpilogue(lo=0.0), [bias], "float32", False)
+    want = np.maximum(_direct(x, w, oh, ow) + bias, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fused_tiles_take_large_images_only():
+    """Fused where the three kernels' transformed image and sums are large and a band's
+    share outweighs the weight read again for it (UNet's 224x224 32 -> 32, ResNet's 56x56
+    64 -> 64); not ResNet's 28x28 128 -> 128 nor 14x14 256 -> 256."""
+    tiles, band = fused_tiles(112, 112, 32, 32)
+    assert band % tiles.mr == 0 and tiles.ow_padded % band == 0 and band >= 56
+    assert fused_tiles(28, 28, 64, 64) is not None
+    assert fused_tiles(14, 14, 128, 128) is None
+    assert fused_tiles(7, 7, 256, 256) is None

@@ -130,8 +130,8 @@ def test_int16_convs_give_the_integer_reference_bit_for_bit():
         np.testing.assert_array_equal(got, _requantized_reference(x))
 
 
-def _two_3x3_convs(c: int, seed: int):
-    """Two 3x3 convs of ``c`` channels over a uint8 image as LowerInt8 emits them: the first
+def _two_3x3_convs(c: int, seed: int, hw: int = 10):
+    """Two 3x3 convs of ``c`` channels over a uint8 ``hw x hw`` image as LowerInt8 emits them: the first
     requantized to int8 (zero point 3), padded with its zero point, the second's sum
     requantized too."""
     rng = np.random.default_rng(seed)
@@ -139,7 +139,7 @@ def _two_3x3_convs(c: int, seed: int):
     offsets = [rng.integers(-5000, 5000, (1, c, 1, 1)).astype(np.int32) for _ in range(2)]
     mults = [(rng.random((1, c, 1, 1)) * k + k / 10).astype(np.float32) for k in (1e-4, 2e-3)]
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, c, 10, 10), "uint8"))
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "uint8"))
     with bb.function("main", [x]):
         with bb.dataflow():
             v = x
@@ -163,8 +163,6 @@ def test_winograd_convs_take_the_int16_matmuls_fed_int16():
     transforms, ``4 U`` panels, int32 sums; the first stores its int8 result as int16 inside
     the zero-point border the second reads. On AVX2 hosts: the integer reference, bit for
     bit."""
-    import torch
-
     mod, ws, offsets, mults = _two_3x3_convs(32, seed=8)
     with HASWELL:
         lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
@@ -192,6 +190,15 @@ def test_winograd_convs_take_the_int16_matmuls_fed_int16():
     decoded = decoded_params(vm)
     assert [str(p.dtype) for p in decoded] == ["int16", "int16"]  # from the stored weights
     got = vm["main"](tvm.runtime.tensor(x), *decoded).numpy()
+    np.testing.assert_array_equal(got, _two_3x3_convs_reference(x, ws, offsets, mults))
+    assert len(np.unique(got)) > 20
+
+
+def _two_3x3_convs_reference(x, ws, offsets, mults) -> np.ndarray:
+    """:func:`_two_3x3_convs`'s result: torch's float64 convs of the integers, requantized
+    in float32 by numpy."""
+    import torch
+
     v = x.astype(np.float64)
     for i in range(2):
         if i:
@@ -203,7 +210,31 @@ def test_winograd_convs_take_the_int16_matmuls_fed_int16():
         )
         s = (np.rint(acc.numpy()).astype(np.int64) + offsets[i]).astype(np.float32) * mults[i]
         v = np.clip(np.rint(s) + 3, -128, 127)
-    np.testing.assert_array_equal(got, v.astype(np.int8))
+    return v.astype(np.int8)
+
+
+def test_large_winograd_convs_take_the_fused_kernel():
+    """Two 56x56 convs of 64 channels (their transformed images and sums 4.8 MB each) take
+    the int16 Winograd route as one kernel each, a band of tiles at a time; a library that
+    stores the 3x3 weights and transforms them at load gives the integer reference, bit
+    for bit (on AVX2 hosts)."""
+    mod, ws, offsets, mults = _two_3x3_convs(64, seed=10, hw=56)
+    with HASWELL:
+        lowered = PackFloatConv(HASWELL)(Int8AsFloat(HASWELL)(mod))
+    names = sorted(gv.name_hint for gv in lowered.get_global_vars() if gv.name_hint != "main")
+    assert names == [
+        "tvmq_winograd_fused_3x3_int16_64x64_requantize",
+        "tvmq_winograd_fused_3x3_int16_64x64_requantize_as_int16",
+    ], names
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
+    x = np.random.default_rng(11).integers(0, 256, (1, 64, 56, 56)).astype(np.uint8)
+    ex, _ = build_with_info(mod, "x86-avx2", tuning_logs=None, int8_weight_codes=True)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    decoded = decoded_params(vm)
+    assert [str(p.dtype) for p in decoded] == ["int16", "int16"]  # panels from the weights
+    got = vm["main"](tvm.runtime.tensor(x), *decoded).numpy()
+    np.testing.assert_array_equal(got, _two_3x3_convs_reference(x, ws, offsets, mults))
     assert len(np.unique(got)) > 20
 
 
