@@ -622,9 +622,9 @@ def _emit_winograd(
         # instead, half the bytes to write and to read in the transform (UNet's decoder)
         x = bb.emit(relax.op.astype(x, "int16"))
     hp, wp = (int(d) for d in x.ty.shape.values[1:3])
-    plan = fused_tiles(th, tw, c, o) if int16 and residual is None else None
+    plan = fused_tiles(th, tw, c, o, lanes, registers, int16)
     if plan is not None:  # large images: the three stages a band of tiles at a time
-        return _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue)
+        return _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue, residual, int16)
     if int16:
         tiles = choose_int16_tiles(th * tw, o)
     else:
@@ -681,30 +681,34 @@ def _emit_winograd(
     return relax.op.permute_dims(y, TO_NCHW)
 
 
-def _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue) -> relax.Expr:
-    """:func:`_emit_winograd`'s int16 route as one :func:`winograd_fused` kernel, with
-    `plan` its ``(register tile, band)`` (:func:`fused_tiles`)."""
+def _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue, residual, int16) -> relax.Expr:
+    """:func:`_emit_winograd`'s kernels as one :func:`winograd_fused` kernel, with `plan`
+    its ``(register tile, band)`` (:func:`fused_tiles`)."""
     tiles, band = plan
     n, c, _, _ = geo.x_shape
     oh, ow, o = *geo.out_hw, w.shape[0]
     hp, wp = (int(d) for d in x.ty.shape.values[1:3])
     p_dtype = str(x.ty.dtype)
+    kind = "int16_" if int16 else ""
+    key = ("winograd_fused", n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype, int16)
     kernel = rw.kernel_var(
-        ("winograd_fused", n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype),
-        f"tvmq_winograd_fused_3x3_int16_{c}x{o}{_kernel_suffix(epilogue, None)}",
+        key,
+        f"tvmq_winograd_fused_3x3_{kind}{c}x{o}{_kernel_suffix(epilogue, residual)}",
         lambda: (
-            winograd_fused(n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype, int16=True)
+            winograd_fused(n, hp, wp, c, oh, ow, o, tiles, band, epilogue, p_dtype, int16)
             .with_attr(PANELS_ATTR, True)
             .with_attr("op_pattern", OPAQUE)
         ),
     )
     args = [
         x,
-        relax.const(winograd_weight(w, tiles.lanes, tiles.o_padded, int16=True)),
-        *_epilogue_constants(bias, epilogue, o, "int32"),
+        relax.const(winograd_weight(w, tiles.lanes, tiles.o_padded, int16=int16)),
+        *_epilogue_constants(bias, epilogue, o, "int32" if int16 else "float32"),
     ]
-    y_ty = relax.TensorType((n, oh, ow, o), epilogue.out_dtype)
-    y = rw.builder_.emit(relax.call_tir(kernel, args, y_ty))
+    if residual is not None:
+        args.append(rw.nhwc_input(rw.visit_expr(residual)))
+    out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"
+    y = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((n, oh, ow, o), out_dtype)))
     return relax.op.permute_dims(y, TO_NCHW)
 
 

@@ -253,9 +253,14 @@ def test_the_fused_kernel_in_float32():
 def test_fused_tiles_take_large_images_only():
     """Fused where the three kernels' transformed image and sums are large and a band's
     share outweighs the weight read again for it (UNet's 224x224 32 -> 32, ResNet's 56x56
-    64 -> 64); not ResNet's 28x28 128 -> 128 nor 14x14 256 -> 256."""
-    tiles, band = fused_tiles(112, 112, 32, 32)
+    64 -> 64); not ResNet's 28x28 128 -> 128 nor 14x14 256 -> 256. float32 alike, its
+    values twice the bytes, AVX-512's 16 lanes too."""
+    tiles, band = fused_tiles(112, 112, 32, 32, int16=True)
     assert band % tiles.mr == 0 and tiles.ow_padded % band == 0 and band >= 56
-    assert fused_tiles(28, 28, 64, 64) is not None
-    assert fused_tiles(14, 14, 128, 128) is None
-    assert fused_tiles(7, 7, 256, 256) is None
+    assert fused_tiles(28, 28, 64, 64, int16=True) is not None
+    assert fused_tiles(14, 14, 128, 128, int16=True) is None
+    assert fused_tiles(7, 7, 256, 256, int16=True) is None
+    for lanes, registers in ((8, 16), (16, 32)):
+        tiles, band = fused_tiles(28, 28, 64, 64, lanes, registers)
+        assert tiles.lanes == lanes and tiles.ow_padded % band == 0
+        assert fused_tiles(14, 14, 128, 128, lanes, registers) is None

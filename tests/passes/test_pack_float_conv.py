@@ -772,6 +772,31 @@ def test_3x3_convs_take_the_winograd_kernels(rng, winograd):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_large_3x3_convs_take_the_fused_winograd_kernel(rng):
+    """A basic block of 64 channels over 56x56 (ResNet's first stage: the three kernels'
+    transformed image and sums 6.4 MB a conv): each 3x3 conv is one kernel that transforms,
+    multiplies and transforms back a band of tiles at a time, bias, skip and relu in its
+    store. PyTorch's numbers."""
+    c = 64
+    x = rng.standard_normal((1, c, 56, 56)).astype(np.float32)
+    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.1 for _ in range(2))
+    b1, b2 = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    mod = _basic_block_module(x.shape, w1, b1, w2, b2)
+    target = get_target("host").tvm_target()
+    lowered = PackFloatConv(target)(mod)
+    assert _kernel_globals(lowered) == [
+        "tvmq_winograd_fused_3x3_64x64_bias_act",
+        "tvmq_winograd_fused_3x3_64x64_bias_residual_act",
+    ]
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    conv = torch.nn.functional.conv2d
+    t = torch.from_numpy
+    h = torch.relu(conv(t(x), t(w1), t(b1), padding=1))
+    want = torch.relu(conv(h, t(w2), t(b2), padding=1) + t(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 def test_integer_sums_stay_on_the_direct_kernel(rng):
     """A conv whose float32 sum is converted to int32 (Int8AsFloat's: sums of bytes, exact
     in float32) never takes the Winograd kernels, whose transformed sums are not exact."""

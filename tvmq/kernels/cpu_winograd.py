@@ -339,34 +339,40 @@ FUSED_BAND_BYTES = 1 << 20
 """At most this much of ``V`` and ``M`` (bytes) per band."""
 
 
-def fused_tiles(th: int, tw: int, c: int, o: int) -> tuple[ConvTiles, int] | None:
-    """``(register tile, band)`` of :func:`winograd_fused` on the int16 kernel for a conv of
-    ``th x tw`` tiles over ``c`` -> ``o`` channels, or None where the three kernels do as
-    well. The band is the longest run of register tiles along a row of tiles that divides
-    the (padded) row and holds :data:`FUSED_BAND_BYTES` of ``V`` and ``M``; fused where
-    the whole image's are at least :data:`FUSED_MIN_BYTES` and a band's at least a quarter
-    of the weight panels (``16 c o`` int16, read again for each band).
+def fused_tiles(
+    th: int, tw: int, c: int, o: int, lanes: int = 8, registers: int = 16, int16: bool = False
+) -> tuple[ConvTiles, int] | None:
+    """``(register tile, band)`` of :func:`winograd_fused` for a conv of ``th x tw`` tiles
+    over ``c`` -> ``o`` channels (float32 vectors of ``lanes`` in ``registers``, or the
+    int16 kernel's), or None where the three kernels do as well. The band is the longest run
+    of register tiles along a row of tiles that divides the (padded) row and holds
+    :data:`FUSED_BAND_BYTES` of ``V`` and ``M``; fused where the whole image's are at least
+    :data:`FUSED_MIN_BYTES` and a band's at least a quarter of the weight panels (read
+    again for each band).
 
-    On an AMD Zen 3 core (1 thread, each conv alone, requantized to int8; ``V + M`` and a
-    band's share, then the weight, in brackets) the fused kernel ran UNet's 224x224
+    On an AMD Zen 3 core (1 thread, each conv alone, int16 requantized to int8; ``V + M``
+    and a band's share, then the weight, in brackets) the int16 kernel ran UNet's 224x224
     64 -> 32 (77 MB; 458 / 66 KB) 1.6x as fast as the three kernels, 32 -> 32 1.9x, 112x112
     128 -> 64 (51 MB; 458 KB / 262 KB) 1.9x, 64 -> 128 1.35x, 56x56 256 -> 128 (26 MB;
     458 KB / 1 MB) 1.5x, 128 -> 256 (573 KB / 1 MB) 1.15x, ResNet's 56x56 64 -> 64 (4.8 MB;
     172 / 131 KB) 1.2x; not 28x28 128 -> 128 (2.4 MB; 196 / 524 KB: 0.7x), 256 -> 512 (8 MB;
     720 KB / 4 MB: 0.9x), 14x14 256 -> 256 (1.6 MB: 0.95x). Bands of 56 and 112 tiles of
     the 224x224 64 -> 32 conv ran alike; 28 tiles 1.3x slower than 56 on 112x112 128 -> 64,
-    4 tiles 1.15x slower than 28 on 56x56 128 -> 256."""
-    from tvmq.kernels.cpu_float_conv import choose_int16_tiles
+    4 tiles 1.15x slower than 28 on 56x56 128 -> 256. float32 (bias + ReLU, bands of a row):
+    56x56 64 -> 64 1.0-1.25x, 224x224 64 -> 32 1.05-1.35x, 112x112 128 -> 64 1.6-1.8x, 56x56
+    256 -> 128 2.0-2.2x; 28x28 128 -> 128 0.93-0.98x."""
+    from tvmq.kernels.cpu_float_conv import choose_conv_tiles, choose_int16_tiles
 
-    tiles = choose_int16_tiles(tw, o)
-    per_tile = 16 * (2 * c + 4 * tiles.o_padded)
+    tiles = choose_int16_tiles(tw, o) if int16 else choose_conv_tiles(tw, o, lanes, registers)
+    value = 2 if int16 else 4
+    per_tile = 16 * (value * c + 4 * tiles.o_padded)
     if th * tw * per_tile < FUSED_MIN_BYTES:
         return None
     groups = tiles.ow_padded // tiles.mr
     most = max(1, FUSED_BAND_BYTES // (per_tile * tiles.mr))
     k = max(d for d in range(1, min(most, groups) + 1) if groups % d == 0)
     band = k * tiles.mr
-    if 4 * band * per_tile < 16 * 2 * c * tiles.o_padded:
+    if 4 * band * per_tile < 16 * value * c * tiles.o_padded:
         return None
     return tiles, band
 
