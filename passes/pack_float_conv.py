@@ -366,6 +366,8 @@ class _Lowering:
             if found is None or int(b.value.attrs.groups) != 1 or only_user(found[0]) is None:
                 continue
             x, geo, w = found
+            if self._sampled_row(geo, w.shape[0], self.epilogues.get(b.var)) is not None:
+                continue  # it reads its strided pixels, never a border
             if self.takes_winograd(geo, w.shape[0], b.var):
                 border = winograd_padding(geo)
             else:
@@ -446,8 +448,9 @@ class _Lowering:
         for the int16 kernel (:func:`fold_channels_into_width`), or a 1x1 conv's pixels in
         one row where fewer of them are padding to the register tile (ResNet-50's 14x14
         stage on the int16 kernel: 6x2 tiles over a padded copy of 18 pixels a row, 4x2
-        over 196 in one row; 1024 -> 256 alone on a Zen 3 core 930 -> 750 us). Nones where
-        the conv reads and writes ``x`` as it is."""
+        over 196 in one row; 1024 -> 256 alone on a Zen 3 core 930 -> 750 us), after a
+        strided 1x1 conv's pixels are sliced out (:func:`subsampled`). Nones where the conv
+        reads and writes ``x`` as it is."""
         n, c, h, wd = geo.x_shape
         o = w.shape[0]
         folded = fold_channels_into_width(geo, w) if self.int16 else None
@@ -455,19 +458,40 @@ class _Lowering:
             n, _, h, pairs = folded[0].x_shape
             nhwc = rw.builder_.emit(relax.op.reshape(rw.nhwc_input(x), (n, h, pairs, 2)))
             return *folded, nhwc, None
+        sampled = self._sampled_row(geo, o, fused)
+        if sampled is None and not self._pays_as_row(geo, o, fused):
+            return geo, w, None, None
+        image = rw.nhwc_input(x)
+        if sampled is not None:  # a strided 1x1 conv: its pixels first, then one row
+            image = rw.builder_.emit(
+                relax.op.strided_slice(image, [1, 2], [0, 0], [h, wd], geo.strides)
+            )
+            geo, (n, c, h, wd) = sampled, sampled.x_shape
+        nhwc = rw.builder_.emit(relax.op.reshape(image, (n, 1, h * wd, c)))
+        return one_row(geo), w, nhwc, (n, h, wd, o)
+
+    def _pays_as_row(self, geo: Conv2DGeometry, o: int, fused) -> bool:
+        """Whether a conv takes :func:`one_row`: rows whose tile is exact pad nothing, so
+        they stay (and may write their reader's border); one row is taken only where it
+        pads fewer pixels than the rows do."""
         row = one_row(geo)
         if row is None:
-            return geo, w, None, None
-        # Rows whose tile is exact pad nothing, so they stay (and may write their reader's
-        # border); one row is taken only where it pads fewer pixels than the rows do.
+            return False
+        _, _, h, wd = geo.x_shape
         ow = geo.out_hw[1]
-        if (
+        return (
             self._tiles(row, o, fused).ow_padded * ow
-            >= self._tiles(geo, o, fused).ow_padded * h * wd
-        ):
-            return geo, w, None, None
-        nhwc = rw.builder_.emit(relax.op.reshape(rw.nhwc_input(x), (n, 1, h * wd, c)))
-        return row, w, nhwc, (n, h, wd, o)
+            < self._tiles(geo, o, fused).ow_padded * h * wd
+        )
+
+    def _sampled_row(self, geo: Conv2DGeometry, o: int, fused) -> Conv2DGeometry | None:
+        """A strided 1x1 conv's :func:`subsampled` geometry where it then takes one row
+        (ResNet-50's 28x28 -> 14x14 downsample on the int16 kernel: the strided pixels make
+        a copy of 196 for a 4x2 tile instead of a padded one of 18 a row for 6x2, 512 ->
+        1024 alone on a Zen 3 core 2730 -> 1904 us); None where it reads its input as it is
+        (where the rows' tile is exact the strided reads cost no more than the copy)."""
+        sampled = subsampled(geo)
+        return sampled if sampled is not None and self._pays_as_row(sampled, o, fused) else None
 
     def _tiles(self, geo: Conv2DGeometry, o: int, fused):
         """The register tile a direct conv's kernel takes."""
@@ -556,6 +580,17 @@ def one_row(geo: Conv2DGeometry) -> Conv2DGeometry | None:
     if h == 1 or (geo.kernel, geo.strides, geo.padding) != ((1, 1), (1, 1), (0, 0, 0, 0)):
         return None
     return Conv2DGeometry((n, c, 1, h * wd), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+
+
+def subsampled(geo: Conv2DGeometry) -> Conv2DGeometry | None:
+    """A 1x1 unpadded conv of stride ``(SH, SW)`` (not 1x1) as a stride-1 one over the
+    pixels it reads, ``x[:, :, ::SH, ::SW]`` (a ResNet downsample); None for other convs."""
+    n, c, _, _ = geo.x_shape
+    if (geo.kernel, geo.padding, geo.dilation) != ((1, 1), (0, 0, 0, 0), (1, 1)):
+        return None
+    if geo.strides == (1, 1):
+        return None
+    return Conv2DGeometry((n, c, *geo.out_hw), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
 
 
 def fold_channels_into_width(

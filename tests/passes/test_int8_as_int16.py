@@ -304,22 +304,26 @@ def test_an_image_conv_pairs_its_channels_along_the_width(c, k, hw, kernel):
     assert len(np.unique(got)) > 20
 
 
-def test_a_1x1_conv_over_one_row_pads_its_result_for_the_next_conv():
+@pytest.mark.parametrize("stride", [1, 2], ids=["bottleneck", "downsample"])
+def test_a_1x1_conv_over_one_row_pads_its_result_for_the_next_conv(stride):
     """A bottleneck's 1x1 conv over 14x14 (6x2 int16 tiles would pad each row to 18) runs
-    over one row of 196 pixels; the zero-point border that the next 3x3 conv reads is
-    padded after it. On AVX2 hosts: the integer reference, bit for bit."""
+    over one row of 196 pixels; so does a downsample's stride-2 1x1 conv from 28x28, over
+    its strided pixels sliced out (not a padded copy of its input). The zero-point border
+    that the next 3x3 conv reads is padded after it. On AVX2 hosts: the integer reference,
+    bit for bit."""
     import torch
 
     rng = np.random.default_rng(5)
+    hw = 14 * stride
     w1 = rng.integers(-127, 128, (32, 16, 1, 1)).astype(np.int8)
     w2 = rng.integers(-127, 128, (16, 32, 3, 3)).astype(np.int8)
     mult1, mult2 = np.float32(3e-3), np.float32(4e-4)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 14, 14), "uint8"))
+    x = relax.Var("x", relax.TensorType((1, 16, hw, hw), "uint8"))
     one = relax.const(1.0, "float32")
     with bb.function("main", [x]):
         with bb.dataflow():
-            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), out_dtype="int32"))
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), strides=stride, out_dtype="int32"))
             s = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(mult1)))
             zp = relax.const(3, "int32")
             v = bb.emit(relax.op.quantize(s, one, zp, axis=1, out_dtype="int8"))
@@ -342,19 +346,29 @@ def test_a_1x1_conv_over_one_row_pads_its_result_for_the_next_conv():
     )
     one_row = [k for k, v in shapes.items() if "1x1" in k and tuple(map(int, v)) == (1, 1, 196, 16)]
     assert one_row, shapes
+    sliced = []  # the images whose pixels a strided_slice takes (NHWC)
+    relax.analysis.post_order_visit(
+        lowered["main"],
+        lambda e: (
+            sliced.append(tuple(map(int, e.args[0].ty.shape)))
+            if op_name(e) == "relax.strided_slice"
+            else None
+        ),
+    )
+    assert ((1, 28, 28, 16) in sliced) == (stride == 2), sliced
     if not {"avx2", "fma"} <= cpu_flags():
         return  # (x86-avx2 code runs only where the CPU has AVX2 and FMA)
     vm = relax.VirtualMachine(build(mod, "x86-avx2"), tvm.cpu())
-    image = rng.integers(0, 256, (1, 16, 14, 14)).astype(np.uint8)
+    image = rng.integers(0, 256, (1, 16, hw, hw)).astype(np.uint8)
     got = vm["main"](tvm.runtime.tensor(image)).numpy()
 
-    def conv(v, w):
+    def conv(v, w, stride=1):
         acc = torch.nn.functional.conv2d(
-            torch.from_numpy(v), torch.from_numpy(w.astype(np.float64))
+            torch.from_numpy(v), torch.from_numpy(w.astype(np.float64)), stride=stride
         )
         return np.rint(acc.numpy()).astype(np.float32)
 
-    v = np.clip(np.rint(conv(image.astype(np.float64), w1) * mult1) + 3, -128, 127)
+    v = np.clip(np.rint(conv(image.astype(np.float64), w1, stride) * mult1) + 3, -128, 127)
     v = np.pad(v.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=3.0)
     want = np.clip(np.rint(conv(v, w2) * mult2) + 3, -128, 127).astype(np.int8)
     np.testing.assert_array_equal(got, want)
