@@ -153,22 +153,30 @@ def test_requantized_sums_of_bytes(case):
     assert (steps == 0).mean() >= fraction and steps.max() <= 1.001, (steps == 0).mean()
 
 
+def _bytes_image_and_weight(rng, n, c, o, oh, ow, x_dtype, w_lo):
+    """The int16 route's operands (skipped where the host lacks AVX2): a padded NHWC image
+    of random bytes (zeros around) for an ``oh x ow`` output and an OIHW 3x3 weight of
+    integers in ``[w_lo, 128)``."""
+    from tvmq.machine import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs AVX2 code (vpmaddwd)")
+    hp, wp = padded_input_hw(oh, ow)
+    x = np.zeros((n, hp, wp, c), x_dtype)
+    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
+    return x, rng.integers(w_lo, 128, (o, c, 3, 3)).astype(np.float32)
+
+
 @pytest.mark.parametrize("x_dtype", ["int16", "float32"])
 def test_int16_winograd_gives_the_exact_integer_conv(x_dtype):
     """The int16 route (AVX2): bytes transformed to int16 (from an int16 or float32 image),
     ``4 U`` in int16 panels, int32 sums through the output transform: exactly the integer
     conv's requantize, also for sums far beyond the float route's 2**22 (up to ~2e7 here)."""
     from tvmq.kernels.cpu_winograd import weight_from_panels
-    from tvmq.machine import cpu_flags
 
-    if not {"avx2", "fma"} <= cpu_flags():
-        pytest.skip("runs AVX2 code (vpmaddwd)")
     rng = np.random.default_rng(4)
     n, c, o, oh, ow, lanes = 1, 256, 32, 9, 10, 8
-    hp, wp = padded_input_hw(oh, ow)
-    x = np.zeros((n, hp, wp, c), x_dtype)
-    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
-    w = rng.integers(-60, 128, (o, c, 3, 3)).astype(np.float32)
+    x, w = _bytes_image_and_weight(rng, n, c, o, oh, ow, x_dtype, w_lo=-60)
     offset = rng.integers(-20000, 20000, o).astype(np.int32)
     multiplier = rng.uniform(5e-6, 1.2e-5, o).astype(np.float32)
     requantize = Requantize("int8", zero_point=3, lo=-128, hi=127, int_rounding=True)
@@ -207,16 +215,9 @@ def test_the_fused_kernel_is_the_three_kernels(x_dtype, whole_rows):
     runs of one register tile, several to a row): two images of odd height and width
     (half tiles at the bottom and right), the same int8 results as the three kernels,
     which are the exact integer conv's requantize."""
-    from tvmq.machine import cpu_flags
-
-    if not {"avx2", "fma"} <= cpu_flags():
-        pytest.skip("runs AVX2 code (vpmaddwd)")
     rng = np.random.default_rng(11)
     n, c, o, oh, ow, lanes = 2, 48, 24, 13, 11, 8
-    hp, wp = padded_input_hw(oh, ow)
-    x = np.zeros((n, hp, wp, c), x_dtype)
-    x[:, 1 : oh + 1, 1 : ow + 1] = rng.integers(0, 256, (n, oh, ow, c))
-    w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.float32)
+    x, w = _bytes_image_and_weight(rng, n, c, o, oh, ow, x_dtype, w_lo=-128)
     offset = rng.integers(-20000, 20000, o).astype(np.int32)
     multiplier = rng.uniform(1e-4, 2e-4, o).astype(np.float32)
     requantize = Requantize("int8", zero_point=-5, lo=-128, hi=127)

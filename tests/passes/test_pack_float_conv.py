@@ -741,11 +741,7 @@ def test_3x3_convs_take_the_winograd_kernels(rng, winograd):
     bias (and the skip) and applies the relu, whatever the output's width; with
     ``winograd=False``, the direct kernel. PyTorch's numbers either way, channels last
     between the convs."""
-    c = 32
-    x = rng.standard_normal((2, c, 9, 11)).astype(np.float32)
-    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.2 for _ in range(2))
-    b1, b2 = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
-    mod = _basic_block_module(x.shape, w1, b1, w2, b2)
+    x, mod, reference = _random_basic_block(rng, (2, 32, 9, 11), 0.2)
     target = get_target("host").tvm_target()
     lowered = PackFloatConv(target, winograd=winograd)(mod)
     names = _kernel_globals(lowered)
@@ -764,12 +760,24 @@ def test_3x3_convs_take_the_winograd_kernels(rng, winograd):
     assert not ops & {"relax.nn.conv2d", *fused}
     assert len(_permutes(lowered["main"])) == 2  # the input's and the output's
     vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    conv = torch.nn.functional.conv2d
-    t = torch.from_numpy
-    h = torch.relu(conv(t(x), t(w1), t(b1), padding=1))
-    want = torch.relu(conv(h, t(w2), t(b2), padding=1) + t(x)).numpy()
+    got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), reference()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _random_basic_block(rng, shape, scale: float):
+    """``(x, module, reference)``: :func:`_basic_block_module` of random weights (times
+    `scale`) and biases for a random NCHW ``x`` of `shape`; ``reference()`` PyTorch's."""
+    c = shape[1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * scale for _ in range(2))
+    b1, b2 = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+
+    def reference() -> np.ndarray:
+        conv, t = torch.nn.functional.conv2d, torch.from_numpy
+        h = torch.relu(conv(t(x), t(w1), t(b1), padding=1))
+        return torch.relu(conv(h, t(w2), t(b2), padding=1) + t(x)).numpy()
+
+    return x, _basic_block_module(x.shape, w1, b1, w2, b2), reference
 
 
 def test_large_3x3_convs_take_the_fused_winograd_kernel(rng):
@@ -777,11 +785,7 @@ def test_large_3x3_convs_take_the_fused_winograd_kernel(rng):
     transformed image and sums 6.4 MB a conv): each 3x3 conv is one kernel that transforms,
     multiplies and transforms back a band of tiles at a time, bias, skip and relu in its
     store. PyTorch's numbers."""
-    c = 64
-    x = rng.standard_normal((1, c, 56, 56)).astype(np.float32)
-    w1, w2 = (rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.1 for _ in range(2))
-    b1, b2 = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
-    mod = _basic_block_module(x.shape, w1, b1, w2, b2)
+    x, mod, reference = _random_basic_block(rng, (1, 64, 56, 56), 0.1)
     target = get_target("host").tvm_target()
     lowered = PackFloatConv(target)(mod)
     assert _kernel_globals(lowered) == [
@@ -789,11 +793,7 @@ def test_large_3x3_convs_take_the_fused_winograd_kernel(rng):
         "tvmq_winograd_fused_3x3_64x64_bias_residual_act",
     ]
     vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    conv = torch.nn.functional.conv2d
-    t = torch.from_numpy
-    h = torch.relu(conv(t(x), t(w1), t(b1), padding=1))
-    want = torch.relu(conv(h, t(w2), t(b2), padding=1) + t(x)).numpy()
+    got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), reference()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
