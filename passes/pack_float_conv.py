@@ -705,14 +705,20 @@ def _emit_winograd(
     v = bb.emit(relax.call_tir(transform, [x], v_ty))
     u = relax.const(winograd_weight(w, lanes, tiles.o_padded, int16=int16))
     m_ty = relax.TensorType((16, n, t_padded, tiles.o_padded), sum_dtype)
-    args = [
-        bb.emit(relax.call_tir(matmul, [v, u], m_ty)),
-        *_epilogue_constants(bias, epilogue, o, sum_dtype),
-    ]
+    m = bb.emit(relax.call_tir(matmul, [v, u], m_ty))
+    return _winograd_result(rw, inverse, [m], geo, o, bias, epilogue, residual, sum_dtype)
+
+
+def _winograd_result(rw, kernel, head, geo, o, bias, epilogue, residual, sum_dtype) -> relax.Expr:
+    """The NCHW value of the Winograd ``kernel`` that stores a conv's result: called on the
+    ``head`` arguments, then the epilogue's constants [and the residual]."""
+    n, (oh, ow) = geo.x_shape[0], geo.out_hw
+    args = [*head, *_epilogue_constants(bias, epilogue, o, sum_dtype)]
     if residual is not None:
         args.append(rw.nhwc_input(rw.visit_expr(residual)))
     out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"
-    y = bb.emit(relax.call_tir(inverse, args, relax.TensorType((n, oh, ow, o), out_dtype)))
+    out_ty = relax.TensorType((n, oh, ow, o), out_dtype)
+    y = rw.builder_.emit(relax.call_tir(kernel, args, out_ty))
     return relax.op.permute_dims(y, TO_NCHW)
 
 
@@ -735,16 +741,9 @@ def _emit_fused_winograd(rw, x, geo, w, plan, bias, epilogue, residual, int16) -
             .with_attr("op_pattern", OPAQUE)
         ),
     )
-    args = [
-        x,
-        relax.const(winograd_weight(w, tiles.lanes, tiles.o_padded, int16=int16)),
-        *_epilogue_constants(bias, epilogue, o, "int32" if int16 else "float32"),
-    ]
-    if residual is not None:
-        args.append(rw.nhwc_input(rw.visit_expr(residual)))
-    out_dtype = epilogue.out_dtype if isinstance(epilogue, Requantize) else "float32"
-    y = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((n, oh, ow, o), out_dtype)))
-    return relax.op.permute_dims(y, TO_NCHW)
+    u = relax.const(winograd_weight(w, tiles.lanes, tiles.o_padded, int16=int16))
+    sum_dtype = "int32" if int16 else "float32"
+    return _winograd_result(rw, kernel, [x, u], geo, o, bias, epilogue, residual, sum_dtype)
 
 
 def _fusable(rw, x: relax.Expr) -> bool:

@@ -9,6 +9,7 @@ import tvm
 from tvmq.kernels.cpu_float_conv import (
     ConvEpilogue,
     ConvShape,
+    ConvTiles,
     choose_conv_tiles,
     choose_int16_tiles,
     float_conv2d_nhwc,
@@ -118,6 +119,9 @@ def test_bad_shapes_are_refused():
         winograd_output(1, 2, 2, 4, 16, 4, 4, 12, 8)
     with pytest.raises(ValueError, match="3x3"):
         winograd_weight(np.zeros((8, 8, 5, 5), np.float32), 8, 8)
+    one_tile = ConvTiles(1, 1, 8, 1, 8)  # a 2-pixel-wide image: one tile a row
+    with pytest.raises(ValueError, match="a band of 1 tiles"):
+        winograd_fused(1, *padded_input_hw(6, 2), 16, 6, 2, 8, one_tile, 1)
 
 
 # (out dtype, weights' lower bound, multipliers, exact fraction): a dequantize of sums up to

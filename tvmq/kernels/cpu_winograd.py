@@ -43,8 +43,11 @@ from tvmq.kernels.cpu_float_conv import (
     ConvTiles,
     _bias,
     _store,
+    choose_conv_tiles,
+    choose_int16_tiles,
     pack_conv_weight,
     pack_conv_weight_pairs,
+    register_tile,
 )
 from tvmq.kernels.x86_int8 import KERNEL_ATTR, Requantize
 
@@ -357,7 +360,7 @@ def fused_tiles(
     over ``c`` -> ``o`` channels (float32 vectors of ``lanes`` in ``registers``, or the
     int16 kernel's), or None where the three kernels do as well. The band is the longest run
     of register tiles along a row of tiles that divides the (padded) row and holds
-    :data:`FUSED_BAND_BYTES` of ``V`` and ``M``; fused where the whole image's are at least
+    :data:`FUSED_BAND_BYTES` of ``V`` and ``M`` (at least 2 tiles); fused where the whole image's are at least
     :data:`FUSED_MIN_BYTES` and a band's at least a quarter of the weight panels (read
     again for each band).
 
@@ -372,8 +375,6 @@ def fused_tiles(
     4 tiles 1.15x slower than 28 on 56x56 128 -> 256. float32 (bias + ReLU, bands of a row):
     56x56 64 -> 64 1.0-1.25x, 224x224 64 -> 32 1.05-1.35x, 112x112 128 -> 64 1.6-1.8x, 56x56
     256 -> 128 2.0-2.2x; 28x28 128 -> 128 0.93-0.98x."""
-    from tvmq.kernels.cpu_float_conv import choose_conv_tiles, choose_int16_tiles
-
     tiles = choose_int16_tiles(tw, o) if int16 else choose_conv_tiles(tw, o, lanes, registers)
     value = 2 if int16 else 4
     per_tile = 16 * (value * c + 4 * tiles.o_padded)
@@ -383,7 +384,7 @@ def fused_tiles(
     most = max(1, FUSED_BAND_BYTES // (per_tile * tiles.mr))
     k = max(d for d in range(1, min(most, groups) + 1) if groups % d == 0)
     band = k * tiles.mr
-    if 4 * band * per_tile < 16 * value * c * tiles.o_padded:
+    if band < 2 or 4 * band * per_tile < 16 * value * c * tiles.o_padded:
         return None
     return tiles, band
 
@@ -413,11 +414,9 @@ def winograd_fused(
     16 * (c * 2 + o_padded * 4)`` bytes for int16) stay in the core's cache, where the
     separate kernels write and read both whole images through memory (4x the input, and
     the output in int32, at 16 values a 2x2 tile). ``band`` must be a multiple of
-    ``tiles.mr``."""
-    from tvmq.kernels.cpu_float_conv import register_tile
-
+    ``tiles.mr``, of at least 2 tiles (a band of one leaves its tasks no loop along it)."""
     th, tw = tiles_hw(oh, ow)
-    if band % tiles.mr or o % tiles.lanes:
+    if band % tiles.mr or band < 2 or o % tiles.lanes:
         raise ValueError(f"a band of {band} tiles for register tiles {tiles}")
     if hp < TILE * th + 2 or wp < TILE * tw + 2:
         raise ValueError(f"input {hp}x{wp} too small for a {oh}x{ow} Winograd output")
