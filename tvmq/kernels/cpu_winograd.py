@@ -360,9 +360,9 @@ def fused_tiles(
     over ``c`` -> ``o`` channels (float32 vectors of ``lanes`` in ``registers``, or the
     int16 kernel's), or None where the three kernels do as well. The band is the longest run
     of register tiles along a row of tiles that divides the (padded) row and holds
-    :data:`FUSED_BAND_BYTES` of ``V`` and ``M`` (at least 2 tiles); fused where the whole image's are at least
-    :data:`FUSED_MIN_BYTES` and a band's at least a quarter of the weight panels (read
-    again for each band).
+    :data:`FUSED_BAND_BYTES` of ``V`` and ``M`` (at least 2 tiles); fused where the whole
+    image's are at least :data:`FUSED_MIN_BYTES` and a band's at least a quarter of the
+    weight panels (read again for each band).
 
     On an AMD Zen 3 core (1 thread, each conv alone, int16 requantized to int8; ``V + M``
     and a band's share, then the weight, in brackets) the int16 kernel ran UNet's 224x224
