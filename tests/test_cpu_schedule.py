@@ -496,3 +496,47 @@ def test_global_pool_splits_its_rows_between_cores(shape, split):
     lib(tvm.runtime.tensor(x), out)
     want = x.astype(np.float64).mean(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_detection_head_concat_across_layouts_runs_in_tiles_from_its_inputs():
+    """A YOLO-style head: channels-last maps (the conv kernels' channels padded to 32), sliced
+    to 255 channels, made channel-major, flattened and concatenated. The slices (plain copies)
+    are read in place and the one copy across layouts runs in 8 x 8 tiles (rows and columns
+    of the output), outermost rows in parallel; the result is numpy's on random values."""
+    sizes = (12, 6, 3)
+
+    def body(x):
+        bb = relax.BlockBuilder.current()
+        flat, start = [], 0
+        for s in sizes:
+            m = bb.emit(relax.op.strided_slice(x, [0, 1, 2], [0, start, 0], [1, start + s, s]))
+            m = bb.emit(relax.op.strided_slice(m, [3], [0], [255]))
+            m = bb.emit(relax.op.permute_dims(m, [0, 3, 1, 2]))
+            flat.append(bb.emit(relax.op.reshape(m, (1, 255, s * s))))
+            start += s
+        return relax.op.concat(flat, axis=2)
+
+    mod = _module((1, 21, 12, 256), body)
+    (script,) = _scheduled_kernels(mod, cores=2).values()
+    blocks = re.findall(r'T\.sblock\("(\w+)"\)', script)
+    assert blocks == ["root", "T_concat"], script  # the slices inlined
+    loops = re.findall(r"for (\w+) in T\.(parallel|grid)\(([^)]*)\)", script)
+    assert loops[0][1] == "parallel", script
+    assert re.search(r"T\.grid\(T\.int64\(\d+\), T\.int64\(8\), T\.int64\(8\)\)", script), script
+    x = np.random.default_rng(0).standard_normal((1, 21, 12, 256)).astype(np.float32)
+    parts, start = [], 0
+    for s in sizes:
+        m = x[:, start : start + s, :s, :255].transpose(0, 3, 1, 2).reshape(1, 255, s * s)
+        parts.append(m)
+        start += s
+    np.testing.assert_array_equal(_run(mod, x), np.concatenate(parts, axis=2))
+
+
+def test_copy_across_layouts_smaller_than_a_tile_keeps_plain_loops():
+    """NHWC -> NCHW of 3 channels: fewer than a tile's 8 rows, so no tiles (a tile would be
+    mostly padding); the values are still numpy's."""
+    mod = _module((1, 16, 16, 3), lambda x: relax.op.permute_dims(x, [0, 3, 1, 2]))
+    (script,) = _scheduled_kernels(mod).values()
+    assert "T.where" not in script and "T.int64(8)" not in script, script
+    x = np.random.default_rng(1).standard_normal((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_run(mod, x), x.transpose(0, 3, 1, 2))

@@ -22,6 +22,11 @@ __all__ = ["CPUDefaultSchedule"]
 _MIN_PARALLEL_WORK = 1 << 14
 # Narrowest vector step 4 uses when the full SIMD width does not divide the innermost axis.
 _MIN_VECTOR_BITS = 128
+# Bytes a side of the tiles of a copy across layouts (_tile_transpose): 8 float32.
+_TRANSPOSE_TILE_BYTES = 32
+# A plane (the two axes a copy across layouts swaps) of at most this many bytes stays in L1
+# untiled: MiniLM's per-head 128 x 32 float32 transposes ran 1.3x slower in tiles.
+_TRANSPOSE_IN_CACHE_BYTES = 32 << 10
 # SIMD vectors of one output row kept in registers by a one-row reduction (of 32 on AVX-512).
 _ROW_VECTORS = 8
 # Rows of a reduction's output that step 4 keeps in registers (unrolled) per vector of columns.
@@ -54,7 +59,9 @@ class CPUDefaultSchedule(dl.ScheduleRule):
        fused and run in parallel. A reduction with one output row keeps that row in
        registers (:func:`_schedule_one_row`); over one input's rows (a global pool) on a
        target of several cores, each core takes a contiguous run of the rows
-       (:func:`_split_pooling`).
+       (:func:`_split_pooling`). A copy across layouts (written along its innermost axis,
+       read along another: NHWC -> NCHW) runs in small square tiles of the two axes
+       (:func:`_tile_transpose`); plain copies (slices, reshapes) are inlined into it.
 
     Dynamic shapes, other layouts and anything the schedule primitives reject keep TVM's
     plain loops (a step that fails falls back to the next).
@@ -114,7 +121,9 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
             if len(consumers) == 1 and _is_padding_of_a_window(sch, info.block_rv, consumers[0]):
                 yield info.block_rv  # the window's taps are a select each, in any order
                 continue
-            if any(_reads_transposed(sch, c, info.block_rv) for c in consumers):
+            if not _is_copy(sch.get(info.block_rv)) and any(
+                _reads_transposed(sch, c, info.block_rv) for c in consumers
+            ):
                 continue
             if all(sch.get(c).name_hint in injective for c in consumers) or (
                 len(consumers) == 1 and _reads_each_once(sch, consumers[0], info.block_rv)
@@ -157,6 +166,14 @@ def _reads_transposed(sch: s_tir.Schedule, consumer, producer) -> bool:
         if any(uses[:-1]) and not uses[-1]:
             return True
     return False
+
+
+def _is_copy(block: s_tir.SBlock) -> bool:
+    """Whether ``block`` only copies: each element a load of another buffer, no arithmetic (a
+    strided slice, a reshape). Inlined into a consumer that reads it across its layout it costs
+    nothing (there is no arithmetic to keep vectorized), and it saves a pass through memory."""
+    body = block.body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, tvm.ir.expr.TensorLoad)
 
 
 def _is_padding_of_a_window(sch: s_tir.Schedule, producer, consumer) -> bool:
@@ -339,6 +356,8 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int, cores: int 
         return False
     loops = info.get_loops()
     spatial, reduction = list(loops[:n_spatial]), list(loops[n_spatial:])
+    if not reduction and _tile_transpose(sch, info, spatial, extents):
+        return True
 
     bits = max(block.writes[0].source.dtype.bits, 8)
     inner_var = block.iter_vars[n_spatial - 1].var
@@ -384,6 +403,45 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int, cores: int 
             sch.unroll(rows)
         # Only after vectorize/parallel: those need the block to still own its init.
         sch.decompose_reduction(info.block_rv, reduction[0])
+    return True
+
+
+def _tile_transpose(sch: s_tir.Schedule, info, spatial: list, extents: list) -> bool:
+    """Tile a copy across layouts: a block that writes along its innermost axis but reads
+    across it (an NHWC -> NCHW ``permute_dims``; a detection head's flatten + concat of
+    channels-last maps) runs in ``t x t`` tiles of that axis and of the last one every read
+    walks with unit stride (``t`` elements of :data:`_TRANSPOSE_TILE_BYTES`). Each tile then
+    reads ``t`` runs of ``t`` contiguous elements and writes ``t`` such runs, all in cache;
+    in plain loop order every element read was on another cache line (the YOLO-style neck's
+    head concat, 255 x 2100 float32: 1.0 ms -> 0.25 ms with its slices inlined, 1 thread,
+    AMD Zen 3). A plane that fits in L1 (:data:`_TRANSPOSE_IN_CACHE_BYTES`) stays untiled.
+    False (nothing changed) for any other block."""
+    block = sch.get(info.block_rv)
+    if len(spatial) < 2:
+        return False
+    inner = block.iter_vars[len(spatial) - 1].var
+    if _is_unit_stride(block, inner) or not _is_unit_stride(block, inner, block.writes):
+        return False
+    bits = max(block.writes[0].source.dtype.bits, 8)
+    t = max(4, _TRANSPOSE_TILE_BYTES * 8 // bits)
+    across = next(
+        (
+            i
+            for i in reversed(range(len(spatial) - 1))
+            if extents[i] >= t and _is_unit_stride(block, block.iter_vars[i].var, block.reads)
+        ),
+        None,
+    )
+    if across is None or extents[len(spatial) - 1] < t:
+        return False
+    if extents[across] * extents[len(spatial) - 1] * bits // 8 <= _TRANSPOSE_IN_CACHE_BYTES:
+        return False  # the plane fits in L1: untiled, every line read stays there
+    rows, row = sch.split(spatial[across], [None, t])
+    columns, column = sch.split(spatial[-1], [None, t])
+    others = [loop for i, loop in enumerate(spatial[:-1]) if i != across]
+    sch.reorder(*others, rows, columns, row, column)
+    if math.prod(extents) >= _MIN_PARALLEL_WORK:
+        sch.parallel(sch.fuse(*others, rows) if others else rows)
     return True
 
 
@@ -508,11 +566,12 @@ def _schedule_one_row(
     sch.decompose_reduction(block, reduction[0])
 
 
-def _is_unit_stride(block: s_tir.SBlock, var: tirx.Var) -> bool:
-    """Whether ``var`` moves every access of ``block`` by 0 or 1 element of its buffer's flat
-    layout: it indexes the last dimension with stride 1, or a dimension that only unit
-    dimensions follow (a squeeze-excite gate ``(1, C, 1, 1)`` read by an NHWC multiply)."""
-    for region in (*block.reads, *block.writes):
+def _is_unit_stride(block: s_tir.SBlock, var: tirx.Var, regions=None) -> bool:
+    """Whether ``var`` moves every access of ``block`` (or only its ``regions``) by 0 or 1
+    element of its buffer's flat layout: it indexes the last dimension with stride 1, or a
+    dimension that only unit dimensions follow (a squeeze-excite gate ``(1, C, 1, 1)`` read by
+    an NHWC multiply)."""
+    for region in (*block.reads, *block.writes) if regions is None else regions:
         shape = region.source.shape
         flat = 0
         for axis, dim in enumerate(region.region):
