@@ -369,3 +369,45 @@ def test_int16_kernel_requantizes_like_the_int32_conv(dtype, relu, int_rounding,
         want = np.pad(want, ((0, 0), (1, 3), (2, 1), (0, 0)), constant_values=zero_point)
     np.testing.assert_array_equal(got, want.astype(stored or dtype))
     assert len(np.unique(got)) > 20
+
+
+@pytest.mark.parametrize(
+    ("ow", "o", "tile"),
+    [(14, 256, (5, 2, 15)), (49, 512, (5, 2, 50)), (7, 512, (7, 1, 7)), (128, 768, (4, 3, 128))],
+)
+def test_int16_tiles_pad_a_row_least(ow, o, tile):
+    """Where the float tiles' choice pads a row by more than 5% (ResNet-50's 14-pixel rows:
+    6 x 2 over 18), the int16 tile takes the pixel count of 4 or more that pads it least;
+    tiles that pad nothing stay."""
+    from tvmq.kernels.cpu_float_conv import choose_int16_tiles
+
+    tiles = choose_int16_tiles(ow, o)
+    assert (tiles.mr, tiles.nr, tiles.ow_padded) == tile
+
+
+def test_int16_kernel_sums_a_strided_conv_over_a_padded_row():
+    """A 3x3 stride-2 conv with 14-pixel output rows on the int16 kernel's padded 5-pixel tiles
+    (15 a row, the last a copy the caller slices off) sums numpy's products exactly."""
+    from tvmq.kernels.cpu_float_conv import choose_int16_tiles, pack_conv_weight_pairs
+    from tvmq.machine import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs AVX2 code (vpmaddwd)")
+    rng = np.random.default_rng(5)
+    oh, c, o = 14, 18, 32
+    tiles = choose_int16_tiles(oh, o)
+    assert tiles.ow_padded == 15
+    hp, wp = 2 * oh + 1, 2 * tiles.ow_padded + 1
+    x = rng.integers(-128, 128, (1, hp, wp, c))
+    w = rng.integers(-128, 128, (o, c, 3, 3))
+    func = float_conv2d_nhwc(ConvShape(1, hp, wp, c, (3, 3), (2, 2), (1, 1), oh), tiles, int16=True)
+    got = run_kernel(
+        func,
+        x.astype(np.int16),
+        pack_conv_weight_pairs(w, 8, tiles.o_padded),
+        out_shape=(1, oh, tiles.ow_padded, tiles.o_padded),
+        dtype=np.dtype("int32"),
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2]
+    want = np.einsum("nyxcij,ocij->nyxo", windows[:, :oh, :oh], w)
+    np.testing.assert_array_equal(got[:, :, :oh, :o], want)

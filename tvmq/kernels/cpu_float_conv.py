@@ -167,8 +167,20 @@ def choose_int16_tiles(ow: int, o: int) -> ConvTiles:
     """The register tile of the int16 (``vpmaddwd``, AVX2) kernel: up to 12 accumulators of at
     most 3 channel vectors. On an AMD Zen 3 core (1 thread) MiniLM's dense shapes ran at
     143-153 GOP/s with 4x3, 6x2 or 5x2 tiles, 126-145 with the float tiles' 2x4 / 4x2 and
-    124-128 with 3x4."""
-    return choose_conv_tiles(ow, o, 8, 16, few_register_cap=12, max_channel_vectors=3)
+    124-128 with 3x4.
+
+    Where that tile pads ``ow`` by more than 5%, the pixel count is the one of 4 or more that
+    pads it least: there the int16 tiles ran at about the same rate whatever their loads
+    (``7x1`` as fast as ``5x2``), so padded pixels are the waste that counts. ResNet-50's
+    14x14 stride-2 3x3 256 -> 256, ``6x2`` over 18 pixels a row -> ``5x2`` over 15: 2082 ->
+    1734 us; its Winograd matmuls over 49 tiles, ``6x2`` over 54 -> ``5x2`` over 50: 59 -> 54
+    us (256 channels) and 243 -> 235 (512; best of 9 / 5 interleaved runs alone)."""
+    tiles = choose_conv_tiles(ow, o, 8, 16, few_register_cap=12, max_channel_vectors=3)
+    if tiles.ow_padded * 20 <= ow * 21:
+        return tiles
+    cap = 12 // tiles.nr
+    mr = min(range(min(4, cap, ow), min(cap, ow) + 1), key=lambda m: (round_up(ow, m), -m))
+    return ConvTiles(mr, tiles.nr, tiles.lanes, round_up(ow, mr), tiles.o_padded)
 
 
 SHORT_REDUCTION = 32
