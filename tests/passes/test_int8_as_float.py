@@ -269,6 +269,71 @@ def test_requantizing_float_kernels_match_the_integer_reference():
     np.testing.assert_array_equal(got, _requantized_reference(x))
 
 
+def _residual_module() -> tvm.IRModule:
+    """A ResNet block's end as LowerInt8 writes it: a 1x1 conv of uint8 ``x`` requantized to
+    int8 (zero point -14), dequantized (``astype``, subtract the zero point, scale), added to
+    the dequantized int8 skip ``s`` and quantized again."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 9, 9), "uint8"))
+    s = relax.Var("s", relax.TensorType((1, 24, 9, 9), "int8"))
+    f32 = lambda v: relax.const(v, "float32")  # noqa: E731
+    with bb.function("main", [x, s]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(W_1X1), out_dtype="int32"))
+            v = bb.emit(relax.op.add(acc, relax.const(OFFSET[:, :8].repeat(3, 1))))
+            v = bb.emit(
+                relax.op.multiply(
+                    relax.op.astype(v, "float32"), relax.const(MULT[:, :8].repeat(3, 1))
+                )
+            )
+            q = bb.emit(
+                relax.op.quantize(v, f32(1.0), relax.const(-14, "int32"), axis=1, out_dtype="int8")
+            )
+            a = bb.emit(
+                relax.op.multiply(
+                    relax.op.subtract(relax.op.astype(q, "float32"), f32(-14.0)), f32(0.0625)
+                )
+            )
+            b = bb.emit(
+                relax.op.multiply(
+                    relax.op.subtract(relax.op.astype(s, "float32"), f32(3.0)), f32(0.03125)
+                )
+            )
+            y = bb.emit(relax.op.add(a, b))
+            out = bb.emit_output(
+                relax.op.quantize(
+                    y, f32(0.125), relax.const(-128, "int32"), axis=1, out_dtype="int8"
+                )
+            )
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_a_requantized_conv_read_by_a_residual_add_stores_its_int8_bytes():
+    """The conv's int8 result, dequantized for a residual add, is stored as int8 (not as the
+    float32 a next conv would read: four times the bytes written and read); the add's kernel
+    converts it. On AVX2 hosts, numpy's result of the integer sums, bit for bit (the scales
+    are powers of two: nothing rounds in the add)."""
+    with HASWELL:
+        mod = PackFloatConv(HASWELL, int16=False)(Int8AsFloat(HASWELL)(_residual_module()))
+    kernels = [gv.name_hint for gv in mod.functions if gv.name_hint.startswith("tvmq_")]
+    assert kernels == ["tvmq_float_conv2d_nhwc_1x1_16x24_requantize"], kernels
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("runs x86-avx2 code: needs AVX2 and FMA")
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (1, 16, 9, 9)).astype(np.uint8)
+    skip = rng.integers(-128, 128, (1, 24, 9, 9)).astype(np.int8)
+    vm = relax.VirtualMachine(build(_residual_module(), "x86-avx2"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(skip)).numpy()
+    acc = np.einsum("nchw,oc->nohw", x.astype(np.int64), W_1X1[:, :, 0, 0].astype(np.int64))
+    v = (acc + OFFSET[:, :8].repeat(3, 1)).astype(np.float32) * MULT[:, :8].repeat(3, 1)
+    q = np.clip(np.rint(v) - 14, -128, 127).astype(np.float32)
+    y = (q + 14) / 16 + (skip.astype(np.float32) - 3) / 32  # power-of-two scales: exact
+    want = np.clip(np.rint(y * 8) - 128, -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 50
+
+
 def _requantized_3x3(c: int, seed: int) -> tuple[tvm.IRModule, tuple]:
     """A padded 3x3 conv of a uint8 image with ``c`` channels, requantized to int8."""
     rng = np.random.default_rng(seed)
