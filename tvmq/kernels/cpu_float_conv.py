@@ -163,6 +163,10 @@ def choose_conv_tiles(
     return best[1]
 
 
+_INT16_ACCUMULATORS = 12
+"""Accumulator registers of the int16 kernel's tile (:func:`choose_int16_tiles`)."""
+
+
 def choose_int16_tiles(ow: int, o: int) -> ConvTiles:
     """The register tile of the int16 (``vpmaddwd``, AVX2) kernel: up to 12 accumulators of at
     most 3 channel vectors. On an AMD Zen 3 core (1 thread) MiniLM's dense shapes ran at
@@ -175,10 +179,12 @@ def choose_int16_tiles(ow: int, o: int) -> ConvTiles:
     14x14 stride-2 3x3 256 -> 256, ``6x2`` over 18 pixels a row -> ``5x2`` over 15: 2082 ->
     1734 us; its Winograd matmuls over 49 tiles, ``6x2`` over 54 -> ``5x2`` over 50: 59 -> 54
     us (256 channels) and 243 -> 235 (512; best of 9 / 5 interleaved runs alone)."""
-    tiles = choose_conv_tiles(ow, o, 8, 16, few_register_cap=12, max_channel_vectors=3)
+    tiles = choose_conv_tiles(
+        ow, o, 8, 16, few_register_cap=_INT16_ACCUMULATORS, max_channel_vectors=3
+    )
     if tiles.ow_padded * 20 <= ow * 21:
         return tiles
-    cap = 12 // tiles.nr
+    cap = _INT16_ACCUMULATORS // tiles.nr
     mr = min(range(min(4, cap, ow), min(cap, ow) + 1), key=lambda m: (round_up(ow, m), -m))
     return ConvTiles(mr, tiles.nr, tiles.lanes, round_up(ow, mr), tiles.o_padded)
 
