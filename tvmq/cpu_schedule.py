@@ -356,10 +356,10 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int, cores: int 
         return False
     loops = info.get_loops()
     spatial, reduction = list(loops[:n_spatial]), list(loops[n_spatial:])
-    if not reduction and _tile_transpose(sch, info, spatial, extents):
+    bits = max(block.writes[0].source.dtype.bits, 8)
+    if not reduction and _tile_transpose(sch, info, spatial, extents, bits):
         return True
 
-    bits = max(block.writes[0].source.dtype.bits, 8)
     inner_var = block.iter_vars[n_spatial - 1].var
     if (
         reduction
@@ -406,7 +406,7 @@ def _schedule_cpu_block(sch: s_tir.Schedule, info, vector_bits: int, cores: int 
     return True
 
 
-def _tile_transpose(sch: s_tir.Schedule, info, spatial: list, extents: list) -> bool:
+def _tile_transpose(sch: s_tir.Schedule, info, spatial: list, extents: list, bits: int) -> bool:
     """Tile a copy across layouts: a block that writes along its innermost axis but reads
     across it (an NHWC -> NCHW ``permute_dims``; a detection head's flatten + concat of
     channels-last maps) runs in ``t x t`` tiles of that axis and of the last one every read
@@ -415,14 +415,14 @@ def _tile_transpose(sch: s_tir.Schedule, info, spatial: list, extents: list) -> 
     in plain loop order every element read was on another cache line (the YOLO-style neck's
     head concat, 255 x 2100 float32: 1.0 ms -> 0.25 ms with its slices inlined, 1 thread,
     AMD Zen 3). A plane that fits in L1 (:data:`_TRANSPOSE_IN_CACHE_BYTES`) stays untiled.
-    False (nothing changed) for any other block."""
+    ``bits``: the width of an element written (at least 8). False (nothing changed) for any
+    other block."""
     block = sch.get(info.block_rv)
     if len(spatial) < 2:
         return False
     inner = block.iter_vars[len(spatial) - 1].var
     if _is_unit_stride(block, inner) or not _is_unit_stride(block, inner, block.writes):
         return False
-    bits = max(block.writes[0].source.dtype.bits, 8)
     t = max(4, _TRANSPOSE_TILE_BYTES * 8 // bits)
     across = next(
         (
