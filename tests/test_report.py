@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -118,6 +119,7 @@ def test_report_holds_the_manifest_values_and_is_self_contained(int8_build):
     assert manifest["notes"]["weights"]["float32"] >= 16 * 10  # the float second layer
 
     # kernels: those the build lists, each once per call, shares adding up to 100 %
+    assert data["kernels"]["in_sequence"] is True  # the build has a static plan
     kernels = data["kernels"]["rows"]
     built = {
         k for how in ("tuned", "default", "prescheduled") for k in manifest["notes"]["kernels"][how]
@@ -129,11 +131,15 @@ def test_report_holds_the_manifest_values_and_is_self_contained(int8_build):
         assert r["name"] == DISPATCH_ROW or r["schedule"] in ("tuned", "default", "prescheduled")
 
 
-def test_profile_kernels_times_each_kernel_of_a_real_call(int8_build, rng):
+@pytest.mark.parametrize("in_sequence", [None, False])
+def test_profile_kernels_times_each_kernel_of_a_real_call(int8_build, rng, in_sequence):
+    """By default (the build has a static plan) each kernel call is timed in the model's
+    sequence; ``in_sequence=False`` times each alone in a loop. Either way one row a kernel."""
     model = tvmq.load(int8_build)
+    assert model._plan is not None
     x = rng.standard_normal((2, 32)).astype("float32")
     before = model(x)
-    rows = profile_kernels(model, [x], repeat=3)
+    rows = profile_kernels(model, [x], repeat=3, in_sequence=in_sequence)
     assert rows == sorted(rows, key=lambda r: -r.seconds)
     names = [r.name for r in rows]
     assert DISPATCH_ROW in names and len(names) == len(set(names))
@@ -150,6 +156,38 @@ def test_profile_kernels_times_each_kernel_of_a_real_call(int8_build, rng):
     np.testing.assert_array_equal(model(x), before)  # profiling changed nothing
     with pytest.raises(TvmqError, match="repeat"):
         profile_kernels(model, repeat=0)
+
+
+def test_profile_in_sequence_times_every_call_of_the_plan(int8_build, rng):
+    """Each row holds as many calls as the plan makes of its kernel (a kernel called twice
+    is one row of two calls), and the model's result is the same after the timed runs."""
+    model = tvmq.load(int8_build)
+    x = rng.standard_normal((2, 32)).astype("float32")
+    before = model(x)
+    rows = profile_kernels(model, [x], repeat=5)
+    plan = model.manifest.library["plan"]
+    want = collections.Counter(plan["kernels"][k] for k, _ in plan["steps"])
+    got = {r.name: r.calls for r in rows if r.name != DISPATCH_ROW}
+    assert got == dict(want)
+    assert all(r.seconds > 0 for r in rows if r.name != DISPATCH_ROW)
+    np.testing.assert_array_equal(model(x), before)
+
+
+def test_profile_in_sequence_needs_a_plan(int8_build, tmp_path, rng):
+    """A model that runs on the VM (here: a plan edited after the build, which the runtime
+    refuses) is timed kernel by kernel alone by default, and refuses ``in_sequence=True``."""
+    out = tmp_path / "m"
+    shutil.copytree(int8_build, out)
+    manifest = json.loads((out / "model.json").read_text())
+    manifest["library"]["plan"]["steps"].reverse()
+    (out / "model.json").write_text(json.dumps(manifest))
+    model = tvmq.load(out)
+    assert model._plan is None
+    x = rng.standard_normal((2, 32)).astype("float32")
+    names = {r.name for r in profile_kernels(model, [x], repeat=2)}
+    assert DISPATCH_ROW in names and len(names) >= 2
+    with pytest.raises(TvmqError, match="in_sequence needs the model's static call plan"):
+        profile_kernels(model, [x], repeat=2, in_sequence=True)
 
 
 def test_eval_accuracy_against_labels_and_float_outputs(int8_build, small_mlp, tmp_path):

@@ -132,10 +132,12 @@ def _kernels(model, manifest: Manifest, repeat: int) -> dict:
     for how, names in (manifest.notes.get("kernels") or {}).items():
         if how != "tuning_logs":
             schedules.update(dict.fromkeys(names, how))
-    rows = profile_kernels(model, repeat=repeat)
+    in_sequence = model._plan is not None  # else each kernel alone (the VM's calls)
+    rows = profile_kernels(model, repeat=repeat, in_sequence=in_sequence)
     return {
         "device": str(model.device),
         "repeat": repeat,
+        "in_sequence": in_sequence,
         "total_seconds": sum(r.seconds for r in rows),
         "rows": [
             {

@@ -168,8 +168,13 @@ def _kernel_section(data: dict) -> str:
     return (
         '<section id="kernels"><h2>Kernel time</h2>'
         f"<p>One call takes {_time(k['total_seconds'])} on {_e(k['device'])} (median of "
-        f"{k['repeat']}). Each kernel is timed alone on the tensors of a real call; "
-        f"<i>{_e(DISPATCH_ROW)}</i> is the rest of the call.</p>"
+        f"{k['repeat']}). "
+        + (
+            "Each kernel call is timed where it runs, in the model's sequence; "
+            if k.get("in_sequence")
+            else "Each kernel is timed alone on the tensors of a real call; "
+        )
+        + f"<i>{_e(DISPATCH_ROW)}</i> is the rest of the call.</p>"
         + _img(_kernel_figure(k["rows"]))
         + "<table><tr><th>kernel</th><th>schedule</th><th class=n>calls</th>"
         "<th class=n>time in one model call</th><th class=n>share</th></tr>"

@@ -280,6 +280,32 @@ class CompiledModel:
         timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
         return LatencyStats.from_seconds(list(timer("main").results))
 
+    def _time_plan_steps(self, args, kwargs, warmup: int, repeat: int):
+        """Each kernel call of the static plan timed where it runs: in the model's order, on
+        the caches the calls before it leave, ``repeat`` runs of the whole plan after
+        ``warmup``, on the inputs ``args`` / ``kwargs`` (as for a call). Returns ``(names,
+        seconds, runs)``: the kernel of each step, each step's ``repeat`` times, and each
+        run's total (the steps and the Python loop between them). None for a model without a
+        plan (it runs on the VM)."""
+        if self._plan is None:
+            return None
+        arrays = check_inputs(self.manifest.inputs, args, kwargs)
+        steps, clock = self._plan.steps, time.perf_counter
+        seconds: list[list[float]] = [[] for _ in steps]
+        runs = []
+        with self._lock:
+            self._slots.fill(arrays)
+            for _ in range(max(warmup, 0)):
+                self._plan.run()
+            for _ in range(max(repeat, 1)):
+                begin = clock()
+                for (function, operands), times in zip(steps, seconds, strict=True):
+                    start = clock()
+                    function(*operands)
+                    times.append(clock() - start)
+                runs.append(clock() - begin)
+        return self._plan.names, seconds, runs
+
     def _benchmark_plan(self, inputs, warmup: int, repeat: int) -> LatencyStats:
         arrays = check_inputs(self.manifest.inputs, inputs or random_inputs(self.inputs), {})
         run, clock, samples = self._plan.run, time.perf_counter, []

@@ -75,6 +75,7 @@ class PlanRunner:
         self.tensors = tuple(tensors)
         functions = [lib.get_function(k, query_imports=True) for k in plan["kernels"]]
         self.steps = tuple((functions[k], tuple(ref(a) for a in args)) for k, args in plan["steps"])
+        self.names = tuple(plan["kernels"][k] for k, _ in plan["steps"])  # each step's kernel
         self.outputs = tuple(np.from_dlpack(ref(o)) for o in plan["outputs"])
 
     def run(self) -> None:
