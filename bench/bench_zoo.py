@@ -196,12 +196,13 @@ def prepare(names: list[str], size: str, workdir: Path) -> dict:
     """Export, quantize and compile every engine of every model; the plan the workers time."""
     plan: dict = {"size": size, "models": [], "notes": []}
     peers = {m: _has(m) for m in ("onnxruntime", "openvino", "nncf")}
+    extra = "pip install -c constraints.txt -e '.[bench]' installs the peers"
     if not peers["onnxruntime"]:
-        plan["notes"].append("onnxruntime not installed: no ORT rows (pip install onnxruntime)")
+        plan["notes"].append(f"onnxruntime not installed: no ORT rows ({extra})")
     if not peers["openvino"]:
-        plan["notes"].append("openvino not installed: no OV rows (pip install openvino)")
+        plan["notes"].append(f"openvino not installed: no OV rows ({extra})")
     elif not peers["nncf"]:
-        plan["notes"].append("nncf not installed: OV int8 runs ORT's QDQ file")
+        plan["notes"].append(f"nncf not installed: OV int8 runs ORT's QDQ file ({extra})")
     for name in names:
         t0 = time.perf_counter()
         try:
