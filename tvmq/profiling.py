@@ -3,10 +3,11 @@
 A model with a static call plan (:mod:`tvmq.static_plan`: static shapes on a CPU, what most
 builds are) is timed *in sequence*: each kernel call of the plan is timed where it runs, in
 the model's order, on the caches the calls before it leave (each time includes the call from
-Python, a fraction of a microsecond), and a kernel's row is the sum of its calls' medians. Timed alone in a loop, a kernel finds its weights and operands in cache
-(the VM's ``time_evaluator`` path below): ResNet-50 fp32's 14x14 1x1 convs took 15-16%
-longer in the model than alone on one thread, 25-26% on two, and all such gaps together
-showed up as 17% of the call in the "around the kernels" row, as if it were dispatch.
+Python, a fraction of a microsecond), and a kernel's row is the sum of its calls' medians.
+Timed alone in a loop, a kernel finds its weights and operands in cache (the VM's
+``time_evaluator`` path below): ResNet-50 fp32's 14x14 1x1 convs took 15-16% longer in the
+model than alone on one thread, 25-26% on two, and all such gaps together showed up as 17%
+of the call in the "around the kernels" row, as if it were dispatch.
 
 Any other model (dynamic shapes, a GPU) runs on TVM 0.27's Relax VM, which has no profiling
 mode (``VirtualMachine(..., profile=True)`` is gone); it can only be *instrumented*:
@@ -104,7 +105,7 @@ def profile_kernels(
         inputs = random_inputs(model.inputs)
     args, kwargs = (inputs, {}) if not isinstance(inputs, dict) else ((), inputs)
     if in_sequence is None:
-        in_sequence = model._plan is not None
+        in_sequence = times_in_sequence(model)
     if in_sequence:
         timed = model._time_plan_steps(list(args), kwargs, warmup, repeat)
         if timed is None:
@@ -125,6 +126,12 @@ def profile_kernels(
     rows.append((DISPATCH_ROW, 0, total - kernels_s))
     rows.sort(key=lambda r: -r[2])
     return [KernelTime(n, c, s, 100.0 * s / total if total > 0 else 0.0) for n, c, s in rows]
+
+
+def times_in_sequence(model: CompiledModel) -> bool:
+    """Whether :func:`profile_kernels` times ``model``'s kernels in sequence by default: where
+    the model runs a static call plan."""
+    return model._plan is not None
 
 
 def _alone(model: CompiledModel, args, kwargs, repeat: int, min_repeat_ms: int, warmup: int):

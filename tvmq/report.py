@@ -126,13 +126,13 @@ def _quantization(q: dict | None) -> dict | None:
 
 
 def _kernels(model, manifest: Manifest, repeat: int) -> dict:
-    from tvmq.profiling import DISPATCH_ROW, profile_kernels
+    from tvmq.profiling import DISPATCH_ROW, profile_kernels, times_in_sequence
 
     schedules = {}
     for how, names in (manifest.notes.get("kernels") or {}).items():
         if how != "tuning_logs":
             schedules.update(dict.fromkeys(names, how))
-    in_sequence = model._plan is not None  # else each kernel alone (the VM's calls)
+    in_sequence = times_in_sequence(model)  # else each kernel alone (the VM's calls)
     rows = profile_kernels(model, repeat=repeat, in_sequence=in_sequence)
     return {
         "device": str(model.device),
