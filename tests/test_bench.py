@@ -96,6 +96,18 @@ def test_bench_int8_dense_quick():
         assert all(math.isfinite(float(c)) for c in cells), ln
 
 
+def test_bench_plan_runner(compiled_mlp_dir):
+    stdout = _run(
+        "bench_plan_runner.py", str(compiled_mlp_dir), "--rounds", "2", "--repeat", "20",
+        timeout=300,
+    )  # fmt: skip
+    name = "/".join(compiled_mlp_dir.resolve().parts[-2:])
+    (row,) = [ln.split() for ln in stdout.splitlines() if ln.startswith(name)]
+    steps, python_us, native_us, ratio = int(row[1]), *map(float, row[2:])
+    assert steps >= 2 and python_us > 0 and native_us > 0
+    assert ratio == pytest.approx(python_us / native_us, rel=0.05)
+
+
 def test_bench_weight_only_quick():
     stdout = _run("bench_weight_only.py", "--quick", timeout=900)
     rows = re.findall(

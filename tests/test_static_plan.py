@@ -61,7 +61,7 @@ def test_plan_calls_give_the_vms_bits(kind, tmp_path, small_mlp, rng):
         model, "host", example_inputs=torch.zeros(shape), output_dir=out, progress=False, **kwargs
     )
     m = tvmq.load(out)
-    assert isinstance(m._plan, PlanRunner)
+    assert isinstance(m._plan, PlanRunner) and m._plan.native  # the library's runner calls
     plan = m.manifest.library["plan"]
     assert len(m._plan.steps) == len(plan["steps"]) >= 2
     if kind == "mlp-clustered":  # the decoded weights are main's parameters after the input
@@ -84,6 +84,54 @@ def test_plan_calls_give_the_vms_bits(kind, tmp_path, small_mlp, rng):
             np.testing.assert_array_equal(g, v)
     for g, k in zip(got_first, kept, strict=True):  # the caller's arrays are its own
         np.testing.assert_array_equal(g, k)
+
+
+def test_the_native_runner_and_python_make_the_same_calls(tmp_path, rng):
+    """The library's native runner (RUNNER_FUNCTION) and the Python loop over the plan's
+    steps (a library without the runner) give the same bits, each step's operands its own
+    (a conv, pool, reshape and dense: operands of one to five tensors)."""
+    torch.manual_seed(1)
+    out = tmp_path / "m"
+    tvmq.compile(
+        _ConvTwoHeads().eval(), "host", example_inputs=torch.zeros(1, 3, 8, 8), output_dir=out
+    )
+    native = tvmq.load(out)
+    x = rng.standard_normal((1, 3, 8, 8)).astype("float32")
+    native_out = _as_list(native(x))
+    plan = native._plan
+    calls = []
+    python = PlanRunner(
+        native.manifest.library["plan"],
+        native._lib,
+        native._vm,
+        list(native._slots.main_args),
+    )
+    python._native = None  # as for a library exported without the runner
+    python.steps = tuple(
+        (lambda *a, f=f: calls.append(1) or f(*a), args) for f, args in python.steps
+    )
+    for buffer in native._slots.arrays:
+        buffer.fill(0)
+    np.copyto(native._slots.arrays[0], x)
+    python.run()
+    assert len(calls) == len(plan.steps)
+    for got, ref in zip([o.copy() for o in python.outputs], native_out, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    for got, ref in zip(_as_list(native(x)), _vm_outputs(native, [x]), strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_a_library_exported_without_a_plan_has_no_runner(tmp_path):
+    import tvm
+
+    from tvmq.build import build, export_library
+    from tvmq.frontends import import_model
+    from tvmq.static_plan import _native_runner
+
+    imported = import_model(torch.nn.Linear(4, 3).eval(), example_inputs=torch.zeros(2, 4))
+    ex = build(imported.mod, "host")
+    export_library(ex, tmp_path / "bare.so", "host")
+    assert _native_runner(tvm.runtime.load_module(str(tmp_path / "bare.so"))) is None
 
 
 def test_outputs_that_are_an_input_or_one_tensor_twice_are_separate_copies(tmp_path, rng):

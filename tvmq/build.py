@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ from tvmq.passes.cluster_weights import ATTR as CLUSTERED
 from tvmq.passes.int8_as_float import ATTR as INT8_AS_FLOAT
 from tvmq.passes.relax_utils import RESHAPE, binding_map, main_function, op_name, resolve
 from tvmq.sizes import constant_bytes_by_dtype
-from tvmq.static_plan_record import record_plan
+from tvmq.static_plan_record import record_plan, runner_source
 from tvmq.targets import TargetPreset, get_target
 from tvmq.toolchain import find_compiler
 
@@ -268,8 +269,25 @@ def _symbolic_matmul_kernels(mod: tvm.IRModule) -> list[str]:
 _LINK_OPTIONS = ("-s", "-Wl,-z,noseparate-code", "-Wl,-z,norelro")
 
 
+def _runner_file(plan: dict, folder: Path) -> str:
+    """The plan's native runner as a C++ file in ``folder``."""
+    source = folder / "tvmq_plan_run.cc"
+    source.write_text(runner_source(plan))
+    return str(source)
+
+
+def _ffi_include_dirs() -> list[str]:
+    """TVM FFI's C API headers (``tvm/ffi/c_api.h`` and the DLPack header it includes)."""
+    from tvm_ffi import libinfo
+
+    return [libinfo.find_include_path(), libinfo.find_dlpack_include_path()]
+
+
 def export_library(
-    ex: tvm.relax.VMExecutable, path: str | os.PathLike, target: TargetPreset | str
+    ex: tvm.relax.VMExecutable,
+    path: str | os.PathLike,
+    target: TargetPreset | str,
+    plan: dict | None = None,
 ) -> None:
     """Write a built executable as one shared library for the target.
 
@@ -283,6 +301,10 @@ def export_library(
     target : TargetPreset or str
         The preset the executable was built for; its ``cc`` links the library (the system
         default C++ compiler when ``cc`` is null).
+    plan : dict, optional
+        The build's static call plan (:attr:`BuildInfo.plan`): the library then also holds
+        the native function that makes its calls
+        (:func:`tvmq.static_plan_record.runner_source`), compiled by the same ``cc``.
 
     Raises
     ------
@@ -298,7 +320,11 @@ def export_library(
         kwargs["fpack_imports"] = PTXImportPacker(preset)
     path = Path(path)
     try:
-        ex.mod.export_library(str(path), **kwargs)
+        with tempfile.TemporaryDirectory(prefix="tvmq-export-") as tmp:
+            if plan is not None:
+                kwargs["addons"] = [_runner_file(plan, Path(tmp))]
+                kwargs["options"] += ["-O2", *(f"-I{d}" for d in _ffi_include_dirs())]
+            ex.mod.export_library(str(path), workspace_dir=tmp, **kwargs)
     except TvmqError:
         raise
     except Exception as err:  # linker and packer failures come in several types

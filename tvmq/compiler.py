@@ -200,7 +200,7 @@ def _write_build(
     (:mod:`tvmq.static_plan`), if the build made one."""
     with folder.stage() as stage:
         lib = stage / LIBRARY
-        build.export_library(ex, lib, preset)
+        build.export_library(ex, lib, preset, plan)
         manifest.library = {
             "file": LIBRARY,
             "bytes": lib.stat().st_size,

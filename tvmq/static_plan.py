@@ -35,6 +35,11 @@ import tvm
 CONSTANTS_FUNCTION = "tvmq_plan_constants"
 """The library function that returns the plan's constants, in the plan's order."""
 
+RUNNER_FUNCTION = "tvmq_plan_run"
+"""The library function that makes the plan's kernel calls in native code, given the
+address of their operands' handles (:func:`tvmq.static_plan_record.runner_source`). A
+library without it (exported before it existed, or by hand) is run from Python."""
+
 PLAN_VERSION = 1
 
 HUGE_PAGE = 2 << 20
@@ -77,10 +82,33 @@ class PlanRunner:
         self.steps = tuple((functions[k], tuple(ref(a) for a in args)) for k, args in plan["steps"])
         self.names = tuple(plan["kernels"][k] for k, _ in plan["steps"])  # each step's kernel
         self.outputs = tuple(np.from_dlpack(ref(o)) for o in plan["outputs"])
+        self._native = _native_runner(lib)
+        # every step's operands, as the runner reads them: object handles, step after step
+        # (the tensors themselves are kept alive by self.steps)
+        self._handles = np.array(
+            [a.__chandle__() for _, args in self.steps for a in args], dtype=np.uint64
+        )
+        self._address = int(self._handles.ctypes.data)
+
+    @property
+    def native(self) -> bool:
+        """Whether the calls are made by the library's native runner, not from Python."""
+        return self._native is not None
 
     def run(self) -> None:
+        if self._native is not None:
+            self._native(self._address)
+            return
         for function, args in self.steps:
             function(*args)
+
+
+def _native_runner(lib: tvm.runtime.Module):
+    """The library's :data:`RUNNER_FUNCTION`, or None where it has none."""
+    try:
+        return lib.get_function(RUNNER_FUNCTION, query_imports=True)
+    except AttributeError:
+        return None
 
 
 def _storage(nbytes: int) -> tvm.runtime.Tensor:
