@@ -336,7 +336,7 @@ def _one_input_call(model: CompiledModel, slots: _InputSlots):
     copyto, from_dlpack = np.copyto, np.from_dlpack
     plan = model._plan
     if plan is not None:
-        steps, outs = plan.steps, plan.outputs
+        run, outs = plan.run, plan.outputs
         out = outs[0] if len(outs) == 1 else None
 
         def call_plan(a):
@@ -344,8 +344,7 @@ def _one_input_call(model: CompiledModel, slots: _InputSlots):
                 return this._call((a,), {})
             with lock:
                 buffer[...] = a  # (a little faster than np.copyto)
-                for function, args in steps:
-                    function(*args)
+                run()
                 return out.copy() if out is not None else tuple(o.copy() for o in outs)
 
         return call_plan
