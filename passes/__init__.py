@@ -19,7 +19,8 @@ Target kernels, after ``LowerInt8`` (the build applies them per target):
 :class:`PackMmaBatchMatmulCUDA` (fp16 / int8 attention matmuls on tensor cores), :class:`PackMmaConvCUDA`
 (fp16 / int8 conv2d: im2col + tensor-core dense); :class:`UseFastMath` (vectorizable exp / erf / tanh, softmax and
 GELU on CPU targets) and :class:`QuantizedSoftmax` (a softmax and its per-tensor quantize as one kernel),
-:class:`QuantizeByMultiply` (quantize by a constant scale without a divide); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
+:class:`QuantizeByMultiply` (quantize by a constant scale without a divide),
+:class:`FastRowQuantize` (dynamic int8's per-row quantize without a divide per value); float CPU kernels :class:`PackFloatConv`, :class:`PackFloatDense`,
 :class:`PackFloatBatchMatmul` (attention's float activation matmuls on x86), and
 :class:`PackDecodedDense` (w8 / w4 matmul weights decoded inside the kernel),
 :class:`PackImageNHWC` (a CNN's NCHW input image to padded NHWC in one vectorized kernel);
@@ -53,6 +54,7 @@ from .conv_transpose_as_matmul import ConvTransposeAsMatmul
 from .correct_bias import CorrectBias
 from .decode_at_load import DecodeAtLoad
 from .drop_matmul_broadcasts import DropMatmulBroadcasts
+from .fast_row_quantize import FastRowQuantize
 from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_casts import FoldConstantCasts
 from .fold_quant_scales import FoldQuantScales
@@ -113,6 +115,7 @@ __all__ = [
     "ClusterWeights",
     "DecodeAtLoad",
     "DropMatmulBroadcasts",
+    "FastRowQuantize",
     "FoldTableDecoders",
     "Int8AsFloat",
     "Int8AsInt16",

@@ -94,6 +94,19 @@ def find_dynamic_epilogues(mod: tvm.IRModule, match_dense) -> dict[relax.Var, Dy
     return found
 
 
+def quantized_rows(x_q: relax.Expr, values, mod) -> tuple[relax.Expr, relax.Expr] | None:
+    """``(x, params)`` when ``x_q`` is QuantizeDynamic's quantize of ``x`` with ``params =
+    row_qparams_u8(x)`` (see the module docstring), else None."""
+    cast = values.get(x_q)
+    clip = values.get(cast.args[0]) if op_name(cast) == "relax.astype" else None
+    add = values.get(clip.args[0]) if op_name(clip) == "relax.clip" else None
+    if op_name(add) != "relax.add":
+        return None
+    params = _column_of(add.args[1], 1, values)
+    x = _quantized_source(x_q, params, values, mod) if params is not None else None
+    return None if x is None else (x, params)
+
+
 def _quantized_source(x_q: relax.Expr, params: relax.Expr, values, mod) -> relax.Expr | None:
     """``x`` when ``x_q`` is QuantizeDynamic's quantize of ``x`` with ``params``, which is
     ``row_qparams_u8(x)`` (see the module docstring), else None."""

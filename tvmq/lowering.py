@@ -30,6 +30,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvmq.cpu_schedule import CPUDefaultSchedule
 from tvmq.passes import (
     ConvTransposeAsMatmul,
+    FastRowQuantize,
     FoldBatchNorm,
     FoldConstantCasts,
     FoldScalarMultiply,
@@ -118,6 +119,7 @@ def target_kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         QuantizedSoftmax(),  # a softmax quantized per tensor (int8 attention): one kernel
         SafeSoftmax(),  # PyTorch SDPA's softmax with 0 for fully masked rows: one kernel
         QuantizeByMultiply(),  # quantize by a constant scale: x * (1/s), no divide per element
+        FastRowQuantize(target),  # dynamic int8's row quantize: no divide per value (x86 FMA)
         UseFastMath(),  # vectorizable exp / erf / tanh: softmax and GELU
         PackImageNHWC(target),  # a CNN's NCHW input image to padded NHWC: one vector kernel
     ]
