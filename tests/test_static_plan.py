@@ -119,6 +119,11 @@ def test_the_native_runner_and_python_make_the_same_calls(tmp_path, rng):
         np.testing.assert_array_equal(got, ref)
     for got, ref in zip(_as_list(native(x)), _vm_outputs(native, [x]), strict=True):
         np.testing.assert_array_equal(got, ref)
+    # the timed runner: the same calls, each step's seconds read between them
+    steps = plan.time_steps()
+    assert steps.shape == (len(plan.steps),) and (steps >= 0).all() and steps.sum() > 0
+    for got, ref in zip([o.copy() for o in plan.outputs], native_out, strict=True):
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_a_library_exported_without_a_plan_has_no_runner(tmp_path):
@@ -126,12 +131,15 @@ def test_a_library_exported_without_a_plan_has_no_runner(tmp_path):
 
     from tvmq.build import build, export_library
     from tvmq.frontends import import_model
-    from tvmq.static_plan import _native_runner
+    from tvmq.static_plan import RUNNER_FUNCTION, _library_function
 
     imported = import_model(torch.nn.Linear(4, 3).eval(), example_inputs=torch.zeros(2, 4))
     ex = build(imported.mod, "host")
     export_library(ex, tmp_path / "bare.so", "host")
-    assert _native_runner(tvm.runtime.load_module(str(tmp_path / "bare.so"))) is None
+    assert (
+        _library_function(tvm.runtime.load_module(str(tmp_path / "bare.so")), RUNNER_FUNCTION)
+        is None
+    )
 
 
 def test_outputs_that_are_an_input_or_one_tensor_twice_are_separate_copies(tmp_path, rng):

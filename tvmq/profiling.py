@@ -2,8 +2,10 @@
 
 A model with a static call plan (:mod:`tvmq.static_plan`: static shapes on a CPU, what most
 builds are) is timed *in sequence*: each kernel call of the plan is timed where it runs, in
-the model's order, on the caches the calls before it leave (each time includes the call from
-Python, a fraction of a microsecond), and a kernel's row is the sum of its calls' medians.
+the model's order, on the caches the calls before it leave (the clock read between the calls
+by the library's timed runner, in native code as a call makes them; a library built without
+it is timed from Python, each time then including a call from Python, a fraction of a
+microsecond), and a kernel's row is the sum of its calls' medians.
 Timed alone in a loop, a kernel finds its weights and operands in cache (the VM's
 ``time_evaluator`` path below): ResNet-50 fp32's 14x14 1x1 convs took 15-16% longer in the
 model than alone on one thread, 25-26% on two, and all such gaps together showed up as 17%

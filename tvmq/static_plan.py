@@ -40,6 +40,10 @@ RUNNER_FUNCTION = "tvmq_plan_run"
 address of their operands' handles (:func:`tvmq.static_plan_record.runner_source`). A
 library without it (exported before it existed, or by hand) is run from Python."""
 
+TIMED_RUNNER_FUNCTION = "tvmq_plan_run_timed"
+"""The same calls, the monotonic clock read before the first and after each
+(:meth:`PlanRunner.time_steps`)."""
+
 PLAN_VERSION = 1
 
 HUGE_PAGE = 2 << 20
@@ -82,7 +86,8 @@ class PlanRunner:
         self.steps = tuple((functions[k], tuple(ref(a) for a in args)) for k, args in plan["steps"])
         self.names = tuple(plan["kernels"][k] for k, _ in plan["steps"])  # each step's kernel
         self.outputs = tuple(np.from_dlpack(ref(o)) for o in plan["outputs"])
-        self._native = _native_runner(lib)
+        self._native = _library_function(lib, RUNNER_FUNCTION)
+        self._timed = _library_function(lib, TIMED_RUNNER_FUNCTION)
         # every step's operands, as the runner reads them: object handles, step after step
         # (the tensors themselves are kept alive by self.steps)
         self._handles = np.array(
@@ -95,6 +100,16 @@ class PlanRunner:
         """Whether the calls are made by the library's native runner, not from Python."""
         return self._native is not None
 
+    def time_steps(self) -> np.ndarray | None:
+        """One run of the calls by the library's timed runner: each step's seconds (the
+        monotonic clock read between the calls in native code, no Python in between), or None
+        for a library without it."""
+        if self._timed is None:
+            return None
+        stamps = np.zeros(len(self.steps) + 1, np.int64)
+        self._timed(self._address, int(stamps.ctypes.data))
+        return np.diff(stamps) * 1e-9
+
     def run(self) -> None:
         if self._native is not None:
             self._native(self._address)
@@ -103,10 +118,10 @@ class PlanRunner:
             function(*args)
 
 
-def _native_runner(lib: tvm.runtime.Module):
-    """The library's :data:`RUNNER_FUNCTION`, or None where it has none."""
+def _library_function(lib: tvm.runtime.Module, name: str):
+    """The library's function ``name``, or None where it has none."""
     try:
-        return lib.get_function(RUNNER_FUNCTION, query_imports=True)
+        return lib.get_function(name, query_imports=True)
     except AttributeError:
         return None
 

@@ -10,7 +10,13 @@ import tvm
 from tvm import relax
 
 from tvmq.passes.relax_utils import main_function, ordered_bindings
-from tvmq.static_plan import CONSTANTS_FUNCTION, PLAN_VERSION, RUNNER_FUNCTION, plan_digest
+from tvmq.static_plan import (
+    CONSTANTS_FUNCTION,
+    PLAN_VERSION,
+    RUNNER_FUNCTION,
+    TIMED_RUNNER_FUNCTION,
+    plan_digest,
+)
 
 # Calls of the lowered main that only check or release (the plan's buffers are checked and
 # kept by the runtime itself)
@@ -196,21 +202,26 @@ def record_plan(into: list) -> tvm.transform.Pass:
 
 
 def runner_source(plan: dict) -> str:
-    """C++ source of :data:`~tvmq.static_plan.RUNNER_FUNCTION` for a plan, compiled into
-    the model's library by :func:`tvmq.build.export_library`: the plan's kernel calls made
-    in order from native code. A call from Python costs ~0.5-1 us a kernel (MobileNetV2
-    int8's 66 calls: 4% of its 1.9 ms on one thread), from here a few nanoseconds.
+    """C++ source of :data:`~tvmq.static_plan.RUNNER_FUNCTION` and
+    :data:`~tvmq.static_plan.TIMED_RUNNER_FUNCTION` for a plan, compiled into the model's
+    library by :func:`tvmq.build.export_library`: the plan's kernel calls made in order from
+    native code. A call from Python costs ~0.5-1 us a kernel (MobileNetV2 int8's 66 calls: 4%
+    of its 1.9 ms on one thread), from here a few nanoseconds.
 
-    Its one argument is the address of the operands' object handles (uint64), all steps'
-    one after another, which :class:`~tvmq.static_plan.PlanRunner` keeps alive; each kernel
-    is called by its symbol in the same library (TVM FFI's packed calling convention)."""
+    The runner's one argument is the address of the operands' object handles (uint64), all
+    steps' one after another, which :class:`~tvmq.static_plan.PlanRunner` keeps alive; each
+    kernel is called by its symbol in the same library (TVM FFI's packed calling convention).
+    The timed runner takes a second address, of ``steps + 1`` int64 where it writes the
+    monotonic clock (ns) before the first call and after each (:func:`tvmq.profiling.profile_kernels`)."""
     kernels = [SYMBOL_PREFIX + k for k in plan["kernels"]]
     steps = plan["steps"]
     widest = max(len(args) for _, args in steps)
     table = ",\n".join(f"    {{{k}, {len(args)}}}" for k, args in steps)
+    signature = "void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* result"
     return "\n".join(
         [
             "// The static call plan of a tvmq model, in order (tvmq/static_plan_record.py).",
+            "#include <time.h>",
             "#include <tvm/ffi/c_api.h>",
             'extern "C" {',
             *(f"int32_t {k}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*);" for k in kernels),
@@ -219,10 +230,14 @@ def runner_source(plan: dict) -> str:
             f"static const int32_t tvmq_steps[{len(steps)}][2] = {{",  # kernel, operands
             table,
             "};",
-            f"TVM_FFI_DLL_EXPORT int32_t {SYMBOL_PREFIX}{RUNNER_FUNCTION}(",
-            "    void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* result) {",
-            "  const uint64_t* handle = (const uint64_t*)(uintptr_t)args[0].v_int64;",
+            "static int64_t tvmq_now_ns(void) {",
+            "  struct timespec t;",
+            "  clock_gettime(CLOCK_MONOTONIC, &t);",
+            "  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;",
+            "}",
+            "static int32_t tvmq_run(const uint64_t* handle, int64_t* stamps) {",
             f"  TVMFFIAny operands[{widest}];",
+            "  if (stamps) stamps[0] = tvmq_now_ns();",
             f"  for (int32_t s = 0; s < {len(steps)}; ++s) {{",
             "    const int32_t n = tvmq_steps[s][1];",
             "    for (int32_t i = 0; i < n; ++i) {",
@@ -236,8 +251,16 @@ def runner_source(plan: dict) -> str:
             "    ret.v_int64 = 0;",
             "    const int32_t rc = tvmq_kernels[tvmq_steps[s][0]](0, operands, n, &ret);",
             "    if (rc != 0) return rc;",
+            "    if (stamps) stamps[s + 1] = tvmq_now_ns();",
             "  }",
             "  return 0;",
+            "}",
+            f"TVM_FFI_DLL_EXPORT int32_t {SYMBOL_PREFIX}{RUNNER_FUNCTION}({signature}) {{",
+            "  return tvmq_run((const uint64_t*)(uintptr_t)args[0].v_int64, 0);",
+            "}",
+            f"TVM_FFI_DLL_EXPORT int32_t {SYMBOL_PREFIX}{TIMED_RUNNER_FUNCTION}({signature}) {{",
+            "  return tvmq_run((const uint64_t*)(uintptr_t)args[0].v_int64,",
+            "                  (int64_t*)(uintptr_t)args[1].v_int64);",
             "}",
             "}",
             "",
