@@ -9,7 +9,7 @@ TVM's kernel for it divides every value by its row's scale: a 512-bit ``vdivps``
 the slowest float operation on x86. Where no dense kernel quantizes its own rows (the VNNI
 kernel's ``RowQuantize``), as on the AMX kernels of a transformer's second FFN layer
 (DistilBERT's 128 x 3072 GELU output), that kernel took 107 us a layer, a row range 82.
-:func:`tvmq.kernels.dynamic_quant.row_quantize_u8` computes the same bytes with one
+:func:`tvmq.kernels.row_quantize.row_quantize_u8` computes the same bytes with one
 reciprocal a row and a multiply and two FMAs a value (:func:`exact_quotient`). x86 targets
 with FMA; static shapes.
 """
@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvmq.kernels.dynamic_quant import row_quantize_u8
+from tvmq.kernels.row_quantize import row_quantize_u8
 
 from .dynamic_epilogue import quantized_rows
 from .pack_int8_dense_x86 import llvm_target_has

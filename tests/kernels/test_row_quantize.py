@@ -1,4 +1,4 @@
-"""The per-row quantize kernel (tvmq/kernels/dynamic_quant.py: row_quantize_u8,
+"""The per-row quantize kernel (tvmq/kernels/row_quantize.py: row_quantize_u8,
 exact_quotient): the bytes of QuantizeDynamic's Relax ops, without a divide per value."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import tvm
 from tvm import relax, te
 
 from tvmq.core import qmath
-from tvmq.kernels.dynamic_quant import exact_quotient, row_quantize_u8
+from tvmq.kernels.row_quantize import exact_quotient, row_quantize_u8
 
 HOST = tvm.target.Target({"kind": "llvm"})
 
