@@ -34,36 +34,24 @@ def measure(folder: str, rounds: int, repeat: int) -> tuple[int, float, float]:
     """(steps, Python us, native us) of one build folder."""
     import tvmq
     from tvmq.errors import TvmqError
+    from tvmq.runtime import random_inputs
 
     model = tvmq.load(folder)
     plan = model._plan
     if plan is None or not plan.native:
         raise TvmqError(f"{folder}: no static plan with a native runner (rebuild it)")
-    model(*[_random(spec) for spec in model.inputs])  # fills the plan's input slots
+    model(*random_inputs(model.inputs))  # fills the plan's input slots
     native, address = plan._native, plan._address
-
-    def python():
-        for function, operands in plan.steps:
-            function(*operands)
 
     def runner():
         native(address)
 
     got: dict[str, list[float]] = {"python": [], "native": []}
     for r in range(rounds):  # alternate which goes first
-        order = (("python", python), ("native", runner))
+        order = (("python", plan.run_from_python), ("native", runner))
         for name, fn in order if r % 2 == 0 else order[::-1]:
             got[name].append(_median_us(fn, repeat))
     return len(plan.steps), statistics.median(got["python"]), statistics.median(got["native"])
-
-
-def _random(spec):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    if np.issubdtype(np.dtype(spec.dtype), np.integer):
-        return rng.integers(0, 2, spec.shape).astype(spec.dtype)
-    return rng.standard_normal(spec.shape).astype(spec.dtype)
 
 
 def main() -> None:

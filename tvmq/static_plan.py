@@ -113,7 +113,11 @@ class PlanRunner:
     def run(self) -> None:
         if self._native is not None:
             self._native(self._address)
-            return
+        else:
+            self.run_from_python()
+
+    def run_from_python(self) -> None:
+        """The same calls from a Python loop (a library without the native runner)."""
         for function, args in self.steps:
             function(*args)
 
